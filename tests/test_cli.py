@@ -1,0 +1,40 @@
+"""The `ember` command as a user runs it: output on success, one clear line (no traceback) on error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+def ember(*args: str, input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ember.cli", *args], capture_output=True, text=True, timeout=120, input=input_text
+    )
+
+
+def test_generate_prints_the_completion() -> None:
+    result = ember("generate", "The capital of France is", "--max-tokens", "6")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_chat_answers_and_exits() -> None:
+    result = ember("chat", "--max-tokens", "16", input_text="What is the capital of France?\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    assert "model>" in result.stdout and "Paris" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "hi", "--model", "/no/such/model.gguf"], "not found"),
+        (["generate", "hi", "--max-tokens", "0"], "max_tokens must be an integer >= 1"),
+        (["generate", "", "--max-tokens", "4"], "the prompt is empty"),
+    ],
+)
+def test_errors_are_one_clear_line(args: list[str], message: str) -> None:
+    result = ember(*args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr

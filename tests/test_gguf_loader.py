@@ -1,0 +1,164 @@
+"""The GGUF loader: llama.cpp's q/k permutation undone, and every common tensor type dequantized."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.quants import dequantize, quantize
+
+from ember.engine.engine import LLM
+from ember.engine.sampling_params import SamplingParams
+from ember.models.loader import ModelNotFoundError
+
+CONFIG = {
+    "vocab_size": 256,
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "initializer_range": 0.1,
+    "tie_word_embeddings": False,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+HF_TO_GGUF = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+BLOCK_BYTES = {GGMLQuantizationType.Q4_K: (256, 144), GGMLQuantizationType.Q6_K: (256, 210)}
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def hf_llama() -> Any:
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(LlamaConfig(**CONFIG), dtype=torch.float32).eval()
+
+
+def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """The permutation llama.cpp's converter applies to Llama q/k weights."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def random_k_quant(shape: tuple[int, int], qtype: GGMLQuantizationType, rng: np.random.Generator) -> np.ndarray:
+    """Random K-quant blocks with small, finite fp16 scales (gguf-py cannot quantize to K types)."""
+    per_block, nbytes = BLOCK_BYTES[qtype]
+    raw = rng.integers(0, 256, size=(shape[0], shape[1] // per_block, nbytes), dtype=np.uint8)
+    scale = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
+    if qtype == GGMLQuantizationType.Q4_K:
+        raw[..., 0:2] = scale  # d
+        raw[..., 2:4] = scale  # dmin
+    else:
+        raw[..., 208:210] = scale  # d
+    return raw.reshape(shape[0], -1)
+
+
+def write_gguf(path: Path, model: Any, qtype: GGMLQuantizationType, seed: int = 0) -> dict[str, np.ndarray]:
+    """Write `model` as llama.cpp would; return each HF weight as the file stores it, dequantized."""
+    rng = np.random.default_rng(seed)
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(CONFIG["num_hidden_layers"])
+    writer.add_context_length(CONFIG["max_position_embeddings"])
+    writer.add_embedding_length(CONFIG["hidden_size"])
+    writer.add_feed_forward_length(CONFIG["intermediate_size"])
+    writer.add_head_count(CONFIG["num_attention_heads"])
+    writer.add_head_count_kv(CONFIG["num_key_value_heads"])
+    writer.add_rope_freq_base(CONFIG["rope_theta"])
+    writer.add_layer_norm_rms_eps(CONFIG["rms_norm_eps"])
+    writer.add_vocab_size(CONFIG["vocab_size"])
+    stored: dict[str, np.ndarray] = {}
+    for hf_name, tensor in model.state_dict().items():
+        w = tensor.numpy().astype(np.float32)
+        if hf_name == "model.embed_tokens.weight":
+            name = "token_embd.weight"
+        elif hf_name == "model.norm.weight":
+            name = "output_norm.weight"
+        elif hf_name == "lm_head.weight":
+            name = "output.weight"
+        else:
+            _, _, layer, rest = hf_name.split(".", 3)
+            name = f"blk.{layer}.{HF_TO_GGUF[rest]}"
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = CONFIG["num_attention_heads" if "attn_q" in name else "num_key_value_heads"]
+            w = llama_cpp_permute(w, heads)
+        if w.ndim == 1 or qtype == GGMLQuantizationType.F32:
+            data = w
+            writer.add_tensor(name, data)
+            stored[hf_name] = w
+            continue
+        data = random_k_quant(w.shape, qtype, rng) if qtype in BLOCK_BYTES else quantize(w, qtype)
+        writer.add_tensor(name, data, raw_dtype=qtype)
+        stored[hf_name] = dequantize(data, qtype).reshape(w.shape)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return stored
+
+
+def test_f32_gguf_matches_hf(tmp_path: Path, hf_llama: Any) -> None:
+    """Written with llama.cpp's q/k permutation, loaded back: greedy tokens equal HF's."""
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, hf_llama, GGMLQuantizationType.F32)
+    llm = LLM(str(path), num_blocks=64)
+    assert llm.tokenizer is None  # this file carries no tokenizer
+    prompt = [5, 17, 33, 200, 91, 7, 64]
+    out = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    seq = list(prompt)
+    with torch.inference_mode():
+        for _ in range(12):
+            seq.append(int(hf_llama(torch.tensor([seq])).logits[0, -1].argmax()))
+    assert out.outputs[0].token_ids == seq[len(prompt) :]
+
+
+@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"])
+def test_quantized_weights_dequantize_exactly(tmp_path: Path, hf_llama: Any, qtype: str) -> None:
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    stored = write_gguf(path, hf_llama, GGMLQuantizationType[qtype])
+    llm = LLM(str(path), num_blocks=64)
+    model = llm.engine.loaded.model
+    q_rows = CONFIG["num_attention_heads"] * CONFIG["head_dim"]
+    for layer in range(CONFIG["num_hidden_layers"]):
+        q = stored[f"model.layers.{layer}.self_attn.q_proj.weight"]
+        unpermuted = torch.from_numpy(llama_cpp_permute_inverse(q, CONFIG["num_attention_heads"]))
+        assert torch.equal(model.layers[layer].self_attn.qkv_proj.weight[:q_rows], unpermuted)
+        down = torch.from_numpy(stored[f"model.layers.{layer}.mlp.down_proj.weight"])
+        assert torch.equal(model.layers[layer].mlp.down_proj.weight, down)
+    out = llm.generate([1, 2, 3], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
+    assert len(out.outputs[0].token_ids) == 4
+
+
+def llama_cpp_permute_inverse(w: np.ndarray, heads: int) -> np.ndarray:
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_corrupt_gguf_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(ModelNotFoundError, match="cannot read GGUF file"):
+        LLM(str(path))

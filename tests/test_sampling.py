@@ -1,0 +1,145 @@
+"""Sampling: seeds reproduce, filters never leak, penalties follow their definitions, stops cut exactly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ember.engine.engine import LLM
+from ember.engine.request import Request
+from ember.engine.sampler import apply_penalties, sample
+from ember.engine.sampling_params import SamplingParams
+
+
+def make_requests(params: SamplingParams, count: int, outputs: list[int] | None = None) -> list[Request]:
+    requests = []
+    for i in range(count):
+        r = Request(str(i), [1, 2, 3], params, eos_token_ids=[], max_tokens=16)
+        r.all_token_ids.extend(outputs or [])
+        requests.append(r)
+    return requests
+
+
+def allowed_set(logits: torch.Tensor, params: SamplingParams) -> set[int]:
+    """The tokens a filter may emit, computed independently in plain Python."""
+    probs = torch.softmax(logits / params.temperature, dim=-1).tolist()
+    order = sorted(range(len(probs)), key=lambda t: -probs[t])
+    keep = order[: params.top_k] if params.top_k else order
+    if params.top_p < 1.0:
+        total = sum(probs[t] for t in keep)
+        nucleus, mass = [], 0.0
+        for t in keep:
+            nucleus.append(t)
+            mass += probs[t] / total
+            if mass >= params.top_p:
+                break
+        keep = nucleus
+    if params.min_p > 0:
+        keep = [t for t in keep if probs[t] >= params.min_p * max(probs)]
+    return set(keep)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0, top_k=5),
+        SamplingParams(temperature=0.7, top_p=0.5),
+        SamplingParams(temperature=1.3, min_p=0.2),
+        SamplingParams(temperature=1.0, top_k=10, top_p=0.8, min_p=0.05),
+    ],
+)
+def test_filters_never_emit_outside_the_allowed_set(params: SamplingParams) -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 64, generator=generator)
+    allowed = [allowed_set(row, params) for row in logits]
+    seen: list[set[int]] = [set() for _ in range(8)]
+    for _ in range(200):
+        for row, token in enumerate(sample(logits, make_requests(params, 8)).token_ids):
+            assert token in allowed[row]
+            seen[row].add(token)
+    assert any(len(s) > 1 for s in seen)  # it samples, not just argmax
+
+
+def test_seeded_sampling_reproduces_regardless_of_batch(smollm: LLM) -> None:
+    params = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=1234)
+    alone = smollm.generate("Write a haiku about the sea.", params)[0].outputs[0].token_ids
+    others = SamplingParams(max_tokens=24, temperature=1.0)
+    batch = smollm.generate(
+        ["Tell me a joke.", "Write a haiku about the sea.", "Count to ten:"], [others, params, others]
+    )
+    assert batch[1].outputs[0].token_ids == alone
+    different = smollm.generate("Write a haiku about the sea.", SamplingParams(max_tokens=24, temperature=0.9, seed=99))
+    assert different[0].outputs[0].token_ids != alone
+
+
+def test_n_samples_share_a_prompt_and_differ(smollm: LLM) -> None:
+    out = smollm.generate("My favourite animal is", SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=7))[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    again = smollm.generate("My favourite animal is", SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=7))[0]
+    assert [o.token_ids for o in again.outputs] == [o.token_ids for o in out.outputs]
+
+
+def test_top_k_one_is_greedy(smollm: LLM) -> None:
+    greedy = smollm.generate("The sun rises in the", SamplingParams(max_tokens=16, temperature=0))[0]
+    top1 = smollm.generate("The sun rises in the", SamplingParams(max_tokens=16, temperature=1.5, top_k=1))[0]
+    assert top1.outputs[0].token_ids == greedy.outputs[0].token_ids
+
+
+def test_penalties_follow_their_definitions() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0)
+    requests = make_requests(params, 1, outputs=[0, 0, 1])  # prompt [1, 2, 3], output [0, 0, 1]
+    out = apply_penalties(logits.clone(), requests)[0].tolist()
+    # token 0: seen (/2), 2x in output; token 1: seen (x2), once; tokens 2, 3: in the prompt only (/2)
+    expected = [2.0 / 2 - 0.25 * 2 - 0.5, -1.0 * 2 - 0.25 - 0.5, 0.5 / 2, 3.0 / 2]
+    assert out == pytest.approx(expected)
+
+
+def test_greedy_logprobs_are_the_model_distribution(smollm: LLM) -> None:
+    out = smollm.generate("Hello, my name is", SamplingParams(max_tokens=6, temperature=0, logprobs=3))[0]
+    completion = out.outputs[0]
+    assert completion.logprobs is not None and len(completion.logprobs) == 6
+    for token, lp in zip(completion.token_ids, completion.logprobs, strict=True):
+        assert lp.token_id == token and lp.rank == 1 and lp.top[0][0] == token
+        assert len(lp.top) == 3 and lp.logprob <= 0 and math.isclose(lp.top[0][1], lp.logprob)
+
+
+def test_stop_strings_cut_exactly_and_never_stream_partially(smollm: LLM) -> None:
+    prompt = "Write the numbers from one to twenty in words, separated by commas:"
+    free = smollm.generate(prompt, SamplingParams(max_tokens=48, temperature=0))[0].outputs[0].text
+    cut = len(free) // 2
+    stop = free[cut : cut + 4]
+    assert len(stop.strip()) >= 2
+    expected = free[: free.index(stop)]
+    params = SamplingParams(max_tokens=48, temperature=0, stop=[stop, "<never-appears>"])
+    streamed = ""
+    for delta in smollm.stream(prompt, params):
+        streamed += delta.outputs[0].text if delta.outputs else ""
+        assert expected.startswith(streamed)  # no partial stop string ever shown
+        if delta.finished:
+            assert delta.outputs[0].finish_reason == "stop" and delta.outputs[0].stop_reason == stop
+    assert streamed == expected
+    assert smollm.generate(prompt, params)[0].outputs[0].text == expected
+
+
+def test_stop_token_ids_and_eos(smollm: LLM) -> None:
+    greedy = smollm.generate("The capital of France is", SamplingParams(max_tokens=16, temperature=0))[0]
+    token = greedy.outputs[0].token_ids[3]
+    out = smollm.generate(
+        "The capital of France is", SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[token])
+    )
+    completion = out[0].outputs[0]
+    assert completion.token_ids == greedy.outputs[0].token_ids[: completion.token_ids.index(token) + 1]
+    assert completion.finish_reason == "stop" and completion.stop_reason == token
+
+
+def test_abandoned_stream_frees_its_blocks(smollm: LLM) -> None:
+    stream = smollm.stream(["Tell me a long story."] * 4, SamplingParams(max_tokens=200, temperature=0))
+    next(stream)
+    next(stream)
+    stream.close()
+    assert not smollm.engine.has_unfinished_requests()
+    assert smollm.engine.kv_cache.pool.num_free_blocks == smollm.engine.kv_cache.num_blocks

@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 serve: install
-	$(VENV)/bin/ember generate "Ember is an open-source inference engine that" --max-tokens 64
+	$(VENV)/bin/ember serve
 
 lint: install
 	$(VENV)/bin/ruff check .

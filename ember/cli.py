@@ -149,6 +149,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
+def cmd_bench_throughput(args: argparse.Namespace) -> int:
+    from ember.bench.baselines import BASELINES
+    from ember.bench.throughput import bench_throughput
+
+    unknown = [b for b in args.baseline.split(",") if b and b not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baseline {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
+    bench_throughput(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ember", description="Ember: a fast LLM inference engine (paged KV cache, continuous batching)."
@@ -164,11 +175,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     add_sampling_args(chat, max_tokens=512)
     chat.set_defaults(func=cmd_chat)
+    from ember.server.serve import add_serve_args, serve
+
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible API (chat, completions, models, metrics)")
+    add_engine_args(srv)
+    add_serve_args(srv)
+    srv.set_defaults(func=serve)
+    bench = sub.add_parser("bench", help="measure Ember against baselines (throughput)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    throughput = bench_sub.add_parser(
+        "throughput", help="output tok/s of Ember and of HF baselines on one workload, in the same run"
+    )
+    add_engine_args(throughput)
+    from ember.bench.throughput import add_throughput_args
+
+    add_throughput_args(throughput)
+    throughput.set_defaults(func=cmd_bench_throughput)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

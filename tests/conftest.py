@@ -73,7 +73,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Pat
 
 @pytest.fixture(scope="session")
 def smollm() -> LLM:
-    return LLM(num_blocks=2048, max_num_batched_tokens=512)
+    return LLM(num_blocks=2048, max_num_batched_tokens=512, dtype="float32")
 
 
 @pytest.fixture(scope="session")

@@ -21,8 +21,15 @@ TINY_BLOCKS = 12  # 48 token slots: a few requests at a time, preemption is freq
 @pytest.fixture(scope="module")
 def engines(tiny_models: dict) -> tuple[LLM, LLM]:
     path: Path = tiny_models["qwen3"][0]
-    tight = LLM(str(path), num_blocks=TINY_BLOCKS, block_size=BLOCK_SIZE, max_num_batched_tokens=10, max_num_seqs=4)
-    roomy = LLM(str(path), num_blocks=512, block_size=BLOCK_SIZE, max_num_batched_tokens=4096)
+    tight = LLM(
+        str(path),
+        num_blocks=TINY_BLOCKS,
+        block_size=BLOCK_SIZE,
+        max_num_batched_tokens=10,
+        max_num_seqs=4,
+        dtype="float32",
+    )
+    roomy = LLM(str(path), num_blocks=512, block_size=BLOCK_SIZE, max_num_batched_tokens=4096, dtype="float32")
     return tight, roomy
 
 

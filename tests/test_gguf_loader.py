@@ -125,7 +125,7 @@ def test_f32_gguf_matches_hf(tmp_path: Path, hf_llama: Any) -> None:
     """Written with llama.cpp's q/k permutation, loaded back: greedy tokens equal HF's."""
     path = tmp_path / "tiny.gguf"
     write_gguf(path, hf_llama, GGMLQuantizationType.F32)
-    llm = LLM(str(path), num_blocks=64)
+    llm = LLM(str(path), num_blocks=64, dtype="float32")
     assert llm.tokenizer is None  # this file carries no tokenizer
     prompt = [5, 17, 33, 200, 91, 7, 64]
     out = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
@@ -140,7 +140,7 @@ def test_f32_gguf_matches_hf(tmp_path: Path, hf_llama: Any) -> None:
 def test_quantized_weights_dequantize_exactly(tmp_path: Path, hf_llama: Any, qtype: str) -> None:
     path = tmp_path / f"tiny-{qtype}.gguf"
     stored = write_gguf(path, hf_llama, GGMLQuantizationType[qtype])
-    llm = LLM(str(path), num_blocks=64)
+    llm = LLM(str(path), num_blocks=64, dtype="float32")
     model = llm.engine.loaded.model
     q_rows = CONFIG["num_attention_heads"] * CONFIG["head_dim"]
     for layer in range(CONFIG["num_hidden_layers"]):

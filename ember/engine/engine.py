@@ -139,6 +139,8 @@ class Engine:
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize(prompt)
+        if params.logit_bias and max(params.logit_bias) >= self.model_config.vocab_size:
+            raise ValueError(f"logit_bias token ids must be below the vocabulary size {self.model_config.vocab_size}")
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) >= self.max_model_len:

@@ -49,7 +49,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = torch.device(device)
         cfg = self.config
-        shape = (cfg.num_hidden_layers, 2, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, 2, cfg.num_key_value_heads, num_blocks, block_size, cfg.head_dim)
         self.kv_cache = zeroed_tensor(shape, dtype, self.device)
         self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
 
@@ -108,7 +108,7 @@ class ModelRunner:
             keys = torch.arange(max_blocks * bs, device=device).unsqueeze(0)
             decode_bias = torch.zeros(len(decodes), max_blocks * bs, device=device)
             decode_bias.masked_fill_(keys >= lens, float("-inf"))
-            decode_bias = decode_bias.view(len(decodes), 1, 1, -1)
+            decode_bias = decode_bias.view(1, len(decodes), 1, -1)
         spans = []
         row = num_decodes
         for s in prefills:

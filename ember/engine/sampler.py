@@ -40,6 +40,15 @@ def top_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: list[
     return result
 
 
+def apply_logit_bias(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    logits = logits.clone()
+    for i, r in enumerate(requests):
+        if r.params.logit_bias:
+            ids = torch.tensor(list(r.params.logit_bias), device=logits.device)
+            logits[i, ids] += torch.tensor(list(r.params.logit_bias.values()), device=logits.device)
+    return logits
+
+
 def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     """Repetition (over prompt and output, as in HF), presence and frequency (over output) penalties."""
     num_rows, vocab = logits.shape
@@ -99,6 +108,8 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
     wants_logprobs = any(r.params.logprobs is not None for r in requests)
     if wants_logprobs:
         raw_logprobs = torch.log_softmax(logits, dim=-1)
+    if any(r.params.logit_bias for r in requests):
+        logits = apply_logit_bias(logits, requests)
     if any(r.params.uses_penalties for r in requests):
         logits = apply_penalties(logits, requests)
     greedy = [r.params.greedy for r in requests]

@@ -26,6 +26,7 @@ class SamplingParams:
     n: int = 1
     logprobs: int | None = None  # top-k logprobs per generated token (the sampled token is always included)
     prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -61,6 +62,11 @@ class SamplingParams:
             "stop_token_ids must be non-negative integers",
         )
         check(isinstance(self.n, int) and self.n >= 1, f"n must be an integer >= 1, got {self.n!r}")
+        check(
+            self.logit_bias is None
+            or all(isinstance(t, int) and t >= 0 and -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()),
+            "logit_bias must map token ids to values in [-100, 100]",
+        )
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             check(

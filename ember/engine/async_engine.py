@@ -1,0 +1,239 @@
+"""The engine behind an asyncio server: one background thread steps the engine, coroutines stream results.
+
+All engine calls happen on the engine thread, so the engine itself needs no locks: coroutines send
+commands (add, abort) through a queue and receive each step's deltas through their own asyncio queue.
+Between steps the thread drains commands, so a new request joins the very next step. When idle it
+sleeps on the command queue instead of spinning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ember.engine.engine import Engine, PromptType
+from ember.engine.request import RequestOutput
+from ember.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger("ember.engine")
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is full: the caller should retry later (HTTP 429)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped after an internal error; requests in flight are failed, not dropped."""
+
+
+@dataclass
+class _Stream:
+    """Where one request's deltas go, and the timings its metrics need."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException]
+    arrival: float
+    first_token: float | None = None
+    num_output_tokens: int = 0
+    num_prompt_tokens: int = 0
+
+
+@dataclass
+class FinishedStats:
+    """What the metrics need about a request that just ended."""
+
+    num_prompt_tokens: int
+    num_output_tokens: int
+    finish_reasons: list[str]
+    arrival: float
+    first_token: float | None
+    end: float
+
+
+class AsyncEngine:
+    def __init__(
+        self,
+        engine: Engine,
+        max_waiting: int = 512,
+        on_finished: Callable[[FinishedStats], None] | None = None,
+        on_step: Callable[[Engine, int], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.max_waiting = max_waiting
+        self.on_finished = on_finished
+        self.on_step = on_step  # (engine, tokens generated) after each step
+        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}  # owned by the engine thread
+        self._in_flight = 0  # owned by the event loop
+        self._ids = itertools.count()
+        self._stopped = threading.Event()
+        self._dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ember-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------------------
+    # Called from the event loop
+
+    @property
+    def is_alive(self) -> bool:
+        return self._dead is None and self._thread.is_alive()
+
+    @property
+    def num_in_flight(self) -> int:
+        return self._in_flight
+
+    async def generate(
+        self, prompt: PromptType, params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream one request's deltas. Raises ValueError for bad input, EngineOverloadedError when full.
+
+        If the consumer stops early (e.g. the client disconnected), the request is aborted at once.
+        """
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine stopped: {self._dead}")
+        if self._in_flight >= self.engine.config.scheduler.max_num_seqs + self.max_waiting:
+            raise EngineOverloadedError(
+                f"the server is at capacity ({self._in_flight} requests in flight); retry later"
+            )
+        request_id = request_id or f"req-{next(self._ids)}"
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue(), time.monotonic())
+        accepted: asyncio.Future[int] = loop.create_future()
+        finished = False
+        self._in_flight += 1  # counted on the caller's side, so a burst of arrivals is bounded too
+        try:
+            self._commands.put(("add", (request_id, prompt, params, stream, accepted)))
+            stream.num_prompt_tokens = await accepted  # raises the engine's ValueError for bad input
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._in_flight -= 1
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Abort what is in flight and stop the engine thread."""
+        self._commands.put(("stop", None))
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------------------------------------
+    # The engine thread
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                block = not self.engine.has_unfinished_requests()
+                self._drain_commands(block)
+                if self._stopped.is_set():
+                    break
+                if self.engine.has_unfinished_requests():
+                    self._step()
+        except BaseException as e:  # a bug in a step must fail requests visibly, never hang them
+            logger.exception("engine step failed; failing all requests in flight")
+            self._dead = e
+            for request_id, stream in list(self._streams.items()):
+                self._deliver(stream, [EngineDeadError(f"the engine failed: {e!r}")])
+                self._streams.pop(request_id, None)
+        finally:
+            for request_id in list(self._streams):
+                self._finish_abort(request_id)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(*command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        if kind == "stop":
+            self._stopped.set()
+        elif kind == "abort":
+            self._finish_abort(payload)
+        elif kind == "add":
+            request_id, prompt, params, stream, accepted = payload
+            try:
+                self.engine.add_request(prompt, params, request_id)
+            except Exception as e:  # ValueError: bad input; anything else: reported to that caller alone
+                stream.loop.call_soon_threadsafe(_set_exception, accepted, e)
+                return
+            self._streams[request_id] = stream
+            group = self.engine.groups[request_id]
+            stream.loop.call_soon_threadsafe(_set_result, accepted, len(group.prompt_token_ids))
+
+    def _finish_abort(self, request_id: str) -> None:
+        stream = self._streams.pop(request_id, None)
+        final = self.engine.abort_request(request_id)
+        if stream is not None and final is not None:
+            final.finished = True
+            self._deliver(stream, [final])
+            self._report(stream, final, time.monotonic())
+
+    def _step(self) -> None:
+        outputs = self.engine.step()
+        now = time.monotonic()
+        generated = 0
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            new_tokens = sum(len(o.token_ids) for o in out.outputs)
+            generated += new_tokens
+            if new_tokens and stream.first_token is None:
+                stream.first_token = now
+            stream.num_output_tokens += new_tokens
+            by_loop.setdefault(stream.loop, []).append((stream, out))
+            if out.finished:
+                del self._streams[out.request_id]
+                self._report(stream, out, now)
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+        if self.on_step is not None:
+            self.on_step(self.engine, generated)
+
+    def _deliver(self, stream: _Stream, items: list[Any]) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop already closed at shutdown
+            stream.loop.call_soon_threadsafe(_put_all, [(stream, item) for item in items])
+
+    def _report(self, stream: _Stream, out: RequestOutput, now: float) -> None:
+        if self.on_finished is None:
+            return
+        reasons = [o.finish_reason or "abort" for o in out.outputs]
+        self.on_finished(
+            FinishedStats(
+                stream.num_prompt_tokens, stream.num_output_tokens, reasons, stream.arrival, stream.first_token, now
+            )
+        )
+
+
+def _put_all(items: list[tuple[_Stream, Any]]) -> None:
+    for stream, item in items:
+        stream.queue.put_nowait(item)
+
+
+def _set_result(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _set_exception(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

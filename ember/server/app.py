@@ -1,0 +1,485 @@
+"""The OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
+
+Every error is an OpenAI-style body `{"error": {"message", "type", "param", "code"}}` with a 4xx status
+for the caller's mistakes; one bad request never affects the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import ember
+from ember.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from ember.engine.engine import merge_output
+from ember.engine.request import RequestOutput
+from ember.engine.sampling_params import SamplingParams
+from ember.server.chat import ChatFormatter
+from ember.server.metrics import EngineMetrics
+from ember.server.protocol import ChatCompletionRequest, CompletionRequest, new_id, now
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_response(
+    status: int,
+    message: str,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | int | None = None,
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+class OpenAIServer:
+    def __init__(self, engine: AsyncEngine, model_name: str, metrics: EngineMetrics, api_key: str | None) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.metrics = metrics
+        self.api_key = api_key
+        self.formatter = ChatFormatter(engine.engine.tokenizer)
+        self.max_model_len = engine.engine.max_model_len
+
+    # ------------------------------------------------------------------------------------------------
+    # Shared pieces
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(
+                404,
+                f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                "invalid_request_error",
+                "model",
+                "model_not_found",
+            )
+
+    def check_prompt_length(self, prompt_ids: list[int], max_tokens: int | None) -> None:
+        if len(prompt_ids) >= self.max_model_len:
+            raise APIError(
+                400,
+                f"the prompt has {len(prompt_ids)} tokens, but this model's maximum context length "
+                f"is {self.max_model_len} tokens",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        if max_tokens is not None and len(prompt_ids) + max_tokens > self.max_model_len:
+            raise APIError(
+                400,
+                f"max_tokens ({max_tokens}) plus the prompt's {len(prompt_ids)} tokens exceeds the "
+                f"maximum context length of {self.max_model_len} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+
+    async def stream_outputs(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        try:
+            async for out in self.engine.generate(prompt, params):
+                yield out
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
+
+    @staticmethod
+    def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[str, Any]:
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached},
+        }
+
+    # ------------------------------------------------------------------------------------------------
+    # Chat completions
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        self.check_model(body.model)
+        if body.tools:
+            raise APIError(400, "'tools' is not supported yet by this server", param="tools")
+        if body.response_format is not None and body.response_format.get("type", "text") != "text":
+            raise APIError(400, "'response_format' other than text is not supported yet", param="response_format")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "'top_logprobs' requires 'logprobs': true", param="top_logprobs")
+        try:
+            prompt_ids = self.formatter.prompt_ids(body.messages)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from e
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        self.check_prompt_length(prompt_ids, max_tokens)
+        params = self.sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+        request_id, created = new_id("chatcmpl"), now()
+        outputs = self.stream_outputs(prompt_ids, params)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            first = await anext_or_error(outputs)
+            chunks = self.chat_chunks(first, outputs, request_id, created, body.n, len(prompt_ids), include_usage)
+            return StreamingResponse(chunks, media_type="text/event-stream")
+        final = await collect(outputs, request)
+        choices = []
+        for o in final.outputs:
+            choice: dict[str, Any] = {
+                "index": o.index,
+                "message": {"role": "assistant", "content": o.text},
+                "logprobs": None,
+                "finish_reason": o.finish_reason,
+            }
+            if body.logprobs and o.logprobs is not None:
+                choice["logprobs"] = self.formatter.chat_logprobs(o.logprobs)
+            choices.append(choice)
+        completion_tokens = sum(len(o.token_ids) for o in final.outputs)
+        return JSONResponse(
+            {
+                "id": request_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": self.model_name,
+                "choices": choices,
+                "usage": self.usage(len(prompt_ids), completion_tokens),
+            }
+        )
+
+    async def chat_chunks(
+        self,
+        first: RequestOutput | None,
+        rest: AsyncIterator[RequestOutput],
+        request_id: str,
+        created: int,
+        n: int,
+        prompt_tokens: int,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
+        base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
+        for index in range(n):
+            yield sse(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": index,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+            )
+        completion_tokens = 0
+        async for out in prepend(first, rest):
+            for o in out.outputs:
+                completion_tokens += len(o.token_ids)
+                logprobs = self.formatter.chat_logprobs(o.logprobs) if o.logprobs else None
+                delta = {"content": o.text} if o.text or o.finish_reason is None else {}
+                yield sse(
+                    {
+                        **base,
+                        "choices": [
+                            {"index": o.index, "delta": delta, "logprobs": logprobs, "finish_reason": o.finish_reason}
+                        ],
+                    }
+                )
+        if include_usage:
+            yield sse({**base, "choices": [], "usage": self.usage(prompt_tokens, completion_tokens)})
+        yield sse("[DONE]")
+
+    # ------------------------------------------------------------------------------------------------
+    # Text completions
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        self.check_model(body.model)
+        if body.echo:
+            raise APIError(400, "'echo' is not supported by this server", param="echo")
+        if body.suffix:
+            raise APIError(400, "'suffix' is not supported by this server", param="suffix")
+        prompts = self.completion_prompts(body.prompt)
+        for ids in prompts:
+            self.check_prompt_length(ids, body.max_tokens)
+        max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default for completions
+        params = self.sampling_params(body, max_tokens, body.logprobs)
+        request_id, created = new_id("cmpl"), now()
+        streams = [self.stream_outputs(ids, params) for ids in prompts]
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            merged = merge_streams(streams)
+            first = await anext_or_error(merged)
+            chunks = self.completion_chunks(
+                first,
+                merged,
+                request_id,
+                created,
+                body.n,
+                sum(len(p) for p in prompts),
+                include_usage,
+                body.logprobs is not None,
+            )
+            return StreamingResponse(chunks, media_type="text/event-stream")
+        finals = await asyncio.gather(*(collect(s, request) for s in streams))
+        choices = []
+        for prompt_index, final in enumerate(finals):
+            for o in final.outputs:
+                choices.append(
+                    {
+                        "index": prompt_index * body.n + o.index,
+                        "text": o.text,
+                        "finish_reason": o.finish_reason,
+                        "logprobs": self.formatter.completion_logprobs(o.logprobs, 0)
+                        if o.logprobs is not None
+                        else None,
+                    }
+                )
+        completion_tokens = sum(len(o.token_ids) for f in finals for o in f.outputs)
+        return JSONResponse(
+            {
+                "id": request_id,
+                "object": "text_completion",
+                "created": created,
+                "model": self.model_name,
+                "choices": choices,
+                "usage": self.usage(sum(len(p) for p in prompts), completion_tokens),
+            }
+        )
+
+    async def completion_chunks(
+        self,
+        first: tuple[int, RequestOutput] | None,
+        rest: AsyncIterator[tuple[int, RequestOutput]],
+        request_id: str,
+        created: int,
+        n: int,
+        prompt_tokens: int,
+        include_usage: bool,
+        want_logprobs: bool,
+    ) -> AsyncIterator[str]:
+        base = {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name}
+        completion_tokens = 0
+        offsets: dict[int, int] = {}
+        async for prompt_index, out in prepend(first, rest):
+            for o in out.outputs:
+                index = prompt_index * n + o.index
+                completion_tokens += len(o.token_ids)
+                logprobs = None
+                if want_logprobs and o.logprobs is not None:
+                    logprobs = self.formatter.completion_logprobs(o.logprobs, offsets.get(index, 0))
+                offsets[index] = offsets.get(index, 0) + len(o.text)
+                yield sse(
+                    {
+                        **base,
+                        "choices": [
+                            {"index": index, "text": o.text, "logprobs": logprobs, "finish_reason": o.finish_reason}
+                        ],
+                    }
+                )
+        if include_usage:
+            yield sse({**base, "choices": [], "usage": self.usage(prompt_tokens, completion_tokens)})
+        yield sse("[DONE]")
+
+    def completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        """A string, strings, token ids or lists of token ids, as lists of token ids."""
+        items: list[Any] = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not items:
+            raise APIError(400, "'prompt' is empty", param="prompt")
+        if all(isinstance(x, int) for x in items):
+            items = [items]
+        prompts = []
+        for item in items:
+            if isinstance(item, str):
+                tokenizer = self.engine.engine.tokenizer
+                if tokenizer is None:
+                    raise APIError(400, "this model has no tokenizer: send token ids", param="prompt")
+                item = tokenizer(item)["input_ids"]
+            if not item:
+                raise APIError(400, "'prompt' is empty", param="prompt")
+            prompts.append(list(item))
+        return prompts
+
+    def sampling_params(self, body: Any, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        try:
+            return body.sampling_params(max_tokens, logprobs)  # type: ignore[no-any-return]
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
+
+
+# ----------------------------------------------------------------------------------------------------
+# Async helpers
+
+
+async def anext_or_error(stream: AsyncIterator[Any]) -> Any:
+    """The first item, awaited before the response starts, so bad input still gets a 400, not a broken stream."""
+    try:
+        return await stream.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    if first is not None:
+        yield first
+    async for item in rest:
+        yield item
+
+
+async def merge_streams(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' streams as items arrive, tagged with the stream's index."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                await queue.put((index, out))
+        except BaseException as e:
+            await queue.put((index, e))
+            return
+        await queue.put((index, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def collect(stream: AsyncIterator[RequestOutput], request: Request) -> RequestOutput:
+    """Run a request to completion; abort it if the client goes away first."""
+
+    async def consume() -> RequestOutput:
+        final: RequestOutput | None = None
+        async for out in stream:
+            final = merge_output(final, out)
+        assert final is not None
+        return final
+
+    task = asyncio.create_task(consume())
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()  # closes the engine stream, which aborts the request and frees its blocks
+            raise APIError(499, "client disconnected")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The app
+
+
+def build_app(server: OpenAIServer) -> FastAPI:
+    app = FastAPI(title="Ember", version=ember.__version__)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, e: APIError) -> JSONResponse:
+        return error_response(e.status, e.message, e.type, e.param, e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        loc = [str(x) for x in first.get("loc", []) if x != "body"]
+        if first.get("type") == "json_invalid":
+            return error_response(400, "the request body is not valid JSON (UTF-8)", code="invalid_json")
+        message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
+        return error_response(400, message, param=".".join(loc) or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return error_response(
+            e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error"
+        )
+
+    @app.exception_handler(EngineOverloadedError)
+    async def overloaded(_: Request, e: EngineOverloadedError) -> JSONResponse:
+        return error_response(429, str(e), "rate_limit_error", code="server_overloaded")
+
+    @app.exception_handler(EngineDeadError)
+    async def dead(_: Request, e: EngineDeadError) -> JSONResponse:
+        return error_response(503, str(e), "server_error", code="engine_dead")
+
+    @app.middleware("http")
+    async def check_api_key(request: Request, call_next: Any) -> Response:
+        path = request.url.path
+        protected = path.startswith("/v1/") or path == "/reset_prefix_cache"
+        if server.api_key and protected and request.headers.get("authorization") != f"Bearer {server.api_key}":
+            return error_response(
+                401,
+                "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                "authentication_error",
+                code="invalid_api_key",
+            )
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not server.engine.is_alive:
+            return error_response(503, "the engine stopped", "server_error")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": ember.__version__}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": server.model_name,
+                    "object": "model",
+                    "created": int(START_TIME),
+                    "owned_by": "ember",
+                    "max_model_len": server.max_model_len,
+                }
+            ],
+        }
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await server.chat(body, request)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await server.completions(body, request)
+
+    return app
+
+
+START_TIME = time.time()

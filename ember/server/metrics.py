@@ -1,0 +1,112 @@
+"""Prometheus metrics, named `ember:*` after vLLM's `vllm:*` so existing dashboards carry over."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ember.engine.async_engine import FinishedStats
+from ember.engine.engine import Engine
+
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+
+
+class EngineMetrics:
+    def __init__(self, engine: Engine, model_name: str) -> None:
+        self.engine = engine
+        self.registry = CollectorRegistry()
+        labels = {"model_name": model_name}
+        r = self.registry
+        self.running = Gauge(
+            "ember:num_requests_running", "Requests in the running batch.", ["model_name"], registry=r
+        ).labels(**labels)
+        self.waiting = Gauge(
+            "ember:num_requests_waiting", "Requests waiting to be scheduled.", ["model_name"], registry=r
+        ).labels(**labels)
+        self.kv_usage = Gauge(
+            "ember:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1).", ["model_name"], registry=r
+        ).labels(**labels)
+        self.prompt_tokens = Counter(
+            "ember:prompt_tokens", "Prompt tokens of admitted requests.", ["model_name"], registry=r
+        ).labels(**labels)
+        self.generation_tokens = Counter(
+            "ember:generation_tokens", "Generated tokens.", ["model_name"], registry=r
+        ).labels(**labels)
+        self.preemptions = Counter(
+            "ember:num_preemptions", "Requests preempted to free KV blocks.", ["model_name"], registry=r
+        ).labels(**labels)
+        self.request_success = Counter(
+            "ember:request_success",
+            "Finished requests by finish reason.",
+            ["model_name", "finished_reason"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "ember:time_to_first_token_seconds",
+            "Time to first token.",
+            ["model_name"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        ).labels(**labels)
+        self.tpot = Histogram(
+            "ember:time_per_output_token_seconds",
+            "Mean time per output token after the first.",
+            ["model_name"],
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        ).labels(**labels)
+        self.e2e = Histogram(
+            "ember:e2e_request_latency_seconds",
+            "End-to-end request latency.",
+            ["model_name"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        ).labels(**labels)
+        self.model_name = model_name
+        self._preemptions_seen = 0
+
+    def on_step(self, engine: Engine, generated: int) -> None:
+        """Called on the engine thread after each step."""
+        self.generation_tokens.inc(generated)
+        total = engine.scheduler.num_preemptions
+        if total > self._preemptions_seen:
+            self.preemptions.inc(total - self._preemptions_seen)
+            self._preemptions_seen = total
+
+    def on_finished(self, stats: FinishedStats) -> None:
+        self.prompt_tokens.inc(stats.num_prompt_tokens)
+        for reason in stats.finish_reasons:
+            self.request_success.labels(model_name=self.model_name, finished_reason=reason).inc()
+        self.e2e.observe(stats.end - stats.arrival)
+        if stats.first_token is not None:
+            self.ttft.observe(stats.first_token - stats.arrival)
+            if stats.num_output_tokens > 1:
+                self.tpot.observe((stats.end - stats.first_token) / (stats.num_output_tokens - 1))
+
+    def render(self) -> bytes:
+        """The exposition text; gauges are read from the engine at scrape time."""
+        scheduler = self.engine.scheduler
+        self.running.set(len(scheduler.running))
+        self.waiting.set(len(scheduler.waiting))
+        self.kv_usage.set(self.engine.kv_cache.usage())
+        return generate_latest(self.registry)

@@ -1,0 +1,87 @@
+"""`ember serve`: load the engine, then serve the OpenAI API with uvicorn until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get("EMBER_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $EMBER_API_KEY, or no key)",
+    )
+    g.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's)")
+    g.add_argument(
+        "--max-waiting",
+        type=int,
+        default=512,
+        help="requests that may wait beyond --max-num-seqs before new ones get HTTP 429 (default 512)",
+    )
+    g.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="uvicorn log level (default warning; 'info' logs every request)",
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ember.cli import load_llm
+    from ember.engine.async_engine import AsyncEngine
+    from ember.server.app import OpenAIServer, build_app
+    from ember.server.metrics import EngineMetrics
+
+    started = time.monotonic()
+    llm = load_llm(args)
+    engine = llm.engine
+    name = args.served_model_name or engine.loaded.name
+    metrics = EngineMetrics(engine, name)
+    async_engine = AsyncEngine(engine, args.max_waiting, on_finished=metrics.on_finished, on_step=metrics.on_step)
+    app = build_app(OpenAIServer(async_engine, name, metrics, args.api_key))
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=10,
+        access_log=args.log_level in ("debug", "info"),
+    )
+    server = uvicorn.Server(config)
+    url = f"http://{args.host}:{args.port}"
+    auth = f' -H "Authorization: Bearer {args.api_key}"' if args.api_key else ""
+    original_startup = server.startup
+
+    async def startup(sockets: Any = None) -> None:
+        await original_startup(sockets)
+        if server.started:
+            print(
+                f"Ember is serving {name} at {url}/v1 (ready in {time.monotonic() - started:.1f} s)\n"
+                f"  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' "
+                f'-d \'{{"messages": [{{"role": "user", "content": "Hello!"}}]}}\'',
+                flush=True,
+            )
+
+    server.startup = startup  # type: ignore[method-assign]
+    # uvicorn handles SIGINT/SIGTERM (stop accepting, let requests finish, then cancel), restores the
+    # previous handlers and re-raises the signal; a no-op handler there makes a graceful stop exit 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        async_engine.shutdown()
+    if not server.started:
+        print(f"ember: error: could not start the server on {url} (is the port in use?)", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,66 @@
+"""Start the real `ember serve` in a subprocess on a free 127.0.0.1 port, and stop it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    def __init__(self, process: subprocess.Popen[str], port: int) -> None:
+        self.process, self.port = process, port
+        self.url = f"http://127.0.0.1:{port}"
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM, as a process manager would; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return self.process.returncode
+
+
+@contextmanager
+def running_server(*args: str, startup_timeout: float = 120) -> Iterator[ServerProcess]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ember.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "EMBER_API_KEY": ""},
+    )
+    server = ServerProcess(process, port)
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:  # bounded wait for health 200
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited early: {process.stdout.read() if process.stdout else ''}")
+            try:
+                if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not become healthy in time")
+            time.sleep(0.2)
+        yield server
+    finally:
+        server.stop()

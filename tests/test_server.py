@@ -1,0 +1,232 @@
+"""The real server in a subprocess, driven by the official `openai` client and raw HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+from ember.engine.engine import LLM
+from ember.engine.sampling_params import SamplingParams
+from tests.server_process import ServerProcess, running_server
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    with running_server("--dtype", "float32", "--max-num-batched-tokens", "512") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProcess) -> OpenAI:
+    return OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def metric(server: ServerProcess, name: str) -> float:
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"metric {name} not exposed")
+
+
+def test_models_health_version(server: ServerProcess, client: OpenAI) -> None:
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert httpx.get(f"{server.url}/version").json()["version"]
+
+
+def test_chat_completion(client: OpenAI) -> None:
+    resp = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}],
+        max_tokens=12,
+        temperature=0,
+    )
+    choice = resp.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert resp.usage is not None and resp.usage.prompt_tokens > 5
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    assert resp.usage.prompt_tokens_details is not None and resp.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_streaming_with_usage(client: OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Count from one to five."}],
+        max_tokens=20,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    full = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Count from one to five."}], max_tokens=20, temperature=0
+    )
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+
+
+def test_n_seed_and_logprobs(client: OpenAI) -> None:
+    kwargs = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Name an animal."}],
+        max_tokens=8,
+        temperature=1.0,
+        seed=42,
+        n=2,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    first = client.chat.completions.create(**kwargs)
+    second = client.chat.completions.create(**kwargs)
+    assert len(first.choices) == 2
+    assert [c.message.content for c in first.choices] == [c.message.content for c in second.choices]
+    for choice in first.choices:
+        assert choice.logprobs is not None and choice.logprobs.content
+        assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in choice.logprobs.content)
+    assert first.usage.completion_tokens == sum(len(c.logprobs.content) for c in first.choices)
+
+
+def test_stop_string(client: OpenAI) -> None:
+    messages = [{"role": "user", "content": "List the days of the week, comma separated."}]
+    free = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, temperature=0)
+    text = free.choices[0].message.content
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    cut = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, temperature=0, stop=[stop])
+    assert cut.choices[0].message.content == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_completions_with_token_ids_equal_offline_greedy(client: OpenAI, smollm: LLM) -> None:
+    prompts = [smollm.tokenizer(p)["input_ids"] for p in ("The capital of France is", "def add(a, b):")]
+    resp = client.completions.create(model=MODEL, prompt=prompts, max_tokens=16, temperature=0, logprobs=2)
+    offline = smollm.generate(prompts, SamplingParams(max_tokens=16, temperature=0))
+    assert [c.text for c in sorted(resp.choices, key=lambda c: c.index)] == [o.outputs[0].text for o in offline]
+    assert (
+        resp.choices[0].logprobs is not None
+        and len(resp.choices[0].logprobs.tokens) == resp.usage.completion_tokens // 2
+    )
+    text = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=16, temperature=0)
+    assert text.choices[0].text == offline[0].outputs[0].text
+
+
+async def _stream_clients(server: ServerProcess, count: int) -> list[str]:
+    client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+    async def one(i: int) -> str:
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Tell me a story about the number {i}."}],
+            max_tokens=48,
+            temperature=0.8,
+            seed=i,
+            stream=True,
+        )
+        received = 0
+        async for chunk in stream:
+            received += 1
+            if i % 3 == 0 and received == 3:
+                await stream.close()  # disconnect mid-stream
+                return "disconnected"
+            if chunk.choices and chunk.choices[0].finish_reason:
+                return chunk.choices[0].finish_reason
+        return "incomplete"
+
+    try:
+        return await asyncio.gather(*(one(i) for i in range(count)))
+    finally:
+        await client.close()
+
+
+def test_concurrent_streams_with_disconnects_free_everything(server: ServerProcess) -> None:
+    results = asyncio.run(_stream_clients(server, 32))
+    assert results.count("disconnected") == 11
+    assert all(r in ("stop", "length") for i, r in enumerate(results) if i % 3)
+    for _ in range(50):  # bounded: aborts reach the engine within a step or two
+        if metric(server, "ember:num_requests_running") == 0 and metric(server, "ember:kv_cache_usage_perc") == 0:
+            break
+        time.sleep(0.1)
+    assert metric(server, "ember:num_requests_running") == 0
+    assert metric(server, "ember:num_requests_waiting") == 0
+    assert metric(server, "ember:kv_cache_usage_perc") == 0
+    assert metric(server, "ember:generation_tokens_total") > 0
+    assert metric(server, "ember:time_to_first_token_seconds_count") >= 21
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        (b'{"model": "SmolLM2-135M-Instruct", "messages": [', 400, None),  # malformed JSON
+        (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', 400, None),  # invalid UTF-8
+        (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}', 400, "temperature"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}', 400, "max_tokens"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "n": 1000}', 400, "n"),
+        (b'{"messages": []}', 400, "messages"),
+        (b'{"messages": [{"role": "wizard", "content": "hi"}]}', 400, None),
+        (b'{"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}', 404, "model"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}', 400, "tools"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', 400, "max_tokens"),
+    ],
+)
+def test_bad_chat_requests(server: ServerProcess, body: bytes, status: int, param: str | None) -> None:
+    resp = httpx.post(f"{server.url}/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param is not None:
+        assert error["param"] is not None and error["param"].startswith(param)
+    ok = httpx.post(
+        f"{server.url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    )
+    assert ok.status_code == 200
+
+
+def test_bad_completion_requests(server: ServerProcess, client: OpenAI) -> None:
+    too_long = [5] * 9000
+    for kwargs, param in [
+        ({"prompt": too_long}, "messages"),
+        ({"prompt": "hi", "echo": True}, "echo"),
+        ({"prompt": "hi", "suffix": "x"}, "suffix"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": [[1, 2, 10**9]]}, None),
+    ]:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model=MODEL, max_tokens=4, **kwargs)
+        assert info.value.status_code == 400
+        if param:
+            assert info.value.body["param"] == param
+    assert client.completions.create(model=MODEL, prompt="ok", max_tokens=2).choices[0].text is not None
+
+
+def test_api_key_queue_limit_and_graceful_shutdown() -> None:
+    with running_server("--api-key", "sekret", "--max-num-seqs", "2", "--max-waiting", "1") as server:
+        url = f"{server.url}/v1/models"
+        assert httpx.get(url).status_code == 401
+        assert (
+            httpx.get(url, headers={"Authorization": "Bearer wrong"}).json()["error"]["type"] == "authentication_error"
+        )
+        assert httpx.get(url, headers={"Authorization": "Bearer sekret"}).status_code == 200
+        assert httpx.get(f"{server.url}/health").status_code == 200  # health needs no key
+
+        async def flood() -> list[int]:
+            async with httpx.AsyncClient(timeout=120) as http:
+                body = {"prompt": "Once upon a time", "max_tokens": 64, "ignore_eos": True}
+                headers = {"Authorization": "Bearer sekret"}
+                responses = await asyncio.gather(
+                    *(http.post(f"{server.url}/v1/completions", json=body, headers=headers) for _ in range(8))
+                )
+                return [r.status_code for r in responses]
+
+        codes = asyncio.run(flood())
+        assert codes.count(200) >= 3 and codes.count(429) >= 1 and set(codes) <= {200, 429}
+        assert server.stop() == 0  # SIGTERM: graceful exit with status 0

@@ -160,6 +160,13 @@ def cmd_bench_throughput(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from ember.bench.serving import bench_serve
+
+    bench_serve(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ember", description="Ember: a fast LLM inference engine (paged KV cache, continuous batching)."
@@ -181,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(srv)
     add_serve_args(srv)
     srv.set_defaults(func=serve)
-    bench = sub.add_parser("bench", help="measure Ember against baselines (throughput)")
+    bench = sub.add_parser("bench", help="measure Ember: throughput against baselines, or a server's latency")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     throughput = bench_sub.add_parser(
         "throughput", help="output tok/s of Ember and of HF baselines on one workload, in the same run"
@@ -191,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_throughput_args(throughput)
     throughput.set_defaults(func=cmd_bench_throughput)
+    from ember.bench.serving import add_serve_bench_args
+
+    serve_bench = bench_sub.add_parser(
+        "serve", help="TTFT, TPOT, ITL and throughput of a running server at several concurrency levels"
+    )
+    add_serve_bench_args(serve_bench)
+    serve_bench.set_defaults(func=cmd_bench_serve)
     return parser
 
 

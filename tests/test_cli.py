@@ -15,13 +15,15 @@ def ember(*args: str, input_text: str | None = None) -> subprocess.CompletedProc
 
 
 def test_generate_prints_the_completion() -> None:
-    result = ember("generate", "The capital of France is", "--max-tokens", "6")
+    result = ember("generate", "The capital of France is", "--max-tokens", "6", "--dtype", "float32")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
 
 
 def test_chat_answers_and_exits() -> None:
-    result = ember("chat", "--max-tokens", "16", input_text="What is the capital of France?\n/exit\n")
+    result = ember(
+        "chat", "--max-tokens", "16", "--dtype", "float32", input_text="What is the capital of France?\n/exit\n"
+    )
     assert result.returncode == 0, result.stderr
     assert "model>" in result.stdout and "Paris" in result.stdout
 

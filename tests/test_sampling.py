@@ -143,3 +143,15 @@ def test_abandoned_stream_frees_its_blocks(smollm: LLM) -> None:
     stream.close()
     assert not smollm.engine.has_unfinished_requests()
     assert smollm.engine.kv_cache.pool.num_free_blocks == smollm.engine.kv_cache.num_blocks
+
+
+def test_logit_bias_forces_and_bans_tokens(smollm: LLM) -> None:
+    forced = smollm.tokenizer(" banana")["input_ids"][0]
+    out = smollm.generate("Hello", SamplingParams(max_tokens=4, temperature=0, logit_bias={forced: 100.0}))[0]
+    assert out.outputs[0].token_ids == [forced] * 4
+    greedy = smollm.generate("The capital of France is", SamplingParams(max_tokens=1, temperature=0))[0]
+    banned = greedy.outputs[0].token_ids[0]
+    params = SamplingParams(max_tokens=1, temperature=0, logit_bias={banned: -100.0})
+    assert smollm.generate("The capital of France is", params)[0].outputs[0].token_ids[0] != banned
+    with pytest.raises(ValueError, match="below the vocabulary size"):
+        smollm.generate("Hello", SamplingParams(max_tokens=1, logit_bias={10**7: 1.0}))

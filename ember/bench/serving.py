@@ -1,0 +1,194 @@
+"""`ember bench serve`: drive a running server over HTTP streaming at fixed concurrency levels.
+
+For each level, `concurrency` clients each send requests back to back (closed loop) until the level's
+requests are done, and per request we record TTFT (first streamed text), ITL (gaps between chunks),
+TPOT ((end - first token) / (tokens - 1)) and end-to-end latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ember.bench.workloads import BenchRequest, load_workload
+
+
+@dataclass
+class RequestTiming:
+    ttft: float
+    e2e: float
+    output_tokens: int
+    itls: list[float] = field(default_factory=list)
+
+    @property
+    def tpot(self) -> float | None:
+        return (self.e2e - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+async def one_request(
+    client: Any, url: str, model: str | None, req: BenchRequest, headers: dict[str, str]
+) -> RequestTiming:
+    body: dict[str, Any] = {
+        "prompt": req.prompt_ids,
+        "max_tokens": req.max_new_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if model:
+        body["model"] = model
+    start = time.perf_counter()
+    first = last = None
+    itls: list[float] = []
+    tokens = 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as resp:
+        if resp.status_code != 200:
+            raise RuntimeError(f"server answered {resp.status_code}: {(await resp.aread()).decode()[:200]}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            now = time.perf_counter()
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices"):
+                if first is None:
+                    first = now
+                elif last is not None:
+                    itls.append(now - last)
+                last = now
+    end = time.perf_counter()
+    return RequestTiming((first or end) - start, end - start, tokens, itls)
+
+
+async def run_level(
+    url: str, model: str | None, requests: list[BenchRequest], concurrency: int, headers: dict[str, str], progress: Any
+) -> dict[str, Any]:
+    import httpx
+
+    pending = list(requests)
+    timings: list[RequestTiming] = []
+    task = progress.add_task(f"concurrency {concurrency}", total=len(requests))
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+
+        async def worker() -> None:
+            while pending:
+                req = pending.pop(0)
+                timings.append(await one_request(client, url, model, req, headers))
+                progress.advance(task)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+
+    def stats(values: list[float]) -> dict[str, float]:
+        return {
+            "mean": statistics.fmean(values) if values else float("nan"),
+            "p50": percentile(values, 50),
+            "p90": percentile(values, 90),
+            "p99": percentile(values, 99),
+        }
+
+    output_tokens = sum(t.output_tokens for t in timings)
+    return {
+        "concurrency": concurrency,
+        "requests": len(timings),
+        "wall_s": wall,
+        "request_throughput": len(timings) / wall,
+        "output_tps": output_tokens / wall,
+        "ttft_s": stats([t.ttft for t in timings]),
+        "tpot_s": stats([t.tpot for t in timings if t.tpot is not None]),
+        "itl_s": stats([x for t in timings for x in t.itls]),
+        "e2e_s": stats([t.e2e for t in timings]),
+    }
+
+
+def bench_serve(args: Any) -> dict[str, Any]:
+    import httpx
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    url = args.url.rstrip("/")
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        models = httpx.get(f"{url}/v1/models", headers=headers, timeout=10).json()["data"]
+    except (httpx.HTTPError, KeyError, ValueError) as e:
+        raise ValueError(f"no Ember/OpenAI server answering at {url}: {e}") from e
+    vocab = args.vocab_size
+    workload = load_workload(args.workload, vocab, None)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    results = []
+    with Progress(transient=True, console=Console(stderr=True)) as progress:
+        for concurrency in levels:
+            count = args.num_requests or max(2 * concurrency, 8)
+            requests = [workload.requests[i % len(workload.requests)] for i in range(count)]
+            results.append(asyncio.run(run_level(url, models[0]["id"], requests, concurrency, headers, progress)))
+    table = Table(title=f"serving {models[0]['id']} at {url} ({workload.name})")
+    for column in (
+        "clients",
+        "requests",
+        "req/s",
+        "out tok/s",
+        "TTFT p50",
+        "TTFT p99",
+        "TPOT p50",
+        "TPOT p99",
+        "ITL p50",
+        "ITL p99",
+        "E2E p50",
+    ):
+        table.add_column(column, justify="right")
+    ms = lambda x: f"{x * 1000:.0f} ms"  # noqa: E731
+    for r in results:
+        table.add_row(
+            str(r["concurrency"]),
+            str(r["requests"]),
+            f"{r['request_throughput']:.2f}",
+            f"{r['output_tps']:.1f}",
+            ms(r["ttft_s"]["p50"]),
+            ms(r["ttft_s"]["p99"]),
+            ms(r["tpot_s"]["p50"]),
+            ms(r["tpot_s"]["p99"]),
+            ms(r["itl_s"]["p50"]),
+            ms(r["itl_s"]["p99"]),
+            f"{r['e2e_s']['p50']:.1f} s",
+        )
+    Console(width=140).print(table)
+    report = {
+        "command": "ember bench serve " + " ".join(args.argv),
+        "url": url,
+        "workload": workload.name,
+        "levels": results,
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def add_serve_bench_args(parser: Any) -> None:
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
+    parser.add_argument("--api-key", default=None, help="API key, if the server requires one")
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
+    parser.add_argument("--workload", default="random", help="'random' or a workload JSON (token-id prompts)")
+    parser.add_argument(
+        "--num-requests", type=int, default=None, help="requests per level (default: twice the concurrency, at least 8)"
+    )
+    parser.add_argument("--vocab-size", type=int, default=49152, help="vocabulary for the random workload")
+    parser.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")

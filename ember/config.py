@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +19,12 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
+
+
+def cache_dir() -> Path:
+    """Where Ember keeps converted models and compiled kernels ($EMBER_CACHE_DIR, default ~/.cache/ember)."""
+    return Path(os.environ.get("EMBER_CACHE_DIR", Path.home() / ".cache" / "ember"))
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

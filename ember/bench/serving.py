@@ -179,6 +179,10 @@ def bench_serve(args: Any) -> dict[str, Any]:
     }
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.plot:
+        from ember.bench.plots import latency_chart
+
+        latency_chart(report, args.plot)
     return report
 
 
@@ -192,3 +196,4 @@ def add_serve_bench_args(parser: Any) -> None:
     )
     parser.add_argument("--vocab-size", type=int, default=49152, help="vocabulary for the random workload")
     parser.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="write latency-vs-concurrency charts")

@@ -14,6 +14,7 @@ import torch
 
 from ember.bench.baselines import BASELINES, load_hf_model
 from ember.bench.workloads import BenchRequest, Workload, load_workload
+from ember.config import DTYPES
 from ember.engine.sampling_params import SamplingParams
 
 
@@ -62,7 +63,7 @@ def run_baseline(name: str, model: Any, requests: list[BenchRequest], dtype: str
 def results_table(workload: Workload, results: list[RunResult]) -> Any:
     from rich.table import Table
 
-    ember = results[0]
+    ember = results[0]  # ratios are Ember's first run over each baseline
     table = Table(title=f"throughput on {workload.name} ({len(workload.requests)} requests)")
     for column in (
         "engine",
@@ -77,7 +78,7 @@ def results_table(workload: Workload, results: list[RunResult]) -> Any:
     ):
         table.add_column(column, justify="right" if column not in ("engine", "dtype") else "left")
     for r in results:
-        ratio = "" if r is ember else f"{ember.output_tps / r.output_tps:.1f}×"
+        ratio = "" if r.name == "ember" else f"{ember.output_tps / r.output_tps:.1f}×"
         runs = f"{r.num_requests}" + ("" if r.num_requests == len(workload.requests) else " (prefix)")
         table.add_row(
             r.name,
@@ -99,16 +100,23 @@ def bench_throughput(args: Any) -> dict[str, Any]:
     from ember.cli import load_llm
 
     console = Console(stderr=True)
-    llm = load_llm(args)
-    engine = llm.engine
-    dtype = str(engine.config.torch_dtype()).removeprefix("torch.")
-    workload = load_workload(args.workload, engine.model_config.vocab_size, args.num_requests)
-    console.print(
-        f"workload {workload.name}: {len(workload.requests)} requests, {workload.prompt_tokens} prompt "
-        f"and {workload.output_tokens} output tokens"
-    )
-    results = [run_ember(llm, workload.requests, dtype)]
-    console.print(f"ember: {results[0].output_tps:.1f} output tok/s")
+    results: list[RunResult] = []
+    for dtype_arg in args.dtypes.split(","):
+        if dtype_arg not in ("auto", *DTYPES):
+            raise ValueError(f"unknown dtype {dtype_arg!r}; choose from auto, {', '.join(DTYPES)}")
+        args.dtype = dtype_arg
+        llm = load_llm(args)
+        engine = llm.engine
+        dtype = str(engine.config.torch_dtype()).removeprefix("torch.")
+        workload = load_workload(args.workload, engine.model_config.vocab_size, args.num_requests)
+        if not results:
+            console.print(
+                f"workload {workload.name}: {len(workload.requests)} requests, {workload.prompt_tokens} prompt "
+                f"and {workload.output_tokens} output tokens"
+            )
+        results.append(run_ember(llm, workload.requests, dtype))
+        console.print(f"ember ({dtype}): {results[-1].output_tps:.1f} output tok/s")
+        del llm
     baselines = [b for b in args.baseline.split(",") if b]
     if baselines:
         source = engine.loaded.source_dir
@@ -142,6 +150,11 @@ def bench_throughput(args: Any) -> dict[str, Any]:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         console.print(f"wrote {args.json}")
+    if args.plot:
+        from ember.bench.plots import throughput_chart
+
+        throughput_chart(report, args.plot)
+        console.print(f"wrote {args.plot}")
     return report
 
 
@@ -169,4 +182,10 @@ def add_throughput_args(parser: Any) -> None:
         choices=["float32", "bfloat16"],
         help="dtype of the HF baselines (default float32, HF's own default)",
     )
+    parser.add_argument(
+        "--dtypes",
+        default="auto",
+        help="comma-separated Ember dtypes to run, e.g. bfloat16,float32 (default auto: the fast path)",
+    )
     parser.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="write a bar chart of output tok/s")

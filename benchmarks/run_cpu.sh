@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Regenerates benchmarks/cpu/: Ember (bf16 and fp32) against HF naive and HF static batching on cpu-64,
+# then the serving latency of `ember serve` at 1, 8 and 32 concurrent clients. Run via `make bench`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+workload=${WORKLOAD:-../shared/workloads/cpu-64.json}
+out=benchmarks/cpu
+mkdir -p "$out"
+ember=.venv/bin/ember
+
+"$ember" bench throughput --workload "$workload" --dtypes bfloat16,float32 --baseline hf-naive,hf-static \
+  --baseline-requests 16 --json "$out/throughput.json" --plot "$out/throughput.png" | tee "$out/throughput.txt"
+
+port=8765
+"$ember" serve --port "$port" > "$out/serve.log" 2>&1 &
+server=$!
+trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
+for _ in $(seq 1 600); do  # at most 60 s for the server to come up
+  curl -sf "http://127.0.0.1:$port/health" > /dev/null && break
+  sleep 0.1
+done
+"$ember" bench serve --url "http://127.0.0.1:$port" --workload "$workload" --concurrency 1,8,32 \
+  --json "$out/serving.json" --plot "$out/serving.png" | tee "$out/serving.txt"

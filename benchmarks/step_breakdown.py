@@ -43,7 +43,7 @@ def main() -> None:
     attention.write_kv = timed("KV-cache writes", attention.write_kv)
     runner_module.sample = timed("sampling", runner_module.sample)
     llama.MLP.forward = timed("MLP", llama.MLP.forward)
-    llama.RotaryEmbedding.forward = timed("rotary", llama.RotaryEmbedding.forward)
+    llama.apply_rotary = timed("rotary", llama.apply_rotary)
     llama.RMSNorm.forward = timed("RMSNorm", llama.RMSNorm.forward)
     requests = json.loads(Path(args.workload).read_text())["requests"]
     llm = LLM(dtype=args.dtype)

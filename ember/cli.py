@@ -27,7 +27,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights and activations dtype (default: float32 on the CPU, bfloat16 on CUDA)",
+        help="weights, activations and KV-cache dtype (default auto: bfloat16 on CUDA and on CPUs with "
+        "AVX512-BF16 or AMX, else float32)",
     )
     g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     g.add_argument(

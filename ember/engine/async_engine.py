@@ -86,10 +86,6 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self._dead is None and self._thread.is_alive()
 
-    @property
-    def num_in_flight(self) -> int:
-        return self._in_flight
-
     async def generate(
         self, prompt: PromptType, params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:

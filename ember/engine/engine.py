@@ -7,7 +7,6 @@ model once, appends sampled tokens, applies stop conditions and returns what is 
 from __future__ import annotations
 
 import itertools
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +17,7 @@ from ember.config import CacheConfig, EngineConfig, SchedulerConfig
 from ember.engine.detokenizer import IncrementalDetokenizer
 from ember.engine.kv_cache_manager import KVCacheManager
 from ember.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
-from ember.engine.request import CompletionOutput, Request, RequestOutput, RequestStatus
+from ember.engine.request import CompletionOutput, Request, RequestOutput
 from ember.engine.sampling_params import SamplingParams
 from ember.engine.scheduler import Scheduler
 from ember.models.loader import LoadedModel, load_model
@@ -167,7 +166,6 @@ class Engine:
             if params.n > 1 and params.seed is not None:
                 child_params = SamplingParams(**{**params.__dict__, "seed": params.seed + index})
             child = Request(f"{request_id}#{index}", ids, child_params, self.eos_token_ids, max_tokens, text)
-            child.arrival_time = time.monotonic()
             if self.tokenizer is not None:
                 child.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop)
             children.append(child)
@@ -197,7 +195,6 @@ class Engine:
         if not scheduled.scheduled:
             return []
         result = self.runner.execute(scheduled.scheduled)
-        now = time.monotonic()
         touched: dict[str, RequestGroup] = {}
         for s in scheduled.scheduled:
             request = s.request
@@ -208,8 +205,6 @@ class Engine:
             request.all_token_ids.append(token)
             if logprob is not None:
                 request.logprobs.append(logprob)
-            if request.first_token_time is None:
-                request.first_token_time = now
             self._check_stop(request, token)
             group_id = request.request_id.rpartition("#")[0]
             touched[group_id] = self.groups[group_id]
@@ -229,9 +224,6 @@ class Engine:
             self.scheduler.finish(request, "stop", stop_string)
         elif request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
             self.scheduler.finish(request, "length")
-
-    def num_running(self) -> int:
-        return sum(1 for r in self.scheduler.running if r.status == RequestStatus.RUNNING)
 
 
 def merge_output(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:

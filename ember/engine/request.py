@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -60,8 +60,6 @@ class Request:
         self.prompt_logprobs: list[TokenLogprob | None] = []  # position 0 has none
         self.output_text = ""
         self.detokenizer: Any = None  # set by the engine when a tokenizer exists
-        self.arrival_time = 0.0
-        self.first_token_time: float | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -100,5 +98,3 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     prompt_logprobs: list[TokenLogprob | None] | None = None
-    num_cached_tokens: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)

@@ -48,6 +48,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's)")
     g.add_argument("--seed", type=int, default=0, help="global seed for unseeded sampling (default 0)")
+    g.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="turn off automatic prefix caching (reuse of the KV blocks of earlier identical prefixes)",
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -73,6 +78,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "block_size": args.block_size,
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
+        "enable_prefix_caching": not args.no_prefix_caching,
         "max_model_len": args.max_model_len,
     }
     if args.kv_cache_memory is not None:

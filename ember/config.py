@@ -128,6 +128,7 @@ class CacheConfig:
     kv_cache_memory: int | None = None  # bytes; None: a fraction of available memory
     memory_fraction: float = 0.25
     num_blocks: int | None = None  # overrides the memory budget (tests use tiny caches)
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

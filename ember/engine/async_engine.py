@@ -119,6 +119,13 @@ class AsyncEngine:
             if not finished:
                 self._commands.put(("abort", request_id))
 
+    async def reset_prefix_cache(self) -> bool:
+        """Forget cached prefixes, on the engine thread between steps; False while requests hold blocks."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
+        self._commands.put(("reset_prefix_cache", (loop, done)))
+        return await done
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort what is in flight and stop the engine thread."""
         self._commands.put(("stop", None))
@@ -163,6 +170,9 @@ class AsyncEngine:
             self._stopped.set()
         elif kind == "abort":
             self._finish_abort(payload)
+        elif kind == "reset_prefix_cache":
+            loop, done = payload
+            loop.call_soon_threadsafe(_set_result, done, self.engine.reset_prefix_cache())
         elif kind == "add":
             request_id, prompt, params, stream, accepted = payload
             try:

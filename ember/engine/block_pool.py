@@ -1,12 +1,23 @@
-"""The pool of fixed-size KV-cache blocks: reference counts and an LRU-ordered free queue.
+"""The pool of fixed-size KV-cache blocks: reference counts, an LRU free queue, and the prefix cache.
 
-Blocks, not sequences, own memory. A freed block goes to the tail of the free queue; allocation takes
-from the head, so the most recently freed blocks are reused last.
+Blocks, not sequences, own memory. A full block may carry a hash that chains its parent's hash with its
+token ids, so equal hashes mean equal whole prefixes; `cached` maps each hash to the block holding it.
+A freed block goes to the tail of the free queue and keeps its hash, so a later request with the same
+prefix can take it back (`touch`). Allocation takes from the head: the least recently freed block is
+evicted first, and only then does it lose its hash. A block in use (ref count > 0) is never evicted.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+
+BlockHash = int
+
+
+def hash_block(parent: BlockHash | None, token_ids: tuple[int, ...]) -> BlockHash:
+    """The hash of a full block: its parent's hash chained with its tokens (extra keys such as a LoRA id
+    would join the tuple here)."""
+    return hash((parent, token_ids))
 
 
 class BlockPool:
@@ -15,10 +26,13 @@ class BlockPool:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
+        self.block_hashes: list[BlockHash | None] = [None] * num_blocks
+        self.cached: dict[BlockHash, int] = {}
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
 
     @property
     def num_free_blocks(self) -> int:
+        """Blocks no request uses (some still hold a cached prefix until evicted)."""
         return len(self._free)
 
     def usage(self) -> float:
@@ -30,8 +44,23 @@ class BlockPool:
             raise RuntimeError(f"asked for {count} KV blocks with only {len(self._free)} free")
         blocks = [self._free.popitem(last=False)[0] for _ in range(count)]
         for block in blocks:
+            self._evict(block)
             self.ref_counts[block] = 1
         return blocks
+
+    def _evict(self, block: int) -> None:
+        block_hash = self.block_hashes[block]
+        if block_hash is not None:
+            if self.cached.get(block_hash) == block:
+                del self.cached[block_hash]
+            self.block_hashes[block] = None
+
+    def touch(self, blocks: list[int]) -> None:
+        """Take a reference to cached blocks (a prefix-cache hit), pulling free ones off the free queue."""
+        for block in blocks:
+            if self.ref_counts[block] == 0:
+                del self._free[block]
+            self.ref_counts[block] += 1
 
     def free(self, blocks: list[int]) -> None:
         """Drop one reference to each block; tail blocks of a sequence go back first (evicted first)."""
@@ -41,3 +70,20 @@ class BlockPool:
                 raise RuntimeError(f"KV block {block} freed more often than allocated")
             if self.ref_counts[block] == 0:
                 self._free[block] = None
+
+    def lookup(self, block_hash: BlockHash) -> int | None:
+        return self.cached.get(block_hash)
+
+    def cache(self, block: int, block_hash: BlockHash) -> None:
+        """Record that `block` holds the prefix `block_hash` (the first block holding a prefix keeps it)."""
+        if self.block_hashes[block] is None and block_hash not in self.cached:
+            self.block_hashes[block] = block_hash
+            self.cached[block_hash] = block
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix; refused (False) while any block is in use."""
+        if len(self._free) != self.num_blocks:
+            return False
+        self.cached.clear()
+        self.block_hashes = [None] * self.num_blocks
+        return True

@@ -77,7 +77,13 @@ class RequestGroup:
             prompt_logprobs = [None, *first.prompt_logprobs]
             self.prompt_logprobs_sent = True
         return RequestOutput(
-            self.request_id, self.prompt, self.prompt_token_ids, outputs, self.finished, prompt_logprobs
+            self.request_id,
+            self.prompt,
+            self.prompt_token_ids,
+            outputs,
+            self.finished,
+            prompt_logprobs,
+            first.num_cached_tokens or 0,
         )
 
 
@@ -93,7 +99,7 @@ class Engine:
         self.max_model_len = min(config.scheduler.max_model_len or model_max, model_max)
         block_size = config.cache.block_size
         num_blocks = self._num_blocks(config.cache, dtype)
-        self.kv_cache = KVCacheManager(num_blocks, block_size)
+        self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.runner = ModelRunner(self.loaded.model, num_blocks, block_size, config.device, dtype)
         eos = set(self.model_config.eos_token_ids)
@@ -186,6 +192,10 @@ class Engine:
     # ------------------------------------------------------------------------------------------------
     # The step
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix (e.g. after changing weights); False while requests hold blocks."""
+        return self.kv_cache.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
 
@@ -244,6 +254,7 @@ def merge_output(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutp
     acc.finished = delta.finished
     if delta.prompt_logprobs is not None:
         acc.prompt_logprobs = delta.prompt_logprobs
+    acc.num_cached_tokens = max(acc.num_cached_tokens, delta.num_cached_tokens)
     return acc
 
 
@@ -251,12 +262,12 @@ class LLM:
     """Offline inference: `LLM().generate(prompts, SamplingParams(...))`.
 
     With no model, loads the embedded default (SmolLM2-135M-Instruct). Keyword arguments configure the
-    engine: dtype, device, seed, load_format, block_size, num_blocks, kv_cache_memory, max_num_seqs,
-    max_num_batched_tokens, max_model_len.
+    engine: dtype, device, seed, load_format, block_size, num_blocks, kv_cache_memory, enable_prefix_caching,
+    max_num_seqs, max_num_batched_tokens, max_model_len.
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        cache_keys = {"block_size", "num_blocks", "kv_cache_memory", "memory_fraction"}
+        cache_keys = {"block_size", "num_blocks", "kv_cache_memory", "memory_fraction", "enable_prefix_caching"}
         sched_keys = {"max_num_seqs", "max_num_batched_tokens", "max_model_len"}
         cache = CacheConfig(**{k: v for k, v in kwargs.items() if k in cache_keys})
         sched = SchedulerConfig(**{k: v for k, v in kwargs.items() if k in sched_keys})

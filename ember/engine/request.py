@@ -49,6 +49,9 @@ class Request:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
+        self.block_hashes: list[int] = []  # prefix-cache hashes of the full blocks of all_token_ids
+        self.num_cached_blocks = 0  # leading blocks already registered in the prefix cache
+        self.num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at admission
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
@@ -98,3 +101,4 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache

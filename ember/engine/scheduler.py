@@ -2,8 +2,9 @@
 
 Prefill, chunked prefill and decode are all "N tokens of request R", so one step mixes them under a
 token budget. Running requests go first (oldest first); waiting ones are admitted while budget, KV
-blocks and the sequence limit allow. When blocks run out, the newest running request is preempted:
-its blocks are freed and it returns to the front of the waiting queue to be recomputed later.
+blocks and the sequence limit allow, each first taking its longest cached prefix and scheduling only the
+rest. When blocks run out, the newest running request is preempted: its blocks are freed and it returns
+to the front of the waiting queue to be recomputed later (from its cached prefix, if still cached).
 """
 
 from __future__ import annotations
@@ -69,10 +70,16 @@ class Scheduler:
         if not out.preempted:  # admitting new work while evicting running work would thrash
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 request = self.waiting[0]
-                num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-                if not self.kv_cache.allocate_slots(request, num_new):
+                computed = self.kv_cache.get_computed_blocks(request)
+                num_cached = len(computed) * self.kv_cache.block_size
+                num_new = min(request.num_tokens - num_cached, budget)
+                if not self.kv_cache.allocate_slots(request, num_new, computed):
                     break
                 self.waiting.popleft()
+                self.kv_cache.record_lookup(request.num_tokens, num_cached)
+                if request.num_cached_tokens is None:
+                    request.num_cached_tokens = num_cached
+                request.num_computed_tokens = num_cached
                 request.status = RequestStatus.RUNNING
                 self.running.append(request)
                 self._take(out, request, num_new)

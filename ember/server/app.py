@@ -156,7 +156,7 @@ class OpenAIServer:
                 "created": created,
                 "model": self.model_name,
                 "choices": choices,
-                "usage": self.usage(len(prompt_ids), completion_tokens),
+                "usage": self.usage(len(prompt_ids), completion_tokens, final.num_cached_tokens),
             }
         )
 
@@ -185,8 +185,9 @@ class OpenAIServer:
                     ],
                 }
             )
-        completion_tokens = 0
+        completion_tokens = cached = 0
         async for out in prepend(first, rest):
+            cached = max(cached, out.num_cached_tokens)
             for o in out.outputs:
                 completion_tokens += len(o.token_ids)
                 logprobs = self.formatter.chat_logprobs(o.logprobs) if o.logprobs else None
@@ -200,7 +201,7 @@ class OpenAIServer:
                     }
                 )
         if include_usage:
-            yield sse({**base, "choices": [], "usage": self.usage(prompt_tokens, completion_tokens)})
+            yield sse({**base, "choices": [], "usage": self.usage(prompt_tokens, completion_tokens, cached)})
         yield sse("[DONE]")
 
     # ------------------------------------------------------------------------------------------------
@@ -256,7 +257,9 @@ class OpenAIServer:
                 "created": created,
                 "model": self.model_name,
                 "choices": choices,
-                "usage": self.usage(sum(len(p) for p in prompts), completion_tokens),
+                "usage": self.usage(
+                    sum(len(p) for p in prompts), completion_tokens, sum(f.num_cached_tokens for f in finals)
+                ),
             }
         )
 
@@ -274,7 +277,9 @@ class OpenAIServer:
         base = {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name}
         completion_tokens = 0
         offsets: dict[int, int] = {}
+        cached: dict[int, int] = {}
         async for prompt_index, out in prepend(first, rest):
+            cached[prompt_index] = max(cached.get(prompt_index, 0), out.num_cached_tokens)
             for o in out.outputs:
                 index = prompt_index * n + o.index
                 completion_tokens += len(o.token_ids)
@@ -291,7 +296,8 @@ class OpenAIServer:
                     }
                 )
         if include_usage:
-            yield sse({**base, "choices": [], "usage": self.usage(prompt_tokens, completion_tokens)})
+            usage = self.usage(prompt_tokens, completion_tokens, sum(cached.values()))
+            yield sse({**base, "choices": [], "usage": usage})
         yield sse("[DONE]")
 
     def completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
@@ -470,6 +476,14 @@ def build_app(server: OpenAIServer) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> Response:
+        if not await server.engine.reset_prefix_cache():
+            return error_response(
+                409, "requests are running; reset the prefix cache when the server is idle", code="engine_busy"
+            )
+        return JSONResponse({"status": "ok"})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:

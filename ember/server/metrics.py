@@ -55,6 +55,12 @@ class EngineMetrics:
         self.preemptions = Counter(
             "ember:num_preemptions", "Requests preempted to free KV blocks.", ["model_name"], registry=r
         ).labels(**labels)
+        self.prefix_queries = Counter(
+            "ember:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", ["model_name"], registry=r
+        ).labels(**labels)
+        self.prefix_hits = Counter(
+            "ember:prefix_cache_hits", "Prompt tokens found in the prefix cache.", ["model_name"], registry=r
+        ).labels(**labels)
         self.request_success = Counter(
             "ember:request_success",
             "Finished requests by finish reason.",
@@ -84,6 +90,8 @@ class EngineMetrics:
         ).labels(**labels)
         self.model_name = model_name
         self._preemptions_seen = 0
+        self._queries_seen = 0
+        self._hits_seen = 0
 
     def on_step(self, engine: Engine, generated: int) -> None:
         """Called on the engine thread after each step."""
@@ -92,6 +100,11 @@ class EngineMetrics:
         if total > self._preemptions_seen:
             self.preemptions.inc(total - self._preemptions_seen)
             self._preemptions_seen = total
+        kv = engine.kv_cache
+        if kv.prefix_queries > self._queries_seen:
+            self.prefix_queries.inc(kv.prefix_queries - self._queries_seen)
+            self.prefix_hits.inc(kv.prefix_hits - self._hits_seen)
+            self._queries_seen, self._hits_seen = kv.prefix_queries, kv.prefix_hits
 
     def on_finished(self, stats: FinishedStats) -> None:
         self.prompt_tokens.inc(stats.num_prompt_tokens)

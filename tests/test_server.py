@@ -217,6 +217,9 @@ def test_api_key_queue_limit_and_graceful_shutdown() -> None:
         )
         assert httpx.get(url, headers={"Authorization": "Bearer sekret"}).status_code == 200
         assert httpx.get(f"{server.url}/health").status_code == 200  # health needs no key
+        assert httpx.post(f"{server.url}/reset_prefix_cache").status_code == 401
+        reset = httpx.post(f"{server.url}/reset_prefix_cache", headers={"Authorization": "Bearer sekret"})
+        assert reset.status_code == 200
 
         async def flood() -> list[int]:
             async with httpx.AsyncClient(timeout=120) as http:
@@ -230,3 +233,20 @@ def test_api_key_queue_limit_and_graceful_shutdown() -> None:
         codes = asyncio.run(flood())
         assert codes.count(200) >= 3 and codes.count(429) >= 1 and set(codes) <= {200, 429}
         assert server.stop() == 0  # SIGTERM: graceful exit with status 0
+
+
+def test_multi_turn_conversation_reports_growing_cached_tokens(server: ServerProcess, client: OpenAI) -> None:
+    messages = [{"role": "system", "content": "You are a terse assistant. " * 20}]
+    cached = []
+    for question in ("What is 2 + 2?", "And times 3?", "Now subtract 5."):
+        messages.append({"role": "user", "content": question})
+        resp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+        cached.append(resp.usage.prompt_tokens_details.cached_tokens)
+        assert cached[-1] < resp.usage.prompt_tokens
+        messages.append({"role": "assistant", "content": resp.choices[0].message.content})
+    assert cached[1] > 100 and cached[2] > cached[1]  # each turn re-uses the conversation so far
+    assert metric(server, "ember:prefix_cache_hits_total") >= cached[1] + cached[2]
+    assert metric(server, "ember:prefix_cache_queries_total") > metric(server, "ember:prefix_cache_hits_total")
+    assert httpx.post(f"{server.url}/reset_prefix_cache").json() == {"status": "ok"}
+    again = client.chat.completions.create(model=MODEL, messages=messages[:2], max_tokens=1)
+    assert again.usage.prompt_tokens_details.cached_tokens == 0

@@ -1,0 +1,106 @@
+"""Automatic prefix caching: reuse is exact, eviction is LRU, and shared prompts share blocks."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ember.engine.block_pool import BlockPool, hash_block
+from ember.engine.engine import LLM
+from ember.engine.sampling_params import SamplingParams
+
+BLOCK_SIZE = 4
+TINY_BLOCKS = 16
+PREFIXES = [[random.Random(i).randrange(3, 256) for _ in range(n)] for i, n in enumerate((0, 9, 17, 26))]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_models: dict) -> tuple[LLM, LLM]:
+    path: Path = tiny_models["llama3"][0]
+    cached = LLM(
+        str(path),
+        num_blocks=TINY_BLOCKS,
+        block_size=BLOCK_SIZE,
+        max_num_batched_tokens=12,
+        max_num_seqs=4,
+        dtype="float32",
+    )
+    uncached = LLM(str(path), num_blocks=512, block_size=BLOCK_SIZE, dtype="float32", enable_prefix_caching=False)
+    return cached, uncached
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    requests=st.lists(
+        st.tuples(
+            st.sampled_from(range(len(PREFIXES))),
+            st.lists(st.integers(3, 255), min_size=1, max_size=8),
+            st.integers(1, 10),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    waves=st.integers(1, 3),
+)
+def test_greedy_outputs_equal_with_and_without_caching(engines: tuple[LLM, LLM], requests: list, waves: int) -> None:
+    """Streams of requests sharing, partly sharing and not sharing prefixes, in several waves so later
+    waves hit blocks cached (and partly evicted) by earlier ones, under a cache small enough to preempt."""
+    cached, uncached = engines
+    prompts = [PREFIXES[p] + suffix for p, suffix, _ in requests]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, _, n in requests]
+    expected = [o.outputs[0].token_ids for o in uncached.generate(prompts, params)]
+    for _ in range(waves):
+        outputs = cached.generate(prompts, params)
+        assert [o.outputs[0].token_ids for o in outputs] == expected
+    pool = cached.engine.kv_cache.pool
+    assert pool.num_free_blocks == TINY_BLOCKS and all(c == 0 for c in pool.ref_counts)
+    for block_hash, block in pool.cached.items():  # the map and the blocks agree
+        assert pool.block_hashes[block] == block_hash
+
+
+def test_repeated_prompt_is_served_from_cache_but_recomputes_its_last_token(engines: tuple[LLM, LLM]) -> None:
+    cached, uncached = engines
+    prompt = PREFIXES[3][:24]  # exactly 6 full blocks
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    cached.engine.reset_prefix_cache()
+    first = cached.generate(prompt, params)[0]
+    second = cached.generate(prompt, params)[0]
+    assert first.num_cached_tokens == 0
+    assert second.num_cached_tokens == 20  # 5 of 6 blocks: the last token's block is computed again
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+    assert uncached.generate(prompt, params)[0].num_cached_tokens == 0
+
+
+def test_parallel_samples_share_the_prompt_blocks(tiny_models: dict) -> None:
+    llm = LLM(str(tiny_models["qwen3"][0]), num_blocks=64, block_size=8, dtype="float32")
+    engine = llm.engine
+    engine.add_request(list(range(3, 67)), SamplingParams(n=3, max_tokens=4, temperature=1.0, seed=1))
+    engine.step()  # all three samples admitted in one step
+    used = engine.kv_cache.num_blocks - engine.kv_cache.pool.num_free_blocks
+    assert used == 8 + 2  # 8 prompt blocks once, plus one block for each other sample's recomputed tail
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.kv_cache.pool.num_free_blocks == 64
+
+
+def test_eviction_is_lru_and_never_touches_blocks_in_use() -> None:
+    pool = BlockPool(4)
+    blocks = pool.allocate(4)
+    hashes = [hash_block(None, (i,)) for i in range(4)]
+    for block, block_hash in zip(blocks, hashes, strict=True):
+        pool.cache(block, block_hash)
+    pool.free([blocks[2]])
+    pool.free([blocks[0]])
+    pool.free([blocks[1]])  # free order: 2, 0, 1; block 3 stays in use
+    assert pool.allocate(1) == [blocks[2]]  # least recently freed goes first, losing its hash
+    assert pool.lookup(hashes[2]) is None and pool.lookup(hashes[0]) == blocks[0]
+    pool.touch([blocks[0]])  # a cache hit takes block 0 back off the free queue
+    assert pool.allocate(1) == [blocks[1]]
+    with pytest.raises(RuntimeError):
+        pool.allocate(1)  # blocks 0 and 3 are in use: never evicted
+    assert pool.lookup(hashes[3]) == blocks[3]
+    assert not pool.reset_prefix_cache()  # refused while blocks are in use

@@ -174,6 +174,13 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_agentic(args: argparse.Namespace) -> int:
+    from ember.bench.agentic import bench_agentic
+
+    bench_agentic(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ember", description="Ember: a fast LLM inference engine (paged KV cache, continuous batching)."
@@ -212,6 +219,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_serve_bench_args(serve_bench)
     serve_bench.set_defaults(func=cmd_bench_serve)
+    from ember.bench.agentic import add_agentic_args
+
+    agentic = bench_sub.add_parser(
+        "agentic", help="multi-turn agent sessions with a shared prefix: TTFT with prefix caching on and off"
+    )
+    add_engine_args(agentic)
+    add_agentic_args(agentic)
+    agentic.set_defaults(func=cmd_bench_agentic)
     return parser
 
 

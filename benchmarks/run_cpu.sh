@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates benchmarks/cpu/: Ember (bf16 and fp32) against HF naive and HF static batching on cpu-64,
-# then the serving latency of `ember serve` at 1, 8 and 32 concurrent clients. Run via `make bench`.
+# the agentic multi-turn workload with prefix caching on and off, then the serving latency of
+# `ember serve` at 1, 8 and 32 concurrent clients. Run via `make bench`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 workload=${WORKLOAD:-../shared/workloads/cpu-64.json}
@@ -10,6 +11,8 @@ ember=.venv/bin/ember
 
 "$ember" bench throughput --workload "$workload" --dtypes bfloat16,float32 --baseline hf-naive,hf-static \
   --baseline-requests 16 --json "$out/throughput.json" --plot "$out/throughput.png" | tee "$out/throughput.txt"
+
+"$ember" bench agentic --json "$out/agentic.json" | tee "$out/agentic.txt"
 
 port=8765
 "$ember" serve --port "$port" > "$out/serve.log" 2>&1 &

@@ -2,14 +2,18 @@
 
 Each of `sessions` sessions shares one system+tools prefix; each turn appends the previous answer and a
 new user message and calls the model again, as an agent loop does. Sessions run concurrently; within a
-session turns are sequential. The same workload runs with prefix caching on and off in one process, and
-the mean time to first token of turns >= 2 (the ones that can reuse a prefix) is compared.
+session turns are sequential. Answer lengths vary (uniform in [answer_tokens / 2, answer_tokens * 3 / 2],
+seeded): with equal lengths every session would finish and re-submit in the same step, a lock-step
+burst that real agents, whose answers differ, do not produce. The same workload runs with prefix caching
+on and off in one process, and the mean time to first token of turns >= 2 (the ones that can reuse a
+prefix) is compared.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import shlex
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -42,7 +46,7 @@ def run_sessions(
     rng = random.Random(seed)
     prefix = [rng.randrange(vocab) for _ in range(prefix_tokens)]
     states = [Session(prefix + user_message(rng, vocab)) for _ in range(sessions)]
-    params = SamplingParams(max_tokens=answer_tokens, temperature=0, ignore_eos=True)
+    lengths = (max(1, answer_tokens // 2), answer_tokens * 3 // 2)
     ttft: dict[int, list[float]] = {t: [] for t in range(1, turns + 1)}
     by_id: dict[str, Session] = {}
 
@@ -50,6 +54,7 @@ def run_sessions(
         state.turn += 1
         state.answer, state.first_token = [], None
         state.submitted = time.perf_counter()
+        params = SamplingParams(max_tokens=rng.randint(*lengths), temperature=0, ignore_eos=True)
         state.request_id = engine.add_request(list(state.prompt), params)
         by_id[state.request_id] = state
 
@@ -100,7 +105,7 @@ def bench_agentic(args: Any) -> dict[str, Any]:
     on, off = results["caching on"], results["caching off"]
     table = Table(
         title=f"agentic: {args.sessions} sessions x {args.turns} turns, {args.prefix_tokens}-token shared "
-        f"prefix, {args.answer_tokens}-token answers"
+        f"prefix, ~{args.answer_tokens}-token answers"
     )
     for column in ("prefix caching", "mean TTFT turn 1", "mean TTFT turns >= 2", "wall s"):
         table.add_column(column, justify="right")
@@ -115,7 +120,7 @@ def bench_agentic(args: Any) -> dict[str, Any]:
     ratio = off["mean_ttft_turn2plus_s"] / on["mean_ttft_turn2plus_s"]
     Console().print(f"mean TTFT of turns >= 2: {ratio:.1f}x lower with prefix caching")
     report = {
-        "command": "ember bench agentic " + " ".join(args.argv),
+        "command": shlex.join(["ember", *args.argv]),
         "results": results,
         "ttft_turn2plus_ratio": ratio,
     }
@@ -130,5 +135,7 @@ def add_agentic_args(parser: Any) -> None:
     parser.add_argument(
         "--prefix-tokens", type=int, default=1000, help="shared system+tools prefix length (default 1000)"
     )
-    parser.add_argument("--answer-tokens", type=int, default=32, help="tokens generated per turn (default 32)")
+    parser.add_argument(
+        "--answer-tokens", type=int, default=32, help="mean tokens generated per turn, varying by ±50%% (default 32)"
+    )
     parser.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -172,7 +173,7 @@ def bench_serve(args: Any) -> dict[str, Any]:
         )
     Console(width=140).print(table)
     report = {
-        "command": "ember bench serve " + " ".join(args.argv),
+        "command": shlex.join(["ember", *args.argv]),
         "url": url,
         "workload": workload.name,
         "levels": results,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shlex
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -131,7 +132,7 @@ def bench_throughput(args: Any) -> dict[str, Any]:
             results.append(result)
     Console(width=120).print(results_table(workload, results))
     report = {
-        "command": "ember bench throughput " + " ".join(args.argv),
+        "command": shlex.join(["ember", *args.argv]),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
             "platform": platform.platform(),

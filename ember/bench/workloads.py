@@ -48,6 +48,10 @@ def load_workload(spec: str, vocab_size: int, num_requests: int | None = None) -
     """`spec` is 'random' or a JSON file with requests[i].prompt_ids and .max_new_tokens."""
     if spec == "random":
         return random_workload(vocab_size, num_requests or 64)
+    if spec == "agentic":
+        raise ValueError(
+            "the agentic workload is multi-turn (each turn waits for the last answer): run `ember bench agentic`"
+        )
     path = Path(spec)
     try:
         data = json.loads(path.read_text())

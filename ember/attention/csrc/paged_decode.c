@@ -81,11 +81,20 @@ static void softmax_inplace(float* s, int64_t n) {
             for (int64_t j0 = 0; j0 < n; j0 += TILE) {                                                    \
                 float s[TILE] = {0};                                                                      \
                 const int64_t width = BS - j0 < TILE ? BS - j0 : TILE;                                    \
-                for (int64_t i = 0; i < d; i++) {                                                         \
-                    const T* kp = kb + i * BS + j0;                                                       \
-                    const float qv = qf[i];                                                               \
-                    _Pragma("omp simd")                                                                   \
-                    for (int64_t j = 0; j < TILE; j++) s[j] += qv * (j < width ? LOAD(kp[j]) : 0.0f);    \
+                if (width == TILE) { /* full tiles: no per-lane guard, so the loop is pure FMAs */      \
+                    for (int64_t i = 0; i < d; i++) {                                                     \
+                        const T* kp = kb + i * BS + j0;                                                   \
+                        const float qv = qf[i];                                                           \
+                        _Pragma("omp simd")                                                               \
+                        for (int64_t j = 0; j < TILE; j++) s[j] += qv * LOAD(kp[j]);                      \
+                    }                                                                                      \
+                } else {                                                                                   \
+                    for (int64_t i = 0; i < d; i++) {                                                     \
+                        const T* kp = kb + i * BS + j0;                                                   \
+                        const float qv = qf[i];                                                           \
+                        _Pragma("omp simd")                                                               \
+                        for (int64_t j = 0; j < TILE; j++) s[j] += qv * (j < width ? LOAD(kp[j]) : 0.0f); \
+                    }                                                                                      \
                 }                                                                                          \
                 const int64_t keep = n - j0 < TILE ? n - j0 : TILE;                                       \
                 memcpy(scores + t0 + j0, s, sizeof(float) * (size_t)keep);                                \
@@ -121,11 +130,21 @@ static void softmax_inplace(float* s, int64_t n) {
                         for (int64_t i0 = 0; i0 < d; i0 += TILE) {                                        \
                             float a[TILE] = {0};                                                          \
                             const int64_t width = d - i0 < TILE ? d - i0 : TILE;                          \
-                            for (int64_t j = 0; j < n; j++) {                                             \
-                                const T* vp = vb + j * d + i0;                                            \
-                                const float pj = p[j];                                                    \
-                                _Pragma("omp simd")                                                       \
-                                for (int64_t i = 0; i < TILE; i++) a[i] += pj * (i < width ? LOAD(vp[i]) : 0.0f); \
+                            if (width == TILE) {                                                          \
+                                for (int64_t j = 0; j < n; j++) {                                         \
+                                    const T* vp = vb + j * d + i0;                                        \
+                                    const float pj = p[j];                                                \
+                                    _Pragma("omp simd")                                                   \
+                                    for (int64_t i = 0; i < TILE; i++) a[i] += pj * LOAD(vp[i]);          \
+                                }                                                                          \
+                            } else {                                                                       \
+                                for (int64_t j = 0; j < n; j++) {                                         \
+                                    const T* vp = vb + j * d + i0;                                        \
+                                    const float pj = p[j];                                                \
+                                    _Pragma("omp simd")                                                   \
+                                    for (int64_t i = 0; i < TILE; i++)                                    \
+                                        a[i] += pj * (i < width ? LOAD(vp[i]) : 0.0f);                    \
+                                }                                                                          \
                             }                                                                              \
                             for (int64_t i = 0; i < width; i++) acc[g * d + i0 + i] += a[i];             \
                         }                                                                                  \

@@ -138,6 +138,8 @@ def bench_serve(args: Any) -> dict[str, Any]:
     results = []
     with Progress(transient=True, console=Console(stderr=True)) as progress:
         for concurrency in levels:
+            if not args.keep_prefix_cache:  # levels re-send the same prompts: start each one cold
+                httpx.post(f"{url}/reset_prefix_cache", headers=headers, timeout=30)
             count = args.num_requests or max(2 * concurrency, 8)
             requests = [workload.requests[i % len(workload.requests)] for i in range(count)]
             results.append(asyncio.run(run_level(url, models[0]["id"], requests, concurrency, headers, progress)))
@@ -194,6 +196,12 @@ def add_serve_bench_args(parser: Any) -> None:
     parser.add_argument("--workload", default="random", help="'random' or a workload JSON (token-id prompts)")
     parser.add_argument(
         "--num-requests", type=int, default=None, help="requests per level (default: twice the concurrency, at least 8)"
+    )
+    parser.add_argument(
+        "--keep-prefix-cache",
+        action="store_true",
+        help="do not reset the server's prefix cache before each level (the default resets it, "
+        "since levels re-send the same prompts)",
     )
     parser.add_argument("--vocab-size", type=int, default=49152, help="vocabulary for the random workload")
     parser.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")

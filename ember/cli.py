@@ -159,10 +159,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_bench_throughput(args: argparse.Namespace) -> int:
     from ember.bench.baselines import BASELINES
     from ember.bench.throughput import bench_throughput
+    from ember.bench.workloads import check_workload_spec
 
     unknown = [b for b in args.baseline.split(",") if b and b not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baseline {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
+    check_workload_spec(args.workload)  # before the model loads
     bench_throughput(args)
     return 0
 

@@ -44,14 +44,21 @@ def random_workload(
     return Workload(f"random-{num_requests}", requests)
 
 
-def load_workload(spec: str, vocab_size: int, num_requests: int | None = None) -> Workload:
-    """`spec` is 'random' or a JSON file with requests[i].prompt_ids and .max_new_tokens."""
-    if spec == "random":
-        return random_workload(vocab_size, num_requests or 64)
+def check_workload_spec(spec: str) -> None:
+    """Reject a workload argument before any model is loaded."""
     if spec == "agentic":
         raise ValueError(
             "the agentic workload is multi-turn (each turn waits for the last answer): run `ember bench agentic`"
         )
+    if spec != "random" and not Path(spec).is_file():
+        raise ValueError(f"workload file {spec!r} not found (expected 'random' or a workload JSON)")
+
+
+def load_workload(spec: str, vocab_size: int, num_requests: int | None = None) -> Workload:
+    """`spec` is 'random' or a JSON file with requests[i].prompt_ids and .max_new_tokens."""
+    if spec == "random":
+        return random_workload(vocab_size, num_requests or 64)
+    check_workload_spec(spec)
     path = Path(spec)
     try:
         data = json.loads(path.read_text())

@@ -82,6 +82,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_model_len": args.max_model_len,
     }
     if args.kv_cache_memory is not None:
+        if args.kv_cache_memory <= 0:
+            raise ValueError(f"--kv-cache-memory must be a positive number of GiB, got {args.kv_cache_memory}")
         kwargs["kv_cache_memory"] = int(args.kv_cache_memory * (1 << 30))
     return kwargs
 

@@ -34,14 +34,21 @@ class PrefillSpan:
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] flat cache slot of every new token
-    slot_blocks: torch.Tensor  # slot_mapping // block_size
-    slot_offsets: torch.Tensor  # slot_mapping % block_size
     num_decode_tokens: int
     decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int64, padded with block 0
     decode_context_lens: torch.Tensor | None  # [num_decodes] int64
     prefills: list[PrefillSpan]
     block_size: int
     use_native_decode: bool  # Ember's C kernels (CPU, fp32/bf16) for cache writes and decode attention
+
+    @functools.cached_property
+    def slot_blocks(self) -> torch.Tensor:
+        """Block of each new token's slot (PyTorch write path only, computed once a step when needed)."""
+        return self.slot_mapping // self.block_size
+
+    @functools.cached_property
+    def slot_offsets(self) -> torch.Tensor:
+        return self.slot_mapping % self.block_size
 
     @functools.cached_property
     def decode_bias(self) -> torch.Tensor:

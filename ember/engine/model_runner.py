@@ -124,8 +124,6 @@ class ModelRunner:
         slot_mapping = torch.tensor(slots, device=device)
         return AttentionMetadata(
             slot_mapping=slot_mapping,
-            slot_blocks=slot_mapping // bs,
-            slot_offsets=slot_mapping % bs,
             num_decode_tokens=num_decodes,
             decode_block_tables=decode_tables,
             decode_context_lens=decode_lens,

@@ -40,11 +40,12 @@ def main() -> None:
     args = parser.parse_args()
     attention.attend_decodes = timed("decode attention", attention.attend_decodes)
     attention.prefill_attention = timed("prefill attention", attention.prefill_attention)
-    attention.write_kv = timed("KV-cache writes", attention.write_kv)
+    attention.write_kv = timed("KV-cache writes (prefill tokens)", attention.write_kv)
     runner_module.sample = timed("sampling", runner_module.sample)
     llama.MLP.forward = timed("MLP", llama.MLP.forward)
-    llama.apply_rotary = timed("rotary", llama.apply_rotary)
+    llama.rotary_ = timed("rotary", llama.rotary_)
     llama.RMSNorm.forward = timed("RMSNorm", llama.RMSNorm.forward)
+    llama.RMSNorm.add_and_norm = timed("RMSNorm", llama.RMSNorm.add_and_norm)
     requests = json.loads(Path(args.workload).read_text())["requests"]
     llm = LLM(dtype=args.dtype)
     engine = llm.engine

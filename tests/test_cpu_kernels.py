@@ -1,4 +1,5 @@
-"""Ember's C decode-attention kernel against the PyTorch reference, and the engine on both paths."""
+"""Ember's C kernels (paged decode attention, cache writes, fused elementwise ops) against their PyTorch
+references, and the engine on both paths."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import pytest
 import torch
 
 from ember.attention import cpu_kernels
-from ember.attention.torch_paged import decode_attention
+from ember.attention.torch_paged import decode_attention, to_cache_layout, write_kv
 from ember.engine.engine import LLM
 from ember.engine.sampling_params import SamplingParams
+from ember.kernels import elementwise, native
 
-pytestmark = pytest.mark.skipif(cpu_kernels.load() is None, reason="no C compiler to build Ember's CPU kernels")
+pytestmark = pytest.mark.skipif(native.load() is None, reason="no C compiler to build Ember's CPU kernels")
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -33,8 +35,8 @@ def test_decode_kernel_matches_reference(
 ) -> None:
     generator = torch.Generator().manual_seed(heads * 1000 + head_dim)
     num_blocks, lengths = 96, [1, 2, block_size, block_size + 1, 5 * block_size - 3, 7 * block_size]
-    k_cache = torch.randn(kv_heads, num_blocks, head_dim, block_size, generator=generator).to(dtype)
-    v_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
+    key_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
+    value_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
     q = torch.randn(len(lengths), heads, head_dim, generator=generator).to(dtype)
     max_blocks = -(-max(lengths) // block_size)
     tables = torch.randperm(num_blocks, generator=generator)[: len(lengths) * max_blocks].view(len(lengths), -1)
@@ -42,12 +44,34 @@ def test_decode_kernel_matches_reference(
     keys = torch.arange(max_blocks * block_size)
     bias = torch.zeros(len(lengths), len(keys)).masked_fill_(keys >= lens.unsqueeze(1), float("-inf"))
     scale = head_dim**-0.5
-    ref = decode_attention(
-        q.float(), k_cache.float(), v_cache.float(), tables, bias.view(1, len(lengths), 1, -1), scale
-    )
-    out = cpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)
+    fp32_caches = to_cache_layout(key_blocks.float(), value_blocks.float())
+    ref = decode_attention(q.float(), *fp32_caches, tables, bias.view(1, len(lengths), 1, -1), scale)
+    out = cpu_kernels.paged_decode_attention(q, *to_cache_layout(key_blocks, value_blocks), tables, lens, scale)
     assert out.dtype == dtype and out.shape == q.shape
     assert relative_error(out, ref) < tolerance
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_native_and_pytorch_cache_writes_agree(dtype: torch.dtype, block_size: int) -> None:
+    """The C scatter, the decode kernel's own store of each token, and PyTorch's indexing write the same cache."""
+    generator = torch.Generator().manual_seed(block_size)
+    kv_heads, num_blocks, head_dim = 3, 24, 64
+    plain = torch.zeros(kv_heads, num_blocks, block_size, head_dim, dtype=dtype)
+    caches = [to_cache_layout(plain, plain) for _ in range(3)]
+    lengths = torch.tensor([1, block_size, 3 * block_size + 1])
+    tables = torch.stack([torch.randperm(num_blocks, generator=generator)[:4] for _ in lengths])
+    last = lengths - 1
+    slots = tables.gather(1, (last // block_size).unsqueeze(1)).squeeze(1) * block_size + last % block_size
+    k = torch.randn(len(lengths), kv_heads, head_dim, generator=generator).to(dtype)
+    v = torch.randn(len(lengths), kv_heads, head_dim, generator=generator).to(dtype)
+    write_kv(*caches[0], k, v, slots, block_size, use_native=False)
+    write_kv(*caches[1], k, v, slots, block_size, use_native=True)
+    q = torch.randn(len(lengths), 3 * kv_heads, head_dim, generator=generator).to(dtype)
+    cpu_kernels.paged_decode_attention(q, *caches[2], tables, lengths, head_dim**-0.5, k, v)
+    for written in caches[1:]:
+        assert torch.equal(written[0], caches[0][0]) and torch.equal(written[1], caches[0][1])
+    assert caches[0][0].abs().sum() > 0
 
 
 def test_engine_outputs_equal_on_kernel_and_pytorch_paths(tiny_models: dict) -> None:
@@ -60,3 +84,34 @@ def test_engine_outputs_equal_on_kernel_and_pytorch_paths(tiny_models: dict) -> 
     llm.engine.runner.use_native_decode = False
     fallback = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert native == fallback
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-6), (torch.bfloat16, 8e-3)])
+def test_elementwise_kernels_match_pytorch(dtype: torch.dtype, tolerance: float) -> None:
+    """Fused RMSNorm (+ residual), in-place rotary and SiLU-and-mul equal the PyTorch formulation."""
+    generator = torch.Generator().manual_seed(7)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    tokens, hidden, eps = 37, 96, 1e-5
+    x, residual, weight = randn(tokens, hidden), randn(tokens, hidden), randn(hidden)
+    assert (
+        relative_error(elementwise.rms_norm(x, weight, eps), elementwise.rms_norm_reference(x, weight, eps)) < tolerance
+    )
+    expected_sum = x + residual
+    normed, total = elementwise.add_rms_norm(x, residual.clone(), weight, eps)
+    assert torch.equal(total, expected_sum)
+    assert relative_error(normed, elementwise.rms_norm_reference(expected_sum, weight, eps)) < tolerance
+
+    qkv = randn(tokens, 5 * 16)  # 3 query heads and 1 key head of 16 rotated in place, 1 value head untouched
+    angles = torch.randn(tokens, 8, generator=generator)
+    heads = qkv[:, : 4 * 16].view(tokens, 4, 16)
+    expected = elementwise.rotate_reference(heads, angles.cos(), angles.sin())
+    values = qkv[:, 4 * 16 :].clone()
+    elementwise.rotary_(heads, angles.cos(), angles.sin())
+    assert relative_error(heads, expected) < tolerance and torch.equal(qkv[:, 4 * 16 :], values)
+
+    gate_up = randn(tokens, 2 * 48)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert relative_error(elementwise.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up) < tolerance

@@ -13,7 +13,7 @@ from gguf.quants import dequantize, quantize
 
 from ember.engine.engine import LLM
 from ember.engine.sampling_params import SamplingParams
-from ember.models.loader import ModelNotFoundError
+from ember.models.loader import ModelNotFoundError, load_model
 
 CONFIG = {
     "vocab_size": 256,
@@ -140,8 +140,7 @@ def test_f32_gguf_matches_hf(tmp_path: Path, hf_llama: Any) -> None:
 def test_quantized_weights_dequantize_exactly(tmp_path: Path, hf_llama: Any, qtype: str) -> None:
     path = tmp_path / f"tiny-{qtype}.gguf"
     stored = write_gguf(path, hf_llama, GGMLQuantizationType[qtype])
-    llm = LLM(str(path), num_blocks=64, dtype="float32")
-    model = llm.engine.loaded.model
+    model = load_model(str(path), "auto", torch.float32, "cpu").model  # the engine packs (drops) plain weights
     q_rows = CONFIG["num_attention_heads"] * CONFIG["head_dim"]
     for layer in range(CONFIG["num_hidden_layers"]):
         q = stored[f"model.layers.{layer}.self_attn.q_proj.weight"]
@@ -149,6 +148,7 @@ def test_quantized_weights_dequantize_exactly(tmp_path: Path, hf_llama: Any, qty
         assert torch.equal(model.layers[layer].self_attn.qkv_proj.weight[:q_rows], unpermuted)
         down = torch.from_numpy(stored[f"model.layers.{layer}.mlp.down_proj.weight"])
         assert torch.equal(model.layers[layer].mlp.down_proj.weight, down)
+    llm = LLM(str(path), num_blocks=64, dtype="float32")
     out = llm.generate([1, 2, 3], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 4
 

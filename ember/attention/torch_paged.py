@@ -1,8 +1,10 @@
 """Paged attention in plain PyTorch: the CPU backend and the reference for the GPU kernels.
 
-The KV cache of one layer: values [num_kv_heads, num_blocks, block_size, head_dim], keys
-[num_kv_heads, num_blocks, head_dim, block_size] (each block transposed, the layout Ember's C decode
-kernel reads best). Heads are outermost so a request's blocks gather into [kv_heads, context, head_dim].
+The KV cache of one layer, with P = 4 // element size values packed per 32-bit word (1 for fp32, 2 for
+bf16/fp16): keys [kv_heads, num_blocks, head_dim / P, block_size, P] (each block transposed), values
+[kv_heads, num_blocks, block_size / P, head_dim, P] (token pairs interleaved per dim). That is the
+layout Ember's C decode kernel reads best: a bf16 word holds the two elements one AVX512-BF16 dot
+product consumes. Heads are outermost so a request's blocks gather into [kv_heads, context, head_dim].
 Decode attention is bound by memory traffic: the C kernel reads each cached row once, the PyTorch
 fallback here must gather (copy) the context first.
 A step's tokens arrive flattened; decodes (one query token each) come first and are attended in one
@@ -42,15 +44,6 @@ class AttentionMetadata:
     use_native_decode: bool  # Ember's C kernels (CPU, fp32/bf16) for cache writes and decode attention
 
     @functools.cached_property
-    def slot_blocks(self) -> torch.Tensor:
-        """Block of each new token's slot (PyTorch write path only, computed once a step when needed)."""
-        return self.slot_mapping // self.block_size
-
-    @functools.cached_property
-    def slot_offsets(self) -> torch.Tensor:
-        return self.slot_mapping % self.block_size
-
-    @functools.cached_property
     def decode_bias(self) -> torch.Tensor:
         """[1, num_decodes, 1, max_blocks * block_size]: 0 inside each context, -inf past it (built once a step)."""
         assert self.decode_block_tables is not None and self.decode_context_lens is not None
@@ -60,26 +53,61 @@ class AttentionMetadata:
         return bias.view(1, len(self.decode_context_lens), 1, -1)
 
 
+def pack_factor(dtype: torch.dtype) -> int:
+    """Elements of `dtype` packed into one 32-bit word of the cache layout."""
+    return max(1, 4 // torch.empty(0, dtype=dtype).element_size())
+
+
+def cache_views(layer_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key and value views, in the cache layout, of one layer's storage [2, kv_heads, blocks, block_size, dim]."""
+    _, kv_heads, num_blocks, block_size, head_dim = layer_cache.shape
+    pack = pack_factor(layer_cache.dtype)
+    if block_size % pack or head_dim % pack:
+        raise ValueError(f"block_size and head_dim must be multiples of {pack} for a {layer_cache.dtype} KV cache")
+    keys = layer_cache[0].view(kv_heads, num_blocks, head_dim // pack, block_size, pack)
+    values = layer_cache[1].view(kv_heads, num_blocks, block_size // pack, head_dim, pack)
+    return keys, values
+
+
+def to_cache_layout(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache-layout copies of plain blocks [kv_heads, blocks, block_size, dim] (for tests and tools)."""
+    storage = torch.stack((keys, values)).contiguous()
+    k_view, v_view = cache_views(storage)
+    pack = k_view.shape[-1]
+    k_view.copy_(keys.unflatten(3, (-1, pack)).permute(0, 1, 3, 2, 4))
+    v_view.copy_(values.unflatten(2, (-1, pack)).permute(0, 1, 2, 4, 3))
+    return k_view, v_view
+
+
+def block_keys(k_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Keys of `blocks` as plain rows: [kv_heads, len(blocks) * block_size, head_dim]."""
+    kv_heads, _, _, block_size, _ = k_cache.shape
+    return k_cache.index_select(1, blocks).permute(0, 1, 3, 2, 4).reshape(kv_heads, len(blocks) * block_size, -1)
+
+
+def block_values(v_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Values of `blocks` as plain rows: [kv_heads, len(blocks) * block_size, head_dim]."""
+    kv_heads, _, _, head_dim, _ = v_cache.shape
+    return v_cache.index_select(1, blocks).transpose(3, 4).reshape(kv_heads, -1, head_dim)
+
+
 def write_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_size: int,
+    use_native: bool,
 ) -> None:
-    """Scatter the step's new keys/values ([num_tokens, kv_heads, head_dim]) into their cache slots."""
-    if meta.use_native_decode:
-        cpu_kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    """Scatter new keys/values ([num_tokens, kv_heads, head_dim]) into the slots of `slot_mapping`."""
+    if use_native:
+        cpu_kernels.write_kv(k, v, k_cache, v_cache, slot_mapping)
         return
-    kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.transpose(2, 3)[:, meta.slot_blocks, meta.slot_offsets] = k.transpose(0, 1)
-    v_cache.view(kv_heads, -1, head_dim).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
-
-
-def gather_keys(k_cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
-    """One request's first `context_len` cached keys: [kv_heads, context_len, head_dim]."""
-    return k_cache.index_select(1, block_table).transpose(2, 3).flatten(1, 2)[:, :context_len]
-
-
-def gather_values(v_cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
-    """One request's first `context_len` cached values: [kv_heads, context_len, head_dim]."""
-    return v_cache.index_select(1, block_table).flatten(1, 2)[:, :context_len]
+    pack = k_cache.shape[-1]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    k_cache[:, blocks, :, offsets, :] = k.unflatten(2, (-1, pack))
+    v_cache[:, blocks, offsets // pack, :, offsets % pack] = v
 
 
 def decode_attention(
@@ -92,11 +120,10 @@ def decode_attention(
 ) -> torch.Tensor:
     """Single-token queries [D, heads, head_dim] over their paged contexts, GQA without repeating K/V."""
     num_decodes, num_heads, head_dim = q.shape
-    kv_heads, _, block_size, _ = v_cache.shape
+    kv_heads = v_cache.shape[0]
     group = num_heads // kv_heads
-    shape = (kv_heads, num_decodes, block_tables.shape[1] * block_size, head_dim)
-    k = k_cache.index_select(1, block_tables.flatten()).transpose(2, 3).reshape(shape)  # [kv_heads, D, L, d]
-    v = v_cache.index_select(1, block_tables.flatten()).view(shape)
+    k = block_keys(k_cache, block_tables.flatten()).view(kv_heads, num_decodes, -1, head_dim)  # [kv_heads, D, L, d]
+    v = block_values(v_cache, block_tables.flatten()).view(kv_heads, num_decodes, -1, head_dim)
     qg = q.view(num_decodes, kv_heads, group, head_dim).transpose(0, 1)  # [kv_heads, D, group, head_dim]
     scores = torch.matmul(qg, k.transpose(2, 3)).float() * scale  # [kv_heads, D, group, L]
     probs = torch.softmax(scores + bias, dim=-1).to(v.dtype)
@@ -121,13 +148,21 @@ def prefill_attention(
 
 
 def attend_decodes(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
 ) -> torch.Tensor:
+    """Store the decode tokens' new K/V ([D, kv_heads, head_dim]) and attend their queries to their contexts."""
     assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
-    if meta.use_native_decode:
+    if meta.use_native_decode:  # the kernel stores each token's K/V itself, while its last block is in cache
         return cpu_kernels.paged_decode_attention(
-            q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale
+            q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale, k, v
         )
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping[: len(k)], meta.block_size, use_native=False)
     return decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_bias, scale)
 
 
@@ -144,19 +179,28 @@ def paged_attention(
 
     q: [num_tokens, heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim]. Returns q's shape.
     """
-    write_kv(k_cache, v_cache, k, v, meta)
     num_decodes = meta.num_decode_tokens
     if not meta.prefills:
-        return attend_decodes(q, k_cache, v_cache, meta, scale)
+        return attend_decodes(q, k, v, k_cache, v_cache, meta, scale)
+    write_kv(
+        k_cache,
+        v_cache,
+        k[num_decodes:],
+        v[num_decodes:],
+        meta.slot_mapping[num_decodes:],
+        meta.block_size,
+        meta.use_native_decode,
+    )
     out = torch.empty_like(q)
     if num_decodes:
-        out[:num_decodes] = attend_decodes(q[:num_decodes], k_cache, v_cache, meta, scale)
+        d = slice(0, num_decodes)
+        out[d] = attend_decodes(q[d], k[d], v[d], k_cache, v_cache, meta, scale)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.length)
         if span.causal_mask is None:  # the whole context is this chunk: use the fresh K/V directly
             keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
         else:
-            keys = gather_keys(k_cache, span.block_table, span.context_len)
-            values = gather_values(v_cache, span.block_table, span.context_len)
+            keys = block_keys(k_cache, span.block_table)[:, : span.context_len]
+            values = block_values(v_cache, span.block_table)[:, : span.context_len]
         out[rows] = prefill_attention(q[rows], keys, values, span.causal_mask, scale)
     return out

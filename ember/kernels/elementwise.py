@@ -1,0 +1,88 @@
+"""Fused RMSNorm (+ residual add), rotary embedding and SiLU-and-mul.
+
+On the CPU (fp32/bf16) each is one C pass over the activations (`csrc/elementwise.c`); elsewhere, or
+without a C compiler, the PyTorch formulation below, which is also the reference the C code follows
+(same fp32 math, same rounding points, as HF transformers computes them).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+
+from ember.kernels.native import load
+
+SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def _native(x: torch.Tensor) -> ctypes.CDLL | None:
+    if x.device.type != "cpu" or x.dtype not in SUFFIX:
+        return None
+    return load()
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim."""
+    library = _native(x)
+    if library is None or weight.dtype != x.dtype:
+        return rms_norm_reference(x, weight, eps)
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.empty(rows.shape, dtype=x.dtype)
+    getattr(library, f"rms_norm_{SUFFIX[x.dtype]}")(
+        rows.data_ptr(), None, weight.data_ptr(), out.data_ptr(), rows.shape[0], rows.shape[1], rows.stride(0), eps
+    )
+    return out.view(x.shape)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual), x + residual) for [tokens, hidden]; the native path updates `residual` in place."""
+    library = _native(x)
+    if library is None or weight.dtype != x.dtype or not residual.is_contiguous() or x.stride(-1) != 1:
+        total = x + residual
+        return rms_norm_reference(total, weight, eps), total
+    out = torch.empty_like(residual)
+    getattr(library, f"rms_norm_{SUFFIX[x.dtype]}")(
+        x.data_ptr(), residual.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0), eps
+    )
+    return out, residual
+
+
+def rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of x [tokens, heads, head_dim] ("rotate half" layout); cos/sin [tokens, head_dim / 2]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate x [tokens, heads, head_dim] in place; heads of a token must be contiguous (a view of a QKV row is)."""
+    library = _native(x)
+    tokens, heads, head_dim = x.shape
+    if library is None or x.stride(2) != 1 or x.stride(1) != head_dim:
+        x.copy_(rotate_reference(x, cos, sin))
+        return
+    getattr(library, f"rotary_{SUFFIX[x.dtype]}")(
+        x.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, heads, head_dim, x.stride(0)
+    )
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for rows [gate | up] of a fused gate/up projection."""
+    library = _native(gate_up)
+    if library is None or not gate_up.is_contiguous():
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    tokens, width = gate_up.shape
+    out = torch.empty(tokens, width // 2, dtype=gate_up.dtype)
+    getattr(library, f"silu_and_mul_{SUFFIX[gate_up.dtype]}")(gate_up.data_ptr(), out.data_ptr(), tokens, width // 2)
+    return out

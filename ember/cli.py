@@ -49,6 +49,23 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's)")
     g.add_argument("--seed", type=int, default=0, help="global seed for unseeded sampling (default 0)")
     g.add_argument(
+        "--speculative",
+        default=None,
+        metavar="METHOD",
+        help="speculative decoding: 'ngram' (prompt lookup), 'suffix' (suffix index over all recent requests) "
+        "or 'draft:<model>' (a smaller model with the same tokenizer); outputs are unchanged (default off)",
+    )
+    g.add_argument(
+        "--num-speculative-tokens", type=int, default=5, help="most tokens drafted per step and request (default 5)"
+    )
+    g.add_argument(
+        "--speculative-max-batch-size",
+        type=int,
+        default=8,
+        help="speculate only in steps with at most this many running requests, where decode is memory-bound "
+        "(default 8)",
+    )
+    g.add_argument(
         "--no-prefix-caching",
         action="store_true",
         help="turn off automatic prefix caching (reuse of the KV blocks of earlier identical prefixes)",
@@ -80,6 +97,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "enable_prefix_caching": not args.no_prefix_caching,
         "max_model_len": args.max_model_len,
+        "speculative": args.speculative,
+        "num_speculative_tokens": args.num_speculative_tokens,
+        "speculative_max_batch_size": args.speculative_max_batch_size,
     }
     if args.kv_cache_memory is not None:
         if args.kv_cache_memory <= 0:
@@ -185,6 +205,13 @@ def cmd_bench_agentic(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_latency(args: argparse.Namespace) -> int:
+    from ember.bench.latency import bench_latency
+
+    bench_latency(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ember", description="Ember: a fast LLM inference engine (paged KV cache, continuous batching)."
@@ -231,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(agentic)
     add_agentic_args(agentic)
     agentic.set_defaults(func=cmd_bench_agentic)
+    from ember.bench.latency import add_latency_args
+
+    latency = bench_sub.add_parser(
+        "latency", help="per-token latency with and without speculative decoding, at several batch sizes"
+    )
+    add_engine_args(latency)
+    add_latency_args(latency)
+    latency.set_defaults(func=cmd_bench_latency)
     return parser
 
 

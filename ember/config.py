@@ -156,6 +156,34 @@ class SchedulerConfig:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
 
 
+SPECULATIVE_METHODS = ("ngram", "suffix", "draft:<model>")
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding: a proposer drafts tokens, the target model verifies them in one step.
+
+    `method`: None (off), "ngram" (prompt lookup in the request's own tokens), "suffix" (a suffix index
+    over the prompts and outputs of all recent requests) or "draft:<model>" (a smaller model with the
+    same tokenizer). Speculation only pays while decode is memory-bound, so it is skipped in steps with
+    more than `max_batch_size` running requests.
+    """
+
+    method: str | None = None
+    num_speculative_tokens: int = 5
+    max_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.method is not None and self.method not in ("ngram", "suffix") and not self.method.startswith("draft:"):
+            raise ValueError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.method!r}")
+        if self.method == "draft:":
+            raise ValueError("draft:<model> needs a model path after 'draft:'")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be at least 1, got {self.num_speculative_tokens}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"speculative max_batch_size must be at least 1, got {self.max_batch_size}")
+
+
 @dataclass
 class EngineConfig:
     model: str | None = None  # None: the embedded default model (SmolLM2-135M-Instruct)
@@ -165,6 +193,7 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:

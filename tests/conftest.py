@@ -47,12 +47,12 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
-def make_tiny_hf_model(family: str, directory: Path, seed: int = 0) -> Any:
+def make_tiny_hf_model(family: str, directory: Path, seed: int = 0, **overrides: Any) -> Any:
     """A random HF model of `family`, saved as an HF directory (config.json + model.safetensors)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = {**TINY_BASE, **TINY_FAMILIES[family]}
+    cfg = {**TINY_BASE, **TINY_FAMILIES[family], **overrides}
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(cfg))
     config = AutoConfig.from_pretrained(str(directory))

@@ -42,6 +42,7 @@ class AttentionMetadata:
     prefills: list[PrefillSpan]
     block_size: int
     use_native_decode: bool  # Ember's C kernels (CPU, fp32/bf16) for cache writes and decode attention
+    decode_rows_share_requests: bool = False  # speculative drafts: a request's rows read each other's K/V
 
     @functools.cached_property
     def decode_bias(self) -> torch.Tensor:
@@ -158,11 +159,16 @@ def attend_decodes(
 ) -> torch.Tensor:
     """Store the decode tokens' new K/V ([D, kv_heads, head_dim]) and attend their queries to their contexts."""
     assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
-    if meta.use_native_decode:  # the kernel stores each token's K/V itself, while its last block is in cache
+    if meta.use_native_decode and not meta.decode_rows_share_requests:
+        # the kernel stores each token's K/V itself, while that sequence's last block is in cache
         return cpu_kernels.paged_decode_attention(
             q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale, k, v
         )
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping[: len(k)], meta.block_size, use_native=False)
+    write_kv(k_cache, v_cache, k, v, meta.slot_mapping[: len(k)], meta.block_size, meta.use_native_decode)
+    if meta.use_native_decode:
+        return cpu_kernels.paged_decode_attention(
+            q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale
+        )
     return decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_bias, scale)
 
 

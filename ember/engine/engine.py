@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ember.config import CacheConfig, EngineConfig, SchedulerConfig
+from ember.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from ember.engine.detokenizer import IncrementalDetokenizer
 from ember.engine.kv_cache_manager import KVCacheManager
 from ember.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
@@ -21,6 +21,7 @@ from ember.engine.request import CompletionOutput, Request, RequestOutput
 from ember.engine.sampling_params import SamplingParams
 from ember.engine.scheduler import Scheduler
 from ember.models.loader import LoadedModel, load_model
+from ember.spec.speculator import Speculator, build_proposer
 
 PromptType = str | list[int]
 DEFAULT_KV_CACHE_CAP = 4 << 30  # bytes; a larger budget is asked for explicitly
@@ -84,6 +85,8 @@ class RequestGroup:
             self.finished,
             prompt_logprobs,
             first.num_cached_tokens or 0,
+            sum(c.num_draft_tokens for c in self.children),
+            sum(c.num_accepted_tokens for c in self.children),
         )
 
 
@@ -102,6 +105,12 @@ class Engine:
         self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.runner = ModelRunner(self.loaded.model, num_blocks, block_size, config.device, dtype)
+        self.speculator: Speculator | None = None
+        if config.speculative.method is not None:
+            proposer = build_proposer(
+                config.speculative, self.model_config.vocab_size, num_blocks, block_size, config.device, dtype
+            )
+            self.speculator = Speculator(config.speculative, proposer, self.max_model_len)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -186,7 +195,7 @@ class Engine:
         if group is None:
             return None
         for child in group.children:
-            self.scheduler.finish(child, "abort")
+            self._finish(child, "abort")
         return group.take_delta()
 
     # ------------------------------------------------------------------------------------------------
@@ -201,6 +210,8 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return the new tokens/text of every request that progressed."""
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         scheduled = self.scheduler.schedule()
         if not scheduled.scheduled:
             return []
@@ -211,11 +222,20 @@ class Engine:
             sampled = result.sampled.get(request.request_id)
             if sampled is None:
                 continue
-            token, logprob = sampled
-            request.all_token_ids.append(token)
-            if logprob is not None:
-                request.logprobs.append(logprob)
-            self._check_stop(request, token)
+            tokens, logprobs = sampled
+            for token, logprob in zip(tokens, logprobs, strict=True):
+                request.all_token_ids.append(token)
+                if logprob is not None:
+                    request.logprobs.append(logprob)
+                self._check_stop(request, token)
+                if request.is_finished:
+                    break
+            if s.spec_token_ids:
+                num_accepted = len(tokens) - 1
+                assert self.speculator is not None
+                self.speculator.record(request, len(s.spec_token_ids), num_accepted)
+                if not request.is_finished and num_accepted < len(s.spec_token_ids):
+                    self.scheduler.rollback(request, len(s.spec_token_ids) - num_accepted)
             group_id = request.request_id.rpartition("#")[0]
             touched[group_id] = self.groups[group_id]
         outputs = []
@@ -227,13 +247,18 @@ class Engine:
 
     def _check_stop(self, request: Request, token: int) -> None:
         if token in request.stop_ids:
-            self.scheduler.finish(request, "stop", token)
+            self._finish(request, "stop", token)
             return
         stop_string = request.detokenizer.add_token(token) if request.detokenizer else None
         if stop_string is not None:
-            self.scheduler.finish(request, "stop", stop_string)
+            self._finish(request, "stop", stop_string)
         elif request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
-            self.scheduler.finish(request, "length")
+            self._finish(request, "length")
+
+    def _finish(self, request: Request, reason: str, stop_reason: str | int | None = None) -> None:
+        self.scheduler.finish(request, reason, stop_reason)
+        if self.speculator is not None:
+            self.speculator.finish(request)
 
 
 def merge_output(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
@@ -255,6 +280,8 @@ def merge_output(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutp
     if delta.prompt_logprobs is not None:
         acc.prompt_logprobs = delta.prompt_logprobs
     acc.num_cached_tokens = max(acc.num_cached_tokens, delta.num_cached_tokens)
+    acc.num_draft_tokens = max(acc.num_draft_tokens, delta.num_draft_tokens)  # running totals
+    acc.num_accepted_tokens = max(acc.num_accepted_tokens, delta.num_accepted_tokens)
     return acc
 
 
@@ -263,16 +290,20 @@ class LLM:
 
     With no model, loads the embedded default (SmolLM2-135M-Instruct). Keyword arguments configure the
     engine: dtype, device, seed, load_format, block_size, num_blocks, kv_cache_memory, enable_prefix_caching,
-    max_num_seqs, max_num_batched_tokens, max_model_len.
+    max_num_seqs, max_num_batched_tokens, max_model_len, speculative ("ngram", "suffix", "draft:<model>"),
+    num_speculative_tokens, speculative_max_batch_size.
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         cache_keys = {"block_size", "num_blocks", "kv_cache_memory", "memory_fraction", "enable_prefix_caching"}
         sched_keys = {"max_num_seqs", "max_num_batched_tokens", "max_model_len"}
+        spec_keys = {"speculative": "method", "num_speculative_tokens": "num_speculative_tokens"}
+        spec_keys["speculative_max_batch_size"] = "max_batch_size"
         cache = CacheConfig(**{k: v for k, v in kwargs.items() if k in cache_keys})
         sched = SchedulerConfig(**{k: v for k, v in kwargs.items() if k in sched_keys})
-        rest = {k: v for k, v in kwargs.items() if k not in cache_keys | sched_keys}
-        self.engine = Engine(EngineConfig(model=model, cache=cache, scheduler=sched, **rest))
+        spec = SpeculativeConfig(**{spec_keys[k]: v for k, v in kwargs.items() if k in spec_keys})
+        rest = {k: v for k, v in kwargs.items() if k not in cache_keys | sched_keys | spec_keys.keys()}
+        self.engine = Engine(EngineConfig(model=model, cache=cache, scheduler=sched, speculative=spec, **rest))
         self.tokenizer = self.engine.tokenizer
 
     def _submit(

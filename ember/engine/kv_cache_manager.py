@@ -68,8 +68,8 @@ class KVCacheManager:
         request.block_ids.extend(computed_blocks)
         if needed > 0:
             request.block_ids.extend(self.pool.allocate(needed))
-        if self.enable_prefix_caching:
-            self._cache_full_blocks(request, total)
+        if self.enable_prefix_caching:  # only blocks full of committed tokens: drafts may still be rejected
+            self._cache_full_blocks(request, min(total, request.num_tokens))
         return True
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
@@ -80,6 +80,13 @@ class KVCacheManager:
         for i in range(request.num_cached_blocks, full):
             self.pool.cache(request.block_ids[i], hashes[i])
         request.num_cached_blocks = full
+
+    def trim(self, request: Request) -> None:
+        """Free the request's blocks beyond its computed tokens (after rejected drafts)."""
+        keep = self.blocks_for(request.num_computed_tokens)
+        if len(request.block_ids) > keep:
+            self.pool.free(request.block_ids[keep:])
+            del request.block_ids[keep:]
 
     def free(self, request: Request) -> None:
         self.pool.free(request.block_ids)

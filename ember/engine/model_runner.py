@@ -13,17 +13,19 @@ import torch
 
 from ember.attention.torch_paged import AttentionMetadata, PrefillSpan, cache_views
 from ember.config import ModelConfig
-from ember.engine.request import Request, TokenLogprob
+from ember.engine.request import TokenLogprob
 from ember.engine.sampler import sample, top_logprobs
 from ember.engine.scheduler import ScheduledRequest
 from ember.kernels import native
 from ember.models.llama import LlamaForCausalLM
 from ember.models.packed_linear import pack_linears
+from ember.spec.verify import verify_drafts
 
 
 @dataclass
 class StepResult:
-    sampled: dict[str, tuple[int, TokenLogprob | None]]  # request id -> (new token, its logprobs)
+    # request id -> (new tokens, their logprobs): one token, or accepted drafts plus one when speculating
+    sampled: dict[str, tuple[list[int], list[TokenLogprob | None]]]
 
 
 def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -54,29 +56,27 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> StepResult:
-        decodes = [s for s in scheduled if s.num_tokens == 1]
-        prefills = [s for s in scheduled if s.num_tokens > 1]
-        ordered = decodes + prefills
+        decodes = [s for s in scheduled if s.num_tokens == 1 or s.is_decode]
+        prefills = [s for s in scheduled if not (s.num_tokens == 1 or s.is_decode)]
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        sample_rows: list[int] = []
-        sample_requests: list[Request] = []
+        sample_rows: list[int] = []  # one per plain request, 1 + drafts per speculating one
         prompt_rows: list[tuple[ScheduledRequest, int, int]] = []  # (step, first row, first position)
         bs = self.block_size
-        for s in ordered:
+        for s in decodes + prefills:
             request, row = s.request, len(input_ids)
             end = s.start + s.num_tokens
-            input_ids.extend(request.all_token_ids[s.start : end])
+            tokens = request.all_token_ids + s.spec_token_ids if s.spec_token_ids else request.all_token_ids
+            input_ids.extend(tokens[s.start : end])
             positions.extend(range(s.start, end))
             table = request.block_ids
             slots.extend(table[p // bs] * bs + p % bs for p in range(s.start, end))
             if s.completes_sequence:
-                sample_rows.append(row + s.num_tokens - 1)
-                sample_requests.append(request)
+                sample_rows.extend(range(row + s.num_tokens - 1 - len(s.spec_token_ids), row + s.num_tokens))
             if request.params.prompt_logprobs is not None and s.start < request.num_prompt_tokens - 1:
                 prompt_rows.append((s, row, s.start))
-        meta = self._attention_metadata(decodes, prefills, len(decodes), slots)
+        meta = self._attention_metadata(decodes, prefills, slots)
         ids_t = torch.tensor(input_ids, device=self.device)
         pos_t = torch.tensor(positions, device=self.device)
         hidden = self.model(ids_t, pos_t, self.kv_caches, meta)
@@ -85,27 +85,47 @@ class ModelRunner:
         result = StepResult(sampled={})
         if sample_rows:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-            out = sample(logits, sample_requests)
-            for request, token, lp in zip(sample_requests, out.token_ids, out.logprobs, strict=True):
-                result.sampled[request.request_id] = (token, lp)
+            self._sample(logits, [s for s in decodes + prefills if s.completes_sequence], result)
         return result
 
+    @staticmethod
+    def _sample(logits: torch.Tensor, completing: list[ScheduledRequest], result: StepResult) -> None:
+        """Sample plain requests in one batch; verify each speculating request's drafts on its rows."""
+        plain_rows, plain, row = [], [], 0
+        for s in completing:
+            if s.spec_token_ids:
+                rows = logits[row : row + 1 + len(s.spec_token_ids)]
+                result.sampled[s.request.request_id] = verify_drafts(rows, s.request, s.spec_token_ids)
+            else:
+                plain_rows.append(row)
+                plain.append(s.request)
+            row += 1 + len(s.spec_token_ids)
+        if plain:
+            out = sample(logits[plain_rows] if len(plain_rows) < len(logits) else logits, plain)
+            for request, token, lp in zip(plain, out.token_ids, out.logprobs, strict=True):
+                result.sampled[request.request_id] = ([token], [lp])
+
     def _attention_metadata(
-        self, decodes: list[ScheduledRequest], prefills: list[ScheduledRequest], num_decodes: int, slots: list[int]
+        self, decodes: list[ScheduledRequest], prefills: list[ScheduledRequest], slots: list[int]
     ) -> AttentionMetadata:
+        """Decode rows (one per query token of a decode, drafts included) attend through their request's
+        block table up to their own position; prefill chunks are spans over their context."""
         device, bs = self.device, self.block_size
         decode_tables = decode_lens = None
+        num_decode_rows = sum(s.num_tokens for s in decodes)
         if decodes:
-            context_lens = [s.start + 1 for s in decodes]
-            max_blocks = -(-max(context_lens) // bs)
-            tables = [
-                s.request.block_ids[:max_blocks] + [0] * (max_blocks - len(s.request.block_ids[:max_blocks]))
-                for s in decodes
-            ]
+            max_blocks = -(-max(s.start + s.num_tokens for s in decodes) // bs)
+            tables, context_lens = [], []
+            for s in decodes:
+                table = s.request.block_ids[:max_blocks]
+                table = table + [0] * (max_blocks - len(table))
+                for position in range(s.start, s.start + s.num_tokens):
+                    tables.append(table)
+                    context_lens.append(position + 1)
             decode_tables = torch.tensor(tables, dtype=torch.int64, device=device)
             decode_lens = torch.tensor(context_lens, dtype=torch.int64, device=device)
         spans = []
-        row = num_decodes
+        row = num_decode_rows
         for s in prefills:
             context_len = s.start + s.num_tokens
             table = torch.tensor(s.request.block_ids[: -(-context_len // bs)], device=device)
@@ -118,12 +138,13 @@ class ModelRunner:
         slot_mapping = torch.tensor(slots, device=device)
         return AttentionMetadata(
             slot_mapping=slot_mapping,
-            num_decode_tokens=num_decodes,
+            num_decode_tokens=num_decode_rows,
             decode_block_tables=decode_tables,
             decode_context_lens=decode_lens,
             prefills=spans,
             block_size=bs,
             use_native_decode=self.use_native_decode,
+            decode_rows_share_requests=num_decode_rows > len(decodes),
         )
 
     def _record_prompt_logprobs(self, s: ScheduledRequest, hidden: torch.Tensor, row: int, first: int) -> None:

@@ -56,6 +56,9 @@ class Request:
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
         self.num_preemptions = 0
+        self.spec_token_ids: list[int] = []  # drafted tokens to verify in the next step
+        self.num_draft_tokens = 0  # speculative decoding: tokens drafted for this request so far
+        self.num_accepted_tokens = 0  # of which the target model accepted
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed)
@@ -102,3 +105,5 @@ class RequestOutput:
     finished: bool
     prompt_logprobs: list[TokenLogprob | None] | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_draft_tokens: int = 0  # speculative decoding, over all samples: tokens drafted
+    num_accepted_tokens: int = 0  # of which accepted by the target model

@@ -102,23 +102,33 @@ def exponential_noise(shape: tuple[int, int], requests: list[Request], device: t
     return noise
 
 
+def adjust_logits(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """Logit bias and penalties: what greedy decoding takes the argmax of."""
+    if any(r.params.logit_bias for r in requests):
+        logits = apply_logit_bias(logits, requests)
+    if any(r.params.uses_penalties for r in requests):
+        logits = apply_penalties(logits, requests)
+    return logits
+
+
+def sampling_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """The distribution a random sample is drawn from: temperature, then top-k/top-p/min-p, then softmax."""
+    temperatures = torch.tensor([r.params.temperature or 1.0 for r in requests], device=logits.device)
+    return torch.softmax(filter_logits(logits / temperatures.unsqueeze(1), requests), dim=-1)
+
+
 def sample(logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
     """Pick one token per row of `logits` ([num_rows, vocab], float32), one row per request."""
     raw_logprobs = None
     wants_logprobs = any(r.params.logprobs is not None for r in requests)
     if wants_logprobs:
         raw_logprobs = torch.log_softmax(logits, dim=-1)
-    if any(r.params.logit_bias for r in requests):
-        logits = apply_logit_bias(logits, requests)
-    if any(r.params.uses_penalties for r in requests):
-        logits = apply_penalties(logits, requests)
+    logits = adjust_logits(logits, requests)
     greedy = [r.params.greedy for r in requests]
     if all(greedy):
         token_ids = logits.argmax(dim=-1)
     else:
-        temperatures = torch.tensor([r.params.temperature or 1.0 for r in requests], device=logits.device)
-        scaled = filter_logits(logits / temperatures.unsqueeze(1), requests)
-        probs = torch.softmax(scaled, dim=-1)
+        probs = sampling_probs(logits, requests)
         noise = exponential_noise(tuple(probs.shape), requests, logits.device)
         token_ids = (probs / noise).argmax(dim=-1)
         if any(greedy):

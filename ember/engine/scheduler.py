@@ -22,11 +22,17 @@ class ScheduledRequest:
     request: Request
     start: int  # tokens of the request already in the KV cache before this step
     num_tokens: int  # tokens computed this step: positions [start, start + num_tokens)
+    spec_token_ids: list[int] = field(default_factory=list)  # drafts to verify, the step's last tokens
 
     @property
     def completes_sequence(self) -> bool:
         """True when this step reaches the request's last token, so a new token gets sampled."""
-        return self.start + self.num_tokens == self.request.num_tokens
+        return self.start + self.num_tokens == self.request.num_tokens + len(self.spec_token_ids)
+
+    @property
+    def is_decode(self) -> bool:
+        """One committed token (plus any drafts): every query token attends like a decode."""
+        return self.start + 1 == self.request.num_tokens and self.completes_sequence
 
 
 @dataclass
@@ -56,7 +62,10 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            pending = request.num_tokens - request.num_computed_tokens
+            if request.spec_token_ids:  # drafts ride along only whole-step with their decode token
+                del request.spec_token_ids[max(0, budget - pending) if pending == 1 else 0 :]
+            num_new = min(pending + len(request.spec_token_ids), budget)
             while not self.kv_cache.allocate_slots(request, num_new):
                 victim = self.running.pop()  # the newest; never one already scheduled this step
                 self._preempt(victim)
@@ -88,11 +97,19 @@ class Scheduler:
 
     @staticmethod
     def _take(out: SchedulerOutput, request: Request, num_new: int) -> None:
-        out.scheduled.append(ScheduledRequest(request, request.num_computed_tokens, num_new))
+        out.scheduled.append(ScheduledRequest(request, request.num_computed_tokens, num_new, request.spec_token_ids))
+        request.spec_token_ids = []
         request.num_computed_tokens += num_new
+
+    def rollback(self, request: Request, num_rejected: int) -> None:
+        """Forget the KV of `num_rejected` drafted tokens: they are recomputed over (or never used), and
+        blocks past the request's computed tokens go back to the pool."""
+        request.num_computed_tokens -= num_rejected
+        self.kv_cache.trim(request)
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)
+        request.spec_token_ids = []
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1

@@ -61,6 +61,30 @@ class EngineMetrics:
         self.prefix_hits = Counter(
             "ember:prefix_cache_hits", "Prompt tokens found in the prefix cache.", ["model_name"], registry=r
         ).labels(**labels)
+        self.spec_drafts = Counter(
+            "ember:spec_decode_num_drafts", "Request-steps that verified drafted tokens.", ["model_name"], registry=r
+        ).labels(**labels)
+        self.spec_draft_tokens = Counter(
+            "ember:spec_decode_num_draft_tokens",
+            "Tokens drafted by the speculative proposer.",
+            ["model_name"],
+            registry=r,
+        ).labels(**labels)
+        self.spec_accepted_tokens = Counter(
+            "ember:spec_decode_num_accepted_tokens",
+            "Drafted tokens the target model accepted.",
+            ["model_name"],
+            registry=r,
+        ).labels(**labels)
+        self.spec_acceptance_rate = Gauge(
+            "ember:spec_decode_acceptance_rate", "Accepted / drafted tokens since start.", ["model_name"], registry=r
+        ).labels(**labels)
+        self.spec_mean_accepted_length = Gauge(
+            "ember:spec_decode_mean_accepted_length",
+            "Tokens emitted per verifying request-step (accepted drafts + 1) since start.",
+            ["model_name"],
+            registry=r,
+        ).labels(**labels)
         self.request_success = Counter(
             "ember:request_success",
             "Finished requests by finish reason.",
@@ -89,22 +113,26 @@ class EngineMetrics:
             registry=r,
         ).labels(**labels)
         self.model_name = model_name
-        self._preemptions_seen = 0
-        self._queries_seen = 0
-        self._hits_seen = 0
+        self._seen: dict[Counter, float] = {}
+
+    def _advance(self, counter: Counter, total: float) -> None:
+        """Move a counter up to an engine-side running total."""
+        seen = self._seen.get(counter, 0)
+        if total > seen:
+            counter.inc(total - seen)
+            self._seen[counter] = total
 
     def on_step(self, engine: Engine, generated: int) -> None:
         """Called on the engine thread after each step."""
         self.generation_tokens.inc(generated)
-        total = engine.scheduler.num_preemptions
-        if total > self._preemptions_seen:
-            self.preemptions.inc(total - self._preemptions_seen)
-            self._preemptions_seen = total
-        kv = engine.kv_cache
-        if kv.prefix_queries > self._queries_seen:
-            self.prefix_queries.inc(kv.prefix_queries - self._queries_seen)
-            self.prefix_hits.inc(kv.prefix_hits - self._hits_seen)
-            self._queries_seen, self._hits_seen = kv.prefix_queries, kv.prefix_hits
+        self._advance(self.preemptions, engine.scheduler.num_preemptions)
+        self._advance(self.prefix_queries, engine.kv_cache.prefix_queries)
+        self._advance(self.prefix_hits, engine.kv_cache.prefix_hits)
+        if engine.speculator is not None:
+            stats = engine.speculator.stats
+            self._advance(self.spec_drafts, stats.num_steps)
+            self._advance(self.spec_draft_tokens, stats.num_draft_tokens)
+            self._advance(self.spec_accepted_tokens, stats.num_accepted_tokens)
 
     def on_finished(self, stats: FinishedStats) -> None:
         self.prompt_tokens.inc(stats.num_prompt_tokens)
@@ -122,4 +150,7 @@ class EngineMetrics:
         self.running.set(len(scheduler.running))
         self.waiting.set(len(scheduler.waiting))
         self.kv_usage.set(self.engine.kv_cache.usage())
+        if self.engine.speculator is not None:
+            self.spec_acceptance_rate.set(self.engine.speculator.stats.acceptance_rate)
+            self.spec_mean_accepted_length.set(self.engine.speculator.stats.mean_accepted_length)
         return generate_latest(self.registry)

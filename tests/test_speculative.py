@@ -1,0 +1,199 @@
+"""Speculative decoding: greedy outputs never change, rejection sampling is exact, KV rollback keeps the
+block invariants, and the proposers draft what they should."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ember.config import SpeculativeConfig
+from ember.engine.engine import LLM
+from ember.engine.sampling_params import SamplingParams
+from ember.spec.ngram import NgramProposer
+from ember.spec.suffix import SuffixIndex
+from ember.spec.verify import accept_greedy, rejection_sample
+from tests.conftest import make_tiny_hf_model
+
+BLOCK_SIZE = 4
+
+
+def prompts() -> list[list[int]]:
+    """Repetitive prompts (drafts get accepted) mixed with random ones (drafts get rejected)."""
+    generator = torch.Generator().manual_seed(3)
+    random = [torch.randint(3, 256, (n,), generator=generator).tolist() for n in (5, 17, 33, 9)]
+    repetitive = [[10, 11, 12, 13, 14] * 5, [40, 41] * 9 + [7, 8, 9] * 4, list(range(50, 70)) * 2]
+    return [*repetitive, *random, [99] * 12, [3, 4, 5, 6] * 6 + [101]]
+
+
+def greedy(max_tokens: int = 24) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_models: dict) -> list[list[int]]:
+    llm = LLM(str(tiny_models["qwen3"][0]), num_blocks=512, block_size=BLOCK_SIZE, dtype="float32")
+    return [o.outputs[0].token_ids for o in llm.generate(prompts(), greedy())]
+
+
+def check_block_invariants(llm: LLM) -> None:
+    """Every running request holds exactly the blocks of its computed tokens; cached blocks hold committed
+    tokens only; reference counts equal the holders."""
+    engine = llm.engine
+    manager, pool = engine.kv_cache, engine.kv_cache.pool
+    holders = [0] * pool.num_blocks
+    for request in engine.scheduler.running:
+        assert len(request.block_ids) == manager.blocks_for(request.num_computed_tokens)
+        hashes = manager.block_hashes(request)
+        for i in range(request.num_cached_blocks):
+            assert pool.block_hashes[request.block_ids[i]] == hashes[i]
+        for block in request.block_ids:
+            holders[block] += 1
+    assert holders == pool.ref_counts
+    for block_hash, block in pool.cached.items():
+        assert pool.block_hashes[block] == block_hash
+
+
+@pytest.mark.parametrize("method", ["ngram", "suffix", "draft:same", "draft:other"])
+def test_greedy_output_is_unchanged_with_preemption(tiny_models: dict, reference: list[list[int]], method: str) -> None:
+    target = tiny_models["qwen3"][0]
+    kind = method
+    if method.startswith("draft:"):  # the target itself (all accepted) or another random model (all rejected)
+        method = f"draft:{target if method == 'draft:same' else tiny_models['qwen2'][0]}"
+    llm = LLM(
+        str(target),
+        num_blocks=40,  # 160 slots for 12 requests of up to 65 tokens: preemption is frequent
+        block_size=BLOCK_SIZE,
+        max_num_batched_tokens=48,
+        dtype="float32",
+        speculative=method,
+        num_speculative_tokens=4,
+        speculative_max_batch_size=16,
+    )
+    engine = llm.engine
+    ids = [engine.add_request(p, greedy()) for p in prompts()]
+    outputs: dict[str, list[int]] = {i: [] for i in ids}
+    for _ in range(2000):  # bounded
+        for out in engine.step():
+            outputs[out.request_id].extend(out.outputs[0].token_ids)
+        check_block_invariants(llm)
+        if not engine.has_unfinished_requests():
+            break
+    assert not engine.has_unfinished_requests()
+    assert [outputs[i] for i in ids] == reference
+    stats = engine.speculator.stats
+    assert engine.scheduler.num_preemptions > 0
+    assert stats.num_draft_tokens > 0
+    if kind == "draft:same":
+        assert stats.num_accepted_tokens == stats.num_draft_tokens  # the target drafting for itself
+    elif kind != "draft:other":
+        assert stats.num_accepted_tokens > 0
+    pool = engine.kv_cache.pool
+    assert pool.num_free_blocks == pool.num_blocks and not any(pool.ref_counts)
+
+
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Upper tail of Pearson's chi-square statistic (cells with expected count >= 5)."""
+    expected = probs * counts.sum()
+    keep = expected >= 5
+    statistic = (((counts - expected) ** 2) / expected)[keep].sum()
+    dof = int(keep.sum()) - 1
+    return float(1 - torch.special.gammainc(torch.tensor(dof / 2), statistic / 2))
+
+
+@pytest.mark.parametrize("deterministic_drafts", [False, True])
+def test_rejection_sampling_is_exact(deterministic_drafts: bool) -> None:
+    """First and second emitted tokens follow the target's rows, whatever the draft distributions."""
+    generator = torch.Generator().manual_seed(11)
+    vocab, k, trials = 6, 2, 30000
+    target = torch.softmax(2 * torch.randn(k + 1, vocab, generator=generator), dim=-1)
+    drafter = torch.softmax(2 * torch.randn(k, vocab, generator=generator), dim=-1)
+    first = torch.zeros(vocab)
+    second = torch.zeros(vocab)
+    for _ in range(trials):
+        drafts = [int(torch.multinomial(drafter[j], 1, generator=generator)) for j in range(k)]
+        out = rejection_sample(target, drafts, None if deterministic_drafts else drafter, generator)
+        assert 1 <= len(out) <= k + 1 and out[:-1] == drafts[: len(out) - 1]
+        first[out[0]] += 1
+        if len(out) > 1:  # the first draft was accepted: the next token follows the target's second row
+            second[out[1]] += 1
+    assert chi_square_p_value(first, target[0]) > 1e-3
+    assert second.sum() > 1000 and chi_square_p_value(second, target[1]) > 1e-3
+
+
+def test_rejection_sampling_test_detects_a_wrong_sampler() -> None:
+    """The chi-square check above has power: the draft's own distribution is rejected."""
+    generator = torch.Generator().manual_seed(5)
+    target = torch.softmax(2 * torch.randn(6, generator=generator), dim=-1)
+    drafter = torch.softmax(2 * torch.randn(6, generator=generator), dim=-1)
+    counts = torch.bincount(torch.multinomial(drafter, 30000, replacement=True, generator=generator), minlength=6)
+    assert chi_square_p_value(counts.float(), target) < 1e-3
+
+
+def test_greedy_acceptance_takes_the_matching_prefix() -> None:
+    assert accept_greedy([5, 6, 7, 8], [5, 6, 7]) == [5, 6, 7, 8]  # all accepted, plus the bonus token
+    assert accept_greedy([5, 9, 7, 8], [5, 6, 7]) == [5, 9]  # second draft rejected: the target's token
+    assert accept_greedy([4, 6, 7, 8], [5, 6, 7]) == [4]
+
+
+def test_sampled_requests_speculate_and_finish(tiny_models: dict) -> None:
+    path = tiny_models["qwen3"][0]
+    llm = LLM(str(path), num_blocks=256, dtype="float32", speculative="ngram", speculative_max_batch_size=16)
+    params = SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=1, ignore_eos=True, logprobs=2)
+    outputs = llm.generate(prompts(), params)
+    for out in outputs:
+        sample = out.outputs[0]
+        assert len(sample.token_ids) == 30 and len(sample.logprobs) == 30
+        assert all(lp.token_id == t for lp, t in zip(sample.logprobs, sample.token_ids, strict=True))
+    assert sum(o.num_draft_tokens for o in outputs) > 0
+    assert llm.engine.speculator.stats.num_draft_tokens == sum(o.num_draft_tokens for o in outputs)
+
+
+def test_stop_token_inside_accepted_drafts_ends_the_request(tiny_models: dict, reference: list[list[int]]) -> None:
+    """A stop token among the accepted drafts ends the output there, as without speculation."""
+    target = tiny_models["qwen3"][0]
+    llm = LLM(str(target), num_blocks=256, block_size=BLOCK_SIZE, dtype="float32", speculative=f"draft:{target}")
+    expected = reference[0]
+    stop = expected[10]
+    out = llm.generate(prompts()[0], SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[stop]))[0]
+    assert out.outputs[0].token_ids == expected[: expected.index(stop) + 1]
+    assert out.outputs[0].finish_reason == "stop"
+    pool = llm.engine.kv_cache.pool
+    assert pool.num_free_blocks == pool.num_blocks
+
+
+def test_ngram_lookup_proposes_what_followed_the_latest_match() -> None:
+    proposer = NgramProposer(max_ngram=3, min_ngram=2)
+    tokens = [1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 1, 2, 3]
+    assert proposer.lookup(tokens, 3) == [4, 5, 9]  # the longest suffix, "1 2 3", wins over "2 3"
+    assert proposer.lookup([5, 2, 3, 7, 8, 2, 3, 6, 2, 3], 2) == [6, 2]  # "2 3": its latest earlier match
+    assert proposer.lookup([1, 2, 3, 4], 3) == []
+    assert proposer.lookup(tokens, 0) == []
+
+
+def test_suffix_index_learns_across_requests_and_stays_bounded() -> None:
+    index = SuffixIndex(max_depth=4, max_tokens=40)
+    index.extend("a", [1, 2, 3, 4, 5, 6, 7, 8])
+    assert index.draft([9, 2, 3, 4], 3, min_probability=0.3) == [5, 6, 7]  # another request's continuation
+    index.extend("b", [2, 3, 4, 20, 21])  # now "2 3 4" has two continuations, each half of the time
+    assert index.draft([9, 2, 3, 4], 3, min_probability=0.6) == []
+    for i in range(10):
+        index.extend(f"filler{i}", [100 + i] * 10)
+    assert index.num_tokens <= 40 and "a" not in index.sequences
+    assert index.draft([9, 2, 3, 4], 3, min_probability=0.3) == []  # forgotten with its request
+    assert all(child.total > 0 or child.children for child in index.root.children.values())
+
+
+def test_bad_speculative_settings_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="speculative method"):
+        SpeculativeConfig(method="medusa")
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        SpeculativeConfig(method="ngram", num_speculative_tokens=0)
+
+
+def test_draft_model_with_another_vocabulary_is_refused(tiny_models: dict, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    make_tiny_hf_model("llama3", other, vocab_size=300)
+    with pytest.raises(ValueError, match="share the target's tokenizer"):
+        LLM(str(tiny_models["qwen3"][0]), num_blocks=64, dtype="float32", speculative=f"draft:{other}")

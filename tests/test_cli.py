@@ -34,6 +34,8 @@ def test_chat_answers_and_exits() -> None:
         (["generate", "hi", "--model", "/no/such/model.gguf"], "not found"),
         (["generate", "hi", "--max-tokens", "0"], "max_tokens must be an integer >= 1"),
         (["generate", "", "--max-tokens", "4"], "the prompt is empty"),
+        (["generate", "hi", "--speculative", "medusa"], "speculative method must be one of"),
+        (["bench", "latency"], "pass --speculative"),
     ],
 )
 def test_errors_are_one_clear_line(args: list[str], message: str) -> None:

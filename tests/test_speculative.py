@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from ember.spec.ngram import NgramProposer
 from ember.spec.suffix import SuffixIndex
 from ember.spec.verify import accept_greedy, rejection_sample
 from tests.conftest import make_tiny_hf_model
+from tests.server_process import running_server
 
 BLOCK_SIZE = 4
 
@@ -197,3 +199,26 @@ def test_draft_model_with_another_vocabulary_is_refused(tiny_models: dict, tmp_p
     make_tiny_hf_model("llama3", other, vocab_size=300)
     with pytest.raises(ValueError, match="share the target's tokenizer"):
         LLM(str(tiny_models["qwen3"][0]), num_blocks=64, dtype="float32", speculative=f"draft:{other}")
+
+
+def test_server_speculates_with_the_same_output_and_reports_metrics(smollm: LLM) -> None:
+    """SmolLM2 behind `ember serve --speculative suffix` answers exactly as offline greedy without it."""
+    texts = [
+        "Copy this list exactly: apple, banana, cherry, date, elderberry, fig, grape.\nCopy: apple, banana,",
+        "def add(a, b):\n    return a + b\n\n\ndef add(a, b):\n",
+    ]
+    expected = [o.outputs[0].text for o in smollm.generate(texts, SamplingParams(max_tokens=24, temperature=0))]
+    with running_server("--dtype", "float32", "--speculative", "suffix") as server:
+        for text, reference_text in zip(texts, expected, strict=True):
+            body = {"model": "SmolLM2-135M-Instruct", "prompt": text, "max_tokens": 24, "temperature": 0}
+            response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            assert response.json()["choices"][0]["text"] == reference_text
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+        assert server.stop() == 0
+    lines = [line for line in metrics.splitlines() if line.startswith("ember:spec")]
+    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in lines}
+    assert values["ember:spec_decode_num_draft_tokens_total"] > 0
+    assert values["ember:spec_decode_num_accepted_tokens_total"] > 0
+    assert 0 < values["ember:spec_decode_acceptance_rate"] <= 1
+    assert values["ember:spec_decode_mean_accepted_length"] > 1

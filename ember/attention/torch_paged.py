@@ -43,6 +43,16 @@ class AttentionMetadata:
     block_size: int
     use_native_decode: bool  # Ember's C kernels (CPU, fp32/bf16) for cache writes and decode attention
     decode_rows_share_requests: bool = False  # speculative drafts: a request's rows read each other's K/V
+    use_triton: bool = False  # Ember's Triton kernels (CUDA; the CPU under EMBER_KERNELS=triton)
+
+    @functools.cached_property
+    def prefill_block_tables(self) -> torch.Tensor:
+        """[num_prefills, max_blocks] block tables of the prefill chunks, padded with block 0 (Triton path)."""
+        width = max(len(span.block_table) for span in self.prefills)
+        tables = torch.zeros(len(self.prefills), width, dtype=torch.int64, device=self.slot_mapping.device)
+        for i, span in enumerate(self.prefills):
+            tables[i, : len(span.block_table)] = span.block_table
+        return tables
 
     @functools.cached_property
     def decode_bias(self) -> torch.Tensor:
@@ -159,16 +169,15 @@ def attend_decodes(
 ) -> torch.Tensor:
     """Store the decode tokens' new K/V ([D, kv_heads, head_dim]) and attend their queries to their contexts."""
     assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
-    if meta.use_native_decode and not meta.decode_rows_share_requests:
-        # the kernel stores each token's K/V itself, while that sequence's last block is in cache
-        return cpu_kernels.paged_decode_attention(
-            q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale, k, v
-        )
-    write_kv(k_cache, v_cache, k, v, meta.slot_mapping[: len(k)], meta.block_size, meta.use_native_decode)
+    slots = meta.slot_mapping[: len(k)]
     if meta.use_native_decode:
-        return cpu_kernels.paged_decode_attention(
-            q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale
-        )
+        new_kv: tuple[torch.Tensor | None, ...] = (k, v)  # the kernel stores them while their blocks are in cache
+        if meta.decode_rows_share_requests:  # a request's draft rows read each other's K/V: store all first
+            write_kv(k_cache, v_cache, k, v, slots, meta.block_size, use_native=True)
+            new_kv = (None, None)
+        tables, lens = meta.decode_block_tables, meta.decode_context_lens
+        return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, *new_kv)
+    write_kv(k_cache, v_cache, k, v, slots, meta.block_size, use_native=False)
     return decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_bias, scale)
 
 
@@ -185,6 +194,10 @@ def paged_attention(
 
     q: [num_tokens, heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim]. Returns q's shape.
     """
+    if meta.use_triton:
+        from ember.attention.triton_paged import triton_paged_attention
+
+        return triton_paged_attention(q, k, v, k_cache, v_cache, meta, scale)
     num_decodes = meta.num_decode_tokens
     if not meta.prefills:
         return attend_decodes(q, k, v, k_cache, v_cache, meta, scale)

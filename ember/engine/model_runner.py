@@ -16,7 +16,7 @@ from ember.config import ModelConfig
 from ember.engine.request import TokenLogprob
 from ember.engine.sampler import sample, top_logprobs
 from ember.engine.scheduler import ScheduledRequest
-from ember.kernels import native
+from ember.kernels import native, use_triton
 from ember.models.llama import LlamaForCausalLM
 from ember.models.packed_linear import pack_linears
 from ember.spec.verify import verify_drafts
@@ -50,8 +50,12 @@ class ModelRunner:
         # (huge-page faults compact memory), against about 0.2 s per GiB once at start-up.
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.kv_caches = [cache_views(layer) for layer in self.kv_cache]
+        self.use_triton = use_triton(self.device)
         self.use_native_decode = (
-            self.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and native.load() is not None
+            not self.use_triton
+            and self.device.type == "cpu"
+            and dtype in (torch.float32, torch.bfloat16)
+            and native.load() is not None
         )
 
     @torch.inference_mode()
@@ -144,6 +148,7 @@ class ModelRunner:
             prefills=spans,
             block_size=bs,
             use_native_decode=self.use_native_decode,
+            use_triton=self.use_triton,
             decode_rows_share_requests=num_decode_rows > len(decodes),
         )
 

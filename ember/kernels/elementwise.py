@@ -8,10 +8,12 @@ without a C compiler, the PyTorch formulation below, which is also the reference
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ember.kernels import use_triton
 from ember.kernels.native import load
 
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -23,6 +25,15 @@ def _native(x: torch.Tensor) -> ctypes.CDLL | None:
     return load()
 
 
+def _triton(x: torch.Tensor) -> Any:
+    """The Triton kernels module when x lives where they run (CUDA, or the CPU under EMBER_KERNELS=triton)."""
+    if not use_triton(x.device):
+        return None
+    from ember.kernels import triton_elementwise
+
+    return triton_elementwise
+
+
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -31,6 +42,8 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim."""
+    if (kernels := _triton(x)) is not None:
+        return kernels.rms_norm(x, weight, eps)
     library = _native(x)
     if library is None or weight.dtype != x.dtype:
         return rms_norm_reference(x, weight, eps)
@@ -46,6 +59,8 @@ def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(x + residual), x + residual) for [tokens, hidden]; the native path updates `residual` in place."""
+    if (kernels := _triton(x)) is not None and residual.is_contiguous():
+        return kernels.add_rms_norm(x, residual, weight, eps)
     library = _native(x)
     if library is None or weight.dtype != x.dtype or not residual.is_contiguous() or x.stride(-1) != 1:
         total = x + residual
@@ -66,8 +81,11 @@ def rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate x [tokens, heads, head_dim] in place; heads of a token must be contiguous (a view of a QKV row is)."""
-    library = _native(x)
     tokens, heads, head_dim = x.shape
+    if (kernels := _triton(x)) is not None and x.stride(2) == 1 and x.stride(1) == head_dim:
+        kernels.rotary_(x, cos, sin)
+        return
+    library = _native(x)
     if library is None or x.stride(2) != 1 or x.stride(1) != head_dim:
         x.copy_(rotate_reference(x, cos, sin))
         return
@@ -78,6 +96,8 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for rows [gate | up] of a fused gate/up projection."""
+    if (kernels := _triton(gate_up)) is not None:
+        return kernels.silu_and_mul(gate_up)
     library = _native(gate_up)
     if library is None or not gate_up.is_contiguous():
         gate, up = gate_up.chunk(2, dim=-1)

@@ -40,41 +40,50 @@ class SuffixIndex:
         """Index the tokens of sequence `key` that are new since the last call (sequences only grow)."""
         indexed = self.sequences.setdefault(key, [])
         self.sequences.move_to_end(key)
-        for i in range(len(indexed), len(tokens)):
-            indexed.append(tokens[i])
-            self._update(indexed, i, +1)
-            self.num_tokens += 1
+        start = len(indexed)
+        indexed.extend(tokens[start:])
+        for i in range(start, len(indexed)):
+            self._insert(indexed, i)
+        self.num_tokens += len(indexed) - start
         while self.num_tokens > self.max_tokens and len(self.sequences) > 1:
             self._forget_oldest()
 
-    def _update(self, tokens: list[int], i: int, delta: int) -> None:
-        """Add (or remove) the occurrence of tokens[i] under each of its contexts."""
+    def _insert(self, tokens: list[int], i: int) -> None:
+        """Count tokens[i] under each of its contexts (the hot path: runs for every indexed token)."""
         node, token = self.root, tokens[i]
-        path = []
-        for depth in range(1, min(self.max_depth, i) + 1):
-            context_token = tokens[i - depth]
+        for context_token in reversed(tokens[max(0, i - self.max_depth) : i]):
             child = node.children.get(context_token)
             if child is None:
-                if delta < 0:
-                    break
                 child = node.children[context_token] = Node()
+            node = child
+            counts = node.counts
+            counts[token] = counts.get(token, 0) + 1
+            node.total += 1
+
+    def _remove(self, tokens: list[int], i: int) -> None:
+        """Undo `_insert(tokens, i)`, pruning the nodes it leaves empty."""
+        node, token = self.root, tokens[i]
+        path = []
+        for context_token in reversed(tokens[max(0, i - self.max_depth) : i]):
+            child = node.children.get(context_token)
+            if child is None:
+                break
             path.append((node, context_token, child))
             node = child
-            count = node.counts.get(token, 0) + delta
+            count = node.counts.get(token, 0) - 1
             if count > 0:
                 node.counts[token] = count
             else:
                 node.counts.pop(token, None)
-            node.total += delta
-        if delta < 0:  # prune emptied nodes, deepest first
-            for parent, context_token, child in reversed(path):
-                if child.total <= 0 and not child.children:
-                    del parent.children[context_token]
+            node.total -= 1
+        for parent, context_token, child in reversed(path):  # deepest first
+            if child.total <= 0 and not child.children:
+                del parent.children[context_token]
 
     def _forget_oldest(self) -> None:
         _, tokens = self.sequences.popitem(last=False)
         for i in range(len(tokens)):
-            self._update(tokens, i, -1)
+            self._remove(tokens, i)
         self.num_tokens -= len(tokens)
 
     def forget(self, key: str) -> None:

@@ -1,0 +1,259 @@
+"""Triton kernels for paged attention: the CUDA path of the engine (and, under TRITON_INTERPRET=1, testable
+on the CPU against `ember.attention.torch_paged`).
+
+The cache layout is the one of `torch_paged` (keys [kv_heads, blocks, dim / P, block, P], values
+[kv_heads, blocks, block / P, dim, P], P elements per 32-bit word): a kernel always loads whole blocks,
+which are contiguous, so the permutation inside a block costs no coalescing.
+
+- `write_kv`: scatter a step's new K/V to their slots.
+- `paged_decode_attention`: flash-decoding. Grid (sequence, KV head, context split): each program reads
+  each K/V block of its split once for all the query heads of its GQA group and keeps an online softmax;
+  a second kernel merges the splits by their log-sum-exp.
+- `paged_prefill_attention`: causal attention of ragged query chunks over their paged context (cached
+  prefix plus the chunk itself), all chunks of a step in one launch. Grid (query tile, head).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton's interpreter (TRITON_INTERPRET=1, the CPU test mode) multiplies bf16 dot operands as raw bits:
+# there, dots take fp32 operands. Compiled kernels keep bf16 operands for the tensor cores.
+DOT_IN_FP32 = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _key_offsets(tok, dims, BS: tl.constexpr, P: tl.constexpr):
+    """Offsets inside a key block of (token, dim) pairs: [kv_heads, blocks, dim / P, BS, P] layout."""
+    return ((dims[None, :] // P) * BS + tok[:, None]) * P + dims[None, :] % P
+
+
+@triton.jit
+def _value_offsets(tok, dims, D: tl.constexpr, P: tl.constexpr):
+    """Offsets inside a value block of (token, dim) pairs: [kv_heads, blocks, BS / P, dim, P] layout."""
+    return ((tok[:, None] // P) * D + dims[None, :]) * P + tok[:, None] % P
+
+
+@triton.jit
+def _write_kv_kernel(k, v, k_cache, v_cache, slots, NB, KVH, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(slots + t)
+    block = slot // BS
+    offset = slot % BS
+    dims = tl.arange(0, D)
+    row = (t * KVH + h) * D + dims
+    base = (h * NB + block) * D * BS
+    key_off = ((dims // P) * BS + offset) * P + dims % P
+    value_off = ((offset // P) * D + dims) * P + offset % P
+    tl.store(k_cache + base + key_off, tl.load(k + row))
+    tl.store(v_cache + base + value_off, tl.load(v + row))
+
+
+def cache_geometry(v_cache: torch.Tensor) -> tuple[int, int, int, int, int]:
+    """(kv_heads, num_blocks, block_size, head_dim, pack) of a value cache in the torch_paged layout."""
+    kv_heads, num_blocks, block_words, head_dim, pack = v_cache.shape
+    return kv_heads, num_blocks, block_words * pack, head_dim, pack
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Store new keys/values [T, kv_heads, head_dim] at their slots."""
+    if k.shape[0] == 0:
+        return
+    kv_heads, num_blocks, block_size, head_dim, pack = cache_geometry(v_cache)
+    _write_kv_kernel[(k.shape[0], kv_heads)](
+        k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping, num_blocks, kv_heads,
+        BS=block_size, D=head_dim, P=pack,
+    )  # fmt: skip
+
+
+@triton.jit
+def _decode_split_kernel(
+    q, k_cache, v_cache, tables, lens, mid_out, mid_lse, scale,
+    H, KVH, NB, MAXB, SPLITS,
+    G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+    SPLIT_BLOCKS: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    kh = tl.program_id(1)
+    split = tl.program_id(2)
+    length = tl.load(lens + b)
+    heads = tl.arange(0, G_PAD)
+    head_ok = heads < G
+    dims = tl.arange(0, D)
+    tok = tl.arange(0, BS)
+    q_rows = (b * H + kh * G + heads) * D
+    qv = tl.load(q + q_rows[:, None] + dims[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    first = split * SPLIT_BLOCKS
+    last = tl.minimum(first + SPLIT_BLOCKS, tl.cdiv(length, BS))
+    for blk in range(first, last):
+        block = tl.load(tables + b * MAXB + blk)
+        base = (kh * NB + block) * D * BS
+        keys = tl.load(k_cache + base + _key_offsets(tok, dims, BS, P)).to(tl.float32)  # [BS, D]
+        scores = tl.sum(qv[:, None, :] * keys[None, :, :], axis=2) * scale  # [G_PAD, BS]
+        scores = tl.where((blk * BS + tok)[None, :] < length, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        probs = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(probs, axis=1)
+        values = tl.load(v_cache + base + _value_offsets(tok, dims, D, P)).to(tl.float32)  # [BS, D]
+        acc = acc * alpha[:, None] + tl.sum(probs[:, :, None] * values[None, :, :], axis=1)
+        m_i = m_new
+    rows = (b * H + kh * G + heads) * SPLITS + split
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    tl.store(mid_out + rows[:, None] * D + dims[None, :], out, mask=head_ok[:, None])
+    lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    tl.store(mid_lse + rows, lse, mask=head_ok)
+
+
+@triton.jit
+def _decode_merge_kernel(mid_out, mid_lse, out, SPLITS, S_PAD: tl.constexpr, D: tl.constexpr):
+    row = tl.program_id(0)  # (sequence, head)
+    splits = tl.arange(0, S_PAD)
+    ok = splits < SPLITS
+    lse = tl.load(mid_lse + row * SPLITS + splits, mask=ok, other=float("-inf"))
+    weights = tl.exp(lse - tl.max(lse, axis=0))
+    weights = tl.where(ok, weights, 0.0)
+    dims = tl.arange(0, D)
+    parts = tl.load(mid_out + (row * SPLITS + splits)[:, None] * D + dims[None, :], mask=ok[:, None], other=0.0)
+    merged = tl.sum(parts * weights[:, None], axis=0) / tl.sum(weights, axis=0)
+    tl.store(out + row * D + dims, merged.to(out.dtype.element_ty))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    split_blocks: int = 16,
+) -> torch.Tensor:
+    """Single-token queries [D, heads, head_dim] over their paged contexts; splits of `split_blocks` blocks."""
+    num_seqs, num_heads, head_dim = q.shape
+    kv_heads, num_blocks, block_size, _, pack = cache_geometry(v_cache)
+    group = num_heads // kv_heads
+    max_blocks = block_tables.shape[1]
+    splits = max(1, triton.cdiv(max_blocks, split_blocks))
+    q = q.contiguous()
+    mid_out = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(num_seqs, kv_heads, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, mid_out, mid_lse, scale,
+        num_heads, kv_heads, num_blocks, max_blocks, splits,
+        G=group, G_PAD=triton.next_power_of_2(group), BS=block_size, D=head_dim, P=pack, SPLIT_BLOCKS=split_blocks,
+    )  # fmt: skip
+    out = torch.empty_like(q)
+    _decode_merge_kernel[(num_seqs * num_heads,)](
+        mid_out, mid_lse, out, splits, S_PAD=triton.next_power_of_2(splits), D=head_dim
+    )
+    return out
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """fp32-accumulated a @ b; fp32 operands multiply in full precision (not TF32) when IEEE."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b).to(tl.float32)
+
+
+@triton.jit
+def _prefill_kernel(
+    q, k_cache, v_cache, out, tables, tile_seq, tile_first, q_starts, q_lens, ctx_lens, scale,
+    H, KVH, NB, MAXB,
+    G: tl.constexpr, BLOCK_M: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    kh = h // G
+    seq = tl.load(tile_seq + tile)
+    first = tl.load(tile_first + tile)
+    q_start = tl.load(q_starts + seq)
+    q_len = tl.load(q_lens + seq)
+    ctx = tl.load(ctx_lens + seq)
+    rows = first + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    positions = ctx - q_len + rows  # absolute position of each query token
+    dims = tl.arange(0, D)
+    tok = tl.arange(0, BS)
+    q_off = ((q_start + rows) * H + h) * D
+    qv = tl.load(q + q_off[:, None] + dims[None, :], mask=row_ok[:, None], other=0.0)
+    if DOT_FP32:
+        qv = qv.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    last_position = tl.minimum(ctx - q_len + first + BLOCK_M, ctx)  # keys past the tile's last query are masked
+    for blk in range(0, tl.cdiv(last_position, BS)):
+        block = tl.load(tables + seq * MAXB + blk)
+        base = (kh * NB + block) * D * BS
+        keys = tl.load(k_cache + base + _key_offsets(tok, dims, BS, P))  # [BS, D]
+        if DOT_FP32:
+            keys = keys.to(tl.float32)
+        scores = _dot(qv, tl.trans(keys), IEEE) * scale  # [BLOCK_M, BS]
+        key_pos = blk * BS + tok
+        visible = (key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] < ctx) & row_ok[:, None]
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        probs = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(probs, axis=1)
+        values = tl.load(v_cache + base + _value_offsets(tok, dims, D, P))  # [BS, D]
+        if DOT_FP32:
+            values = values.to(tl.float32)
+        acc = acc * alpha[:, None] + _dot(probs.to(values.dtype), values, IEEE)
+        m_i = m_new
+    result = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(out + q_off[:, None] + dims[None, :], result.to(out.dtype.element_ty), mask=row_ok[:, None])
+
+
+def prefill_tiles(q_lens: list[int], block_m: int) -> tuple[list[int], list[int]]:
+    """(sequence, first query row) of every BLOCK_M tile of every chunk: the launch grid's first axis."""
+    seqs, firsts = [], []
+    for seq, length in enumerate(q_lens):
+        for first in range(0, length, block_m):
+            seqs.append(seq)
+            firsts.append(first)
+    return seqs, firsts
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    q_starts: list[int],
+    q_lens: list[int],
+    context_lens: list[int],
+    scale: float,
+    block_m: int = 16,
+) -> torch.Tensor:
+    """Causal attention of ragged chunks. q: [T, heads, head_dim] (chunk i at rows q_starts[i] ...
+    + q_lens[i], its last query at position context_lens[i] - 1); K/V of every chunk already in the cache."""
+    _, num_heads, head_dim = q.shape
+    kv_heads, num_blocks, block_size, _, pack = cache_geometry(v_cache)
+    device = q.device
+    seqs, firsts = prefill_tiles(q_lens, block_m)
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
+    out = torch.empty_like(q)
+    _prefill_kernel[(len(seqs), num_heads)](
+        q.contiguous(), k_cache, v_cache, out, block_tables, as_tensor(seqs), as_tensor(firsts),
+        as_tensor(q_starts), as_tensor(q_lens), as_tensor(context_lens), scale,
+        num_heads, kv_heads, num_blocks, block_tables.shape[1],
+        G=num_heads // kv_heads, BLOCK_M=block_m, BS=block_size, D=head_dim, P=pack, DOT_FP32=DOT_IN_FP32,
+        IEEE=q.dtype == torch.float32,
+    )  # fmt: skip
+    return out

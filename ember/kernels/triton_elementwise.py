@@ -1,0 +1,89 @@
+"""Triton versions of the fused elementwise ops of `ember.kernels.elementwise` (the CUDA path): RMSNorm with
+an optional residual add, rotary embedding in place, SiLU-and-mul. Same fp32 math and rounding points as
+the PyTorch references there."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x, residual, weight, out, x_stride, H, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr
+):  # fmt: skip
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < H
+    s = tl.load(x + row * x_stride + cols, mask=ok, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        s = (s + tl.load(residual + row * H + cols, mask=ok, other=0.0).to(tl.float32)).to(out.dtype.element_ty)
+        tl.store(residual + row * H + cols, s, mask=ok)
+        s = s.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / H + eps)
+    normed = (s * inv).to(out.dtype.element_ty).to(tl.float32)
+    w = tl.load(weight + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out + row * H + cols, (w * normed).to(out.dtype.element_ty), mask=ok)
+
+
+def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    hidden = rows.shape[1]
+    _rms_norm_kernel[(rows.shape[0],)](
+        rows, residual if residual is not None else rows, weight, out, rows.stride(0), hidden, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden),
+    )  # fmt: skip
+    return out.view(x.shape)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _launch_rms_norm(x, None, weight, eps)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual), x + residual); `residual` (contiguous [tokens, hidden]) is updated in place."""
+    return _launch_rms_norm(x, residual, weight, eps), residual
+
+
+@triton.jit
+def _rotary_kernel(x, cos, sin, row_stride, HALF: tl.constexpr):
+    row = tl.program_id(0)
+    head = tl.program_id(1)
+    i = tl.arange(0, HALF)
+    base = x + row * row_stride + head * 2 * HALF
+    x1 = tl.load(base + i).to(tl.float32)
+    x2 = tl.load(base + HALF + i).to(tl.float32)
+    c = tl.load(cos + row * HALF + i)
+    s = tl.load(sin + row * HALF + i)
+    tl.store(base + i, (x1 * c - x2 * s).to(x.dtype.element_ty))
+    tl.store(base + HALF + i, (x2 * c + x1 * s).to(x.dtype.element_ty))
+
+
+def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate x [tokens, heads, head_dim] in place (heads of a token contiguous); cos/sin [tokens, head_dim/2]."""
+    tokens, heads, head_dim = x.shape
+    assert x.stride(2) == 1 and x.stride(1) == head_dim
+    _rotary_kernel[(tokens, heads)](x, cos.contiguous(), sin.contiguous(), x.stride(0), HALF=head_dim // 2)
+
+
+@triton.jit
+def _silu_and_mul_kernel(gate_up, out, width, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < width
+    gate = tl.load(gate_up + row * 2 * width + cols, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(gate_up + row * 2 * width + width + cols, mask=ok, other=0.0).to(tl.float32)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(out.dtype.element_ty).to(tl.float32)
+    tl.store(out + row * width + cols, (silu * up).to(out.dtype.element_ty), mask=ok)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    tokens, width = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(tokens, width, dtype=gate_up.dtype, device=gate_up.device)
+    block = min(1024, triton.next_power_of_2(width))
+    _silu_and_mul_kernel[(tokens, triton.cdiv(width, block))](gate_up.contiguous(), out, width, BLOCK=block)
+    return out

@@ -31,7 +31,7 @@ format: install
 test: lint
 	$(VENV)/bin/pytest -q
 
-bench: install  # regenerates benchmarks/cpu (about 15 minutes on the 2-core CI machine)
+bench: install  # regenerates benchmarks/cpu (about 25 minutes on the 2-core machine)
 	bash benchmarks/run_cpu.sh
 
 clean:

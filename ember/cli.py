@@ -30,7 +30,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="weights, activations and KV-cache dtype (default auto: bfloat16 on CUDA and on CPUs with "
         "AVX512-BF16 or AMX, else float32)",
     )
-    g.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    g.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="default auto: cuda when a GPU is seen"
+    )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="CUDA: the fraction of GPU memory Ember may fill, weights and KV cache together (default 0.9)",
+    )
     g.add_argument(
         "--kv-cache-memory",
         type=float,
@@ -96,6 +104,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "enable_prefix_caching": not args.no_prefix_caching,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
         "max_model_len": args.max_model_len,
         "speculative": args.speculative,
         "num_speculative_tokens": args.num_speculative_tokens,

@@ -126,7 +126,8 @@ class CacheConfig:
 
     block_size: int = 16
     kv_cache_memory: int | None = None  # bytes; None: a fraction of available memory
-    memory_fraction: float = 0.25
+    memory_fraction: float = 0.25  # CPU: of available memory (capped at 4 GiB unless kv_cache_memory is set)
+    gpu_memory_utilization: float = 0.9  # CUDA: the fraction of the GPU's memory Ember may fill, weights included
     num_blocks: int | None = None  # overrides the memory budget (tests use tiny caches)
     enable_prefix_caching: bool = True
 
@@ -139,6 +140,8 @@ class CacheConfig:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory}")
         if not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
 @dataclass
@@ -189,7 +192,7 @@ class EngineConfig:
     model: str | None = None  # None: the embedded default model (SmolLM2-135M-Instruct)
     load_format: str = "auto"  # auto | dummy
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    device: str = "cpu"
+    device: str = "auto"  # auto: cuda when available, else cpu
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -200,6 +203,12 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU here")
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
     def torch_dtype(self) -> torch.dtype:
         """'auto' is the fast path whose parity holds: bf16 on CUDA and on CPUs with bf16 matmul units."""

@@ -111,10 +111,10 @@ def test_paged_prefill_matches_reference(
         )
         starts.append(row)
         row += length
-    out = triton_attention.paged_prefill_attention(
-        q.to(DEVICE), k_cache, v_cache, torch.stack(tables_list).to(DEVICE), starts,
-        [length for _, length in chunks], [prefix + length for prefix, length in chunks], head_dim**-0.5,
-    )  # fmt: skip
+    lengths, contexts = [length for _, length in chunks], [prefix + length for prefix, length in chunks]
+    launch = triton_attention.prefill_launch(starts, lengths, contexts, torch.device(DEVICE))
+    tables = torch.stack(tables_list).to(DEVICE)
+    out = triton_attention.paged_prefill_attention(q.to(DEVICE), k_cache, v_cache, tables, launch, head_dim**-0.5)
     assert out.dtype == dtype and relative_error(out.cpu(), expected) < TOLERANCE[dtype]
 
 

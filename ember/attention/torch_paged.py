@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,17 @@ class AttentionMetadata:
     use_native_decode: bool  # Ember's C kernels (CPU, fp32/bf16) for cache writes and decode attention
     decode_rows_share_requests: bool = False  # speculative drafts: a request's rows read each other's K/V
     use_triton: bool = False  # Ember's Triton kernels (CUDA; the CPU under EMBER_KERNELS=triton)
+
+    @functools.cached_property
+    def prefill_launch(self) -> Any:
+        """The Triton prefill kernel's per-step inputs (tiles, chunk offsets), built on first use."""
+        from ember.kernels.triton_attention import prefill_launch
+
+        spans, decodes = self.prefills, self.num_decode_tokens
+        starts = [span.start - decodes for span in spans]
+        lengths = [span.length for span in spans]
+        contexts = [span.context_len for span in spans]
+        return prefill_launch(starts, lengths, contexts, self.slot_mapping.device)
 
     @functools.cached_property
     def prefill_block_tables(self) -> torch.Tensor:

@@ -31,15 +31,8 @@ def triton_paged_attention(
             q[:decodes], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale
         )
     if meta.prefills:
-        spans = meta.prefills
+        launch = meta.prefill_launch
         out[decodes:] = kernels.paged_prefill_attention(
-            q[decodes:],
-            k_cache,
-            v_cache,
-            meta.prefill_block_tables,
-            [span.start - decodes for span in spans],
-            [span.length for span in spans],
-            [span.context_len for span in spans],
-            scale,
+            q[decodes:], k_cache, v_cache, meta.prefill_block_tables, launch, scale
         )
     return out

@@ -24,7 +24,8 @@ from ember.models.loader import LoadedModel, load_model
 from ember.spec.speculator import Speculator, build_proposer
 
 PromptType = str | list[int]
-DEFAULT_KV_CACHE_CAP = 4 << 30  # bytes; a larger budget is asked for explicitly
+DEFAULT_KV_CACHE_CAP = 4 << 30  # bytes; a larger CPU budget is asked for explicitly
+CUDA_ACTIVATION_RESERVE = 2 << 30  # bytes of GPU memory left for activations and logits
 
 
 def available_memory_bytes() -> int:
@@ -122,7 +123,12 @@ class Engine:
         if cache.num_blocks is not None:
             return cache.num_blocks
         budget = cache.kv_cache_memory
-        if budget is None:
+        if budget is None and self.config.device.startswith("cuda"):
+            free, total = torch.cuda.mem_get_info(torch.device(self.config.device))
+            # what is already used (weights, the CUDA context) counts against the utilization target;
+            # a reserve is kept for activations and the sampler's logits
+            budget = int(total * cache.gpu_memory_utilization) - (total - free) - CUDA_ACTIVATION_RESERVE
+        elif budget is None:
             budget = min(int(available_memory_bytes() * cache.memory_fraction), DEFAULT_KV_CACHE_CAP)
         per_block = kv_cache_bytes_per_block(self.model_config, cache.block_size, dtype)
         num_blocks = budget // per_block
@@ -295,7 +301,14 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        cache_keys = {"block_size", "num_blocks", "kv_cache_memory", "memory_fraction", "enable_prefix_caching"}
+        cache_keys = {
+            "block_size",
+            "num_blocks",
+            "kv_cache_memory",
+            "memory_fraction",
+            "gpu_memory_utilization",
+            "enable_prefix_caching",
+        }
         sched_keys = {"max_num_seqs", "max_num_batched_tokens", "max_model_len"}
         spec_keys = {"speculative": "method", "num_speculative_tokens": "num_speculative_tokens"}
         spec_keys["speculative_max_batch_size"] = "max_batch_size"

@@ -16,6 +16,7 @@ which are contiguous, so the permutation inside a block costs no coalescing.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -220,14 +221,33 @@ def _prefill_kernel(
     tl.store(out + q_off[:, None] + dims[None, :], result.to(out.dtype.element_ty), mask=row_ok[:, None])
 
 
-def prefill_tiles(q_lens: list[int], block_m: int) -> tuple[list[int], list[int]]:
-    """(sequence, first query row) of every BLOCK_M tile of every chunk: the launch grid's first axis."""
+@dataclass
+class PrefillLaunch:
+    """Per-step inputs of the prefill kernel, built once a step (not once a layer)."""
+
+    tile_seq: torch.Tensor  # [tiles] chunk of each BLOCK_M query tile
+    tile_first: torch.Tensor  # [tiles] its first query row within the chunk
+    q_starts: torch.Tensor  # [chunks] first row of each chunk in q
+    q_lens: torch.Tensor  # [chunks]
+    context_lens: torch.Tensor  # [chunks] the chunk's last query sits at position context_len - 1
+    block_m: int
+
+
+def prefill_launch(
+    q_starts: list[int], q_lens: list[int], context_lens: list[int], device: torch.device, block_m: int = 16
+) -> PrefillLaunch:
     seqs, firsts = [], []
     for seq, length in enumerate(q_lens):
         for first in range(0, length, block_m):
             seqs.append(seq)
             firsts.append(first)
-    return seqs, firsts
+
+    def as_tensor(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=device)
+
+    return PrefillLaunch(
+        as_tensor(seqs), as_tensor(firsts), as_tensor(q_starts), as_tensor(q_lens), as_tensor(context_lens), block_m
+    )
 
 
 def paged_prefill_attention(
@@ -235,25 +255,19 @@ def paged_prefill_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
-    q_starts: list[int],
-    q_lens: list[int],
-    context_lens: list[int],
+    launch: PrefillLaunch,
     scale: float,
-    block_m: int = 16,
 ) -> torch.Tensor:
     """Causal attention of ragged chunks. q: [T, heads, head_dim] (chunk i at rows q_starts[i] ...
     + q_lens[i], its last query at position context_lens[i] - 1); K/V of every chunk already in the cache."""
     _, num_heads, head_dim = q.shape
     kv_heads, num_blocks, block_size, _, pack = cache_geometry(v_cache)
-    device = q.device
-    seqs, firsts = prefill_tiles(q_lens, block_m)
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
     out = torch.empty_like(q)
-    _prefill_kernel[(len(seqs), num_heads)](
-        q.contiguous(), k_cache, v_cache, out, block_tables, as_tensor(seqs), as_tensor(firsts),
-        as_tensor(q_starts), as_tensor(q_lens), as_tensor(context_lens), scale,
+    _prefill_kernel[(len(launch.tile_seq), num_heads)](
+        q.contiguous(), k_cache, v_cache, out, block_tables, launch.tile_seq, launch.tile_first,
+        launch.q_starts, launch.q_lens, launch.context_lens, scale,
         num_heads, kv_heads, num_blocks, block_tables.shape[1],
-        G=num_heads // kv_heads, BLOCK_M=block_m, BS=block_size, D=head_dim, P=pack, DOT_FP32=DOT_IN_FP32,
+        G=num_heads // kv_heads, BLOCK_M=launch.block_m, BS=block_size, D=head_dim, P=pack, DOT_FP32=DOT_IN_FP32,
         IEEE=q.dtype == torch.float32,
     )  # fmt: skip
     return out

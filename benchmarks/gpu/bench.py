@@ -1,0 +1,164 @@
+"""The GPU throughput benchmark: Ember, HF transformers continuous batching and HF naive `generate`, in one
+process on one GPU, on the GPU workload of shared/workloads/README.md (256 requests, Qwen3-0.6B shape,
+random bf16 weights, EOS ignored). Prints one table and writes results.json.
+
+Imports only torch, triton, transformers and Ember itself (from this checkout): the GPU machine can
+install nothing. Without a GPU it runs a tiny Qwen3 shape on the CPU, to check the script end to end.
+
+Usage: python benchmarks/gpu/bench.py [--results DIR] [--hf-cb-seconds 150] [--naive-requests 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+QWEN3_06B = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "vocab_size": 151936,
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "tie_word_embeddings": True,
+}
+TINY = {**QWEN3_06B, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 512}  # fmt: skip
+
+
+def gpu_workload(vocab: int, num_requests: int, prompt_len: tuple[int, int], output_len: tuple[int, int]) -> list:
+    """Exactly the generator of shared/workloads/README.md (for the full shape)."""
+    random.seed(0)
+    requests = []
+    for _ in range(num_requests):
+        prompt = [random.randint(0, vocab - 1) for _ in range(random.randint(*prompt_len))]
+        requests.append((prompt, random.randint(*output_len)))
+    return requests
+
+
+def run_ember(config_dir: Path, requests: list, device: str) -> dict[str, Any]:
+    from ember.engine.engine import LLM
+    from ember.engine.sampling_params import SamplingParams
+
+    llm = LLM(
+        str(config_dir), load_format="dummy", dtype="bfloat16", device=device, max_num_seqs=256,
+        max_num_batched_tokens=8192, enable_prefix_caching=False,
+    )  # fmt: skip
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, n in requests]
+    prompts = [p for p, _ in requests]
+    llm.generate(prompts[:2], params[:2])  # warm-up: Triton compiles its kernels here
+    sync(device)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    sync(device)
+    wall = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {"engine": "ember", "requests": len(requests), "output_tokens": tokens, "wall_s": wall}
+
+
+def hf_model(config: dict[str, Any], device: str) -> Any:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = AutoConfig.for_model(config["model_type"], **{k: v for k, v in config.items() if k != "model_type"})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16).to(device).eval()
+
+
+def run_hf_continuous_batching(model: Any, requests: list, device: str, seconds: float) -> dict[str, Any]:
+    from transformers import GenerationConfig
+
+    generation = GenerationConfig(do_sample=False, max_new_tokens=max(n for _, n in requests), eos_token_id=None)
+    manager = model.init_continuous_batching(generation_config=generation)
+    manager.start()
+    start = time.perf_counter()
+    for i, (prompt, n) in enumerate(requests):
+        manager.add_request(prompt, request_id=str(i), max_new_tokens=n)
+    tokens = finished = 0
+    while finished < len(requests) and time.perf_counter() - start < seconds:
+        result = manager.get_result(timeout=1.0)
+        if result is not None:
+            finished += 1
+            tokens += len(result.generated_tokens)
+    sync(device)
+    wall = time.perf_counter() - start
+    manager.stop(block=True, timeout=30)
+    return {"engine": "hf-continuous-batching", "requests": finished, "output_tokens": tokens, "wall_s": wall,
+            "note": f"{finished} of {len(requests)} requests finished within {seconds:.0f} s"}  # fmt: skip
+
+
+def run_hf_naive(model: Any, requests: list, device: str) -> dict[str, Any]:
+    tokens, start = 0, time.perf_counter()
+    for prompt, n in requests:
+        ids = torch.tensor([prompt], device=device)
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None)
+        tokens += out.shape[1] - len(prompt)
+    sync(device)
+    return {"engine": "hf-naive", "requests": len(requests), "output_tokens": tokens,
+            "wall_s": time.perf_counter() - start}  # fmt: skip
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=os.environ.get("EMBER_RESULTS_DIR", "benchmarks/gpu/results"))
+    parser.add_argument("--hf-cb-seconds", type=float, default=150.0, help="time budget of HF continuous batching")
+    parser.add_argument("--naive-requests", type=int, default=4, help="HF naive runs this many requests")
+    parser.add_argument("--skip-hf", action="store_true", help="run Ember only")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = QWEN3_06B if device == "cuda" else TINY
+    if device == "cuda":
+        requests = gpu_workload(config["vocab_size"], 256, (100, 1024), (100, 1024))
+        card = torch.cuda.get_device_name()
+    else:  # CPU fallback: the same code paths at a tiny shape
+        requests = gpu_workload(config["vocab_size"], 16, (8, 64), (8, 32))
+        card = f"CPU fallback ({platform.processor() or platform.machine()}), tiny Qwen3 shape"
+    results_dir = Path(args.results)
+    config_dir = results_dir / "model-config"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    (config_dir / "config.json").write_text(json.dumps(config))
+    print(f"device: {card}; {len(requests)} requests, {sum(len(p) for p, _ in requests)} prompt tokens, "
+          f"{sum(n for _, n in requests)} output tokens", flush=True)  # fmt: skip
+    runs = [run_ember(config_dir, requests, device)]
+    print(f"ember done: {runs[0]['output_tokens'] / runs[0]['wall_s']:.1f} output tok/s", flush=True)
+    if not args.skip_hf:
+        model = hf_model(config, device)
+        runs.append(run_hf_continuous_batching(model, requests, device, args.hf_cb_seconds))
+        runs.append(run_hf_naive(model, requests[: args.naive_requests], device))
+    ember_tps = runs[0]["output_tokens"] / runs[0]["wall_s"]
+    print(f"\n{'engine':24s} {'requests':>9s} {'output tok':>11s} {'wall s':>8s} {'output tok/s':>13s} {'ember x':>8s}")
+    for run in runs:
+        run["output_tps"] = run["output_tokens"] / run["wall_s"]
+        ratio = "" if run is runs[0] else f"{ember_tps / run['output_tps']:.1f}x"
+        print(f"{run['engine']:24s} {run['requests']:9d} {run['output_tokens']:11d} {run['wall_s']:8.1f} "
+              f"{run['output_tps']:13.1f} {ratio:>8s}")  # fmt: skip
+    report = {"device": card, "torch": torch.__version__, "shape": config, "runs": runs}
+    (results_dir / "results.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {results_dir / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ember.attention import cpu_kernels
-from ember.attention.torch_paged import decode_attention, to_cache_layout, write_kv
+from ember.attention.layout import to_cache_layout
+from ember.attention.torch_paged import decode_attention, write_kv
 from ember.engine.engine import LLM
 from ember.engine.sampling_params import SamplingParams
 from ember.kernels import elementwise, native

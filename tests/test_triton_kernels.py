@@ -13,13 +13,8 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from ember.attention.torch_paged import (  # noqa: E402
-    block_keys,
-    block_values,
-    decode_attention,
-    prefill_attention,
-    to_cache_layout,
-)
+from ember.attention.layout import to_cache_layout  # noqa: E402
+from ember.attention.torch_paged import block_keys, block_values, decode_attention, prefill_attention  # noqa: E402
 from ember.attention.torch_paged import write_kv as torch_write_kv  # noqa: E402
 from ember.kernels import triton_attention, triton_elementwise  # noqa: E402
 from ember.kernels.elementwise import rms_norm_reference, rotate_reference  # noqa: E402

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ember.attention.layout import cache_geometry
 from ember.kernels.native import load
 
 
@@ -14,7 +15,7 @@ def write_kv(
     library = load()
     assert library is not None and slot_mapping.dtype == torch.int64
     k, v = k.contiguous(), v.contiguous()
-    kv_heads, num_blocks, block_size, head_dim = cache_shape(v_cache)
+    kv_heads, num_blocks, block_size, head_dim, _ = cache_geometry(v_cache)
     library.write_kv(
         k.data_ptr(),
         v.data_ptr(),
@@ -28,12 +29,6 @@ def write_kv(
         head_dim,
         k.element_size(),
     )
-
-
-def cache_shape(v_cache: torch.Tensor) -> tuple[int, int, int, int]:
-    """(kv_heads, num_blocks, block_size, head_dim) of a value cache [kv_heads, blocks, block_size / P, dim, P]."""
-    kv_heads, num_blocks, block_words, head_dim, pack = v_cache.shape
-    return kv_heads, num_blocks, block_words * pack, head_dim
 
 
 def paged_decode_attention(
@@ -59,7 +54,7 @@ def paged_decode_attention(
     q = q.contiguous()
     out = torch.empty_like(q)
     num_decodes, num_heads, head_dim = q.shape
-    kv_heads, num_blocks, block_size, _ = cache_shape(v_cache)
+    kv_heads, num_blocks, block_size, _, _ = cache_geometry(v_cache)
     assert k_cache.is_contiguous() and v_cache.is_contiguous()
     assert block_tables.dtype == torch.int64 and context_lens.dtype == torch.int64
     if k_new is not None and v_new is not None:

@@ -1,10 +1,7 @@
 """Paged attention in plain PyTorch: the CPU backend and the reference for the GPU kernels.
 
-The KV cache of one layer, with P = 4 // element size values packed per 32-bit word (1 for fp32, 2 for
-bf16/fp16): keys [kv_heads, num_blocks, head_dim / P, block_size, P] (each block transposed), values
-[kv_heads, num_blocks, block_size / P, head_dim, P] (token pairs interleaved per dim). That is the
-layout Ember's C decode kernel reads best: a bf16 word holds the two elements one AVX512-BF16 dot
-product consumes. Heads are outermost so a request's blocks gather into [kv_heads, context, head_dim].
+The KV cache layout is described in `ember.attention.layout`; heads are outermost so a request's blocks
+gather into [kv_heads, context, head_dim].
 Decode attention is bound by memory traffic: the C kernel reads each cached row once, the PyTorch
 fallback here must gather (copy) the context first.
 A step's tokens arrive flattened; decodes (one query token each) come first and are attended in one
@@ -74,32 +71,6 @@ class AttentionMetadata:
         bias = torch.zeros(len(self.decode_context_lens), len(keys), device=keys.device)
         bias.masked_fill_(keys.unsqueeze(0) >= self.decode_context_lens.unsqueeze(1), float("-inf"))
         return bias.view(1, len(self.decode_context_lens), 1, -1)
-
-
-def pack_factor(dtype: torch.dtype) -> int:
-    """Elements of `dtype` packed into one 32-bit word of the cache layout."""
-    return max(1, 4 // torch.empty(0, dtype=dtype).element_size())
-
-
-def cache_views(layer_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key and value views, in the cache layout, of one layer's storage [2, kv_heads, blocks, block_size, dim]."""
-    _, kv_heads, num_blocks, block_size, head_dim = layer_cache.shape
-    pack = pack_factor(layer_cache.dtype)
-    if block_size % pack or head_dim % pack:
-        raise ValueError(f"block_size and head_dim must be multiples of {pack} for a {layer_cache.dtype} KV cache")
-    keys = layer_cache[0].view(kv_heads, num_blocks, head_dim // pack, block_size, pack)
-    values = layer_cache[1].view(kv_heads, num_blocks, block_size // pack, head_dim, pack)
-    return keys, values
-
-
-def to_cache_layout(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cache-layout copies of plain blocks [kv_heads, blocks, block_size, dim] (for tests and tools)."""
-    storage = torch.stack((keys, values)).contiguous()
-    k_view, v_view = cache_views(storage)
-    pack = k_view.shape[-1]
-    k_view.copy_(keys.unflatten(3, (-1, pack)).permute(0, 1, 3, 2, 4))
-    v_view.copy_(values.unflatten(2, (-1, pack)).permute(0, 1, 2, 4, 3))
-    return k_view, v_view
 
 
 def block_keys(k_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:

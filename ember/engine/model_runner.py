@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ember.attention.torch_paged import AttentionMetadata, PrefillSpan, cache_views
+from ember.attention.layout import cache_views
+from ember.attention.torch_paged import AttentionMetadata, PrefillSpan
 from ember.config import ModelConfig
 from ember.engine.request import TokenLogprob
 from ember.engine.sampler import sample, top_logprobs

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ember.attention.layout import cache_geometry
+
 # Triton's interpreter (TRITON_INTERPRET=1, the CPU test mode) multiplies bf16 dot operands as raw bits:
 # there, dots take fp32 operands. Compiled kernels keep bf16 operands for the tensor cores.
 DOT_IN_FP32 = os.environ.get("TRITON_INTERPRET") == "1"
@@ -53,12 +55,6 @@ def _write_kv_kernel(k, v, k_cache, v_cache, slots, NB, KVH, BS: tl.constexpr, D
     value_off = ((offset // P) * D + dims) * P + offset % P
     tl.store(k_cache + base + key_off, tl.load(k + row))
     tl.store(v_cache + base + value_off, tl.load(v + row))
-
-
-def cache_geometry(v_cache: torch.Tensor) -> tuple[int, int, int, int, int]:
-    """(kv_heads, num_blocks, block_size, head_dim, pack) of a value cache in the torch_paged layout."""
-    kv_heads, num_blocks, block_words, head_dim, pack = v_cache.shape
-    return kv_heads, num_blocks, block_words * pack, head_dim, pack
 
 
 def write_kv(

@@ -3,6 +3,8 @@ references, and the engine on both paths."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from ember.attention.torch_paged import decode_attention, write_kv
 from ember.engine.engine import LLM
 from ember.engine.sampling_params import SamplingParams
 from ember.kernels import elementwise, native
+from tests.conftest import make_tiny_hf_model
 
 pytestmark = pytest.mark.skipif(native.load() is None, reason="no C compiler to build Ember's CPU kernels")
 
@@ -116,3 +119,21 @@ def test_elementwise_kernels_match_pytorch(dtype: torch.dtype, tolerance: float)
     gate_up = randn(tokens, 2 * 48)
     gate, up = gate_up.chunk(2, dim=-1)
     assert relative_error(elementwise.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up) < tolerance
+
+
+@pytest.mark.skipif(not cpu_kernels.fast_bf16_attention(16, 64), reason="needs AVX512-BF16")
+def test_prefill_as_kernel_rows_matches_sdpa(tmp_path: Path) -> None:
+    """bf16 prefill chunks attend as rows of the AVX512-BF16 kernel (chunked, over cached prefixes); the
+    tokens equal those of the SDPA path."""
+    path = tmp_path / "tiny64"
+    make_tiny_hf_model("llama3", path, head_dim=64, num_attention_heads=4, num_key_value_heads=2, hidden_size=128)
+    shared = list(range(10, 58))  # three full blocks that later prompts find in the prefix cache
+    prompts = [[*shared, 5, 6, 7], list(range(100, 190)), shared + [9] * 20, [3] * 40]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    llm = LLM(str(path), num_blocks=128, dtype="bfloat16", max_num_batched_tokens=40)  # 40-token chunks
+    assert llm.engine.runner.native_prefill
+    rows = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert llm.engine.kv_cache.prefix_hits > 0
+    llm.engine.runner.native_prefill = False
+    llm.engine.reset_prefix_cache()
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == rows

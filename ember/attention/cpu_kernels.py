@@ -31,6 +31,12 @@ def write_kv(
     )
 
 
+def fast_bf16_attention(block_size: int, head_dim: int) -> bool:
+    """Whether the bf16 kernel runs its AVX512-BF16 path for this cache shape."""
+    library = load()
+    return library is not None and bool(library.has_avx512bf16()) and block_size % 16 == 0 and head_dim % 64 == 0
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -40,11 +46,13 @@ def paged_decode_attention(
     scale: float,
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
+    row_tables: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Single-token queries [D, heads, head_dim] over paged caches (the layout of `torch_paged`).
+    """Query rows [D, heads, head_dim], row b attending to the first context_lens[b] cached tokens.
 
-    With `k_new`/`v_new` ([D, kv_heads, head_dim]) each sequence's new K/V are first stored at its last
-    position (context_len - 1).
+    Row b reads block table `row_tables[b]` (default: table b). With `k_new`/`v_new` ([D, kv_heads,
+    head_dim]) each row's new K/V are first stored at its last position (context_len - 1); rows that
+    share a table must have theirs stored beforehand instead.
     """
     library = load()
     assert library is not None
@@ -66,6 +74,7 @@ def paged_decode_attention(
         k_cache.data_ptr(),
         v_cache.data_ptr(),
         block_tables.data_ptr(),
+        None if row_tables is None else row_tables.data_ptr(),
         context_lens.data_ptr(),
         out.data_ptr(),
         num_decodes,

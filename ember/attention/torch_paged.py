@@ -40,7 +40,9 @@ class AttentionMetadata:
     prefills: list[PrefillSpan]
     block_size: int
     use_native_decode: bool  # Ember's C kernels (CPU, fp32/bf16) for cache writes and decode attention
-    decode_rows_share_requests: bool = False  # speculative drafts: a request's rows read each other's K/V
+    # table of each decode row when rows share one (prefill chunks as rows, speculative drafts); None: row i
+    # reads table i
+    decode_row_tables: torch.Tensor | None = None
     use_triton: bool = False  # Ember's Triton kernels (CUDA; the CPU under EMBER_KERNELS=triton)
 
     @functools.cached_property
@@ -62,6 +64,19 @@ class AttentionMetadata:
         for i, span in enumerate(self.prefills):
             tables[i, : len(span.block_table)] = span.block_table
         return tables
+
+    @property
+    def decode_rows_share_requests(self) -> bool:
+        """Rows of one request read each other's new K/V, so all are stored before any attends."""
+        return self.decode_row_tables is not None
+
+    @functools.cached_property
+    def decode_row_block_tables(self) -> torch.Tensor:
+        """[rows, max_blocks]: each decode row's block table (for the PyTorch and Triton paths)."""
+        assert self.decode_block_tables is not None
+        if self.decode_row_tables is None:
+            return self.decode_block_tables
+        return self.decode_block_tables.index_select(0, self.decode_row_tables)
 
     @functools.cached_property
     def decode_bias(self) -> torch.Tensor:
@@ -155,13 +170,13 @@ def attend_decodes(
     slots = meta.slot_mapping[: len(k)]
     if meta.use_native_decode:
         new_kv: tuple[torch.Tensor | None, ...] = (k, v)  # the kernel stores them while their blocks are in cache
-        if meta.decode_rows_share_requests:  # a request's draft rows read each other's K/V: store all first
+        if meta.decode_rows_share_requests:  # rows of one request read each other's K/V: store all first
             write_kv(k_cache, v_cache, k, v, slots, meta.block_size, use_native=True)
             new_kv = (None, None)
-        tables, lens = meta.decode_block_tables, meta.decode_context_lens
-        return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, *new_kv)
+        tables, lens, rows = meta.decode_block_tables, meta.decode_context_lens, meta.decode_row_tables
+        return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, *new_kv, rows)
     write_kv(k_cache, v_cache, k, v, slots, meta.block_size, use_native=False)
-    return decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_bias, scale)
+    return decode_attention(q, k_cache, v_cache, meta.decode_row_block_tables, meta.decode_bias, scale)
 
 
 def paged_attention(

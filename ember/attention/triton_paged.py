@@ -28,7 +28,7 @@ def triton_paged_attention(
     if decodes:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
         out[:decodes] = kernels.paged_decode_attention(
-            q[:decodes], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale
+            q[:decodes], k_cache, v_cache, meta.decode_row_block_tables, meta.decode_context_lens, scale
         )
     if meta.prefills:
         launch = meta.prefill_launch

@@ -255,17 +255,20 @@ static void avx512bf16_head(const uint16_t* q, const uint16_t* k_cache, const ui
 }
 #endif
 
-// Entry points. k_new/v_new may be NULL (the new tokens were already stored).
+// Entry points: D query rows, each attending to the first context_lens[b] tokens of its sequence. Row b
+// reads the block table row_tables[b] (or b when row_tables is NULL): the rows of a prefill chunk or of a
+// speculating request share their sequence's table. k_new/v_new may be NULL (the new tokens were already
+// stored); they must be, when rows of one sequence read each other's new K/V.
 #define DEFINE_ENTRY(NAME, T, HEAD, FAST_HEAD)                                                            \
     void NAME(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_cache, const int64_t* block_tables, \
-              const int64_t* context_lens, T* out, int64_t D, int64_t H, int64_t KVH, int64_t NB, int64_t BS,  \
-              int64_t d, int64_t MAXB, float scale) {                                                     \
+              const int64_t* row_tables, const int64_t* context_lens, T* out, int64_t D, int64_t H,        \
+              int64_t KVH, int64_t NB, int64_t BS, int64_t d, int64_t MAXB, float scale) {                \
         const int64_t G = H / KVH;                                                                         \
         _Pragma("omp parallel for collapse(2) schedule(dynamic)")                                         \
         for (int64_t b = 0; b < D; b++) {                                                                 \
             for (int64_t kh = 0; kh < KVH; kh++) {                                                        \
                 const int64_t L = context_lens[b];                                                        \
-                const int64_t* table = block_tables + b * MAXB;                                           \
+                const int64_t* table = block_tables + (row_tables ? row_tables[b] : b) * MAXB;            \
                 store_decode_token((const char*)k_new, (const char*)v_new, (char*)k_cache, (char*)v_cache, \
                                    table, b, kh, L, KVH, NB, BS, d, (int64_t)sizeof(T));                  \
                 const T* qh = q + (b * H + kh * G) * d;                                                   \
@@ -287,3 +290,12 @@ DEFINE_ENTRY(paged_decode_f32, float, generic_f32_head, )
 #define BF16_FAST_PATH
 #endif
 DEFINE_ENTRY(paged_decode_bf16, uint16_t, generic_bf16_head, BF16_FAST_PATH)
+
+// 1 when the bf16 kernel has its AVX512-BF16 path (it then beats PyTorch's SDPA on prefill chunks too).
+int has_avx512bf16(void) {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+    return 1;
+#else
+    return 0;
+#endif
+}

@@ -142,17 +142,21 @@ def test_elementwise_kernels_match_pytorch(dtype: torch.dtype) -> None:
     assert relative_error(triton_elementwise.silu_and_mul(gate_up).cpu(), expected) < TOLERANCE[dtype]
 
 
-def test_engine_on_triton_kernels_equals_the_default_path(tiny_models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The whole CUDA code path (Triton attention and elementwise kernels), with chunked prefill over a
-    cached prefix, gives the greedy tokens of the default path."""
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_engine_on_triton_kernels_equals_the_default_path(
+    tiny_models: dict, monkeypatch: pytest.MonkeyPatch, family: str
+) -> None:
+    """The whole CUDA code path (Triton attention and elementwise kernels, q/k norms for Qwen3), with
+    chunked prefill over a cached prefix and speculative drafts, gives the greedy tokens of the default path."""
     from ember.engine.engine import LLM
     from ember.engine.sampling_params import SamplingParams
 
-    path = str(tiny_models["qwen2"][0])
+    path = str(tiny_models[family][0])
     prompts = [[5, 6, 7], [9] * 30, list(range(3, 60))]
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     expected = [o.outputs[0].token_ids for o in LLM(path, num_blocks=64, dtype="float32").generate(prompts, params)]
     monkeypatch.setenv("EMBER_KERNELS", "triton")
-    llm = LLM(path, num_blocks=64, dtype="float32", max_num_batched_tokens=24)  # 24-token chunks
+    llm = LLM(path, num_blocks=64, dtype="float32", max_num_batched_tokens=24, speculative=f"draft:{path}")
     assert llm.engine.runner.use_triton and not llm.engine.runner.use_native_decode
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
+    assert llm.engine.speculator.stats.num_draft_tokens > 0

@@ -69,7 +69,11 @@ class Speculator:
         return max(0, min(k, room))
 
     def propose(self, running: list[Request]) -> None:
-        """Set `spec_token_ids` on the decoding requests worth speculating on this step."""
+        """Set `spec_token_ids` on the decoding requests worth speculating on this step (and clear the rest:
+        drafts of a request the last step could not schedule are not carried into a step that should not
+        speculate)."""
+        for request in running:
+            request.spec_token_ids = []
         if not self.enabled or len(running) > self.config.max_batch_size:
             return
         candidates = [

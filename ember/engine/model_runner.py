@@ -46,13 +46,18 @@ class ModelRunner:
         self.block_size = block_size
         self.device = torch.device(device)
         cfg = self.config
+        self.use_triton = use_triton(self.device)
+        if self.use_triton and (cfg.head_dim & (cfg.head_dim - 1) or cfg.head_dim < 16 or block_size < 16):
+            raise ValueError(
+                "Ember's Triton kernels need a power-of-two head_dim >= 16 and --block-size >= 16; "
+                f"got head_dim {cfg.head_dim}, block size {block_size}"
+            )
         shape = (cfg.num_hidden_layers, 2, cfg.num_key_value_heads, num_blocks, block_size, cfg.head_dim)
         # Zeroed (masked slots still meet 0 * value in attention) and touched now: a lazily zeroed cache moves
         # its page faults into the steps, which on the CPU measured 1-2 s of kernel time per cpu-64 run
         # (huge-page faults compact memory), against about 0.2 s per GiB once at start-up.
         self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.kv_caches = [cache_views(layer) for layer in self.kv_cache]
-        self.use_triton = use_triton(self.device)
         self.use_native_decode = (
             not self.use_triton
             and self.device.type == "cpu"

@@ -10,10 +10,11 @@ import torch
 
 from ember.attention import cpu_kernels
 from ember.attention.layout import to_cache_layout
-from ember.attention.torch_paged import decode_attention, write_kv
+from ember.attention.torch_paged import write_kv
 from ember.engine.engine import LLM
 from ember.engine.sampling_params import SamplingParams
 from ember.kernels import elementwise, native
+from tests.attention_cases import decode_case
 from tests.conftest import make_tiny_hf_model
 
 pytestmark = pytest.mark.skipif(native.load() is None, reason="no C compiler to build Ember's CPU kernels")
@@ -42,15 +43,9 @@ def test_decode_kernel_matches_reference(
     key_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
     value_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
     q = torch.randn(len(lengths), heads, head_dim, generator=generator).to(dtype)
-    max_blocks = -(-max(lengths) // block_size)
-    tables = torch.randperm(num_blocks, generator=generator)[: len(lengths) * max_blocks].view(len(lengths), -1)
-    lens = torch.tensor(lengths)
-    keys = torch.arange(max_blocks * block_size)
-    bias = torch.zeros(len(lengths), len(keys)).masked_fill_(keys >= lens.unsqueeze(1), float("-inf"))
-    scale = head_dim**-0.5
-    fp32_caches = to_cache_layout(key_blocks.float(), value_blocks.float())
-    ref = decode_attention(q.float(), *fp32_caches, tables, bias.view(1, len(lengths), 1, -1), scale)
-    out = cpu_kernels.paged_decode_attention(q, *to_cache_layout(key_blocks, value_blocks), tables, lens, scale)
+    caches = to_cache_layout(key_blocks, value_blocks)
+    tables, lens, ref = decode_case(q, *caches, lengths, generator)
+    out = cpu_kernels.paged_decode_attention(q, *caches, tables, lens, head_dim**-0.5)
     assert out.dtype == dtype and out.shape == q.shape
     assert relative_error(out, ref) < tolerance
 

@@ -14,10 +14,11 @@ if DEVICE == "cpu":
 pytest.importorskip("triton")
 
 from ember.attention.layout import to_cache_layout  # noqa: E402
-from ember.attention.torch_paged import block_keys, block_values, decode_attention, prefill_attention  # noqa: E402
+from ember.attention.torch_paged import block_keys, block_values, prefill_attention  # noqa: E402
 from ember.attention.torch_paged import write_kv as torch_write_kv  # noqa: E402
 from ember.kernels import triton_attention, triton_elementwise  # noqa: E402
 from ember.kernels.elementwise import rms_norm_reference, rotate_reference  # noqa: E402
+from tests.attention_cases import decode_case  # noqa: E402
 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
@@ -65,17 +66,9 @@ def test_paged_decode_matches_reference(
     k_cache, v_cache = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, heads)
     generator = torch.Generator().manual_seed(heads)
     q = torch.randn(len(lengths), heads, head_dim, generator=generator).to(dtype).to(DEVICE)
-    max_blocks = -(-max(lengths) // block_size)
-    tables = torch.randperm(num_blocks, generator=generator)[: len(lengths) * max_blocks].view(len(lengths), -1)
-    lens = torch.tensor(lengths)
-    keys = torch.arange(max_blocks * block_size)
-    bias = torch.zeros(len(lengths), len(keys)).masked_fill_(keys >= lens.unsqueeze(1), float("-inf"))
-    scale = head_dim**-0.5
-    ref = decode_attention(
-        q.float().cpu(), k_cache.float().cpu(), v_cache.float().cpu(), tables, bias.view(1, len(lengths), 1, -1), scale
-    )
+    tables, lens, ref = decode_case(q, k_cache, v_cache, lengths, generator)
     out = triton_attention.paged_decode_attention(
-        q, k_cache, v_cache, tables.to(DEVICE), lens.to(DEVICE), scale, split_blocks=split_blocks
+        q, k_cache, v_cache, tables.to(DEVICE), lens.to(DEVICE), head_dim**-0.5, split_blocks=split_blocks
     )
     assert out.dtype == dtype and relative_error(out.cpu(), ref) < TOLERANCE[dtype]
 

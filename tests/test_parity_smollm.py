@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import torch
 
 from ember.engine.engine import LLM
 from ember.engine.sampling_params import SamplingParams
@@ -51,6 +52,17 @@ def test_greedy_parity_with_hf_fp32(smollm: LLM, hf_references: list) -> None:
 def test_bf16_logprobs_close_to_hf_fp32(hf_references: list) -> None:
     """bf16 (the CPU default where bf16 units exist) diverges earlier, but only between near-ties."""
     llm = LLM(num_blocks=1024, dtype="bfloat16")
+    params = SamplingParams(max_tokens=128, temperature=0, logprobs=5, ignore_eos=True)
+    outputs = llm.generate([ids for ids, _, _ in hf_references], params)
+    for prompt, (_, hf_tokens, hf_tops), out in zip(PROMPTS, hf_references, outputs, strict=True):
+        assert_logprobs_close(out, hf_tokens, hf_tops, prompt[:30])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_logprobs_close_to_hf_fp32(hf_references: list) -> None:
+    """The GPU path (Triton kernels, bf16) against the same HF fp32 references."""
+    llm = LLM(num_blocks=1024, dtype="bfloat16", device="cuda")
+    assert llm.engine.runner.use_triton
     params = SamplingParams(max_tokens=128, temperature=0, logprobs=5, ignore_eos=True)
     outputs = llm.generate([ids for ids, _, _ in hf_references], params)
     for prompt, (_, hf_tokens, hf_tops), out in zip(PROMPTS, hf_references, outputs, strict=True):

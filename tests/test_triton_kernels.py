@@ -153,3 +153,17 @@ def test_engine_on_triton_kernels_equals_the_default_path(
     assert llm.engine.runner.use_triton and not llm.engine.runner.use_native_decode
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
     assert llm.engine.speculator.stats.num_draft_tokens > 0
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="real shapes run compiled on a GPU only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_kernels_at_qwen3_shapes_on_gpu(dtype: torch.dtype) -> None:
+    """Qwen3-0.6B's attention shape (16 heads, 8 KV heads, dim 128), 64 contexts up to 1,500 tokens."""
+    heads, kv_heads, head_dim, block_size, num_blocks = 16, 8, 128, 16, 8192
+    generator = torch.Generator().manual_seed(0)
+    k_cache, v_cache = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, 3)
+    lengths = torch.randint(1, 1500, (64,), generator=generator).tolist()
+    q = torch.randn(len(lengths), heads, head_dim, generator=generator).to(dtype).to(DEVICE)
+    tables, lens, ref = decode_case(q, k_cache, v_cache, lengths, generator)
+    out = triton_attention.paged_decode_attention(q, k_cache, v_cache, tables.to(DEVICE), lens.to(DEVICE), 128**-0.5)
+    assert relative_error(out.cpu(), ref) < TOLERANCE[dtype]

@@ -242,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(srv)
     add_serve_args(srv)
     srv.set_defaults(func=serve)
-    bench = sub.add_parser("bench", help="measure Ember: throughput against baselines, or a server's latency")
+    bench = sub.add_parser(
+        "bench", help="measure Ember: throughput vs baselines, a server's latency, agent sessions, speculation"
+    )
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
     throughput = bench_sub.add_parser(
         "throughput", help="output tok/s of Ember and of HF baselines on one workload, in the same run"

@@ -151,7 +151,7 @@ class ModelRunner:
             context_len = s.start + s.num_tokens
             table = torch.tensor(s.request.block_ids[: -(-context_len // bs)], device=device)
             mask = None
-            if s.start > 0:
+            if s.start > 0 and not self.use_triton:  # the SDPA path's mask; the Triton kernel masks itself
                 query_pos = torch.arange(s.start, context_len, device=device).unsqueeze(1)
                 mask = torch.arange(context_len, device=device).unsqueeze(0) <= query_pos
             spans.append(PrefillSpan(row, s.num_tokens, context_len, table, mask))

@@ -40,6 +40,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="CUDA: the fraction of GPU memory Ember may fill, weights and KV cache together (default 0.9)",
     )
     g.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="CUDA: run decode steps eagerly instead of replaying the CUDA graphs captured at start-up",
+    )
+    g.add_argument(
         "--kv-cache-memory",
         type=float,
         default=None,
@@ -109,6 +114,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "speculative": args.speculative,
         "num_speculative_tokens": args.num_speculative_tokens,
         "speculative_max_batch_size": args.speculative_max_batch_size,
+        "enforce_eager": args.enforce_eager,
     }
     if args.kv_cache_memory is not None:
         if args.kv_cache_memory <= 0:

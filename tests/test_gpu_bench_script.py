@@ -30,3 +30,19 @@ def test_gpu_benchmark_script_runs_on_its_cpu_fallback(tmp_path: Path) -> None:
     assert ember["output_tokens"] == continuous["output_tokens"] == 345  # every request, exactly its length
     assert naive["requests"] == 4 and naive["output_tokens"] > 0
     assert "ember x" in result.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs the full shapes")
+def test_kernel_benchmark_script_runs_on_its_cpu_fallback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/gpu/kernels.py"), "--results", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "kernels.json").read_text())
+    kernels = {row["kernel"] for row in report["rows"]}
+    assert {"decode attention", "prefill attention", "write kv", "rms norm", "silu and mul"} <= kernels
+    assert {"decode step (graph replay)", "sampler greedy"} <= kernels
+    assert all(row["us"] > 0 and row["floor_us"] > 0 for row in report["rows"])

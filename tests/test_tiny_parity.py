@@ -64,3 +64,21 @@ def test_prompt_logprobs_match_hf(tiny_models: dict) -> None:
         assert entry is not None and entry.token_id == prompt[pos]
         assert entry.logprob == pytest.approx(expected[pos - 1, prompt[pos]].item(), abs=1e-4)
         assert [t for t, _ in entry.top] == expected[pos - 1].topk(2).indices.tolist()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["qwen3", "llama3"])
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_cuda_bf16_logprobs_close_to_hf_fp32(tiny_models: dict, family: str, enforce_eager: bool) -> None:
+    """The CUDA path (Triton kernels, decode steps from CUDA graphs or eager) in bf16 against HF in fp32:
+    vLLM's rule (equal tokens up to the first difference, then each side's token in the other's top-5)."""
+    from tests.parity import assert_logprobs_close, hf_greedy
+
+    path, hf_model = tiny_models[family]
+    llm = LLM(str(path), num_blocks=128, dtype="bfloat16", device="cuda", enforce_eager=enforce_eager)
+    assert llm.engine.runner.use_triton and (llm.engine.runner.decode_graphs is None) == enforce_eager
+    prompts = random_prompts()
+    params = SamplingParams(max_tokens=24, temperature=0, logprobs=5, ignore_eos=True)
+    for prompt, out in zip(prompts, llm.generate(prompts, params), strict=True):
+        tokens, tops = hf_greedy(hf_model, prompt, 24)
+        assert_logprobs_close(out, tokens, tops, f"{family} prompt of {len(prompt)} tokens")

@@ -48,29 +48,32 @@ def test_write_kv_matches_pytorch(dtype: torch.dtype, block_size: int, head_dim:
     expected = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, 1)
     actual = tuple(c.clone() for c in expected)
     torch_write_kv(*expected, k, v, slots, block_size, use_native=False)
-    triton_attention.write_kv(k, v, *actual, slots)
+    padded = torch.cat([slots, torch.full((3,), -1, device=DEVICE)])  # padding rows of a graph batch: no store
+    triton_attention.write_kv(torch.cat([k, k[:3]]), torch.cat([v, v[:3]]), *actual, padded)
     assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("heads", "kv_heads", "head_dim", "block_size", "split_blocks"),
-    [(4, 2, 32, 16, 2), (6, 1, 64, 16, 4), (8, 8, 32, 32, 1), (9, 3, 64, 16, 16)],
+    ("heads", "kv_heads", "head_dim", "block_size", "num_splits", "pages"),
+    [(4, 2, 32, 16, 2, 4), (6, 1, 64, 16, 4, 1), (8, 8, 32, 32, 1, 2), (9, 3, 64, 16, 16, 4)],
 )
 def test_paged_decode_matches_reference(
-    dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int, split_blocks: int
+    dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int, num_splits: int, pages: int
 ) -> None:
-    """Ragged contexts spanning many blocks, several GQA ratios, contexts split across programs."""
+    """Ragged contexts spanning many blocks, several GQA ratios, contexts split across programs (more splits
+    than blocks too), several blocks per loop trip; a context of length 0 (a padding row) gives zeros."""
     num_blocks = 64
-    lengths = [1, block_size, block_size + 3, 5 * block_size - 1, 9 * block_size + 2]
+    lengths = [1, block_size, block_size + 3, 5 * block_size - 1, 9 * block_size + 2, 0]
     k_cache, v_cache = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, heads)
     generator = torch.Generator().manual_seed(heads)
     q = torch.randn(len(lengths), heads, head_dim, generator=generator).to(dtype).to(DEVICE)
     tables, lens, ref = decode_case(q, k_cache, v_cache, lengths, generator)
     out = triton_attention.paged_decode_attention(
-        q, k_cache, v_cache, tables.to(DEVICE), lens.to(DEVICE), head_dim**-0.5, split_blocks=split_blocks
+        q, k_cache, v_cache, tables.to(DEVICE), lens.to(DEVICE), head_dim**-0.5, num_splits, pages
     )
-    assert out.dtype == dtype and relative_error(out.cpu(), ref) < TOLERANCE[dtype]
+    assert out.dtype == dtype and relative_error(out[:-1].cpu(), ref[:-1]) < TOLERANCE[dtype]
+    assert torch.equal(out[-1].cpu(), torch.zeros_like(out[-1].cpu()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -167,3 +170,55 @@ def test_kernels_at_qwen3_shapes_on_gpu(dtype: torch.dtype) -> None:
     tables, lens, ref = decode_case(q, k_cache, v_cache, lengths, generator)
     out = triton_attention.paged_decode_attention(q, k_cache, v_cache, tables.to(DEVICE), lens.to(DEVICE), 128**-0.5)
     assert relative_error(out.cpu(), ref) < TOLERANCE[dtype]
+
+
+def test_decode_graph_steps_equal_eager_steps(tiny_models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode steps on the persistent, padded buffers of `DecodeGraphs` (the CUDA-graph path, run eagerly on
+    the CPU) give the tokens and logprobs of eager steps, as requests finish at different lengths (the batch
+    moves through the buckets) and a small cache preempts."""
+    from ember.engine.engine import LLM
+    from ember.engine.sampling_params import SamplingParams
+
+    monkeypatch.setenv("EMBER_KERNELS", "triton")
+    path = str(tiny_models["qwen3"][0])
+    prompts = [list(range(3, 3 + n)) for n in (4, 19, 33, 7, 50, 12)]
+    params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True, logprobs=2) for m in (3, 30, 14, 26, 11, 40)]
+    outputs = {}
+    for eager in (True, False):
+        llm = LLM(path, num_blocks=9, dtype="float32", max_num_seqs=6, enforce_eager=eager)
+        outputs[eager] = [o.outputs[0] for o in llm.generate(prompts, params)]
+        assert llm.engine.kv_cache.pool.num_free_blocks == 9
+    graphs = llm.engine.runner.decode_graphs
+    assert graphs is not None and graphs.buckets == [1, 2, 4, 6]
+    assert set(graphs.replays) == {1, 2, 4, 6} and llm.engine.scheduler.num_preemptions > 0
+    for graph_out, eager_out in zip(outputs[False], outputs[True], strict=True):
+        assert graph_out.token_ids == eager_out.token_ids
+        graph_logprobs = [lp.logprob for lp in graph_out.logprobs]
+        assert graph_logprobs == pytest.approx([lp.logprob for lp in eager_out.logprobs], abs=1e-5)
+
+
+def test_graph_batch_padding_stores_nothing(tiny_models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three decodes padded to a batch of four write the KV cache at their own three slots only."""
+    from ember.engine.model_runner import ModelRunner
+    from ember.engine.request import Request
+    from ember.engine.sampling_params import SamplingParams
+    from ember.engine.scheduler import ScheduledRequest
+    from ember.models.loader import load_model
+
+    monkeypatch.setenv("EMBER_KERNELS", "triton")
+    model = load_model(str(tiny_models["qwen3"][0]), "auto", torch.float32, "cpu").model
+    runner = ModelRunner(model, 16, 16, "cpu", torch.float32, graph_max_batch=8)
+    tables = {5: [3], 20: [7, 2], 33: [9, 4, 11]}  # prompt length -> blocks; its last token is decoded
+    scheduled = []
+    for i, (length, blocks) in enumerate(tables.items()):
+        request = Request(str(i), list(range(3, 3 + length)), SamplingParams(temperature=0), [], 4)
+        request.block_ids = blocks
+        scheduled.append(ScheduledRequest(request, length - 1, 1))
+    before = runner.kv_cache.clone()
+    result = runner.execute(scheduled)
+    assert runner.decode_graphs is not None and dict(runner.decode_graphs.replays) == {4: 1}
+    assert sorted(result.sampled) == ["0", "1", "2"]
+    changed = (runner.kv_cache != before).transpose(0, 3).flatten(1).sum(1)  # per block
+    layers, _, kv_heads, _, _, head_dim = runner.kv_cache.shape
+    assert changed.nonzero().flatten().tolist() == [2, 3, 11]
+    assert changed.max().item() <= layers * 2 * kv_heads * head_dim  # one token's keys and values per block

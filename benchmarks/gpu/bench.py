@@ -5,7 +5,7 @@ random bf16 weights, EOS ignored). Prints one table and writes results.json.
 Imports only torch, triton, transformers and Ember itself (from this checkout): the GPU machine can
 install nothing. Without a GPU it runs a tiny Qwen3 shape on the CPU, to check the script end to end.
 
-Usage: python benchmarks/gpu/bench.py [--results DIR] [--hf-cb-seconds 150] [--naive-requests 4]
+Usage: python benchmarks/gpu/bench.py [--results DIR] [--hf-cb-seconds 150] [--naive-requests 4] [--eager-too]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import platform
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,14 +43,16 @@ def gpu_workload(vocab: int, num_requests: int, prompt_len: tuple[int, int], out
     return requests
 
 
-def run_ember(config_dir: Path, requests: list, device: str) -> dict[str, Any]:
+def run_ember(config_dir: Path, requests: list, device: str, enforce_eager: bool = False) -> dict[str, Any]:
     from ember.engine.engine import LLM
     from ember.engine.sampling_params import SamplingParams
 
+    start = time.perf_counter()
     llm = LLM(
         str(config_dir), load_format="dummy", dtype="bfloat16", device=device, max_num_seqs=256,
-        max_num_batched_tokens=8192, enable_prefix_caching=False,
+        max_num_batched_tokens=8192, enable_prefix_caching=False, max_model_len=2048, enforce_eager=enforce_eager,
     )  # fmt: skip
+    startup = time.perf_counter() - start
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, n in requests]
     prompts = [p for p, _ in requests]
     llm.generate(prompts[:2], params[:2])  # warm-up: Triton compiles its kernels here
@@ -59,7 +62,8 @@ def run_ember(config_dir: Path, requests: list, device: str) -> dict[str, Any]:
     sync(device)
     wall = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return {"engine": "ember", "requests": len(requests), "output_tokens": tokens, "wall_s": wall}
+    engine = "ember (eager)" if enforce_eager else "ember"
+    return {"engine": engine, "requests": len(requests), "output_tokens": tokens, "wall_s": wall, "startup_s": startup}
 
 
 def hf_model(config: dict[str, Any], device: str) -> Any:
@@ -92,16 +96,25 @@ def run_hf_continuous_batching(model: Any, requests: list, device: str, seconds:
             "note": f"{finished} of {len(requests)} requests finished within {seconds:.0f} s"}  # fmt: skip
 
 
-def run_hf_naive(model: Any, requests: list, device: str) -> dict[str, Any]:
+def run_hf_naive(model: Any, requests: list, device: str, seconds: float) -> dict[str, Any]:
+    """One request at a time; `generate` stops at its `max_time` once the time budget is spent."""
     tokens, start = 0, time.perf_counter()
+    finished = 0
     for prompt, n in requests:
+        left = seconds - (time.perf_counter() - start)
+        if left <= 0:
+            break
         ids = torch.tensor([prompt], device=device)
         with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None)
+            out = model.generate(
+                ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, max_time=left
+            )
         tokens += out.shape[1] - len(prompt)
+        finished += out.shape[1] - len(prompt) == n
     sync(device)
     return {"engine": "hf-naive", "requests": len(requests), "output_tokens": tokens,
-            "wall_s": time.perf_counter() - start}  # fmt: skip
+            "wall_s": time.perf_counter() - start,
+            "note": f"{finished} of {len(requests)} requests finished within {seconds:.0f} s"}  # fmt: skip
 
 
 def sync(device: str) -> None:
@@ -114,6 +127,8 @@ def main() -> None:
     parser.add_argument("--results", default=os.environ.get("EMBER_RESULTS_DIR", "benchmarks/gpu/results"))
     parser.add_argument("--hf-cb-seconds", type=float, default=150.0, help="time budget of HF continuous batching")
     parser.add_argument("--naive-requests", type=int, default=4, help="HF naive runs this many requests")
+    parser.add_argument("--naive-seconds", type=float, default=200.0, help="time budget of HF naive")
+    parser.add_argument("--eager-too", action="store_true", help="also run Ember without CUDA graphs")
     parser.add_argument("--skip-hf", action="store_true", help="run Ember only")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -125,17 +140,21 @@ def main() -> None:
         requests = gpu_workload(config["vocab_size"], 16, (8, 64), (8, 32))
         card = f"CPU fallback ({platform.processor() or platform.machine()}), tiny Qwen3 shape"
     results_dir = Path(args.results)
-    config_dir = results_dir / "model-config"
-    config_dir.mkdir(parents=True, exist_ok=True)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    config_dir = Path(tempfile.mkdtemp(prefix="ember-gpu-bench-"))  # the dummy model's config.json
     (config_dir / "config.json").write_text(json.dumps(config))
     print(f"device: {card}; {len(requests)} requests, {sum(len(p) for p, _ in requests)} prompt tokens, "
           f"{sum(n for _, n in requests)} output tokens", flush=True)  # fmt: skip
     runs = [run_ember(config_dir, requests, device)]
-    print(f"ember done: {runs[0]['output_tokens'] / runs[0]['wall_s']:.1f} output tok/s", flush=True)
+    if args.eager_too:
+        runs.append(run_ember(config_dir, requests, device, enforce_eager=True))
+    for run in runs:
+        print(f"{run['engine']} done: {run['output_tokens'] / run['wall_s']:.1f} output tok/s "
+              f"(start-up {run['startup_s']:.1f} s)", flush=True)  # fmt: skip
     if not args.skip_hf:
         model = hf_model(config, device)
         runs.append(run_hf_continuous_batching(model, requests, device, args.hf_cb_seconds))
-        runs.append(run_hf_naive(model, requests[: args.naive_requests], device))
+        runs.append(run_hf_naive(model, requests[: args.naive_requests], device, args.naive_seconds))
     ember_tps = runs[0]["output_tokens"] / runs[0]["wall_s"]
     print(f"\n{'engine':24s} {'requests':>9s} {'output tok':>11s} {'wall s':>8s} {'output tok/s':>13s} {'ember x':>8s}")
     for run in runs:

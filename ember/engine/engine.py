@@ -105,7 +105,10 @@ class Engine:
         num_blocks = self._num_blocks(config.cache, dtype)
         self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
-        self.runner = ModelRunner(self.loaded.model, num_blocks, block_size, config.device, dtype)
+        graph_max_batch = 0 if config.enforce_eager else config.scheduler.max_num_seqs
+        self.runner = ModelRunner(
+            self.loaded.model, num_blocks, block_size, config.device, dtype, graph_max_batch, self.max_model_len
+        )
         self.speculator: Speculator | None = None
         if config.speculative.method is not None:
             proposer = build_proposer(
@@ -297,7 +300,7 @@ class LLM:
     With no model, loads the embedded default (SmolLM2-135M-Instruct). Keyword arguments configure the
     engine: dtype, device, seed, load_format, block_size, num_blocks, kv_cache_memory, enable_prefix_caching,
     max_num_seqs, max_num_batched_tokens, max_model_len, speculative ("ngram", "suffix", "draft:<model>"),
-    num_speculative_tokens, speculative_max_batch_size.
+    num_speculative_tokens, speculative_max_batch_size, enforce_eager (no CUDA graphs).
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:

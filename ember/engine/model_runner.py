@@ -3,6 +3,7 @@
 Tokens of a step are flattened: single-token decodes first (attended in one batched call), then
 prefill chunks. Logits are computed only at rows that need them: each request's last scheduled token
 when it completes its sequence, and prompt positions of requests that asked for prompt logprobs.
+On the Triton path, steps of single-token decodes run through `DecodeGraphs` (CUDA graphs on a GPU).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from ember.attention import cpu_kernels
 from ember.attention.layout import cache_views
 from ember.attention.torch_paged import AttentionMetadata, PrefillSpan
 from ember.config import ModelConfig
+from ember.engine.decode_graphs import DecodeGraphs
 from ember.engine.request import TokenLogprob
 from ember.engine.sampler import sample, top_logprobs
 from ember.engine.scheduler import ScheduledRequest
-from ember.kernels import native, use_triton
+from ember.kernels import device_tensor, native, use_triton
 from ember.models.llama import LlamaForCausalLM
 from ember.models.packed_linear import pack_linears
 from ember.spec.verify import verify_drafts
@@ -37,8 +39,17 @@ def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: str, dtype: torch.dtype
+        self,
+        model: LlamaForCausalLM,
+        num_blocks: int,
+        block_size: int,
+        device: str,
+        dtype: torch.dtype,
+        graph_max_batch: int = 0,
+        max_model_len: int | None = None,
     ) -> None:
+        """`graph_max_batch` > 0: decode steps of up to that many requests run on `DecodeGraphs` (Triton path
+        only), whose block tables are as wide as `max_model_len` (default: the model's)."""
         self.model = model
         self.config = model.config
         if torch.device(device).type == "cpu":
@@ -71,9 +82,16 @@ class ModelRunner:
             and dtype == torch.bfloat16
             and cpu_kernels.fast_bf16_attention(block_size, cfg.head_dim)
         )
+        self.decode_graphs: DecodeGraphs | None = None
+        if self.use_triton and graph_max_batch > 0:
+            max_len = max_model_len or cfg.max_position_embeddings
+            self.decode_graphs = DecodeGraphs(model, self.kv_caches, block_size, graph_max_batch, max_len, self.device)
+            self.decode_graphs.capture()
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> StepResult:
+        if self.decode_graphs is not None and self.decode_graphs.fits(scheduled):
+            return self._execute_graph(scheduled)
         as_rows = [self.native_prefill or s.num_tokens == 1 or s.is_decode for s in scheduled]
         decodes = [s for s, rows in zip(scheduled, as_rows, strict=True) if rows]
         prefills = [s for s, rows in zip(scheduled, as_rows, strict=True) if not rows]
@@ -96,15 +114,26 @@ class ModelRunner:
             if request.params.prompt_logprobs is not None and s.start < request.num_prompt_tokens - 1:
                 prompt_rows.append((s, row, s.start))
         meta = self._attention_metadata(decodes, prefills, slots)
-        ids_t = torch.tensor(input_ids, device=self.device)
-        pos_t = torch.tensor(positions, device=self.device)
-        hidden = self.model(ids_t, pos_t, self.kv_caches, meta)
+        hidden = self.model(
+            device_tensor(input_ids, self.device), device_tensor(positions, self.device), self.kv_caches, meta
+        )
         for s, row, first in prompt_rows:
             self._record_prompt_logprobs(s, hidden, row, first)
         result = StepResult(sampled={})
         if sample_rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+            logits = self.model.compute_logits(hidden[device_tensor(sample_rows, self.device)])
             self._sample(logits, [s for s in decodes + prefills if s.completes_sequence], result)
+        return result
+
+    def _execute_graph(self, scheduled: list[ScheduledRequest]) -> StepResult:
+        assert self.decode_graphs is not None
+        logits = self.decode_graphs.run(scheduled)
+        rows = [i for i, s in enumerate(scheduled) if s.completes_sequence]
+        result = StepResult(sampled={})
+        if rows:
+            if len(rows) < len(scheduled):
+                logits = logits[device_tensor(rows, self.device)]
+            self._sample(logits, [scheduled[i] for i in rows], result)
         return result
 
     @staticmethod
@@ -141,22 +170,22 @@ class ModelRunner:
                 tables.append(table + [0] * (max_blocks - len(table)))
                 context_lens.extend(range(s.start + 1, s.start + s.num_tokens + 1))
                 table_of_row.extend([i] * s.num_tokens)
-            decode_tables = torch.tensor(tables, dtype=torch.int64, device=device)
-            decode_lens = torch.tensor(context_lens, dtype=torch.int64, device=device)
+            decode_tables = device_tensor(tables, device)
+            decode_lens = device_tensor(context_lens, device)
             if num_decode_rows > len(decodes):
-                row_tables = torch.tensor(table_of_row, dtype=torch.int64, device=device)
+                row_tables = device_tensor(table_of_row, device)
         spans = []
         row = num_decode_rows
         for s in prefills:
             context_len = s.start + s.num_tokens
-            table = torch.tensor(s.request.block_ids[: -(-context_len // bs)], device=device)
+            table = device_tensor(s.request.block_ids[: -(-context_len // bs)], device)
             mask = None
             if s.start > 0 and not self.use_triton:  # the SDPA path's mask; the Triton kernel masks itself
                 query_pos = torch.arange(s.start, context_len, device=device).unsqueeze(1)
                 mask = torch.arange(context_len, device=device).unsqueeze(0) <= query_pos
             spans.append(PrefillSpan(row, s.num_tokens, context_len, table, mask))
             row += s.num_tokens
-        slot_mapping = torch.tensor(slots, device=device)
+        slot_mapping = device_tensor(slots, device)
         return AttentionMetadata(
             slot_mapping=slot_mapping,
             num_decode_tokens=num_decode_rows,
@@ -179,6 +208,6 @@ class ModelRunner:
             return
         rows = torch.arange(row + begin - first, row + last - first, device=self.device)
         logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]), dim=-1)
-        targets = torch.tensor(request.prompt_token_ids[begin + 1 : last + 1], device=self.device)
+        targets = device_tensor(request.prompt_token_ids[begin + 1 : last + 1], self.device)
         k = request.params.prompt_logprobs
         request.prompt_logprobs.extend(top_logprobs(logprobs, targets, [k] * len(targets)))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.engine.request import Request, TokenLogprob
+from ember.kernels import device_tensor
 
 
 @dataclass
@@ -62,11 +63,11 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
             out_counts[i].index_add_(0, ids, torch.ones(len(out_ids), device=device))
         if r.params.repetition_penalty != 1.0:
             seen[i, torch.tensor(r.all_token_ids, device=device)] = True
-    rep = torch.tensor([r.params.repetition_penalty for r in requests], device=device).unsqueeze(1)
+    rep = device_tensor([r.params.repetition_penalty for r in requests], device, torch.float32).unsqueeze(1)
     penalized = torch.where(logits > 0, logits / rep, logits * rep)
     logits = torch.where(seen, penalized, logits)
-    freq = torch.tensor([r.params.frequency_penalty for r in requests], device=device).unsqueeze(1)
-    pres = torch.tensor([r.params.presence_penalty for r in requests], device=device).unsqueeze(1)
+    freq = device_tensor([r.params.frequency_penalty for r in requests], device, torch.float32).unsqueeze(1)
+    pres = device_tensor([r.params.presence_penalty for r in requests], device, torch.float32).unsqueeze(1)
     return logits - freq * out_counts - pres * (out_counts > 0).float()
 
 
@@ -79,17 +80,17 @@ def filter_logits(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor
     if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
         sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(logits.shape[1], device=device).unsqueeze(0)
-        k = torch.tensor([k if k > 0 else logits.shape[1] for k in top_ks], device=device).unsqueeze(1)
+        k = device_tensor([k if k > 0 else logits.shape[1] for k in top_ks], device).unsqueeze(1)
         drop_sorted = ranks >= k
         if any(p < 1.0 for p in top_ps):
             probs = torch.softmax(sorted_logits.masked_fill(drop_sorted, float("-inf")), dim=-1)
             mass_before = probs.cumsum(dim=-1) - probs  # never drops the most likely token
-            drop_sorted |= mass_before >= torch.tensor(top_ps, device=device).unsqueeze(1)
+            drop_sorted |= mass_before >= device_tensor(top_ps, device, torch.float32).unsqueeze(1)
         drop = torch.zeros_like(drop_sorted).scatter_(1, sorted_ids, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     if any(p > 0.0 for p in min_ps):
         probs = torch.softmax(logits, dim=-1)
-        floor = torch.tensor(min_ps, device=device).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+        floor = device_tensor(min_ps, device, torch.float32).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(probs < floor, float("-inf"))
     return logits
 
@@ -113,7 +114,7 @@ def adjust_logits(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor
 
 def sampling_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     """The distribution a random sample is drawn from: temperature, then top-k/top-p/min-p, then softmax."""
-    temperatures = torch.tensor([r.params.temperature or 1.0 for r in requests], device=logits.device)
+    temperatures = device_tensor([r.params.temperature or 1.0 for r in requests], logits.device, torch.float32)
     return torch.softmax(filter_logits(logits / temperatures.unsqueeze(1), requests), dim=-1)
 
 
@@ -132,7 +133,7 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         noise = exponential_noise(tuple(probs.shape), requests, logits.device)
         token_ids = (probs / noise).argmax(dim=-1)
         if any(greedy):
-            token_ids = torch.where(torch.tensor(greedy, device=logits.device), logits.argmax(dim=-1), token_ids)
+            token_ids = torch.where(device_tensor(greedy, logits.device, torch.bool), logits.argmax(dim=-1), token_ids)
     logprobs: list[TokenLogprob | None] = [None] * len(requests)
     if raw_logprobs is not None:
         logprobs = top_logprobs(raw_logprobs, token_ids, [r.params.logprobs for r in requests])

@@ -7,14 +7,16 @@ which are contiguous, so the permutation inside a block costs no coalescing.
 
 - `write_kv`: scatter a step's new K/V to their slots.
 - `paged_decode_attention`: flash-decoding. Grid (sequence, KV head, context split): each program reads
-  each K/V block of its split once for all the query heads of its GQA group and keeps an online softmax;
-  a second kernel merges the splits by their log-sum-exp.
+  each K/V block of its part of the context once for all the query heads of its GQA group and keeps an
+  online softmax; a second kernel merges the splits by their log-sum-exp. The split count depends on the
+  batch only (each context is cut into that many parts), so one CUDA graph serves every context length.
 - `paged_prefill_attention`: causal attention of ragged query chunks over their paged context (cached
   prefix plus the chunk itself), all chunks of a step in one launch. Grid (query tile, head).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -23,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ember.attention.layout import cache_geometry
+from ember.kernels import device_tensor
 
 # Triton's interpreter (TRITON_INTERPRET=1, the CPU test mode) multiplies bf16 dot operands as raw bits:
 # there, dots take fp32 operands. Compiled kernels keep bf16 operands for the tensor cores.
@@ -49,18 +52,19 @@ def _write_kv_kernel(k, v, k_cache, v_cache, slots, NB, KVH, BS: tl.constexpr, D
     block = slot // BS
     offset = slot % BS
     dims = tl.arange(0, D)
+    store = (dims * 0 + slot) >= 0  # slot -1: a padding row of a CUDA-graph batch, stores nothing
     row = (t * KVH + h) * D + dims
     base = (h * NB + block) * D * BS
     key_off = ((dims // P) * BS + offset) * P + dims % P
     value_off = ((offset // P) * D + dims) * P + offset % P
-    tl.store(k_cache + base + key_off, tl.load(k + row))
-    tl.store(v_cache + base + value_off, tl.load(v + row))
+    tl.store(k_cache + base + key_off, tl.load(k + row), mask=store)
+    tl.store(v_cache + base + value_off, tl.load(v + row), mask=store)
 
 
 def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
-    """Store new keys/values [T, kv_heads, head_dim] at their slots."""
+    """Store new keys/values [T, kv_heads, head_dim] at their slots (negative slots are skipped)."""
     if k.shape[0] == 0:
         return
     kv_heads, num_blocks, block_size, head_dim, pack = cache_geometry(v_cache)
@@ -72,45 +76,56 @@ def write_kv(
 
 @triton.jit
 def _decode_split_kernel(
-    q, k_cache, v_cache, tables, lens, mid_out, mid_lse, scale,
+    q, k_cache, v_cache, tables, lens, out, mid_out, mid_lse, scale,
     H, KVH, NB, MAXB, SPLITS,
     G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-    SPLIT_BLOCKS: tl.constexpr,
+    PAGES: tl.constexpr, DIRECT: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kh = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(lens + b)
+    num_pages = tl.cdiv(length, BS)
+    split_pages = tl.cdiv(num_pages, SPLITS)  # each sequence's own context is cut into SPLITS parts
+    first = split * split_pages
+    last = tl.minimum(first + split_pages, num_pages)
     heads = tl.arange(0, G_PAD)
     head_ok = heads < G
     dims = tl.arange(0, D)
-    tok = tl.arange(0, BS)
+    tok = tl.arange(0, PAGES * BS)  # PAGES blocks per iteration: longer loads, fewer loop trips
+    page_of_tok = tok // BS
+    in_page = tok % BS
     q_rows = (b * H + kh * G + heads) * D
     qv = tl.load(q + q_rows[:, None] + dims[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    first = split * SPLIT_BLOCKS
-    last = tl.minimum(first + SPLIT_BLOCKS, tl.cdiv(length, BS))
-    for blk in range(first, last):
-        block = tl.load(tables + b * MAXB + blk)
+    for start in range(first, last, PAGES):
+        pages = start + page_of_tok
+        visible = ((pages * BS + in_page) < length) & (pages < last)
+        block = tl.load(tables + b * MAXB + pages, mask=pages < last, other=0)
         base = (kh * NB + block) * D * BS
-        keys = tl.load(k_cache + base + _key_offsets(tok, dims, BS, P)).to(tl.float32)  # [BS, D]
-        scores = tl.sum(qv[:, None, :] * keys[None, :, :], axis=2) * scale  # [G_PAD, BS]
-        scores = tl.where((blk * BS + tok)[None, :] < length, scores, float("-inf"))
+        keys = tl.load(k_cache + base[:, None] + _key_offsets(in_page, dims, BS, P), mask=visible[:, None], other=0.0)
+        scores = tl.sum(qv[:, None, :] * keys.to(tl.float32)[None, :, :], axis=2) * scale  # [G_PAD, PAGES * BS]
+        scores = tl.where(visible[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         probs = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(probs, axis=1)
-        values = tl.load(v_cache + base + _value_offsets(tok, dims, D, P)).to(tl.float32)  # [BS, D]
+        values = tl.load(
+            v_cache + base[:, None] + _value_offsets(in_page, dims, D, P), mask=visible[:, None], other=0.0
+        ).to(tl.float32)
         acc = acc * alpha[:, None] + tl.sum(probs[:, :, None] * values[None, :, :], axis=1)
         m_i = m_new
-    rows = (b * H + kh * G + heads) * SPLITS + split
     has_keys = l_i > 0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    tl.store(mid_out + rows[:, None] * D + dims[None, :], out, mask=head_ok[:, None])
-    lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-    tl.store(mid_lse + rows, lse, mask=head_ok)
+    result = acc / tl.where(has_keys, l_i, 1.0)[:, None]  # a context of length 0 (a padding row) gives zeros
+    if DIRECT:  # one split: this program's result is the output
+        tl.store(out + q_rows[:, None] + dims[None, :], result.to(out.dtype.element_ty), mask=head_ok[:, None])
+    else:
+        rows = (b * H + kh * G + heads) * SPLITS + split
+        tl.store(mid_out + rows[:, None] * D + dims[None, :], result, mask=head_ok[:, None])
+        lse = tl.where(has_keys, m_i + tl.log(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        tl.store(mid_lse + rows, lse, mask=head_ok)
 
 
 @triton.jit
@@ -119,12 +134,32 @@ def _decode_merge_kernel(mid_out, mid_lse, out, SPLITS, S_PAD: tl.constexpr, D: 
     splits = tl.arange(0, S_PAD)
     ok = splits < SPLITS
     lse = tl.load(mid_lse + row * SPLITS + splits, mask=ok, other=float("-inf"))
-    weights = tl.exp(lse - tl.max(lse, axis=0))
-    weights = tl.where(ok, weights, 0.0)
+    top = tl.max(lse, axis=0)
+    weights = tl.where(ok & (lse > float("-inf")), tl.exp(lse - tl.where(top > float("-inf"), top, 0.0)), 0.0)
+    total = tl.sum(weights, axis=0)
     dims = tl.arange(0, D)
     parts = tl.load(mid_out + (row * SPLITS + splits)[:, None] * D + dims[None, :], mask=ok[:, None], other=0.0)
-    merged = tl.sum(parts * weights[:, None], axis=0) / tl.sum(weights, axis=0)
+    merged = tl.sum(parts * weights[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out + row * D + dims, merged.to(out.dtype.element_ty))
+
+
+MAX_DECODE_SPLITS = 32
+DECODE_PAGES_PER_ITERATION = 4
+
+
+@functools.cache
+def _parallel_units(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return os.cpu_count() or 1
+
+
+def decode_splits(num_seqs: int, kv_heads: int, device: torch.device) -> int:
+    """Context splits per sequence: enough programs for about four per SM, at most MAX_DECODE_SPLITS.
+
+    A function of the batch alone, so a CUDA graph captured for a batch size fits every later context.
+    """
+    return max(1, min(MAX_DECODE_SPLITS, 4 * _parallel_units(device) // (num_seqs * kv_heads)))
 
 
 def paged_decode_attention(
@@ -134,26 +169,31 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
-    split_blocks: int = 16,
+    num_splits: int | None = None,
+    pages_per_iteration: int = DECODE_PAGES_PER_ITERATION,
 ) -> torch.Tensor:
-    """Single-token queries [D, heads, head_dim] over their paged contexts; splits of `split_blocks` blocks."""
+    """Single-token queries [D, heads, head_dim] over their paged contexts, each context cut into
+    `num_splits` parts (default: `decode_splits`) merged by log-sum-exp. A context length of 0 gives zeros."""
     num_seqs, num_heads, head_dim = q.shape
     kv_heads, num_blocks, block_size, _, pack = cache_geometry(v_cache)
     group = num_heads // kv_heads
-    max_blocks = block_tables.shape[1]
-    splits = max(1, triton.cdiv(max_blocks, split_blocks))
+    splits = num_splits or decode_splits(num_seqs, kv_heads, q.device)
     q = q.contiguous()
-    mid_out = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(num_seqs, kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, mid_out, mid_lse, scale,
-        num_heads, kv_heads, num_blocks, max_blocks, splits,
-        G=group, G_PAD=triton.next_power_of_2(group), BS=block_size, D=head_dim, P=pack, SPLIT_BLOCKS=split_blocks,
-    )  # fmt: skip
     out = torch.empty_like(q)
-    _decode_merge_kernel[(num_seqs * num_heads,)](
-        mid_out, mid_lse, out, splits, S_PAD=triton.next_power_of_2(splits), D=head_dim
-    )
+    mid_out = mid_lse = out  # unused when there is one split
+    if splits > 1:
+        mid_out = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(num_seqs, kv_heads, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, mid_out, mid_lse, scale,
+        num_heads, kv_heads, num_blocks, block_tables.shape[1], splits,
+        G=group, G_PAD=triton.next_power_of_2(group), BS=block_size, D=head_dim, P=pack,
+        PAGES=pages_per_iteration, DIRECT=splits == 1,
+    )  # fmt: skip
+    if splits > 1:
+        _decode_merge_kernel[(num_seqs * num_heads,)](
+            mid_out, mid_lse, out, splits, S_PAD=triton.next_power_of_2(splits), D=head_dim
+        )
     return out
 
 
@@ -238,11 +278,8 @@ def prefill_launch(
             seqs.append(seq)
             firsts.append(first)
 
-    def as_tensor(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=device)
-
     return PrefillLaunch(
-        as_tensor(seqs), as_tensor(firsts), as_tensor(q_starts), as_tensor(q_lens), as_tensor(context_lens), block_m
+        *(device_tensor(values, device) for values in (seqs, firsts, q_starts, q_lens, context_lens)), block_m
     )
 
 

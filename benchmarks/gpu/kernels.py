@@ -1,0 +1,258 @@
+"""Each of Ember's GPU kernels, and whole decode steps, against their floors on this GPU.
+
+A kernel's floor is the larger of (bytes it must move) / (memory bandwidth) and (FLOPs) / (bf16 matmul
+rate); both rates are measured in the same run (a device copy, an 8192^3 matmul). Shapes are those of
+Qwen3-0.6B (16 heads, 8 KV heads, head_dim 128, hidden 1024, intermediate 3072, 28 layers, vocab 151936),
+block size 16. Decode steps are whole-model CUDA-graph replays at the batch/context points of the
+speed-of-light probe in issue #7 (H100: 9.2 ms at 256 x 800, 15.8 ms at 256 x 1,500, 3.3 ms at 64 x 800,
+1.07 ms at batch 1). Kernel times come from `triton.testing.do_bench_cudagraph` (no launch overhead).
+
+Imports only torch, triton and this checkout. Without a GPU it runs tiny shapes in Triton's interpreter, to
+check the script end to end. Usage: python benchmarks/gpu/kernels.py [--results DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("EMBER_KERNELS", "triton")
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import triton  # noqa: E402
+
+from ember.attention.layout import to_cache_layout  # noqa: E402
+from ember.kernels import triton_attention, triton_elementwise  # noqa: E402
+from ember.models.loader import DUMMY_PRESETS  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16
+FULL = {"heads": 16, "kv_heads": 8, "head_dim": 128, "hidden": 1024, "intermediate": 3072, "layers": 28,
+        "vocab": 151936, "decode_points": [(256, 800), (256, 1500), (64, 800), (1, 800)],
+        "prefill_chunks": [(0, 1024)] * 8 + [(1024, 512)] * 8, "rows": [256, 8192]}  # fmt: skip
+TINY = {"heads": 4, "kv_heads": 2, "head_dim": 16, "hidden": 64, "intermediate": 128, "layers": 2, "vocab": 512,
+        "decode_points": [(4, 40), (1, 8)], "prefill_chunks": [(0, 24), (16, 8)], "rows": [8]}  # fmt: skip
+BLOCK_SIZE = 16
+
+
+def seconds(fn: Callable[[], Any]) -> float:
+    """Kernel time of one call: CUDA-graph replays on a GPU (no launch overhead), the median of three calls on
+    the CPU."""
+    if CUDA:
+        return triton.testing.do_bench_cudagraph(fn, rep=100) / 1e3
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def wall_seconds(fn: Callable[[], Any]) -> float:
+    """Wall time of one call, host work included (for what cannot be captured: syncs, graph replays)."""
+    repeat = 50 if CUDA else 2
+    fn()
+    if CUDA:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    if CUDA:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeat
+
+
+def device_rates() -> tuple[float, float]:
+    """(bytes/s moved by a device copy, read plus written; bf16 matmul FLOP/s), measured now."""
+    n, size = (8192, 1 << 30) if CUDA else (256, 1 << 24)
+    src = torch.empty(size, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    bandwidth = 2 * size / seconds(lambda: dst.copy_(src))
+    a = torch.randn(n, n, dtype=DTYPE, device=DEVICE)
+    b = torch.randn(n, n, dtype=DTYPE, device=DEVICE)
+    return bandwidth, 2 * n**3 / seconds(lambda: a @ b)
+
+
+class Report:
+    def __init__(self, bandwidth: float, flops: float) -> None:
+        self.bandwidth, self.flops = bandwidth, flops
+        self.rows: list[dict[str, Any]] = []
+
+    def add(
+        self, kernel: str, shape: str, fn: Callable[[], Any], bytes_moved: float, flop: float = 0.0, wall: bool = False
+    ) -> None:
+        t = wall_seconds(fn) if wall else seconds(fn)
+        floor = max(bytes_moved / self.bandwidth, flop / self.flops)
+        row = {"kernel": kernel, "shape": shape, "us": t * 1e6, "floor_us": floor * 1e6, "of_floor": floor / t}
+        self.rows.append(row)
+        print(f"{kernel:31s} {shape:34s} {t * 1e6:10.1f} {floor * 1e6:10.1f} {100 * floor / t:8.0f}%", flush=True)
+
+
+def random_caches(s: dict[str, Any], num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (s["kv_heads"], num_blocks, BLOCK_SIZE, s["head_dim"])
+    keys = torch.randn(shape, dtype=DTYPE, device=DEVICE)
+    return to_cache_layout(keys, torch.randn_like(keys))
+
+
+def decode_case(s: dict[str, Any], batch: int, context: int) -> tuple[torch.Tensor, ...]:
+    blocks = -(-context // BLOCK_SIZE)
+    k_cache, v_cache = random_caches(s, batch * blocks)
+    tables = torch.randperm(batch * blocks, device=DEVICE).view(batch, blocks)
+    lens = torch.full((batch,), context, dtype=torch.int64, device=DEVICE)
+    q = torch.randn(batch, s["heads"], s["head_dim"], dtype=DTYPE, device=DEVICE)
+    return q, k_cache, v_cache, tables, lens
+
+
+def attention_kernels(s: dict[str, Any], report: Report) -> None:
+    elem = torch.tensor([], dtype=DTYPE).element_size()
+    kv_row = 2 * s["kv_heads"] * s["head_dim"] * elem  # one token's keys and values, one layer
+    scale = s["head_dim"] ** -0.5
+    for batch, context in s["decode_points"]:
+        q, k_cache, v_cache, tables, lens = decode_case(s, batch, context)
+        moved = batch * context * kv_row + 2 * q.numel() * elem
+        default = triton_attention.decode_splits(batch, s["kv_heads"], DEVICE)
+        for pages in (1, 2, 4, 8):
+            for splits in sorted({default, 1, 4 * default}):
+                shape = f"b{batch} ctx{context} pages{pages} splits{splits}"
+                call = triton_attention.paged_decode_attention
+                report.add("decode attention", shape, lambda: call(q, k_cache, v_cache, tables, lens, scale, splits, pages), moved)  # noqa: E501,B023  # fmt: skip
+        del k_cache, v_cache
+    chunks = s["prefill_chunks"]
+    total_rows = sum(length for _, length in chunks)
+    blocks = [-(-(prefix + length) // BLOCK_SIZE) for prefix, length in chunks]
+    k_cache, v_cache = random_caches(s, sum(blocks))
+    tables = torch.zeros(len(chunks), max(blocks), dtype=torch.int64, device=DEVICE)
+    first = 0
+    for i, n in enumerate(blocks):
+        tables[i, :n] = torch.arange(first, first + n, device=DEVICE)
+        first += n
+    starts = [sum(length for _, length in chunks[:i]) for i in range(len(chunks))]
+    launch = triton_attention.prefill_launch(
+        starts, [length for _, length in chunks], [p + n for p, n in chunks], DEVICE
+    )
+    q = torch.randn(total_rows, s["heads"], s["head_dim"], dtype=DTYPE, device=DEVICE)
+    pairs = sum(length * prefix + length * (length + 1) / 2 for prefix, length in chunks)  # visible (query, key)
+    flop = 4 * pairs * s["heads"] * s["head_dim"]
+    moved = sum(prefix + length for prefix, length in chunks) * kv_row + 2 * q.numel() * elem
+    shape = f"{len(chunks)} chunks, {total_rows} rows"
+    call = triton_attention.paged_prefill_attention
+    report.add("prefill attention", shape, lambda: call(q, k_cache, v_cache, tables, launch, scale), moved, flop)
+    k = torch.randn(total_rows, s["kv_heads"], s["head_dim"], dtype=DTYPE, device=DEVICE)
+    slots = torch.randperm(k_cache.shape[1] * BLOCK_SIZE, device=DEVICE)[:total_rows]
+    report.add(
+        "write kv", f"{total_rows} rows", lambda: triton_attention.write_kv(k, k, k_cache, v_cache, slots),
+        2 * total_rows * kv_row,
+    )  # fmt: skip
+
+
+def elementwise_kernels(s: dict[str, Any], report: Report) -> None:
+    elem = torch.tensor([], dtype=DTYPE).element_size()
+    hidden, inter, heads = s["hidden"], s["intermediate"], s["heads"] + s["kv_heads"]
+    for rows in s["rows"]:
+        x = torch.randn(rows, hidden, dtype=DTYPE, device=DEVICE)
+        residual, weight = torch.randn_like(x), torch.randn(hidden, dtype=DTYPE, device=DEVICE)
+        report.add("rms norm", f"{rows} x {hidden}", lambda: triton_elementwise.rms_norm(x, weight, 1e-6), 2 * x.numel() * elem)  # noqa: E501,B023  # fmt: skip
+        report.add("add + rms norm", f"{rows} x {hidden}", lambda: triton_elementwise.add_rms_norm(x, residual, weight, 1e-6), 4 * x.numel() * elem)  # noqa: E501,B023  # fmt: skip
+        qk = torch.randn(rows, heads, s["head_dim"], dtype=DTYPE, device=DEVICE)
+        angles = torch.randn(rows, s["head_dim"] // 2, device=DEVICE)
+        cos, sin = angles.cos(), angles.sin()
+        report.add("rotary (q and k)", f"{rows} x {heads} x {s['head_dim']}", lambda: triton_elementwise.rotary_(qk, cos, sin), 2 * qk.numel() * elem + 2 * cos.numel() * 4)  # noqa: E501,B023  # fmt: skip
+        gate_up = torch.randn(rows, 2 * inter, dtype=DTYPE, device=DEVICE)
+        report.add("silu and mul", f"{rows} x {inter}", lambda: triton_elementwise.silu_and_mul(gate_up), 3 * rows * inter * elem)  # noqa: E501,B023  # fmt: skip
+
+
+def sampler(s: dict[str, Any], report: Report) -> None:
+    """The sampler on the logits of a full decode batch: greedy, and temperature with top-k and top-p."""
+    from ember.engine.request import Request
+    from ember.engine.sampler import sample
+    from ember.engine.sampling_params import SamplingParams
+
+    batch = s["decode_points"][0][0]
+    logits = torch.randn(batch, s["vocab"], device=DEVICE)
+    for label, params in (
+        ("greedy", SamplingParams(temperature=0)),
+        ("top-k 50, top-p 0.9", SamplingParams(temperature=0.8, top_k=50, top_p=0.9)),
+    ):
+        requests = [Request(str(i), [1], params, [], 1) for i in range(batch)]
+        report.add(f"sampler {label}", f"{batch} x {s['vocab']} fp32", lambda: sample(logits, requests), logits.numel() * 4, wall=True)  # noqa: E501,B023  # fmt: skip
+
+
+def decode_steps(s: dict[str, Any], report: Report) -> None:
+    """Whole decode steps of the model (dummy weights) replayed from its CUDA graphs, inputs prepared too."""
+    from ember.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
+    from ember.engine.request import Request
+    from ember.engine.sampling_params import SamplingParams
+    from ember.engine.scheduler import ScheduledRequest
+    from ember.models.loader import load_model
+
+    config = {**DUMMY_PRESETS["qwen3-0.6b"], "model_type": "qwen3"}
+    if not CUDA:
+        config.update(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+                      num_hidden_layers=s["layers"], num_attention_heads=s["heads"], head_dim=s["head_dim"],
+                      num_key_value_heads=s["kv_heads"], max_position_embeddings=512)  # fmt: skip
+    config_dir = Path(tempfile.mkdtemp(prefix="ember-kernels-"))  # the dummy model's config.json
+    (config_dir / "config.json").write_text(json.dumps(config))
+    model = load_model(str(config_dir), "dummy", DTYPE, str(DEVICE)).model
+    max_batch = max(batch for batch, _ in s["decode_points"])
+    num_blocks = max(batch * -(-(context + 1) // BLOCK_SIZE) for batch, context in s["decode_points"])
+    max_len = 2048 if CUDA else 512
+    runner = ModelRunner(model, num_blocks, BLOCK_SIZE, str(DEVICE), DTYPE, max_batch, max_len)
+    graphs = runner.decode_graphs
+    assert graphs is not None
+    per_token = kv_cache_bytes_per_block(runner.config, BLOCK_SIZE, DTYPE) / BLOCK_SIZE
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    for batch, context in s["decode_points"]:
+        blocks = -(-(context + 1) // BLOCK_SIZE)
+        scheduled = []
+        for i in range(batch):
+            request = Request(str(i), [1] * (context + 1), SamplingParams(temperature=0), [], 1)
+            request.block_ids = list(range(i * blocks, (i + 1) * blocks))
+            scheduled.append(ScheduledRequest(request, context, 1))
+        bucket = next(size for size in graphs.buckets if size >= batch)
+        graphs.run(scheduled)
+        moved = weights + batch * (context + 1) * per_token
+        report.add("decode step (graph replay)", f"b{batch} ctx{context}", graphs.graphs[bucket], moved, wall=True)
+        report.add("decode step (+ inputs, argmax)", f"b{batch} ctx{context}", lambda: runner.execute(scheduled), moved, wall=True)  # noqa: E501,B023  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=os.environ.get("EMBER_RESULTS_DIR", "benchmarks/gpu/results"))
+    args = parser.parse_args()
+    results_dir = Path(args.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    shape = FULL if CUDA else TINY
+    card = torch.cuda.get_device_name() if CUDA else "CPU fallback (Triton interpreter), tiny shapes"
+    bandwidth, flops = device_rates()
+    print(f"device: {card}; copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s\n")
+    print(f"{'kernel':31s} {'shape':34s} {'us':>10s} {'floor us':>10s} {'floor/t':>9s}")
+    report = Report(bandwidth, flops)
+    with torch.inference_mode():
+        attention_kernels(shape, report)
+        elementwise_kernels(shape, report)
+        sampler(shape, report)
+    decode_steps(shape, report)
+    out = {"device": card, "torch": torch.__version__, "triton": triton.__version__, "copy_bytes_per_s": bandwidth,
+           "matmul_flop_per_s": flops, "rows": report.rows}  # fmt: skip
+    (results_dir / "kernels.json").write_text(json.dumps(out, indent=2))
+    print(f"wrote {results_dir / 'kernels.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Decode steps replayed from CUDA graphs, one graph per batch-size bucket.
+
+On a GPU a decode step of a small model is a few milliseconds of kernels but several hundred kernel
+launches from Python (about a dozen per layer), which would take longer than the kernels themselves.
+A graph replays all of them in one call. Its kernels read fixed addresses, so the step's inputs are
+copied into persistent buffers (one copy from pinned host memory, no sync), and a batch is padded up
+to the next captured size: padding rows have slot -1 (the KV write skips them) and context length 0
+(attention gives zeros), and their logits are ignored.
+
+The decode kernel's split count depends on the batch size only (`triton_attention.decode_splits`), and
+block tables are read through a buffer as wide as the longest sequence allowed, so one graph per bucket
+serves every context length. On the CPU (EMBER_KERNELS=triton, a test mode) the same buffers and padding
+run eagerly: everything but the capture itself is exercised without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ember.attention.torch_paged import AttentionMetadata
+from ember.engine.scheduler import ScheduledRequest
+from ember.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+PADDING_SLOT = -1
+NUM_FIELDS = 4  # input ids, positions, slots, context lengths: `bucket` values each
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Captured batch sizes: 1, 2, 4, then every multiple of 8 up to `max_batch` (and `max_batch` itself)."""
+    sizes = {size for size in (1, 2, 4, *range(8, max_batch + 1, 8)) if size <= max_batch}
+    return sorted(sizes | {max_batch})
+
+
+class DecodeGraphs:
+    """Runs single-token steps (up to `max_batch` requests) on persistent buffers, replaying captured graphs
+    on CUDA. `run` returns each row's logits; they stay valid until the next `run`."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+        max_batch: int,
+        max_model_len: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.buckets = batch_buckets(max_batch)
+        self.max_batch = self.buckets[-1]
+        self.width = -(-max_model_len // block_size)  # blocks of the longest sequence allowed
+        # One flat buffer travels per step: for a bucket of B rows, the four fields (B values each), then the
+        # step's block tables, compact ([rows, widest table]); a device copy spreads them into `tables`.
+        size = NUM_FIELDS * self.max_batch + self.max_batch * self.width
+        self.host_staging = torch.zeros(size, dtype=torch.int64, pin_memory=device.type == "cuda")
+        self.staging = torch.zeros(size, dtype=torch.int64, device=device)
+        for bucket in self.buckets:
+            self._fields(bucket)[2].fill_(PADDING_SLOT)  # warm-up and capture runs store nothing
+        self.tables = torch.zeros(self.max_batch, self.width, dtype=torch.int64, device=device)
+        self.copied = torch.cuda.Event() if device.type == "cuda" else None  # the host buffer is free once passed
+        self.graphs: dict[int, Callable[[], torch.Tensor]] = {}
+        self.replays: Counter[int] = Counter()  # steps run per bucket
+        self.pool = None
+
+    def capture(self) -> None:
+        """Capture every bucket, largest first (smaller graphs then reuse its memory pool). On the CPU each
+        bucket's step simply runs eagerly when replayed."""
+        start = time.perf_counter()
+        for bucket in reversed(self.buckets):
+            self.graphs[bucket] = self._capture(bucket) if self.device.type == "cuda" else self._forward(bucket)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            logger.info(
+                "captured CUDA graphs for %d batch sizes in %.1f s", len(self.buckets), time.perf_counter() - start
+            )
+
+    def _fields(self, bucket: int) -> list[torch.Tensor]:
+        """Input ids, positions, slots and context lengths of a `bucket`-row step (views of the staging buffer)."""
+        return list(self.staging[: NUM_FIELDS * bucket].view(NUM_FIELDS, bucket))
+
+    def _forward(self, bucket: int) -> Callable[[], torch.Tensor]:
+        """The step of `bucket` rows over the persistent buffers: logits [bucket, vocab]."""
+        input_ids, positions, slots, context_lens = self._fields(bucket)
+        meta = AttentionMetadata(
+            slot_mapping=slots,
+            num_decode_tokens=bucket,
+            decode_block_tables=self.tables[:bucket],
+            decode_context_lens=context_lens,
+            prefills=[],
+            block_size=self.block_size,
+            use_native_decode=False,
+            use_triton=True,
+        )
+
+        def forward() -> torch.Tensor:
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+            return self.model.compute_logits(hidden)
+
+        return forward
+
+    @torch.inference_mode()
+    def _capture(self, bucket: int) -> Callable[[], torch.Tensor]:
+        forward = self._forward(bucket)
+        forward()  # compiles the Triton kernels for this shape outside the capture
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = forward()
+        self.pool = graph.pool()
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return logits
+
+        return replay
+
+    def fits(self, scheduled: list[ScheduledRequest]) -> bool:
+        """Whether this step is one a graph runs: single tokens, no drafts, no prompt logprobs to record."""
+        return 0 < len(scheduled) <= self.max_batch and all(
+            s.num_tokens == 1
+            and not s.spec_token_ids
+            and (s.request.params.prompt_logprobs is None or s.start >= s.request.num_prompt_tokens - 1)
+            for s in scheduled
+        )
+
+    def run(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
+        """Logits [len(scheduled), vocab] of a step that `fits`."""
+        n = len(scheduled)
+        bucket = next(size for size in self.buckets if size >= n)
+        if self.copied is not None:
+            self.copied.synchronize()  # the last step's copy has left the host buffer
+        bs = self.block_size
+        tables = [s.request.block_ids[: s.start // bs + 1] for s in scheduled]
+        width = max(len(table) for table in tables)
+        host = self.host_staging.numpy()
+        fields = host[: NUM_FIELDS * bucket].reshape(NUM_FIELDS, bucket)
+        fields[:, n:] = np.array([[0], [0], [PADDING_SLOT], [0]])
+        fields[0, :n] = [s.request.all_token_ids[s.start] for s in scheduled]
+        fields[1, :n] = [s.start for s in scheduled]
+        fields[2, :n] = [table[-1] * bs + s.start % bs for s, table in zip(scheduled, tables, strict=True)]
+        fields[3, :n] = [s.start + 1 for s in scheduled]
+        end = NUM_FIELDS * bucket + n * width
+        compact = host[NUM_FIELDS * bucket : end].reshape(n, width)
+        compact[:] = 0
+        for row, table in zip(compact, tables, strict=True):
+            row[: len(table)] = table
+        self.staging[:end].copy_(self.host_staging[:end], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        self.tables[:n, :width].copy_(self.staging[NUM_FIELDS * bucket : end].view(n, width))
+        self.replays[bucket] += 1
+        return self.graphs[bucket]()[:n]

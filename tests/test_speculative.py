@@ -201,6 +201,20 @@ def test_draft_model_with_another_vocabulary_is_refused(tiny_models: dict, tmp_p
         LLM(str(tiny_models["qwen3"][0]), num_blocks=64, dtype="float32", speculative=f"draft:{other}")
 
 
+def test_draft_model_kv_cache_shares_the_memory_budget(tiny_models: dict) -> None:
+    """The target and its draft each get the same number of blocks, and together they fit the KV budget."""
+    from ember.engine.model_runner import kv_cache_bytes_per_block
+
+    target, draft = tiny_models["qwen3"][0], tiny_models["qwen2"][0]
+    budget = 1 << 20
+    llm = LLM(str(target), kv_cache_memory=budget, dtype="float32", speculative=f"draft:{draft}")
+    engine = llm.engine
+    proposer = engine.speculator.proposer
+    per_block = sum(kv_cache_bytes_per_block(m.config, 16, torch.float32) for m in (engine.loaded, proposer.loaded))
+    assert engine.kv_cache.num_blocks == proposer.kv_cache.num_blocks == budget // per_block
+    assert LLM(str(target), kv_cache_memory=budget, dtype="float32").engine.kv_cache.num_blocks > budget // per_block
+
+
 def test_server_speculates_with_the_same_output_and_reports_metrics(smollm: LLM) -> None:
     """SmolLM2 behind `ember serve --speculative suffix` answers exactly as offline greedy without it."""
     texts = [

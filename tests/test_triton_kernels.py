@@ -206,8 +206,8 @@ def test_graph_batch_padding_stores_nothing(tiny_models: dict, monkeypatch: pyte
     from ember.models.loader import load_model
 
     monkeypatch.setenv("EMBER_KERNELS", "triton")
-    model = load_model(str(tiny_models["qwen3"][0]), "auto", torch.float32, "cpu").model
-    runner = ModelRunner(model, 16, 16, "cpu", torch.float32, graph_max_batch=8)
+    model = load_model(str(tiny_models["qwen3"][0]), "auto", torch.float32, DEVICE).model
+    runner = ModelRunner(model, 16, 16, DEVICE, torch.float32, graph_max_batch=8)
     tables = {5: [3], 20: [7, 2], 33: [9, 4, 11]}  # prompt length -> blocks; its last token is decoded
     scheduled = []
     for i, (length, blocks) in enumerate(tables.items()):

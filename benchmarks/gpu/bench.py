@@ -11,6 +11,7 @@ Usage: python benchmarks/gpu/bench.py [--results DIR] [--hf-cb-seconds 150] [--n
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -62,6 +63,10 @@ def run_ember(config_dir: Path, requests: list, device: str, enforce_eager: bool
     sync(device)
     wall = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    del llm, outputs
+    gc.collect()  # the next engine sizes its KV cache from the memory free then
+    if device == "cuda":
+        torch.cuda.empty_cache()
     engine = "ember (eager)" if enforce_eager else "ember"
     return {"engine": engine, "requests": len(requests), "output_tokens": tokens, "wall_s": wall, "startup_s": startup}
 

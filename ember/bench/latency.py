@@ -103,6 +103,7 @@ def bench_latency(args: Any) -> dict[str, Any]:
                 engine.kv_cache.block_size,
                 engine.config.device,
                 engine.config.torch_dtype(),
+                getattr(speculator.proposer, "loaded", None),  # a draft model is reused, its KV cache is not
             )  # fresh: nothing learned from an earlier run
             speculator.stats = SpecStats()
             engine.reset_prefix_cache()

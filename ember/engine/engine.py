@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ember.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+from ember.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
 from ember.engine.detokenizer import IncrementalDetokenizer
 from ember.engine.kv_cache_manager import KVCacheManager
 from ember.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
@@ -21,7 +21,7 @@ from ember.engine.request import CompletionOutput, Request, RequestOutput
 from ember.engine.sampling_params import SamplingParams
 from ember.engine.scheduler import Scheduler
 from ember.models.loader import LoadedModel, load_model
-from ember.spec.speculator import Speculator, build_proposer
+from ember.spec.speculator import Speculator, build_proposer, load_draft_model
 
 PromptType = str | list[int]
 DEFAULT_KV_CACHE_CAP = 4 << 30  # bytes; a larger CPU budget is asked for explicitly
@@ -102,7 +102,8 @@ class Engine:
         model_max = self.model_config.max_position_embeddings
         self.max_model_len = min(config.scheduler.max_model_len or model_max, model_max)
         block_size = config.cache.block_size
-        num_blocks = self._num_blocks(config.cache, dtype)
+        draft = load_draft_model(config.speculative, config.device, dtype)
+        num_blocks = self._num_blocks(config.cache, dtype, draft.config if draft else None)
         self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         graph_max_batch = 0 if config.enforce_eager else config.scheduler.max_num_seqs
@@ -112,7 +113,7 @@ class Engine:
         self.speculator: Speculator | None = None
         if config.speculative.method is not None:
             proposer = build_proposer(
-                config.speculative, self.model_config.vocab_size, num_blocks, block_size, config.device, dtype
+                config.speculative, self.model_config.vocab_size, num_blocks, block_size, config.device, dtype, draft
             )
             self.speculator = Speculator(config.speculative, proposer, self.max_model_len)
         eos = set(self.model_config.eos_token_ids)
@@ -122,7 +123,9 @@ class Engine:
         self.groups: dict[str, RequestGroup] = {}
         self._ids = itertools.count()
 
-    def _num_blocks(self, cache: CacheConfig, dtype: torch.dtype) -> int:
+    def _num_blocks(self, cache: CacheConfig, dtype: torch.dtype, draft: ModelConfig | None) -> int:
+        """KV-cache blocks from the memory budget; a draft model keeps as many blocks of its own, out of the
+        same budget."""
         if cache.num_blocks is not None:
             return cache.num_blocks
         budget = cache.kv_cache_memory
@@ -134,6 +137,8 @@ class Engine:
         elif budget is None:
             budget = min(int(available_memory_bytes() * cache.memory_fraction), DEFAULT_KV_CACHE_CAP)
         per_block = kv_cache_bytes_per_block(self.model_config, cache.block_size, dtype)
+        if draft is not None:
+            per_block += kv_cache_bytes_per_block(draft, cache.block_size, dtype)
         num_blocks = budget // per_block
         if num_blocks < 1:
             raise ValueError(f"KV cache budget of {budget} bytes holds no block of {per_block} bytes")

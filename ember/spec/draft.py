@@ -16,7 +16,7 @@ from ember.engine.model_runner import ModelRunner
 from ember.engine.request import Request
 from ember.engine.sampling_params import SamplingParams
 from ember.engine.scheduler import ScheduledRequest
-from ember.models.loader import load_model
+from ember.models.loader import LoadedModel
 
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)
 
@@ -31,14 +31,20 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
 
 class DraftModelProposer:
     def __init__(
-        self, model: str, target_vocab_size: int, num_blocks: int, block_size: int, device: str, dtype: torch.dtype
+        self,
+        loaded: LoadedModel,
+        target_vocab_size: int,
+        num_blocks: int,
+        block_size: int,
+        device: str,
+        dtype: torch.dtype,
     ) -> None:
-        loaded = load_model(model, "auto", dtype, device)
         if loaded.config.vocab_size != target_vocab_size:
             raise ValueError(
-                f"draft model {model!r} has a vocabulary of {loaded.config.vocab_size} tokens, the target "
+                f"draft model {loaded.name!r} has a vocabulary of {loaded.config.vocab_size} tokens, the target "
                 f"{target_vocab_size}: a draft model must share the target's tokenizer"
             )
+        self.loaded = loaded
         self.kv_cache = KVCacheManager(num_blocks, block_size, enable_prefix_caching=False)
         self.runner = ModelRunner(loaded.model, num_blocks, block_size, device, dtype)
         self.shadows: dict[str, Request] = {}

@@ -16,6 +16,7 @@ import torch
 
 from ember.config import SpeculativeConfig
 from ember.engine.request import Request
+from ember.models.loader import LoadedModel, load_model
 from ember.spec.draft import DraftModelProposer
 from ember.spec.ngram import NgramProposer
 from ember.spec.proposer import Proposer
@@ -38,16 +39,32 @@ class SpecStats:
         return 1.0 + self.num_accepted_tokens / self.num_steps if self.num_steps else 0.0
 
 
+def load_draft_model(config: SpeculativeConfig, device: str, dtype: torch.dtype) -> LoadedModel | None:
+    """The draft model of `draft:<model>`, else None. Loaded before the KV cache is sized: its weights take
+    memory, and its own KV cache shares the budget (see `Engine._num_blocks`)."""
+    method = config.method or ""
+    return load_model(method.removeprefix("draft:"), "auto", dtype, device) if method.startswith("draft:") else None
+
+
 def build_proposer(
-    config: SpeculativeConfig, vocab_size: int, num_blocks: int, block_size: int, device: str, dtype: torch.dtype
+    config: SpeculativeConfig,
+    vocab_size: int,
+    num_blocks: int,
+    block_size: int,
+    device: str,
+    dtype: torch.dtype,
+    draft: LoadedModel | None = None,
 ) -> Proposer:
+    """The proposer of `config.method`; `draft:<model>` uses `draft` when given, else loads the model."""
     method = config.method or ""
     if method == "ngram":
         return NgramProposer()
     if method == "suffix":
         return SuffixProposer()
     if method.startswith("draft:"):
-        return DraftModelProposer(method.removeprefix("draft:"), vocab_size, num_blocks, block_size, device, dtype)
+        draft = draft or load_draft_model(config, device, dtype)
+        assert draft is not None
+        return DraftModelProposer(draft, vocab_size, num_blocks, block_size, device, dtype)
     raise ValueError(f"unknown speculative method {config.method!r}")
 
 

@@ -13,7 +13,7 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from ember.attention.layout import to_cache_layout  # noqa: E402
+from ember.attention.layout import pack_factor, to_cache_layout  # noqa: E402
 from ember.attention.torch_paged import block_keys, block_values, prefill_attention  # noqa: E402
 from ember.attention.torch_paged import write_kv as torch_write_kv  # noqa: E402
 from ember.kernels import triton_attention, triton_elementwise  # noqa: E402
@@ -28,24 +28,25 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def random_caches(
-    kv_heads: int, num_blocks: int, block_size: int, head_dim: int, dtype: torch.dtype, seed: int
+    kv_heads: int, num_blocks: int, block_size: int, head_dim: int, dtype: torch.dtype, seed: int, layout: str = DEVICE
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random K/V in the cache layout of `layout` ("cpu": 32-bit groups, "cuda": 16-byte groups) on DEVICE."""
     generator = torch.Generator().manual_seed(seed)
     keys = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
     values = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
-    k_cache, v_cache = to_cache_layout(keys, values)
+    k_cache, v_cache = to_cache_layout(keys, values, pack_factor(dtype, torch.device(layout)))
     return k_cache.to(DEVICE), v_cache.to(DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("block_size", "head_dim"), [(16, 32), (32, 64)])
-def test_write_kv_matches_pytorch(dtype: torch.dtype, block_size: int, head_dim: int) -> None:
+@pytest.mark.parametrize(("block_size", "head_dim", "layout"), [(16, 32, "cpu"), (32, 64, "cuda")])
+def test_write_kv_matches_pytorch(dtype: torch.dtype, block_size: int, head_dim: int, layout: str) -> None:
     kv_heads, num_blocks, tokens = 2, 12, 37
     generator = torch.Generator().manual_seed(block_size)
     slots = torch.randperm(num_blocks * block_size, generator=generator)[:tokens].to(DEVICE)
     k = torch.randn(tokens, kv_heads, head_dim, generator=generator).to(dtype).to(DEVICE)
     v = torch.randn(tokens, kv_heads, head_dim, generator=generator).to(dtype).to(DEVICE)
-    expected = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, 1)
+    expected = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, 1, layout)
     actual = tuple(c.clone() for c in expected)
     torch_write_kv(*expected, k, v, slots, block_size, use_native=False)
     padded = torch.cat([slots, torch.full((3,), -1, device=DEVICE)])  # padding rows of a graph batch: no store
@@ -55,35 +56,43 @@ def test_write_kv_matches_pytorch(dtype: torch.dtype, block_size: int, head_dim:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("heads", "kv_heads", "head_dim", "block_size", "num_splits", "pages"),
-    [(4, 2, 32, 16, 2, 4), (6, 1, 64, 16, 4, 1), (8, 8, 32, 32, 1, 2), (9, 3, 64, 16, 16, 4)],
+    ("heads", "kv_heads", "head_dim", "block_size", "num_splits", "layout"),
+    [(4, 2, 32, 16, 2, "cpu"), (6, 1, 64, 16, 4, "cuda"), (8, 8, 32, 32, 1, "cpu"), (9, 3, 64, 16, 16, "cuda")],
 )
 def test_paged_decode_matches_reference(
-    dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int, num_splits: int, pages: int
+    dtype: torch.dtype,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    num_splits: int,
+    layout: str,
 ) -> None:
     """Ragged contexts spanning many blocks, several GQA ratios, contexts split across programs (more splits
-    than blocks too), several blocks per loop trip; a context of length 0 (a padding row) gives zeros."""
+    than blocks too), both cache layouts; a context of length 0 (a padding row) gives zeros."""
     num_blocks = 64
     lengths = [1, block_size, block_size + 3, 5 * block_size - 1, 9 * block_size + 2, 0]
-    k_cache, v_cache = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, heads)
+    k_cache, v_cache = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, heads, layout)
     generator = torch.Generator().manual_seed(heads)
     q = torch.randn(len(lengths), heads, head_dim, generator=generator).to(dtype).to(DEVICE)
     tables, lens, ref = decode_case(q, k_cache, v_cache, lengths, generator)
     out = triton_attention.paged_decode_attention(
-        q, k_cache, v_cache, tables.to(DEVICE), lens.to(DEVICE), head_dim**-0.5, num_splits, pages
+        q, k_cache, v_cache, tables.to(DEVICE), lens.to(DEVICE), head_dim**-0.5, num_splits
     )
     assert out.dtype == dtype and relative_error(out[:-1].cpu(), ref[:-1]) < TOLERANCE[dtype]
     assert torch.equal(out[-1].cpu(), torch.zeros_like(out[-1].cpu()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "block_size"), [(4, 2, 32, 16), (6, 3, 64, 32)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "block_size", "layout"), [(4, 2, 32, 16, "cpu"), (6, 3, 64, 32, "cuda")]
+)
 def test_paged_prefill_matches_reference(
-    dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int
+    dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int, layout: str
 ) -> None:
     """Ragged chunks in one launch: whole prompts, and chunks after a cached prefix."""
     num_blocks = 64
-    k_cache, v_cache = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, heads + 7)
+    k_cache, v_cache = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, heads + 7, layout)
     chunks = [(0, 21), (block_size * 2 + 5, 9), (0, 1), (40, 40)]  # (cached prefix length, chunk length)
     generator = torch.Generator().manual_seed(heads)
     tables_list = [torch.randperm(num_blocks, generator=generator)[:8] for _ in chunks]

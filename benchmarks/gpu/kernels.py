@@ -3,7 +3,8 @@
 A kernel's floor is the larger of (bytes it must move) / (memory bandwidth) and (FLOPs) / (bf16 matmul
 rate); both rates are measured in the same run (a device copy, an 8192^3 matmul). Shapes are those of
 Qwen3-0.6B (16 heads, 8 KV heads, head_dim 128, hidden 1024, intermediate 3072, 28 layers, vocab 151936),
-block size 16. Decode steps are whole-model CUDA-graph replays at the batch/context points of the
+block size 16. The decode kernel is swept over split counts, warps and pipeline stages (defaults: splits from
+`decode_splits`, 4 warps, 2 stages). Decode steps are whole-model CUDA-graph replays at the batch/context points of the
 speed-of-light probe in issue #7 (H100: 9.2 ms at 256 x 800, 15.8 ms at 256 x 1,500, 3.3 ms at 64 x 800,
 1.07 ms at batch 1). Kernel times come from `triton.testing.do_bench_cudagraph` (no launch overhead).
 
@@ -127,11 +128,13 @@ def attention_kernels(s: dict[str, Any], report: Report) -> None:
         q, k_cache, v_cache, tables, lens = decode_case(s, batch, context)
         moved = batch * context * kv_row + 2 * q.numel() * elem
         default = triton_attention.decode_splits(batch, s["kv_heads"], DEVICE)
-        for pages in (1, 2, 4, 8):
-            for splits in sorted({default, 1, 4 * default}):
-                shape = f"b{batch} ctx{context} pages{pages} splits{splits}"
-                call = triton_attention.paged_decode_attention
-                report.add("decode attention", shape, lambda: call(q, k_cache, v_cache, tables, lens, scale, splits, pages), moved)  # noqa: E501,B023  # fmt: skip
+        call = triton_attention.paged_decode_attention
+        variants = [(splits, 4, 2) for splits in sorted({default, 1, 4 * default})]  # (splits, warps, stages)
+        tuned = [(warps, stages) for warps in (2, 4, 8) for stages in (1, 2, 3) if (warps, stages) != (4, 2)]
+        variants += [(default, warps, stages) for warps, stages in tuned]
+        for splits, warps, stages in variants:
+            shape = f"b{batch} ctx{context} s{splits} w{warps} st{stages}"
+            report.add("decode attention", shape, lambda: call(q, k_cache, v_cache, tables, lens, scale, splits, warps, stages), moved)  # noqa: E501,B023  # fmt: skip
         del k_cache, v_cache
     chunks = s["prefill_chunks"]
     total_rows = sum(length for _, length in chunks)

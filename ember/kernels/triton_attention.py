@@ -75,12 +75,22 @@ def write_kv(
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """fp32-accumulated a @ b; fp32 operands multiply in full precision (not TF32) when IEEE."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b).to(tl.float32)
+
+
+@triton.jit
 def _decode_split_kernel(
     q, k_cache, v_cache, tables, lens, out, mid_out, mid_lse, scale,
     H, KVH, NB, MAXB, SPLITS,
     G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-    PAGES: tl.constexpr, DIRECT: tl.constexpr,
+    DIRECT: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
+    """The query heads of one KV head are the rows of matrix products (padded to G_PAD >= 16, the least
+    `tl.dot` takes): the tensor cores do the work, and each K/V tile is loaded once for all of them."""
     b = tl.program_id(0)
     kh = tl.program_id(1)
     split = tl.program_id(2)
@@ -92,30 +102,32 @@ def _decode_split_kernel(
     heads = tl.arange(0, G_PAD)
     head_ok = heads < G
     dims = tl.arange(0, D)
-    tok = tl.arange(0, PAGES * BS)  # PAGES blocks per iteration: longer loads, fewer loop trips
-    page_of_tok = tok // BS
-    in_page = tok % BS
+    tok = tl.arange(0, BS)
     q_rows = (b * H + kh * G + heads) * D
-    qv = tl.load(q + q_rows[:, None] + dims[None, :], mask=head_ok[:, None], other=0.0).to(tl.float32)
+    qv = tl.load(q + q_rows[:, None] + dims[None, :], mask=head_ok[:, None], other=0.0)
+    if DOT_FP32:
+        qv = qv.to(tl.float32)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    for start in range(first, last, PAGES):
-        pages = start + page_of_tok
-        visible = ((pages * BS + in_page) < length) & (pages < last)
-        block = tl.load(tables + b * MAXB + pages, mask=pages < last, other=0)
+    for page in range(first, last):
+        # one block per trip, its base a scalar: the loads below are 16-byte vectors in the CUDA layout
+        # (a per-token base defeats Triton's contiguity analysis: 2-byte loads, checked in the PTX)
+        block = tl.load(tables + b * MAXB + page)
         base = (kh * NB + block) * D * BS
-        keys = tl.load(k_cache + base[:, None] + _key_offsets(in_page, dims, BS, P), mask=visible[:, None], other=0.0)
-        scores = tl.sum(qv[:, None, :] * keys.to(tl.float32)[None, :, :], axis=2) * scale  # [G_PAD, PAGES * BS]
-        scores = tl.where(visible[None, :], scores, float("-inf"))
+        keys = tl.load(k_cache + base + _key_offsets(tok, dims, BS, P))
+        if DOT_FP32:
+            keys = keys.to(tl.float32)
+        scores = _dot(qv, tl.trans(keys), IEEE) * scale  # [G_PAD, BS]
+        scores = tl.where((page * BS + tok)[None, :] < length, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         probs = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(probs, axis=1)
-        values = tl.load(
-            v_cache + base[:, None] + _value_offsets(in_page, dims, D, P), mask=visible[:, None], other=0.0
-        ).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.sum(probs[:, :, None] * values[None, :, :], axis=1)
+        values = tl.load(v_cache + base + _value_offsets(tok, dims, D, P))
+        if DOT_FP32:
+            values = values.to(tl.float32)
+        acc = acc * alpha[:, None] + _dot(probs.to(values.dtype), values, IEEE)
         m_i = m_new
     has_keys = l_i > 0
     result = acc / tl.where(has_keys, l_i, 1.0)[:, None]  # a context of length 0 (a padding row) gives zeros
@@ -144,7 +156,6 @@ def _decode_merge_kernel(mid_out, mid_lse, out, SPLITS, S_PAD: tl.constexpr, D: 
 
 
 MAX_DECODE_SPLITS = 32
-DECODE_PAGES_PER_ITERATION = 4
 
 
 @functools.cache
@@ -170,10 +181,12 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
-    pages_per_iteration: int = DECODE_PAGES_PER_ITERATION,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """Single-token queries [D, heads, head_dim] over their paged contexts, each context cut into
-    `num_splits` parts (default: `decode_splits`) merged by log-sum-exp. A context length of 0 gives zeros."""
+    `num_splits` parts (default: `decode_splits`) merged by log-sum-exp. A context length of 0 gives zeros.
+    `num_warps` and `num_stages` (loads in flight ahead of the math) are Triton's launch options."""
     num_seqs, num_heads, head_dim = q.shape
     kv_heads, num_blocks, block_size, _, pack = cache_geometry(v_cache)
     group = num_heads // kv_heads
@@ -187,22 +200,15 @@ def paged_decode_attention(
     _decode_split_kernel[(num_seqs, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, mid_out, mid_lse, scale,
         num_heads, kv_heads, num_blocks, block_tables.shape[1], splits,
-        G=group, G_PAD=triton.next_power_of_2(group), BS=block_size, D=head_dim, P=pack,
-        PAGES=pages_per_iteration, DIRECT=splits == 1,
+        G=group, G_PAD=max(16, triton.next_power_of_2(group)), BS=block_size, D=head_dim, P=pack,
+        DIRECT=splits == 1, DOT_FP32=DOT_IN_FP32, IEEE=q.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if splits > 1:
         _decode_merge_kernel[(num_seqs * num_heads,)](
             mid_out, mid_lse, out, splits, S_PAD=triton.next_power_of_2(splits), D=head_dim
         )
     return out
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    """fp32-accumulated a @ b; fp32 operands multiply in full precision (not TF32) when IEEE."""
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b).to(tl.float32)
 
 
 @triton.jit

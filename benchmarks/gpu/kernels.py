@@ -130,7 +130,7 @@ def attention_kernels(s: dict[str, Any], report: Report) -> None:
         default = triton_attention.decode_splits(batch, s["kv_heads"], DEVICE)
         call = triton_attention.paged_decode_attention
         variants = [(splits, 4, 2) for splits in sorted({default, 1, 4 * default})]  # (splits, warps, stages)
-        tuned = [(warps, stages) for warps in (2, 4, 8) for stages in (1, 2, 3) if (warps, stages) != (4, 2)]
+        tuned = [(w, st) for w in (2, 4, 8) for st in (1, 2, 3) if (w, st) != (4, 2)] if CUDA else []
         variants += [(default, warps, stages) for warps, stages in tuned]
         for splits, warps, stages in variants:
             shape = f"b{batch} ctx{context} s{splits} w{warps} st{stages}"

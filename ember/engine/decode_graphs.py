@@ -29,8 +29,8 @@ from ember.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
-PADDING_SLOT = -1
 NUM_FIELDS = 4  # input ids, positions, slots, context lengths: `bucket` values each
+PADDING_ROW = np.array([[0], [0], [-1], [0]])  # token 0 at position 0, stored nowhere, attending to nothing
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -64,8 +64,6 @@ class DecodeGraphs:
         size = NUM_FIELDS * self.max_batch + self.max_batch * self.width
         self.host_staging = torch.zeros(size, dtype=torch.int64, pin_memory=device.type == "cuda")
         self.staging = torch.zeros(size, dtype=torch.int64, device=device)
-        for bucket in self.buckets:
-            self._fields(bucket)[2].fill_(PADDING_SLOT)  # warm-up and capture runs store nothing
         self.tables = torch.zeros(self.max_batch, self.width, dtype=torch.int64, device=device)
         self.copied = torch.cuda.Event() if device.type == "cuda" else None  # the host buffer is free once passed
         self.graphs: dict[int, Callable[[], torch.Tensor]] = {}
@@ -87,6 +85,12 @@ class DecodeGraphs:
     def _fields(self, bucket: int) -> list[torch.Tensor]:
         """Input ids, positions, slots and context lengths of a `bucket`-row step (views of the staging buffer)."""
         return list(self.staging[: NUM_FIELDS * bucket].view(NUM_FIELDS, bucket))
+
+    def _pad(self, bucket: int) -> None:
+        """Make every row of `bucket` a padding row (the state warm-up and capture run in). The buckets' fields
+        overlap in the staging buffer, so this is done right before each capture."""
+        self.host_staging[: NUM_FIELDS * bucket].numpy().reshape(NUM_FIELDS, bucket)[:] = PADDING_ROW
+        self.staging[: NUM_FIELDS * bucket].copy_(self.host_staging[: NUM_FIELDS * bucket])
 
     def _forward(self, bucket: int) -> Callable[[], torch.Tensor]:
         """The step of `bucket` rows over the persistent buffers: logits [bucket, vocab]."""
@@ -111,6 +115,7 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _capture(self, bucket: int) -> Callable[[], torch.Tensor]:
         forward = self._forward(bucket)
+        self._pad(bucket)
         forward()  # compiles the Triton kernels for this shape outside the capture
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
@@ -144,7 +149,7 @@ class DecodeGraphs:
         width = max(len(table) for table in tables)
         host = self.host_staging.numpy()
         fields = host[: NUM_FIELDS * bucket].reshape(NUM_FIELDS, bucket)
-        fields[:, n:] = np.array([[0], [0], [PADDING_SLOT], [0]])
+        fields[:, n:] = PADDING_ROW
         fields[0, :n] = [s.request.all_token_ids[s.start] for s in scheduled]
         fields[1, :n] = [s.start for s in scheduled]
         fields[2, :n] = [table[-1] * bs + s.start % bs for s, table in zip(scheduled, tables, strict=True)]

@@ -1,0 +1,87 @@
+"""Compile every Triton kernel ahead of time for an H100 (sm_90) on the CPU and print, as JSON, the global and
+local memory instructions of each kernel's PTX and whether it uses the tensor cores. Triton's compiler and
+ptxas need no GPU. Run in a process of its own (`python -m tests.ptx_report`): under TRITON_INTERPRET=1,
+which other tests set, `triton.jit` makes interpreter objects that cannot be compiled."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from typing import Any
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from ember.kernels import triton_attention, triton_elementwise
+
+HOPPER = GPUTarget("cuda", 90, 32)
+QWEN3 = {"G": 2, "BS": 16, "D": 128, "P": 8}  # 16 heads over 8 KV heads, head_dim 128, bf16 CUDA layout
+ATTENTION_INTS = {"H": "i32", "KVH": "i32", "NB": "i32", "MAXB": "i32"}
+DECODE_SIGNATURE = {"q": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "tables": "*i64", "lens": "*i64",
+                    "out": "*bf16", "mid_out": "*fp32", "mid_lse": "*fp32", "scale": "fp32", **ATTENTION_INTS,
+                    "SPLITS": "i32"}  # fmt: skip
+PREFILL_SIGNATURE = {"q": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "out": "*bf16", "tables": "*i64",
+                     "tile_seq": "*i64", "tile_first": "*i64", "q_starts": "*i64", "q_lens": "*i64",
+                     "ctx_lens": "*i64", "scale": "fp32", **ATTENTION_INTS}  # fmt: skip
+
+# name -> (kernel, signature, constants, launch options)
+KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] = {
+    **{
+        f"decode-direct{direct}-stages{stages}": (
+            triton_attention._decode_split_kernel, DECODE_SIGNATURE,
+            {**QWEN3, "G_PAD": 16, "DIRECT": direct, "DOT_FP32": False, "IEEE": False}, {"num_stages": stages},
+        )
+        for direct in (True, False) for stages in (1, 2, 3)
+    },
+    "prefill": (
+        triton_attention._prefill_kernel, PREFILL_SIGNATURE,
+        {**QWEN3, "BLOCK_M": 16, "DOT_FP32": False, "IEEE": False}, {},
+    ),
+    "decode-merge": (
+        triton_attention._decode_merge_kernel,
+        {"mid_out": "*fp32", "mid_lse": "*fp32", "out": "*bf16", "SPLITS": "i32"}, {"S_PAD": 8, "D": 128}, {},
+    ),
+    "write-kv": (
+        triton_attention._write_kv_kernel,
+        {"k": "*bf16", "v": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "slots": "*i64", "NB": "i32",
+         "KVH": "i32"},
+        {"BS": 16, "D": 128, "P": 8}, {},
+    ),
+    "rms-norm": (
+        triton_elementwise._rms_norm_kernel,
+        {"x": "*bf16", "residual": "*bf16", "weight": "*bf16", "out": "*bf16", "x_stride": "i32", "H": "i32",
+         "eps": "fp32"},
+        {"HAS_RESIDUAL": True, "BLOCK": 1024}, {},
+    ),
+    "rotary": (
+        triton_elementwise._rotary_kernel, {"x": "*bf16", "cos": "*fp32", "sin": "*fp32", "row_stride": "i32"},
+        {"HALF": 64}, {},
+    ),
+    "silu-and-mul": (
+        triton_elementwise._silu_and_mul_kernel, {"gate_up": "*bf16", "out": "*bf16", "width": "i32"},
+        {"BLOCK": 1024}, {},
+    ),
+}  # fmt: skip
+
+
+def compile_ptx(kernel: Any, signature: dict[str, str], constants: dict[str, Any], options: dict[str, int]) -> str:
+    """PTX of `kernel` for sm_90; pointer arguments are 16-byte aligned, as PyTorch allocates them."""
+    signature = {**signature, **dict.fromkeys(constants, "constexpr")}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind.startswith("*")}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned)
+    return triton.compile(source, target=HOPPER, options={"num_warps": 4, **options}).asm["ptx"]
+
+
+def report() -> dict[str, dict[str, Any]]:
+    result = {}
+    for name, (kernel, signature, constants, options) in KERNELS.items():
+        ptx = compile_ptx(kernel, signature, constants, options)
+        ops = Counter(re.findall(r"(?:ld|st)\.(?:global|local)[.\w]*", ptx))
+        result[name] = {"memory_ops": dict(ops), "tensor_cores": "mma" in ptx}
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(report()))

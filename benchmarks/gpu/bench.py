@@ -19,6 +19,8 @@ import random
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +124,17 @@ def run_hf_naive(model: Any, requests: list, device: str, seconds: float) -> dic
             "note": f"{finished} of {len(requests)} requests finished within {seconds:.0f} s"}  # fmt: skip
 
 
+def attempt(engine: str, job: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one engine; a failure is reported in the table instead of losing the runs after it."""
+    try:
+        run = job()
+    except Exception as error:  # a GPU run is one shot: keep going, report it
+        traceback.print_exc()
+        return {"engine": engine, "error": f"{type(error).__name__}: {error}"}
+    print(f"{engine} done: {run['output_tokens'] / run['wall_s']:.1f} output tok/s", flush=True)
+    return run
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -150,26 +163,35 @@ def main() -> None:
     (config_dir / "config.json").write_text(json.dumps(config))
     print(f"device: {card}; {len(requests)} requests, {sum(len(p) for p, _ in requests)} prompt tokens, "
           f"{sum(n for _, n in requests)} output tokens", flush=True)  # fmt: skip
-    runs = [run_ember(config_dir, requests, device)]
+    jobs: list[tuple[str, Callable[[], dict[str, Any]]]] = [("ember", lambda: run_ember(config_dir, requests, device))]
     if args.eager_too:
-        runs.append(run_ember(config_dir, requests, device, enforce_eager=True))
-    for run in runs:
-        print(f"{run['engine']} done: {run['output_tokens'] / run['wall_s']:.1f} output tok/s "
-              f"(start-up {run['startup_s']:.1f} s)", flush=True)  # fmt: skip
+        jobs.append(("ember (eager)", lambda: run_ember(config_dir, requests, device, enforce_eager=True)))
     if not args.skip_hf:
-        model = hf_model(config, device)
-        runs.append(run_hf_continuous_batching(model, requests, device, args.hf_cb_seconds))
-        runs.append(run_hf_naive(model, requests[: args.naive_requests], device, args.naive_seconds))
-    ember_tps = runs[0]["output_tokens"] / runs[0]["wall_s"]
+        model: list[Any] = []  # built once, on first use
+
+        def hf() -> Any:
+            model[:] = model or [hf_model(config, device)]
+            return model[0]
+
+        jobs.append(("hf-continuous-batching", lambda: run_hf_continuous_batching(hf(), requests, device, args.hf_cb_seconds)))  # noqa: E501  # fmt: skip
+        jobs.append(("hf-naive", lambda: run_hf_naive(hf(), requests[: args.naive_requests], device, args.naive_seconds)))  # noqa: E501  # fmt: skip
+    runs = [attempt(name, job) for name, job in jobs]
+    done = [run for run in runs if "error" not in run]
+    ember_tps = done[0]["output_tokens"] / done[0]["wall_s"] if done and done[0]["engine"] == "ember" else None
     print(f"\n{'engine':24s} {'requests':>9s} {'output tok':>11s} {'wall s':>8s} {'output tok/s':>13s} {'ember x':>8s}")
     for run in runs:
+        if "error" in run:
+            print(f"{run['engine']:24s} failed: {run['error']}")
+            continue
         run["output_tps"] = run["output_tokens"] / run["wall_s"]
-        ratio = "" if run is runs[0] else f"{ember_tps / run['output_tps']:.1f}x"
+        ratio = "" if run["engine"] == "ember" or ember_tps is None else f"{ember_tps / run['output_tps']:.1f}x"
         print(f"{run['engine']:24s} {run['requests']:9d} {run['output_tokens']:11d} {run['wall_s']:8.1f} "
               f"{run['output_tps']:13.1f} {ratio:>8s}")  # fmt: skip
     report = {"device": card, "torch": torch.__version__, "shape": config, "runs": runs}
     (results_dir / "results.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {results_dir / 'results.json'}")
+    if len(done) < len(runs):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

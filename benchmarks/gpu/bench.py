@@ -85,7 +85,7 @@ def run_hf_continuous_batching(model: Any, requests: list, device: str, seconds:
     from transformers import GenerationConfig
 
     generation = GenerationConfig(do_sample=False, max_new_tokens=max(n for _, n in requests), eos_token_id=None)
-    manager = model.init_continuous_batching(generation_config=generation)
+    manager = model.init_continuous_batching(generation_config=generation, **cpu_cache_limit(device))
     manager.start()
     start = time.perf_counter()
     for i, (prompt, n) in enumerate(requests):
@@ -101,6 +101,17 @@ def run_hf_continuous_batching(model: Any, requests: list, device: str, seconds:
     manager.stop(block=True, timeout=30)
     return {"engine": "hf-continuous-batching", "requests": finished, "output_tokens": tokens, "wall_s": wall,
             "note": f"{finished} of {len(requests)} requests finished within {seconds:.0f} s"}  # fmt: skip
+
+
+def cpu_cache_limit(device: str) -> dict[str, Any]:
+    """On the CPU fallback, a small HF cache: by default HF sizes it from free memory (14 GB on a CI machine)."""
+    if device == "cuda":
+        return {}
+    try:
+        from transformers import ContinuousBatchingConfig
+    except ImportError:  # older transformers: no separate config, default sizing
+        return {}
+    return {"continuous_batching_config": ContinuousBatchingConfig(num_blocks=64)}
 
 
 def run_hf_naive(model: Any, requests: list, device: str, seconds: float) -> dict[str, Any]:

@@ -45,6 +45,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="CUDA: run decode steps eagerly instead of replaying the CUDA graphs captured at start-up",
     )
     g.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="CUDA: schedule and launch each decode step while the one before still runs on the GPU (the "
+        "host's work overlaps the GPU's; a request ending on a stop token costs one wasted row)",
+    )
+    g.add_argument(
         "--kv-cache-memory",
         type=float,
         default=None,
@@ -115,6 +121,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "num_speculative_tokens": args.num_speculative_tokens,
         "speculative_max_batch_size": args.speculative_max_batch_size,
         "enforce_eager": args.enforce_eager,
+        "async_scheduling": args.async_scheduling,
     }
     if args.kv_cache_memory is not None:
         if args.kv_cache_memory <= 0:

@@ -198,6 +198,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     enforce_eager: bool = False  # Triton path: run decode steps eagerly instead of replaying CUDA graphs
+    async_scheduling: bool = False  # CUDA graphs: schedule decode step N+1 while step N runs on the device
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -236,3 +237,55 @@ def test_graph_batch_padding_stores_nothing(tiny_models: dict, monkeypatch: pyte
     runner.decode_graphs._pad(8)
     logits = runner.decode_graphs._forward(8)()
     assert torch.equal(runner.kv_cache, after) and bool(logits.isfinite().all())
+
+
+def run_to_end(engine: Any, prompts: list[list[int]], params: list[Any], abort_at: int | None = None) -> list[Any]:
+    """Add the requests, step until all end (aborting the second after `abort_at` steps); their Requests."""
+    ids = [engine.add_request(prompt, p) for prompt, p in zip(prompts, params, strict=True)]
+    requests = [engine.groups[i].children[0] for i in ids]
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+        if steps == abort_at:
+            engine.abort_request(ids[1])
+    return requests
+
+
+def test_async_scheduling_gives_the_tokens_of_plain_steps(tiny_models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode steps scheduled and launched behind the step in flight (input tokens taken on the device): with
+    requests ending on length and on a stop token while a step is in flight, one whose logprobs force plain
+    steps for a while, and an abort, the tokens are those of plain steps, every block is freed, and no
+    prefix-cache hash was taken over a placeholder."""
+    from ember.engine.block_pool import hash_block
+    from ember.engine.engine import LLM
+    from ember.engine.sampling_params import SamplingParams
+
+    monkeypatch.setenv("EMBER_KERNELS", "triton")
+    path = str(tiny_models["qwen3"][0])
+    prompts = [list(range(3, 3 + n)) for n in (4, 19, 33, 7, 12)]
+
+    def params(stop: int | None = None) -> list[SamplingParams]:
+        return [
+            SamplingParams(max_tokens=m, temperature=0, ignore_eos=True, logprobs=1 if i == 0 else None,
+                           stop_token_ids=[stop] if i == 3 and stop else [])
+            for i, m in enumerate((3, 21, 14, 19, 17))
+        ]  # fmt: skip
+
+    plain = LLM(path, num_blocks=40, dtype="float32", max_num_seqs=8).engine
+    stop = run_to_end(plain, prompts, params())[3].output_token_ids[6]  # request 3 stops at its 7th token or before
+    results = {}
+    for async_scheduling in (False, True):
+        engine = LLM(path, num_blocks=40, dtype="float32", max_num_seqs=8, async_scheduling=async_scheduling).engine
+        requests = run_to_end(engine, prompts, params(stop), abort_at=8)
+        results[async_scheduling] = [(r.output_token_ids, r.finish_reason) for r in requests]
+        assert engine.kv_cache.pool.num_free_blocks == 40 and not engine.scheduler.running
+        for r in requests:
+            hashes, parent = [], None
+            for start in range(0, len(r.all_token_ids) - 15, 16):
+                parent = hash_block(parent, tuple(r.all_token_ids[start : start + 16]))
+                hashes.append(parent)
+            assert r.block_hashes == hashes[: len(r.block_hashes)] and r.num_pending_tokens == 0
+    assert engine.async_scheduling and engine.num_overlapped_steps > 10
+    assert results[True] == results[False]
+    assert results[True][3][1] == "stop" and results[True][1][1] == "abort"

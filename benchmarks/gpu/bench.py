@@ -5,7 +5,8 @@ random bf16 weights, EOS ignored). Prints one table and writes results.json.
 Imports only torch, triton, transformers and Ember itself (from this checkout): the GPU machine can
 install nothing. Without a GPU it runs a tiny Qwen3 shape on the CPU, to check the script end to end.
 
-Usage: python benchmarks/gpu/bench.py [--results DIR] [--hf-cb-seconds 150] [--naive-requests 4] [--eager-too]
+Usage: python benchmarks/gpu/bench.py [--results DIR] [--hf-cb-seconds 150] [--naive-requests 4]
+       [--variants graphs,async,eager]
 """
 
 from __future__ import annotations
@@ -46,14 +47,22 @@ def gpu_workload(vocab: int, num_requests: int, prompt_len: tuple[int, int], out
     return requests
 
 
-def run_ember(config_dir: Path, requests: list, device: str, enforce_eager: bool = False) -> dict[str, Any]:
+# Ember configurations: label -> engine keyword arguments
+VARIANTS = {
+    "graphs": ("ember", {}),
+    "async": ("ember (async scheduling)", {"async_scheduling": True}),
+    "eager": ("ember (eager)", {"enforce_eager": True}),
+}
+
+
+def run_ember(config_dir: Path, requests: list, device: str, variant: str = "graphs") -> dict[str, Any]:
     from ember.engine.engine import LLM
     from ember.engine.sampling_params import SamplingParams
 
     start = time.perf_counter()
     llm = LLM(
         str(config_dir), load_format="dummy", dtype="bfloat16", device=device, max_num_seqs=256,
-        max_num_batched_tokens=8192, enable_prefix_caching=False, max_model_len=2048, enforce_eager=enforce_eager,
+        max_num_batched_tokens=8192, enable_prefix_caching=False, max_model_len=2048, **VARIANTS[variant][1],
     )  # fmt: skip
     startup = time.perf_counter() - start
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, n in requests]
@@ -69,8 +78,8 @@ def run_ember(config_dir: Path, requests: list, device: str, enforce_eager: bool
     gc.collect()  # the next engine sizes its KV cache from the memory free then
     if device == "cuda":
         torch.cuda.empty_cache()
-    engine = "ember (eager)" if enforce_eager else "ember"
-    return {"engine": engine, "requests": len(requests), "output_tokens": tokens, "wall_s": wall, "startup_s": startup}
+    return {"engine": VARIANTS[variant][0], "requests": len(requests), "output_tokens": tokens, "wall_s": wall,
+            "startup_s": startup}  # fmt: skip
 
 
 def hf_model(config: dict[str, Any], device: str) -> Any:
@@ -157,7 +166,12 @@ def main() -> None:
     parser.add_argument("--hf-cb-seconds", type=float, default=150.0, help="time budget of HF continuous batching")
     parser.add_argument("--naive-requests", type=int, default=4, help="HF naive runs this many requests")
     parser.add_argument("--naive-seconds", type=float, default=200.0, help="time budget of HF naive")
-    parser.add_argument("--eager-too", action="store_true", help="also run Ember without CUDA graphs")
+    parser.add_argument(
+        "--variants",
+        default="graphs",
+        help="Ember configurations to run, in order: graphs (the default engine), async (async scheduling), "
+        "eager (no CUDA graphs); ratios are against the first (default: graphs)",
+    )
     parser.add_argument("--skip-hf", action="store_true", help="run Ember only")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -174,9 +188,12 @@ def main() -> None:
     (config_dir / "config.json").write_text(json.dumps(config))
     print(f"device: {card}; {len(requests)} requests, {sum(len(p) for p, _ in requests)} prompt tokens, "
           f"{sum(n for _, n in requests)} output tokens", flush=True)  # fmt: skip
-    jobs: list[tuple[str, Callable[[], dict[str, Any]]]] = [("ember", lambda: run_ember(config_dir, requests, device))]
-    if args.eager_too:
-        jobs.append(("ember (eager)", lambda: run_ember(config_dir, requests, device, enforce_eager=True)))
+    variants = args.variants.split(",")
+    if unknown := set(variants) - set(VARIANTS):
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    jobs: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        (VARIANTS[v][0], lambda v=v: run_ember(config_dir, requests, device, v)) for v in variants
+    ]
     if not args.skip_hf:
         model: list[Any] = []  # built once, on first use
 
@@ -188,14 +205,15 @@ def main() -> None:
         jobs.append(("hf-naive", lambda: run_hf_naive(hf(), requests[: args.naive_requests], device, args.naive_seconds)))  # noqa: E501  # fmt: skip
     runs = [attempt(name, job) for name, job in jobs]
     done = [run for run in runs if "error" not in run]
-    ember_tps = done[0]["output_tokens"] / done[0]["wall_s"] if done and done[0]["engine"] == "ember" else None
+    base = runs[0] if "error" not in runs[0] else None  # the first Ember configuration: the ratios' numerator
+    ember_tps = base["output_tokens"] / base["wall_s"] if base else None
     print(f"\n{'engine':24s} {'requests':>9s} {'output tok':>11s} {'wall s':>8s} {'output tok/s':>13s} {'ember x':>8s}")
     for run in runs:
         if "error" in run:
             print(f"{run['engine']:24s} failed: {run['error']}")
             continue
         run["output_tps"] = run["output_tokens"] / run["wall_s"]
-        ratio = "" if run["engine"] == "ember" or ember_tps is None else f"{ember_tps / run['output_tps']:.1f}x"
+        ratio = "" if run is base or ember_tps is None else f"{ember_tps / run['output_tps']:.1f}x"
         print(f"{run['engine']:24s} {run['requests']:9d} {run['output_tokens']:11d} {run['wall_s']:8.1f} "
               f"{run['output_tps']:13.1f} {ratio:>8s}")  # fmt: skip
     report = {"device": card, "torch": torch.__version__, "shape": config, "runs": runs}

@@ -2,7 +2,8 @@
 # Everything a GPU session checks, in one call (about 8 minutes on an H100; the device allows 10 a call):
 #   1. the Triton kernel tests and the bf16 parity tests, compiled on the GPU;
 #   2. each kernel and whole decode steps against their floors (benchmarks/gpu/kernels.py);
-#   3. the throughput table: Ember with and without CUDA graphs, HF continuous batching, HF naive (bench.py).
+#   3. the throughput table: Ember (CUDA graphs; with async scheduling; eager), HF continuous batching and
+#      HF naive (bench.py).
 # Logs and JSON go to $1 (default: $EMBER_RESULTS_DIR, else benchmarks/gpu/results), at most 6 files.
 # A failing step does not stop the later ones; the exit status says whether any failed.
 set -uo pipefail
@@ -18,6 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
     tests/test_tiny_parity.py::test_cuda_bf16_logprobs_close_to_hf_fp32 2>&1 \
     | tee "$out/tests.log" || status=1
 "$python" benchmarks/gpu/kernels.py --results "$out" 2>&1 | tee "$out/kernels.log" || status=1
-"$python" benchmarks/gpu/bench.py --results "$out" --eager-too --hf-cb-seconds 100 --naive-seconds 60 2>&1 \
+"$python" benchmarks/gpu/bench.py --results "$out" --variants graphs,async,eager --hf-cb-seconds 90 \
+    --naive-seconds 45 2>&1 \
     | tee "$out/bench.log" || status=1
 exit $status

@@ -25,6 +25,7 @@ import torch
 
 from ember.attention.torch_paged import AttentionMetadata
 from ember.engine.scheduler import ScheduledRequest
+from ember.kernels import device_tensor
 from ember.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -138,8 +139,11 @@ class DecodeGraphs:
             for s in scheduled
         )
 
-    def run(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
-        """Logits [len(scheduled), vocab] of a step that `fits`."""
+    def run(
+        self, scheduled: list[ScheduledRequest], sources: tuple[torch.Tensor, list[int]] | None = None
+    ) -> torch.Tensor:
+        """Logits [len(scheduled), vocab] of a step that `fits`. With `sources` (tokens on the device, and for
+        each row an index into them), the rows' input tokens come from there instead of the host."""
         n = len(scheduled)
         bucket = next(size for size in self.buckets if size >= n)
         if self.copied is not None:
@@ -163,5 +167,8 @@ class DecodeGraphs:
         if self.copied is not None:
             self.copied.record()
         self.tables[:n, :width].copy_(self.staging[NUM_FIELDS * bucket : end].view(n, width))
+        if sources is not None:
+            tokens, rows = sources
+            self._fields(bucket)[0][:n].copy_(tokens.index_select(0, device_tensor(rows, self.device)))
         self.replays[bucket] += 1
         return self.graphs[bucket]()[:n]

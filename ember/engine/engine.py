@@ -16,10 +16,10 @@ import torch
 from ember.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
 from ember.engine.detokenizer import IncrementalDetokenizer
 from ember.engine.kv_cache_manager import KVCacheManager
-from ember.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
-from ember.engine.request import CompletionOutput, Request, RequestOutput
+from ember.engine.model_runner import LaunchedStep, ModelRunner, kv_cache_bytes_per_block
+from ember.engine.request import CompletionOutput, Request, RequestOutput, TokenLogprob
 from ember.engine.sampling_params import SamplingParams
-from ember.engine.scheduler import Scheduler
+from ember.engine.scheduler import ScheduledRequest, Scheduler
 from ember.models.loader import LoadedModel, load_model
 from ember.spec.speculator import Speculator, build_proposer, load_draft_model
 
@@ -122,6 +122,12 @@ class Engine:
         self.eos_token_ids = sorted(eos)
         self.groups: dict[str, RequestGroup] = {}
         self._ids = itertools.count()
+        # async scheduling: decode steps on CUDA graphs, without speculation (drafts need the tokens first)
+        self.async_scheduling = (
+            config.async_scheduling and self.runner.decode_graphs is not None and self.speculator is None
+        )
+        self._in_flight: LaunchedStep | None = None  # a launched step not read back yet
+        self.num_overlapped_steps = 0  # steps launched while the one before was still in flight
 
     def _num_blocks(self, cache: CacheConfig, dtype: torch.dtype, draft: ModelConfig | None) -> int:
         """KV-cache blocks from the memory budget; a draft model keeps as many blocks of its own, out of the
@@ -223,22 +229,72 @@ class Engine:
         return bool(self.groups)
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return the new tokens/text of every request that progressed."""
+        """Run one scheduled batch; return the new tokens/text of every request that progressed.
+
+        With async scheduling, a decode step is launched and, while the device runs it, the next one (the
+        same requests, one token further) is scheduled and launched behind it before the first is read
+        back: the host's scheduling and bookkeeping overlap the device's work.
+        """
+        if self._in_flight is not None:
+            return self._read_back_in_flight()
         if self.speculator is not None:
             self.speculator.propose(self.scheduler.running)
-        scheduled = self.scheduler.schedule()
-        if not scheduled.scheduled:
+        scheduled = self.scheduler.schedule().scheduled
+        if not scheduled:
             return []
-        result = self.runner.execute(scheduled.scheduled)
-        touched: dict[str, RequestGroup] = {}
-        for s in scheduled.scheduled:
+        if self.async_scheduling and self.runner.can_launch(scheduled):
+            self._in_flight = self._launch(scheduled, None)
+            return self._read_back_in_flight()
+        return self._apply(scheduled, self.runner.execute(scheduled).sampled)
+
+    def _launch(self, scheduled: list[ScheduledRequest], previous: LaunchedStep | None) -> LaunchedStep:
+        launched = self.runner.launch(scheduled, previous)
+        for s in scheduled:
+            s.request.add_pending_token()
+        return launched
+
+    def _read_back_in_flight(self) -> list[RequestOutput]:
+        """Launch the step behind the one in flight when it can be scheduled now, then read the one in flight."""
+        in_flight = self._in_flight
+        assert in_flight is not None
+        ahead = self._schedule_behind(in_flight)
+        self._in_flight = self._launch(ahead, in_flight) if ahead else None
+        self.num_overlapped_steps += ahead is not None
+        tokens = in_flight.token_ids()
+        sampled = {s.request.request_id: ([t], [None]) for s, t in zip(in_flight.scheduled, tokens, strict=True)}
+        return self._apply(in_flight.scheduled, sampled)
+
+    def _schedule_behind(self, in_flight: LaunchedStep) -> list[ScheduledRequest] | None:
+        """The next step, scheduled before `in_flight`'s tokens are known: its requests one token further, when
+        they are all that runs (nothing waits to be admitted), none ends on length with the token in flight,
+        and the pool has the blocks. A request that stops on a stop token in flight wastes its row."""
+        if self.scheduler.waiting or len(self.scheduler.running) != len(in_flight.scheduled):
+            return None
+        requests = []
+        for s in in_flight.scheduled:
             request = s.request
-            sampled = result.sampled.get(request.request_id)
-            if sampled is None:
+            if request.is_finished:
+                return None
+            if request.num_output_tokens + 1 < request.max_tokens and request.num_tokens < self.max_model_len:
+                requests.append(request)
+        scheduled = self.scheduler.schedule_decodes(requests) if requests else None
+        if scheduled is not None and not self.runner.can_launch(scheduled):
+            raise AssertionError("a decode step the runner cannot launch was scheduled behind one it launched")
+        return scheduled
+
+    def _apply(
+        self, scheduled: list[ScheduledRequest], sampled_by_id: dict[str, tuple[list[int], list[TokenLogprob | None]]]
+    ) -> list[RequestOutput]:
+        """Commit the sampled tokens, apply stop conditions, and collect each touched request's new output."""
+        touched: dict[str, RequestGroup] = {}
+        for s in scheduled:
+            request = s.request
+            sampled = sampled_by_id.get(request.request_id)
+            if sampled is None or request.is_finished:  # finished while its step was in flight
                 continue
             tokens, logprobs = sampled
             for token, logprob in zip(tokens, logprobs, strict=True):
-                request.all_token_ids.append(token)
+                request.commit(token)
                 if logprob is not None:
                     request.logprobs.append(logprob)
                 self._check_stop(request, token)
@@ -270,6 +326,7 @@ class Engine:
             self._finish(request, "length")
 
     def _finish(self, request: Request, reason: str, stop_reason: str | int | None = None) -> None:
+        request.drop_pending_tokens()
         self.scheduler.finish(request, reason, stop_reason)
         if self.speculator is not None:
             self.speculator.finish(request)
@@ -305,7 +362,7 @@ class LLM:
     With no model, loads the embedded default (SmolLM2-135M-Instruct). Keyword arguments configure the
     engine: dtype, device, seed, load_format, block_size, num_blocks, kv_cache_memory, enable_prefix_caching,
     max_num_seqs, max_num_batched_tokens, max_model_len, speculative ("ngram", "suffix", "draft:<model>"),
-    num_speculative_tokens, speculative_max_batch_size, enforce_eager (no CUDA graphs).
+    num_speculative_tokens, speculative_max_batch_size, enforce_eager (no CUDA graphs), async_scheduling.
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:

@@ -28,10 +28,10 @@ class KVCacheManager:
         return cdiv(num_tokens, self.block_size)
 
     def block_hashes(self, request: Request) -> list[BlockHash]:
-        """Hashes of the request's full blocks, extended incrementally as its tokens grow."""
+        """Hashes of the request's full blocks of committed tokens, extended incrementally as they grow."""
         hashes, bs = request.block_hashes, self.block_size
         tokens = request.all_token_ids
-        while len(hashes) < len(tokens) // bs:
+        while len(hashes) < request.num_committed_tokens // bs:
             i = len(hashes)
             hashes.append(hash_block(hashes[-1] if hashes else None, tuple(tokens[i * bs : (i + 1) * bs])))
         return hashes
@@ -69,7 +69,7 @@ class KVCacheManager:
         if needed > 0:
             request.block_ids.extend(self.pool.allocate(needed))
         if self.enable_prefix_caching:  # only blocks full of committed tokens: drafts may still be rejected
-            self._cache_full_blocks(request, min(total, request.num_tokens))
+            self._cache_full_blocks(request, min(total, request.num_committed_tokens))
         return True
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
@@ -80,6 +80,10 @@ class KVCacheManager:
         for i in range(request.num_cached_blocks, full):
             self.pool.cache(request.block_ids[i], hashes[i])
         request.num_cached_blocks = full
+
+    def num_new_blocks(self, request: Request, num_new_tokens: int) -> int:
+        """Blocks `allocate_slots` would take for `num_new_tokens` more tokens (no cached prefix)."""
+        return max(0, self.blocks_for(request.num_computed_tokens + num_new_tokens) - len(request.block_ids))
 
     def trim(self, request: Request) -> None:
         """Free the request's blocks beyond its computed tokens (after rejected drafts)."""

@@ -18,12 +18,24 @@ from ember.attention.torch_paged import AttentionMetadata, PrefillSpan
 from ember.config import ModelConfig
 from ember.engine.decode_graphs import DecodeGraphs
 from ember.engine.request import TokenLogprob
-from ember.engine.sampler import sample, top_logprobs
+from ember.engine.sampler import sample, sample_tokens, samples_without_sync, top_logprobs
 from ember.engine.scheduler import ScheduledRequest
 from ember.kernels import device_tensor, native, use_triton
 from ember.models.llama import LlamaForCausalLM
 from ember.models.packed_linear import pack_linears
 from ember.spec.verify import verify_drafts
+
+
+@dataclass
+class LaunchedStep:
+    """A decode step whose sampled tokens are still on the device (async scheduling)."""
+
+    scheduled: list[ScheduledRequest]
+    tokens: torch.Tensor  # [len(scheduled)] on the device
+
+    def token_ids(self) -> list[int]:
+        """The sampled tokens, read back (this waits for the step)."""
+        return self.tokens.tolist()
 
 
 @dataclass
@@ -124,6 +136,27 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[device_tensor(sample_rows, self.device)])
             self._sample(logits, [s for s in decodes + prefills if s.completes_sequence], result)
         return result
+
+    def can_launch(self, scheduled: list[ScheduledRequest]) -> bool:
+        """Whether `launch` takes this step: a graph decode step whose every row samples on the device."""
+        return (
+            self.decode_graphs is not None
+            and self.decode_graphs.fits(scheduled)
+            and all(s.completes_sequence and samples_without_sync(s.request) for s in scheduled)
+        )
+
+    @torch.inference_mode()
+    def launch(self, scheduled: list[ScheduledRequest], previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Run a step that `can_launch` takes and sample it, without waiting for the device. With `previous`
+        (the step before, not read back yet), each row's input token is the one `previous` sampled for the
+        same request."""
+        assert self.decode_graphs is not None
+        sources = None
+        if previous is not None:
+            row_of = {s.request.request_id: i for i, s in enumerate(previous.scheduled)}
+            sources = (previous.tokens, [row_of[s.request.request_id] for s in scheduled])
+        logits = self.decode_graphs.run(scheduled, sources)
+        return LaunchedStep(scheduled, sample_tokens(logits, [s.request for s in scheduled]))
 
     def _execute_graph(self, scheduled: list[ScheduledRequest]) -> StepResult:
         assert self.decode_graphs is not None

@@ -27,6 +27,9 @@ class TokenLogprob:
     top: list[tuple[int, float]]  # (token id, logprob), most likely first
 
 
+PENDING_TOKEN = -1  # placeholder of a token still on the device
+
+
 class Request:
     """One sequence being generated. `n > 1` requests are expanded into one Request per sample."""
 
@@ -46,6 +49,9 @@ class Request:
         self.max_tokens = max_tokens
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
         self.all_token_ids: list[int] = list(prompt_token_ids)
+        # async scheduling: the last tokens of all_token_ids may be placeholders for tokens sampled on the GPU
+        # and not read back yet (at most two: the step in flight and the one scheduled behind it)
+        self.num_pending_tokens = 0
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
@@ -72,12 +78,36 @@ class Request:
         return len(self.all_token_ids)
 
     @property
+    def num_committed_tokens(self) -> int:
+        """Tokens known on the host: all but the pending placeholders."""
+        return len(self.all_token_ids) - self.num_pending_tokens
+
+    @property
     def output_token_ids(self) -> list[int]:
-        return self.all_token_ids[self.num_prompt_tokens :]
+        return self.all_token_ids[self.num_prompt_tokens : self.num_committed_tokens]
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.all_token_ids) - self.num_prompt_tokens
+        return self.num_committed_tokens - self.num_prompt_tokens
+
+    def add_pending_token(self) -> None:
+        """A token is being sampled on the device: hold its place (scheduling counts it) until `commit`."""
+        self.all_token_ids.append(PENDING_TOKEN)
+        self.num_pending_tokens += 1
+
+    def commit(self, token: int) -> None:
+        """Record a sampled token: it takes the oldest pending place, or is appended."""
+        if self.num_pending_tokens:
+            self.all_token_ids[len(self.all_token_ids) - self.num_pending_tokens] = token
+            self.num_pending_tokens -= 1
+        else:
+            self.all_token_ids.append(token)
+
+    def drop_pending_tokens(self) -> None:
+        """Forget placeholders whose tokens will not be committed (the request finished before them)."""
+        if self.num_pending_tokens:
+            del self.all_token_ids[-self.num_pending_tokens :]
+            self.num_pending_tokens = 0
 
     @property
     def is_finished(self) -> bool:

@@ -118,22 +118,33 @@ def sampling_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tenso
     return torch.softmax(filter_logits(logits / temperatures.unsqueeze(1), requests), dim=-1)
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-    """Pick one token per row of `logits` ([num_rows, vocab], float32), one row per request."""
-    raw_logprobs = None
-    wants_logprobs = any(r.params.logprobs is not None for r in requests)
-    if wants_logprobs:
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
+def samples_without_sync(request: Request) -> bool:
+    """Whether `sample_tokens` for this request stays on the device: no logprobs to read back, no per-request
+    generator (its noise is drawn on the host), no penalties or logit bias (built from host lists)."""
+    params = request.params
+    return params.logprobs is None and request.generator is None and not params.uses_penalties and not params.logit_bias
+
+
+def sample_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """One token per row of `logits` ([num_rows, vocab], float32), on the logits' device."""
     logits = adjust_logits(logits, requests)
     greedy = [r.params.greedy for r in requests]
     if all(greedy):
-        token_ids = logits.argmax(dim=-1)
-    else:
-        probs = sampling_probs(logits, requests)
-        noise = exponential_noise(tuple(probs.shape), requests, logits.device)
-        token_ids = (probs / noise).argmax(dim=-1)
-        if any(greedy):
-            token_ids = torch.where(device_tensor(greedy, logits.device, torch.bool), logits.argmax(dim=-1), token_ids)
+        return logits.argmax(dim=-1)
+    probs = sampling_probs(logits, requests)
+    noise = exponential_noise(tuple(probs.shape), requests, logits.device)
+    token_ids = (probs / noise).argmax(dim=-1)
+    if any(greedy):
+        token_ids = torch.where(device_tensor(greedy, logits.device, torch.bool), logits.argmax(dim=-1), token_ids)
+    return token_ids
+
+
+def sample(logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+    """Pick one token per row of `logits` ([num_rows, vocab], float32), one row per request."""
+    raw_logprobs = None
+    if any(r.params.logprobs is not None for r in requests):
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+    token_ids = sample_tokens(logits, requests)
     logprobs: list[TokenLogprob | None] = [None] * len(requests)
     if raw_logprobs is not None:
         logprobs = top_logprobs(raw_logprobs, token_ids, [r.params.logprobs for r in requests])

@@ -289,3 +289,13 @@ def test_async_scheduling_gives_the_tokens_of_plain_steps(tiny_models: dict, mon
     assert engine.async_scheduling and engine.num_overlapped_steps > 10
     assert results[True] == results[False]
     assert results[True][3][1] == "stop" and results[True][1][1] == "abort"
+
+
+def test_async_scheduling_without_graphs_warns_and_runs_plain_steps(
+    tiny_models: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ember.engine.engine import LLM
+
+    with caplog.at_level("WARNING"):
+        llm = LLM(str(tiny_models["qwen3"][0]), num_blocks=16, dtype="float32", device="cpu", async_scheduling=True)
+    assert not llm.engine.async_scheduling and "async scheduling needs CUDA-graph decode steps" in caplog.text

@@ -7,6 +7,7 @@ model once, appends sampled tokens, applies stop conditions and returns what is 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,8 @@ from ember.engine.sampling_params import SamplingParams
 from ember.engine.scheduler import ScheduledRequest, Scheduler
 from ember.models.loader import LoadedModel, load_model
 from ember.spec.speculator import Speculator, build_proposer, load_draft_model
+
+logger = logging.getLogger(__name__)
 
 PromptType = str | list[int]
 DEFAULT_KV_CACHE_CAP = 4 << 30  # bytes; a larger CPU budget is asked for explicitly
@@ -126,6 +129,11 @@ class Engine:
         self.async_scheduling = (
             config.async_scheduling and self.runner.decode_graphs is not None and self.speculator is None
         )
+        if config.async_scheduling and not self.async_scheduling:
+            logger.warning(
+                "async scheduling needs CUDA-graph decode steps (CUDA, no --enforce-eager) and no speculative "
+                "decoding; steps run one after the other"
+            )
         self._in_flight: LaunchedStep | None = None  # a launched step not read back yet
         self.num_overlapped_steps = 0  # steps launched while the one before was still in flight
 
@@ -266,8 +274,8 @@ class Engine:
 
     def _schedule_behind(self, in_flight: LaunchedStep) -> list[ScheduledRequest] | None:
         """The next step, scheduled before `in_flight`'s tokens are known: its requests one token further, when
-        they are all that runs (nothing waits to be admitted), none ends on length with the token in flight,
-        and the pool has the blocks. A request that stops on a stop token in flight wastes its row."""
+        they are all that runs (nothing waits to be admitted) and the pool has the blocks. Requests that end
+        on length with the token in flight are left out; one that stops on a stop token wastes its row."""
         if self.scheduler.waiting or len(self.scheduler.running) != len(in_flight.scheduled):
             return None
         requests = []
@@ -278,8 +286,7 @@ class Engine:
             if request.num_output_tokens + 1 < request.max_tokens and request.num_tokens < self.max_model_len:
                 requests.append(request)
         scheduled = self.scheduler.schedule_decodes(requests) if requests else None
-        if scheduled is not None and not self.runner.can_launch(scheduled):
-            raise AssertionError("a decode step the runner cannot launch was scheduled behind one it launched")
+        assert scheduled is None or self.runner.can_launch(scheduled), "scheduled a step the runner cannot launch"
         return scheduled
 
     def _apply(

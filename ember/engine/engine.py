@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 PromptType = str | list[int]
 DEFAULT_KV_CACHE_CAP = 4 << 30  # bytes; a larger CPU budget is asked for explicitly
 CUDA_ACTIVATION_RESERVE = 2 << 30  # bytes of GPU memory left for activations and logits
+MAX_GRAPH_BATCH = 512  # larger decode batches run eagerly: more graphs cost start-up time and logits memory
 
 
 def available_memory_bytes() -> int:
@@ -109,7 +110,7 @@ class Engine:
         num_blocks = self._num_blocks(config.cache, dtype, draft.config if draft else None)
         self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
-        graph_max_batch = 0 if config.enforce_eager else config.scheduler.max_num_seqs
+        graph_max_batch = 0 if config.enforce_eager else min(config.scheduler.max_num_seqs, MAX_GRAPH_BATCH)
         self.runner = ModelRunner(
             self.loaded.model, num_blocks, block_size, config.device, dtype, graph_max_batch, self.max_model_len
         )

@@ -36,7 +36,9 @@ def hf_reference(model: Any, prompt: list[int], max_new_tokens: int) -> tuple[li
 @pytest.mark.parametrize("batched_tokens", [2048, 16])  # 16: every prompt is prefilled in several chunks
 def test_greedy_tokens_and_logprobs_match_hf(tiny_models: dict, family: str, batched_tokens: int) -> None:
     path, hf_model = tiny_models[family]
-    llm = LLM(str(path), num_blocks=128, block_size=8, max_num_batched_tokens=batched_tokens, dtype="float32")
+    llm = LLM(
+        str(path), num_blocks=128, block_size=8, max_num_batched_tokens=batched_tokens, dtype="float32", device="cpu"
+    )
     prompts = random_prompts()
     params = SamplingParams(max_tokens=24, temperature=0, logprobs=3, ignore_eos=True)
     outputs = llm.generate(prompts, params)
@@ -52,7 +54,7 @@ def test_greedy_tokens_and_logprobs_match_hf(tiny_models: dict, family: str, bat
 
 def test_prompt_logprobs_match_hf(tiny_models: dict) -> None:
     path, hf_model = tiny_models["qwen3"]
-    llm = LLM(str(path), num_blocks=64, block_size=8, max_num_batched_tokens=16, dtype="float32")
+    llm = LLM(str(path), num_blocks=64, block_size=8, max_num_batched_tokens=16, dtype="float32", device="cpu")
     prompt = random_prompts()[3]
     out = llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=2))[0]
     with torch.inference_mode():

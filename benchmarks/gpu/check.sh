@@ -14,9 +14,7 @@ python="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt" || status=1
-# (the other tests of test_tiny_parity.py use block size 8, which the Triton path refuses)
-"$python" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
-    tests/test_tiny_parity.py::test_cuda_bf16_logprobs_close_to_hf_fp32 2>&1 \
+"$python" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_tiny_parity.py 2>&1 \
     | tee "$out/tests.log" || status=1
 "$python" benchmarks/gpu/kernels.py --results "$out" 2>&1 | tee "$out/kernels.log" || status=1
 "$python" benchmarks/gpu/bench.py --results "$out" --variants graphs,async,eager --hf-cb-seconds 90 \

@@ -68,7 +68,7 @@ class RequestGroup:
         outputs = []
         for i, child in enumerate(self.children):
             sent = self.sent_tokens[i]
-            new_ids = child.output_token_ids[sent:]
+            new_ids = child.all_token_ids[child.num_prompt_tokens + sent : child.num_committed_tokens]  # O(new)
             if not new_ids and (self.sent_finish[i] or not child.is_finished):
                 continue
             logprobs = child.logprobs[sent:] if child.params.logprobs is not None else None

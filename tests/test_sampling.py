@@ -155,3 +155,42 @@ def test_logit_bias_forces_and_bans_tokens(smollm: LLM) -> None:
     assert smollm.generate("The capital of France is", params)[0].outputs[0].token_ids[0] != banned
     with pytest.raises(ValueError, match="below the vocabulary size"):
         smollm.generate("Hello", SamplingParams(max_tokens=1, logit_bias={10**7: 1.0}))
+
+
+def test_windowed_top_k_top_p_equals_the_sorted_vocabulary() -> None:
+    """The top-k/top-p filter ranks a window of the likeliest tokens instead of sorting the vocabulary; its
+    drop mask equals the sorted one for a mixed batch: peaked rows (the nucleus inside the window), flat rows
+    (wider: the sorted fallback), top-k wider than the window, and a row with no filter (keeps everything)."""
+    from ember.engine.sampler import NUCLEUS_WINDOW, top_k_top_p_drop, top_k_top_p_drop_sorted
+
+    vocab = 3 * NUCLEUS_WINDOW
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.tensor([[8.0], [8.0], [0.5], [8.0], [1.0], [8.0]])
+    logits = torch.randn(6, vocab, generator=generator) * scales
+    top_ks = [0, 40, 0, 0, 7, 2 * NUCLEUS_WINDOW]
+    top_ps = [0.9, 0.8, 0.9, 1.0, 0.5, 0.95]
+    expected = top_k_top_p_drop_sorted(logits, [k or vocab for k in top_ks], top_ps)
+    expected[3] = False  # no filter
+    assert (~expected[0]).sum() < NUCLEUS_WINDOW < (~expected[2]).sum()  # peaked and flat nuclei, as meant
+    for rows in ([0, 1, 2, 3, 4, 5], [0, 1, 3, 4, 5]):  # with the flat row (the sorted fallback), without it
+        assert torch.equal(top_k_top_p_drop(logits[rows], [top_ks[i] for i in rows], [top_ps[i] for i in rows]),
+                           expected[rows])  # fmt: skip
+
+
+def test_draws_follow_the_distribution() -> None:
+    """Inverting the CDF samples exactly from p (chi-square), zero-probability tokens never come out, and a
+    seeded row draws the same token whatever the rest of the batch."""
+    from ember.engine.sampler import draw
+
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
+    requests = make_requests(SamplingParams(temperature=1.0), 20000)
+    counts = torch.bincount(draw(probs.expand(20000, -1), requests), minlength=6).double()
+    expected = probs.double() * 20000
+    assert counts[probs == 0].sum() == 0
+    chi_square = ((counts - expected)[probs > 0] ** 2 / expected[probs > 0]).sum().item()
+    assert chi_square < 13.8  # 2 degrees of freedom, p = 0.001
+    seeded = make_requests(SamplingParams(temperature=1.0, seed=5), 1)
+    alone = draw(probs.unsqueeze(0), seeded)
+    batch = make_requests(SamplingParams(temperature=1.0), 7)
+    seeded = make_requests(SamplingParams(temperature=1.0, seed=5), 1)
+    assert draw(probs.expand(8, -1), batch[:3] + seeded + batch[3:])[3] == alone[0]

@@ -255,8 +255,8 @@ def run_to_end(engine: Any, prompts: list[list[int]], params: list[Any], abort_a
 def test_async_scheduling_gives_the_tokens_of_plain_steps(tiny_models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decode steps scheduled and launched behind the step in flight (input tokens taken on the device): with
     requests ending on length and on a stop token while a step is in flight, one whose logprobs force plain
-    steps for a while, and an abort, the tokens are those of plain steps, every block is freed, and no
-    prefix-cache hash was taken over a placeholder."""
+    steps for a while, a seeded sampled one, and an abort, the tokens are those of plain steps, every block is
+    freed, and no prefix-cache hash was taken over a placeholder."""
     from ember.engine.block_pool import hash_block
     from ember.engine.engine import LLM
     from ember.engine.sampling_params import SamplingParams
@@ -267,8 +267,8 @@ def test_async_scheduling_gives_the_tokens_of_plain_steps(tiny_models: dict, mon
 
     def params(stop: int | None = None) -> list[SamplingParams]:
         return [
-            SamplingParams(max_tokens=m, temperature=0, ignore_eos=True, logprobs=1 if i == 0 else None,
-                           stop_token_ids=[stop] if i == 3 and stop else [])
+            SamplingParams(max_tokens=m, temperature=0.8 if i == 4 else 0, seed=3, ignore_eos=True,
+                           logprobs=1 if i == 0 else None, stop_token_ids=[stop] if i == 3 and stop else [])
             for i, m in enumerate((3, 21, 14, 19, 17))
         ]  # fmt: skip
 

@@ -1,8 +1,8 @@
 """Vectorized sampling over the whole batch: penalties, temperature, top-k, top-p, min-p, seeds, logprobs.
 
 Each stage runs only when some request in the batch needs it; an all-greedy batch is one argmax.
-Random draws use the exponential race (argmax of p / E with E ~ Exp(1)), which samples exactly from p
-and lets a seeded request draw its noise from its own generator, independent of the rest of the batch.
+Random draws invert each row's CDF at one uniform number, which samples exactly from p and lets a seeded
+request draw its number from its own generator, independent of the rest of the batch.
 Logprobs are those of the model's raw distribution, before any sampling transformation.
 """
 
@@ -71,6 +71,9 @@ def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tens
     return logits - freq * out_counts - pres * (out_counts > 0).float()
 
 
+NUCLEUS_WINDOW = 1024  # top-p without top-k looks for its nucleus among this many most likely tokens first
+
+
 def filter_logits(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     """Set to -inf every token outside each row's top-k, top-p nucleus and min-p floor."""
     device = logits.device
@@ -78,16 +81,7 @@ def filter_logits(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor
     top_ps = [r.params.top_p for r in requests]
     min_ps = [r.params.min_p for r in requests]
     if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
-        sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
-        ranks = torch.arange(logits.shape[1], device=device).unsqueeze(0)
-        k = device_tensor([k if k > 0 else logits.shape[1] for k in top_ks], device).unsqueeze(1)
-        drop_sorted = ranks >= k
-        if any(p < 1.0 for p in top_ps):
-            probs = torch.softmax(sorted_logits.masked_fill(drop_sorted, float("-inf")), dim=-1)
-            mass_before = probs.cumsum(dim=-1) - probs  # never drops the most likely token
-            drop_sorted |= mass_before >= device_tensor(top_ps, device, torch.float32).unsqueeze(1)
-        drop = torch.zeros_like(drop_sorted).scatter_(1, sorted_ids, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = logits.masked_fill(top_k_top_p_drop(logits, top_ks, top_ps), float("-inf"))
     if any(p > 0.0 for p in min_ps):
         probs = torch.softmax(logits, dim=-1)
         floor = device_tensor(min_ps, device, torch.float32).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
@@ -95,12 +89,73 @@ def filter_logits(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor
     return logits
 
 
-def exponential_noise(shape: tuple[int, int], requests: list[Request], device: torch.device) -> torch.Tensor:
-    noise = torch.empty(shape, device=device).exponential_()
-    for i, r in enumerate(requests):
-        if r.generator is not None:
-            noise[i] = torch.empty(shape[1]).exponential_(generator=r.generator).to(device)
-    return noise
+def top_k_top_p_drop(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
+    """True for every token outside its row's top-k, or outside the top-p nucleus of the top-k distribution
+    (renormalized; the most likely token always stays). Rows with neither filter keep everything.
+
+    The ranking is a `topk` over a window of the most likely tokens, not a sort of the vocabulary (on the CPU a
+    sort of 64 x 49K logits takes ~100 ms, a top-1024 ~12): the window is the largest top-k when every row has
+    one, else NUCLEUS_WINDOW tokens, with a full sort only when some top-p-only row's nucleus is wider (checked
+    on the CPU; on CUDA, where sorting is cheap and the check would be a sync, such batches sort).
+    """
+    device, vocab = logits.device, logits.shape[1]
+    ks = [k if 0 < k < vocab else vocab for k in top_ks]
+    top_p_only = any(k == vocab and p < 1.0 for k, p in zip(ks, top_ps, strict=True))
+    width = max(k for k in ks if k < vocab) if any(k < vocab for k in ks) else 1
+    if top_p_only:
+        width = vocab if device.type == "cuda" else max(width, NUCLEUS_WINDOW)
+    width = min(width, vocab)
+    values, ids = logits.topk(width, dim=-1) if width < vocab else logits.sort(dim=-1, descending=True)
+    k = device_tensor(ks, device).unsqueeze(1)
+    drop_ranked = torch.arange(width, device=device).unsqueeze(0) >= k
+    if any(p < 1.0 for p in top_ps):
+        # probabilities of the ranked tokens under each row's top-k distribution
+        kept = values.masked_fill(drop_ranked, float("-inf"))
+        normalizer = torch.where(k <= width, kept.logsumexp(dim=-1, keepdim=True), logits.logsumexp(-1, keepdim=True))
+        probs = torch.exp(kept - normalizer)
+        cumulative = probs.cumsum(dim=-1)
+        p = nucleus_masses(top_ps, device)
+        drop_ranked |= cumulative - probs >= p
+        covered = (k <= width) | (cumulative[:, -1:] >= p) | p.isinf()  # each row's kept set is in the window
+        if width < vocab and top_p_only and not bool(covered.all()):
+            return top_k_top_p_drop_sorted(logits, ks, top_ps)  # a nucleus wider than the window
+    filtered = device_tensor([k < vocab or p < 1.0 for k, p in zip(ks, top_ps, strict=True)], device, torch.bool)
+    drop = filtered.unsqueeze(1).expand_as(logits).clone()  # unfiltered rows keep every token
+    return drop.scatter_(1, ids, drop_ranked & filtered.unsqueeze(1))
+
+
+def top_k_top_p_drop_sorted(logits: torch.Tensor, ks: list[int], top_ps: list[float]) -> torch.Tensor:
+    """`top_k_top_p_drop` over the whole sorted vocabulary."""
+    device = logits.device
+    sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
+    drop_sorted = torch.arange(logits.shape[1], device=device).unsqueeze(0) >= device_tensor(ks, device).unsqueeze(1)
+    probs = torch.softmax(sorted_logits.masked_fill(drop_sorted, float("-inf")), dim=-1)
+    drop_sorted |= probs.cumsum(dim=-1) - probs >= nucleus_masses(top_ps, device)
+    return torch.zeros_like(drop_sorted).scatter_(1, sorted_ids, drop_sorted)
+
+
+def nucleus_masses(top_ps: list[float], device: torch.device) -> torch.Tensor:
+    """[rows, 1] top-p masses; rows without top-p get infinity: float rounding can bring the mass before a
+    tail token to 1.0, and such a row must keep its tail."""
+    return device_tensor([p if p < 1.0 else float("inf") for p in top_ps], device, torch.float32).unsqueeze(1)
+
+
+def draw(probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """One token per row, exactly from `probs`, by inverting each row's CDF (float64) at a uniform draw.
+
+    One random number per row instead of one per token (an exponential race over 64 x 49K tokens took ~47 ms
+    on the CPU); a seeded request draws its number from its own generator, whatever the rest of the batch.
+    """
+    device = probs.device
+    uniform = torch.rand(len(requests), 1, dtype=torch.float64, device=device)
+    seeded = [i for i, r in enumerate(requests) if r.generator is not None]
+    if seeded:
+        draws = [torch.rand(1, generator=requests[i].generator, dtype=torch.float64).item() for i in seeded]
+        uniform[device_tensor(seeded, device)] = device_tensor(draws, device, torch.float64).unsqueeze(1)
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)  # token i owns [cdf[i - 1], cdf[i])
 
 
 def adjust_logits(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -119,10 +174,10 @@ def sampling_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tenso
 
 
 def samples_without_sync(request: Request) -> bool:
-    """Whether `sample_tokens` for this request stays on the device: no logprobs to read back, no per-request
-    generator (its noise is drawn on the host), no penalties or logit bias (built from host lists)."""
+    """Whether `sample_tokens` for this request stays on the device: no logprobs to read back, no penalties or
+    logit bias (built from host lists). (A seed is fine: its one number per draw comes from a host generator.)"""
     params = request.params
-    return params.logprobs is None and request.generator is None and not params.uses_penalties and not params.logit_bias
+    return params.logprobs is None and not params.uses_penalties and not params.logit_bias
 
 
 def sample_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -131,9 +186,7 @@ def sample_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor
     greedy = [r.params.greedy for r in requests]
     if all(greedy):
         return logits.argmax(dim=-1)
-    probs = sampling_probs(logits, requests)
-    noise = exponential_noise(tuple(probs.shape), requests, logits.device)
-    token_ids = (probs / noise).argmax(dim=-1)
+    token_ids = draw(sampling_probs(logits, requests), requests)
     if any(greedy):
         token_ids = torch.where(device_tensor(greedy, logits.device, torch.bool), logits.argmax(dim=-1), token_ids)
     return token_ids

@@ -181,7 +181,8 @@ def elementwise_kernels(s: dict[str, Any], report: Report) -> None:
 
 
 def sampler(s: dict[str, Any], report: Report) -> None:
-    """The sampler on the logits of a full decode batch: greedy, and temperature with top-k and top-p."""
+    """The sampler on the logits of a full decode batch: greedy, temperature alone, with top-k and top-p, and
+    with top-p alone (a full sort on CUDA)."""
     from ember.engine.request import Request
     from ember.engine.sampler import sample
     from ember.engine.sampling_params import SamplingParams
@@ -190,7 +191,9 @@ def sampler(s: dict[str, Any], report: Report) -> None:
     logits = torch.randn(batch, s["vocab"], device=DEVICE)
     for label, params in (
         ("greedy", SamplingParams(temperature=0)),
+        ("temperature 1", SamplingParams(temperature=1.0)),
         ("top-k 50, top-p 0.9", SamplingParams(temperature=0.8, top_k=50, top_p=0.9)),
+        ("top-p 0.9", SamplingParams(temperature=0.8, top_p=0.9)),
     ):
         requests = [Request(str(i), [1], params, [], 1) for i in range(batch)]
         report.add(f"sampler {label}", f"{batch} x {s['vocab']} fp32", lambda: sample(logits, requests), logits.numel() * 4, wall=True)  # noqa: E501,B023  # fmt: skip

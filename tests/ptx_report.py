@@ -35,10 +35,13 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
         )
         for direct in (True, False) for stages in (1, 2, 3)
     },
-    "prefill": (
-        triton_attention._prefill_kernel, PREFILL_SIGNATURE,
-        {**QWEN3, "BLOCK_M": 16, "DOT_FP32": False, "IEEE": False}, {},
-    ),
+    **{
+        f"prefill-m{block_m}": (
+            triton_attention._prefill_kernel, PREFILL_SIGNATURE,
+            {**QWEN3, "BLOCK_M": block_m, "DOT_FP32": False, "IEEE": False}, {},
+        )
+        for block_m in (16, 32, 64)  # the engine's, and the wider tiles kernels.py times
+    },
     "decode-merge": (
         triton_attention._decode_merge_kernel,
         {"mid_out": "*fp32", "mid_lse": "*fp32", "out": "*bf16", "SPLITS": "i32"}, {"S_PAD": 8, "D": 128}, {},

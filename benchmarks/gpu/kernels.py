@@ -146,16 +146,16 @@ def attention_kernels(s: dict[str, Any], report: Report) -> None:
         tables[i, :n] = torch.arange(first, first + n, device=DEVICE)
         first += n
     starts = [sum(length for _, length in chunks[:i]) for i in range(len(chunks))]
-    launch = triton_attention.prefill_launch(
-        starts, [length for _, length in chunks], [p + n for p, n in chunks], DEVICE
-    )
     q = torch.randn(total_rows, s["heads"], s["head_dim"], dtype=DTYPE, device=DEVICE)
     pairs = sum(length * prefix + length * (length + 1) / 2 for prefix, length in chunks)  # visible (query, key)
     flop = 4 * pairs * s["heads"] * s["head_dim"]
     moved = sum(prefix + length for prefix, length in chunks) * kv_row + 2 * q.numel() * elem
-    shape = f"{len(chunks)} chunks, {total_rows} rows"
     call = triton_attention.paged_prefill_attention
-    report.add("prefill attention", shape, lambda: call(q, k_cache, v_cache, tables, launch, scale), moved, flop)
+    for block_m in (16, 32, 64) if CUDA else (16,):  # query rows per program (the engine uses 16)
+        lengths, contexts = [length for _, length in chunks], [p + n for p, n in chunks]
+        launch = triton_attention.prefill_launch(starts, lengths, contexts, DEVICE, block_m)
+        shape = f"{len(chunks)} chunks, {total_rows} rows, m{block_m}"
+        report.add("prefill attention", shape, lambda: call(q, k_cache, v_cache, tables, launch, scale), moved, flop)  # noqa: B023  # fmt: skip
     k = torch.randn(total_rows, s["kv_heads"], s["head_dim"], dtype=DTYPE, device=DEVICE)
     slots = torch.randperm(k_cache.shape[1] * BLOCK_SIZE, device=DEVICE)[:total_rows]
     report.add(

@@ -3,10 +3,11 @@
 A kernel's floor is the larger of (bytes it must move) / (memory bandwidth) and (FLOPs) / (bf16 matmul
 rate); both rates are measured in the same run (a device copy, an 8192^3 matmul). Shapes are those of
 Qwen3-0.6B (16 heads, 8 KV heads, head_dim 128, hidden 1024, intermediate 3072, 28 layers, vocab 151936),
-block size 16. The decode kernel is swept over split counts, warps and pipeline stages (defaults: splits from
-`decode_splits`, 4 warps, 2 stages). Decode steps are whole-model CUDA-graph replays at the batch/context points of the
-speed-of-light probe in issue #7 (H100: 9.2 ms at 256 x 800, 15.8 ms at 256 x 1,500, 3.3 ms at 64 x 800,
-1.07 ms at batch 1). Kernel times come from `triton.testing.do_bench_cudagraph` (no launch overhead).
+block size 16. The decode kernel is swept over split counts, warps and pipeline stages (defaults: splits
+from `decode_splits`, 4 warps, 2 stages), the prefill kernel over query-tile heights. Decode steps are
+whole-model CUDA-graph replays at the batch/context points of the speed-of-light probe in issue #7 (H100:
+9.2 ms at 256 x 800, 15.8 ms at 256 x 1,500, 3.3 ms at 64 x 800, 1.07 ms at batch 1). Kernel times come
+from `triton.testing.do_bench_cudagraph` (no launch overhead).
 
 Imports only torch, triton and this checkout. Without a GPU it runs tiny shapes in Triton's interpreter, to
 check the script end to end. Usage: python benchmarks/gpu/kernels.py [--results DIR]

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in Triton's interpreter. Set before any test module imports triton, which
+# reads it once.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ember.engine.engine import LLM
 from ember.models.loader import default_model_path

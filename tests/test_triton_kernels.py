@@ -1,17 +1,14 @@
 """Ember's Triton kernels against their PyTorch references. Without a GPU they run in Triton's interpreter
-(TRITON_INTERPRET=1) on small shapes; on a GPU the same tests run compiled."""
+(TRITON_INTERPRET=1, set by conftest.py) on small shapes; on a GPU the same tests run compiled."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
 from ember.attention.layout import pack_factor, to_cache_layout  # noqa: E402

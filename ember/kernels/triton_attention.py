@@ -83,6 +83,29 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _attend_block(
+    qv, k_cache, v_cache, base, visible, m_i, l_i, acc, scale, tok, dims,
+    BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """One K/V block (at `base`) of an online softmax: the scores of the query rows `qv` [M, D] against its
+    keys where `visible` ([M or 1, BS]), and the running max `m_i`, normalizer `l_i` and output `acc` updated
+    with its values. A row with no visible key yet keeps -inf, 0, 0."""
+    keys = tl.load(k_cache + base + _key_offsets(tok, dims, BS, P))  # [BS, D]
+    if DOT_FP32:
+        keys = keys.to(tl.float32)
+    scores = tl.where(visible, _dot(qv, tl.trans(keys), IEEE) * scale, float("-inf"))  # [M, BS]
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    probs = tl.exp(scores - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    values = tl.load(v_cache + base + _value_offsets(tok, dims, D, P))  # [BS, D]
+    if DOT_FP32:
+        values = values.to(tl.float32)
+    acc = acc * alpha[:, None] + _dot(probs.to(values.dtype), values, IEEE)
+    return m_new, l_i * alpha + tl.sum(probs, axis=1), acc
+
+
+@triton.jit
 def _decode_split_kernel(
     q, k_cache, v_cache, tables, lens, out, mid_out, mid_lse, scale,
     H, KVH, NB, MAXB, SPLITS,
@@ -114,21 +137,11 @@ def _decode_split_kernel(
         # one block per trip, its base a scalar: the loads below are 16-byte vectors in the CUDA layout
         # (a per-token base defeats Triton's contiguity analysis: 2-byte loads, checked in the PTX)
         block = tl.load(tables + b * MAXB + page)
-        base = (kh * NB + block) * D * BS
-        keys = tl.load(k_cache + base + _key_offsets(tok, dims, BS, P))
-        if DOT_FP32:
-            keys = keys.to(tl.float32)
-        scores = _dot(qv, tl.trans(keys), IEEE) * scale  # [G_PAD, BS]
-        scores = tl.where((page * BS + tok)[None, :] < length, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        probs = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(probs, axis=1)
-        values = tl.load(v_cache + base + _value_offsets(tok, dims, D, P))
-        if DOT_FP32:
-            values = values.to(tl.float32)
-        acc = acc * alpha[:, None] + _dot(probs.to(values.dtype), values, IEEE)
-        m_i = m_new
+        visible = (page * BS + tok)[None, :] < length
+        m_i, l_i, acc = _attend_block(
+            qv, k_cache, v_cache, (kh * NB + block) * D * BS, visible, m_i, l_i, acc, scale, tok, dims,
+            BS, D, P, DOT_FP32, IEEE,
+        )  # fmt: skip
     has_keys = l_i > 0
     result = acc / tl.where(has_keys, l_i, 1.0)[:, None]  # a context of length 0 (a padding row) gives zeros
     if DIRECT:  # one split: this program's result is the output
@@ -241,24 +254,12 @@ def _prefill_kernel(
     last_position = tl.minimum(ctx - q_len + first + BLOCK_M, ctx)  # keys past the tile's last query are masked
     for blk in range(0, tl.cdiv(last_position, BS)):
         block = tl.load(tables + seq * MAXB + blk)
-        base = (kh * NB + block) * D * BS
-        keys = tl.load(k_cache + base + _key_offsets(tok, dims, BS, P))  # [BS, D]
-        if DOT_FP32:
-            keys = keys.to(tl.float32)
-        scores = _dot(qv, tl.trans(keys), IEEE) * scale  # [BLOCK_M, BS]
         key_pos = blk * BS + tok
         visible = (key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] < ctx) & row_ok[:, None]
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        probs = tl.exp(scores - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(probs, axis=1)
-        values = tl.load(v_cache + base + _value_offsets(tok, dims, D, P))  # [BS, D]
-        if DOT_FP32:
-            values = values.to(tl.float32)
-        acc = acc * alpha[:, None] + _dot(probs.to(values.dtype), values, IEEE)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(
+            qv, k_cache, v_cache, (kh * NB + block) * D * BS, visible, m_i, l_i, acc, scale, tok, dims,
+            BS, D, P, DOT_FP32, IEEE,
+        )  # fmt: skip
     result = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out + q_off[:, None] + dims[None, :], result.to(out.dtype.element_ty), mask=row_ok[:, None])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -293,9 +294,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def show_engine_log() -> None:
+    """Ember's own log lines (start-up steps such as CUDA-graph capture, fallbacks) on stderr."""
+    log = logging.getLogger("ember")
+    if log.handlers:  # main() already ran in this process
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("ember: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    show_engine_log()
     args.argv = argv
     func: Callable[[argparse.Namespace], int] = args.func
     try:

@@ -75,6 +75,8 @@ class DecodeGraphs:
         """Capture every bucket, largest first (smaller graphs then reuse its memory pool). On the CPU each
         bucket's step simply runs eagerly when replayed."""
         start = time.perf_counter()
+        if self.device.type == "cuda":
+            logger.info("capturing CUDA graphs for %d decode batch sizes (--enforce-eager skips it)", len(self.buckets))
         for bucket in reversed(self.buckets):
             self.graphs[bucket] = self._capture(bucket) if self.device.type == "cuda" else self._forward(bucket)
         if self.device.type == "cuda":

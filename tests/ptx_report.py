@@ -17,6 +17,10 @@ from triton.compiler import ASTSource
 from ember.kernels import triton_attention, triton_elementwise
 
 HOPPER = GPUTarget("cuda", 90, 32)
+# Integer arguments that are multiples of 16 at Qwen3-0.6B's shapes (16 heads, hidden 1024, intermediate 3072,
+# a q/k/v row of 4096). Triton's JIT specializes such values as divisible by 16 when it compiles at run time,
+# which is what lets it vectorize loads at `row * stride + cols`, so the compile here marks them too.
+ALIGNED_INTS = {"H", "x_stride", "width", "row_stride"}
 QWEN3 = {"G": 2, "BS": 16, "D": 128, "P": 8}  # 16 heads over 8 KV heads, head_dim 128, bf16 CUDA layout
 ATTENTION_INTS = {"H": "i32", "KVH": "i32", "NB": "i32", "MAXB": "i32"}
 DECODE_SIGNATURE = {"q": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "tables": "*i64", "lens": "*i64",
@@ -50,7 +54,7 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
         triton_attention._write_kv_kernel,
         {"k": "*bf16", "v": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "slots": "*i64", "NB": "i32",
          "KVH": "i32"},
-        {"BS": 16, "D": 128, "P": 8}, {},
+        {"BS": 16, "D": 128, "P": 8, "HEADS": 8}, {},
     ),
     "rms-norm": (
         triton_elementwise._rms_norm_kernel,
@@ -59,8 +63,9 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
         {"HAS_RESIDUAL": True, "BLOCK": 1024}, {},
     ),
     "rotary": (
-        triton_elementwise._rotary_kernel, {"x": "*bf16", "cos": "*fp32", "sin": "*fp32", "row_stride": "i32"},
-        {"HALF": 64}, {},
+        triton_elementwise._rotary_kernel,
+        {"x": "*bf16", "cos": "*fp32", "sin": "*fp32", "row_stride": "i32", "heads": "i32"},
+        {"HALF": 64, "HEADS": 16}, {},
     ),
     "silu-and-mul": (
         triton_elementwise._silu_and_mul_kernel, {"gate_up": "*bf16", "out": "*bf16", "width": "i32"},
@@ -72,7 +77,11 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
 def compile_ptx(kernel: Any, signature: dict[str, str], constants: dict[str, Any], options: dict[str, int]) -> str:
     """PTX of `kernel` for sm_90; pointer arguments are 16-byte aligned, as PyTorch allocates them."""
     signature = {**signature, **dict.fromkeys(constants, "constexpr")}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(signature.values()) if kind.startswith("*")}
+    aligned = {
+        (i,): [["tt.divisibility", 16]]
+        for i, (name, kind) in enumerate(signature.items())
+        if kind.startswith("*") or name in ALIGNED_INTS
+    }
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned)
     return triton.compile(source, target=HOPPER, options={"num_warps": 4, **options}).asm["ptx"]
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ember.engine.engine import LLM
+from ember.engine.engine import LLM, merge_output
 from ember.engine.request import Request
 from ember.engine.sampler import apply_penalties, sample
 from ember.engine.sampling_params import SamplingParams
@@ -123,6 +123,28 @@ def test_stop_strings_cut_exactly_and_never_stream_partially(smollm: LLM) -> Non
             assert delta.outputs[0].finish_reason == "stop" and delta.outputs[0].stop_reason == stop
     assert streamed == expected
     assert smollm.generate(prompt, params)[0].outputs[0].text == expected
+
+
+def test_final_only_request_returns_one_whole_output(smollm: LLM) -> None:
+    """What `LLM.generate` asks for: no delta per step, one output at the end equal to the merged deltas."""
+    prompt, params = "Once upon a time", SamplingParams(n=2, max_tokens=12, temperature=0.8, seed=3, logprobs=2)
+    streamed = None
+    for delta in smollm.stream(prompt, params):
+        streamed = merge_output(streamed, delta)
+    assert streamed is not None
+    engine = smollm.engine
+    request_id = engine.add_request(prompt, params, final_only=True)
+    outputs = []
+    for _ in range(100):  # 12 tokens take 12 steps after the prefill
+        outputs.extend(engine.step())
+        if not engine.has_unfinished_requests():
+            break
+    assert len(outputs) == 1 and outputs[0].request_id == request_id and outputs[0].finished
+    assert len(outputs[0].outputs) == 2
+    for final, merged in zip(outputs[0].outputs, streamed.outputs, strict=True):
+        assert final.token_ids == merged.token_ids and len(final.token_ids) == 12
+        assert final.text == merged.text and final.finish_reason == merged.finish_reason == "length"
+        assert [lp.token_id for lp in final.logprobs or []] == final.token_ids
 
 
 def test_stop_token_ids_and_eos(smollm: LLM) -> None:

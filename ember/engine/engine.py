@@ -51,6 +51,7 @@ class RequestGroup:
     prompt: str | None
     prompt_token_ids: list[int]
     children: list[Request]
+    final_only: bool = False  # hand back one output when the group finishes, none per step
     sent_tokens: list[int] = field(default_factory=list)
     sent_finish: list[bool] = field(default_factory=list)
     prompt_logprobs_sent: bool = False
@@ -174,9 +175,16 @@ class Engine:
         return None, ids
 
     def add_request(
-        self, prompt: PromptType, params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        final_only: bool = False,
     ) -> str:
-        """Validate and queue a request; returns its id. Raises ValueError with a clear message."""
+        """Validate and queue a request; returns its id. Raises ValueError with a clear message.
+
+        With `final_only`, `step` returns the request's whole output once, when it finishes, instead of a
+        delta at every step: offline generation skips building (and merging) an output per token."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.groups:
@@ -213,7 +221,7 @@ class Engine:
             if self.tokenizer is not None:
                 child.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop)
             children.append(child)
-        self.groups[request_id] = RequestGroup(request_id, text, ids, children)
+        self.groups[request_id] = RequestGroup(request_id, text, ids, children, final_only)
         for child in children:
             self.scheduler.add(child)
         return request_id
@@ -318,8 +326,10 @@ class Engine:
             touched[group_id] = self.groups[group_id]
         outputs = []
         for group_id, group in touched.items():
-            outputs.append(group.take_delta())
-            if group.finished:
+            finished = group.finished
+            if finished or not group.final_only:
+                outputs.append(group.take_delta())
+            if finished:
                 del self.groups[group_id]
         return outputs
 
@@ -393,7 +403,10 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
 
     def _submit(
-        self, prompts: PromptType | Sequence[PromptType], params: SamplingParams | Sequence[SamplingParams] | None
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: SamplingParams | Sequence[SamplingParams] | None,
+        final_only: bool = False,
     ) -> list[str]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
@@ -406,7 +419,7 @@ class LLM:
         ids = []
         try:
             for prompt, p in zip(prompt_list, params_list, strict=True):
-                ids.append(self.engine.add_request(prompt, p))
+                ids.append(self.engine.add_request(prompt, p, final_only=final_only))
         except ValueError:
             for request_id in ids:
                 self.engine.abort_request(request_id)
@@ -437,7 +450,7 @@ class LLM:
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Generate to completion; outputs in the order of `prompts`."""
-        ids = self._submit(prompts, params)
+        ids = self._submit(prompts, params, final_only=True)
         results: dict[str, RequestOutput] = {}
         progress = _progress(len(ids)) if use_tqdm else None
         done = 0

@@ -59,23 +59,27 @@ class KVCacheManager:
         Returns False, changing nothing, when the pool is short. Blocks that this step fills are
         registered in the prefix cache at once: their KV is written before any attention reads it.
         """
-        total = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
-        needed = self.blocks_for(total) - len(request.block_ids) - len(computed_blocks)
-        evictable_hits = sum(1 for b in computed_blocks if self.pool.ref_counts[b] == 0)
-        if needed > self.pool.num_free_blocks - evictable_hits:
+        bs = self.block_size
+        total = request.num_computed_tokens + len(computed_blocks) * bs + num_new_tokens
+        needed = -(-total // bs) - len(request.block_ids) - len(computed_blocks)
+        if computed_blocks:  # a new request's cached prefix: blocks no one uses are evictable, not free for it
+            evictable_hits = sum(1 for b in computed_blocks if self.pool.ref_counts[b] == 0)
+            if needed > self.pool.num_free_blocks - evictable_hits:
+                return False
+            self.pool.touch(list(computed_blocks))
+            request.block_ids.extend(computed_blocks)
+        elif needed > self.pool.num_free_blocks:
             return False
-        self.pool.touch(list(computed_blocks))
-        request.block_ids.extend(computed_blocks)
         if needed > 0:
             request.block_ids.extend(self.pool.allocate(needed))
         if self.enable_prefix_caching:  # only blocks full of committed tokens: drafts may still be rejected
-            self._cache_full_blocks(request, min(total, request.num_committed_tokens))
+            full = min(total, request.num_committed_tokens) // bs
+            if full > request.num_cached_blocks:
+                self._cache_full_blocks(request, full)
         return True
 
-    def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
-        full = num_tokens // self.block_size
-        if full <= request.num_cached_blocks:
-            return
+    def _cache_full_blocks(self, request: Request, full: int) -> None:
+        """Register the request's blocks up to `full` (counted from the start) in the prefix cache."""
         hashes = self.block_hashes(request)
         for i in range(request.num_cached_blocks, full):
             self.pool.cache(request.block_ids[i], hashes[i])

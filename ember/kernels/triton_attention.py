@@ -45,20 +45,26 @@ def _value_offsets(tok, dims, D: tl.constexpr, P: tl.constexpr):
 
 
 @triton.jit
-def _write_kv_kernel(k, v, k_cache, v_cache, slots, NB, KVH, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr):
+def _write_kv_kernel(
+    k, v, k_cache, v_cache, slots, NB, KVH, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, HEADS: tl.constexpr
+):  # fmt: skip
+    """One program per new token stores all its KV heads: a [heads, dim] tile, so each thread moves 16 bytes
+    of the token's keys and values (a program per head left one 2-byte element per thread)."""
     t = tl.program_id(0)
-    h = tl.program_id(1)
     slot = tl.load(slots + t)
     block = slot // BS
     offset = slot % BS
-    dims = tl.arange(0, D)
-    store = (dims * 0 + slot) >= 0  # slot -1: a padding row of a CUDA-graph batch, stores nothing
-    row = (t * KVH + h) * D + dims
-    base = (h * NB + block) * D * BS
+    heads = tl.arange(0, HEADS)[:, None]
+    dims = tl.arange(0, D)[None, :]
+    # slot -1: a padding row of a CUDA-graph batch, stores nothing (the slot test is a tensor: Triton's
+    # interpreter turns a tensor & a scalar bool into int32)
+    store = (heads < KVH) & (dims * 0 + slot >= 0)
+    row = (t * KVH + heads) * D + dims
+    base = (heads * NB + block) * D * BS
     key_off = ((dims // P) * BS + offset) * P + dims % P
     value_off = ((offset // P) * D + dims) * P + offset % P
-    tl.store(k_cache + base + key_off, tl.load(k + row), mask=store)
-    tl.store(v_cache + base + value_off, tl.load(v + row), mask=store)
+    tl.store(k_cache + base + key_off, tl.load(k + row, mask=store), mask=store)
+    tl.store(v_cache + base + value_off, tl.load(v + row, mask=store), mask=store)
 
 
 def write_kv(
@@ -68,9 +74,9 @@ def write_kv(
     if k.shape[0] == 0:
         return
     kv_heads, num_blocks, block_size, head_dim, pack = cache_geometry(v_cache)
-    _write_kv_kernel[(k.shape[0], kv_heads)](
+    _write_kv_kernel[(k.shape[0],)](
         k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping, num_blocks, kv_heads,
-        BS=block_size, D=head_dim, P=pack,
+        BS=block_size, D=head_dim, P=pack, HEADS=triton.next_power_of_2(kv_heads),
     )  # fmt: skip
 
 

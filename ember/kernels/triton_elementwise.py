@@ -50,24 +50,30 @@ def add_rms_norm(
 
 
 @triton.jit
-def _rotary_kernel(x, cos, sin, row_stride, HALF: tl.constexpr):
+def _rotary_kernel(x, cos, sin, row_stride, heads, HALF: tl.constexpr, HEADS: tl.constexpr):
+    """One program per token rotates all its heads: a [heads, head_dim / 2] tile whose rows are contiguous,
+    so the loads are 16-byte vectors (a program per (token, head) moved 2 bytes per thread)."""
     row = tl.program_id(0)
-    head = tl.program_id(1)
-    i = tl.arange(0, HALF)
-    base = x + row * row_stride + head * 2 * HALF
-    x1 = tl.load(base + i).to(tl.float32)
-    x2 = tl.load(base + HALF + i).to(tl.float32)
+    head = tl.arange(0, HEADS)[:, None]
+    i = tl.arange(0, HALF)[None, :]
+    ok = head < heads
+    first = x + row * row_stride + head * 2 * HALF + i
+    x1 = tl.load(first, mask=ok).to(tl.float32)
+    x2 = tl.load(first + HALF, mask=ok).to(tl.float32)
     c = tl.load(cos + row * HALF + i)
     s = tl.load(sin + row * HALF + i)
-    tl.store(base + i, (x1 * c - x2 * s).to(x.dtype.element_ty))
-    tl.store(base + HALF + i, (x2 * c + x1 * s).to(x.dtype.element_ty))
+    tl.store(first, (x1 * c - x2 * s).to(x.dtype.element_ty), mask=ok)
+    tl.store(first + HALF, (x2 * c + x1 * s).to(x.dtype.element_ty), mask=ok)
 
 
 def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate x [tokens, heads, head_dim] in place (heads of a token contiguous); cos/sin [tokens, head_dim/2]."""
     tokens, heads, head_dim = x.shape
     assert x.stride(2) == 1 and x.stride(1) == head_dim
-    _rotary_kernel[(tokens, heads)](x, cos.contiguous(), sin.contiguous(), x.stride(0), HALF=head_dim // 2)
+    _rotary_kernel[(tokens,)](
+        x, cos.contiguous(), sin.contiguous(), x.stride(0), heads, HALF=head_dim // 2,
+        HEADS=triton.next_power_of_2(heads),
+    )  # fmt: skip
 
 
 @triton.jit

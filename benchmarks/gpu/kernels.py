@@ -49,7 +49,8 @@ FULL = {"heads": 16, "kv_heads": 8, "head_dim": 128, "hidden": 1024, "intermedia
         "prefill_chunks": [(0, 1024)] * 8 + [(1024, 512)] * 8, "rows": [256, 8192]}  # fmt: skip
 TINY = {"heads": 4, "kv_heads": 2, "head_dim": 16, "hidden": 64, "intermediate": 128, "layers": 2, "vocab": 512,
         "decode_points": [(4, 40), (1, 8)], "prefill_chunks": [(0, 24), (16, 8)], "rows": [8]}  # fmt: skip
-BLOCK_SIZE = 16
+BLOCK_SIZE = 16  # the engine's default; decode attention is also timed with the larger ones below
+DECODE_BLOCK_SIZES = (32, 64)  # a block per loop trip: larger blocks, more bytes in flight per trip
 
 
 def seconds(fn: Callable[[], Any]) -> float:
@@ -106,15 +107,19 @@ class Report:
         print(f"{kernel:31s} {shape:34s} {t * 1e6:10.1f} {floor * 1e6:10.1f} {100 * floor / t:8.0f}%", flush=True)
 
 
-def random_caches(s: dict[str, Any], num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (s["kv_heads"], num_blocks, BLOCK_SIZE, s["head_dim"])
+def random_caches(
+    s: dict[str, Any], num_blocks: int, block_size: int = BLOCK_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (s["kv_heads"], num_blocks, block_size, s["head_dim"])
     keys = torch.randn(shape, dtype=DTYPE, device=DEVICE)
     return to_cache_layout(keys, torch.randn_like(keys))
 
 
-def decode_case(s: dict[str, Any], batch: int, context: int) -> tuple[torch.Tensor, ...]:
-    blocks = -(-context // BLOCK_SIZE)
-    k_cache, v_cache = random_caches(s, batch * blocks)
+def decode_case(
+    s: dict[str, Any], batch: int, context: int, block_size: int = BLOCK_SIZE
+) -> tuple[torch.Tensor, ...]:
+    blocks = -(-context // block_size)
+    k_cache, v_cache = random_caches(s, batch * blocks, block_size)
     tables = torch.randperm(batch * blocks, device=DEVICE).view(batch, blocks)
     lens = torch.full((batch,), context, dtype=torch.int64, device=DEVICE)
     q = torch.randn(batch, s["heads"], s["head_dim"], dtype=DTYPE, device=DEVICE)
@@ -137,6 +142,11 @@ def attention_kernels(s: dict[str, Any], report: Report) -> None:
             shape = f"b{batch} ctx{context} s{splits} w{warps} st{stages}"
             report.add("decode attention", shape, lambda: call(q, k_cache, v_cache, tables, lens, scale, splits, warps, stages), moved)  # noqa: E501,B023  # fmt: skip
         del k_cache, v_cache
+        for block_size in DECODE_BLOCK_SIZES if CUDA else DECODE_BLOCK_SIZES[:1]:
+            q, k_cache, v_cache, tables, lens = decode_case(s, batch, context, block_size)
+            shape = f"b{batch} ctx{context} s{default} block {block_size}"
+            report.add("decode attention", shape, lambda: call(q, k_cache, v_cache, tables, lens, scale), moved)  # noqa: B023
+            del k_cache, v_cache
     chunks = s["prefill_chunks"]
     total_rows = sum(length for _, length in chunks)
     blocks = [-(-(prefix + length) // BLOCK_SIZE) for prefix, length in chunks]

@@ -28,15 +28,16 @@ from typing import Any
 os.environ["EMBER_KERNELS"] = "triton"  # the CUDA path's host code; the stubbed model runs no kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from ember.engine.engine import LLM  # noqa: E402
-from ember.engine.sampling_params import SamplingParams  # noqa: E402
-from ember.models.loader import DUMMY_PRESETS  # noqa: E402
+from ember.engine.engine import LLM
+from ember.engine.sampling_params import SamplingParams
+from ember.models.loader import DUMMY_PRESETS
 
 VOCAB = 1024  # small: on a GPU, reading the logits (argmax, sampling) is device work, not the host's
-TINY_QWEN3 = {**DUMMY_PRESETS["qwen3-0.6b"], "model_type": "qwen3", "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,
-              "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}  # fmt: skip
+TINY_QWEN3 = {**DUMMY_PRESETS["qwen3-0.6b"], "model_type": "qwen3", "vocab_size": VOCAB, "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "head_dim": 16}  # fmt: skip
 
 
 def stub_model(llm: LLM, max_rows: int) -> None:

@@ -115,9 +115,7 @@ def random_caches(
     return to_cache_layout(keys, torch.randn_like(keys))
 
 
-def decode_case(
-    s: dict[str, Any], batch: int, context: int, block_size: int = BLOCK_SIZE
-) -> tuple[torch.Tensor, ...]:
+def decode_case(s: dict[str, Any], batch: int, context: int, block_size: int = BLOCK_SIZE) -> tuple[torch.Tensor, ...]:
     blocks = -(-context // block_size)
     k_cache, v_cache = random_caches(s, batch * blocks, block_size)
     tables = torch.randperm(batch * blocks, device=DEVICE).view(batch, blocks)

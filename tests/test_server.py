@@ -216,6 +216,12 @@ def test_api_key_queue_limit_and_graceful_shutdown() -> None:
             httpx.get(url, headers={"Authorization": "Bearer wrong"}).json()["error"]["type"] == "authentication_error"
         )
         assert httpx.get(url, headers={"Authorization": "Bearer sekret"}).status_code == 200
+        body = {"prompt": "Hi", "max_tokens": 4, "ignore_eos": True, "stream": True}
+        auth = {"Authorization": "Bearer sekret"}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=auth, timeout=60) as streamed:
+            lines = list(streamed.iter_lines())
+        assert streamed.status_code == 200 and sum(line.startswith("data: {") for line in lines) >= 4
+        assert "data: [DONE]" in lines
         assert httpx.get(f"{server.url}/health").status_code == 200  # health needs no key
         assert httpx.post(f"{server.url}/reset_prefix_cache").status_code == 401
         reset = httpx.post(f"{server.url}/reset_prefix_cache", headers={"Authorization": "Bearer sekret"})

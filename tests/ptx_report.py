@@ -44,7 +44,7 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
             triton_attention._prefill_kernel, PREFILL_SIGNATURE,
             {**QWEN3, "BLOCK_M": block_m, "DOT_FP32": False, "IEEE": False}, {},
         )
-        for block_m in (16, 32, 64)  # the engine's, and the wider tiles kernels.py times
+        for block_m in (16, 32, 64)  # the CPU's, the CUDA default (64), and the one between
     },
     "decode-merge": (
         triton_attention._decode_merge_kernel,
@@ -91,7 +91,7 @@ def report() -> dict[str, dict[str, Any]]:
     for name, (kernel, signature, constants, options) in KERNELS.items():
         ptx = compile_ptx(kernel, signature, constants, options)
         ops = Counter(re.findall(r"(?:ld|st)\.(?:global|local)[.\w]*", ptx))
-        result[name] = {"memory_ops": dict(ops), "tensor_cores": "mma" in ptx}
+        result[name] = {"memory_ops": dict(ops), "tensor_cores": "mma" in ptx, "wgmma": "wgmma.mma_async" in ptx}
     return result
 
 

@@ -87,12 +87,14 @@ def test_paged_decode_matches_reference(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("heads", "kv_heads", "head_dim", "block_size", "layout"), [(4, 2, 32, 16, "cpu"), (6, 3, 64, 32, "cuda")]
+    ("heads", "kv_heads", "head_dim", "block_size", "layout", "block_m"),
+    [(4, 2, 32, 16, "cpu", 16), (6, 3, 64, 32, "cuda", 64)],
 )
 def test_paged_prefill_matches_reference(
-    dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int, layout: str
+    dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int, layout: str, block_m: int
 ) -> None:
-    """Ragged chunks in one launch: whole prompts, and chunks after a cached prefix."""
+    """Ragged chunks in one launch: whole prompts, and chunks after a cached prefix; query tiles of 16 rows
+    and of 64 (CUDA's default), each longer than some chunks."""
     num_blocks = 64
     k_cache, v_cache = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, heads + 7, layout)
     chunks = [(0, 21), (block_size * 2 + 5, 9), (0, 1), (40, 40)]  # (cached prefix length, chunk length)
@@ -114,7 +116,7 @@ def test_paged_prefill_matches_reference(
         starts.append(row)
         row += length
     lengths, contexts = [length for _, length in chunks], [prefix + length for prefix, length in chunks]
-    launch = triton_attention.prefill_launch(starts, lengths, contexts, torch.device(DEVICE))
+    launch = triton_attention.prefill_launch(starts, lengths, contexts, torch.device(DEVICE), block_m)
     tables = torch.stack(tables_list).to(DEVICE)
     out = triton_attention.paged_prefill_attention(q.to(DEVICE), k_cache, v_cache, tables, launch, head_dim**-0.5)
     assert out.dtype == dtype and relative_error(out.cpu(), expected) < TOLERANCE[dtype]

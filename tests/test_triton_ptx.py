@@ -44,6 +44,11 @@ def test_attention_loads_the_cache_in_16_byte_vectors(ptx: dict, kernel: str) ->
     assert ptx[kernel]["tensor_cores"]  # QK and PV through mma, GQA heads padded to 16 rows in decode
 
 
+def test_cuda_prefill_tiles_use_hopper_warpgroup_mma(ptx: dict) -> None:
+    """Why CUDA's prefill tiles are 64 query rows: then the products run as `wgmma` on sm_90."""
+    assert ptx["prefill-m64"]["wgmma"] and not ptx["prefill-m16"]["wgmma"]
+
+
 @pytest.mark.parametrize("kernel", ["write-kv", "rms-norm", "rotary", "silu-and-mul"])
 def test_per_token_kernels_move_16_byte_vectors(ptx: dict, kernel: str) -> None:
     """Each thread loads 16 bytes of a token's row. (A token's values land in 2-byte steps in the CUDA layout,

@@ -160,7 +160,7 @@ def attention_kernels(s: dict[str, Any], report: Report) -> None:
     flop = 4 * pairs * s["heads"] * s["head_dim"]
     moved = sum(prefix + length for prefix, length in chunks) * kv_row + 2 * q.numel() * elem
     call = triton_attention.paged_prefill_attention
-    for block_m in (16, 32, 64) if CUDA else (16,):  # query rows per program (the engine uses 16)
+    for block_m in (16, 32, 64) if CUDA else (16,):  # query rows per program (the engine: 64 on CUDA)
         lengths, contexts = [length for _, length in chunks], [p + n for p, n in chunks]
         launch = triton_attention.prefill_launch(starts, lengths, contexts, DEVICE, block_m)
         shape = f"{len(chunks)} chunks, {total_rows} rows, m{block_m}"

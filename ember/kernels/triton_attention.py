@@ -283,8 +283,12 @@ class PrefillLaunch:
 
 
 def prefill_launch(
-    q_starts: list[int], q_lens: list[int], context_lens: list[int], device: torch.device, block_m: int = 16
+    q_starts: list[int], q_lens: list[int], context_lens: list[int], device: torch.device, block_m: int | None = None
 ) -> PrefillLaunch:
+    """Query tiles of `block_m` rows (default 64 on CUDA: with 64-row tiles the sm_90 build runs its matrix
+    products as Hopper's asynchronous warpgroup MMA, `wgmma`, and 16-row tiles get the older `mma.sync`, as
+    tests/test_triton_ptx.py checks; 16 elsewhere, which keeps the CPU interpreter quick)."""
+    block_m = block_m or (64 if device.type == "cuda" else 16)
     seqs, firsts = [], []
     for seq, length in enumerate(q_lens):
         for first in range(0, length, block_m):

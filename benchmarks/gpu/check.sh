@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Everything a GPU session checks, in one call (about 8 minutes on an H100; the device allows 10 a call):
-#   1. the Triton kernel tests and the bf16 parity tests, compiled on the GPU;
-#   2. each kernel and whole decode steps against their floors (benchmarks/gpu/kernels.py);
-#   3. the host's Python time per decode step at batch 256 on this machine's CPU (host_overhead.py, seconds);
-#   4. the throughput table: Ember (CUDA graphs; with async scheduling; eager), HF continuous batching and
-#      HF naive (bench.py).
+# Everything a GPU session checks, in one call of at most 10 minutes (the device's limit per call), the
+# issue's figure first; each part has its own time limit, so a slow or hung part cannot take the later
+# ones' time:
+#   tests    the Triton kernel tests and the bf16 parity tests, compiled on the GPU (140 s);
+#   bench    the throughput table: Ember (CUDA graphs; with async scheduling; eager), HF continuous
+#            batching and HF naive (bench.py, 270 s);
+#   kernels  each kernel and whole decode steps against their floors, with the decode kernel's sweep over
+#            splits, warps, stages and block sizes (kernels.py, 130 s);
+#   host     the host's Python time per decode step at batch 256 on this machine's CPU (host_overhead.py).
+# CHECK_PARTS="bench kernels" runs only those parts (e.g. to rerun what a first call cut short).
 # Logs and JSON go to $1 (default: $EMBER_RESULTS_DIR, else benchmarks/gpu/results), at most 6 files.
-# A failing step does not stop the later ones; the exit status says whether any failed.
+# A failing or timed-out part does not stop the later ones; the exit status says whether any failed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out="${1:-${EMBER_RESULTS_DIR:-benchmarks/gpu/results}}"
@@ -14,12 +18,26 @@ mkdir -p "$out"
 python="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 status=0
+
+parts=" ${CHECK_PARTS:-tests bench kernels host} "
+
+part() {  # part NAME SECONDS LOG COMMAND...: if NAME is selected, COMMAND under a time limit, output into LOG
+    local name=$1 limit=$2 log=$3
+    shift 3
+    [[ "$parts" == *" $name "* ]] || return 0
+    timeout --kill-after=5 "$limit" "$@" 2>&1 | tee -a "$log"
+    local code=${PIPESTATUS[0]}
+    if [ "$code" -ne 0 ]; then
+        echo "check.sh: '$*' ended with status $code (124: over its ${limit} s limit)" | tee -a "$log"
+        status=1
+    fi
+}
+
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt" || status=1
-"$python" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_tiny_parity.py 2>&1 \
-    | tee "$out/tests.log" || status=1
-"$python" benchmarks/gpu/kernels.py --results "$out" 2>&1 | tee "$out/kernels.log" || status=1
-"$python" benchmarks/host_overhead.py --profile 0 2>&1 | tee "$out/bench.log" || status=1
-"$python" benchmarks/gpu/bench.py --results "$out" --variants graphs,async,eager --hf-cb-seconds 90 \
-    --naive-seconds 45 2>&1 \
-    | tee -a "$out/bench.log" || status=1
+part tests 140 "$out/tests.log" "$python" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+    tests/test_tiny_parity.py
+part bench 270 "$out/bench.log" "$python" benchmarks/gpu/bench.py --results "$out" --variants graphs,async,eager \
+    --hf-cb-seconds 80 --naive-seconds 40
+part kernels 130 "$out/kernels.log" "$python" benchmarks/gpu/kernels.py --results "$out"
+part host 25 "$out/bench.log" "$python" benchmarks/host_overhead.py --profile 0
 exit $status

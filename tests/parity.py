@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from ember.engine.request import RequestOutput
 
@@ -17,14 +19,18 @@ def hf_greedy(model: Any, prompt_ids: list[int], max_new_tokens: int, top: int =
     """
     tokens: list[int] = []
     tops: list[set[int]] = []
+    # the cache argument is `cache` in newer transformers, `past_key_values` before (as on the GPU machines)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    kv_cache = {name: DynamicCache()}  # filled in place by each forward
+    device = next(model.parameters()).device
     with torch.inference_mode():
-        out = model(torch.tensor([prompt_ids]), use_cache=True)
+        out = model(torch.tensor([prompt_ids], device=device), use_cache=True, **kv_cache)
         for _ in range(max_new_tokens):
             logits = out.logits[0, -1].float()
             token = int(logits.argmax())
             tokens.append(token)
             tops.append(set(logits.topk(top).indices.tolist()))
-            out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+            out = model(torch.tensor([[token]], device=device), use_cache=True, **kv_cache)
     return tokens, tops
 
 

@@ -79,6 +79,7 @@ def main() -> None:
     params = SamplingParams(max_tokens=args.steps, temperature=0, ignore_eos=True)
     run(llm, prompts[:2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), args.api)
     timings: list[Any] = []
+    overlapped = -llm.engine.num_overlapped_steps
     for profiled in (False, True) if args.profile else (False,):
         profiler = cProfile.Profile() if profiled else None
         start = time.perf_counter()
@@ -90,9 +91,11 @@ def main() -> None:
             pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
         else:
             timings.append(time.perf_counter() - start)
+            overlapped += llm.engine.num_overlapped_steps
     per_step = 1000 * timings[0] / args.steps
     print(f"batch {args.batch}, {args.steps} steps, api {args.api}, async {args.async_scheduling}: "
-          f"{per_step:.2f} ms of host time per step (prefill step included)")  # fmt: skip
+          f"{per_step:.2f} ms of host time per step (prefill step included)"
+          + (f", {overlapped} of them launched behind another" if args.async_scheduling else ""))  # fmt: skip
 
 
 if __name__ == "__main__":

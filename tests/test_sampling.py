@@ -167,6 +167,24 @@ def test_abandoned_stream_frees_its_blocks(smollm: LLM) -> None:
     assert smollm.engine.kv_cache.pool.num_free_blocks == smollm.engine.kv_cache.num_blocks
 
 
+def test_interrupted_generate_frees_its_requests(smollm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C in the middle of `generate` (raised here from its third engine step) leaves nothing running."""
+    engine, step, calls = smollm.engine, smollm.engine.step, []
+
+    def interrupted_step() -> list:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step()
+
+    monkeypatch.setattr(engine, "step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        smollm.generate(["Tell me a long story."] * 4, SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    monkeypatch.undo()
+    assert not engine.has_unfinished_requests()
+    assert engine.kv_cache.pool.num_free_blocks == engine.kv_cache.num_blocks
+
+
 def test_logit_bias_forces_and_bans_tokens(smollm: LLM) -> None:
     forced = smollm.tokenizer(" banana")["input_ids"][0]
     out = smollm.generate("Hello", SamplingParams(max_tokens=4, temperature=0, logit_bias={forced: 100.0}))[0]

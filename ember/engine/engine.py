@@ -453,18 +453,18 @@ class LLM:
         ids = self._submit(prompts, params, final_only=True)
         results: dict[str, RequestOutput] = {}
         progress = _progress(len(ids)) if use_tqdm else None
-        done = 0
         try:
-            while done < len(ids):
-                for delta in self.engine.step():
-                    results[delta.request_id] = merge_output(results.get(delta.request_id), delta)
-                    if delta.finished:
-                        done += 1
-                        if progress is not None:
-                            progress[0].advance(progress[1])
+            while len(results) < len(ids):
+                for out in self.engine.step():  # final-only: one whole output per request, when it ends
+                    results[out.request_id] = out
+                    if progress is not None:
+                        progress[0].advance(progress[1])
         finally:
             if progress is not None:
                 progress[0].stop()
+            for request_id in ids:
+                if request_id not in results:  # interrupted (Ctrl-C, an error): free what is left
+                    self.engine.abort_request(request_id)
         return [results[i] for i in ids]
 
 

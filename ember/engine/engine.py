@@ -18,7 +18,7 @@ from ember.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from ember.engine.detokenizer import IncrementalDetokenizer
 from ember.engine.kv_cache_manager import KVCacheManager
 from ember.engine.model_runner import LaunchedStep, ModelRunner, kv_cache_bytes_per_block
-from ember.engine.request import CompletionOutput, Request, RequestOutput, TokenLogprob
+from ember.engine.request import CompletionOutput, Request, RequestOutput, RequestStatus, TokenLogprob
 from ember.engine.sampling_params import SamplingParams
 from ember.engine.scheduler import ScheduledRequest, Scheduler
 from ember.models.loader import LoadedModel, load_model
@@ -65,18 +65,26 @@ class RequestGroup:
         return all(c.is_finished for c in self.children)
 
     def take_delta(self) -> RequestOutput:
-        """What each sample produced since the last call (only samples with something new)."""
+        """What each sample produced since the last call (only samples with something new). Runs for every
+        streamed request at every step: one pass over the samples, no property chains."""
         outputs = []
+        finished = True
+        drafted = accepted = 0
         for i, child in enumerate(self.children):
+            drafted += child.num_draft_tokens
+            accepted += child.num_accepted_tokens
+            child_finished = child.status is RequestStatus.FINISHED
+            finished = finished and child_finished
             sent = self.sent_tokens[i]
-            new_ids = child.all_token_ids[child.num_prompt_tokens + sent : child.num_committed_tokens]  # O(new)
-            if not new_ids and (self.sent_finish[i] or not child.is_finished):
+            committed = len(child.all_token_ids) - child.num_pending_tokens
+            new_ids = child.all_token_ids[child.num_prompt_tokens + sent : committed]  # O(new)
+            if not new_ids and (self.sent_finish[i] or not child_finished):
                 continue
             logprobs = child.logprobs[sent:] if child.params.logprobs is not None else None
-            text = child.detokenizer.take_delta(child.is_finished) if child.detokenizer else ""
+            text = child.detokenizer.take_delta(child_finished) if child.detokenizer else ""
             outputs.append(CompletionOutput(i, text, new_ids, logprobs, child.finish_reason, child.stop_reason))
-            self.sent_tokens[i] = child.num_output_tokens
-            self.sent_finish[i] = child.is_finished
+            self.sent_tokens[i] = committed - child.num_prompt_tokens
+            self.sent_finish[i] = child_finished
         first = self.children[0]
         prompt_logprobs = None
         wants_prompt_logprobs = first.params.prompt_logprobs is not None and not self.prompt_logprobs_sent
@@ -88,11 +96,11 @@ class RequestGroup:
             self.prompt,
             self.prompt_token_ids,
             outputs,
-            self.finished,
+            finished,
             prompt_logprobs,
             first.num_cached_tokens or 0,
-            sum(c.num_draft_tokens for c in self.children),
-            sum(c.num_accepted_tokens for c in self.children),
+            drafted,
+            accepted,
         )
 
 
@@ -326,10 +334,10 @@ class Engine:
             touched[group_id] = self.groups[group_id]
         outputs = []
         for group_id, group in touched.items():
-            finished = group.finished
-            if finished or not group.final_only:
-                outputs.append(group.take_delta())
-            if finished:
+            if group.final_only and not group.finished:
+                continue
+            outputs.append(group.take_delta())
+            if outputs[-1].finished:
                 del self.groups[group_id]
         return outputs
 

@@ -294,6 +294,20 @@ def test_async_scheduling_gives_the_tokens_of_plain_steps(tiny_models: dict, mon
     assert results[True][3][1] == "stop" and results[True][1][1] == "abort"
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="stream order: a GPU only")
+def test_launched_step_reads_back_without_waiting_for_the_work_queued_behind_it() -> None:
+    """Async scheduling reads step N's tokens after step N+1 is queued: reading must not wait for N+1."""
+    from ember.engine.model_runner import LaunchedStep
+
+    launched = LaunchedStep.start([], torch.arange(8, device="cuda"))
+    torch.cuda._sleep(1_000_000_000)  # about half a second of device work queued behind, like step N+1
+    behind = torch.cuda.Event()
+    behind.record()
+    assert launched.token_ids() == list(range(8))
+    assert not behind.query()  # read back while the work behind it still runs
+    torch.cuda.synchronize()
+
+
 def test_async_scheduling_without_graphs_warns_and_runs_plain_steps(
     tiny_models: dict, caplog: pytest.LogCaptureFixture
 ) -> None:

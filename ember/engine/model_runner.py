@@ -31,11 +31,28 @@ class LaunchedStep:
     """A decode step whose sampled tokens are still on the device (async scheduling)."""
 
     scheduled: list[ScheduledRequest]
-    tokens: torch.Tensor  # [len(scheduled)] on the device
+    tokens: torch.Tensor  # [len(scheduled)] on the device: the next step's inputs are gathered from here
+    host_tokens: torch.Tensor  # the same, copied into pinned host memory once sampled (on CUDA)
+    copied: torch.cuda.Event | None  # recorded after that copy (CUDA only)
+
+    @classmethod
+    def start(cls, scheduled: list[ScheduledRequest], tokens: torch.Tensor) -> LaunchedStep:
+        """Queue the copy of the sampled tokens to the host right behind the sampling. Reading them back later
+        then waits for this step alone: a plain `tokens.tolist()` would queue behind the step launched after
+        it and wait for that one too, and the host's work would no longer overlap the device's."""
+        if tokens.device.type != "cuda":
+            return cls(scheduled, tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(scheduled, tokens, host, copied)
 
     def token_ids(self) -> list[int]:
-        """The sampled tokens, read back (this waits for the step)."""
-        return self.tokens.tolist()
+        """The sampled tokens, read back (this waits for this step, not for any step queued behind it)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host_tokens.tolist()
 
 
 @dataclass
@@ -156,7 +173,7 @@ class ModelRunner:
             row_of = {s.request.request_id: i for i, s in enumerate(previous.scheduled)}
             sources = (previous.tokens, [row_of[s.request.request_id] for s in scheduled])
         logits = self.decode_graphs.run(scheduled, sources)
-        return LaunchedStep(scheduled, sample_tokens(logits, [s.request for s in scheduled]))
+        return LaunchedStep.start(scheduled, sample_tokens(logits, [s.request for s in scheduled]))
 
     def _execute_graph(self, scheduled: list[ScheduledRequest]) -> StepResult:
         assert self.decode_graphs is not None

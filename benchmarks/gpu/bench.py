@@ -76,10 +76,6 @@ def run_ember(config_dir: Path, requests: list, device: str, variant: str = "gra
     sync(device)
     wall = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    del llm, outputs
-    gc.collect()  # the next engine sizes its KV cache from the memory free then
-    if device == "cuda":
-        torch.cuda.empty_cache()
     return {"engine": VARIANTS[variant][0], "requests": len(requests), "output_tokens": tokens, "wall_s": wall,
             "startup_s": startup}  # fmt: skip
 
@@ -153,6 +149,10 @@ def attempt(engine: str, job: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     except Exception as error:  # a GPU run is one shot: keep going, report it
         traceback.print_exc()
         return {"engine": engine, "error": f"{type(error).__name__}: {error}"}
+    finally:  # free the engine, failed or not: the next one sizes its KV cache from the memory free then
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     print(f"{engine} done: {run['output_tokens'] / run['wall_s']:.1f} output tok/s", flush=True)
     return run
 

@@ -44,5 +44,5 @@ def test_kernel_benchmark_script_runs_on_its_cpu_fallback(tmp_path: Path) -> Non
     report = json.loads((tmp_path / "kernels.json").read_text())
     kernels = {row["kernel"] for row in report["rows"]}
     assert {"decode attention", "prefill attention", "write kv", "rms norm", "silu and mul"} <= kernels
-    assert {"decode step (graph replay)", "sampler greedy"} <= kernels
+    assert {"decode step (graph + logits)", "sampler greedy"} <= kernels
     assert all(row["us"] > 0 and row["floor_us"] > 0 for row in report["rows"])

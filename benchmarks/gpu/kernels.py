@@ -5,9 +5,9 @@ rate); both rates are measured in the same run (a device copy, an 8192^3 matmul)
 Qwen3-0.6B (16 heads, 8 KV heads, head_dim 128, hidden 1024, intermediate 3072, 28 layers, vocab 151936),
 block size 16. The decode kernel is swept over split counts, warps and pipeline stages (defaults: splits
 from `decode_splits`, 4 warps, 2 stages), the prefill kernel over query-tile heights. Decode steps are
-whole-model CUDA-graph replays at the batch/context points of the speed-of-light probe in issue #7 (H100:
-9.2 ms at 256 x 800, 15.8 ms at 256 x 1,500, 3.3 ms at 64 x 800, 1.07 ms at batch 1). Kernel times come
-from `triton.testing.do_bench_cudagraph` (no launch overhead).
+whole-model CUDA-graph replays plus the logits, at the batch/context points of the speed-of-light probe in
+issue #7 (H100: 9.2 ms at 256 x 800, 15.8 ms at 256 x 1,500, 3.3 ms at 64 x 800, 1.07 ms at batch 1). Kernel
+times come from `triton.testing.do_bench_cudagraph` (no launch overhead).
 
 Imports only torch, triton and this checkout. Without a GPU it runs tiny shapes in Triton's interpreter, to
 check the script end to end. Usage: python benchmarks/gpu/kernels.py [--results DIR]
@@ -209,7 +209,8 @@ def sampler(s: dict[str, Any], report: Report) -> None:
 
 
 def decode_steps(s: dict[str, Any], report: Report) -> None:
-    """Whole decode steps of the model (dummy weights) replayed from its CUDA graphs, inputs prepared too."""
+    """Whole decode steps of the model (dummy weights): the CUDA-graph replay plus the logits (computed outside
+    the graph), then the same with the inputs prepared and the argmax read back."""
     from ember.engine.model_runner import ModelRunner, kv_cache_bytes_per_block
     from ember.engine.request import Request
     from ember.engine.sampling_params import SamplingParams
@@ -242,7 +243,8 @@ def decode_steps(s: dict[str, Any], report: Report) -> None:
         bucket = next(size for size in graphs.buckets if size >= batch)
         graphs.run(scheduled)
         moved = weights + batch * (context + 1) * per_token
-        report.add("decode step (graph replay)", f"b{batch} ctx{context}", graphs.graphs[bucket], moved, wall=True)
+        replay = graphs.graphs[bucket]
+        report.add("decode step (graph + logits)", f"b{batch} ctx{context}", lambda: model.compute_logits(replay()[:batch]), moved, wall=True)  # noqa: E501,B023  # fmt: skip
         report.add("decode step (+ inputs, argmax)", f"b{batch} ctx{context}", lambda: runner.execute(scheduled), moved, wall=True)  # noqa: E501,B023  # fmt: skip
 
 

@@ -5,7 +5,7 @@ launches from Python (about a dozen per layer), which would take longer than the
 A graph replays all of them in one call. Its kernels read fixed addresses, so the step's inputs are
 copied into persistent buffers (one copy from pinned host memory, no sync), and a batch is padded up
 to the next captured size: padding rows have slot -1 (the KV write skips them) and context length 0
-(attention gives zeros), and their logits are ignored.
+(attention gives zeros), and their rows are dropped before the logits.
 
 The decode kernel's split count depends on the batch size only (`triton_attention.decode_splits`), and
 block tables are read through a buffer as wide as the longest sequence allowed, so one graph per bucket
@@ -42,7 +42,7 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     """Runs single-token steps (up to `max_batch` requests) on persistent buffers, replaying captured graphs
-    on CUDA. `run` returns each row's logits; they stay valid until the next `run`."""
+    on CUDA. `run` returns the logits of the step's real rows."""
 
     def __init__(
         self,
@@ -96,7 +96,10 @@ class DecodeGraphs:
         self.staging[: NUM_FIELDS * bucket].copy_(self.host_staging[: NUM_FIELDS * bucket])
 
     def _forward(self, bucket: int) -> Callable[[], torch.Tensor]:
-        """The step of `bucket` rows over the persistent buffers: logits [bucket, vocab]."""
+        """The step of `bucket` rows over the persistent buffers: the last hidden states [bucket, hidden]. The
+        logits are computed outside the graph, for the real rows only: a graph's output stays allocated for
+        as long as the graph, and fp32 logits for every bucket up to 256 would hold 2.6 GB at Qwen3's
+        vocabulary."""
         input_ids, positions, slots, context_lens = self._fields(bucket)
         meta = AttentionMetadata(
             slot_mapping=slots,
@@ -110,8 +113,7 @@ class DecodeGraphs:
         )
 
         def forward() -> torch.Tensor:
-            hidden = self.model(input_ids, positions, self.kv_caches, meta)
-            return self.model.compute_logits(hidden)
+            return self.model(input_ids, positions, self.kv_caches, meta)
 
         return forward
 
@@ -123,12 +125,12 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = forward()
+            hidden = forward()
         self.pool = graph.pool()
 
         def replay() -> torch.Tensor:
             graph.replay()
-            return logits
+            return hidden
 
         return replay
 
@@ -173,4 +175,4 @@ class DecodeGraphs:
             tokens, rows = sources
             self._fields(bucket)[0][:n].copy_(tokens.index_select(0, device_tensor(rows, self.device)))
         self.replays[bucket] += 1
-        return self.graphs[bucket]()[:n]
+        return self.model.compute_logits(self.graphs[bucket]()[:n])

@@ -320,13 +320,15 @@ def _covered(param: str, loaded: set[str], fused: dict[str, tuple[str, int, int]
 
 
 def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
-    """Small random weights (std 0.02, norms at 1): real shapes and realistic compute, no meaning."""
-    generator = torch.Generator().manual_seed(seed)
+    """Small random weights (std 0.02, norms at 1): real shapes and realistic compute, no meaning. Drawn where
+    the model lives (so the same seed gives other weights on a GPU than on the CPU)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
         else:
-            param.data.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+            param.data.copy_(torch.randn(param.shape, generator=generator, device=device) * 0.02)
 
 
 class LoadedModel:
@@ -360,7 +362,8 @@ def load_model(model: str | None, load_format: str, dtype: torch.dtype, device: 
     config = ModelConfig.from_hf_dict(hf_config)
     with torch.device("meta"):
         module = LlamaForCausalLM(config)
-    module = module.to_empty(device="cpu")
+    # dummy weights are drawn on the GPU itself: 0.6B random numbers take seconds on the CPU
+    module = module.to_empty(device=device if load_format == "dummy" else "cpu")
     if load_format == "dummy":
         init_dummy_weights(module, seed)
     else:

@@ -59,12 +59,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="KV-cache size in GiB (default: a quarter of free memory, at most 4 GiB)",
     )
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
-    g.add_argument("--max-num-seqs", type=int, default=128, help="most requests running at once (default 128)")
+    g.add_argument(
+        "--max-num-seqs", type=int, help="most requests running at once (default 128 on the CPU, 256 on CUDA)"
+    )
     g.add_argument(
         "--max-num-batched-tokens",
         type=int,
-        default=1024,
-        help="token budget of one engine step; longer prompts are prefilled in chunks (default 1024)",
+        help="token budget of one engine step; longer prompts are prefilled in chunks (default 1024 on the "
+        "CPU, 2048 on CUDA)",
     )
     g.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's)")
     g.add_argument("--seed", type=int, default=0, help="global seed for unseeded sampling (default 0)")

@@ -146,17 +146,24 @@ class CacheConfig:
 
 @dataclass
 class SchedulerConfig:
-    """Continuous batching limits: at most `max_num_seqs` running, `max_num_batched_tokens` per step."""
+    """Continuous batching limits: at most `max_num_seqs` running, `max_num_batched_tokens` per step. Left
+    unset (None), they take the device's defaults (`SCHEDULER_DEFAULTS`) when the engine config is built."""
 
-    max_num_seqs: int = 128
-    max_num_batched_tokens: int = 1024
+    max_num_seqs: int | None = None  # None until EngineConfig fills in the device's default
+    max_num_batched_tokens: int | None = None  # likewise
     max_model_len: int | None = None  # None: the model's max_position_embeddings
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs <= 0:
+        if self.max_num_seqs is not None and self.max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens <= 0:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens <= 0:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+
+
+# (max_num_seqs, max_num_batched_tokens) by device. On the CPU, 1,024 and 2,048 batched tokens measured the
+# same (benchmarks/NOTES.md). A GPU step costs little more at twice the requests and prompt tokens: vLLM's
+# defaults for serving on a GPU.
+SCHEDULER_DEFAULTS = {"cpu": (128, 1024), "cuda": (256, 2048)}
 
 
 SPECULATIVE_METHODS = ("ngram", "suffix", "draft:<model>")
@@ -211,6 +218,11 @@ class EngineConfig:
             raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU here")
         if self.device != "cpu" and not self.device.startswith("cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        seqs, tokens = SCHEDULER_DEFAULTS["cuda" if self.device.startswith("cuda") else "cpu"]
+        if self.scheduler.max_num_seqs is None:
+            self.scheduler.max_num_seqs = seqs
+        if self.scheduler.max_num_batched_tokens is None:
+            self.scheduler.max_num_batched_tokens = tokens
 
     def torch_dtype(self) -> torch.dtype:
         """'auto' is the fast path whose parity holds: bf16 on CUDA and on CPUs with bf16 matmul units."""

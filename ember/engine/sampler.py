@@ -42,27 +42,42 @@ def top_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: list[
 
 
 def apply_logit_bias(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    logits = logits.clone()
+    """Add each request's bias to its tokens' logits. Every (row, token, bias) goes to the device in one
+    transfer each: a `torch.tensor(..., device="cuda")` per request would wait for the GPU every time."""
+    rows, token_ids, biases = [], [], []
     for i, r in enumerate(requests):
-        if r.params.logit_bias:
-            ids = torch.tensor(list(r.params.logit_bias), device=logits.device)
-            logits[i, ids] += torch.tensor(list(r.params.logit_bias.values()), device=logits.device)
-    return logits
+        for token, bias in (r.params.logit_bias or {}).items():
+            rows.append(i)
+            token_ids.append(token)
+            biases.append(bias)
+    device = logits.device
+    index = (device_tensor(rows, device), device_tensor(token_ids, device))
+    return logits.index_put(index, device_tensor(biases, device, torch.float32), accumulate=True)
 
 
 def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    """Repetition (over prompt and output, as in HF), presence and frequency (over output) penalties."""
+    """Repetition (over prompt and output, as in HF), presence and frequency (over output) penalties. The
+    batch's token lists go to the device flattened, one transfer each (none that waits for the GPU)."""
     num_rows, vocab = logits.shape
     device = logits.device
-    out_counts = torch.zeros(num_rows, vocab, device=device)
-    seen = torch.zeros(num_rows, vocab, dtype=torch.bool, device=device)
+    out_rows: list[int] = []
+    out_ids: list[int] = []
+    seen_rows: list[int] = []
+    seen_ids: list[int] = []
     for i, r in enumerate(requests):
-        out_ids = r.output_token_ids
-        if out_ids:
-            ids = torch.tensor(out_ids, device=device)
-            out_counts[i].index_add_(0, ids, torch.ones(len(out_ids), device=device))
+        tokens = r.output_token_ids
+        out_rows.extend([i] * len(tokens))
+        out_ids.extend(tokens)
         if r.params.repetition_penalty != 1.0:
-            seen[i, torch.tensor(r.all_token_ids, device=device)] = True
+            seen_rows.extend([i] * len(r.all_token_ids))
+            seen_ids.extend(r.all_token_ids)
+    out_counts = torch.zeros(num_rows, vocab, device=device)
+    if out_ids:
+        index = (device_tensor(out_rows, device), device_tensor(out_ids, device))
+        out_counts.index_put_(index, torch.ones(len(out_ids), device=device), accumulate=True)
+    seen = torch.zeros(num_rows, vocab, dtype=torch.bool, device=device)
+    if seen_ids:
+        seen[device_tensor(seen_rows, device), device_tensor(seen_ids, device)] = True
     rep = device_tensor([r.params.repetition_penalty for r in requests], device, torch.float32).unsqueeze(1)
     penalized = torch.where(logits > 0, logits / rep, logits * rep)
     logits = torch.where(seen, penalized, logits)

@@ -232,14 +232,11 @@ def test_draws_follow_the_distribution() -> None:
     from ember.engine.sampler import draw
 
     probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
-    requests = make_requests(SamplingParams(temperature=1.0), 20000)
-    counts = torch.bincount(draw(probs.expand(20000, -1), requests), minlength=6).double()
+    counts = torch.bincount(draw(probs.expand(20000, -1), [None] * 20000), minlength=6).double()
     expected = probs.double() * 20000
     assert counts[probs == 0].sum() == 0
     chi_square = ((counts - expected)[probs > 0] ** 2 / expected[probs > 0]).sum().item()
     assert chi_square < 13.8  # 2 degrees of freedom, p = 0.001
-    seeded = make_requests(SamplingParams(temperature=1.0, seed=5), 1)
-    alone = draw(probs.unsqueeze(0), seeded)
-    batch = make_requests(SamplingParams(temperature=1.0), 7)
-    seeded = make_requests(SamplingParams(temperature=1.0, seed=5), 1)
-    assert draw(probs.expand(8, -1), batch[:3] + seeded + batch[3:])[3] == alone[0]
+    alone = draw(probs.unsqueeze(0), [torch.Generator().manual_seed(5)])
+    batch: list[torch.Generator | None] = [None] * 7
+    assert draw(probs.expand(8, -1), [*batch[:3], torch.Generator().manual_seed(5), *batch[3:]])[3] == alone[0]

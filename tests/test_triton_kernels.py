@@ -210,6 +210,24 @@ def test_decode_graph_steps_equal_eager_steps(tiny_models: dict, monkeypatch: py
         assert graph_logprobs == pytest.approx([lp.logprob for lp in eager_out.logprobs], abs=1e-5)
 
 
+def test_seeded_speculative_sampling_with_logprobs_runs_on_the_device(tiny_models: dict) -> None:
+    """Sampling with a seed (a CPU generator) verifies drafts on the device's logits, and logprobs of the
+    accepted tokens are gathered there: reproducible, one logprob per token, ranks at least 1."""
+    from ember.engine.engine import LLM
+    from ember.engine.sampling_params import SamplingParams
+
+    path = str(tiny_models["qwen3"][0])
+    llm = LLM(path, num_blocks=64, dtype="float32", device=DEVICE, speculative=f"draft:{path}")  # drafts every step
+    prompt = [5, 6, 7, 8] * 6
+    params = SamplingParams(max_tokens=16, temperature=0.8, seed=3, logprobs=2, ignore_eos=True)
+    first, again = (llm.generate([prompt], params)[0] for _ in range(2))
+    assert first.num_draft_tokens > 0
+    tokens = first.outputs[0].token_ids
+    assert len(tokens) == 16 and tokens == again.outputs[0].token_ids
+    logprobs = first.outputs[0].logprobs or []
+    assert [lp.token_id for lp in logprobs] == tokens and all(lp.rank >= 1 for lp in logprobs)
+
+
 def test_graph_batch_padding_stores_nothing(tiny_models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Three decodes padded to a batch of four write the KV cache at their own three slots only."""
     from ember.engine.model_runner import ModelRunner

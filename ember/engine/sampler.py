@@ -155,17 +155,19 @@ def nucleus_masses(top_ps: list[float], device: torch.device) -> torch.Tensor:
     return device_tensor([p if p < 1.0 else float("inf") for p in top_ps], device, torch.float32).unsqueeze(1)
 
 
-def draw(probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    """One token per row, exactly from `probs`, by inverting each row's CDF (float64) at a uniform draw.
+def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row, exactly from `probs` (weights on any device, unnormalized is fine), by inverting
+    each row's CDF (float64) at a uniform draw.
 
     One random number per row instead of one per token (an exponential race over 64 x 49K tokens took ~47 ms
-    on the CPU); a seeded request draws its number from its own generator, whatever the rest of the batch.
+    on the CPU). A row with a generator (a seeded request's, on the CPU) draws its number from it, whatever
+    the rest of the batch and whatever the device; the others use the device's own random numbers.
     """
     device = probs.device
-    uniform = torch.rand(len(requests), 1, dtype=torch.float64, device=device)
-    seeded = [i for i, r in enumerate(requests) if r.generator is not None]
+    uniform = torch.rand(len(generators), 1, dtype=torch.float64, device=device)
+    seeded = [i for i, generator in enumerate(generators) if generator is not None]
     if seeded:
-        draws = [torch.rand(1, generator=requests[i].generator, dtype=torch.float64).item() for i in seeded]
+        draws = [torch.rand(1, generator=generators[i], dtype=torch.float64).item() for i in seeded]
         uniform[device_tensor(seeded, device)] = device_tensor(draws, device, torch.float64).unsqueeze(1)
     cdf = probs.double().cumsum(dim=-1)
     total = cdf[:, -1:]
@@ -201,7 +203,7 @@ def sample_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor
     greedy = [r.params.greedy for r in requests]
     if all(greedy):
         return logits.argmax(dim=-1)
-    token_ids = draw(sampling_probs(logits, requests), requests)
+    token_ids = draw(sampling_probs(logits, requests), [r.generator for r in requests])
     if any(greedy):
         token_ids = torch.where(device_tensor(greedy, logits.device, torch.bool), logits.argmax(dim=-1), token_ids)
     return token_ids

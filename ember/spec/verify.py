@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from ember.engine.request import Request, TokenLogprob
-from ember.engine.sampler import adjust_logits, sampling_probs, top_logprobs
+from ember.engine.sampler import adjust_logits, draw, sampling_probs, top_logprobs
+from ember.kernels import device_tensor
 
 
 def accept_greedy(target_ids: list[int], drafts: list[int]) -> list[int]:
@@ -55,9 +56,9 @@ def rejection_sample(
             residual = (probs[j] - draft_probs[j]).clamp_min_(0.0)
         if residual.sum() <= 0:  # only reachable through rounding: fall back to the target itself
             residual = probs[j]
-        out.append(int(torch.multinomial(residual, 1, generator=generator)))
+        out.append(int(draw(residual.unsqueeze(0), [generator])))
         return out
-    out.append(int(torch.multinomial(probs[len(drafts)], 1, generator=generator)))
+    out.append(int(draw(probs[len(drafts)].unsqueeze(0), [generator])))
     return out
 
 
@@ -74,5 +75,6 @@ def verify_drafts(
     logprobs: list[TokenLogprob | None] = [None] * len(tokens)
     if request.params.logprobs is not None:
         raw = torch.log_softmax(logits[: len(tokens)], dim=-1)
-        logprobs = top_logprobs(raw, torch.tensor(tokens), [request.params.logprobs] * len(tokens))
+        chosen = device_tensor(tokens, raw.device)
+        logprobs = top_logprobs(raw, chosen, [request.params.logprobs] * len(tokens))
     return tokens, logprobs

@@ -199,7 +199,9 @@ class ModelRunner:
                 plain.append(s.request)
             row += 1 + len(s.spec_token_ids)
         if plain:
-            out = sample(logits[plain_rows] if len(plain_rows) < len(logits) else logits, plain)
+            if len(plain_rows) < len(logits):  # rows of speculating requests in between
+                logits = logits[device_tensor(plain_rows, logits.device)]
+            out = sample(logits, plain)
             for request, token, lp in zip(plain, out.token_ids, out.logprobs, strict=True):
                 result.sampled[request.request_id] = ([token], [lp])
 

@@ -46,6 +46,15 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
         )
         for block_m in (16, 32, 64)  # the CPU's, the CUDA default (64), and the one between
     },
+    # fp32 (the dtype of the engine-level GPU tests): P = 4, products in full precision ("ieee")
+    "decode-fp32": (
+        triton_attention._decode_split_kernel, {k: v.replace("bf16", "fp32") for k, v in DECODE_SIGNATURE.items()},
+        {**QWEN3, "P": 4, "G_PAD": 16, "DIRECT": True, "DOT_FP32": True, "IEEE": True}, {},
+    ),
+    "prefill-fp32": (
+        triton_attention._prefill_kernel, {k: v.replace("bf16", "fp32") for k, v in PREFILL_SIGNATURE.items()},
+        {**QWEN3, "P": 4, "BLOCK_M": 64, "DOT_FP32": True, "IEEE": True}, {},
+    ),
     "decode-merge": (
         triton_attention._decode_merge_kernel,
         {"mid_out": "*fp32", "mid_lse": "*fp32", "out": "*bf16", "SPLITS": "i32"}, {"S_PAD": 8, "D": 128}, {},

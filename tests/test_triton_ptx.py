@@ -59,5 +59,6 @@ def test_per_token_kernels_move_16_byte_vectors(ptx: dict, kernel: str) -> None:
     assert ops.get("ld.global.v4.b32", 0) >= 1 and not spills(ops), ops
 
 
-def test_decode_merge_compiles_without_spills(ptx: dict) -> None:
-    assert not spills(ptx["decode-merge"]["memory_ops"])
+@pytest.mark.parametrize("kernel", ["decode-merge", "decode-fp32", "prefill-fp32"])
+def test_other_variants_compile_without_spills(ptx: dict, kernel: str) -> None:
+    assert not spills(ptx[kernel]["memory_ops"])

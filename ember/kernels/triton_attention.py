@@ -111,7 +111,10 @@ def _attend_block(
     return m_new, l_i * alpha + tl.sum(probs, axis=1), acc
 
 
-@triton.jit
+# Integer arguments that change from step to step (a table's width, the split count) are not specialized:
+# Triton compiles a variant per value class (1, a multiple of 16, other), and a new class showing up mid-run
+# would compile inside a step; none of them feeds a vectorized address.
+@triton.jit(do_not_specialize=["MAXB", "SPLITS"])
 def _decode_split_kernel(
     q, k_cache, v_cache, tables, lens, out, mid_out, mid_lse, scale,
     H, KVH, NB, MAXB, SPLITS,
@@ -159,7 +162,7 @@ def _decode_split_kernel(
         tl.store(mid_lse + rows, lse, mask=head_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLITS"])
 def _decode_merge_kernel(mid_out, mid_lse, out, SPLITS, S_PAD: tl.constexpr, D: tl.constexpr):
     row = tl.program_id(0)  # (sequence, head)
     splits = tl.arange(0, S_PAD)
@@ -230,7 +233,7 @@ def paged_decode_attention(
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["MAXB"])
 def _prefill_kernel(
     q, k_cache, v_cache, out, tables, tile_seq, tile_first, q_starts, q_lens, ctx_lens, scale,
     H, KVH, NB, MAXB,

@@ -61,6 +61,8 @@ def run_ember(config_dir: Path, requests: list, device: str, variant: str = "gra
     from ember.engine.engine import LLM
     from ember.engine.sampling_params import SamplingParams
 
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     llm = LLM(
         str(config_dir), load_format="dummy", dtype="bfloat16", device=device, max_num_seqs=256,
@@ -76,8 +78,14 @@ def run_ember(config_dir: Path, requests: list, device: str, variant: str = "gra
     sync(device)
     wall = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    engine = llm.engine  # what the run used: cache size, steps replayed from graphs or overlapped, memory
+    stats: dict[str, Any] = {"kv_blocks": engine.kv_cache.num_blocks, "overlapped_steps": engine.num_overlapped_steps}
+    if engine.runner.decode_graphs is not None:
+        stats["graph_replays"] = sum(engine.runner.decode_graphs.replays.values())
+    if device == "cuda":
+        stats["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return {"engine": VARIANTS[variant][0], "requests": len(requests), "output_tokens": tokens, "wall_s": wall,
-            "startup_s": startup}  # fmt: skip
+            "startup_s": startup, **stats}  # fmt: skip
 
 
 def hf_model(config: dict[str, Any], device: str) -> Any:

@@ -19,6 +19,7 @@ import json
 import os
 import pstats
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -73,6 +74,7 @@ def main() -> None:
         max_num_batched_tokens=8192, enable_prefix_caching=False, max_model_len=2048,
         async_scheduling=args.async_scheduling,
     )  # fmt: skip
+    shutil.rmtree(config_dir)
     stub_model(llm, max(args.batch, 8192))
     random.seed(0)
     prompts = [[random.randint(0, VOCAB - 1) for _ in range(32)] for _ in range(args.batch)]

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -213,7 +214,10 @@ def main() -> None:
 
         jobs.append(("hf-continuous-batching", lambda: run_hf_continuous_batching(hf(), requests, device, args.hf_cb_seconds)))  # noqa: E501  # fmt: skip
         jobs.append(("hf-naive", lambda: run_hf_naive(hf(), requests[: args.naive_requests], device, args.naive_seconds)))  # noqa: E501  # fmt: skip
-    runs = [attempt(name, job) for name, job in jobs]
+    try:
+        runs = [attempt(name, job) for name, job in jobs]
+    finally:
+        shutil.rmtree(config_dir, ignore_errors=True)
     done = [run for run in runs if "error" not in run]
     base = runs[0] if "error" not in runs[0] else None  # the first Ember configuration: the ratios' numerator
     ember_tps = base["output_tokens"] / base["wall_s"] if base else None

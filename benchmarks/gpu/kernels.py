@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -225,6 +226,7 @@ def decode_steps(s: dict[str, Any], report: Report) -> None:
     config_dir = Path(tempfile.mkdtemp(prefix="ember-kernels-"))  # the dummy model's config.json
     (config_dir / "config.json").write_text(json.dumps(config))
     model = load_model(str(config_dir), "dummy", DTYPE, str(DEVICE)).model
+    shutil.rmtree(config_dir)
     max_batch = max(batch for batch, _ in s["decode_points"])
     num_blocks = max(batch * -(-(context + 1) // BLOCK_SIZE) for batch, context in s["decode_points"])
     max_len = 2048 if CUDA else 512

@@ -14,13 +14,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ember.kernels import triton_attention, triton_elementwise
+from ember.kernels import triton_attention, triton_elementwise, triton_sampling
 
 HOPPER = GPUTarget("cuda", 90, 32)
 # Integer arguments that are multiples of 16 at Qwen3-0.6B's shapes (16 heads, hidden 1024, intermediate 3072,
-# a q/k/v row of 4096). Triton's JIT specializes such values as divisible by 16 when it compiles at run time,
-# which is what lets it vectorize loads at `row * stride + cols`, so the compile here marks them too.
-ALIGNED_INTS = {"H", "x_stride", "width", "row_stride"}
+# a q/k/v row of 4096, a vocabulary of 151,936). Triton's JIT specializes such values as divisible by 16 when it
+# compiles at run time, which is what lets it vectorize loads at `row * stride + cols`, so the compile here marks
+# them too.
+ALIGNED_INTS = {"H", "x_stride", "width", "row_stride", "vocab"}
 QWEN3 = {"G": 2, "BS": 16, "D": 128, "P": 8}  # 16 heads over 8 KV heads, head_dim 128, bf16 CUDA layout
 ATTENTION_INTS = {"H": "i32", "KVH": "i32", "NB": "i32", "MAXB": "i32"}
 DECODE_SIGNATURE = {"q": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "tables": "*i64", "lens": "*i64",
@@ -79,6 +80,11 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
     "silu-and-mul": (
         triton_elementwise._silu_and_mul_kernel, {"gate_up": "*bf16", "out": "*bf16", "width": "i32"},
         {"BLOCK": 1024}, {},
+    ),
+    "top-k-top-p": (
+        triton_sampling._threshold_kernel,
+        {"logits": "*fp32", "row_stride": "i32", "vocab": "i32", "top_k": "*i32", "top_p": "*fp32", "out": "*fp32"},
+        {"BLOCK": triton_sampling.BLOCK}, {"num_warps": triton_sampling.NUM_WARPS},
     ),
 }  # fmt: skip
 

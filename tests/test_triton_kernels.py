@@ -151,6 +151,59 @@ def test_elementwise_kernels_match_pytorch(dtype: torch.dtype) -> None:
     assert relative_error(triton_elementwise.silu_and_mul(gate_up).cpu(), expected) < TOLERANCE[dtype]
 
 
+def kept_by_sorting(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
+    """Tokens at or above the smallest logit the sorted-vocabulary filter keeps (a sort keeps an arbitrary k of
+    the tokens tied at the threshold; the threshold filter keeps them all)."""
+    from ember.engine.sampler import top_k_top_p_drop_sorted
+
+    vocab = logits.shape[1]
+    drop = top_k_top_p_drop_sorted(logits, [k if 0 < k < vocab else vocab for k in top_ks], top_ps)
+    smallest = logits.masked_fill(drop, float("inf")).min(dim=1, keepdim=True).values
+    return logits >= smallest
+
+
+def test_top_k_top_p_thresholds_match_sorting() -> None:
+    """The radix search keeps what sorting the vocabulary keeps: peaked and flat rows, each filter alone and
+    both, k = 1 and k beyond the vocabulary, rows of both signs, -inf tokens (a banned token), tied logits,
+    a vocabulary over several tiles with a partial last one, and a row with no filter (keeps everything)."""
+    from ember.kernels import triton_sampling
+
+    vocab = 2 * triton_sampling.BLOCK + 451
+    generator = torch.Generator().manual_seed(0)
+    scales = torch.tensor([8.0, 8.0, 0.5, 8.0, 1.0, 3.0, 3.0, 3.0, 1.0, 3.0])
+    logits = torch.randn(len(scales), vocab, generator=generator) * scales.unsqueeze(1)
+    logits[5] -= 40.0  # every logit negative
+    logits[6, 3:] = float("-inf")  # three tokens left; top-k 10 keeps the -inf ones too, at probability 0
+    logits[7] = logits[7].round()  # ties: about 20 distinct values
+    logits[8] = logits[8].round()
+    top_ks = [0, 40, 0, 0, 7, 1, 10, 25, 0, 3 * vocab]
+    top_ps = [0.9, 0.8, 0.9, 1.0, 0.5, 1.0, 1.0, 1.0, 0.37, 0.95]
+    logits = logits.to(DEVICE)
+    expected = kept_by_sorting(logits, top_ks, top_ps)
+    expected[3] = True  # no filter
+    assert expected[7].sum() > 25 and expected[2].sum() > 100  # ties at the top-k threshold; a flat nucleus
+    filtered = triton_sampling.top_k_top_p_filter(logits, top_ks, top_ps)
+    assert triton_sampling.top_k_top_p_thresholds(logits, top_ks, top_ps)[3] == float("-inf")
+    assert torch.equal(filtered > float("-inf"), expected & (logits > float("-inf")))
+    assert torch.equal(filtered[expected], logits[expected])
+
+
+def test_sampler_filters_through_the_triton_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CUDA path `filter_logits` (top-k, top-p, min-p) masks what the CPU path masks."""
+    from ember.engine.request import Request
+    from ember.engine.sampler import filter_logits
+    from ember.engine.sampling_params import SamplingParams
+
+    generator = torch.Generator().manual_seed(1)
+    logits = (torch.randn(4, 300, generator=generator) * 4).to(DEVICE)
+    params = [SamplingParams(temperature=1.0, top_k=k, top_p=p, min_p=m)
+              for k, p, m in ((10, 0.8, 0.05), (0, 0.6, 0.0), (5, 1.0, 0.0), (0, 1.0, 0.1))]  # fmt: skip
+    requests = [Request(str(i), [1], p, [], 1) for i, p in enumerate(params)]
+    expected = filter_logits(logits.cpu(), requests)
+    monkeypatch.setenv("EMBER_KERNELS", "triton")
+    assert torch.equal(filter_logits(logits, requests).cpu(), expected)
+
+
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_engine_on_triton_kernels_equals_the_default_path(
     tiny_models: dict, monkeypatch: pytest.MonkeyPatch, family: str

@@ -59,6 +59,13 @@ def test_per_token_kernels_move_16_byte_vectors(ptx: dict, kernel: str) -> None:
     assert ops.get("ld.global.v4.b32", 0) >= 1 and not spills(ops), ops
 
 
+def test_top_k_top_p_reads_logits_in_vectors(ptx: dict) -> None:
+    """Each of its passes over the vocabulary (a row max, 8 per filter) is one vectorized load (two fp32 per
+    thread: `triton_sampling.NUM_WARPS` says why not four)."""
+    ops = ptx["top-k-top-p"]["memory_ops"]
+    assert ops.get("ld.global.v2.b32", 0) == 17 and not spills(ops), ops
+
+
 @pytest.mark.parametrize("kernel", ["decode-merge", "decode-fp32", "prefill-fp32"])
 def test_other_variants_compile_without_spills(ptx: dict, kernel: str) -> None:
     assert not spills(ptx[kernel]["memory_ops"])

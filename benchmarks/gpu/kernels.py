@@ -192,7 +192,7 @@ def elementwise_kernels(s: dict[str, Any], report: Report) -> None:
 
 def sampler(s: dict[str, Any], report: Report) -> None:
     """The sampler on the logits of a full decode batch: greedy, temperature alone, with top-k and top-p, and
-    with top-p alone (a full sort on CUDA)."""
+    with top-p alone (top-k/top-p through `triton_sampling` on CUDA)."""
     from ember.engine.request import Request
     from ember.engine.sampler import sample
     from ember.engine.sampling_params import SamplingParams
@@ -207,6 +207,31 @@ def sampler(s: dict[str, Any], report: Report) -> None:
     ):
         requests = [Request(str(i), [1], params, [], 1) for i in range(batch)]
         report.add(f"sampler {label}", f"{batch} x {s['vocab']} fp32", lambda: sample(logits, requests), logits.numel() * 4, wall=True)  # noqa: E501,B023  # fmt: skip
+    top_k_top_p_filters(logits, report)
+
+
+def top_k_top_p_filters(logits: torch.Tensor, report: Report) -> None:
+    """Top-k/top-p filtering alone: a sort of the vocabulary (what the CUDA path did before the kernel) against
+    the radix-search kernel, swept over its tile size and warps (default 1,024 x 16). Floor: one read and one
+    write of the logits."""
+    from ember.engine.sampler import top_k_top_p_drop_sorted
+    from ember.kernels import triton_sampling
+
+    batch, vocab = logits.shape
+    shape, moved = f"{batch} x {vocab} fp32", 2 * logits.numel() * 4
+    cases = (("top-k 50, top-p 0.9", 50, 0.9), ("top-p 0.9", 0, 0.9), ("top-k 50", 50, 1.0))
+    for label, ks, ps in ((label, [k] * batch, [p] * batch) for label, k, p in cases):
+        sorted_ks = [k or vocab for k in ks]
+        report.add(f"{label}: sort", shape, lambda: logits.masked_fill(top_k_top_p_drop_sorted(logits, sorted_ks, ps), float("-inf")), moved, wall=True)  # noqa: E501,B023  # fmt: skip
+        report.add(f"{label}: radix", shape, lambda: triton_sampling.top_k_top_p_filter(logits, ks, ps), moved, wall=True)  # noqa: E501,B023  # fmt: skip
+    ks, ps = [50] * batch, [0.9] * batch
+    for block, warps in ((1024, 8), (512, 4)):
+
+        def filtered(block: int = block, warps: int = warps) -> torch.Tensor:
+            thresholds = triton_sampling.top_k_top_p_thresholds(logits, ks, ps, block=block, num_warps=warps)
+            return logits.masked_fill(logits < thresholds.unsqueeze(1), float("-inf"))
+
+        report.add(f"top-k + top-p: radix {block}x{warps}w", shape, filtered, moved, wall=True)
 
 
 def decode_steps(s: dict[str, Any], report: Report) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.engine.request import Request, TokenLogprob
-from ember.kernels import device_tensor
+from ember.kernels import device_tensor, use_triton
 
 
 @dataclass
@@ -96,7 +96,12 @@ def filter_logits(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor
     top_ps = [r.params.top_p for r in requests]
     min_ps = [r.params.min_p for r in requests]
     if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
-        logits = logits.masked_fill(top_k_top_p_drop(logits, top_ks, top_ps), float("-inf"))
+        if use_triton(device):  # no sort, no sync: thresholds found by a radix search on the device
+            from ember.kernels.triton_sampling import top_k_top_p_filter
+
+            logits = top_k_top_p_filter(logits, top_ks, top_ps)
+        else:
+            logits = logits.masked_fill(top_k_top_p_drop(logits, top_ks, top_ps), float("-inf"))
     if any(p > 0.0 for p in min_ps):
         probs = torch.softmax(logits, dim=-1)
         floor = device_tensor(min_ps, device, torch.float32).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
@@ -108,17 +113,17 @@ def top_k_top_p_drop(logits: torch.Tensor, top_ks: list[int], top_ps: list[float
     """True for every token outside its row's top-k, or outside the top-p nucleus of the top-k distribution
     (renormalized; the most likely token always stays). Rows with neither filter keep everything.
 
-    The ranking is a `topk` over a window of the most likely tokens, not a sort of the vocabulary (on the CPU a
-    sort of 64 x 49K logits takes ~100 ms, a top-1024 ~12): the window is the largest top-k when every row has
-    one, else NUCLEUS_WINDOW tokens, with a full sort only when some top-p-only row's nucleus is wider (checked
-    on the CPU; on CUDA, where sorting is cheap and the check would be a sync, such batches sort).
+    The CPU's way (CUDA uses `triton_sampling`): the ranking is a `topk` over a window of the most likely tokens,
+    not a sort of the vocabulary (on the CPU a sort of 64 x 49K logits takes ~100 ms, a top-1024 ~12). The window
+    is the largest top-k when every row has one, else NUCLEUS_WINDOW tokens, with a full sort only when some
+    top-p-only row's nucleus is wider.
     """
     device, vocab = logits.device, logits.shape[1]
     ks = [k if 0 < k < vocab else vocab for k in top_ks]
     top_p_only = any(k == vocab and p < 1.0 for k, p in zip(ks, top_ps, strict=True))
     width = max(k for k in ks if k < vocab) if any(k < vocab for k in ks) else 1
     if top_p_only:
-        width = vocab if device.type == "cuda" else max(width, NUCLEUS_WINDOW)
+        width = max(width, NUCLEUS_WINDOW)
     width = min(width, vocab)
     values, ids = logits.topk(width, dim=-1) if width < vocab else logits.sort(dim=-1, descending=True)
     k = device_tensor(ks, device).unsqueeze(1)

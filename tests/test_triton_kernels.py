@@ -204,6 +204,23 @@ def test_sampler_filters_through_the_triton_kernel(monkeypatch: pytest.MonkeyPat
     assert torch.equal(filter_logits(logits, requests).cpu(), expected)
 
 
+def test_seeded_top_k_top_p_sampling_on_the_triton_path_equals_the_default_path(
+    tiny_models: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seeded requests draw the same tokens whether top-k/top-p ran as the CPU's ranking or the Triton kernel."""
+    from ember.engine.engine import LLM
+    from ember.engine.sampling_params import SamplingParams
+
+    path = str(tiny_models["qwen3"][0])
+    prompts = [[5, 6, 7], list(range(3, 40)), [9] * 12]
+    params = [SamplingParams(max_tokens=12, temperature=t, top_k=k, top_p=p, seed=s, ignore_eos=True)
+              for t, k, p, s in ((0.9, 20, 0.9, 7), (1.5, 0, 0.7, 8), (1.2, 3, 1.0, 9))]  # fmt: skip
+    expected = [o.outputs[0].token_ids for o in LLM(path, num_blocks=64, dtype="float32").generate(prompts, params)]
+    monkeypatch.setenv("EMBER_KERNELS", "triton")
+    llm = LLM(path, num_blocks=64, dtype="float32")
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
+
+
 @pytest.mark.parametrize("family", ["qwen2", "qwen3"])
 def test_engine_on_triton_kernels_equals_the_default_path(
     tiny_models: dict, monkeypatch: pytest.MonkeyPatch, family: str

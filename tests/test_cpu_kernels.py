@@ -10,7 +10,7 @@ import torch
 
 from ember.attention import cpu_kernels
 from ember.attention.layout import to_cache_layout
-from ember.attention.torch_paged import write_kv
+from ember.attention.torch_paged import decode_attention, write_kv
 from ember.engine.engine import LLM
 from ember.engine.sampling_params import SamplingParams
 from ember.kernels import elementwise, native
@@ -48,6 +48,39 @@ def test_decode_kernel_matches_reference(
     out = cpu_kernels.paged_decode_attention(q, *caches, tables, lens, head_dim**-0.5)
     assert out.dtype == dtype and out.shape == q.shape
     assert relative_error(out, ref) < tolerance
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "block_size"),
+    [(9, 3, 64, 16), (16, 8, 128, 16), (4, 4, 64, 32), (8, 1, 64, 16)],  # rows per tile: 2, 3, 6, none (G 8)
+)
+def test_rows_sharing_a_table_match_reference(
+    dtype: torch.dtype, tolerance: float, heads: int, kv_heads: int, head_dim: int, block_size: int
+) -> None:
+    """Prefill chunks as kernel rows (rows of a sequence share its table, at consecutive context lengths; on
+    AVX512-BF16 they attend in tiles of rows): chunks from the start and over a cached prefix, a tile cut by
+    the chunk's end, rows of one table that do not continue each other, a decode row, a single-row chunk."""
+    generator = torch.Generator().manual_seed(head_dim + heads)
+    num_blocks = 64
+    key_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
+    value_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
+    caches = to_cache_layout(key_blocks, value_blocks)
+    tables = torch.randperm(num_blocks, generator=generator)[: 4 * 12].view(4, 12)  # 4 sequences, 12 blocks each
+    # (sequence, first context length, rows); the second chunk reads the first's table but does not continue it
+    chunks = [(0, 1, 13), (0, 100, 41), (2, 140, 1), (1, 30, 20), (3, 7, 1)]
+    row_tables = torch.tensor([seq for seq, _, n in chunks for _ in range(n)])
+    lens = torch.tensor([first + i for _, first, n in chunks for i in range(n)])
+    q = torch.randn(len(lens), heads, head_dim, generator=generator).to(dtype)
+    out = cpu_kernels.paged_decode_attention(q, *caches, tables, lens, head_dim**-0.5, row_tables=row_tables)
+    keys = torch.arange(12 * block_size)
+    bias = torch.zeros(len(lens), len(keys)).masked_fill_(keys >= lens.unsqueeze(1), float("-inf"))
+    reference = decode_attention(
+        q.float(), *(c.float() for c in caches), tables[row_tables], bias.view(1, len(lens), 1, -1), head_dim**-0.5
+    )
+    assert relative_error(out, reference) < tolerance
+    row_errors = [relative_error(out[i], reference[i]) for i in range(len(lens))]
+    assert max(row_errors) < 3 * tolerance
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

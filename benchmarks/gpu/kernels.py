@@ -207,17 +207,17 @@ def sampler(s: dict[str, Any], report: Report) -> None:
     ):
         requests = [Request(str(i), [1], params, [], 1) for i in range(batch)]
         report.add(f"sampler {label}", f"{batch} x {s['vocab']} fp32", lambda: sample(logits, requests), logits.numel() * 4, wall=True)  # noqa: E501,B023  # fmt: skip
-    top_k_top_p_filters(logits, report)
 
 
-def top_k_top_p_filters(logits: torch.Tensor, report: Report) -> None:
+def top_k_top_p_filters(s: dict[str, Any], report: Report) -> None:
     """Top-k/top-p filtering alone: a sort of the vocabulary (what the CUDA path did before the kernel) against
     the radix-search kernel, swept over its tile size and warps (default 1,024 x 16). Floor: one read and one
-    write of the logits."""
+    write of the logits. Run last: it decides one default, the decode steps before it the issue's figures."""
     from ember.engine.sampler import top_k_top_p_drop_sorted
     from ember.kernels import triton_sampling
 
-    batch, vocab = logits.shape
+    batch, vocab = s["decode_points"][0][0], s["vocab"]
+    logits = torch.randn(batch, vocab, device=DEVICE)
     shape, moved = f"{batch} x {vocab} fp32", 2 * logits.numel() * 4
     cases = (("top-k 50, top-p 0.9", 50, 0.9), ("top-p 0.9", 0, 0.9), ("top-k 50", 50, 1.0))
     for label, ks, ps in ((label, [k] * batch, [p] * batch) for label, k, p in cases):
@@ -292,6 +292,8 @@ def main() -> None:
         elementwise_kernels(shape, report)
         sampler(shape, report)
     decode_steps(shape, report)
+    with torch.inference_mode():
+        top_k_top_p_filters(shape, report)
     out = {"device": card, "torch": torch.__version__, "triton": triton.__version__, "copy_bytes_per_s": bandwidth,
            "matmul_flop_per_s": flops, "rows": report.rows}  # fmt: skip
     (results_dir / "kernels.json").write_text(json.dumps(out, indent=2))

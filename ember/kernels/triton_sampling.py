@@ -100,8 +100,8 @@ def top_k_top_p_thresholds(
     logits: torch.Tensor, top_ks: list[int], top_ps: list[float], block: int = BLOCK, num_warps: int = NUM_WARPS
 ) -> torch.Tensor:
     """[rows] float32: each row's smallest kept logit under its top-k (0: none) and top-p (1.0: none)."""
+    logits = logits.float().contiguous()  # no copy for the sampler's own logits
     rows, vocab = logits.shape
-    assert logits.dtype == torch.float32 and logits.stride(1) == 1
     ks = device_tensor([k if 0 < k < vocab else vocab for k in top_ks], logits.device, torch.int32)
     ps = device_tensor(top_ps, logits.device, torch.float32)
     out = torch.empty(rows, dtype=torch.float32, device=logits.device)

@@ -188,6 +188,25 @@ def test_top_k_top_p_thresholds_match_sorting() -> None:
     assert torch.equal(filtered[expected], logits[expected])
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="real shapes run compiled on a GPU only")
+def test_top_k_top_p_at_qwen3_vocabulary_on_gpu() -> None:
+    """256 rows of 151,936 logits: top-k keeps exactly the tokens at or above the k-th largest logit; top-p
+    keeps all tokens at or above its threshold, whose mass reaches p while the mass strictly above it does not
+    (within fp32 summation error, which orders the sums differently from any sort)."""
+    from ember.kernels import triton_sampling
+
+    rows, vocab = 256, 151936
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(rows, vocab, generator=generator) * torch.linspace(0.5, 8.0, rows).unsqueeze(1)).to(DEVICE)
+    kept = triton_sampling.top_k_top_p_filter(logits, [50] * rows, [1.0] * rows) > float("-inf")
+    assert torch.equal(kept, logits >= logits.topk(50, dim=1).values[:, -1:])
+    thresholds = triton_sampling.top_k_top_p_thresholds(logits, [0] * rows, [0.9] * rows).unsqueeze(1)
+    probs = torch.softmax(logits, dim=1)
+    at_or_above = (probs * (logits >= thresholds)).sum(dim=1)
+    above = (probs * (logits > thresholds)).sum(dim=1)
+    assert bool((at_or_above >= 0.9 - 1e-4).all()) and bool((above < 0.9 + 1e-4).all())
+
+
 def test_sampler_filters_through_the_triton_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     """On the CUDA path `filter_logits` (top-k, top-p, min-p) masks what the CPU path masks."""
     from ember.engine.request import Request

@@ -50,6 +50,33 @@ def test_decode_kernel_matches_reference(
     assert relative_error(out, ref) < tolerance
 
 
+@pytest.mark.parametrize(("heads", "kv_heads", "lengths"), [(9, 3, [3000]), (6, 1, [3000]), (4, 1, [2100, 10])])
+def test_few_long_contexts_split_across_threads_match_reference(heads: int, kv_heads: int, lengths: list[int]) -> None:
+    """Fewer (sequence, KV head) pairs than threads to keep busy: each long context is cut into parts that
+    threads share (on AVX512-BF16), merged by their softmax statistics; a short context beside a long one
+    leaves a part empty. The decode tokens' own K/V are stored by the call, as in a decode step."""
+    generator = torch.Generator().manual_seed(heads + len(lengths))
+    block_size, head_dim, num_blocks = 16, 64, 400
+    key_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).bfloat16()
+    value_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).bfloat16()
+    caches = to_cache_layout(key_blocks, value_blocks)
+    q = torch.randn(len(lengths), heads, head_dim, generator=generator).bfloat16()
+    k_new, v_new = (torch.randn(len(lengths), kv_heads, head_dim, generator=generator).bfloat16() for _ in range(2))
+    tables, lens, _ = decode_case(q, *caches, lengths, generator)
+    stored = tuple(c.clone() for c in caches)
+    slots = torch.stack([tables[b, (n - 1) // block_size] * block_size + (n - 1) % block_size
+                         for b, n in enumerate(lengths)])  # fmt: skip
+    write_kv(*stored, k_new, v_new, slots, block_size, use_native=False)
+    out = cpu_kernels.paged_decode_attention(q, *caches, tables, lens, head_dim**-0.5, k_new, v_new)
+    assert torch.equal(caches[0], stored[0]) and torch.equal(caches[1], stored[1])
+    keys = torch.arange(tables.shape[1] * block_size)
+    bias = torch.zeros(len(lengths), len(keys)).masked_fill_(keys >= lens.unsqueeze(1), float("-inf"))
+    reference = decode_attention(
+        q.float(), *(c.float() for c in stored), tables, bias.view(1, len(lengths), 1, -1), head_dim**-0.5
+    )
+    assert max(relative_error(out[b], reference[b]) for b in range(len(lengths))) < 1e-2
+
+
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim", "block_size"),

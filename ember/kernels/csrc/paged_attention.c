@@ -13,10 +13,13 @@
 //   v_cache [KVH, NB, BS/P, d, P]: token pairs interleaved per dim, for the same instruction in P.V.
 // The generic kernel is plain C (auto-vectorized, fp32 math); with AVX512-BF16 the bf16 kernel uses
 // vdpbf16ps (bf16 products, fp32 sums; probabilities rounded to bf16 for P.V, as GPU flash attention
-// does), and runs the rows of a prefill chunk in tiles that share every K/V load (`avx512bf16_tiled`). Each call also stores the decode tokens' own new K/V (at position context_len - 1) first, so the
-// cache lines of a sequence's last block are fetched once, by the kernel that reads them anyway.
+// does), runs the rows of a prefill chunk in tiles that share every K/V load (`avx512bf16_tiled`), and cuts
+// long contexts into parts for the threads when a call has too few rows to keep them busy (`avx512bf16_split`).
+// Each call also stores the decode tokens' own new K/V (at position context_len - 1) first, so the cache
+// lines of a sequence's last block are fetched once, by the kernel that reads them anyway.
 
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -187,9 +190,10 @@ DEFINE_PAGED_DECODE(generic_bf16, uint16_t, bf16_to_float, float_to_bf16)
 
 // Softmax of the L scores `s`, rounded to bf16 and packed in token pairs (what vdpbf16ps takes in P.V): in
 // memory that is just the bf16 probabilities in order. Pairs past L, up to num_pairs, are zero; `pairs` has
-// room for num_pairs rounded up to 16; `s` is overwritten. Vectorized throughout: the scalar version (a scalar
+// room for num_pairs rounded up to 16; `s` is overwritten; the max and the sum of exponentials go to
+// `max_sum` (unless NULL), for merging parts of a context. Vectorized throughout: the scalar version (a scalar
 // max, a bf16 rounding per element) was half the time of the tiled kernel below on a 2,048-token prefill.
-static void softmax_to_pairs(float* s, int64_t L, int64_t num_pairs, uint32_t* pairs) {
+static void softmax_to_pairs(float* s, int64_t L, int64_t num_pairs, uint32_t* pairs, float* max_sum) {
     __m512 vmax = _mm512_set1_ps(-INFINITY);
     for (int64_t t = 0; t < L; t += AVX_TILE) {
         const __mmask16 live = t + AVX_TILE <= L ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - t)) - 1);
@@ -202,6 +206,10 @@ static void softmax_to_pairs(float* s, int64_t L, int64_t num_pairs, uint32_t* p
         s[t] = exp_nonpositive(s[t] - m);
         sum += s[t];
     }
+    if (max_sum != NULL) {
+        max_sum[0] = m;
+        max_sum[1] = sum;
+    }
     const __m512 inv = _mm512_set1_ps(1.0f / sum);
     for (int64_t t = 0; t < 2 * num_pairs; t += 2 * AVX_TILE) {
         const int64_t lo_n = L - t < 0 ? 0 : (L - t > AVX_TILE ? AVX_TILE : L - t);
@@ -213,23 +221,26 @@ static void softmax_to_pairs(float* s, int64_t L, int64_t num_pairs, uint32_t* p
     }
 }
 
-// bf16 attention of one (sequence, KV head) with vdpbf16ps: needs BS % 16 == 0 and d % 64 == 0.
-static void avx512bf16_head(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
-                            const int64_t* table, int64_t L, uint16_t* out, int64_t G, int64_t kh, int64_t NB,
-                            int64_t BS, int64_t d, float scale) {
+// bf16 attention of one (sequence, KV head) over tokens [begin, end) of its context, with vdpbf16ps (needs
+// BS % 16 == 0, d % 64 == 0, begin a multiple of BS): each query head's output over that range into out
+// (fp32 [G, d]), and its score max and exponential sum into max_sum ([G, 2], unless NULL).
+static void avx512bf16_range(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                             const int64_t* table, int64_t begin, int64_t end, float* out, float* max_sum, int64_t G,
+                             int64_t kh, int64_t NB, int64_t BS, int64_t d, float scale) {
+    const int64_t L = end - begin;
     const int64_t Lp = (L + 1) & ~(int64_t)1;  // probabilities come in token pairs
     const int64_t stride = (L + 15) & ~(int64_t)15;  // scores are stored in whole 16-token tiles
     float* scores = aligned_alloc(64, sizeof(float) * (size_t)(G * stride));
     const int64_t pair_stride = (Lp / 2 + 15) & ~(int64_t)15;
     uint32_t* pairs = malloc(sizeof(uint32_t) * (size_t)(G * pair_stride));
     const __m512 vscale = _mm512_set1_ps(scale);
-    for (int64_t t0 = 0; t0 < L; t0 += BS) {
+    for (int64_t t0 = begin; t0 < end; t0 += BS) {
         const uint16_t* kb = k_cache + ((kh * NB + table[t0 / BS]) * d) * BS;
-        if (t0 + BS < L) {  // the next block's keys now, and its values for the P.V pass (they stay in L2)
+        if (t0 + BS < end) {  // the next block's keys now, and its values for the P.V pass (they stay in L2)
             prefetch_block(k_cache + ((kh * NB + table[t0 / BS + 1]) * d) * BS, (size_t)(d * BS) * 2);
             prefetch_block(v_cache + ((kh * NB + table[t0 / BS + 1]) * BS) * d, (size_t)(d * BS) * 2);
         }
-        const int64_t n = L - t0 < BS ? L - t0 : BS;
+        const int64_t n = end - t0 < BS ? end - t0 : BS;
         for (int64_t j0 = 0; j0 < n; j0 += AVX_TILE) {
             for (int64_t g = 0; g < G; g++) {
                 const uint32_t* qp = (const uint32_t*)(q + g * d);
@@ -240,38 +251,125 @@ static void avx512bf16_head(const uint16_t* q, const uint16_t* k_cache, const ui
                     a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(k0 + BS * 2),
                                           (__m512bh)_mm512_set1_epi32(qp[p + 1]));
                 }
-                _mm512_store_ps(scores + g * stride + t0 + j0, _mm512_mul_ps(_mm512_add_ps(a0, a1), vscale));
+                _mm512_store_ps(scores + g * stride + (t0 - begin) + j0,
+                                _mm512_mul_ps(_mm512_add_ps(a0, a1), vscale));
             }
         }
     }
-    for (int64_t g = 0; g < G; g++) softmax_to_pairs(scores + g * stride, L, Lp / 2, pairs + g * pair_stride);
+    for (int64_t g = 0; g < G; g++)
+        softmax_to_pairs(scores + g * stride, L, Lp / 2, pairs + g * pair_stride, max_sum ? max_sum + 2 * g : NULL);
     for (int64_t g = 0; g < G; g++) {
         const uint32_t* pp = pairs + g * pair_stride;
         for (int64_t i0 = 0; i0 < d; i0 += 4 * AVX_TILE) {
             __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
             __m512 a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
-            for (int64_t t0 = 0; t0 < L; t0 += BS) {
+            for (int64_t t0 = begin; t0 < end; t0 += BS) {
                 const uint16_t* vb = v_cache + ((kh * NB + table[t0 / BS]) * BS) * d;
-                const int64_t npairs = ((L - t0 < BS ? L - t0 : BS) + 1) / 2;
+                const int64_t npairs = ((end - t0 < BS ? end - t0 : BS) + 1) / 2;
+                const uint32_t* block_pairs = pp + (t0 - begin) / 2;
                 for (int64_t jp = 0; jp < npairs; jp++) {  // tokens 2jp, 2jp+1: their values per dim interleaved
                     const uint16_t* vp = vb + (jp * d + i0) * 2;
-                    const __m512bh pv = (__m512bh)_mm512_set1_epi32(pp[t0 / 2 + jp]);
+                    const __m512bh pv = (__m512bh)_mm512_set1_epi32(block_pairs[jp]);
                     a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(vp), pv);
                     a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(vp + 32), pv);
                     a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(vp + 64), pv);
                     a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(vp + 96), pv);
                 }
             }
-            float acc[4 * AVX_TILE];
-            _mm512_storeu_ps(acc, a0);
-            _mm512_storeu_ps(acc + 16, a1);
-            _mm512_storeu_ps(acc + 32, a2);
-            _mm512_storeu_ps(acc + 48, a3);
-            for (int64_t i = 0; i < 4 * AVX_TILE; i++) out[g * d + i0 + i] = float_to_bf16(acc[i]);
+            float* o = out + g * d + i0;
+            _mm512_storeu_ps(o, a0);
+            _mm512_storeu_ps(o + 16, a1);
+            _mm512_storeu_ps(o + 32, a2);
+            _mm512_storeu_ps(o + 48, a3);
         }
     }
     free(scores);
     free(pairs);
+}
+
+// The whole context [0, L) of one (sequence, KV head), out in bf16.
+static void avx512bf16_head(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
+                            const int64_t* table, int64_t L, uint16_t* out, int64_t G, int64_t kh, int64_t NB,
+                            int64_t BS, int64_t d, float scale) {
+    float* acc = malloc(sizeof(float) * (size_t)(G * d));
+    avx512bf16_range(q, k_cache, v_cache, table, 0, L, acc, NULL, G, kh, NB, BS, d, scale);
+    for (int64_t i = 0; i < G * d; i++) out[i] = float_to_bf16(acc[i]);
+    free(acc);
+}
+
+// Few long contexts (flash-decoding on the CPU): when a call has fewer (row, KV head) pairs than twice the
+// threads, as a single long conversation does (SmolLM2's 3 KV heads on 2 cores kept one core idle a third of
+// the time), each context is cut into parts of whole blocks that threads share, then merged by their softmax
+// statistics. Returns 0 when the call has enough pairs, or contexts too short to be worth cutting.
+#define MIN_PART_TOKENS 512
+
+static int avx512bf16_split(const uint16_t* q, const uint16_t* k_new, const uint16_t* v_new, uint16_t* k_cache,
+                            uint16_t* v_cache, const int64_t* block_tables, const int64_t* row_tables,
+                            const int64_t* context_lens, uint16_t* out, int64_t D, int64_t H, int64_t KVH,
+                            int64_t NB, int64_t BS, int64_t d, int64_t MAXB, float scale) {
+    const int64_t threads = omp_get_max_threads();
+    int64_t longest = 0;
+    for (int64_t b = 0; b < D; b++) longest = context_lens[b] > longest ? context_lens[b] : longest;
+    const int64_t wanted = (2 * threads + D * KVH - 1) / (D * KVH);  // parts per context to fill the threads
+    const int64_t parts = wanted < longest / MIN_PART_TOKENS ? wanted : longest / MIN_PART_TOKENS;
+    if (D * KVH >= 2 * threads || parts < 2 || BS % 16 != 0 || d % 64 != 0) return 0;
+    const int64_t G = H / KVH;
+    if (k_new != NULL) {  // each row's own new K/V first: some part reads its last block
+        for (int64_t b = 0; b < D; b++)
+            for (int64_t kh = 0; kh < KVH; kh++)
+                store_decode_token((const char*)k_new, (const char*)v_new, (char*)k_cache, (char*)v_cache,
+                                   block_tables + (row_tables ? row_tables[b] : b) * MAXB, b, kh, context_lens[b],
+                                   KVH, NB, BS, d, 2);
+    }
+    float* part_out = malloc(sizeof(float) * (size_t)(D * KVH * parts * G * d));
+    float* part_stats = malloc(sizeof(float) * (size_t)(D * KVH * parts * G * 2));
+#pragma omp parallel for collapse(3) schedule(dynamic)
+    for (int64_t b = 0; b < D; b++) {
+        for (int64_t kh = 0; kh < KVH; kh++) {
+            for (int64_t s = 0; s < parts; s++) {
+                const int64_t L = context_lens[b];
+                const int64_t span = ((L + parts - 1) / parts + BS - 1) / BS * BS;  // whole blocks per part
+                const int64_t begin = s * span, end = begin + span < L ? begin + span : L;
+                const int64_t slot = (b * KVH + kh) * parts + s;
+                if (begin >= end) {  // a short context has fewer parts: this one weighs nothing
+                    for (int64_t g = 0; g < G; g++) part_stats[(slot * G + g) * 2 + 1] = 0.0f;
+                    continue;
+                }
+                avx512bf16_range(q + (b * H + kh * G) * d, k_cache, v_cache,
+                                 block_tables + (row_tables ? row_tables[b] : b) * MAXB, begin, end,
+                                 part_out + slot * G * d, part_stats + slot * G * 2, G, kh, NB, BS, d, scale);
+            }
+        }
+    }
+    float* acc = malloc(sizeof(float) * (size_t)d);
+    for (int64_t b = 0; b < D; b++) {
+        for (int64_t kh = 0; kh < KVH; kh++) {
+            for (int64_t g = 0; g < G; g++) {
+                const int64_t first = (b * KVH + kh) * parts;
+                float m = -INFINITY;
+                for (int64_t s = 0; s < parts; s++) {
+                    const float* st = part_stats + ((first + s) * G + g) * 2;
+                    if (st[1] > 0.0f && st[0] > m) m = st[0];
+                }
+                float total = 0.0f;
+                for (int64_t i = 0; i < d; i++) acc[i] = 0.0f;
+                for (int64_t s = 0; s < parts; s++) {
+                    const float* st = part_stats + ((first + s) * G + g) * 2;
+                    if (st[1] == 0.0f) continue;
+                    const float w = st[1] * expf(st[0] - m);  // the part's share of the whole softmax
+                    const float* o = part_out + ((first + s) * G + g) * d;
+                    for (int64_t i = 0; i < d; i++) acc[i] += w * o[i];
+                    total += w;
+                }
+                uint16_t* dst = out + (b * H + kh * G + g) * d;
+                for (int64_t i = 0; i < d; i++) dst[i] = float_to_bf16(acc[i] / total);
+            }
+        }
+    }
+    free(acc);
+    free(part_out);
+    free(part_stats);
+    return 1;
 }
 
 // Tiled rows: consecutive query rows of one sequence (a prefill chunk's tokens) attend as one tile, all the
@@ -372,7 +470,8 @@ static void avx512bf16_tile(const uint16_t* q, const uint16_t* k_cache, const ui
         FOR_EACH_R(R, SCORE)
 #undef SCORE
     }
-    for (int r = 0; r < R; r++) softmax_to_pairs(scores + r * stride, L0 + r / G, num_pairs, pairs + r * pair_stride);
+    for (int r = 0; r < R; r++)
+        softmax_to_pairs(scores + r * stride, L0 + r / G, num_pairs, pairs + r * pair_stride, NULL);
     for (int64_t i0 = 0; i0 < d; i0 += 64) {
 #define WEIGH(R_) weigh_values(R_, pv, v_cache, table, L, kh, NB, BS, d, i0, acc)
         FOR_EACH_R(R, WEIGH)
@@ -423,11 +522,11 @@ static int avx512bf16_tiled(const uint16_t* q, const uint16_t* k_new, uint16_t* 
 // reads the block table row_tables[b] (or b when row_tables is NULL): the rows of a prefill chunk or of a
 // speculating request share their sequence's table. k_new/v_new may be NULL (the new tokens were already
 // stored); they must be, when rows of one sequence read each other's new K/V.
-#define DEFINE_ENTRY(NAME, T, HEAD, FAST_HEAD, FAST_TILES)                                                \
+#define DEFINE_ENTRY(NAME, T, HEAD, FAST_HEAD, WHOLE_CALL)                                                \
     void NAME(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_cache, const int64_t* block_tables, \
               const int64_t* row_tables, const int64_t* context_lens, T* out, int64_t D, int64_t H,        \
               int64_t KVH, int64_t NB, int64_t BS, int64_t d, int64_t MAXB, float scale) {                \
-        FAST_TILES                                                                                         \
+        WHOLE_CALL                                                                                         \
         const int64_t G = H / KVH;                                                                         \
         _Pragma("omp parallel for collapse(2) schedule(dynamic)")                                         \
         for (int64_t b = 0; b < D; b++) {                                                                 \
@@ -451,15 +550,17 @@ DEFINE_ENTRY(paged_decode_f32, float, generic_f32_head, , )
         avx512bf16_head(qh, k_cache, v_cache, table, L, oh, G, kh, NB, BS, d, scale);                     \
         continue;                                                                                         \
     }
-#define BF16_TILES                                                                                        \
+#define BF16_WHOLE_CALL                                                                                   \
     if (avx512bf16_tiled(q, k_new, k_cache, v_cache, block_tables, row_tables, context_lens, out, D, H, KVH, \
-                         NB, BS, d, MAXB, scale))                                                         \
+                         NB, BS, d, MAXB, scale) ||                                                       \
+        avx512bf16_split(q, k_new, v_new, k_cache, v_cache, block_tables, row_tables, context_lens, out, D, H, \
+                         KVH, NB, BS, d, MAXB, scale))                                                    \
         return;
 #else
 #define BF16_FAST_PATH
-#define BF16_TILES
+#define BF16_WHOLE_CALL
 #endif
-DEFINE_ENTRY(paged_decode_bf16, uint16_t, generic_bf16_head, BF16_FAST_PATH, BF16_TILES)
+DEFINE_ENTRY(paged_decode_bf16, uint16_t, generic_bf16_head, BF16_FAST_PATH, BF16_WHOLE_CALL)
 
 // 1 when the bf16 kernel has its AVX512-BF16 path (it then beats PyTorch's SDPA on prefill chunks too).
 int has_avx512bf16(void) {

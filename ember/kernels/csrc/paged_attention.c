@@ -33,13 +33,18 @@ static inline void prefetch_block(const void* start, size_t bytes) {
     for (size_t offset = 0; offset < bytes; offset += 64) __builtin_prefetch((const char*)start + offset, 0, 3);
 }
 
-static void softmax_inplace(float* s, int64_t n) {
+// Softmax in place; its max and sum of exponentials go to max_sum (unless NULL), for merging parts.
+static void softmax_inplace(float* s, int64_t n, float* max_sum) {
     float m = -INFINITY, sum = 0.0f;
     for (int64_t t = 0; t < n; t++) m = s[t] > m ? s[t] : m;
 #pragma omp simd reduction(+ : sum)
     for (int64_t t = 0; t < n; t++) {
         s[t] = exp_nonpositive(s[t] - m);
         sum += s[t];
+    }
+    if (max_sum != NULL) {
+        max_sum[0] = m;
+        max_sum[1] = sum;
     }
     const float inv = 1.0f / sum;
 #pragma omp simd
@@ -100,11 +105,11 @@ static void store_decode_token(const char* k_new, const char* v_new, char* k_cac
 }
 
 #define DEFINE_PAGED_DECODE(NAME, T, LOAD, STORE)                                                          \
-    /* scores[t] = q . k_t for the L tokens of one (sequence, KV head, query head) */                      \
+    /* scores[t - begin] = q . k_t for tokens [begin, L) of one (sequence, KV head, query head) */         \
     static void NAME##_scores(const float* qf, const T* k_cache, const int64_t* table, int64_t kh,        \
-                              int64_t NB, int64_t BS, int64_t d, int64_t L, float* scores) {              \
+                              int64_t NB, int64_t BS, int64_t d, int64_t begin, int64_t L, float* scores) { \
         const int64_t P = 4 / (int64_t)sizeof(T);                                                          \
-        for (int64_t t0 = 0; t0 < L; t0 += BS) {                                                          \
+        for (int64_t t0 = begin; t0 < L; t0 += BS) {                                                      \
             const T* kb = k_cache + ((kh * NB + table[t0 / BS]) * d) * BS;                                \
             const int64_t n = L - t0 < BS ? L - t0 : BS;                                                  \
             if (t0 + BS < L) prefetch_block(k_cache + ((kh * NB + table[t0 / BS + 1]) * d) * BS,           \
@@ -129,29 +134,32 @@ static void store_decode_token(const char* k_new, const char* v_new, char* k_cac
                     }                                                                                      \
                 }                                                                                          \
                 const int64_t keep = n - j0 < TILE ? n - j0 : TILE;                                       \
-                memcpy(scores + t0 + j0, s, sizeof(float) * (size_t)keep);                                \
+                memcpy(scores + (t0 - begin) + j0, s, sizeof(float) * (size_t)keep);                      \
             }                                                                                              \
         }                                                                                                  \
     }                                                                                                      \
                                                                                                            \
-    static void NAME##_head(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t L, \
-                            T* out, int64_t G, int64_t kh, int64_t NB, int64_t BS, int64_t d, float scale) {  \
+    /* tokens [begin, end) (begin a multiple of BS): outputs (fp32 [G, d]) and softmax stats ([G, 2]) */  \
+    static void NAME##_range(const T* q, const T* k_cache, const T* v_cache, const int64_t* table,         \
+                             int64_t begin, int64_t end, float* acc, float* max_sum, int64_t G, int64_t kh,  \
+                             int64_t NB, int64_t BS, int64_t d, float scale) {                           \
         const int64_t P = 4 / (int64_t)sizeof(T);                                                          \
+        const int64_t L = end - begin;                                                                     \
         float* qf = malloc(sizeof(float) * (size_t)(G * d));                                              \
-        float* acc = calloc((size_t)(G * d), sizeof(float));                                              \
         float* scores = malloc(sizeof(float) * (size_t)(G * L));                                          \
+        for (int64_t i = 0; i < G * d; i++) acc[i] = 0.0f;                                                \
         for (int64_t g = 0; g < G; g++) {                                                                 \
             for (int64_t i = 0; i < d; i++) qf[g * d + i] = LOAD(q[g * d + i]) * scale;                   \
-            NAME##_scores(qf + g * d, k_cache, table, kh, NB, BS, d, L, scores + g * L);                  \
-            softmax_inplace(scores + g * L, L);                                                           \
+            NAME##_scores(qf + g * d, k_cache, table, kh, NB, BS, d, begin, end, scores + g * L);         \
+            softmax_inplace(scores + g * L, L, max_sum ? max_sum + 2 * g : NULL);                         \
         }                                                                                                  \
-        for (int64_t t0 = 0; t0 < L; t0 += BS) {                                                          \
-            const int64_t n = L - t0 < BS ? L - t0 : BS;                                                  \
+        for (int64_t t0 = begin; t0 < end; t0 += BS) {                                                    \
+            const int64_t n = end - t0 < BS ? end - t0 : BS;                                              \
             const T* vb = v_cache + ((kh * NB + table[t0 / BS]) * BS) * d;                                \
-            if (t0 + BS < L) prefetch_block(v_cache + ((kh * NB + table[t0 / BS + 1]) * BS) * d,           \
-                                            (size_t)(d * BS) * sizeof(T));                                \
+            if (t0 + BS < end) prefetch_block(v_cache + ((kh * NB + table[t0 / BS + 1]) * BS) * d,         \
+                                              (size_t)(d * BS) * sizeof(T));                              \
             for (int64_t g = 0; g < G; g++) {                                                             \
-                const float* p = scores + g * L + t0;                                                     \
+                const float* p = scores + g * L + (t0 - begin);                                           \
                 for (int64_t i0 = 0; i0 < d; i0 += TILE) {                                                \
                     float a[TILE] = {0};                                                                  \
                     const int64_t width = d - i0 < TILE ? d - i0 : TILE;                                  \
@@ -171,10 +179,16 @@ static void store_decode_token(const char* k_new, const char* v_new, char* k_cac
                 }                                                                                          \
             }                                                                                              \
         }                                                                                                  \
-        for (int64_t i = 0; i < G * d; i++) out[i] = STORE(acc[i]);                                       \
         free(qf);                                                                                          \
-        free(acc);                                                                                         \
         free(scores);                                                                                      \
+    }                                                                                                      \
+                                                                                                           \
+    static void NAME##_head(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t L, \
+                            T* out, int64_t G, int64_t kh, int64_t NB, int64_t BS, int64_t d, float scale) {  \
+        float* acc = malloc(sizeof(float) * (size_t)(G * d));                                             \
+        NAME##_range(q, k_cache, v_cache, table, 0, L, acc, NULL, G, kh, NB, BS, d, scale);               \
+        for (int64_t i = 0; i < G * d; i++) out[i] = STORE(acc[i]);                                       \
+        free(acc);                                                                                         \
     }
 
 #define LOAD_F32(x) (x)
@@ -182,6 +196,84 @@ static void store_decode_token(const char* k_new, const char* v_new, char* k_cac
 
 DEFINE_PAGED_DECODE(generic_f32, float, LOAD_F32, STORE_F32)
 DEFINE_PAGED_DECODE(generic_bf16, uint16_t, bf16_to_float, float_to_bf16)
+
+// Few long contexts (flash-decoding on the CPU): when a call has fewer (row, KV head) pairs than twice the
+// threads, as a single long conversation does (SmolLM2's 3 KV heads on 2 cores kept one core idle a third of
+// the time), each context is cut into parts of whole blocks that threads share, then merged by their softmax
+// statistics. NAME returns 0 when the call has enough pairs, or contexts too short to be worth cutting.
+#define MIN_PART_TOKENS 512
+
+#define DEFINE_SPLIT(NAME, T, RANGE, STORE)                                                                \
+    static int NAME(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_cache,                   \
+                    const int64_t* block_tables, const int64_t* row_tables, const int64_t* context_lens, T* out, \
+                    int64_t D, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t d, int64_t MAXB,    \
+                    float scale) {                                                                         \
+        const int64_t threads = omp_get_max_threads();                                                    \
+        int64_t longest = 0;                                                                               \
+        for (int64_t b = 0; b < D; b++) longest = context_lens[b] > longest ? context_lens[b] : longest;  \
+        const int64_t wanted = (2 * threads + D * KVH - 1) / (D * KVH); /* parts to fill the threads */   \
+        const int64_t parts = wanted < longest / MIN_PART_TOKENS ? wanted : longest / MIN_PART_TOKENS;    \
+        if (D * KVH >= 2 * threads || parts < 2) return 0;                                                \
+        const int64_t G = H / KVH;                                                                         \
+        if (k_new != NULL) { /* each row's own new K/V first: some part reads its last block */           \
+            for (int64_t b = 0; b < D; b++)                                                                \
+                for (int64_t kh = 0; kh < KVH; kh++)                                                       \
+                    store_decode_token((const char*)k_new, (const char*)v_new, (char*)k_cache, (char*)v_cache, \
+                                       block_tables + (row_tables ? row_tables[b] : b) * MAXB, b, kh,      \
+                                       context_lens[b], KVH, NB, BS, d, (int64_t)sizeof(T));              \
+        }                                                                                                  \
+        float* part_out = malloc(sizeof(float) * (size_t)(D * KVH * parts * G * d));                      \
+        float* part_stats = malloc(sizeof(float) * (size_t)(D * KVH * parts * G * 2));                    \
+        _Pragma("omp parallel for collapse(3) schedule(dynamic)")                                         \
+        for (int64_t b = 0; b < D; b++) {                                                                 \
+            for (int64_t kh = 0; kh < KVH; kh++) {                                                        \
+                for (int64_t s = 0; s < parts; s++) {                                                     \
+                    const int64_t L = context_lens[b];                                                    \
+                    const int64_t span = ((L + parts - 1) / parts + BS - 1) / BS * BS; /* whole blocks */ \
+                    const int64_t begin = s * span, end = begin + span < L ? begin + span : L;            \
+                    const int64_t slot = (b * KVH + kh) * parts + s;                                      \
+                    if (begin >= end) { /* a short context has fewer parts: this one weighs nothing */    \
+                        for (int64_t g = 0; g < G; g++) part_stats[(slot * G + g) * 2 + 1] = 0.0f;        \
+                        continue;                                                                         \
+                    }                                                                                      \
+                    RANGE(q + (b * H + kh * G) * d, k_cache, v_cache,                                     \
+                          block_tables + (row_tables ? row_tables[b] : b) * MAXB, begin, end,             \
+                          part_out + slot * G * d, part_stats + slot * G * 2, G, kh, NB, BS, d, scale);   \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+        float* acc = malloc(sizeof(float) * (size_t)d);                                                   \
+        for (int64_t b = 0; b < D; b++) {                                                                 \
+            for (int64_t kh = 0; kh < KVH; kh++) {                                                        \
+                for (int64_t g = 0; g < G; g++) {                                                         \
+                    const int64_t first = (b * KVH + kh) * parts;                                         \
+                    float m = -INFINITY, total = 0.0f;                                                    \
+                    for (int64_t s = 0; s < parts; s++) {                                                 \
+                        const float* st = part_stats + ((first + s) * G + g) * 2;                         \
+                        if (st[1] > 0.0f && st[0] > m) m = st[0];                                         \
+                    }                                                                                      \
+                    for (int64_t i = 0; i < d; i++) acc[i] = 0.0f;                                        \
+                    for (int64_t s = 0; s < parts; s++) {                                                 \
+                        const float* st = part_stats + ((first + s) * G + g) * 2;                         \
+                        if (st[1] == 0.0f) continue;                                                      \
+                        const float w = st[1] * expf(st[0] - m); /* the part's share of the softmax */    \
+                        const float* o = part_out + ((first + s) * G + g) * d;                            \
+                        for (int64_t i = 0; i < d; i++) acc[i] += w * o[i];                               \
+                        total += w;                                                                       \
+                    }                                                                                      \
+                    T* dst = out + (b * H + kh * G + g) * d;                                              \
+                    for (int64_t i = 0; i < d; i++) dst[i] = STORE(acc[i] / total);                       \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+        free(acc);                                                                                         \
+        free(part_out);                                                                                    \
+        free(part_stats);                                                                                  \
+        return 1;                                                                                          \
+    }
+
+DEFINE_SPLIT(generic_f32_split, float, generic_f32_range, STORE_F32)
+DEFINE_SPLIT(generic_bf16_split, uint16_t, generic_bf16_range, float_to_bf16)
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -297,80 +389,7 @@ static void avx512bf16_head(const uint16_t* q, const uint16_t* k_cache, const ui
     free(acc);
 }
 
-// Few long contexts (flash-decoding on the CPU): when a call has fewer (row, KV head) pairs than twice the
-// threads, as a single long conversation does (SmolLM2's 3 KV heads on 2 cores kept one core idle a third of
-// the time), each context is cut into parts of whole blocks that threads share, then merged by their softmax
-// statistics. Returns 0 when the call has enough pairs, or contexts too short to be worth cutting.
-#define MIN_PART_TOKENS 512
-
-static int avx512bf16_split(const uint16_t* q, const uint16_t* k_new, const uint16_t* v_new, uint16_t* k_cache,
-                            uint16_t* v_cache, const int64_t* block_tables, const int64_t* row_tables,
-                            const int64_t* context_lens, uint16_t* out, int64_t D, int64_t H, int64_t KVH,
-                            int64_t NB, int64_t BS, int64_t d, int64_t MAXB, float scale) {
-    const int64_t threads = omp_get_max_threads();
-    int64_t longest = 0;
-    for (int64_t b = 0; b < D; b++) longest = context_lens[b] > longest ? context_lens[b] : longest;
-    const int64_t wanted = (2 * threads + D * KVH - 1) / (D * KVH);  // parts per context to fill the threads
-    const int64_t parts = wanted < longest / MIN_PART_TOKENS ? wanted : longest / MIN_PART_TOKENS;
-    if (D * KVH >= 2 * threads || parts < 2 || BS % 16 != 0 || d % 64 != 0) return 0;
-    const int64_t G = H / KVH;
-    if (k_new != NULL) {  // each row's own new K/V first: some part reads its last block
-        for (int64_t b = 0; b < D; b++)
-            for (int64_t kh = 0; kh < KVH; kh++)
-                store_decode_token((const char*)k_new, (const char*)v_new, (char*)k_cache, (char*)v_cache,
-                                   block_tables + (row_tables ? row_tables[b] : b) * MAXB, b, kh, context_lens[b],
-                                   KVH, NB, BS, d, 2);
-    }
-    float* part_out = malloc(sizeof(float) * (size_t)(D * KVH * parts * G * d));
-    float* part_stats = malloc(sizeof(float) * (size_t)(D * KVH * parts * G * 2));
-#pragma omp parallel for collapse(3) schedule(dynamic)
-    for (int64_t b = 0; b < D; b++) {
-        for (int64_t kh = 0; kh < KVH; kh++) {
-            for (int64_t s = 0; s < parts; s++) {
-                const int64_t L = context_lens[b];
-                const int64_t span = ((L + parts - 1) / parts + BS - 1) / BS * BS;  // whole blocks per part
-                const int64_t begin = s * span, end = begin + span < L ? begin + span : L;
-                const int64_t slot = (b * KVH + kh) * parts + s;
-                if (begin >= end) {  // a short context has fewer parts: this one weighs nothing
-                    for (int64_t g = 0; g < G; g++) part_stats[(slot * G + g) * 2 + 1] = 0.0f;
-                    continue;
-                }
-                avx512bf16_range(q + (b * H + kh * G) * d, k_cache, v_cache,
-                                 block_tables + (row_tables ? row_tables[b] : b) * MAXB, begin, end,
-                                 part_out + slot * G * d, part_stats + slot * G * 2, G, kh, NB, BS, d, scale);
-            }
-        }
-    }
-    float* acc = malloc(sizeof(float) * (size_t)d);
-    for (int64_t b = 0; b < D; b++) {
-        for (int64_t kh = 0; kh < KVH; kh++) {
-            for (int64_t g = 0; g < G; g++) {
-                const int64_t first = (b * KVH + kh) * parts;
-                float m = -INFINITY;
-                for (int64_t s = 0; s < parts; s++) {
-                    const float* st = part_stats + ((first + s) * G + g) * 2;
-                    if (st[1] > 0.0f && st[0] > m) m = st[0];
-                }
-                float total = 0.0f;
-                for (int64_t i = 0; i < d; i++) acc[i] = 0.0f;
-                for (int64_t s = 0; s < parts; s++) {
-                    const float* st = part_stats + ((first + s) * G + g) * 2;
-                    if (st[1] == 0.0f) continue;
-                    const float w = st[1] * expf(st[0] - m);  // the part's share of the whole softmax
-                    const float* o = part_out + ((first + s) * G + g) * d;
-                    for (int64_t i = 0; i < d; i++) acc[i] += w * o[i];
-                    total += w;
-                }
-                uint16_t* dst = out + (b * H + kh * G + g) * d;
-                for (int64_t i = 0; i < d; i++) dst[i] = float_to_bf16(acc[i] / total);
-            }
-        }
-    }
-    free(acc);
-    free(part_out);
-    free(part_stats);
-    return 1;
-}
+DEFINE_SPLIT(avx512bf16_split, uint16_t, avx512bf16_range, float_to_bf16)
 
 // Tiled rows: consecutive query rows of one sequence (a prefill chunk's tokens) attend as one tile, all the
 // query heads of its rows over one KV head. Each K/V vector loaded then feeds MAX_VECTORS dot products
@@ -543,7 +562,11 @@ static int avx512bf16_tiled(const uint16_t* q, const uint16_t* k_new, uint16_t* 
         }                                                                                                  \
     }
 
-DEFINE_ENTRY(paged_decode_f32, float, generic_f32_head, , )
+#define F32_WHOLE_CALL                                                                                    \
+    if (generic_f32_split(q, k_new, v_new, k_cache, v_cache, block_tables, row_tables, context_lens, out, D, H, \
+                          KVH, NB, BS, d, MAXB, scale))                                                   \
+        return;
+DEFINE_ENTRY(paged_decode_f32, float, generic_f32_head, , F32_WHOLE_CALL)
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define BF16_FAST_PATH                                                                                    \
     if (BS % 16 == 0 && d % 64 == 0) {                                                                    \
@@ -553,12 +576,16 @@ DEFINE_ENTRY(paged_decode_f32, float, generic_f32_head, , )
 #define BF16_WHOLE_CALL                                                                                   \
     if (avx512bf16_tiled(q, k_new, k_cache, v_cache, block_tables, row_tables, context_lens, out, D, H, KVH, \
                          NB, BS, d, MAXB, scale) ||                                                       \
-        avx512bf16_split(q, k_new, v_new, k_cache, v_cache, block_tables, row_tables, context_lens, out, D, H, \
-                         KVH, NB, BS, d, MAXB, scale))                                                    \
+        (BS % 16 == 0 && d % 64 == 0 ? avx512bf16_split : generic_bf16_split)(                           \
+            q, k_new, v_new, k_cache, v_cache, block_tables, row_tables, context_lens, out, D, H, KVH, NB, BS, d, \
+            MAXB, scale))                                                                                 \
         return;
 #else
 #define BF16_FAST_PATH
-#define BF16_WHOLE_CALL
+#define BF16_WHOLE_CALL                                                                                   \
+    if (generic_bf16_split(q, k_new, v_new, k_cache, v_cache, block_tables, row_tables, context_lens, out, D, H, \
+                           KVH, NB, BS, d, MAXB, scale))                                                  \
+        return;
 #endif
 DEFINE_ENTRY(paged_decode_bf16, uint16_t, generic_bf16_head, BF16_FAST_PATH, BF16_WHOLE_CALL)
 

@@ -2,11 +2,12 @@
 share spent in attention, for prompts of 512 to 8,000 tokens. Attention grows with the prompt (quadratically
 in prefill, linearly per decoded token), the matmuls do not.
 
-An A/B of two checkouts: `PYTHONPATH=<checkout> .venv/bin/python benchmarks/cpu/long_prompt.py`.
+An A/B of two checkouts: `PYTHONPATH=<checkout> .venv/bin/python benchmarks/cpu/long_prompt.py [--dtype float32]`.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Any
@@ -39,8 +40,11 @@ def timed_generate(llm: LLM, prompt: list[int], max_tokens: int) -> tuple[float,
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    args = parser.parse_args()
     cpu_kernels.paged_decode_attention = timed_attention  # the attention layer looks it up at each call
-    llm = LLM(dtype="bfloat16", enable_prefix_caching=False)  # every run prefills its whole prompt
+    llm = LLM(dtype=args.dtype, enable_prefix_caching=False)  # every run prefills its whole prompt
     prompt = [1000 + i % 40000 for i in range(8000)]
     timed_generate(llm, prompt[:64], 2)  # warm-up
     print(f"{'prompt':>7s} {'TTFT ms':>9s} {'attention':>10s} {'ms/token':>9s} {'attention':>10s}")

@@ -13,8 +13,9 @@
 //   v_cache [KVH, NB, BS/P, d, P]: token pairs interleaved per dim, for the same instruction in P.V.
 // The generic kernel is plain C (auto-vectorized, fp32 math); with AVX512-BF16 the bf16 kernel uses
 // vdpbf16ps (bf16 products, fp32 sums; probabilities rounded to bf16 for P.V, as GPU flash attention
-// does), runs the rows of a prefill chunk in tiles that share every K/V load (`avx512bf16_tiled`), and cuts
-// long contexts into parts for the threads when a call has too few rows to keep them busy (`avx512bf16_split`).
+// does) and runs the rows of a prefill chunk in tiles that share every K/V load (`avx512bf16_tiled`). Every
+// kernel cuts long contexts into parts for the threads when a call has too few rows to keep them busy
+// (`DEFINE_SPLIT`).
 // Each call also stores the decode tokens' own new K/V (at position context_len - 1) first, so the cache
 // lines of a sequence's last block are fetched once, by the kernel that reads them anyway.
 

@@ -210,11 +210,12 @@ DEFINE_PAGED_DECODE(generic_bf16, uint16_t, bf16_to_float, float_to_bf16)
                     int64_t D, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t d, int64_t MAXB,    \
                     float scale) {                                                                         \
         const int64_t threads = omp_get_max_threads();                                                    \
+        if (D == 0 || D * KVH >= 2 * threads) return 0; /* enough pairs (or none): no split */            \
         int64_t longest = 0;                                                                               \
         for (int64_t b = 0; b < D; b++) longest = context_lens[b] > longest ? context_lens[b] : longest;  \
         const int64_t wanted = (2 * threads + D * KVH - 1) / (D * KVH); /* parts to fill the threads */   \
         const int64_t parts = wanted < longest / MIN_PART_TOKENS ? wanted : longest / MIN_PART_TOKENS;    \
-        if (D * KVH >= 2 * threads || parts < 2) return 0;                                                \
+        if (parts < 2) return 0;                                                                          \
         const int64_t G = H / KVH;                                                                         \
         if (k_new != NULL) { /* each row's own new K/V first: some part reads its last block */           \
             for (int64_t b = 0; b < D; b++)                                                                \

@@ -11,9 +11,19 @@ import torch
 from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import dequantize, quantize
 
+from ember.config import cache_dir
 from ember.engine.engine import LLM
 from ember.engine.sampling_params import SamplingParams
-from ember.models.loader import ModelNotFoundError, load_model
+from ember.models import quantized
+from ember.models.loader import (
+    BLOCKS_FILE,
+    GGUF_CACHE_VERSION,
+    ModelNotFoundError,
+    _file_digest,
+    gguf_as_hf_dir,
+    load_model,
+)
+from ember.models.packed_linear import PackedLinear
 
 CONFIG = {
     "vocab_size": 256,
@@ -162,3 +172,46 @@ def test_corrupt_gguf_is_a_clear_error(tmp_path: Path) -> None:
     path.write_bytes(b"GGUF" + b"\x00" * 64)
     with pytest.raises(ModelNotFoundError, match="cannot read GGUF file"):
         LLM(str(path))
+
+
+@pytest.mark.skipif(not quantized.kernels_available(), reason="needs an AVX512-BF16 CPU and a C compiler")
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_bf16_decode_steps_multiply_from_the_gguf_blocks(
+    tmp_path: Path, hf_llama: Any, qtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every linear keeps the file's blocks for steps of few rows; the outputs are those of the bf16 weights
+    (equal tokens up to a near-tie, where each run's token is in the other's top-5, and close logprobs)."""
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    write_gguf(path, hf_llama, GGMLQuantizationType[qtype])
+    prompts = [[5, 17, 33, 200, 91, 7, 64], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [100, 101]]
+    params = SamplingParams(max_tokens=16, temperature=0, logprobs=5, ignore_eos=True)
+    llm = LLM(str(path), num_blocks=64, dtype="bfloat16")
+    with_blocks = {
+        name
+        for name, module in llm.engine.runner.model.named_modules()
+        if isinstance(module, PackedLinear) and module.small_steps is not None
+    }
+    projections = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    layers = range(CONFIG["num_hidden_layers"])
+    assert with_blocks == {f"layers.{i}.{p}" for i in layers for p in projections} | {"lm_head"}
+    from_blocks = llm.generate(prompts, params)
+    monkeypatch.setenv("EMBER_DISABLE_QUANTIZED_KERNELS", "1")
+    bf16_only = LLM(str(path), num_blocks=64, dtype="bfloat16")
+    assert not any(getattr(m, "small_steps", None) for m in bf16_only.engine.runner.model.modules())
+    for a, b in zip(from_blocks, bf16_only.generate(prompts, params), strict=True):
+        for mine, theirs in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            if mine.token_id != theirs.token_id:
+                assert mine.token_id in {t for t, _ in theirs.top} and theirs.token_id in {t for t, _ in mine.top}
+                break
+            assert abs(mine.logprob - theirs.logprob) < 0.05
+
+
+def test_conversion_replaces_older_conversions_of_the_file(tmp_path: Path, hf_llama: Any) -> None:
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, hf_llama, GGMLQuantizationType.Q4_1)
+    older = cache_dir() / "models" / f"tiny-{_file_digest(path)}-v{GGUF_CACHE_VERSION - 1}"
+    older.mkdir(parents=True)
+    (older / "model.safetensors").write_bytes(b"stale")
+    converted = gguf_as_hf_dir(path)
+    assert converted.is_dir() and (converted / BLOCKS_FILE).is_file()
+    assert not older.exists()

@@ -121,7 +121,14 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         graph_max_batch = 0 if config.enforce_eager else min(config.scheduler.max_num_seqs, MAX_GRAPH_BATCH)
         self.runner = ModelRunner(
-            self.loaded.model, num_blocks, block_size, config.device, dtype, graph_max_batch, self.max_model_len
+            self.loaded.model,
+            num_blocks,
+            block_size,
+            config.device,
+            dtype,
+            graph_max_batch,
+            self.max_model_len,
+            self.loaded.gguf_blocks,
         )
         self.speculator: Speculator | None = None
         if config.speculative.method is not None:

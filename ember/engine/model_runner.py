@@ -23,6 +23,7 @@ from ember.engine.scheduler import ScheduledRequest
 from ember.kernels import device_tensor, native, use_triton
 from ember.models.llama import LlamaForCausalLM
 from ember.models.packed_linear import pack_linears
+from ember.models.quantized import QuantizedWeight
 from ember.spec.verify import verify_drafts
 
 
@@ -76,13 +77,15 @@ class ModelRunner:
         dtype: torch.dtype,
         graph_max_batch: int = 0,
         max_model_len: int | None = None,
+        gguf_blocks: dict[str, QuantizedWeight] | None = None,
     ) -> None:
         """`graph_max_batch` > 0: decode steps of up to that many requests run on `DecodeGraphs` (Triton path
-        only), whose block tables are as wide as `max_model_len` (default: the model's)."""
+        only), whose block tables are as wide as `max_model_len` (default: the model's). `gguf_blocks`: the
+        quantized weights of a GGUF file, for the CPU's steps of few rows."""
         self.model = model
         self.config = model.config
         if torch.device(device).type == "cpu":
-            pack_linears(model)
+            pack_linears(model, blocks=gguf_blocks)
         self.block_size = block_size
         self.device = torch.device(device)
         cfg = self.config

@@ -35,6 +35,8 @@ SIGNATURES: dict[str, list[type]] = {
     **{f"rotary_{t}": [_ptr] * 3 + [_i64] * 4 for t in ("f32", "bf16")},
     **{f"silu_and_mul_{t}": [_ptr] * 2 + [_i64] * 2 for t in ("f32", "bf16")},
 }
+# built only where the compiler targets AVX512-BF16
+OPTIONAL_SIGNATURES: dict[str, list[type]] = {f"quantized_linear_{f}": [_ptr] * 6 + [_i64] * 3 for f in ("q4", "q8")}
 
 
 def _library_path() -> Path:
@@ -72,7 +74,8 @@ def load() -> ctypes.CDLL | None:
     if not target.is_file() and not _compile(target):
         return None
     library = ctypes.CDLL(str(target))
-    for name, argtypes in SIGNATURES.items():
+    optional = {name: argtypes for name, argtypes in OPTIONAL_SIGNATURES.items() if hasattr(library, name)}
+    for name, argtypes in {**SIGNATURES, **optional}.items():
         fn = getattr(library, name)
         fn.argtypes = argtypes
         fn.restype = None

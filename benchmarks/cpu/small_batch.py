@@ -1,0 +1,66 @@
+"""Decode steps of a few requests on SmolLM2 (bf16): milliseconds per step and the share spent in the linears,
+at batch 1 to 16. At these sizes a step reads every weight once, so the linears' time is their bytes over
+memory bandwidth; from the GGUF's Q4_1 blocks (the default up to `quantized.MAX_ROWS` rows) they read about
+a third of bf16's bytes.
+
+An A/B of the quantized kernels in one checkout: run it as is, then with EMBER_DISABLE_QUANTIZED_KERNELS=1.
+`.venv/bin/python benchmarks/cpu/small_batch.py [--batch-sizes 1,4,8,16]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+from ember.engine.engine import LLM
+from ember.engine.sampling_params import SamplingParams
+from ember.models import packed_linear
+
+DECODED = 128  # steps timed after the first token
+linear_seconds = 0.0
+linear_forward = packed_linear.PackedLinear.forward
+
+
+def timed_linear(self: packed_linear.PackedLinear, x: Any) -> Any:
+    global linear_seconds
+    start = time.perf_counter()
+    try:
+        return linear_forward(self, x)
+    finally:
+        linear_seconds += time.perf_counter() - start
+
+
+def timed_generate(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
+    """(wall seconds, linear seconds) of one batch."""
+    global linear_seconds
+    linear_seconds = 0.0
+    start = time.perf_counter()
+    llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+    return time.perf_counter() - start, linear_seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16", help="comma-separated (default 1,2,4,8,16)")
+    args = parser.parse_args()
+    packed_linear.PackedLinear.forward = timed_linear  # type: ignore[method-assign]
+    llm = LLM(dtype="bfloat16", enable_prefix_caching=False)
+    blocks = sum(getattr(m, "small_steps", None) is not None for m in llm.engine.runner.model.modules())
+    print(f"linears multiplied from GGUF blocks at up to 8 rows: {blocks}")
+    prompt = [1000 + i for i in range(64)]
+    timed_generate(llm, [prompt], 2)  # warm-up
+    print(f"{'batch':>5s} {'ms/step':>8s} {'linears':>8s} {'tok/s':>7s}")
+    for batch in (int(b) for b in args.batch_sizes.split(",")):
+        runs = []
+        for _ in range(3):
+            first, first_linear = timed_generate(llm, [prompt] * batch, 1)
+            whole, whole_linear = timed_generate(llm, [prompt] * batch, DECODED + 1)
+            runs.append(((whole - first) / DECODED, (whole_linear - first_linear) / DECODED))
+        step, linear = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+        print(f"{batch:5d} {step * 1e3:8.2f} {linear * 1e3:8.2f} {batch / step:7.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -175,7 +175,7 @@ def test_corrupt_gguf_is_a_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not quantized.kernels_available(), reason="needs an AVX512-BF16 CPU and a C compiler")
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K"])
 def test_bf16_decode_steps_multiply_from_the_gguf_blocks(
     tmp_path: Path, hf_llama: Any, qtype: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

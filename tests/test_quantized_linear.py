@@ -1,5 +1,5 @@
-"""The CPU's quantized linear kernels (GGUF Q4_0, Q4_1, Q8_0 blocks, AVX512-BF16) against gguf-py's own
-dequantization, and a GGUF model served through them."""
+"""The CPU's quantized linear kernels (GGUF Q4_0, Q4_1, Q8_0 and Q4_K blocks, AVX512-BF16) against gguf-py's own
+dequantization (a GGUF model served through them: `test_gguf_loader.py`)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,24 @@ from gguf.quants import dequantize, quantize
 
 from ember.models import quantized
 from ember.models.packed_linear import PackedLinear
+from tests.test_gguf_loader import random_k_quant
 
 pytestmark = pytest.mark.skipif(not quantized.kernels_available(), reason="needs an AVX512-BF16 CPU and a C compiler")
 
-FORMATS = ["Q4_0", "Q4_1", "Q8_0"]
+FORMATS = ["Q4_0", "Q4_1", "Q8_0", "Q4_K"]
 
 
 def gguf_weight(gguf_type: str, n: int, k: int, seed: int) -> tuple[quantized.QuantizedWeight, torch.Tensor]:
-    """Random weights quantized by gguf-py: (the kernel's split blocks, gguf-py's dequantization in fp32)."""
+    """Random weights quantized by gguf-py (K-quants: random blocks, which gguf-py cannot quantize to): (the
+    kernel's split blocks, gguf-py's dequantization in fp32)."""
     rng = np.random.default_rng(seed)
-    w = (rng.standard_normal((n, k)) * 0.05 + rng.standard_normal((n, 1)) * 0.02).astype(np.float32)
-    raw = quantize(w, GGMLQuantizationType[gguf_type])
-    reference = torch.from_numpy(dequantize(raw, GGMLQuantizationType[gguf_type]).reshape(n, k).copy())
+    qtype = GGMLQuantizationType[gguf_type]
+    if gguf_type == "Q4_K":
+        raw = random_k_quant((n, k), qtype, rng)
+    else:
+        w = (rng.standard_normal((n, k)) * 0.05 + rng.standard_normal((n, 1)) * 0.02).astype(np.float32)
+        raw = quantize(w, qtype)
+    reference = torch.from_numpy(dequantize(raw, qtype).reshape(n, k).copy())
     return quantized.from_gguf_blocks(torch.from_numpy(raw), gguf_type), reference
 
 
@@ -34,16 +40,20 @@ def kernel_matmul(weight: quantized.QuantizedWeight, x: torch.Tensor, bias: torc
 @pytest.mark.parametrize("gguf_type", FORMATS)
 def test_blocks_dequantize_to_the_loaders_bf16_weights_exactly(gguf_type: str) -> None:
     """Multiplying by identity rows reads each weight back alone: bit for bit gguf-py's value rounded to bf16."""
-    n, k = 40, 96  # three blocks per row: a pair and a single one
+    n, k = 40, 256 if gguf_type == "Q4_K" else 96  # Q4_K: one super-block; else a pair of blocks and a single one
     weight, reference = gguf_weight(gguf_type, n, k, seed=1)
     identity = torch.eye(k, dtype=torch.bfloat16)
     columns = torch.cat([kernel_matmul(weight, identity[r : r + 8], None) for r in range(0, k, 8)])
     assert torch.equal(columns.T, reference.to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("gguf_type", FORMATS)
+SHAPES = [(64, 224), (96, 576), (48, 768)]  # (N, K): odd and even block counts; Q4_K needs whole 256s
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 11])
-@pytest.mark.parametrize(("n", "k"), [(64, 224), (96, 576)])
+@pytest.mark.parametrize(
+    ("gguf_type", "n", "k"), [(t, n, k) for t in FORMATS for n, k in SHAPES if t != "Q4_K" or k % 256 == 0]
+)
 def test_quantized_matmul_matches_dequantized_weights(gguf_type: str, rows: int, n: int, k: int) -> None:
     """fp32 sums of bf16 products against the same sums in fp64: they differ by the bf16 output rounding."""
     weight, reference = gguf_weight(gguf_type, n, k, seed=rows)

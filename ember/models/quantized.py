@@ -1,10 +1,10 @@
-"""GGUF-quantized linear weights, multiplied in their blocks for decode steps of a few rows (CPU, bf16).
+"""GGUF-quantized linear weights, multiplied in their blocks for decode steps of a few rows (CPU).
 
 At batch 1 a decode step's linears read every weight once, so their time is the weights' bytes over memory
 bandwidth. A GGUF file's Q4 blocks are 5/8 of a byte per weight against bf16's 2: the native kernel reads
-the blocks and dequantizes them in registers to the very bf16 values the loader produces, so results
-differ from the bf16 matmul only in summation order. Larger steps are compute bound and stay on oneDNN's
-bf16 matmul, so the model keeps both copies (the blocks add about a third of the bf16 weights' memory).
+the blocks and dequantizes them in registers to the very values the loader produces (fp32, or those rounded
+to bf16), so results differ from oneDNN's matmul only in summation order. Larger steps are compute bound and
+stay on oneDNN, so the model keeps both copies (the blocks add about a third of bf16 weights' memory).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from ember.kernels import native
 # GGUF type -> (weights, bytes) per block; Q4_K blocks are split into sub-blocks of 32 weights at load
 GGUF_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q4_K": (256, 144)}
 BLOCK = 32
-# Above this many rows a step's matmul is compute bound and oneDNN's bf16 kernel is faster (measured on an
+# Above this many rows a step's matmul is compute bound and oneDNN's kernel is faster (measured on an
 # AVX512-BF16 EPYC: `benchmarks/NOTES.md`, step 20).
-MAX_ROWS = 8
+MAX_ROWS = {torch.bfloat16: 8, torch.float32: 8}
+SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 
 @dataclass
@@ -95,26 +96,28 @@ def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight | None:
     )
 
 
-def kernels_available() -> bool:
-    """Whether the quantized kernels were built here (an AVX512-BF16 CPU); EMBER_DISABLE_QUANTIZED_KERNELS=1
-    turns them off (for A/B comparisons; the weights then are only bf16)."""
+def kernels_available(dtype: torch.dtype) -> bool:
+    """Whether the quantized kernels for activations of `dtype` run here: fp32 wherever Ember's C kernels
+    build, bf16 on AVX512-BF16 CPUs. EMBER_DISABLE_QUANTIZED_KERNELS=1 turns them off (for A/B comparisons)."""
     library = native.load()
     return (
         library is not None
-        and hasattr(library, "quantized_linear_q4")
+        and dtype in SUFFIX
+        and hasattr(library, f"quantized_linear_q4_{SUFFIX[dtype]}")
         and not os.environ.get("EMBER_DISABLE_QUANTIZED_KERNELS")
     )
 
 
 class QuantizedMatmul:
-    """`x @ weight.T (+ bias)` for bf16 x of at most `MAX_ROWS` rows, from the blocks (pointers bound once)."""
+    """`x @ weight.T (+ bias)` for x of at most `max_rows` rows, from the blocks (pointers bound once)."""
 
-    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None) -> None:
+    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         library = native.load()
         assert library is not None
-        self.weight, self.bias = weight, bias  # kept alive: the kernel holds their pointers
+        self.weight, self.bias, self.dtype = weight, bias, dtype  # kept alive: the kernel holds their pointers
         self.out_features, self.in_features = weight.shape
-        self._fn = getattr(library, f"quantized_linear_{weight.kernel}")
+        self.max_rows = MAX_ROWS[dtype]
+        self._fn = getattr(library, f"quantized_linear_{weight.kernel}_{SUFFIX[dtype]}")
         mins = None if weight.mins is None else weight.mins.data_ptr()
         bias_ptr = None if bias is None else bias.data_ptr()
         self._weight_args = (weight.quants.data_ptr(), weight.scales.data_ptr(), mins, bias_ptr)
@@ -122,16 +125,17 @@ class QuantizedMatmul:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         rows = x.shape[0]
-        out = torch.empty((rows, self.out_features), dtype=torch.bfloat16)
+        out = torch.empty((rows, self.out_features), dtype=self.dtype)
         self._fn(*self._weight_args, x.data_ptr(), out.data_ptr(), rows, self.out_features, self.in_features)
         return out
 
 
 def usable(weight: QuantizedWeight | None, linear: torch.nn.Linear) -> bool:
-    """Whether `weight` can stand in for `linear`'s bf16 weight in the kernel."""
+    """Whether `weight` can stand in for `linear`'s weight in a kernel that runs here."""
+    dtype = linear.weight.dtype
     return (
         weight is not None
-        and linear.weight.dtype == torch.bfloat16
+        and kernels_available(dtype)
         and weight.shape == tuple(linear.weight.shape)
-        and (linear.bias is None or linear.bias.dtype == torch.bfloat16)
+        and (linear.bias is None or linear.bias.dtype == dtype)
     )

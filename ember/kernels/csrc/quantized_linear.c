@@ -1,21 +1,111 @@
-// Linear layers straight from GGUF-quantized weights, for the few rows of a decode step (AVX512-BF16).
+// Linear layers straight from GGUF-quantized weights, for the few rows of a decode step: bf16 activations
+// on AVX512-BF16 (intrinsics), fp32 activations on any CPU (plain C the compiler vectorizes).
 //
 // A decode step of a small batch reads every weight once and does little with it: its time is the
 // weights' bytes over memory bandwidth. A Q4 weight is 5/8 of a byte against 2 for bf16, so reading the
 // blocks and dequantizing in registers beats a bf16 matmul about 3x in bytes. Each block of 32 weights is
-// dequantized exactly as the loader does it (fp32 `d * q + m`, rounded to bf16), so the weights the
-// dot products see are bit for bit those of the bf16 model; only the summation order differs, as it does
+// dequantized exactly as the loader does it (fp32 `d * q + m`, and for bf16 rounded), so the weights the
+// dot products see are bit for bit those of the model; only the summation order differs, as it does
 // between oneDNN's kernels for different row counts.
 //
 // Weights are stored split, per output feature n and block b: quants [N][K/32][BYTES], scales [N][K/32]
-// and mins [N][K/32] as fp32 (mins NULL: none). x is [M, K] bf16, out [M, N] bf16, bias [N] bf16 or NULL.
+// and mins [N][K/32] as fp32 (mins NULL: none). x is [M, K], out [M, N], bias [N] or NULL, all of the
+// activations' type.
 
 #include "common.h"
+
+#define QBLOCK 32
+
+// ---- fp32 activations, portable: GCC/Clang vector types, lowered to AVX-512, AVX2 or NEON as the target has.
+
+#define F32_GROUP_ROWS 4  // rows whose accumulators (two 16-lane vectors each) stay in registers
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+// Bytes to floats through 32-bit integers: GCC turns a direct conversion into 16 scalar ones.
+#define TO_F32(bytes) __builtin_convertvector(__builtin_convertvector(bytes, i32x16), f32x16)
+
+static inline f32x16 load_f32x16(const float* p) {
+    f32x16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+// A block's 32 weights as two vectors: weights 0-15 and 16-31.
+static inline void unpack_q4_f32(const uint8_t* q, float d, float m, f32x16* lo, f32x16* hi) {
+    u8x16 bytes;
+    memcpy(&bytes, q, sizeof bytes);
+    *lo = TO_F32(bytes & 0x0F) * d + m;
+    *hi = TO_F32(bytes >> 4) * d + m;
+}
+
+// Signed bytes go through unsigned ones (q + 128, exact in fp32): GCC scalarizes signed widening too.
+static inline void unpack_q8_f32(const uint8_t* q, float d, float m, f32x16* lo, f32x16* hi) {
+    (void)m;
+    u8x16 a, b;
+    memcpy(&a, q, sizeof a);
+    memcpy(&b, q + 16, sizeof b);
+    *lo = (TO_F32(a ^ 0x80) - 128.0f) * d;
+    *hi = (TO_F32(b ^ 0x80) - 128.0f) * d;
+}
+
+#define DEFINE_FEATURE_F32(NAME, BYTES, UNPACK)                                                            \
+    static inline __attribute__((always_inline)) void NAME(                                                \
+        const uint8_t* q, const float* d, const float* m, float bias, const float* x, float* out,          \
+        int64_t nb, int64_t K, int64_t N, const int rows) {                                                \
+        f32x16 acc0[F32_GROUP_ROWS], acc1[F32_GROUP_ROWS];                                                 \
+        for (int r = 0; r < rows; r++) acc0[r] = acc1[r] = (f32x16){0};                                    \
+        for (int64_t b = 0; b < nb; b++) {                                                                 \
+            f32x16 lo, hi;                                                                                 \
+            UNPACK(q + b * (BYTES), d[b], m ? m[b] : 0.0f, &lo, &hi);                                      \
+            for (int r = 0; r < rows; r++) {                                                               \
+                const float* xb = x + r * K + b * QBLOCK;                                                  \
+                acc0[r] += lo * load_f32x16(xb);                                                           \
+                acc1[r] += hi * load_f32x16(xb + 16);                                                      \
+            }                                                                                              \
+        }                                                                                                  \
+        for (int r = 0; r < rows; r++) {                                                                   \
+            const f32x16 total = acc0[r] + acc1[r];                                                        \
+            float sum = 0.0f;                                                                              \
+            for (int j = 0; j < 16; j++) sum += total[j];                                                  \
+            out[r * N] = sum + bias;                                                                       \
+        }                                                                                                  \
+    }
+
+#define DEFINE_QUANTIZED_LINEAR_F32(NAME, BYTES, UNPACK)                                                   \
+    DEFINE_FEATURE_F32(NAME##_feature, BYTES, UNPACK)                                                      \
+    void NAME(const uint8_t* quants, const float* scales, const float* mins, const float* bias,            \
+              const float* x, float* out, int64_t M, int64_t N, int64_t K) {                               \
+        const int64_t nb = K / QBLOCK;                                                                     \
+        _Pragma("omp parallel for schedule(static)")                                                      \
+        for (int64_t n = 0; n < N; n++) {                                                                  \
+            const uint8_t* q = quants + n * nb * (BYTES);                                                  \
+            const float* d = scales + n * nb;                                                              \
+            const float* m = mins ? mins + n * nb : NULL;                                                  \
+            const float b = bias ? bias[n] : 0.0f;                                                         \
+            for (int64_t r0 = 0; r0 < M; r0 += F32_GROUP_ROWS) {                                           \
+                const float* xr = x + r0 * K;                                                              \
+                float* o = out + r0 * N + n;                                                               \
+                switch (M - r0 < F32_GROUP_ROWS ? M - r0 : F32_GROUP_ROWS) {                               \
+                    case 1: NAME##_feature(q, d, m, b, xr, o, nb, K, N, 1); break;                         \
+                    case 2: NAME##_feature(q, d, m, b, xr, o, nb, K, N, 2); break;                         \
+                    case 3: NAME##_feature(q, d, m, b, xr, o, nb, K, N, 3); break;                         \
+                    default: NAME##_feature(q, d, m, b, xr, o, nb, K, N, 4); break;                        \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+
+DEFINE_QUANTIZED_LINEAR_F32(quantized_linear_q4_f32, 16, unpack_q4_f32)
+DEFINE_QUANTIZED_LINEAR_F32(quantized_linear_q8_f32, 32, unpack_q8_f32)
+
+// ---- bf16 activations on AVX512-BF16
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #include <immintrin.h>
 
-#define QBLOCK 32
 #define GROUP_ROWS 8  // rows whose accumulators stay in registers while a block is dequantized once
 
 // 4-bit blocks (Q4_0, Q4_1): weight j in the low nibble of byte j, weight j + 16 in its high nibble. The
@@ -117,7 +207,7 @@ static inline void q8_pair(const uint8_t* q, const float* d, const float* m, __m
         }                                                                                                  \
     }
 
-DEFINE_QUANTIZED_LINEAR(quantized_linear_q4, 16, q4_pair, q4_single)
-DEFINE_QUANTIZED_LINEAR(quantized_linear_q8, 32, q8_pair, q8_single)
+DEFINE_QUANTIZED_LINEAR(quantized_linear_q4_bf16, 16, q4_pair, q4_single)
+DEFINE_QUANTIZED_LINEAR(quantized_linear_q8_bf16, 32, q8_pair, q8_single)
 
 #endif

@@ -15,6 +15,38 @@
 #include "common.h"
 
 #define QBLOCK 32
+#define AS_FLOAT_F32(v) (v)
+#define AS_FLOAT_BF16(v) bf16_to_float(v)
+#define UP_TO(GROUP, c) ((c) < (GROUP) ? (c) : (GROUP))
+
+// The entry point of a kernel: output features split across threads; rows taken in groups of up to GROUP,
+// each group size a FEATURE loop compiled for it (its accumulators then stay in registers).
+#define DEFINE_QUANTIZED_LINEAR(NAME, T, AS_FLOAT, GROUP, BYTES, FEATURE)                                  \
+    void NAME(const uint8_t* quants, const float* scales, const float* mins, const T* bias, const T* x,    \
+              T* out, int64_t M, int64_t N, int64_t K) {                                                   \
+        const int64_t nb = K / QBLOCK;                                                                     \
+        _Pragma("omp parallel for schedule(static)")                                                      \
+        for (int64_t n = 0; n < N; n++) {                                                                  \
+            const uint8_t* q = quants + n * nb * (BYTES);                                                  \
+            const float* d = scales + n * nb;                                                              \
+            const float* m = mins ? mins + n * nb : NULL;                                                  \
+            const float b = bias ? AS_FLOAT(bias[n]) : 0.0f;                                               \
+            for (int64_t r0 = 0; r0 < M; r0 += GROUP) {                                                    \
+                const T* xr = x + r0 * K;                                                                  \
+                T* o = out + r0 * N + n;                                                                   \
+                switch (M - r0 < GROUP ? M - r0 : GROUP) {                                                 \
+                    case 1: FEATURE(q, d, m, b, xr, o, nb, K, N, 1); break;                                \
+                    case 2: FEATURE(q, d, m, b, xr, o, nb, K, N, UP_TO(GROUP, 2)); break;                  \
+                    case 3: FEATURE(q, d, m, b, xr, o, nb, K, N, UP_TO(GROUP, 3)); break;                  \
+                    case 4: FEATURE(q, d, m, b, xr, o, nb, K, N, UP_TO(GROUP, 4)); break;                  \
+                    case 5: FEATURE(q, d, m, b, xr, o, nb, K, N, UP_TO(GROUP, 5)); break;                  \
+                    case 6: FEATURE(q, d, m, b, xr, o, nb, K, N, UP_TO(GROUP, 6)); break;                  \
+                    case 7: FEATURE(q, d, m, b, xr, o, nb, K, N, UP_TO(GROUP, 7)); break;                  \
+                    default: FEATURE(q, d, m, b, xr, o, nb, K, N, GROUP); break;                           \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+    }
 
 // ---- fp32 activations, portable: GCC/Clang vector types, lowered to AVX-512, AVX2 or NEON as the target has.
 
@@ -74,32 +106,10 @@ static inline void unpack_q8_f32(const uint8_t* q, float d, float m, f32x16* lo,
         }                                                                                                  \
     }
 
-#define DEFINE_QUANTIZED_LINEAR_F32(NAME, BYTES, UNPACK)                                                   \
-    DEFINE_FEATURE_F32(NAME##_feature, BYTES, UNPACK)                                                      \
-    void NAME(const uint8_t* quants, const float* scales, const float* mins, const float* bias,            \
-              const float* x, float* out, int64_t M, int64_t N, int64_t K) {                               \
-        const int64_t nb = K / QBLOCK;                                                                     \
-        _Pragma("omp parallel for schedule(static)")                                                      \
-        for (int64_t n = 0; n < N; n++) {                                                                  \
-            const uint8_t* q = quants + n * nb * (BYTES);                                                  \
-            const float* d = scales + n * nb;                                                              \
-            const float* m = mins ? mins + n * nb : NULL;                                                  \
-            const float b = bias ? bias[n] : 0.0f;                                                         \
-            for (int64_t r0 = 0; r0 < M; r0 += F32_GROUP_ROWS) {                                           \
-                const float* xr = x + r0 * K;                                                              \
-                float* o = out + r0 * N + n;                                                               \
-                switch (M - r0 < F32_GROUP_ROWS ? M - r0 : F32_GROUP_ROWS) {                               \
-                    case 1: NAME##_feature(q, d, m, b, xr, o, nb, K, N, 1); break;                         \
-                    case 2: NAME##_feature(q, d, m, b, xr, o, nb, K, N, 2); break;                         \
-                    case 3: NAME##_feature(q, d, m, b, xr, o, nb, K, N, 3); break;                         \
-                    default: NAME##_feature(q, d, m, b, xr, o, nb, K, N, 4); break;                        \
-                }                                                                                          \
-            }                                                                                              \
-        }                                                                                                  \
-    }
-
-DEFINE_QUANTIZED_LINEAR_F32(quantized_linear_q4_f32, 16, unpack_q4_f32)
-DEFINE_QUANTIZED_LINEAR_F32(quantized_linear_q8_f32, 32, unpack_q8_f32)
+DEFINE_FEATURE_F32(q4_feature_f32, 16, unpack_q4_f32)
+DEFINE_FEATURE_F32(q8_feature_f32, 32, unpack_q8_f32)
+DEFINE_QUANTIZED_LINEAR(quantized_linear_q4_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 16, q4_feature_f32)
+DEFINE_QUANTIZED_LINEAR(quantized_linear_q8_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 32, q8_feature_f32)
 
 // ---- bf16 activations on AVX512-BF16
 
@@ -179,35 +189,9 @@ static inline void q8_pair(const uint8_t* q, const float* d, const float* m, __m
             out[r * N] = float_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])) + bias);     \
     }
 
-#define DEFINE_QUANTIZED_LINEAR(NAME, BYTES, PAIR, SINGLE)                                                      \
-    DEFINE_FEATURE(NAME##_feature, BYTES, PAIR, SINGLE)                                                         \
-    void NAME(const uint8_t* quants, const float* scales, const float* mins, const uint16_t* bias,         \
-              const uint16_t* x, uint16_t* out, int64_t M, int64_t N, int64_t K) {                         \
-        const int64_t nb = K / QBLOCK;                                                                     \
-        _Pragma("omp parallel for schedule(static)")                                                      \
-        for (int64_t n = 0; n < N; n++) {                                                                  \
-            const uint8_t* q = quants + n * nb * (BYTES);                                                  \
-            const float* d = scales + n * nb;                                                              \
-            const float* m = mins ? mins + n * nb : NULL;                                                  \
-            const float b = bias ? bf16_to_float(bias[n]) : 0.0f;                                         \
-            for (int64_t r0 = 0; r0 < M; r0 += GROUP_ROWS) {                                               \
-                const uint16_t* xr = x + r0 * K;                                                           \
-                uint16_t* o = out + r0 * N + n;                                                            \
-                switch (M - r0 < GROUP_ROWS ? M - r0 : GROUP_ROWS) {                                       \
-                    case 1: NAME##_feature(q, d, m, b, xr, o, nb, K, N, 1); break;                         \
-                    case 2: NAME##_feature(q, d, m, b, xr, o, nb, K, N, 2); break;                         \
-                    case 3: NAME##_feature(q, d, m, b, xr, o, nb, K, N, 3); break;                         \
-                    case 4: NAME##_feature(q, d, m, b, xr, o, nb, K, N, 4); break;                         \
-                    case 5: NAME##_feature(q, d, m, b, xr, o, nb, K, N, 5); break;                         \
-                    case 6: NAME##_feature(q, d, m, b, xr, o, nb, K, N, 6); break;                         \
-                    case 7: NAME##_feature(q, d, m, b, xr, o, nb, K, N, 7); break;                         \
-                    default: NAME##_feature(q, d, m, b, xr, o, nb, K, N, 8); break;                        \
-                }                                                                                          \
-            }                                                                                              \
-        }                                                                                                  \
-    }
-
-DEFINE_QUANTIZED_LINEAR(quantized_linear_q4_bf16, 16, q4_pair, q4_single)
-DEFINE_QUANTIZED_LINEAR(quantized_linear_q8_bf16, 32, q8_pair, q8_single)
+DEFINE_FEATURE(q4_feature_bf16, 16, q4_pair, q4_single)
+DEFINE_FEATURE(q8_feature_bf16, 32, q8_pair, q8_single)
+DEFINE_QUANTIZED_LINEAR(quantized_linear_q4_bf16, uint16_t, AS_FLOAT_BF16, GROUP_ROWS, 16, q4_feature_bf16)
+DEFINE_QUANTIZED_LINEAR(quantized_linear_q8_bf16, uint16_t, AS_FLOAT_BF16, GROUP_ROWS, 32, q8_feature_bf16)
 
 #endif

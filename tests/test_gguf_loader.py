@@ -88,8 +88,15 @@ def random_k_quant(shape: tuple[int, int], qtype: GGMLQuantizationType, rng: np.
     return raw.reshape(shape[0], -1)
 
 
-def write_gguf(path: Path, model: Any, qtype: GGMLQuantizationType, seed: int = 0) -> dict[str, np.ndarray]:
-    """Write `model` as llama.cpp would; return each HF weight as the file stores it, dequantized."""
+def write_gguf(
+    path: Path,
+    model: Any,
+    qtype: GGMLQuantizationType,
+    seed: int = 0,
+    overrides: dict[str, GGMLQuantizationType] | None = None,
+) -> dict[str, np.ndarray]:
+    """Write `model` as llama.cpp would; return each HF weight as the file stores it, dequantized. `overrides`
+    gives some tensors another type, by GGUF name suffix (as llama.cpp's mixed types, e.g. Q4_K_M, do)."""
     rng = np.random.default_rng(seed)
     writer = GGUFWriter(str(path), "llama")
     writer.add_block_count(CONFIG["num_hidden_layers"])
@@ -116,14 +123,15 @@ def write_gguf(path: Path, model: Any, qtype: GGMLQuantizationType, seed: int = 
         if name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = CONFIG["num_attention_heads" if "attn_q" in name else "num_key_value_heads"]
             w = llama_cpp_permute(w, heads)
-        if w.ndim == 1 or qtype == GGMLQuantizationType.F32:
+        tensor_type = next((t for suffix, t in (overrides or {}).items() if name.endswith(suffix)), qtype)
+        if w.ndim == 1 or tensor_type == GGMLQuantizationType.F32:
             data = w
             writer.add_tensor(name, data)
             stored[hf_name] = w
             continue
-        data = random_k_quant(w.shape, qtype, rng) if qtype in BLOCK_BYTES else quantize(w, qtype)
-        writer.add_tensor(name, data, raw_dtype=qtype)
-        stored[hf_name] = dequantize(data, qtype).reshape(w.shape)
+        data = random_k_quant(w.shape, tensor_type, rng) if tensor_type in BLOCK_BYTES else quantize(w, tensor_type)
+        writer.add_tensor(name, data, raw_dtype=tensor_type)
+        stored[hf_name] = dequantize(data, tensor_type).reshape(w.shape)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -213,6 +221,25 @@ def test_decode_steps_multiply_from_the_gguf_blocks(
                 assert mine.token_id in {t for t, _ in theirs.top} and theirs.token_id in {t for t, _ in mine.top}
                 break
             assert abs(mine.logprob - theirs.logprob) < 0.05
+
+
+def test_mixed_types_keep_blocks_only_where_every_fused_part_has_them(tmp_path: Path, hf_llama: Any) -> None:
+    """As in a Q4_K_M file: attn_v and ffn_down in Q6_K (no kernel), the rest Q4_K. QKV mixes formats: the
+    loader keeps no blocks for it (not even q's and k's) and it stays on its plain weights."""
+    path = tmp_path / "tiny-mixed.gguf"
+    q6 = GGMLQuantizationType.Q6_K
+    write_gguf(path, hf_llama, GGMLQuantizationType.Q4_K, overrides={"attn_v.weight": q6, "ffn_down.weight": q6})
+    llm = LLM(str(path), num_blocks=64, dtype="float32")
+    with_blocks = {
+        name
+        for name, module in llm.engine.runner.model.named_modules()
+        if isinstance(module, PackedLinear) and module.small_steps is not None
+    }
+    layers = range(CONFIG["num_hidden_layers"])
+    assert with_blocks == {f"layers.{i}.{p}" for i in layers for p in ("self_attn.o_proj", "mlp.gate_up_proj")} | {
+        "lm_head"
+    }
+    assert set(llm.engine.loaded.gguf_blocks) == with_blocks
 
 
 def test_conversion_replaces_older_conversions_of_the_file(tmp_path: Path, hf_llama: Any) -> None:

@@ -185,7 +185,10 @@ def test_corrupt_gguf_is_a_clear_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "dtype",
     [
-        "float32",
+        pytest.param(
+            "float32",
+            marks=pytest.mark.skipif(not quantized.kernels_available(torch.float32), reason="needs AVX2 or AVX-512"),
+        ),
         pytest.param(
             "bfloat16",
             marks=pytest.mark.skipif(not quantized.kernels_available(torch.bfloat16), reason="needs AVX512-BF16"),
@@ -223,6 +226,7 @@ def test_decode_steps_multiply_from_the_gguf_blocks(
             assert abs(mine.logprob - theirs.logprob) < 0.05
 
 
+@pytest.mark.skipif(not quantized.kernels_available(torch.float32), reason="needs AVX2 or AVX-512")
 def test_mixed_types_keep_blocks_only_where_every_fused_part_has_them(tmp_path: Path, hf_llama: Any) -> None:
     """As in a Q4_K_M file: attn_v and ffn_down in Q6_K (no kernel), the rest Q4_K. QKV mixes formats: the
     loader keeps no blocks for it (not even q's and k's) and it stays on its plain weights."""

@@ -3,18 +3,22 @@ AVX512-BF16) against gguf-py's own dequantization (a GGUF model served through t
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
+from ember.kernels import native
 from ember.models import quantized
 from ember.models.packed_linear import PackedLinear
 from tests.test_gguf_loader import random_k_quant
 
 pytestmark = pytest.mark.skipif(
-    not quantized.kernels_available(torch.float32), reason="no C compiler to build Ember's CPU kernels"
+    not quantized.kernels_available(torch.float32), reason="needs a C compiler and an x86 CPU with AVX2 or AVX-512"
 )
 
 FORMATS = ["Q4_0", "Q4_1", "Q8_0", "Q4_K"]
@@ -48,9 +52,7 @@ def kernel_matmul(weight: quantized.QuantizedWeight, x: torch.Tensor, bias: torc
     return quantized.QuantizedMatmul(weight, bias, x.dtype)(x)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("gguf_type", FORMATS)
-def test_blocks_dequantize_to_the_loaders_weights_exactly(gguf_type: str, dtype: torch.dtype) -> None:
+def check_exact_weights(gguf_type: str, dtype: torch.dtype) -> None:
     """Multiplying by identity rows reads each weight back alone: bit for bit gguf-py's value (in bf16, rounded)."""
     n, k = 40, 256 if gguf_type == "Q4_K" else 96  # Q4_K: one super-block; else a pair of blocks and a single one
     weight, reference = gguf_weight(gguf_type, n, k, seed=1)
@@ -59,18 +61,8 @@ def test_blocks_dequantize_to_the_loaders_weights_exactly(gguf_type: str, dtype:
     assert torch.equal(columns.T, reference.to(dtype))
 
 
-SHAPES = [(64, 224), (96, 576), (48, 768)]  # (N, K): odd and even block counts; Q4_K needs whole 256s
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 11])
-@pytest.mark.parametrize(
-    ("gguf_type", "n", "k"), [(t, n, k) for t in FORMATS for n, k in SHAPES if t != "Q4_K" or k % 256 == 0]
-)
-def test_quantized_matmul_matches_dequantized_weights(
-    gguf_type: str, rows: int, n: int, k: int, dtype: torch.dtype
-) -> None:
-    """The kernel's fp32 sums against the same products summed in fp64 (rows beyond a register group too)."""
+def check_matmul(gguf_type: str, rows: int, n: int, k: int, dtype: torch.dtype) -> None:
+    """The kernel's fp32 sums against the same products summed in fp64, with and without a bias."""
     weight, reference = gguf_weight(gguf_type, n, k, seed=rows)
     generator = torch.Generator().manual_seed(rows)
     x = torch.randn(rows, k, generator=generator).to(dtype)
@@ -82,6 +74,44 @@ def test_quantized_matmul_matches_dequantized_weights(
         out = kernel_matmul(weight, x, b)
         assert out.dtype == dtype and out.shape == (rows, n)
         torch.testing.assert_close(out.double(), expected, **TOLERANCE[dtype])
+
+
+SHAPES = [(64, 224), (96, 576), (48, 768)]  # (N, K): odd and even block counts; Q4_K needs whole 256s
+CASES = [(t, n, k) for t in FORMATS for n, k in SHAPES if t != "Q4_K" or k % 256 == 0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gguf_type", FORMATS)
+def test_blocks_dequantize_to_the_loaders_weights_exactly(gguf_type: str, dtype: torch.dtype) -> None:
+    check_exact_weights(gguf_type, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 11])  # 5, 8 and 11 span register groups of 4 and 8 rows
+@pytest.mark.parametrize(("gguf_type", "n", "k"), CASES)
+def test_quantized_matmul_matches_dequantized_weights(
+    gguf_type: str, rows: int, n: int, k: int, dtype: torch.dtype
+) -> None:
+    check_matmul(gguf_type, rows, n, k, dtype)
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds Ember's kernels for an x86 AVX2 CPU")
+def test_avx2_build_of_the_fp32_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels as built for a CPU with AVX2 but no AVX-512 (8-lane variant, groups of 4 rows), compiled
+    and run here: the same checks as the build for this CPU."""
+    monkeypatch.setattr(native, "FLAGS", [f if f != "-march=native" else "-march=x86-64-v3" for f in native.FLAGS])
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
+    native.load.cache_clear()
+    try:
+        library = native.load()
+        assert library is not None and not hasattr(library, "quantized_linear_q4_bf16")
+        for gguf_type in FORMATS:
+            check_exact_weights(gguf_type, torch.float32)
+        for gguf_type, n, k in CASES:
+            for rows in (1, 3, 5):
+                check_matmul(gguf_type, rows, n, k, torch.float32)
+    finally:
+        native.load.cache_clear()  # the next caller loads this CPU's build again
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -34,11 +34,10 @@ SIGNATURES: dict[str, list[type]] = {
     **{f"rms_norm_{t}": [_ptr] * 4 + [_i64] * 3 + [_f32] for t in ("f32", "bf16")},
     **{f"rotary_{t}": [_ptr] * 3 + [_i64] * 4 for t in ("f32", "bf16")},
     **{f"silu_and_mul_{t}": [_ptr] * 2 + [_i64] * 2 for t in ("f32", "bf16")},
-    **{f"quantized_linear_{f}_f32": [_ptr] * 6 + [_i64] * 3 for f in ("q4", "q8")},
 }
-# built only where the compiler targets AVX512-BF16
+# built only where the compiler targets the instructions they need (fp32: AVX-512 or AVX2; bf16: AVX512-BF16)
 OPTIONAL_SIGNATURES: dict[str, list[type]] = {
-    f"quantized_linear_{f}_bf16": [_ptr] * 6 + [_i64] * 3 for f in ("q4", "q8")
+    f"quantized_linear_{f}_{t}": [_ptr] * 6 + [_i64] * 3 for f in ("q4", "q8") for t in ("f32", "bf16")
 }
 
 

@@ -97,8 +97,8 @@ def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight | None:
 
 
 def kernels_available(dtype: torch.dtype) -> bool:
-    """Whether the quantized kernels for activations of `dtype` run here: fp32 wherever Ember's C kernels
-    build, bf16 on AVX512-BF16 CPUs. EMBER_DISABLE_QUANTIZED_KERNELS=1 turns them off (for A/B comparisons)."""
+    """Whether the quantized kernels for activations of `dtype` run here: fp32 on x86 CPUs with AVX-512 or AVX2,
+    bf16 on AVX512-BF16. EMBER_DISABLE_QUANTIZED_KERNELS=1 turns them off (for A/B comparisons)."""
     library = native.load()
     return (
         library is not None

@@ -20,8 +20,8 @@ from ember.kernels import native
 # GGUF type -> (weights, bytes) per block; Q4_K blocks are split into sub-blocks of 32 weights at load
 GGUF_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q4_K": (256, 144)}
 BLOCK = 32
-# Above this many rows a step's matmul is compute bound and oneDNN's kernel is faster (measured on an
-# AVX512-BF16 EPYC: `benchmarks/NOTES.md`, step 20).
+# Above this many rows a step's matmul is compute bound and oneDNN's kernel is about as fast or faster
+# (measured on an AVX512-BF16 EPYC, and fp32 also as an AVX2 build: `benchmarks/NOTES.md`, steps 20 and 21).
 MAX_ROWS = {torch.bfloat16: 8, torch.float32: 8}
 SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 

@@ -1,5 +1,5 @@
-// Linear layers straight from GGUF-quantized weights, for the few rows of a decode step: bf16 activations
-// on AVX512-BF16 (intrinsics), fp32 activations on any CPU (plain C the compiler vectorizes).
+// Linear layers straight from GGUF-quantized weights, for the few rows of a decode step: fp32 activations on
+// x86 with AVX-512 or AVX2, bf16 activations on AVX512-BF16.
 //
 // A decode step of a small batch reads every weight once and does little with it: its time is the
 // weights' bytes over memory bandwidth. A Q4 weight is 5/8 of a byte against 2 for bf16, so reading the
@@ -140,7 +140,6 @@ DEFINE_QUANTIZED_LINEAR(quantized_linear_q8_f32, float, AS_FLOAT_F32, F32_GROUP_
 // ---- bf16 activations on AVX512-BF16
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
-#include <immintrin.h>
 
 #define GROUP_ROWS 8  // rows whose accumulators stay in registers while a block is dequantized once
 

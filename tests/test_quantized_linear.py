@@ -1,5 +1,6 @@
-"""The CPU's quantized linear kernels (GGUF Q4_0, Q4_1, Q8_0 and Q4_K blocks; fp32 activations anywhere, bf16 on
-AVX512-BF16) against gguf-py's own dequantization (a GGUF model served through them: `test_gguf_loader.py`)."""
+"""The CPU's quantized linear kernels (GGUF Q4_0, Q4_1, Q8_0 and Q4_K blocks; fp32 activations on x86 with AVX2 or
+AVX-512, bf16 on AVX512-BF16) against gguf-py's own dequantization (a GGUF model served through them:
+`test_gguf_loader.py`)."""
 
 from __future__ import annotations
 
@@ -95,7 +96,15 @@ def test_quantized_matmul_matches_dequantized_weights(
     check_matmul(gguf_type, rows, n, k, dtype)
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="builds Ember's kernels for an x86 AVX2 CPU")
+def cpu_has_avx2_and_fma() -> bool:
+    if platform.machine() != "x86_64":
+        return False
+    with open("/proc/cpuinfo") as f:
+        flags = next((line for line in f if line.startswith("flags")), "").split()
+    return "avx2" in flags and "fma" in flags
+
+
+@pytest.mark.skipif(not cpu_has_avx2_and_fma(), reason="runs Ember's kernels as built for an x86 AVX2 CPU")
 def test_avx2_build_of_the_fp32_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The kernels as built for a CPU with AVX2 but no AVX-512 (8-lane variant, groups of 4 rows), compiled
     and run here: the same checks as the build for this CPU."""

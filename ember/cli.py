@@ -1,14 +1,17 @@
-"""The `ember` command line: generate, chat (and, as they arrive, serve and bench)."""
+"""The `ember` command line: generate, chat, serve and bench."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ember.engine.sampling_params import SamplingParams
+from ember.engine.structured_output import StructuredOutputs
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +109,36 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--sample-seed", type=int, default=None, help="per-request seed for reproducible sampling")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g = parser.add_argument_group("structured output (at most one)")
+    g.add_argument("--json-schema", metavar="SCHEMA", help="output valid under this JSON schema (a file or JSON text)")
+    g.add_argument("--json-object", action="store_true", help="output one JSON object")
+    g.add_argument("--regex", help="output matching this regular expression")
+    g.add_argument("--choice", action="append", help="output exactly one of these strings (repeatable)")
+    g.add_argument("--grammar", metavar="EBNF", help="output of this EBNF grammar, root rule `root` (a file or text)")
+
+
+def text_or_file(value: str) -> str:
+    """An option's value, or the content of the file it names."""
+    path = Path(value)
+    return path.read_text() if len(value) < 4096 and path.is_file() else value
+
+
+def structured_outputs(args: argparse.Namespace) -> StructuredOutputs | None:
+    schema = None
+    if args.json_schema is not None:
+        try:
+            schema = json.loads(text_or_file(args.json_schema))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--json-schema is neither a file nor valid JSON ({e})") from e
+    grammar = text_or_file(args.grammar) if args.grammar is not None else None
+    given = (schema, args.json_object or None, args.regex, args.choice, grammar)
+    if sum(value is not None for value in given) > 1:
+        raise ValueError("give at most one of --json-schema, --json-object, --regex, --choice and --grammar")
+    if all(value is None for value in given):
+        return None
+    return StructuredOutputs(
+        json=schema, json_object=args.json_object, regex=args.regex, choice=args.choice, grammar=grammar
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -143,6 +176,7 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
         repetition_penalty=args.repetition_penalty,
         seed=args.sample_seed,
         stop=args.stop,
+        structured_outputs=structured_outputs(args),
     )
 
 

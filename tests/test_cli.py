@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import jsonschema
 import pytest
 
 
@@ -28,6 +30,21 @@ def test_chat_answers_and_exits() -> None:
     assert "model>" in result.stdout and "Paris" in result.stdout
 
 
+def test_generate_with_a_schema_file_prints_valid_json(tmp_path) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}, "sunny": {"type": "boolean"}},
+        "required": ["city", "sunny"],
+    }
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(schema))
+    result = ember("generate", "Weather report as JSON:", "--json-schema", str(path), "--max-tokens", "40")
+    assert result.returncode == 0, result.stderr
+    jsonschema.validate(json.loads(result.stdout), schema)
+    choice = ember("generate", "Is water wet? Answer:", "--choice", " yes", "--choice", " no", "--temperature", "1")
+    assert choice.returncode == 0 and choice.stdout.rstrip("\n") in (" yes", " no"), choice.stdout
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -36,6 +53,9 @@ def test_chat_answers_and_exits() -> None:
         (["generate", "", "--max-tokens", "4"], "the prompt is empty"),
         (["generate", "hi", "--speculative", "medusa"], "speculative method must be one of"),
         (["bench", "latency"], "pass --speculative"),
+        (["generate", "hi", "--regex", "(", "--max-tokens", "4"], "invalid structured output constraint"),
+        (["generate", "hi", "--json-schema", "{oops"], "--json-schema is neither a file nor valid JSON"),
+        (["generate", "hi", "--json-object", "--choice", "a"], "at most one of --json-schema"),
     ],
 )
 def test_errors_are_one_clear_line(args: list[str], message: str) -> None:

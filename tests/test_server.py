@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
+from typing import Any, Literal
 
 import httpx
+import jsonschema
 import openai
+import pydantic
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
@@ -176,6 +180,43 @@ def test_concurrent_streams_with_disconnects_free_everything(server: ServerProce
         (b'{"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}', 404, "model"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}', 400, "tools"),
         (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}', 400, "max_tokens"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}', 400, "tool_choice"),
+        (
+            b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name":'
+            b' "a"}}], "tool_choice": {"type": "function", "function": {"name": "b"}}}',
+            400,
+            "tool_choice",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name":'
+            b' "a"}}], "response_format": {"type": "json_object"}}',
+            400,
+            "response_format",
+        ),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema"}}', 400, "re"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "yaml"}}', 400, "re"),
+        (
+            b'{"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema",'
+            b' "json_schema": {"name": "x", "schema": {"type": "objekt"}}}}',
+            400,
+            None,
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "hi"}], "structured_outputs": {"regex": "(", "choice": ["a"]}}',
+            400,
+            None,
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": "hi"}], "structured_outputs": {"grammar": "root ::= x"}}',
+            400,
+            None,
+        ),
+        (
+            b'{"messages": [{"role": "assistant", "content": null, "tool_calls": [{"id": "c", "type": "function",'
+            b' "function": {"name": "a", "arguments": "{oops"}}]}, {"role": "user", "content": "hi"}]}',
+            400,
+            "messages",
+        ),
     ],
 )
 def test_bad_chat_requests(server: ServerProcess, body: bytes, status: int, param: str | None) -> None:
@@ -256,3 +297,121 @@ def test_multi_turn_conversation_reports_growing_cached_tokens(server: ServerPro
     assert httpx.post(f"{server.url}/reset_prefix_cache").json() == {"status": "ok"}
     again = client.chat.completions.create(model=MODEL, messages=messages[:2], max_tokens=1)
     assert again.usage.prompt_tokens_details.cached_tokens == 0
+
+
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+class Pet(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=16)
+    kind: Literal["cat", "dog", "fish"]
+    legs: int = pydantic.Field(ge=0, le=8)
+
+
+def test_response_format_json_schema_and_the_clients_parse_helper(client: OpenAI) -> None:
+    resp = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Invent a person."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA}},
+        max_tokens=60,
+        temperature=1.0,
+        seed=3,
+        n=3,
+    )
+    for choice in resp.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), PERSON_SCHEMA)
+    parsed = client.chat.completions.parse(
+        model=MODEL, messages=[{"role": "user", "content": "Describe a pet."}], response_format=Pet, max_tokens=60
+    )
+    assert isinstance(parsed.choices[0].message.parsed, Pet)
+
+
+def test_structured_outputs_extension_on_completions(client: OpenAI) -> None:
+    resp = client.completions.create(
+        model=MODEL,
+        prompt="Is the sky blue? Answer:",
+        max_tokens=5,
+        n=4,
+        temperature=1.0,
+        seed=2,
+        extra_body={"structured_outputs": {"choice": [" yes", " no", " maybe"]}},
+    )
+    assert all(c.text in (" yes", " no", " maybe") and c.finish_reason == "stop" for c in resp.choices)
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"]}
+TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {"name": "get_weather", "description": "Weather in a city", "parameters": WEATHER},
+    },
+    {"type": "function", "function": {"name": "get_time", "description": "The time now, in a time zone"}},
+]
+QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def streamed_reply(client: OpenAI, **kwargs: Any) -> tuple[str, list[tuple[str, str]], str | None]:
+    """(content, [(name, arguments)], finish reason) reassembled from a stream's deltas."""
+    content, names, arguments, finish = "", {}, {}, None
+    for chunk in client.chat.completions.create(model=MODEL, stream=True, **kwargs):
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for call in delta.tool_calls or []:
+            names[call.index] = names.get(call.index, "") + (call.function.name or "")
+            arguments[call.index] = arguments.get(call.index, "") + (call.function.arguments or "")
+        finish = chunk.choices[0].finish_reason or finish
+    return content, [(names[i], arguments[i]) for i in sorted(names)], finish
+
+
+def test_tool_calls_required_named_streamed_and_continued(client: OpenAI) -> None:
+    kwargs: dict[str, Any] = dict(messages=QUESTION, tools=TOOLS, max_tokens=60, temperature=0)
+    required = client.chat.completions.create(
+        model=MODEL, tool_choice="required", parallel_tool_calls=False, **kwargs
+    ).choices[0]
+    assert required.finish_reason == "tool_calls" and len(required.message.tool_calls) == 1
+    for call in required.message.tool_calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        if call.function.name == "get_weather":
+            jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+        else:
+            assert call.function.name == "get_time" and isinstance(json.loads(call.function.arguments), dict)
+
+    named = client.chat.completions.create(
+        model=MODEL, tool_choice={"type": "function", "function": {"name": "get_time"}}, **kwargs
+    ).choices[0]
+    assert [c.function.name for c in named.message.tool_calls] == ["get_time"] and named.message.content is None
+    assert named.finish_reason == "tool_calls"
+
+    content, calls, finish = streamed_reply(client, tool_choice="required", parallel_tool_calls=False, **kwargs)
+    assert calls == [(c.function.name, c.function.arguments) for c in required.message.tool_calls]
+    assert content == (required.message.content or "") and finish == "tool_calls"
+
+    call = required.message.tool_calls[0]
+    conversation = [
+        *QUESTION,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"},
+    ]
+    answer = client.chat.completions.create(model=MODEL, messages=conversation, tools=TOOLS, max_tokens=16)
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_tool_choice_none_leaves_the_tools_out(client: OpenAI) -> None:
+    plain = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, temperature=0)
+    none = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, tools=TOOLS, tool_choice="none", max_tokens=8, temperature=0
+    )
+    auto = client.chat.completions.create(model=MODEL, messages=QUESTION, tools=TOOLS, max_tokens=8, temperature=0)
+    assert none.usage.prompt_tokens == plain.usage.prompt_tokens < auto.usage.prompt_tokens
+    assert (
+        none.choices[0].message.content == plain.choices[0].message.content and not none.choices[0].message.tool_calls
+    )

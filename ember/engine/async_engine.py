@@ -99,6 +99,8 @@ class AsyncEngine:
             raise EngineOverloadedError(
                 f"the server is at capacity ({self._in_flight} requests in flight); retry later"
             )
+        if params.structured_outputs is not None:  # compiled here, off the engine thread, which then finds it cached
+            await asyncio.to_thread(self.engine.compile_grammar, params.structured_outputs)
         request_id = request_id or f"req-{next(self._ids)}"
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue(), time.monotonic())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from ember.engine.model_runner import LaunchedStep, ModelRunner, kv_cache_bytes_
 from ember.engine.request import CompletionOutput, Request, RequestOutput, RequestStatus, TokenLogprob
 from ember.engine.sampling_params import SamplingParams
 from ember.engine.scheduler import ScheduledRequest, Scheduler
+from ember.engine.structured_output import GrammarCompiler, StructuredOutputs
 from ember.models.loader import LoadedModel, load_model
 from ember.spec.speculator import Speculator, build_proposer, load_draft_model
 
@@ -153,6 +155,8 @@ class Engine:
             )
         self._in_flight: LaunchedStep | None = None  # a launched step not read back yet
         self.num_overlapped_steps = 0  # steps launched while the one before was still in flight
+        self._grammar_compiler: GrammarCompiler | None = None  # built on the first structured-output request
+        self._grammar_compiler_lock = threading.Lock()
 
     def _num_blocks(self, cache: CacheConfig, dtype: torch.dtype, draft: ModelConfig | None) -> int:
         """KV-cache blocks from the memory budget; a draft model keeps as many blocks of its own, out of the
@@ -177,6 +181,17 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------
     # Requests in
+
+    def compile_grammar(self, spec: StructuredOutputs) -> GrammarCompiler:
+        """Compile a structured-output constraint (cached); raises ValueError when it is invalid. Thread-safe:
+        the server calls it off the engine thread, so that `add_request` finds it compiled."""
+        with self._grammar_compiler_lock:
+            if self._grammar_compiler is None:
+                if self.tokenizer is None:
+                    raise ValueError("structured output needs the model's tokenizer (dummy weights have none)")
+                self._grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
+        self._grammar_compiler.compile(spec)
+        return self._grammar_compiler
 
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -221,6 +236,7 @@ class Engine:
                 f"max_tokens={max_tokens} plus the prompt's {len(ids)} tokens exceeds the model's context of "
                 f"{self.max_model_len} tokens; lower max_tokens to at most {room}"
             )
+        compiler = self.compile_grammar(params.structured_outputs) if params.structured_outputs else None
         needed = self.kv_cache.blocks_for(len(ids) + max_tokens)
         if needed > self.kv_cache.num_blocks:
             raise ValueError(
@@ -235,6 +251,9 @@ class Engine:
             child = Request(f"{request_id}#{index}", ids, child_params, self.eos_token_ids, max_tokens, text)
             if self.tokenizer is not None:
                 child.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop)
+            if compiler is not None:
+                assert params.structured_outputs is not None
+                child.grammar = compiler.matcher(params.structured_outputs, child.stop_ids)
             children.append(child)
         self.groups[request_id] = RequestGroup(request_id, text, ids, children, final_only)
         for child in children:
@@ -349,12 +368,19 @@ class Engine:
         return outputs
 
     def _check_stop(self, request: Request, token: int) -> None:
+        grammar = request.grammar
+        if grammar is not None and not grammar.accept_token(token):  # the mask allowed only tokens it accepts
+            logger.error("request %s: the grammar rejected token %d; aborting it", request.request_id, token)
+            self._finish(request, "abort")
+            return
         if token in request.stop_ids:
             self._finish(request, "stop", token)
             return
         stop_string = request.detokenizer.add_token(token) if request.detokenizer else None
         if stop_string is not None:
             self._finish(request, "stop", stop_string)
+        elif grammar is not None and grammar.is_terminated():  # the grammar's end, with no stop token to allow
+            self._finish(request, "stop")
         elif request.num_output_tokens >= request.max_tokens or request.num_tokens >= self.max_model_len:
             self._finish(request, "length")
 

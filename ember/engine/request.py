@@ -72,6 +72,7 @@ class Request:
         self.prompt_logprobs: list[TokenLogprob | None] = []  # position 0 has none
         self.output_text = ""
         self.detokenizer: Any = None  # set by the engine when a tokenizer exists
+        self.grammar: Any = None  # structured output: the xgrammar matcher, advanced with every committed token
 
     @property
     def num_tokens(self) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ember.engine.request import Request, TokenLogprob
+from ember.engine.structured_output import mask_disallowed_tokens
 from ember.kernels import device_tensor, use_triton
 
 
@@ -181,11 +182,14 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch
 
 
 def adjust_logits(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    """Logit bias and penalties: what greedy decoding takes the argmax of."""
+    """Logit bias, penalties and structured output's grammar: what greedy decoding takes the argmax of. The
+    grammar masks in place: take raw logprobs from `logits` before."""
     if any(r.params.logit_bias for r in requests):
         logits = apply_logit_bias(logits, requests)
     if any(r.params.uses_penalties for r in requests):
         logits = apply_penalties(logits, requests)
+    if any(r.grammar is not None for r in requests):
+        logits = mask_disallowed_tokens(logits, requests)
     return logits
 
 
@@ -196,10 +200,11 @@ def sampling_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tenso
 
 
 def samples_without_sync(request: Request) -> bool:
-    """Whether `sample_tokens` for this request stays on the device: no logprobs to read back, no penalties or
-    logit bias (built from host lists). (A seed is fine: its one number per draw comes from a host generator.)"""
+    """Whether `sample_tokens` for this request stays on the device: no logprobs to read back, no penalties,
+    logit bias or grammar (built on the host, the grammar's from the token before). (A seed is fine: its one
+    number per draw comes from a host generator.)"""
     params = request.params
-    return params.logprobs is None and not params.uses_penalties and not params.logit_bias
+    return params.logprobs is None and not params.uses_penalties and not params.logit_bias and request.grammar is None
 
 
 def sample_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ember.engine.structured_output import StructuredOutputs
+
 MAX_LOGPROBS = 20
 
 
@@ -27,6 +29,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs per generated token (the sampled token is always included)
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    structured_outputs: StructuredOutputs | None = None  # constrain the output (JSON schema, regex, ...)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -66,6 +69,10 @@ class SamplingParams:
             self.logit_bias is None
             or all(isinstance(t, int) and t >= 0 and -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()),
             "logit_bias must map token ids to values in [-100, 100]",
+        )
+        check(
+            self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputs),
+            "structured_outputs must be a StructuredOutputs",
         )
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)

@@ -24,9 +24,11 @@ from ember.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverlo
 from ember.engine.engine import merge_output
 from ember.engine.request import RequestOutput
 from ember.engine.sampling_params import SamplingParams
+from ember.engine.structured_output import StructuredOutputs
 from ember.server.chat import ChatFormatter
 from ember.server.metrics import EngineMetrics
-from ember.server.protocol import ChatCompletionRequest, CompletionRequest, new_id, now
+from ember.server.protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice, Tool, new_id, now
+from ember.server.tools import ToolCallParser, split_tool_calls, tool_call_constraint
 
 
 class APIError(Exception):
@@ -118,34 +120,43 @@ class OpenAIServer:
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self.check_model(body.model)
-        if body.tools:
-            raise APIError(400, "'tools' is not supported yet by this server", param="tools")
-        if body.response_format is not None and body.response_format.get("type", "text") != "text":
-            raise APIError(400, "'response_format' other than text is not supported yet", param="response_format")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "'top_logprobs' requires 'logprobs': true", param="top_logprobs")
+        tools = self.active_tools(body)
+        structured = self.chat_constraint(body, tools)
         try:
-            prompt_ids = self.formatter.prompt_ids(body.messages)
+            prompt_ids = self.formatter.prompt_ids(body.messages, tools)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
         max_tokens = body.max_completion_tokens or body.max_tokens
         self.check_prompt_length(prompt_ids, max_tokens)
-        params = self.sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = self.sampling_params(body, max_tokens, logprobs, structured)
         request_id, created = new_id("chatcmpl"), now()
         outputs = self.stream_outputs(prompt_ids, params)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             first = await anext_or_error(outputs)
-            chunks = self.chat_chunks(first, outputs, request_id, created, body.n, len(prompt_ids), include_usage)
+            chunks = self.chat_chunks(
+                first, outputs, request_id, created, body.n, len(prompt_ids), include_usage, bool(tools)
+            )
             return StreamingResponse(chunks, media_type="text/event-stream")
         final = await collect(outputs, request)
         choices = []
         for o in final.outputs:
+            message: dict[str, Any] = {"role": "assistant", "content": o.text}
+            finish_reason = o.finish_reason
+            if tools:
+                content, calls = split_tool_calls(o.text)
+                message["content"] = content
+                if calls:
+                    message["tool_calls"] = [call.as_openai() for call in calls]
+                    finish_reason = tool_calls_finish_reason(finish_reason)
             choice: dict[str, Any] = {
                 "index": o.index,
-                "message": {"role": "assistant", "content": o.text},
+                "message": message,
                 "logprobs": None,
-                "finish_reason": o.finish_reason,
+                "finish_reason": finish_reason,
             }
             if body.logprobs and o.logprobs is not None:
                 choice["logprobs"] = self.formatter.chat_logprobs(o.logprobs)
@@ -162,6 +173,34 @@ class OpenAIServer:
             }
         )
 
+    @staticmethod
+    def active_tools(body: ChatCompletionRequest) -> list[Tool] | None:
+        """The tools the model may call: none with tool_choice "none"."""
+        choice = body.tool_choice
+        if choice not in (None, "none") and not body.tools:
+            raise APIError(400, "'tool_choice' needs 'tools'", param="tool_choice")
+        names = {t.function.name for t in body.tools or []}
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            message = f"tool_choice names {choice.function.name!r}, which is not in 'tools'"
+            raise APIError(400, message, param="tool_choice")
+        return body.tools if body.tools and choice != "none" else None
+
+    @staticmethod
+    def chat_constraint(body: ChatCompletionRequest, tools: list[Tool] | None) -> StructuredOutputs | None:
+        """The output constraint of tools or `response_format` (`structured_outputs` is read with the sampling
+        fields); at most one of the three."""
+        response_format = body.response_format if body.response_format and body.response_format.type != "text" else None
+        given = [name for name, value in (("tools", tools), ("response_format", response_format)) if value]
+        given += ["structured_outputs"] if body.structured_outputs else []
+        if len(given) > 1:
+            raise APIError(400, f"use one of {' and '.join(given)}, not both", param=given[1])
+        if tools:
+            return tool_call_constraint(tools, body.tool_choice, body.parallel_tool_calls)
+        try:
+            return response_format.spec() if response_format else None
+        except ValueError as e:
+            raise APIError(400, str(e), param="response_format") from e
+
     async def chat_chunks(
         self,
         first: RequestOutput | None,
@@ -171,7 +210,10 @@ class OpenAIServer:
         n: int,
         prompt_tokens: int,
         include_usage: bool,
+        with_tools: bool,
     ) -> AsyncIterator[str]:
+        """SSE chunks of a chat completion. With tools, text that may open a `<tool_call>` is held back, and each
+        call goes out whole (name and arguments) in one `tool_calls` delta once its block closes."""
         base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
         for index in range(n):
             yield sse(
@@ -188,17 +230,33 @@ class OpenAIServer:
                 }
             )
         completion_tokens = cached = 0
+        parsers = [ToolCallParser() for _ in range(n)] if with_tools else None
         async for out in prepend(first, rest):
             cached = max(cached, out.num_cached_tokens)
             for o in out.outputs:
                 completion_tokens += len(o.token_ids)
                 logprobs = self.formatter.chat_logprobs(o.logprobs) if o.logprobs else None
-                delta = {"content": o.text} if o.text or o.finish_reason is None else {}
+                text, finish_reason = o.text, o.finish_reason
+                delta: dict[str, Any] = {}
+                if parsers is not None:
+                    parser = parsers[o.index]
+                    first_call = parser.num_calls
+                    text, calls = parser.feed(text)
+                    if finish_reason is not None:
+                        text += parser.finish()
+                        if parser.num_calls:
+                            finish_reason = tool_calls_finish_reason(finish_reason)
+                    if calls:
+                        delta["tool_calls"] = [call.as_openai(first_call + k) for k, call in enumerate(calls)]
+                if text:
+                    delta["content"] = text
+                elif not (delta or finish_reason or logprobs):
+                    continue  # nothing to say yet (a held-back tag, half a character)
                 yield sse(
                     {
                         **base,
                         "choices": [
-                            {"index": o.index, "delta": delta, "logprobs": logprobs, "finish_reason": o.finish_reason}
+                            {"index": o.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
                         ],
                     }
                 )
@@ -321,11 +379,18 @@ class OpenAIServer:
             prompts.append(list(item))
         return prompts
 
-    def sampling_params(self, body: Any, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self, body: Any, max_tokens: int | None, logprobs: int | None, structured: StructuredOutputs | None = None
+    ) -> SamplingParams:
         try:
-            return body.sampling_params(max_tokens, logprobs)  # type: ignore[no-any-return]
+            return body.sampling_params(max_tokens, logprobs, structured)  # type: ignore[no-any-return]
         except ValueError as e:
             raise APIError(400, str(e)) from e
+
+
+def tool_calls_finish_reason(finish_reason: str | None) -> str | None:
+    """OpenAI's finish reason of a reply that called tools: "tool_calls" when it ended on its own."""
+    return "tool_calls" if finish_reason == "stop" else finish_reason
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -2,34 +2,60 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from typing import Any
 
 from ember.engine.request import TokenLogprob
-from ember.server.protocol import ChatMessage
+from ember.server.protocol import ChatMessage, Tool
+from ember.server.tools import render_tool_call, template_speaks_tool_calls, tool_schemas, tools_instructions
 
 
 class ChatFormatter:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.token_text = lru_cache(maxsize=65536)(self._token_text)
+        self.native_tools = template_speaks_tool_calls(getattr(tokenizer, "chat_template", None))
 
-    def prompt_ids(self, messages: list[ChatMessage]) -> list[int]:
-        """Apply the model's chat template and tokenize, with the assistant's turn opened."""
+    def prompt_ids(self, messages: list[ChatMessage], tools: list[Tool] | None = None) -> list[int]:
+        """Apply the model's chat template and tokenize, with the assistant's turn opened. Tools, earlier tool
+        calls and tool results go through the template when it speaks `<tool_call>` blocks, else in Ember's
+        own rendering of the same format (see `tools.py`)."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template; use /v1/completions")
-        conversation: list[dict[str, Any]] = []
-        for m in messages:
-            role = "system" if m.role == "developer" else m.role
-            message: dict[str, Any] = {"role": role, "content": m.text()}
-            if m.tool_call_id:
-                message["tool_call_id"] = m.tool_call_id
-            conversation.append(message)
+        conversation = [self._message(m) for m in messages]
+        kwargs: dict[str, Any] = {}
+        if tools and self.native_tools:
+            kwargs["tools"] = tool_schemas(tools)
+        elif tools:
+            if conversation[0]["role"] == "system":
+                conversation[0] = {**conversation[0], "content": f"{conversation[0]['content']}\n\n"}
+            else:
+                conversation.insert(0, {"role": "system", "content": ""})
+            conversation[0]["content"] += tools_instructions(tools)
         try:
-            text = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=True, **kwargs
+            )
         except Exception as e:  # jinja raises for conversations the template rejects
             raise ValueError(f"the chat template rejected these messages: {e}") from e
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _message(self, m: ChatMessage) -> dict[str, Any]:
+        """One message as the chat template takes it."""
+        text = m.text()
+        if m.role == "tool" and not self.native_tools:
+            return {"role": "user", "content": f"<tool_response>\n{text}\n</tool_response>"}
+        message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": text}
+        if m.tool_call_id:
+            message["tool_call_id"] = m.tool_call_id
+        calls = [(c.function.name, _arguments(c.function.arguments)) for c in m.tool_calls or []]
+        if calls and self.native_tools:
+            message["tool_calls"] = [{"type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]
+        elif calls:
+            rendered = "\n".join(render_tool_call(name, arguments) for name, arguments in calls)
+            message["content"] = f"{text}\n{rendered}" if text else rendered
+        return message
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
@@ -63,3 +89,11 @@ class ChatFormatter:
             "top_logprobs": top_logprobs,
             "text_offset": offsets,
         }
+
+
+def _arguments(text: str) -> Any:
+    """A tool call's arguments (JSON text) as the object templates render."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"a tool call's arguments are not valid JSON: {text!r}") from e

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ember.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from ember.engine.structured_output import StructuredOutputs
 
 MAX_N = 16
 
@@ -36,6 +37,21 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
+class StructuredOutputsField(OpenAIModel):
+    """Ember's (and vLLM's) extension: constrain the output; exactly one field."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def spec(self) -> StructuredOutputs:
+        return StructuredOutputs(
+            json=self.json_, json_object=self.json_object, regex=self.regex, choice=self.choice, grammar=self.grammar
+        )
+
+
 class SamplingFields(OpenAIModel):
     """Fields shared by chat and text completions."""
 
@@ -57,8 +73,13 @@ class SamplingFields(OpenAIModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    structured_outputs: StructuredOutputsField | None = None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, structured: StructuredOutputs | None = None
+    ) -> SamplingParams:
+        """The engine's parameters; `structured` (from a chat request's response format or tools) or else the
+        `structured_outputs` field constrains the output."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         bias = None
         if self.logit_bias:
@@ -82,7 +103,19 @@ class SamplingFields(OpenAIModel):
             n=self.n,
             logprobs=logprobs,
             logit_bias=bias,
+            structured_outputs=structured or (self.structured_outputs.spec() if self.structured_outputs else None),
         )
+
+
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(OpenAIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(OpenAIModel):
@@ -90,6 +123,7 @@ class ChatMessage(OpenAIModel):
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls, sent back with the conversation
 
     def text(self) -> str:
         """The message's text; content parts other than text are not supported yet."""
@@ -105,14 +139,57 @@ class ChatMessage(OpenAIModel):
         return "".join(texts)
 
 
+class FunctionDefinition(OpenAIModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: the function takes no arguments
+    strict: bool | None = None
+
+
+class Tool(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(OpenAIModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    def spec(self) -> StructuredOutputs | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutputs(json_object=True)
+        if self.json_schema is None:
+            raise ValueError("response_format of type 'json_schema' needs a 'json_schema' object")
+        return StructuredOutputs(json=self.json_schema.schema_ or {"type": "object"})
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(SamplingFields):

@@ -5,7 +5,8 @@ that are decoding. It skips the step entirely when more than `max_batch_size` re
 big batch the step is compute-bound, verifying drafts costs nearly as much as decoding them, and
 users of other engines report 1.4-1.8x slowdowns under load. Per request, the draft length adapts to
 the acceptance seen so far, and requests with repetition/presence/frequency penalties (whose logits
-depend on every earlier token, drafts included) do not speculate.
+depend on every earlier token, drafts included) and requests with structured output (whose drafts the grammar
+would have to check token by token) do not speculate.
 """
 
 from __future__ import annotations
@@ -96,7 +97,10 @@ class Speculator:
         candidates = [
             r
             for r in running
-            if r.num_computed_tokens == r.num_tokens - 1 and not r.params.uses_penalties and r.num_output_tokens > 0
+            if r.num_computed_tokens == r.num_tokens - 1
+            and not r.params.uses_penalties
+            and r.grammar is None
+            and r.num_output_tokens > 0
         ]
         if not candidates:
             return

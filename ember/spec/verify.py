@@ -67,14 +67,14 @@ def verify_drafts(
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """Tokens to append for a speculating request (accepted drafts plus one) and their logprobs."""
     rows = [request] * len(logits)
+    raw = torch.log_softmax(logits, dim=-1) if request.params.logprobs is not None else None
     adjusted = adjust_logits(logits, rows)
     if request.params.greedy:
         tokens = accept_greedy(adjusted.argmax(dim=-1).tolist(), drafts)
     else:
         tokens = rejection_sample(sampling_probs(adjusted, rows), drafts, generator=request.generator)
     logprobs: list[TokenLogprob | None] = [None] * len(tokens)
-    if request.params.logprobs is not None:
-        raw = torch.log_softmax(logits[: len(tokens)], dim=-1)
+    if raw is not None:
         chosen = device_tensor(tokens, raw.device)
-        logprobs = top_logprobs(raw, chosen, [request.params.logprobs] * len(tokens))
+        logprobs = top_logprobs(raw[: len(tokens)], chosen, [request.params.logprobs] * len(tokens))
     return tokens, logprobs

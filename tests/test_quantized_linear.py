@@ -132,8 +132,8 @@ def test_packed_linear_uses_the_blocks_for_few_rows_only(dtype: torch.dtype) -> 
     packed = PackedLinear(linear, batch_hint=64, blocks=weight)
     calls = []
     assert packed.small_steps is not None
-    kernel, max_rows = packed.small_steps._fn, quantized.MAX_ROWS[dtype]
-    packed.small_steps._fn = lambda *args: calls.append(args[6]) or kernel(*args)  # the row count, then the call
+    kernel, max_rows = packed.small_steps.function, quantized.MAX_ROWS[dtype]
+    packed.small_steps.function = lambda *args: calls.append(args[6]) or kernel(*args)  # the row count, then the call
     x = torch.randn(max_rows + 1, 256).to(dtype)
     few, many = packed(x[:max_rows]), packed(x)
     assert calls == [max_rows]

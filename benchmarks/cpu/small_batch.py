@@ -3,8 +3,10 @@ at batch 1 to 16. At these sizes a step reads every weight once, so the linears'
 memory bandwidth; from the GGUF's Q4_1 blocks (the default up to `quantized.MAX_ROWS` rows) they read about
 a third of bf16's bytes and a sixth of fp32's.
 
+Steps of up to `MAX_ROWS` single-token rows run as one C call (`models/decode_stack.py`), whose linears Python
+does not see: the linears column then holds the LM head alone; `--no-decode-stack` runs the PyTorch model.
 An A/B of the quantized kernels in one checkout: run it as is, then with EMBER_DISABLE_QUANTIZED_KERNELS=1.
-`.venv/bin/python benchmarks/cpu/small_batch.py [--batch-sizes 1,4,8,16] [--dtype float32]`
+`.venv/bin/python benchmarks/cpu/small_batch.py [--batch-sizes 1,4,8,16] [--dtype float32] [--no-decode-stack]`
 """
 
 from __future__ import annotations
@@ -45,9 +47,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", default="1,2,4,8,16", help="comma-separated (default 1,2,4,8,16)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--no-decode-stack", action="store_true", help="run every step on the PyTorch model")
     args = parser.parse_args()
     packed_linear.PackedLinear.forward = timed_linear  # type: ignore[method-assign]
     llm = LLM(dtype=args.dtype, enable_prefix_caching=False)
+    if args.no_decode_stack:
+        llm.engine.runner.decode_stack = None
+    print(f"decode steps of few rows in one C call: {llm.engine.runner.decode_stack is not None}")
     blocks = sum(getattr(m, "small_steps", None) is not None for m in llm.engine.runner.model.modules())
     print(f"linears multiplied from GGUF blocks at few rows: {blocks}")
     prompt = [1000 + i for i in range(64)]

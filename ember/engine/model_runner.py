@@ -21,6 +21,7 @@ from ember.engine.request import TokenLogprob
 from ember.engine.sampler import sample, sample_tokens, samples_without_sync, top_logprobs
 from ember.engine.scheduler import ScheduledRequest
 from ember.kernels import device_tensor, native, use_triton
+from ember.models.decode_stack import NativeDecodeStack
 from ember.models.llama import LlamaForCausalLM
 from ember.models.packed_linear import pack_linears
 from ember.models.quantized import QuantizedWeight
@@ -114,6 +115,10 @@ class ModelRunner:
             and dtype == torch.bfloat16
             and cpu_kernels.fast_bf16_attention(block_size, cfg.head_dim)
         )
+        # steps of a few single-token rows: the whole model in one C call, when its linears have GGUF blocks
+        self.decode_stack = (
+            NativeDecodeStack.build(model, self.kv_caches, num_blocks, block_size) if self.use_native_decode else None
+        )
         self.decode_graphs: DecodeGraphs | None = None
         if self.use_triton and graph_max_batch > 0:
             max_len = max_model_len or cfg.max_position_embeddings
@@ -146,9 +151,12 @@ class ModelRunner:
             if request.params.prompt_logprobs is not None and s.start < request.num_prompt_tokens - 1:
                 prompt_rows.append((s, row, s.start))
         meta = self._attention_metadata(decodes, prefills, slots)
-        hidden = self.model(
-            device_tensor(input_ids, self.device), device_tensor(positions, self.device), self.kv_caches, meta
-        )
+        ids, position_ids = device_tensor(input_ids, self.device), device_tensor(positions, self.device)
+        if self.decode_stack is not None and len(input_ids) == len(decodes) <= self.decode_stack.max_rows:
+            assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
+            hidden = self.decode_stack(ids, position_ids, meta.decode_block_tables, meta.decode_context_lens)
+        else:
+            hidden = self.model(ids, position_ids, self.kv_caches, meta)
         for s, row, first in prompt_rows:
             self._record_prompt_logprobs(s, hidden, row, first)
         result = StepResult(sampled={})

@@ -117,16 +117,16 @@ class QuantizedMatmul:
         self.weight, self.bias, self.dtype = weight, bias, dtype  # kept alive: the kernel holds their pointers
         self.out_features, self.in_features = weight.shape
         self.max_rows = MAX_ROWS[dtype]
-        self._fn = getattr(library, f"quantized_linear_{weight.kernel}_{SUFFIX[dtype]}")
+        self.function = getattr(library, f"quantized_linear_{weight.kernel}_{SUFFIX[dtype]}")
         mins = None if weight.mins is None else weight.mins.data_ptr()
         bias_ptr = None if bias is None else bias.data_ptr()
-        self._weight_args = (weight.quants.data_ptr(), weight.scales.data_ptr(), mins, bias_ptr)
+        self.weight_args = (weight.quants.data_ptr(), weight.scales.data_ptr(), mins, bias_ptr)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         rows = x.shape[0]
         out = torch.empty((rows, self.out_features), dtype=self.dtype)
-        self._fn(*self._weight_args, x.data_ptr(), out.data_ptr(), rows, self.out_features, self.in_features)
+        self.function(*self.weight_args, x.data_ptr(), out.data_ptr(), rows, self.out_features, self.in_features)
         return out
 
 

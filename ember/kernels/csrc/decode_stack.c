@@ -1,0 +1,96 @@
+// A whole decode step of a Llama-family model for a few rows, in one call: embedding rows, every layer
+// (RMSNorm, QKV from the GGUF blocks, rotary, paged attention that also stores the new K/V, O, RMSNorm,
+// gate/up, SiLU-and-mul, down), then the final norm.
+//
+// Each stage calls the same kernel the PyTorch model calls (passed in as function pointers, so this file
+// needs no ISA of its own), on the same inputs, in the same order: the hidden states are bit-identical to
+// the model's forward. What it removes is Python: at one row a SmolLM2 step made ~270 calls from Python,
+// which cost about half the step.
+
+#include <stdint.h>
+#include <string.h>
+
+typedef void (*quantized_linear_fn)(const void* quants, const void* scales, const void* mins, const void* bias,
+                                    const void* x, void* out, int64_t M, int64_t N, int64_t K);
+typedef void (*rms_norm_fn)(const void* x, void* residual, const void* weight, void* out, int64_t rows, int64_t H,
+                            int64_t x_stride, float eps);
+typedef void (*rotary_fn)(void* x, const float* cos, const float* sin, int64_t rows, int64_t heads, int64_t d,
+                          int64_t stride);
+typedef void (*silu_and_mul_fn)(const void* gate_up, void* out, int64_t rows, int64_t I);
+typedef void (*paged_decode_fn)(const void* q, const void* k_new, const void* v_new, void* k_cache, void* v_cache,
+                                const int64_t* block_tables, const int64_t* row_tables, const int64_t* context_lens,
+                                void* out, int64_t D, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t d,
+                                int64_t MAXB, float scale);
+
+typedef struct {
+    const void *quants, *scales, *mins, *bias;  // mins and bias may be NULL
+    quantized_linear_fn fn;                     // the kernel of its format (q4/q8) and activation dtype
+    int64_t out_features, in_features;
+} QuantizedLinear;
+
+typedef struct {
+    const void *input_norm, *post_attention_norm;
+    QuantizedLinear qkv, o, gate_up, down;
+    void *k_cache, *v_cache;
+} DecoderLayer;
+
+typedef struct {
+    int64_t num_layers, hidden, heads, kv_heads, head_dim, intermediate, num_blocks, block_size, elem_size;
+    float eps, scale;
+    const DecoderLayer* layers;
+    const void* embedding;   // [vocab, hidden]
+    const void* final_norm;  // [hidden]
+    const float *cos, *sin;  // [max_positions, head_dim / 2]
+    rms_norm_fn rms_norm;
+    rotary_fn rotary;
+    silu_and_mul_fn silu_and_mul;
+    paged_decode_fn paged_decode;
+    // scratch for `max_rows` rows
+    void *x, *h, *residual, *qkv, *q, *k, *v, *attn, *gate_up, *act;
+    float *cos_rows, *sin_rows;
+} DecodeStack;
+
+static inline char* row(void* base, int64_t r, int64_t width, int64_t elem) { return (char*)base + r * width * elem; }
+
+// Hidden states after the final norm, [rows, hidden] into `out`, of `rows` single-token decodes: token_ids and
+// positions per row; row b attends through block_tables[b] (max_blocks wide) to its first context_lens[b]
+// tokens, the new one included (its K/V are stored at position context_lens[b] - 1).
+void decode_stack(const DecodeStack* s, const int64_t* token_ids, const int64_t* positions,
+                  const int64_t* block_tables, const int64_t* context_lens, int64_t rows, int64_t max_blocks,
+                  void* out) {
+    const int64_t E = s->elem_size, H = s->hidden, d = s->head_dim, half = d / 2;
+    const int64_t Q = s->heads * d, KV = s->kv_heads * d, QKV = Q + 2 * KV;
+    for (int64_t r = 0; r < rows; r++) {
+        memcpy(row(s->residual, r, H, E), (const char*)s->embedding + token_ids[r] * H * E, H * E);
+        memcpy(s->cos_rows + r * half, s->cos + positions[r] * half, half * sizeof(float));
+        memcpy(s->sin_rows + r * half, s->sin + positions[r] * half, half * sizeof(float));
+    }
+    for (int64_t i = 0; i < s->num_layers; i++) {
+        const DecoderLayer* L = &s->layers[i];
+        if (i == 0) {  // the residual stream starts as the embeddings
+            s->rms_norm(s->residual, NULL, L->input_norm, s->h, rows, H, H, s->eps);
+        } else {  // residual += x, h = norm(residual)
+            s->rms_norm(s->x, s->residual, L->input_norm, s->h, rows, H, H, s->eps);
+        }
+        const QuantizedLinear* p = &L->qkv;
+        p->fn(p->quants, p->scales, p->mins, p->bias, s->h, s->qkv, rows, p->out_features, p->in_features);
+        s->rotary(s->qkv, s->cos_rows, s->sin_rows, rows, s->heads + s->kv_heads, d, QKV);
+        for (int64_t r = 0; r < rows; r++) {  // the kernel takes q, k and v each contiguous
+            const char* src = row(s->qkv, r, QKV, E);
+            memcpy(row(s->q, r, Q, E), src, Q * E);
+            memcpy(row(s->k, r, KV, E), src + Q * E, KV * E);
+            memcpy(row(s->v, r, KV, E), src + (Q + KV) * E, KV * E);
+        }
+        s->paged_decode(s->q, s->k, s->v, L->k_cache, L->v_cache, block_tables, NULL, context_lens, s->attn, rows,
+                        s->heads, s->kv_heads, s->num_blocks, s->block_size, d, max_blocks, s->scale);
+        p = &L->o;
+        p->fn(p->quants, p->scales, p->mins, p->bias, s->attn, s->x, rows, p->out_features, p->in_features);
+        s->rms_norm(s->x, s->residual, L->post_attention_norm, s->h, rows, H, H, s->eps);
+        p = &L->gate_up;
+        p->fn(p->quants, p->scales, p->mins, p->bias, s->h, s->gate_up, rows, p->out_features, p->in_features);
+        s->silu_and_mul(s->gate_up, s->act, rows, s->intermediate);
+        p = &L->down;
+        p->fn(p->quants, p->scales, p->mins, p->bias, s->act, s->x, rows, p->out_features, p->in_features);
+    }
+    s->rms_norm(s->x, s->residual, s->final_norm, out, rows, H, H, s->eps);
+}

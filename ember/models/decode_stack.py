@@ -1,0 +1,188 @@
+"""A whole decode step of few rows in one C call (`kernels/csrc/decode_stack.c`), on the CPU.
+
+At one row a SmolLM2 step spent about half its time in Python: ~270 calls from Python per step (norms, linears,
+rotary, attention) at 5-13 us each around kernels of a few microseconds. The C driver runs the same kernels
+in the same order on the same buffers, so its hidden states are bit-identical to `LlamaForCausalLM.forward`;
+it needs every layer's linears on GGUF blocks (`quantized.py`), which bound it to `MAX_ROWS` rows, and no
+per-head q/k norm (Qwen3 stays on the PyTorch model).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from ember.kernels import native
+from ember.kernels.elementwise import SUFFIX
+from ember.models.llama import LlamaForCausalLM
+from ember.models.packed_linear import PackedLinear
+from ember.models.quantized import QuantizedMatmul
+
+_ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+class _QuantizedLinear(ctypes.Structure):
+    _fields_ = [
+        ("quants", _ptr),
+        ("scales", _ptr),
+        ("mins", _ptr),
+        ("bias", _ptr),
+        ("fn", _ptr),
+        ("out_features", _i64),
+        ("in_features", _i64),
+    ]
+
+
+class _DecoderLayer(ctypes.Structure):
+    _fields_ = [
+        ("input_norm", _ptr),
+        ("post_attention_norm", _ptr),
+        ("qkv", _QuantizedLinear),
+        ("o", _QuantizedLinear),
+        ("gate_up", _QuantizedLinear),
+        ("down", _QuantizedLinear),
+        ("k_cache", _ptr),
+        ("v_cache", _ptr),
+    ]
+
+
+SCRATCH = ("x", "h", "residual", "qkv", "q", "k", "v", "attn", "gate_up", "act")
+
+
+class _DecodeStack(ctypes.Structure):
+    _fields_ = [
+        *((name, _i64) for name in ("num_layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate")),
+        *((name, _i64) for name in ("num_blocks", "block_size", "elem_size")),
+        ("eps", _f32),
+        ("scale", _f32),
+        ("layers", ctypes.POINTER(_DecoderLayer)),
+        *((name, _ptr) for name in ("embedding", "final_norm", "cos", "sin")),
+        *((name, _ptr) for name in ("rms_norm", "rotary", "silu_and_mul", "paged_decode")),
+        *((name, _ptr) for name in SCRATCH),
+        ("cos_rows", _ptr),
+        ("sin_rows", _ptr),
+    ]
+
+
+def _small_steps(module: torch.nn.Module) -> QuantizedMatmul | None:
+    return module.small_steps if isinstance(module, PackedLinear) else None
+
+
+def _address(function: ctypes._CFuncPtr) -> int | None:
+    return ctypes.cast(function, ctypes.c_void_p).value
+
+
+class NativeDecodeStack:
+    """`stack(token_ids, positions, block_tables, context_lens)`: the final hidden states [rows, hidden] of a
+    step of single-token rows (at most `max_rows`), K/V stored in the paged cache as the model stores them."""
+
+    @classmethod
+    def build(
+        cls,
+        model: LlamaForCausalLM,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        num_blocks: int,
+        block_size: int,
+    ) -> NativeDecodeStack | None:
+        """The stack of `model` (its linears packed with GGUF blocks), or None where it cannot run it."""
+        library = native.load()
+        cfg = model.config
+        dtype = model.embed_tokens.weight.dtype
+        if library is None or dtype not in SUFFIX or cfg.qk_norm:
+            return None
+        layer_norms = (n for layer in model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm))
+        norms = [model.norm, *layer_norms]
+        if any(n.weight.dtype != dtype for n in norms):
+            return None
+        linears = [
+            [_small_steps(m) for m in (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            for a, mlp in ((layer.self_attn, layer.mlp) for layer in model.layers)
+        ]
+        if any(q is None for layer in linears for q in layer):
+            return None
+        return cls(model, kv_caches, num_blocks, block_size, linears, library)  # type: ignore[arg-type]
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        num_blocks: int,
+        block_size: int,
+        linears: list[list[QuantizedMatmul]],
+        library: ctypes.CDLL,
+    ) -> None:
+        cfg = model.config
+        dtype = model.embed_tokens.weight.dtype
+        suffix = SUFFIX[dtype]
+        self.max_rows = min(q.max_rows for layer in linears for q in layer)
+        self.hidden = cfg.hidden_size
+        self.dtype = dtype
+        self._fn = library.decode_stack
+        widths = {
+            "x": cfg.hidden_size,
+            "h": cfg.hidden_size,
+            "residual": cfg.hidden_size,
+            "qkv": (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim,
+            "q": cfg.num_attention_heads * cfg.head_dim,
+            "k": cfg.num_key_value_heads * cfg.head_dim,
+            "v": cfg.num_key_value_heads * cfg.head_dim,
+            "attn": cfg.num_attention_heads * cfg.head_dim,
+            "gate_up": 2 * cfg.intermediate_size,
+            "act": cfg.intermediate_size,
+        }
+        self._scratch = {name: torch.empty(self.max_rows, widths[name], dtype=dtype) for name in SCRATCH}
+        self._rope_rows = [torch.empty(self.max_rows, cfg.head_dim // 2) for _ in range(2)]
+
+        def linear(q: QuantizedMatmul) -> _QuantizedLinear:
+            return _QuantizedLinear(*q.weight_args, _address(q.function), q.out_features, q.in_features)
+
+        layers = (_DecoderLayer * cfg.num_hidden_layers)()
+        for i, (layer, (k_cache, v_cache), parts) in enumerate(zip(model.layers, kv_caches, linears, strict=True)):
+            norms = (layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr())
+            layers[i] = _DecoderLayer(*norms, *map(linear, parts), k_cache.data_ptr(), v_cache.data_ptr())
+        self._layers = layers
+        self._model = model  # keeps the weights, norms and rotary tables the stack points at alive
+        rotary = model.rotary
+        self._stack = _DecodeStack(
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+            cfg.intermediate_size,
+            num_blocks,
+            block_size,
+            torch.empty(0, dtype=dtype).element_size(),
+            cfg.rms_norm_eps,
+            cfg.head_dim**-0.5,
+            layers,
+            model.embed_tokens.weight.data_ptr(),
+            model.norm.weight.data_ptr(),
+            rotary.cos.data_ptr(),
+            rotary.sin.data_ptr(),
+            _address(getattr(library, f"rms_norm_{suffix}")),
+            _address(getattr(library, f"rotary_{suffix}")),
+            _address(getattr(library, f"silu_and_mul_{suffix}")),
+            _address(getattr(library, f"paged_decode_{suffix}")),
+            *(self._scratch[name].data_ptr() for name in SCRATCH),
+            *(t.data_ptr() for t in self._rope_rows),
+        )
+
+    def __call__(
+        self, token_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor
+    ) -> torch.Tensor:
+        rows = token_ids.shape[0]
+        assert rows <= self.max_rows and block_tables.is_contiguous() and block_tables.dtype == torch.int64
+        out = torch.empty(rows, self.hidden, dtype=self.dtype)
+        self._fn(
+            ctypes.byref(self._stack),
+            token_ids.data_ptr(),
+            positions.data_ptr(),
+            block_tables.data_ptr(),
+            context_lens.data_ptr(),
+            rows,
+            block_tables.shape[1],
+            out.data_ptr(),
+        )
+        return out

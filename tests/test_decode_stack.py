@@ -1,0 +1,105 @@
+"""The whole decode step of few rows in one C call: bit-identical to the PyTorch model, used where it can run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+
+from ember.engine.engine import LLM
+from ember.engine.sampling_params import SamplingParams
+from ember.models import quantized
+from ember.models.decode_stack import NativeDecodeStack
+from tests.test_gguf_loader import hf_llama, write_gguf  # noqa: F401 (a fixture)
+
+DTYPES = [
+    pytest.param(
+        "float32",
+        marks=pytest.mark.skipif(not quantized.kernels_available(torch.float32), reason="needs AVX2 or AVX-512"),
+    ),
+    pytest.param(
+        "bfloat16",
+        marks=pytest.mark.skipif(not quantized.kernels_available(torch.bfloat16), reason="needs AVX512-BF16"),
+    ),
+]
+
+
+class CountingStack:
+    """Stands in for the runner's stack: records each step's row count, then runs it."""
+
+    def __init__(self, stack: NativeDecodeStack) -> None:
+        self.stack, self.max_rows, self.rows = stack, stack.max_rows, []
+
+    def __call__(self, token_ids: torch.Tensor, *args: Any) -> torch.Tensor:
+        self.rows.append(len(token_ids))
+        return self.stack(token_ids, *args)
+
+
+def generate_both_ways(llm: LLM, prompts: list, max_tokens: list[int]) -> tuple[list, list, list[int]]:
+    """(outputs with the stack, outputs of the PyTorch model, row counts of the stack's steps)."""
+    runner = llm.engine.runner
+    assert runner.decode_stack is not None
+    counting = CountingStack(runner.decode_stack)
+    params = [SamplingParams(max_tokens=m, temperature=0, logprobs=5, ignore_eos=True) for m in max_tokens]
+    runner.decode_stack = counting
+    try:
+        with_stack = llm.generate(prompts, params)
+        runner.decode_stack = None
+        llm.engine.reset_prefix_cache()
+        plain = llm.generate(prompts, params)
+    finally:
+        runner.decode_stack = counting.stack
+    return with_stack, plain, counting.rows
+
+
+def assert_identical(with_stack: list, plain: list) -> None:
+    for a, b in zip(with_stack, plain, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for mine, theirs in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
+            assert (mine.logprob, mine.top) == (theirs.logprob, theirs.top)  # exactly: the same kernels, in order
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_smollm_steps_of_one_to_eight_rows_are_bit_identical(dtype: str) -> None:
+    """Eleven requests ending one after another: steps of 11 to 9 rows run the PyTorch model, 8 to 1 the stack."""
+    llm = LLM(dtype=dtype, num_blocks=512)
+    prompts = [f"Story number {i}: once upon a time" for i in range(11)]
+    with_stack, plain, rows = generate_both_ways(llm, prompts, [3 + 3 * i for i in range(11)])
+    assert_identical(with_stack, plain)
+    assert set(rows) == set(range(1, 9))
+    assert llm.engine.kv_cache.usage() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K"])
+def test_tiny_gguf_models_are_bit_identical(
+    tmp_path: Path,
+    hf_llama: Any,  # noqa: F811
+    qtype: str,
+    dtype: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path / "cache"))  # the conversion of a throwaway file
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    write_gguf(path, hf_llama, GGMLQuantizationType[qtype])
+    llm = LLM(str(path), num_blocks=64, dtype=dtype)
+    prompts = [[5, 17, 33, 200, 91, 7, 64], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [100, 101]]
+    with_stack, plain, rows = generate_both_ways(llm, prompts, [20, 12, 16])
+    assert_identical(with_stack, plain)
+    assert rows and max(rows) == 3
+
+
+def test_no_stack_without_blocks_or_with_qk_norm(smollm: LLM, tiny_models: dict) -> None:
+    """An HF-directory model has no GGUF blocks; per-head q/k norms (Qwen3) are not in the C layer."""
+    assert LLM(str(tiny_models["llama3"][0]), num_blocks=16).engine.runner.decode_stack is None
+    runner = smollm.engine.runner
+    model = runner.model
+    assert NativeDecodeStack.build(model, runner.kv_caches, 2048, runner.block_size) is not None
+    model.config.qk_norm = True
+    try:
+        assert NativeDecodeStack.build(model, runner.kv_caches, 2048, runner.block_size) is None
+    finally:
+        model.config.qk_norm = False

@@ -38,12 +38,17 @@ class CountingStack:
         return self.stack(token_ids, *args)
 
 
-def generate_both_ways(llm: LLM, prompts: list, max_tokens: list[int]) -> tuple[list, list, list[int]]:
+def generate_both_ways(
+    llm: LLM, prompts: list, max_tokens: list[int], temperature: float = 0.0
+) -> tuple[list, list, list[int]]:
     """(outputs with the stack, outputs of the PyTorch model, row counts of the stack's steps)."""
     runner = llm.engine.runner
     assert runner.decode_stack is not None
     counting = CountingStack(runner.decode_stack)
-    params = [SamplingParams(max_tokens=m, temperature=0, logprobs=5, ignore_eos=True) for m in max_tokens]
+    params = [
+        SamplingParams(max_tokens=m, temperature=temperature, seed=i, logprobs=5, ignore_eos=True)
+        for i, m in enumerate(max_tokens)
+    ]
     runner.decode_stack = counting
     try:
         with_stack = llm.generate(prompts, params)
@@ -90,6 +95,28 @@ def test_tiny_gguf_models_are_bit_identical(
     with_stack, plain, rows = generate_both_ways(llm, prompts, [20, 12, 16])
     assert_identical(with_stack, plain)
     assert rows and max(rows) == 3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_speculative_verification_rows_are_bit_identical(dtype: str) -> None:
+    """Drafts being verified: several rows of one request, which read each other's new K/V."""
+    llm = LLM(dtype=dtype, num_blocks=256, speculative="ngram")
+    prompts = ["a b c d e a b c d e a b c d e a b c", "1 2 3 1 2 3 1 2 3 1 2 3"]
+    with_stack, plain, rows = generate_both_ways(llm, prompts, [40, 30], temperature=0.8)
+    assert_identical(with_stack, plain)
+    assert max(rows) > len(prompts)  # some step verified drafts
+    assert llm.engine.speculator is not None and llm.engine.speculator.stats.num_accepted_tokens > 0
+
+
+@pytest.mark.skipif(not quantized.kernels_available(torch.bfloat16), reason="needs AVX512-BF16")
+def test_small_prefill_chunks_run_as_rows_in_bf16() -> None:
+    """On the bf16 kernel a prefill chunk attends as rows: a short prompt's whole prefill is one stack call."""
+    llm = LLM(dtype="bfloat16", num_blocks=64)
+    assert llm.engine.runner.native_prefill
+    prompt = llm.tokenizer("Hi there!")["input_ids"]
+    with_stack, plain, rows = generate_both_ways(llm, [prompt], [8])
+    assert_identical(with_stack, plain)
+    assert rows[0] == len(prompt) > 1
 
 
 def test_no_stack_without_blocks_or_with_qk_norm(smollm: LLM, tiny_models: dict) -> None:

@@ -152,9 +152,8 @@ class ModelRunner:
                 prompt_rows.append((s, row, s.start))
         meta = self._attention_metadata(decodes, prefills, slots)
         ids, position_ids = device_tensor(input_ids, self.device), device_tensor(positions, self.device)
-        if self.decode_stack is not None and len(input_ids) == len(decodes) <= self.decode_stack.max_rows:
-            assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
-            hidden = self.decode_stack(ids, position_ids, meta.decode_block_tables, meta.decode_context_lens)
+        if self.decode_stack is not None and not prefills and len(input_ids) <= self.decode_stack.max_rows:
+            hidden = self.decode_stack(ids, position_ids, meta)
         else:
             hidden = self.model(ids, position_ids, self.kv_caches, meta)
         for s, row, first in prompt_rows:

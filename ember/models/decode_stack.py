@@ -1,4 +1,5 @@
-"""A whole decode step of few rows in one C call (`kernels/csrc/decode_stack.c`), on the CPU.
+"""A whole step of few query rows in one C call (`kernels/csrc/decode_stack.c`), on the CPU: decodes, drafts
+being verified, and small prefill chunks where they attend as rows (the bf16 kernel).
 
 At one row a SmolLM2 step spent about half its time in Python: ~270 calls from Python per step (norms, linears,
 rotary, attention) at 5-13 us each around kernels of a few microseconds. The C driver runs the same kernels
@@ -13,6 +14,7 @@ import ctypes
 
 import torch
 
+from ember.attention.torch_paged import AttentionMetadata
 from ember.kernels import native
 from ember.kernels.elementwise import SUFFIX
 from ember.models.llama import LlamaForCausalLM
@@ -58,7 +60,7 @@ class _DecodeStack(ctypes.Structure):
         ("scale", _f32),
         ("layers", ctypes.POINTER(_DecoderLayer)),
         *((name, _ptr) for name in ("embedding", "final_norm", "cos", "sin")),
-        *((name, _ptr) for name in ("rms_norm", "rotary", "silu_and_mul", "paged_decode")),
+        *((name, _ptr) for name in ("rms_norm", "rotary", "silu_and_mul", "paged_decode", "write_kv")),
         *((name, _ptr) for name in SCRATCH),
         ("cos_rows", _ptr),
         ("sin_rows", _ptr),
@@ -74,8 +76,9 @@ def _address(function: ctypes._CFuncPtr) -> int | None:
 
 
 class NativeDecodeStack:
-    """`stack(token_ids, positions, block_tables, context_lens)`: the final hidden states [rows, hidden] of a
-    step of single-token rows (at most `max_rows`), K/V stored in the paged cache as the model stores them."""
+    """`stack(token_ids, positions, attention metadata)`: the final hidden states [rows, hidden] of a step whose
+    every row attends as a decode row (at most `max_rows`: single-token decodes, drafts being verified, and, on
+    the bf16 kernel, small prefill chunks), K/V stored in the paged cache as the model stores them."""
 
     @classmethod
     def build(
@@ -165,24 +168,27 @@ class NativeDecodeStack:
             _address(getattr(library, f"rotary_{suffix}")),
             _address(getattr(library, f"silu_and_mul_{suffix}")),
             _address(getattr(library, f"paged_decode_{suffix}")),
+            _address(library.write_kv),
             *(self._scratch[name].data_ptr() for name in SCRATCH),
             *(t.data_ptr() for t in self._rope_rows),
         )
 
-    def __call__(
-        self, token_ids: torch.Tensor, positions: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor
-    ) -> torch.Tensor:
+    def __call__(self, token_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         rows = token_ids.shape[0]
-        assert rows <= self.max_rows and block_tables.is_contiguous() and block_tables.dtype == torch.int64
+        tables, lens, row_tables = meta.decode_block_tables, meta.decode_context_lens, meta.decode_row_tables
+        assert rows == meta.num_decode_tokens <= self.max_rows and not meta.prefills
+        assert tables is not None and lens is not None and tables.is_contiguous() and tables.dtype == torch.int64
         out = torch.empty(rows, self.hidden, dtype=self.dtype)
         self._fn(
             ctypes.byref(self._stack),
             token_ids.data_ptr(),
             positions.data_ptr(),
-            block_tables.data_ptr(),
-            context_lens.data_ptr(),
+            tables.data_ptr(),
+            None if row_tables is None else row_tables.data_ptr(),
+            lens.data_ptr(),
+            meta.slot_mapping.data_ptr(),
             rows,
-            block_tables.shape[1],
+            tables.shape[1],
             out.data_ptr(),
         )
         return out

@@ -17,6 +17,8 @@ typedef void (*rms_norm_fn)(const void* x, void* residual, const void* weight, v
 typedef void (*rotary_fn)(void* x, const float* cos, const float* sin, int64_t rows, int64_t heads, int64_t d,
                           int64_t stride);
 typedef void (*silu_and_mul_fn)(const void* gate_up, void* out, int64_t rows, int64_t I);
+typedef void (*write_kv_fn)(const void* k, const void* v, void* k_cache, void* v_cache, const int64_t* slots,
+                            int64_t T, int64_t KVH, int64_t NB, int64_t BS, int64_t d, int64_t elem_size);
 typedef void (*paged_decode_fn)(const void* q, const void* k_new, const void* v_new, void* k_cache, void* v_cache,
                                 const int64_t* block_tables, const int64_t* row_tables, const int64_t* context_lens,
                                 void* out, int64_t D, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t d,
@@ -45,6 +47,7 @@ typedef struct {
     rotary_fn rotary;
     silu_and_mul_fn silu_and_mul;
     paged_decode_fn paged_decode;
+    write_kv_fn write_kv;
     // scratch for `max_rows` rows
     void *x, *h, *residual, *qkv, *q, *k, *v, *attn, *gate_up, *act;
     float *cos_rows, *sin_rows;
@@ -52,12 +55,15 @@ typedef struct {
 
 static inline char* row(void* base, int64_t r, int64_t width, int64_t elem) { return (char*)base + r * width * elem; }
 
-// Hidden states after the final norm, [rows, hidden] into `out`, of `rows` single-token decodes: token_ids and
-// positions per row; row b attends through block_tables[b] (max_blocks wide) to its first context_lens[b]
-// tokens, the new one included (its K/V are stored at position context_lens[b] - 1).
+// Hidden states after the final norm, [rows, hidden] into `out`, of `rows` query rows: token_ids and positions
+// per row; row b attends through block table b (max_blocks wide), or row_tables[b] when given, to the first
+// context_lens[b] tokens of its sequence, its own included. Without row_tables each row is its sequence's
+// one new token, whose K/V the attention kernel stores at context_lens[b] - 1; with them, rows of one
+// sequence (drafts being verified, a prefill chunk) read each other's new K/V, so all are first stored at
+// their `slots`.
 void decode_stack(const DecodeStack* s, const int64_t* token_ids, const int64_t* positions,
-                  const int64_t* block_tables, const int64_t* context_lens, int64_t rows, int64_t max_blocks,
-                  void* out) {
+                  const int64_t* block_tables, const int64_t* row_tables, const int64_t* context_lens,
+                  const int64_t* slots, int64_t rows, int64_t max_blocks, void* out) {
     const int64_t E = s->elem_size, H = s->hidden, d = s->head_dim, half = d / 2;
     const int64_t Q = s->heads * d, KV = s->kv_heads * d, QKV = Q + 2 * KV;
     for (int64_t r = 0; r < rows; r++) {
@@ -81,8 +87,13 @@ void decode_stack(const DecodeStack* s, const int64_t* token_ids, const int64_t*
             memcpy(row(s->k, r, KV, E), src + Q * E, KV * E);
             memcpy(row(s->v, r, KV, E), src + (Q + KV) * E, KV * E);
         }
-        s->paged_decode(s->q, s->k, s->v, L->k_cache, L->v_cache, block_tables, NULL, context_lens, s->attn, rows,
-                        s->heads, s->kv_heads, s->num_blocks, s->block_size, d, max_blocks, s->scale);
+        if (row_tables) {
+            s->write_kv(s->k, s->v, L->k_cache, L->v_cache, slots, rows, s->kv_heads, s->num_blocks, s->block_size, d,
+                        E);
+        }
+        s->paged_decode(s->q, row_tables ? NULL : s->k, row_tables ? NULL : s->v, L->k_cache, L->v_cache, block_tables,
+                        row_tables, context_lens, s->attn, rows, s->heads, s->kv_heads, s->num_blocks, s->block_size, d,
+                        max_blocks, s->scale);
         p = &L->o;
         p->fn(p->quants, p->scales, p->mins, p->bias, s->attn, s->x, rows, p->out_features, p->in_features);
         s->rms_norm(s->x, s->residual, L->post_attention_norm, s->h, rows, H, H, s->eps);

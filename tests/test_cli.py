@@ -49,6 +49,7 @@ def test_generate_with_a_schema_file_prints_valid_json(tmp_path) -> None:
     ("args", "message"),
     [
         (["generate", "hi", "--model", "/no/such/model.gguf"], "not found"),
+        (["serve", "--model", "/no/such/model.gguf", "--port", "0"], "not found"),
         (["generate", "hi", "--max-tokens", "0"], "max_tokens must be an integer >= 1"),
         (["generate", "", "--max-tokens", "4"], "the prompt is empty"),
         (["generate", "hi", "--speculative", "medusa"], "speculative method must be one of"),

@@ -50,11 +50,11 @@ def serve(args: argparse.Namespace) -> int:
     from ember.server.metrics import EngineMetrics
 
     started = time.monotonic()
-    llm = load_llm(args)
-    engine = llm.engine
+    async_engine = AsyncEngine(lambda: load_llm(args).engine, args.max_waiting)
+    engine = async_engine.engine
     name = args.served_model_name or engine.loaded.name
     metrics = EngineMetrics(engine, name)
-    async_engine = AsyncEngine(engine, args.max_waiting, on_finished=metrics.on_finished, on_step=metrics.on_step)
+    async_engine.on_finished, async_engine.on_step = metrics.on_finished, metrics.on_step
     app = build_app(OpenAIServer(async_engine, name, metrics, args.api_key))
     config = uvicorn.Config(
         app,

@@ -13,18 +13,8 @@ from ember.engine.engine import LLM
 from ember.engine.sampling_params import SamplingParams
 from ember.models import quantized
 from ember.models.decode_stack import NativeDecodeStack
+from tests.test_gguf_loader import KERNEL_DTYPES as DTYPES
 from tests.test_gguf_loader import hf_llama, write_gguf  # noqa: F401 (a fixture)
-
-DTYPES = [
-    pytest.param(
-        "float32",
-        marks=pytest.mark.skipif(not quantized.kernels_available(torch.float32), reason="needs AVX2 or AVX-512"),
-    ),
-    pytest.param(
-        "bfloat16",
-        marks=pytest.mark.skipif(not quantized.kernels_available(torch.bfloat16), reason="needs AVX512-BF16"),
-    ),
-]
 
 
 class CountingStack:

@@ -182,19 +182,19 @@ def test_corrupt_gguf_is_a_clear_error(tmp_path: Path) -> None:
         LLM(str(path))
 
 
-@pytest.mark.parametrize(
-    "dtype",
-    [
-        pytest.param(
-            "float32",
-            marks=pytest.mark.skipif(not quantized.kernels_available(torch.float32), reason="needs AVX2 or AVX-512"),
-        ),
-        pytest.param(
-            "bfloat16",
-            marks=pytest.mark.skipif(not quantized.kernels_available(torch.bfloat16), reason="needs AVX512-BF16"),
-        ),
-    ],
-)
+KERNEL_DTYPES = [  # activation dtypes, each where its quantized kernel runs
+    pytest.param(
+        "float32",
+        marks=pytest.mark.skipif(not quantized.kernels_available(torch.float32), reason="needs AVX2 or AVX-512"),
+    ),
+    pytest.param(
+        "bfloat16",
+        marks=pytest.mark.skipif(not quantized.kernels_available(torch.bfloat16), reason="needs AVX512-BF16"),
+    ),
+]
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K"])
 def test_decode_steps_multiply_from_the_gguf_blocks(
     tmp_path: Path, hf_llama: Any, qtype: str, dtype: str, monkeypatch: pytest.MonkeyPatch

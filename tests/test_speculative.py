@@ -11,8 +11,10 @@ import torch
 
 from ember.config import SpeculativeConfig
 from ember.engine.engine import LLM
+from ember.engine.request import Request
 from ember.engine.sampling_params import SamplingParams
 from ember.spec.ngram import NgramProposer
+from ember.spec.speculator import Speculator
 from ember.spec.suffix import SuffixIndex
 from ember.spec.verify import accept_greedy, rejection_sample
 from tests.conftest import make_tiny_hf_model
@@ -172,6 +174,29 @@ def test_ngram_lookup_proposes_what_followed_the_latest_match() -> None:
     assert proposer.lookup([5, 2, 3, 7, 8, 2, 3, 6, 2, 3], 2) == [6, 2]  # "2 3": its latest earlier match
     assert proposer.lookup([1, 2, 3, 4], 3) == []
     assert proposer.lookup(tokens, 0) == []
+
+
+def decoding_request(request_id: str, tokens: list[int]) -> Request:
+    """A request mid-decode: its last token is still to be computed."""
+    request = Request(request_id, tokens[:4], SamplingParams(max_tokens=100), [], max_tokens=100)
+    request.all_token_ids = list(tokens)
+    request.num_computed_tokens = len(tokens) - 1
+    return request
+
+
+@pytest.mark.parametrize(
+    ("num_requests", "max_rows", "drafts"),
+    [(1, 8, [5]), (2, 8, [3, 3]), (3, 8, [2, 2, 1]), (4, 8, [1, 1, 1, 1]), (5, 8, [0] * 5), (2, None, [5, 5])],
+)
+def test_drafts_are_cut_to_the_step_row_limit(num_requests: int, max_rows: int | None, drafts: list[int]) -> None:
+    """With a row limit (the CPU's one-call step holds 8 rows), running requests plus drafts stay within it:
+    drafts shrink evenly, and stop when not every request can keep one."""
+    config = SpeculativeConfig(method="ngram", num_speculative_tokens=5)
+    speculator = Speculator(config, NgramProposer(), max_model_len=1000, max_rows=max_rows)
+    loop = [1, 2, 3, 4, 5, 6, 7, 8] * 4  # every suffix has a match with at least 5 tokens after it
+    requests = [decoding_request(str(i), [*loop, 1, 2, 3]) for i in range(num_requests)]
+    speculator.propose(requests)
+    assert [len(r.spec_token_ids) for r in requests] == drafts
 
 
 def test_suffix_index_learns_across_requests_and_stays_bounded() -> None:

@@ -137,7 +137,9 @@ class Engine:
             proposer = build_proposer(
                 config.speculative, self.model_config.vocab_size, num_blocks, block_size, config.device, dtype, draft
             )
-            self.speculator = Speculator(config.speculative, proposer, self.max_model_len)
+            stack = self.runner.decode_stack
+            max_rows = stack.max_rows if stack is not None else None
+            self.speculator = Speculator(config.speculative, proposer, self.max_model_len, max_rows)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)

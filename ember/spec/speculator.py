@@ -70,10 +70,15 @@ def build_proposer(
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_model_len: int) -> None:
+    def __init__(
+        self, config: SpeculativeConfig, proposer: Proposer, max_model_len: int, max_rows: int | None = None
+    ) -> None:
+        """`max_rows`: query rows a step may hold (running requests plus their drafts), when steps within it run
+        much cheaper (the CPU's one-call step); drafts are then cut to fit, or skipped."""
         self.config = config
         self.proposer = proposer
         self.max_model_len = max_model_len
+        self.max_rows = max_rows
         self.enabled = True
         self.stats = SpecStats()
 
@@ -104,9 +109,20 @@ class Speculator:
         ]
         if not candidates:
             return
-        budgets = [self.draft_budget(r) for r in candidates]
+        budgets = self._fit_rows([self.draft_budget(r) for r in candidates], len(running))
         for request, draft in zip(candidates, self.proposer.propose(candidates, budgets), strict=True):
             request.spec_token_ids = draft
+
+    def _fit_rows(self, budgets: list[int], num_running: int) -> list[int]:
+        """Cut the draft budgets so the step holds at most `max_rows` rows, spread evenly over the candidates;
+        all zero when not every candidate can keep one draft."""
+        if self.max_rows is None or num_running + sum(budgets) <= self.max_rows:
+            return budgets
+        room = self.max_rows - num_running
+        if room < len(budgets):
+            return [0] * len(budgets)
+        share, extra = divmod(room, len(budgets))
+        return [min(b, share + (i < extra)) for i, b in enumerate(budgets)]
 
     def record(self, request: Request, num_drafts: int, num_accepted: int) -> None:
         if num_drafts == 0:

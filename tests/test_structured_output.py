@@ -148,3 +148,16 @@ def test_speculative_engine_keeps_constrained_output_exact() -> None:
     assert [o.outputs[0].text for o in speculative] == [o.outputs[0].text for o in plain]
     for out in plain:
         check_valid(spec, out.outputs[0].text)
+
+
+def test_constrained_requests_survive_preemption() -> None:
+    """A preempted request recomputes its tokens; its matcher keeps its state, so its output stays valid."""
+    llm = LLM(dtype="float32", num_blocks=10, max_num_seqs=8)
+    spec = StructuredOutputs(json=PERSON)
+    params = SamplingParams(max_tokens=80, temperature=1.0, seed=1, structured_outputs=spec)
+    outputs = llm.generate([f"Person number {i}, as JSON:" for i in range(8)], params)
+    assert llm.engine.scheduler.num_preemptions > 0
+    for out in outputs:
+        assert out.outputs[0].finish_reason == "stop"
+        check_valid(spec, out.outputs[0].text)
+    assert llm.engine.kv_cache.usage() == 0

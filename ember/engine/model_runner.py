@@ -3,7 +3,8 @@
 Tokens of a step are flattened: single-token decodes first (attended in one batched call), then
 prefill chunks. Logits are computed only at rows that need them: each request's last scheduled token
 when it completes its sequence, and prompt positions of requests that asked for prompt logprobs.
-On the Triton path, steps of single-token decodes run through `DecodeGraphs` (CUDA graphs on a GPU).
+On the Triton path, steps of single-token decodes run through `DecodeGraphs` (CUDA graphs on a GPU); on the
+CPU, steps of few rows run through `NativeDecodeStack` (the whole model in one C call).
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ class ModelRunner:
             and dtype == torch.bfloat16
             and cpu_kernels.fast_bf16_attention(block_size, cfg.head_dim)
         )
-        # steps of a few single-token rows: the whole model in one C call, when its linears have GGUF blocks
+        # steps of up to 8 query rows (decodes, drafts, small bf16 prefill chunks): the whole model in one C call,
+        # when every layer's linears have GGUF blocks
         self.decode_stack = (
             NativeDecodeStack.build(model, self.kv_caches, num_blocks, block_size) if self.use_native_decode else None
         )

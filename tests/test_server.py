@@ -415,3 +415,45 @@ def test_tool_choice_none_leaves_the_tools_out(client: OpenAI) -> None:
     assert (
         none.choices[0].message.content == plain.choices[0].message.content and not none.choices[0].message.tool_calls
     )
+
+
+async def _structured_clients(server: ServerProcess, count: int) -> list[str]:
+    """`count` concurrent streams, alternately a JSON schema and required tool calls; every third hangs up."""
+    client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+    async def one(i: int) -> str:
+        constraint: dict[str, Any] = (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON_SCHEMA}}}
+            if i % 2
+            else {"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False}
+        )
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=QUESTION, max_tokens=60, temperature=1.0, seed=i, stream=True, **constraint
+        )
+        text, finish, received = "", None, 0
+        async for chunk in stream:
+            received += 1
+            if i % 3 == 0 and received == 3:
+                await stream.close()
+                return "disconnected"
+            if chunk.choices:
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+        if i % 2:
+            jsonschema.validate(json.loads(text), PERSON_SCHEMA)
+        return finish or "none"
+
+    return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+def test_concurrent_constrained_streams_with_disconnects_free_everything(server: ServerProcess) -> None:
+    results = asyncio.run(_structured_clients(server, 12))
+    assert results.count("disconnected") == 4
+    finished = [r for i, r in enumerate(results) if i % 3]
+    assert all(r == ("stop" if i % 2 else "tool_calls") for i, r in enumerate(results) if i % 3), finished
+    for _ in range(50):  # bounded: aborts reach the engine within a step or two
+        if metric(server, "ember:num_requests_running") == 0 and metric(server, "ember:kv_cache_usage_perc") == 0:
+            break
+        time.sleep(0.1)
+    assert metric(server, "ember:num_requests_running") == 0
+    assert metric(server, "ember:kv_cache_usage_perc") == 0

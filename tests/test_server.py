@@ -17,7 +17,7 @@ from openai import AsyncOpenAI, OpenAI
 
 from ember.engine.engine import LLM
 from ember.engine.sampling_params import SamplingParams
-from tests.server_process import ServerProcess, running_server
+from ember.server.launch import ServerProcess, running_server
 
 MODEL = "SmolLM2-135M-Instruct"
 

@@ -13,12 +13,12 @@ from ember.config import SpeculativeConfig
 from ember.engine.engine import LLM
 from ember.engine.request import Request
 from ember.engine.sampling_params import SamplingParams
+from ember.server.launch import running_server
 from ember.spec.ngram import NgramProposer
 from ember.spec.speculator import Speculator
 from ember.spec.suffix import SuffixIndex
 from ember.spec.verify import accept_greedy, rejection_sample
 from tests.conftest import make_tiny_hf_model
-from tests.server_process import running_server
 
 BLOCK_SIZE = 4
 

@@ -54,6 +54,14 @@ def test_streamed_pieces_give_the_same_split_and_hold_back_only_a_possible_tag(p
     assert parser.num_calls == 2
 
 
+def test_a_call_cut_off_by_max_tokens_is_not_content() -> None:
+    call = '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n'
+    content, calls = split_tool_calls(call + '<tool_call>\n{"name": "f", "argu')
+    assert content is None and calls_of(calls) == [("f", {"a": 1})]
+    assert split_tool_calls('Sure. <tool_call>\n{"name": "f", "argu') == ("Sure. ", [])
+    assert split_tool_calls("Sure. <tool") == ("Sure. <tool", [])  # not (yet) a call: text
+
+
 TOOLS = [
     Tool.model_validate(
         {

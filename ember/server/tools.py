@@ -158,9 +158,10 @@ class ToolCallParser:
         return "".join(content), calls
 
     def finish(self) -> str:
-        """What is left when generation ends (e.g. a call cut off by max_tokens): content."""
+        """What is left when generation ends, as content; except a call cut off by max_tokens, which is no text
+        of the reply (the grammar allows `<tool_call>` only as a call's start)."""
         rest, self.pending = self.pending, ""
-        return rest
+        return "" if rest.startswith(TOOL_CALL_OPEN) else rest
 
 
 def split_tool_calls(text: str) -> tuple[str | None, list[ParsedToolCall]]:

@@ -1,4 +1,5 @@
-"""Start the real `ember serve` in a subprocess on a free 127.0.0.1 port, and stop it."""
+"""Start `ember serve` in a subprocess on a free 127.0.0.1 port, wait until it is healthy, and stop it: for
+`ember agent` without --url, and for the tests that drive a real server."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TextIO
 
 import httpx
 
@@ -38,11 +40,12 @@ class ServerProcess:
 
 
 @contextmanager
-def running_server(*args: str, startup_timeout: float = 120) -> Iterator[ServerProcess]:
+def running_server(*args: str, startup_timeout: float = 120, log: TextIO | None = None) -> Iterator[ServerProcess]:
+    """The server's output goes to `log` (a file) or, by default, to a pipe that is read only if it exits early."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "ember.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *args],
-        stdout=subprocess.PIPE,
+        stdout=log or subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "EMBER_API_KEY": ""},
@@ -52,7 +55,8 @@ def running_server(*args: str, startup_timeout: float = 120) -> Iterator[ServerP
         deadline = time.monotonic() + startup_timeout
         while True:  # bounded wait for health 200
             if process.poll() is not None:
-                raise RuntimeError(f"server exited early: {process.stdout.read() if process.stdout else ''}")
+                output = process.stdout.read() if process.stdout else f"(its log: {log.name})" if log else ""
+                raise RuntimeError(f"server exited early: {output}")
             try:
                 if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
                     break

@@ -1,0 +1,176 @@
+"""The tool-calling loop: ask the model, run the tools it calls, hand back their results, until it answers.
+
+It speaks only the OpenAI chat-completions API (streamed), so it runs against Ember's server or any other
+that implements it. Every turn is bounded (`max_turns`), every tool call is bounded (the toolbox's time-out),
+and every failure of a tool reaches the model as that tool's reply instead of ending the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from openai import AsyncOpenAI
+
+from ember.agents.tools import Tool, Toolbox, ToolResult
+
+ToolChoice = Literal["auto", "required", "none"] | str  # or the name of one tool
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+@dataclass
+class AgentResult:
+    output: str  # the text of the model's last message
+    finish_reason: str  # the last turn's ("stop", "length", ...), or "max_turns" when the loop was cut
+    turns: int
+    messages: list[dict[str, Any]]  # the whole conversation, ready to be continued
+    tool_calls: list[tuple[ToolCall, ToolResult]] = field(default_factory=list)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class AgentEvent:
+    """What a run shows as it goes: model text as it streams, each call, each result, and the end."""
+
+    kind: Literal["text", "tool_call", "tool_result", "done"]
+    text: str = ""
+    call: ToolCall | None = None
+    result: ToolResult | AgentResult | None = None
+
+
+class Agent:
+    """An agent: a model behind an OpenAI-compatible API, instructions, and tools.
+
+    `tool_choice` applies to the first turn; with `reset_tool_choice` (the default) later turns use "auto",
+    since a model forced to call a tool on every turn would never answer.
+    """
+
+    def __init__(
+        self,
+        client: AsyncOpenAI,
+        model: str,
+        tools: Iterable[Tool] | Toolbox = (),
+        instructions: str | None = None,
+        *,
+        max_turns: int = 10,
+        tool_choice: ToolChoice = "auto",
+        reset_tool_choice: bool = True,
+        parallel_tool_calls: bool | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+    ) -> None:
+        if max_turns < 1:
+            raise ValueError("max_turns must be at least 1")
+        self.client, self.model = client, model
+        self.toolbox = tools if isinstance(tools, Toolbox) else Toolbox(tools)
+        if tool_choice not in ("auto", "required", "none") and tool_choice not in self.toolbox.tools:
+            raise ValueError(f"tool_choice {tool_choice!r} is neither auto/required/none nor one of the tools")
+        if tool_choice == "required" and not self.toolbox.tools:
+            raise ValueError("tool_choice 'required' needs at least one tool")
+        self.instructions = instructions
+        self.max_turns, self.tool_choice, self.reset_tool_choice = max_turns, tool_choice, reset_tool_choice
+        self.parallel_tool_calls, self.temperature, self.max_tokens = parallel_tool_calls, temperature, max_tokens
+
+    async def run(self, task: str | list[dict[str, Any]]) -> AgentResult:
+        async for event in self.stream(task):
+            if event.kind == "done":
+                assert isinstance(event.result, AgentResult)
+                return event.result
+        raise AssertionError("stream ended without a result")
+
+    async def stream(self, task: str | list[dict[str, Any]]) -> AsyncIterator[AgentEvent]:
+        """Run the loop, yielding events; the last one is "done" with the AgentResult."""
+        messages = self.initial_messages(task)
+        result = AgentResult(output="", finish_reason="max_turns", turns=0, messages=messages)
+        tool_choice = self.tool_choice
+        while result.turns < self.max_turns:
+            result.turns += 1
+            text_parts: list[str] = []
+            calls: list[ToolCall] = []
+            finish_reason = "stop"
+            async for kind, value in self.model_turn(messages, tool_choice, result):
+                if kind == "text":
+                    text_parts.append(value)
+                    yield AgentEvent("text", text=value)
+                elif kind == "calls":
+                    calls = value
+                else:
+                    finish_reason = value
+            text = "".join(text_parts)
+            messages.append(assistant_message(text, calls))
+            result.output = text
+            if not calls:
+                result.finish_reason = finish_reason
+                break
+            for call in calls:
+                yield AgentEvent("tool_call", call=call)
+            outcomes = await asyncio.gather(*(self.toolbox.call(c.name, c.arguments) for c in calls))
+            for call, outcome in zip(calls, outcomes, strict=True):
+                messages.append({"role": "tool", "tool_call_id": call.id, "content": outcome.content})
+                result.tool_calls.append((call, outcome))
+                yield AgentEvent("tool_result", call=call, result=outcome)
+            if self.reset_tool_choice:
+                tool_choice = "auto"
+        yield AgentEvent("done", result=result)
+
+    def initial_messages(self, task: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+        messages = [{"role": "user", "content": task}] if isinstance(task, str) else list(task)
+        if self.instructions and not (messages and messages[0].get("role") == "system"):
+            messages.insert(0, {"role": "system", "content": self.instructions})
+        return messages
+
+    async def model_turn(
+        self, messages: list[dict[str, Any]], tool_choice: ToolChoice, result: AgentResult
+    ) -> AsyncIterator[tuple[str, Any]]:
+        """One streamed completion: ("text", piece)..., then ("calls", [ToolCall]), then ("finish", reason).
+        Tool calls are assembled from their deltas by index, as servers may stream arguments piece by piece."""
+        request: dict[str, Any] = {"model": self.model, "messages": messages, "stream": True}
+        request["stream_options"] = {"include_usage": True}
+        if self.toolbox.tools:
+            request["tools"] = self.toolbox.specs()
+            named = tool_choice not in ("auto", "required", "none")
+            request["tool_choice"] = {"type": "function", "function": {"name": tool_choice}} if named else tool_choice
+            if self.parallel_tool_calls is not None:
+                request["parallel_tool_calls"] = self.parallel_tool_calls
+        if self.temperature is not None:
+            request["temperature"] = self.temperature
+        if self.max_tokens is not None:
+            request["max_tokens"] = self.max_tokens
+        pieces: dict[int, dict[str, str]] = {}
+        finish_reason = "stop"
+        async for chunk in await self.client.chat.completions.create(**request):
+            if chunk.usage is not None:
+                result.prompt_tokens += chunk.usage.prompt_tokens
+                result.completion_tokens += chunk.usage.completion_tokens
+            for choice in chunk.choices[:1]:
+                if choice.delta.content:
+                    yield "text", choice.delta.content
+                for delta in choice.delta.tool_calls or []:
+                    piece = pieces.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+                    piece["id"] = delta.id or piece["id"]
+                    if delta.function is not None:
+                        piece["name"] += delta.function.name or ""
+                        piece["arguments"] += delta.function.arguments or ""
+                if choice.finish_reason:
+                    finish_reason = choice.finish_reason
+        calls = [ToolCall(p["id"] or f"call_{i}", p["name"], p["arguments"]) for i, p in sorted(pieces.items())]
+        yield "calls", calls
+        yield "finish", finish_reason
+
+
+def assistant_message(text: str, calls: list[ToolCall]) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text or None}
+    if calls:
+        message["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
+        ]
+    return message

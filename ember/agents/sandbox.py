@@ -1,0 +1,227 @@
+"""Sandboxed code execution with bubblewrap: what an agent's code may touch is what the sandbox lends it.
+
+Each run is a fresh bubblewrap container: new user, PID, network, IPC and UTS namespaces (no network at all
+unless asked for), every capability dropped, an unprivileged uid, the system's /usr and the Python
+interpreter read-only, a private /tmp, and one host folder, the workspace, read-write at /workspace, which
+keeps files from one run to the next. Limits: wall time (the whole container is killed), address space, file
+size, CPU time, and how much output is kept (the rest is read and dropped, so a flood cannot fill memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ember.agents.tools import Tool, ToolResult, function_tool
+
+WORKSPACE = "/workspace"
+
+
+class SandboxUnavailable(RuntimeError):
+    """bubblewrap is missing or cannot create namespaces here."""
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    timeout_s: float = 30.0
+    memory_mb: int = 1024  # address space of each process
+    file_size_mb: int = 64  # largest file a run may write
+    max_output_bytes: int = 32_000  # of stdout and of stderr, each
+
+
+@dataclass(frozen=True)
+class RunResult:
+    exit_code: int | None  # None when the run was killed at its time limit
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+    truncated: bool = False
+
+    def as_text(self) -> str:
+        """The result as a model reads it."""
+        parts = []
+        if self.timed_out:
+            parts.append("[killed: over the time limit]")
+        elif self.exit_code:
+            parts.append(f"[exit code {self.exit_code}]")
+        if self.stdout:
+            parts.append(self.stdout.rstrip("\n"))
+        if self.stderr:
+            parts.append("[stderr]\n" + self.stderr.rstrip("\n"))
+        if self.truncated:
+            parts.append("[output truncated]")
+        return "\n".join(parts) if parts else "[no output]"
+
+
+def bubblewrap_path() -> str:
+    path = shutil.which("bwrap")
+    if path is None:
+        raise SandboxUnavailable(
+            "the sandbox needs bubblewrap: install it (Debian/Ubuntu: apt-get install bubblewrap; `make install` "
+            "does so when run as root)"
+        )
+    return path
+
+
+class CappedOutput:
+    """One output stream read to its end, keeping its first `limit` bytes: a flood costs no memory."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.kept, self.truncated = limit, bytearray(), False
+
+    async def drain(self, stream: asyncio.StreamReader) -> None:
+        while chunk := await stream.read(65536):
+            room = self.limit - len(self.kept)
+            self.kept += chunk[: max(room, 0)]
+            self.truncated = self.truncated or len(chunk) > room
+
+    def text(self) -> str:
+        return self.kept.decode(errors="replace")
+
+
+class Sandbox:
+    """Runs code in throw-away containers that share one workspace folder. Use as a context manager, or call
+    close(): a workspace the sandbox made itself is deleted then."""
+
+    def __init__(
+        self, workspace: str | Path | None = None, limits: SandboxLimits | None = None, network: bool = False
+    ) -> None:
+        self.bwrap = bubblewrap_path()
+        self.limits = limits or SandboxLimits()
+        self.network = network
+        self.owns_workspace = workspace is None
+        self.workspace = Path(tempfile.mkdtemp(prefix="ember-sandbox-") if workspace is None else workspace)
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        self.python = os.path.realpath(os.path.join(sys.base_prefix, "bin", "python3"))
+        self.check()
+
+    def check(self) -> None:
+        """Start one empty container, so that a host where bubblewrap cannot work says so now, clearly."""
+        probe = subprocess.run([*self.bubblewrap_args(), "/bin/true"], capture_output=True, text=True, timeout=30)
+        if probe.returncode != 0:
+            self.close()
+            raise SandboxUnavailable(f"bubblewrap could not start a sandbox here: {probe.stderr.strip()}")
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.owns_workspace:
+            shutil.rmtree(self.workspace, ignore_errors=True)
+
+    def bubblewrap_args(self) -> list[str]:
+        args = [self.bwrap, "--unshare-all", "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL"]
+        args += ["--die-with-parent", "--new-session", "--hostname", "sandbox"]
+        if self.network:
+            args.append("--share-net")
+        args += ["--ro-bind", "/usr", "/usr"]
+        for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64"):
+            if os.path.islink(top):
+                args += ["--symlink", os.readlink(top), top]
+            elif os.path.isdir(top):
+                args += ["--ro-bind", top, top]
+        args += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+        args += ["--ro-bind-try", "/etc/alternatives", "/etc/alternatives"]
+        if self.network:
+            args += ["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]
+        prefix = os.path.realpath(sys.base_prefix)
+        if not prefix.startswith("/usr/"):  # an interpreter outside /usr (pyenv, a conda env): lend it read-only
+            args += ["--ro-bind", prefix, prefix]
+        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+        args += ["--bind", str(self.workspace.resolve()), WORKSPACE, "--chdir", WORKSPACE]
+        args += ["--clearenv", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin", "--setenv", "HOME", WORKSPACE]
+        args += ["--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1", "--"]
+        return args
+
+    def set_limits(self) -> None:
+        """Runs in the child before exec: the limits hold for every process of the container."""
+        mb = 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (self.limits.memory_mb * mb,) * 2)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.limits.file_size_mb * mb,) * 2)
+        cpu = int(self.limits.timeout_s) + 1
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    async def run(self, argv: list[str], stdin: str = "") -> RunResult:
+        """Run argv inside a fresh container, with `stdin` as its standard input."""
+        process = await asyncio.create_subprocess_exec(
+            *self.bubblewrap_args(),
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            preexec_fn=self.set_limits,
+            start_new_session=True,
+        )
+        assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+        out, err = CappedOutput(self.limits.max_output_bytes), CappedOutput(self.limits.max_output_bytes)
+        readers = asyncio.gather(out.drain(process.stdout), err.drain(process.stderr))
+        timed_out = False
+        try:
+            process.stdin.write(stdin.encode())
+            await process.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the program exited without reading its input
+        process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), self.limits.timeout_s)
+        except TimeoutError:
+            timed_out = True
+        finally:
+            if process.returncode is None:  # over time, or cancelled: leave no container behind
+                process.kill()  # bwrap's death takes the container's PID namespace with it (--die-with-parent)
+        with contextlib.suppress(TimeoutError):  # bounded, should anything outlive the container and hold its pipes
+            await asyncio.wait_for(asyncio.gather(process.wait(), readers), 5)
+        return RunResult(
+            None if timed_out else process.returncode,
+            out.text(),
+            err.text(),
+            timed_out,
+            out.truncated or err.truncated,
+        )
+
+    async def run_python(self, code: str) -> RunResult:
+        """Run a Python program (the interpreter's standard library only, isolated mode)."""
+        return await self.run([self.python, "-I", "-"], stdin=code)
+
+    async def run_shell(self, command: str) -> RunResult:
+        return await self.run(["/bin/sh", "-c", command])
+
+    def tools(self) -> list[Tool]:
+        """The sandbox as two agent tools, run_python and run_shell."""
+
+        async def run_python(code: str) -> ToolResult:
+            return tool_result(await self.run_python(code))
+
+        async def run_shell(command: str) -> ToolResult:
+            return tool_result(await self.run_shell(command))
+
+        return [
+            function_tool(run_python, description=RUN_PYTHON_DESCRIPTION),
+            function_tool(run_shell, description=RUN_SHELL_DESCRIPTION),
+        ]
+
+
+RUN_PYTHON_DESCRIPTION = (
+    "Run a Python 3 program in a sandbox (standard library only, no network; files persist in the working "
+    "directory /workspace) and return what it printed. Use print() to show results."
+)
+RUN_SHELL_DESCRIPTION = (
+    "Run a shell command in a sandbox (no network; files persist in the working directory /workspace) and "
+    "return its output."
+)
+
+
+def tool_result(result: RunResult) -> ToolResult:
+    return ToolResult(result.as_text(), is_error=result.timed_out or result.exit_code != 0)

@@ -1,0 +1,180 @@
+"""The agent loop against the real server (SmolLM2), with Python tools, the sandbox over real MCP, and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from openai import AsyncOpenAI
+
+from ember.agents import Agent, AgentEvent, AgentResult, function_tool
+from ember.agents.mcp_tools import mcp_tools
+from ember.agents.sandbox import Sandbox
+from ember.server.launch import ServerProcess, free_port, running_server
+
+MODEL = "SmolLM2-135M-Instruct"
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    with running_server("--dtype", "float32", "--max-num-batched-tokens", "512") as s:
+        yield s
+
+
+def client(server: ServerProcess) -> AsyncOpenAI:
+    return AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def collect(agent: Agent, task: str) -> tuple[list[AgentEvent], AgentResult]:
+    async def run() -> list[AgentEvent]:
+        async with agent.client:  # closed on the loop that used it
+            return [event async for event in agent.stream(task)]
+
+    events = asyncio.run(run())
+    assert events[-1].kind == "done" and isinstance(events[-1].result, AgentResult)
+    return events, events[-1].result
+
+
+def test_a_required_call_runs_the_tool_and_the_model_answers_with_its_result(server: ServerProcess) -> None:
+    seen: list[tuple[int, int]] = []
+
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        seen.append((a, b))
+        return a + b
+
+    agent = Agent(
+        client(server),
+        MODEL,
+        [function_tool(add)],
+        "You are a helpful assistant.",
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=0,
+        max_tokens=48,
+        max_turns=4,
+    )
+    events, result = collect(agent, "What is 17 + 25? Use the add tool.")
+    (call, outcome), *_ = result.tool_calls
+    arguments = json.loads(call.arguments)
+    assert call.name == "add" and seen[0] == (arguments["a"], arguments["b"])
+    assert outcome.content == str(sum(seen[0])) and not outcome.is_error
+    roles = [m["role"] for m in result.messages]
+    assert roles[:5] == ["system", "user", "assistant", "tool", "assistant"]
+    assert result.messages[2]["tool_calls"][0]["id"] == result.messages[3]["tool_call_id"] == call.id
+    assert result.messages[3]["content"] == outcome.content
+    last = result.messages[-1]
+    assert last["role"] == "assistant" and "tool_calls" not in last and last["content"] == result.output
+    assert result.finish_reason in ("stop", "length") and result.turns == roles.count("assistant") <= 4
+    assert result.prompt_tokens > 0 and result.completion_tokens > 0
+    streamed = "".join(e.text for e in events if e.kind == "text")
+    assert streamed == "".join(m["content"] or "" for m in result.messages if m["role"] == "assistant")
+    kinds = [e.kind for e in events if e.kind != "text"]
+    assert kinds[:2] == ["tool_call", "tool_result"] and kinds[-1] == "done"
+
+
+def test_max_turns_cuts_a_model_that_keeps_calling(server: ServerProcess) -> None:
+    def lookup(word: str) -> str:
+        """Look a word up."""
+        return f"{word}: not found"
+
+    agent = Agent(
+        client(server),
+        MODEL,
+        [function_tool(lookup)],
+        tool_choice="required",
+        reset_tool_choice=False,  # forced on every turn: only max_turns ends it
+        parallel_tool_calls=False,
+        temperature=0,
+        max_tokens=32,
+        max_turns=3,
+    )
+    _, result = collect(agent, "Look up the word 'ember'.")
+    assert result.finish_reason == "max_turns" and result.turns == 3 and len(result.tool_calls) == 3
+    assert all(outcome.content.endswith(": not found") for _, outcome in result.tool_calls)
+
+
+def test_agent_refuses_a_tool_choice_it_cannot_honour(server: ServerProcess) -> None:
+    with pytest.raises(ValueError, match="neither auto/required/none nor one of the tools"):
+        Agent(client(server), MODEL, [], tool_choice="missing")
+    with pytest.raises(ValueError, match="needs at least one tool"):
+        Agent(client(server), MODEL, [], tool_choice="required")
+
+
+@needs_bwrap
+def test_sandbox_tools_over_mcp_run_the_models_code(server: ServerProcess, tmp_path) -> None:
+    """`ember mcp sandbox` as a real stdio MCP server: the model's code runs there, and the reply is what the
+    same code gives in a sandbox run directly."""
+
+    async def run() -> AgentResult:
+        command = f"{sys.executable} -m ember.cli mcp sandbox --workspace {tmp_path}"
+        async with mcp_tools([command]) as tools:
+            assert sorted(t.name for t in tools) == ["run_python", "run_shell"]
+            async with client(server) as api:
+                agent = Agent(api, MODEL, tools, tool_choice="run_python", temperature=0, max_tokens=64, max_turns=2)
+                return await agent.run("Print the squares of 1 to 5 with Python.")
+
+    result = asyncio.run(run())
+    call, outcome = result.tool_calls[0]
+    assert call.name == "run_python"
+    with Sandbox(tmp_path) as sandbox:
+        direct = asyncio.run(sandbox.run_python(json.loads(call.arguments)["code"]))
+    assert outcome.content == direct.as_text()
+    assert result.messages[2] == {"role": "tool", "tool_call_id": call.id, "content": outcome.content}
+
+
+def ember(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ember.cli", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@needs_bwrap
+def test_cli_runs_a_task_with_the_sandbox_and_prints_the_run_as_json(server: ServerProcess) -> None:
+    done = ember(
+        "agent",
+        "Compute 12 * 12 with Python.",
+        "--url",
+        f"{server.url}/v1",
+        "--sandbox",
+        "--tool-choice",
+        "run_python",
+        "--max-turns",
+        "2",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "48",
+        "--json",
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["tool_calls"][0][0]["name"] == "run_python" and 1 <= result["turns"] <= 2
+    assert [m["role"] for m in result["messages"][:3]] == ["user", "assistant", "tool"]
+
+
+def test_cli_errors_are_one_line_messages(server: ServerProcess) -> None:
+    closed = f"http://127.0.0.1:{free_port()}/v1"
+    cases = [
+        (["--url", f"{server.url}/v1", "--mcp", "/no/such/mcp-server"], "MCP server '/no/such/mcp-server'"),
+        (["--url", closed], f"the model API at {closed} did not answer"),
+        (["--url", f"{server.url}/v1", "--tool-choice", "required"], "needs at least one tool"),
+        (["--url", f"{server.url}/v1", "--max-turns", "0"], "--max-turns must be at least 1"),
+    ]
+    for args, message in cases:
+        done = ember("agent", "hi", *args)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.startswith("ember: error: ") and message in done.stderr, done.stderr
+
+
+def test_cli_without_url_serves_the_embedded_model_for_the_run_and_stops_it() -> None:
+    done = ember("agent", "Say hello.", "--max-turns", "1", "--max-tokens", "8", "--temperature", "0")
+    assert done.returncode == 0, done.stderr
+    assert "starting the model server" in done.stderr and done.stdout.strip()
+    assert "[1 turns, 0 tool calls" in done.stderr

@@ -1,0 +1,93 @@
+"""The real bubblewrap sandbox: what code inside it can and cannot reach, and that every limit holds."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ember.agents.sandbox import RunResult, Sandbox, SandboxLimits
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("bwrap") is None, reason="bubblewrap is not installed (`make install` installs it as root)"
+)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(coro: object) -> RunResult:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_python_and_shell_run_unprivileged_with_their_output_and_exit_code(tmp_path: Path) -> None:
+    with Sandbox(tmp_path) as sandbox:
+        assert run(sandbox.run_python("print(6 * 7)")) == RunResult(0, "42\n", "")
+        failed = run(sandbox.run_python("import sys\nprint('half')\nsys.exit('bad input')"))
+        assert (failed.exit_code, failed.stdout, failed.stderr) == (1, "half\n", "bad input\n")
+        assert failed.as_text() == "[exit code 1]\nhalf\n[stderr]\nbad input"
+        assert run(sandbox.run_shell("id -u; id -g; hostname; pwd")).stdout == "65534\n65534\nsandbox\n/workspace\n"
+
+
+def test_the_workspace_persists_between_runs_and_is_the_only_host_folder_it_can_write(tmp_path: Path) -> None:
+    (tmp_path / "input.txt").write_text("from the host")
+    with Sandbox(tmp_path) as sandbox:
+        assert run(sandbox.run_shell("cat input.txt && echo 'from run 1' > out.txt")).exit_code == 0
+        assert run(sandbox.run_python("print(open('out.txt').read().strip())")).stdout == "from run 1\n"
+        for target in ("/usr/evil", "/tmp/../usr/evil", "/bin/evil"):
+            assert run(sandbox.run_shell(f"touch {target}")).exit_code != 0
+    assert (tmp_path / "out.txt").read_text() == "from run 1\n"
+
+
+def test_host_files_are_not_visible(tmp_path: Path) -> None:
+    with Sandbox(tmp_path) as sandbox:
+        result = run(sandbox.run_shell(f"ls {ROOT}; cat /etc/passwd; ls /home /work /var"))
+        assert result.exit_code != 0 and result.stdout == ""
+        assert "No such file" in result.stderr
+
+
+def test_there_is_no_network_not_even_the_hosts_loopback(tmp_path: Path) -> None:
+    with socket.socket() as listener, Sandbox(tmp_path) as sandbox:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\nprint('reached')"
+        result = run(sandbox.run_python(code))
+        assert result.exit_code == 1 and "reached" not in result.stdout
+        assert "ConnectionRefusedError" in result.stderr  # its own empty loopback, not the host's
+
+
+def test_the_time_limit_kills_the_whole_container(tmp_path: Path) -> None:
+    marker = "876.5432"  # a sleep that only this test starts
+    with Sandbox(tmp_path, SandboxLimits(timeout_s=1.5)) as sandbox:
+        result = run(sandbox.run_shell(f"sleep {marker} & while true; do :; done"))
+    assert result.timed_out and result.exit_code is None and result.as_text().startswith("[killed")
+    left = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True)
+    assert left.stdout == "", "a process of the killed container is still running"
+
+
+def test_memory_and_output_limits_hold(tmp_path: Path) -> None:
+    limits = SandboxLimits(timeout_s=5, memory_mb=256, max_output_bytes=1000)
+    with Sandbox(tmp_path, limits) as sandbox:
+        big = run(sandbox.run_python("x = bytearray(512 * 1024 * 1024)"))
+        assert big.exit_code == 1 and "MemoryError" in big.stderr
+        flood = run(sandbox.run_python("import sys\nfor _ in range(100_000): sys.stdout.write('x' * 100)"))
+        assert flood.exit_code == 0 and flood.truncated and flood.stdout == "x" * 1000
+        assert flood.as_text().endswith("[output truncated]")
+
+
+def test_as_agent_tools_and_a_workspace_of_its_own_is_removed(tmp_path: Path) -> None:
+    sandbox = Sandbox()
+    python, shell = sandbox.tools()
+    assert (python.name, shell.name) == ("run_python", "run_shell")
+    assert python.parameters["required"] == ["code"]
+    ok = asyncio.run(python.run({"code": "print('hi')"}))
+    bad = asyncio.run(shell.run({"command": "exit 3"}))
+    assert (ok.content, ok.is_error) == ("hi", False)
+    assert (bad.content, bad.is_error) == ("[exit code 3]", True)
+    workspace = sandbox.workspace
+    assert workspace.is_dir()
+    sandbox.close()
+    assert not workspace.exists()

@@ -273,6 +273,7 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     import asyncio
+    import contextlib
     import tempfile
 
     from ember.agents.cli import run_agent
@@ -280,13 +281,16 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     if args.url:
         return asyncio.run(run_agent(args, args.url))
-    with tempfile.NamedTemporaryFile("w", prefix="ember-agent-server-", suffix=".log", delete=False) as log:
+    with contextlib.ExitStack() as stack:
+        log = stack.enter_context(
+            tempfile.NamedTemporaryFile("w", prefix="ember-agent-server-", suffix=".log", delete=False)
+        )
         print(f"ember: starting the model server for this run (log: {log.name})", file=sys.stderr)
         try:
-            with running_server(*(["--model", args.model] if args.model else []), log=log) as server:
-                return asyncio.run(run_agent(args, f"{server.url}/v1"))
-        except RuntimeError as e:
-            raise ValueError(str(e)) from e
+            server = stack.enter_context(running_server(*(["--model", args.model] if args.model else []), log=log))
+        except RuntimeError as e:  # it exited or never became healthy: its log says why
+            raise ValueError(f"the model server did not start: {e}") from e
+        return asyncio.run(run_agent(args, f"{server.url}/v1"))
 
 
 def cmd_mcp_sandbox(args: argparse.Namespace) -> int:
@@ -297,7 +301,8 @@ def cmd_mcp_sandbox(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ember", description="Ember: a fast LLM inference engine (paged KV cache, continuous batching)."
+        prog="ember",
+        description="Ember: a fast LLM inference engine (paged KV cache, continuous batching) and an agent runtime.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     gen = sub.add_parser("generate", help="complete a prompt and print the text as it is generated")

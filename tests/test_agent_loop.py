@@ -166,11 +166,13 @@ def test_cli_errors_are_one_line_messages(server: ServerProcess) -> None:
         (["--url", closed], f"the model API at {closed} did not answer"),
         (["--url", f"{server.url}/v1", "--tool-choice", "required"], "needs at least one tool"),
         (["--url", f"{server.url}/v1", "--max-turns", "0"], "--max-turns must be at least 1"),
+        (["--model", "/no/such.gguf"], "the model server did not start: server exited early: ember: error: model"),
     ]
     for args, message in cases:
         done = ember("agent", "hi", *args)
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-        assert done.stderr.startswith("ember: error: ") and message in done.stderr, done.stderr
+        error = done.stderr.strip().splitlines()[-1]
+        assert error.startswith("ember: error: ") and message in error, done.stderr
 
 
 def test_cli_without_url_serves_the_embedded_model_for_the_run_and_stops_it() -> None:

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TextIO
 
 import httpx
@@ -55,7 +56,7 @@ def running_server(*args: str, startup_timeout: float = 120, log: TextIO | None 
         deadline = time.monotonic() + startup_timeout
         while True:  # bounded wait for health 200
             if process.poll() is not None:
-                output = process.stdout.read() if process.stdout else f"(its log: {log.name})" if log else ""
+                output = process.stdout.read() if process.stdout else Path(log.name).read_text()[-2000:] if log else ""
                 raise RuntimeError(f"server exited early: {output}")
             try:
                 if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:

@@ -8,6 +8,7 @@ and every failure of a tool reaches the model as that tool's reply instead of en
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -162,7 +163,10 @@ class Agent:
                         piece["arguments"] += delta.function.arguments or ""
                 if choice.finish_reason:
                     finish_reason = choice.finish_reason
-        calls = [ToolCall(p["id"] or f"call_{i}", p["name"], p["arguments"]) for i, p in sorted(pieces.items())]
+        calls = [
+            ToolCall(p["id"] or f"call_{uuid.uuid4().hex}", p["name"], p["arguments"])
+            for _, p in sorted(pieces.items())
+        ]
         yield "calls", calls
         yield "finish", finish_reason
 

@@ -276,9 +276,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
     import contextlib
     import tempfile
 
-    from ember.agents.cli import run_agent
+    from ember.agents.cli import check_agent_args, run_agent
     from ember.server.launch import running_server
 
+    check_agent_args(args)
     if args.url:
         return asyncio.run(run_agent(args, args.url))
     with contextlib.ExitStack() as stack:

@@ -164,8 +164,9 @@ def test_cli_errors_are_one_line_messages(server: ServerProcess) -> None:
     cases = [
         (["--url", f"{server.url}/v1", "--mcp", "/no/such/mcp-server"], "MCP server '/no/such/mcp-server'"),
         (["--url", closed], f"the model API at {closed} did not answer"),
-        (["--url", f"{server.url}/v1", "--tool-choice", "required"], "needs at least one tool"),
-        (["--url", f"{server.url}/v1", "--max-turns", "0"], "--max-turns must be at least 1"),
+        (["--url", f"{server.url}/v1", "--tool-choice", "required"], "--tool-choice required needs tools"),
+        (["--url", f"{server.url}/v1", "--tool-choice", "nope"], "neither auto/required/none nor one of the tools"),
+        (["--max-turns", "0"], "--max-turns must be at least 1"),  # refused before a server starts
         (["--model", "/no/such.gguf"], "the model server did not start: server exited early: ember: error: model"),
     ]
     for args, message in cases:

@@ -82,13 +82,19 @@ def sandbox_from_args(args: argparse.Namespace) -> Sandbox:
     return Sandbox(args.workspace, limits, network=args.sandbox_network)
 
 
+def check_agent_args(args: argparse.Namespace) -> None:
+    """What can be refused before a server starts or an MCP server is spawned."""
+    if args.max_turns < 1:
+        raise ValueError("--max-turns must be at least 1")
+    if args.tool_choice == "required" and not (args.sandbox or args.mcp):
+        raise ValueError("--tool-choice required needs tools: add --sandbox or --mcp SERVER")
+
+
 async def run_agent(args: argparse.Namespace, url: str) -> int:
     import openai
 
     from ember.agents.mcp_tools import mcp_tools
 
-    if args.max_turns < 1:
-        raise ValueError("--max-turns must be at least 1")
     client = openai.AsyncOpenAI(base_url=url, api_key=args.api_key or os.environ.get("OPENAI_API_KEY") or "none")
     async with AsyncExitStack() as stack:
         toolbox = Toolbox(timeout=args.tool_timeout)

@@ -6,11 +6,14 @@ import argparse
 import json
 import os
 import sys
+import uuid
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import asdict
 from typing import Any
 
 from ember.agents.loop import Agent, AgentEvent, AgentResult
+from ember.agents.memory import Memory
 from ember.agents.sandbox import Sandbox, SandboxLimits
 from ember.agents.tools import Toolbox, ToolResult
 
@@ -42,6 +45,16 @@ def add_agent_args(parser: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--sandbox", action="store_true", help="add run_python and run_shell, in a bubblewrap sandbox")
     add_sandbox_args(t)
+    t.add_argument(
+        "--memory",
+        default=None,
+        metavar="FILE",
+        help="the agent's memory, a SQLite file kept across runs (created if missing): memory blocks in the system "
+        "prompt, every message searchable, an archive; adds the memory tools",
+    )
+    t.add_argument(
+        "--session", default=None, help="the name this run's messages are kept under in --memory (default: a new one)"
+    )
     t.add_argument("--tool-timeout", type=float, default=60.0, help="seconds one tool call may take (default 60)")
     loop = parser.add_argument_group("loop")
     loop.add_argument("--instructions", default=None, help="the system prompt")
@@ -86,8 +99,8 @@ def check_agent_args(args: argparse.Namespace) -> None:
     """What can be refused before a server starts or an MCP server is spawned."""
     if args.max_turns < 1:
         raise ValueError("--max-turns must be at least 1")
-    if args.tool_choice == "required" and not (args.sandbox or args.mcp):
-        raise ValueError("--tool-choice required needs tools: add --sandbox or --mcp SERVER")
+    if args.tool_choice == "required" and not (args.sandbox or args.mcp or args.memory):
+        raise ValueError("--tool-choice required needs tools: add --sandbox, --memory or --mcp SERVER")
 
 
 async def run_agent(args: argparse.Namespace, url: str) -> int:
@@ -103,6 +116,15 @@ async def run_agent(args: argparse.Namespace, url: str) -> int:
                 toolbox.add(tool)
         for tool in await stack.enter_async_context(mcp_tools(args.mcp, timeout=args.tool_timeout)):
             toolbox.add(tool)
+        instructions: str | Callable[[], str] | None = args.instructions
+        on_message = None
+        if args.memory:
+            memory = Memory(args.memory)
+            stack.callback(memory.close)
+            for tool in memory.tools():
+                toolbox.add(tool)
+            instructions = memory.instructions(args.instructions)
+            on_message = memory.recorder(args.session or f"session-{uuid.uuid4().hex[:8]}")
         try:
             model = (args.model if args.url else None) or (await client.models.list()).data[0].id
         except openai.APIError as e:
@@ -111,12 +133,13 @@ async def run_agent(args: argparse.Namespace, url: str) -> int:
             client,
             model,
             toolbox,
-            args.instructions,
+            instructions,
             max_turns=args.max_turns,
             tool_choice=args.tool_choice,
             parallel_tool_calls=args.parallel_tool_calls,
             temperature=args.temperature,
             max_tokens=args.max_tokens,
+            on_message=on_message,
         )
         try:
             async for event in agent.stream(args.task):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -60,7 +60,7 @@ class Agent:
         client: AsyncOpenAI,
         model: str,
         tools: Iterable[Tool] | Toolbox = (),
-        instructions: str | None = None,
+        instructions: str | Callable[[], str] | None = None,
         *,
         max_turns: int = 10,
         tool_choice: ToolChoice = "auto",
@@ -68,6 +68,7 @@ class Agent:
         parallel_tool_calls: bool | None = None,
         temperature: float | None = None,
         max_tokens: int | None = None,
+        on_message: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         if max_turns < 1:
             raise ValueError("max_turns must be at least 1")
@@ -80,6 +81,7 @@ class Agent:
         self.instructions = instructions
         self.max_turns, self.tool_choice, self.reset_tool_choice = max_turns, tool_choice, reset_tool_choice
         self.parallel_tool_calls, self.temperature, self.max_tokens = parallel_tool_calls, temperature, max_tokens
+        self.on_message = on_message
 
     async def run(self, task: str | list[dict[str, Any]]) -> AgentResult:
         async for event in self.stream(task):
@@ -91,10 +93,17 @@ class Agent:
     async def stream(self, task: str | list[dict[str, Any]]) -> AsyncIterator[AgentEvent]:
         """Run the loop, yielding events; the last one is "done" with the AgentResult."""
         messages = self.initial_messages(task)
+        self.notify(messages[-1])
+        # Instructions that are a function (memory blocks) are rendered anew each turn, unless the task brought
+        # its own system message.
+        own_system = isinstance(task, str) or task[0].get("role") != "system"
+        render = self.instructions if callable(self.instructions) and own_system else None
         result = AgentResult(output="", finish_reason="max_turns", turns=0, messages=messages)
         tool_choice = self.tool_choice
         while result.turns < self.max_turns:
             result.turns += 1
+            if render is not None and result.turns > 1:
+                messages[0] = {"role": "system", "content": render()}
             text_parts: list[str] = []
             calls: list[ToolCall] = []
             finish_reason = "stop"
@@ -108,6 +117,7 @@ class Agent:
                     finish_reason = value
             text = "".join(text_parts)
             messages.append(assistant_message(text, calls))
+            self.notify(messages[-1])
             result.output = text
             if not calls:
                 result.finish_reason = finish_reason
@@ -117,6 +127,7 @@ class Agent:
             outcomes = await asyncio.gather(*(self.toolbox.call(c.name, c.arguments) for c in calls))
             for call, outcome in zip(calls, outcomes, strict=True):
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": outcome.content})
+                self.notify(messages[-1])
                 result.tool_calls.append((call, outcome))
                 yield AgentEvent("tool_result", call=call, result=outcome)
             if self.reset_tool_choice:
@@ -124,10 +135,19 @@ class Agent:
         yield AgentEvent("done", result=result)
 
     def initial_messages(self, task: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The task's messages, behind the instructions (unless the task brings its own system message)."""
         messages = [{"role": "user", "content": task}] if isinstance(task, str) else list(task)
-        if self.instructions and not (messages and messages[0].get("role") == "system"):
-            messages.insert(0, {"role": "system", "content": self.instructions})
+        if not messages:
+            raise ValueError("the task has no messages")
+        if self.instructions and messages[0].get("role") != "system":
+            instructions = self.instructions() if callable(self.instructions) else self.instructions
+            messages.insert(0, {"role": "system", "content": instructions})
         return messages
+
+    def notify(self, message: dict[str, Any]) -> None:
+        """Hands each new message (the task's last, the model's, the tools') to `on_message`, e.g. a history."""
+        if self.on_message is not None:
+            self.on_message(message)
 
     async def model_turn(
         self, messages: list[dict[str, Any]], tool_choice: ToolChoice, result: AgentResult

@@ -1,0 +1,145 @@
+"""Agent memory on real SQLite files: blocks, history, archive, their tools, and a run of the loop that uses them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from openai import AsyncOpenAI
+
+from ember.agents import Agent, AgentResult, Toolbox
+from ember.agents.memory import Memory
+from ember.server.launch import ServerProcess, running_server
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def call(box: Toolbox, name: str, **arguments: object) -> tuple[str, bool]:
+    result = asyncio.run(box.call(name, json.dumps(arguments)))
+    return result.content, result.is_error
+
+
+def test_blocks_are_edited_within_their_limits_and_kept_in_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "memory.db"
+    memory = Memory(path, blocks={"human": "Name: Ada", "notes": ""}, char_limit=40)
+    box = Toolbox(memory.tools())
+    assert call(box, "memory_append", label="human", text="Likes tea") == ("appended to human", False)
+    assert call(box, "memory_replace", label="human", old="tea", new="green tea") == ("replaced in human", False)
+    assert call(box, "memory_append", label="notes", text="first") == ("appended to notes", False)
+    content, error = call(box, "memory_append", label="human", text="x" * 40)
+    assert error and "over its limit of 40" in content
+    content, error = call(box, "memory_replace", label="human", old="coffee", new="x")
+    assert error and "'coffee' is not in block 'human'" in content
+    content, error = call(box, "memory_append", label="pets", text="cat")
+    assert error and "no memory block 'pets'; the blocks are: human, notes" in content
+    memory.close()
+
+    reopened = Memory(path, blocks={"human": "ignored: the file has this block", "extra": "new"})
+    assert reopened.blocks() == {
+        "human": ("Name: Ada\nLikes green tea", 40),
+        "notes": ("first", 40),
+        "extra": ("new", 2000),
+    }
+    rendered = reopened.render()
+    assert '<human characters="25/40">\nName: Ada\nLikes green tea\n</human>' in rendered
+    assert rendered.index("<human") < rendered.index("<notes") < rendered.index("<extra")
+
+
+def test_searches_rank_by_the_query_words_and_read_no_query_syntax(tmp_path: Path) -> None:
+    memory = Memory(tmp_path / "memory.db")
+    for text in ("The boiler code is 4471.", "Ada's boiler was serviced in May.", "Tea is in the left cupboard."):
+        memory.insert_passage(text)
+    box = Toolbox(memory.tools())
+    content, error = call(box, "archival_search", query='boiler AND ("code', limit=2)
+    assert not error and content == "- The boiler code is 4471.\n- Ada's boiler was serviced in May."
+    assert call(box, "archival_search", query="piano") == ("no match", False)
+    content, error = call(box, "archival_search", query="?!")
+    assert error and "no words to search for" in content
+    content, error = call(box, "archival_insert", text="  ")
+    assert error and "needs some text" in content
+
+    record = memory.recorder("s1")
+    record({"role": "system", "content": "not kept"})
+    record({"role": "user", "content": "My cat is called Miso."})
+    record({"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]})
+    memory.recorder("s2")({"role": "user", "content": "What is the cat's name?"})
+    assert memory.search_messages("Miso") == [("s1", "user", "My cat is called Miso.")]
+    assert {row[2] for row in memory.search_messages("called")} == {"My cat is called Miso.", "[called f({})]"}
+    assert {row[0] for row in memory.search_messages("cat")} == {"s1", "s2"}
+    assert memory.search_messages("f") == [("s1", "assistant", "[called f({})]")]
+    assert memory.search_messages("system") == []
+
+
+def test_a_file_that_is_no_database_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("plain text, not SQLite" * 100)
+    with pytest.raises(ValueError, match="cannot be used: file is not a database"):
+        Memory(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match="cannot be used: unable to open database file"):
+        Memory(tmp_path / "no" / "such" / "folder.db")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerProcess]:
+    with running_server("--dtype", "float32", "--max-num-batched-tokens", "512") as s:
+        yield s
+
+
+def test_a_run_sees_its_blocks_searches_its_history_and_is_recorded(server: ServerProcess, tmp_path: Path) -> None:
+    memory = Memory(tmp_path / "memory.db", blocks={"human": "The user's name is Ada."})
+    task = "What did I say about the boiler code?"
+
+    async def run() -> AgentResult:
+        async with AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as api:
+            agent = Agent(
+                api,
+                MODEL,
+                memory.tools(),
+                memory.instructions("You are a helpful assistant."),
+                tool_choice="conversation_search",
+                temperature=0,
+                max_tokens=64,
+                max_turns=2,
+                on_message=memory.recorder("first"),
+            )
+            return await agent.run(task)
+
+    result = asyncio.run(run())
+    system = result.messages[0]
+    assert system["role"] == "system" and system["content"].startswith("You are a helpful assistant.\n\n")
+    assert "<human" in system["content"] and "The user's name is Ada." in system["content"]
+    call_, outcome = result.tool_calls[0]
+    assert call_.name == "conversation_search" and not outcome.is_error
+    # The search ran over the history as it was then: the task and the message with the call itself.
+    then = Memory()
+    for message in result.messages[1:3]:
+        then.recorder("first")(message)
+    assert outcome.content == asyncio.run(Toolbox(then.tools()).call(call_.name, call_.arguments)).content
+    kept = memory.search_messages("boiler code", limit=10)
+    assert ("first", "user", task) in kept
+    recorded = memory.search_messages("called conversation_search", limit=10)
+    assert any(role == "assistant" and "[called conversation_search(" in content for _, role, content in recorded)
+
+
+def test_cli_memory_persists_between_runs(server: ServerProcess, tmp_path: Path) -> None:
+    path = tmp_path / "agent.db"
+    base = [sys.executable, "-m", "ember.cli", "agent", "--url", f"{server.url}/v1", "--memory", str(path)]
+    for session in ("monday", "tuesday"):
+        done = subprocess.run(
+            [*base, "--session", session, "I park on level 3.", "--max-turns", "1", "--max-tokens", "16", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        system = json.loads(done.stdout)["messages"][0]["content"]
+        assert '<persona characters="' in system and '<human characters="' in system
+    sessions = [row[0] for row in Memory(path).search_messages("park level", limit=10) if row[1] == "user"]
+    assert sorted(sessions) == ["monday", "tuesday"]
+    bad = subprocess.run([*base[:-1], str(tmp_path), "hi"], capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("ember: error: memory file")

@@ -167,6 +167,7 @@ def test_cli_errors_are_one_line_messages(server: ServerProcess) -> None:
         (["--url", f"{server.url}/v1", "--tool-choice", "required"], "--tool-choice required needs tools"),
         (["--url", f"{server.url}/v1", "--tool-choice", "nope"], "neither auto/required/none nor one of the tools"),
         (["--max-turns", "0"], "--max-turns must be at least 1"),  # refused before a server starts
+        (["--session", "s1"], "--session names where --memory keeps"),
         (["--model", "/no/such.gguf"], "the model server did not start: server exited early: ember: error: model"),
     ]
     for args, message in cases:

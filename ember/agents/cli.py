@@ -99,6 +99,8 @@ def check_agent_args(args: argparse.Namespace) -> None:
     """What can be refused before a server starts or an MCP server is spawned."""
     if args.max_turns < 1:
         raise ValueError("--max-turns must be at least 1")
+    if args.session and not args.memory:
+        raise ValueError("--session names where --memory keeps this run's messages: add --memory FILE")
     if args.tool_choice == "required" and not (args.sandbox or args.mcp or args.memory):
         raise ValueError("--tool-choice required needs tools: add --sandbox, --memory or --mcp SERVER")
 

@@ -276,12 +276,13 @@ def cmd_agent(args: argparse.Namespace) -> int:
     import contextlib
     import tempfile
 
-    from ember.agents.cli import check_agent_args, run_agent
+    from ember.agents.cli import check_agent_args, run_agent, skills_from_args
     from ember.server.launch import running_server
 
     check_agent_args(args)
+    skills = skills_from_args(args)
     if args.url:
-        return asyncio.run(run_agent(args, args.url))
+        return asyncio.run(run_agent(args, args.url, skills))
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(
             tempfile.NamedTemporaryFile("w", prefix="ember-agent-server-", suffix=".log", delete=False)
@@ -291,13 +292,31 @@ def cmd_agent(args: argparse.Namespace) -> int:
             server = stack.enter_context(running_server(*(["--model", args.model] if args.model else []), log=log))
         except RuntimeError as e:  # it exited or never became healthy: its log says why
             raise ValueError(f"the model server did not start: {e}") from e
-        return asyncio.run(run_agent(args, f"{server.url}/v1"))
+        return asyncio.run(run_agent(args, f"{server.url}/v1", skills))
 
 
 def cmd_mcp_sandbox(args: argparse.Namespace) -> int:
     from ember.agents.cli import serve_sandbox
 
     return serve_sandbox(args)
+
+
+def cmd_mcp_skills(args: argparse.Namespace) -> int:
+    from ember.agents.cli import serve_skills
+
+    return serve_skills(args)
+
+
+def cmd_skills_list(args: argparse.Namespace) -> int:
+    from ember.agents.cli import list_skills
+
+    return list_skills(args)
+
+
+def cmd_skills_validate(args: argparse.Namespace) -> int:
+    from ember.agents.cli import validate_skills
+
+    return validate_skills(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -375,6 +394,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_sandbox_args(sandbox)
     sandbox.set_defaults(func=cmd_mcp_sandbox)
+    mcp_skills = mcp_sub.add_parser(
+        "skills",
+        help="Agent Skills (SKILL.md folders): activate_skill and read_skill_file; with --sandbox, run their scripts",
+    )
+    mcp_skills.add_argument("skills", nargs="+", metavar="DIR", help="a skill folder, or a folder of skills")
+    mcp_skills.add_argument(
+        "--sandbox", action="store_true", help="add run_python and run_shell; skill folders are at /skills/<name>"
+    )
+    add_sandbox_args(mcp_skills)
+    mcp_skills.set_defaults(func=cmd_mcp_skills)
+    skills = sub.add_parser("skills", help="Agent Skills (SKILL.md folders): list what an agent would see, validate")
+    skills_sub = skills.add_subparsers(dest="skills_command", required=True, metavar="ACTION")
+    for action, func, text in (
+        ("list", cmd_skills_list, "the skills under these folders: name, description, folder, files"),
+        ("validate", cmd_skills_validate, "check each skill against the Agent Skills spec; exit 1 on any breach"),
+    ):
+        p = skills_sub.add_parser(action, help=text, description=text)
+        p.add_argument("skills", nargs="+", metavar="DIR", help="a skill folder, or a folder of skills")
+        p.set_defaults(func=func)
     return parser
 
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from openai import AsyncOpenAI
@@ -159,6 +160,38 @@ def test_cli_runs_a_task_with_the_sandbox_and_prints_the_run_as_json(server: Ser
     assert [m["role"] for m in result["messages"][:3]] == ["user", "assistant", "tool"]
 
 
+@needs_bwrap
+def test_cli_agent_activates_a_skill_and_preloads_one_with_skill(server: ServerProcess, tmp_path) -> None:
+    skills = str(Path(__file__).resolve().parents[1] / "examples" / "skills")
+    common = ["--url", f"{server.url}/v1", "--skills", skills, "--temperature", "0", "--max-tokens", "48", "--json"]
+    chosen = ember(
+        "agent",
+        "What is in data.csv?",
+        *common,
+        "--sandbox",
+        "--tool-choice",
+        "activate_skill",
+        "--max-turns",
+        "2",
+        "--workspace",
+        str(tmp_path),
+    )
+    assert chosen.returncode == 0, chosen.stderr
+    call, outcome = json.loads(chosen.stdout)["tool_calls"][0]
+    assert (call["name"], json.loads(call["arguments"])) == ("activate_skill", {"name": "csv-summary"})
+    assert outcome["content"].startswith('<skill_content name="csv-summary">\n# Summarizing a CSV file')
+    assert "/skills/csv-summary/scripts/summarize.py" in outcome["content"] and not outcome["is_error"]
+
+    preloaded = ember(
+        "agent", "hi", *common, "--skill", "csv-summary", "--instructions", "Be brief.", "--max-turns", "1"
+    )
+    assert preloaded.returncode == 0, preloaded.stderr
+    system = json.loads(preloaded.stdout)["messages"][0]
+    assert system["role"] == "system" and system["content"].startswith(
+        'Be brief.\n\n<skill_content name="csv-summary">'
+    )
+
+
 def test_cli_errors_are_one_line_messages(server: ServerProcess) -> None:
     closed = f"http://127.0.0.1:{free_port()}/v1"
     cases = [
@@ -181,4 +214,4 @@ def test_cli_without_url_serves_the_embedded_model_for_the_run_and_stops_it() ->
     done = ember("agent", "Say hello.", "--max-turns", "1", "--max-tokens", "8", "--temperature", "0")
     assert done.returncode == 0, done.stderr
     assert "starting the model server" in done.stderr and done.stdout.strip()
-    assert "[1 turns, 0 tool calls" in done.stderr
+    assert "[1 turns, 0 tool calls" in done.stderr and "(the last reply was cut at --max-tokens)" in done.stderr

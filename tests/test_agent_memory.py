@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from openai import AsyncOpenAI
 
 from ember.agents import Agent, AgentResult, Toolbox
+from ember.agents.embeddings import INSTALL_HINT, Embedder, embedding_model_path
 from ember.agents.memory import Memory
 from ember.server.launch import ServerProcess, running_server
 
@@ -73,6 +76,54 @@ def test_searches_rank_by_the_query_words_and_read_no_query_syntax(tmp_path: Pat
     assert {row[0] for row in memory.search_messages("cat")} == {"s1", "s2"}
     assert memory.search_messages("f") == [("s1", "assistant", "[called f({})]")]
     assert memory.search_messages("system") == []
+
+
+needs_embedder = pytest.mark.skipif(
+    embedding_model_path() is None, reason=f"the embedding model is not installed: {INSTALL_HINT}"
+)
+
+
+@needs_embedder
+def test_embeddings_are_unit_vectors_that_padding_does_not_change() -> None:
+    embedder = Embedder()
+    alone = embedder.embed(["short text"])
+    padded = embedder.embed(["short text", "a much longer text, with many more tokens than the first one has"])
+    assert alone.shape == (1, 384) and alone.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(padded, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(padded[0], alone[0], atol=1e-5)  # the mask keeps padding out of the mean
+
+
+@needs_embedder
+def test_archival_search_finds_passages_by_meaning_and_still_by_exact_words(tmp_path: Path) -> None:
+    path = tmp_path / "memory.db"
+    passages = [
+        "The boiler code is 4471.",
+        "Tea is in the left cupboard.",
+        "The user's dog is called Rex.",
+        "The meeting moved to Tuesday at 3 pm.",
+    ]
+    by_words = Memory(path)
+    for text in passages[:2]:
+        by_words.insert_passage(text)  # kept before embeddings were used: embedded on the next search
+    by_words.close()
+    memory = Memory(path, embedder=Embedder())
+    for text in passages[2:]:
+        memory.insert_passage(text)
+    box = Toolbox(memory.tools())
+    assert "by meaning" in box.tools["archival_search"].description
+    assert call(box, "archival_search", query="pet name", limit=1) == (
+        "- The user's dog is called Rex.",
+        False,
+    )
+    assert call(box, "archival_search", query="where do I keep drinks", limit=1) == (
+        "- Tea is in the left cupboard.",
+        False,
+    )
+    assert call(box, "archival_search", query="4471", limit=1) == ("- The boiler code is 4471.", False)
+    assert call(box, "archival_search", query="piano") == ("no match", False)  # nothing related: nothing returned
+    assert Memory(path).search_passages("pet name") == []  # by words alone it finds nothing
+    with sqlite3.connect(path) as db:
+        assert db.execute("select count(*) from passage_vectors").fetchone() == (4,)
 
 
 def test_a_file_that_is_no_database_is_a_clear_error(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""`ember agent` (a task run through the tool-calling loop) and `ember mcp sandbox` (the sandbox over MCP)."""
+"""`ember agent` (a task run through the tool-calling loop), `ember mcp sandbox|skills` (tools over MCP) and
+`ember skills list|validate`."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import os
 import sys
 import uuid
 from collections.abc import Callable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, ExitStack
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
+from ember.agents.embeddings import INSTALL_HINT, Embedder, embedding_model_path
 from ember.agents.loop import Agent, AgentEvent, AgentResult
 from ember.agents.memory import Memory
 from ember.agents.sandbox import Sandbox, SandboxLimits
+from ember.agents.skills import SkillLibrary, validate
 from ember.agents.tools import Toolbox, ToolResult
 
 
@@ -45,12 +49,25 @@ def add_agent_args(parser: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--sandbox", action="store_true", help="add run_python and run_shell, in a bubblewrap sandbox")
     add_sandbox_args(t)
+    add_skills_args(t)
+    t.add_argument(
+        "--skill",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="activate this skill from the start (its instructions go in the system prompt); repeatable",
+    )
     t.add_argument(
         "--memory",
         default=None,
         metavar="FILE",
         help="the agent's memory, a SQLite file kept across runs (created if missing): memory blocks in the system "
         "prompt, every message searchable, an archive; adds the memory tools",
+    )
+    t.add_argument(
+        "--no-embeddings",
+        action="store_true",
+        help="archival_search by words only (default: by meaning too, with all-MiniLM-L6-v2 when installed)",
     )
     t.add_argument(
         "--session", default=None, help="the name this run's messages are kept under in --memory (default: a new one)"
@@ -90,9 +107,41 @@ def add_sandbox_args(group: Any) -> None:
     group.add_argument("--sandbox-network", action="store_true", help="let sandboxed code reach the network")
 
 
-def sandbox_from_args(args: argparse.Namespace) -> Sandbox:
+def add_skills_args(group: Any) -> None:
+    group.add_argument(
+        "--skills",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="Agent Skills for the model: a skill folder (with a SKILL.md) or a folder of them, e.g. .agents/skills; "
+        "repeatable, the first wins a name clash. Adds activate_skill and read_skill_file; with --sandbox, skill "
+        "folders are at /skills/<name> there (read-only), so their scripts run",
+    )
+
+
+def sandbox_from_args(args: argparse.Namespace, skills: SkillLibrary | None = None) -> Sandbox:
     limits = SandboxLimits(timeout_s=args.sandbox_timeout, memory_mb=args.sandbox_memory_mb)
-    return Sandbox(args.workspace, limits, network=args.sandbox_network)
+    lent = skills.sandbox_folders() if skills else None
+    return Sandbox(args.workspace, limits, network=args.sandbox_network, read_only=lent)
+
+
+def skills_from_args(args: argparse.Namespace) -> SkillLibrary | None:
+    """The skills of --skills, with every --skill NAME among them (checked before any server starts)."""
+    skills = SkillLibrary.discover(args.skills) if args.skills else None
+    for name in getattr(args, "skill", []):
+        assert skills is not None  # check_agent_args
+        skills.get(name)
+    return skills
+
+
+def installed_embedder() -> Embedder | None:
+    if embedding_model_path() is None:
+        print(
+            f"ember: archival_search ranks by words only: the embedding model is not installed; {INSTALL_HINT}",
+            file=sys.stderr,
+        )
+        return None
+    return Embedder()
 
 
 def check_agent_args(args: argparse.Namespace) -> None:
@@ -101,11 +150,13 @@ def check_agent_args(args: argparse.Namespace) -> None:
         raise ValueError("--max-turns must be at least 1")
     if args.session and not args.memory:
         raise ValueError("--session names where --memory keeps this run's messages: add --memory FILE")
-    if args.tool_choice == "required" and not (args.sandbox or args.mcp or args.memory):
-        raise ValueError("--tool-choice required needs tools: add --sandbox, --memory or --mcp SERVER")
+    if args.skill and not args.skills:
+        raise ValueError("--skill activates a skill found with --skills: add --skills DIR")
+    if args.tool_choice == "required" and not (args.sandbox or args.mcp or args.memory or args.skills):
+        raise ValueError("--tool-choice required needs tools: add --sandbox, --skills DIR, --memory or --mcp SERVER")
 
 
-async def run_agent(args: argparse.Namespace, url: str) -> int:
+async def run_agent(args: argparse.Namespace, url: str, skills: SkillLibrary | None) -> int:
     import openai
 
     from ember.agents.mcp_tools import mcp_tools
@@ -114,18 +165,23 @@ async def run_agent(args: argparse.Namespace, url: str) -> int:
     async with AsyncExitStack() as stack:
         toolbox = Toolbox(timeout=args.tool_timeout)
         if args.sandbox:
-            for tool in stack.enter_context(sandbox_from_args(args)).tools():
+            for tool in stack.enter_context(sandbox_from_args(args, skills)).tools():
                 toolbox.add(tool)
+        for tool in skills.tools(in_sandbox=args.sandbox) if skills else []:
+            toolbox.add(tool)
         for tool in await stack.enter_async_context(mcp_tools(args.mcp, timeout=args.tool_timeout)):
             toolbox.add(tool)
         instructions: str | Callable[[], str] | None = args.instructions
+        if skills and args.skill:
+            active = [skills.activate(name, in_sandbox=args.sandbox) for name in args.skill]
+            instructions = "\n\n".join([*([args.instructions] if args.instructions else []), *active])
         on_message = None
         if args.memory:
-            memory = Memory(args.memory)
+            memory = Memory(args.memory, embedder=None if args.no_embeddings else installed_embedder())
             stack.callback(memory.close)
             for tool in memory.tools():
                 toolbox.add(tool)
-            instructions = memory.instructions(args.instructions)
+            instructions = memory.instructions(instructions)
             on_message = memory.recorder(args.session or f"session-{uuid.uuid4().hex[:8]}")
         try:
             model = (args.model if args.url else None) or (await client.models.list()).data[0].id
@@ -160,7 +216,8 @@ def show(event: AgentEvent, quiet: bool) -> None:
         else:
             print()
             result = event.result
-            cut = " (cut at --max-turns)" if result.finish_reason == "max_turns" else ""
+            cuts = {"max_turns": " (cut at --max-turns)", "length": " (the last reply was cut at --max-tokens)"}
+            cut = cuts.get(result.finish_reason, "")
             print(
                 f"[{result.turns} turns, {len(result.tool_calls)} tool calls, {result.prompt_tokens} prompt + "
                 f"{result.completion_tokens} completion tokens{cut}]",
@@ -181,8 +238,57 @@ def show(event: AgentEvent, quiet: bool) -> None:
 
 def serve_sandbox(args: argparse.Namespace) -> int:
     """`ember mcp sandbox`: the sandbox's tools over MCP on stdin/stdout, until the client hangs up."""
-    from ember.agents.sandbox_server import sandbox_server
+    from ember.agents.mcp_server import mcp_server, serve_stdio
 
     with sandbox_from_args(args) as sandbox:
-        sandbox_server(sandbox).run("stdio")
+        instructions = "Runs code in a bubblewrap sandbox with no network; /workspace keeps files between calls."
+        serve_stdio(mcp_server("ember-sandbox", instructions, Toolbox(sandbox.tools(), timeout=None)))
     return 0
+
+
+def serve_skills(args: argparse.Namespace) -> int:
+    """`ember mcp skills DIR...`: activate_skill and read_skill_file over MCP; with --sandbox, also run_python and
+    run_shell, with the skill folders lent read-only at /skills/<name>."""
+    from ember.agents.mcp_server import mcp_server, serve_stdio
+
+    skills = skills_from_args(args)
+    assert skills is not None  # --skills is required by the parser
+    with ExitStack() as stack:
+        toolbox = Toolbox(skills.tools(in_sandbox=args.sandbox), timeout=None)
+        if args.sandbox:
+            for tool in stack.enter_context(sandbox_from_args(args, skills)).tools():
+                toolbox.add(tool)
+        instructions = "Agent Skills: call activate_skill when a task matches a skill's description.\n"
+        instructions += skills.catalog()
+        serve_stdio(mcp_server("ember-skills", instructions, toolbox))
+    return 0
+
+
+def list_skills(args: argparse.Namespace) -> int:
+    """`ember skills list DIR...`: the skills an agent given these folders would see, as a table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("name", "description", "folder", "files", box=None)
+    for skill in skills_from_args(args) or []:
+        table.add_row(skill.name, skill.description, str(skill.directory), str(len(skill.files())))
+    Console(soft_wrap=False).print(table)
+    return 0
+
+
+def validate_skills(args: argparse.Namespace) -> int:
+    """`ember skills validate DIR...`: each skill's breaches of the spec; exit 1 when there is any."""
+    from ember.agents.skills import skill_folders
+
+    failed = 0
+    for root in args.skills:
+        folders = list(skill_folders(Path(root).resolve())) if Path(root).is_dir() else []
+        if not folders:
+            raise ValueError(f"no skills under {root!r}: a skill is a folder with a SKILL.md")
+        for folder in folders:
+            problems = validate(folder)
+            failed += bool(problems)
+            print(f"{'FAIL' if problems else 'ok  '} {folder}")
+            for problem in problems:
+                print(f"     - {problem}")
+    return 1 if failed else 0

@@ -4,7 +4,10 @@
   edits them with memory_append / memory_replace, each block bounded by its character limit.
 - History: every message of every run, by session; the agent searches it with conversation_search.
 - Archive: passages the agent chose to keep (archival_insert), searched with archival_search.
-Both searches are SQLite FTS5 full-text queries ranked by BM25: the words of the query, any of them.
+History searches are SQLite FTS5 full-text queries ranked by BM25 (the words of the query, any of them). The
+archive is also a vector store when an Embedder is given: each passage's embedding is kept beside it, and a
+search fuses the ranking by meaning (cosine similarity) with the ranking by words (reciprocal rank fusion), so
+"my pet's name" finds "the dog is called Rex" while an exact name or number still ranks first.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from ember.agents.embeddings import Embedder
 from ember.agents.tools import Tool, function_tool
 
 DEFAULT_BLOCKS = {"persona": "", "human": ""}
@@ -26,7 +32,11 @@ SCHEMA = """
 create table if not exists blocks (label text primary key, value text not null, char_limit integer not null);
 create virtual table if not exists messages using fts5(content, session unindexed, role unindexed, created unindexed);
 create virtual table if not exists passages using fts5(text, created unindexed);
+create table if not exists passage_vectors (passage integer primary key, model text not null, vector blob not null);
 """
+RRF_K = 60  # reciprocal rank fusion's constant: a rank r counts 1 / (RRF_K + r)
+CANDIDATES = 50  # how deep each ranking goes before fusion
+MIN_SIMILARITY = 0.2  # all-MiniLM-L6-v2's cosine for unrelated sentences is ~0-0.15, for related ones 0.3-0.7
 
 
 def fts_query(query: str) -> str:
@@ -41,10 +51,16 @@ class Memory:
     """One agent's memory. Safe to share between threads (one connection behind a lock)."""
 
     def __init__(
-        self, path: str | Path = ":memory:", blocks: dict[str, str] | None = None, char_limit: int = DEFAULT_CHAR_LIMIT
+        self,
+        path: str | Path = ":memory:",
+        blocks: dict[str, str] | None = None,
+        char_limit: int = DEFAULT_CHAR_LIMIT,
+        embedder: Embedder | None = None,
     ) -> None:
-        """`blocks` are created with their text when missing; blocks the file already has are kept as they are."""
+        """`blocks` are created with their text when missing; blocks the file already has are kept as they are.
+        With an `embedder`, archival search ranks by meaning too (see the module's docstring)."""
         self.lock = threading.Lock()
+        self.embedder = embedder
         try:
             self.db = sqlite3.connect(str(path), check_same_thread=False)
             self.db.executescript(SCHEMA)
@@ -112,14 +128,68 @@ class Memory:
         if not text.strip():
             raise ValueError("an archival passage needs some text")
         with self.lock, self.db:
-            return int(self.db.execute("insert into passages values (?, ?)", (text, time.time())).lastrowid or 0)
+            passage = int(self.db.execute("insert into passages values (?, ?)", (text, time.time())).lastrowid or 0)
+        self.embed_missing()
+        return passage
 
     def search_passages(self, query: str, limit: int = 5) -> list[str]:
         with self.lock:
-            rows = self.db.execute(
-                "select text from passages where passages match ? order by rank limit ?", (fts_query(query), limit)
+            by_words = self.db.execute(
+                "select rowid from passages where passages match ? order by rank limit ?",
+                (fts_query(query), CANDIDATES),
             ).fetchall()
-        return [text for (text,) in rows]
+        rankings = [[passage for (passage,) in by_words]]
+        if self.embedder is not None:
+            rankings.append(self.rank_by_meaning(query))
+        fused: dict[int, float] = {}
+        for ranking in rankings:
+            for rank, passage in enumerate(ranking):
+                fused[passage] = fused.get(passage, 0.0) + 1 / (RRF_K + rank + 1)
+        best = sorted(fused, key=lambda passage: -fused[passage])[:limit]
+        with self.lock:
+            texts = dict(
+                self.db.execute(
+                    f"select rowid, text from passages where rowid in ({','.join('?' * len(best))})", best
+                ).fetchall()
+            )
+        return [texts[passage] for passage in best]
+
+    def embed_missing(self) -> None:
+        """Embed the passages that have no vector from this embedder (new ones, or kept before it was used)."""
+        if self.embedder is None:
+            return
+        with self.lock:
+            missing = self.db.execute(
+                "select rowid, text from passages where rowid not in "
+                "(select passage from passage_vectors where model = ?)",
+                (self.embedder.name,),
+            ).fetchall()
+        if not missing:
+            return
+        vectors = self.embedder.embed([text for _, text in missing])  # outside the lock: it takes a while
+        with self.lock, self.db:
+            self.db.executemany(
+                "insert or replace into passage_vectors values (?, ?, ?)",
+                [
+                    (passage, self.embedder.name, vector.tobytes())
+                    for (passage, _), vector in zip(missing, vectors, strict=True)
+                ],
+            )
+
+    def rank_by_meaning(self, query: str) -> list[int]:
+        """Passages related to the query by meaning (cosine similarity over unit vectors), best first."""
+        assert self.embedder is not None
+        self.embed_missing()
+        with self.lock:
+            rows = self.db.execute(
+                "select passage, vector from passage_vectors where model = ?", (self.embedder.name,)
+            ).fetchall()
+        if not rows:
+            return []
+        matrix = np.frombuffer(b"".join(vector for _, vector in rows), np.float32).reshape(len(rows), -1)
+        scores = matrix @ self.embedder.embed([query])[0]
+        order = np.argsort(-scores)[:CANDIDATES]
+        return [rows[i][0] for i in order if scores[i] >= MIN_SIMILARITY]
 
     # What an Agent takes
 
@@ -140,13 +210,15 @@ class Memory:
         return record
 
     def tools(self) -> list[Tool]:
-        async def memory_append(label: str, text: str) -> str:
+        """The memory's tools; plain functions, so each call runs in a worker thread (SQLite, the embedder)."""
+
+        def memory_append(label: str, text: str) -> str:
             """Append text to one of your memory blocks (on a new line)."""
             value = self.block(label)[0]
             self.set_block(label, f"{value}\n{text}" if value else text)
             return f"appended to {label}"
 
-        async def memory_replace(label: str, old: str, new: str) -> str:
+        def memory_replace(label: str, old: str, new: str) -> str:
             """Replace text in one of your memory blocks (an empty `new` deletes `old`)."""
             value = self.block(label)[0]
             if old not in value:
@@ -154,18 +226,20 @@ class Memory:
             self.set_block(label, value.replace(old, new, 1))
             return f"replaced in {label}"
 
-        async def conversation_search(query: str, limit: int = 5) -> str:
+        def conversation_search(query: str, limit: int = 5) -> str:
             """Search all earlier messages (every conversation) for words; the best matches first."""
             rows = self.search_messages(query, limit)
             return "\n".join(f"[{session}] {role}: {content}" for session, role, content in rows) or "no match"
 
-        async def archival_insert(text: str) -> str:
+        def archival_insert(text: str) -> str:
             """Keep a passage in your archive, to find it later with archival_search."""
             return f"kept as passage {self.insert_passage(text)}"
 
-        async def archival_search(query: str, limit: int = 5) -> str:
+        def archival_search(query: str, limit: int = 5) -> str:
             """Search your archive for words; the best matches first."""
             return "\n".join(f"- {text}" for text in self.search_passages(query, limit)) or "no match"
 
-        functions = [memory_append, memory_replace, conversation_search, archival_insert, archival_search]
-        return [function_tool(fn) for fn in functions]
+        functions = [memory_append, memory_replace, conversation_search, archival_insert]
+        by_meaning = "Search your archive by meaning and by words; the best matches first."
+        search = function_tool(archival_search, description=by_meaning if self.embedder else None)
+        return [*(function_tool(fn) for fn in functions), search]

@@ -2,9 +2,10 @@
 
 Each run is a fresh bubblewrap container: new user, PID, network, IPC and UTS namespaces (no network at all
 unless asked for), every capability dropped, an unprivileged uid, the system's /usr and the Python
-interpreter read-only, a private /tmp, and one host folder, the workspace, read-write at /workspace, which
-keeps files from one run to the next. Limits: wall time (the whole container is killed), address space, file
-size, CPU time, and how much output is kept (the rest is read and dropped, so a flood cannot fill memory).
+interpreter read-only, a private /tmp, one host folder, the workspace, read-write at /workspace, which keeps
+files from one run to the next, and any folders lent read-only (e.g. skills, at /skills/<name>). Limits: wall
+time (the whole container is killed), address space, file size, CPU time, and how much output is kept (the
+rest is read and dropped, so a flood cannot fill memory).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,11 +94,22 @@ class Sandbox:
     close(): a workspace the sandbox made itself is deleted then."""
 
     def __init__(
-        self, workspace: str | Path | None = None, limits: SandboxLimits | None = None, network: bool = False
+        self,
+        workspace: str | Path | None = None,
+        limits: SandboxLimits | None = None,
+        network: bool = False,
+        read_only: Mapping[str | Path, str] | None = None,
     ) -> None:
+        """`read_only` lends host folders read-only: {host path: absolute path inside the sandbox}."""
         self.bwrap = bubblewrap_path()
         self.limits = limits or SandboxLimits()
         self.network = network
+        self.read_only = {Path(host).resolve(): inside for host, inside in (read_only or {}).items()}
+        for host, inside in self.read_only.items():
+            if not host.is_dir():
+                raise ValueError(f"cannot lend {host} to the sandbox: it is not a folder")
+            if not inside.startswith("/") or inside.rstrip("/") in ("", WORKSPACE, "/tmp", "/usr", "/proc", "/dev"):
+                raise ValueError(f"cannot lend a folder at {inside!r}: give an absolute path of its own")
         self.owns_workspace = workspace is None
         self.workspace = Path(tempfile.mkdtemp(prefix="ember-sandbox-") if workspace is None else workspace)
         self.workspace.mkdir(parents=True, exist_ok=True)
@@ -140,6 +153,8 @@ class Sandbox:
             args += ["--ro-bind", prefix, prefix]
         args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
         args += ["--bind", str(self.workspace.resolve()), WORKSPACE, "--chdir", WORKSPACE]
+        for host, inside in self.read_only.items():
+            args += ["--ro-bind", str(host), inside]
         args += ["--clearenv", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin", "--setenv", "HOME", WORKSPACE]
         args += ["--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1", "--"]
         return args

@@ -14,6 +14,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from ember.agents import Agent, AgentEvent, AgentResult, function_tool
+from ember.agents.loop import CLEARED, shrink
 from ember.agents.mcp_tools import mcp_tools
 from ember.agents.sandbox import Sandbox
 from ember.server.launch import ServerProcess, free_port, running_server
@@ -78,6 +79,63 @@ def test_a_required_call_runs_the_tool_and_the_model_answers_with_its_result(ser
     assert streamed == "".join(m["content"] or "" for m in result.messages if m["role"] == "assistant")
     kinds = [e.kind for e in events if e.kind != "text"]
     assert kinds[:2] == ["tool_call", "tool_result"] and kinds[-1] == "done"
+
+
+def turn(i: int, result: str) -> list[dict]:
+    call = {"id": f"c{i}", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    return [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": f"c{i}", "content": result},
+    ]
+
+
+def test_shrink_clears_old_tool_results_then_drops_old_turns_but_keeps_task_skills_and_the_latest_turn() -> None:
+    system, task = {"role": "system", "content": "sys"}, {"role": "user", "content": "task"}
+    skill = "<skill_content name='s'>instructions</skill_content>"
+    messages = [system, task, *turn(1, "big 1"), *turn(2, skill), *turn(3, "big 3"), *turn(4, "latest")]
+    steps = []
+    while removed := shrink(messages):
+        steps.append(removed)
+    assert steps == [
+        "cleared 1 old tool result(s)",  # turn 1's
+        "cleared 1 old tool result(s)",  # turn 3's: turn 2 holds a skill
+        "dropped the oldest turn (2 message(s))",  # turn 1
+        "dropped the oldest turn (2 message(s))",  # turn 3
+    ]
+    assert messages == [system, task, *turn(2, skill), *turn(4, "latest")]
+    assert [m["content"] for m in messages if m["role"] == "tool"] == [skill, "latest"]
+    assert shrink([system, task, *turn(1, "only")]) == ""  # nothing but the latest turn: nothing to take
+
+
+def test_a_conversation_over_the_context_is_shrunk_and_the_run_goes_on() -> None:
+    """A server with a 1,024-token context and a tool whose every reply is long: the loop keeps going, clearing
+    old results, where without shrinking the third turn's request is refused."""
+    replies = iter(range(100))
+
+    def fetch() -> str:
+        """Fetch the next page of the log."""
+        return f"page {next(replies)}: " + "lorem ipsum dolor " * 80
+
+    async def run() -> AgentResult:
+        async with client(small) as api:
+            agent = Agent(
+                api,
+                MODEL,
+                [function_tool(fetch)],
+                tool_choice="fetch",
+                reset_tool_choice=False,
+                temperature=0,
+                max_tokens=32,
+                max_turns=6,
+            )
+            return await agent.run("Read the log.")
+
+    with running_server("--dtype", "float32", "--max-model-len", "1024") as small:
+        result = asyncio.run(run())
+    assert result.turns == 6 and result.finish_reason == "max_turns" and len(result.tool_calls) == 6
+    assert result.context_trims >= 2
+    tool_results = [m["content"] for m in result.messages if m["role"] == "tool"]
+    assert tool_results[-1].startswith("page 5: ") and CLEARED in tool_results
 
 
 def test_max_turns_cuts_a_model_that_keeps_calling(server: ServerProcess) -> None:

@@ -218,15 +218,18 @@ def show(event: AgentEvent, quiet: bool) -> None:
             result = event.result
             cuts = {"max_turns": " (cut at --max-turns)", "length": " (the last reply was cut at --max-tokens)"}
             cut = cuts.get(result.finish_reason, "")
+            trimmed = f", {result.context_trims} context trims" if result.context_trims else ""
             print(
                 f"[{result.turns} turns, {len(result.tool_calls)} tool calls, {result.prompt_tokens} prompt + "
-                f"{result.completion_tokens} completion tokens{cut}]",
+                f"{result.completion_tokens} completion tokens{trimmed}{cut}]",
                 file=sys.stderr,
             )
     elif quiet:
         return
     elif event.kind == "text":
         print(event.text, end="", flush=True)
+    elif event.kind == "context_trimmed":
+        print(f"\n[{event.text}]", file=sys.stderr, flush=True)
     elif event.kind == "tool_call" and event.call is not None:
         print(f"\n-> {event.call.name}({event.call.arguments})", file=sys.stderr, flush=True)
     elif event.kind == "tool_result" and event.call is not None and isinstance(event.result, ToolResult):

@@ -2,18 +2,21 @@
 
 It speaks only the OpenAI chat-completions API (streamed), so it runs against Ember's server or any other
 that implements it. Every turn is bounded (`max_turns`), every tool call is bounded (the toolbox's time-out),
-and every failure of a tool reaches the model as that tool's reply instead of ending the run.
+and every failure of a tool reaches the model as that tool's reply instead of ending the run. When the server
+says the conversation no longer fits the model's context, the oldest tool results are cleared, then the
+oldest turns dropped, until it fits (`shrink`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, BadRequestError
 
 from ember.agents.tools import Tool, Toolbox, ToolResult
 
@@ -36,13 +39,14 @@ class AgentResult:
     tool_calls: list[tuple[ToolCall, ToolResult]] = field(default_factory=list)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    context_trims: int = 0  # times the conversation was shrunk to fit the model's context
 
 
 @dataclass(frozen=True)
 class AgentEvent:
     """What a run shows as it goes: model text as it streams, each call, each result, and the end."""
 
-    kind: Literal["text", "tool_call", "tool_result", "done"]
+    kind: Literal["text", "tool_call", "tool_result", "context_trimmed", "done"]
     text: str = ""
     call: ToolCall | None = None
     result: ToolResult | AgentResult | None = None
@@ -107,14 +111,22 @@ class Agent:
             text_parts: list[str] = []
             calls: list[ToolCall] = []
             finish_reason = "stop"
-            async for kind, value in self.model_turn(messages, tool_choice, result):
-                if kind == "text":
-                    text_parts.append(value)
-                    yield AgentEvent("text", text=value)
-                elif kind == "calls":
-                    calls = value
-                else:
-                    finish_reason = value
+            while True:
+                try:
+                    async for kind, value in self.model_turn(messages, tool_choice, result):
+                        if kind == "text":
+                            text_parts.append(value)
+                            yield AgentEvent("text", text=value)
+                        elif kind == "calls":
+                            calls = value
+                        else:
+                            finish_reason = value
+                    break
+                except BadRequestError as e:  # raised before any text streams: the request was refused whole
+                    if text_parts or not context_exceeded(e) or not (removed := shrink(messages)):
+                        raise
+                    result.context_trims += 1
+                    yield AgentEvent("context_trimmed", text=f"over the model's context: {removed}")
             text = "".join(text_parts)
             messages.append(assistant_message(text, calls))
             self.notify(messages[-1])
@@ -189,6 +201,40 @@ class Agent:
         ]
         yield "calls", calls
         yield "finish", finish_reason
+
+
+CLEARED = "[cleared: this tool result was removed to fit the model's context window]"
+PROTECTED_PREFIXES = ("<skill_content",)  # an activated skill's instructions: losing them would go unnoticed
+
+
+def context_exceeded(error: BadRequestError) -> bool:
+    """The server refused the conversation as too long (OpenAI's error code; others say it in words)."""
+    return error.code == "context_length_exceeded" or "maximum context length" in str(error.message).lower()
+
+
+def shrink(messages: list[dict[str, Any]]) -> str:
+    """Shorten the conversation by its oldest removable part, in place, and say what went ("" when nothing can
+    go). First the results of the oldest turn whose tool results are not yet cleared (each call keeps a reply,
+    so the conversation stays valid), then the oldest whole turn. Always kept: the system prompt, the task (the
+    first user message), the latest turn, and activated skills' instructions."""
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
+    starts = [i for i in range(first_user + 1, len(messages)) if messages[i]["role"] in ("assistant", "user")]
+    turns = list(itertools.pairwise(starts))  # every turn but the latest
+
+    def kept(message: dict[str, Any]) -> bool:
+        return str(message.get("content") or "").startswith(PROTECTED_PREFIXES)
+
+    for start, end in turns:
+        results = [m for m in messages[start:end] if m["role"] == "tool" and m["content"] != CLEARED and not kept(m)]
+        if results:
+            for message in results:
+                message["content"] = CLEARED
+            return f"cleared {len(results)} old tool result(s)"
+    for start, end in turns:
+        if not any(kept(m) for m in messages[start:end]):
+            del messages[start:end]
+            return f"dropped the oldest turn ({end - start} message(s))"
+    return ""
 
 
 def assistant_message(text: str, calls: list[ToolCall]) -> dict[str, Any]:

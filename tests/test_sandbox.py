@@ -6,6 +6,7 @@ import asyncio
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,23 @@ def test_as_agent_tools_and_a_workspace_of_its_own_is_removed(tmp_path: Path) ->
     assert workspace.is_dir()
     sandbox.close()
     assert not workspace.exists()
+
+
+def test_a_lent_virtual_environment_gives_its_packages_read_only(tmp_path: Path) -> None:
+    env = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True, timeout=120)
+    site = next(env.glob("lib/python3*/site-packages"))
+    (site / "greeting.py").write_text("TEXT = 'from the environment'\n")
+    with Sandbox(tmp_path / "workspace", python_env=env) as sandbox:
+        assert run(sandbox.run_python("import greeting, sys; print(greeting.TEXT, sys.prefix)")).stdout == (
+            f"from the environment {env}\n"
+        )
+        shell = run(sandbox.run_shell(f"python3 -c 'import greeting; print(greeting.TEXT)'; touch {site}/new.py"))
+        assert shell.stdout == "from the environment\n" and "Read-only file system" in shell.stderr
+        assert "installed packages" in sandbox.tools()[0].description
+    with Sandbox(tmp_path / "workspace") as sandbox:
+        missing = run(sandbox.run_python("import greeting"))
+        assert missing.exit_code == 1 and "No module named 'greeting'" in missing.stderr
+        assert "standard library only" in sandbox.tools()[0].description
+    with pytest.raises(ValueError, match="is not a virtual environment"):
+        Sandbox(tmp_path / "workspace", python_env=tmp_path)

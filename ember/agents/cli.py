@@ -105,6 +105,13 @@ def add_sandbox_args(group: Any) -> None:
         "--sandbox-memory-mb", type=int, default=1024, help="address space of a sandboxed process (default 1024)"
     )
     group.add_argument("--sandbox-network", action="store_true", help="let sandboxed code reach the network")
+    group.add_argument(
+        "--sandbox-python-env",
+        default=None,
+        metavar="VENV",
+        help="a virtual environment lent read-only, whose Python (and packages) sandboxed code runs with "
+        "(default: the standard library only)",
+    )
 
 
 def add_skills_args(group: Any) -> None:
@@ -122,7 +129,9 @@ def add_skills_args(group: Any) -> None:
 def sandbox_from_args(args: argparse.Namespace, skills: SkillLibrary | None = None) -> Sandbox:
     limits = SandboxLimits(timeout_s=args.sandbox_timeout, memory_mb=args.sandbox_memory_mb)
     lent = skills.sandbox_folders() if skills else None
-    return Sandbox(args.workspace, limits, network=args.sandbox_network, read_only=lent)
+    return Sandbox(
+        args.workspace, limits, network=args.sandbox_network, read_only=lent, python_env=args.sandbox_python_env
+    )
 
 
 def skills_from_args(args: argparse.Namespace) -> SkillLibrary | None:

@@ -99,9 +99,17 @@ class Sandbox:
         limits: SandboxLimits | None = None,
         network: bool = False,
         read_only: Mapping[str | Path, str] | None = None,
+        python_env: str | Path | None = None,
     ) -> None:
-        """`read_only` lends host folders read-only: {host path: absolute path inside the sandbox}."""
+        """`read_only` lends host folders read-only: {host path: absolute path inside the sandbox}.
+        `python_env`, a virtual environment, is lent read-only at its own path and its Python is the sandbox's
+        `python3`, so that sandboxed code can import its packages (numpy, pandas, ...)."""
         self.bwrap = bubblewrap_path()
+        self.python_env = None if python_env is None else Path(python_env).absolute()
+        prefixes = [os.path.realpath(sys.base_prefix)]
+        if self.python_env is not None:
+            prefixes.append(virtual_env_base(self.python_env))
+        self.prefixes = [p for p in dict.fromkeys(prefixes) if not p.startswith("/usr/")]  # /usr is lent anyway
         self.limits = limits or SandboxLimits()
         self.network = network
         self.read_only = {Path(host).resolve(): inside for host, inside in (read_only or {}).items()}
@@ -113,7 +121,10 @@ class Sandbox:
         self.owns_workspace = workspace is None
         self.workspace = Path(tempfile.mkdtemp(prefix="ember-sandbox-") if workspace is None else workspace)
         self.workspace.mkdir(parents=True, exist_ok=True)
-        self.python = os.path.realpath(os.path.join(sys.base_prefix, "bin", "python3"))
+        if self.python_env is None:
+            self.python = os.path.realpath(os.path.join(sys.base_prefix, "bin", "python3"))
+        else:
+            self.python = str(self.python_env / "bin" / "python3")  # not resolved: its pyvenv.cfg makes it the env
         self.check()
 
     def check(self) -> None:
@@ -148,14 +159,17 @@ class Sandbox:
         args += ["--ro-bind-try", "/etc/alternatives", "/etc/alternatives"]
         if self.network:
             args += ["--ro-bind-try", "/etc/resolv.conf", "/etc/resolv.conf"]
-        prefix = os.path.realpath(sys.base_prefix)
-        if not prefix.startswith("/usr/"):  # an interpreter outside /usr (pyenv, a conda env): lend it read-only
-            args += ["--ro-bind", prefix, prefix]
         args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+        for prefix in self.prefixes:  # an interpreter outside /usr (pyenv, a conda env): lent read-only
+            args += ["--ro-bind", prefix, prefix]
+        path = "/usr/local/bin:/usr/bin:/bin"
+        if self.python_env is not None:  # after /tmp's mount, which would hide an environment under /tmp
+            args += ["--ro-bind", str(self.python_env), str(self.python_env)]
+            path = f"{self.python_env}/bin:{path}"
         args += ["--bind", str(self.workspace.resolve()), WORKSPACE, "--chdir", WORKSPACE]
         for host, inside in self.read_only.items():
             args += ["--ro-bind", str(host), inside]
-        args += ["--clearenv", "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin", "--setenv", "HOME", WORKSPACE]
+        args += ["--clearenv", "--setenv", "PATH", path, "--setenv", "HOME", WORKSPACE]
         args += ["--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1", "--"]
         return args
 
@@ -207,7 +221,7 @@ class Sandbox:
         )
 
     async def run_python(self, code: str) -> RunResult:
-        """Run a Python program (the interpreter's standard library only, isolated mode)."""
+        """Run a Python program in isolated mode (the standard library, and `python_env`'s packages if given)."""
         return await self.run([self.python, "-I", "-"], stdin=code)
 
     async def run_shell(self, command: str) -> RunResult:
@@ -222,20 +236,33 @@ class Sandbox:
         async def run_shell(command: str) -> ToolResult:
             return tool_result(await self.run_shell(command))
 
+        packages = "standard library only" if self.python_env is None else "standard library and installed packages"
         return [
-            function_tool(run_python, description=RUN_PYTHON_DESCRIPTION),
+            function_tool(run_python, description=RUN_PYTHON_DESCRIPTION.format(packages=packages)),
             function_tool(run_shell, description=RUN_SHELL_DESCRIPTION),
         ]
 
 
 RUN_PYTHON_DESCRIPTION = (
-    "Run a Python 3 program in a sandbox (standard library only, no network; files persist in the working "
-    "directory /workspace) and return what it printed. Use print() to show results."
+    "Run a Python 3 program in a sandbox ({packages}, no network; files persist in the working directory "
+    "/workspace) and return what it printed. Use print() to show results."
 )
 RUN_SHELL_DESCRIPTION = (
     "Run a shell command in a sandbox (no network; files persist in the working directory /workspace) and "
     "return its output."
 )
+
+
+def virtual_env_base(env: Path) -> str:
+    """The prefix of the interpreter a virtual environment was made from (its pyvenv.cfg's `home` is its bin)."""
+    config = env / "pyvenv.cfg"
+    if not config.is_file() or not (env / "bin" / "python3").exists():
+        raise ValueError(f"{env} is not a virtual environment (no pyvenv.cfg and bin/python3)")
+    for line in config.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "home":
+            return os.path.realpath(os.path.dirname(value.strip().rstrip("/")))
+    raise ValueError(f"{config} does not say which Python the environment was made from (no `home`)")
 
 
 def tool_result(result: RunResult) -> ToolResult:

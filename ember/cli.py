@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(latency)
     add_latency_args(latency)
     latency.set_defaults(func=cmd_bench_latency)
-    from ember.agents.cli import add_agent_args, add_sandbox_args
+    from ember.agents.cli import add_agent_args, add_mcp_transport_args, add_sandbox_args
 
     agent = sub.add_parser(
         "agent",
@@ -387,12 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_agent_args(agent)
     agent.set_defaults(func=cmd_agent)
-    mcp = sub.add_parser("mcp", help="Ember's MCP servers, spoken to over stdin/stdout")
+    mcp = sub.add_parser("mcp", help="Ember's MCP servers, over stdin/stdout or Streamable HTTP (--port)")
     mcp_sub = mcp.add_subparsers(dest="mcp_command", required=True, metavar="SERVER")
     sandbox = mcp_sub.add_parser(
         "sandbox", help="run_python and run_shell in a bubblewrap sandbox (no network; /workspace keeps files)"
     )
     add_sandbox_args(sandbox)
+    add_mcp_transport_args(sandbox)
     sandbox.set_defaults(func=cmd_mcp_sandbox)
     mcp_skills = mcp_sub.add_parser(
         "skills",
@@ -403,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sandbox", action="store_true", help="add run_python and run_shell; skill folders are at /skills/<name>"
     )
     add_sandbox_args(mcp_skills)
+    add_mcp_transport_args(mcp_skills)
     mcp_skills.set_defaults(func=cmd_mcp_skills)
     skills = sub.add_parser("skills", help="Agent Skills (SKILL.md folders): list what an agent would see, validate")
     skills_sub = skills.add_subparsers(dest="skills_command", required=True, metavar="ACTION")

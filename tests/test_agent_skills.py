@@ -7,8 +7,10 @@ import asyncio
 import json
 import logging
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from ember.agents.mcp_tools import mcp_tools
 from ember.agents.sandbox import Sandbox
 from ember.agents.skills import SkillError, SkillLibrary, load_skill, validate
 from ember.agents.tools import Toolbox, ToolResult
+from ember.server.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "skills"
@@ -252,3 +255,30 @@ def test_cli_lists_and_validates_skills(tmp_path: Path) -> None:
         done = ember(*args)
         assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("ember: error: "), done.stderr
         assert message in done.stderr and "Traceback" not in done.stderr
+
+
+@needs_bwrap
+def test_ember_mcp_serves_over_streamable_http_on_loopback(tmp_path: Path) -> None:
+    port = free_port()
+    command = [sys.executable, "-m", "ember.cli", "mcp", "skills", str(EXAMPLES), "--sandbox", "--port", str(port)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):  # bounded: 30 s for the server to listen
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            time.sleep(0.1)
+
+        async def over_http() -> tuple[list[str], ToolResult]:
+            async with mcp_tools([f"http://127.0.0.1:{port}/mcp"]) as tools:
+                remote = Toolbox(tools)
+                return list(remote.tools), await remote.call("run_shell", '{"command": "ls /skills"}')
+
+        names, listed = asyncio.run(over_http())
+        assert names == ["activate_skill", "read_skill_file", "run_python", "run_shell"]
+        assert listed == ToolResult("csv-summary")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert process.stderr is not None and f"at http://127.0.0.1:{port}/mcp" in process.stderr.read()

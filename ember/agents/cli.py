@@ -114,6 +114,17 @@ def add_sandbox_args(group: Any) -> None:
     )
 
 
+def add_mcp_transport_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--port", type=int, default=None, help="serve over Streamable HTTP at http://HOST:PORT/mcp (default: stdio)"
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="with --port, the address to listen on (default 127.0.0.1; anyone who can reach it can run its tools)",
+    )
+
+
 def add_skills_args(group: Any) -> None:
     group.add_argument(
         "--skills",
@@ -250,18 +261,18 @@ def show(event: AgentEvent, quiet: bool) -> None:
 
 def serve_sandbox(args: argparse.Namespace) -> int:
     """`ember mcp sandbox`: the sandbox's tools over MCP on stdin/stdout, until the client hangs up."""
-    from ember.agents.mcp_server import mcp_server, serve_stdio
+    from ember.agents.mcp_server import mcp_server, serve
 
     with sandbox_from_args(args) as sandbox:
         instructions = "Runs code in a bubblewrap sandbox with no network; /workspace keeps files between calls."
-        serve_stdio(mcp_server("ember-sandbox", instructions, Toolbox(sandbox.tools(), timeout=None)))
+        serve(mcp_server("ember-sandbox", instructions, Toolbox(sandbox.tools(), timeout=None)), args.port, args.host)
     return 0
 
 
 def serve_skills(args: argparse.Namespace) -> int:
     """`ember mcp skills DIR...`: activate_skill and read_skill_file over MCP; with --sandbox, also run_python and
     run_shell, with the skill folders lent read-only at /skills/<name>."""
-    from ember.agents.mcp_server import mcp_server, serve_stdio
+    from ember.agents.mcp_server import mcp_server, serve
 
     skills = skills_from_args(args)
     assert skills is not None  # --skills is required by the parser
@@ -272,7 +283,7 @@ def serve_skills(args: argparse.Namespace) -> int:
                 toolbox.add(tool)
         instructions = "Agent Skills: call activate_skill when a task matches a skill's description.\n"
         instructions += skills.catalog()
-        serve_stdio(mcp_server("ember-skills", instructions, toolbox))
+        serve(mcp_server("ember-skills", instructions, toolbox), args.port, args.host)
     return 0
 
 

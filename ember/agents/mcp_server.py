@@ -1,4 +1,5 @@
-"""Ember's tools as an MCP server over stdio (`ember mcp sandbox`, `ember mcp skills`), for any MCP client.
+"""Ember's tools as an MCP server (`ember mcp sandbox`, `ember mcp skills`), for any MCP client: over stdio, or
+over Streamable HTTP at http://HOST:PORT/mcp.
 
 The tools are the same `Tool`s the in-process agent calls, served through the SDK's low-level server: their JSON
 schemas go out unchanged, and a call goes through `Toolbox.call`, so a bad argument or a failing tool is an
@@ -34,11 +35,20 @@ def mcp_server(name: str, instructions: str, toolbox: Toolbox) -> Server[Any]:
     return Server(name, instructions=instructions, on_list_tools=list_tools, on_call_tool=call_tool)
 
 
-def serve_stdio(server: Server[Any]) -> None:
-    """Serve on stdin/stdout until the client hangs up."""
+def serve(server: Server[Any], port: int | None = None, host: str = "127.0.0.1") -> None:
+    """Without a port, on stdin/stdout until the client hangs up; with one, over Streamable HTTP until stopped
+    (on a loopback host, requests from other hosts' pages are refused: DNS-rebinding protection)."""
+    if port is None:
 
-    async def serve() -> None:
-        async with stdio_server() as (read_stream, write_stream):
-            await server.run(read_stream, write_stream, server.create_initialization_options())
+        async def serve_stdio() -> None:
+            async with stdio_server() as (read_stream, write_stream):
+                await server.run(read_stream, write_stream, server.create_initialization_options())
 
-    anyio.run(serve)
+        anyio.run(serve_stdio)
+        return
+    import sys
+
+    import uvicorn
+
+    print(f"ember: MCP server {server.name} at http://{host}:{port}/mcp", file=sys.stderr, flush=True)
+    uvicorn.run(server.streamable_http_app(host=host), host=host, port=port, log_level="warning")

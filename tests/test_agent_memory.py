@@ -78,6 +78,24 @@ def test_searches_rank_by_the_query_words_and_read_no_query_syntax(tmp_path: Pat
     assert memory.search_messages("system") == []
 
 
+def test_a_conversation_is_kept_whole_turns_only_and_continues_where_it_stopped(tmp_path: Path) -> None:
+    memory = Memory(tmp_path / "memory.db")
+    record = memory.recorder("s1")
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    turns = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "result"},
+        {"role": "assistant", "content": "done"},
+    ]
+    for message in [{"role": "system", "content": "not kept"}, *turns]:
+        record(message)
+    assert memory.conversation("s1") == turns and memory.conversation("other") == []
+    record({"role": "user", "content": "again"})
+    record({"role": "assistant", "content": None, "tool_calls": [{**call, "id": "c2"}]})  # its run stopped here
+    assert Memory(tmp_path / "memory.db").conversation("s1") == [*turns, {"role": "user", "content": "again"}]
+
+
 needs_embedder = pytest.mark.skipif(
     embedding_model_path() is None, reason=f"the embedding model is not installed: {INSTALL_HINT}"
 )
@@ -192,5 +210,17 @@ def test_cli_memory_persists_between_runs(server: ServerProcess, tmp_path: Path)
         assert '<persona characters="' in system and '<human characters="' in system
     sessions = [row[0] for row in Memory(path).search_messages("park level", limit=10) if row[1] == "user"]
     assert sorted(sessions) == ["monday", "tuesday"]
+    again = subprocess.run(
+        [*base, "--session", "monday", "Where do I park?", "--max-turns", "1", "--max-tokens", "16", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert again.returncode == 0 and "continuing session monday (2 earlier messages)" in again.stderr
+    messages = json.loads(again.stdout)["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert [messages[1]["content"], messages[3]["content"]] == ["I park on level 3.", "Where do I park?"]
+    assert Memory(path).conversation("monday") == messages[1:]
     bad = subprocess.run([*base[:-1], str(tmp_path), "hi"], capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("ember: error: memory file")

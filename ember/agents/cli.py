@@ -70,7 +70,10 @@ def add_agent_args(parser: argparse.ArgumentParser) -> None:
         help="archival_search by words only (default: by meaning too, with all-MiniLM-L6-v2 when installed)",
     )
     t.add_argument(
-        "--session", default=None, help="the name this run's messages are kept under in --memory (default: a new one)"
+        "--session",
+        default=None,
+        help="the conversation this run continues in --memory (its earlier messages come first), and keeps its "
+        "messages under (default: a new one)",
     )
     t.add_argument("--tool-timeout", type=float, default=60.0, help="seconds one tool call may take (default 60)")
     loop = parser.add_argument_group("loop")
@@ -196,13 +199,18 @@ async def run_agent(args: argparse.Namespace, url: str, skills: SkillLibrary | N
             active = [skills.activate(name, in_sandbox=args.sandbox) for name in args.skill]
             instructions = "\n\n".join([*([args.instructions] if args.instructions else []), *active])
         on_message = None
+        task: str | list[dict[str, Any]] = args.task
         if args.memory:
             memory = Memory(args.memory, embedder=None if args.no_embeddings else installed_embedder())
             stack.callback(memory.close)
             for tool in memory.tools():
                 toolbox.add(tool)
             instructions = memory.instructions(instructions)
-            on_message = memory.recorder(args.session or f"session-{uuid.uuid4().hex[:8]}")
+            session = args.session or f"session-{uuid.uuid4().hex[:8]}"
+            if earlier := memory.conversation(session):
+                print(f"ember: continuing session {session} ({len(earlier)} earlier messages)", file=sys.stderr)
+                task = [*earlier, {"role": "user", "content": args.task}]
+            on_message = memory.recorder(session)
         try:
             model = (args.model if args.url else None) or (await client.models.list()).data[0].id
         except openai.APIError as e:
@@ -220,7 +228,7 @@ async def run_agent(args: argparse.Namespace, url: str, skills: SkillLibrary | N
             on_message=on_message,
         )
         try:
-            async for event in agent.stream(args.task):
+            async for event in agent.stream(task):
                 show(event, quiet=args.json)
         except openai.APIError as e:
             raise ValueError(f"the model API at {url} failed: {e}") from e

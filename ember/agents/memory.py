@@ -2,7 +2,8 @@
 
 - Core blocks (persona, human, ...): short labelled texts shown in the system prompt on every turn; the agent
   edits them with memory_append / memory_replace, each block bounded by its character limit.
-- History: every message of every run, by session; the agent searches it with conversation_search.
+- History: every message of every run, by session; the agent searches it with conversation_search, and a run
+  under the same session name continues the conversation (`conversation(session)`).
 - Archive: passages the agent chose to keep (archival_insert), searched with archival_search.
 History searches are SQLite FTS5 full-text queries ranked by BM25 (the words of the query, any of them). The
 archive is also a vector store when an Embedder is given: each passage's embedding is kept beside it, and a
@@ -12,6 +13,7 @@ search fuses the ranking by meaning (cosine similarity) with the ranking by word
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import threading
@@ -33,10 +35,26 @@ create table if not exists blocks (label text primary key, value text not null, 
 create virtual table if not exists messages using fts5(content, session unindexed, role unindexed, created unindexed);
 create virtual table if not exists passages using fts5(text, created unindexed);
 create table if not exists passage_vectors (passage integer primary key, model text not null, vector blob not null);
+create table if not exists conversations (session text not null, position integer not null, message text not null,
+                                          primary key (session, position));
 """
 RRF_K = 60  # reciprocal rank fusion's constant: a rank r counts 1 / (RRF_K + r)
 CANDIDATES = 50  # how deep each ranking goes before fusion
 MIN_SIMILARITY = 0.2  # all-MiniLM-L6-v2's cosine for unrelated sentences is ~0-0.15, for related ones 0.3-0.7
+
+
+def complete_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`messages` cut before the first assistant message whose tool calls do not all have a result."""
+    for i, message in enumerate(messages):
+        wanted = {call["id"] for call in message.get("tool_calls") or []}
+        answered = set()
+        for reply in messages[i + 1 :]:
+            if reply["role"] != "tool":
+                break
+            answered.add(reply.get("tool_call_id"))
+        if not wanted <= answered:
+            return messages[:i]
+    return messages
 
 
 def fts_query(query: str) -> str:
@@ -201,13 +219,35 @@ class Memory:
         """Records every message of a run (but the system prompt) into the history."""
 
         def record(message: dict[str, Any]) -> None:
+            if message["role"] == "system":
+                return
+            self.append_to_conversation(session, message)
             content = message.get("content") or ""
             for call in message.get("tool_calls") or []:
                 content += f"\n[called {call['function']['name']}({call['function']['arguments']})]"
-            if message["role"] != "system" and content.strip():
+            if content.strip():
                 self.record(session, message["role"], content.strip())
 
         return record
+
+    # Conversations, to continue a session where it stopped
+
+    def append_to_conversation(self, session: str, message: dict[str, Any]) -> None:
+        with self.lock, self.db:
+            self.db.execute(
+                "insert into conversations values (?, "
+                "(select coalesce(max(position), -1) + 1 from conversations where session = ?), ?)",
+                (session, session, json.dumps(message, ensure_ascii=False)),
+            )
+
+    def conversation(self, session: str) -> list[dict[str, Any]]:
+        """The session's messages so far (no system prompt), up to its last complete turn: a run that stopped
+        between a tool call and its result leaves the call out, as a server would refuse an unanswered call."""
+        with self.lock:
+            rows = self.db.execute(
+                "select message from conversations where session = ? order by position", (session,)
+            ).fetchall()
+        return complete_turns([json.loads(message) for (message,) in rows])
 
     def tools(self) -> list[Tool]:
         """The memory's tools; plain functions, so each call runs in a worker thread (SQLite, the embedder)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -248,6 +249,20 @@ def test_cli_agent_activates_a_skill_and_preloads_one_with_skill(server: ServerP
     assert system["role"] == "system" and system["content"].startswith(
         'Be brief.\n\n<skill_content name="csv-summary">'
     )
+
+
+def test_cli_without_a_task_holds_a_conversation_of_the_lines_piped_in(server: ServerProcess) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "ember.cli", "agent", "--url", f"{server.url}/v1", "--max-tokens", "12"],
+        input="Say hello.\n\nNow say goodbye.\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    prompts = [int(n) for n in re.findall(r"\[1 turns, 0 tool calls, (\d+) prompt", done.stderr)]
+    assert len(prompts) == 2 and prompts[1] > prompts[0] + 12  # the second turn's prompt holds the first exchange
 
 
 def test_cli_errors_are_one_line_messages(server: ServerProcess) -> None:

@@ -4,11 +4,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import asdict
 from pathlib import Path
@@ -23,7 +24,12 @@ from ember.agents.tools import Toolbox, ToolResult
 
 
 def add_agent_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("task", help="what the agent should do (the first user message)")
+    parser.add_argument(
+        "task",
+        nargs="?",
+        help="what the agent should do (the first user message); without it, a conversation: each line typed "
+        "(or piped in) is the next message, until end of input (Ctrl-D)",
+    )
     m = parser.add_argument_group("model")
     m.add_argument(
         "--url",
@@ -199,7 +205,7 @@ async def run_agent(args: argparse.Namespace, url: str, skills: SkillLibrary | N
             active = [skills.activate(name, in_sandbox=args.sandbox) for name in args.skill]
             instructions = "\n\n".join([*([args.instructions] if args.instructions else []), *active])
         on_message = None
-        task: str | list[dict[str, Any]] = args.task
+        conversation: list[dict[str, Any]] = []  # earlier messages, without the system prompt
         if args.memory:
             memory = Memory(args.memory, embedder=None if args.no_embeddings else installed_embedder())
             stack.callback(memory.close)
@@ -207,9 +213,8 @@ async def run_agent(args: argparse.Namespace, url: str, skills: SkillLibrary | N
                 toolbox.add(tool)
             instructions = memory.instructions(instructions)
             session = args.session or f"session-{uuid.uuid4().hex[:8]}"
-            if earlier := memory.conversation(session):
-                print(f"ember: continuing session {session} ({len(earlier)} earlier messages)", file=sys.stderr)
-                task = [*earlier, {"role": "user", "content": args.task}]
+            if conversation := memory.conversation(session):
+                print(f"ember: continuing session {session} ({len(conversation)} earlier messages)", file=sys.stderr)
             on_message = memory.recorder(session)
         try:
             model = (args.model if args.url else None) or (await client.models.list()).data[0].id
@@ -227,12 +232,35 @@ async def run_agent(args: argparse.Namespace, url: str, skills: SkillLibrary | N
             max_tokens=args.max_tokens,
             on_message=on_message,
         )
-        try:
-            async for event in agent.stream(task):
-                show(event, quiet=args.json)
-        except openai.APIError as e:
-            raise ValueError(f"the model API at {url} failed: {e}") from e
+        tasks = [args.task] if args.task is not None else interactive_tasks()
+        async for text in tasks_of(tasks):
+            try:
+                async for event in agent.stream([*conversation, {"role": "user", "content": text}]):
+                    show(event, quiet=args.json)
+                    if isinstance(event.result, AgentResult):
+                        conversation = [m for m in event.result.messages if m["role"] != "system"]
+            except openai.APIError as e:
+                raise ValueError(f"the model API at {url} failed: {e}") from e
     return 0
+
+
+def interactive_tasks() -> Iterator[str]:
+    """Lines typed at the prompt (or piped in), until end of input; blank lines are skipped."""
+    prompt = "you> " if sys.stdin.isatty() else ""
+    while True:
+        try:
+            line = input(prompt)
+        except EOFError:
+            return
+        if line.strip():
+            yield line
+
+
+async def tasks_of(tasks: Iterable[str]) -> AsyncIterator[str]:
+    """Reads each task in a worker thread, so that waiting for a line never blocks the event loop (MCP servers)."""
+    iterator = iter(tasks)
+    while (task := await asyncio.to_thread(next, iterator, None)) is not None:
+        yield task
 
 
 def show(event: AgentEvent, quiet: bool) -> None:

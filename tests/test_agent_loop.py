@@ -106,6 +106,11 @@ def test_shrink_clears_old_tool_results_then_drops_old_turns_but_keeps_task_skil
     assert messages == [system, task, *turn(2, skill), *turn(4, "latest")]
     assert [m["content"] for m in messages if m["role"] == "tool"] == [skill, "latest"]
     assert shrink([system, task, *turn(1, "only")]) == ""  # nothing but the latest turn: nothing to take
+    earlier = [{"role": "user", "content": "yesterday"}, {"role": "assistant", "content": "noted"}]
+    continued = [system, *earlier, task]  # a continued session: the task is the latest user message
+    assert shrink(continued) == "dropped the oldest turn (1 message(s))" and continued == [system, earlier[1], task]
+    assert shrink(continued) == "dropped the oldest turn (1 message(s))" and continued == [system, task]
+    assert shrink(continued) == ""
 
 
 def test_a_conversation_over_the_context_is_shrunk_and_the_run_goes_on() -> None:

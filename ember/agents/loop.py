@@ -216,10 +216,11 @@ def shrink(messages: list[dict[str, Any]]) -> str:
     """Shorten the conversation by its oldest removable part, in place, and say what went ("" when nothing can
     go). First the results of the oldest turn whose tool results are not yet cleared (each call keeps a reply,
     so the conversation stays valid), then the oldest whole turn. Always kept: the system prompt, the task (the
-    first user message), the latest turn, and activated skills' instructions."""
-    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), len(messages))
-    starts = [i for i in range(first_user + 1, len(messages)) if messages[i]["role"] in ("assistant", "user")]
-    turns = list(itertools.pairwise(starts))  # every turn but the latest
+    latest user message; earlier ones are a continued session's history), the latest turn, and activated skills'
+    instructions."""
+    task = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    starts = [i for i, m in enumerate(messages) if m["role"] in ("assistant", "user")]
+    turns = [(start, end) for start, end in itertools.pairwise(starts) if start != task]  # not the latest either
 
     def kept(message: dict[str, Any]) -> bool:
         return str(message.get("content") or "").startswith(PROTECTED_PREFIXES)

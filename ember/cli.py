@@ -382,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
         "agent",
         help="run a task through the tool-calling loop: a model behind the OpenAI API, MCP tools, a sandbox",
         description="Runs TASK as an agent: the model is asked, the tools it calls are run (MCP servers, the "
-        "sandbox), their results handed back, until it answers or --max-turns is reached. Model text goes to "
+        "sandbox, skills, memory), their results handed back, until it answers or --max-turns is reached. "
+        "Without TASK, a conversation: each line typed (or piped in) is the next message. Model text goes to "
         "stdout, tool calls and results to stderr.",
     )
     add_agent_args(agent)

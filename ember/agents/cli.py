@@ -19,7 +19,7 @@ from ember.agents.embeddings import INSTALL_HINT, Embedder, embedding_model_path
 from ember.agents.loop import Agent, AgentEvent, AgentResult
 from ember.agents.memory import Memory
 from ember.agents.sandbox import Sandbox, SandboxLimits
-from ember.agents.skills import SkillLibrary, validate
+from ember.agents.skills import SkillLibrary, skill_folders, validate
 from ember.agents.tools import Toolbox, ToolResult
 
 
@@ -337,8 +337,6 @@ def list_skills(args: argparse.Namespace) -> int:
 
 def validate_skills(args: argparse.Namespace) -> int:
     """`ember skills validate DIR...`: each skill's breaches of the spec; exit 1 when there is any."""
-    from ember.agents.skills import skill_folders
-
     failed = 0
     for root in args.skills:
         folders = list(skill_folders(Path(root).resolve())) if Path(root).is_dir() else []

@@ -175,7 +175,7 @@ def test_agent_refuses_a_tool_choice_it_cannot_honour(server: ServerProcess) -> 
 @needs_bwrap
 def test_sandbox_tools_over_mcp_run_the_models_code(server: ServerProcess, tmp_path) -> None:
     """`ember mcp sandbox` as a real stdio MCP server: the model's code runs there, and the reply is what the
-    same code gives in a sandbox run directly."""
+    same code gives in a sandbox's Python session run directly."""
 
     async def run() -> AgentResult:
         command = f"{sys.executable} -m ember.cli mcp sandbox --workspace {tmp_path}"
@@ -189,7 +189,7 @@ def test_sandbox_tools_over_mcp_run_the_models_code(server: ServerProcess, tmp_p
     call, outcome = result.tool_calls[0]
     assert call.name == "run_python"
     with Sandbox(tmp_path) as sandbox:
-        direct = asyncio.run(sandbox.run_python(json.loads(call.arguments)["code"]))
+        direct = sandbox.python_session().run(json.loads(call.arguments)["code"])
     assert outcome.content == direct.as_text()
     assert result.messages[2] == {"role": "tool", "tool_call_id": call.id, "content": outcome.content}
 

@@ -1,4 +1,5 @@
-"""What one sandboxed run costs: a fresh bubblewrap container per call, directly and through `ember mcp sandbox`.
+"""What one sandboxed run costs: a fresh bubblewrap container per call, or a run in the sandbox's persistent
+Python session, directly and through `ember mcp sandbox`; and a numpy import, fresh each time or once per session.
 
 Usage: .venv/bin/python benchmarks/agents/sandbox_latency.py [--runs 30]
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import statistics
 import sys
 import time
@@ -28,13 +30,25 @@ async def timed(call: Callable[[], Awaitable[object]], runs: int) -> str:
 
 async def main(runs: int) -> None:
     with Sandbox() as sandbox:
-        print(f"run_python print(1), direct:  {await timed(lambda: sandbox.run_python('print(1)'), runs)}")
-        print(f"run_shell echo 1, direct:     {await timed(lambda: sandbox.run_shell('echo 1'), runs)}")
-    start = time.perf_counter()
-    async with mcp_tools([f"{sys.executable} -m ember.cli mcp sandbox"]) as tools:
-        print(f"MCP server start and tools/list: {(time.perf_counter() - start) * 1000:.0f} ms")
-        python = next(t for t in tools if t.name == "run_python")
-        print(f"run_python print(1), over MCP: {await timed(lambda: python.run({'code': 'print(1)'}), runs)}")
+        session = sandbox.python_session()
+        start = time.perf_counter()
+        await session.run_async("pass")
+        print(f"Python session start (its first run): {(time.perf_counter() - start) * 1000:.0f} ms")
+        print(f"run_python print(1), fresh, direct:   {await timed(lambda: sandbox.run_python('print(1)'), runs)}")
+        print(f"run_python print(1), session, direct: {await timed(lambda: session.run_async('print(1)'), runs)}")
+        print(f"run_shell echo 1, direct:             {await timed(lambda: sandbox.run_shell('echo 1'), runs)}")
+    with Sandbox(python_env=sys.prefix) as sandbox:  # this environment's packages, numpy among them
+        code = "import numpy\nprint(numpy.arange(10).sum())"
+        print(f"import numpy and use it, fresh:       {await timed(lambda: sandbox.run_python(code), runs)}")
+        session = sandbox.python_session()
+        print(f"import numpy and use it, session:     {await timed(lambda: session.run_async(code), runs)}")
+    for flags, label in (("", "session"), (" --sandbox-fresh-python", "fresh")):
+        start = time.perf_counter()
+        async with mcp_tools([f"{sys.executable} -m ember.cli mcp sandbox{flags}"]) as tools:
+            print(f"MCP server start and tools/list:      {(time.perf_counter() - start) * 1000:.0f} ms")
+            python = next(t for t in tools if t.name == "run_python")
+            took = await timed(functools.partial(python.run, {"code": "print(1)"}), runs)
+            print(f"run_python print(1), {label}, over MCP: {took}")
 
 
 if __name__ == "__main__":

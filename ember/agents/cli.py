@@ -20,7 +20,7 @@ from ember.agents.loop import Agent, AgentEvent, AgentResult
 from ember.agents.memory import Memory
 from ember.agents.sandbox import Sandbox, SandboxLimits
 from ember.agents.skills import SkillLibrary, skill_folders, validate
-from ember.agents.tools import Toolbox, ToolResult
+from ember.agents.tools import Tool, Toolbox, ToolResult
 
 
 def add_agent_args(parser: argparse.ArgumentParser) -> None:
@@ -108,7 +108,11 @@ def add_sandbox_args(group: Any) -> None:
         "--workspace", default=None, help="the host folder the sandbox sees as /workspace (default: a temporary one)"
     )
     group.add_argument(
-        "--sandbox-timeout", type=float, default=30.0, help="seconds one sandboxed run may take (default 30)"
+        "--sandbox-timeout",
+        type=float,
+        default=30.0,
+        help="seconds one sandboxed run may take (default 30); in the Python session, code still running then is "
+        "interrupted, and its container killed (variables lost) if it has not stopped 5 s later",
     )
     group.add_argument(
         "--sandbox-memory-mb", type=int, default=1024, help="address space of a sandboxed process (default 1024)"
@@ -120,6 +124,12 @@ def add_sandbox_args(group: Any) -> None:
         metavar="VENV",
         help="a virtual environment lent read-only, whose Python (and packages) sandboxed code runs with "
         "(default: the standard library only)",
+    )
+    group.add_argument(
+        "--sandbox-fresh-python",
+        action="store_true",
+        help="run each run_python call as a fresh program (default: in one Python session per sandbox, as notebook "
+        "cells: variables, imports and functions carry over from call to call)",
     )
 
 
@@ -144,6 +154,14 @@ def add_skills_args(group: Any) -> None:
         "repeatable, the first wins a name clash. Adds activate_skill and read_skill_file; with --sandbox, skill "
         "folders are at /skills/<name> there (read-only), so their scripts run",
     )
+
+
+def sandbox_tools(
+    args: argparse.Namespace, stack: ExitStack | AsyncExitStack, skills: SkillLibrary | None
+) -> list[Tool]:
+    """run_python and run_shell of a sandbox from the command line's options, closed with `stack`."""
+    sandbox = stack.enter_context(sandbox_from_args(args, skills))
+    return sandbox.tools(python_session=not args.sandbox_fresh_python)
 
 
 def sandbox_from_args(args: argparse.Namespace, skills: SkillLibrary | None = None) -> Sandbox:
@@ -193,9 +211,8 @@ async def run_agent(args: argparse.Namespace, url: str, skills: SkillLibrary | N
     client = openai.AsyncOpenAI(base_url=url, api_key=args.api_key or os.environ.get("OPENAI_API_KEY") or "none")
     async with AsyncExitStack() as stack:
         toolbox = Toolbox(timeout=args.tool_timeout)
-        if args.sandbox:
-            for tool in stack.enter_context(sandbox_from_args(args, skills)).tools():
-                toolbox.add(tool)
+        for tool in sandbox_tools(args, stack, skills) if args.sandbox else []:
+            toolbox.add(tool)
         for tool in skills.tools(in_sandbox=args.sandbox) if skills else []:
             toolbox.add(tool)
         for tool in await stack.enter_async_context(mcp_tools(args.mcp, timeout=args.tool_timeout)):
@@ -299,9 +316,12 @@ def serve_sandbox(args: argparse.Namespace) -> int:
     """`ember mcp sandbox`: the sandbox's tools over MCP on stdin/stdout, until the client hangs up."""
     from ember.agents.mcp_server import mcp_server, serve
 
-    with sandbox_from_args(args) as sandbox:
+    with ExitStack() as stack:
         instructions = "Runs code in a bubblewrap sandbox with no network; /workspace keeps files between calls."
-        serve(mcp_server("ember-sandbox", instructions, Toolbox(sandbox.tools(), timeout=None)), args.port, args.host)
+        if not args.sandbox_fresh_python:
+            instructions += " run_python runs in one Python session, shared by every client: variables carry over."
+        toolbox = Toolbox(sandbox_tools(args, stack, None), timeout=None)
+        serve(mcp_server("ember-sandbox", instructions, toolbox), args.port, args.host)
     return 0
 
 
@@ -314,9 +334,8 @@ def serve_skills(args: argparse.Namespace) -> int:
     assert skills is not None  # --skills is required by the parser
     with ExitStack() as stack:
         toolbox = Toolbox(skills.tools(in_sandbox=args.sandbox), timeout=None)
-        if args.sandbox:
-            for tool in stack.enter_context(sandbox_from_args(args, skills)).tools():
-                toolbox.add(tool)
+        for tool in sandbox_tools(args, stack, skills) if args.sandbox else []:
+            toolbox.add(tool)
         instructions = "Agent Skills: call activate_skill when a task matches a skill's description.\n"
         instructions += skills.catalog()
         serve(mcp_server("ember-skills", instructions, toolbox), args.port, args.host)

@@ -5,7 +5,8 @@ unless asked for), every capability dropped, an unprivileged uid, the system's /
 interpreter read-only, a private /tmp, one host folder, the workspace, read-write at /workspace, which keeps
 files from one run to the next, and any folders lent read-only (e.g. skills, at /skills/<name>). Limits: wall
 time (the whole container is killed), address space, file size, CPU time, and how much output is kept (the
-rest is read and dropped, so a flood cannot fill memory).
+rest is read and dropped, so a flood cannot fill memory). `python_session()` keeps one Python interpreter in such
+a container across runs (`python_session.py`), which is what the run_python tool uses by default.
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ember.agents.tools import Tool, ToolResult, function_tool
+
+if TYPE_CHECKING:
+    from ember.agents.python_session import PythonSession
 
 WORKSPACE = "/workspace"
 
@@ -46,12 +51,14 @@ class RunResult:
     stderr: str
     timed_out: bool = False
     truncated: bool = False
+    notice: str = ""  # what a Python session adds (a restart, how a time-out ended), shown first
 
     def as_text(self) -> str:
         """The result as a model reads it."""
-        parts = []
+        parts = [self.notice] if self.notice else []
         if self.timed_out:
-            parts.append("[killed: over the time limit]")
+            if not self.notice:
+                parts.append("[killed: over the time limit]")
         elif self.exit_code:
             parts.append(f"[exit code {self.exit_code}]")
         if self.stdout:
@@ -125,6 +132,7 @@ class Sandbox:
             self.python = os.path.realpath(os.path.join(sys.base_prefix, "bin", "python3"))
         else:
             self.python = str(self.python_env / "bin" / "python3")  # not resolved: its pyvenv.cfg makes it the env
+        self.session: PythonSession | None = None
         self.check()
 
     def check(self) -> None:
@@ -141,10 +149,14 @@ class Sandbox:
         self.close()
 
     def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
         if self.owns_workspace:
             shutil.rmtree(self.workspace, ignore_errors=True)
 
-    def bubblewrap_args(self) -> list[str]:
+    def bubblewrap_args(self, writable: Mapping[Path, str] | None = None) -> list[str]:
+        """The container's command line, up to the program to run; `writable` adds host folders lent read-write
+        at the given paths (a Python session's output folder)."""
         args = [self.bwrap, "--unshare-all", "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL"]
         args += ["--die-with-parent", "--new-session", "--hostname", "sandbox"]
         if self.network:
@@ -169,17 +181,21 @@ class Sandbox:
         args += ["--bind", str(self.workspace.resolve()), WORKSPACE, "--chdir", WORKSPACE]
         for host, inside in self.read_only.items():
             args += ["--ro-bind", str(host), inside]
+        for host, inside in (writable or {}).items():
+            args += ["--bind", str(host), inside]
         args += ["--clearenv", "--setenv", "PATH", path, "--setenv", "HOME", WORKSPACE]
         args += ["--setenv", "LANG", "C.UTF-8", "--setenv", "PYTHONDONTWRITEBYTECODE", "1", "--"]
         return args
 
-    def set_limits(self) -> None:
-        """Runs in the child before exec: the limits hold for every process of the container."""
+    def set_limits(self, cpu: bool = True) -> None:
+        """Runs in the child before exec: the limits hold for every process of the container. `cpu`: CPU time
+        as long as the time limit (a Python session, which outlives many runs, has none)."""
         mb = 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (self.limits.memory_mb * mb,) * 2)
         resource.setrlimit(resource.RLIMIT_FSIZE, (self.limits.file_size_mb * mb,) * 2)
-        cpu = int(self.limits.timeout_s) + 1
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+        if cpu:
+            seconds = int(self.limits.timeout_s) + 1
+            resource.setrlimit(resource.RLIMIT_CPU, (seconds, seconds))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
     async def run(self, argv: list[str], stdin: str = "") -> RunResult:
@@ -227,18 +243,30 @@ class Sandbox:
     async def run_shell(self, command: str) -> RunResult:
         return await self.run(["/bin/sh", "-c", command])
 
-    def tools(self) -> list[Tool]:
-        """The sandbox as two agent tools, run_python and run_shell."""
+    def python_session(self) -> PythonSession:
+        """The sandbox's persistent Python session (started on its first run, stopped by close())."""
+        from ember.agents.python_session import PythonSession  # it builds on this module
+
+        if self.session is None:
+            self.session = PythonSession(self)
+        return self.session
+
+    def tools(self, python_session: bool = True) -> list[Tool]:
+        """The sandbox as two agent tools, run_python and run_shell. `python_session`: run_python runs in the
+        sandbox's persistent Python session (variables carry over); otherwise each call is a fresh program."""
 
         async def run_python(code: str) -> ToolResult:
+            if python_session:
+                return tool_result(await self.python_session().run_async(code))
             return tool_result(await self.run_python(code))
 
         async def run_shell(command: str) -> ToolResult:
             return tool_result(await self.run_shell(command))
 
         packages = "standard library only" if self.python_env is None else "standard library and installed packages"
+        description = RUN_PYTHON_SESSION_DESCRIPTION if python_session else RUN_PYTHON_DESCRIPTION
         return [
-            function_tool(run_python, description=RUN_PYTHON_DESCRIPTION.format(packages=packages)),
+            function_tool(run_python, description=description.format(packages=packages)),
             function_tool(run_shell, description=RUN_SHELL_DESCRIPTION),
         ]
 
@@ -246,6 +274,11 @@ class Sandbox:
 RUN_PYTHON_DESCRIPTION = (
     "Run a Python 3 program in a sandbox ({packages}, no network; files persist in the working directory "
     "/workspace) and return what it printed. Use print() to show results."
+)
+RUN_PYTHON_SESSION_DESCRIPTION = (
+    "Run Python 3 code in a persistent sandboxed session ({packages}, no network), like a notebook cell: "
+    "variables, imports and functions carry over to the next call, and the value of a last bare expression is "
+    "shown; print() shows anything else. Files persist in the working directory /workspace."
 )
 RUN_SHELL_DESCRIPTION = (
     "Run a shell command in a sandbox (no network; files persist in the working directory /workspace) and "

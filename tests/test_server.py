@@ -13,6 +13,7 @@ import jsonschema
 import openai
 import pydantic
 import pytest
+import torch
 from openai import AsyncOpenAI, OpenAI
 
 from ember.engine.engine import LLM
@@ -122,6 +123,72 @@ def test_completions_with_token_ids_equal_offline_greedy(client: OpenAI, smollm:
     )
     text = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=16, temperature=0)
     assert text.choices[0].text == offline[0].outputs[0].text
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_hf_does(client: OpenAI, smollm: LLM, hf_smollm: Any) -> None:
+    """lm-evaluation-harness's loglikelihood request (echo, logprobs=1, max_tokens=1, greedy) on context +
+    continuation: every prompt token after the first gets its logprob under the model, as HF computes it."""
+    ids = smollm.tokenizer("Question: What is the capital of France?\nAnswer: Paris")["input_ids"]
+    resp = client.completions.create(model=MODEL, prompt=[ids], echo=True, logprobs=1, max_tokens=1, temperature=0)
+    choice = resp.choices[0]
+    assert choice.text.startswith(smollm.tokenizer.decode(ids)) and len(choice.text) > len(smollm.tokenizer.decode(ids))
+    lp = choice.logprobs
+    assert lp is not None and len(lp.tokens) == len(ids) + 1 and lp.tokens[0] == smollm.tokenizer.decode(ids[:1])
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    with torch.no_grad():
+        hf = torch.log_softmax(hf_smollm(torch.tensor([ids])).logits[0].float(), dim=-1)
+    expected = [hf[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    assert lp.token_logprobs[1 : len(ids)] == pytest.approx(expected, abs=2e-3)
+    for i in range(1, len(ids)):  # lm-eval's "is greedy": the token's logprob is the best of its top entry
+        assert (max(lp.top_logprobs[i].values()) == lp.token_logprobs[i]) == (hf[i - 1].argmax().item() == ids[i])
+    assert lp.text_offset[:3] == [0, len(lp.tokens[0]), len(lp.tokens[0]) + len(lp.tokens[1])]
+    assert resp.usage.prompt_tokens == len(ids) and resp.usage.completion_tokens == 1
+
+
+def test_echo_streamed_and_without_logprobs(client: OpenAI) -> None:
+    prompts = ["The capital of France is", "def add(a, b):"]
+    whole = client.completions.create(model=MODEL, prompt=prompts, echo=True, max_tokens=6, temperature=0, n=2)
+    texts = {c.index: c.text for c in whole.choices}
+    assert texts[0] == texts[1] and texts[0].startswith(prompts[0]) and texts[2].startswith(prompts[1])
+    assert all(c.logprobs is None for c in whole.choices)
+    streamed: dict[int, str] = {}
+    offsets: dict[int, list[int]] = {}
+    kwargs: dict[str, Any] = {"echo": True, "max_tokens": 6, "temperature": 0, "n": 2, "logprobs": 0, "stream": True}
+    for chunk in client.completions.create(model=MODEL, prompt=prompts, **kwargs):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+            assert c.logprobs is not None
+            offsets.setdefault(c.index, []).extend(c.logprobs.text_offset)
+    assert streamed == texts
+    assert all(o[0] == 0 and o == sorted(o) for o in offsets.values())  # one text: the prompt's, then the reply's
+
+
+def test_tokenize_detokenize_and_tokenizer_info_agree_with_completions(server: ServerProcess, client: OpenAI) -> None:
+    """vLLM's tokenizer endpoints, as lm-evaluation-harness's remote tokenizer calls them."""
+    text = "Ember tokenizes this."
+    tokens = httpx.post(f"{server.url}/tokenize", json={"prompt": text, "return_token_strs": True}).json()
+    assert tokens["count"] == len(tokens["tokens"]) and "".join(tokens["token_strs"]) == text
+    assert tokens["max_model_len"] == 8192
+    completion = client.completions.create(model=MODEL, prompt=text, max_tokens=1)
+    assert completion.usage.prompt_tokens == tokens["count"]
+    assert httpx.post(f"{server.url}/detokenize", json={"tokens": tokens["tokens"]}).json() == {"prompt": text}
+    messages = [{"role": "user", "content": "Hello there"}]
+    chat = httpx.post(f"{server.url}/tokenize", json={"messages": messages}).json()
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)  # type: ignore[arg-type]
+    assert chat["count"] == reply.usage.prompt_tokens
+    open_turn = httpx.post(f"{server.url}/tokenize", json={"messages": messages, "add_generation_prompt": False})
+    assert chat["tokens"][: open_turn.json()["count"]] == open_turn.json()["tokens"] < chat["tokens"]
+    info = httpx.get(f"{server.url}/tokenizer_info").json()
+    assert info["eos_token"] == "<|im_end|>" and "{% for message in messages %}" in info["chat_template"]
+    for path, body, param in [
+        ("/tokenize", {}, "prompt"),
+        ("/tokenize", {"prompt": "a", "messages": messages}, "prompt"),
+        ("/tokenize", {"prompt": "a", "model": "other"}, "model"),
+        ("/detokenize", {"tokens": [-1]}, "tokens"),
+        ("/detokenize", {"tokens": "abc"}, "tokens"),
+    ]:
+        bad = httpx.post(f"{server.url}{path}", json=body)
+        assert bad.status_code in (400, 404) and bad.json()["error"]["param"] == param, (path, body, bad.text)
 
 
 async def _stream_clients(server: ServerProcess, count: int) -> list[str]:
@@ -241,10 +308,10 @@ def test_bad_completion_requests(server: ServerProcess, client: OpenAI) -> None:
     too_long = [5] * 9000
     for kwargs, param in [
         ({"prompt": too_long}, "messages"),
-        ({"prompt": "hi", "echo": True}, "echo"),
         ({"prompt": "hi", "suffix": "x"}, "suffix"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": [[1, 2, 10**9]]}, None),
+        ({"prompt": [[1, 2, 10**9]], "echo": True}, "prompt"),
     ]:
         with pytest.raises(openai.BadRequestError) as info:
             client.completions.create(model=MODEL, max_tokens=4, **kwargs)

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
+"""The OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics, and
+vLLM's /tokenize, /detokenize and /tokenizer_info.
 
 Every error is an OpenAI-style body `{"error": {"message", "type", "param", "code"}}` with a 4xx status
 for the caller's mistakes; one bad request never affects the others.
@@ -7,6 +8,7 @@ for the caller's mistakes; one bad request never affects the others.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -22,12 +24,21 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 import ember
 from ember.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
 from ember.engine.engine import merge_output
-from ember.engine.request import RequestOutput
+from ember.engine.request import RequestOutput, TokenLogprob
 from ember.engine.sampling_params import SamplingParams
 from ember.engine.structured_output import StructuredOutputs
 from ember.server.chat import ChatFormatter
 from ember.server.metrics import EngineMetrics
-from ember.server.protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice, Tool, new_id, now
+from ember.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    NamedToolChoice,
+    TokenizeRequest,
+    Tool,
+    new_id,
+    now,
+)
 from ember.server.tools import ToolCallParser, split_tool_calls, tool_call_constraint
 
 
@@ -269,15 +280,19 @@ class OpenAIServer:
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self.check_model(body.model)
-        if body.echo:
-            raise APIError(400, "'echo' is not supported by this server", param="echo")
         if body.suffix:
             raise APIError(400, "'suffix' is not supported by this server", param="suffix")
-        prompts = self.completion_prompts(body.prompt)
+        items = prompt_items(body.prompt)
+        prompts = [self.prompt_ids(item) for item in items]
         for ids in prompts:
             self.check_prompt_length(ids, body.max_tokens)
         max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default for completions
         params = self.sampling_params(body, max_tokens, body.logprobs)
+        echoes = None  # each prompt's text, which its choices start with
+        if body.echo:
+            echoes = [item if isinstance(item, str) else self.decode(item) for item in items]
+        if body.echo and body.logprobs is not None:  # the prompt's tokens get logprobs too (scoring, lm-eval)
+            params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
         request_id, created = new_id("cmpl"), now()
         streams = [self.stream_outputs(ids, params) for ids in prompts]
         if body.stream:
@@ -293,20 +308,20 @@ class OpenAIServer:
                 sum(len(p) for p in prompts),
                 include_usage,
                 body.logprobs is not None,
+                echoes,
             )
             return StreamingResponse(chunks, media_type="text/event-stream")
         finals = await asyncio.gather(*(collect(s, request) for s in streams))
         choices = []
         for prompt_index, final in enumerate(finals):
+            echo = None if echoes is None else echoes[prompt_index]
             for o in final.outputs:
                 choices.append(
                     {
                         "index": prompt_index * body.n + o.index,
-                        "text": o.text,
+                        "text": o.text if echo is None else echo + o.text,
                         "finish_reason": o.finish_reason,
-                        "logprobs": self.formatter.completion_logprobs(o.logprobs, 0)
-                        if o.logprobs is not None
-                        else None,
+                        "logprobs": self.completion_logprobs(o.logprobs, 0, final, echo is not None),
                     }
                 )
         completion_tokens = sum(len(o.token_ids) for f in finals for o in f.outputs)
@@ -333,25 +348,34 @@ class OpenAIServer:
         prompt_tokens: int,
         include_usage: bool,
         want_logprobs: bool,
+        echoes: list[str] | None,
     ) -> AsyncIterator[str]:
+        """Chunks as tokens arrive; with `echoes`, each choice's first chunk starts with its prompt (and, with
+        logprobs, the prompt's tokens)."""
         base = {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name}
         completion_tokens = 0
-        offsets: dict[int, int] = {}
+        offsets: dict[int, int] = {}  # per choice: where its next token's text starts (logprobs' text_offset)
         cached: dict[int, int] = {}
+        prompt_outputs: dict[int, RequestOutput] = {}  # per prompt: the output that carried its prompt logprobs
         async for prompt_index, out in prepend(first, rest):
             cached[prompt_index] = max(cached.get(prompt_index, 0), out.num_cached_tokens)
+            if out.prompt_logprobs is not None:
+                prompt_outputs[prompt_index] = out
             for o in out.outputs:
                 index = prompt_index * n + o.index
                 completion_tokens += len(o.token_ids)
+                echo = echoes[prompt_index] if echoes is not None and index not in offsets else None
+                text = o.text if echo is None else echo + o.text
                 logprobs = None
-                if want_logprobs and o.logprobs is not None:
-                    logprobs = self.formatter.completion_logprobs(o.logprobs, offsets.get(index, 0))
-                offsets[index] = offsets.get(index, 0) + len(o.text)
+                if want_logprobs:
+                    prompt = prompt_outputs.get(prompt_index, out)
+                    logprobs = self.completion_logprobs(o.logprobs, offsets.get(index, 0), prompt, echo is not None)
+                offsets[index] = offsets.get(index, 0) + len(text)
                 yield sse(
                     {
                         **base,
                         "choices": [
-                            {"index": index, "text": o.text, "logprobs": logprobs, "finish_reason": o.finish_reason}
+                            {"index": index, "text": text, "logprobs": logprobs, "finish_reason": o.finish_reason}
                         ],
                     }
                 )
@@ -360,24 +384,37 @@ class OpenAIServer:
             yield sse({**base, "choices": [], "usage": usage})
         yield sse("[DONE]")
 
-    def completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
-        """A string, strings, token ids or lists of token ids, as lists of token ids."""
-        items: list[Any] = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not items:
+    def prompt_ids(self, item: str | list[int]) -> list[int]:
+        """One prompt, text or token ids, as token ids."""
+        if isinstance(item, str):
+            tokenizer = self.engine.engine.tokenizer
+            if tokenizer is None:
+                raise APIError(400, "this model has no tokenizer: send token ids", param="prompt")
+            item = tokenizer(item)["input_ids"]
+        if not item:
             raise APIError(400, "'prompt' is empty", param="prompt")
-        if all(isinstance(x, int) for x in items):
-            items = [items]
-        prompts = []
-        for item in items:
-            if isinstance(item, str):
-                tokenizer = self.engine.engine.tokenizer
-                if tokenizer is None:
-                    raise APIError(400, "this model has no tokenizer: send token ids", param="prompt")
-                item = tokenizer(item)["input_ids"]
-            if not item:
-                raise APIError(400, "'prompt' is empty", param="prompt")
-            prompts.append(list(item))
-        return prompts
+        return list(item)
+
+    def decode(self, token_ids: list[int], param: str = "prompt") -> str:
+        tokenizer = self.engine.engine.tokenizer
+        if tokenizer is None:
+            raise APIError(400, "this model has no tokenizer to turn token ids into text", param=param)
+        vocab = self.engine.engine.model_config.vocab_size
+        if not all(0 <= t < vocab for t in token_ids):
+            raise APIError(400, f"token ids must be integers in [0, {vocab})", param=param)
+        return str(tokenizer.decode(token_ids))
+
+    def completion_logprobs(
+        self, logprobs: list[TokenLogprob] | None, text_offset: int, output: RequestOutput, echo: bool
+    ) -> dict[str, Any] | None:
+        """The legacy logprobs object of a choice's new tokens; with `echo`, its prompt's tokens come first (the
+        very first with a null logprob: nothing precedes it)."""
+        if logprobs is None:
+            return None
+        entries = [(lp.token_id, lp) for lp in logprobs]
+        if echo and output.prompt_logprobs is not None:
+            entries = [*zip(output.prompt_token_ids, output.prompt_logprobs, strict=True), *entries]
+        return self.formatter.completion_logprobs(entries, text_offset)
 
     def sampling_params(
         self, body: Any, max_tokens: int | None, logprobs: int | None, structured: StructuredOutputs | None = None
@@ -386,6 +423,54 @@ class OpenAIServer:
             return body.sampling_params(max_tokens, logprobs, structured)  # type: ignore[no-any-return]
         except ValueError as e:
             raise APIError(400, str(e)) from e
+
+    # ------------------------------------------------------------------------------------------------
+    # Tokenizer endpoints (vLLM's): for clients that count or split tokens as the server does, e.g.
+    # lm-evaluation-harness with tokenizer_backend=remote, which then needs no tokenizer of its own
+
+    def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
+        self.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give either 'prompt' or 'messages'", param="prompt")
+        tokenizer = self.engine.engine.tokenizer
+        if tokenizer is None:
+            raise APIError(400, "this model has no tokenizer (dummy weights)", param="prompt")
+        if body.messages is not None:
+            try:
+                ids = self.formatter.prompt_ids(body.messages, body.tools, body.add_generation_prompt)
+            except ValueError as e:
+                raise APIError(400, str(e), param="messages") from e
+        else:
+            ids = tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+        strs = [self.formatter.token_text(t) for t in ids] if body.return_token_strs else None
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": strs}
+
+    def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
+        self.check_model(body.model)
+        return {"prompt": self.decode(body.tokens, param="tokens")}
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        """The tokenizer's special tokens and chat template, so that a client can render prompts itself."""
+        tokenizer = self.engine.engine.tokenizer
+        if tokenizer is None:
+            raise APIError(404, "this model has no tokenizer (dummy weights)")
+        names = ("bos_token", "eos_token", "pad_token", "unk_token")
+        special = {name: getattr(tokenizer, name, None) for name in names}
+        return {
+            "tokenizer_class": type(tokenizer).__name__,
+            **{name: value if isinstance(value, str) else None for name, value in special.items()},
+            "chat_template": getattr(tokenizer, "chat_template", None),
+            "model_max_length": self.max_model_len,
+            "vocab_size": self.engine.engine.model_config.vocab_size,
+        }
+
+
+def prompt_items(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """The prompts of a completion request: a string, strings, token ids or lists of token ids."""
+    items: list[Any] = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not items:
+        raise APIError(400, "'prompt' is empty", param="prompt")
+    return [items] if all(isinstance(x, int) for x in items) else items
 
 
 def tool_calls_finish_reason(finish_reason: str | None) -> str | None:
@@ -567,6 +652,18 @@ def build_app(server: OpenAIServer) -> FastAPI:
                 409, "requests are running; reset the prefix cache when the server is idle", code="engine_busy"
             )
         return JSONResponse({"status": "ok"})
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        return server.tokenize(body)
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        return server.detokenize(body)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        return server.tokenizer_info()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:

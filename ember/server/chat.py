@@ -17,10 +17,12 @@ class ChatFormatter:
         self.token_text = lru_cache(maxsize=65536)(self._token_text)
         self.native_tools = template_speaks_tool_calls(getattr(tokenizer, "chat_template", None))
 
-    def prompt_ids(self, messages: list[ChatMessage], tools: list[Tool] | None = None) -> list[int]:
-        """Apply the model's chat template and tokenize, with the assistant's turn opened. Tools, earlier tool
-        calls and tool results go through the template when it speaks `<tool_call>` blocks, else in Ember's
-        own rendering of the same format (see `tools.py`)."""
+    def prompt_ids(
+        self, messages: list[ChatMessage], tools: list[Tool] | None = None, add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Apply the model's chat template and tokenize, with the assistant's turn opened (unless not
+        `add_generation_prompt`). Tools, earlier tool calls and tool results go through the template when it
+        speaks `<tool_call>` blocks, else in Ember's own rendering of the same format (see `tools.py`)."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template; use /v1/completions")
         conversation = [self._message(m) for m in messages]
@@ -35,7 +37,7 @@ class ChatFormatter:
             conversation[0]["content"] += tools_instructions(tools)
         try:
             text = self.tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=True, **kwargs
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
             )
         except Exception as e:  # jinja raises for conversations the template rejects
             raise ValueError(f"the chat template rejected these messages: {e}") from e
@@ -72,15 +74,16 @@ class ChatFormatter:
             content.append({"token": text, "logprob": lp.logprob, "bytes": list(text.encode()), "top_logprobs": top})
         return {"content": content}
 
-    def completion_logprobs(self, logprobs: list[TokenLogprob], text_offset: int) -> dict[str, Any]:
-        """Legacy completions format: parallel lists of tokens, logprobs, top dicts and offsets."""
+    def completion_logprobs(self, entries: list[tuple[int, TokenLogprob | None]], text_offset: int) -> dict[str, Any]:
+        """Legacy completions format of (token id, its logprob) pairs: parallel lists of tokens, logprobs, top
+        dicts and offsets into the text; a token without a logprob (an echoed prompt's first) has nulls."""
         tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
         offset = text_offset
-        for lp in logprobs:
-            text = self.token_text(lp.token_id)
+        for token_id, lp in entries:
+            text = self.token_text(token_id)
             tokens.append(text)
-            token_logprobs.append(lp.logprob)
-            top_logprobs.append({self.token_text(tid): value for tid, value in lp.top})
+            token_logprobs.append(None if lp is None else lp.logprob)
+            top_logprobs.append(None if lp is None else {self.token_text(tid): value for tid, value in lp.top})
             offsets.append(offset)
             offset += len(text)
         return {

@@ -199,6 +199,24 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
 
 
+class TokenizeRequest(OpenAIModel):
+    """vLLM's /tokenize: a prompt, or chat messages (and tools) put through the chat template as a chat request
+    would be."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[Tool] | None = None
+    add_special_tokens: bool = True  # of a prompt (a chat template writes its own)
+    add_generation_prompt: bool = True  # of messages: end with the assistant's turn opened
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: str | None = None
+    tokens: list[int]
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 

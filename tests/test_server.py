@@ -15,6 +15,7 @@ import pydantic
 import pytest
 import torch
 from openai import AsyncOpenAI, OpenAI
+from openai.types.responses import ResponseFunctionToolCall
 
 from ember.engine.engine import LLM
 from ember.engine.sampling_params import SamplingParams
@@ -189,6 +190,117 @@ def test_tokenize_detokenize_and_tokenizer_info_agree_with_completions(server: S
     ]:
         bad = httpx.post(f"{server.url}{path}", json=body)
         assert bad.status_code in (400, 404) and bad.json()["error"]["param"] == param, (path, body, bad.text)
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+
+
+def tokens_of(server: ServerProcess, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> int:
+    body: dict[str, Any] = {"messages": messages}
+    if tools:
+        body["tools"] = [{"type": "function", "function": {k: v for k, v in t.items() if k != "type"}} for t in tools]
+    return int(httpx.post(f"{server.url}/tokenize", json=body).json()["count"])
+
+
+def test_responses_answer_as_chat_does_and_continue_by_previous_response_id(
+    server: ServerProcess, client: OpenAI
+) -> None:
+    question = "What is the capital of France?"
+    first = client.responses.create(
+        model=MODEL, input=question, instructions="Answer in one sentence.", temperature=0, max_output_tokens=30
+    )
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": "Answer in one sentence."}, {"role": "user", "content": question}],
+        temperature=0,
+        max_tokens=30,
+    )
+    assert first.id.startswith("resp_") and first.status == "completed" and first.output[0].type == "message"
+    assert first.output_text == chat.choices[0].message.content
+    assert first.usage is not None and first.usage.input_tokens == chat.usage.prompt_tokens
+    assert first.usage.output_tokens == chat.usage.completion_tokens
+    second = client.responses.create(
+        model=MODEL, input="And of Italy?", previous_response_id=first.id, temperature=0, max_output_tokens=30
+    )
+    conversation = [  # the earlier input and output, then the new input; instructions are not carried over
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "And of Italy?"},
+    ]
+    assert second.previous_response_id == first.id and second.usage is not None
+    assert second.usage.input_tokens == tokens_of(server, conversation)
+    assert client.responses.retrieve(second.id).output_text == second.output_text
+    client.responses.delete(second.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(second.id)
+    unstored = client.responses.create(model=MODEL, input="Hi", store=False, max_output_tokens=2)
+    assert unstored.status == "incomplete" and unstored.incomplete_details.reason == "max_output_tokens"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.responses.create(model=MODEL, input="Hi", previous_response_id=unstored.id)
+    assert missing.value.body["param"] == "previous_response_id"
+
+
+def test_responses_stream_the_same_output_as_events(client: OpenAI) -> None:
+    kwargs: dict[str, Any] = {"model": MODEL, "input": "Name three colors.", "temperature": 0, "max_output_tokens": 24}
+    whole = client.responses.create(**kwargs)
+    events = list(client.responses.create(stream=True, **kwargs))
+    assert [e.sequence_number for e in events] == list(range(1, len(events) + 1))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]  # fmt: skip
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed" if whole.status == "completed" else "response.incomplete"]  # fmt: skip
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    final = events[-1].response  # type: ignore[union-attr]
+    assert deltas == final.output_text == whole.output_text and final.usage is not None and whole.usage is not None
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (
+        whole.usage.input_tokens,
+        whole.usage.output_tokens,
+    )
+    assert final.usage.input_tokens_details.cached_tokens > 0  # the same prompt again: from the prefix cache
+
+
+def test_responses_function_calls_and_their_outputs(server: ServerProcess, client: OpenAI) -> None:
+    kwargs: dict[str, Any] = {"model": MODEL, "tools": [WEATHER_TOOL], "temperature": 0, "max_output_tokens": 60}
+    question = "What is the weather in Paris?"
+    called = client.responses.create(input=question, tool_choice="required", parallel_tool_calls=False, **kwargs)
+    assert called.status == "completed" and len(called.output) == 1
+    call = called.output[0]
+    assert isinstance(call, ResponseFunctionToolCall) and call.name == "get_weather"
+    assert json.loads(call.arguments) == {"city": "Paris"}
+    with client.responses.stream(input=question, tool_choice="required", parallel_tool_calls=False, **kwargs) as stream:
+        kinds = [event.type for event in stream]
+        streamed = stream.get_final_response()
+    assert "response.function_call_arguments.done" in kinds
+    assert [(i.type, getattr(i, "arguments", None)) for i in streamed.output] == [("function_call", call.arguments)]
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 22 C"}
+    answered = client.responses.create(previous_response_id=called.id, input=[result], **kwargs)  # type: ignore[list-item]
+    function = {"name": call.name, "arguments": call.arguments}
+    conversation = [
+        {"role": "user", "content": question},
+        {"role": "assistant", "tool_calls": [{"id": call.call_id, "type": "function", "function": function}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": "sunny, 22 C"},
+    ]
+    assert answered.usage is not None and answered.usage.input_tokens == tokens_of(server, conversation, [WEATHER_TOOL])
+    items = [
+        {"role": "user", "content": [{"type": "input_text", "text": question}]},
+        {"type": "function_call", "call_id": call.call_id, **function},
+        result,
+    ]
+    assert client.responses.create(input=items, **kwargs).output_text == answered.output_text  # type: ignore[arg-type]
+    for body, param in [
+        ({"input": [{"type": "input_image", "image_url": "x"}]}, "input"),
+        ({"input": []}, "input"),
+        ({"input": "hi", "tool_choice": "required"}, "tool_choice"),
+        ({"input": "hi", "max_output_tokens": 9000}, "max_output_tokens"),
+    ]:
+        bad = httpx.post(f"{server.url}/v1/responses", json={"model": MODEL, **body})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, (body, bad.text)
 
 
 async def _stream_clients(server: ServerProcess, count: int) -> list[str]:

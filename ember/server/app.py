@@ -31,6 +31,7 @@ from ember.server.chat import ChatFormatter
 from ember.server.metrics import EngineMetrics
 from ember.server.protocol import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
     NamedToolChoice,
@@ -38,6 +39,15 @@ from ember.server.protocol import (
     Tool,
     new_id,
     now,
+)
+from ember.server.responses import (
+    RESPONSES_PARAMS,
+    ResponseBuilder,
+    ResponsesRequest,
+    ResponseStore,
+    StoredResponse,
+    input_messages,
+    responses_usage,
 )
 from ember.server.tools import ToolCallParser, split_tool_calls, tool_call_constraint
 
@@ -78,6 +88,7 @@ class OpenAIServer:
         self.api_key = api_key
         self.formatter = ChatFormatter(engine.engine.tokenizer)
         self.max_model_len = engine.engine.max_model_len
+        self.response_store = ResponseStore()
 
     # ------------------------------------------------------------------------------------------------
     # Shared pieces
@@ -129,8 +140,8 @@ class OpenAIServer:
     # ------------------------------------------------------------------------------------------------
     # Chat completions
 
-    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        self.check_model(body.model)
+    def prepare_chat(self, body: ChatCompletionRequest) -> tuple[list[int], SamplingParams, list[Tool] | None]:
+        """A chat request's prompt, sampling parameters and active tools (also behind /v1/responses)."""
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "'top_logprobs' requires 'logprobs': true", param="top_logprobs")
         tools = self.active_tools(body)
@@ -142,7 +153,11 @@ class OpenAIServer:
         max_tokens = body.max_completion_tokens or body.max_tokens
         self.check_prompt_length(prompt_ids, max_tokens)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = self.sampling_params(body, max_tokens, logprobs, structured)
+        return prompt_ids, self.sampling_params(body, max_tokens, logprobs, structured), tools
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        self.check_model(body.model)
+        prompt_ids, params, tools = self.prepare_chat(body)
         request_id, created = new_id("chatcmpl"), now()
         outputs = self.stream_outputs(prompt_ids, params)
         if body.stream:
@@ -274,6 +289,80 @@ class OpenAIServer:
         if include_usage:
             yield sse({**base, "choices": [], "usage": self.usage(prompt_tokens, completion_tokens, cached)})
         yield sse("[DONE]")
+
+    # ------------------------------------------------------------------------------------------------
+    # Responses API
+
+    async def responses(self, body: ResponsesRequest, request: Request) -> Response:
+        self.check_model(body.model)
+        history: list[ChatMessage] = []
+        if body.previous_response_id is not None:
+            previous = self.response_store.get(body.previous_response_id)
+            if previous is None:
+                message = f"no stored response has the id {body.previous_response_id!r}"
+                raise APIError(404, message, param="previous_response_id", code="response_not_found")
+            history = previous.conversation
+        try:
+            conversation = history + input_messages(body.input)
+            chat = body.as_chat(conversation)
+            prompt_ids, params, tools = self.prepare_chat(chat)
+        except ValueError as e:
+            raise APIError(400, str(e), param="input") from e
+        except APIError as e:
+            e.param = RESPONSES_PARAMS.get(e.param or "", e.param)
+            raise
+        builder = ResponseBuilder(body, self.model_name, now(), with_tools=bool(tools))
+        outputs = self.stream_outputs(prompt_ids, params)
+        if body.stream:
+            first = await anext_or_error(outputs)
+            events = self.response_events(builder, conversation, first, outputs, len(prompt_ids))
+            return StreamingResponse(events, media_type="text/event-stream")
+        final = await collect(outputs, request)
+        output = final.outputs[0]
+        builder.feed(output.text, finished=True)
+        usage = responses_usage(len(prompt_ids), len(output.token_ids), final.num_cached_tokens)
+        response = builder.finish(output.finish_reason, usage)[-1]["response"]
+        self.store_response(builder, conversation, response)
+        return JSONResponse(response)
+
+    async def response_events(
+        self,
+        builder: ResponseBuilder,
+        conversation: list[ChatMessage],
+        first: RequestOutput | None,
+        rest: AsyncIterator[RequestOutput],
+        prompt_tokens: int,
+    ) -> AsyncIterator[str]:
+        """The Responses API's stream: typed events, the last one the whole response (no [DONE])."""
+        events = builder.start()
+        output_tokens = cached = 0
+        finish_reason = None
+        async for out in prepend(first, rest):
+            cached = max(cached, out.num_cached_tokens)
+            for o in out.outputs:
+                output_tokens += len(o.token_ids)
+                finish_reason = o.finish_reason
+                events += builder.feed(o.text, finished=o.finish_reason is not None)
+            for event in events:
+                yield f"event: {event['type']}\n{sse(event)}"
+            events = []
+        events = builder.finish(finish_reason, responses_usage(prompt_tokens, output_tokens, cached))
+        self.store_response(builder, conversation, events[-1]["response"])
+        for event in events:
+            yield f"event: {event['type']}\n{sse(event)}"
+
+    def store_response(
+        self, builder: ResponseBuilder, conversation: list[ChatMessage], response: dict[str, Any]
+    ) -> None:
+        """Keep the response (unless `store` is false) with its conversation, for `previous_response_id`."""
+        if builder.body.store:
+            self.response_store.add(StoredResponse(response, [*conversation, builder.reply_message()]))
+
+    def stored_response(self, response_id: str) -> StoredResponse:
+        stored = self.response_store.get(response_id)
+        if stored is None:
+            raise APIError(404, f"no stored response has the id {response_id!r}", code="response_not_found")
+        return stored
 
     # ------------------------------------------------------------------------------------------------
     # Text completions
@@ -668,6 +757,20 @@ def build_app(server: OpenAIServer) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await server.chat(body, request)
+
+    @app.post("/v1/responses")
+    async def create_response(body: ResponsesRequest, request: Request) -> Response:
+        return await server.responses(body, request)
+
+    @app.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str) -> dict[str, Any]:
+        return server.stored_response(response_id).response
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> dict[str, Any]:
+        server.stored_response(response_id)
+        server.response_store.delete(response_id)
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:

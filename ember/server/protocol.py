@@ -217,8 +217,9 @@ class DetokenizeRequest(OpenAIModel):
     tokens: list[int]
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def new_id(prefix: str, separator: str = "-") -> str:
+    """A unique id in OpenAI's style: `chatcmpl-...` on the chat API, `resp_...` on the Responses API."""
+    return f"{prefix}{separator}{uuid.uuid4().hex}"
 
 
 def now() -> int:

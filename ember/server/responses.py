@@ -1,0 +1,315 @@
+"""OpenAI's Responses API (`/v1/responses`) over the chat machinery: a request becomes a chat request (its
+instructions a system message, its input items messages, tool calls and tool results), and the generated text
+becomes output items (a message, function calls), streamed as the API's semantic events.
+
+Responses are kept in memory (the last `ResponseStore.capacity`, unless `store` is false), so that a request can
+continue one by `previous_response_id`: its conversation is the earlier one's input and output, followed by
+the new input; instructions are not carried over, as in OpenAI's API.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import Field
+
+from ember.server.protocol import ChatCompletionRequest, ChatMessage, OpenAIModel, new_id
+from ember.server.tools import ParsedToolCall, ToolCallParser
+
+# error parameters of the chat request that a Responses request names differently
+RESPONSES_PARAMS = {
+    "messages": "input",
+    "response_format": "text.format",
+    "max_completion_tokens": "max_output_tokens",
+    "max_tokens": "max_output_tokens",
+}
+
+
+class FunctionToolParam(OpenAIModel):
+    type: Literal["function"]
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class NamedFunctionChoice(OpenAIModel):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    name: str = "response"
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextConfig(OpenAIModel):
+    format: TextFormat = TextFormat()
+
+
+class ResponsesRequest(OpenAIModel):
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    tools: list[FunctionToolParam] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
+    parallel_tool_calls: bool = True
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None  # an extension, as on the chat API
+    text: TextConfig | None = None
+    stream: bool = False
+    store: bool = True
+    previous_response_id: str | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+
+    def as_chat(self, conversation: list[ChatMessage]) -> ChatCompletionRequest:
+        """The chat request of this response: the instructions, then the conversation (earlier responses' input
+        and output, then this input)."""
+        if not conversation:
+            raise ValueError("'input' is empty")
+        messages = [ChatMessage(role="system", content=self.instructions)] if self.instructions else []
+        messages += conversation
+        choice = self.tool_choice
+        fields: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "max_completion_tokens": self.max_output_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "user": self.user,
+            "parallel_tool_calls": self.parallel_tool_calls,
+            "tool_choice": {"type": "function", "function": {"name": choice.name}}
+            if isinstance(choice, NamedFunctionChoice)
+            else choice,
+        }
+        if self.tools:
+            fields["tools"] = [
+                {"type": "function", "function": tool.model_dump(exclude={"type"}, exclude_none=True)}
+                for tool in self.tools
+            ]
+        if self.text is not None and self.text.format.type != "text":
+            text_format = self.text.format
+            fields["response_format"] = {"type": text_format.type}
+            if text_format.type == "json_schema":
+                fields["response_format"]["json_schema"] = {
+                    "name": text_format.name,
+                    "schema": text_format.schema_,
+                    "strict": text_format.strict,
+                }
+        return ChatCompletionRequest.model_validate(fields)
+
+
+def input_messages(items: str | list[dict[str, Any]]) -> list[ChatMessage]:
+    """Input items as chat messages: messages, the model's earlier function calls (one assistant message per
+    run of calls, joined to the assistant message just before them) and their outputs."""
+    if isinstance(items, str):
+        return [ChatMessage(role="user", content=items)]
+    messages: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        kind = item.get("type", "message")
+        if kind == "message":
+            messages.append({"role": item.get("role"), "content": item_text(item.get("content"), i)})
+        elif kind == "function_call":
+            function = {"name": item.get("name"), "arguments": item.get("arguments")}
+            if not messages or messages[-1]["role"] != "assistant":
+                messages.append({"role": "assistant", "content": None})
+            messages[-1].setdefault("tool_calls", []).append({"id": item.get("call_id"), "function": function})
+        elif kind == "function_call_output":
+            messages.append(
+                {"role": "tool", "tool_call_id": item.get("call_id"), "content": item_text(item.get("output"), i)}
+            )
+        elif kind != "reasoning":  # a reasoning item of an earlier turn adds nothing to the prompt
+            raise ValueError(f"input[{i}]: items of type {kind!r} are not supported (message, function_call, "
+                             "function_call_output)")  # fmt: skip
+    return [ChatMessage.model_validate(message) for message in messages]
+
+
+def item_text(content: Any, index: int) -> Any:
+    """A message's or a function output's content: a string as it is, text parts joined."""
+    if not isinstance(content, list):
+        return content
+    for part in content:
+        if part.get("type") not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
+            raise ValueError(
+                f"input[{index}]: content parts of type {part.get('type')!r} are not supported (text only)"
+            )
+    return "".join(part["text"] for part in content)
+
+
+@dataclass
+class StoredResponse:
+    response: dict[str, Any]
+    conversation: list[ChatMessage]  # the messages up to and including this response's output, no instructions
+
+
+class ResponseStore:
+    """The most recent responses, by id: what `previous_response_id` and GET /v1/responses/{id} read."""
+
+    def __init__(self, capacity: int = 1000) -> None:
+        self.capacity = capacity
+        self.responses: OrderedDict[str, StoredResponse] = OrderedDict()
+
+    def add(self, stored: StoredResponse) -> None:
+        self.responses[stored.response["id"]] = stored
+        while len(self.responses) > self.capacity:
+            self.responses.popitem(last=False)
+
+    def get(self, response_id: str) -> StoredResponse | None:
+        return self.responses.get(response_id)
+
+    def delete(self, response_id: str) -> bool:
+        return self.responses.pop(response_id, None) is not None
+
+
+class ResponseBuilder:
+    """Turns generated text, as it arrives, into output items and the stream events that announce them: a
+    message item opens at the first text (whitespace alone before a tool call opens none), each tool call
+    becomes a function_call item when its block closes."""
+
+    def __init__(self, body: ResponsesRequest, model: str, created: int, with_tools: bool) -> None:
+        self.body, self.model, self.created = body, model, created
+        self.id = new_id("resp", "_")
+        self.parser = ToolCallParser() if with_tools else None
+        self.output: list[dict[str, Any]] = []
+        self.message: dict[str, Any] | None = None  # the message item being written
+        self.held = ""  # leading whitespace, not yet known to be a message
+        self.sequence = 0
+
+    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        self.sequence += 1
+        return {"type": kind, "sequence_number": self.sequence, **fields}
+
+    def start(self) -> list[dict[str, Any]]:
+        response = self.response("in_progress", None, None)
+        return [
+            self.event("response.created", response=response),
+            self.event("response.in_progress", response=response),
+        ]
+
+    def feed(self, text: str, finished: bool) -> list[dict[str, Any]]:
+        """Events for the next piece of generated text (`finished`: it is the last)."""
+        calls: list[ParsedToolCall] = []
+        if self.parser is not None:
+            text, calls = self.parser.feed(text)
+            if finished:
+                text += self.parser.finish()
+        events = self.text(text)
+        for call in calls:
+            events += self.function_call(call)
+        return events
+
+    def text(self, text: str) -> list[dict[str, Any]]:
+        if self.message is None and not (self.held + text).strip():
+            self.held += text
+            return []
+        events = self.open_message() if self.message is None else []
+        text, self.held = self.held + text, ""
+        assert self.message is not None
+        self.message["content"][0]["text"] += text
+        events.append(self.item_event("response.output_text.delta", self.message, content_index=0, delta=text))
+        return events
+
+    def open_message(self) -> list[dict[str, Any]]:
+        part = {"type": "output_text", "text": "", "annotations": []}
+        self.message = {"id": new_id("msg", "_"), "type": "message", "status": "in_progress", "role": "assistant",
+                        "content": []}  # fmt: skip
+        self.output.append(self.message)
+        added = {**self.message, "content": []}
+        events = [self.event("response.output_item.added", output_index=len(self.output) - 1, item=added)]
+        self.message["content"].append(part)
+        events.append(self.item_event("response.content_part.added", self.message, content_index=0, part=dict(part)))
+        return events
+
+    def function_call(self, call: ParsedToolCall) -> list[dict[str, Any]]:
+        item = {"id": new_id("fc", "_"), "type": "function_call", "status": "in_progress", "call_id": call.id,
+                "name": call.name, "arguments": ""}  # fmt: skip
+        self.output.append(item)
+        events = [self.event("response.output_item.added", output_index=len(self.output) - 1, item=dict(item))]
+        item["arguments"] = call.arguments
+        events.append(self.item_event("response.function_call_arguments.delta", item, delta=call.arguments))
+        events.append(self.item_event("response.function_call_arguments.done", item, arguments=call.arguments))
+        item["status"] = "completed"
+        events.append(self.event("response.output_item.done", output_index=len(self.output) - 1, item=item))
+        return events
+
+    def item_event(self, kind: str, item: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        return self.event(kind, item_id=item["id"], output_index=self.output.index(item), **fields)
+
+    def finish(self, finish_reason: str | None, usage: dict[str, Any]) -> list[dict[str, Any]]:
+        """The events that close the open message and the response (completed, or incomplete at the token
+        limit). A reply with no text and no call still gets its (empty) message."""
+        events = []
+        if self.message is None and not self.output:  # no text and no call: an empty (or blank) message
+            events = self.open_message()
+            if self.held:
+                events += self.text("")
+        if self.message is not None:
+            part = self.message["content"][0]
+            events.append(self.item_event("response.output_text.done", self.message, content_index=0,
+                                          text=part["text"]))  # fmt: skip
+            events.append(self.item_event("response.content_part.done", self.message, content_index=0, part=part))
+            self.message["status"] = "completed"
+            events.append(self.event("response.output_item.done", output_index=self.output.index(self.message),
+                                     item=self.message))  # fmt: skip
+        incomplete = finish_reason == "length"
+        status, reason = ("incomplete", "max_output_tokens") if incomplete else ("completed", None)
+        response = self.response(status, usage, reason)
+        events.append(self.event("response.incomplete" if incomplete else "response.completed", response=response))
+        return events
+
+    def response(self, status: str, usage: dict[str, Any] | None, incomplete_reason: str | None) -> dict[str, Any]:
+        body = self.body
+        choice = body.tool_choice
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "error": None,
+            "incomplete_details": {"reason": incomplete_reason} if incomplete_reason else None,
+            "instructions": body.instructions,
+            "max_output_tokens": body.max_output_tokens,
+            "model": self.model,
+            "output": self.output if status != "in_progress" else [],
+            "parallel_tool_calls": body.parallel_tool_calls,
+            "previous_response_id": body.previous_response_id,
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "tool_choice": choice.model_dump() if isinstance(choice, NamedFunctionChoice) else (choice or "auto"),
+            "tools": [tool.model_dump(exclude_none=True) for tool in body.tools or []],
+            "text": (body.text or TextConfig()).model_dump(by_alias=True, exclude_none=True),
+            "truncation": "disabled",
+            "store": body.store,
+            "metadata": body.metadata or {},
+            "usage": usage,
+            "user": body.user,
+        }
+
+    def reply_message(self) -> ChatMessage:
+        """The output as the assistant message a continuing conversation replays."""
+        text = "".join(part["text"] for item in self.output if item["type"] == "message" for part in item["content"])
+        calls = [
+            {"id": item["call_id"], "function": {"name": item["name"], "arguments": item["arguments"]}}
+            for item in self.output
+            if item["type"] == "function_call"
+        ]
+        return ChatMessage.model_validate({"role": "assistant", "content": text or None, "tool_calls": calls or None})
+
+
+def responses_usage(prompt_tokens: int, output_tokens: int, cached: int) -> dict[str, Any]:
+    return {
+        "input_tokens": prompt_tokens,
+        "input_tokens_details": {"cached_tokens": cached},
+        "output_tokens": output_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt_tokens + output_tokens,
+    }

@@ -519,6 +519,20 @@ def test_response_format_json_schema_and_the_clients_parse_helper(client: OpenAI
     assert isinstance(parsed.choices[0].message.parsed, Pet)
 
 
+def test_responses_text_format_json_schema_and_the_clients_parse_helper(client: OpenAI) -> None:
+    resp = client.responses.create(
+        model=MODEL,
+        input="Invent a person.",
+        text={"format": {"type": "json_schema", "name": "person", "schema": PERSON_SCHEMA, "strict": True}},
+        max_output_tokens=60,
+        extra_body={"seed": 3},
+    )
+    assert resp.status == "completed"
+    jsonschema.validate(json.loads(resp.output_text), PERSON_SCHEMA)
+    parsed = client.responses.parse(model=MODEL, input="Describe a pet.", text_format=Pet, max_output_tokens=60)
+    assert isinstance(parsed.output_parsed, Pet)
+
+
 def test_structured_outputs_extension_on_completions(client: OpenAI) -> None:
     resp = client.completions.create(
         model=MODEL,

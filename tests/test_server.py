@@ -295,6 +295,9 @@ def test_responses_function_calls_and_their_outputs(server: ServerProcess, clien
     assert client.responses.create(input=items, **kwargs).output_text == answered.output_text  # type: ignore[arg-type]
     for body, param in [
         ({"input": [{"type": "input_image", "image_url": "x"}]}, "input"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
+        ({"input": [{"type": "function_call", "name": "get_weather"}]}, "input"),
+        ({"input": [{"role": "wizard", "content": "hi"}]}, "input"),
         ({"input": []}, "input"),
         ({"input": "hi", "tool_choice": "required"}, "tool_choice"),
         ({"input": "hi", "max_output_tokens": 9000}, "max_output_tokens"),

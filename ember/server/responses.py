@@ -18,6 +18,8 @@ from pydantic import Field
 from ember.server.protocol import ChatCompletionRequest, ChatMessage, OpenAIModel, new_id
 from ember.server.tools import ParsedToolCall, ToolCallParser
 
+MESSAGE_ROLES = ("user", "assistant", "system", "developer")
+
 # error parameters of the chat request that a Responses request names differently
 RESPONSES_PARAMS = {
     "messages": "input",
@@ -117,16 +119,21 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[ChatMessage]:
     for i, item in enumerate(items):
         kind = item.get("type", "message")
         if kind == "message":
-            messages.append({"role": item.get("role"), "content": item_text(item.get("content"), i)})
+            if item.get("role") not in MESSAGE_ROLES:
+                raise ValueError(f"input[{i}]: a message's role must be one of {', '.join(MESSAGE_ROLES)}")
+            messages.append({"role": item["role"], "content": item_text(item.get("content"), i)})
         elif kind == "function_call":
-            function = {"name": item.get("name"), "arguments": item.get("arguments")}
+            if not all(isinstance(item.get(key), str) for key in ("call_id", "name", "arguments")):
+                raise ValueError(f"input[{i}]: a function_call needs the strings 'call_id', 'name' and 'arguments'")
+            function = {"name": item["name"], "arguments": item["arguments"]}
             if not messages or messages[-1]["role"] != "assistant":
                 messages.append({"role": "assistant", "content": None})
-            messages[-1].setdefault("tool_calls", []).append({"id": item.get("call_id"), "function": function})
+            messages[-1].setdefault("tool_calls", []).append({"id": item["call_id"], "function": function})
         elif kind == "function_call_output":
-            messages.append(
-                {"role": "tool", "tool_call_id": item.get("call_id"), "content": item_text(item.get("output"), i)}
-            )
+            output = item_text(item.get("output"), i)
+            if not isinstance(item.get("call_id"), str) or not isinstance(output, str):
+                raise ValueError(f"input[{i}]: a function_call_output needs a string 'call_id' and an 'output'")
+            messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
         elif kind != "reasoning":  # a reasoning item of an earlier turn adds nothing to the prompt
             raise ValueError(f"input[{i}]: items of type {kind!r} are not supported (message, function_call, "
                              "function_call_output)")  # fmt: skip

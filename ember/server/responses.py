@@ -147,7 +147,8 @@ def item_text(content: Any, index: int) -> Any:
     for part in content:
         if part.get("type") not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
             raise ValueError(
-                f"input[{index}]: content parts of type {part.get('type')!r} are not supported (text only)"
+                f"input[{index}]: only text content parts are supported (input_text or output_text with a 'text' "
+                f"string), not {part.get('type')!r}"
             )
     return "".join(part["text"] for part in content)
 

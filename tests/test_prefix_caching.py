@@ -62,6 +62,70 @@ def test_greedy_outputs_equal_with_and_without_caching(engines: tuple[LLM, LLM],
         assert pool.block_hashes[block] == block_hash
 
 
+def assert_same_prompt_logprobs(got: list, expected: list) -> None:
+    assert len(got) == len(expected) and got[0] is None and expected[0] is None
+    for ours, theirs in zip(got[1:], expected[1:], strict=True):
+        assert (ours.token_id, ours.rank, [t for t, _ in ours.top]) == (
+            theirs.token_id,
+            theirs.rank,
+            [t for t, _ in theirs.top],
+        )
+        assert ours.logprob == pytest.approx(theirs.logprob, abs=1e-5)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    requests=st.lists(
+        st.tuples(
+            st.sampled_from(range(len(PREFIXES))),
+            st.lists(st.integers(3, 255), min_size=1, max_size=6),
+            st.sampled_from([None, 0, 1, 3]),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    waves=st.integers(1, 3),
+)
+def test_prompt_logprobs_equal_with_and_without_caching(engines: tuple[LLM, LLM], requests: list, waves: int) -> None:
+    """Requests asking for prompt logprobs (with different numbers of alternatives) among plain ones: a hit on
+    blocks whose logprobs are cached gives exactly what computing the whole prompt gives, under preemption."""
+    cached, uncached = engines
+    prompts = [PREFIXES[p] + suffix for p, suffix, _ in requests]
+    params = [SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=k) for *_, k in requests]
+    expected = uncached.generate(prompts, params)
+    for _ in range(waves):
+        for ours, theirs, (*_, k) in zip(cached.generate(prompts, params), expected, requests, strict=True):
+            assert ours.outputs[0].token_ids == theirs.outputs[0].token_ids
+            if k is None:
+                assert ours.prompt_logprobs is None
+            else:
+                assert_same_prompt_logprobs(ours.prompt_logprobs, theirs.prompt_logprobs)
+    pool = cached.engine.kv_cache.pool
+    assert pool.num_free_blocks == TINY_BLOCKS and set(pool.prompt_logprobs) <= set(pool.cached)
+
+
+def test_prompt_logprobs_hit_blocks_cached_with_as_many_alternatives(tiny_models: dict) -> None:
+    """lm-evaluation-harness's pattern: one context, several continuations, each scored by its prompt logprobs."""
+    llm = LLM(str(tiny_models["llama3"][0]), num_blocks=64, block_size=BLOCK_SIZE, dtype="float32")
+    reference = LLM(str(tiny_models["llama3"][0]), num_blocks=64, block_size=BLOCK_SIZE, dtype="float32",
+                    enable_prefix_caching=False)  # fmt: skip
+    context = PREFIXES[3][:22]
+    runs = [([7, 8], 1, 0), ([9], 1, 20), ([10, 11, 12], 0, 20), ([13], 2, 0), ([14], 2, 20)]
+    for continuation, k, cached_tokens in runs:  # (the context's 5 full blocks, 20 tokens, once cached with >= k)
+        params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=k)
+        ours = llm.generate(context + continuation, params)[0]
+        assert ours.num_cached_tokens == cached_tokens
+        assert all(len(entry.top) == k for entry in ours.prompt_logprobs[1:])
+        assert_same_prompt_logprobs(
+            ours.prompt_logprobs, reference.generate(context + continuation, params)[0].prompt_logprobs
+        )
+    whole, params = [*context[:20], 5], SamplingParams(max_tokens=1, prompt_logprobs=2)
+    ours = llm.generate(whole, params)[0]
+    assert ours.num_cached_tokens == 20  # all but the last token from the cache: only the boundary is scored
+    assert_same_prompt_logprobs(ours.prompt_logprobs, reference.generate(whole, params)[0].prompt_logprobs)
+    assert llm.engine.reset_prefix_cache() and not llm.engine.kv_cache.pool.prompt_logprobs
+
+
 def test_repeated_prompt_is_served_from_cache_but_recomputes_its_last_token(engines: tuple[LLM, LLM]) -> None:
     cached, uncached = engines
     prompt = PREFIXES[3][:24]  # exactly 6 full blocks

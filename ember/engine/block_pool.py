@@ -5,13 +5,30 @@ token ids, so equal hashes mean equal whole prefixes; `cached` maps each hash to
 A freed block goes to the tail of the free queue and keeps its hash, so a later request with the same
 prefix can take it back (`touch`). Allocation takes from the head: the least recently freed block is
 evicted first, and only then does it lose its hash. A block in use (ref count > 0) is never evicted.
+A cached prefix may also carry its prompt logprobs, so that requests asking for them can hit the cache too.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from ember.engine.request import TokenLogprob
 
 BlockHash = int
+
+
+@dataclass(frozen=True)
+class BlockPromptLogprobs:
+    """What a request asking for prompt logprobs needs of a cached block: the logprob (and `num_top` best
+    alternatives) of each of its tokens under the prefix before it (the first block's first token has none),
+    and the final hidden state of its last position, which scores whichever token comes next."""
+
+    num_top: int
+    entries: list[TokenLogprob]
+    last_hidden: torch.Tensor
 
 
 def hash_block(parent: BlockHash | None, token_ids: tuple[int, ...]) -> BlockHash:
@@ -28,6 +45,7 @@ class BlockPool:
         self.ref_counts = [0] * num_blocks
         self.block_hashes: list[BlockHash | None] = [None] * num_blocks
         self.cached: dict[BlockHash, int] = {}
+        self.prompt_logprobs: dict[BlockHash, BlockPromptLogprobs] = {}  # of cached prefixes, dropped with them
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
 
     @property
@@ -53,6 +71,7 @@ class BlockPool:
         if block_hash is not None:
             if self.cached.get(block_hash) == block:
                 del self.cached[block_hash]
+                self.prompt_logprobs.pop(block_hash, None)
             self.block_hashes[block] = None
 
     def touch(self, blocks: list[int]) -> None:
@@ -80,10 +99,17 @@ class BlockPool:
             self.block_hashes[block] = block_hash
             self.cached[block_hash] = block
 
+    def cache_prompt_logprobs(self, block_hash: BlockHash, data: BlockPromptLogprobs) -> None:
+        """Attach prompt logprobs to a cached prefix (kept if they have as many alternatives already)."""
+        held = self.prompt_logprobs.get(block_hash)
+        if block_hash in self.cached and (held is None or held.num_top < data.num_top):
+            self.prompt_logprobs[block_hash] = data
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix; refused (False) while any block is in use."""
         if len(self._free) != self.num_blocks:
             return False
         self.cached.clear()
+        self.prompt_logprobs.clear()
         self.block_hashes = [None] * self.num_blocks
         return True

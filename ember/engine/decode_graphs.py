@@ -137,10 +137,7 @@ class DecodeGraphs:
     def fits(self, scheduled: list[ScheduledRequest]) -> bool:
         """Whether this step is one a graph runs: single tokens, no drafts, no prompt logprobs to record."""
         return 0 < len(scheduled) <= self.max_batch and all(
-            s.num_tokens == 1
-            and not s.spec_token_ids
-            and (s.request.params.prompt_logprobs is None or s.start >= s.request.num_prompt_tokens - 1)
-            for s in scheduled
+            s.num_tokens == 1 and not s.spec_token_ids and not s.request.needs_prompt_logprobs for s in scheduled
         )
 
     def run(

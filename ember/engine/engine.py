@@ -341,6 +341,8 @@ class Engine:
         touched: dict[str, RequestGroup] = {}
         for s in scheduled:
             request = s.request
+            if request.prompt_block_hidden:
+                self.kv_cache.cache_prompt_logprobs(request)
             sampled = sampled_by_id.get(request.request_id)
             if sampled is None or request.is_finished:  # finished while its step was in flight
                 continue

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
-from ember.engine.block_pool import BlockHash, BlockPool, hash_block
+from ember.engine.block_pool import BlockHash, BlockPool, BlockPromptLogprobs, hash_block
 from ember.engine.request import Request
 
 
@@ -38,14 +39,20 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> list[int]:
         """The longest cached prefix of a new request, as blocks. The last token is always left to
-        compute (its logits are needed), and requests asking for prompt logprobs compute everything."""
-        if not self.enable_prefix_caching or request.params.prompt_logprobs is not None:
+        compute (its logits are needed); a request asking for prompt logprobs takes only blocks whose
+        logprobs are cached with at least as many alternatives."""
+        if not self.enable_prefix_caching:
             return []
+        num_top = request.params.prompt_logprobs
         blocks = []
         for block_hash in self.block_hashes(request)[: (request.num_tokens - 1) // self.block_size]:
             block = self.pool.lookup(block_hash)
             if block is None:
                 break
+            if num_top is not None:
+                logprobs = self.pool.prompt_logprobs.get(block_hash)
+                if logprobs is None or logprobs.num_top < num_top:
+                    break
             blocks.append(block)
         return blocks
 
@@ -68,6 +75,8 @@ class KVCacheManager:
                 return False
             self.pool.touch(list(computed_blocks))
             request.block_ids.extend(computed_blocks)
+            if request.params.prompt_logprobs is not None:
+                self._restore_prompt_logprobs(request, len(computed_blocks))
         elif needed > self.pool.num_free_blocks:
             return False
         if needed > 0:
@@ -84,6 +93,38 @@ class KVCacheManager:
         for i in range(request.num_cached_blocks, full):
             self.pool.cache(request.block_ids[i], hashes[i])
         request.num_cached_blocks = full
+
+    def _restore_prompt_logprobs(self, request: Request, num_blocks: int) -> None:
+        """A cache hit of a request asking for prompt logprobs: the cached blocks' logprobs become its own (top
+        alternatives cut to its count), and the last block's hidden state will score the first computed token."""
+        num_top = request.params.prompt_logprobs
+        assert num_top is not None
+        cached = [self.pool.prompt_logprobs[h] for h in request.block_hashes[:num_blocks]]
+        entries = [entry for block in cached for entry in block.entries]  # num_blocks * block_size - 1 of them
+        known = len(request.prompt_logprobs)  # a preempted request keeps what it computed
+        request.prompt_logprobs.extend(
+            entry if len(entry.top) <= num_top else dataclasses.replace(entry, top=entry.top[:num_top])
+            for entry in entries[known:]
+        )
+        boundary_needed = len(request.prompt_logprobs) == len(entries)
+        request.prompt_boundary_hidden = cached[-1].last_hidden if boundary_needed else None
+
+    def cache_prompt_logprobs(self, request: Request) -> None:
+        """Attach the prompt logprobs of the request's full prompt blocks, once all are known, to their cached
+        prefixes (after the step that computed them)."""
+        if not self.enable_prefix_caching:
+            request.prompt_block_hidden.clear()
+            return
+        bs, num_top = self.block_size, request.params.prompt_logprobs
+        assert num_top is not None
+        hashes = self.block_hashes(request)
+        for index in sorted(request.prompt_block_hidden):
+            end = (index + 1) * bs - 1  # entries of the block's tokens: [index * bs - 1, end), none for token 0
+            if index >= len(hashes) or len(request.prompt_logprobs) < end:
+                break
+            entries = request.prompt_logprobs[max(index * bs - 1, 0) : end]
+            hidden = request.prompt_block_hidden.pop(index)
+            self.pool.cache_prompt_logprobs(hashes[index], BlockPromptLogprobs(num_top, entries, hidden))
 
     def num_new_blocks(self, request: Request, num_new_tokens: int) -> int:
         """Blocks `allocate_slots` would take for `num_new_tokens` more tokens (no cached prefix)."""

@@ -150,7 +150,7 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in range(s.start, end))
             if s.completes_sequence:
                 sample_rows.extend(range(row + s.num_tokens - 1 - len(s.spec_token_ids), row + s.num_tokens))
-            if request.params.prompt_logprobs is not None and s.start < request.num_prompt_tokens - 1:
+            if request.needs_prompt_logprobs and s.start < request.num_prompt_tokens:
                 prompt_rows.append((s, row, s.start))
         meta = self._attention_metadata(decodes, prefills, slots)
         ids, position_ids = device_tensor(input_ids, self.device), device_tensor(positions, self.device)
@@ -263,15 +263,23 @@ class ModelRunner:
         )
 
     def _record_prompt_logprobs(self, s: ScheduledRequest, hidden: torch.Tensor, row: int, first: int) -> None:
-        """Logprobs of prompt tokens first+1 .. at positions of this chunk (skipped when recomputed)."""
+        """Logprobs of prompt tokens first+1 .. at positions of this chunk (skipped when recomputed); after a
+        prefix-cache hit, also of the chunk's first token, scored by the cached prefix's last hidden state. Keeps
+        the last hidden state of each full prompt block for the prefix cache."""
         request = s.request
         last = min(s.start + s.num_tokens, request.num_prompt_tokens - 1)  # position whose next token is known
         known = len(request.prompt_logprobs)  # positions already recorded (e.g. before a preemption)
         begin = max(first, known)
-        if begin >= last:
-            return
-        rows = torch.arange(row + begin - first, row + last - first, device=self.device)
-        logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]), dim=-1)
-        targets = device_tensor(request.prompt_token_ids[begin + 1 : last + 1], self.device)
-        k = request.params.prompt_logprobs
-        request.prompt_logprobs.extend(top_logprobs(logprobs, targets, [k] * len(targets)))
+        rows = hidden[row + begin - first : row + max(last, begin) - first]
+        if known == first - 1 and request.prompt_boundary_hidden is not None:
+            rows, begin = torch.cat([request.prompt_boundary_hidden[None], rows]), known
+            request.prompt_boundary_hidden = None
+        if begin < last:
+            logprobs = torch.log_softmax(self.model.compute_logits(rows), dim=-1)
+            targets = device_tensor(request.prompt_token_ids[begin + 1 : last + 1], self.device)
+            k = request.params.prompt_logprobs
+            request.prompt_logprobs.extend(top_logprobs(logprobs, targets, [k] * len(targets)))
+        bs = self.block_size
+        end = min(first + s.num_tokens, request.num_prompt_tokens)
+        for position in range(first + (bs - 1 - first) % bs, end, bs):  # each full block's last position
+            request.prompt_block_hidden[position // bs] = hidden[row + position - first].clone()

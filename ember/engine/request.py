@@ -70,9 +70,19 @@ class Request:
             self.generator = torch.Generator().manual_seed(params.seed)
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob | None] = []  # position 0 has none
+        # for the prefix cache: the final hidden state of each full prompt block's last position (it scores the
+        # token after the block), until the cache takes it; and, after a cache hit, the one before the first
+        # computed token
+        self.prompt_block_hidden: dict[int, torch.Tensor] = {}
+        self.prompt_boundary_hidden: torch.Tensor | None = None
         self.output_text = ""
         self.detokenizer: Any = None  # set by the engine when a tokenizer exists
         self.grammar: Any = None  # structured output: the xgrammar matcher, advanced with every committed token
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs were asked for and some are not known yet."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
 
     @property
     def num_tokens(self) -> int:

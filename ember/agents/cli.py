@@ -92,9 +92,10 @@ def add_agent_args(parser: argparse.ArgumentParser) -> None:
     )
     loop.add_argument(
         "--parallel-tool-calls",
-        action="store_true",
-        help="let the model call several tools in one turn (off by default: small models repeat a call until "
-        "--max-tokens)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="let the model call several tools in one turn, or not (default: the server's; Ember's allows them "
+        "when the model's chat template knows tool calls, as small models without it repeat a call)",
     )
     loop.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the server's)")
     loop.add_argument("--max-tokens", type=int, default=512, help="tokens per model turn at most (default 512)")

@@ -211,8 +211,12 @@ class OpenAIServer:
             raise APIError(400, message, param="tool_choice")
         return body.tools if body.tools and choice != "none" else None
 
-    @staticmethod
-    def chat_constraint(body: ChatCompletionRequest, tools: list[Tool] | None) -> StructuredOutputs | None:
+    def parallel_tool_calls(self, requested: bool | None) -> bool:
+        """Whether one reply may hold several calls: as requested, else only when the model's chat template
+        speaks tool calls (a model never taught the format, like SmolLM2, repeats calls until max_tokens)."""
+        return self.formatter.native_tools if requested is None else requested
+
+    def chat_constraint(self, body: ChatCompletionRequest, tools: list[Tool] | None) -> StructuredOutputs | None:
         """The output constraint of tools or `response_format` (`structured_outputs` is read with the sampling
         fields); at most one of the three."""
         response_format = body.response_format if body.response_format and body.response_format.type != "text" else None
@@ -221,7 +225,7 @@ class OpenAIServer:
         if len(given) > 1:
             raise APIError(400, f"use one of {' and '.join(given)}, not both", param=given[1])
         if tools:
-            return tool_call_constraint(tools, body.tool_choice, body.parallel_tool_calls)
+            return tool_call_constraint(tools, body.tool_choice, self.parallel_tool_calls(body.parallel_tool_calls))
         try:
             return response_format.spec() if response_format else None
         except ValueError as e:
@@ -311,6 +315,7 @@ class OpenAIServer:
         except APIError as e:
             e.param = RESPONSES_PARAMS.get(e.param or "", e.param)
             raise
+        body = body.model_copy(update={"parallel_tool_calls": self.parallel_tool_calls(body.parallel_tool_calls)})
         builder = ResponseBuilder(body, self.model_name, now(), with_tools=bool(tools))
         outputs = self.stream_outputs(prompt_ids, params)
         if body.stream:

@@ -60,7 +60,7 @@ class ResponsesRequest(OpenAIModel):
     instructions: str | None = None
     tools: list[FunctionToolParam] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: bool | None = None
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)

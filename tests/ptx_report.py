@@ -1,17 +1,21 @@
 """Compile every Triton kernel ahead of time for an H100 (sm_90) on the CPU and print, as JSON, the global and
-local memory instructions of each kernel's PTX and whether it uses the tensor cores. Triton's compiler and
-ptxas need no GPU. Run in a process of its own (`python -m tests.ptx_report`): under TRITON_INTERPRET=1,
+local memory instructions of each kernel's PTX, whether it uses the tensor cores, its shared memory, and the
+registers and spilled bytes ptxas reports (spills are ptxas's choice: they never show in the PTX). Triton's
+compiler and ptxas need no GPU. Run in a process of its own (`python -m tests.ptx_report`): under TRITON_INTERPRET=1,
 which other tests set, `triton.jit` makes interpreter objects that cannot be compiled."""
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import tempfile
 from collections import Counter
 from typing import Any
 
 import triton
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from ember.kernels import triton_attention, triton_elementwise, triton_sampling
@@ -54,7 +58,8 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
     ),
     "prefill-fp32": (
         triton_attention._prefill_kernel, {k: v.replace("bf16", "fp32") for k, v in PREFILL_SIGNATURE.items()},
-        {**QWEN3, "P": 4, "BLOCK_M": 64, "DOT_FP32": True, "IEEE": True}, {},
+        {**QWEN3, "P": 4, "BLOCK_M": 64, "DOT_FP32": True, "IEEE": True},
+        {"num_warps": triton_attention.PREFILL_WARPS_FP32},
     ),
     "decode-merge": (
         triton_attention._decode_merge_kernel,
@@ -89,8 +94,8 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
 }  # fmt: skip
 
 
-def compile_ptx(kernel: Any, signature: dict[str, str], constants: dict[str, Any], options: dict[str, int]) -> str:
-    """PTX of `kernel` for sm_90; pointer arguments are 16-byte aligned, as PyTorch allocates them."""
+def compile_kernel(kernel: Any, signature: dict[str, str], constants: dict[str, Any], options: dict[str, int]) -> Any:
+    """`kernel` compiled for sm_90; pointer arguments are 16-byte aligned, as PyTorch allocates them."""
     signature = {**signature, **dict.fromkeys(constants, "constexpr")}
     aligned = {
         (i,): [["tt.divisibility", 16]]
@@ -98,15 +103,36 @@ def compile_ptx(kernel: Any, signature: dict[str, str], constants: dict[str, Any
         if kind.startswith("*") or name in ALIGNED_INTS
     }
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=aligned)
-    return triton.compile(source, target=HOPPER, options={"num_warps": 4, **options}).asm["ptx"]
+    return triton.compile(source, target=HOPPER, options={"num_warps": 4, **options})
+
+
+def ptxas_usage(ptx: str) -> dict[str, int]:
+    """Registers per thread and spilled bytes (stores + loads), from `ptxas -v` on the kernel's PTX."""
+    with tempfile.TemporaryDirectory() as folder:
+        source = f"{folder}/kernel.ptx"
+        with open(source, "w") as f:
+            f.write(ptx)
+        arch = f"sm_{HOPPER.arch}a"
+        command = [get_ptxas(HOPPER.arch).path, "-v", f"-arch={arch}", source, "-o", f"{folder}/kernel.cubin"]
+        info = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+    spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", info)
+    return {"registers": int(re.search(r"Used (\d+) registers", info).group(1)), "spilled_bytes": sum(map(int, spills))}  # type: ignore[union-attr]
 
 
 def report() -> dict[str, dict[str, Any]]:
     result = {}
     for name, (kernel, signature, constants, options) in KERNELS.items():
-        ptx = compile_ptx(kernel, signature, constants, options)
+        compiled = compile_kernel(kernel, signature, constants, options)
+        ptx = compiled.asm["ptx"]
         ops = Counter(re.findall(r"(?:ld|st)\.(?:global|local)[.\w]*", ptx))
-        result[name] = {"memory_ops": dict(ops), "tensor_cores": "mma" in ptx, "wgmma": "wgmma.mma_async" in ptx}
+        result[name] = {
+            "memory_ops": dict(ops),
+            "tensor_cores": "mma" in ptx,
+            "wgmma": "wgmma.mma_async" in ptx,
+            "shared_bytes": compiled.metadata.shared,
+            "warps": compiled.metadata.num_warps,
+            **ptxas_usage(ptx),
+        }
     return result
 
 

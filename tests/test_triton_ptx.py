@@ -1,7 +1,8 @@
 """Every Triton kernel compiled ahead of time for an H100 (sm_90), here on the CPU (`tests/ptx_report.py`).
 The interpreter tests check what the kernels compute; these check what the interpreter cannot: that each
 kernel compiles for the GPU at Qwen3-0.6B's shapes, loads the KV cache in 16-byte vectors (bandwidth is what
-decode attention is made of), uses the tensor cores where it should and spills no registers."""
+decode attention is made of), uses the tensor cores where it should, spills no registers (as ptxas reports)
+and fits an H100's shared memory."""
 
 from __future__ import annotations
 
@@ -28,8 +29,7 @@ def ptx() -> dict[str, dict[str, Any]]:
     return json.loads(result.stdout)
 
 
-def spills(ops: dict[str, int]) -> list[str]:
-    return [op for op in ops if ".local" in op]
+H100_SHARED_BYTES = 227 * 1024  # the most one block may use (opted in)
 
 
 PREFILL_VARIANTS = [f"prefill-m{block_m}" for block_m in (16, 32, 64)]
@@ -40,7 +40,7 @@ DECODE_VARIANTS = [f"decode-direct{direct}-stages{stages}" for direct in (True, 
 def test_attention_loads_the_cache_in_16_byte_vectors(ptx: dict, kernel: str) -> None:
     ops = ptx[kernel]["memory_ops"]
     assert not [op for op in ops if op.startswith("ld.global") and op.endswith(".b16")], ops  # one bf16 per load
-    assert ops.get("ld.global.v4.b32", 0) >= 2 and not spills(ops), ops
+    assert ops.get("ld.global.v4.b32", 0) >= 2, ops
     assert ptx[kernel]["tensor_cores"]  # QK and PV through mma, GQA heads padded to 16 rows in decode
 
 
@@ -56,16 +56,19 @@ def test_per_token_kernels_move_16_byte_vectors(ptx: dict, kernel: str) -> None:
     gigabytes.)"""
     ops = ptx[kernel]["memory_ops"]
     assert not [op for op in ops if op.startswith("ld.global") and op.endswith(".b16")], ops
-    assert ops.get("ld.global.v4.b32", 0) >= 1 and not spills(ops), ops
+    assert ops.get("ld.global.v4.b32", 0) >= 1, ops
 
 
 def test_top_k_top_p_reads_logits_in_vectors(ptx: dict) -> None:
     """Each of its passes over the vocabulary (a row max, 8 per filter) is one vectorized load (two fp32 per
     thread: `triton_sampling.NUM_WARPS` says why not four)."""
     ops = ptx["top-k-top-p"]["memory_ops"]
-    assert ops.get("ld.global.v2.b32", 0) == 17 and not spills(ops), ops
+    assert ops.get("ld.global.v2.b32", 0) == 17, ops
 
 
-@pytest.mark.parametrize("kernel", ["decode-merge", "decode-fp32", "prefill-fp32"])
-def test_other_variants_compile_without_spills(ptx: dict, kernel: str) -> None:
-    assert not spills(ptx[kernel]["memory_ops"])
+def test_no_kernel_spills_registers_or_overflows_shared_memory(ptx: dict) -> None:
+    """Spills are ptxas's doing, after the PTX: what the PTX's own local loads cannot show (fp32 prefill spilled
+    40 bytes at 4 warps)."""
+    usage = {name: (k["spilled_bytes"], k["shared_bytes"], k["registers"]) for name, k in ptx.items()}
+    assert all(spilled == 0 and shared <= H100_SHARED_BYTES for spilled, shared, _ in usage.values()), usage
+    assert all(not [op for op in k["memory_ops"] if ".local" in op] for k in ptx.values())

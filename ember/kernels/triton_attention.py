@@ -303,6 +303,10 @@ def prefill_launch(
     )
 
 
+# fp32 tiles hold twice the bytes of bf16 ones: at 4 warps ptxas spills registers on sm_90 (tests/test_triton_ptx.py)
+PREFILL_WARPS_FP32 = 8
+
+
 def paged_prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -322,5 +326,6 @@ def paged_prefill_attention(
         num_heads, kv_heads, num_blocks, block_tables.shape[1],
         G=num_heads // kv_heads, BLOCK_M=launch.block_m, BS=block_size, D=head_dim, P=pack, DOT_FP32=DOT_IN_FP32,
         IEEE=q.dtype == torch.float32,
+        num_warps=PREFILL_WARPS_FP32 if q.dtype == torch.float32 else 4,
     )  # fmt: skip
     return out

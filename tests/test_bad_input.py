@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ember.engine.engine import LLM
-from ember.engine.sampling_params import SamplingParams
+from ember.engine.sampling_params import InvalidParameter, SamplingParams
 from ember.models.loader import ModelNotFoundError
 
 
@@ -22,12 +22,15 @@ from ember.models.loader import ModelNotFoundError
         ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
         ({"n": 0}, "n must be an integer >= 1"),
         ({"logprobs": 50}, "logprobs must be an integer"),
-        ({"stop": [""]}, "stop strings must be non-empty"),
+        ({"stop": [""]}, "stop must hold non-empty strings"),
+        ({"logit_bias": {5: 101.0}}, "logit_bias must map"),
     ],
 )
 def test_bad_sampling_params(fields: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    """Each error names its field: the server's error body says which `param` was wrong."""
+    with pytest.raises(InvalidParameter, match=message) as error:
         SamplingParams(**fields)
+    assert error.value.param == next(iter(fields))
 
 
 def test_bad_prompts_are_rejected_and_nothing_leaks(smollm: LLM) -> None:

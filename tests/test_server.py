@@ -422,17 +422,18 @@ def test_bad_chat_requests(server: ServerProcess, body: bytes, status: int, para
 def test_bad_completion_requests(server: ServerProcess, client: OpenAI) -> None:
     too_long = [5] * 9000
     for kwargs, param in [
-        ({"prompt": too_long}, "messages"),
+        ({"prompt": too_long}, "prompt"),
         ({"prompt": "hi", "suffix": "x"}, "suffix"),
         ({"prompt": ""}, "prompt"),
-        ({"prompt": [[1, 2, 10**9]]}, None),
+        ({"prompt": [[1, 2, 10**9]]}, "prompt"),
         ({"prompt": [[1, 2, 10**9]], "echo": True}, "prompt"),
+        ({"prompt": "hi", "stop": ["x", ""]}, "stop"),
+        ({"prompt": "hi", "logit_bias": {"token": 1}}, "logit_bias"),
+        ({"prompt": "hi", "logit_bias": {"10000000": 1}}, "logit_bias"),
     ]:
         with pytest.raises(openai.BadRequestError) as info:
             client.completions.create(model=MODEL, max_tokens=4, **kwargs)
-        assert info.value.status_code == 400
-        if param:
-            assert info.value.body["param"] == param
+        assert info.value.status_code == 400 and info.value.body["param"] == param, (kwargs, info.value.body)
     assert client.completions.create(model=MODEL, prompt="ok", max_tokens=2).choices[0].text is not None
 
 

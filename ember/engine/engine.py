@@ -20,7 +20,7 @@ from ember.engine.detokenizer import IncrementalDetokenizer
 from ember.engine.kv_cache_manager import KVCacheManager
 from ember.engine.model_runner import LaunchedStep, ModelRunner, kv_cache_bytes_per_block
 from ember.engine.request import CompletionOutput, Request, RequestOutput, RequestStatus, TokenLogprob
-from ember.engine.sampling_params import SamplingParams
+from ember.engine.sampling_params import InvalidParameter, SamplingParams
 from ember.engine.scheduler import ScheduledRequest, Scheduler
 from ember.engine.structured_output import GrammarCompiler, StructuredOutputs
 from ember.models.loader import LoadedModel, load_model
@@ -198,12 +198,12 @@ class Engine:
     def tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("this model has no tokenizer (dummy weights): pass prompt token ids")
+                raise InvalidParameter("prompt", "this model has no tokenizer (dummy weights): pass prompt token ids")
             return prompt, self.tokenizer(prompt)["input_ids"]
         ids = list(prompt)
         vocab = self.model_config.vocab_size
         if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+            raise InvalidParameter("prompt", f"prompt token ids must be integers in [0, {vocab})")
         return None, ids
 
     def add_request(
@@ -223,9 +223,10 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize(prompt)
         if params.logit_bias and max(params.logit_bias) >= self.model_config.vocab_size:
-            raise ValueError(f"logit_bias token ids must be below the vocabulary size {self.model_config.vocab_size}")
+            vocab = self.model_config.vocab_size
+            raise InvalidParameter("logit_bias", f"logit_bias token ids must be below the vocabulary size {vocab}")
         if not ids:
-            raise ValueError("the prompt is empty")
+            raise InvalidParameter("prompt", "the prompt is empty")
         if len(ids) >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(ids)} tokens, but the model's context is {self.max_model_len} tokens "

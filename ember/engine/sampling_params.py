@@ -9,6 +9,14 @@ from ember.engine.structured_output import StructuredOutputs
 MAX_LOGPROBS = 20
 
 
+class InvalidParameter(ValueError):
+    """A bad request value, naming the field it came from (the `param` of the server's error body)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class SamplingParams:
     """How to generate one completion (or `n` of them) for a prompt; field meanings follow OpenAI/vLLM."""
@@ -43,7 +51,7 @@ class SamplingParams:
     def validate(self) -> None:
         def check(ok: bool, message: str) -> None:
             if not ok:
-                raise ValueError(message)
+                raise InvalidParameter(message.split()[0], message)  # each message opens with its field's name
 
         check(
             self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
@@ -59,7 +67,7 @@ class SamplingParams:
         )
         check(self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
-        check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
+        check(all(isinstance(s, str) and s for s in self.stop), "stop must hold non-empty strings")
         check(
             all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
             "stop_token_ids must be non-negative integers",

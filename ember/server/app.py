@@ -103,13 +103,15 @@ class OpenAIServer:
                 "model_not_found",
             )
 
-    def check_prompt_length(self, prompt_ids: list[int], max_tokens: int | None) -> None:
+    def check_prompt_length(self, prompt_ids: list[int], max_tokens: int | None, param: str = "messages") -> None:
+        """A prompt that leaves no room to generate is OpenAI's context_length_exceeded, on `param` (the chat's
+        messages, a completion's prompt)."""
         if len(prompt_ids) >= self.max_model_len:
             raise APIError(
                 400,
                 f"the prompt has {len(prompt_ids)} tokens, but this model's maximum context length "
                 f"is {self.max_model_len} tokens",
-                param="messages",
+                param=param,
                 code="context_length_exceeded",
             )
         if max_tokens is not None and len(prompt_ids) + max_tokens > self.max_model_len:
@@ -126,7 +128,7 @@ class OpenAIServer:
             async for out in self.engine.generate(prompt, params):
                 yield out
         except ValueError as e:
-            raise APIError(400, str(e)) from e
+            raise APIError(400, str(e), param=getattr(e, "param", None)) from e
 
     @staticmethod
     def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[str, Any]:
@@ -379,7 +381,7 @@ class OpenAIServer:
         items = prompt_items(body.prompt)
         prompts = [self.prompt_ids(item) for item in items]
         for ids in prompts:
-            self.check_prompt_length(ids, body.max_tokens)
+            self.check_prompt_length(ids, body.max_tokens, param="prompt")
         max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default for completions
         params = self.sampling_params(body, max_tokens, body.logprobs)
         echoes = None  # each prompt's text, which its choices start with
@@ -516,7 +518,7 @@ class OpenAIServer:
         try:
             return body.sampling_params(max_tokens, logprobs, structured)  # type: ignore[no-any-return]
         except ValueError as e:
-            raise APIError(400, str(e)) from e
+            raise APIError(400, str(e), param=getattr(e, "param", None)) from e
 
     # ------------------------------------------------------------------------------------------------
     # Tokenizer endpoints (vLLM's): for clients that count or split tokens as the server does, e.g.

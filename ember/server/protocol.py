@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ember.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from ember.engine.sampling_params import MAX_LOGPROBS, InvalidParameter, SamplingParams
 from ember.engine.structured_output import StructuredOutputs
 
 MAX_N = 16
@@ -86,7 +86,7 @@ class SamplingFields(OpenAIModel):
             try:
                 bias = {int(token): float(value) for token, value in self.logit_bias.items()}
             except ValueError as e:
-                raise ValueError("logit_bias keys must be token ids (integers as strings)") from e
+                raise InvalidParameter("logit_bias", "logit_bias keys must be token ids (integers as strings)") from e
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature,

@@ -152,7 +152,9 @@ class PythonSession:
             if left <= 0 or not select.select([fd], [], [], left)[0]:
                 return None
             chunk = os.read(fd, 4096)
-            if not chunk:
+            if not chunk:  # the driver ended; bubblewrap exits just after it, and then poll() tells the caller so
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.process.wait(GRACE_S)
                 return None
             received += chunk
         return json.loads(received)

@@ -16,7 +16,7 @@ from openai import AsyncOpenAI
 
 from ember.agents import Agent, AgentResult, Toolbox
 from ember.agents.embeddings import INSTALL_HINT, Embedder, embedding_model_path
-from ember.agents.memory import Memory
+from ember.agents.memory import Memory, PassageVectors
 from ember.server.launch import ServerProcess, running_server
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -142,6 +142,42 @@ def test_archival_search_finds_passages_by_meaning_and_still_by_exact_words(tmp_
     assert Memory(path).search_passages("pet name") == []  # by words alone it finds nothing
     with sqlite3.connect(path) as db:
         assert db.execute("select count(*) from passage_vectors").fetchone() == (4,)
+
+
+def test_passage_vectors_find_the_nearest_as_a_full_scan_does() -> None:
+    """The in-memory index over 300 passages (its capacity grown several times), one vector replaced, against
+    the cosine ranking of every vector."""
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((300, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index = PassageVectors("test")
+    for start in range(0, 300, 7):
+        index.add(list(range(start + 1, min(start + 8, 301))), vectors[start : start + 7])
+    vectors[41] = -vectors[41]
+    index.add([42], vectors[41:42])  # passage 42 re-embedded
+    for query in vectors[:20]:
+        scores = vectors @ query
+        expected = [int(i) + 1 for i in np.argsort(-scores)[:10] if scores[i] >= 0.1]
+        assert index.nearest(query, 10, 0.1) == expected
+    assert index.nearest(vectors[41], 1, 0.9) == [42]
+
+
+@needs_embedder
+def test_archival_search_sees_what_another_connection_kept(tmp_path: Path) -> None:
+    """Two agents on one memory file: what one keeps, the other finds by meaning at its next search, whether the
+    writer embedded it or not."""
+    embedder = Embedder()
+    reader, writer = (
+        Memory(tmp_path / "memory.db", embedder=embedder),
+        Memory(tmp_path / "memory.db", embedder=embedder),
+    )
+    reader.insert_passage("The meeting moved to Tuesday at 3 pm.")
+    assert reader.search_passages("pet name") == []
+    writer.insert_passage("The user's dog is called Rex.")
+    assert reader.search_passages("pet name", limit=1) == ["The user's dog is called Rex."]
+    Memory(tmp_path / "memory.db").insert_passage("Tea is in the left cupboard.")  # no embedder: no vector
+    assert reader.search_passages("where do I keep drinks", limit=1) == ["Tea is in the left cupboard."]
+    assert writer.search_passages("when is the meeting", limit=1) == ["The meeting moved to Tuesday at 3 pm."]
 
 
 def test_a_file_that_is_no_database_is_a_clear_error(tmp_path: Path) -> None:

@@ -272,7 +272,7 @@ class ModelRunner:
         begin = max(first, known)
         rows = hidden[row + begin - first : row + max(last, begin) - first]
         if known == first - 1 and request.prompt_boundary_hidden is not None:
-            rows, begin = torch.cat([request.prompt_boundary_hidden[None], rows]), known
+            rows, begin = torch.cat([request.prompt_boundary_hidden.to(rows.device)[None], rows]), known
             request.prompt_boundary_hidden = None
         if begin < last:
             logprobs = torch.log_softmax(self.model.compute_logits(rows), dim=-1)
@@ -281,5 +281,9 @@ class ModelRunner:
             request.prompt_logprobs.extend(top_logprobs(logprobs, targets, [k] * len(targets)))
         bs = self.block_size
         end = min(first + s.num_tokens, request.num_prompt_tokens)
-        for position in range(first + (bs - 1 - first) % bs, end, bs):  # each full block's last position
-            request.prompt_block_hidden[position // bs] = hidden[row + position - first].clone()
+        block_ends = range(first + (bs - 1 - first) % bs, end, bs)  # each full block's last position
+        if block_ends:  # to the host in one copy: the prefix cache keeps them outside the KV cache's device memory
+            kept = hidden[row - first + block_ends.start : row - first + end : bs].to("cpu", copy=True)
+            request.prompt_block_hidden.update(
+                (position // bs, h) for position, h in zip(block_ends, kept, strict=True)
+            )

@@ -33,19 +33,14 @@ def engines(tiny_models: dict) -> tuple[LLM, LLM]:
     return cached, uncached
 
 
+def prefixed_requests(suffix_len: int, third: st.SearchStrategy) -> st.SearchStrategy:
+    """Up to 8 requests: (one of PREFIXES, a suffix of 1 to `suffix_len` tokens, a value drawn from `third`)."""
+    suffix = st.lists(st.integers(3, 255), min_size=1, max_size=suffix_len)
+    return st.lists(st.tuples(st.sampled_from(range(len(PREFIXES))), suffix, third), min_size=1, max_size=8)
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    requests=st.lists(
-        st.tuples(
-            st.sampled_from(range(len(PREFIXES))),
-            st.lists(st.integers(3, 255), min_size=1, max_size=8),
-            st.integers(1, 10),
-        ),
-        min_size=1,
-        max_size=8,
-    ),
-    waves=st.integers(1, 3),
-)
+@given(requests=prefixed_requests(8, st.integers(1, 10)), waves=st.integers(1, 3))
 def test_greedy_outputs_equal_with_and_without_caching(engines: tuple[LLM, LLM], requests: list, waves: int) -> None:
     """Streams of requests sharing, partly sharing and not sharing prefixes, in several waves so later
     waves hit blocks cached (and partly evicted) by earlier ones, under a cache small enough to preempt."""
@@ -74,18 +69,7 @@ def assert_same_prompt_logprobs(got: list, expected: list) -> None:
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(
-    requests=st.lists(
-        st.tuples(
-            st.sampled_from(range(len(PREFIXES))),
-            st.lists(st.integers(3, 255), min_size=1, max_size=6),
-            st.sampled_from([None, 0, 1, 3]),
-        ),
-        min_size=1,
-        max_size=8,
-    ),
-    waves=st.integers(1, 3),
-)
+@given(requests=prefixed_requests(6, st.sampled_from([None, 0, 1, 3])), waves=st.integers(1, 3))
 def test_prompt_logprobs_equal_with_and_without_caching(engines: tuple[LLM, LLM], requests: list, waves: int) -> None:
     """Requests asking for prompt logprobs (with different numbers of alternatives) among plain ones: a hit on
     blocks whose logprobs are cached gives exactly what computing the whole prompt gives, under preemption."""

@@ -87,6 +87,28 @@ def test_a_crash_keeps_what_was_printed_and_the_next_run_starts_a_new_session(tm
         assert session.run("print('alive')").stdout == "alive\n"
 
 
+def test_a_forked_child_ends_with_the_cell_and_the_session_goes_on(tmp_path: Path) -> None:
+    """A child that returns from the code ends there, as a script's child does at the script's end: it must not
+    go on as a second driver, answering on the session's channel."""
+    with Sandbox(tmp_path) as sandbox:
+        session = sandbox.python_session()
+        code = "import os\npid = os.fork()\nprint('child' if pid == 0 else 'parent')\nif pid:\n    os.waitpid(pid, 0)"
+        forked = session.run(code)
+        assert forked.exit_code == 0 and sorted(forked.stdout.split()) == ["child", "parent"]
+        assert session.run("pid > 0").stdout == "True\n"  # the same session, the parent's variables
+
+
+def test_a_fork_bomb_ends_the_session_and_says_why(tmp_path: Path) -> None:
+    with Sandbox(tmp_path, SandboxLimits(timeout_s=30, max_processes=40)) as sandbox:
+        session = sandbox.python_session()
+        session.run("kept = 1")
+        bomb = session.run("import os, time\nfor _ in range(600):\n    if os.fork() == 0:\n        time.sleep(20)")
+        assert bomb.exit_code == -9 and bomb.as_text().startswith(
+            "[killed: the code ran more than 40 processes at once]\n[the Python session ended"
+        )
+        assert "NameError" in session.run("kept").stderr  # a new session
+
+
 def test_limits_and_isolation_hold_in_the_session(tmp_path: Path) -> None:
     limits = SandboxLimits(timeout_s=10, memory_mb=256, max_output_bytes=1000)
     with Sandbox(tmp_path, limits) as sandbox:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ember.agents.process_guard import host_task_count
 from ember.agents.sandbox import RunResult, Sandbox, SandboxLimits
 
 pytestmark = pytest.mark.skipif(
@@ -77,6 +78,29 @@ def test_memory_and_output_limits_hold(tmp_path: Path) -> None:
         flood = run(sandbox.run_python("import sys\nfor _ in range(100_000): sys.stdout.write('x' * 100)"))
         assert flood.exit_code == 0 and flood.truncated and flood.stdout == "x" * 1000
         assert flood.as_text().endswith("[output truncated]")
+
+
+# Forks up to 600 children that each sleep a while (bounded, should the guard fail, by the count and the sleep).
+FORKS = """
+import os, time
+for _ in range({count}):
+    if os.fork() == 0:
+        time.sleep(20)
+        os._exit(0)
+print('all forked')
+"""
+
+
+def test_a_fork_bomb_is_killed_and_processes_within_the_limit_run(tmp_path: Path) -> None:
+    limits = SandboxLimits(timeout_s=30, max_processes=40)
+    with Sandbox(tmp_path, limits) as sandbox:
+        before = host_task_count()
+        bomb = run(sandbox.run_python(FORKS.format(count=600)))
+        assert bomb.exit_code == -9 and not bomb.timed_out and "all forked" not in bomb.stdout
+        assert bomb.as_text().startswith("[killed: the code ran more than 40 processes at once]")
+        assert host_task_count() < before + 40  # the container's processes went with it
+        within = run(sandbox.run_shell("for i in $(seq 30); do sleep 0.5 & done; wait; echo done"))
+        assert (within.exit_code, within.stdout, within.notice) == (0, "done\n", "")
 
 
 def test_as_agent_tools_and_a_workspace_of_its_own_is_removed(tmp_path: Path) -> None:

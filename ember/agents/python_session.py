@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ember.agents import python_session_driver
+from ember.agents.process_guard import ProcessGuard
 from ember.agents.sandbox import RunResult
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ class PythonSession:
     def __init__(self, sandbox: Sandbox) -> None:
         self.sandbox = sandbox
         self.process: subprocess.Popen[bytes] | None = None
+        self.guard: ProcessGuard | None = None
         self.exchange: Path | None = None
         self.lock = threading.Lock()  # one run at a time: the session has one namespace
 
@@ -106,12 +108,14 @@ class PythonSession:
                 )
             else:
                 exit_code = self.process.wait() or 1
+                assert self.guard is not None
+                notices.append(self.guard.notice)
                 notices.append("[the Python session ended and its variables are gone; the next run starts a new one]")
                 if complaint := read_capped(self.exchange / "bubblewrap.log", 2000)[0].strip():
                     notices.append(complaint)
             return RunResult(
                 exit_code, stdout, stderr, timed_out=exit_code is None, truncated=cut_out or cut_err,
-                notice="\n".join(notices),
+                notice="\n".join(filter(None, notices)),
             )  # fmt: skip
 
     def _start(self) -> None:
@@ -127,9 +131,12 @@ class PythonSession:
                 preexec_fn=lambda: self.sandbox.set_limits(cpu=False),  # each run has its time limit instead
                 start_new_session=True,
             )
+        self.guard = ProcessGuard(self.process.pid, self.sandbox.limits.max_processes)
 
     def _reap(self) -> None:
         """Wait for a killed or ended container and remove its output folder."""
+        if self.guard is not None:
+            self.guard.stop()
         if self.process is not None:
             self.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):

@@ -87,6 +87,7 @@ def main(folder: str) -> None:
     module = types.ModuleType("__main__")
     module.__builtins__ = builtins
     sys.modules["__main__"] = module  # functions and classes the code defines belong to a real __main__
+    driver = os.getpid()
     for count, line in enumerate(requests, 1):
         request = json.loads(line)
         for fd in (1, 2):
@@ -98,6 +99,8 @@ def main(folder: str) -> None:
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError, ValueError):  # the code closed or overfilled it
                 stream.flush()
+        if os.getpid() != driver:  # a process the code forked, back from the cell: it ends, as at a script's end
+            os._exit(reply["exit_code"])
         replies.write(json.dumps(reply) + "\n")
         replies.flush()
 

@@ -4,8 +4,9 @@ Each run is a fresh bubblewrap container: new user, PID, network, IPC and UTS na
 unless asked for), every capability dropped, an unprivileged uid, the system's /usr and the Python
 interpreter read-only, a private /tmp, one host folder, the workspace, read-write at /workspace, which keeps
 files from one run to the next, and any folders lent read-only (e.g. skills, at /skills/<name>). Limits: wall
-time (the whole container is killed), address space, file size, CPU time, and how much output is kept (the
-rest is read and dropped, so a flood cannot fill memory). `python_session()` keeps one Python interpreter in such
+time (the whole container is killed), address space, file size, CPU time, how many processes run at once (the
+container is killed past it: `process_guard.py`), and how much output is kept (the rest is read and dropped,
+so a flood cannot fill memory). `python_session()` keeps one Python interpreter in such
 a container across runs (`python_session.py`), which is what the run_python tool uses by default.
 """
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ember.agents.process_guard import ProcessGuard
 from ember.agents.tools import Tool, ToolResult, function_tool
 
 if TYPE_CHECKING:
@@ -42,6 +44,7 @@ class SandboxLimits:
     memory_mb: int = 1024  # address space of each process
     file_size_mb: int = 64  # largest file a run may write
     max_output_bytes: int = 32_000  # of stdout and of stderr, each
+    max_processes: int = 256  # at once, in one container
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,7 @@ class RunResult:
     stderr: str
     timed_out: bool = False
     truncated: bool = False
-    notice: str = ""  # what a Python session adds (a restart, how a time-out ended), shown first
+    notice: str = ""  # how a run ended beyond its exit code (a session's restart, a time-out, too many processes)
 
     def as_text(self) -> str:
         """The result as a model reads it."""
@@ -210,6 +213,7 @@ class Sandbox:
             start_new_session=True,
         )
         assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+        guard = ProcessGuard(process.pid, self.limits.max_processes)
         out, err = CappedOutput(self.limits.max_output_bytes), CappedOutput(self.limits.max_output_bytes)
         readers = asyncio.gather(out.drain(process.stdout), err.drain(process.stderr))
         timed_out = False
@@ -228,12 +232,14 @@ class Sandbox:
                 process.kill()  # bwrap's death takes the container's PID namespace with it (--die-with-parent)
         with contextlib.suppress(TimeoutError):  # bounded, should anything outlive the container and hold its pipes
             await asyncio.wait_for(asyncio.gather(process.wait(), readers), 5)
+        guard.stop()
         return RunResult(
             None if timed_out else process.returncode,
             out.text(),
             err.text(),
             timed_out,
             out.truncated or err.truncated,
+            guard.notice,
         )
 
     async def run_python(self, code: str) -> RunResult:

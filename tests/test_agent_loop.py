@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from ember.agents import Agent, AgentEvent, AgentResult, function_tool
-from ember.agents.loop import CLEARED, shrink
+from ember.agents.loop import CLEARED, canonical_arguments, shrink
 from ember.agents.mcp_tools import mcp_tools
 from ember.agents.sandbox import Sandbox
 from ember.server.launch import ServerProcess, free_port, running_server
@@ -159,10 +160,42 @@ def test_max_turns_cuts_a_model_that_keeps_calling(server: ServerProcess) -> Non
         temperature=0,
         max_tokens=32,
         max_turns=3,
+        max_identical_calls=None,
     )
     _, result = collect(agent, "Look up the word 'ember'.")
     assert result.finish_reason == "max_turns" and result.turns == 3 and len(result.tool_calls) == 3
     assert all(outcome.content.endswith(": not found") for _, outcome in result.tool_calls)
+
+
+def test_a_model_that_repeats_one_call_is_refused_then_stopped(server: ServerProcess) -> None:
+    """Forced to call on every turn at temperature 0, SmolLM2 repeats its calls word for word: once a call gave
+    the same result twice, it is not run again, and the turn made only of such calls ends the run, well before
+    max_turns. (A call whose result changes may repeat: the paging `fetch` of the context test above.)"""
+
+    def lookup(word: str) -> str:
+        """Look a word up."""
+        return f"{word}: not found"
+
+    agent = Agent(
+        client(server),
+        MODEL,
+        [function_tool(lookup)],
+        tool_choice="required",
+        reset_tool_choice=False,
+        temperature=0,
+        max_tokens=32,
+        max_turns=8,
+        max_identical_calls=2,
+    )
+    _, result = collect(agent, "Look up the word 'ember'.")
+    assert result.finish_reason == "tool_loop" and result.turns < 8
+    runs: Counter[str] = Counter()  # lookup's results depend on its arguments only: a streak is a count of runs
+    for call, outcome in result.tool_calls:
+        refused = outcome.content.startswith("[not run: lookup gave the same result the last 2 times")
+        assert refused == (runs[canonical_arguments(call.arguments)] == 2) and refused == outcome.is_error
+        runs[canonical_arguments(call.arguments)] += not refused
+    last_calls = next(m for m in reversed(result.messages) if m["role"] == "assistant")["tool_calls"]
+    assert all(outcome.is_error for _, outcome in result.tool_calls[-len(last_calls) :])
 
 
 def test_agent_refuses_a_tool_choice_it_cannot_honour(server: ServerProcess) -> None:

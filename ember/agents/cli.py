@@ -86,6 +86,13 @@ def add_agent_args(parser: argparse.ArgumentParser) -> None:
     loop.add_argument("--instructions", default=None, help="the system prompt")
     loop.add_argument("--max-turns", type=int, default=10, help="model calls at most, per run (default 10)")
     loop.add_argument(
+        "--max-identical-calls",
+        type=int,
+        default=3,
+        help="how often in a row one tool may give the same result for the same arguments; past it the call is "
+        "refused, and a turn of only refused calls ends the run (default 3; 0: no limit)",
+    )
+    loop.add_argument(
         "--tool-choice",
         default="auto",
         help="the first turn's tool_choice: auto (default), required, none, or a tool's name; later turns use auto",
@@ -196,6 +203,8 @@ def check_agent_args(args: argparse.Namespace) -> None:
     """What can be refused before a server starts or an MCP server is spawned."""
     if args.max_turns < 1:
         raise ValueError("--max-turns must be at least 1")
+    if args.max_identical_calls < 0:
+        raise ValueError("--max-identical-calls must be 0 (no limit) or more")
     if args.session and not args.memory:
         raise ValueError("--session names where --memory keeps this run's messages: add --memory FILE")
     if args.skill and not args.skills:
@@ -244,6 +253,7 @@ async def run_agent(args: argparse.Namespace, url: str, skills: SkillLibrary | N
             toolbox,
             instructions,
             max_turns=args.max_turns,
+            max_identical_calls=args.max_identical_calls or None,
             tool_choice=args.tool_choice,
             parallel_tool_calls=args.parallel_tool_calls,
             temperature=args.temperature,
@@ -290,7 +300,11 @@ def show(event: AgentEvent, quiet: bool) -> None:
         else:
             print()
             result = event.result
-            cuts = {"max_turns": " (cut at --max-turns)", "length": " (the last reply was cut at --max-tokens)"}
+            cuts = {
+                "max_turns": " (cut at --max-turns)",
+                "length": " (the last reply was cut at --max-tokens)",
+                "tool_loop": " (stopped: the model only repeated calls that kept giving the same result)",
+            }
             cut = cuts.get(result.finish_reason, "")
             trimmed = f", {result.context_trims} context trims" if result.context_trims else ""
             print(

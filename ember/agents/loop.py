@@ -2,7 +2,8 @@
 
 It speaks only the OpenAI chat-completions API (streamed), so it runs against Ember's server or any other
 that implements it. Every turn is bounded (`max_turns`), every tool call is bounded (the toolbox's time-out),
-and every failure of a tool reaches the model as that tool's reply instead of ending the run. When the server
+and every failure of a tool reaches the model as that tool's reply instead of ending the run; a model stuck
+repeating a call that keeps giving the same result is told so, then stopped (`RepeatedCalls`). When the server
 says the conversation no longer fits the model's context, the oldest tool results are cleared, then the
 oldest turns dropped, until it fits (`shrink`).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -33,7 +35,9 @@ class ToolCall:
 @dataclass
 class AgentResult:
     output: str  # the text of the model's last message
-    finish_reason: str  # the last turn's ("stop", "length", ...), or "max_turns" when the loop was cut
+    # the last turn's ("stop", "length", ...), "max_turns" when the loop was cut, "tool_loop" when a turn's every
+    # call was refused as a repeat (see Agent)
+    finish_reason: str
     turns: int
     messages: list[dict[str, Any]]  # the whole conversation, ready to be continued
     tool_calls: list[tuple[ToolCall, ToolResult]] = field(default_factory=list)
@@ -56,7 +60,10 @@ class Agent:
     """An agent: a model behind an OpenAI-compatible API, instructions, and tools.
 
     `tool_choice` applies to the first turn; with `reset_tool_choice` (the default) later turns use "auto",
-    since a model forced to call a tool on every turn would never answer.
+    since a model forced to call a tool on every turn would never answer. A call whose last `max_identical_calls`
+    runs in this task (same tool, same arguments) all gave the same result is not run again: its reply says so,
+    and a turn made only of such calls ends the run (small models at temperature 0 otherwise loop until
+    max_turns). A call whose result changes (a next page, a job's status) may repeat.
     """
 
     def __init__(
@@ -72,10 +79,13 @@ class Agent:
         parallel_tool_calls: bool | None = None,
         temperature: float | None = None,
         max_tokens: int | None = None,
+        max_identical_calls: int | None = 3,
         on_message: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         if max_turns < 1:
             raise ValueError("max_turns must be at least 1")
+        if max_identical_calls is not None and max_identical_calls < 1:
+            raise ValueError("max_identical_calls must be at least 1 (or None: no limit)")
         self.client, self.model = client, model
         self.toolbox = tools if isinstance(tools, Toolbox) else Toolbox(tools)
         if tool_choice not in ("auto", "required", "none") and tool_choice not in self.toolbox.tools:
@@ -85,6 +95,7 @@ class Agent:
         self.instructions = instructions
         self.max_turns, self.tool_choice, self.reset_tool_choice = max_turns, tool_choice, reset_tool_choice
         self.parallel_tool_calls, self.temperature, self.max_tokens = parallel_tool_calls, temperature, max_tokens
+        self.max_identical_calls = max_identical_calls
         self.on_message = on_message
 
     async def run(self, task: str | list[dict[str, Any]]) -> AgentResult:
@@ -104,6 +115,7 @@ class Agent:
         render = self.instructions if callable(self.instructions) and own_system else None
         result = AgentResult(output="", finish_reason="max_turns", turns=0, messages=messages)
         tool_choice = self.tool_choice
+        repeats = RepeatedCalls(self.max_identical_calls)
         while result.turns < self.max_turns:
             result.turns += 1
             if render is not None and result.turns > 1:
@@ -136,12 +148,23 @@ class Agent:
                 break
             for call in calls:
                 yield AgentEvent("tool_call", call=call)
-            outcomes = await asyncio.gather(*(self.toolbox.call(c.name, c.arguments) for c in calls))
-            for call, outcome in zip(calls, outcomes, strict=True):
+            refused = [repeats.is_stuck(call) for call in calls]
+            outcomes = await asyncio.gather(
+                *(
+                    repeats.refusal(c) if r else self.toolbox.call(c.name, c.arguments)
+                    for c, r in zip(calls, refused, strict=True)
+                )
+            )
+            for call, outcome, was_refused in zip(calls, outcomes, refused, strict=True):
+                if not was_refused:
+                    repeats.record(call, outcome)
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": outcome.content})
                 self.notify(messages[-1])
                 result.tool_calls.append((call, outcome))
                 yield AgentEvent("tool_result", call=call, result=outcome)
+            if all(refused):
+                result.finish_reason = "tool_loop"
+                break
             if self.reset_tool_choice:
                 tool_choice = "auto"
         yield AgentEvent("done", result=result)
@@ -236,6 +259,42 @@ def shrink(messages: list[dict[str, Any]]) -> str:
             del messages[start:end]
             return f"dropped the oldest turn ({end - start} message(s))"
     return ""
+
+
+class RepeatedCalls:
+    """Each call's (tool and arguments) last result and how many times in a row it gave it, over one run: a call
+    that gave one same result `limit` times in a row is stuck (None: never)."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.streaks: dict[tuple[str, str], tuple[str, int]] = {}
+
+    @staticmethod
+    def key(call: ToolCall) -> tuple[str, str]:
+        return call.name, canonical_arguments(call.arguments)
+
+    def is_stuck(self, call: ToolCall) -> bool:
+        return self.limit is not None and self.streaks.get(self.key(call), ("", 0))[1] >= self.limit
+
+    def record(self, call: ToolCall, outcome: ToolResult) -> None:
+        last, times = self.streaks.get(self.key(call), ("", 0))
+        self.streaks[self.key(call)] = (outcome.content, times + 1 if outcome.content == last else 1)
+
+    async def refusal(self, call: ToolCall) -> ToolResult:
+        """What a stuck call gets instead of running (awaitable, beside the calls that do run)."""
+        return ToolResult(
+            f"[not run: {call.name} gave the same result the last {self.limit} times it was called with exactly "
+            "these arguments (see above). Use that result, change the arguments, or answer.]",
+            is_error=True,
+        )
+
+
+def canonical_arguments(arguments: str) -> str:
+    """A call's arguments, written one way whatever their key order and spacing (as given when not JSON)."""
+    try:
+        return json.dumps(json.loads(arguments), sort_keys=True)
+    except json.JSONDecodeError:
+        return arguments
 
 
 def assistant_message(text: str, calls: list[ToolCall]) -> dict[str, Any]:

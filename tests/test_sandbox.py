@@ -103,6 +103,35 @@ def test_a_fork_bomb_is_killed_and_processes_within_the_limit_run(tmp_path: Path
         assert (within.exit_code, within.stdout, within.notice) == (0, "done\n", "")
 
 
+# Forks children that each hold `mb` MB (every page touched) for `seconds`, then waits for them.
+HOLDERS = """
+import os, time
+children = []
+for _ in range({count}):
+    pid = os.fork()
+    if pid == 0:
+        block = bytearray({mb} * 1024 * 1024)
+        block[::4096] = b"x" * (len(block) // 4096)
+        time.sleep({seconds})
+        os._exit(0)
+    children.append(pid)
+for pid in children:
+    os.waitpid(pid, 0)
+print("done")
+"""
+
+
+def test_processes_holding_too_much_memory_together_are_killed(tmp_path: Path) -> None:
+    """Each process is within its own limit (600 MB); four of them together (1.6 GB) are not (1 GB)."""
+    limits = SandboxLimits(timeout_s=30, memory_mb=600, max_total_memory_mb=1000)
+    with Sandbox(tmp_path, limits) as sandbox:
+        hog = run(sandbox.run_python(HOLDERS.format(count=4, mb=400, seconds=20)))
+        assert hog.exit_code == -9 and not hog.timed_out and "done" not in hog.stdout
+        assert hog.as_text().startswith("[killed: the code's processes held more than 1000 MB of memory together]")
+        within = run(sandbox.run_python(HOLDERS.format(count=2, mb=300, seconds=1)))
+        assert (within.exit_code, within.stdout, within.notice) == (0, "done\n", "")
+
+
 def test_as_agent_tools_and_a_workspace_of_its_own_is_removed(tmp_path: Path) -> None:
     sandbox = Sandbox()
     python, shell = sandbox.tools()

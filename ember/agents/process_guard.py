@@ -1,13 +1,15 @@
-"""A bound on how many processes one sandbox container may run, so that a fork bomb in model-written code cannot
-use up the host's process ids and memory.
+"""Bounds on what one sandbox container may use as a whole, so that model-written code cannot exhaust the host:
+how many processes it runs at once (a fork bomb would use up the host's process ids) and how much memory they
+hold together (each process's address space is limited, but not their sum).
 
-The kernel's own limit, RLIMIT_NPROC, cannot do it: it never applies to processes whose host uid is root, which
-is what bubblewrap's user namespace maps the sandbox's user to when Ember runs as root; and for any other user
-it counts every process that user has, not the container's. cgroups (`pids.max`) would, but are not writable
-everywhere. So a thread watches each container: ten times a second it reads the host's task count from
-/proc/loadavg (one small read); only when that has grown by more than the limit since the last look does it
-count the container's processes, by listing the container's own /proc (it holds only the container's PID
-namespace), and it kills the container when they are over the limit.
+The kernel's own process limit, RLIMIT_NPROC, cannot do it: it never applies to processes whose host uid is
+root, which is what bubblewrap's user namespace maps the sandbox's user to when Ember runs as root; and for any
+other user it counts every process that user has, not the container's. cgroups (`pids.max`, `memory.max`)
+would, but are not writable everywhere. So a thread watches each container. Ten times a second it reads two
+host figures, the task count (/proc/loadavg) and the memory in use (/proc/meminfo); only when one has grown by
+more than its limit since the last look does it measure the container itself, through the container's own
+/proc (it lists only the container's PID namespace): its processes, or their proportional memory (PSS, which
+splits pages shared after a fork). Over a limit, the container is killed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import contextlib
 import os
 import signal
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 
 POLL_S = 0.1
 
@@ -49,40 +53,85 @@ def count_in_container(init: int) -> int:
         return 0
 
 
+def host_memory_used_kb() -> int:
+    """Memory in use on the host: total less available (/proc/meminfo)."""
+    fields = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            name, value = line.split(":", 1)
+            fields[name] = int(value.split()[0])
+    return fields["MemTotal"] - fields["MemAvailable"]
+
+
+def container_memory_kb(init: int) -> int:
+    """The proportional set size of the processes in the PID namespace of `init`, summed."""
+    proc, total = f"/proc/{init}/root/proc", 0
+    with contextlib.suppress(OSError):  # the container is gone
+        for name in os.listdir(proc):
+            if name.isdigit():
+                with contextlib.suppress(OSError), open(f"{proc}/{name}/smaps_rollup") as f:
+                    total += next((int(line.split()[1]) for line in f if line.startswith("Pss:")), 0)
+    return total
+
+
+@dataclass
+class Bound:
+    """One watched quantity: the host's reading (cheap), the container's own (measured only when the host's grew
+    past `last_host + limit`), the limit, and what the run is told when the container goes past it."""
+
+    host: Callable[[], int]
+    inside: Callable[[int], int]
+    limit: int
+    notice: str
+    others: int = 0  # the host's reading less the container's, at the last look
+
+    def over(self, init: Callable[[], int | None]) -> bool:
+        reading = self.host()
+        if reading <= self.others + self.limit:
+            return False
+        container = init()
+        used = self.inside(container) if container else 0
+        self.others = reading - used  # the host grew, not the container: look again past that
+        return used > self.limit
+
+
 class ProcessGuard:
     """Watches the container led by the bubblewrap process `pid` until `stop()`; kills it (through a pidfd, so a
-    reused pid is never hit) when it runs more than `limit` processes, and says so in `tripped`."""
+    reused pid is never hit) when it runs more than `max_processes` processes at once or their memory passes
+    `max_memory_mb`, and says which in `notice`."""
 
-    def __init__(self, pid: int, limit: int) -> None:
-        self.pid, self.limit = pid, limit
-        self.tripped = False
+    def __init__(self, pid: int, max_processes: int, max_memory_mb: int) -> None:
+        self.pid = pid
+        self.bounds = [
+            Bound(host_task_count, count_in_container, max_processes,
+                  f"[killed: the code ran more than {max_processes} processes at once]"),
+            Bound(host_memory_used_kb, container_memory_kb, max_memory_mb * 1024,
+                  f"[killed: the code's processes held more than {max_memory_mb} MB of memory together]"),
+        ]  # fmt: skip
+        for bound in self.bounds:
+            bound.others = bound.host()
+        self.notice = ""
+        self.init: int | None = None
         self.pidfd = os.pidfd_open(pid)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.watch, name=f"ember-process-guard-{pid}", daemon=True)
         self.thread.start()
 
+    def container_init(self) -> int | None:
+        self.init = self.init or child_of(self.pid)
+        return self.init
+
     def watch(self) -> None:
         try:
-            others = host_task_count()  # the host's tasks that are not the container's
-            init = None
             while not self.stopped.wait(POLL_S):
-                total = host_task_count()
-                if total <= others + self.limit:
-                    continue
-                init = init or child_of(self.pid)
-                inside = count_in_container(init) if init else 0
-                if inside > self.limit:
-                    self.tripped = True
-                    with contextlib.suppress(ProcessLookupError):
-                        signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)  # its namespace dies with it
-                    return
-                others = total - inside  # the host grew, not the container: look again past that
+                for bound in self.bounds:
+                    if bound.over(self.container_init):
+                        self.notice = bound.notice
+                        with contextlib.suppress(ProcessLookupError):
+                            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)  # its namespace dies with it
+                        return
         finally:
             os.close(self.pidfd)
 
     def stop(self) -> None:
         self.stopped.set()
-
-    @property
-    def notice(self) -> str:
-        return f"[killed: the code ran more than {self.limit} processes at once]" if self.tripped else ""

@@ -131,7 +131,8 @@ class PythonSession:
                 preexec_fn=lambda: self.sandbox.set_limits(cpu=False),  # each run has its time limit instead
                 start_new_session=True,
             )
-        self.guard = ProcessGuard(self.process.pid, self.sandbox.limits.max_processes)
+        limits = self.sandbox.limits
+        self.guard = ProcessGuard(self.process.pid, limits.max_processes, limits.max_total_memory_mb)
 
     def _reap(self) -> None:
         """Wait for a killed or ended container and remove its output folder."""

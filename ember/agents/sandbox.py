@@ -4,8 +4,9 @@ Each run is a fresh bubblewrap container: new user, PID, network, IPC and UTS na
 unless asked for), every capability dropped, an unprivileged uid, the system's /usr and the Python
 interpreter read-only, a private /tmp, one host folder, the workspace, read-write at /workspace, which keeps
 files from one run to the next, and any folders lent read-only (e.g. skills, at /skills/<name>). Limits: wall
-time (the whole container is killed), address space, file size, CPU time, how many processes run at once (the
-container is killed past it: `process_guard.py`), and how much output is kept (the rest is read and dropped,
+time (the whole container is killed), address space, file size, CPU time, how many processes run at once and
+how much memory they hold together (the container is killed past either: `process_guard.py`), and how much
+output is kept (the rest is read and dropped,
 so a flood cannot fill memory). `python_session()` keeps one Python interpreter in such
 a container across runs (`python_session.py`), which is what the run_python tool uses by default.
 """
@@ -45,6 +46,7 @@ class SandboxLimits:
     file_size_mb: int = 64  # largest file a run may write
     max_output_bytes: int = 32_000  # of stdout and of stderr, each
     max_processes: int = 256  # at once, in one container
+    max_total_memory_mb: int = 4096  # all of one container's processes together (their PSS)
 
 
 @dataclass(frozen=True)
@@ -213,7 +215,7 @@ class Sandbox:
             start_new_session=True,
         )
         assert process.stdin is not None and process.stdout is not None and process.stderr is not None
-        guard = ProcessGuard(process.pid, self.limits.max_processes)
+        guard = ProcessGuard(process.pid, self.limits.max_processes, self.limits.max_total_memory_mb)
         out, err = CappedOutput(self.limits.max_output_bytes), CappedOutput(self.limits.max_output_bytes)
         readers = asyncio.gather(out.drain(process.stdout), err.drain(process.stderr))
         timed_out = False

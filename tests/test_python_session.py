@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,17 @@ def test_a_forked_child_ends_with_the_cell_and_the_session_goes_on(tmp_path: Pat
         assert session.run("pid > 0").stdout == "True\n"  # the same session, the parent's variables
 
 
+FORKS_IN_THE_BACKGROUND = """
+import os, threading, time
+def forks():
+    for _ in range(600):
+        if os.fork() == 0:
+            time.sleep(20)
+            os._exit(0)
+threading.Thread(target=forks, daemon=True).start()
+"""
+
+
 def test_a_fork_bomb_ends_the_session_and_says_why(tmp_path: Path) -> None:
     with Sandbox(tmp_path, SandboxLimits(timeout_s=30, max_processes=40)) as sandbox:
         session = sandbox.python_session()
@@ -107,6 +119,14 @@ def test_a_fork_bomb_ends_the_session_and_says_why(tmp_path: Path) -> None:
             "[killed: the code ran more than 40 processes at once]\n[the Python session ended"
         )
         assert "NameError" in session.run("kept").stderr  # a new session
+        # a bomb started in the background, between runs: the next run says what became of the session
+        session.run(FORKS_IN_THE_BACKGROUND)
+        for _ in range(100):  # at most 10 s for the guard
+            if session.process is None or session.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        after = session.run("1").as_text()
+        assert after.startswith("[killed: the code ran more than 40 processes at once]\n[a new Python session")
 
 
 def test_limits_and_isolation_hold_in_the_session(tmp_path: Path) -> None:

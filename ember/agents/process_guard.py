@@ -76,8 +76,8 @@ def container_memory_kb(init: int) -> int:
 
 @dataclass
 class Bound:
-    """One watched quantity: the host's reading (cheap), the container's own (measured only when the host's grew
-    past `last_host + limit`), the limit, and what the run is told when the container goes past it."""
+    """One watched quantity: the host's reading (cheap), the container's own (measured only when the host's has
+    grown past `others + limit`), the limit, and what the run is told when the container goes past it."""
 
     host: Callable[[], int]
     inside: Callable[[int], int]

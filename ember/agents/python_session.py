@@ -79,7 +79,8 @@ class PythonSession:
         with self.lock:
             notices = []
             if self.process is None or self.process.poll() is not None:
-                if self.process is not None:
+                if self.process is not None:  # it died between runs (its processes' own doing, or the guard's)
+                    notices.append(self.guard.notice if self.guard else "")
                     notices.append("[a new Python session: the variables of the one before are gone]")
                 self._start()
             assert self.process is not None and self.process.stdin is not None and self.exchange is not None

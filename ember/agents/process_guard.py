@@ -45,12 +45,20 @@ def child_of(pid: int) -> int | None:
     return None
 
 
-def count_in_container(init: int) -> int:
-    """Processes in the PID namespace of `init`: the entries of the /proc that its container mounts."""
+def container_pids(init: int) -> list[str]:
+    """The processes in the PID namespace of `init`, from the /proc its container mounts; none while the container
+    is still being set up (its root, and so its /proc, is the host's until then: a /proc that shows this process,
+    which lives outside the container, is the host's)."""
+    proc = f"/proc/{init}/root/proc"
     try:
-        return sum(1 for name in os.listdir(f"/proc/{init}/root/proc") if name.isdigit())
+        pids = [name for name in os.listdir(proc) if name.isdigit()]
     except OSError:  # the container is gone
-        return 0
+        return []
+    return [] if str(os.getpid()) in pids else pids
+
+
+def count_in_container(init: int) -> int:
+    return len(container_pids(init))
 
 
 def host_memory_used_kb() -> int:
@@ -65,12 +73,10 @@ def host_memory_used_kb() -> int:
 
 def container_memory_kb(init: int) -> int:
     """The proportional set size of the processes in the PID namespace of `init`, summed."""
-    proc, total = f"/proc/{init}/root/proc", 0
-    with contextlib.suppress(OSError):  # the container is gone
-        for name in os.listdir(proc):
-            if name.isdigit():
-                with contextlib.suppress(OSError), open(f"{proc}/{name}/smaps_rollup") as f:
-                    total += next((int(line.split()[1]) for line in f if line.startswith("Pss:")), 0)
+    total = 0
+    for pid in container_pids(init):
+        with contextlib.suppress(OSError), open(f"/proc/{init}/root/proc/{pid}/smaps_rollup") as f:  # ended
+            total += next((int(line.split()[1]) for line in f if line.startswith("Pss:")), 0)
     return total
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from ember.agents.process_guard import host_task_count
 from ember.agents.sandbox import RunResult, Sandbox, SandboxLimits
 
 pytestmark = pytest.mark.skipif(
@@ -94,11 +93,9 @@ print('all forked')
 def test_a_fork_bomb_is_killed_and_processes_within_the_limit_run(tmp_path: Path) -> None:
     limits = SandboxLimits(timeout_s=30, max_processes=40)
     with Sandbox(tmp_path, limits) as sandbox:
-        before = host_task_count()
         bomb = run(sandbox.run_python(FORKS.format(count=600)))
         assert bomb.exit_code == -9 and not bomb.timed_out and "all forked" not in bomb.stdout
         assert bomb.as_text().startswith("[killed: the code ran more than 40 processes at once]")
-        assert host_task_count() < before + 40  # the container's processes went with it
         within = run(sandbox.run_shell("for i in $(seq 30); do sleep 0.5 & done; wait; echo done"))
         assert (within.exit_code, within.stdout, within.notice) == (0, "done\n", "")
 

@@ -5,11 +5,11 @@ hold together (each process's address space is limited, but not their sum).
 The kernel's own process limit, RLIMIT_NPROC, cannot do it: it never applies to processes whose host uid is
 root, which is what bubblewrap's user namespace maps the sandbox's user to when Ember runs as root; and for any
 other user it counts every process that user has, not the container's. cgroups (`pids.max`, `memory.max`)
-would, but are not writable everywhere. So a thread watches each container. Ten times a second it reads two
-host figures, the task count (/proc/loadavg) and the memory in use (/proc/meminfo); only when one has grown by
-more than its limit since the last look does it measure the container itself, through the container's own
-/proc (it lists only the container's PID namespace): its processes, or their proportional memory (PSS, which
-splits pages shared after a fork). Over a limit, the container is killed.
+would, but are not writable everywhere. So a thread watches each container, ten times a second, through the
+/proc the container mounts (it lists only the container's PID namespace): one directory listing counts its
+processes, and their resident sizes (one small read each) bound their memory; only when those add up past the
+limit is the proportional size measured (PSS, which splits the pages that processes share after a fork, and
+costs a walk of each process's memory map). Past a limit, the container is killed.
 """
 
 from __future__ import annotations
@@ -18,16 +18,9 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
 
 POLL_S = 0.1
-
-
-def host_task_count() -> int:
-    """Every task (process or thread) on the host: /proc/loadavg's fourth field is running/total."""
-    with open("/proc/loadavg") as f:
-        return int(f.read().split()[3].split("/")[1])
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 def child_of(pid: int) -> int | None:
@@ -47,58 +40,33 @@ def child_of(pid: int) -> int | None:
 
 def container_pids(init: int) -> list[str]:
     """The processes in the PID namespace of `init`, from the /proc its container mounts; none while the container
-    is still being set up (its root, and so its /proc, is the host's until then: a /proc that shows this process,
-    which lives outside the container, is the host's)."""
+    is still being set up (its root, and so what /proc is there, is the host's until then: a /proc is the
+    container's when its process 1 is in `init`'s PID namespace, that is, is `init`)."""
     proc = f"/proc/{init}/root/proc"
     try:
-        pids = [name for name in os.listdir(proc) if name.isdigit()]
-    except OSError:  # the container is gone
+        if os.readlink(f"{proc}/1/ns/pid") != os.readlink(f"/proc/{init}/ns/pid"):
+            return []
+        return [name for name in os.listdir(proc) if name.isdigit()]
+    except OSError:  # not mounted yet, or the container is gone
         return []
-    return [] if str(os.getpid()) in pids else pids
 
 
-def count_in_container(init: int) -> int:
-    return len(container_pids(init))
+def resident_kb(proc: str, pids: list[str]) -> int:
+    """The resident sizes of `pids` summed (statm's second field, in pages): cheap, and at least their PSS."""
+    pages = 0
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"{proc}/{pid}/statm") as f:  # OSError: it ended
+            pages += int(f.read().split()[1])
+    return pages * PAGE_KB
 
 
-def host_memory_used_kb() -> int:
-    """Memory in use on the host: total less available (/proc/meminfo)."""
-    fields = {}
-    with open("/proc/meminfo") as f:
-        for line in f:
-            name, value = line.split(":", 1)
-            fields[name] = int(value.split()[0])
-    return fields["MemTotal"] - fields["MemAvailable"]
-
-
-def container_memory_kb(init: int) -> int:
-    """The proportional set size of the processes in the PID namespace of `init`, summed."""
+def proportional_kb(proc: str, pids: list[str]) -> int:
+    """The proportional set sizes of `pids` summed: shared pages count once among their sharers."""
     total = 0
-    for pid in container_pids(init):
-        with contextlib.suppress(OSError), open(f"/proc/{init}/root/proc/{pid}/smaps_rollup") as f:  # ended
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"{proc}/{pid}/smaps_rollup") as f:
             total += next((int(line.split()[1]) for line in f if line.startswith("Pss:")), 0)
     return total
-
-
-@dataclass
-class Bound:
-    """One watched quantity: the host's reading (cheap), the container's own (measured only when the host's has
-    grown past `others + limit`), the limit, and what the run is told when the container goes past it."""
-
-    host: Callable[[], int]
-    inside: Callable[[int], int]
-    limit: int
-    notice: str
-    others: int = 0  # the host's reading less the container's, at the last look
-
-    def over(self, init: Callable[[], int | None]) -> bool:
-        reading = self.host()
-        if reading <= self.others + self.limit:
-            return False
-        container = init()
-        used = self.inside(container) if container else 0
-        self.others = reading - used  # the host grew, not the container: look again past that
-        return used > self.limit
 
 
 class ProcessGuard:
@@ -107,37 +75,35 @@ class ProcessGuard:
     `max_memory_mb`, and says which in `notice`."""
 
     def __init__(self, pid: int, max_processes: int, max_memory_mb: int) -> None:
-        self.pid = pid
-        self.bounds = [
-            Bound(host_task_count, count_in_container, max_processes,
-                  f"[killed: the code ran more than {max_processes} processes at once]"),
-            Bound(host_memory_used_kb, container_memory_kb, max_memory_mb * 1024,
-                  f"[killed: the code's processes held more than {max_memory_mb} MB of memory together]"),
-        ]  # fmt: skip
-        for bound in self.bounds:
-            bound.others = bound.host()
+        self.pid, self.max_processes, self.max_memory_mb = pid, max_processes, max_memory_mb
         self.notice = ""
-        self.init: int | None = None
         self.pidfd = os.pidfd_open(pid)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self.watch, name=f"ember-process-guard-{pid}", daemon=True)
         self.thread.start()
 
-    def container_init(self) -> int | None:
-        self.init = self.init or child_of(self.pid)
-        return self.init
-
     def watch(self) -> None:
         try:
+            init = None
             while not self.stopped.wait(POLL_S):
-                for bound in self.bounds:
-                    if bound.over(self.container_init):
-                        self.notice = bound.notice
-                        with contextlib.suppress(ProcessLookupError):
-                            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)  # its namespace dies with it
-                        return
+                init = init or child_of(self.pid)
+                self.notice = self.breach(init) if init else ""
+                if self.notice:
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)  # its namespace dies with it
+                    return
         finally:
             os.close(self.pidfd)
+
+    def breach(self, init: int) -> str:
+        """What the container is over, if anything."""
+        proc, pids = f"/proc/{init}/root/proc", container_pids(init)
+        if len(pids) > self.max_processes:
+            return f"[killed: the code ran more than {self.max_processes} processes at once]"
+        limit_kb = self.max_memory_mb * 1024
+        if resident_kb(proc, pids) > limit_kb and proportional_kb(proc, pids) > limit_kb:
+            return f"[killed: the code's processes held more than {self.max_memory_mb} MB of memory together]"
+        return ""
 
     def stop(self) -> None:
         self.stopped.set()

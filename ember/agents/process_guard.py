@@ -107,3 +107,9 @@ class ProcessGuard:
 
     def stop(self) -> None:
         self.stopped.set()
+
+    def __enter__(self) -> ProcessGuard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

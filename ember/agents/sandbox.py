@@ -6,9 +6,9 @@ interpreter read-only, a private /tmp, one host folder, the workspace, read-writ
 files from one run to the next, and any folders lent read-only (e.g. skills, at /skills/<name>). Limits: wall
 time (the whole container is killed), address space, file size, CPU time, how many processes run at once and
 how much memory they hold together (the container is killed past either: `process_guard.py`), and how much
-output is kept (the rest is read and dropped,
-so a flood cannot fill memory). `python_session()` keeps one Python interpreter in such
-a container across runs (`python_session.py`), which is what the run_python tool uses by default.
+output is kept (the rest is read and dropped, so a flood cannot fill memory). `python_session()` keeps one
+Python interpreter in such a container across runs (`python_session.py`), which is what the run_python tool
+uses by default.
 """
 
 from __future__ import annotations
@@ -215,34 +215,33 @@ class Sandbox:
             start_new_session=True,
         )
         assert process.stdin is not None and process.stdout is not None and process.stderr is not None
-        guard = ProcessGuard(process.pid, self.limits.max_processes, self.limits.max_total_memory_mb)
-        out, err = CappedOutput(self.limits.max_output_bytes), CappedOutput(self.limits.max_output_bytes)
-        readers = asyncio.gather(out.drain(process.stdout), err.drain(process.stderr))
-        timed_out = False
-        try:
-            process.stdin.write(stdin.encode())
-            await process.stdin.drain()
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the program exited without reading its input
-        process.stdin.close()
-        try:
-            await asyncio.wait_for(process.wait(), self.limits.timeout_s)
-        except TimeoutError:
-            timed_out = True
-        finally:
-            if process.returncode is None:  # over time, or cancelled: leave no container behind
-                process.kill()  # bwrap's death takes the container's PID namespace with it (--die-with-parent)
-        with contextlib.suppress(TimeoutError):  # bounded, should anything outlive the container and hold its pipes
-            await asyncio.wait_for(asyncio.gather(process.wait(), readers), 5)
-        guard.stop()
-        return RunResult(
-            None if timed_out else process.returncode,
-            out.text(),
-            err.text(),
-            timed_out,
-            out.truncated or err.truncated,
-            guard.notice,
-        )
+        with ProcessGuard(process.pid, self.limits.max_processes, self.limits.max_total_memory_mb) as guard:
+            out, err = CappedOutput(self.limits.max_output_bytes), CappedOutput(self.limits.max_output_bytes)
+            readers = asyncio.gather(out.drain(process.stdout), err.drain(process.stderr))
+            timed_out = False
+            try:
+                process.stdin.write(stdin.encode())
+                await process.stdin.drain()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the program exited without reading its input
+            process.stdin.close()
+            try:
+                await asyncio.wait_for(process.wait(), self.limits.timeout_s)
+            except TimeoutError:
+                timed_out = True
+            finally:
+                if process.returncode is None:  # over time, or cancelled: leave no container behind
+                    process.kill()  # bwrap's death takes the container's PID namespace with it (--die-with-parent)
+            with contextlib.suppress(TimeoutError):  # bounded, should anything outlive the container and hold its pipes
+                await asyncio.wait_for(asyncio.gather(process.wait(), readers), 5)
+            return RunResult(
+                None if timed_out else process.returncode,
+                out.text(),
+                err.text(),
+                timed_out,
+                out.truncated or err.truncated,
+                guard.notice,
+            )
 
     async def run_python(self, code: str) -> RunResult:
         """Run a Python program in isolated mode (the standard library, and `python_env`'s packages if given)."""

@@ -11,6 +11,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from openai import AsyncOpenAI
@@ -145,23 +146,27 @@ def test_a_conversation_over_the_context_is_shrunk_and_the_run_goes_on() -> None
     assert tool_results[-1].startswith("page 5: ") and CLEARED in tool_results
 
 
-def test_max_turns_cuts_a_model_that_keeps_calling(server: ServerProcess) -> None:
-    def lookup(word: str) -> str:
-        """Look a word up."""
-        return f"{word}: not found"
+def lookup(word: str) -> str:
+    """Look a word up."""
+    return f"{word}: not found"
 
-    agent = Agent(
+
+def forced_lookup(server: ServerProcess, **settings: Any) -> Agent:
+    """An agent that must call `lookup` on every turn (tool_choice stays "required")."""
+    return Agent(
         client(server),
         MODEL,
         [function_tool(lookup)],
         tool_choice="required",
-        reset_tool_choice=False,  # forced on every turn: only max_turns ends it
-        parallel_tool_calls=False,
+        reset_tool_choice=False,
         temperature=0,
         max_tokens=32,
-        max_turns=3,
-        max_identical_calls=None,
+        **settings,
     )
+
+
+def test_max_turns_cuts_a_model_that_keeps_calling(server: ServerProcess) -> None:
+    agent = forced_lookup(server, parallel_tool_calls=False, max_turns=3, max_identical_calls=None)
     _, result = collect(agent, "Look up the word 'ember'.")
     assert result.finish_reason == "max_turns" and result.turns == 3 and len(result.tool_calls) == 3
     assert all(outcome.content.endswith(": not found") for _, outcome in result.tool_calls)
@@ -171,22 +176,7 @@ def test_a_model_that_repeats_one_call_is_refused_then_stopped(server: ServerPro
     """Forced to call on every turn at temperature 0, SmolLM2 repeats its calls word for word: once a call gave
     the same result twice, it is not run again, and the turn made only of such calls ends the run, well before
     max_turns. (A call whose result changes may repeat: the paging `fetch` of the context test above.)"""
-
-    def lookup(word: str) -> str:
-        """Look a word up."""
-        return f"{word}: not found"
-
-    agent = Agent(
-        client(server),
-        MODEL,
-        [function_tool(lookup)],
-        tool_choice="required",
-        reset_tool_choice=False,
-        temperature=0,
-        max_tokens=32,
-        max_turns=8,
-        max_identical_calls=2,
-    )
+    agent = forced_lookup(server, max_turns=8, max_identical_calls=2)
     _, result = collect(agent, "Look up the word 'ember'.")
     assert result.finish_reason == "tool_loop" and result.turns < 8
     runs: Counter[str] = Counter()  # lookup's results depend on its arguments only: a streak is a count of runs

@@ -151,6 +151,7 @@ def test_passage_vectors_find_the_nearest_as_a_full_scan_does() -> None:
     vectors = rng.standard_normal((300, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     index = PassageVectors("test")
+    assert index.nearest(vectors[0], 10, 0.1) == []  # an empty archive
     for start in range(0, 300, 7):
         index.add(list(range(start + 1, min(start + 8, 301))), vectors[start : start + 7])
     vectors[41] = -vectors[41]
@@ -171,6 +172,7 @@ def test_archival_search_sees_what_another_connection_kept(tmp_path: Path) -> No
         Memory(tmp_path / "memory.db", embedder=embedder),
         Memory(tmp_path / "memory.db", embedder=embedder),
     )
+    assert reader.search_passages("anything") == []  # nothing kept yet
     reader.insert_passage("The meeting moved to Tuesday at 3 pm.")
     assert reader.search_passages("pet name") == []
     writer.insert_passage("The user's dog is called Rex.")

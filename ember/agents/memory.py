@@ -105,6 +105,8 @@ class PassageVectors:
 
     def nearest(self, query: np.ndarray, count: int, min_similarity: float) -> list[int]:
         """Up to `count` passages closest to the unit vector `query` (cosine at least `min_similarity`)."""
+        if not self.ids:
+            return []
         scores = self.matrix[: len(self.ids)] @ query
         best = np.argpartition(-scores, count)[:count] if len(scores) > count else np.arange(len(scores))
         best = best[np.argsort(-scores[best])]

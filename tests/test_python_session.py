@@ -202,5 +202,17 @@ def test_mcp_sandbox_server_keeps_one_session_unless_asked_for_fresh_programs(tm
 
     assert asyncio.run(two_calls()) == ["[no output]", "42"]
     assert "NameError" in asyncio.run(two_calls("--sandbox-fresh-python"))[1]
+
+
+def test_the_command_lines_limits_reach_the_sandbox(tmp_path: Path) -> None:
+    async def bomb(*flags: str) -> str:
+        command = f"{sys.executable} -m ember.cli mcp sandbox --workspace {tmp_path} {' '.join(flags)}"
+        async with mcp_tools([command]) as tools:
+            python = next(tool for tool in tools if tool.name == "run_python")
+            return (await python.run({"code": FORKS_IN_THE_BACKGROUND + "time.sleep(5)"})).content
+
+    assert asyncio.run(bomb("--sandbox-max-processes", "20")).startswith(
+        "[killed: the code ran more than 20 processes at once]"
+    )
     left = subprocess.run(["pgrep", "-f", "/run/ember-session"], capture_output=True)  # the session containers
     assert left.stdout == b""

@@ -125,6 +125,19 @@ def add_sandbox_args(group: Any) -> None:
     group.add_argument(
         "--sandbox-memory-mb", type=int, default=1024, help="address space of a sandboxed process (default 1024)"
     )
+    group.add_argument(
+        "--sandbox-max-processes",
+        type=int,
+        default=256,
+        help="processes one sandbox container may run at once (default 256); past it the container is killed",
+    )
+    group.add_argument(
+        "--sandbox-total-memory-mb",
+        type=int,
+        default=4096,
+        help="memory all of one container's processes may hold together (default 4096); past it the container is "
+        "killed",
+    )
     group.add_argument("--sandbox-network", action="store_true", help="let sandboxed code reach the network")
     group.add_argument(
         "--sandbox-python-env",
@@ -173,7 +186,15 @@ def sandbox_tools(
 
 
 def sandbox_from_args(args: argparse.Namespace, skills: SkillLibrary | None = None) -> Sandbox:
-    limits = SandboxLimits(timeout_s=args.sandbox_timeout, memory_mb=args.sandbox_memory_mb)
+    for option in ("sandbox_timeout", "sandbox_memory_mb", "sandbox_max_processes", "sandbox_total_memory_mb"):
+        if getattr(args, option) <= 0:
+            raise ValueError(f"--{option.replace('_', '-')} must be positive")
+    limits = SandboxLimits(
+        timeout_s=args.sandbox_timeout,
+        memory_mb=args.sandbox_memory_mb,
+        max_processes=args.sandbox_max_processes,
+        max_total_memory_mb=args.sandbox_total_memory_mb,
+    )
     lent = skills.sandbox_folders() if skills else None
     return Sandbox(
         args.workspace, limits, network=args.sandbox_network, read_only=lent, python_env=args.sandbox_python_env

@@ -302,6 +302,7 @@ def test_cli_errors_are_one_line_messages(server: ServerProcess) -> None:
         (["--url", f"{server.url}/v1", "--tool-choice", "nope"], "neither auto/required/none nor one of the tools"),
         (["--max-turns", "0"], "--max-turns must be at least 1"),  # refused before a server starts
         (["--session", "s1"], "--session names where --memory keeps"),
+        (["--sandbox", "--sandbox-max-processes", "0"], "--sandbox-max-processes must be positive"),
         (["--model", "/no/such.gguf"], "the model server did not start: server exited early: ember: error: model"),
     ]
     for args, message in cases:
@@ -309,6 +310,8 @@ def test_cli_errors_are_one_line_messages(server: ServerProcess) -> None:
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         error = done.stderr.strip().splitlines()[-1]
         assert error.startswith("ember: error: ") and message in error, done.stderr
+        if "--url" not in args and "--model" not in args:  # refused before any model server starts
+            assert "starting the model server" not in done.stderr, done.stderr
 
 
 def test_cli_without_url_serves_the_embedded_model_for_the_run_and_stops_it() -> None:

@@ -185,16 +185,21 @@ def sandbox_tools(
     return sandbox.tools(python_session=not args.sandbox_fresh_python)
 
 
-def sandbox_from_args(args: argparse.Namespace, skills: SkillLibrary | None = None) -> Sandbox:
+def sandbox_limits(args: argparse.Namespace) -> SandboxLimits:
+    """The --sandbox-* limits, each checked to be positive."""
     for option in ("sandbox_timeout", "sandbox_memory_mb", "sandbox_max_processes", "sandbox_total_memory_mb"):
         if getattr(args, option) <= 0:
             raise ValueError(f"--{option.replace('_', '-')} must be positive")
-    limits = SandboxLimits(
+    return SandboxLimits(
         timeout_s=args.sandbox_timeout,
         memory_mb=args.sandbox_memory_mb,
         max_processes=args.sandbox_max_processes,
         max_total_memory_mb=args.sandbox_total_memory_mb,
     )
+
+
+def sandbox_from_args(args: argparse.Namespace, skills: SkillLibrary | None = None) -> Sandbox:
+    limits = sandbox_limits(args)
     lent = skills.sandbox_folders() if skills else None
     return Sandbox(
         args.workspace, limits, network=args.sandbox_network, read_only=lent, python_env=args.sandbox_python_env
@@ -226,6 +231,8 @@ def check_agent_args(args: argparse.Namespace) -> None:
         raise ValueError("--max-turns must be at least 1")
     if args.max_identical_calls < 0:
         raise ValueError("--max-identical-calls must be 0 (no limit) or more")
+    if args.sandbox:
+        sandbox_limits(args)
     if args.session and not args.memory:
         raise ValueError("--session names where --memory keeps this run's messages: add --memory FILE")
     if args.skill and not args.skills:

@@ -31,11 +31,8 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def hf_references(smollm: LLM, hf_smollm: Any) -> list[tuple[list[int], list[int], list[set[int]]]]:
     """(prompt ids, HF greedy tokens, HF top-5 per position) for each prompt, computed once."""
-    refs = []
-    for prompt in PROMPTS:
-        ids = smollm.tokenizer(prompt)["input_ids"]
-        refs.append((ids, *hf_greedy(hf_smollm, ids, 128)))
-    return refs
+    prompt_ids = [smollm.tokenizer(prompt)["input_ids"] for prompt in PROMPTS]
+    return [(ids, *ref) for ids, ref in zip(prompt_ids, hf_greedy(hf_smollm, prompt_ids, 128), strict=True)]
 
 
 def test_greedy_parity_with_hf_fp32(smollm: LLM, hf_references: list) -> None:

@@ -81,6 +81,6 @@ def test_cuda_bf16_logprobs_close_to_hf_fp32(tiny_models: dict, family: str, enf
     assert llm.engine.runner.use_triton and (llm.engine.runner.decode_graphs is None) == enforce_eager
     prompts = random_prompts()
     params = SamplingParams(max_tokens=24, temperature=0, logprobs=5, ignore_eos=True)
-    for prompt, out in zip(prompts, llm.generate(prompts, params), strict=True):
-        tokens, tops = hf_greedy(hf_model, prompt, 24)
+    outputs = llm.generate(prompts, params)
+    for prompt, out, (tokens, tops) in zip(prompts, outputs, hf_greedy(hf_model, prompts, 24), strict=True):
         assert_logprobs_close(out, tokens, tops, f"{family} prompt of {len(prompt)} tokens")

@@ -274,26 +274,26 @@ def test_kernels_at_qwen3_shapes_on_gpu(dtype: torch.dtype) -> None:
     assert relative_error(out.cpu(), ref) < TOLERANCE[dtype]
 
 
-def test_decode_graph_steps_equal_eager_steps(tiny_models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decode_graph_steps_equal_the_default_paths_steps(tiny_models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decode steps on the persistent, padded buffers of `DecodeGraphs` (the CUDA-graph path, run eagerly on
-    the CPU) give the tokens and logprobs of eager steps, as requests finish at different lengths (the batch
-    moves through the buckets) and a small cache preempts."""
+    the CPU) give the tokens and logprobs of the default path's eager steps, as requests finish at different
+    lengths (the batch moves through the buckets) and a small cache preempts."""
     from ember.engine.engine import LLM
     from ember.engine.sampling_params import SamplingParams
 
-    monkeypatch.setenv("EMBER_KERNELS", "triton")
     path = str(tiny_models["qwen3"][0])
     prompts = [list(range(3, 3 + n)) for n in (4, 19, 33, 7, 50, 12)]
     params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True, logprobs=2) for m in (3, 30, 14, 26, 11, 40)]
-    outputs = {}
-    for eager in (True, False):
-        llm = LLM(path, num_blocks=9, dtype="float32", max_num_seqs=6, enforce_eager=eager)
-        outputs[eager] = [o.outputs[0] for o in llm.generate(prompts, params)]
-        assert llm.engine.kv_cache.pool.num_free_blocks == 9
+    default = LLM(path, num_blocks=9, dtype="float32", max_num_seqs=6)
+    expected = [o.outputs[0] for o in default.generate(prompts, params)]
+    monkeypatch.setenv("EMBER_KERNELS", "triton")
+    llm = LLM(path, num_blocks=9, dtype="float32", max_num_seqs=6)
+    outputs = [o.outputs[0] for o in llm.generate(prompts, params)]
     graphs = llm.engine.runner.decode_graphs
     assert graphs is not None and graphs.buckets == [1, 2, 4, 6]
     assert set(graphs.replays) == {1, 2, 4, 6} and llm.engine.scheduler.num_preemptions > 0
-    for graph_out, eager_out in zip(outputs[False], outputs[True], strict=True):
+    assert llm.engine.kv_cache.pool.num_free_blocks == default.engine.kv_cache.pool.num_free_blocks == 9
+    for graph_out, eager_out in zip(outputs, expected, strict=True):
         assert graph_out.token_ids == eager_out.token_ids
         graph_logprobs = [lp.logprob for lp in graph_out.logprobs]
         assert graph_logprobs == pytest.approx([lp.logprob for lp in eager_out.logprobs], abs=1e-5)
@@ -374,7 +374,6 @@ def test_async_scheduling_gives_the_tokens_of_plain_steps(tiny_models: dict, mon
     from ember.engine.engine import LLM
     from ember.engine.sampling_params import SamplingParams
 
-    monkeypatch.setenv("EMBER_KERNELS", "triton")
     path = str(tiny_models["qwen3"][0])
     prompts = [list(range(3, 3 + n)) for n in (4, 19, 33, 7, 12)]
 
@@ -385,8 +384,9 @@ def test_async_scheduling_gives_the_tokens_of_plain_steps(tiny_models: dict, mon
             for i, m in enumerate((3, 21, 14, 19, 17))
         ]  # fmt: skip
 
-    plain = LLM(path, num_blocks=40, dtype="float32", max_num_seqs=8).engine
+    plain = LLM(path, num_blocks=40, dtype="float32", max_num_seqs=8).engine  # the default path: greedy tokens agree
     stop = run_to_end(plain, prompts, params())[3].output_token_ids[6]  # request 3 stops at its 7th token or before
+    monkeypatch.setenv("EMBER_KERNELS", "triton")
     results = {}
     for async_scheduling in (False, True):
         engine = LLM(path, num_blocks=40, dtype="float32", max_num_seqs=8, async_scheduling=async_scheduling).engine

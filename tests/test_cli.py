@@ -16,6 +16,21 @@ def ember(*args: str, input_text: str | None = None) -> subprocess.CompletedProc
     )
 
 
+def test_commands_that_need_no_model_load_neither_torch_nor_openai() -> None:
+    """`ember --help`, argument errors, `ember skills` and the MCP servers start in a fraction of a second:
+    torch (the engine) and openai (the agent loop) load only in the commands that use them."""
+    probe = (
+        "import sys\n"
+        "from ember.cli import build_parser\n"
+        "from ember.agents.cli import check_agent_args, list_skills, serve_sandbox, serve_skills\n"
+        "build_parser()\n"
+        "print(sorted({'torch', 'openai', 'transformers'} & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]"
+    assert "agent" in ember("--help").stdout
+
+
 def test_generate_prints_the_completion() -> None:
     result = ember("generate", "The capital of France is", "--max-tokens", "6", "--dtype", "float32")
     assert result.returncode == 0, result.stderr

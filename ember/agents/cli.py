@@ -13,14 +13,16 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import AsyncExitStack, ExitStack
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ember.agents.embeddings import INSTALL_HINT, Embedder, embedding_model_path
-from ember.agents.loop import Agent, AgentEvent, AgentResult
 from ember.agents.memory import Memory
 from ember.agents.sandbox import Sandbox, SandboxLimits
 from ember.agents.skills import SkillLibrary, skill_folders, validate
 from ember.agents.tools import Tool, Toolbox, ToolResult
+
+if TYPE_CHECKING:  # the loop imports openai: loaded only by the commands that run it, so the others start quickly
+    from ember.agents.loop import AgentEvent
 
 
 def add_agent_args(parser: argparse.ArgumentParser) -> None:
@@ -244,6 +246,7 @@ def check_agent_args(args: argparse.Namespace) -> None:
 async def run_agent(args: argparse.Namespace, url: str, skills: SkillLibrary | None) -> int:
     import openai
 
+    from ember.agents.loop import Agent, AgentResult
     from ember.agents.mcp_tools import mcp_tools
 
     client = openai.AsyncOpenAI(base_url=url, api_key=args.api_key or os.environ.get("OPENAI_API_KEY") or "none")
@@ -322,6 +325,8 @@ async def tasks_of(tasks: Iterable[str]) -> AsyncIterator[str]:
 def show(event: AgentEvent, quiet: bool) -> None:
     """Model text on stdout as it streams; tool calls and results on stderr; with --json, only the result."""
     if event.kind == "done":
+        from ember.agents.loop import AgentResult
+
         assert isinstance(event.result, AgentResult)
         if quiet:
             print(json.dumps(asdict(event.result), indent=2, ensure_ascii=False))

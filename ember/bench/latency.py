@@ -20,7 +20,6 @@ from typing import Any
 from ember.bench.repetitive import repetitive_workload
 from ember.bench.workloads import BenchRequest, Workload, load_workload
 from ember.engine.sampling_params import SamplingParams
-from ember.spec.speculator import SpecStats, build_proposer
 
 
 @dataclass
@@ -76,6 +75,7 @@ def bench_latency(args: Any) -> dict[str, Any]:
     from rich.table import Table
 
     from ember.cli import load_llm
+    from ember.spec.speculator import SpecStats, build_proposer
 
     if args.speculative is None:
         raise ValueError("ember bench latency compares against speculation: pass --speculative ngram|suffix|draft:M")

@@ -11,11 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ember.bench.baselines import BASELINES, load_hf_model
 from ember.bench.workloads import BenchRequest, Workload, load_workload
-from ember.config import DTYPES
 from ember.engine.sampling_params import SamplingParams
 
 
@@ -53,6 +49,8 @@ def run_ember(llm: Any, requests: list[BenchRequest], dtype: str) -> RunResult:
 
 def run_baseline(name: str, model: Any, requests: list[BenchRequest], dtype: str) -> RunResult:
     from rich.progress import Progress
+
+    from ember.bench.baselines import BASELINES
 
     with Progress(transient=True) as progress:
         task = progress.add_task(name, total=len(requests))
@@ -96,9 +94,12 @@ def results_table(workload: Workload, results: list[RunResult]) -> Any:
 
 
 def bench_throughput(args: Any) -> dict[str, Any]:
+    import torch
     from rich.console import Console
 
+    from ember.bench.baselines import load_hf_model
     from ember.cli import load_llm
+    from ember.config import DTYPES
 
     console = Console(stderr=True)
     results: list[RunResult] = []

@@ -13,9 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch and xgrammar load where grammars run: the CLI and the request types stay quick to import
+    import torch
     import xgrammar
 
     from ember.engine.request import Request
@@ -107,6 +106,7 @@ def mask_disallowed_tokens(logits: torch.Tensor, requests: list[Request]) -> tor
     (CPU or CUDA): 32 us for 64 rows of 49K on the CPU, where expanding it to a boolean mask in torch took
     4.6 ms. It spans the logits' whole width, so padded LM-head rows, which no grammar allows, are masked too.
     """
+    import torch
     import xgrammar
 
     rows = [i for i, r in enumerate(requests) if r.grammar is not None]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 
@@ -17,6 +19,7 @@ if not torch.cuda.is_available():
 
 from ember.engine.engine import LLM
 from ember.models.loader import default_model_path
+from ember.server.launch import ServerProcess, running_server
 
 TINY_BASE: dict[str, Any] = {
     "vocab_size": 256,
@@ -90,3 +93,17 @@ def hf_smollm() -> Any:
     path = default_model_path()
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm_server() -> Iterator[ServerProcess]:
+    """One `ember serve` of SmolLM2 (fp32) for the whole session: the server, agent and memory tests share it."""
+    with running_server("--dtype", "float32", "--max-num-batched-tokens", "512") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def server(smollm_server: ServerProcess) -> ServerProcess:
+    """The shared server, its prefix cache emptied for each module: no module sees another's cached prompts."""
+    httpx.post(f"{smollm_server.url}/reset_prefix_cache", timeout=30).raise_for_status()
+    return smollm_server

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +23,6 @@ from ember.server.launch import ServerProcess, free_port, running_server
 
 MODEL = "SmolLM2-135M-Instruct"
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[ServerProcess]:
-    with running_server("--dtype", "float32", "--max-num-batched-tokens", "512") as s:
-        yield s
 
 
 def client(server: ServerProcess) -> AsyncOpenAI:

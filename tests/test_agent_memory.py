@@ -7,7 +7,6 @@ import json
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from openai import AsyncOpenAI
 from ember.agents import Agent, AgentResult, Toolbox
 from ember.agents.embeddings import INSTALL_HINT, Embedder, embedding_model_path
 from ember.agents.memory import Memory, PassageVectors
-from ember.server.launch import ServerProcess, running_server
+from ember.server.launch import ServerProcess
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -188,12 +187,6 @@ def test_a_file_that_is_no_database_is_a_clear_error(tmp_path: Path) -> None:
         Memory(tmp_path / "notes.txt")
     with pytest.raises(ValueError, match="cannot be used: unable to open database file"):
         Memory(tmp_path / "no" / "such" / "folder.db")
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[ServerProcess]:
-    with running_server("--dtype", "float32", "--max-num-batched-tokens", "512") as s:
-        yield s
 
 
 def test_a_run_sees_its_blocks_searches_its_history_and_is_recorded(server: ServerProcess, tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import httpx
@@ -22,12 +21,6 @@ from ember.engine.sampling_params import SamplingParams
 from ember.server.launch import ServerProcess, running_server
 
 MODEL = "SmolLM2-135M-Instruct"
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[ServerProcess]:
-    with running_server("--dtype", "float32", "--max-num-batched-tokens", "512") as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

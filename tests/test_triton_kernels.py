@@ -274,25 +274,25 @@ def test_kernels_at_qwen3_shapes_on_gpu(dtype: torch.dtype) -> None:
     assert relative_error(out.cpu(), ref) < TOLERANCE[dtype]
 
 
-def test_decode_graph_steps_equal_the_default_paths_steps(tiny_models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Decode steps on the persistent, padded buffers of `DecodeGraphs` (the CUDA-graph path, run eagerly on
-    the CPU) give the tokens and logprobs of the default path's eager steps, as requests finish at different
-    lengths (the batch moves through the buckets) and a small cache preempts."""
+def test_decode_graph_steps_equal_eager_steps(tiny_models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode steps on the persistent, padded buffers of `DecodeGraphs` (CUDA graphs; run eagerly on the CPU)
+    give the tokens and logprobs of eager steps (on the CPU, the default path's), as requests finish at
+    different lengths (the batch moves through the buckets) and a small cache preempts."""
     from ember.engine.engine import LLM
     from ember.engine.sampling_params import SamplingParams
 
     path = str(tiny_models["qwen3"][0])
     prompts = [list(range(3, 3 + n)) for n in (4, 19, 33, 7, 50, 12)]
     params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True, logprobs=2) for m in (3, 30, 14, 26, 11, 40)]
-    default = LLM(path, num_blocks=9, dtype="float32", max_num_seqs=6)
-    expected = [o.outputs[0] for o in default.generate(prompts, params)]
+    eager = LLM(path, num_blocks=9, dtype="float32", max_num_seqs=6, device=DEVICE, enforce_eager=True)
+    expected = [o.outputs[0] for o in eager.generate(prompts, params)]
     monkeypatch.setenv("EMBER_KERNELS", "triton")
-    llm = LLM(path, num_blocks=9, dtype="float32", max_num_seqs=6)
+    llm = LLM(path, num_blocks=9, dtype="float32", max_num_seqs=6, device=DEVICE)
     outputs = [o.outputs[0] for o in llm.generate(prompts, params)]
     graphs = llm.engine.runner.decode_graphs
     assert graphs is not None and graphs.buckets == [1, 2, 4, 6]
     assert set(graphs.replays) == {1, 2, 4, 6} and llm.engine.scheduler.num_preemptions > 0
-    assert llm.engine.kv_cache.pool.num_free_blocks == default.engine.kv_cache.pool.num_free_blocks == 9
+    assert llm.engine.kv_cache.pool.num_free_blocks == eager.engine.kv_cache.pool.num_free_blocks == 9
     for graph_out, eager_out in zip(outputs, expected, strict=True):
         assert graph_out.token_ids == eager_out.token_ids
         graph_logprobs = [lp.logprob for lp in graph_out.logprobs]

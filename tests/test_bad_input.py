@@ -23,6 +23,7 @@ from ember.models.loader import ModelNotFoundError
         ({"n": 0}, "n must be an integer >= 1"),
         ({"logprobs": 50}, "logprobs must be an integer"),
         ({"stop": [""]}, "stop must hold non-empty strings"),
+        ({"seed": 2**64}, "seed must be a 64-bit signed integer"),
         ({"logit_bias": {5: 101.0}}, "logit_bias must map"),
     ],
 )

@@ -430,6 +430,40 @@ def test_bad_completion_requests(server: ServerProcess, client: OpenAI) -> None:
     assert client.completions.create(model=MODEL, prompt="ok", max_tokens=2).choices[0].text is not None
 
 
+def test_continue_final_message_goes_on_from_the_assistants_text(server: ServerProcess, client: OpenAI) -> None:
+    """vLLM's prefill switch: the last (assistant's) message is left open and the reply continues it, exactly
+    as a completion of the same tokens would."""
+    messages = [{"role": "user", "content": "Write a poem about roses."}, {"role": "assistant", "content": "Roses are"}]
+    continue_it = {"continue_final_message": True}
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=8,
+        temperature=0,
+        extra_body=continue_it,  # type: ignore[arg-type]
+    )
+    left_open = httpx.post(
+        f"{server.url}/tokenize", json={"messages": messages, **continue_it, "return_token_strs": True}
+    ).json()
+    closed = httpx.post(f"{server.url}/tokenize", json={"messages": messages}).json()["tokens"]
+    ids = left_open["tokens"]
+    assert left_open["token_strs"][-1] == " are" and closed[: len(ids)] == ids and len(closed) > len(ids)
+    completion = client.completions.create(model=MODEL, prompt=ids, max_tokens=8, temperature=0)
+    assert reply.usage.prompt_tokens == len(ids) and reply.choices[0].message.content == completion.choices[0].text
+    for conversation, extra, param in [
+        (messages, {**continue_it, "add_generation_prompt": True}, "continue_final_message"),
+        (messages[:1], continue_it, "messages"),  # the last message is the user's
+    ]:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(
+                model=MODEL,
+                messages=conversation,
+                max_tokens=2,
+                extra_body=extra,  # type: ignore[arg-type]
+            )
+        assert info.value.body["param"] == param, info.value.body
+
+
 def test_api_key_queue_limit_and_graceful_shutdown() -> None:
     with running_server("--api-key", "sekret", "--max-num-seqs", "2", "--max-waiting", "1") as server:
         url = f"{server.url}/v1/models"

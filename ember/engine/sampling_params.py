@@ -66,7 +66,10 @@ class SamplingParams:
             -2.0 <= self.frequency_penalty <= 2.0, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"
         )
         check(self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        check(
+            self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**63),
+            f"seed must be a 64-bit signed integer, got {self.seed!r}",
+        )
         check(all(isinstance(s, str) and s for s in self.stop), "stop must hold non-empty strings")
         check(
             all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),

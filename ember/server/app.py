@@ -32,6 +32,7 @@ from ember.server.metrics import EngineMetrics
 from ember.server.protocol import (
     ChatCompletionRequest,
     ChatMessage,
+    ChatTemplateFields,
     CompletionRequest,
     DetokenizeRequest,
     NamedToolChoice,
@@ -148,14 +149,31 @@ class OpenAIServer:
             raise APIError(400, "'top_logprobs' requires 'logprobs': true", param="top_logprobs")
         tools = self.active_tools(body)
         structured = self.chat_constraint(body, tools)
-        try:
-            prompt_ids = self.formatter.prompt_ids(body.messages, tools)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from e
+        prompt_ids = self.chat_prompt_ids(body, body.messages, tools)
         max_tokens = body.max_completion_tokens or body.max_tokens
         self.check_prompt_length(prompt_ids, max_tokens)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         return prompt_ids, self.sampling_params(body, max_tokens, logprobs, structured), tools
+
+    def chat_prompt_ids(
+        self, body: ChatTemplateFields, messages: list[ChatMessage], tools: list[Tool] | None
+    ) -> list[int]:
+        """The messages through the chat template, ended as the request asks (see `ChatTemplateFields`)."""
+        continuing = body.continue_final_message
+        if continuing and body.add_generation_prompt:
+            raise APIError(
+                400,
+                "'continue_final_message' leaves the last message open: it cannot be combined with "
+                "'add_generation_prompt': true",
+                param="continue_final_message",
+            )
+        if continuing and messages[-1].role != "assistant":
+            raise APIError(400, "'continue_final_message' needs an assistant's message last", param="messages")
+        add_generation_prompt = not continuing if body.add_generation_prompt is None else body.add_generation_prompt
+        try:
+            return self.formatter.prompt_ids(messages, tools, add_generation_prompt, continuing)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from e
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self.check_model(body.model)
@@ -532,10 +550,7 @@ class OpenAIServer:
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer (dummy weights)", param="prompt")
         if body.messages is not None:
-            try:
-                ids = self.formatter.prompt_ids(body.messages, body.tools, body.add_generation_prompt)
-            except ValueError as e:
-                raise APIError(400, str(e), param="messages") from e
+            ids = self.chat_prompt_ids(body, body.messages, body.tools)
         else:
             ids = tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
         strs = [self.formatter.token_text(t) for t in ids] if body.return_token_strs else None

@@ -18,11 +18,16 @@ class ChatFormatter:
         self.native_tools = template_speaks_tool_calls(getattr(tokenizer, "chat_template", None))
 
     def prompt_ids(
-        self, messages: list[ChatMessage], tools: list[Tool] | None = None, add_generation_prompt: bool = True
+        self,
+        messages: list[ChatMessage],
+        tools: list[Tool] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> list[int]:
         """Apply the model's chat template and tokenize, with the assistant's turn opened (unless not
-        `add_generation_prompt`). Tools, earlier tool calls and tool results go through the template when it
-        speaks `<tool_call>` blocks, else in Ember's own rendering of the same format (see `tools.py`)."""
+        `add_generation_prompt`), or the last message left open (`continue_final_message`). Tools, earlier
+        tool calls and tool results go through the template when it speaks `<tool_call>` blocks, else in
+        Ember's own rendering of the same format (see `tools.py`)."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model has no chat template; use /v1/completions")
         conversation = [self._message(m) for m in messages]
@@ -37,7 +42,11 @@ class ChatFormatter:
             conversation[0]["content"] += tools_instructions(tools)
         try:
             text = self.tokenizer.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+                conversation,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                **kwargs,
             )
         except Exception as e:  # jinja raises for conversations the template rejects
             raise ValueError(f"the chat template rejected these messages: {e}") from e

@@ -181,7 +181,17 @@ class ResponseFormat(OpenAIModel):
         return StructuredOutputs(json=self.json_schema.schema_ or {"type": "object"})
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatTemplateFields(OpenAIModel):
+    """vLLM's switches for how the chat template ends the messages: by default with the assistant's turn
+    opened; with `continue_final_message`, the last message (an assistant's) left open, so that the reply
+    goes on from its text (a prefill, e.g. the start of a JSON object or of a sentence)."""
+
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool | None = None  # None: true unless continue_final_message
+    continue_final_message: bool = False
+
+
+class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
@@ -199,16 +209,14 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
 
 
-class TokenizeRequest(OpenAIModel):
+class TokenizeRequest(ChatTemplateFields):
     """vLLM's /tokenize: a prompt, or chat messages (and tools) put through the chat template as a chat request
     would be."""
 
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = Field(None, min_length=1)
     tools: list[Tool] | None = None
     add_special_tokens: bool = True  # of a prompt (a chat template writes its own)
-    add_generation_prompt: bool = True  # of messages: end with the assistant's turn opened
     return_token_strs: bool = False
 
 

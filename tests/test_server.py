@@ -464,6 +464,22 @@ def test_continue_final_message_goes_on_from_the_assistants_text(server: ServerP
         assert info.value.body["param"] == param, info.value.body
 
 
+def test_vllm_fields_ember_lacks_are_refused_when_they_ask_for_something(server: ServerProcess) -> None:
+    """min_tokens, guided_json and the like would change the output: refused by name, not silently dropped.
+    Their do-nothing values (as vLLM clients send them) and other unknown fields pass."""
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for path, body, param, hint in [
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 8, "min_tokens": 4}, "min_tokens", "ignore_eos"),
+        ("/v1/chat/completions", {**chat, "guided_json": {"type": "object"}}, "guided_json", "structured_outputs"),
+        ("/v1/completions", {"prompt": "hi", "prompt_logprobs": 1}, "prompt_logprobs", "echo"),
+        ("/v1/chat/completions", {**chat, "include_stop_str_in_output": True}, "include_stop_str_in_output", "stop"),
+    ]:
+        error = httpx.post(f"{server.url}{path}", json=body).json()["error"]
+        assert error["param"] == param and "not supported" in error["message"] and hint in error["message"], error
+    harmless = {"min_tokens": 0, "best_of": 1, "skip_special_tokens": True, "guided_json": None, "x_trace": "a1"}
+    assert httpx.post(f"{server.url}/v1/chat/completions", json={**chat, **harmless}).status_code == 200
+
+
 def test_api_key_queue_limit_and_graceful_shutdown() -> None:
     with running_server("--api-key", "sekret", "--max-num-seqs", "2", "--max-waiting", "1") as server:
         url = f"{server.url}/v1/models"

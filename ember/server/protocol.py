@@ -1,11 +1,13 @@
 """OpenAI API request and response models (the subset Ember serves), as pydantic models.
 
 Requests validate types and ranges here; anything the engine does not support yet is rejected with a
-clear message instead of being silently ignored. Unknown extra fields are ignored, as OpenAI does.
+clear message instead of being silently ignored, vLLM's extra sampling fields included. Other unknown
+fields are ignored, each named once in the server's log.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any, Literal
@@ -16,6 +18,24 @@ from ember.engine.sampling_params import MAX_LOGPROBS, InvalidParameter, Samplin
 from ember.engine.structured_output import StructuredOutputs
 
 MAX_N = 16
+
+# vLLM's extra sampling fields that Ember does not implement: the values that ask for nothing (clients written
+# for vLLM send them), and what to do instead. Any other value is refused rather than ignored.
+VLLM_FIELDS_NOT_SUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "min_tokens": ((0, None), "'ignore_eos': true generates exactly 'max_tokens'"),
+    "include_stop_str_in_output": ((False, None), "the text ends before the stop string"),
+    "skip_special_tokens": ((True, None), "the text always leaves special tokens out"),
+    "truncate_prompt_tokens": ((None,), "send a shorter prompt"),
+    "prompt_logprobs": ((None,), "completions give the prompt's logprobs with 'echo': true and 'logprobs'"),
+    "best_of": ((None, 1), "ask for 'n' samples"),
+    "use_beam_search": ((False, None), "ask for 'n' samples"),
+    **{
+        f"guided_{kind}": ((None,), f"vLLM's newer form is served: 'structured_outputs': {{\"{kind}\": ...}}")
+        for kind in ("json", "regex", "choice", "grammar")
+    },
+}
+logger = logging.getLogger("ember.server")
+_unknown_fields_logged: set[str] = set()
 
 
 class OpenAIModel(BaseModel):
@@ -53,8 +73,9 @@ class StructuredOutputsField(OpenAIModel):
 
 
 class SamplingFields(OpenAIModel):
-    """Fields shared by chat and text completions."""
+    """Fields shared by chat and text completions. Unknown fields are kept (`model_extra`) to be checked."""
 
+    model_config = ConfigDict(extra="allow")
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     max_tokens: int | None = Field(None, ge=1)
@@ -80,6 +101,7 @@ class SamplingFields(OpenAIModel):
     ) -> SamplingParams:
         """The engine's parameters; `structured` (from a chat request's response format or tools) or else the
         `structured_outputs` field constrains the output."""
+        self.check_extra_fields()
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         bias = None
         if self.logit_bias:
@@ -105,6 +127,18 @@ class SamplingFields(OpenAIModel):
             logit_bias=bias,
             structured_outputs=structured or (self.structured_outputs.spec() if self.structured_outputs else None),
         )
+
+    def check_extra_fields(self) -> None:
+        """Refuse vLLM's fields that Ember does not implement when they ask for something; log the other
+        unknown fields, once each."""
+        for name, value in (self.model_extra or {}).items():
+            if name in VLLM_FIELDS_NOT_SUPPORTED:
+                fine, instead = VLLM_FIELDS_NOT_SUPPORTED[name]
+                if value not in fine:
+                    raise InvalidParameter(name, f"'{name}' is not supported by this server: {instead}")
+            elif name not in _unknown_fields_logged:
+                _unknown_fields_logged.add(name)
+                logger.warning("request field %r is not an Ember field: ignored", name)
 
 
 class FunctionCall(OpenAIModel):
@@ -191,7 +225,7 @@ class ChatTemplateFields(OpenAIModel):
     continue_final_message: bool = False
 
 
-class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
+class ChatCompletionRequest(ChatTemplateFields, SamplingFields):  # last base's config: unknown fields kept
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False

@@ -102,6 +102,9 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     g.add_argument(
         "--max-tokens", type=int, default=max_tokens, help=f"tokens to generate at most (default {max_tokens})"
     )
+    g.add_argument(
+        "--min-tokens", type=int, default=0, help="tokens to generate before a stop token or string may end the text"
+    )
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -169,6 +172,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(
         max_tokens=args.max_tokens,
+        min_tokens=args.min_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,

@@ -167,6 +167,34 @@ def test_stop_token_ids_and_eos(smollm: LLM) -> None:
     assert completion.finish_reason == "stop" and completion.stop_reason == token
 
 
+def test_min_tokens_holds_back_stop_tokens_and_stop_strings(smollm: LLM) -> None:
+    """vLLM's min_tokens: below it the stop tokens cannot be sampled (greedy or not) and stop strings do not
+    end the output; from it on, both end it as usual."""
+    prompt = "The capital of France is"
+    free = smollm.generate(prompt, SamplingParams(max_tokens=24, temperature=0))[0].outputs[0]
+    assert free.text.startswith(" Paris.")
+    early_stop = SamplingParams(max_tokens=24, temperature=0, stop=["."])
+    assert smollm.generate(prompt, early_stop)[0].outputs[0].text == " Paris"
+    held = smollm.generate(prompt, SamplingParams(max_tokens=24, temperature=0, stop=["."], min_tokens=6))[0]
+    assert held.outputs[0].token_ids == free.token_ids and held.outputs[0].finish_reason == "length"
+    token = free.token_ids[2]  # the greedy choice at position 2 is masked there: the output takes another way
+    out = smollm.generate(prompt, SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[token], min_tokens=6))
+    completion = out[0].outputs[0]
+    assert len(completion.token_ids) >= 6 and token not in completion.token_ids[:6]
+    assert completion.finish_reason == "stop" and completion.token_ids[-1] == completion.stop_reason == token
+    chat = smollm.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Say hi."}], tokenize=False, add_generation_prompt=True
+    )
+    eos = smollm.engine.eos_token_ids
+    for min_tokens in (0, 12):
+        params = SamplingParams(n=4, max_tokens=24, temperature=0.8, seed=1, min_tokens=min_tokens)
+        samples = smollm.generate(chat, params)[0].outputs
+        lengths = [len(c.token_ids) for c in samples]
+        assert min(lengths) < 12 if min_tokens == 0 else min(lengths) >= 12, lengths  # the seed ends one early
+        assert not any(set(c.token_ids[:min_tokens]) & set(eos) for c in samples)
+    assert smollm.engine.kv_cache.pool.num_free_blocks == smollm.engine.kv_cache.num_blocks
+
+
 def test_abandoned_stream_frees_its_blocks(smollm: LLM) -> None:
     stream = smollm.stream(["Tell me a long story."] * 4, SamplingParams(max_tokens=200, temperature=0))
     next(stream)

@@ -464,12 +464,30 @@ def test_continue_final_message_goes_on_from_the_assistants_text(server: ServerP
         assert info.value.body["param"] == param, info.value.body
 
 
+def test_min_tokens_lengthens_a_short_reply(client: OpenAI) -> None:
+    """vLLM's min_tokens: the end-of-turn token is held back until that many tokens are out."""
+    messages = [{"role": "user", "content": "Say hi."}]
+    short = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=64, temperature=0)  # type: ignore[arg-type]
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 30
+    longer = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=64,
+        temperature=0,
+        extra_body={"min_tokens": 30},  # type: ignore[arg-type]
+    )
+    assert longer.usage.completion_tokens >= 30
+    for extra in ({"min_tokens": 65}, {"min_tokens": 2, "response_format": {"type": "json_object"}}):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=64, extra_body=extra)  # type: ignore[arg-type]
+        assert info.value.body["param"] == "min_tokens", info.value.body
+
+
 def test_vllm_fields_ember_lacks_are_refused_when_they_ask_for_something(server: ServerProcess) -> None:
-    """min_tokens, guided_json and the like would change the output: refused by name, not silently dropped.
+    """guided_json, prompt_logprobs and the like would change the output: refused by name, not silently dropped.
     Their do-nothing values (as vLLM clients send them) and other unknown fields pass."""
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     for path, body, param, hint in [
-        ("/v1/completions", {"prompt": "hi", "max_tokens": 8, "min_tokens": 4}, "min_tokens", "ignore_eos"),
         ("/v1/chat/completions", {**chat, "guided_json": {"type": "object"}}, "guided_json", "structured_outputs"),
         ("/v1/completions", {"prompt": "hi", "prompt_logprobs": 1}, "prompt_logprobs", "echo"),
         ("/v1/chat/completions", {**chat, "include_stop_str_in_output": True}, "include_stop_str_in_output", "stop"),

@@ -167,6 +167,21 @@ def test_stop_token_inside_accepted_drafts_ends_the_request(tiny_models: dict, r
     assert pool.num_free_blocks == pool.num_blocks
 
 
+def test_min_tokens_gives_the_output_of_plain_decoding(tiny_models: dict, reference: list[list[int]]) -> None:
+    """Below min_tokens a request does not speculate (each draft position would need its own stop-token mask);
+    from there on it does, and the output equals plain decoding's: here a stop token right at min_tokens,
+    which drafts verified from below min_tokens would have masked."""
+    target = str(tiny_models["qwen3"][0])
+    expected = reference[2][:15]
+    stop = expected[-1]
+    assert stop not in expected[:-1]
+    params = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[stop], min_tokens=len(expected) - 1)
+    llm = LLM(target, num_blocks=256, block_size=BLOCK_SIZE, dtype="float32", speculative=f"draft:{target}")
+    out = llm.generate(prompts()[2], params)[0]
+    assert out.outputs[0].token_ids == expected and out.outputs[0].finish_reason == "stop"
+    assert out.num_draft_tokens > 0
+
+
 def test_ngram_lookup_proposes_what_followed_the_latest_match() -> None:
     proposer = NgramProposer(max_ngram=3, min_ngram=2)
     tokens = [1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 1, 2, 3]

@@ -24,8 +24,9 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def add_token(self, token_id: int) -> str | None:
-        """Append a token; return the stop string it completed, if any (the text is cut before it)."""
+    def add_token(self, token_id: int, find_stop: bool = True) -> str | None:
+        """Append a token; return the stop string it completed, if any (the text is cut before it). Without
+        `find_stop` (below `min_tokens`), stop strings in the text so far are let through."""
         self.tokens.append(token_id)
         prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
         full = self._decode(self.tokens[self.prefix_offset :])
@@ -35,7 +36,7 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
         search_from = max(0, len(self.text) - self.hold_back)
         self.text += new_text
-        return self._find_stop(search_from)
+        return self._find_stop(search_from) if find_stop else None
 
     def _find_stop(self, search_from: int) -> str | None:
         best: tuple[int, str] | None = None

@@ -378,10 +378,15 @@ class Engine:
             logger.error("request %s: the grammar rejected token %d; aborting it", request.request_id, token)
             self._finish(request, "abort")
             return
-        if token in request.stop_ids:
+        if token in request.stop_ids:  # masked while below min_tokens
             self._finish(request, "stop", token)
             return
-        stop_string = request.detokenizer.add_token(token) if request.detokenizer else None
+        stop_string = None
+        if request.detokenizer:
+            # the output counts this token already: stop strings count from the min_tokens-th token on
+            stop_string = request.detokenizer.add_token(
+                token, find_stop=request.num_output_tokens >= request.params.min_tokens
+            )
         if stop_string is not None:
             self._finish(request, "stop", stop_string)
         elif grammar is not None and grammar.is_terminated():  # the grammar's end, with no stop token to allow

@@ -85,6 +85,11 @@ class Request:
         return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
 
     @property
+    def below_min_tokens(self) -> bool:
+        """Fewer output tokens than `min_tokens`: the stop tokens are masked and stop strings not looked for."""
+        return self.num_output_tokens < self.params.min_tokens
+
+    @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
 

@@ -56,6 +56,19 @@ def apply_logit_bias(logits: torch.Tensor, requests: list[Request]) -> torch.Ten
     return logits.index_put(index, device_tensor(biases, device, torch.float32), accumulate=True)
 
 
+def mask_stop_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """-inf, in place, on the stop tokens (EOS unless ignored, stop_token_ids) of the rows below `min_tokens`."""
+    rows, token_ids = [], []
+    for i, r in enumerate(requests):
+        if r.below_min_tokens:
+            rows.extend([i] * len(r.stop_ids))
+            token_ids.extend(r.stop_ids)
+    if rows:
+        device = logits.device
+        logits[device_tensor(rows, device), device_tensor(token_ids, device)] = float("-inf")
+    return logits
+
+
 def apply_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     """Repetition (over prompt and output, as in HF), presence and frequency (over output) penalties. The
     batch's token lists go to the device flattened, one transfer each (none that waits for the GPU)."""
@@ -182,10 +195,12 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch
 
 
 def adjust_logits(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    """Logit bias, penalties and structured output's grammar: what greedy decoding takes the argmax of. The
-    grammar masks in place: take raw logprobs from `logits` before."""
+    """Logit bias, penalties, stop tokens held back by `min_tokens` and structured output's grammar: what
+    greedy decoding takes the argmax of. The masks work in place: take raw logprobs from `logits` before."""
     if any(r.params.logit_bias for r in requests):
         logits = apply_logit_bias(logits, requests)
+    if any(r.params.min_tokens for r in requests):
+        logits = mask_stop_tokens(logits, requests)
     if any(r.params.uses_penalties for r in requests):
         logits = apply_penalties(logits, requests)
     if any(r.grammar is not None for r in requests):
@@ -201,10 +216,16 @@ def sampling_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tenso
 
 def samples_without_sync(request: Request) -> bool:
     """Whether `sample_tokens` for this request stays on the device: no logprobs to read back, no penalties,
-    logit bias or grammar (built on the host, the grammar's from the token before). (A seed is fine: its one
-    number per draw comes from a host generator.)"""
+    logit bias, `min_tokens` mask or grammar (built on the host from the tokens so far, which a step launched
+    behind another does not know yet). (A seed is fine: its one number per draw comes from a host generator.)"""
     params = request.params
-    return params.logprobs is None and not params.uses_penalties and not params.logit_bias and request.grammar is None
+    return (
+        params.logprobs is None
+        and not params.uses_penalties
+        and not params.logit_bias
+        and not (params.min_tokens and request.below_min_tokens)
+        and request.grammar is None
+    )
 
 
 def sample_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

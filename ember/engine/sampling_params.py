@@ -22,6 +22,7 @@ class SamplingParams:
     """How to generate one completion (or `n` of them) for a prompt; field meanings follow OpenAI/vLLM."""
 
     max_tokens: int | None = 16  # None: up to the model's context length
+    min_tokens: int = 0  # no stop token (EOS, stop_token_ids) or stop string ends the output before this many
     temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: disabled
@@ -56,6 +57,14 @@ class SamplingParams:
         check(
             self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
             f"max_tokens must be an integer >= 1, got {self.max_tokens!r}",
+        )
+        check(
+            isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens),
+            f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}",
+        )
+        check(
+            not (self.min_tokens and self.structured_outputs),
+            "min_tokens cannot be combined with structured_outputs (a grammar may allow only its end)",
         )
         check(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
         check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")

@@ -22,7 +22,6 @@ MAX_N = 16
 # vLLM's extra sampling fields that Ember does not implement: the values that ask for nothing (clients written
 # for vLLM send them), and what to do instead. Any other value is refused rather than ignored.
 VLLM_FIELDS_NOT_SUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "min_tokens": ((0, None), "'ignore_eos': true generates exactly 'max_tokens'"),
     "include_stop_str_in_output": ((False, None), "the text ends before the stop string"),
     "skip_special_tokens": ((True, None), "the text always leaves special tokens out"),
     "truncate_prompt_tokens": ((None,), "send a shorter prompt"),
@@ -79,6 +78,7 @@ class SamplingFields(OpenAIModel):
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     max_tokens: int | None = Field(None, ge=1)
+    min_tokens: int = Field(0, ge=0)  # vLLM's: no stop token or string ends the output before this many
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1)
@@ -111,6 +111,7 @@ class SamplingFields(OpenAIModel):
                 raise InvalidParameter("logit_bias", "logit_bias keys must be token ids (integers as strings)") from e
         return SamplingParams(
             max_tokens=max_tokens,
+            min_tokens=self.min_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,

@@ -106,6 +106,7 @@ class Speculator:
             and not r.params.uses_penalties
             and r.grammar is None
             and r.num_output_tokens > 0
+            and not r.below_min_tokens  # each draft position would need its own stop-token mask
         ]
         if not candidates:
             return

@@ -490,7 +490,7 @@ def test_vllm_fields_ember_lacks_are_refused_when_they_ask_for_something(server:
     for path, body, param, hint in [
         ("/v1/chat/completions", {**chat, "guided_json": {"type": "object"}}, "guided_json", "structured_outputs"),
         ("/v1/completions", {"prompt": "hi", "prompt_logprobs": 1}, "prompt_logprobs", "echo"),
-        ("/v1/chat/completions", {**chat, "include_stop_str_in_output": True}, "include_stop_str_in_output", "stop"),
+        ("/v1/chat/completions", {**chat, "use_beam_search": True}, "use_beam_search", "'n'"),
     ]:
         error = httpx.post(f"{server.url}{path}", json=body).json()["error"]
         assert error["param"] == param and "not supported" in error["message"] and hint in error["message"], error

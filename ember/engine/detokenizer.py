@@ -11,9 +11,10 @@ from typing import Any
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, stop: list[str]) -> None:
+    def __init__(self, tokenizer: Any, stop: list[str], include_stop: bool = False) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
+        self.include_stop = include_stop  # the text ends after the stop string instead of before it
         self.hold_back = max((len(s) for s in stop), default=1) - 1
         self.tokens: list[int] = []
         self.prefix_offset = 0
@@ -25,7 +26,8 @@ class IncrementalDetokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def add_token(self, token_id: int, find_stop: bool = True) -> str | None:
-        """Append a token; return the stop string it completed, if any (the text is cut before it). Without
+        """Append a token; return the stop string it completed, if any (the text is cut before it, or after it
+        with `include_stop`). Without
         `find_stop` (below `min_tokens`), stop strings in the text so far are let through."""
         self.tokens.append(token_id)
         prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
@@ -46,8 +48,9 @@ class IncrementalDetokenizer:
                 best = (at, stop)
         if best is None:
             return None
-        self.text = self.text[: best[0]]
-        return best[1]
+        at, stop = best
+        self.text = self.text[: at + len(stop) if self.include_stop else at]
+        return stop
 
     def take_delta(self, finished: bool) -> str:
         """New text since the last call; while running, holds back what could still begin a stop string."""

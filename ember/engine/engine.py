@@ -253,7 +253,9 @@ class Engine:
                 child_params = SamplingParams(**{**params.__dict__, "seed": params.seed + index})
             child = Request(f"{request_id}#{index}", ids, child_params, self.eos_token_ids, max_tokens, text)
             if self.tokenizer is not None:
-                child.detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop)
+                child.detokenizer = IncrementalDetokenizer(
+                    self.tokenizer, params.stop, params.include_stop_str_in_output
+                )
             if compiler is not None:
                 assert params.structured_outputs is not None
                 child.grammar = compiler.matcher(params.structured_outputs, child.stop_ids)

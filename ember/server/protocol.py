@@ -22,7 +22,6 @@ MAX_N = 16
 # vLLM's extra sampling fields that Ember does not implement: the values that ask for nothing (clients written
 # for vLLM send them), and what to do instead. Any other value is refused rather than ignored.
 VLLM_FIELDS_NOT_SUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "include_stop_str_in_output": ((False, None), "the text ends before the stop string"),
     "skip_special_tokens": ((True, None), "the text always leaves special tokens out"),
     "truncate_prompt_tokens": ((None,), "send a shorter prompt"),
     "prompt_logprobs": ((None,), "completions give the prompt's logprobs with 'echo': true and 'logprobs'"),
@@ -88,6 +87,7 @@ class SamplingFields(OpenAIModel):
     repetition_penalty: float = Field(1.0, gt=0.0)
     seed: int | None = None
     stop: str | list[str] | None = None
+    include_stop_str_in_output: bool = False  # vLLM's: the text ends after the stop string, not before
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logit_bias: dict[str, float] | None = None
@@ -121,6 +121,7 @@ class SamplingFields(OpenAIModel):
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,
             stop=stop,
+            include_stop_str_in_output=self.include_stop_str_in_output,
             stop_token_ids=self.stop_token_ids or [],
             ignore_eos=self.ignore_eos,
             n=self.n,

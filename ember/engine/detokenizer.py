@@ -27,8 +27,8 @@ class IncrementalDetokenizer:
 
     def add_token(self, token_id: int, find_stop: bool = True) -> str | None:
         """Append a token; return the stop string it completed, if any (the text is cut before it, or after it
-        with `include_stop`). Without
-        `find_stop` (below `min_tokens`), stop strings in the text so far are let through."""
+        with `include_stop`). Without `find_stop` (below `min_tokens`), stop strings in the text so far are
+        let through."""
         self.tokens.append(token_id)
         prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
         full = self._decode(self.tokens[self.prefix_offset :])

@@ -384,11 +384,8 @@ class Engine:
             self._finish(request, "stop", token)
             return
         stop_string = None
-        if request.detokenizer:
-            # the output counts this token already: stop strings count from the min_tokens-th token on
-            stop_string = request.detokenizer.add_token(
-                token, find_stop=request.num_output_tokens >= request.params.min_tokens
-            )
+        if request.detokenizer:  # with this token counted: stop strings end the text from the min_tokens-th on
+            stop_string = request.detokenizer.add_token(token, find_stop=not request.below_min_tokens)
         if stop_string is not None:
             self._finish(request, "stop", stop_string)
         elif grammar is not None and grammar.is_terminated():  # the grammar's end, with no stop token to allow

@@ -483,13 +483,38 @@ def test_min_tokens_lengthens_a_short_reply(client: OpenAI) -> None:
         assert info.value.body["param"] == "min_tokens", info.value.body
 
 
+def test_prompt_logprobs_in_vllms_format_agree_with_echo(server: ServerProcess) -> None:
+    """vLLM's prompt_logprobs: per prompt token (none for the first), its logprob and rank and the top
+    alternatives, keyed by token id; the same numbers that `echo` with `logprobs` gives."""
+    prompt = {"prompt": "The capital of France is", "max_tokens": 1, "temperature": 0}
+    vllm_style = httpx.post(f"{server.url}/v1/completions", json={**prompt, "prompt_logprobs": 2}).json()
+    echoed = httpx.post(f"{server.url}/v1/completions", json={**prompt, "echo": True, "logprobs": 2}).json()
+    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": prompt["prompt"]}).json()["tokens"]
+    entries = vllm_style["choices"][0]["prompt_logprobs"]
+    assert len(entries) == len(ids) == vllm_style["usage"]["prompt_tokens"] and entries[0] is None
+    echo_logprobs = echoed["choices"][0]["logprobs"]["token_logprobs"][: len(ids)]
+    for token_id, entry, expected in zip(ids[1:], entries[1:], echo_logprobs[1:], strict=True):
+        own = entry[str(token_id)]
+        assert own["logprob"] == pytest.approx(expected, abs=1e-4) and own["rank"] >= 1 and own["decoded_token"]
+        alternative_ranks = {v["rank"] for k, v in entry.items() if k != str(token_id)}
+        assert len(entry) <= 3 and alternative_ranks <= {1, 2} and 1 in alternative_ranks | {own["rank"]}
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "prompt_logprobs": 0}
+    reply = httpx.post(f"{server.url}/v1/chat/completions", json=chat).json()
+    assert len(reply["prompt_logprobs"]) == reply["usage"]["prompt_tokens"]
+    assert all(len(entry) == 1 for entry in reply["prompt_logprobs"][1:])
+    for body in ({**chat, "stream": True}, {**prompt, "echo": True, "logprobs": 2, "prompt_logprobs": 1}):
+        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+        error = httpx.post(f"{server.url}{path}", json=body).json()["error"]
+        assert error["param"] == "prompt_logprobs", error
+
+
 def test_vllm_fields_ember_lacks_are_refused_when_they_ask_for_something(server: ServerProcess) -> None:
-    """guided_json, prompt_logprobs and the like would change the output: refused by name, not silently dropped.
+    """guided_json, use_beam_search and the like would change the output: refused by name, not silently dropped.
     Their do-nothing values (as vLLM clients send them) and other unknown fields pass."""
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     for path, body, param, hint in [
         ("/v1/chat/completions", {**chat, "guided_json": {"type": "object"}}, "guided_json", "structured_outputs"),
-        ("/v1/completions", {"prompt": "hi", "prompt_logprobs": 1}, "prompt_logprobs", "echo"),
+        ("/v1/completions", {"prompt": "hi", "truncate_prompt_tokens": 1}, "truncate_prompt_tokens", "shorter"),
         ("/v1/chat/completions", {**chat, "use_beam_search": True}, "use_beam_search", "'n'"),
     ]:
         error = httpx.post(f"{server.url}{path}", json=body).json()["error"]

@@ -208,16 +208,17 @@ class OpenAIServer:
                 choice["logprobs"] = self.formatter.chat_logprobs(o.logprobs)
             choices.append(choice)
         completion_tokens = sum(len(o.token_ids) for o in final.outputs)
-        return JSONResponse(
-            {
-                "id": request_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": self.model_name,
-                "choices": choices,
-                "usage": self.usage(len(prompt_ids), completion_tokens, final.num_cached_tokens),
-            }
-        )
+        response = {
+            "id": request_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": self.model_name,
+            "choices": choices,
+            "usage": self.usage(len(prompt_ids), completion_tokens, final.num_cached_tokens),
+        }
+        if body.prompt_logprobs is not None and final.prompt_logprobs is not None:
+            response["prompt_logprobs"] = self.formatter.prompt_logprobs(final.prompt_logprobs)
+        return JSONResponse(response)
 
     @staticmethod
     def active_tools(body: ChatCompletionRequest) -> list[Tool] | None:
@@ -406,6 +407,10 @@ class OpenAIServer:
         if body.echo:
             echoes = [item if isinstance(item, str) else self.decode(item) for item in items]
         if body.echo and body.logprobs is not None:  # the prompt's tokens get logprobs too (scoring, lm-eval)
+            if body.prompt_logprobs not in (None, body.logprobs):
+                raise APIError(
+                    400, "with 'echo' and 'logprobs', 'prompt_logprobs' must equal 'logprobs'", param="prompt_logprobs"
+                )
             params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
         request_id, created = new_id("cmpl"), now()
         streams = [self.stream_outputs(ids, params) for ids in prompts]
@@ -430,14 +435,15 @@ class OpenAIServer:
         for prompt_index, final in enumerate(finals):
             echo = None if echoes is None else echoes[prompt_index]
             for o in final.outputs:
-                choices.append(
-                    {
-                        "index": prompt_index * body.n + o.index,
-                        "text": o.text if echo is None else echo + o.text,
-                        "finish_reason": o.finish_reason,
-                        "logprobs": self.completion_logprobs(o.logprobs, 0, final, echo is not None),
-                    }
-                )
+                choice = {
+                    "index": prompt_index * body.n + o.index,
+                    "text": o.text if echo is None else echo + o.text,
+                    "finish_reason": o.finish_reason,
+                    "logprobs": self.completion_logprobs(o.logprobs, 0, final, echo is not None),
+                }
+                if body.prompt_logprobs is not None and final.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = self.formatter.prompt_logprobs(final.prompt_logprobs)
+                choices.append(choice)
         completion_tokens = sum(len(o.token_ids) for f in finals for o in f.outputs)
         return JSONResponse(
             {

@@ -83,6 +83,23 @@ class ChatFormatter:
             content.append({"token": text, "logprob": lp.logprob, "bytes": list(text.encode()), "top_logprobs": top})
         return {"content": content}
 
+    def prompt_logprobs(self, logprobs: list[TokenLogprob | None]) -> list[dict[str, Any] | None]:
+        """vLLM's `prompt_logprobs`: for each prompt position (the first has none), {token id: {logprob, rank,
+        decoded_token}} of the prompt's own token, then of the most likely alternatives."""
+        entries: list[dict[str, Any] | None] = []
+        for lp in logprobs:
+            if lp is None:
+                entries.append(None)
+                continue
+            ranked = [(lp.token_id, lp.logprob, lp.rank), *((t, v, r) for r, (t, v) in enumerate(lp.top, start=1))]
+            entry: dict[str, Any] = {}
+            for token_id, value, rank in ranked:
+                entry.setdefault(
+                    str(token_id), {"logprob": value, "rank": rank, "decoded_token": self.token_text(token_id)}
+                )
+            entries.append(entry)
+        return entries
+
     def completion_logprobs(self, entries: list[tuple[int, TokenLogprob | None]], text_offset: int) -> dict[str, Any]:
         """Legacy completions format of (token id, its logprob) pairs: parallel lists of tokens, logprobs, top
         dicts and offsets into the text; a token without a logprob (an echoed prompt's first) has nulls."""

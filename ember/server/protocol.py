@@ -24,7 +24,6 @@ MAX_N = 16
 VLLM_FIELDS_NOT_SUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "skip_special_tokens": ((True, None), "the text always leaves special tokens out"),
     "truncate_prompt_tokens": ((None,), "send a shorter prompt"),
-    "prompt_logprobs": ((None,), "completions give the prompt's logprobs with 'echo': true and 'logprobs'"),
     "best_of": ((None, 1), "ask for 'n' samples"),
     "use_beam_search": ((False, None), "ask for 'n' samples"),
     **{
@@ -89,6 +88,7 @@ class SamplingFields(OpenAIModel):
     stop: str | list[str] | None = None
     include_stop_str_in_output: bool = False  # vLLM's: the text ends after the stop string, not before
     stop_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's: each prompt token's, + alternatives
     ignore_eos: bool = False
     logit_bias: dict[str, float] | None = None
     stream: bool = False
@@ -102,6 +102,8 @@ class SamplingFields(OpenAIModel):
         """The engine's parameters; `structured` (from a chat request's response format or tools) or else the
         `structured_outputs` field constrains the output."""
         self.check_extra_fields()
+        if self.prompt_logprobs is not None and self.stream:
+            raise InvalidParameter("prompt_logprobs", "prompt_logprobs is served only without 'stream'")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         bias = None
         if self.logit_bias:
@@ -126,6 +128,7 @@ class SamplingFields(OpenAIModel):
             ignore_eos=self.ignore_eos,
             n=self.n,
             logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs,
             logit_bias=bias,
             structured_outputs=structured or (self.structured_outputs.spec() if self.structured_outputs else None),
         )

@@ -434,16 +434,19 @@ class OpenAIServer:
         choices = []
         for prompt_index, final in enumerate(finals):
             echo = None if echoes is None else echoes[prompt_index]
+            prompt_logprobs = None
+            if body.prompt_logprobs is not None and final.prompt_logprobs is not None:
+                prompt_logprobs = {"prompt_logprobs": self.formatter.prompt_logprobs(final.prompt_logprobs)}
             for o in final.outputs:
-                choice = {
-                    "index": prompt_index * body.n + o.index,
-                    "text": o.text if echo is None else echo + o.text,
-                    "finish_reason": o.finish_reason,
-                    "logprobs": self.completion_logprobs(o.logprobs, 0, final, echo is not None),
-                }
-                if body.prompt_logprobs is not None and final.prompt_logprobs is not None:
-                    choice["prompt_logprobs"] = self.formatter.prompt_logprobs(final.prompt_logprobs)
-                choices.append(choice)
+                choices.append(
+                    {
+                        "index": prompt_index * body.n + o.index,
+                        "text": o.text if echo is None else echo + o.text,
+                        "finish_reason": o.finish_reason,
+                        "logprobs": self.completion_logprobs(o.logprobs, 0, final, echo is not None),
+                        **(prompt_logprobs or {}),
+                    }
+                )
         completion_tokens = sum(len(o.token_ids) for f in finals for o in f.outputs)
         return JSONResponse(
             {

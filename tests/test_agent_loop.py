@@ -294,6 +294,9 @@ def test_cli_errors_are_one_line_messages(server: ServerProcess) -> None:
         (["--url", f"{server.url}/v1", "--tool-choice", "required"], "--tool-choice required needs tools"),
         (["--url", f"{server.url}/v1", "--tool-choice", "nope"], "neither auto/required/none nor one of the tools"),
         (["--max-turns", "0"], "--max-turns must be at least 1"),  # refused before a server starts
+        (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+        (["--temperature", "5"], "--temperature must be in [0, 2]"),
+        (["--tool-timeout", "0"], "--tool-timeout must be a positive number"),
         (["--session", "s1"], "--session names where --memory keeps"),
         (["--sandbox", "--sandbox-max-processes", "0"], "--sandbox-max-processes must be positive"),
         (["--model", "/no/such.gguf"], "the model server did not start: server exited early: ember: error: model"),

@@ -233,6 +233,12 @@ def check_agent_args(args: argparse.Namespace) -> None:
         raise ValueError("--max-turns must be at least 1")
     if args.max_identical_calls < 0:
         raise ValueError("--max-identical-calls must be 0 (no limit) or more")
+    if args.max_tokens < 1:
+        raise ValueError("--max-tokens must be at least 1")
+    if args.temperature is not None and not 0 <= args.temperature <= 2:
+        raise ValueError(f"--temperature must be in [0, 2], got {args.temperature}")
+    if args.tool_timeout <= 0:
+        raise ValueError(f"--tool-timeout must be a positive number of seconds, got {args.tool_timeout}")
     if args.sandbox:
         sandbox_limits(args)
     if args.session and not args.memory:

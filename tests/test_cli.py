@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 
@@ -29,6 +30,20 @@ def test_commands_that_need_no_model_load_neither_torch_nor_openai() -> None:
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == "[]"
     assert "agent" in ember("--help").stdout
+
+
+def test_serve_reports_a_port_in_use_before_loading_the_model() -> None:
+    """The address is bound first: with the port taken, the error is about the port, not the (missing)
+    model that a load would have reported after seconds."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = ember("serve", "--port", str(port), "--model", "/no/such/model.gguf")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"ember: error: cannot listen on 127.0.0.1:{port}: Address already in use " + (
+        "(is another server using the port?)"
+    )
 
 
 def test_generate_prints_the_completion() -> None:

@@ -1,10 +1,12 @@
-"""`ember serve`: load the engine, then serve the OpenAI API with uvicorn until SIGINT/SIGTERM."""
+"""`ember serve`: bind the address, load the engine, then serve the OpenAI API with uvicorn until
+SIGINT/SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import signal
+import socket
 import sys
 import time
 from typing import Any
@@ -15,6 +17,25 @@ def port_number(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port must be in 0-65535, got {port}")
     return port
+
+
+def bind_listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a port in use or a host that is not this machine's
+    is reported at once instead of after the load (uvicorn listens on it later)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: rebind while old connections linger
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise ValueError(
+            f"cannot listen on {host}:{port}: {e.strerror or e} (is another server using the port?)"
+        ) from e
+    return sock
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +71,7 @@ def serve(args: argparse.Namespace) -> int:
     from ember.server.metrics import EngineMetrics
 
     started = time.monotonic()
+    sock = bind_listening_socket(args.host, args.port)
     async_engine = AsyncEngine(lambda: load_llm(args).engine, args.max_waiting)
     engine = async_engine.engine
     name = args.served_model_name or engine.loaded.name
@@ -65,7 +87,7 @@ def serve(args: argparse.Namespace) -> int:
         access_log=args.log_level in ("debug", "info"),
     )
     server = uvicorn.Server(config)
-    url = f"http://{args.host}:{args.port}"
+    url = f"http://{args.host}:{sock.getsockname()[1]}"  # --port 0: the port the system chose
     auth = f' -H "Authorization: Bearer {args.api_key}"' if args.api_key else ""
     original_startup = server.startup
 
@@ -85,10 +107,11 @@ def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         async_engine.shutdown()
+        sock.close()
     if not server.started:
-        print(f"ember: error: could not start the server on {url} (is the port in use?)", file=sys.stderr)
+        print(f"ember: error: could not start the server on {url}", file=sys.stderr)
         return 1
     return 0

@@ -158,6 +158,10 @@ class SchedulerConfig:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens <= 0:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.max_model_len is not None and self.max_model_len <= 1:
+            raise ValueError(
+                f"max_model_len must be at least 2 (a prompt token and one more), got {self.max_model_len}"
+            )
 
 
 # (max_num_seqs, max_num_batched_tokens) by device. On the CPU, 1,024 and 2,048 batched tokens measured the

@@ -80,3 +80,5 @@ def test_scheduler_limits_take_the_devices_defaults_unless_given() -> None:
     assert (given.max_num_seqs, given.max_num_batched_tokens) == (7, 99)
     with pytest.raises(ValueError, match="max_num_seqs must be positive"):
         SchedulerConfig(max_num_seqs=0)
+    with pytest.raises(ValueError, match="max_model_len must be at least 2"):  # 0 was taken as "the model's"
+        SchedulerConfig(max_model_len=0)

@@ -84,6 +84,7 @@ def test_generate_with_a_schema_file_prints_valid_json(tmp_path) -> None:
         (["generate", "", "--max-tokens", "4"], "the prompt is empty"),
         (["generate", "hi", "--speculative", "medusa"], "speculative method must be one of"),
         (["bench", "latency"], "pass --speculative"),
+        (["bench", "throughput", "--num-requests", "0"], "--num-requests: must be at least 1"),  # 0 ran them all
         (["generate", "hi", "--regex", "(", "--max-tokens", "4"], "invalid structured output constraint"),
         (["generate", "hi", "--json-schema", "{oops"], "--json-schema is neither a file nor valid JSON"),
         (["generate", "hi", "--json-object", "--choice", "a"], "at most one of --json-schema"),

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.bench.repetitive import repetitive_workload
-from ember.bench.workloads import BenchRequest, Workload, load_workload
+from ember.bench.workloads import BenchRequest, Workload, load_workload, positive_int
 from ember.engine.sampling_params import SamplingParams
 
 
@@ -164,6 +164,8 @@ def add_latency_args(parser: Any) -> None:
         help="'repetitive' (generated code-rewrite and JSON-echo chats, default), 'random', or a workload JSON",
     )
     g.add_argument("--batch-sizes", default="1,32", help="comma-separated concurrency levels (default 1,32)")
-    g.add_argument("--num-requests", type=int, default=None, help="requests to run (default: 16, or the whole file)")
+    g.add_argument(
+        "--num-requests", type=positive_int, default=None, help="requests to run (default: 16, or the whole file)"
+    )
     g.add_argument("--workload-seed", type=int, default=0, help="seed of the generated repetitive workload")
     g.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ember.bench.workloads import BenchRequest, load_workload
+from ember.bench.workloads import BenchRequest, load_workload, positive_int
 
 
 @dataclass
@@ -195,7 +195,10 @@ def add_serve_bench_args(parser: Any) -> None:
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
     parser.add_argument("--workload", default="random", help="'random' or a workload JSON (token-id prompts)")
     parser.add_argument(
-        "--num-requests", type=int, default=None, help="requests per level (default: twice the concurrency, at least 8)"
+        "--num-requests",
+        type=positive_int,
+        default=None,
+        help="requests per level (default: twice the concurrency, at least 8)",
     )
     parser.add_argument(
         "--keep-prefix-cache",

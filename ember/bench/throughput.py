@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ember.bench.workloads import BenchRequest, Workload, load_workload
+from ember.bench.workloads import BenchRequest, Workload, load_workload, positive_int
 from ember.engine.sampling_params import SamplingParams
 
 
@@ -166,7 +166,7 @@ def add_throughput_args(parser: Any) -> None:
         default="random",
         help="'random' (cpu-64's shape, random ids) or a workload JSON such as shared/workloads/cpu-64.json",
     )
-    parser.add_argument("--num-requests", type=int, default=None, help="run only the first N requests")
+    parser.add_argument("--num-requests", type=positive_int, default=None, help="run only the first N requests")
     parser.add_argument(
         "--baseline",
         default="hf-naive",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from dataclasses import dataclass
@@ -42,6 +43,14 @@ def random_workload(
         for _ in range(num_requests)
     ]
     return Workload(f"random-{num_requests}", requests)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for counts such as --num-requests: 0 would otherwise read as "not given"."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def check_workload_spec(spec: str) -> None:

@@ -230,7 +230,8 @@ class ChatTemplateFields(OpenAIModel):
     continue_final_message: bool = False
 
 
-class ChatCompletionRequest(ChatTemplateFields, SamplingFields):  # last base's config: unknown fields kept
+class ChatCompletionRequest(SamplingFields, ChatTemplateFields):
+    model_config = ConfigDict(extra="allow")  # as SamplingFields': its check reads the unknown fields
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False

@@ -6,6 +6,7 @@ import pytest
 
 from ember.engine.engine import LLM
 from ember.engine.sampling_params import InvalidParameter, SamplingParams
+from ember.engine.structured_output import StructuredOutputs
 from ember.models.loader import ModelNotFoundError
 
 
@@ -25,6 +26,9 @@ from ember.models.loader import ModelNotFoundError
         ({"stop": [""]}, "stop must hold non-empty strings"),
         ({"seed": 2**64}, "seed must be a 64-bit signed integer"),
         ({"logit_bias": {5: 101.0}}, "logit_bias must map"),
+        ({"allowed_token_ids": []}, "allowed_token_ids must be a non-empty list"),
+        ({"bad_words": ["ok", " "]}, "bad_words must hold words"),
+        ({"bad_words": ["x"], "structured_outputs": StructuredOutputs(json_object=True)}, "cannot be combined"),
     ],
 )
 def test_bad_sampling_params(fields: dict, message: str) -> None:
@@ -54,6 +58,28 @@ def test_bad_prompts_are_rejected_and_nothing_leaks(smollm: LLM) -> None:
     assert not engine.has_unfinished_requests()
     assert engine.kv_cache.pool.num_free_blocks == engine.kv_cache.num_blocks
     assert smollm.generate("Hello", SamplingParams(max_tokens=2, temperature=0))[0].outputs[0].token_ids
+
+
+def test_token_ids_the_step_cannot_serve_are_refused_up_front(smollm: LLM) -> None:
+    """Token ids past the vocabulary, and allowed tokens that bad words or min_tokens could all take away, are
+    refused when the request is added: in a step they would fail the whole batch (a stop token id past the
+    vocabulary with min_tokens once did, taking the server down) or leave nothing to sample."""
+    engine = smollm.engine
+    a_bad_word = engine.bad_words_token_ids(["A"])[0][-1]
+    for fields in (
+        {"stop_token_ids": [10**6], "min_tokens": 2},
+        {"allowed_token_ids": [5, 10**6]},
+        {"logit_bias": {10**7: 1.0}},
+        {"allowed_token_ids": engine.eos_token_ids, "min_tokens": 1},
+        {"allowed_token_ids": [a_bad_word], "bad_words": ["A", "B"]},
+    ):
+        with pytest.raises(InvalidParameter) as error:
+            smollm.generate("Hello", SamplingParams(max_tokens=4, **fields))
+        assert error.value.param == next(iter(fields)), fields
+    assert not engine.has_unfinished_requests()
+    assert engine.kv_cache.pool.num_free_blocks == engine.kv_cache.num_blocks
+    fine = SamplingParams(max_tokens=4, temperature=0, allowed_token_ids=[a_bad_word, 5], bad_words=["A"])
+    assert smollm.generate("Hello", fine)[0].outputs[0].token_ids == [5] * 4
 
 
 def test_unknown_model_path_is_a_clear_error(tmp_path) -> None:

@@ -234,6 +234,44 @@ def test_logit_bias_forces_and_bans_tokens(smollm: LLM) -> None:
         smollm.generate("Hello", SamplingParams(max_tokens=1, logit_bias={10**7: 1.0}))
 
 
+def contains(tokens: list[int], word: list[int]) -> bool:
+    return any(tokens[i : i + len(word)] == word for i in range(len(tokens) - len(word) + 1))
+
+
+def test_allowed_token_ids_and_bad_words(smollm: LLM) -> None:
+    """vLLM's allowed_token_ids: nothing else is generated, greedy or sampled. Its bad_words: a one-token word
+    never comes out; a longer one is cut where its last token would complete it, and the output before that
+    point is the free output."""
+    prompt = "The capital of France is"
+    free = smollm.generate(prompt, SamplingParams(max_tokens=24, temperature=0))[0].outputs[0]
+    allowed = [smollm.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in (" yes", " no", " maybe")]
+    for params in (
+        SamplingParams(max_tokens=8, temperature=0, allowed_token_ids=allowed),
+        SamplingParams(n=4, max_tokens=8, temperature=2.0, seed=0, allowed_token_ids=allowed),
+    ):
+        for choice in smollm.generate(prompt, params)[0].outputs:
+            assert set(choice.token_ids) <= set(allowed) and len(choice.token_ids) == 8, choice
+
+    paris = smollm.engine.bad_words_token_ids(["Paris"])  # "Paris" and " Paris", one token each
+    assert [len(word) for word in paris] == [1, 1] and free.token_ids[0] == paris[1][0]
+    for params in (
+        SamplingParams(max_tokens=24, temperature=0, bad_words=["Paris"]),
+        SamplingParams(n=4, max_tokens=24, temperature=1.0, seed=0, bad_words=["Paris"]),
+    ):
+        for choice in smollm.generate(prompt, params)[0].outputs:
+            assert not any(contains(choice.token_ids, word) for word in paris), choice.text
+
+    answer = smollm.engine.bad_words_token_ids(["The answer"])
+    word = next(word for word in answer if contains(free.token_ids, word))
+    assert len(word) == 2
+    at = next(i for i in range(len(free.token_ids)) if free.token_ids[i : i + 2] == word) + 1
+    cut = smollm.generate(prompt, SamplingParams(max_tokens=24, temperature=0, bad_words=["The answer"]))[0]
+    tokens = cut.outputs[0].token_ids
+    assert tokens[:at] == free.token_ids[:at] and tokens[at] != word[1]
+    assert not any(contains(tokens, word) for word in answer)
+    assert smollm.engine.kv_cache.pool.num_free_blocks == smollm.engine.kv_cache.num_blocks
+
+
 def test_windowed_top_k_top_p_equals_the_sorted_vocabulary() -> None:
     """The top-k/top-p filter ranks a window of the likeliest tokens instead of sorting the vocabulary; its
     drop mask equals the sorted one for a mixed batch: peaked rows (the nucleus inside the window), flat rows

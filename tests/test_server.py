@@ -483,6 +483,31 @@ def test_min_tokens_lengthens_a_short_reply(client: OpenAI) -> None:
         assert info.value.body["param"] == "min_tokens", info.value.body
 
 
+def test_allowed_token_ids_and_bad_words_through_the_api(client: OpenAI, server: ServerProcess) -> None:
+    """vLLM's token masks; token ids past the vocabulary are a 400 naming the field (a stop token id with
+    min_tokens once failed the engine step and took the server down), and the server serves on."""
+    prompt = "The capital of France is"
+
+    def complete(**extra: Any) -> str:
+        reply = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0, extra_body=extra)
+        return reply.choices[0].text
+
+    assert "Paris" in complete() and "Paris" not in complete(bad_words=["Paris"])
+    words = {" yes", " no"}
+    allowed = [httpx.post(f"{server.url}/tokenize", json={"prompt": w}).json()["tokens"][-1] for w in words]
+    text = complete(allowed_token_ids=allowed)
+    assert text and text.replace(" yes", "").replace(" no", "") == "", text
+    for extra, param in (
+        ({"stop_token_ids": [10**6], "min_tokens": 1}, "stop_token_ids"),
+        ({"allowed_token_ids": [10**6]}, "allowed_token_ids"),
+        ({"bad_words": ["x"], "structured_outputs": {"regex": "[ab]+"}}, "bad_words"),
+    ):
+        with pytest.raises(openai.BadRequestError) as info:
+            complete(**extra)
+        assert info.value.body["param"] == param, info.value.body
+    assert complete().startswith(" Paris")
+
+
 def test_prompt_logprobs_in_vllms_format_agree_with_echo(server: ServerProcess) -> None:
     """vLLM's prompt_logprobs: per prompt token (none for the first), its logprob and rank and the top
     alternatives, keyed by token id; the same numbers that `echo` with `logprobs` gives."""

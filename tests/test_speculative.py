@@ -182,6 +182,30 @@ def test_min_tokens_gives_the_output_of_plain_decoding(tiny_models: dict, refere
     assert out.num_draft_tokens > 0
 
 
+def test_allowed_token_ids_hold_at_every_draft_position(tiny_models: dict) -> None:
+    """A speculating request with allowed_token_ids gives plain decoding's output (the mask applies to each
+    verified row alike), though the drafter proposes tokens outside the set."""
+    target = str(tiny_models["qwen3"][0])
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, allowed_token_ids=list(range(10, 20)))
+    plain = LLM(target, num_blocks=256, block_size=BLOCK_SIZE, dtype="float32").generate(prompts()[0], params)[0]
+    llm = LLM(target, num_blocks=256, block_size=BLOCK_SIZE, dtype="float32", speculative=f"draft:{target}")
+    out = llm.generate(prompts()[0], params)[0]
+    assert out.outputs[0].token_ids == plain.outputs[0].token_ids and set(out.outputs[0].token_ids) <= set(
+        range(10, 20)
+    )
+    assert out.num_draft_tokens > 0
+
+
+def test_requests_with_bad_words_do_not_speculate() -> None:
+    """Each draft position's bad-word mask would depend on the drafts before it: such requests decode plainly."""
+    speculator = Speculator(SpeculativeConfig(method="ngram"), NgramProposer(), max_model_len=1000)
+    loop = [1, 2, 3, 4, 5, 6, 7, 8] * 4
+    requests = [decoding_request(str(i), [*loop, 1, 2, 3]) for i in range(2)]
+    requests[1].bad_words_token_ids = [[9, 9]]
+    speculator.propose(requests)
+    assert [len(r.spec_token_ids) for r in requests] == [5, 0]
+
+
 def test_ngram_lookup_proposes_what_followed_the_latest_match() -> None:
     proposer = NgramProposer(max_ngram=3, min_ngram=2)
     tokens = [1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 1, 2, 3]

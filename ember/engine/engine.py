@@ -206,6 +206,46 @@ class Engine:
             raise InvalidParameter("prompt", f"prompt token ids must be integers in [0, {vocab})")
         return None, ids
 
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        """Token ids in the parameters must be the model's: one past the vocabulary would fail the whole step."""
+        vocab = self.model_config.vocab_size
+        fields = {
+            "stop_token_ids": params.stop_token_ids,
+            "logit_bias": list(params.logit_bias or ()),
+            "allowed_token_ids": params.allowed_token_ids or [],
+        }
+        for name, token_ids in fields.items():
+            if token_ids and max(token_ids) >= vocab:
+                raise InvalidParameter(name, f"{name} must hold token ids below the vocabulary size {vocab}")
+
+    def bad_words_token_ids(self, bad_words: list[str]) -> list[list[int]]:
+        """Each bad word as the model's tokens, as it would be written at the start of the text and after a
+        space (vLLM's rule): `" Paris"` is one token, `"Paris"` another."""
+        if not bad_words:
+            return []
+        if self.tokenizer is None:
+            raise InvalidParameter("bad_words", "bad_words needs the model's tokenizer (dummy weights have none)")
+        sequences: list[list[int]] = []
+        for word in bad_words:
+            for spelling in (word.lstrip(), " " + word.lstrip()):
+                token_ids = self.tokenizer(spelling, add_special_tokens=False)["input_ids"]
+                if token_ids and token_ids not in sequences:
+                    sequences.append(token_ids)
+        return sequences
+
+    def _check_some_token_stays_allowed(self, params: SamplingParams, bad_words: list[list[int]]) -> None:
+        """With `allowed_token_ids`, some allowed token must be one that neither a bad word nor `min_tokens`
+        can take away: a step with every token masked would have nothing to sample."""
+        if params.allowed_token_ids is None:
+            return
+        removable = {word[-1] for word in bad_words}
+        if params.min_tokens:
+            removable |= params.stop_token_set(self.eos_token_ids)
+        if set(params.allowed_token_ids) <= removable:
+            raise InvalidParameter(
+                "allowed_token_ids", "allowed_token_ids holds only tokens that bad_words or min_tokens take away"
+            )
+
     def add_request(
         self,
         prompt: PromptType,
@@ -222,9 +262,8 @@ class Engine:
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize(prompt)
-        if params.logit_bias and max(params.logit_bias) >= self.model_config.vocab_size:
-            vocab = self.model_config.vocab_size
-            raise InvalidParameter("logit_bias", f"logit_bias token ids must be below the vocabulary size {vocab}")
+        self._check_token_ids(params)
+        bad_words = self.bad_words_token_ids(params.bad_words)
         if not ids:
             raise InvalidParameter("prompt", "the prompt is empty")
         if len(ids) >= self.max_model_len:
@@ -246,6 +285,7 @@ class Engine:
                 f"this request needs {needed} KV-cache blocks (prompt {len(ids)} + max_tokens {max_tokens}) but "
                 f"the cache has only {self.kv_cache.num_blocks}; raise --kv-cache-memory or lower max_tokens"
             )
+        self._check_some_token_stays_allowed(params, bad_words)
         children = []
         for index in range(params.n):
             child_params = params
@@ -256,6 +296,7 @@ class Engine:
                 child.detokenizer = IncrementalDetokenizer(
                     self.tokenizer, params.stop, params.include_stop_str_in_output
                 )
+            child.bad_words_token_ids = bad_words
             if compiler is not None:
                 assert params.structured_outputs is not None
                 child.grammar = compiler.matcher(params.structured_outputs, child.stop_ids)

@@ -47,7 +47,7 @@ class Request:
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.max_tokens = max_tokens
-        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
+        self.stop_ids = params.stop_token_set(eos_token_ids)
         self.all_token_ids: list[int] = list(prompt_token_ids)
         # async scheduling: the last tokens of all_token_ids may be placeholders for tokens sampled on the GPU
         # and not read back yet (at most two: the step in flight and the one scheduled behind it)
@@ -78,6 +78,7 @@ class Request:
         self.output_text = ""
         self.detokenizer: Any = None  # set by the engine when a tokenizer exists
         self.grammar: Any = None  # structured output: the xgrammar matcher, advanced with every committed token
+        self.bad_words_token_ids: list[list[int]] = []  # set by the engine from params.bad_words
 
     @property
     def needs_prompt_logprobs(self) -> bool:

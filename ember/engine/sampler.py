@@ -1,4 +1,5 @@
-"""Vectorized sampling over the whole batch: penalties, temperature, top-k, top-p, min-p, seeds, logprobs.
+"""Vectorized sampling over the whole batch: logit bias, token masks, penalties, temperature, top-k, top-p,
+min-p, seeds, logprobs.
 
 Each stage runs only when some request in the batch needs it; an all-greedy batch is one argmax.
 Random draws invert each row's CDF at one uniform number, which samples exactly from p and lets a seeded
@@ -63,6 +64,41 @@ def mask_stop_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Ten
         if r.below_min_tokens:
             rows.extend([i] * len(r.stop_ids))
             token_ids.extend(r.stop_ids)
+    if rows:
+        device = logits.device
+        logits[device_tensor(rows, device), device_tensor(token_ids, device)] = float("-inf")
+    return logits
+
+
+def mask_to_allowed_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """-inf, in place, on every token outside `allowed_token_ids` in the rows of the requests that have them."""
+    restricted, rows, token_ids = [], [], []
+    for i, r in enumerate(requests):
+        allowed = r.params.allowed_token_ids
+        if allowed is not None:
+            restricted.append(i)
+            rows.extend([i] * len(allowed))
+            token_ids.extend(allowed)
+    device = logits.device
+    blocked = torch.zeros_like(logits, dtype=torch.bool)
+    blocked[device_tensor(restricted, device)] = True
+    blocked[device_tensor(rows, device), device_tensor(token_ids, device)] = False
+    return logits.masked_fill_(blocked, float("-inf"))
+
+
+def mask_bad_words(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """-inf, in place, on each token that would complete a bad word: a one-token word's always, a longer word's
+    when the output so far ends with the rest of it (vLLM's rule: the output's tokens, not its text)."""
+    rows, token_ids = [], []
+    for i, r in enumerate(requests):
+        if not r.bad_words_token_ids:
+            continue
+        output = r.output_token_ids
+        for word in r.bad_words_token_ids:
+            before = len(word) - 1
+            if before == 0 or (len(output) >= before and output[-before:] == word[:-1]):
+                rows.append(i)
+                token_ids.append(word[-1])
     if rows:
         device = logits.device
         logits[device_tensor(rows, device), device_tensor(token_ids, device)] = float("-inf")
@@ -195,10 +231,15 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch
 
 
 def adjust_logits(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    """Logit bias, penalties, stop tokens held back by `min_tokens` and structured output's grammar: what
-    greedy decoding takes the argmax of. The masks work in place: take raw logprobs from `logits` before."""
+    """Logit bias, allowed tokens, bad words, penalties, stop tokens held back by `min_tokens` and structured
+    output's grammar: what greedy decoding takes the argmax of. The masks work in place: take raw logprobs from
+    `logits` before."""
     if any(r.params.logit_bias for r in requests):
         logits = apply_logit_bias(logits, requests)
+    if any(r.params.allowed_token_ids is not None for r in requests):
+        logits = mask_to_allowed_tokens(logits, requests)
+    if any(r.bad_words_token_ids for r in requests):
+        logits = mask_bad_words(logits, requests)
     if any(r.params.min_tokens for r in requests):
         logits = mask_stop_tokens(logits, requests)
     if any(r.params.uses_penalties for r in requests):
@@ -216,13 +257,16 @@ def sampling_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tenso
 
 def samples_without_sync(request: Request) -> bool:
     """Whether `sample_tokens` for this request stays on the device: no logprobs to read back, no penalties,
-    logit bias, `min_tokens` mask or grammar (built on the host from the tokens so far, which a step launched
-    behind another does not know yet). (A seed is fine: its one number per draw comes from a host generator.)"""
+    logit bias, token masks (allowed tokens, bad words, `min_tokens`) or grammar (built on the host from the
+    tokens so far, which a step launched behind another does not know yet). (A seed is fine: its one number per
+    draw comes from a host generator.)"""
     params = request.params
     return (
         params.logprobs is None
         and not params.uses_penalties
         and not params.logit_bias
+        and params.allowed_token_ids is None
+        and not request.bad_words_token_ids
         and not (params.min_tokens and request.below_min_tokens)
         and request.grammar is None
     )

@@ -39,6 +39,8 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs per generated token (the sampled token is always included)
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    allowed_token_ids: list[int] | None = None  # only these tokens may be generated
+    bad_words: list[str] = field(default_factory=list)  # never generated, as the model's tokens (see engine)
     structured_outputs: StructuredOutputs | None = None  # constrain the output (JSON schema, regex, ...)
 
     def __post_init__(self) -> None:
@@ -46,6 +48,9 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids)
+        self.bad_words = list(self.bad_words)
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
         if self.top_k == -1:
             self.top_k = 0
         self.validate()
@@ -62,10 +67,6 @@ class SamplingParams:
         check(
             isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= (self.max_tokens or self.min_tokens),
             f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}",
-        )
-        check(
-            not (self.min_tokens and self.structured_outputs),
-            "min_tokens cannot be combined with structured_outputs (a grammar may allow only its end)",
         )
         check(self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}")
         check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}")
@@ -92,15 +93,31 @@ class SamplingParams:
             "logit_bias must map token ids to values in [-100, 100]",
         )
         check(
+            self.allowed_token_ids is None
+            or (bool(self.allowed_token_ids) and all(isinstance(t, int) and t >= 0 for t in self.allowed_token_ids)),
+            "allowed_token_ids must be a non-empty list of token ids",
+        )
+        check(all(isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words must hold words, not blanks")
+        check(
             self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputs),
             "structured_outputs must be a StructuredOutputs",
         )
+        for name in ("min_tokens", "allowed_token_ids", "bad_words"):
+            check(
+                not (getattr(self, name) and self.structured_outputs),
+                f"{name} cannot be combined with structured output (structured_outputs, response_format or a "
+                "required tool call): the grammar may allow only tokens it takes away",
+            )
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             check(
                 value is None or (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS),
                 f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}",
             )
+
+    def stop_token_set(self, eos_token_ids: list[int]) -> set[int]:
+        """The tokens that end the output: `stop_token_ids`, and the model's EOS tokens unless `ignore_eos`."""
+        return set(self.stop_token_ids) | (set() if self.ignore_eos else set(eos_token_ids))
 
     @property
     def greedy(self) -> bool:

@@ -91,6 +91,8 @@ class SamplingFields(OpenAIModel):
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's: each prompt token's, + alternatives
     ignore_eos: bool = False
     logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these tokens may be generated
+    bad_words: list[str] | None = None  # vLLM's: words never generated
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -130,6 +132,8 @@ class SamplingFields(OpenAIModel):
             logprobs=logprobs,
             prompt_logprobs=self.prompt_logprobs,
             logit_bias=bias,
+            allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words or [],
             structured_outputs=structured or (self.structured_outputs.spec() if self.structured_outputs else None),
         )
 

@@ -107,6 +107,7 @@ class Speculator:
             and r.grammar is None
             and r.num_output_tokens > 0
             and not r.below_min_tokens  # each draft position would need its own stop-token mask
+            and not r.bad_words_token_ids  # likewise its own bad-word mask, from the drafts before it
         ]
         if not candidates:
             return

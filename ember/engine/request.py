@@ -48,6 +48,8 @@ class Request:
         self.params = params
         self.max_tokens = max_tokens
         self.stop_ids = params.stop_token_set(eos_token_ids)
+        # most requests take the raw logits: a batch of them passes `adjust_logits` after one check of this
+        self.adjusts_logits = params.adjusts_logits
         self.all_token_ids: list[int] = list(prompt_token_ids)
         # async scheduling: the last tokens of all_token_ids may be placeholders for tokens sampled on the GPU
         # and not read back yet (at most two: the step in flight and the one scheduled behind it)

@@ -234,6 +234,8 @@ def adjust_logits(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor
     """Logit bias, allowed tokens, bad words, penalties, stop tokens held back by `min_tokens` and structured
     output's grammar: what greedy decoding takes the argmax of. The masks work in place: take raw logprobs from
     `logits` before."""
+    if not any(r.adjusts_logits for r in requests):
+        return logits
     if any(r.params.logit_bias for r in requests):
         logits = apply_logit_bias(logits, requests)
     if any(r.params.allowed_token_ids is not None for r in requests):
@@ -261,9 +263,12 @@ def samples_without_sync(request: Request) -> bool:
     tokens so far, which a step launched behind another does not know yet). (A seed is fine: its one number per
     draw comes from a host generator.)"""
     params = request.params
+    if params.logprobs is not None:
+        return False
+    if not request.adjusts_logits:
+        return True
     return (
-        params.logprobs is None
-        and not params.uses_penalties
+        not params.uses_penalties
         and not params.logit_bias
         and params.allowed_token_ids is None
         and not request.bad_words_token_ids

@@ -124,5 +124,17 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
+    def adjusts_logits(self) -> bool:
+        """Whether sampling changes the model's logits for this request: bias, token masks, penalties, grammar."""
+        return bool(
+            self.logit_bias
+            or self.allowed_token_ids is not None
+            or self.bad_words
+            or self.min_tokens
+            or self.uses_penalties
+            or self.structured_outputs
+        )
+
+    @property
     def uses_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0

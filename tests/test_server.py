@@ -75,6 +75,24 @@ def test_streaming_with_usage(client: OpenAI) -> None:
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
 
 
+def test_continuous_usage_stats_count_every_chunk(client: OpenAI) -> None:
+    """vLLM's continuous_usage_stats: with include_usage, every chunk carries the usage so far (chat and
+    completions, n=2); the counts grow to the final usage chunk's. Without it, only the last chunk has usage."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    stream: dict[str, Any] = {"model": MODEL, "max_tokens": 12, "n": 2, "temperature": 0, "stream": True}
+    messages = [{"role": "user", "content": "Count from one to five."}]
+    chat = list(client.chat.completions.create(messages=messages, stream_options=options, **stream))
+    text = list(client.completions.create(prompt="One, two,", stream_options=options, **stream))
+    for chunks in (chat, text):
+        *content, last = chunks
+        assert not last.choices and last.usage is not None
+        counts = [c.usage.completion_tokens for c in content]
+        assert counts == sorted(counts) and counts[0] < counts[-1] == last.usage.completion_tokens
+        assert all(c.usage.prompt_tokens == last.usage.prompt_tokens for c in content)
+    plain = client.completions.create(prompt="One, two,", stream_options={"include_usage": True}, **stream)
+    assert [c.usage is not None for c in plain][-2:] == [False, True]
+
+
 def test_n_seed_and_logprobs(client: OpenAI) -> None:
     kwargs = dict(
         model=MODEL,

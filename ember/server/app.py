@@ -36,6 +36,7 @@ from ember.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     NamedToolChoice,
+    StreamOptions,
     TokenizeRequest,
     Tool,
     new_id,
@@ -140,6 +141,15 @@ class OpenAIServer:
             "prompt_tokens_details": {"cached_tokens": cached},
         }
 
+    def chunk_usage(
+        self, options: StreamOptions, prompt_tokens: int, completion_tokens: int, cached: int
+    ) -> dict[str, Any]:
+        """A stream chunk's `usage` so far, when the client asked for it in every chunk (vLLM's
+        `continuous_usage_stats`); else nothing."""
+        if not options.usage_in_every_chunk:
+            return {}
+        return {"usage": self.usage(prompt_tokens, completion_tokens, cached)}
+
     # ------------------------------------------------------------------------------------------------
     # Chat completions
 
@@ -181,10 +191,10 @@ class OpenAIServer:
         request_id, created = new_id("chatcmpl"), now()
         outputs = self.stream_outputs(prompt_ids, params)
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
             first = await anext_or_error(outputs)
+            options = body.stream_options or StreamOptions()
             chunks = self.chat_chunks(
-                first, outputs, request_id, created, body.n, len(prompt_ids), include_usage, bool(tools)
+                first, outputs, request_id, created, body.n, len(prompt_ids), options, bool(tools)
             )
             return StreamingResponse(chunks, media_type="text/event-stream")
         final = await collect(outputs, request)
@@ -260,27 +270,17 @@ class OpenAIServer:
         created: int,
         n: int,
         prompt_tokens: int,
-        include_usage: bool,
+        options: StreamOptions,
         with_tools: bool,
     ) -> AsyncIterator[str]:
         """SSE chunks of a chat completion. With tools, text that may open a `<tool_call>` is held back, and each
         call goes out whole (name and arguments) in one `tool_calls` delta once its block closes."""
         base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
-        for index in range(n):
-            yield sse(
-                {
-                    **base,
-                    "choices": [
-                        {
-                            "index": index,
-                            "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None,
-                            "finish_reason": None,
-                        }
-                    ],
-                }
-            )
         completion_tokens = cached = 0
+        for index in range(n):
+            opening = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
+            usage = self.chunk_usage(options, prompt_tokens, completion_tokens, cached)
+            yield sse({**base, "choices": [{**opening, "finish_reason": None}], **usage})
         parsers = [ToolCallParser() for _ in range(n)] if with_tools else None
         async for out in prepend(first, rest):
             cached = max(cached, out.num_cached_tokens)
@@ -303,15 +303,10 @@ class OpenAIServer:
                     delta["content"] = text
                 elif not (delta or finish_reason or logprobs):
                     continue  # nothing to say yet (a held-back tag, half a character)
-                yield sse(
-                    {
-                        **base,
-                        "choices": [
-                            {"index": o.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-                        ],
-                    }
-                )
-        if include_usage:
+                choice = {"index": o.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+                usage = self.chunk_usage(options, prompt_tokens, completion_tokens, cached)
+                yield sse({**base, "choices": [choice], **usage})
+        if options.include_usage:
             yield sse({**base, "choices": [], "usage": self.usage(prompt_tokens, completion_tokens, cached)})
         yield sse("[DONE]")
 
@@ -415,7 +410,6 @@ class OpenAIServer:
         request_id, created = new_id("cmpl"), now()
         streams = [self.stream_outputs(ids, params) for ids in prompts]
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
             merged = merge_streams(streams)
             first = await anext_or_error(merged)
             chunks = self.completion_chunks(
@@ -425,7 +419,7 @@ class OpenAIServer:
                 created,
                 body.n,
                 sum(len(p) for p in prompts),
-                include_usage,
+                body.stream_options or StreamOptions(),
                 body.logprobs is not None,
                 echoes,
             )
@@ -469,7 +463,7 @@ class OpenAIServer:
         created: int,
         n: int,
         prompt_tokens: int,
-        include_usage: bool,
+        options: StreamOptions,
         want_logprobs: bool,
         echoes: list[str] | None,
     ) -> AsyncIterator[str]:
@@ -494,15 +488,10 @@ class OpenAIServer:
                     prompt = prompt_outputs.get(prompt_index, out)
                     logprobs = self.completion_logprobs(o.logprobs, offsets.get(index, 0), prompt, echo is not None)
                 offsets[index] = offsets.get(index, 0) + len(text)
-                yield sse(
-                    {
-                        **base,
-                        "choices": [
-                            {"index": index, "text": text, "logprobs": logprobs, "finish_reason": o.finish_reason}
-                        ],
-                    }
-                )
-        if include_usage:
+                choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": o.finish_reason}
+                usage = self.chunk_usage(options, prompt_tokens, completion_tokens, sum(cached.values()))
+                yield sse({**base, "choices": [choice], **usage})
+        if options.include_usage:
             usage = self.usage(prompt_tokens, completion_tokens, sum(cached.values()))
             yield sse({**base, "choices": [], "usage": usage})
         yield sse("[DONE]")

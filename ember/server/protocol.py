@@ -51,7 +51,12 @@ class ErrorResponse(BaseModel):
 
 
 class StreamOptions(OpenAIModel):
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk, with no choices, carries the usage
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the usage so far
+
+    @property
+    def usage_in_every_chunk(self) -> bool:
+        return self.include_usage and self.continuous_usage_stats
 
 
 class StructuredOutputsField(OpenAIModel):

@@ -206,10 +206,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from ember.server.chat import load_chat_template
+
     params = sampling_params(args)
+    template = load_chat_template(args.chat_template) if args.chat_template else None
     llm = load_llm(args)
-    if llm.tokenizer is None or not getattr(llm.tokenizer, "chat_template", None):
-        raise ValueError("this model has no chat template; use `ember generate`")
+    template = template or getattr(llm.tokenizer, "chat_template", None)
+    if llm.tokenizer is None or not template:
+        raise ValueError("this model has no chat template: pass --chat-template, or use `ember generate`")
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
@@ -228,7 +232,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if not user:
             continue
         messages.append({"role": "user", "content": user})
-        prompt = llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = llm.tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
         ids = llm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         reply = []
         sys.stdout.write("model> ")
@@ -336,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     chat = sub.add_parser("chat", help="an interactive chat in the terminal, with the model's chat template")
     chat.add_argument("--system", default=None, help="a system prompt")
+    chat.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE_OR_TEMPLATE",
+        help="a Jinja chat template used instead of the model's",
+    )
     add_engine_args(chat)
     add_sampling_args(chat, max_tokens=512)
     chat.set_defaults(func=cmd_chat)

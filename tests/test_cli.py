@@ -88,6 +88,10 @@ def test_generate_with_a_schema_file_prints_valid_json(tmp_path) -> None:
         (["generate", "hi", "--regex", "(", "--max-tokens", "4"], "invalid structured output constraint"),
         (["generate", "hi", "--json-schema", "{oops"], "--json-schema is neither a file nor valid JSON"),
         (["generate", "hi", "--json-object", "--choice", "a"], "at most one of --json-schema"),
+        (["serve", "--chat-template", "/no/such.jinja"], "is neither a file nor a Jinja template"),
+        (["serve", "--chat-template", "{% for m in messages %}"], "--chat-template: line 1: Unexpected end"),
+        (["serve", "--allowed-origins", "app.example"], "'app.example' is not an origin"),
+        (["chat", "--chat-template", "{{ oops"], "--chat-template: line 1"),
     ],
 )
 def test_errors_are_one_clear_line(args: list[str], message: str) -> None:

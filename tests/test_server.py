@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 import httpx
@@ -564,6 +565,58 @@ def test_vllm_fields_ember_lacks_are_refused_when_they_ask_for_something(server:
         assert error["param"] == param and "not supported" in error["message"] and hint in error["message"], error
     harmless = {"min_tokens": 0, "best_of": 1, "skip_special_tokens": True, "guided_json": None, "x_trace": "a1"}
     assert httpx.post(f"{server.url}/v1/chat/completions", json={**chat, **harmless}).status_code == 200
+
+
+def preflight(url: str, origin: str) -> httpx.Response:
+    """A browser's CORS preflight for a POST with a key and a JSON body."""
+    headers = {
+        "Origin": origin,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    return httpx.options(f"{url}/v1/chat/completions", headers=headers)
+
+
+def test_pages_served_from_this_machine_may_call_the_api(server: ServerProcess) -> None:
+    """CORS by default: a page on localhost or 127.0.0.1 (any port) may call the API from the browser; a page
+    from elsewhere may not (a site the user visits must not drive a local model)."""
+    for origin in ("http://localhost:5173", "http://127.0.0.1:3000", "http://localhost"):
+        answer = preflight(server.url, origin)
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == origin, origin
+    models = httpx.get(f"{server.url}/v1/models", headers={"Origin": "http://localhost:5173"})
+    assert models.headers["access-control-allow-origin"] == "http://localhost:5173"
+    for origin in ("https://evil.example", "http://localhost.evil.example"):
+        assert "access-control-allow-origin" not in preflight(server.url, origin).headers, origin
+        assert (
+            "access-control-allow-origin"
+            not in httpx.get(f"{server.url}/v1/models", headers={"Origin": origin}).headers
+        )
+
+
+def test_chat_template_and_allowed_origins_options(tmp_path: Path) -> None:
+    """--chat-template replaces the model's template (chat, /tokenize, /tokenizer_info); --allowed-origins lets
+    the named origins in, past the API key for the preflight, and the key's 401 stays readable to the page."""
+    template = (
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    path = tmp_path / "chat.jinja"
+    path.write_text(template)
+    app = "https://app.example"
+    with running_server("--chat-template", str(path), "--allowed-origins", app, "--api-key", "k") as custom:
+        key = {"Authorization": "Bearer k"}
+        messages = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
+        ids = httpx.post(f"{custom.url}/tokenize", json=messages).json()["tokens"]
+        text = httpx.post(f"{custom.url}/detokenize", json={"tokens": ids}).json()["prompt"]
+        assert text == "[system] Be brief.\n[user] Hi\n[assistant]"
+        assert httpx.get(f"{custom.url}/tokenizer_info").json()["chat_template"] == template
+        reply = httpx.post(f"{custom.url}/v1/chat/completions", json={**messages, "max_tokens": 3}, headers=key).json()
+        assert reply["usage"]["prompt_tokens"] == len(ids)
+        answer = preflight(custom.url, app)
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == app
+        refused = httpx.get(f"{custom.url}/v1/models", headers={"Origin": app})
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == app
+        assert "access-control-allow-origin" not in preflight(custom.url, "http://localhost:5173").headers
 
 
 def test_api_key_queue_limit_and_graceful_shutdown() -> None:

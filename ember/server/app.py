@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import ember
@@ -83,12 +84,23 @@ def sse(data: dict[str, Any] | str) -> str:
 
 
 class OpenAIServer:
-    def __init__(self, engine: AsyncEngine, model_name: str, metrics: EngineMetrics, api_key: str | None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        model_name: str,
+        metrics: EngineMetrics,
+        api_key: str | None,
+        chat_template: str | None = None,
+        allowed_origins: list[str] | None = None,
+    ) -> None:
+        """`chat_template` replaces the model's; `allowed_origins` are the browser origins that may call the API
+        (None: pages served from this machine, `*`: any)."""
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
         self.api_key = api_key
-        self.formatter = ChatFormatter(engine.engine.tokenizer)
+        self.allowed_origins = allowed_origins
+        self.formatter = ChatFormatter(engine.engine.tokenizer, chat_template)
         self.max_model_len = engine.engine.max_model_len
         self.response_store = ResponseStore()
 
@@ -568,7 +580,7 @@ class OpenAIServer:
         return {
             "tokenizer_class": type(tokenizer).__name__,
             **{name: value if isinstance(value, str) else None for name, value in special.items()},
-            "chat_template": getattr(tokenizer, "chat_template", None),
+            "chat_template": self.formatter.chat_template,
             "model_max_length": self.max_model_len,
             "vocab_size": self.engine.engine.model_config.vocab_size,
         }
@@ -724,6 +736,15 @@ def build_app(server: OpenAIServer) -> FastAPI:
 
     if server.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=server.api_key)
+    # added last, so outermost: a browser's preflight carries no key, and a 401 must reach the page readably
+    origins = server.allowed_origins
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=origins or [],
+        allow_origin_regex=None if origins else LOCAL_ORIGINS,
+        allow_methods=["*"],
+        allow_headers=["*"],
+    )
 
     @app.get("/health")
     async def health() -> Response:
@@ -800,3 +821,4 @@ def build_app(server: OpenAIServer) -> FastAPI:
 
 
 START_TIME = time.time()
+LOCAL_ORIGINS = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?"  # pages served from this machine

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from ember.engine.request import TokenLogprob
@@ -11,11 +12,32 @@ from ember.server.protocol import ChatMessage, Tool
 from ember.server.tools import render_tool_call, template_speaks_tool_calls, tool_schemas, tools_instructions
 
 
+def load_chat_template(value: str) -> str:
+    """`--chat-template`: a Jinja file's path, or the template itself; checked for syntax at once, so that a
+    typo is a start-up error rather than a 400 on every chat request."""
+    import jinja2
+
+    path = Path(value).expanduser()
+    if path.is_file():
+        template = path.read_text(encoding="utf-8")
+    elif "{{" in value or "{%" in value:
+        template = value
+    else:
+        raise ValueError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template: line {e.lineno}: {e.message}") from e
+    return template
+
+
 class ChatFormatter:
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, chat_template: str | None = None) -> None:
+        """`chat_template` replaces the model's own (`--chat-template`)."""
         self.tokenizer = tokenizer
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self.token_text = lru_cache(maxsize=65536)(self._token_text)
-        self.native_tools = template_speaks_tool_calls(getattr(tokenizer, "chat_template", None))
+        self.native_tools = template_speaks_tool_calls(self.chat_template)
 
     def prompt_ids(
         self,
@@ -28,8 +50,10 @@ class ChatFormatter:
         `add_generation_prompt`), or the last message left open (`continue_final_message`). Tools, earlier
         tool calls and tool results go through the template when it speaks `<tool_call>` blocks, else in
         Ember's own rendering of the same format (see `tools.py`)."""
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model has no chat template; use /v1/completions")
+        if self.tokenizer is None or not self.chat_template:
+            raise ValueError(
+                "this model has no chat template; use /v1/completions, or start the server with --chat-template"
+            )
         conversation = [self._message(m) for m in messages]
         kwargs: dict[str, Any] = {}
         if tools and self.native_tools:
@@ -46,6 +70,7 @@ class ChatFormatter:
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
+                chat_template=self.chat_template,
                 **kwargs,
             )
         except Exception as e:  # jinja raises for conversations the template rejects

@@ -38,6 +38,16 @@ def bind_listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def origin_list(text: str) -> list[str]:
+    origins = [origin.strip().rstrip("/") for origin in text.split(",") if origin.strip()]
+    for origin in origins:
+        if origin != "*" and "://" not in origin:
+            raise argparse.ArgumentTypeError(f"{origin!r} is not an origin (scheme://host[:port], or '*')")
+    if not origins:
+        raise argparse.ArgumentTypeError("no origin given")
+    return origins
+
+
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -48,6 +58,21 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="require 'Authorization: Bearer KEY' on /v1/* (default: $EMBER_API_KEY, or no key)",
     )
     g.add_argument("--served-model-name", default=None, help="the model name clients send (default: the model's)")
+    g.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE_OR_TEMPLATE",
+        help="a Jinja chat template (a file, or the template itself) used instead of the model's, e.g. for a "
+        "model that has none",
+    )
+    g.add_argument(
+        "--allowed-origins",
+        type=origin_list,
+        default=None,
+        metavar="ORIGINS",
+        help="comma-separated browser origins that may call the API (CORS), e.g. 'https://app.example.com', or "
+        "'*' for any (default: pages served from this machine, http://localhost:PORT and 127.0.0.1)",
+    )
     g.add_argument(
         "--max-waiting",
         type=int,
@@ -68,16 +93,18 @@ def serve(args: argparse.Namespace) -> int:
     from ember.cli import load_llm
     from ember.engine.async_engine import AsyncEngine
     from ember.server.app import OpenAIServer, build_app
+    from ember.server.chat import load_chat_template
     from ember.server.metrics import EngineMetrics
 
     started = time.monotonic()
+    chat_template = load_chat_template(args.chat_template) if args.chat_template else None
     sock = bind_listening_socket(args.host, args.port)
     async_engine = AsyncEngine(lambda: load_llm(args).engine, args.max_waiting)
     engine = async_engine.engine
     name = args.served_model_name or engine.loaded.name
     metrics = EngineMetrics(engine, name)
     async_engine.on_finished, async_engine.on_step = metrics.on_finished, metrics.on_step
-    app = build_app(OpenAIServer(async_engine, name, metrics, args.api_key))
+    app = build_app(OpenAIServer(async_engine, name, metrics, args.api_key, chat_template, args.allowed_origins))
     config = uvicorn.Config(
         app,
         host=args.host,

@@ -105,11 +105,11 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
     g.add_argument(
         "--min-tokens", type=int, default=0, help="tokens to generate before a stop token or string may end the text"
     )
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (or below 1e-5) = greedy (default 0)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="in [0.01, 100]; 1 = none (default)")
     g.add_argument("--sample-seed", type=int, default=None, help="per-request seed for reproducible sampling")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g = parser.add_argument_group("structured output (at most one)")

@@ -20,7 +20,9 @@ from ember.models.loader import ModelNotFoundError
         ({"top_k": -3}, "top_k must be"),
         ({"min_p": 1.5}, "min_p must be in"),
         ({"presence_penalty": 3.0}, "presence_penalty"),
-        ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
+        ({"repetition_penalty": 0.0}, r"repetition_penalty must be in \[0.01, 100\]"),
+        ({"repetition_penalty": 1e-40}, "repetition_penalty must be in"),  # once: an overflow, a failed step
+        ({"repetition_penalty": 1e3}, "repetition_penalty must be in"),
         ({"n": 0}, "n must be an integer >= 1"),
         ({"logprobs": 50}, "logprobs must be an integer"),
         ({"stop": [""]}, "stop must hold non-empty strings"),

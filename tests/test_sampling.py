@@ -9,7 +9,7 @@ import torch
 
 from ember.engine.engine import LLM, merge_output
 from ember.engine.request import Request
-from ember.engine.sampler import apply_logit_bias, apply_penalties, sample
+from ember.engine.sampler import apply_logit_bias, apply_penalties, draw, sample
 from ember.engine.sampling_params import SamplingParams
 
 
@@ -270,6 +270,30 @@ def test_allowed_token_ids_and_bad_words(smollm: LLM) -> None:
     assert tokens[:at] == free.token_ids[:at] and tokens[at] != word[1]
     assert not any(contains(tokens, word) for word in answer)
     assert smollm.engine.kv_cache.pool.num_free_blocks == smollm.engine.kv_cache.num_blocks
+
+
+def test_tiny_temperatures_are_greedy_and_never_overflow(smollm: LLM) -> None:
+    """Below 1e-5 the temperature is greedy (dividing by 1e-38 made every logit infinite: the draw returned the
+    vocabulary's size as a token id); from 1e-5 on it samples, with every filter, inside the vocabulary."""
+    prompt = "The capital of France is"
+    greedy = smollm.generate(prompt, SamplingParams(max_tokens=6, temperature=0))[0].outputs[0].token_ids
+    for temperature in (1e-38, 1e-40, 9e-6):
+        assert (
+            smollm.generate(prompt, SamplingParams(max_tokens=6, temperature=temperature))[0].outputs[0].token_ids
+            == greedy
+        )
+    vocab = smollm.engine.model_config.vocab_size
+    for params in (
+        SamplingParams(n=4, max_tokens=6, temperature=1e-5, seed=0),
+        SamplingParams(n=4, max_tokens=6, temperature=1e-5, seed=0, top_p=0.5, top_k=5, min_p=0.1),
+    ):
+        for choice in smollm.generate(prompt, params)[0].outputs:
+            assert all(0 <= t < vocab for t in choice.token_ids) and choice.token_ids[0] == greedy[0]
+
+
+def test_a_draw_stays_inside_the_vocabulary_whatever_the_weights() -> None:
+    weights = torch.tensor([[float("nan")] * 10, [0.0] * 9 + [1.0]])
+    assert draw(weights, [None, None]).tolist() == [9, 9]
 
 
 def test_windowed_top_k_top_p_equals_the_sorted_vocabulary() -> None:

@@ -227,7 +227,10 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch
     cdf = probs.double().cumsum(dim=-1)
     total = cdf[:, -1:]
     target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True).squeeze(1)  # token i owns [cdf[i - 1], cdf[i])
+    token_ids = torch.searchsorted(cdf, target, right=True).squeeze(1)  # token i owns [cdf[i - 1], cdf[i])
+    # a row of NaN (no valid input makes one) would give the vocabulary's size: a token id the model would
+    # read past its embedding table with, failing the whole step
+    return token_ids.clamp_(max=probs.shape[1] - 1)
 
 
 def adjust_logits(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
@@ -253,7 +256,8 @@ def adjust_logits(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor
 
 def sampling_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     """The distribution a random sample is drawn from: temperature, then top-k/top-p/min-p, then softmax."""
-    temperatures = device_tensor([r.params.temperature or 1.0 for r in requests], logits.device, torch.float32)
+    temperatures = [1.0 if r.params.greedy else r.params.temperature for r in requests]  # greedy rows: unused
+    temperatures = device_tensor(temperatures, logits.device, torch.float32)
     return torch.softmax(filter_logits(logits / temperatures.unsqueeze(1), requests), dim=-1)
 
 

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from ember.engine.structured_output import StructuredOutputs
 
 MAX_LOGPROBS = 20
+# Below this temperature sampling is greedy (as in vLLM): the distribution is the argmax's to within float
+# rounding, and dividing the logits by it would overflow float32.
+GREEDY_TEMPERATURE = 1e-5
+REPETITION_PENALTY_RANGE = (0.01, 100.0)  # beyond it, dividing or multiplying the logits could overflow
 
 
 class InvalidParameter(ValueError):
@@ -23,7 +27,7 @@ class SamplingParams:
 
     max_tokens: int | None = 16  # None: up to the model's context length
     min_tokens: int = 0  # no stop token (EOS, stop_token_ids) or stop string ends the output before this many
-    temperature: float = 1.0  # 0: greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_TEMPERATURE): greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: disabled
     min_p: float = 0.0
@@ -76,7 +80,11 @@ class SamplingParams:
         check(
             -2.0 <= self.frequency_penalty <= 2.0, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"
         )
-        check(self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        low, high = REPETITION_PENALTY_RANGE
+        check(
+            low <= self.repetition_penalty <= high,
+            f"repetition_penalty must be in [{low:g}, {high:g}], got {self.repetition_penalty}",
+        )
         check(
             self.seed is None or (isinstance(self.seed, int) and -(2**63) <= self.seed < 2**63),
             f"seed must be a 64-bit signed integer, got {self.seed!r}",
@@ -121,7 +129,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     @property
     def adjusts_logits(self) -> bool:

@@ -29,7 +29,7 @@ from ember.models.loader import ModelNotFoundError
         ({"seed": 2**64}, "seed must be a 64-bit signed integer"),
         ({"logit_bias": {5: 101.0}}, "logit_bias must map"),
         ({"allowed_token_ids": []}, "allowed_token_ids must be a non-empty list"),
-        ({"bad_words": ["ok", " "]}, "bad_words must hold words"),
+        ({"bad_words": ["ok", ""]}, "bad_words must hold non-empty strings"),
         ({"bad_words": ["x"], "structured_outputs": StructuredOutputs(json_object=True)}, "cannot be combined"),
     ],
 )

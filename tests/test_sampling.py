@@ -80,6 +80,13 @@ def test_n_samples_share_a_prompt_and_differ(smollm: LLM) -> None:
     assert len({tuple(o.token_ids) for o in out.outputs}) > 1
     again = smollm.generate("My favourite animal is", SamplingParams(n=3, max_tokens=12, temperature=1.0, seed=7))[0]
     assert [o.token_ids for o in again.outputs] == [o.token_ids for o in out.outputs]
+    # the samples' seeds follow the request's, wrapping at the end of int64 (the largest seed was refused with n > 1)
+    last = SamplingParams(n=2, max_tokens=4, temperature=1.0, seed=2**63 - 1)
+    assert smollm.generate("My favourite animal is", last)[0].outputs[1].token_ids == (
+        smollm.generate("My favourite animal is", SamplingParams(max_tokens=4, temperature=1.0, seed=-(2**63)))[0]
+        .outputs[0]
+        .token_ids
+    )
 
 
 def test_top_k_one_is_greedy(smollm: LLM) -> None:
@@ -260,6 +267,14 @@ def test_allowed_token_ids_and_bad_words(smollm: LLM) -> None:
     ):
         for choice in smollm.generate(prompt, params)[0].outputs:
             assert not any(contains(choice.token_ids, word) for word in paris), choice.text
+
+    newline = smollm.engine.bad_words_token_ids(["\n"])  # blanks only: as they are, not stripped to nothing
+    assert (
+        newline == [smollm.tokenizer("\n", add_special_tokens=False)["input_ids"]]
+        and free.token_ids[2] == newline[0][0]
+    )
+    unbroken = smollm.generate(prompt, SamplingParams(max_tokens=24, temperature=0, bad_words=["\n"]))[0].outputs[0]
+    assert "\n" not in unbroken.text and unbroken.token_ids[:2] == free.token_ids[:2]
 
     answer = smollm.engine.bad_words_token_ids(["The answer"])
     word = next(word for word in answer if contains(free.token_ids, word))

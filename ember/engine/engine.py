@@ -220,14 +220,15 @@ class Engine:
 
     def bad_words_token_ids(self, bad_words: list[str]) -> list[list[int]]:
         """Each bad word as the model's tokens, as it would be written at the start of the text and after a
-        space (vLLM's rule): `" Paris"` is one token, `"Paris"` another."""
+        space (vLLM's rule): `" Paris"` is one token, `"Paris"` another. A word of blanks only (`"\\n"`) is
+        taken as it is."""
         if not bad_words:
             return []
         if self.tokenizer is None:
             raise InvalidParameter("bad_words", "bad_words needs the model's tokenizer (dummy weights have none)")
         sequences: list[list[int]] = []
         for word in bad_words:
-            for spelling in (word.lstrip(), " " + word.lstrip()):
+            for spelling in (word.lstrip(), " " + word.lstrip()) if word.strip() else (word,):
                 token_ids = self.tokenizer(spelling, add_special_tokens=False)["input_ids"]
                 if token_ids and token_ids not in sequences:
                     sequences.append(token_ids)
@@ -290,7 +291,8 @@ class Engine:
         for index in range(params.n):
             child_params = params
             if params.n > 1 and params.seed is not None:
-                child_params = SamplingParams(**{**params.__dict__, "seed": params.seed + index})
+                child_seed = (params.seed + index + 2**63) % 2**64 - 2**63  # the next seeds, wrapping in int64
+                child_params = SamplingParams(**{**params.__dict__, "seed": child_seed})
             child = Request(f"{request_id}#{index}", ids, child_params, self.eos_token_ids, max_tokens, text)
             if self.tokenizer is not None:
                 child.detokenizer = IncrementalDetokenizer(

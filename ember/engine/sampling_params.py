@@ -105,7 +105,7 @@ class SamplingParams:
             or (bool(self.allowed_token_ids) and all(isinstance(t, int) and t >= 0 for t in self.allowed_token_ids)),
             "allowed_token_ids must be a non-empty list of token ids",
         )
-        check(all(isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words must hold words, not blanks")
+        check(all(isinstance(w, str) and w for w in self.bad_words), "bad_words must hold non-empty strings")
         check(
             self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputs),
             "structured_outputs must be a StructuredOutputs",

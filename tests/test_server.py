@@ -257,6 +257,25 @@ def test_responses_answer_as_chat_does_and_continue_by_previous_response_id(
     assert missing.value.body["param"] == "previous_response_id"
 
 
+def test_responses_fields_ember_lacks_are_refused_when_they_ask_for_something(client: OpenAI) -> None:
+    """background, include, reasoning and the like would change what comes back: a 400 naming the field, not a
+    silent default. Their do-nothing values (as the SDKs send them) and other unknown fields pass."""
+    for field, value in (
+        ("background", True),
+        ("include", ["message.output_text.logprobs"]),
+        ("reasoning", {"effort": "high"}),
+        ("truncation", "auto"),
+        ("top_logprobs", 3),
+    ):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, **{field: value})  # type: ignore[call-overload]
+        assert info.value.body["param"] == field and "not supported" in info.value.body["message"], info.value.body
+    harmless = {"background": False, "include": [], "reasoning": {"effort": None}, "truncation": "disabled"}
+    extra = {"service_tier": "auto", "top_logprobs": 0}
+    reply = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, **harmless, extra_body=extra)  # type: ignore[call-overload]
+    assert reply.status == "incomplete"
+
+
 def test_responses_stream_the_same_output_as_events(client: OpenAI) -> None:
     kwargs: dict[str, Any] = {"model": MODEL, "input": "Name three colors.", "temperature": 0, "max_output_tokens": 24}
     whole = client.responses.create(**kwargs)

@@ -335,11 +335,12 @@ class OpenAIServer:
                 raise APIError(404, message, param="previous_response_id", code="response_not_found")
             history = previous.conversation
         try:
+            body.check_extra_fields()
             conversation = history + input_messages(body.input)
             chat = body.as_chat(conversation)
             prompt_ids, params, tools = self.prepare_chat(chat)
         except ValueError as e:
-            raise APIError(400, str(e), param="input") from e
+            raise APIError(400, str(e), param=getattr(e, "param", None) or "input") from e
         except APIError as e:
             e.param = RESPONSES_PARAMS.get(e.param or "", e.param)
             raise

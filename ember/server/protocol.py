@@ -35,6 +35,20 @@ logger = logging.getLogger("ember.server")
 _unknown_fields_logged: set[str] = set()
 
 
+def check_unknown_fields(extra: dict[str, Any], not_supported: dict[str, tuple[tuple[Any, ...], str]]) -> None:
+    """Refuse the fields of `not_supported` (name: the values that ask for nothing, what to do instead) when they
+    ask for something, an object when any of its values is set; log any other unknown field, once each."""
+    for name, value in extra.items():
+        if name in not_supported:
+            fine, instead = not_supported[name]
+            asks = any(v is not None for v in value.values()) if isinstance(value, dict) else value not in fine
+            if asks:
+                raise InvalidParameter(name, f"'{name}' is not supported by this server: {instead}")
+        elif name not in _unknown_fields_logged:
+            _unknown_fields_logged.add(name)
+            logger.warning("request field %r is not an Ember field: ignored", name)
+
+
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -145,14 +159,7 @@ class SamplingFields(OpenAIModel):
     def check_extra_fields(self) -> None:
         """Refuse vLLM's fields that Ember does not implement when they ask for something; log the other
         unknown fields, once each."""
-        for name, value in (self.model_extra or {}).items():
-            if name in VLLM_FIELDS_NOT_SUPPORTED:
-                fine, instead = VLLM_FIELDS_NOT_SUPPORTED[name]
-                if value not in fine:
-                    raise InvalidParameter(name, f"'{name}' is not supported by this server: {instead}")
-            elif name not in _unknown_fields_logged:
-                _unknown_fields_logged.add(name)
-                logger.warning("request field %r is not an Ember field: ignored", name)
+        check_unknown_fields(self.model_extra or {}, VLLM_FIELDS_NOT_SUPPORTED)
 
 
 class FunctionCall(OpenAIModel):

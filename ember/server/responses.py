@@ -13,9 +13,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
-from ember.server.protocol import ChatCompletionRequest, ChatMessage, OpenAIModel, new_id
+from ember.server.protocol import ChatCompletionRequest, ChatMessage, OpenAIModel, check_unknown_fields, new_id
 from ember.server.tools import ParsedToolCall, ToolCallParser
 
 MESSAGE_ROLES = ("user", "assistant", "system", "developer")
@@ -26,6 +26,17 @@ RESPONSES_PARAMS = {
     "response_format": "text.format",
     "max_completion_tokens": "max_output_tokens",
     "max_tokens": "max_output_tokens",
+}
+
+# the Responses API's fields that Ember does not implement: the values that ask for nothing, and what to do instead
+RESPONSES_FIELDS_NOT_SUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "background": ((False, None), "a response is made while its request waits ('stream' shows progress)"),
+    "include": ((None, []), "a response holds its output items and usage only"),
+    "reasoning": ((None,), "the model does not reason"),
+    "truncation": ((None, "disabled"), "an input longer than the context is refused; shorten it"),
+    "top_logprobs": ((None, 0), "logprobs are served on /v1/chat/completions"),
+    "conversation": ((None,), "continue a conversation with 'previous_response_id'"),
+    "prompt": ((None,), "send 'instructions' and 'input'"),
 }
 
 
@@ -55,6 +66,7 @@ class TextConfig(OpenAIModel):
 
 
 class ResponsesRequest(OpenAIModel):
+    model_config = ConfigDict(extra="allow")  # unknown fields are kept to be checked (`check_extra_fields`)
     model: str | None = None
     input: str | list[dict[str, Any]]
     instructions: str | None = None
@@ -71,6 +83,10 @@ class ResponsesRequest(OpenAIModel):
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
+
+    def check_extra_fields(self) -> None:
+        """Refuse the API's fields that Ember lacks when they ask for something; log other unknown fields once."""
+        check_unknown_fields(self.model_extra or {}, RESPONSES_FIELDS_NOT_SUPPORTED)
 
     def as_chat(self, conversation: list[ChatMessage]) -> ChatCompletionRequest:
         """The chat request of this response: the instructions, then the conversation (earlier responses' input

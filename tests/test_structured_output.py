@@ -122,6 +122,8 @@ def test_ebnf_grammar(smollm: LLM) -> None:
         (dict(json={"type": "objekt"}), "invalid structured output constraint"),
         (dict(regex="(unclosed"), "invalid structured output constraint"),
         (dict(grammar="root ::= undefined_rule"), "undefined_rule"),
+        (dict(json={**PERSON, "properties": {"tags": {"type": "array", "uniqueItems": True}}}), "'uniqueItems' at"),
+        (dict(json='{"not": {"type": "string"}}'), "does not enforce"),
     ],
 )
 def test_bad_constraint_is_a_clear_error_and_leaks_nothing(smollm: LLM, spec: dict, message: str) -> None:

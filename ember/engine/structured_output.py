@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ember.engine.schema_check import unenforced_keywords
+
 if TYPE_CHECKING:  # torch and xgrammar load where grammars run: the CLI and the request types stay quick to import
     import torch
     import xgrammar
@@ -77,8 +79,14 @@ class GrammarCompiler:
     def _compile(self, spec: StructuredOutputs) -> xgrammar.CompiledGrammar:
         compiler = self._compiler
         if spec.json is not None:
-            schema = spec.json if isinstance(spec.json, str) else json.dumps(spec.json)
-            return compiler.compile_json_schema(schema, any_whitespace=False)
+            schema = json.loads(spec.json) if isinstance(spec.json, str) else spec.json
+            unenforced = list(unenforced_keywords(schema))
+            if unenforced:
+                raise ValueError(
+                    f"the schema uses {', '.join(unenforced)}, which the grammar engine accepts but does not "
+                    "enforce: remove it (and check that rule on the output yourself)"
+                )
+            return compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
         if spec.json_object:
             return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
         if spec.regex is not None:

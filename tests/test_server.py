@@ -435,6 +435,13 @@ def test_concurrent_streams_with_disconnects_free_everything(server: ServerProce
             400,
             "messages",
         ),
+        (
+            b'{"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name":'
+            b' "a"}}, {"type": "function", "function": {"name": "a"}}]}',
+            400,
+            "tools.1.function.name",
+        ),
+        (b'{"messages": [{"role": "user", "content": [{"type": "text"}]}]}', 400, "messages"),
     ],
 )
 def test_bad_chat_requests(server: ServerProcess, body: bytes, status: int, param: str | None) -> None:

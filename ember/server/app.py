@@ -248,7 +248,12 @@ class OpenAIServer:
         choice = body.tool_choice
         if choice not in (None, "none") and not body.tools:
             raise APIError(400, "'tool_choice' needs 'tools'", param="tool_choice")
-        names = {t.function.name for t in body.tools or []}
+        names: set[str] = set()
+        for index, tool in enumerate(body.tools or []):
+            if tool.function.name in names:  # a call to it could not say which was meant
+                message = f"tools[{index}]: another function is already named {tool.function.name!r}"
+                raise APIError(400, message, param=f"tools.{index}.function.name")
+            names.add(tool.function.name)
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
             message = f"tool_choice names {choice.function.name!r}, which is not in 'tools'"
             raise APIError(400, message, param="tool_choice")

@@ -188,8 +188,10 @@ class ChatMessage(OpenAIModel):
             return self.content
         texts = []
         for part in self.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if part.get("type") != "text":
                 raise ValueError(f"content part of type {part.get('type')!r} is not supported (only 'text')")
+            if not isinstance(part.get("text"), str):
+                raise ValueError("a content part of type 'text' needs a 'text' string")
             texts.append(part["text"])
         return "".join(texts)
 

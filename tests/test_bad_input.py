@@ -6,7 +6,6 @@ import pytest
 
 from ember.engine.engine import LLM
 from ember.engine.sampling_params import InvalidParameter, SamplingParams
-from ember.engine.structured_output import StructuredOutputs
 from ember.models.loader import ModelNotFoundError
 
 
@@ -30,7 +29,6 @@ from ember.models.loader import ModelNotFoundError
         ({"logit_bias": {5: 101.0}}, "logit_bias must map"),
         ({"allowed_token_ids": []}, "allowed_token_ids must be a non-empty list"),
         ({"bad_words": ["ok", ""]}, "bad_words must hold non-empty strings"),
-        ({"bad_words": ["x"], "structured_outputs": StructuredOutputs(json_object=True)}, "cannot be combined"),
     ],
 )
 def test_bad_sampling_params(fields: dict, message: str) -> None:

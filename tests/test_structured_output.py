@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import jsonschema
 import pytest
@@ -114,6 +115,27 @@ def test_ebnf_grammar(smollm: LLM) -> None:
     for out in smollm.generate(PROMPTS, params):
         text = out.outputs[0].text
         assert out.outputs[0].finish_reason == "stop" and re.fullmatch(r"\(\d+([+*]\d+)*\)", text), text
+
+
+def test_token_masks_yield_to_the_grammar_where_it_allows_nothing_else(smollm: LLM) -> None:
+    """bad_words, allowed_token_ids and min_tokens steer the output within a grammar; where the grammar allows only
+    tokens they take away (its end below min_tokens, no allowed token it accepts), the grammar wins: the output
+    stays valid and ends, instead of a step with nothing to sample."""
+    choice = StructuredOutputs(choice=[" Paris", " London"])
+
+    def complete(**fields: Any) -> tuple[str, str | None, int]:
+        params = SamplingParams(max_tokens=12, temperature=0, structured_outputs=choice, **fields)
+        out = smollm.generate("The capital of France is", params)[0].outputs[0]
+        return out.text, out.finish_reason, len(out.token_ids)
+
+    london = smollm.tokenizer(" London", add_special_tokens=False)["input_ids"]
+    yes = smollm.tokenizer(" yes", add_special_tokens=False)["input_ids"]
+    assert complete() == (" Paris", "stop", 2)
+    assert complete(bad_words=["Paris"])[:2] == (" London", "stop")
+    assert complete(allowed_token_ids=london + smollm.engine.eos_token_ids)[:2] == (" London", "stop")
+    assert complete(allowed_token_ids=yes) == (" Paris", "stop", 2)  # nothing allowed is in the grammar
+    assert complete(min_tokens=5) == (" Paris", "stop", 2)  # the grammar's end comes first
+    assert smollm.engine.kv_cache.usage() == 0
 
 
 @pytest.mark.parametrize(

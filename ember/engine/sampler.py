@@ -234,23 +234,44 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch
 
 
 def adjust_logits(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    """Logit bias, allowed tokens, bad words, penalties, stop tokens held back by `min_tokens` and structured
-    output's grammar: what greedy decoding takes the argmax of. The masks work in place: take raw logprobs from
-    `logits` before."""
+    """Logit bias, penalties, structured output's grammar, then the token masks (allowed tokens, bad words, stop
+    tokens held back by `min_tokens`): what greedy decoding takes the argmax of. The masks work in place: take raw
+    logprobs from `logits` before."""
     if not any(r.adjusts_logits for r in requests):
         return logits
     if any(r.params.logit_bias for r in requests):
         logits = apply_logit_bias(logits, requests)
+    if any(r.params.uses_penalties for r in requests):
+        logits = apply_penalties(logits, requests)
+    if any(r.grammar is not None for r in requests):
+        logits = mask_disallowed_tokens(logits, requests)
+    guarded = [i for i, r in enumerate(requests) if r.grammar is not None and masks_tokens(r)]
+    before_masks = logits[device_tensor(guarded, logits.device)] if guarded else None  # a copy
     if any(r.params.allowed_token_ids is not None for r in requests):
         logits = mask_to_allowed_tokens(logits, requests)
     if any(r.bad_words_token_ids for r in requests):
         logits = mask_bad_words(logits, requests)
     if any(r.params.min_tokens for r in requests):
         logits = mask_stop_tokens(logits, requests)
-    if any(r.params.uses_penalties for r in requests):
-        logits = apply_penalties(logits, requests)
-    if any(r.grammar is not None for r in requests):
-        logits = mask_disallowed_tokens(logits, requests)
+    if before_masks is not None:
+        logits = restore_rows_left_empty(logits, guarded, before_masks)
+    return logits
+
+
+def masks_tokens(request: Request) -> bool:
+    """Whether a token mask (allowed tokens, bad words, `min_tokens`) applies to the request's next token."""
+    params = request.params
+    return params.allowed_token_ids is not None or bool(request.bad_words_token_ids) or request.below_min_tokens
+
+
+def restore_rows_left_empty(logits: torch.Tensor, rows: list[int], before_masks: torch.Tensor) -> torch.Tensor:
+    """Give the rows (each under a grammar) that the token masks left with no token their logits from before the
+    masks: where the grammar allows only what a mask takes away (its end below `min_tokens`, a bad word an enum
+    demands), the grammar wins and the output stays valid. One read-back, only in steps with such rows."""
+    index = device_tensor(rows, logits.device)
+    empty = (logits[index] == float("-inf")).all(dim=-1)
+    if bool(empty.any()):
+        logits[index[empty]] = before_masks[empty]
     return logits
 
 

@@ -110,12 +110,6 @@ class SamplingParams:
             self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputs),
             "structured_outputs must be a StructuredOutputs",
         )
-        for name in ("min_tokens", "allowed_token_ids", "bad_words"):
-            check(
-                not (getattr(self, name) and self.structured_outputs),
-                f"{name} cannot be combined with structured output (structured_outputs, response_format or a "
-                "required tool call): the grammar may allow only tokens it takes away",
-            )
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             check(

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from openai import AsyncOpenAI
 
@@ -75,6 +76,30 @@ def test_a_required_call_runs_the_tool_and_the_model_answers_with_its_result(ser
     assert streamed == "".join(m["content"] or "" for m in result.messages if m["role"] == "assistant")
     kinds = [e.kind for e in events if e.kind != "text"]
     assert kinds[:2] == ["tool_call", "tool_result"] and kinds[-1] == "done"
+
+
+def test_a_run_keeps_its_system_prompt_so_the_server_reuses_the_conversation(server: ServerProcess) -> None:
+    """Instructions that are a function (memory blocks) are rendered once per run: a system prompt changed
+    mid-run would make the server recompute the whole conversation, its prefix cache holding the old one."""
+    renders: list[str] = []
+
+    def instructions() -> str:
+        renders.append(f"You are a helpful assistant (rendering {len(renders) + 1}).")
+        return renders[-1]
+
+    def note() -> str:
+        """Take a note."""
+        return "noted"
+
+    tools = [function_tool(note)]
+    agent = Agent(
+        client(server), MODEL, tools, instructions, tool_choice="note", temperature=0, max_tokens=64, max_turns=2
+    )
+    _, result = collect(agent, "Take a note, then say done.")
+    assert renders == [result.messages[0]["content"]] and result.turns == 2
+    first = {"messages": result.messages[:2], "tools": agent.toolbox.specs()}
+    first_prompt = httpx.post(f"{server.url}/tokenize", json=first).json()["count"]
+    assert result.cached_tokens >= first_prompt // 16 * 16  # the second turn found the first one's blocks
 
 
 def turn(i: int, result: str) -> list[dict]:

@@ -30,9 +30,14 @@ def test_blocks_are_edited_within_their_limits_and_kept_in_the_file(tmp_path: Pa
     path = tmp_path / "memory.db"
     memory = Memory(path, blocks={"human": "Name: Ada", "notes": ""}, char_limit=40)
     box = Toolbox(memory.tools())
-    assert call(box, "memory_append", label="human", text="Likes tea") == ("appended to human", False)
-    assert call(box, "memory_replace", label="human", old="tea", new="green tea") == ("replaced in human", False)
-    assert call(box, "memory_append", label="notes", text="first") == ("appended to notes", False)
+    # an edit's result shows the block as it now reads (the run's system prompt still shows it as it was)
+    assert call(box, "memory_append", label="human", text="Likes tea") == (
+        "human now reads:\nName: Ada\nLikes tea",
+        False,
+    )
+    replaced = call(box, "memory_replace", label="human", old="tea", new="green tea")
+    assert replaced == ("human now reads:\nName: Ada\nLikes green tea", False)
+    assert call(box, "memory_append", label="notes", text="first") == ("notes now reads:\nfirst", False)
     content, error = call(box, "memory_append", label="human", text="x" * 40)
     assert error and "over its limit of 40" in content
     content, error = call(box, "memory_replace", label="human", old="coffee", new="x")

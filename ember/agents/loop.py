@@ -42,6 +42,7 @@ class AgentResult:
     messages: list[dict[str, Any]]  # the whole conversation, ready to be continued
     tool_calls: list[tuple[ToolCall, ToolResult]] = field(default_factory=list)
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt tokens, those the server reused from its prefix cache
     completion_tokens: int = 0
     context_trims: int = 0  # times the conversation was shrunk to fit the model's context
 
@@ -109,17 +110,11 @@ class Agent:
         """Run the loop, yielding events; the last one is "done" with the AgentResult."""
         messages = self.initial_messages(task)
         self.notify(messages[-1])
-        # Instructions that are a function (memory blocks) are rendered anew each turn, unless the task brought
-        # its own system message.
-        own_system = isinstance(task, str) or task[0].get("role") != "system"
-        render = self.instructions if callable(self.instructions) and own_system else None
         result = AgentResult(output="", finish_reason="max_turns", turns=0, messages=messages)
         tool_choice = self.tool_choice
         repeats = RepeatedCalls(self.max_identical_calls)
         while result.turns < self.max_turns:
             result.turns += 1
-            if render is not None and result.turns > 1:
-                messages[0] = {"role": "system", "content": render()}
             text_parts: list[str] = []
             calls: list[ToolCall] = []
             finish_reason = "stop"
@@ -170,7 +165,10 @@ class Agent:
         yield AgentEvent("done", result=result)
 
     def initial_messages(self, task: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The task's messages, behind the instructions (unless the task brings its own system message)."""
+        """The task's messages, behind the instructions (unless the task brings its own system message).
+        Instructions that are a function (memory blocks) are rendered here, once per run: a system prompt
+        changed mid-run would make the server recompute the whole conversation after it (its prefix cache
+        holds the old one), so an edit shows in the editing tool's result until the next run."""
         messages = [{"role": "user", "content": task}] if isinstance(task, str) else list(task)
         if not messages:
             raise ValueError("the task has no messages")
@@ -207,6 +205,8 @@ class Agent:
             if chunk.usage is not None:
                 result.prompt_tokens += chunk.usage.prompt_tokens
                 result.completion_tokens += chunk.usage.completion_tokens
+                details = chunk.usage.prompt_tokens_details
+                result.cached_tokens += (details.cached_tokens or 0) if details is not None else 0
             for choice in chunk.choices[:1]:
                 if choice.delta.content:
                     yield "text", choice.delta.content

@@ -165,6 +165,12 @@ class Memory:
         if len(value) > limit:
             raise ValueError(f"block {label!r} would hold {len(value)} characters, over its limit of {limit}")
 
+    def edit_block(self, label: str, value: str) -> str:
+        """Set a block from an edit tool; the reply shows the block as it now reads, since the system prompt
+        keeps showing it as it was when the run began (see `Agent.initial_messages`)."""
+        self.set_block(label, value)
+        return f"{label} now reads:\n{value}"
+
     def render(self) -> str:
         """The blocks as the system prompt shows them."""
         parts = [
@@ -260,7 +266,7 @@ class Memory:
     # What an Agent takes
 
     def instructions(self, base: str | None = None) -> Callable[[], str]:
-        """The system prompt, rendered anew before every turn: `base`, then the blocks as they are now."""
+        """The system prompt, rendered at the start of each run: `base`, then the blocks as they are then."""
         return lambda: f"{base}\n\n{self.render()}" if base else self.render()
 
     def recorder(self, session: str) -> Callable[[dict[str, Any]], None]:
@@ -303,16 +309,14 @@ class Memory:
         def memory_append(label: str, text: str) -> str:
             """Append text to one of your memory blocks (on a new line)."""
             value = self.block(label)[0]
-            self.set_block(label, f"{value}\n{text}" if value else text)
-            return f"appended to {label}"
+            return self.edit_block(label, f"{value}\n{text}" if value else text)
 
         def memory_replace(label: str, old: str, new: str) -> str:
             """Replace text in one of your memory blocks (an empty `new` deletes `old`)."""
             value = self.block(label)[0]
             if old not in value:
                 raise ValueError(f"{old!r} is not in block {label!r}")
-            self.set_block(label, value.replace(old, new, 1))
-            return f"replaced in {label}"
+            return self.edit_block(label, value.replace(old, new, 1))
 
         def conversation_search(query: str, limit: int = 5) -> str:
             """Search all earlier messages (every conversation) for words; the best matches first."""

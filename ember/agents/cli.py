@@ -347,8 +347,8 @@ def show(event: AgentEvent, quiet: bool) -> None:
             cut = cuts.get(result.finish_reason, "")
             trimmed = f", {result.context_trims} context trims" if result.context_trims else ""
             print(
-                f"[{result.turns} turns, {len(result.tool_calls)} tool calls, {result.prompt_tokens} prompt + "
-                f"{result.completion_tokens} completion tokens{trimmed}{cut}]",
+                f"[{result.turns} turns, {len(result.tool_calls)} tool calls, {result.prompt_tokens} prompt "
+                f"({result.cached_tokens} cached) + {result.completion_tokens} completion tokens{trimmed}{cut}]",
                 file=sys.stderr,
             )
     elif quiet:

@@ -43,7 +43,10 @@ def test_blocks_are_edited_within_their_limits_and_kept_in_the_file(tmp_path: Pa
     content, error = call(box, "memory_replace", label="human", old="coffee", new="x")
     assert error and "'coffee' is not in block 'human'" in content
     content, error = call(box, "memory_append", label="pets", text="cat")
-    assert error and "no memory block 'pets'; the blocks are: human, notes" in content
+    assert error and "label: Input should be 'human' or 'notes'" in content
+    label = next(t for t in memory.tools() if t.name == "memory_append").parameters["properties"]["label"]
+    assert label == {"enum": ["human", "notes"], "type": "string"}  # constrained decoding writes one of them
+    assert [t.name for t in Memory(blocks={}).tools()] == ["conversation_search", "archival_insert", "archival_search"]
     memory.close()
 
     reopened = Memory(path, blocks={"human": "ignored: the file has this block", "extra": "new"})

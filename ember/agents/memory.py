@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -331,7 +331,13 @@ class Memory:
             """Search your archive for words; the best matches first."""
             return "\n".join(f"- {text}" for text in self.search_passages(query, limit)) or "no match"
 
-        functions = [memory_append, memory_replace, conversation_search, archival_insert]
+        # the label's schema names the blocks: a server with constrained decoding (Ember's) then only lets the
+        # model write one of them, and any other server's model reads them; with no block, nothing to edit
+        labels = tuple(self.blocks())
+        edits = [memory_append, memory_replace] if labels else []
+        for edit in edits:
+            edit.__annotations__["label"] = Literal[labels]  # type: ignore[valid-type]
+        functions = [*edits, conversation_search, archival_insert]
         by_meaning = "Search your archive by meaning and by words; the best matches first."
         search = function_tool(archival_search, description=by_meaning if self.embedder else None)
         return [*(function_tool(fn) for fn in functions), search]

@@ -226,13 +226,9 @@ class Engine:
             return []
         if self.tokenizer is None:
             raise InvalidParameter("bad_words", "bad_words needs the model's tokenizer (dummy weights have none)")
-        sequences: list[list[int]] = []
-        for word in bad_words:
-            for spelling in (word.lstrip(), " " + word.lstrip()) if word.strip() else (word,):
-                token_ids = self.tokenizer(spelling, add_special_tokens=False)["input_ids"]
-                if token_ids and token_ids not in sequences:
-                    sequences.append(token_ids)
-        return sequences
+        spellings = [s for w in bad_words for s in ((w.lstrip(), " " + w.lstrip()) if w.strip() else (w,))]
+        encoded = self.tokenizer(spellings, add_special_tokens=False)["input_ids"]  # one call for them all
+        return [list(ids) for ids in dict.fromkeys(tuple(ids) for ids in encoded if ids)]  # in order, no repeats
 
     def _check_some_token_stays_allowed(self, params: SamplingParams, bad_words: list[list[int]]) -> None:
         """With `allowed_token_ids`, some allowed token must be one that neither a bad word nor `min_tokens`

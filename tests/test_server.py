@@ -627,9 +627,12 @@ def test_pages_served_from_this_machine_may_call_the_api(server: ServerProcess) 
         )
 
 
-def test_chat_template_and_allowed_origins_options(tmp_path: Path) -> None:
+def test_chat_template_allowed_origins_and_the_stats_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--chat-template replaces the model's template (chat, /tokenize, /tokenizer_info); --allowed-origins lets
-    the named origins in, past the API key for the preflight, and the key's 401 stays readable to the page."""
+    the named origins in, past the API key for the preflight, and the key's 401 stays readable to the page. While
+    requests run, the log has a stats line every $EMBER_LOG_STATS_INTERVAL seconds."""
+    monkeypatch.setenv("EMBER_LOG_STATS_INTERVAL", "0.5")
+    log = (tmp_path / "server.log").open("w")
     template = (
         "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
         "{% if add_generation_prompt %}[assistant]{% endif %}"
@@ -637,7 +640,7 @@ def test_chat_template_and_allowed_origins_options(tmp_path: Path) -> None:
     path = tmp_path / "chat.jinja"
     path.write_text(template)
     app = "https://app.example"
-    with running_server("--chat-template", str(path), "--allowed-origins", app, "--api-key", "k") as custom:
+    with running_server("--chat-template", str(path), "--allowed-origins", app, "--api-key", "k", log=log) as custom:
         key = {"Authorization": "Bearer k"}
         messages = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
         ids = httpx.post(f"{custom.url}/tokenize", json=messages).json()["tokens"]
@@ -651,10 +654,23 @@ def test_chat_template_and_allowed_origins_options(tmp_path: Path) -> None:
         refused = httpx.get(f"{custom.url}/v1/models", headers={"Origin": app})
         assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == app
         assert "access-control-allow-origin" not in preflight(custom.url, "http://localhost:5173").headers
+        body = {"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": True}
+        assert httpx.post(f"{custom.url}/v1/completions", json=body, headers=key, timeout=120).status_code == 200
+        time.sleep(1.0)  # the interval that saw the request ends, and its line is written
+    stats = [line for line in (tmp_path / "server.log").read_text().splitlines() if "generation" in line]
+    assert stats and re.fullmatch(
+        r"ember: prompt [\d.]+ tok/s, generation [\d.]+ tok/s; running \d+, waiting \d+; KV cache [\d.]+% used"
+        r"(; prefix cache hits [\d.]+%)?",
+        stats[0],
+    ), stats
+    assert sum(float(line.split("generation ")[1].split(" ")[0]) > 0 for line in stats) >= 1
 
 
-def test_api_key_queue_limit_and_graceful_shutdown() -> None:
-    with running_server("--api-key", "sekret", "--max-num-seqs", "2", "--max-waiting", "1") as server:
+def test_api_key_queue_limit_and_graceful_shutdown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBER_LOG_STATS_INTERVAL", "0.5")  # but --disable-log-stats: no stats line
+    log = (tmp_path / "server.log").open("w")
+    args = ("--api-key", "sekret", "--max-num-seqs", "2", "--max-waiting", "1", "--disable-log-stats")
+    with running_server(*args, log=log) as server:
         url = f"{server.url}/v1/models"
         assert httpx.get(url).status_code == 401
         assert (
@@ -684,6 +700,7 @@ def test_api_key_queue_limit_and_graceful_shutdown() -> None:
         codes = asyncio.run(flood())
         assert codes.count(200) >= 3 and codes.count(429) >= 1 and set(codes) <= {200, 429}
         assert server.stop() == 0  # SIGTERM: graceful exit with status 0
+    assert "generation" not in (tmp_path / "server.log").read_text()
 
 
 def test_multi_turn_conversation_reports_growing_cached_tokens(server: ServerProcess, client: OpenAI) -> None:

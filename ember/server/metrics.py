@@ -113,6 +113,7 @@ class EngineMetrics:
             registry=r,
         ).labels(**labels)
         self.model_name = model_name
+        self.num_generated = 0  # the generation counter's total, readable (the periodic stats line reads it)
         self._seen: dict[Counter, float] = {}
 
     def _advance(self, counter: Counter, total: float) -> None:
@@ -125,6 +126,7 @@ class EngineMetrics:
     def on_step(self, engine: Engine, generated: int) -> None:
         """Called on the engine thread after each step."""
         self.generation_tokens.inc(generated)
+        self.num_generated += generated
         self._advance(self.preemptions, engine.scheduler.num_preemptions)
         self._advance(self.prefix_queries, engine.kv_cache.prefix_queries)
         self._advance(self.prefix_hits, engine.kv_cache.prefix_hits)

@@ -80,6 +80,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="requests that may wait beyond --max-num-seqs before new ones get HTTP 429 (default 512)",
     )
     g.add_argument(
+        "--disable-log-stats",
+        action="store_true",
+        help="do not log the stats line (throughput, queue, KV cache, prefix-cache hits) every "
+        "$EMBER_LOG_STATS_INTERVAL seconds (default 10) while requests run",
+    )
+    g.add_argument(
         "--log-level",
         default="warning",
         choices=["debug", "info", "warning", "error"],
@@ -95,6 +101,7 @@ def serve(args: argparse.Namespace) -> int:
     from ember.server.app import OpenAIServer, build_app
     from ember.server.chat import load_chat_template
     from ember.server.metrics import EngineMetrics
+    from ember.server.stats_log import StatsLogger
 
     started = time.monotonic()
     chat_template = load_chat_template(args.chat_template) if args.chat_template else None
@@ -105,6 +112,7 @@ def serve(args: argparse.Namespace) -> int:
     metrics = EngineMetrics(engine, name)
     async_engine.on_finished, async_engine.on_step = metrics.on_finished, metrics.on_step
     app = build_app(OpenAIServer(async_engine, name, metrics, args.api_key, chat_template, args.allowed_origins))
+    stats = None if args.disable_log_stats else StatsLogger(engine, metrics)
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -121,6 +129,8 @@ def serve(args: argparse.Namespace) -> int:
     async def startup(sockets: Any = None) -> None:
         await original_startup(sockets)
         if server.started:
+            if stats is not None:
+                stats.start()
             print(
                 f"Ember is serving {name} at {url}/v1 (ready in {time.monotonic() - started:.1f} s)\n"
                 f"  curl {url}/v1/chat/completions{auth} -H 'Content-Type: application/json' "
@@ -136,6 +146,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         server.run(sockets=[sock])
     finally:
+        if stats is not None and stats.is_alive:
+            stats.stop()
         async_engine.shutdown()
         sock.close()
     if not server.started:

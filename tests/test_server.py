@@ -39,6 +39,10 @@ def metric(server: ServerProcess, name: str) -> float:
 
 def test_models_health_version(server: ServerProcess, client: OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("org/other-model")
+    assert missing.value.body["code"] == "model_not_found"
     assert httpx.get(f"{server.url}/health").status_code == 200
     assert httpx.get(f"{server.url}/version").json()["version"]
 

@@ -762,20 +762,23 @@ def build_app(server: OpenAIServer) -> FastAPI:
     async def version() -> dict[str, str]:
         return {"version": ember.__version__}
 
+    def model_card() -> dict[str, Any]:
+        return {
+            "id": server.model_name,
+            "object": "model",
+            "created": int(START_TIME),
+            "owned_by": "ember",
+            "max_model_len": server.max_model_len,
+        }
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": server.model_name,
-                    "object": "model",
-                    "created": int(START_TIME),
-                    "owned_by": "ember",
-                    "max_model_len": server.max_model_len,
-                }
-            ],
-        }
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")  # a model name may hold slashes ("org/name")
+    async def model(model: str) -> dict[str, Any]:
+        server.check_model(model)
+        return model_card()
 
     @app.get("/metrics")
     async def metrics() -> Response:

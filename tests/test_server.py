@@ -267,10 +267,9 @@ def test_responses_fields_ember_lacks_are_refused_when_they_ask_for_something(cl
     silent default. Their do-nothing values (as the SDKs send them) and other unknown fields pass."""
     for field, value in (
         ("background", True),
-        ("include", ["message.output_text.logprobs"]),
+        ("include", ["reasoning.encrypted_content"]),
         ("reasoning", {"effort": "high"}),
         ("truncation", "auto"),
-        ("top_logprobs", 3),
     ):
         with pytest.raises(openai.BadRequestError) as info:
             client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, **{field: value})  # type: ignore[call-overload]
@@ -279,6 +278,31 @@ def test_responses_fields_ember_lacks_are_refused_when_they_ask_for_something(cl
     extra = {"service_tier": "auto", "top_logprobs": 0}
     reply = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, **harmless, extra_body=extra)  # type: ignore[call-overload]
     assert reply.status == "incomplete"
+
+
+def test_responses_logprobs_are_the_chat_apis(client: OpenAI) -> None:
+    """include message.output_text.logprobs with top_logprobs: each output token's logprob and alternatives on the
+    output_text part, as the chat API gives them; streamed, each delta carries its tokens'."""
+    question = {"role": "user", "content": "Name a colour."}
+    asked = {"include": ["message.output_text.logprobs"], "top_logprobs": 2, "temperature": 0, "max_output_tokens": 8}
+    reply = client.responses.create(model=MODEL, input=[question], **asked)  # type: ignore[call-overload]
+    part = reply.output[0].content[0]
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[question], logprobs=True, top_logprobs=2, temperature=0, max_tokens=8
+    )
+    expected = [(t.token, [a.token for a in t.top_logprobs]) for t in chat.choices[0].logprobs.content]
+    got = [(t.token, [a.token for a in t.top_logprobs]) for t in part.logprobs]
+    assert got == expected and len(got) == reply.usage.output_tokens
+    values = [t.logprob for t in part.logprobs]  # one computed with the prompt, one from its cached blocks
+    assert values == pytest.approx([t.logprob for t in chat.choices[0].logprobs.content], abs=1e-4)
+    assert "".join(token for token, _ in got) == part.text
+    events = list(client.responses.create(model=MODEL, input=[question], stream=True, **asked))  # type: ignore[call-overload]
+    streamed = [t.token for e in events if e.type == "response.output_text.delta" for t in e.logprobs]
+    assert streamed == [token for token, _ in got]
+    tool = {"type": "function", "name": "f", "parameters": {"type": "object", "properties": {}}}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model=MODEL, input="Hi", tools=[tool], **asked)  # type: ignore[call-overload,list-item]
+    assert info.value.body["param"] == "include"
 
 
 def test_responses_stream_the_same_output_as_events(client: OpenAI) -> None:

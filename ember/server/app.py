@@ -358,7 +358,9 @@ class OpenAIServer:
             return StreamingResponse(events, media_type="text/event-stream")
         final = await collect(outputs, request)
         output = final.outputs[0]
-        builder.feed(output.text, finished=True)
+        builder.feed(
+            output.text, True, self.formatter.chat_logprobs(output.logprobs)["content"] if output.logprobs else None
+        )
         usage = responses_usage(len(prompt_ids), len(output.token_ids), final.num_cached_tokens)
         response = builder.finish(output.finish_reason, usage)[-1]["response"]
         self.store_response(builder, conversation, response)
@@ -381,7 +383,8 @@ class OpenAIServer:
             for o in out.outputs:
                 output_tokens += len(o.token_ids)
                 finish_reason = o.finish_reason
-                events += builder.feed(o.text, finished=o.finish_reason is not None)
+                logprobs = self.formatter.chat_logprobs(o.logprobs)["content"] if o.logprobs else None
+                events += builder.feed(o.text, o.finish_reason is not None, logprobs)
             for event in events:
                 yield f"event: {event['type']}\n{sse(event)}"
             events = []

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 
+from ember.engine.sampling_params import MAX_LOGPROBS, InvalidParameter
 from ember.server.protocol import ChatCompletionRequest, ChatMessage, OpenAIModel, check_unknown_fields, new_id
 from ember.server.tools import ParsedToolCall, ToolCallParser
 
@@ -31,13 +32,12 @@ RESPONSES_PARAMS = {
 # the Responses API's fields that Ember does not implement: the values that ask for nothing, and what to do instead
 RESPONSES_FIELDS_NOT_SUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "background": ((False, None), "a response is made while its request waits ('stream' shows progress)"),
-    "include": ((None, []), "a response holds its output items and usage only"),
     "reasoning": ((None,), "the model does not reason"),
     "truncation": ((None, "disabled"), "an input longer than the context is refused; shorten it"),
-    "top_logprobs": ((None, 0), "logprobs are served on /v1/chat/completions"),
     "conversation": ((None,), "continue a conversation with 'previous_response_id'"),
     "prompt": ((None,), "send 'instructions' and 'input'"),
 }
+LOGPROBS = "message.output_text.logprobs"  # the one `include` value served
 
 
 class FunctionToolParam(OpenAIModel):
@@ -77,6 +77,8 @@ class ResponsesRequest(OpenAIModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: int | None = None  # an extension, as on the chat API
+    include: list[str] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # with `include` LOGPROBS: alternatives per token
     text: TextConfig | None = None
     stream: bool = False
     store: bool = True
@@ -87,6 +89,15 @@ class ResponsesRequest(OpenAIModel):
     def check_extra_fields(self) -> None:
         """Refuse the API's fields that Ember lacks when they ask for something; log other unknown fields once."""
         check_unknown_fields(self.model_extra or {}, RESPONSES_FIELDS_NOT_SUPPORTED)
+        for value in self.include or []:
+            if value != LOGPROBS:
+                raise InvalidParameter("include", f"'include' value {value!r} is not supported (only {LOGPROBS!r})")
+        if self.wants_logprobs and self.tools:
+            raise InvalidParameter("include", f"{LOGPROBS!r} is served for replies without 'tools'")
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return LOGPROBS in (self.include or [])
 
     def as_chat(self, conversation: list[ChatMessage]) -> ChatCompletionRequest:
         """The chat request of this response: the instructions, then the conversation (earlier responses' input
@@ -104,6 +115,8 @@ class ResponsesRequest(OpenAIModel):
             "top_p": self.top_p,
             "seed": self.seed,
             "user": self.user,
+            "logprobs": self.wants_logprobs,
+            "top_logprobs": self.top_logprobs if self.wants_logprobs else None,
             "parallel_tool_calls": self.parallel_tool_calls,
             "tool_choice": {"type": "function", "function": {"name": choice.name}}
             if isinstance(choice, NamedFunctionChoice)
@@ -206,6 +219,7 @@ class ResponseBuilder:
         self.output: list[dict[str, Any]] = []
         self.message: dict[str, Any] | None = None  # the message item being written
         self.held = ""  # leading whitespace, not yet known to be a message
+        self.held_logprobs: list[dict[str, Any]] = []  # its tokens' logprobs
         self.sequence = 0
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
@@ -219,31 +233,41 @@ class ResponseBuilder:
             self.event("response.in_progress", response=response),
         ]
 
-    def feed(self, text: str, finished: bool) -> list[dict[str, Any]]:
-        """Events for the next piece of generated text (`finished`: it is the last)."""
+    def feed(self, text: str, finished: bool, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Events for the next piece of generated text (`finished`: it is the last), with its tokens' logprobs
+        when asked for (replies without tools only: their text is the tokens' text)."""
         calls: list[ParsedToolCall] = []
         if self.parser is not None:
             text, calls = self.parser.feed(text)
             if finished:
                 text += self.parser.finish()
-        events = self.text(text)
+        events = self.text(text, logprobs or [])
         for call in calls:
             events += self.function_call(call)
         return events
 
-    def text(self, text: str) -> list[dict[str, Any]]:
+    def text(self, text: str, logprobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if self.message is None and not (self.held + text).strip():
             self.held += text
+            self.held_logprobs += logprobs
             return []
         events = self.open_message() if self.message is None else []
         text, self.held = self.held + text, ""
+        logprobs, self.held_logprobs = self.held_logprobs + logprobs, []
         assert self.message is not None
-        self.message["content"][0]["text"] += text
-        events.append(self.item_event("response.output_text.delta", self.message, content_index=0, delta=text))
+        part = self.message["content"][0]
+        part["text"] += text
+        delta: dict[str, Any] = {"delta": text}
+        if self.body.wants_logprobs:
+            part["logprobs"] += logprobs
+            delta["logprobs"] = logprobs
+        events.append(self.item_event("response.output_text.delta", self.message, content_index=0, **delta))
         return events
 
     def open_message(self) -> list[dict[str, Any]]:
-        part = {"type": "output_text", "text": "", "annotations": []}
+        part: dict[str, Any] = {"type": "output_text", "text": "", "annotations": []}
+        if self.body.wants_logprobs:
+            part["logprobs"] = []
         self.message = {"id": new_id("msg", "_"), "type": "message", "status": "in_progress", "role": "assistant",
                         "content": []}  # fmt: skip
         self.output.append(self.message)
@@ -275,7 +299,7 @@ class ResponseBuilder:
         if self.message is None and not self.output:  # no text and no call: an empty (or blank) message
             events = self.open_message()
             if self.held:
-                events += self.text("")
+                events += self.text("", [])
         if self.message is not None:
             part = self.message["content"][0]
             events.append(self.item_event("response.output_text.done", self.message, content_index=0,
@@ -310,6 +334,7 @@ class ResponseBuilder:
             "top_p": body.top_p,
             "tool_choice": choice.model_dump() if isinstance(choice, NamedFunctionChoice) else (choice or "auto"),
             "tools": [tool.model_dump(exclude_none=True) for tool in body.tools or []],
+            "top_logprobs": body.top_logprobs,
             "text": (body.text or TextConfig()).model_dump(by_alias=True, exclude_none=True),
             "truncation": "disabled",
             "store": body.store,

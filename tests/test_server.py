@@ -558,10 +558,12 @@ def test_min_tokens_lengthens_a_short_reply(client: OpenAI) -> None:
         model=MODEL,
         messages=messages,
         max_tokens=64,
+        temperature=0,
         response_format={"type": "json_object"},
         extra_body={"min_tokens": 30},  # type: ignore[arg-type]
     )
-    assert isinstance(json.loads(json_reply.choices[0].message.content), dict)  # the grammar's end wins
+    choice = json_reply.choices[0]  # the grammar's end, before 30 tokens, wins
+    assert choice.finish_reason == "stop" and isinstance(json.loads(choice.message.content), dict)
 
 
 def test_allowed_token_ids_and_bad_words_through_the_api(client: OpenAI, server: ServerProcess) -> None:
@@ -658,7 +660,8 @@ def test_pages_served_from_this_machine_may_call_the_api(server: ServerProcess) 
 def test_chat_template_allowed_origins_and_the_stats_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--chat-template replaces the model's template (chat, /tokenize, /tokenizer_info); --allowed-origins lets
     the named origins in, past the API key for the preflight, and the key's 401 stays readable to the page. While
-    requests run, the log has a stats line every $EMBER_LOG_STATS_INTERVAL seconds."""
+    requests run, the log has a stats line every $EMBER_LOG_STATS_INTERVAL seconds; --enable-log-requests adds a
+    line per finished request, under the API's id."""
     monkeypatch.setenv("EMBER_LOG_STATS_INTERVAL", "0.5")
     log = (tmp_path / "server.log").open("w")
     template = (
@@ -668,7 +671,8 @@ def test_chat_template_allowed_origins_and_the_stats_line(tmp_path: Path, monkey
     path = tmp_path / "chat.jinja"
     path.write_text(template)
     app = "https://app.example"
-    with running_server("--chat-template", str(path), "--allowed-origins", app, "--api-key", "k", log=log) as custom:
+    options = ("--chat-template", str(path), "--allowed-origins", app, "--api-key", "k", "--enable-log-requests")
+    with running_server(*options, log=log) as custom:
         key = {"Authorization": "Bearer k"}
         messages = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
         ids = httpx.post(f"{custom.url}/tokenize", json=messages).json()["tokens"]
@@ -683,9 +687,16 @@ def test_chat_template_allowed_origins_and_the_stats_line(tmp_path: Path, monkey
         assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == app
         assert "access-control-allow-origin" not in preflight(custom.url, "http://localhost:5173").headers
         body = {"prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": True}
-        assert httpx.post(f"{custom.url}/v1/completions", json=body, headers=key, timeout=120).status_code == 200
+        completion = httpx.post(f"{custom.url}/v1/completions", json=body, headers=key, timeout=120).json()
         time.sleep(1.0)  # the interval that saw the request ends, and its line is written
-    stats = [line for line in (tmp_path / "server.log").read_text().splitlines() if "generation" in line]
+    lines = (tmp_path / "server.log").read_text().splitlines()
+    finished = [line for line in lines if line.startswith(f"ember: {completion['id']}-0 finished")]
+    assert len(finished) == 1 and re.fullmatch(
+        r"ember: \S+ finished \(length\): 4 prompt tokens \(\d+ cached\), 200 generated; "
+        r"first token after [\d.]+ s, done after [\d.]+ s",
+        finished[0],
+    ), lines
+    stats = [line for line in lines if "generation" in line]
     assert stats and re.fullmatch(
         r"ember: prompt [\d.]+ tok/s, generation [\d.]+ tok/s; running \d+, waiting \d+; KV cache [\d.]+% used"
         r"(; prefix cache hits [\d.]+%)?",

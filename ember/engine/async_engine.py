@@ -54,9 +54,11 @@ class _Stream:
 
 @dataclass
 class FinishedStats:
-    """What the metrics need about a request that just ended."""
+    """What the metrics (and the request log) need about a request that just ended."""
 
+    request_id: str
     num_prompt_tokens: int
+    num_cached_tokens: int
     num_output_tokens: int
     finish_reasons: list[str]
     arrival: float
@@ -242,7 +244,14 @@ class AsyncEngine:
         reasons = [o.finish_reason or "abort" for o in out.outputs]
         self.on_finished(
             FinishedStats(
-                stream.num_prompt_tokens, stream.num_output_tokens, reasons, stream.arrival, stream.first_token, now
+                out.request_id,
+                stream.num_prompt_tokens,
+                out.num_cached_tokens,
+                stream.num_output_tokens,
+                reasons,
+                stream.arrival,
+                stream.first_token,
+                now,
             )
         )
 

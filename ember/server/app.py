@@ -137,9 +137,12 @@ class OpenAIServer:
                 code="context_length_exceeded",
             )
 
-    async def stream_outputs(self, prompt: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def stream_outputs(
+        self, prompt: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """The engine's outputs for one prompt; `request_id` (the API's id) names it in the engine and its logs."""
         try:
-            async for out in self.engine.generate(prompt, params):
+            async for out in self.engine.generate(prompt, params, request_id):
                 yield out
         except ValueError as e:
             raise APIError(400, str(e), param=getattr(e, "param", None)) from e
@@ -201,7 +204,7 @@ class OpenAIServer:
         self.check_model(body.model)
         prompt_ids, params, tools = self.prepare_chat(body)
         request_id, created = new_id("chatcmpl"), now()
-        outputs = self.stream_outputs(prompt_ids, params)
+        outputs = self.stream_outputs(prompt_ids, params, request_id)
         if body.stream:
             first = await anext_or_error(outputs)
             options = body.stream_options or StreamOptions()
@@ -351,7 +354,7 @@ class OpenAIServer:
             raise
         body = body.model_copy(update={"parallel_tool_calls": self.parallel_tool_calls(body.parallel_tool_calls)})
         builder = ResponseBuilder(body, self.model_name, now(), with_tools=bool(tools))
-        outputs = self.stream_outputs(prompt_ids, params)
+        outputs = self.stream_outputs(prompt_ids, params, builder.id)
         if body.stream:
             first = await anext_or_error(outputs)
             events = self.response_events(builder, conversation, first, outputs, len(prompt_ids))
@@ -429,7 +432,7 @@ class OpenAIServer:
                 )
             params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
         request_id, created = new_id("cmpl"), now()
-        streams = [self.stream_outputs(ids, params) for ids in prompts]
+        streams = [self.stream_outputs(ids, params, f"{request_id}-{i}") for i, ids in enumerate(prompts)]
         if body.stream:
             merged = merge_streams(streams)
             first = await anext_or_error(merged)

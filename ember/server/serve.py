@@ -86,6 +86,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "$EMBER_LOG_STATS_INTERVAL seconds (default 10) while requests run",
     )
     g.add_argument(
+        "--enable-log-requests",
+        action="store_true",
+        help="log a line for each finished request: its id (as the API returned it), why it ended, its tokens "
+        "(prompt, cached, generated) and its time to first token and to the end",
+    )
+    g.add_argument(
         "--log-level",
         default="warning",
         choices=["debug", "info", "warning", "error"],
@@ -97,11 +103,11 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ember.cli import load_llm
-    from ember.engine.async_engine import AsyncEngine
+    from ember.engine.async_engine import AsyncEngine, FinishedStats
     from ember.server.app import OpenAIServer, build_app
     from ember.server.chat import load_chat_template
     from ember.server.metrics import EngineMetrics
-    from ember.server.stats_log import StatsLogger
+    from ember.server.stats_log import StatsLogger, log_finished_request
 
     started = time.monotonic()
     chat_template = load_chat_template(args.chat_template) if args.chat_template else None
@@ -111,6 +117,13 @@ def serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or engine.loaded.name
     metrics = EngineMetrics(engine, name)
     async_engine.on_finished, async_engine.on_step = metrics.on_finished, metrics.on_step
+    if args.enable_log_requests:
+
+        def on_finished(stats: FinishedStats) -> None:
+            metrics.on_finished(stats)
+            log_finished_request(stats)
+
+        async_engine.on_finished = on_finished
     app = build_app(OpenAIServer(async_engine, name, metrics, args.api_key, chat_template, args.allowed_origins))
     stats = None if args.disable_log_stats else StatsLogger(engine, metrics)
     config = uvicorn.Config(

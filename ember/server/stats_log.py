@@ -1,4 +1,5 @@
-"""The server's periodic stats line (as vLLM logs one): throughput, queue, KV-cache use and prefix-cache hits.
+"""The server's log of its work, as vLLM's: a periodic stats line (throughput, queue, KV-cache use,
+prefix-cache hits) and, with `--enable-log-requests`, a line per finished request.
 
 Every `interval` seconds while there is work, one line on the server's log, e.g.
 `ember: prompt 812.4 tok/s, generation 95.0 tok/s; running 8, waiting 0; KV cache 12.5% used; prefix cache
@@ -14,10 +15,12 @@ import os
 import threading
 import time
 
+from ember.engine.async_engine import FinishedStats
 from ember.engine.engine import Engine
 from ember.server.metrics import EngineMetrics
 
 logger = logging.getLogger("ember.stats")
+request_logger = logging.getLogger("ember.requests")
 DEFAULT_INTERVAL = float(os.environ.get("EMBER_LOG_STATS_INTERVAL", "10"))
 
 
@@ -73,3 +76,18 @@ class StatsLogger:
         if drafted:
             parts.append(f"drafts accepted {100 * accepted / drafted:.1f}%")
         return "; ".join(parts)
+
+
+def log_finished_request(stats: FinishedStats) -> None:
+    """One line for a request that ended, under the API's id: why, its tokens and its timings."""
+    first_token = "" if stats.first_token is None else f"first token after {stats.first_token - stats.arrival:.3f} s, "
+    request_logger.info(
+        "%s finished (%s): %d prompt tokens (%d cached), %d generated; %sdone after %.3f s",
+        stats.request_id,
+        ", ".join(stats.finish_reasons),
+        stats.num_prompt_tokens,
+        stats.num_cached_tokens,
+        stats.num_output_tokens,
+        first_token,
+        stats.end - stats.arrival,
+    )

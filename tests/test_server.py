@@ -47,6 +47,19 @@ def test_models_health_version(server: ServerProcess, client: OpenAI) -> None:
     assert httpx.get(f"{server.url}/version").json()["version"]
 
 
+def test_a_clients_request_id_names_the_completion(server: ServerProcess) -> None:
+    """X-Request-Id (as vLLM takes it): the completion's id, and echoed on the response."""
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    reply = httpx.post(f"{server.url}/v1/chat/completions", json=chat, headers={"X-Request-Id": "trace-42"})
+    assert reply.headers["x-request-id"] == "trace-42" and reply.json()["id"] == "chatcmpl-trace-42"
+    text = {"prompt": ["a", "b"], "max_tokens": 1, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=text, headers={"X-Request-Id": "t-7"}) as streamed:
+        ids = {json.loads(line[6:])["id"] for line in streamed.iter_lines() if line.startswith("data: {")}
+    assert streamed.headers["x-request-id"] == "t-7" and ids == {"cmpl-t-7"}
+    plain = httpx.post(f"{server.url}/v1/chat/completions", json=chat)
+    assert "x-request-id" not in plain.headers and plain.json()["id"].startswith("chatcmpl-")
+
+
 def test_chat_completion(client: OpenAI) -> None:
     resp = client.chat.completions.create(
         model=MODEL,

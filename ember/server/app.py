@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import ember
 from ember.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
@@ -203,7 +203,7 @@ class OpenAIServer:
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self.check_model(body.model)
         prompt_ids, params, tools = self.prepare_chat(body)
-        request_id, created = new_id("chatcmpl"), now()
+        request_id, created = api_id("chatcmpl", request), now()
         outputs = self.stream_outputs(prompt_ids, params, request_id)
         if body.stream:
             first = await anext_or_error(outputs)
@@ -431,7 +431,7 @@ class OpenAIServer:
                     400, "with 'echo' and 'logprobs', 'prompt_logprobs' must equal 'logprobs'", param="prompt_logprobs"
                 )
             params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
-        request_id, created = new_id("cmpl"), now()
+        request_id, created = api_id("cmpl", request), now()
         streams = [self.stream_outputs(ids, params, f"{request_id}-{i}") for i, ids in enumerate(prompts)]
         if body.stream:
             merged = merge_streams(streams)
@@ -688,6 +688,37 @@ async def collect(stream: AsyncIterator[RequestOutput], request: Request) -> Req
 # The app
 
 
+def api_id(prefix: str, request: Request) -> str:
+    """A completion's id: the client's `X-Request-Id` behind the API's prefix (as vLLM takes it, so that a request
+    can be followed through proxies and the server's request log), else a fresh one."""
+    given = request.headers.get("x-request-id")
+    return f"{prefix}-{given}" if given else new_id(prefix)
+
+
+class RequestIdMiddleware:
+    """Echoes a client's `X-Request-Id` header on the response. Plain ASGI, as `APIKeyMiddleware`; requests
+    without the header pass straight through."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        given = Headers(scope=scope).get("x-request-id") if scope["type"] == "http" else None
+        if not given:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", []), (b"x-request-id", given.encode("latin-1"))],
+                }
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 class APIKeyMiddleware:
     """Answers 401 to /v1/ and admin requests without `Authorization: Bearer <key>`. Plain ASGI: Starlette's
     `BaseHTTPMiddleware` (`@app.middleware`) relays every streamed chunk through an extra memory stream,
@@ -746,6 +777,7 @@ def build_app(server: OpenAIServer) -> FastAPI:
     async def dead(_: Request, e: EngineDeadError) -> JSONResponse:
         return error_response(503, str(e), "server_error", code="engine_dead")
 
+    app.add_middleware(RequestIdMiddleware)
     if server.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=server.api_key)
     # added last, so outermost: a browser's preflight carries no key, and a 401 must reach the page readably

@@ -46,6 +46,15 @@ def test_serve_reports_a_port_in_use_before_loading_the_model() -> None:
     )
 
 
+def test_a_bad_stats_interval_is_refused_before_the_model_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBER_LOG_STATS_INTERVAL", "0")  # a zero interval would spin the stats thread
+    result = ember("serve", "--port", "0", "--model", "/no/such/model.gguf")  # the interval's error comes first
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip() == "ember: error: EMBER_LOG_STATS_INTERVAL must be a positive number of seconds, got '0'"
+    )
+
+
 def test_generate_prints_the_completion() -> None:
     result = ember("generate", "The capital of France is", "--max-tokens", "6", "--dtype", "float32")
     assert result.returncode == 0, result.stderr

@@ -107,10 +107,11 @@ def serve(args: argparse.Namespace) -> int:
     from ember.server.app import OpenAIServer, build_app
     from ember.server.chat import load_chat_template
     from ember.server.metrics import EngineMetrics
-    from ember.server.stats_log import StatsLogger, log_finished_request
+    from ember.server.stats_log import StatsLogger, interval_from_environment, log_finished_request
 
     started = time.monotonic()
     chat_template = load_chat_template(args.chat_template) if args.chat_template else None
+    stats_interval = None if args.disable_log_stats else interval_from_environment()
     sock = bind_listening_socket(args.host, args.port)
     async_engine = AsyncEngine(lambda: load_llm(args).engine, args.max_waiting)
     engine = async_engine.engine
@@ -125,7 +126,7 @@ def serve(args: argparse.Namespace) -> int:
 
         async_engine.on_finished = on_finished
     app = build_app(OpenAIServer(async_engine, name, metrics, args.api_key, chat_template, args.allowed_origins))
-    stats = None if args.disable_log_stats else StatsLogger(engine, metrics)
+    stats = None if stats_interval is None else StatsLogger(engine, metrics, stats_interval)
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -159,7 +160,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         server.run(sockets=[sock])
     finally:
-        if stats is not None and stats.is_alive:
+        if stats is not None:
             stats.stop()
         async_engine.shutdown()
         sock.close()

@@ -21,11 +21,22 @@ from ember.server.metrics import EngineMetrics
 
 logger = logging.getLogger("ember.stats")
 request_logger = logging.getLogger("ember.requests")
-DEFAULT_INTERVAL = float(os.environ.get("EMBER_LOG_STATS_INTERVAL", "10"))
+
+
+def interval_from_environment() -> float:
+    """Seconds between stats lines: $EMBER_LOG_STATS_INTERVAL, else 10."""
+    value = os.environ.get("EMBER_LOG_STATS_INTERVAL", "10")
+    try:
+        interval = float(value)
+    except ValueError:
+        interval = 0.0
+    if not interval > 0:
+        raise ValueError(f"EMBER_LOG_STATS_INTERVAL must be a positive number of seconds, got {value!r}")
+    return interval
 
 
 class StatsLogger:
-    def __init__(self, engine: Engine, metrics: EngineMetrics, interval: float = DEFAULT_INTERVAL) -> None:
+    def __init__(self, engine: Engine, metrics: EngineMetrics, interval: float) -> None:
         self.engine, self.metrics, self.interval = engine, metrics, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ember-stats", daemon=True)
@@ -33,13 +44,11 @@ class StatsLogger:
     def start(self) -> None:
         self._thread.start()
 
-    @property
-    def is_alive(self) -> bool:
-        return self._thread.is_alive()
-
     def stop(self) -> None:
+        """Stop the thread, if it started."""
         self._stop.set()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
 
     def totals(self) -> tuple[int, ...]:
         """Running totals: prompt tokens looked up in the prefix cache, found there, tokens generated, drafted and

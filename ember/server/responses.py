@@ -87,7 +87,8 @@ class ResponsesRequest(OpenAIModel):
     user: str | None = None
 
     def check_extra_fields(self) -> None:
-        """Refuse the API's fields that Ember lacks when they ask for something; log other unknown fields once."""
+        """Refuse the API's fields that Ember lacks when they ask for something, and `include` values other than
+        LOGPROBS (LOGPROBS too with tools); log other unknown fields once."""
         check_unknown_fields(self.model_extra or {}, RESPONSES_FIELDS_NOT_SUPPORTED)
         for value in self.include or []:
             if value != LOGPROBS:

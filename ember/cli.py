@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.engine.sampling_params import SamplingParams
-from ember.engine.structured_output import StructuredOutputs
+from ember.engine.structured_output import StructuredOutputs, check_constraint
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -139,9 +139,11 @@ def structured_outputs(args: argparse.Namespace) -> StructuredOutputs | None:
         raise ValueError("give at most one of --json-schema, --json-object, --regex, --choice and --grammar")
     if all(value is None for value in given):
         return None
-    return StructuredOutputs(
+    spec = StructuredOutputs(
         json=schema, json_object=args.json_object, regex=args.regex, choice=args.choice, grammar=grammar
     )
+    check_constraint(spec)  # before the model loads: a typo is an error at once
+    return spec
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -196,6 +198,8 @@ def load_llm(args: argparse.Namespace) -> Any:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     params = sampling_params(args)
+    if not args.prompt:
+        raise ValueError("the prompt is empty")
     llm = load_llm(args)
     for delta in llm.stream(args.prompt, params):
         for out in delta.outputs:

@@ -8,8 +8,11 @@ sampling alike can only produce valid output, and the grammar's end allows only 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +59,58 @@ class StructuredOutputs:
                 raise ValueError(f"structured output '{name}' must be a non-empty string")
 
 
+def build(
+    spec: StructuredOutputs,
+    json_schema: Callable[[str], Any],
+    regex: Callable[[str], Any],
+    ebnf: Callable[[str], Any],
+    structural_tag: Callable[[str], Any],
+) -> Any:
+    """The grammar of `spec`, made by the given constructors: a tokenizer's compiler's, or xgrammar's
+    tokenizer-free `Grammar`'s (`check_constraint`). A schema with keywords xgrammar would not enforce is refused."""
+    if spec.json is not None:
+        schema = json.loads(spec.json) if isinstance(spec.json, str) else spec.json
+        unenforced = list(unenforced_keywords(schema))
+        if unenforced:
+            raise ValueError(
+                f"the schema uses {', '.join(unenforced)}, which the grammar engine accepts but does not "
+                "enforce: remove it (and check that rule on the output yourself)"
+            )
+        return json_schema(json.dumps(schema))
+    if spec.json_object:
+        return json_schema('{"type": "object"}')
+    if spec.regex is not None:
+        return regex(spec.regex)
+    if spec.choice is not None:  # JSON string escapes are the EBNF literal's escapes
+        literals = (json.dumps(c, ensure_ascii=False) for c in spec.choice)
+        return ebnf("root ::= " + " | ".join(literals))
+    if spec.grammar is not None:
+        return ebnf(spec.grammar)
+    assert spec.structural_tag is not None
+    return structural_tag(spec.structural_tag)
+
+
+@contextlib.contextmanager
+def clear_errors() -> Iterator[None]:
+    """xgrammar's errors (and a schema's JSON errors) as ValueError, without the C++ source location."""
+    try:
+        yield
+    except (RuntimeError, ValueError, TypeError) as e:
+        message = _XGRAMMAR_LOCATION.sub("", str(e).strip())
+        raise ValueError(f"invalid structured output constraint: {message}") from e
+
+
+def check_constraint(spec: StructuredOutputs) -> None:
+    """Raise what `GrammarCompiler.compile` would for a constraint that does not compile. It needs no tokenizer,
+    so the CLI checks before it loads a model."""
+    import xgrammar
+
+    grammar = xgrammar.Grammar
+    json_schema = functools.partial(grammar.from_json_schema, any_whitespace=False)
+    with clear_errors():
+        build(spec, json_schema, grammar.from_regex, grammar.from_ebnf, grammar.from_structural_tag)
+
+
 class GrammarCompiler:
     """Compiles specs into xgrammar grammars for one tokenizer. xgrammar's compiler caches what it compiled
     (least recently used out past `CACHE_BYTES`) and is safe to call from several threads: the server compiles
@@ -70,34 +125,12 @@ class GrammarCompiler:
 
     def compile(self, spec: StructuredOutputs) -> xgrammar.CompiledGrammar:
         """The compiled grammar of `spec`; raises ValueError with the compiler's message when it is invalid."""
-        try:
-            return self._compile(spec)
-        except (RuntimeError, ValueError, TypeError) as e:
-            message = _XGRAMMAR_LOCATION.sub("", str(e).strip())
-            raise ValueError(f"invalid structured output constraint: {message}") from e
-
-    def _compile(self, spec: StructuredOutputs) -> xgrammar.CompiledGrammar:
         compiler = self._compiler
-        if spec.json is not None:
-            schema = json.loads(spec.json) if isinstance(spec.json, str) else spec.json
-            unenforced = list(unenforced_keywords(schema))
-            if unenforced:
-                raise ValueError(
-                    f"the schema uses {', '.join(unenforced)}, which the grammar engine accepts but does not "
-                    "enforce: remove it (and check that rule on the output yourself)"
-                )
-            return compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
-        if spec.json_object:
-            return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
-        if spec.regex is not None:
-            return compiler.compile_regex(spec.regex)
-        if spec.choice is not None:  # JSON string escapes are the EBNF literal's escapes
-            literals = (json.dumps(c, ensure_ascii=False) for c in spec.choice)
-            return compiler.compile_grammar("root ::= " + " | ".join(literals))
-        if spec.grammar is not None:
-            return compiler.compile_grammar(spec.grammar)
-        assert spec.structural_tag is not None
-        return compiler.compile_structural_tag(spec.structural_tag)
+        json_schema = functools.partial(compiler.compile_json_schema, any_whitespace=False)
+        with clear_errors():
+            return build(
+                spec, json_schema, compiler.compile_regex, compiler.compile_grammar, compiler.compile_structural_tag
+            )
 
     def matcher(self, spec: StructuredOutputs, stop_token_ids: set[int]) -> xgrammar.GrammarMatcher:
         """A fresh matcher for one sequence. Its end allows exactly the request's stop tokens; with none (e.g.

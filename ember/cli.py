@@ -52,7 +52,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--async-scheduling",
         action="store_true",
         help="CUDA: schedule and launch each decode step while the one before still runs on the GPU (the "
-        "host's work overlaps the GPU's; a request ending on a stop token costs one wasted row)",
+        "host's work overlaps the GPU's; a request ending on a stop token costs one wasted row; predicted "
+        "outputs are not drafted from)",
     )
     g.add_argument(
         "--kv-cache-memory",
@@ -78,10 +79,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="METHOD",
         help="speculative decoding: 'ngram' (prompt lookup), 'suffix' (suffix index over all recent requests) "
-        "or 'draft:<model>' (a smaller model with the same tokenizer); outputs are unchanged (default off)",
+        "or 'draft:<model>' (a smaller model with the same tokenizer); outputs are unchanged (default off; a "
+        "request's predicted output drafts without it)",
     )
     g.add_argument(
-        "--num-speculative-tokens", type=int, default=5, help="most tokens drafted per step and request (default 5)"
+        "--num-speculative-tokens",
+        type=int,
+        default=5,
+        help="most tokens drafted per step and request (default 5; at least 8 from a predicted output)",
     )
     g.add_argument(
         "--speculative-max-batch-size",
@@ -391,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ember.bench.latency import add_latency_args
 
     latency = bench_sub.add_parser(
-        "latency", help="per-token latency with and without speculative decoding, at several batch sizes"
+        "latency",
+        help="per-token latency with and without speculative decoding (or predicted outputs), at several batch sizes",
     )
     add_engine_args(latency)
     add_latency_args(latency)

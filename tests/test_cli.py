@@ -93,6 +93,8 @@ def test_generate_with_a_schema_file_prints_valid_json(tmp_path) -> None:
         (["generate", "", "--max-tokens", "4"], "the prompt is empty"),
         (["generate", "hi", "--speculative", "medusa"], "speculative method must be one of"),
         (["bench", "latency"], "pass --speculative"),
+        (["bench", "latency", "--prediction", "--speculative", "ngram"], "pass --speculative"),
+        (["bench", "latency", "--prediction", "--workload", "random"], "needs the predicted outputs"),
         (["bench", "throughput", "--num-requests", "0"], "--num-requests: must be at least 1"),  # 0 ran them all
         (["generate", "hi", "--regex", "(", "--max-tokens", "4"], "invalid structured output constraint"),
         (["generate", "hi", "--json-schema", "{oops"], "--json-schema is neither a file nor valid JSON"),
@@ -107,3 +109,14 @@ def test_errors_are_one_clear_line(args: list[str], message: str) -> None:
     result = ember(*args)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bench_latency_with_predicted_outputs_compares_the_same_replies(tmp_path) -> None:
+    report = tmp_path / "latency.json"
+    args = ["--prediction", "--num-requests", "2", "--batch-sizes", "1", "--dtype", "float32", "--json", str(report)]
+    result = ember("bench", "latency", *args)
+    assert result.returncode == 0, result.stderr
+    off, on = json.loads(report.read_text())["runs"]
+    assert off["speculative"] is None and off["draft_tokens"] == 0
+    assert on["speculative"] == "prediction" and on["acceptance_rate"] > 0.3
+    assert on["output_tokens"] == off["output_tokens"]  # in float32, the same replies

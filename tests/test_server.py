@@ -891,6 +891,59 @@ def test_tool_calls_required_named_streamed_and_continued(client: OpenAI) -> Non
     assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+def test_strict_tools_must_be_enforceable_and_others_are_served_as_far_as_the_grammar_goes(client: OpenAI) -> None:
+    """pydantic writes `uniqueItems` for a set, which the grammar cannot enforce: served, unless 'strict'."""
+    tags = {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3, "uniqueItems": True}
+    parameters = {"type": "object", "properties": {"tags": tags}, "required": ["tags"]}
+    tool = {"type": "function", "function": {"name": "tag_city", "parameters": parameters}}
+    kwargs: dict[str, Any] = dict(model=MODEL, messages=QUESTION, tool_choice="required", max_tokens=60, temperature=0)
+    (call,) = client.chat.completions.create(tools=[tool], **kwargs).choices[0].message.tool_calls
+    assert call.function.name == "tag_city" and isinstance(json.loads(call.function.arguments)["tags"], list)
+
+    strict = {"type": "function", "function": {**tool["function"], "strict": True}}
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(tools=[strict], **kwargs)
+    assert info.value.body["param"] == "tools.0.function.parameters"
+    assert "'uniqueItems' at #/properties/tags" in info.value.body["message"]
+
+
+def test_a_predicted_output_drafts_and_leaves_the_reply_as_it_was(client: OpenAI) -> None:
+    kwargs: dict[str, Any] = dict(model=MODEL, messages=QUESTION, max_tokens=40, temperature=0)
+    plain = client.chat.completions.create(**kwargs)
+    reply = plain.choices[0].message.content
+    assert plain.usage.completion_tokens_details is None  # only a request with a prediction gets the counts
+    prediction = {"type": "content", "content": [{"type": "text", "text": reply}]}
+    predicted = client.chat.completions.create(prediction=prediction, **kwargs)
+    assert predicted.choices[0].message.content == reply
+    details = predicted.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens > 0 and details.rejected_prediction_tokens >= 0
+
+    stream = client.chat.completions.create(
+        prediction={"type": "content", "content": reply}, stream=True, stream_options={"include_usage": True}, **kwargs
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply
+    assert chunks[-1].usage.completion_tokens_details.accepted_prediction_tokens > 0
+
+    prompt = "The capital of France is"
+    text = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+    completion = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=12,
+        temperature=0,
+        extra_body={"prediction": {"type": "content", "content": text}},
+    )
+    assert (
+        completion.choices[0].text == text and completion.usage.completion_tokens_details.accepted_prediction_tokens > 0
+    )
+
+    for bad in ({"type": "content", "content": [{"type": "image_url"}]}, {"type": "file", "content": "x"}):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(prediction=bad, **kwargs)
+        assert info.value.body["param"].startswith("prediction")
+
+
 def test_tool_choice_none_leaves_the_tools_out(client: OpenAI) -> None:
     plain = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=8, temperature=0)
     none = client.chat.completions.create(

@@ -1,5 +1,8 @@
 """`ember bench latency`: per-token latency with and without speculative decoding, in the same run.
 
+With `--prediction`, the run "with" drafts from each request's predicted output (OpenAI's `prediction`: the
+code or JSON the request quotes and asks to be changed) instead of a proposer.
+
 Requests run closed-loop at a fixed concurrency (batch size): each finished request is replaced by the
 next one of the workload. The engine is loaded once; the run without speculation and the run with it
 use the same weights and a freshly reset prefix cache and proposer. Per-token latency is each request's
@@ -30,7 +33,10 @@ class Timing:
     tokens: int = 0
 
 
-def run_closed_loop(llm: Any, requests: list[BenchRequest], concurrency: int, ignore_eos: bool) -> dict[str, Any]:
+def run_closed_loop(
+    llm: Any, requests: list[BenchRequest], concurrency: int, ignore_eos: bool, predicted: bool = False
+) -> dict[str, Any]:
+    """Run `requests` greedily, `concurrency` at a time; `predicted`: each sends its predicted output."""
     engine = llm.engine
     pending = list(requests)
     timings: dict[str, Timing] = {}
@@ -39,7 +45,10 @@ def run_closed_loop(llm: Any, requests: list[BenchRequest], concurrency: int, ig
     while pending or in_flight:
         while pending and in_flight < concurrency:
             request = pending.pop(0)
-            params = SamplingParams(max_tokens=request.max_new_tokens, temperature=0, ignore_eos=ignore_eos)
+            prediction = request.prediction if predicted else None
+            params = SamplingParams(
+                max_tokens=request.max_new_tokens, temperature=0, ignore_eos=ignore_eos, prediction=prediction
+            )
             timings[engine.add_request(request.prompt_ids, params)] = Timing(time.perf_counter())
             in_flight += 1
         for out in engine.step():
@@ -77,44 +86,54 @@ def bench_latency(args: Any) -> dict[str, Any]:
     from ember.cli import load_llm
     from ember.spec.speculator import SpecStats, build_proposer
 
-    if args.speculative is None:
-        raise ValueError("ember bench latency compares against speculation: pass --speculative ngram|suffix|draft:M")
+    if (args.speculative is None) == (not args.prediction):
+        raise ValueError(
+            "ember bench latency compares plain decoding with speculation: pass --speculative ngram|suffix|draft:M, "
+            "or --prediction (drafts from predicted outputs)"
+        )
+    if args.prediction and args.workload != "repetitive":
+        raise ValueError(f"--prediction needs the predicted outputs of --workload repetitive, not {args.workload!r}")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"--batch-sizes must be positive integers, got {args.batch_sizes!r}")
     llm = load_llm(args)
     engine = llm.engine
     speculator = engine.speculator
+    if speculator is None:
+        raise ValueError("with --async-scheduling nothing is drafted: leave it out")
     workload, ignore_eos = bench_workload(args, llm)
+    method = "prediction" if args.prediction else args.speculative
     console = Console(stderr=True)
     console.print(
         f"workload {workload.name}: {len(workload.requests)} requests, {workload.prompt_tokens} prompt tokens, "
-        f"up to {workload.output_tokens} output tokens; speculative {args.speculative}"
+        f"up to {workload.output_tokens} output tokens; speculative {method}"
     )
     warmup = workload.requests[:1]
     runs = []
     for batch in batch_sizes:
         for speculate in (False, True):
             speculator.enabled = speculate
-            speculator.proposer = build_proposer(
-                speculator.config,
-                engine.model_config.vocab_size,
-                engine.kv_cache.num_blocks,
-                engine.kv_cache.block_size,
-                engine.config.device,
-                engine.config.torch_dtype(),
-                getattr(speculator.proposer, "loaded", None),  # a draft model is reused, its KV cache is not
-            )  # fresh: nothing learned from an earlier run
+            if args.speculative is not None:
+                speculator.proposer = build_proposer(
+                    speculator.config,
+                    engine.model_config.vocab_size,
+                    engine.kv_cache.num_blocks,
+                    engine.kv_cache.block_size,
+                    engine.config.device,
+                    engine.config.torch_dtype(),
+                    getattr(speculator.proposer, "loaded", None),  # a draft model is reused, its KV cache is not
+                )  # fresh: nothing learned from an earlier run
             speculator.stats = SpecStats()
             engine.reset_prefix_cache()
-            run_closed_loop(llm, warmup, 1, ignore_eos)
+            predicted = speculate and args.prediction
+            run_closed_loop(llm, warmup, 1, ignore_eos, predicted)
             speculator.stats = SpecStats()
             with console.status(f"batch {batch}, speculation {'on' if speculate else 'off'} ..."):
-                result = run_closed_loop(llm, workload.requests, batch, ignore_eos)
+                result = run_closed_loop(llm, workload.requests, batch, ignore_eos, predicted)
             stats = speculator.stats
             result.update(
                 batch=batch,
-                speculative=args.speculative if speculate else None,
+                speculative=method if speculate else None,
                 acceptance_rate=stats.acceptance_rate if speculate else None,
                 mean_accepted_length=stats.mean_accepted_length if speculate else None,
                 draft_tokens=stats.num_draft_tokens,
@@ -168,4 +187,10 @@ def add_latency_args(parser: Any) -> None:
         "--num-requests", type=positive_int, default=None, help="requests to run (default: 16, or the whole file)"
     )
     g.add_argument("--workload-seed", type=int, default=0, help="seed of the generated repetitive workload")
+    g.add_argument(
+        "--prediction",
+        action="store_true",
+        help="compare plain decoding with drafting from each request's predicted output (OpenAI's 'prediction': "
+        "the code or JSON the repetitive workload's requests quote), instead of --speculative",
+    )
     g.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")

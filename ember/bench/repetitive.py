@@ -3,7 +3,8 @@
 Two task kinds, alternating: "rewrite this code with one change" (a seeded random Python module, one
 identifier renamed) and "repeat this JSON with one field changed" (a seeded random record). Prompts go
 through the model's chat template; each request may generate the length of the quoted content plus a
-margin, and stops at end of sequence like a real call.
+margin, and stops at end of sequence like a real call. Its predicted output is the quoted content as it was,
+as a client asking for an edit would send it.
 """
 
 from __future__ import annotations
@@ -67,5 +68,6 @@ def repetitive_workload(tokenizer: Any, num_requests: int = 16, seed: int = 0) -
             [{"role": "user", "content": task}], tokenize=False, add_generation_prompt=True
         )
         prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        requests.append(BenchRequest(prompt_ids, len(tokenizer(content)["input_ids"]) + 32))
+        quoted = tokenizer(content, add_special_tokens=False)["input_ids"]
+        requests.append(BenchRequest(prompt_ids, len(quoted) + 32, quoted))
     return Workload(f"repetitive-{num_requests}", requests)

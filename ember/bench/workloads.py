@@ -13,6 +13,7 @@ from pathlib import Path
 class BenchRequest:
     prompt_ids: list[int]
     max_new_tokens: int
+    prediction: list[int] | None = None  # what the answer is expected to repeat (a predicted output)
 
 
 @dataclass

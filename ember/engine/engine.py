@@ -24,6 +24,7 @@ from ember.engine.sampling_params import InvalidParameter, SamplingParams
 from ember.engine.scheduler import ScheduledRequest, Scheduler
 from ember.engine.structured_output import GrammarCompiler, StructuredOutputs
 from ember.models.loader import LoadedModel, load_model
+from ember.spec.prediction import PredictedOutput
 from ember.spec.speculator import Speculator, build_proposer, load_draft_model
 
 logger = logging.getLogger(__name__)
@@ -132,11 +133,20 @@ class Engine:
             self.max_model_len,
             self.loaded.gguf_blocks,
         )
-        self.speculator: Speculator | None = None
+        proposer = None
         if config.speculative.method is not None:
             proposer = build_proposer(
                 config.speculative, self.model_config.vocab_size, num_blocks, block_size, config.device, dtype, draft
             )
+        # async scheduling: decode steps on CUDA graphs, without speculation (drafts need the tokens first)
+        self.async_scheduling = config.async_scheduling and self.runner.decode_graphs is not None and proposer is None
+        if config.async_scheduling and not self.async_scheduling:
+            logger.warning(
+                "async scheduling needs CUDA-graph decode steps (CUDA, no --enforce-eager) and no speculative "
+                "decoding; steps run one after the other"
+            )
+        self.speculator: Speculator | None = None  # without a proposer, it drafts from predicted outputs only
+        if not self.async_scheduling:
             stack = self.runner.decode_stack
             max_rows = stack.max_rows if stack is not None else None
             self.speculator = Speculator(config.speculative, proposer, self.max_model_len, max_rows)
@@ -146,15 +156,6 @@ class Engine:
         self.eos_token_ids = sorted(eos)
         self.groups: dict[str, RequestGroup] = {}
         self._ids = itertools.count()
-        # async scheduling: decode steps on CUDA graphs, without speculation (drafts need the tokens first)
-        self.async_scheduling = (
-            config.async_scheduling and self.runner.decode_graphs is not None and self.speculator is None
-        )
-        if config.async_scheduling and not self.async_scheduling:
-            logger.warning(
-                "async scheduling needs CUDA-graph decode steps (CUDA, no --enforce-eager) and no speculative "
-                "decoding; steps run one after the other"
-            )
         self._in_flight: LaunchedStep | None = None  # a launched step not read back yet
         self.num_overlapped_steps = 0  # steps launched while the one before was still in flight
         self._grammar_compiler: GrammarCompiler | None = None  # built on the first structured-output request
@@ -213,6 +214,7 @@ class Engine:
             "stop_token_ids": params.stop_token_ids,
             "logit_bias": list(params.logit_bias or ()),
             "allowed_token_ids": params.allowed_token_ids or [],
+            "prediction": params.prediction if isinstance(params.prediction, list) else [],
         }
         for name, token_ids in fields.items():
             if token_ids and max(token_ids) >= vocab:
@@ -229,6 +231,15 @@ class Engine:
         spellings = [s for w in bad_words for s in ((w.lstrip(), " " + w.lstrip()) if w.strip() else (w,))]
         encoded = self.tokenizer(spellings, add_special_tokens=False)["input_ids"]  # one call for them all
         return [list(ids) for ids in dict.fromkeys(tuple(ids) for ids in encoded if ids)]  # in order, no repeats
+
+    def prediction_token_ids(self, prediction: str | list[int] | None) -> list[int]:
+        """A predicted output as tokens, at most a context's worth (the output cannot use more)."""
+        if not isinstance(prediction, str):
+            return (prediction or [])[: self.max_model_len]
+        if self.tokenizer is None:
+            raise InvalidParameter("prediction", "a prediction as text needs the model's tokenizer (dummy weights "
+                                   "have none): give token ids")  # fmt: skip
+        return self.tokenizer(prediction, add_special_tokens=False)["input_ids"][: self.max_model_len]
 
     def _check_some_token_stays_allowed(self, params: SamplingParams, bad_words: list[list[int]]) -> None:
         """With `allowed_token_ids`, some allowed token must be one that neither a bad word nor `min_tokens`
@@ -261,6 +272,7 @@ class Engine:
         text, ids = self.tokenize(prompt)
         self._check_token_ids(params)
         bad_words = self.bad_words_token_ids(params.bad_words)
+        prediction = self.prediction_token_ids(params.prediction)
         if not ids:
             raise InvalidParameter("prompt", "the prompt is empty")
         if len(ids) >= self.max_model_len:
@@ -295,6 +307,8 @@ class Engine:
                     self.tokenizer, params.stop, params.include_stop_str_in_output
                 )
             child.bad_words_token_ids = bad_words
+            if prediction and self.speculator is not None:
+                child.prediction = PredictedOutput(prediction)
             if compiler is not None:
                 assert params.structured_outputs is not None
                 child.grammar = compiler.matcher(params.structured_outputs, child.stop_ids)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ember.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from ember.spec.prediction import PredictedOutput
 
 
 class RequestStatus(enum.Enum):
@@ -81,6 +84,7 @@ class Request:
         self.detokenizer: Any = None  # set by the engine when a tokenizer exists
         self.grammar: Any = None  # structured output: the xgrammar matcher, advanced with every committed token
         self.bad_words_token_ids: list[list[int]] = []  # set by the engine from params.bad_words
+        self.prediction: PredictedOutput | None = None  # set by the engine from params.prediction
 
     @property
     def needs_prompt_logprobs(self) -> bool:

@@ -46,6 +46,9 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None  # only these tokens may be generated
     bad_words: list[str] = field(default_factory=list)  # never generated, as the model's tokens (see engine)
     structured_outputs: StructuredOutputs | None = None  # constrain the output (JSON schema, regex, ...)
+    # OpenAI's predicted output: text (or token ids) the output is expected to repeat. It drafts for speculative
+    # decoding, so a reply that follows it comes several tokens a step; the output itself is the same.
+    prediction: str | list[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -106,6 +109,12 @@ class SamplingParams:
             "allowed_token_ids must be a non-empty list of token ids",
         )
         check(all(isinstance(w, str) and w for w in self.bad_words), "bad_words must hold non-empty strings")
+        check(
+            self.prediction is None
+            or isinstance(self.prediction, str)
+            or all(isinstance(t, int) and t >= 0 for t in self.prediction),
+            "prediction must be a string or a list of token ids",
+        )
         check(
             self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputs),
             "structured_outputs must be a StructuredOutputs",

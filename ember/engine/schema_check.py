@@ -46,3 +46,13 @@ def unenforced_keywords(schema: Any, path: str = "#") -> Iterator[str]:
                 yield from unenforced_keywords(sub, f"{path}/{key}/{index}")
     for key in _SCHEMA_VALUES:
         yield from unenforced_keywords(schema.get(key), f"{path}/{key}")
+
+
+def check_enforceable(schema: Any) -> None:
+    """Raise ValueError naming each keyword of `schema` the grammar would not enforce."""
+    unenforced = list(unenforced_keywords(schema))
+    if unenforced:
+        raise ValueError(
+            f"the schema uses {', '.join(unenforced)}, which the grammar engine accepts but does not enforce: "
+            "remove it (and check that rule on the output yourself)"
+        )

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ember.engine.schema_check import unenforced_keywords
+from ember.engine.schema_check import check_enforceable
 
 if TYPE_CHECKING:  # torch and xgrammar load where grammars run: the CLI and the request types stay quick to import
     import torch
@@ -70,12 +70,7 @@ def build(
     tokenizer-free `Grammar`'s (`check_constraint`). A schema with keywords xgrammar would not enforce is refused."""
     if spec.json is not None:
         schema = json.loads(spec.json) if isinstance(spec.json, str) else spec.json
-        unenforced = list(unenforced_keywords(schema))
-        if unenforced:
-            raise ValueError(
-                f"the schema uses {', '.join(unenforced)}, which the grammar engine accepts but does not "
-                "enforce: remove it (and check that rule on the output yourself)"
-            )
+        check_enforceable(schema)
         return json_schema(json.dumps(schema))
     if spec.json_object:
         return json_schema('{"type": "object"}')

@@ -27,6 +27,7 @@ from ember.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverlo
 from ember.engine.engine import merge_output
 from ember.engine.request import RequestOutput, TokenLogprob
 from ember.engine.sampling_params import SamplingParams
+from ember.engine.schema_check import check_enforceable
 from ember.engine.structured_output import StructuredOutputs
 from ember.server.chat import ChatFormatter
 from ember.server.metrics import EngineMetrics
@@ -148,22 +149,38 @@ class OpenAIServer:
             raise APIError(400, str(e), param=getattr(e, "param", None)) from e
 
     @staticmethod
-    def usage(prompt_tokens: int, completion_tokens: int, cached: int = 0) -> dict[str, Any]:
-        return {
+    def usage(
+        prompt_tokens: int, completion_tokens: int, cached: int = 0, drafts: tuple[int, int] | None = None
+    ) -> dict[str, Any]:
+        """OpenAI's usage object. `drafts` (drafted, accepted), for a request with a predicted output: its tokens
+        the model accepted, and those it checked and turned down (what the prediction saved, and cost)."""
+        usage: dict[str, Any] = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached},
         }
+        if drafts is not None:
+            drafted, accepted = drafts
+            usage["completion_tokens_details"] = {
+                "accepted_prediction_tokens": accepted,
+                "rejected_prediction_tokens": drafted - accepted,
+            }
+        return usage
 
     def chunk_usage(
-        self, options: StreamOptions, prompt_tokens: int, completion_tokens: int, cached: int
+        self,
+        options: StreamOptions,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached: int,
+        drafts: tuple[int, int] | None = None,
     ) -> dict[str, Any]:
         """A stream chunk's `usage` so far, when the client asked for it in every chunk (vLLM's
         `continuous_usage_stats`); else nothing."""
         if not options.usage_in_every_chunk:
             return {}
-        return {"usage": self.usage(prompt_tokens, completion_tokens, cached)}
+        return {"usage": self.usage(prompt_tokens, completion_tokens, cached, drafts)}
 
     # ------------------------------------------------------------------------------------------------
     # Chat completions
@@ -209,7 +226,7 @@ class OpenAIServer:
             first = await anext_or_error(outputs)
             options = body.stream_options or StreamOptions()
             chunks = self.chat_chunks(
-                first, outputs, request_id, created, body.n, len(prompt_ids), options, bool(tools)
+                first, outputs, request_id, created, params, len(prompt_ids), options, bool(tools)
             )
             return StreamingResponse(chunks, media_type="text/event-stream")
         final = await collect(outputs, request)
@@ -239,7 +256,9 @@ class OpenAIServer:
             "created": created,
             "model": self.model_name,
             "choices": choices,
-            "usage": self.usage(len(prompt_ids), completion_tokens, final.num_cached_tokens),
+            "usage": self.usage(
+                len(prompt_ids), completion_tokens, final.num_cached_tokens, prediction_drafts(params, [final])
+            ),
         }
         if body.prompt_logprobs is not None and final.prompt_logprobs is not None:
             response["prompt_logprobs"] = self.formatter.prompt_logprobs(final.prompt_logprobs)
@@ -257,6 +276,12 @@ class OpenAIServer:
                 message = f"tools[{index}]: another function is already named {tool.function.name!r}"
                 raise APIError(400, message, param=f"tools.{index}.function.name")
             names.add(tool.function.name)
+            if tool.function.strict:  # OpenAI's promise: the arguments match the schema exactly
+                try:
+                    check_enforceable(tool.function.parameters)
+                except ValueError as e:
+                    message = f"tools[{index}] is strict, but {e}; or send it without 'strict'"
+                    raise APIError(400, message, param=f"tools.{index}.function.parameters") from e
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
             message = f"tool_choice names {choice.function.name!r}, which is not in 'tools'"
             raise APIError(400, message, param="tool_choice")
@@ -288,7 +313,7 @@ class OpenAIServer:
         rest: AsyncIterator[RequestOutput],
         request_id: str,
         created: int,
-        n: int,
+        params: SamplingParams,
         prompt_tokens: int,
         options: StreamOptions,
         with_tools: bool,
@@ -297,13 +322,15 @@ class OpenAIServer:
         call goes out whole (name and arguments) in one `tool_calls` delta once its block closes."""
         base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
         completion_tokens = cached = 0
-        for index in range(n):
+        drafts = prediction_drafts(params, [])
+        for index in range(params.n):
             opening = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
-            usage = self.chunk_usage(options, prompt_tokens, completion_tokens, cached)
+            usage = self.chunk_usage(options, prompt_tokens, completion_tokens, cached, drafts)
             yield sse({**base, "choices": [{**opening, "finish_reason": None}], **usage})
-        parsers = [ToolCallParser() for _ in range(n)] if with_tools else None
+        parsers = [ToolCallParser() for _ in range(params.n)] if with_tools else None
         async for out in prepend(first, rest):
             cached = max(cached, out.num_cached_tokens)
+            drafts = prediction_drafts(params, [out])  # running totals
             for o in out.outputs:
                 completion_tokens += len(o.token_ids)
                 logprobs = self.formatter.chat_logprobs(o.logprobs) if o.logprobs else None
@@ -324,10 +351,11 @@ class OpenAIServer:
                 elif not (delta or finish_reason or logprobs):
                     continue  # nothing to say yet (a held-back tag, half a character)
                 choice = {"index": o.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-                usage = self.chunk_usage(options, prompt_tokens, completion_tokens, cached)
+                usage = self.chunk_usage(options, prompt_tokens, completion_tokens, cached, drafts)
                 yield sse({**base, "choices": [choice], **usage})
         if options.include_usage:
-            yield sse({**base, "choices": [], "usage": self.usage(prompt_tokens, completion_tokens, cached)})
+            usage = self.usage(prompt_tokens, completion_tokens, cached, drafts)
+            yield sse({**base, "choices": [], "usage": usage})
         yield sse("[DONE]")
 
     # ------------------------------------------------------------------------------------------------
@@ -441,7 +469,7 @@ class OpenAIServer:
                 merged,
                 request_id,
                 created,
-                body.n,
+                params,
                 sum(len(p) for p in prompts),
                 body.stream_options or StreamOptions(),
                 body.logprobs is not None,
@@ -474,7 +502,10 @@ class OpenAIServer:
                 "model": self.model_name,
                 "choices": choices,
                 "usage": self.usage(
-                    sum(len(p) for p in prompts), completion_tokens, sum(f.num_cached_tokens for f in finals)
+                    sum(len(p) for p in prompts),
+                    completion_tokens,
+                    sum(f.num_cached_tokens for f in finals),
+                    prediction_drafts(params, finals),
                 ),
             }
         )
@@ -485,7 +516,7 @@ class OpenAIServer:
         rest: AsyncIterator[tuple[int, RequestOutput]],
         request_id: str,
         created: int,
-        n: int,
+        params: SamplingParams,
         prompt_tokens: int,
         options: StreamOptions,
         want_logprobs: bool,
@@ -498,12 +529,14 @@ class OpenAIServer:
         offsets: dict[int, int] = {}  # per choice: where its next token's text starts (logprobs' text_offset)
         cached: dict[int, int] = {}
         prompt_outputs: dict[int, RequestOutput] = {}  # per prompt: the output that carried its prompt logprobs
+        latest: dict[int, RequestOutput] = {}  # per prompt: its last output (draft counts are running totals)
         async for prompt_index, out in prepend(first, rest):
             cached[prompt_index] = max(cached.get(prompt_index, 0), out.num_cached_tokens)
+            latest[prompt_index] = out
             if out.prompt_logprobs is not None:
                 prompt_outputs[prompt_index] = out
             for o in out.outputs:
-                index = prompt_index * n + o.index
+                index = prompt_index * params.n + o.index
                 completion_tokens += len(o.token_ids)
                 echo = echoes[prompt_index] if echoes is not None and index not in offsets else None
                 text = o.text if echo is None else echo + o.text
@@ -513,10 +546,12 @@ class OpenAIServer:
                     logprobs = self.completion_logprobs(o.logprobs, offsets.get(index, 0), prompt, echo is not None)
                 offsets[index] = offsets.get(index, 0) + len(text)
                 choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": o.finish_reason}
-                usage = self.chunk_usage(options, prompt_tokens, completion_tokens, sum(cached.values()))
+                drafts = prediction_drafts(params, list(latest.values()))
+                usage = self.chunk_usage(options, prompt_tokens, completion_tokens, sum(cached.values()), drafts)
                 yield sse({**base, "choices": [choice], **usage})
         if options.include_usage:
-            usage = self.usage(prompt_tokens, completion_tokens, sum(cached.values()))
+            drafts = prediction_drafts(params, list(latest.values()))
+            usage = self.usage(prompt_tokens, completion_tokens, sum(cached.values()), drafts)
             yield sse({**base, "choices": [], "usage": usage})
         yield sse("[DONE]")
 
@@ -604,6 +639,14 @@ def prompt_items(prompt: str | list[str] | list[int] | list[list[int]]) -> list[
     if not items:
         raise APIError(400, "'prompt' is empty", param="prompt")
     return [items] if all(isinstance(x, int) for x in items) else items
+
+
+def prediction_drafts(params: SamplingParams, outputs: list[RequestOutput]) -> tuple[int, int] | None:
+    """(drafted, accepted) over `outputs` for a request with a predicted output (all its drafts come from the
+    prediction); None for one without."""
+    if params.prediction is None:
+        return None
+    return sum(o.num_draft_tokens for o in outputs), sum(o.num_accepted_tokens for o in outputs)
 
 
 def tool_calls_finish_reason(finish_reason: str | None) -> str | None:

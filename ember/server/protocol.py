@@ -64,6 +64,36 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+def content_text(content: str | list[dict[str, Any]] | None) -> str:
+    """A message's (or a prediction's) content as text: a string as it is, text parts joined."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        if part.get("type") != "text":
+            raise ValueError(f"content part of type {part.get('type')!r} is not supported (only 'text')")
+        if not isinstance(part.get("text"), str):
+            raise ValueError("a content part of type 'text' needs a 'text' string")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+class PredictedOutputField(OpenAIModel):
+    """OpenAI's predicted output: text the reply is expected to repeat (a file sent back with a few lines
+    edited). It drafts for speculative decoding; the reply is the model's own either way."""
+
+    type: Literal["content"]
+    content: str | list[dict[str, Any]]
+
+    def text(self) -> str:
+        try:
+            return content_text(self.content)
+        except ValueError as e:
+            raise InvalidParameter("prediction", f"prediction: {e}") from e
+
+
 class StreamOptions(OpenAIModel):
     include_usage: bool = False  # a last chunk, with no choices, carries the usage
     continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk carries the usage so far
@@ -116,6 +146,7 @@ class SamplingFields(OpenAIModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     structured_outputs: StructuredOutputsField | None = None
+    prediction: PredictedOutputField | None = None
 
     def sampling_params(
         self, max_tokens: int | None, logprobs: int | None, structured: StructuredOutputs | None = None
@@ -154,6 +185,7 @@ class SamplingFields(OpenAIModel):
             allowed_token_ids=self.allowed_token_ids,
             bad_words=self.bad_words or [],
             structured_outputs=structured or (self.structured_outputs.spec() if self.structured_outputs else None),
+            prediction=(self.prediction.text() or None) if self.prediction else None,
         )
 
     def check_extra_fields(self) -> None:
@@ -182,18 +214,7 @@ class ChatMessage(OpenAIModel):
 
     def text(self) -> str:
         """The message's text; content parts other than text are not supported yet."""
-        if self.content is None:
-            return ""
-        if isinstance(self.content, str):
-            return self.content
-        texts = []
-        for part in self.content:
-            if part.get("type") != "text":
-                raise ValueError(f"content part of type {part.get('type')!r} is not supported (only 'text')")
-            if not isinstance(part.get("text"), str):
-                raise ValueError("a content part of type 'text' needs a 'text' string")
-            texts.append(part["text"])
-        return "".join(texts)
+        return content_text(self.content)
 
 
 class FunctionDefinition(OpenAIModel):

@@ -96,7 +96,8 @@ def test_prompt_of_a_template_without_tools_carries_them_and_the_history(smollm)
         ),
         ChatMessage(role="tool", content="18 C, sunny", tool_call_id="c1"),
     ]
-    text = smollm.tokenizer.decode(formatter.prompt_ids(messages, TOOLS))
+    text, ids = formatter.prompt(messages, TOOLS)
+    assert smollm.tokenizer.decode(ids) == text
     assert text.index('"name": "get_weather", "description": "Weather in a city"') < text.index("Weather in Paris?")
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
     assert "<tool_response>\n18 C, sunny\n</tool_response>" in text
@@ -104,7 +105,7 @@ def test_prompt_of_a_template_without_tools_carries_them_and_the_history(smollm)
     bad = messages[1].model_copy(deep=True)
     bad.tool_calls[0].function.arguments = "{not json"
     with pytest.raises(ValueError, match="not valid JSON"):
-        formatter.prompt_ids([messages[0], bad], TOOLS)
+        formatter.prompt([messages[0], bad], TOOLS)
 
 
 def test_template_detection() -> None:

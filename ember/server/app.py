@@ -12,6 +12,7 @@ import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,6 +45,7 @@ from ember.server.protocol import (
     new_id,
     now,
 )
+from ember.server.reasoning import ReasoningParser, prompt_opens_thinking, split_reasoning
 from ember.server.responses import (
     RESPONSES_PARAMS,
     ResponseBuilder,
@@ -185,22 +187,27 @@ class OpenAIServer:
     # ------------------------------------------------------------------------------------------------
     # Chat completions
 
-    def prepare_chat(self, body: ChatCompletionRequest) -> tuple[list[int], SamplingParams, list[Tool] | None]:
-        """A chat request's prompt, sampling parameters and active tools (also behind /v1/responses)."""
+    def prepare_chat(self, body: ChatCompletionRequest) -> PreparedChat:
+        """A chat request ready for the engine (also behind /v1/responses)."""
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "'top_logprobs' requires 'logprobs': true", param="top_logprobs")
         tools = self.active_tools(body)
         structured = self.chat_constraint(body, tools)
-        prompt_ids = self.chat_prompt_ids(body, body.messages, tools)
+        text, prompt_ids = self.chat_prompt(body, body.messages, tools)
         max_tokens = body.max_completion_tokens or body.max_tokens
         self.check_prompt_length(prompt_ids, max_tokens)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        return prompt_ids, self.sampling_params(body, max_tokens, logprobs, structured), tools
+        params = self.sampling_params(body, max_tokens, logprobs, structured)
+        # a constraint that holds from the first token (a schema, required tool calls) leaves no room to think
+        free_start = params.structured_outputs is None or (tools and body.tool_choice in (None, "auto"))
+        thinking = prompt_opens_thinking(text) if self.formatter.thinks and free_start else None
+        return PreparedChat(prompt_ids, params, tools, thinking)
 
-    def chat_prompt_ids(
+    def chat_prompt(
         self, body: ChatTemplateFields, messages: list[ChatMessage], tools: list[Tool] | None
-    ) -> list[int]:
-        """The messages through the chat template, ended as the request asks (see `ChatTemplateFields`)."""
+    ) -> tuple[str, list[int]]:
+        """The messages through the chat template, ended as the request asks (see `ChatTemplateFields`): the
+        text and its token ids."""
         continuing = body.continue_final_message
         if continuing and body.add_generation_prompt:
             raise APIError(
@@ -212,30 +219,39 @@ class OpenAIServer:
         if continuing and messages[-1].role != "assistant":
             raise APIError(400, "'continue_final_message' needs an assistant's message last", param="messages")
         add_generation_prompt = not continuing if body.add_generation_prompt is None else body.add_generation_prompt
+        taken = sorted(set(body.chat_template_kwargs or {}) & self.formatter.reserved_template_names)
+        if taken:
+            message = f"chat_template_kwargs cannot set {', '.join(map(repr, taken))}: the request's own fields do"
+            raise APIError(400, message, param="chat_template_kwargs")
         try:
-            return self.formatter.prompt_ids(messages, tools, add_generation_prompt, continuing)
+            return self.formatter.prompt(messages, tools, add_generation_prompt, continuing, body.chat_template_kwargs)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self.check_model(body.model)
-        prompt_ids, params, tools = self.prepare_chat(body)
+        chat = self.prepare_chat(body)
+        prompt_ids, params = chat.prompt_ids, chat.params
         request_id, created = api_id("chatcmpl", request), now()
         outputs = self.stream_outputs(prompt_ids, params, request_id)
         if body.stream:
             first = await anext_or_error(outputs)
             options = body.stream_options or StreamOptions()
-            chunks = self.chat_chunks(
-                first, outputs, request_id, created, params, len(prompt_ids), options, bool(tools)
+            return StreamingResponse(
+                self.chat_chunks(first, outputs, request_id, created, chat, options), media_type="text/event-stream"
             )
-            return StreamingResponse(chunks, media_type="text/event-stream")
         final = await collect(outputs, request)
         choices = []
         for o in final.outputs:
             message: dict[str, Any] = {"role": "assistant", "content": o.text}
             finish_reason = o.finish_reason
-            if tools:
-                content, calls = split_tool_calls(o.text)
+            if chat.opens_thinking is not None:
+                thinking, message["content"] = split_reasoning(o.text, chat.opens_thinking)
+                if thinking is not None:
+                    message["reasoning"] = message["reasoning_content"] = thinking
+                    message["content"] = message["content"] or None  # all thinking: no answer yet
+            if chat.tools and message["content"]:
+                content, calls = split_tool_calls(message["content"])
                 message["content"] = content
                 if calls:
                     message["tool_calls"] = [call.as_openai() for call in calls]
@@ -313,21 +329,24 @@ class OpenAIServer:
         rest: AsyncIterator[RequestOutput],
         request_id: str,
         created: int,
-        params: SamplingParams,
-        prompt_tokens: int,
+        chat: PreparedChat,
         options: StreamOptions,
-        with_tools: bool,
     ) -> AsyncIterator[str]:
-        """SSE chunks of a chat completion. With tools, text that may open a `<tool_call>` is held back, and each
-        call goes out whole (name and arguments) in one `tool_calls` delta once its block closes."""
+        """SSE chunks of a chat completion. A reasoning model's thinking goes out in `reasoning` deltas. With
+        tools, text that may open a `<tool_call>` is held back, and each call goes out whole (name and
+        arguments) in one `tool_calls` delta once its block closes."""
         base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
+        params, prompt_tokens = chat.params, len(chat.prompt_ids)
         completion_tokens = cached = 0
         drafts = prediction_drafts(params, [])
         for index in range(params.n):
             opening = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
             usage = self.chunk_usage(options, prompt_tokens, completion_tokens, cached, drafts)
             yield sse({**base, "choices": [{**opening, "finish_reason": None}], **usage})
-        parsers = [ToolCallParser() for _ in range(params.n)] if with_tools else None
+        parsers = [ToolCallParser() for _ in range(params.n)] if chat.tools else None
+        thinking_parsers = None
+        if chat.opens_thinking is not None:
+            thinking_parsers = [ReasoningParser(chat.opens_thinking) for _ in range(params.n)]
         async for out in prepend(first, rest):
             cached = max(cached, out.num_cached_tokens)
             drafts = prediction_drafts(params, [out])  # running totals
@@ -336,6 +355,13 @@ class OpenAIServer:
                 logprobs = self.formatter.chat_logprobs(o.logprobs) if o.logprobs else None
                 text, finish_reason = o.text, o.finish_reason
                 delta: dict[str, Any] = {}
+                if thinking_parsers is not None:
+                    thinking, text = thinking_parsers[o.index].feed(text)
+                    if finish_reason is not None:
+                        more_thinking, more_text = thinking_parsers[o.index].finish()
+                        thinking, text = thinking + more_thinking, text + more_text
+                    if thinking:
+                        delta["reasoning"] = delta["reasoning_content"] = thinking
                 if parsers is not None:
                     parser = parsers[o.index]
                     first_call = parser.num_calls
@@ -374,12 +400,13 @@ class OpenAIServer:
             body.check_extra_fields()
             conversation = history + input_messages(body.input)
             chat = body.as_chat(conversation)
-            prompt_ids, params, tools = self.prepare_chat(chat)
+            prepared = self.prepare_chat(chat)
         except ValueError as e:
             raise APIError(400, str(e), param=getattr(e, "param", None) or "input") from e
         except APIError as e:
             e.param = RESPONSES_PARAMS.get(e.param or "", e.param)
             raise
+        prompt_ids, params, tools = prepared.prompt_ids, prepared.params, prepared.tools
         body = body.model_copy(update={"parallel_tool_calls": self.parallel_tool_calls(body.parallel_tool_calls)})
         builder = ResponseBuilder(body, self.model_name, now(), with_tools=bool(tools))
         outputs = self.stream_outputs(prompt_ids, params, builder.id)
@@ -607,7 +634,7 @@ class OpenAIServer:
         if tokenizer is None:
             raise APIError(400, "this model has no tokenizer (dummy weights)", param="prompt")
         if body.messages is not None:
-            ids = self.chat_prompt_ids(body, body.messages, body.tools)
+            _, ids = self.chat_prompt(body, body.messages, body.tools)
         else:
             ids = tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
         strs = [self.formatter.token_text(t) for t in ids] if body.return_token_strs else None
@@ -639,6 +666,17 @@ def prompt_items(prompt: str | list[str] | list[int] | list[list[int]]) -> list[
     if not items:
         raise APIError(400, "'prompt' is empty", param="prompt")
     return [items] if all(isinstance(x, int) for x in items) else items
+
+
+@dataclass
+class PreparedChat:
+    """A chat request ready for the engine: its prompt, sampling parameters, active tools, and whether its
+    reply is split into thinking and answer (None: not; else whether the prompt opened the think block)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    tools: list[Tool] | None
+    opens_thinking: bool | None
 
 
 def prediction_drafts(params: SamplingParams, outputs: list[RequestOutput]) -> tuple[int, int] | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -9,6 +11,7 @@ from typing import Any
 
 from ember.engine.request import TokenLogprob
 from ember.server.protocol import ChatMessage, Tool
+from ember.server.reasoning import template_thinks
 from ember.server.tools import render_tool_call, template_speaks_tool_calls, tool_schemas, tools_instructions
 
 
@@ -38,24 +41,27 @@ class ChatFormatter:
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self.token_text = lru_cache(maxsize=65536)(self._token_text)
         self.native_tools = template_speaks_tool_calls(self.chat_template)
+        self.thinks = template_thinks(self.chat_template)
 
-    def prompt_ids(
+    def prompt(
         self,
         messages: list[ChatMessage],
         tools: list[Tool] | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
-    ) -> list[int]:
-        """Apply the model's chat template and tokenize, with the assistant's turn opened (unless not
-        `add_generation_prompt`), or the last message left open (`continue_final_message`). Tools, earlier
-        tool calls and tool results go through the template when it speaks `<tool_call>` blocks, else in
-        Ember's own rendering of the same format (see `tools.py`)."""
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> tuple[str, list[int]]:
+        """Apply the model's chat template and tokenize: (the text, its token ids). The assistant's turn is
+        opened (unless not `add_generation_prompt`), or the last message left open (`continue_final_message`).
+        Tools, earlier tool calls and tool results go through the template when it speaks `<tool_call>` blocks,
+        else in Ember's own rendering of the same format (see `tools.py`). `template_kwargs` are more of the
+        template's variables (vLLM's `chat_template_kwargs`, e.g. Qwen3's `enable_thinking`)."""
         if self.tokenizer is None or not self.chat_template:
             raise ValueError(
                 "this model has no chat template; use /v1/completions, or start the server with --chat-template"
             )
         conversation = [self._message(m) for m in messages]
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = dict(template_kwargs or {})
         if tools and self.native_tools:
             kwargs["tools"] = tool_schemas(tools)
         elif tools:
@@ -75,7 +81,14 @@ class ChatFormatter:
             )
         except Exception as e:  # jinja raises for conversations the template rejects
             raise ValueError(f"the chat template rejected these messages: {e}") from e
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text, self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @functools.cached_property
+    def reserved_template_names(self) -> frozenset[str]:
+        """Template variables a request's `chat_template_kwargs` may not set: `messages` and the parameters of
+        `apply_chat_template` (tools, add_generation_prompt, ...), which the request's own fields set."""
+        names = inspect.signature(self.tokenizer.apply_chat_template).parameters if self.tokenizer else {}
+        return frozenset(names) - {"kwargs"} | {"messages"}
 
     def _message(self, m: ChatMessage) -> dict[str, Any]:
         """One message as the chat template takes it."""
@@ -85,6 +98,8 @@ class ChatFormatter:
         message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": text}
         if m.tool_call_id:
             message["tool_call_id"] = m.tool_call_id
+        if m.reasoning_content or m.reasoning:  # an earlier turn's thinking, for templates that render it
+            message["reasoning_content"] = m.reasoning_content or m.reasoning
         calls = [(c.function.name, _arguments(c.function.arguments)) for c in m.tool_calls or []]
         if calls and self.native_tools:
             message["tool_calls"] = [{"type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]

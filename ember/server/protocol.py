@@ -211,6 +211,8 @@ class ChatMessage(OpenAIModel):
     name: str | None = None
     tool_call_id: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls, sent back with the conversation
+    reasoning_content: str | None = None  # an assistant's earlier thinking (DeepSeek's and llama.cpp's name)
+    reasoning: str | None = None  # the same, by vLLM's name
 
     def text(self) -> str:
         """The message's text; content parts other than text are not supported yet."""
@@ -267,6 +269,7 @@ class ChatTemplateFields(OpenAIModel):
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_generation_prompt: bool | None = None  # None: true unless continue_final_message
     continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None  # more template variables, e.g. {"enable_thinking": false}
 
 
 class ChatCompletionRequest(SamplingFields, ChatTemplateFields):

@@ -1,0 +1,107 @@
+"""Reasoning models: thinking (`<think>...</think>`) apart from the answer, and `chat_template_kwargs`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from ember.server.launch import ServerProcess, running_server
+from ember.server.reasoning import ReasoningParser, prompt_opens_thinking, split_reasoning, template_thinks
+
+MODEL = "SmolLM2-135M-Instruct"
+# DeepSeek-R1's way: the prompt opens the think block; with enable_thinking false (Qwen3's switch), it also
+# closes it, empty
+THINKING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n"
+    "{% if enable_thinking is defined and not enable_thinking %}\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("reply", "opened", "expected"),
+    [
+        ("<think>\nLet me see.\n</think>\n\nThe answer is 4.", False, ("Let me see.", "The answer is 4.")),
+        ("Let me see.\n</think>\n\nFour.", True, ("Let me see.", "Four.")),
+        ("Just an answer.", False, (None, "Just an answer.")),
+        ("  <think>\n\n</think>\n\nHi", False, ("", "Hi")),  # an empty block (thinking switched off)
+        ("<think>still thinking at max_tokens", False, ("still thinking at max_tokens", "")),
+        ("<thinking>is not the tag", False, (None, "<thinking>is not the tag")),
+        ("a < b, and a </ b", False, (None, "a < b, and a </ b")),
+        ("x </think", True, ("x </think", "")),
+        ("one\n\ntwo  \n</think>three</think>", True, ("one\n\ntwo", "three</think>")),
+    ],
+)
+def test_thinking_and_answer_split_alike_whole_and_streamed(
+    reply: str, opened: bool, expected: tuple[str | None, str]
+) -> None:
+    assert split_reasoning(reply, opened) == expected
+    for piece in (1, 2, 3, 7):
+        parser, thinking, answer = ReasoningParser(opened), "", ""
+        for start in range(0, len(reply), piece):
+            more_thinking, more_answer = parser.feed(reply[start : start + piece])
+            thinking, answer = thinking + more_thinking, answer + more_answer
+        more_thinking, more_answer = parser.finish()
+        assert (thinking + more_thinking if parser.thought else None, answer + more_answer) == expected
+
+
+def test_which_prompts_open_a_think_block_and_which_templates_think() -> None:
+    assert prompt_opens_thinking("<|im_start|>assistant\n<think>\n")
+    assert not prompt_opens_thinking("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert not prompt_opens_thinking("<think>a</think> earlier turn<|im_start|>assistant\n")
+    assert template_thinks(THINKING_TEMPLATE) and not template_thinks("{{ messages }}") and not template_thinks(None)
+
+
+@pytest.fixture(scope="module")
+def thinking_server() -> Iterator[ServerProcess]:
+    with running_server("--dtype", "float32", "--chat-template", THINKING_TEMPLATE) as server:
+        yield server
+
+
+def streamed(client: OpenAI, **kwargs: Any) -> tuple[str, str]:
+    """(thinking, answer) reassembled from a stream's deltas."""
+    thinking = answer = ""
+    for chunk in client.chat.completions.create(model=MODEL, stream=True, **kwargs):
+        delta = chunk.choices[0].delta
+        extra = delta.model_extra or {}
+        assert extra.get("reasoning") == extra.get("reasoning_content")
+        thinking += extra.get("reasoning") or ""
+        answer += delta.content or ""
+    return thinking, answer
+
+
+def test_thinking_comes_apart_from_the_answer_and_enable_thinking_reaches_the_template(
+    thinking_server: ServerProcess,
+) -> None:
+    client = OpenAI(base_url=f"{thinking_server.url}/v1", api_key="unused", max_retries=0)
+    kwargs: dict[str, Any] = dict(
+        messages=[{"role": "user", "content": "What is 2 + 2?"}], max_tokens=12, temperature=0
+    )
+
+    thinking = client.chat.completions.create(model=MODEL, **kwargs).choices[0]
+    extra = thinking.message.model_extra or {}
+    assert thinking.message.content is None, thinking  # it never closed the block: all thinking
+    assert extra["reasoning"] and extra["reasoning_content"] == extra["reasoning"]
+    assert streamed(client, **kwargs) == (extra["reasoning"], "")
+
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    answer = client.chat.completions.create(model=MODEL, extra_body=off, **kwargs).choices[0].message
+    assert answer.content and "reasoning" not in (answer.model_extra or {})
+    assert streamed(client, extra_body=off, **kwargs) == ("", answer.content)
+
+    as_json = client.chat.completions.create(model=MODEL, response_format={"type": "json_object"}, **kwargs)
+    assert as_json.choices[0].message.content.startswith("{")  # a schema from the first token: no thinking
+
+    counts = [
+        httpx.post(f"{thinking_server.url}/tokenize", json={"messages": kwargs["messages"], **extra}).json()["count"]
+        for extra in ({}, off)
+    ]
+    assert counts[1] > counts[0]  # the empty block closed in the prompt
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, extra_body={"chat_template_kwargs": {"tools": []}}, **kwargs)
+    assert info.value.body["param"] == "chat_template_kwargs" and "'tools'" in info.value.body["message"]

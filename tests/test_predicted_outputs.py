@@ -10,7 +10,7 @@ from ember.engine.sampling_params import SamplingParams
 from ember.spec.prediction import PredictedOutput
 from tests.test_speculative import (
     BLOCK_SIZE,
-    check_block_invariants,
+    generate_all,
     greedy,
     prompts,
     reference,  # noqa: F401 (a fixture)
@@ -38,21 +38,6 @@ def test_drafts_follow_the_reply_and_find_their_place_again_after_an_edit() -> N
     assert twice.drafts(replying([11, 12, 20, 40, 11, 12]), 2) == [21]
     assert twice.drafts(replying([11, 12, 20, 40, 11, 12, 21, 41, 11, 12]), 2) == [20, 30]  # left at its end
     assert PredictedOutput([5, 6]).drafts(replying([7]), 4) == []
-
-
-def generate_all(llm: LLM, params: list[SamplingParams]) -> list[list[int]]:
-    """Every prompt with its parameters, stepped to the end with the block invariants checked at each step."""
-    engine = llm.engine
-    ids = [engine.add_request(p, q) for p, q in zip(prompts(), params, strict=True)]
-    outputs: dict[str, list[int]] = {i: [] for i in ids}
-    for _ in range(2000):  # bounded
-        for out in engine.step():
-            outputs[out.request_id].extend(out.outputs[0].token_ids)
-        check_block_invariants(llm)
-        if not engine.has_unfinished_requests():
-            break
-    assert not engine.has_unfinished_requests()
-    return [outputs[i] for i in ids]
 
 
 def edited(tokens: list[int]) -> list[int]:

@@ -59,6 +59,21 @@ def check_block_invariants(llm: LLM) -> None:
         assert pool.block_hashes[block] == block_hash
 
 
+def generate_all(llm: LLM, params: list[SamplingParams]) -> list[list[int]]:
+    """Every prompt with its parameters, stepped to the end with the block invariants checked at each step."""
+    engine = llm.engine
+    ids = [engine.add_request(p, q) for p, q in zip(prompts(), params, strict=True)]
+    outputs: dict[str, list[int]] = {i: [] for i in ids}
+    for _ in range(2000):  # bounded
+        for out in engine.step():
+            outputs[out.request_id].extend(out.outputs[0].token_ids)
+        check_block_invariants(llm)
+        if not engine.has_unfinished_requests():
+            break
+    assert not engine.has_unfinished_requests()
+    return [outputs[i] for i in ids]
+
+
 @pytest.mark.parametrize("method", ["ngram", "suffix", "draft:same", "draft:other"])
 def test_greedy_output_is_unchanged_with_preemption(tiny_models: dict, reference: list[list[int]], method: str) -> None:
     target = tiny_models["qwen3"][0]
@@ -76,16 +91,7 @@ def test_greedy_output_is_unchanged_with_preemption(tiny_models: dict, reference
         speculative_max_batch_size=16,
     )
     engine = llm.engine
-    ids = [engine.add_request(p, greedy()) for p in prompts()]
-    outputs: dict[str, list[int]] = {i: [] for i in ids}
-    for _ in range(2000):  # bounded
-        for out in engine.step():
-            outputs[out.request_id].extend(out.outputs[0].token_ids)
-        check_block_invariants(llm)
-        if not engine.has_unfinished_requests():
-            break
-    assert not engine.has_unfinished_requests()
-    assert [outputs[i] for i in ids] == reference
+    assert generate_all(llm, [greedy()] * len(prompts())) == reference
     stats = engine.speculator.stats
     assert engine.scheduler.num_preemptions > 0
     assert stats.num_draft_tokens > 0

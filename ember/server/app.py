@@ -199,7 +199,7 @@ class OpenAIServer:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self.sampling_params(body, max_tokens, logprobs, structured)
         # a constraint that holds from the first token (a schema, required tool calls) leaves no room to think
-        free_start = params.structured_outputs is None or (tools and body.tool_choice in (None, "auto"))
+        free_start = params.structured_outputs is None or (bool(tools) and body.tool_choice in (None, "auto"))
         thinking = prompt_opens_thinking(text) if self.formatter.thinks and free_start else None
         return PreparedChat(prompt_ids, params, tools, thinking)
 

@@ -105,3 +105,44 @@ def test_thinking_comes_apart_from_the_answer_and_enable_thinking_reaches_the_te
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, extra_body={"chat_template_kwargs": {"tools": []}}, **kwargs)
     assert info.value.body["param"] == "chat_template_kwargs" and "'tools'" in info.value.body["message"]
+
+
+@pytest.mark.parametrize("piece", [1, 4, 100])
+def test_responses_get_the_thinking_as_a_reasoning_item_before_the_answer(piece: int) -> None:
+    from ember.server.responses import ResponseBuilder, ResponsesRequest
+
+    builder = ResponseBuilder(ResponsesRequest.model_validate({"input": "x"}), MODEL, 0, False, opens_thinking=False)
+    reply = "<think>\nTwo and two.\n</think>\n\nFour."
+    events = builder.start()
+    for start in range(0, len(reply), piece):
+        events += builder.feed(reply[start : start + piece], start + piece >= len(reply))
+    response = builder.finish("stop", {})[-1]["response"]
+    reasoning, message = response["output"]
+    assert reasoning["type"] == "reasoning" and reasoning["content"] == [
+        {"type": "reasoning_text", "text": "Two and two."}
+    ]
+    assert message["content"][0]["text"] == "Four."
+    kinds = [e["type"] for e in events]
+    assert kinds.index("response.output_item.done") < kinds.index("response.output_text.delta")  # one item at a time
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta")
+    assert deltas == "Two and two."
+    assert builder.reply_message().reasoning_content == "Two and two."
+
+
+def test_responses_of_a_thinking_model(thinking_server: ServerProcess) -> None:
+    client = OpenAI(base_url=f"{thinking_server.url}/v1", api_key="unused", max_retries=0)
+    kwargs: dict[str, Any] = dict(model=MODEL, input="What is 2 + 2?", max_output_tokens=12, temperature=0)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": kwargs["input"]}], max_tokens=12, temperature=0
+    )
+    thinking = chat.choices[0].message.model_extra["reasoning"]
+    response = client.responses.create(**kwargs)
+    assert [item.type for item in response.output] == ["reasoning"] and response.output_text == ""
+    assert response.output[0].content[0].text == thinking
+    assert 0 < response.usage.output_tokens_details.reasoning_tokens <= response.usage.output_tokens
+    events = list(client.responses.create(stream=True, **kwargs))
+    assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == thinking
+    assert events[-1].response.output[0].content[0].text == thinking
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(include=["message.output_text.logprobs"], top_logprobs=2, **kwargs)
+    assert info.value.body["param"] == "include"

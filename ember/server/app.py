@@ -47,6 +47,7 @@ from ember.server.protocol import (
 )
 from ember.server.reasoning import ReasoningParser, prompt_opens_thinking, split_reasoning
 from ember.server.responses import (
+    LOGPROBS,
     RESPONSES_PARAMS,
     ResponseBuilder,
     ResponsesRequest,
@@ -407,8 +408,11 @@ class OpenAIServer:
             e.param = RESPONSES_PARAMS.get(e.param or "", e.param)
             raise
         prompt_ids, params, tools = prepared.prompt_ids, prepared.params, prepared.tools
+        if body.wants_logprobs and prepared.opens_thinking is not None:  # the tokens' text is not the answer's
+            message = f"{LOGPROBS!r} is not served for a thinking model's replies: use /v1/chat/completions"
+            raise APIError(400, message, param="include")
         body = body.model_copy(update={"parallel_tool_calls": self.parallel_tool_calls(body.parallel_tool_calls)})
-        builder = ResponseBuilder(body, self.model_name, now(), with_tools=bool(tools))
+        builder = ResponseBuilder(body, self.model_name, now(), bool(tools), prepared.opens_thinking)
         outputs = self.stream_outputs(prompt_ids, params, builder.id)
         if body.stream:
             first = await anext_or_error(outputs)
@@ -419,7 +423,9 @@ class OpenAIServer:
         builder.feed(
             output.text, True, self.formatter.chat_logprobs(output.logprobs)["content"] if output.logprobs else None
         )
-        usage = responses_usage(len(prompt_ids), len(output.token_ids), final.num_cached_tokens)
+        usage = responses_usage(
+            len(prompt_ids), len(output.token_ids), final.num_cached_tokens, self.reasoning_tokens(builder)
+        )
         response = builder.finish(output.finish_reason, usage)[-1]["response"]
         self.store_response(builder, conversation, response)
         return JSONResponse(response)
@@ -446,10 +452,17 @@ class OpenAIServer:
             for event in events:
                 yield f"event: {event['type']}\n{sse(event)}"
             events = []
-        events = builder.finish(finish_reason, responses_usage(prompt_tokens, output_tokens, cached))
+        usage = responses_usage(prompt_tokens, output_tokens, cached, self.reasoning_tokens(builder))
+        events = builder.finish(finish_reason, usage)
         self.store_response(builder, conversation, events[-1]["response"])
         for event in events:
             yield f"event: {event['type']}\n{sse(event)}"
+
+    def reasoning_tokens(self, builder: ResponseBuilder) -> int:
+        """The reply's thinking in tokens (re-tokenized: the think tags and blanks around it are not counted)."""
+        thinking = builder.thinking()
+        tokenizer = self.engine.engine.tokenizer
+        return len(tokenizer(thinking, add_special_tokens=False)["input_ids"]) if thinking and tokenizer else 0
 
     def store_response(
         self, builder: ResponseBuilder, conversation: list[ChatMessage], response: dict[str, Any]

@@ -17,6 +17,7 @@ from pydantic import ConfigDict, Field
 
 from ember.engine.sampling_params import MAX_LOGPROBS, InvalidParameter
 from ember.server.protocol import ChatCompletionRequest, ChatMessage, OpenAIModel, check_unknown_fields, new_id
+from ember.server.reasoning import ReasoningParser
 from ember.server.tools import ParsedToolCall, ToolCallParser
 
 MESSAGE_ROLES = ("user", "assistant", "system", "developer")
@@ -210,14 +211,21 @@ class ResponseStore:
 
 class ResponseBuilder:
     """Turns generated text, as it arrives, into output items and the stream events that announce them: a
-    message item opens at the first text (whitespace alone before a tool call opens none), each tool call
-    becomes a function_call item when its block closes."""
+    reasoning model's thinking becomes a reasoning item (its text as `reasoning_text`), a message item opens at
+    the first text (whitespace alone before a tool call opens none), each tool call becomes a function_call
+    item when its block closes."""
 
-    def __init__(self, body: ResponsesRequest, model: str, created: int, with_tools: bool) -> None:
+    def __init__(
+        self, body: ResponsesRequest, model: str, created: int, with_tools: bool, opens_thinking: bool | None = None
+    ) -> None:
+        """`opens_thinking`: None when the reply is not split into thinking and answer, else whether the prompt
+        opened the think block (see `reasoning.py`)."""
         self.body, self.model, self.created = body, model, created
         self.id = new_id("resp", "_")
         self.parser = ToolCallParser() if with_tools else None
+        self.thinking_parser = ReasoningParser(opens_thinking) if opens_thinking is not None else None
         self.output: list[dict[str, Any]] = []
+        self.reasoning: dict[str, Any] | None = None  # the reasoning item being written
         self.message: dict[str, Any] | None = None  # the message item being written
         self.held = ""  # leading whitespace, not yet known to be a message
         self.held_logprobs: list[dict[str, Any]] = []  # its tokens' logprobs
@@ -236,16 +244,54 @@ class ResponseBuilder:
 
     def feed(self, text: str, finished: bool, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """Events for the next piece of generated text (`finished`: it is the last), with its tokens' logprobs
-        when asked for (replies without tools only: their text is the tokens' text)."""
+        when asked for (replies without tools or thinking only: their text is the tokens' text)."""
+        events = []
+        if self.thinking_parser is not None:
+            thinking, text = self.thinking_parser.feed(text)
+            if finished:
+                more_thinking, more_text = self.thinking_parser.finish()
+                thinking, text = thinking + more_thinking, text + more_text
+            if thinking:
+                events += self.reasoning_text(thinking)
+            if text.strip() and self.reasoning is not None:  # the answer has begun
+                events += self.close_reasoning()
         calls: list[ParsedToolCall] = []
         if self.parser is not None:
             text, calls = self.parser.feed(text)
             if finished:
                 text += self.parser.finish()
-        events = self.text(text, logprobs or [])
+        events += self.text(text, logprobs or [])
         for call in calls:
             events += self.function_call(call)
         return events
+
+    def reasoning_text(self, text: str) -> list[dict[str, Any]]:
+        events = []
+        if self.reasoning is None:
+            self.reasoning = {"id": new_id("rs", "_"), "type": "reasoning", "summary": [], "content": [],
+                              "status": "in_progress"}  # fmt: skip
+            self.output.append(self.reasoning)
+            added = {**self.reasoning, "content": []}
+            events.append(self.event("response.output_item.added", output_index=len(self.output) - 1, item=added))
+            part = {"type": "reasoning_text", "text": ""}
+            self.reasoning["content"].append(part)
+            events.append(self.item_event("response.content_part.added", self.reasoning, content_index=0,
+                                          part=dict(part)))  # fmt: skip
+        self.reasoning["content"][0]["text"] += text
+        events.append(self.item_event("response.reasoning_text.delta", self.reasoning, content_index=0, delta=text))
+        return events
+
+    def close_reasoning(self) -> list[dict[str, Any]]:
+        """The events that end the reasoning item; after them, thinking that came later would open another."""
+        item, self.reasoning = self.reasoning, None
+        assert item is not None
+        part = item["content"][0]
+        item["status"] = "completed"
+        return [
+            self.item_event("response.reasoning_text.done", item, content_index=0, text=part["text"]),
+            self.item_event("response.content_part.done", item, content_index=0, part=part),
+            self.event("response.output_item.done", output_index=self.output.index(item), item=item),
+        ]
 
     def text(self, text: str, logprobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if self.message is None and not (self.held + text).strip():
@@ -296,7 +342,7 @@ class ResponseBuilder:
     def finish(self, finish_reason: str | None, usage: dict[str, Any]) -> list[dict[str, Any]]:
         """The events that close the open message and the response (completed, or incomplete at the token
         limit). A reply with no text and no call still gets its (empty) message."""
-        events = []
+        events = self.close_reasoning() if self.reasoning is not None else []
         if self.message is None and not self.output:  # no text and no call: an empty (or blank) message
             events = self.open_message()
             if self.held:
@@ -344,22 +390,29 @@ class ResponseBuilder:
             "user": body.user,
         }
 
+    def thinking(self) -> str:
+        """The reasoning items' text so far."""
+        return "".join(p["text"] for item in self.output if item["type"] == "reasoning" for p in item["content"])
+
     def reply_message(self) -> ChatMessage:
-        """The output as the assistant message a continuing conversation replays."""
+        """The output as the assistant message a continuing conversation replays (its thinking as
+        `reasoning_content`, for templates that render it)."""
         text = "".join(part["text"] for item in self.output if item["type"] == "message" for part in item["content"])
+        thinking = self.thinking()
         calls = [
             {"id": item["call_id"], "function": {"name": item["name"], "arguments": item["arguments"]}}
             for item in self.output
             if item["type"] == "function_call"
         ]
-        return ChatMessage.model_validate({"role": "assistant", "content": text or None, "tool_calls": calls or None})
+        message = {"role": "assistant", "content": text or None, "tool_calls": calls or None}
+        return ChatMessage.model_validate({**message, "reasoning_content": thinking or None})
 
 
-def responses_usage(prompt_tokens: int, output_tokens: int, cached: int) -> dict[str, Any]:
+def responses_usage(prompt_tokens: int, output_tokens: int, cached: int, reasoning_tokens: int = 0) -> dict[str, Any]:
     return {
         "input_tokens": prompt_tokens,
         "input_tokens_details": {"cached_tokens": cached},
         "output_tokens": output_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": prompt_tokens + output_tokens,
     }

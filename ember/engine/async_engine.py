@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import queue
@@ -111,6 +112,9 @@ class AsyncEngine:
             )
         if params.structured_outputs is not None:  # compiled here, off the engine thread, which then finds it cached
             await asyncio.to_thread(self.engine.compile_grammar, params.structured_outputs)
+        if isinstance(params.prediction, str):  # tokenized off the engine thread too: a long file takes a while
+            prediction = await asyncio.to_thread(self.engine.prediction_token_ids, params.prediction)
+            params = dataclasses.replace(params, prediction=prediction)
         request_id = request_id or f"req-{next(self._ids)}"
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue(), time.monotonic())

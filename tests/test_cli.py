@@ -103,6 +103,7 @@ def test_generate_with_a_schema_file_prints_valid_json(tmp_path) -> None:
         (["serve", "--chat-template", "{% for m in messages %}"], "--chat-template: line 1: Unexpected end"),
         (["serve", "--allowed-origins", "app.example"], "'app.example' is not an origin"),
         (["chat", "--chat-template", "{{ oops"], "--chat-template: line 1"),
+        (["serve", "--tool-call-parser", "llama3_json"], "invalid choice: 'llama3_json' (choose from 'hermes')"),
     ],
 )
 def test_errors_are_one_clear_line(args: list[str], message: str) -> None:

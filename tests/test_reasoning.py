@@ -146,3 +146,17 @@ def test_responses_of_a_thinking_model(thinking_server: ServerProcess) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.responses.create(include=["message.output_text.logprobs"], top_logprobs=2, **kwargs)
     assert info.value.body["param"] == "include"
+
+
+def test_a_vllm_launch_command_runs_and_reasoning_parser_none_leaves_the_reply_whole() -> None:
+    flags = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "none"]
+    with running_server("--dtype", "float32", "--chat-template", THINKING_TEMPLATE, *flags) as server:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        message = (
+            client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "What is 2 + 2?"}], max_tokens=12, temperature=0
+            )
+            .choices[0]
+            .message
+        )
+    assert message.content and "reasoning" not in (message.model_extra or {})

@@ -96,15 +96,17 @@ class OpenAIServer:
         api_key: str | None,
         chat_template: str | None = None,
         allowed_origins: list[str] | None = None,
+        reasoning: bool | None = None,
     ) -> None:
         """`chat_template` replaces the model's; `allowed_origins` are the browser origins that may call the API
-        (None: pages served from this machine, `*`: any)."""
+        (None: pages served from this machine, `*`: any); `reasoning`: whether replies are split into thinking
+        and answer (None: when the chat template writes think blocks)."""
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
         self.api_key = api_key
         self.allowed_origins = allowed_origins
-        self.formatter = ChatFormatter(engine.engine.tokenizer, chat_template)
+        self.formatter = ChatFormatter(engine.engine.tokenizer, chat_template, reasoning)
         self.max_model_len = engine.engine.max_model_len
         self.response_store = ResponseStore()
 

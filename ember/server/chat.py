@@ -35,13 +35,14 @@ def load_chat_template(value: str) -> str:
 
 
 class ChatFormatter:
-    def __init__(self, tokenizer: Any, chat_template: str | None = None) -> None:
-        """`chat_template` replaces the model's own (`--chat-template`)."""
+    def __init__(self, tokenizer: Any, chat_template: str | None = None, thinks: bool | None = None) -> None:
+        """`chat_template` replaces the model's own (`--chat-template`); `thinks`: whether replies may hold a
+        think block to split off (None: when the template writes them)."""
         self.tokenizer = tokenizer
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self.token_text = lru_cache(maxsize=65536)(self._token_text)
         self.native_tools = template_speaks_tool_calls(self.chat_template)
-        self.thinks = template_thinks(self.chat_template)
+        self.thinks = template_thinks(self.chat_template) if thinks is None else thinks
 
     def prompt(
         self,

@@ -48,6 +48,10 @@ def origin_list(text: str) -> list[str]:
     return origins
 
 
+# --reasoning-parser: whether replies are split into thinking and answer (None: when the template thinks)
+REASONING_PARSERS = {"auto": None, "none": False, "deepseek_r1": True, "qwen3": True}
+
+
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -64,6 +68,25 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         metavar="FILE_OR_TEMPLATE",
         help="a Jinja chat template (a file, or the template itself) used instead of the model's, e.g. for a "
         "model that has none",
+    )
+    g.add_argument(
+        "--reasoning-parser",
+        default="auto",
+        choices=sorted(REASONING_PARSERS),
+        help="split a reasoning model's <think> block from its answer, into 'reasoning' and 'reasoning_content': "
+        "'auto' (default) when the chat template writes think blocks, 'none' never; vLLM's 'deepseek_r1' and "
+        "'qwen3' name the same parser, always on",
+    )
+    g.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="accepted so that vLLM launch commands run: tool calling is always on",
+    )
+    g.add_argument(
+        "--tool-call-parser",
+        choices=["hermes"],
+        default="hermes",
+        help="accepted so that vLLM launch commands run: tool calls are always Hermes-style <tool_call> blocks",
     )
     g.add_argument(
         "--allowed-origins",
@@ -125,7 +148,9 @@ def serve(args: argparse.Namespace) -> int:
             log_finished_request(stats)
 
         async_engine.on_finished = on_finished
-    app = build_app(OpenAIServer(async_engine, name, metrics, args.api_key, chat_template, args.allowed_origins))
+    reasoning = REASONING_PARSERS[args.reasoning_parser]
+    server = OpenAIServer(async_engine, name, metrics, args.api_key, chat_template, args.allowed_origins, reasoning)
+    app = build_app(server)
     stats = None if stats_interval is None else StatsLogger(engine, metrics, stats_interval)
     config = uvicorn.Config(
         app,

@@ -89,6 +89,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="most tokens drafted per step and request (default 5; at least 8 from a predicted output)",
     )
     g.add_argument(
+        "--speculative-config",
+        type=speculative_config,
+        default=None,
+        metavar="JSON",
+        help='vLLM\'s form of the speculative options, instead of --speculative: {"method": "ngram" | '
+        '"suffix" | "draft_model", "model": ..., "num_speculative_tokens": N, '
+        '"prompt_lookup_max": N, "prompt_lookup_min": N}',
+    )
+    g.add_argument(
         "--speculative-max-batch-size",
         type=int,
         default=8,
@@ -151,6 +160,42 @@ def structured_outputs(args: argparse.Namespace) -> StructuredOutputs | None:
     return spec
 
 
+SPECULATIVE_CONFIG_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+
+
+def speculative_config(text: str) -> dict[str, Any]:
+    """`--speculative-config`, vLLM's JSON form of the speculative options, as the engine's keyword arguments."""
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    unknown = sorted(set(config) - set(SPECULATIVE_CONFIG_KEYS))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(unknown)}: not served (Ember takes {', '.join(SPECULATIVE_CONFIG_KEYS)})"
+        )
+    method = config.get("method") or ("draft_model" if config.get("model") else None)
+    if method in ("ngram", "suffix"):
+        kwargs: dict[str, Any] = {"speculative": method}
+    elif method == "draft_model" and isinstance(config.get("model"), str):
+        kwargs = {"speculative": f"draft:{config['model']}"}
+    else:
+        raise argparse.ArgumentTypeError(f"method must be ngram, suffix or draft_model (with a model), got {method!r}")
+    for key in SPECULATIVE_CONFIG_KEYS[2:]:
+        if key in config:
+            if not isinstance(config[key], int) or config[key] < 1:
+                raise argparse.ArgumentTypeError(f"{key} must be a positive integer, got {config[key]!r}")
+            kwargs[key] = config[key]
+    return kwargs
+
+
+def speculative_method(args: argparse.Namespace) -> str | None:
+    """The speculative method, from --speculative or --speculative-config."""
+    return args.speculative or (args.speculative_config or {}).get("speculative")
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "load_format": args.load_format,
@@ -169,6 +214,10 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "enforce_eager": args.enforce_eager,
         "async_scheduling": args.async_scheduling,
     }
+    if args.speculative_config is not None:
+        if args.speculative is not None:
+            raise ValueError("give --speculative or --speculative-config, not both")
+        kwargs |= args.speculative_config
     if args.kv_cache_memory is not None:
         if args.kv_cache_memory <= 0:
             raise ValueError(f"--kv-cache-memory must be a positive number of GiB, got {args.kv_cache_memory}")
@@ -363,6 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ember.server.serve import add_serve_args, serve
 
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible API (chat, completions, models, metrics)")
+    srv.add_argument("model_path", nargs="?", metavar="MODEL", help="the model, as --model (vllm serve's form)")
     add_engine_args(srv)
     add_serve_args(srv)
     srv.set_defaults(func=serve)

@@ -186,6 +186,8 @@ class SpeculativeConfig:
     method: str | None = None
     num_speculative_tokens: int = 5
     max_batch_size: int = 8
+    prompt_lookup_min: int = 2  # "ngram": the shortest and longest tails looked up
+    prompt_lookup_max: int = 4
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method not in ("ngram", "suffix") and not self.method.startswith("draft:"):
@@ -196,6 +198,11 @@ class SpeculativeConfig:
             raise ValueError(f"num_speculative_tokens must be at least 1, got {self.num_speculative_tokens}")
         if self.max_batch_size < 1:
             raise ValueError(f"speculative max_batch_size must be at least 1, got {self.max_batch_size}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(
+                f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {self.prompt_lookup_min} and "
+                f"{self.prompt_lookup_max}"
+            )
 
 
 @dataclass

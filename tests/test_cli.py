@@ -104,6 +104,11 @@ def test_generate_with_a_schema_file_prints_valid_json(tmp_path) -> None:
         (["serve", "--allowed-origins", "app.example"], "'app.example' is not an origin"),
         (["chat", "--chat-template", "{{ oops"], "--chat-template: line 1"),
         (["serve", "--tool-call-parser", "llama3_json"], "invalid choice: 'llama3_json' (choose from 'hermes')"),
+        (["serve", "/no/such/model.gguf", "--port", "0"], "not found"),  # vllm serve's positional model
+        (["serve", "a.gguf", "--model", "b.gguf"], "two models given"),
+        (["serve", "--speculative-config", '{"method": "eagle"}'], "method must be ngram, suffix or draft_model"),
+        (["serve", "--speculative-config", '{"method": "ngram", "k": 1}'], "k: not served"),
+        (["generate", "hi", "--speculative-config", '{"method": "ngram"}', "--speculative", "suffix"], "not both"),
     ],
 )
 def test_errors_are_one_clear_line(args: list[str], message: str) -> None:
@@ -121,3 +126,15 @@ def test_bench_latency_with_predicted_outputs_compares_the_same_replies(tmp_path
     assert off["speculative"] is None and off["draft_tokens"] == 0
     assert on["speculative"] == "prediction" and on["acceptance_rate"] > 0.3
     assert on["output_tokens"] == off["output_tokens"]  # in float32, the same replies
+
+
+def test_vllms_speculative_config_configures_the_engine(tiny_models: dict) -> None:
+    from ember.cli import build_parser, engine_kwargs
+    from ember.engine.engine import LLM
+
+    config = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}'
+    kwargs = engine_kwargs(build_parser().parse_args(["generate", "hi", "--speculative-config", config]))
+    llm = LLM(str(tiny_models["qwen3"][0]), **{**kwargs, "num_blocks": 64, "dtype": "float32"})
+    speculator = llm.engine.speculator
+    assert speculator.config.num_speculative_tokens == 3
+    assert (speculator.proposer.min_ngram, speculator.proposer.max_ngram) == (1, 3)

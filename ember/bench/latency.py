@@ -83,10 +83,11 @@ def bench_latency(args: Any) -> dict[str, Any]:
     from rich.console import Console
     from rich.table import Table
 
-    from ember.cli import load_llm
+    from ember.cli import load_llm, speculative_method
     from ember.spec.speculator import SpecStats, build_proposer
 
-    if (args.speculative is None) == (not args.prediction):
+    speculative = speculative_method(args)
+    if (speculative is None) == (not args.prediction):
         raise ValueError(
             "ember bench latency compares plain decoding with speculation: pass --speculative ngram|suffix|draft:M, "
             "or --prediction (drafts from predicted outputs)"
@@ -102,7 +103,7 @@ def bench_latency(args: Any) -> dict[str, Any]:
     if speculator is None:
         raise ValueError("with --async-scheduling nothing is drafted: leave it out")
     workload, ignore_eos = bench_workload(args, llm)
-    method = "prediction" if args.prediction else args.speculative
+    method = "prediction" if args.prediction else speculative
     console = Console(stderr=True)
     console.print(
         f"workload {workload.name}: {len(workload.requests)} requests, {workload.prompt_tokens} prompt tokens, "
@@ -113,7 +114,7 @@ def bench_latency(args: Any) -> dict[str, Any]:
     for batch in batch_sizes:
         for speculate in (False, True):
             speculator.enabled = speculate
-            if args.speculative is not None:
+            if speculative is not None:
                 speculator.proposer = build_proposer(
                     speculator.config,
                     engine.model_config.vocab_size,

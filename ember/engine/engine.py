@@ -483,7 +483,8 @@ class LLM:
     With no model, loads the embedded default (SmolLM2-135M-Instruct). Keyword arguments configure the
     engine: dtype, device, seed, load_format, block_size, num_blocks, kv_cache_memory, enable_prefix_caching,
     max_num_seqs, max_num_batched_tokens, max_model_len, speculative ("ngram", "suffix", "draft:<model>"),
-    num_speculative_tokens, speculative_max_batch_size, enforce_eager (no CUDA graphs), async_scheduling.
+    num_speculative_tokens, speculative_max_batch_size, prompt_lookup_min and prompt_lookup_max (ngram),
+    enforce_eager (no CUDA graphs), async_scheduling.
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
@@ -498,6 +499,7 @@ class LLM:
         sched_keys = {"max_num_seqs", "max_num_batched_tokens", "max_model_len"}
         spec_keys = {"speculative": "method", "num_speculative_tokens": "num_speculative_tokens"}
         spec_keys["speculative_max_batch_size"] = "max_batch_size"
+        spec_keys |= {"prompt_lookup_min": "prompt_lookup_min", "prompt_lookup_max": "prompt_lookup_max"}
         cache = CacheConfig(**{k: v for k, v in kwargs.items() if k in cache_keys})
         sched = SchedulerConfig(**{k: v for k, v in kwargs.items() if k in sched_keys})
         spec = SpeculativeConfig(**{spec_keys[k]: v for k, v in kwargs.items() if k in spec_keys})

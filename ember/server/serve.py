@@ -132,6 +132,10 @@ def serve(args: argparse.Namespace) -> int:
     from ember.server.metrics import EngineMetrics
     from ember.server.stats_log import StatsLogger, interval_from_environment, log_finished_request
 
+    if args.model_path is not None:  # `ember serve MODEL`, as `vllm serve MODEL`
+        if args.model is not None and args.model != args.model_path:
+            raise ValueError(f"two models given: {args.model_path!r} and --model {args.model!r}")
+        args.model = args.model_path
     started = time.monotonic()
     chat_template = load_chat_template(args.chat_template) if args.chat_template else None
     stats_interval = None if args.disable_log_stats else interval_from_environment()

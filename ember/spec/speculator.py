@@ -64,7 +64,7 @@ def build_proposer(
     """The proposer of `config.method`; `draft:<model>` uses `draft` when given, else loads the model."""
     method = config.method or ""
     if method == "ngram":
-        return NgramProposer()
+        return NgramProposer(config.prompt_lookup_max, config.prompt_lookup_min)
     if method == "suffix":
         return SuffixProposer()
     if method.startswith("draft:"):

@@ -207,3 +207,25 @@ def test_prefill_as_kernel_rows_matches_sdpa(tmp_path: Path) -> None:
     llm.engine.runner.native_prefill = False
     llm.engine.reset_prefix_cache()
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == rows
+
+
+@pytest.mark.skipif(not cpu_kernels.fast_bf16_attention(16, 64), reason="the tiled kernel needs AVX512-BF16")
+def test_a_row_attends_bit_identically_alone_and_in_a_tile() -> None:
+    """A speculating request's rows attend in tiles; plain decoding attends one row at a time. The two must agree
+    to the bit, or a draft could be accepted where plain greedy decoding picks another token (bf16 ties)."""
+    generator = torch.Generator().manual_seed(7)
+    heads, kv_heads, head_dim, block_size, num_blocks = 9, 3, 64, 16, 128
+    key_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(torch.bfloat16)
+    value_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(torch.bfloat16)
+    caches = to_cache_layout(key_blocks, value_blocks)
+    table = torch.randperm(num_blocks, generator=generator)[:64].view(1, 64)
+    for first in range(5, 1000, 37):
+        rows = 2 + first % 7
+        q = torch.randn(rows, heads, head_dim, generator=generator).to(torch.bfloat16)
+        lens = torch.arange(first, first + rows)
+        tiled = cpu_kernels.paged_decode_attention(
+            q, *caches, table, lens, head_dim**-0.5, row_tables=torch.zeros(rows, dtype=torch.int64)
+        )
+        for i in range(rows):
+            alone = cpu_kernels.paged_decode_attention(q[i : i + 1], *caches, table, lens[i : i + 1], head_dim**-0.5)
+            assert torch.equal(tiled[i], alone[0]), (first, i)

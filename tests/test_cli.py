@@ -119,7 +119,7 @@ def test_errors_are_one_clear_line(args: list[str], message: str) -> None:
 
 def test_bench_latency_with_predicted_outputs_compares_the_same_replies(tmp_path) -> None:
     report = tmp_path / "latency.json"
-    args = ["--prediction", "--num-requests", "2", "--batch-sizes", "1", "--dtype", "float32", "--json", str(report)]
+    args = ["--prediction", "--num-requests", "1", "--batch-sizes", "1", "--dtype", "float32", "--json", str(report)]
     result = ember("bench", "latency", *args)
     assert result.returncode == 0, result.stderr
     off, on = json.loads(report.read_text())["runs"]

@@ -84,14 +84,22 @@ def test_thinking_comes_apart_from_the_answer_and_enable_thinking_reaches_the_te
         messages=[{"role": "user", "content": "What is 2 + 2?"}], max_tokens=12, temperature=0
     )
 
-    thinking = client.chat.completions.create(model=MODEL, **kwargs).choices[0]
+    reply = client.chat.completions.create(model=MODEL, **kwargs)
+    thinking = reply.choices[0]
     extra = thinking.message.model_extra or {}
+    reasoning_tokens = reply.usage.completion_tokens_details.reasoning_tokens
+    assert 0 < reasoning_tokens <= reply.usage.completion_tokens
     assert thinking.message.content is None, thinking  # it never closed the block: all thinking
     assert extra["reasoning"] and extra["reasoning_content"] == extra["reasoning"]
     assert streamed(client, **kwargs) == (extra["reasoning"], "")
 
+    stream = client.chat.completions.create(model=MODEL, stream=True, stream_options={"include_usage": True}, **kwargs)
+    assert list(stream)[-1].usage.completion_tokens_details.reasoning_tokens == reasoning_tokens
+
     off = {"chat_template_kwargs": {"enable_thinking": False}}
-    answer = client.chat.completions.create(model=MODEL, extra_body=off, **kwargs).choices[0].message
+    plain = client.chat.completions.create(model=MODEL, extra_body=off, **kwargs)
+    assert plain.usage.completion_tokens_details.reasoning_tokens == 0
+    answer = plain.choices[0].message
     assert answer.content and "reasoning" not in (answer.model_extra or {})
     assert streamed(client, extra_body=off, **kwargs) == ("", answer.content)
 

@@ -155,22 +155,29 @@ class OpenAIServer:
 
     @staticmethod
     def usage(
-        prompt_tokens: int, completion_tokens: int, cached: int = 0, drafts: tuple[int, int] | None = None
+        prompt_tokens: int,
+        completion_tokens: int,
+        cached: int = 0,
+        drafts: tuple[int, int] | None = None,
+        reasoning_tokens: int | None = None,
     ) -> dict[str, Any]:
         """OpenAI's usage object. `drafts` (drafted, accepted), for a request with a predicted output: its tokens
-        the model accepted, and those it checked and turned down (what the prediction saved, and cost)."""
+        the model accepted, and those it checked and turned down (what the prediction saved, and cost).
+        `reasoning_tokens`, for a reply split into thinking and answer: the thinking's."""
         usage: dict[str, Any] = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached},
         }
+        details: dict[str, int] = {}
+        if reasoning_tokens is not None:
+            details["reasoning_tokens"] = reasoning_tokens
         if drafts is not None:
             drafted, accepted = drafts
-            usage["completion_tokens_details"] = {
-                "accepted_prediction_tokens": accepted,
-                "rejected_prediction_tokens": drafted - accepted,
-            }
+            details |= {"accepted_prediction_tokens": accepted, "rejected_prediction_tokens": drafted - accepted}
+        if details:
+            usage["completion_tokens_details"] = details
         return usage
 
     def chunk_usage(
@@ -245,11 +252,13 @@ class OpenAIServer:
             )
         final = await collect(outputs, request)
         choices = []
+        reasoning_tokens = None if chat.opens_thinking is None else 0
         for o in final.outputs:
             message: dict[str, Any] = {"role": "assistant", "content": o.text}
             finish_reason = o.finish_reason
             if chat.opens_thinking is not None:
                 thinking, message["content"] = split_reasoning(o.text, chat.opens_thinking)
+                reasoning_tokens = (reasoning_tokens or 0) + self.count_tokens(thinking or "")
                 if thinking is not None:
                     message["reasoning"] = message["reasoning_content"] = thinking
                     message["content"] = message["content"] or None  # all thinking: no answer yet
@@ -276,7 +285,11 @@ class OpenAIServer:
             "model": self.model_name,
             "choices": choices,
             "usage": self.usage(
-                len(prompt_ids), completion_tokens, final.num_cached_tokens, prediction_drafts(params, [final])
+                len(prompt_ids),
+                completion_tokens,
+                final.num_cached_tokens,
+                prediction_drafts(params, [final]),
+                reasoning_tokens,
             ),
         }
         if body.prompt_logprobs is not None and final.prompt_logprobs is not None:
@@ -348,6 +361,7 @@ class OpenAIServer:
             yield sse({**base, "choices": [{**opening, "finish_reason": None}], **usage})
         parsers = [ToolCallParser() for _ in range(params.n)] if chat.tools else None
         thinking_parsers = None
+        thought = [""] * params.n  # each choice's thinking, counted in the final usage
         if chat.opens_thinking is not None:
             thinking_parsers = [ReasoningParser(chat.opens_thinking) for _ in range(params.n)]
         async for out in prepend(first, rest):
@@ -365,6 +379,7 @@ class OpenAIServer:
                         thinking, text = thinking + more_thinking, text + more_text
                     if thinking:
                         delta["reasoning"] = delta["reasoning_content"] = thinking
+                        thought[o.index] += thinking
                 if parsers is not None:
                     parser = parsers[o.index]
                     first_call = parser.num_calls
@@ -383,7 +398,8 @@ class OpenAIServer:
                 usage = self.chunk_usage(options, prompt_tokens, completion_tokens, cached, drafts)
                 yield sse({**base, "choices": [choice], **usage})
         if options.include_usage:
-            usage = self.usage(prompt_tokens, completion_tokens, cached, drafts)
+            reasoning_tokens = None if thinking_parsers is None else sum(self.count_tokens(t) for t in thought)
+            usage = self.usage(prompt_tokens, completion_tokens, cached, drafts, reasoning_tokens)
             yield sse({**base, "choices": [], "usage": usage})
         yield sse("[DONE]")
 
@@ -426,7 +442,7 @@ class OpenAIServer:
             output.text, True, self.formatter.chat_logprobs(output.logprobs)["content"] if output.logprobs else None
         )
         usage = responses_usage(
-            len(prompt_ids), len(output.token_ids), final.num_cached_tokens, self.reasoning_tokens(builder)
+            len(prompt_ids), len(output.token_ids), final.num_cached_tokens, self.count_tokens(builder.thinking())
         )
         response = builder.finish(output.finish_reason, usage)[-1]["response"]
         self.store_response(builder, conversation, response)
@@ -454,15 +470,14 @@ class OpenAIServer:
             for event in events:
                 yield f"event: {event['type']}\n{sse(event)}"
             events = []
-        usage = responses_usage(prompt_tokens, output_tokens, cached, self.reasoning_tokens(builder))
+        usage = responses_usage(prompt_tokens, output_tokens, cached, self.count_tokens(builder.thinking()))
         events = builder.finish(finish_reason, usage)
         self.store_response(builder, conversation, events[-1]["response"])
         for event in events:
             yield f"event: {event['type']}\n{sse(event)}"
 
-    def reasoning_tokens(self, builder: ResponseBuilder) -> int:
-        """The reply's thinking in tokens (re-tokenized: the think tags and blanks around it are not counted)."""
-        thinking = builder.thinking()
+    def count_tokens(self, thinking: str) -> int:
+        """A reply's thinking in tokens (re-tokenized: the think tags and blanks around it are not counted)."""
         tokenizer = self.engine.engine.tokenizer
         return len(tokenizer(thinking, add_special_tokens=False)["input_ids"]) if thinking and tokenizer else 0
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ class ChatFormatter:
         think block to split off (None: when the template writes them)."""
         self.tokenizer = tokenizer
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
-        self.token_text = lru_cache(maxsize=65536)(self._token_text)
+        self.token_text = functools.lru_cache(maxsize=65536)(self._token_text)
         self.native_tools = template_speaks_tool_calls(self.chat_template)
         self.thinks = template_thinks(self.chat_template) if thinks is None else thinks
 

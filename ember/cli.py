@@ -109,6 +109,25 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="turn off automatic prefix caching (reuse of the KV blocks of earlier identical prefixes)",
     )
+    g = parser.add_argument_group("LoRA adapters")
+    g.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="serve LoRA adapters beside the base model, mixed in the same batches (implied by --lora-modules)",
+    )
+    g.add_argument(
+        "--lora-modules",
+        type=lora_module,
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME=PATH",
+        help="PEFT adapter directories to load at start-up, each served as a model named NAME (vLLM's form; "
+        '\'{"name": ..., "path": ...}\' also works)',
+    )
+    g.add_argument(
+        "--max-lora-rank", type=int, default=None, help="refuse adapters of a higher rank (default: any rank)"
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -191,6 +210,26 @@ def speculative_config(text: str) -> dict[str, Any]:
     return kwargs
 
 
+def lora_module(text: str) -> tuple[str, str]:
+    """One `--lora-modules` entry: NAME=PATH, or vLLM's JSON object with "name" and "path"."""
+    if text.lstrip().startswith("{"):
+        try:
+            entry = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from e
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("name"), str)
+            or not isinstance(entry.get("path"), str)
+        ):
+            raise argparse.ArgumentTypeError('a JSON entry needs "name" and "path" strings')
+        return entry["name"], entry["path"]
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
 def speculative_method(args: argparse.Namespace) -> str | None:
     """The speculative method, from --speculative or --speculative-config."""
     return args.speculative or (args.speculative_config or {}).get("speculative")
@@ -213,7 +252,15 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "speculative_max_batch_size": args.speculative_max_batch_size,
         "enforce_eager": args.enforce_eager,
         "async_scheduling": args.async_scheduling,
+        "enable_lora": args.enable_lora,
+        "max_lora_rank": args.max_lora_rank,
     }
+    if args.lora_modules:
+        names = [name for name, _ in args.lora_modules]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"--lora-modules names {', '.join(repeated)} more than once")
+        kwargs["lora_modules"] = dict(args.lora_modules)
     if args.speculative_config is not None:
         if args.speculative is not None:
             raise ValueError("give --speculative or --speculative-config, not both")

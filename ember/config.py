@@ -206,6 +206,27 @@ class SpeculativeConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA adapters served beside the base model (PEFT directories), chosen per request by name.
+
+    `enable`: the model's linears take adapters, loaded now (`modules`, name -> directory) or later at run
+    time; `modules` alone turns it on. `max_rank`: adapters of a higher rank are refused (None: any).
+    """
+
+    enable: bool = False
+    modules: dict[str, str] = field(default_factory=dict)
+    max_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        self.enable = self.enable or bool(self.modules)
+        if self.max_rank is not None and self.max_rank < 1:
+            raise ValueError(f"max_lora_rank must be at least 1, got {self.max_rank}")
+        for name in self.modules:
+            if not name or name != name.strip():
+                raise ValueError(f"a LoRA adapter needs a name without surrounding blanks, got {name!r}")
+
+
+@dataclass
 class EngineConfig:
     model: str | None = None  # None: the embedded default model (SmolLM2-135M-Instruct)
     load_format: str = "auto"  # auto | dummy
@@ -215,6 +236,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     enforce_eager: bool = False  # Triton path: run decode steps eagerly instead of replaying CUDA graphs
     async_scheduling: bool = False  # CUDA graphs: schedule decode step N+1 while step N runs on the device
 

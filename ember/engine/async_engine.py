@@ -24,11 +24,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ember.engine.engine import Engine, PromptType
 from ember.engine.request import RequestOutput
 from ember.engine.sampling_params import SamplingParams
+
+T = TypeVar("T")
 
 logger = logging.getLogger("ember.engine")
 
@@ -98,9 +100,10 @@ class AsyncEngine:
         return self._dead is None and self._thread.is_alive()
 
     async def generate(
-        self, prompt: PromptType, params: SamplingParams, request_id: str | None = None
+        self, prompt: PromptType, params: SamplingParams, request_id: str | None = None, lora: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Stream one request's deltas. Raises ValueError for bad input, EngineOverloadedError when full.
+        """Stream one request's deltas (with the LoRA adapter named `lora`, if any). Raises ValueError for bad
+        input, EngineOverloadedError when full.
 
         If the consumer stops early (e.g. the client disconnected), the request is aborted at once.
         """
@@ -122,7 +125,7 @@ class AsyncEngine:
         finished = False
         self._in_flight += 1  # counted on the caller's side, so a burst of arrivals is bounded too
         try:
-            self._commands.put(("add", (request_id, prompt, params, stream, accepted)))
+            self._commands.put(("add", (request_id, prompt, params, lora, stream, accepted)))
             stream.num_prompt_tokens = await accepted  # raises the engine's ValueError for bad input
             while not finished:
                 item = await stream.queue.get()
@@ -137,9 +140,14 @@ class AsyncEngine:
 
     async def reset_prefix_cache(self) -> bool:
         """Forget cached prefixes, on the engine thread between steps; False while requests hold blocks."""
+        return await self.call(self.engine.reset_prefix_cache)
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the engine thread, between steps (what changes the engine's state, such as loading a
+        LoRA adapter, must not run during one); its exception is raised here."""
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[bool] = loop.create_future()
-        self._commands.put(("reset_prefix_cache", (loop, done)))
+        done: asyncio.Future[T] = loop.create_future()
+        self._commands.put(("call", (loop, done, fn, args)))
         return await done
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -193,13 +201,18 @@ class AsyncEngine:
             self._stopped.set()
         elif kind == "abort":
             self._finish_abort(payload)
-        elif kind == "reset_prefix_cache":
-            loop, done = payload
-            loop.call_soon_threadsafe(_set_result, done, self.engine.reset_prefix_cache())
-        elif kind == "add":
-            request_id, prompt, params, stream, accepted = payload
+        elif kind == "call":
+            loop, done, fn, args = payload
             try:
-                self.engine.add_request(prompt, params, request_id)
+                result = fn(*args)
+            except Exception as e:
+                loop.call_soon_threadsafe(_set_exception, done, e)
+            else:
+                loop.call_soon_threadsafe(_set_result, done, result)
+        elif kind == "add":
+            request_id, prompt, params, lora, stream, accepted = payload
+            try:
+                self.engine.add_request(prompt, params, request_id, lora=lora)
             except Exception as e:  # ValueError: bad input; anything else: reported to that caller alone
                 stream.loop.call_soon_threadsafe(_set_exception, accepted, e)
                 return

@@ -31,10 +31,11 @@ class BlockPromptLogprobs:
     last_hidden: torch.Tensor
 
 
-def hash_block(parent: BlockHash | None, token_ids: tuple[int, ...]) -> BlockHash:
-    """The hash of a full block: its parent's hash chained with its tokens (extra keys such as a LoRA id
-    would join the tuple here)."""
-    return hash((parent, token_ids))
+def hash_block(parent: BlockHash | None, token_ids: tuple[int, ...], lora_id: int = 0) -> BlockHash:
+    """The hash of a full block: its parent's hash chained with its tokens. A first block (no parent) of a
+    request with a LoRA adapter also hashes the adapter's id: the same tokens make other KV under it."""
+    root = ("lora", lora_id) if parent is None and lora_id else parent
+    return hash((root, token_ids))
 
 
 class BlockPool:

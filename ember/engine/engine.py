@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ember.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
+from ember.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
 from ember.engine.detokenizer import IncrementalDetokenizer
 from ember.engine.kv_cache_manager import KVCacheManager
 from ember.engine.model_runner import LaunchedStep, ModelRunner, kv_cache_bytes_per_block
@@ -24,6 +24,7 @@ from ember.engine.sampling_params import InvalidParameter, SamplingParams
 from ember.engine.scheduler import ScheduledRequest, Scheduler
 from ember.engine.structured_output import GrammarCompiler, StructuredOutputs
 from ember.models.loader import LoadedModel, load_model
+from ember.models.lora import LoRAAdapter
 from ember.spec.prediction import PredictedOutput
 from ember.spec.speculator import Speculator, build_proposer, load_draft_model
 
@@ -132,7 +133,11 @@ class Engine:
             graph_max_batch,
             self.max_model_len,
             self.loaded.gguf_blocks,
+            config.lora.enable,
+            config.lora.max_rank,
         )
+        for name, path in config.lora.modules.items():
+            self.load_lora(name, path)
         proposer = None
         if config.speculative.method is not None:
             proposer = build_proposer(
@@ -260,15 +265,18 @@ class Engine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         final_only: bool = False,
+        lora: str | None = None,
     ) -> str:
         """Validate and queue a request; returns its id. Raises ValueError with a clear message.
 
         With `final_only`, `step` returns the request's whole output once, when it finishes, instead of a
-        delta at every step: offline generation skips building (and merging) an output per token."""
+        delta at every step: offline generation skips building (and merging) an output per token. `lora`: the
+        name of a loaded LoRA adapter to generate with (None: the base model)."""
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
+        lora_id = self.lora_adapter(lora).adapter_id if lora is not None else 0
         text, ids = self.tokenize(prompt)
         self._check_token_ids(params)
         bad_words = self.bad_words_token_ids(params.bad_words)
@@ -307,6 +315,7 @@ class Engine:
                     self.tokenizer, params.stop, params.include_stop_str_in_output
                 )
             child.bad_words_token_ids = bad_words
+            child.lora_id = lora_id
             if prediction and self.speculator is not None:
                 child.prediction = PredictedOutput(prediction)
             if compiler is not None:
@@ -317,6 +326,37 @@ class Engine:
         for child in children:
             self.scheduler.add(child)
         return request_id
+
+    # ------------------------------------------------------------------------------------------------
+    # LoRA adapters (between steps: the server calls these on the engine thread)
+
+    @property
+    def lora_names(self) -> list[str]:
+        return list(self.runner.lora.adapters) if self.runner.lora is not None else []
+
+    def lora_adapter(self, name: str) -> LoRAAdapter:
+        lora = self.runner.lora
+        if lora is None:
+            raise InvalidParameter("model", f"LoRA adapter {name!r} asked for, but LoRA is off (--enable-lora)")
+        if name not in lora.adapters:
+            loaded = ", ".join(map(repr, lora.adapters)) or "none"
+            raise InvalidParameter("model", f"no LoRA adapter named {name!r} is loaded (loaded: {loaded})")
+        return lora.adapters[name]
+
+    def load_lora(self, name: str, path: str) -> None:
+        """Load a PEFT adapter under `name`; raises ValueError when LoRA is off or the adapter does not fit."""
+        if self.runner.lora is None:
+            raise ValueError("LoRA adapters need the engine started with LoRA enabled (--enable-lora)")
+        self.runner.lora.load(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        """Unload an adapter no unfinished request uses (raises ValueError otherwise)."""
+        adapter_id = self.lora_adapter(name).adapter_id
+        users = sum(1 for group in self.groups.values() for child in group.children if child.lora_id == adapter_id)
+        if users:
+            raise ValueError(f"LoRA adapter {name!r} is in use by {users} unfinished requests; unload it after them")
+        assert self.runner.lora is not None
+        self.runner.lora.unload(name)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is and free its KV blocks at once; returns its final delta."""
@@ -484,7 +524,8 @@ class LLM:
     engine: dtype, device, seed, load_format, block_size, num_blocks, kv_cache_memory, enable_prefix_caching,
     max_num_seqs, max_num_batched_tokens, max_model_len, speculative ("ngram", "suffix", "draft:<model>"),
     num_speculative_tokens, speculative_max_batch_size, prompt_lookup_min and prompt_lookup_max (ngram),
-    enforce_eager (no CUDA graphs), async_scheduling.
+    enforce_eager (no CUDA graphs), async_scheduling, enable_lora, lora_modules ({name: PEFT directory}) and
+    max_lora_rank. `generate(..., lora="name")` runs prompts with an adapter.
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
@@ -500,11 +541,16 @@ class LLM:
         spec_keys = {"speculative": "method", "num_speculative_tokens": "num_speculative_tokens"}
         spec_keys["speculative_max_batch_size"] = "max_batch_size"
         spec_keys |= {"prompt_lookup_min": "prompt_lookup_min", "prompt_lookup_max": "prompt_lookup_max"}
+        lora_keys = {"enable_lora": "enable", "lora_modules": "modules", "max_lora_rank": "max_rank"}
         cache = CacheConfig(**{k: v for k, v in kwargs.items() if k in cache_keys})
         sched = SchedulerConfig(**{k: v for k, v in kwargs.items() if k in sched_keys})
         spec = SpeculativeConfig(**{spec_keys[k]: v for k, v in kwargs.items() if k in spec_keys})
-        rest = {k: v for k, v in kwargs.items() if k not in cache_keys | sched_keys | spec_keys.keys()}
-        self.engine = Engine(EngineConfig(model=model, cache=cache, scheduler=sched, speculative=spec, **rest))
+        lora = LoRAConfig(**{lora_keys[k]: v for k, v in kwargs.items() if k in lora_keys})
+        taken = cache_keys | sched_keys | spec_keys.keys() | lora_keys.keys()
+        rest = {k: v for k, v in kwargs.items() if k not in taken}
+        self.engine = Engine(
+            EngineConfig(model=model, cache=cache, scheduler=sched, speculative=spec, lora=lora, **rest)
+        )
         self.tokenizer = self.engine.tokenizer
 
     def _submit(
@@ -512,6 +558,7 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         params: SamplingParams | Sequence[SamplingParams] | None,
         final_only: bool = False,
+        lora: str | Sequence[str | None] | None = None,
     ) -> list[str]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
@@ -521,10 +568,13 @@ class LLM:
         params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompt_list)
         if len(params_list) != len(prompt_list):
             raise ValueError(f"{len(params_list)} sampling params for {len(prompt_list)} prompts")
+        loras = [lora] * len(prompt_list) if lora is None or isinstance(lora, str) else list(lora)
+        if len(loras) != len(prompt_list):
+            raise ValueError(f"{len(loras)} LoRA adapter names for {len(prompt_list)} prompts")
         ids = []
         try:
-            for prompt, p in zip(prompt_list, params_list, strict=True):
-                ids.append(self.engine.add_request(prompt, p, final_only=final_only))
+            for prompt, p, adapter in zip(prompt_list, params_list, loras, strict=True):
+                ids.append(self.engine.add_request(prompt, p, final_only=final_only, lora=adapter))
         except ValueError:
             for request_id in ids:
                 self.engine.abort_request(request_id)
@@ -535,9 +585,10 @@ class LLM:
         self,
         prompts: PromptType | Sequence[PromptType],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora: str | Sequence[str | None] | None = None,
     ) -> Iterator[RequestOutput]:
         """Submit all prompts to one engine and yield each step's deltas as they are produced."""
-        ids = set(self._submit(prompts, params))
+        ids = set(self._submit(prompts, params, lora=lora))
         try:
             while ids:
                 for out in self.engine.step():
@@ -553,9 +604,11 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
+        lora: str | Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
-        """Generate to completion; outputs in the order of `prompts`."""
-        ids = self._submit(prompts, params, final_only=True)
+        """Generate to completion; outputs in the order of `prompts`. `lora`: an adapter's name for every prompt,
+        or one name (or None: the base model) per prompt."""
+        ids = self._submit(prompts, params, final_only=True, lora=lora)
         results: dict[str, RequestOutput] = {}
         progress = _progress(len(ids)) if use_tqdm else None
         try:

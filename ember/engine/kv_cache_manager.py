@@ -34,7 +34,8 @@ class KVCacheManager:
         tokens = request.all_token_ids
         while len(hashes) < request.num_committed_tokens // bs:
             i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else None, tuple(tokens[i * bs : (i + 1) * bs])))
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block(parent, tuple(tokens[i * bs : (i + 1) * bs]), request.lora_id))
         return hashes
 
     def get_computed_blocks(self, request: Request) -> list[int]:

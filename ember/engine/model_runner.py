@@ -24,6 +24,7 @@ from ember.engine.scheduler import ScheduledRequest
 from ember.kernels import device_tensor, native, use_triton
 from ember.models.decode_stack import NativeDecodeStack
 from ember.models.llama import LlamaForCausalLM
+from ember.models.lora import LoRAModel
 from ember.models.packed_linear import pack_linears
 from ember.models.quantized import QuantizedWeight
 from ember.spec.verify import verify_drafts
@@ -80,10 +81,13 @@ class ModelRunner:
         graph_max_batch: int = 0,
         max_model_len: int | None = None,
         gguf_blocks: dict[str, QuantizedWeight] | None = None,
+        enable_lora: bool = False,
+        max_lora_rank: int | None = None,
     ) -> None:
         """`graph_max_batch` > 0: decode steps of up to that many requests run on `DecodeGraphs` (Triton path
         only), whose block tables are as wide as `max_model_len` (default: the model's). `gguf_blocks`: the
-        quantized weights of a GGUF file, for the CPU's steps of few rows."""
+        quantized weights of a GGUF file, for the CPU's steps of few rows. `enable_lora`: the linears take LoRA
+        adapters (`self.lora`); steps with adapter rows run on the PyTorch model, eagerly."""
         self.model = model
         self.config = model.config
         if torch.device(device).type == "cpu":
@@ -121,6 +125,8 @@ class ModelRunner:
         self.decode_stack = (
             NativeDecodeStack.build(model, self.kv_caches, num_blocks, block_size) if self.use_native_decode else None
         )
+        # wrapped after the C stack took the base weights and before graphs capture the forward (with no adapter)
+        self.lora = LoRAModel(model, dtype, self.device, max_lora_rank) if enable_lora else None
         self.decode_graphs: DecodeGraphs | None = None
         if self.use_triton and graph_max_batch > 0:
             max_len = max_model_len or cfg.max_position_embeddings
@@ -129,7 +135,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledRequest]) -> StepResult:
-        if self.decode_graphs is not None and self.decode_graphs.fits(scheduled):
+        if self._graph_runs(scheduled):
             return self._execute_graph(scheduled)
         as_rows = [self.native_prefill or s.num_tokens == 1 or s.is_decode for s in scheduled]
         decodes = [s for s, rows in zip(scheduled, as_rows, strict=True) if rows]
@@ -154,7 +160,13 @@ class ModelRunner:
                 prompt_rows.append((s, row, s.start))
         meta = self._attention_metadata(decodes, prefills, slots)
         ids, position_ids = device_tensor(input_ids, self.device), device_tensor(positions, self.device)
-        if self.decode_stack is not None and not prefills and len(input_ids) <= self.decode_stack.max_rows:
+        adapted = self.lora is not None and self._set_lora_rows(decodes + prefills, len(input_ids))
+        if (
+            self.decode_stack is not None
+            and not prefills
+            and not adapted
+            and len(input_ids) <= self.decode_stack.max_rows
+        ):
             hidden = self.decode_stack(ids, position_ids, meta)
         else:
             hidden = self.model(ids, position_ids, self.kv_caches, meta)
@@ -168,11 +180,34 @@ class ModelRunner:
 
     def can_launch(self, scheduled: list[ScheduledRequest]) -> bool:
         """Whether `launch` takes this step: a graph decode step whose every row samples on the device."""
+        return self._graph_runs(scheduled) and all(
+            s.completes_sequence and samples_without_sync(s.request) for s in scheduled
+        )
+
+    def _graph_runs(self, scheduled: list[ScheduledRequest]) -> bool:
+        """Whether a CUDA graph runs this step: one that `DecodeGraphs.fits`, with no adapter rows (the graphs
+        hold the base model's forward)."""
         return (
             self.decode_graphs is not None
             and self.decode_graphs.fits(scheduled)
-            and all(s.completes_sequence and samples_without_sync(s.request) for s in scheduled)
+            and (self.lora is None or not any(s.request.lora_id for s in scheduled))
         )
+
+    def _set_lora_rows(self, ordered: list[ScheduledRequest], num_rows: int) -> bool:
+        """Tell the adapted linears which rows of this step (requests in row order) use which adapter; returns
+        whether any does."""
+        assert self.lora is not None
+        rows: dict[int, list[int]] = {}
+        row = 0
+        for s in ordered:
+            if s.request.lora_id:
+                rows.setdefault(s.request.lora_id, []).extend(range(row, row + s.num_tokens))
+            row += s.num_tokens
+        self.lora.batch.groups = [
+            (adapter_id, None if len(adapter_rows) == num_rows else device_tensor(adapter_rows, self.device))
+            for adapter_id, adapter_rows in rows.items()
+        ]
+        return bool(rows)
 
     @torch.inference_mode()
     def launch(self, scheduled: list[ScheduledRequest], previous: LaunchedStep | None = None) -> LaunchedStep:

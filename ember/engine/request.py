@@ -63,6 +63,7 @@ class Request:
         self.block_hashes: list[int] = []  # prefix-cache hashes of the full blocks of all_token_ids
         self.num_cached_blocks = 0  # leading blocks already registered in the prefix cache
         self.num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at admission
+        self.lora_id = 0  # the LoRA adapter it runs with (`LoRAAdapter.adapter_id`); 0: the base model
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None

@@ -38,10 +38,12 @@ from ember.server.protocol import (
     ChatTemplateFields,
     CompletionRequest,
     DetokenizeRequest,
+    LoadLoRAAdapterRequest,
     NamedToolChoice,
     StreamOptions,
     TokenizeRequest,
     Tool,
+    UnloadLoRAAdapterRequest,
     new_id,
     now,
 )
@@ -97,10 +99,12 @@ class OpenAIServer:
         chat_template: str | None = None,
         allowed_origins: list[str] | None = None,
         reasoning: bool | None = None,
+        runtime_lora: bool = False,
     ) -> None:
         """`chat_template` replaces the model's; `allowed_origins` are the browser origins that may call the API
         (None: pages served from this machine, `*`: any); `reasoning`: whether replies are split into thinking
-        and answer (None: when the chat template writes think blocks)."""
+        and answer (None: when the chat template writes think blocks); `runtime_lora`: whether clients may load
+        and unload LoRA adapters."""
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
@@ -109,19 +113,26 @@ class OpenAIServer:
         self.formatter = ChatFormatter(engine.engine.tokenizer, chat_template, reasoning)
         self.max_model_len = engine.engine.max_model_len
         self.response_store = ResponseStore()
+        self.runtime_lora = runtime_lora
 
     # ------------------------------------------------------------------------------------------------
     # Shared pieces
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(
-                404,
-                f"the model {model!r} does not exist; this server serves {self.model_name!r}",
-                "invalid_request_error",
-                "model",
-                "model_not_found",
-            )
+    def check_model(self, model: str | None) -> str:
+        """The model a request names (None: the base model): the base model's name or a LoRA adapter's."""
+        if model is None or model == self.model_name or model in self.engine.engine.lora_names:
+            return model or self.model_name
+        adapters = self.engine.engine.lora_names
+        served = repr(self.model_name) + (
+            f" and the LoRA adapters {', '.join(map(repr, adapters))}" if adapters else ""
+        )
+        raise APIError(
+            404,
+            f"the model {model!r} does not exist; this server serves {served}",
+            "invalid_request_error",
+            "model",
+            "model_not_found",
+        )
 
     def check_prompt_length(self, prompt_ids: list[int], max_tokens: int | None, param: str = "messages") -> None:
         """A prompt that leaves no room to generate is OpenAI's context_length_exceeded, on `param` (the chat's
@@ -144,11 +155,13 @@ class OpenAIServer:
             )
 
     async def stream_outputs(
-        self, prompt: list[int], params: SamplingParams, request_id: str
+        self, prompt: list[int], params: SamplingParams, request_id: str, model: str
     ) -> AsyncIterator[RequestOutput]:
-        """The engine's outputs for one prompt; `request_id` (the API's id) names it in the engine and its logs."""
+        """The engine's outputs for one prompt; `request_id` (the API's id) names it in the engine and its logs;
+        `model` (from `check_model`) is the base model or a LoRA adapter."""
+        lora = None if model == self.model_name else model
         try:
-            async for out in self.engine.generate(prompt, params, request_id):
+            async for out in self.engine.generate(prompt, params, request_id, lora):
                 yield out
         except ValueError as e:
             raise APIError(400, str(e), param=getattr(e, "param", None)) from e
@@ -199,6 +212,7 @@ class OpenAIServer:
 
     def prepare_chat(self, body: ChatCompletionRequest) -> PreparedChat:
         """A chat request ready for the engine (also behind /v1/responses)."""
+        model = self.check_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "'top_logprobs' requires 'logprobs': true", param="top_logprobs")
         tools = self.active_tools(body)
@@ -211,7 +225,7 @@ class OpenAIServer:
         # a constraint that holds from the first token (a schema, required tool calls) leaves no room to think
         free_start = params.structured_outputs is None or (bool(tools) and body.tool_choice in (None, "auto"))
         thinking = prompt_opens_thinking(text) if self.formatter.thinks and free_start else None
-        return PreparedChat(prompt_ids, params, tools, thinking)
+        return PreparedChat(model, prompt_ids, params, tools, thinking)
 
     def chat_prompt(
         self, body: ChatTemplateFields, messages: list[ChatMessage], tools: list[Tool] | None
@@ -239,11 +253,10 @@ class OpenAIServer:
             raise APIError(400, str(e), param="messages") from e
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        self.check_model(body.model)
         chat = self.prepare_chat(body)
         prompt_ids, params = chat.prompt_ids, chat.params
         request_id, created = api_id("chatcmpl", request), now()
-        outputs = self.stream_outputs(prompt_ids, params, request_id)
+        outputs = self.stream_outputs(prompt_ids, params, request_id, chat.model)
         if body.stream:
             first = await anext_or_error(outputs)
             options = body.stream_options or StreamOptions()
@@ -282,7 +295,7 @@ class OpenAIServer:
             "id": request_id,
             "object": "chat.completion",
             "created": created,
-            "model": self.model_name,
+            "model": chat.model,
             "choices": choices,
             "usage": self.usage(
                 len(prompt_ids),
@@ -351,7 +364,7 @@ class OpenAIServer:
         """SSE chunks of a chat completion. A reasoning model's thinking goes out in `reasoning` deltas. With
         tools, text that may open a `<tool_call>` is held back, and each call goes out whole (name and
         arguments) in one `tool_calls` delta once its block closes."""
-        base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
+        base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": chat.model}
         params, prompt_tokens = chat.params, len(chat.prompt_ids)
         completion_tokens = cached = 0
         drafts = prediction_drafts(params, [])
@@ -430,8 +443,8 @@ class OpenAIServer:
             message = f"{LOGPROBS!r} is not served for a thinking model's replies: use /v1/chat/completions"
             raise APIError(400, message, param="include")
         body = body.model_copy(update={"parallel_tool_calls": self.parallel_tool_calls(body.parallel_tool_calls)})
-        builder = ResponseBuilder(body, self.model_name, now(), bool(tools), prepared.opens_thinking)
-        outputs = self.stream_outputs(prompt_ids, params, builder.id)
+        builder = ResponseBuilder(body, prepared.model, now(), bool(tools), prepared.opens_thinking)
+        outputs = self.stream_outputs(prompt_ids, params, builder.id, prepared.model)
         if body.stream:
             first = await anext_or_error(outputs)
             events = self.response_events(builder, conversation, first, outputs, len(prompt_ids))
@@ -498,7 +511,7 @@ class OpenAIServer:
     # Text completions
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        self.check_model(body.model)
+        model = self.check_model(body.model)
         if body.suffix:
             raise APIError(400, "'suffix' is not supported by this server", param="suffix")
         items = prompt_items(body.prompt)
@@ -517,7 +530,7 @@ class OpenAIServer:
                 )
             params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
         request_id, created = api_id("cmpl", request), now()
-        streams = [self.stream_outputs(ids, params, f"{request_id}-{i}") for i, ids in enumerate(prompts)]
+        streams = [self.stream_outputs(ids, params, f"{request_id}-{i}", model) for i, ids in enumerate(prompts)]
         if body.stream:
             merged = merge_streams(streams)
             first = await anext_or_error(merged)
@@ -526,6 +539,7 @@ class OpenAIServer:
                 merged,
                 request_id,
                 created,
+                model,
                 params,
                 sum(len(p) for p in prompts),
                 body.stream_options or StreamOptions(),
@@ -556,7 +570,7 @@ class OpenAIServer:
                 "id": request_id,
                 "object": "text_completion",
                 "created": created,
-                "model": self.model_name,
+                "model": model,
                 "choices": choices,
                 "usage": self.usage(
                     sum(len(p) for p in prompts),
@@ -573,6 +587,7 @@ class OpenAIServer:
         rest: AsyncIterator[tuple[int, RequestOutput]],
         request_id: str,
         created: int,
+        model: str,
         params: SamplingParams,
         prompt_tokens: int,
         options: StreamOptions,
@@ -581,7 +596,7 @@ class OpenAIServer:
     ) -> AsyncIterator[str]:
         """Chunks as tokens arrive; with `echoes`, each choice's first chunk starts with its prompt (and, with
         logprobs, the prompt's tokens)."""
-        base = {"id": request_id, "object": "text_completion", "created": created, "model": self.model_name}
+        base = {"id": request_id, "object": "text_completion", "created": created, "model": model}
         completion_tokens = 0
         offsets: dict[int, int] = {}  # per choice: where its next token's text starts (logprobs' text_offset)
         cached: dict[int, int] = {}
@@ -653,6 +668,36 @@ class OpenAIServer:
             raise APIError(400, str(e), param=getattr(e, "param", None)) from e
 
     # ------------------------------------------------------------------------------------------------
+    # LoRA adapters loaded and unloaded at run time (vLLM's endpoints)
+
+    def check_runtime_lora(self) -> None:
+        if not self.runtime_lora:
+            raise APIError(
+                403,
+                "loading and unloading LoRA adapters at run time is off: start the server with "
+                "--allow-runtime-lora-updating",
+                "permission_error",
+            )
+
+    async def load_lora_adapter(self, body: LoadLoRAAdapterRequest) -> dict[str, Any]:
+        self.check_runtime_lora()
+        if body.lora_name == self.model_name:
+            raise APIError(400, f"{body.lora_name!r} is the base model's name", param="lora_name")
+        try:
+            await self.engine.call(self.engine.engine.load_lora, body.lora_name, body.lora_path)
+        except ValueError as e:
+            raise APIError(400, str(e), param="lora_path") from e
+        return {"status": "ok", "lora_name": body.lora_name}
+
+    async def unload_lora_adapter(self, body: UnloadLoRAAdapterRequest) -> dict[str, Any]:
+        self.check_runtime_lora()
+        try:
+            await self.engine.call(self.engine.engine.unload_lora, body.lora_name)
+        except ValueError as e:
+            raise APIError(400, str(e), param="lora_name") from e
+        return {"status": "ok", "lora_name": body.lora_name}
+
+    # ------------------------------------------------------------------------------------------------
     # Tokenizer endpoints (vLLM's): for clients that count or split tokens as the server does, e.g.
     # lm-evaluation-harness with tokenizer_backend=remote, which then needs no tokenizer of its own
 
@@ -701,8 +746,10 @@ def prompt_items(prompt: str | list[str] | list[int] | list[list[int]]) -> list[
 @dataclass
 class PreparedChat:
     """A chat request ready for the engine: its prompt, sampling parameters, active tools, and whether its
-    reply is split into thinking and answer (None: not; else whether the prompt opened the think block)."""
+    reply is split into thinking and answer (None: not; else whether the prompt opened the think block);
+    `model`, the base model's name or a LoRA adapter's."""
 
+    model: str
     prompt_ids: list[int]
     params: SamplingParams
     tools: list[Tool] | None
@@ -911,23 +958,36 @@ def build_app(server: OpenAIServer) -> FastAPI:
     async def version() -> dict[str, str]:
         return {"version": ember.__version__}
 
-    def model_card() -> dict[str, Any]:
-        return {
-            "id": server.model_name,
+    def model_card(name: str) -> dict[str, Any]:
+        """The base model's card, or a LoRA adapter's (its `parent` the base model, its `root` its directory)."""
+        card = {
+            "id": name,
             "object": "model",
             "created": int(START_TIME),
             "owned_by": "ember",
             "max_model_len": server.max_model_len,
         }
+        adapter = server.engine.engine.runner.lora.adapters.get(name) if name != server.model_name else None
+        if adapter is not None:
+            card |= {"parent": server.model_name, "root": str(adapter.path)}
+        return card
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
+        names = [server.model_name, *server.engine.engine.lora_names]
+        return {"object": "list", "data": [model_card(name) for name in names]}
 
     @app.get("/v1/models/{model:path}")  # a model name may hold slashes ("org/name")
     async def model(model: str) -> dict[str, Any]:
-        server.check_model(model)
-        return model_card()
+        return model_card(server.check_model(model))
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> dict[str, Any]:
+        return await server.load_lora_adapter(body)
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> dict[str, Any]:
+        return await server.unload_lora_adapter(body)
 
     @app.get("/metrics")
     async def metrics() -> Response:

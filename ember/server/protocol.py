@@ -307,6 +307,15 @@ class DetokenizeRequest(OpenAIModel):
     tokens: list[int]
 
 
+class LoadLoRAAdapterRequest(OpenAIModel):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(OpenAIModel):
+    lora_name: str = Field(min_length=1)
+
+
 def new_id(prefix: str, separator: str = "-") -> str:
     """A unique id in OpenAI's style: `chatcmpl-...` on the chat API, `resp_...` on the Responses API."""
     return f"{prefix}{separator}{uuid.uuid4().hex}"

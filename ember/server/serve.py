@@ -97,6 +97,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "'*' for any (default: pages served from this machine, http://localhost:PORT and 127.0.0.1)",
     )
     g.add_argument(
+        "--allow-runtime-lora-updating",
+        action="store_true",
+        help="let API clients load and unload LoRA adapters (POST /v1/load_lora_adapter, /v1/unload_lora_adapter "
+        "with a directory on this machine; vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING); implies --enable-lora",
+    )
+    g.add_argument(
         "--max-waiting",
         type=int,
         default=512,
@@ -140,9 +146,13 @@ def serve(args: argparse.Namespace) -> int:
     chat_template = load_chat_template(args.chat_template) if args.chat_template else None
     stats_interval = None if args.disable_log_stats else interval_from_environment()
     sock = bind_listening_socket(args.host, args.port)
+    args.enable_lora = args.enable_lora or args.allow_runtime_lora_updating
     async_engine = AsyncEngine(lambda: load_llm(args).engine, args.max_waiting)
     engine = async_engine.engine
     name = args.served_model_name or engine.loaded.name
+    if name in engine.lora_names:
+        async_engine.shutdown()
+        raise ValueError(f"the LoRA adapter {name!r} has the served model's name; name it otherwise")
     metrics = EngineMetrics(engine, name)
     async_engine.on_finished, async_engine.on_step = metrics.on_finished, metrics.on_step
     if args.enable_log_requests:
@@ -153,7 +163,16 @@ def serve(args: argparse.Namespace) -> int:
 
         async_engine.on_finished = on_finished
     reasoning = REASONING_PARSERS[args.reasoning_parser]
-    server = OpenAIServer(async_engine, name, metrics, args.api_key, chat_template, args.allowed_origins, reasoning)
+    server = OpenAIServer(
+        async_engine,
+        name,
+        metrics,
+        args.api_key,
+        chat_template,
+        args.allowed_origins,
+        reasoning,
+        runtime_lora=args.allow_runtime_lora_updating,
+    )
     app = build_app(server)
     stats = None if stats_interval is None else StatsLogger(engine, metrics, stats_interval)
     config = uvicorn.Config(

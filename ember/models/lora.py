@@ -1,0 +1,231 @@
+"""LoRA adapters served beside the base model: many adapters, and the base, in one batch.
+
+An adapter is a PEFT directory (`adapter_config.json` + `adapter_model.safetensors`). Its weights are never
+merged into the base: each adapted linear adds `scale * B(A(x))` to the base's output for the rows (tokens) of
+requests that asked for that adapter, so requests of different adapters share every step. Ember's fused
+projections (QKV, gate/up) take the adapters of their parts as one: the parts' A matrices are stacked (one
+shrink matmul) and their B matrices laid block-diagonally into one [out, sum of ranks] matrix (one expand
+matmul). A step without adapter rows costs one empty loop per linear.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ember.config import ModelConfig
+
+# PEFT module name -> (Ember's fused module under the decoder layer, index of its part)
+TARGETS = {
+    "q_proj": ("self_attn.qkv_proj", 0),
+    "k_proj": ("self_attn.qkv_proj", 1),
+    "v_proj": ("self_attn.qkv_proj", 2),
+    "o_proj": ("self_attn.o_proj", 0),
+    "gate_proj": ("mlp.gate_up_proj", 0),
+    "up_proj": ("mlp.gate_up_proj", 1),
+    "down_proj": ("mlp.down_proj", 0),
+}
+# config keys of PEFT features Ember does not serve; each must be unset, false or empty
+UNSUPPORTED_CONFIG = (
+    "use_dora",
+    "modules_to_save",
+    "alpha_pattern",
+    "fan_in_fan_out",
+    "lora_bias",
+    "layer_replication",
+    "trainable_token_indices",
+    "alora_invocation_tokens",
+)
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def fused_parts(config: ModelConfig) -> dict[str, list[int]]:
+    """Output sizes of the parts of each adaptable module, in the order they sit in its output."""
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    inter = config.intermediate_size
+    return {
+        "self_attn.qkv_proj": [q, kv, kv],
+        "self_attn.o_proj": [config.hidden_size],
+        "mlp.gate_up_proj": [inter, inter],
+        "mlp.down_proj": [config.hidden_size],
+    }
+
+
+@dataclass
+class LoRAWeights:
+    """One adapter on one fused linear: `delta = (x @ a.T) @ b.T`, the scale already in `b`."""
+
+    a: torch.Tensor  # [sum of the parts' ranks, in_features]
+    b: torch.Tensor  # [out_features, sum of ranks], block-diagonal over the parts
+
+
+@dataclass
+class LoRAAdapter:
+    name: str
+    path: Path
+    adapter_id: int  # > 0, never reused: the prefix cache keys an adapter's KV by it
+    rank: int  # the largest rank of its modules
+    weights: dict[str, LoRAWeights] = field(default_factory=dict)  # "layers.{i}.{fused module}" -> weights
+
+
+def load_adapter(
+    name: str, path: str | Path, adapter_id: int, config: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> LoRAAdapter:
+    """Read a PEFT LoRA directory for a model of `config`; raises ValueError saying what does not fit."""
+    from safetensors.torch import load_file
+
+    path = Path(path).expanduser()
+    config_file, weights_file = path / "adapter_config.json", path / WEIGHTS_FILE
+    if not config_file.is_file() or not weights_file.is_file():
+        raise ValueError(f"LoRA adapter {name!r}: {path} must hold adapter_config.json and {WEIGHTS_FILE} (PEFT)")
+    peft = json.loads(config_file.read_text())
+    if peft.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"LoRA adapter {name!r}: peft_type {peft.get('peft_type')!r} is not LORA")
+    unsupported = [key for key in UNSUPPORTED_CONFIG if peft.get(key)]
+    if unsupported:
+        raise ValueError(f"LoRA adapter {name!r}: Ember does not serve adapters with {', '.join(unsupported)}")
+    alpha, rslora = float(peft.get("lora_alpha", peft.get("r", 8))), bool(peft.get("use_rslora"))
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in load_file(str(weights_file)).items():
+        layer, target, matrix = _parse_key(name, key)
+        if layer >= config.num_hidden_layers:
+            raise ValueError(f"LoRA adapter {name!r}: {key} is for layer {layer}, the model has "
+                             f"{config.num_hidden_layers}")  # fmt: skip
+        pairs.setdefault((layer, target), {})[matrix] = tensor
+    if not pairs:
+        raise ValueError(f"LoRA adapter {name!r}: {weights_file} holds no LoRA weights")
+    sizes = fused_parts(config)
+    parts: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}  # fused key -> (part, A, scaled B)
+    for (layer, target), pair in sorted(pairs.items()):
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise ValueError(f"LoRA adapter {name!r}: layer {layer} {target} lacks one of lora_A, lora_B")
+        a, b = pair["lora_A"].float(), pair["lora_B"].float()
+        module, part = TARGETS[target]
+        in_features, rank = _in_features(config, target), a.shape[0]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != in_features or b.shape != (sizes[module][part], rank):
+            raise ValueError(
+                f"LoRA adapter {name!r}: layer {layer} {target} has A {tuple(a.shape)} and B {tuple(b.shape)}, "
+                f"but this model needs A [rank, {in_features}] and B [{sizes[module][part]}, rank]: an adapter of "
+                "another base model?"
+            )
+        scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+        parts.setdefault(f"layers.{layer}.{module}", []).append((part, a, b * scale))
+    adapter = LoRAAdapter(name, path, adapter_id, rank=max(a.shape[0] for p in parts.values() for _, a, _ in p))
+    for key, module_parts in parts.items():
+        adapter.weights[key] = _fuse(module_parts, sizes[key.split(".", 2)[2]], dtype, device)
+    return adapter
+
+
+def _in_features(config: ModelConfig, target: str) -> int:
+    if target == "down_proj":
+        return config.intermediate_size
+    if target == "o_proj":
+        return config.num_attention_heads * config.head_dim
+    return config.hidden_size
+
+
+def _parse_key(name: str, key: str) -> tuple[int, str, str]:
+    """(layer, PEFT module, "lora_A" | "lora_B") of a PEFT weight name such as
+    `base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`."""
+    fields = key.split(".")
+    try:
+        index = fields.index("layers")
+        layer, target, matrix = int(fields[index + 1]), fields[index + 3], fields[index + 4]
+    except (ValueError, IndexError):
+        raise ValueError(
+            f"LoRA adapter {name!r}: cannot serve weight {key!r}; Ember adapts the decoder layers' attention and "
+            f"MLP projections ({', '.join(TARGETS)})"
+        ) from None
+    if target not in TARGETS or matrix not in ("lora_A", "lora_B") or fields[-1] != "weight":
+        raise ValueError(
+            f"LoRA adapter {name!r}: cannot serve weight {key!r}; Ember adapts {', '.join(TARGETS)} with lora_A "
+            "and lora_B weights"
+        )
+    return layer, target, matrix
+
+
+def _fuse(
+    parts: list[tuple[int, torch.Tensor, torch.Tensor]], sizes: list[int], dtype: torch.dtype, device: torch.device
+) -> LoRAWeights:
+    """Stack the parts' A matrices and place their B matrices block-diagonally (a missing part adds nothing)."""
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    total_rank = sum(a.shape[0] for _, a, _ in parts)
+    b_full = torch.zeros(sum(sizes), total_rank)
+    column = 0
+    for part, a, b in parts:
+        b_full[offsets[part] : offsets[part] + sizes[part], column : column + a.shape[0]] = b
+        column += a.shape[0]
+    a_full = torch.cat([a for _, a, _ in parts])
+    return LoRAWeights(a_full.to(device, dtype).contiguous(), b_full.to(device, dtype).contiguous())
+
+
+class LoRABatch:
+    """Which rows of the current step use which adapter, shared by every `LoRALinear` of a model. The model
+    runner sets it before each forward; `rows` None means every row of the step."""
+
+    def __init__(self) -> None:
+        self.groups: list[tuple[int, torch.Tensor | None]] = []  # (adapter id, row indices)
+
+
+class LoRALinear(nn.Module):
+    """A base linear plus the deltas of the adapters whose rows are in the step."""
+
+    def __init__(self, base: nn.Module, batch: LoRABatch) -> None:
+        super().__init__()
+        self.base = base
+        self.batch = batch
+        self.adapters: dict[int, LoRAWeights] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        for adapter_id, rows in self.batch.groups:
+            weights = self.adapters.get(adapter_id)
+            if weights is None:  # the adapter leaves this module alone
+                continue
+            if rows is None:
+                y.addmm_(x @ weights.a.t(), weights.b.t())
+            else:
+                y.index_add_(0, rows, (x.index_select(0, rows) @ weights.a.t()) @ weights.b.t())
+        return y
+
+
+class LoRAModel:
+    """The model's adaptable linears wrapped in `LoRALinear`, and the adapters loaded into them, by name."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, device: torch.device, max_rank: int | None = None) -> None:
+        self.config: ModelConfig = model.config
+        self.dtype, self.device, self.max_rank = dtype, device, max_rank
+        self.batch = LoRABatch()
+        self.adapters: dict[str, LoRAAdapter] = {}
+        self._next_id = 1
+        self.linears: dict[str, LoRALinear] = {}
+        for index, layer in enumerate(model.layers):
+            for module in fused_parts(self.config):
+                parent_name, _, child = module.rpartition(".")
+                parent = layer.get_submodule(parent_name)
+                wrapped = LoRALinear(getattr(parent, child), self.batch)
+                setattr(parent, child, wrapped)
+                self.linears[f"layers.{index}.{module}"] = wrapped
+
+    def load(self, name: str, path: str | Path) -> LoRAAdapter:
+        """Load an adapter under `name` (a name not in use); raises ValueError when it cannot be served."""
+        if name in self.adapters:
+            raise ValueError(f"a LoRA adapter named {name!r} is already loaded")
+        adapter = load_adapter(name, path, self._next_id, self.config, self.dtype, self.device)
+        if self.max_rank is not None and adapter.rank > self.max_rank:
+            raise ValueError(f"LoRA adapter {name!r} has rank {adapter.rank}, above --max-lora-rank {self.max_rank}")
+        self._next_id += 1
+        for key, weights in adapter.weights.items():
+            self.linears[key].adapters[adapter.adapter_id] = weights
+        self.adapters[name] = adapter
+        return adapter
+
+    def unload(self, name: str) -> None:
+        adapter = self.adapters.pop(name)
+        for linear in self.linears.values():
+            linear.adapters.pop(adapter.adapter_id, None)

@@ -297,12 +297,17 @@ def load_llm(args: argparse.Namespace) -> Any:
         return LLM(args.model, **engine_kwargs(args))
 
 
+GENERATE_ADAPTER = "--lora"  # the name `ember generate --lora PATH` loads its adapter under
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     params = sampling_params(args)
     if not args.prompt:
         raise ValueError("the prompt is empty")
+    if args.lora is not None:
+        args.lora_modules.append((GENERATE_ADAPTER, args.lora))
     llm = load_llm(args)
-    for delta in llm.stream(args.prompt, params):
+    for delta in llm.stream(args.prompt, params, lora=None if args.lora is None else GENERATE_ADAPTER):
         for out in delta.outputs:
             sys.stdout.write(out.text)
             sys.stdout.flush()
@@ -386,6 +391,13 @@ def cmd_bench_latency(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_lora(args: argparse.Namespace) -> int:
+    from ember.bench.lora import bench_lora
+
+    bench_lora(args)
+    return 0
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     import asyncio
     import contextlib
@@ -442,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     gen = sub.add_parser("generate", help="complete a prompt and print the text as it is generated")
     gen.add_argument("prompt", help="the prompt text (no chat template; see `ember chat`)")
+    gen.add_argument("--lora", metavar="PATH", default=None, help="generate with this LoRA adapter (a PEFT directory)")
     add_engine_args(gen)
     add_sampling_args(gen, max_tokens=64)
     gen.set_defaults(func=cmd_generate)
@@ -499,6 +512,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(latency)
     add_latency_args(latency)
     latency.set_defaults(func=cmd_bench_latency)
+    lora = bench_sub.add_parser(
+        "lora", help="output tok/s and TPOT with no LoRA adapter, one, and several mixed in each batch"
+    )
+    add_engine_args(lora)
+    from ember.bench.lora import add_lora_bench_args
+
+    add_lora_bench_args(lora)
+    lora.set_defaults(func=cmd_bench_lora)
     from ember.agents.cli import add_agent_args, add_mcp_transport_args, add_sandbox_args
 
     agent = sub.add_parser(

@@ -109,6 +109,11 @@ def test_generate_with_a_schema_file_prints_valid_json(tmp_path) -> None:
         (["serve", "--speculative-config", '{"method": "eagle"}'], "method must be ngram, suffix or draft_model"),
         (["serve", "--speculative-config", '{"method": "ngram", "k": 1}'], "k: not served"),
         (["generate", "hi", "--speculative-config", '{"method": "ngram"}', "--speculative", "suffix"], "not both"),
+        (["serve", "--lora-modules", "sql"], "expected NAME=PATH, got 'sql'"),
+        (["serve", "--lora-modules", '{"name": "sql"}'], 'a JSON entry needs "name" and "path" strings'),
+        (["serve", "--lora-modules", "a=/x", "a=/y", "--port", "0"], "--lora-modules names a more than once"),
+        (["serve", "--max-lora-rank", "0", "--port", "0"], "max_lora_rank must be at least 1"),
+        (["generate", "hi", "--lora", "/no/such/adapter"], "must hold adapter_config.json"),
     ],
 )
 def test_errors_are_one_clear_line(args: list[str], message: str) -> None:
@@ -126,6 +131,30 @@ def test_bench_latency_with_predicted_outputs_compares_the_same_replies(tmp_path
     assert off["speculative"] is None and off["draft_tokens"] == 0
     assert on["speculative"] == "prediction" and on["acceptance_rate"] > 0.3
     assert on["output_tokens"] == off["output_tokens"]  # in float32, the same replies
+
+
+def test_bench_lora_runs_the_same_requests_with_and_without_adapters(tiny_models: dict, tmp_path) -> None:
+    workload = tmp_path / "workload.json"
+    requests = [{"prompt_ids": [5 + i, 6, 7, 8], "max_new_tokens": 6 + i} for i in range(3)]
+    workload.write_text(json.dumps({"requests": requests}))
+    report = tmp_path / "lora.json"
+    model = str(tiny_models["llama3"][0])
+    args = ["--model", model, "--dtype", "float32", "--workload", str(workload), "--batch-sizes", "1,2"]
+    result = ember("bench", "lora", *args, "--num-adapters", "2", "--lora-rank", "4", "--json", str(report))
+    assert result.returncode == 0, result.stderr
+    runs = json.loads(report.read_text())["runs"]
+    assert [(r["batch"], r["adapters"]) for r in runs] == [(b, m) for b in (1, 2) for m in ("none", "one", "2 mixed")]
+    assert {r["output_tokens"] for r in runs} == {6 + 7 + 8}
+    assert "2 mixed" in result.stdout
+
+
+def test_lora_modules_take_vllms_two_forms() -> None:
+    from ember.cli import build_parser, engine_kwargs
+
+    modules = ['{"name": "sql", "path": "/adapters/sql", "base_model_name": "x"}', "chat=/adapters/chat"]
+    kwargs = engine_kwargs(build_parser().parse_args(["serve", "--lora-modules", *modules, "--max-lora-rank", "64"]))
+    assert kwargs["lora_modules"] == {"sql": "/adapters/sql", "chat": "/adapters/chat"}
+    assert kwargs["max_lora_rank"] == 64
 
 
 def test_vllms_speculative_config_configures_the_engine(tiny_models: dict) -> None:

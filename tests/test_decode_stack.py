@@ -29,7 +29,7 @@ class CountingStack:
 
 
 def generate_both_ways(
-    llm: LLM, prompts: list, max_tokens: list[int], temperature: float = 0.0
+    llm: LLM, prompts: list, max_tokens: list[int], temperature: float = 0.0, lora: list[str | None] | None = None
 ) -> tuple[list, list, list[int]]:
     """(outputs with the stack, outputs of the PyTorch model, row counts of the stack's steps)."""
     runner = llm.engine.runner
@@ -41,10 +41,10 @@ def generate_both_ways(
     ]
     runner.decode_stack = counting
     try:
-        with_stack = llm.generate(prompts, params)
+        with_stack = llm.generate(prompts, params, lora=lora)
         runner.decode_stack = None
         llm.engine.reset_prefix_cache()
-        plain = llm.generate(prompts, params)
+        plain = llm.generate(prompts, params, lora=lora)
     finally:
         runner.decode_stack = counting.stack
     return with_stack, plain, counting.rows
@@ -85,6 +85,30 @@ def test_tiny_gguf_models_are_bit_identical(
     with_stack, plain, rows = generate_both_ways(llm, prompts, [20, 12, 16])
     assert_identical(with_stack, plain)
     assert rows and max(rows) == 3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_of_lora_adapters_are_bit_identical(
+    tmp_path: Path,
+    hf_llama: Any,  # noqa: F811
+    dtype: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two adapters and the base model in the same steps: each linear adds its rows' deltas in the stack too."""
+    from tests.test_lora import ADAPTERS, save_adapter
+
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path / "cache"))
+    hf_llama.save_pretrained(str(tmp_path / "hf"))
+    adapters = {name: str(save_adapter(tmp_path / "hf", config, tmp_path / name)) for name, config in ADAPTERS.items()}
+    path = tmp_path / "tiny-Q8_0.gguf"
+    write_gguf(path, hf_llama, GGMLQuantizationType.Q8_0)
+    llm = LLM(str(path), num_blocks=64, dtype=dtype, lora_modules=adapters)
+    prompts = [[5, 17, 33, 200, 91, 7, 64], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [100, 101], [5, 17, 33, 200, 91, 7, 64]]
+    lora = ["attn", "all", None, None]
+    with_stack, plain, rows = generate_both_ways(llm, prompts, [20, 12, 16, 20], lora=lora)
+    assert_identical(with_stack, plain)
+    assert rows and max(rows) == 4
+    assert with_stack[0].outputs[0].token_ids != with_stack[3].outputs[0].token_ids  # the adapter changed it
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from ember.engine.engine import LLM
 from ember.engine.sampling_params import InvalidParameter, SamplingParams
+from ember.models.lora import LoRABatch, LoRALinear, LoRAWeights, native_kernel
 from tests.conftest import make_tiny_hf_model
 from tests.test_tiny_parity import hf_reference, random_prompts
 
@@ -39,6 +40,30 @@ def save_adapter(base_dir: Path, config: LoraConfig, directory: Path, seed: int 
     model = get_peft_model(base, copy.deepcopy(config))  # PEFT writes the base model's path into its config
     model.save_pretrained(str(directory))
     return directory
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_native_kernel_adds_each_rows_adapter_delta(dtype: torch.dtype, tolerance: float) -> None:
+    """The CPU kernel against PyTorch: rows of two adapters (ranks 3 and 8), rows without one, and an adapter
+    slot that leaves the linear alone."""
+    kernel = native_kernel(dtype, torch.device("cpu"))
+    if kernel is None:
+        pytest.skip("no C compiler here")
+    torch.manual_seed(0)
+    rows, k, n = 7, 40, 300  # n spans several of the kernel's column chunks
+    slots = [LoRAWeights(torch.randn(3, k), torch.randn(3, n)), None, LoRAWeights(torch.randn(8, k), torch.randn(8, n))]
+    slots = [None if w is None else LoRAWeights(w.a.to(dtype), w.b_t.to(dtype)) for w in slots]
+    row_slots = torch.tensor([0, -1, 2, 2, 1, 0, -1])
+    linear = LoRALinear(torch.nn.Identity(), LoRABatch(), kernel)
+    linear.set_slots(slots)
+    x, y = torch.randn(rows, k).to(dtype), torch.randn(rows, n).to(dtype)
+    expected = y.double().clone()
+    for r, slot in enumerate(row_slots.tolist()):
+        if slot >= 0 and slots[slot] is not None:
+            weights = slots[slot]
+            expected[r] += (x[r].double() @ weights.a.double().t()) @ weights.b_t.double()
+    kernel(x.data_ptr(), y.data_ptr(), *linear.table, row_slots.data_ptr(), rows, n, k)
+    torch.testing.assert_close(y.double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
 
 
 @pytest.fixture(scope="module", params=["llama3", "qwen3"])  # QKV rotated in place; Qwen3's per-head q/k norms

@@ -34,9 +34,15 @@ class Timing:
 
 
 def run_closed_loop(
-    llm: Any, requests: list[BenchRequest], concurrency: int, ignore_eos: bool, predicted: bool = False
+    llm: Any,
+    requests: list[BenchRequest],
+    concurrency: int,
+    ignore_eos: bool,
+    predicted: bool = False,
+    adapters: list[str | None] | None = None,
 ) -> dict[str, Any]:
-    """Run `requests` greedily, `concurrency` at a time; `predicted`: each sends its predicted output."""
+    """Run `requests` greedily, `concurrency` at a time; `predicted`: each sends its predicted output;
+    `adapters`: the LoRA adapters the requests take in turn."""
     engine = llm.engine
     pending = list(requests)
     timings: dict[str, Timing] = {}
@@ -49,7 +55,8 @@ def run_closed_loop(
             params = SamplingParams(
                 max_tokens=request.max_new_tokens, temperature=0, ignore_eos=ignore_eos, prediction=prediction
             )
-            timings[engine.add_request(request.prompt_ids, params)] = Timing(time.perf_counter())
+            lora = adapters[len(timings) % len(adapters)] if adapters else None
+            timings[engine.add_request(request.prompt_ids, params, lora=lora)] = Timing(time.perf_counter())
             in_flight += 1
         for out in engine.step():
             now, timing = time.perf_counter(), timings[out.request_id]

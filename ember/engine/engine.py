@@ -345,9 +345,7 @@ class Engine:
 
     def load_lora(self, name: str, path: str) -> None:
         """Load a PEFT adapter under `name`; raises ValueError when LoRA is off or the adapter does not fit."""
-        if self.runner.lora is None:
-            raise ValueError("LoRA adapters need the engine started with LoRA enabled (--enable-lora)")
-        self.runner.lora.load(name, path)
+        self.runner.load_lora(name, path)
 
     def unload_lora(self, name: str) -> None:
         """Unload an adapter no unfinished request uses (raises ValueError otherwise)."""
@@ -355,8 +353,7 @@ class Engine:
         users = sum(1 for group in self.groups.values() for child in group.children if child.lora_id == adapter_id)
         if users:
             raise ValueError(f"LoRA adapter {name!r} is in use by {users} unfinished requests; unload it after them")
-        assert self.runner.lora is not None
-        self.runner.lora.unload(name)
+        self.runner.unload_lora(name)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is and free its KV blocks at once; returns its final delta."""

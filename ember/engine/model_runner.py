@@ -127,6 +127,8 @@ class ModelRunner:
         )
         # wrapped after the C stack took the base weights and before graphs capture the forward (with no adapter)
         self.lora = LoRAModel(model, dtype, self.device, max_lora_rank) if enable_lora else None
+        if self.lora is not None and self.decode_stack is not None:
+            self.decode_stack.attach_lora(self.lora.tables())
         self.decode_graphs: DecodeGraphs | None = None
         if self.use_triton and graph_max_batch > 0:
             max_len = max_model_len or cfg.max_position_embeddings
@@ -160,14 +162,12 @@ class ModelRunner:
                 prompt_rows.append((s, row, s.start))
         meta = self._attention_metadata(decodes, prefills, slots)
         ids, position_ids = device_tensor(input_ids, self.device), device_tensor(positions, self.device)
-        adapted = self.lora is not None and self._set_lora_rows(decodes + prefills, len(input_ids))
-        if (
-            self.decode_stack is not None
-            and not prefills
-            and not adapted
-            and len(input_ids) <= self.decode_stack.max_rows
-        ):
-            hidden = self.decode_stack(ids, position_ids, meta)
+        adapted = self.lora is not None and self.lora.set_step(
+            [(s.request.lora_id, s.num_tokens) for s in decodes + prefills]
+        )
+        if self.decode_stack is not None and not prefills and len(input_ids) <= self.decode_stack.max_rows:
+            lora_slots = self.lora.batch.slots if adapted and self.lora is not None else None
+            hidden = self.decode_stack(ids, position_ids, meta, lora_slots)
         else:
             hidden = self.model(ids, position_ids, self.kv_caches, meta)
         for s, row, first in prompt_rows:
@@ -177,6 +177,20 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[device_tensor(sample_rows, self.device)])
             self._sample(logits, [s for s in decodes + prefills if s.completes_sequence], result)
         return result
+
+    def load_lora(self, name: str, path: str) -> None:
+        """Load a LoRA adapter (raises ValueError when LoRA is off or the adapter does not fit this model)."""
+        if self.lora is None:
+            raise ValueError("LoRA adapters need the engine started with LoRA enabled (--enable-lora)")
+        self.lora.load(name, path)
+        if self.decode_stack is not None:
+            self.decode_stack.attach_lora(self.lora.tables())
+
+    def unload_lora(self, name: str) -> None:
+        assert self.lora is not None
+        self.lora.unload(name)
+        if self.decode_stack is not None:
+            self.decode_stack.attach_lora(self.lora.tables())
 
     def can_launch(self, scheduled: list[ScheduledRequest]) -> bool:
         """Whether `launch` takes this step: a graph decode step whose every row samples on the device."""
@@ -192,22 +206,6 @@ class ModelRunner:
             and self.decode_graphs.fits(scheduled)
             and (self.lora is None or not any(s.request.lora_id for s in scheduled))
         )
-
-    def _set_lora_rows(self, ordered: list[ScheduledRequest], num_rows: int) -> bool:
-        """Tell the adapted linears which rows of this step (requests in row order) use which adapter; returns
-        whether any does."""
-        assert self.lora is not None
-        rows: dict[int, list[int]] = {}
-        row = 0
-        for s in ordered:
-            if s.request.lora_id:
-                rows.setdefault(s.request.lora_id, []).extend(range(row, row + s.num_tokens))
-            row += s.num_tokens
-        self.lora.batch.groups = [
-            (adapter_id, None if len(adapter_rows) == num_rows else device_tensor(adapter_rows, self.device))
-            for adapter_id, adapter_rows in rows.items()
-        ]
-        return bool(rows)
 
     @torch.inference_mode()
     def launch(self, scheduled: list[ScheduledRequest], previous: LaunchedStep | None = None) -> LaunchedStep:

@@ -33,6 +33,9 @@ class _QuantizedLinear(ctypes.Structure):
         ("fn", _ptr),
         ("out_features", _i64),
         ("in_features", _i64),
+        ("lora_a", _ptr),  # LoRA adapters by slot (`LoRALinear.table`); NULL: none
+        ("lora_b", _ptr),
+        ("lora_ranks", _ptr),
     ]
 
 
@@ -60,7 +63,7 @@ class _DecodeStack(ctypes.Structure):
         ("scale", _f32),
         ("layers", ctypes.POINTER(_DecoderLayer)),
         *((name, _ptr) for name in ("embedding", "final_norm", "cos", "sin")),
-        *((name, _ptr) for name in ("rms_norm", "rotary", "silu_and_mul", "paged_decode", "write_kv")),
+        *((name, _ptr) for name in ("rms_norm", "rotary", "silu_and_mul", "paged_decode", "write_kv", "lora_add")),
         *((name, _ptr) for name in SCRATCH),
         ("cos_rows", _ptr),
         ("sin_rows", _ptr),
@@ -169,11 +172,27 @@ class NativeDecodeStack:
             _address(getattr(library, f"silu_and_mul_{suffix}")),
             _address(getattr(library, f"paged_decode_{suffix}")),
             _address(library.write_kv),
+            _address(getattr(library, f"lora_add_{suffix}")),
             *(self._scratch[name].data_ptr() for name in SCRATCH),
             *(t.data_ptr() for t in self._rope_rows),
         )
 
-    def __call__(self, token_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def attach_lora(self, tables: list[list[tuple[ctypes.Array, ...]]]) -> None:
+        """Point each layer's linears (qkv, o, gate_up, down) at their LoRA tables, after adapters are loaded or
+        unloaded (the tables are rebuilt then)."""
+        for layer, layer_tables in zip(self._layers, tables, strict=True):
+            for part, table in zip((layer.qkv, layer.o, layer.gate_up, layer.down), layer_tables, strict=True):
+                part.lora_a, part.lora_b, part.lora_ranks = (ctypes.cast(t, ctypes.c_void_p) for t in table)
+        self._lora_tables = tables  # kept alive while the stack points at them
+
+    def __call__(
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        lora_slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`lora_slots`: each row's LoRA adapter slot (-1: none), when the step has adapter rows."""
         rows = token_ids.shape[0]
         tables, lens, row_tables = meta.decode_block_tables, meta.decode_context_lens, meta.decode_row_tables
         assert rows == meta.num_decode_tokens <= self.max_rows and not meta.prefills
@@ -187,6 +206,7 @@ class NativeDecodeStack:
             None if row_tables is None else row_tables.data_ptr(),
             lens.data_ptr(),
             meta.slot_mapping.data_ptr(),
+            None if lora_slots is None else lora_slots.data_ptr(),
             rows,
             tables.shape[1],
             out.data_ptr(),

@@ -1,6 +1,6 @@
 // A whole decode step of a Llama-family model for a few rows, in one call: embedding rows, every layer
 // (RMSNorm, QKV from the GGUF blocks, rotary, paged attention that also stores the new K/V, O, RMSNorm,
-// gate/up, SiLU-and-mul, down), then the final norm.
+// gate/up, SiLU-and-mul, down), then the final norm. Rows of LoRA adapters add their deltas after each linear.
 //
 // Each stage calls the same kernel the PyTorch model calls (passed in as function pointers, so this file
 // needs no ISA of its own), on the same inputs, in the same order: the hidden states are bit-identical to
@@ -24,10 +24,20 @@ typedef void (*paged_decode_fn)(const void* q, const void* k_new, const void* v_
                                 void* out, int64_t D, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t d,
                                 int64_t MAXB, float scale);
 
+typedef void (*lora_add_fn)(const void* x, void* y, const void* const* a, const void* const* b, const int64_t* ranks,
+                            const int64_t* slots, int64_t M, int64_t N, int64_t K);
+
+typedef struct {
+    const void* const* a;  // per adapter slot: A, B transposed, rank (lora.c); NULL: no adapter loaded
+    const void* const* b;
+    const int64_t* ranks;
+} LoRATable;
+
 typedef struct {
     const void *quants, *scales, *mins, *bias;  // mins and bias may be NULL
     quantized_linear_fn fn;                     // the kernel of its format (q4/q8) and activation dtype
     int64_t out_features, in_features;
+    LoRATable lora;
 } QuantizedLinear;
 
 typedef struct {
@@ -48,6 +58,7 @@ typedef struct {
     silu_and_mul_fn silu_and_mul;
     paged_decode_fn paged_decode;
     write_kv_fn write_kv;
+    lora_add_fn lora_add;
     // scratch for `max_rows` rows
     void *x, *h, *residual, *qkv, *q, *k, *v, *attn, *gate_up, *act;
     float *cos_rows, *sin_rows;
@@ -55,15 +66,24 @@ typedef struct {
 
 static inline char* row(void* base, int64_t r, int64_t width, int64_t elem) { return (char*)base + r * width * elem; }
 
+// out = p(x), plus each row's LoRA delta when the step has adapter rows (`lora_slots`, -1: none)
+static inline void linear(const DecodeStack* s, const QuantizedLinear* p, const void* x, void* out, int64_t rows,
+                          const int64_t* lora_slots) {
+    p->fn(p->quants, p->scales, p->mins, p->bias, x, out, rows, p->out_features, p->in_features);
+    if (lora_slots && p->lora.a) {
+        s->lora_add(x, out, p->lora.a, p->lora.b, p->lora.ranks, lora_slots, rows, p->out_features, p->in_features);
+    }
+}
+
 // Hidden states after the final norm, [rows, hidden] into `out`, of `rows` query rows: token_ids and positions
 // per row; row b attends through block table b (max_blocks wide), or row_tables[b] when given, to the first
 // context_lens[b] tokens of its sequence, its own included. Without row_tables each row is its sequence's
 // one new token, whose K/V the attention kernel stores at context_lens[b] - 1; with them, rows of one
 // sequence (drafts being verified, a prefill chunk) read each other's new K/V, so all are first stored at
-// their `slots`.
+// their `slots`. `lora_slots` (NULL: none) gives each row's LoRA adapter slot.
 void decode_stack(const DecodeStack* s, const int64_t* token_ids, const int64_t* positions,
                   const int64_t* block_tables, const int64_t* row_tables, const int64_t* context_lens,
-                  const int64_t* slots, int64_t rows, int64_t max_blocks, void* out) {
+                  const int64_t* slots, const int64_t* lora_slots, int64_t rows, int64_t max_blocks, void* out) {
     const int64_t E = s->elem_size, H = s->hidden, d = s->head_dim, half = d / 2;
     const int64_t Q = s->heads * d, KV = s->kv_heads * d, QKV = Q + 2 * KV;
     for (int64_t r = 0; r < rows; r++) {
@@ -78,8 +98,7 @@ void decode_stack(const DecodeStack* s, const int64_t* token_ids, const int64_t*
         } else {  // residual += x, h = norm(residual)
             s->rms_norm(s->x, s->residual, L->input_norm, s->h, rows, H, H, s->eps);
         }
-        const QuantizedLinear* p = &L->qkv;
-        p->fn(p->quants, p->scales, p->mins, p->bias, s->h, s->qkv, rows, p->out_features, p->in_features);
+        linear(s, &L->qkv, s->h, s->qkv, rows, lora_slots);
         s->rotary(s->qkv, s->cos_rows, s->sin_rows, rows, s->heads + s->kv_heads, d, QKV);
         for (int64_t r = 0; r < rows; r++) {  // the kernel takes q, k and v each contiguous
             const char* src = row(s->qkv, r, QKV, E);
@@ -94,14 +113,11 @@ void decode_stack(const DecodeStack* s, const int64_t* token_ids, const int64_t*
         s->paged_decode(s->q, row_tables ? NULL : s->k, row_tables ? NULL : s->v, L->k_cache, L->v_cache, block_tables,
                         row_tables, context_lens, s->attn, rows, s->heads, s->kv_heads, s->num_blocks, s->block_size, d,
                         max_blocks, s->scale);
-        p = &L->o;
-        p->fn(p->quants, p->scales, p->mins, p->bias, s->attn, s->x, rows, p->out_features, p->in_features);
+        linear(s, &L->o, s->attn, s->x, rows, lora_slots);
         s->rms_norm(s->x, s->residual, L->post_attention_norm, s->h, rows, H, H, s->eps);
-        p = &L->gate_up;
-        p->fn(p->quants, p->scales, p->mins, p->bias, s->h, s->gate_up, rows, p->out_features, p->in_features);
+        linear(s, &L->gate_up, s->h, s->gate_up, rows, lora_slots);
         s->silu_and_mul(s->gate_up, s->act, rows, s->intermediate);
-        p = &L->down;
-        p->fn(p->quants, p->scales, p->mins, p->bias, s->act, s->x, rows, p->out_features, p->in_features);
+        linear(s, &L->down, s->act, s->x, rows, lora_slots);
     }
     s->rms_norm(s->x, s->residual, s->final_norm, out, rows, H, H, s->eps);
 }

@@ -476,6 +476,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(srv)
     add_serve_args(srv)
     srv.set_defaults(func=serve)
+    from ember.server.run_batch import add_run_batch_args, run_batch
+
+    batch = sub.add_parser(
+        "run-batch",
+        help="answer a JSONL file of OpenAI Batch API requests offline, as the server would (exit 1 if any failed)",
+    )
+    add_engine_args(batch)
+    add_run_batch_args(batch)
+    batch.set_defaults(func=run_batch)
     bench = sub.add_parser(
         "bench", help="measure Ember: throughput vs baselines, a server's latency, agent sessions, speculation"
     )

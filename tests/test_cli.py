@@ -114,6 +114,8 @@ def test_generate_with_a_schema_file_prints_valid_json(tmp_path) -> None:
         (["serve", "--lora-modules", "a=/x", "a=/y", "--port", "0"], "--lora-modules names a more than once"),
         (["serve", "--max-lora-rank", "0", "--port", "0"], "max_lora_rank must be at least 1"),
         (["generate", "hi", "--lora", "/no/such/adapter"], "must hold adapter_config.json"),
+        (["run-batch", "-i", "/no/such.jsonl", "-o", "-"], "cannot read the input file '/no/such.jsonl'"),
+        (["run-batch", "-i", "/dev/null", "-o", "-"], "the input file '/dev/null' holds no request"),
     ],
 )
 def test_errors_are_one_clear_line(args: list[str], message: str) -> None:

@@ -1,0 +1,59 @@
+"""`ember run-batch`: OpenAI Batch API files through the server's handlers, offline, with the real SmolLM2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ember.engine.engine import LLM
+from ember.engine.sampling_params import SamplingParams
+from tests.test_cli import ember
+
+
+def request(custom_id: str, url: str, body: dict) -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+
+
+def test_run_batch_answers_each_line_as_the_server_would(tmp_path: Path, smollm: LLM) -> None:
+    chat = {"messages": [{"role": "user", "content": "What is 2+2?"}], "max_tokens": 12, "temperature": 0}
+    lines = [
+        request("chat", "/v1/chat/completions", chat),
+        request(
+            "completion", "/v1/completions", {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+        ),
+        "not json",
+        request("embeddings", "/v1/embeddings", {"input": "x"}),
+        request("bad-param", "/v1/completions", {"prompt": "x", "max_tokens": -1}),
+        request("stream", "/v1/chat/completions", {**chat, "stream": True}),
+        "",  # blank lines are skipped
+        request("response", "/v1/responses", {"input": "Say hi", "max_output_tokens": 8, "temperature": 0}),
+    ]
+    source, results = tmp_path / "batch.jsonl", tmp_path / "results.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    run = ember("run-batch", "-i", str(source), "-o", str(results), "--dtype", "float32")
+    assert run.returncode == 1, run.stderr  # some lines failed
+    assert "7 requests: 3 answered, 4 failed" in run.stderr
+    records = [json.loads(line) for line in results.read_text().splitlines()]
+    ids = [r["custom_id"] for r in records]
+    assert ids == ["chat", "completion", None, "embeddings", "bad-param", "stream", "response"]  # input order
+    by_id = {r["custom_id"]: r for r in records}
+    completion = by_id["completion"]["response"]
+    assert completion["status_code"] == 200 and completion["request_id"] == completion["body"]["id"]
+    expected = smollm.generate("The capital of France is", SamplingParams(max_tokens=8, temperature=0))[0]
+    assert completion["body"]["choices"][0]["text"] == expected.outputs[0].text
+    assert by_id["chat"]["response"]["body"]["choices"][0]["message"]["content"]
+    assert by_id["response"]["response"]["body"]["object"] == "response"
+    refused = by_id["bad-param"]["response"]
+    assert refused["status_code"] == 400 and refused["body"]["error"]["param"] == "max_tokens"
+    assert "not valid JSON" in records[2]["error"]["message"] and records[2]["response"] is None
+    assert "'/v1/embeddings' is not served" in by_id["embeddings"]["error"]["message"]
+    assert "cannot stream" in by_id["stream"]["error"]["message"]
+
+
+def test_a_batch_without_errors_exits_0_and_can_write_to_stdout(tmp_path: Path) -> None:
+    source = tmp_path / "batch.jsonl"
+    source.write_text(request("one", "/v1/completions", {"prompt": "Hello", "max_tokens": 3}) + "\n")
+    run = ember("run-batch", "-i", str(source), "-o", "-")
+    assert run.returncode == 0, run.stderr
+    [record] = [json.loads(line) for line in run.stdout.splitlines()]
+    assert record["custom_id"] == "one" and record["response"]["status_code"] == 200

@@ -471,7 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
     from ember.server.serve import add_serve_args, serve
 
-    srv = sub.add_parser("serve", help="serve the OpenAI-compatible API (chat, completions, models, metrics)")
+    srv = sub.add_parser(
+        "serve", help="serve the OpenAI-compatible API (chat, completions, responses, embeddings, models, metrics)"
+    )
     srv.add_argument("model_path", nargs="?", metavar="MODEL", help="the model, as --model (vllm serve's form)")
     add_engine_args(srv)
     add_serve_args(srv)

@@ -22,20 +22,21 @@ def test_run_batch_answers_each_line_as_the_server_would(tmp_path: Path, smollm:
             "completion", "/v1/completions", {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
         ),
         "not json",
-        request("embeddings", "/v1/embeddings", {"input": "x"}),
+        request("speech", "/v1/audio/speech", {"input": "x"}),
         request("bad-param", "/v1/completions", {"prompt": "x", "max_tokens": -1}),
         request("stream", "/v1/chat/completions", {**chat, "stream": True}),
         "",  # blank lines are skipped
         request("response", "/v1/responses", {"input": "Say hi", "max_output_tokens": 8, "temperature": 0}),
+        request("embedding", "/v1/embeddings", {"input": ["Hello", "world"]}),
     ]
     source, results = tmp_path / "batch.jsonl", tmp_path / "results.jsonl"
     source.write_text("\n".join(lines) + "\n")
     run = ember("run-batch", "-i", str(source), "-o", str(results), "--dtype", "float32")
     assert run.returncode == 1, run.stderr  # some lines failed
-    assert "7 requests: 3 answered, 4 failed" in run.stderr
+    assert "8 requests: 4 answered, 4 failed" in run.stderr
     records = [json.loads(line) for line in results.read_text().splitlines()]
     ids = [r["custom_id"] for r in records]
-    assert ids == ["chat", "completion", None, "embeddings", "bad-param", "stream", "response"]  # input order
+    assert ids == ["chat", "completion", None, "speech", "bad-param", "stream", "response", "embedding"]  # in order
     by_id = {r["custom_id"]: r for r in records}
     completion = by_id["completion"]["response"]
     assert completion["status_code"] == 200 and completion["request_id"] == completion["body"]["id"]
@@ -46,7 +47,9 @@ def test_run_batch_answers_each_line_as_the_server_would(tmp_path: Path, smollm:
     refused = by_id["bad-param"]["response"]
     assert refused["status_code"] == 400 and refused["body"]["error"]["param"] == "max_tokens"
     assert "not valid JSON" in records[2]["error"]["message"] and records[2]["response"] is None
-    assert "'/v1/embeddings' is not served" in by_id["embeddings"]["error"]["message"]
+    assert "'/v1/audio/speech' is not served" in by_id["speech"]["error"]["message"]
+    vectors = by_id["embedding"]["response"]["body"]["data"]
+    assert len(vectors) == 2 and abs(sum(x * x for x in vectors[0]["embedding"]) - 1) < 1e-4
     assert "cannot stream" in by_id["stream"]["error"]["message"]
 
 

@@ -100,10 +100,15 @@ class AsyncEngine:
         return self._dead is None and self._thread.is_alive()
 
     async def generate(
-        self, prompt: PromptType, params: SamplingParams, request_id: str | None = None, lora: str | None = None
+        self,
+        prompt: PromptType,
+        params: SamplingParams,
+        request_id: str | None = None,
+        lora: str | None = None,
+        pooling: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream one request's deltas (with the LoRA adapter named `lora`, if any). Raises ValueError for bad
-        input, EngineOverloadedError when full.
+        """Stream one request's deltas (with the LoRA adapter named `lora`, if any; an embedding request with
+        `pooling`, see `Engine.add_request`). Raises ValueError for bad input, EngineOverloadedError when full.
 
         If the consumer stops early (e.g. the client disconnected), the request is aborted at once.
         """
@@ -125,7 +130,9 @@ class AsyncEngine:
         finished = False
         self._in_flight += 1  # counted on the caller's side, so a burst of arrivals is bounded too
         try:
-            self._commands.put(("add", (request_id, prompt, params, lora, stream, accepted)))
+            self._commands.put(
+                ("add", (request_id, prompt, params, {"lora": lora, "pooling": pooling}, stream, accepted))
+            )
             stream.num_prompt_tokens = await accepted  # raises the engine's ValueError for bad input
             while not finished:
                 item = await stream.queue.get()
@@ -210,9 +217,9 @@ class AsyncEngine:
             else:
                 loop.call_soon_threadsafe(_set_result, done, result)
         elif kind == "add":
-            request_id, prompt, params, lora, stream, accepted = payload
+            request_id, prompt, params, options, stream, accepted = payload
             try:
-                self.engine.add_request(prompt, params, request_id, lora=lora)
+                self.engine.add_request(prompt, params, request_id, **options)
             except Exception as e:  # ValueError: bad input; anything else: reported to that caller alone
                 stream.loop.call_soon_threadsafe(_set_exception, accepted, e)
                 return

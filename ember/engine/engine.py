@@ -105,7 +105,11 @@ class RequestGroup:
             first.num_cached_tokens or 0,
             drafted,
             accepted,
+            first.embedding.tolist() if finished and first.embedding is not None else None,
         )
+
+
+POOLING = ("last", "mean")  # an embedding: the prompt's last final hidden state, or their mean
 
 
 class Engine:
@@ -266,12 +270,18 @@ class Engine:
         request_id: str | None = None,
         final_only: bool = False,
         lora: str | None = None,
+        pooling: str | None = None,
     ) -> str:
         """Validate and queue a request; returns its id. Raises ValueError with a clear message.
 
         With `final_only`, `step` returns the request's whole output once, when it finishes, instead of a
         delta at every step: offline generation skips building (and merging) an output per token. `lora`: the
-        name of a loaded LoRA adapter to generate with (None: the base model)."""
+        name of a loaded LoRA adapter to generate with (None: the base model). `pooling` ("last" or "mean"): an
+        embedding request, which computes the prompt and ends with its `embedding`; `params` are then unused."""
+        if pooling is not None:
+            if pooling not in POOLING:
+                raise InvalidParameter("pooling", f"pooling must be one of {', '.join(POOLING)}, got {pooling!r}")
+            params = SamplingParams(max_tokens=1)
         params = params or SamplingParams()
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.groups:
@@ -310,12 +320,13 @@ class Engine:
                 child_seed = (params.seed + index + 2**63) % 2**64 - 2**63  # the next seeds, wrapping in int64
                 child_params = SamplingParams(**{**params.__dict__, "seed": child_seed})
             child = Request(f"{request_id}#{index}", ids, child_params, self.eos_token_ids, max_tokens, text)
-            if self.tokenizer is not None:
+            if self.tokenizer is not None and pooling is None:
                 child.detokenizer = IncrementalDetokenizer(
                     self.tokenizer, params.stop, params.include_stop_str_in_output
                 )
             child.bad_words_token_ids = bad_words
             child.lora_id = lora_id
+            child.pooling = pooling
             if prediction and self.speculator is not None:
                 child.prediction = PredictedOutput(prediction)
             if compiler is not None:
@@ -436,6 +447,11 @@ class Engine:
             request = s.request
             if request.prompt_block_hidden:
                 self.kv_cache.cache_prompt_logprobs(request)
+            if request.embedding is not None and not request.is_finished:  # an embedding request, done
+                self._finish(request, "stop")
+                group_id = request.request_id.rpartition("#")[0]
+                touched[group_id] = self.groups[group_id]
+                continue
             sampled = sampled_by_id.get(request.request_id)
             if sampled is None or request.is_finished:  # finished while its step was in flight
                 continue
@@ -511,6 +527,7 @@ def merge_output(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutp
     acc.num_cached_tokens = max(acc.num_cached_tokens, delta.num_cached_tokens)
     acc.num_draft_tokens = max(acc.num_draft_tokens, delta.num_draft_tokens)  # running totals
     acc.num_accepted_tokens = max(acc.num_accepted_tokens, delta.num_accepted_tokens)
+    acc.embedding = delta.embedding or acc.embedding
     return acc
 
 
@@ -556,6 +573,7 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None,
         final_only: bool = False,
         lora: str | Sequence[str | None] | None = None,
+        pooling: str | None = None,
     ) -> list[str]:
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
@@ -571,7 +589,7 @@ class LLM:
         ids = []
         try:
             for prompt, p, adapter in zip(prompt_list, params_list, loras, strict=True):
-                ids.append(self.engine.add_request(prompt, p, final_only=final_only, lora=adapter))
+                ids.append(self.engine.add_request(prompt, p, final_only=final_only, lora=adapter, pooling=pooling))
         except ValueError:
             for request_id in ids:
                 self.engine.abort_request(request_id)
@@ -605,7 +623,21 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate to completion; outputs in the order of `prompts`. `lora`: an adapter's name for every prompt,
         or one name (or None: the base model) per prompt."""
-        ids = self._submit(prompts, params, final_only=True, lora=lora)
+        return self._run_to_end(self._submit(prompts, params, final_only=True, lora=lora), use_tqdm)
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling: str = "last",
+        lora: str | Sequence[str | None] | None = None,
+    ) -> list[list[float]]:
+        """L2-normalized embeddings of the prompts, in their order: the final hidden state of each prompt's last
+        token (`pooling="last"`, as embedding models of the Qwen3 and Llama families use) or the mean of all."""
+        outputs = self._run_to_end(self._submit(prompts, None, final_only=True, lora=lora, pooling=pooling), False)
+        return [out.embedding for out in outputs]  # type: ignore[misc]
+
+    def _run_to_end(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        """Step the engine until the requests `ids` end; their outputs in that order."""
         results: dict[str, RequestOutput] = {}
         progress = _progress(len(ids)) if use_tqdm else None
         try:

@@ -40,9 +40,10 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> list[int]:
         """The longest cached prefix of a new request, as blocks. The last token is always left to
-        compute (its logits are needed); a request asking for prompt logprobs takes only blocks whose
+        compute (its logits or, for an embedding, its hidden state are needed); a request asking for prompt
+        logprobs takes only blocks whose
         logprobs are cached with at least as many alternatives."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.pooling == "mean":  # a mean needs every position's state
             return []
         num_top = request.params.prompt_logprobs
         blocks = []

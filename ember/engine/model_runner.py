@@ -65,6 +65,20 @@ class StepResult:
     sampled: dict[str, tuple[list[int], list[TokenLogprob | None]]]
 
 
+def pool(s: ScheduledRequest, hidden: torch.Tensor) -> None:
+    """An embedding request's share of a step (`hidden`: its chunk's final hidden states): summed for a mean
+    (positions summed before a preemption are skipped when recomputed); the embedding once the prompt is done."""
+    request = s.request
+    if request.pooling == "mean" and s.start + s.num_tokens > request.num_pooled:
+        part = hidden[request.num_pooled - s.start if request.num_pooled > s.start else 0 :].float().sum(0)
+        request.pooled_sum = part if request.pooled_sum is None else request.pooled_sum + part
+        request.num_pooled = s.start + s.num_tokens
+    if s.completes_sequence:
+        assert request.pooling == "last" or request.pooled_sum is not None
+        pooled = hidden[-1].float() if request.pooling == "last" else request.pooled_sum / request.num_prompt_tokens
+        request.embedding = torch.nn.functional.normalize(pooled, dim=-1).cpu()
+
+
 def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     element = torch.tensor([], dtype=dtype).element_size()
     return 2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim * element
@@ -147,6 +161,7 @@ class ModelRunner:
         slots: list[int] = []
         sample_rows: list[int] = []  # one per plain request, 1 + drafts per speculating one
         prompt_rows: list[tuple[ScheduledRequest, int, int]] = []  # (step, first row, first position)
+        pooling_rows: list[tuple[ScheduledRequest, int]] = []  # embedding requests: (step, first row)
         bs = self.block_size
         for s in decodes + prefills:
             request, row = s.request, len(input_ids)
@@ -156,7 +171,9 @@ class ModelRunner:
             positions.extend(range(s.start, end))
             table = request.block_ids
             slots.extend(table[p // bs] * bs + p % bs for p in range(s.start, end))
-            if s.completes_sequence:
+            if request.pooling is not None:
+                pooling_rows.append((s, row))
+            elif s.completes_sequence:
                 sample_rows.extend(range(row + s.num_tokens - 1 - len(s.spec_token_ids), row + s.num_tokens))
             if request.needs_prompt_logprobs and s.start < request.num_prompt_tokens:
                 prompt_rows.append((s, row, s.start))
@@ -172,10 +189,13 @@ class ModelRunner:
             hidden = self.model(ids, position_ids, self.kv_caches, meta)
         for s, row, first in prompt_rows:
             self._record_prompt_logprobs(s, hidden, row, first)
+        for s, row in pooling_rows:
+            pool(s, hidden[row : row + s.num_tokens])
         result = StepResult(sampled={})
         if sample_rows:
             logits = self.model.compute_logits(hidden[device_tensor(sample_rows, self.device)])
-            self._sample(logits, [s for s in decodes + prefills if s.completes_sequence], result)
+            completing = [s for s in decodes + prefills if s.completes_sequence and s.request.pooling is None]
+            self._sample(logits, completing, result)
         return result
 
     def load_lora(self, name: str, path: str) -> None:

@@ -64,6 +64,12 @@ class Request:
         self.num_cached_blocks = 0  # leading blocks already registered in the prefix cache
         self.num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at admission
         self.lora_id = 0  # the LoRA adapter it runs with (`LoRAAdapter.adapter_id`); 0: the base model
+        # an embedding request ("last" or "mean" pooling of the prompt's final hidden states) samples nothing: it
+        # ends when its prompt is computed, with `embedding` (L2-normalized, fp32, on the host)
+        self.pooling: str | None = None
+        self.pooled_sum: torch.Tensor | None = None  # mean pooling: the sum over the first `num_pooled` positions
+        self.num_pooled = 0
+        self.embedding: torch.Tensor | None = None
         self.status = RequestStatus.WAITING
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
@@ -161,3 +167,4 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_draft_tokens: int = 0  # speculative decoding, over all samples: tokens drafted
     num_accepted_tokens: int = 0  # of which accepted by the target model
+    embedding: list[float] | None = None  # an embedding request's, once finished

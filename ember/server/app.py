@@ -8,8 +8,11 @@ for the caller's mistakes; one bad request never affects the others.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
+import math
+import struct
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -38,6 +41,7 @@ from ember.server.protocol import (
     ChatTemplateFields,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     LoadLoRAAdapterRequest,
     NamedToolChoice,
     StreamOptions,
@@ -100,11 +104,12 @@ class OpenAIServer:
         allowed_origins: list[str] | None = None,
         reasoning: bool | None = None,
         runtime_lora: bool = False,
+        pooling: str = "last",
     ) -> None:
         """`chat_template` replaces the model's; `allowed_origins` are the browser origins that may call the API
         (None: pages served from this machine, `*`: any); `reasoning`: whether replies are split into thinking
         and answer (None: when the chat template writes think blocks); `runtime_lora`: whether clients may load
-        and unload LoRA adapters."""
+        and unload LoRA adapters; `pooling`: how /v1/embeddings pools a prompt's hidden states ("last", "mean")."""
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
@@ -114,6 +119,7 @@ class OpenAIServer:
         self.max_model_len = engine.engine.max_model_len
         self.response_store = ResponseStore()
         self.runtime_lora = runtime_lora
+        self.pooling = pooling
 
     # ------------------------------------------------------------------------------------------------
     # Shared pieces
@@ -155,13 +161,13 @@ class OpenAIServer:
             )
 
     async def stream_outputs(
-        self, prompt: list[int], params: SamplingParams, request_id: str, model: str
+        self, prompt: list[int], params: SamplingParams, request_id: str, model: str, pooling: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """The engine's outputs for one prompt; `request_id` (the API's id) names it in the engine and its logs;
-        `model` (from `check_model`) is the base model or a LoRA adapter."""
+        `model` (from `check_model`) is the base model or a LoRA adapter; `pooling`: an embedding request."""
         lora = None if model == self.model_name else model
         try:
-            async for out in self.engine.generate(prompt, params, request_id, lora):
+            async for out in self.engine.generate(prompt, params, request_id, lora, pooling):
                 yield out
         except ValueError as e:
             raise APIError(400, str(e), param=getattr(e, "param", None)) from e
@@ -627,15 +633,15 @@ class OpenAIServer:
             yield sse({**base, "choices": [], "usage": usage})
         yield sse("[DONE]")
 
-    def prompt_ids(self, item: str | list[int]) -> list[int]:
-        """One prompt, text or token ids, as token ids."""
+    def prompt_ids(self, item: str | list[int], param: str = "prompt") -> list[int]:
+        """One prompt, text or token ids, as token ids (`param`: the request field it came from)."""
         if isinstance(item, str):
             tokenizer = self.engine.engine.tokenizer
             if tokenizer is None:
-                raise APIError(400, "this model has no tokenizer: send token ids", param="prompt")
+                raise APIError(400, "this model has no tokenizer: send token ids", param=param)
             item = tokenizer(item)["input_ids"]
         if not item:
-            raise APIError(400, "'prompt' is empty", param="prompt")
+            raise APIError(400, f"'{param}' is empty", param=param)
         return list(item)
 
     def decode(self, token_ids: list[int], param: str = "prompt") -> str:
@@ -666,6 +672,45 @@ class OpenAIServer:
             return body.sampling_params(max_tokens, logprobs, structured)  # type: ignore[no-any-return]
         except ValueError as e:
             raise APIError(400, str(e), param=getattr(e, "param", None)) from e
+
+    # ------------------------------------------------------------------------------------------------
+    # Embeddings
+
+    async def embeddings(self, body: EmbeddingRequest, request: Request) -> dict[str, Any]:
+        """OpenAI's embeddings: each input's final hidden states pooled (`self.pooling`), L2-normalized; with
+        `dimensions`, the first that many, normalized again (Matryoshka models)."""
+        model = self.check_model(body.model)
+        items = prompt_items(body.input, param="input")
+        prompts = [self.prompt_ids(item, param="input") for item in items]
+        for ids in prompts:
+            self.check_prompt_length(ids, None, param="input")
+        hidden = self.engine.engine.model_config.hidden_size
+        if body.dimensions is not None and body.dimensions > hidden:
+            raise APIError(400, f"'dimensions' must be at most {hidden} for this model", param="dimensions")
+        request_id = api_id("embd", request)
+        streams = [
+            self.stream_outputs(ids, SamplingParams(), f"{request_id}-{i}", model, self.pooling)
+            for i, ids in enumerate(prompts)
+        ]
+        finals = await asyncio.gather(*(collect(s, request) for s in streams))
+        data = []
+        for index, final in enumerate(finals):
+            vector = final.embedding or []
+            if body.dimensions is not None:
+                vector = vector[: body.dimensions]
+                norm = math.sqrt(sum(x * x for x in vector)) or 1.0
+                vector = [x / norm for x in vector]
+            embedding: Any = vector
+            if body.encoding_format == "base64":  # little-endian float32, as OpenAI's clients decode it
+                embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        tokens = sum(len(ids) for ids in prompts)
+        return {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
 
     # ------------------------------------------------------------------------------------------------
     # LoRA adapters loaded and unloaded at run time (vLLM's endpoints)
@@ -735,11 +780,11 @@ class OpenAIServer:
         }
 
 
-def prompt_items(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
-    """The prompts of a completion request: a string, strings, token ids or lists of token ids."""
+def prompt_items(prompt: str | list[str] | list[int] | list[list[int]], param: str = "prompt") -> list[str | list[int]]:
+    """The prompts of a completion (or embedding) request: a string, strings, token ids or lists of token ids."""
     items: list[Any] = [prompt] if isinstance(prompt, str) else list(prompt)
     if not items:
-        raise APIError(400, "'prompt' is empty", param="prompt")
+        raise APIError(400, f"'{param}' is empty", param=param)
     return [items] if all(isinstance(x, int) for x in items) else items
 
 
@@ -1034,6 +1079,10 @@ def build_app(server: OpenAIServer) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await server.completions(body, request)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
+        return await server.embeddings(body, request)
 
     return app
 

@@ -307,6 +307,14 @@ class DetokenizeRequest(OpenAIModel):
     tokens: list[int]
 
 
+class EmbeddingRequest(OpenAIModel):
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None
+
+
 class LoadLoRAAdapterRequest(OpenAIModel):
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)

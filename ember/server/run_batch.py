@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ember.server.serve import REASONING_PARSERS
+from ember.server.serve import REASONING_PARSERS, add_pooling_arg, resolve_pooling
 
-URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings")
 
 
 @dataclass
@@ -132,7 +132,8 @@ def run_batch(args: argparse.Namespace) -> int:
         metrics = EngineMetrics(engine, name)
         async_engine.on_finished, async_engine.on_step = metrics.on_finished, metrics.on_step
         reasoning = REASONING_PARSERS[args.reasoning_parser]
-        server = OpenAIServer(async_engine, name, metrics, None, chat_template, None, reasoning)
+        pooling = resolve_pooling(args.pooling, engine.loaded.source_dir)
+        server = OpenAIServer(async_engine, name, metrics, None, chat_template, None, reasoning, pooling=pooling)
         concurrency = 2 * (engine.config.scheduler.max_num_seqs or 1)  # keeps the engine's batch full
         columns = (TextColumn("requests"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         started = time.monotonic()
@@ -163,8 +164,8 @@ def add_run_batch_args(parser: argparse.ArgumentParser) -> None:
         "-i",
         "--input-file",
         required=True,
-        help="JSONL of OpenAI Batch API requests (custom_id, method POST, url /v1/chat/completions, /v1/completions "
-        "or /v1/responses, body); '-' reads standard input",
+        help="JSONL of OpenAI Batch API requests (custom_id, method POST, url /v1/chat/completions, /v1/completions, "
+        "/v1/responses or /v1/embeddings, body); '-' reads standard input",
     )
     g.add_argument(
         "-o", "--output-file", required=True, help="where the results go, one JSONL line per request ('-': stdout)"
@@ -179,3 +180,4 @@ def add_run_batch_args(parser: argparse.ArgumentParser) -> None:
         choices=sorted(REASONING_PARSERS),
         help="as `ember serve --reasoning-parser`",
     )
+    add_pooling_arg(g)

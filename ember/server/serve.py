@@ -4,11 +4,13 @@ SIGINT/SIGTERM."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 
@@ -50,6 +52,35 @@ def origin_list(text: str) -> list[str]:
 
 # --reasoning-parser: whether replies are split into thinking and answer (None: when the template thinks)
 REASONING_PARSERS = {"auto": None, "none": False, "deepseek_r1": True, "qwen3": True}
+# sentence-transformers' pooling modes (1_Pooling/config.json) that Ember serves, as `--pooling` names them
+SENTENCE_TRANSFORMERS_POOLING = {"pooling_mode_lasttoken": "last", "pooling_mode_mean_tokens": "mean"}
+
+
+def add_pooling_arg(group: Any) -> None:
+    group.add_argument(
+        "--pooling",
+        default="auto",
+        choices=["auto", "last", "mean"],
+        help="how /v1/embeddings pools a prompt's final hidden states: the last token's, or their mean; 'auto' "
+        "(default) as the model's sentence-transformers config says (Qwen3-Embedding: last), else last",
+    )
+
+
+def resolve_pooling(choice: str, model_dir: Path | None) -> str:
+    """`--pooling`, with 'auto' read from a sentence-transformers directory's pooling module (else 'last')."""
+    if choice != "auto":
+        return choice
+    if model_dir is None or not (model_dir / "modules.json").is_file():
+        return "last"
+    for module in json.loads((model_dir / "modules.json").read_text()):
+        if module.get("type", "").endswith("Pooling"):
+            config = json.loads((model_dir / module.get("path", "") / "config.json").read_text())
+            modes = [name for name, on in config.items() if name.startswith("pooling_mode") and on]
+            served = [SENTENCE_TRANSFORMERS_POOLING[m] for m in modes if m in SENTENCE_TRANSFORMERS_POOLING]
+            if not served:
+                raise ValueError(f"the model's pooling ({', '.join(modes)}) is not served: pass --pooling last|mean")
+            return served[0]
+    return "last"
 
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +127,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="comma-separated browser origins that may call the API (CORS), e.g. 'https://app.example.com', or "
         "'*' for any (default: pages served from this machine, http://localhost:PORT and 127.0.0.1)",
     )
+    add_pooling_arg(g)
     g.add_argument(
         "--allow-runtime-lora-updating",
         action="store_true",
@@ -172,6 +204,7 @@ def serve(args: argparse.Namespace) -> int:
         args.allowed_origins,
         reasoning,
         runtime_lora=args.allow_runtime_lora_updating,
+        pooling=resolve_pooling(args.pooling, engine.loaded.source_dir),
     )
     app = build_app(server)
     stats = None if stats_interval is None else StatsLogger(engine, metrics, stats_interval)

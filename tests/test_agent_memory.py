@@ -9,12 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from openai import AsyncOpenAI
 
 from ember.agents import Agent, AgentResult, Toolbox
-from ember.agents.embeddings import INSTALL_HINT, Embedder, embedding_model_path
+from ember.agents.embeddings import INSTALL_HINT, Embedder, OpenAIEmbedder, embedding_model_path
 from ember.agents.memory import Memory, PassageVectors
 from ember.server.launch import ServerProcess
 
@@ -263,3 +264,29 @@ def test_cli_memory_persists_between_runs(server: ServerProcess, tmp_path: Path)
     assert Memory(path).conversation("monday") == messages[1:]
     bad = subprocess.run([*base[:-1], str(tmp_path), "hi"], capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("ember: error: memory file")
+
+
+def test_an_archive_embedded_by_a_servers_embeddings_api(server: ServerProcess, tmp_path: Path) -> None:
+    """The archive's vectors come from `/v1/embeddings` (here Ember's own server): stored tagged with the model,
+    unit length, and a passage's own text finds it first by meaning."""
+    model = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"][0]["id"]
+    embedder = OpenAIEmbedder(f"{server.url}/v1", model)
+    memory = Memory(tmp_path / "agent.db", embedder=embedder)
+    passages = ["The car is parked on level 3.", "Invoices are due on the first Monday.", "The cat sleeps all day."]
+    ids = [memory.insert_passage(text) for text in passages]
+    assert memory.rank_by_meaning(passages[1])[0] == ids[1]
+    rows = memory.db.execute("select model, length(vector) from passage_vectors").fetchall()
+    assert rows == [(f"openai-api:{model}", 4 * 576)] * 3
+    assert np.allclose(np.linalg.norm(embedder.embed(passages), axis=1), 1, atol=1e-5)
+    memory.close()
+
+
+def test_embeddings_url_needs_the_memory_it_embeds() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "ember.cli", "agent", "--embeddings-url", "http://127.0.0.1:9/v1", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2 and "--embeddings-url embeds the archive of --memory" in done.stderr

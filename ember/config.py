@@ -211,16 +211,20 @@ class LoRAConfig:
 
     `enable`: the model's linears take adapters, loaded now (`modules`, name -> directory) or later at run
     time; `modules` alone turns it on. `max_rank`: adapters of a higher rank are refused (None: any).
+    `max_loras`: distinct adapters running at once (None: any); a request of one more waits its turn.
     """
 
     enable: bool = False
     modules: dict[str, str] = field(default_factory=dict)
     max_rank: int | None = None
+    max_loras: int | None = None
 
     def __post_init__(self) -> None:
         self.enable = self.enable or bool(self.modules)
         if self.max_rank is not None and self.max_rank < 1:
             raise ValueError(f"max_lora_rank must be at least 1, got {self.max_rank}")
+        if self.max_loras is not None and self.max_loras < 1:
+            raise ValueError(f"max_loras must be at least 1, got {self.max_loras}")
         for name in self.modules:
             if not name or name != name.strip():
                 raise ValueError(f"a LoRA adapter needs a name without surrounding blanks, got {name!r}")

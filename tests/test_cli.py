@@ -154,9 +154,10 @@ def test_lora_modules_take_vllms_two_forms() -> None:
     from ember.cli import build_parser, engine_kwargs
 
     modules = ['{"name": "sql", "path": "/adapters/sql", "base_model_name": "x"}', "chat=/adapters/chat"]
-    kwargs = engine_kwargs(build_parser().parse_args(["serve", "--lora-modules", *modules, "--max-lora-rank", "64"]))
+    args = ["serve", "--lora-modules", *modules, "--max-lora-rank", "64", "--max-loras", "2"]
+    kwargs = engine_kwargs(build_parser().parse_args(args))
     assert kwargs["lora_modules"] == {"sql": "/adapters/sql", "chat": "/adapters/chat"}
-    assert kwargs["max_lora_rank"] == 64
+    assert (kwargs["max_lora_rank"], kwargs["max_loras"]) == (64, 2)
 
 
 def test_vllms_speculative_config_configures_the_engine(tiny_models: dict) -> None:

@@ -171,6 +171,29 @@ def test_unloading_waits_for_the_requests_that_use_the_adapter(tiny_lora: Any) -
         engine.add_request([5, 6, 7], greedy(), lora="a")
 
 
+def test_max_loras_bounds_the_adapters_running_at_once(tiny_lora: Any) -> None:
+    """Requests of two adapters and of none, with max_loras 1: never both adapters in one step; the base
+    model's request is not held back; every output is the one it gets without the limit."""
+    _, path, dirs, _ = tiny_lora
+    modules = {name: str(d) for name, d in dirs.items()}
+    prompts = random_prompts()
+    jobs = [(prompts[0], "attn"), (prompts[1], "all"), (prompts[2], "attn"), (prompts[3], None), (prompts[0], "all")]
+    free = LLM(str(path), num_blocks=256, block_size=8, dtype="float32", device="cpu", lora_modules=modules)
+    expected = free.generate([p for p, _ in jobs], greedy(), lora=[a for _, a in jobs])
+    llm = LLM(str(path), num_blocks=256, block_size=8, dtype="float32", device="cpu", lora_modules=modules, max_loras=1)
+    engine = llm.engine
+    ids = [engine.add_request(p, greedy(), final_only=True, lora=a) for p, a in jobs]
+    outputs, running = {}, []
+    for _ in range(200):
+        if not engine.has_unfinished_requests():
+            break
+        outputs |= {out.request_id: out for out in engine.step()}
+        running.append([r.lora_id for r in engine.scheduler.running])
+    assert max(len(set(ids_) - {0}) for ids_ in running) == 1
+    assert 0 in running[0] and len(running[0]) == 3  # the base request ran at once, beside the first adapter's two
+    assert [outputs[i].outputs[0].token_ids for i in ids] == [e.outputs[0].token_ids for e in expected]
+
+
 @pytest.fixture(scope="module")
 def tiny_llama(tiny_models: dict) -> Path:
     return tiny_models["llama3"][0]

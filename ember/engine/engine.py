@@ -126,7 +126,7 @@ class Engine:
         draft = load_draft_model(config.speculative, config.device, dtype)
         num_blocks = self._num_blocks(config.cache, dtype, draft.config if draft else None)
         self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, config.lora.max_loras)
         graph_max_batch = 0 if config.enforce_eager else min(config.scheduler.max_num_seqs, MAX_GRAPH_BATCH)
         self.runner = ModelRunner(
             self.loaded.model,
@@ -538,8 +538,8 @@ class LLM:
     engine: dtype, device, seed, load_format, block_size, num_blocks, kv_cache_memory, enable_prefix_caching,
     max_num_seqs, max_num_batched_tokens, max_model_len, speculative ("ngram", "suffix", "draft:<model>"),
     num_speculative_tokens, speculative_max_batch_size, prompt_lookup_min and prompt_lookup_max (ngram),
-    enforce_eager (no CUDA graphs), async_scheduling, enable_lora, lora_modules ({name: PEFT directory}) and
-    max_lora_rank. `generate(..., lora="name")` runs prompts with an adapter.
+    enforce_eager (no CUDA graphs), async_scheduling, enable_lora, lora_modules ({name: PEFT directory}),
+    max_lora_rank and max_loras. `generate(..., lora="name")` runs prompts with an adapter.
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
@@ -556,6 +556,7 @@ class LLM:
         spec_keys["speculative_max_batch_size"] = "max_batch_size"
         spec_keys |= {"prompt_lookup_min": "prompt_lookup_min", "prompt_lookup_max": "prompt_lookup_max"}
         lora_keys = {"enable_lora": "enable", "lora_modules": "modules", "max_lora_rank": "max_rank"}
+        lora_keys["max_loras"] = "max_loras"
         cache = CacheConfig(**{k: v for k, v in kwargs.items() if k in cache_keys})
         sched = SchedulerConfig(**{k: v for k, v in kwargs.items() if k in sched_keys})
         spec = SpeculativeConfig(**{spec_keys[k]: v for k, v in kwargs.items() if k in spec_keys})

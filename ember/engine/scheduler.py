@@ -4,7 +4,9 @@ Prefill, chunked prefill and decode are all "N tokens of request R", so one step
 token budget. Running requests go first (oldest first); waiting ones are admitted while budget, KV
 blocks and the sequence limit allow, each first taking its longest cached prefix and scheduling only the
 rest. When blocks run out, the newest running request is preempted: its blocks are freed and it returns
-to the front of the waiting queue to be recomputed later (from its cached prefix, if still cached).
+to the front of the waiting queue to be recomputed later (from its cached prefix, if still cached). With
+`max_loras`, a waiting request of a LoRA adapter that would make one adapter too many among the running is
+passed over, keeping its place, for the requests behind it.
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, max_loras: int | None = None) -> None:
         self.config = config
         self.kv_cache = kv_cache
+        self.max_loras = max_loras  # distinct LoRA adapters running at once (None: any)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -77,14 +80,22 @@ class Scheduler:
                 budget -= num_new
                 index += 1
         if not out.preempted:  # admitting new work while evicting running work would thrash
-            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-                request = self.waiting[0]
+            limit = self.max_loras
+            adapters = {r.lora_id for r in self.running if r.lora_id} if limit is not None else set()
+            index = 0  # waiting requests before it were passed over (their adapter cannot run now)
+            while index < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                request = self.waiting[index]
+                if limit is not None and request.lora_id and request.lora_id not in adapters:
+                    if len(adapters) >= limit:
+                        index += 1
+                        continue
+                    adapters.add(request.lora_id)
                 computed = self.kv_cache.get_computed_blocks(request)
                 num_cached = len(computed) * self.kv_cache.block_size
                 num_new = min(request.num_tokens - num_cached, budget)
                 if not self.kv_cache.allocate_slots(request, num_new, computed):
                     break
-                self.waiting.popleft()
+                del self.waiting[index]
                 self.kv_cache.record_lookup(request.num_tokens, num_cached)
                 if request.num_cached_tokens is None:
                     request.num_cached_tokens = num_cached

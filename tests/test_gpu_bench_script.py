@@ -35,7 +35,7 @@ def test_gpu_benchmark_script_runs_on_its_cpu_fallback(tmp_path: Path) -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script runs the full shapes")
 def test_kernel_benchmark_script_runs_on_its_cpu_fallback(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks/gpu/kernels.py"), "--results", str(tmp_path)],
+        [sys.executable, str(ROOT / "benchmarks/gpu/kernel_times.py"), "--results", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -53,7 +53,7 @@ VARIANTS = {
     "graphs": ("ember", {}),
     "async": ("ember (async scheduling)", {"async_scheduling": True}),
     "eager": ("ember (eager)", {"enforce_eager": True}),
-    "block32": ("ember (block size 32)", {"block_size": 32}),  # kernels.py times decode at these block sizes
+    "block32": ("ember (block size 32)", {"block_size": 32}),  # kernel_times.py times decode at these block sizes
     "block64": ("ember (block size 64)", {"block_size": 64}),
 }
 

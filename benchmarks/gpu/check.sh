@@ -6,7 +6,7 @@
 #   bench    the throughput table: Ember (CUDA graphs; with async scheduling; eager), HF continuous
 #            batching and HF naive (bench.py, 270 s);
 #   kernels  each kernel and whole decode steps against their floors, with the decode kernel's sweep over
-#            splits, warps, stages and block sizes (kernels.py, 130 s);
+#            splits, warps, stages and block sizes (kernel_times.py, 130 s);
 #   host     the host's Python time per decode step at batch 256 on this machine's CPU (host_overhead.py).
 # CHECK_PARTS="bench kernels" runs only those parts (e.g. to rerun what a first call cut short).
 # Logs and JSON go to $1 (default: $EMBER_RESULTS_DIR, else benchmarks/gpu/results), at most 6 files.
@@ -38,6 +38,6 @@ part tests 140 "$out/tests.log" "$python" -m pytest -q -p no:cacheprovider tests
     tests/test_tiny_parity.py
 part bench 270 "$out/bench.log" "$python" benchmarks/gpu/bench.py --results "$out" --variants graphs,async,eager \
     --hf-cb-seconds 80 --naive-seconds 40
-part kernels 130 "$out/kernels.log" "$python" benchmarks/gpu/kernels.py --results "$out"
+part kernels 130 "$out/kernels.log" "$python" benchmarks/gpu/kernel_times.py --results "$out"
 part host 25 "$out/bench.log" "$python" benchmarks/host_overhead.py --profile 0
 exit $status

@@ -10,7 +10,7 @@ issue #7 (H100: 9.2 ms at 256 x 800, 15.8 ms at 256 x 1,500, 3.3 ms at 64 x 800,
 times come from `triton.testing.do_bench_cudagraph` (no launch overhead).
 
 Imports only torch, triton and this checkout. Without a GPU it runs tiny shapes in Triton's interpreter, to
-check the script end to end. Usage: python benchmarks/gpu/kernels.py [--results DIR]
+check the script end to end. Usage: python benchmarks/gpu/kernel_times.py [--results DIR]
 """
 
 from __future__ import annotations

@@ -53,10 +53,12 @@ def test_run_batch_answers_each_line_as_the_server_would(tmp_path: Path, smollm:
     assert "cannot stream" in by_id["stream"]["error"]["message"]
 
 
-def test_a_batch_without_errors_exits_0_and_can_write_to_stdout(tmp_path: Path) -> None:
+def test_a_batch_without_errors_exits_0_and_can_write_to_stdout(tmp_path: Path, tiny_models: dict) -> None:
     source = tmp_path / "batch.jsonl"
-    source.write_text(request("one", "/v1/completions", {"prompt": "Hello", "max_tokens": 3}) + "\n")
-    run = ember("run-batch", "-i", str(source), "-o", "-")
+    source.write_text(request("one", "/v1/embeddings", {"input": [5, 6, 7], "encoding_format": "float"}) + "\n")
+    model = str(tiny_models["llama3"][0])  # no tokenizer: token ids in, a vector out
+    run = ember("run-batch", "--model", model, "--dtype", "float32", "-i", str(source), "-o", "-")
     assert run.returncode == 0, run.stderr
     [record] = [json.loads(line) for line in run.stdout.splitlines()]
     assert record["custom_id"] == "one" and record["response"]["status_code"] == 200
+    assert len(record["response"]["body"]["data"][0]["embedding"]) == 64  # the tiny model's hidden size

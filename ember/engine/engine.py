@@ -24,7 +24,7 @@ from ember.engine.sampling_params import InvalidParameter, SamplingParams
 from ember.engine.scheduler import ScheduledRequest, Scheduler
 from ember.engine.structured_output import GrammarCompiler, StructuredOutputs
 from ember.models.loader import LoadedModel, load_model
-from ember.models.lora import LoRAAdapter
+from ember.models.lora import LoRAAdapter, adapter_files
 from ember.spec.prediction import PredictedOutput
 from ember.spec.speculator import Speculator, build_proposer, load_draft_model
 
@@ -117,6 +117,8 @@ class Engine:
         self.config = config
         torch.manual_seed(config.seed)
         dtype = config.torch_dtype()
+        for name, path in config.lora.modules.items():  # a wrong path is reported before the model loads
+            adapter_files(name, path)
         self.loaded = loaded or load_model(config.model, config.load_format, dtype, config.device, config.seed)
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer

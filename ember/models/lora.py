@@ -81,16 +81,24 @@ class LoRAAdapter:
     weights: dict[str, LoRAWeights] = field(default_factory=dict)  # "layers.{i}.{fused module}" -> weights
 
 
+def adapter_files(name: str, path: str | Path) -> tuple[Path, Path]:
+    """A PEFT directory's config and weights files; raises ValueError when either is missing (checked before a
+    model loads, so that a wrong path is reported at once)."""
+    path = Path(path).expanduser()
+    config_file, weights_file = path / "adapter_config.json", path / WEIGHTS_FILE
+    if not config_file.is_file() or not weights_file.is_file():
+        raise ValueError(f"LoRA adapter {name!r}: {path} must hold adapter_config.json and {WEIGHTS_FILE} (PEFT)")
+    return config_file, weights_file
+
+
 def load_adapter(
     name: str, path: str | Path, adapter_id: int, config: ModelConfig, dtype: torch.dtype, device: torch.device
 ) -> LoRAAdapter:
     """Read a PEFT LoRA directory for a model of `config`; raises ValueError saying what does not fit."""
     from safetensors.torch import load_file
 
-    path = Path(path).expanduser()
-    config_file, weights_file = path / "adapter_config.json", path / WEIGHTS_FILE
-    if not config_file.is_file() or not weights_file.is_file():
-        raise ValueError(f"LoRA adapter {name!r}: {path} must hold adapter_config.json and {WEIGHTS_FILE} (PEFT)")
+    config_file, weights_file = adapter_files(name, path)
+    path = config_file.parent
     peft = json.loads(config_file.read_text())
     if peft.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"LoRA adapter {name!r}: peft_type {peft.get('peft_type')!r} is not LORA")

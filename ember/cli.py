@@ -453,6 +453,21 @@ def cmd_skills_validate(args: argparse.Namespace) -> int:
     return validate_skills(args)
 
 
+def engine_command(
+    subparsers: Any,
+    name: str,
+    help: str,
+    add_args: Callable[[argparse.ArgumentParser], None],
+    func: Callable[[argparse.Namespace], int],
+) -> argparse.ArgumentParser:
+    """A subcommand that loads a model: the engine's options, then its own."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(name, help=help)
+    add_engine_args(parser)
+    add_args(parser)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ember",
@@ -487,25 +502,26 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=serve)
     from ember.server.run_batch import add_run_batch_args, run_batch
 
-    batch = sub.add_parser(
+    engine_command(
+        sub,
         "run-batch",
-        help="answer a JSONL file of OpenAI Batch API requests offline, as the server would (exit 1 if any failed)",
+        "answer a JSONL file of OpenAI Batch API requests offline, as the server would (exit 1 if any failed)",
+        add_run_batch_args,
+        run_batch,
     )
-    add_engine_args(batch)
-    add_run_batch_args(batch)
-    batch.set_defaults(func=run_batch)
     bench = sub.add_parser(
         "bench", help="measure Ember: throughput vs baselines, a server's latency, agent sessions, speculation"
     )
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    throughput = bench_sub.add_parser(
-        "throughput", help="output tok/s of Ember and of HF baselines on one workload, in the same run"
-    )
-    add_engine_args(throughput)
     from ember.bench.throughput import add_throughput_args
 
-    add_throughput_args(throughput)
-    throughput.set_defaults(func=cmd_bench_throughput)
+    engine_command(
+        bench_sub,
+        "throughput",
+        "output tok/s of Ember and of HF baselines on one workload, in the same run",
+        add_throughput_args,
+        cmd_bench_throughput,
+    )
     from ember.bench.serving import add_serve_bench_args
 
     serve_bench = bench_sub.add_parser(
@@ -515,29 +531,31 @@ def build_parser() -> argparse.ArgumentParser:
     serve_bench.set_defaults(func=cmd_bench_serve)
     from ember.bench.agentic import add_agentic_args
 
-    agentic = bench_sub.add_parser(
-        "agentic", help="multi-turn agent sessions with a shared prefix: TTFT with prefix caching on and off"
+    engine_command(
+        bench_sub,
+        "agentic",
+        "multi-turn agent sessions with a shared prefix: TTFT with prefix caching on and off",
+        add_agentic_args,
+        cmd_bench_agentic,
     )
-    add_engine_args(agentic)
-    add_agentic_args(agentic)
-    agentic.set_defaults(func=cmd_bench_agentic)
     from ember.bench.latency import add_latency_args
 
-    latency = bench_sub.add_parser(
+    engine_command(
+        bench_sub,
         "latency",
-        help="per-token latency with and without speculative decoding (or predicted outputs), at several batch sizes",
+        "per-token latency with and without speculative decoding (or predicted outputs), at several batch sizes",
+        add_latency_args,
+        cmd_bench_latency,
     )
-    add_engine_args(latency)
-    add_latency_args(latency)
-    latency.set_defaults(func=cmd_bench_latency)
-    lora = bench_sub.add_parser(
-        "lora", help="output tok/s and TPOT with no LoRA adapter, one, and several mixed in each batch"
-    )
-    add_engine_args(lora)
     from ember.bench.lora import add_lora_bench_args
 
-    add_lora_bench_args(lora)
-    lora.set_defaults(func=cmd_bench_lora)
+    engine_command(
+        bench_sub,
+        "lora",
+        "output tok/s and TPOT with no LoRA adapter, one, and several mixed in each batch",
+        add_lora_bench_args,
+        cmd_bench_lora,
+    )
     from ember.agents.cli import add_agent_args, add_mcp_transport_args, add_sandbox_args
 
     agent = sub.add_parser(

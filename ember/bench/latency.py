@@ -101,9 +101,7 @@ def bench_latency(args: Any) -> dict[str, Any]:
         )
     if args.prediction and args.workload != "repetitive":
         raise ValueError(f"--prediction needs the predicted outputs of --workload repetitive, not {args.workload!r}")
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise ValueError(f"--batch-sizes must be positive integers, got {args.batch_sizes!r}")
+    batch_sizes = parse_batch_sizes(args.batch_sizes)
     llm = load_llm(args)
     engine = llm.engine
     speculator = engine.speculator
@@ -172,15 +170,35 @@ def bench_latency(args: Any) -> dict[str, Any]:
             )
     Console().print(table)
     report = {
-        "command": "ember " + shlex.join(getattr(args, "argv", [])),
         "workload": workload.name,
         "model": engine.loaded.name,
         "num_speculative_tokens": speculator.config.num_speculative_tokens,
         "runs": runs,
     }
+    return save_report(args, report)
+
+
+def save_report(args: Any, report: dict[str, Any]) -> dict[str, Any]:
+    """The report with the command that made it first; written as JSON to `--json` when given."""
+    report = {"command": "ember " + shlex.join(getattr(args, "argv", [])), **report}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return report
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    """`--batch-sizes`: comma-separated positive integers."""
+    try:
+        sizes = [int(b) for b in text.split(",") if b]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"--batch-sizes must be positive integers, got {text!r}")
+    return sizes
+
+
+def add_batch_sizes_arg(group: Any) -> None:
+    group.add_argument("--batch-sizes", default="1,32", help="comma-separated concurrency levels (default 1,32)")
 
 
 def add_latency_args(parser: Any) -> None:
@@ -190,7 +208,7 @@ def add_latency_args(parser: Any) -> None:
         default="repetitive",
         help="'repetitive' (generated code-rewrite and JSON-echo chats, default), 'random', or a workload JSON",
     )
-    g.add_argument("--batch-sizes", default="1,32", help="comma-separated concurrency levels (default 1,32)")
+    add_batch_sizes_arg(g)
     g.add_argument(
         "--num-requests", type=positive_int, default=None, help="requests to run (default: 16, or the whole file)"
     )

@@ -8,12 +8,11 @@ up, down), written as PEFT directories: what a LoRA costs depends on its shape, 
 from __future__ import annotations
 
 import json
-import shlex
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ember.bench.latency import run_closed_loop
+from ember.bench.latency import add_batch_sizes_arg, parse_batch_sizes, run_closed_loop, save_report
 from ember.bench.workloads import load_workload, positive_int
 
 if TYPE_CHECKING:
@@ -48,9 +47,7 @@ def bench_lora(args: Any) -> dict[str, Any]:
 
     from ember.cli import load_llm
 
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise ValueError(f"--batch-sizes must be positive integers, got {args.batch_sizes!r}")
+    batch_sizes = parse_batch_sizes(args.batch_sizes)
     console = Console(stderr=True)
     random_adapters = not args.lora_modules
     args.enable_lora = True
@@ -95,23 +92,20 @@ def bench_lora(args: Any) -> dict[str, Any]:
         )
     Console().print(table)
     report = {
-        "command": "ember " + shlex.join(getattr(args, "argv", [])),
         "workload": workload.name,
         "model": engine.loaded.name,
         "adapters": names,
         "random_adapter_rank": args.lora_rank if random_adapters else None,
         "runs": runs,
     }
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    return report
+    return save_report(args, report)
 
 
 def add_lora_bench_args(parser: Any) -> None:
     g = parser.add_argument_group("LoRA benchmark")
     g.add_argument("--workload", default="random", help="'random' (default) or a workload JSON")
     g.add_argument("--num-requests", type=positive_int, default=None, help="requests to run (default 32)")
-    g.add_argument("--batch-sizes", default="1,32", help="comma-separated concurrency levels (default 1,32)")
+    add_batch_sizes_arg(g)
     g.add_argument(
         "--num-adapters",
         type=positive_int,

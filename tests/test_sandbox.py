@@ -162,3 +162,15 @@ def test_a_lent_virtual_environment_gives_its_packages_read_only(tmp_path: Path)
         assert "standard library only" in sandbox.tools()[0].description
     with pytest.raises(ValueError, match="is not a virtual environment"):
         Sandbox(tmp_path / "workspace", python_env=tmp_path)
+
+
+def test_a_guard_started_after_its_process_ended_and_was_reaped_watches_nothing() -> None:
+    """A command that fails at once can end, and be reaped by asyncio's child watcher, before its guard opens a
+    pidfd: the guard must take that as nothing to watch (this raised ProcessLookupError under load)."""
+    from ember.agents.process_guard import ProcessGuard
+
+    process = subprocess.Popen(["true"])
+    process.wait()  # ended and reaped: its pid names no process now
+    with ProcessGuard(process.pid, max_processes=8, max_memory_mb=64) as guard:
+        pass
+    assert guard.notice == ""

@@ -77,10 +77,12 @@ class ProcessGuard:
     def __init__(self, pid: int, max_processes: int, max_memory_mb: int) -> None:
         self.pid, self.max_processes, self.max_memory_mb = pid, max_processes, max_memory_mb
         self.notice = ""
-        self.pidfd = os.pidfd_open(pid)
         self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self.watch, name=f"ember-process-guard-{pid}", daemon=True)
-        self.thread.start()
+        try:
+            self.pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:  # it ended, and asyncio's child watcher reaped it, before the guard began
+            return
+        threading.Thread(target=self.watch, name=f"ember-process-guard-{pid}", daemon=True).start()
 
     def watch(self) -> None:
         try:

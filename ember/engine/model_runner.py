@@ -101,7 +101,7 @@ class ModelRunner:
         """`graph_max_batch` > 0: decode steps of up to that many requests run on `DecodeGraphs` (Triton path
         only), whose block tables are as wide as `max_model_len` (default: the model's). `gguf_blocks`: the
         quantized weights of a GGUF file, for the CPU's steps of few rows. `enable_lora`: the linears take LoRA
-        adapters (`self.lora`); steps with adapter rows run on the PyTorch model, eagerly."""
+        adapters (`self.lora`); steps with adapter rows replay no CUDA graph."""
         self.model = model
         self.config = model.config
         if torch.device(device).type == "cpu":
@@ -182,9 +182,15 @@ class ModelRunner:
         adapted = self.lora is not None and self.lora.set_step(
             [(s.request.lora_id, s.num_tokens) for s in decodes + prefills]
         )
-        if self.decode_stack is not None and not prefills and len(input_ids) <= self.decode_stack.max_rows:
-            lora_slots = self.lora.batch.slots if adapted and self.lora is not None else None
-            hidden = self.decode_stack(ids, position_ids, meta, lora_slots)
+        lora_slots = self.lora.batch.slots if adapted and self.lora is not None else None
+        stack = self.decode_stack
+        if (
+            stack is not None
+            and not prefills
+            and len(input_ids) <= stack.max_rows
+            and (lora_slots is not None or not adapted)
+        ):
+            hidden = stack(ids, position_ids, meta, lora_slots)
         else:
             hidden = self.model(ids, position_ids, self.kv_caches, meta)
         for s, row, first in prompt_rows:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -221,8 +220,7 @@ def test_adapters_ember_cannot_serve_are_refused_by_what_they_need(
 
 
 def test_an_adapter_of_another_model_or_no_adapter_is_a_clear_error(tiny_llama: Path, tmp_path: Path) -> None:
-    other = make_tiny_hf_model("llama3", tmp_path / "wider", hidden_size=32)
-    del other
+    make_tiny_hf_model("llama3", tmp_path / "wider", hidden_size=32)
     adapter = save_adapter(tmp_path / "wider", ADAPTERS["attn"], tmp_path / "adapter")
     with pytest.raises(ValueError, match="an adapter of another base model"):
         LLM(
@@ -240,8 +238,6 @@ def test_an_adapter_of_another_model_or_no_adapter_is_a_clear_error(tiny_llama: 
         plain.generate([5, 6], greedy(), lora="x")
     with pytest.raises(ValueError, match="started with LoRA enabled"):
         plain.engine.load_lora("x", str(adapter))
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA"  # the file the refusals above read is PEFT's own
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -100,6 +100,5 @@ class OpenAIEmbedder:
             reply = self.client.embeddings.create(model=self.model, input=texts[start : start + BATCH])
             vectors.extend(item.embedding for item in sorted(reply.data, key=lambda item: item.index))
         matrix = np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1)
-        return matrix / np.maximum(
-            np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12
-        )  # unit vectors, whatever the server
+        norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+        return matrix / np.maximum(norms, 1e-12)  # unit vectors, whatever the server sends

@@ -417,6 +417,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     skills = skills_from_args(args)
     if args.url:
         return asyncio.run(run_agent(args, args.url, skills))
+    # The server's log is kept only when the run fails, for the error points at it.
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(
             tempfile.NamedTemporaryFile("w", prefix="ember-agent-server-", suffix=".log", delete=False)
@@ -426,7 +427,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
             server = stack.enter_context(running_server(*(["--model", args.model] if args.model else []), log=log))
         except RuntimeError as e:  # it exited or never became healthy: its log says why
             raise ValueError(f"the model server did not start: {e}") from e
-        return asyncio.run(run_agent(args, f"{server.url}/v1", skills))
+        rc = asyncio.run(run_agent(args, f"{server.url}/v1", skills))
+    if rc == 0:
+        Path(log.name).unlink()
+    return rc
 
 
 def cmd_mcp_sandbox(args: argparse.Namespace) -> int:

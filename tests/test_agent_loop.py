@@ -333,6 +333,10 @@ def test_cli_errors_are_one_line_messages(server: ServerProcess) -> None:
         assert error.startswith("ember: error: ") and message in error, done.stderr
         if "--url" not in args and "--model" not in args:  # refused before any model server starts
             assert "starting the model server" not in done.stderr, done.stderr
+        if "--model" in args:  # the failed server's log stays for the user to read; the test removes it
+            log = server_log(done.stderr)
+            assert "model '/no/such.gguf' not found" in log.read_text()
+            log.unlink()
 
 
 def test_cli_without_url_serves_the_embedded_model_for_the_run_and_stops_it() -> None:
@@ -340,3 +344,11 @@ def test_cli_without_url_serves_the_embedded_model_for_the_run_and_stops_it() ->
     assert done.returncode == 0, done.stderr
     assert "starting the model server" in done.stderr and done.stdout.strip()
     assert "[1 turns, 0 tool calls" in done.stderr and "(the last reply was cut at --max-tokens)" in done.stderr
+    assert not server_log(done.stderr).exists()  # a run that succeeded leaves no log behind
+
+
+def server_log(stderr: str) -> Path:
+    """The model server's log that `ember agent` named on stderr."""
+    match = re.search(r"\(log: (\S+)\)", stderr)
+    assert match, stderr
+    return Path(match.group(1))

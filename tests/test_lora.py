@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -321,6 +323,35 @@ def test_the_server_serves_an_adapter_as_a_model_of_its_own(lora_server: Any, sm
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
     with pytest.raises(openai.NotFoundError, match=r"serves .* and the LoRA adapters 'smol-lora'"):
         client.completions.create(model="smol-lora-typo", prompt="Hi", max_tokens=1)
+
+
+def lora_info(server: Any) -> dict[str, str]:
+    """The labels of the one ember:lora_requests_info series on /metrics."""
+    import httpx
+
+    lines = [line for line in httpx.get(f"{server.url}/metrics").text.splitlines() if line.startswith("ember:lora_")]
+    [line] = lines
+    return dict(re.findall(r'(\w+)="([^"]*)"', line))
+
+
+def test_metrics_name_the_adapters_in_use(lora_server: Any) -> None:
+    """vLLM's lora_requests_info: while a request of the adapter streams, the adapter is among the running."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{lora_server.url}/v1", api_key="none", max_retries=0)
+    stream = client.completions.create(
+        model="smol-lora", prompt=PROMPT, max_tokens=200, stream=True, extra_body={"ignore_eos": True}
+    )
+    next(iter(stream))
+    busy = lora_info(lora_server)
+    stream.close()
+    assert busy["running_lora_adapters"] == "smol-lora" and busy["waiting_lora_adapters"] == ""
+    assert int(busy["max_lora"]) >= 1
+    for _ in range(100):  # the server notices the closed stream and aborts the request
+        if lora_info(lora_server)["running_lora_adapters"] == "":
+            break
+        time.sleep(0.1)
+    assert lora_info(lora_server)["running_lora_adapters"] == ""
 
 
 def test_adapters_load_and_unload_at_run_time(lora_server: Any, smollm_lora: Any) -> None:

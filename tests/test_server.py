@@ -635,13 +635,41 @@ def test_vllm_fields_ember_lacks_are_refused_when_they_ask_for_something(server:
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     for path, body, param, hint in [
         ("/v1/chat/completions", {**chat, "guided_json": {"type": "object"}}, "guided_json", "structured_outputs"),
-        ("/v1/completions", {"prompt": "hi", "truncate_prompt_tokens": 1}, "truncate_prompt_tokens", "shorter"),
+        ("/v1/completions", {"prompt": "hi", "skip_special_tokens": False}, "skip_special_tokens", "special tokens"),
         ("/v1/chat/completions", {**chat, "use_beam_search": True}, "use_beam_search", "'n'"),
     ]:
         error = httpx.post(f"{server.url}{path}", json=body).json()["error"]
         assert error["param"] == param and "not supported" in error["message"] and hint in error["message"], error
     harmless = {"min_tokens": 0, "best_of": 1, "skip_special_tokens": True, "guided_json": None, "x_trace": "a1"}
     assert httpx.post(f"{server.url}/v1/chat/completions", json={**chat, **harmless}).status_code == 200
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_end(server: ServerProcess) -> None:
+    """vLLM's truncate_prompt_tokens: the model sees only the prompt's last k tokens (-1: as many as fit), and the
+    usage and the echo say so; a k outside [1, max_model_len] is a 400 on that field."""
+    prompt = "One, two, three, four, five, six, seven, eight"
+    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": prompt}).json()["tokens"]
+    greedy = {"max_tokens": 4, "temperature": 0}
+
+    def complete(**body: Any) -> dict[str, Any]:
+        return httpx.post(f"{server.url}/v1/completions", json={**greedy, **body}, timeout=60).json()
+
+    cut = complete(prompt=prompt, truncate_prompt_tokens=4, echo=True)
+    tail = complete(prompt=ids[-4:], echo=True)
+    assert cut["usage"]["prompt_tokens"] == 4 and cut["choices"][0]["text"] == tail["choices"][0]["text"]
+    assert complete(prompt=prompt)["choices"][0]["text"] != cut["choices"][0]["text"][len(prompt) :]
+    assert complete(prompt=prompt, truncate_prompt_tokens=-1)["usage"]["prompt_tokens"] == len(ids)
+    chat = {"messages": [{"role": "user", "content": prompt}], **greedy, "truncate_prompt_tokens": 6}
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=chat).json()["usage"]["prompt_tokens"] == 6
+    embedded = httpx.post(f"{server.url}/v1/embeddings", json={"input": prompt, "truncate_prompt_tokens": 3}).json()
+    reference = httpx.post(f"{server.url}/v1/embeddings", json={"input": ids[-3:]}).json()
+    assert embedded["usage"]["prompt_tokens"] == 3
+    assert embedded["data"][0]["embedding"] == pytest.approx(reference["data"][0]["embedding"], abs=1e-5)
+    max_model_len = httpx.get(f"{server.url}/v1/models").json()["data"][0]["max_model_len"]
+    for keep in (0, -2, max_model_len + 1):
+        for path, body in (("/v1/completions", {"prompt": prompt}), ("/v1/embeddings", {"input": prompt})):
+            reply = httpx.post(f"{server.url}{path}", json={**body, "truncate_prompt_tokens": keep})
+            assert reply.status_code == 400 and reply.json()["error"]["param"] == "truncate_prompt_tokens", keep
 
 
 def preflight(url: str, origin: str) -> httpx.Response:

@@ -140,6 +140,21 @@ class OpenAIServer:
             "model_not_found",
         )
 
+    def truncated(self, prompt_ids: list[int], keep: int | None) -> list[int]:
+        """vLLM's `truncate_prompt_tokens`: the prompt's last `keep` tokens (-1: the model's maximum length), the
+        start dropped, so that a long history or document still fits."""
+        if keep is None:
+            return prompt_ids
+        if keep == -1:
+            keep = self.max_model_len
+        if not 1 <= keep <= self.max_model_len:
+            raise APIError(
+                400,
+                f"'truncate_prompt_tokens' must be -1 (the model's maximum length) or in [1, {self.max_model_len}]",
+                param="truncate_prompt_tokens",
+            )
+        return prompt_ids[-keep:]
+
     def check_prompt_length(self, prompt_ids: list[int], max_tokens: int | None, param: str = "messages") -> None:
         """A prompt that leaves no room to generate is OpenAI's context_length_exceeded, on `param` (the chat's
         messages, a completion's prompt)."""
@@ -224,6 +239,7 @@ class OpenAIServer:
         tools = self.active_tools(body)
         structured = self.chat_constraint(body, tools)
         text, prompt_ids = self.chat_prompt(body, body.messages, tools)
+        prompt_ids = self.truncated(prompt_ids, body.truncate_prompt_tokens)
         max_tokens = body.max_completion_tokens or body.max_tokens
         self.check_prompt_length(prompt_ids, max_tokens)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -521,14 +537,17 @@ class OpenAIServer:
         if body.suffix:
             raise APIError(400, "'suffix' is not supported by this server", param="suffix")
         items = prompt_items(body.prompt)
-        prompts = [self.prompt_ids(item) for item in items]
+        prompts = [self.truncated(self.prompt_ids(item), body.truncate_prompt_tokens) for item in items]
         for ids in prompts:
             self.check_prompt_length(ids, body.max_tokens, param="prompt")
         max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default for completions
         params = self.sampling_params(body, max_tokens, body.logprobs)
-        echoes = None  # each prompt's text, which its choices start with
+        echoes = None  # each prompt's text as the model saw it, which its choices start with
         if body.echo:
-            echoes = [item if isinstance(item, str) else self.decode(item) for item in items]
+            echoes = [
+                item if isinstance(item, str) and body.truncate_prompt_tokens is None else self.decode(ids)
+                for item, ids in zip(items, prompts, strict=True)
+            ]
         if body.echo and body.logprobs is not None:  # the prompt's tokens get logprobs too (scoring, lm-eval)
             if body.prompt_logprobs not in (None, body.logprobs):
                 raise APIError(
@@ -681,7 +700,7 @@ class OpenAIServer:
         `dimensions`, the first that many, normalized again (Matryoshka models)."""
         model = self.check_model(body.model)
         items = prompt_items(body.input, param="input")
-        prompts = [self.prompt_ids(item, param="input") for item in items]
+        prompts = [self.truncated(self.prompt_ids(item, param="input"), body.truncate_prompt_tokens) for item in items]
         for ids in prompts:
             self.check_prompt_length(ids, None, param="input")
         hidden = self.engine.engine.model_config.hidden_size

@@ -6,6 +6,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from ember.engine.async_engine import FinishedStats
 from ember.engine.engine import Engine
+from ember.engine.request import Request
+from ember.models.lora import LoRAModel
 
 LATENCY_BUCKETS = (
     0.005,
@@ -112,6 +114,13 @@ class EngineMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         ).labels(**labels)
+        self.lora_info = Gauge(
+            "ember:lora_requests_info",
+            "LoRA adapters of the running and waiting requests, as labels (names, comma-separated); the value is "
+            "the scrape's Unix time.",
+            ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+            registry=r,
+        )
         self.model_name = model_name
         self.num_generated = 0  # the generation counter's total, readable (the periodic stats line reads it)
         self._seen: dict[Counter, float] = {}
@@ -155,4 +164,21 @@ class EngineMetrics:
         if self.engine.speculator is not None:
             self.spec_acceptance_rate.set(self.engine.speculator.stats.acceptance_rate)
             self.spec_mean_accepted_length.set(self.engine.speculator.stats.mean_accepted_length)
+        if self.engine.runner.lora is not None:
+            self.set_lora_info(self.engine.runner.lora)
         return generate_latest(self.registry)
+
+    def set_lora_info(self, lora: LoRAModel) -> None:
+        """vLLM's lora_requests_info, one series only: the adapters in use now. `max_lora` is --max-loras, or
+        the number loaded when any number may run at once."""
+        # copies first: the engine thread changes these while the server's thread reads them
+        names = {adapter.adapter_id: name for name, adapter in list(lora.adapters.items())}
+        scheduler = self.engine.scheduler
+        running, waiting = list(scheduler.running), list(scheduler.waiting)
+
+        def in_use(requests: list[Request]) -> str:
+            return ",".join(sorted({names[r.lora_id] for r in requests if r.lora_id in names}))
+
+        max_lora = scheduler.max_loras if scheduler.max_loras is not None else len(names)
+        self.lora_info.clear()
+        self.lora_info.labels(str(max_lora), in_use(waiting), in_use(running)).set_to_current_time()

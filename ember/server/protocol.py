@@ -23,7 +23,6 @@ MAX_N = 16
 # for vLLM send them), and what to do instead. Any other value is refused rather than ignored.
 VLLM_FIELDS_NOT_SUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "skip_special_tokens": ((True, None), "the text always leaves special tokens out"),
-    "truncate_prompt_tokens": ((None,), "send a shorter prompt"),
     "best_of": ((None, 1), "ask for 'n' samples"),
     "use_beam_search": ((False, None), "ask for 'n' samples"),
     **{
@@ -147,6 +146,7 @@ class SamplingFields(OpenAIModel):
     user: str | None = None
     structured_outputs: StructuredOutputsField | None = None
     prediction: PredictedOutputField | None = None
+    truncate_prompt_tokens: int | None = None  # vLLM's: keep only the prompt's last k tokens (-1: the model's length)
 
     def sampling_params(
         self, max_tokens: int | None, logprobs: int | None, structured: StructuredOutputs | None = None
@@ -313,6 +313,7 @@ class EmbeddingRequest(OpenAIModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
+    truncate_prompt_tokens: int | None = None  # as SamplingFields'
 
 
 class LoadLoRAAdapterRequest(OpenAIModel):

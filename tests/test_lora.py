@@ -46,23 +46,30 @@ def save_adapter(base_dir: Path, config: LoraConfig, directory: Path, seed: int 
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_native_kernel_adds_each_rows_adapter_delta(dtype: torch.dtype, tolerance: float) -> None:
     """The CPU kernel against PyTorch: rows of two adapters (ranks 3 and 8), rows without one, and an adapter
-    slot that leaves the linear alone."""
+    slot that leaves the linear alone. Each rank row of B^T counts only within its column span (its part of a
+    fused linear), spans that straddle the kernel's column chunks included: what lies outside is never read."""
     kernel = native_kernel(dtype, torch.device("cpu"))
     if kernel is None:
         pytest.skip("no C compiler here")
     torch.manual_seed(0)
     rows, k, n = 7, 40, 300  # n spans several of the kernel's column chunks
-    slots = [LoRAWeights(torch.randn(3, k), torch.randn(3, n)), None, LoRAWeights(torch.randn(8, k), torch.randn(8, n))]
-    slots = [None if w is None else LoRAWeights(w.a.to(dtype), w.b_t.to(dtype)) for w in slots]
+
+    def weights(spans: list[tuple[int, int]]) -> LoRAWeights:
+        rank = len(spans)
+        return LoRAWeights(torch.randn(rank, k).to(dtype), torch.randn(rank, n).to(dtype), torch.tensor(spans))
+
+    slots = [weights([(0, 200), (0, 200), (200, 300)]), None, weights([(0, 130)] * 4 + [(130, 300)] * 4)]
     row_slots = torch.tensor([0, -1, 2, 2, 1, 0, -1])
     linear = LoRALinear(torch.nn.Identity(), LoRABatch(), kernel)
     linear.set_slots(slots)
     x, y = torch.randn(rows, k).to(dtype), torch.randn(rows, n).to(dtype)
     expected = y.double().clone()
     for r, slot in enumerate(row_slots.tolist()):
-        if slot >= 0 and slots[slot] is not None:
-            weights = slots[slot]
-            expected[r] += (x[r].double() @ weights.a.double().t()) @ weights.b_t.double()
+        if slot >= 0 and (w := slots[slot]) is not None:
+            in_span = torch.zeros(w.b_t.shape, dtype=torch.bool)
+            for j, (start, end) in enumerate(w.columns.tolist()):
+                in_span[j, start:end] = True
+            expected[r] += (x[r].double() @ w.a.double().t()) @ (w.b_t.double() * in_span)
     kernel(x.data_ptr(), y.data_ptr(), *linear.table, row_slots.data_ptr(), rows, n, k)
     torch.testing.assert_close(y.double(), expected, rtol=tolerance, atol=tolerance * expected.abs().max().item())
 

@@ -35,7 +35,7 @@ SIGNATURES: dict[str, list[type]] = {
     **{f"rotary_{t}": [_ptr] * 3 + [_i64] * 4 for t in ("f32", "bf16")},
     **{f"silu_and_mul_{t}": [_ptr] * 2 + [_i64] * 2 for t in ("f32", "bf16")},
     "decode_stack": [_ptr] * 8 + [_i64] * 2 + [_ptr],
-    **{f"lora_add_{t}": [_ptr] * 6 + [_i64] * 3 for t in ("f32", "bf16")},
+    **{f"lora_add_{t}": [_ptr] * 7 + [_i64] * 3 for t in ("f32", "bf16")},
 }
 # built only where the compiler targets the instructions they need (fp32: AVX-512 or AVX2; bf16: AVX512-BF16)
 OPTIONAL_SIGNATURES: dict[str, list[type]] = {

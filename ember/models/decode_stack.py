@@ -35,6 +35,7 @@ class _QuantizedLinear(ctypes.Structure):
         ("in_features", _i64),
         ("lora_a", _ptr),  # LoRA adapters by slot (`LoRALinear.table`); NULL: none
         ("lora_b", _ptr),
+        ("lora_cols", _ptr),
         ("lora_ranks", _ptr),
     ]
 
@@ -182,7 +183,9 @@ class NativeDecodeStack:
         unloaded (the tables are rebuilt then)."""
         for layer, layer_tables in zip(self._layers, tables, strict=True):
             for part, table in zip((layer.qkv, layer.o, layer.gate_up, layer.down), layer_tables, strict=True):
-                part.lora_a, part.lora_b, part.lora_ranks = (ctypes.cast(t, ctypes.c_void_p) for t in table)
+                part.lora_a, part.lora_b, part.lora_cols, part.lora_ranks = (
+                    ctypes.cast(t, ctypes.c_void_p) for t in table
+                )
         self._lora_tables = tables  # kept alive while the stack points at them
 
     def __call__(

@@ -5,7 +5,8 @@ merged into the base: each adapted linear adds `scale * B(A(x))` to the base's o
 requests that asked for that adapter, so requests of different adapters share every step. Ember's fused
 projections (QKV, gate/up) take the adapters of their parts as one: the parts' A matrices are stacked (one
 shrink matmul) and their B matrices laid block-diagonally into one [out, sum of ranks] matrix (one expand
-matmul). A step without adapter rows costs one empty loop per linear.
+matmul); the CPU's native kernel skips the zeros, reading each rank row only over its part's columns. A step
+without adapter rows costs one empty loop per linear.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class LoRAWeights:
 
     a: torch.Tensor  # [sum of the parts' ranks, in_features]
     b_t: torch.Tensor  # [sum of ranks, out_features]: B transposed, block-diagonal over the parts
+    columns: torch.Tensor  # int64 [sum of ranks, 2], on the CPU: each rank row's part, as [start, end) of b_t's columns
 
 
 @dataclass
@@ -174,12 +176,15 @@ def _fuse(
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     total_rank = sum(a.shape[0] for _, a, _ in parts)
     b_t = torch.zeros(total_rank, sum(sizes))
+    columns = torch.empty(total_rank, 2, dtype=torch.int64)
     rank_row = 0
     for part, a, b in parts:
-        b_t[rank_row : rank_row + a.shape[0], offsets[part] : offsets[part] + sizes[part]] = b.t()
+        rows = slice(rank_row, rank_row + a.shape[0])
+        b_t[rows, offsets[part] : offsets[part] + sizes[part]] = b.t()
+        columns[rows] = torch.tensor([offsets[part], offsets[part] + sizes[part]])
         rank_row += a.shape[0]
     a_full = torch.cat([a for _, a, _ in parts])
-    return LoRAWeights(a_full.to(device, dtype).contiguous(), b_t.to(device, dtype).contiguous())
+    return LoRAWeights(a_full.to(device, dtype).contiguous(), b_t.to(device, dtype).contiguous(), columns)
 
 
 class LoRABatch:
@@ -202,7 +207,7 @@ class LoRALinear(nn.Module):
         self.batch = batch
         self.kernel = kernel
         self.adapters: dict[int, LoRAWeights] = {}  # by adapter id
-        self.table: tuple[ctypes.Array, ...] = ()  # the kernel's (A, B^T, rank) pointers by slot
+        self.table: tuple[ctypes.Array, ...] = ()  # the kernel's (A, B^T, column spans, rank) pointers by slot
         self.set_slots([])
 
     def set_slots(self, slots: list[LoRAWeights | None]) -> None:
@@ -211,6 +216,7 @@ class LoRALinear(nn.Module):
         self.table = (
             (ctypes.c_void_p * n)(*(w.a.data_ptr() if w else None for w in slots)),
             (ctypes.c_void_p * n)(*(w.b_t.data_ptr() if w else None for w in slots)),
+            (ctypes.c_void_p * n)(*(w.columns.data_ptr() if w else None for w in slots)),
             (ctypes.c_int64 * n)(*(w.a.shape[0] if w else 0 for w in slots)),
         )
 

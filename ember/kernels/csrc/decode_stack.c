@@ -24,12 +24,14 @@ typedef void (*paged_decode_fn)(const void* q, const void* k_new, const void* v_
                                 void* out, int64_t D, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t d,
                                 int64_t MAXB, float scale);
 
-typedef void (*lora_add_fn)(const void* x, void* y, const void* const* a, const void* const* b, const int64_t* ranks,
-                            const int64_t* slots, int64_t M, int64_t N, int64_t K);
+typedef void (*lora_add_fn)(const void* x, void* y, const void* const* a, const void* const* b,
+                            const int64_t* const* cols, const int64_t* ranks, const int64_t* slots, int64_t M,
+                            int64_t N, int64_t K);
 
 typedef struct {
-    const void* const* a;  // per adapter slot: A, B transposed, rank (lora.c); NULL: no adapter loaded
+    const void* const* a;  // per adapter slot: A, B transposed, B^T's column spans, rank (lora.c); NULL: none
     const void* const* b;
+    const int64_t* const* cols;
     const int64_t* ranks;
 } LoRATable;
 
@@ -71,7 +73,8 @@ static inline void linear(const DecodeStack* s, const QuantizedLinear* p, const 
                           const int64_t* lora_slots) {
     p->fn(p->quants, p->scales, p->mins, p->bias, x, out, rows, p->out_features, p->in_features);
     if (lora_slots && p->lora.a) {
-        s->lora_add(x, out, p->lora.a, p->lora.b, p->lora.ranks, lora_slots, rows, p->out_features, p->in_features);
+        s->lora_add(x, out, p->lora.a, p->lora.b, p->lora.cols, p->lora.ranks, lora_slots, rows, p->out_features,
+                    p->in_features);
     }
 }
 

@@ -6,8 +6,10 @@
 // its adapter, with fp32 accumulation; the weights of an adapter stay in cache across its rows.
 //
 // Per adapter slot s (a row's entry in `slots`, -1: no adapter): a[s] is A [ranks[s], K] and b[s] is B
-// transposed, [ranks[s], N], with the scale folded in; ranks[s] 0: the adapter leaves this linear alone. x is
-// [M, K], y [M, N], weights and activations of one type.
+// transposed, [ranks[s], N], with the scale folded in; ranks[s] 0: the adapter leaves this linear alone.
+// cols[s] is [ranks[s], 2]: the output columns [start, end) that rank row j of B^T can be nonzero in. A fused
+// linear's parts (q, k, v; gate, up) each own their columns, so B^T is block-diagonal, mostly zeros: the expand
+// reads only each rank row's own columns. x is [M, K], y [M, N], weights and activations of one type.
 
 #include <stdlib.h>
 
@@ -20,8 +22,8 @@
 #define COLUMNS 128  // output columns a thread accumulates at a time (fp32, on its stack)
 
 #define DEFINE_LORA_ADD(NAME, T, AS_FLOAT, FROM_FLOAT)                                                         \
-    void NAME(const T* x, T* y, const T* const* a, const T* const* b, const int64_t* ranks, const int64_t* slots, \
-              int64_t M, int64_t N, int64_t K) {                                                               \
+    void NAME(const T* x, T* y, const T* const* a, const T* const* b, const int64_t* const* cols,              \
+              const int64_t* ranks, const int64_t* slots, int64_t M, int64_t N, int64_t K) {                   \
         int64_t offsets[M + 1];  /* where each row's shrunk vector starts in `t` */                            \
         offsets[0] = 0;                                                                                        \
         for (int64_t r = 0; r < M; r++) offsets[r + 1] = offsets[r] + (slots[r] < 0 ? 0 : ranks[slots[r]]);    \
@@ -50,11 +52,14 @@
                     float acc[COLUMNS];                                                                        \
                     for (int64_t c = 0; c < width; c++) acc[c] = 0.0f;                                         \
                     const T* bt = b[slots[r]] + n0;                                                            \
+                    const int64_t* span = cols[slots[r]];                                                      \
                     for (int64_t j = 0; j < rank; j++) {                                                       \
+                        const int64_t lo = (span[2 * j] > n0 ? span[2 * j] : n0) - n0;                         \
+                        const int64_t hi = (span[2 * j + 1] < n0 + width ? span[2 * j + 1] : n0 + width) - n0; \
                         const float tj = t[offsets[r] + j];                                                    \
                         const T* bj = bt + j * N;                                                              \
                         _Pragma("omp simd")                                                                   \
-                        for (int64_t c = 0; c < width; c++) acc[c] += tj * AS_FLOAT(bj[c]);                    \
+                        for (int64_t c = lo; c < hi; c++) acc[c] += tj * AS_FLOAT(bj[c]);                      \
                     }                                                                                          \
                     T* yr = y + r * N + n0;                                                                    \
                     for (int64_t c = 0; c < width; c++) yr[c] = FROM_FLOAT(AS_FLOAT(yr[c]) + acc[c]);          \

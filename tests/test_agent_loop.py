@@ -17,6 +17,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from ember.agents import Agent, AgentEvent, AgentResult, function_tool
+from ember.agents.approvals import ToolApprovals, Verdict
 from ember.agents.loop import CLEARED, canonical_arguments, shrink
 from ember.agents.mcp_tools import mcp_tools
 from ember.agents.sandbox import Sandbox
@@ -206,6 +207,26 @@ def test_a_model_that_repeats_one_call_is_refused_then_stopped(server: ServerPro
     assert all(outcome.is_error for _, outcome in result.tool_calls[-len(last_calls) :])
 
 
+def test_a_declined_call_does_not_run_and_the_model_reads_why(server: ServerProcess) -> None:
+    """With approvals, each call is put to the person before it runs: declined, it does not run (its reply says
+    so, and no repeat streak counts it); "always" runs it and lets the tool's later calls run without asking."""
+    asked: list[str] = []
+    verdicts = iter(["no", "always"])
+
+    async def ask(name: str, arguments: str) -> Verdict:
+        asked.append(name)
+        return next(verdicts)
+
+    agent = forced_lookup(server, parallel_tool_calls=False, max_turns=3, approve=ToolApprovals(ask))
+    _, result = collect(agent, "Look up the word 'ember'.")
+    assert asked == ["lookup", "lookup"] and result.turns == 3 and len(result.tool_calls) == 3
+    outcomes = [outcome for _, outcome in result.tool_calls]
+    assert outcomes[0].is_error and outcomes[0].content.startswith("[not run: the user declined this call of lookup")
+    assert all(o.content.endswith(": not found") and not o.is_error for o in outcomes[1:])
+    first_reply = next(m for m in result.messages if m["role"] == "tool")
+    assert first_reply["content"] == outcomes[0].content  # the model read the refusal as the tool's reply
+
+
 def test_agent_refuses_a_tool_choice_it_cannot_honour(server: ServerProcess) -> None:
     with pytest.raises(ValueError, match="neither auto/required/none nor one of the tools"):
         Agent(client(server), MODEL, [], tool_choice="missing")
@@ -297,6 +318,24 @@ def test_cli_agent_activates_a_skill_and_preloads_one_with_skill(server: ServerP
     )
 
 
+def test_cli_approve_asks_on_stderr_and_a_no_keeps_the_call_from_running(server: ServerProcess) -> None:
+    skills = str(Path(__file__).resolve().parents[1] / "examples" / "skills")
+    flags = ["--skills", skills, "--tool-choice", "activate_skill", "--approve", "--max-turns", "1", "--json"]
+    done = subprocess.run(
+        [sys.executable, "-m", "ember.cli", "agent", "What is in data.csv?", "--url", f"{server.url}/v1", *flags],
+        input="n\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "?? run activate_skill({" in done.stderr and "[y]es / [a]lways activate_skill / [N]o" in done.stderr
+    (call, outcome), *_ = json.loads(done.stdout)["tool_calls"]
+    assert call["name"] == "activate_skill" and outcome["is_error"]
+    assert outcome["content"].startswith("[not run: the user declined this call of activate_skill")
+
+
 def test_cli_without_a_task_holds_a_conversation_of_the_lines_piped_in(server: ServerProcess) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "ember.cli", "agent", "--url", f"{server.url}/v1", "--max-tokens", "12"],
@@ -323,6 +362,7 @@ def test_cli_errors_are_one_line_messages(server: ServerProcess) -> None:
         (["--temperature", "5"], "--temperature must be in [0, 2]"),
         (["--tool-timeout", "0"], "--tool-timeout must be a positive number"),
         (["--session", "s1"], "--session names where --memory keeps"),
+        (["--allow-tool", "run_python"], "--allow-tool names tools that --approve does not ask about"),
         (["--sandbox", "--sandbox-max-processes", "0"], "--sandbox-max-processes must be positive"),
         (["--model", "/no/such.gguf"], "the model server did not start: server exited early: ember: error: model"),
     ]

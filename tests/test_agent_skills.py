@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from ember.agents.approvals import ToolApprovals, Verdict
 from ember.agents.mcp_tools import mcp_tools
 from ember.agents.sandbox import Sandbox
 from ember.agents.skills import SkillError, SkillLibrary, load_skill, validate
@@ -173,6 +174,32 @@ def test_activation_gives_instructions_and_files_and_reads_stay_inside_the_skill
         assert result.is_error and error in result.content, result
     other = call(toolbox, "activate_skill", name="other")
     assert other.is_error and "Input should be 'notes'" in other.content
+
+
+def test_an_activated_skills_allowed_tools_run_without_asking(tmp_path: Path) -> None:
+    """allowed-tools pre-approves tools once its skill is activated (through the tool, as the model does), and
+    only those: any other call is still put to the person, whose "always" approves that tool from then on."""
+    make_skill(tmp_path, "calc", "name: calc\ndescription: Compute things.\nallowed-tools: run_python read_skill_file")
+    make_skill(tmp_path, "other", "name: other\ndescription: Other things.\nallowed-tools: run_shell")
+    library = SkillLibrary.discover([tmp_path])
+    asked: list[tuple[str, str]] = []
+    verdicts = iter(["no", "always"])
+
+    async def ask(name: str, arguments: str) -> Verdict:
+        asked.append((name, arguments))
+        return next(verdicts)
+
+    approvals = ToolApprovals(ask, ["activate_skill"], library)
+
+    def approved(name: str) -> bool:
+        return asyncio.run(approvals(name, '{"code": "1"}'))
+
+    assert approved("activate_skill") and not approved("run_python")  # allowed by the user; asked, declined
+    assert not call(Toolbox(library.tools()), "activate_skill", name="calc").is_error
+    assert approved("run_python") and approved("read_skill_file")  # the active skill's allowed-tools
+    assert approved("run_shell") and approved("run_shell")  # asked once: "always"
+    assert asked == [("run_python", '{"code": "1"}'), ("run_shell", '{"code": "1"}')]
+    assert library.allowed_tools() == {"run_python", "read_skill_file"}  # "other" was never activated
 
 
 def test_an_empty_library_offers_no_tools() -> None:

@@ -13,13 +13,27 @@ from typing import TYPE_CHECKING, Any
 from ember.agents.tools import Tool, Toolbox, ToolResult, function_tool
 
 if TYPE_CHECKING:
+    from ember.agents.approvals import ToolApprovals
     from ember.agents.loop import Agent, AgentEvent, AgentResult, ToolCall
 
-_LOOP_NAMES = ("Agent", "AgentEvent", "AgentResult", "ToolCall")
-__all__ = ["Agent", "AgentEvent", "AgentResult", "Tool", "ToolCall", "ToolResult", "Toolbox", "function_tool"]
+_LAZY_NAMES = {
+    **dict.fromkeys(("Agent", "AgentEvent", "AgentResult", "ToolCall"), "ember.agents.loop"),
+    "ToolApprovals": "ember.agents.approvals",
+}
+__all__ = [
+    "Agent",
+    "AgentEvent",
+    "AgentResult",
+    "Tool",
+    "ToolApprovals",
+    "ToolCall",
+    "ToolResult",
+    "Toolbox",
+    "function_tool",
+]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LOOP_NAMES:
-        return getattr(importlib.import_module("ember.agents.loop"), name)
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(_LAZY_NAMES[name]), name)
     raise AttributeError(f"module 'ember.agents' has no attribute {name!r}")

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ember.agents.approvals import ToolApprovals, terminal_ask
 from ember.agents.embeddings import INSTALL_HINT, Embedder, OpenAIEmbedder, TextEmbedder, embedding_model_path
 from ember.agents.memory import Memory
 from ember.agents.sandbox import Sandbox, SandboxLimits
@@ -96,6 +97,20 @@ def add_agent_args(parser: argparse.ArgumentParser) -> None:
         "messages under (default: a new one)",
     )
     t.add_argument("--tool-timeout", type=float, default=60.0, help="seconds one tool call may take (default 60)")
+    t.add_argument(
+        "--approve",
+        action="store_true",
+        help="ask before each tool call runs (on stderr; answer y, a for always this tool, or n), except the tools "
+        "of --allow-tool and those an activated skill lists in its allowed-tools; a declined call does not run, "
+        "and the model is told so",
+    )
+    t.add_argument(
+        "--allow-tool",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="with --approve, a tool that runs without asking (e.g. read_skill_file); repeatable",
+    )
     loop = parser.add_argument_group("loop")
     loop.add_argument("--instructions", default=None, help="the system prompt")
     loop.add_argument("--max-turns", type=int, default=10, help="model calls at most, per run (default 10)")
@@ -274,6 +289,8 @@ def check_agent_args(args: argparse.Namespace) -> None:
         sandbox_limits(args)
     if args.session and not args.memory:
         raise ValueError("--session names where --memory keeps this run's messages: add --memory FILE")
+    if args.allow_tool and not args.approve:
+        raise ValueError("--allow-tool names tools that --approve does not ask about: add --approve")
     if args.skill and not args.skills:
         raise ValueError("--skill activates a skill found with --skills: add --skills DIR")
     if args.tool_choice == "required" and not (args.sandbox or args.mcp or args.memory or args.skills):
@@ -327,6 +344,7 @@ async def run_agent(args: argparse.Namespace, url: str, skills: SkillLibrary | N
             temperature=args.temperature,
             max_tokens=args.max_tokens,
             on_message=on_message,
+            approve=ToolApprovals(terminal_ask(), args.allow_tool, skills) if args.approve else None,
         )
         tasks = [args.task] if args.task is not None else interactive_tasks()
         async for text in tasks_of(tasks):

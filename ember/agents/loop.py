@@ -14,12 +14,13 @@ import asyncio
 import itertools
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from openai import AsyncOpenAI, BadRequestError
 
+from ember.agents.approvals import declined
 from ember.agents.tools import Tool, Toolbox, ToolResult
 
 ToolChoice = Literal["auto", "required", "none"] | str  # or the name of one tool
@@ -65,6 +66,9 @@ class Agent:
     runs in this task (same tool, same arguments) all gave the same result is not run again: its reply says so,
     and a turn made only of such calls ends the run (small models at temperature 0 otherwise loop until
     max_turns). A call whose result changes (a next page, a job's status) may repeat.
+
+    With `approve` (e.g. a `ToolApprovals`), each call runs only if `await approve(name, arguments)` is true,
+    asked one call at a time; a declined call's reply tells the model so.
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class Agent:
         max_tokens: int | None = None,
         max_identical_calls: int | None = 3,
         on_message: Callable[[dict[str, Any]], None] | None = None,
+        approve: Callable[[str, str], Awaitable[bool]] | None = None,
     ) -> None:
         if max_turns < 1:
             raise ValueError("max_turns must be at least 1")
@@ -98,6 +103,7 @@ class Agent:
         self.parallel_tool_calls, self.temperature, self.max_tokens = parallel_tool_calls, temperature, max_tokens
         self.max_identical_calls = max_identical_calls
         self.on_message = on_message
+        self.approve = approve
 
     async def run(self, task: str | list[dict[str, Any]]) -> AgentResult:
         async for event in self.stream(task):
@@ -144,14 +150,17 @@ class Agent:
             for call in calls:
                 yield AgentEvent("tool_call", call=call)
             refused = [repeats.is_stuck(call) for call in calls]
+            approved = [not r and await self.approved(c) for c, r in zip(calls, refused, strict=True)]
             outcomes = await asyncio.gather(
                 *(
-                    repeats.refusal(c) if r else self.toolbox.call(c.name, c.arguments)
-                    for c, r in zip(calls, refused, strict=True)
+                    self.toolbox.call(c.name, c.arguments)
+                    if a
+                    else settled(repeats.refusal(c) if r else declined(c.name))
+                    for c, r, a in zip(calls, refused, approved, strict=True)
                 )
             )
-            for call, outcome, was_refused in zip(calls, outcomes, refused, strict=True):
-                if not was_refused:
+            for call, outcome, ran in zip(calls, outcomes, approved, strict=True):
+                if ran:
                     repeats.record(call, outcome)
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": outcome.content})
                 self.notify(messages[-1])
@@ -163,6 +172,9 @@ class Agent:
             if self.reset_tool_choice:
                 tool_choice = "auto"
         yield AgentEvent("done", result=result)
+
+    async def approved(self, call: ToolCall) -> bool:
+        return self.approve is None or await self.approve(call.name, call.arguments)
 
     def initial_messages(self, task: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The task's messages, behind the instructions (unless the task brings its own system message).
@@ -280,13 +292,18 @@ class RepeatedCalls:
         last, times = self.streaks.get(self.key(call), ("", 0))
         self.streaks[self.key(call)] = (outcome.content, times + 1 if outcome.content == last else 1)
 
-    async def refusal(self, call: ToolCall) -> ToolResult:
-        """What a stuck call gets instead of running (awaitable, beside the calls that do run)."""
+    def refusal(self, call: ToolCall) -> ToolResult:
+        """What a stuck call gets instead of running."""
         return ToolResult(
             f"[not run: {call.name} gave the same result the last {self.limit} times it was called with exactly "
             "these arguments (see above). Use that result, change the arguments, or answer.]",
             is_error=True,
         )
+
+
+async def settled(result: ToolResult) -> ToolResult:
+    """A call's result known without running it, awaitable beside the calls that do run."""
+    return result
 
 
 def canonical_arguments(arguments: str) -> str:

@@ -199,6 +199,7 @@ class SkillLibrary:
 
     def __init__(self, skills: Iterable[Skill]) -> None:
         self.skills: dict[str, Skill] = {}
+        self.active: set[str] = set()  # the skills activated so far, whose allowed-tools are pre-approved
         for skill in skills:
             if skill.name in self.skills:
                 raise ValueError(
@@ -260,6 +261,7 @@ class SkillLibrary:
     def activate(self, name: str, in_sandbox: bool = False) -> str:
         """A skill's instructions, where its files are, and which files it has (listed, not read)."""
         skill = self.get(name)
+        self.active.add(name)
         files = skill.files()
         listed = "\n".join(f"  <file>{escape(f)}</file>" for f in files[:MAX_LISTED_FILES])
         if len(files) > MAX_LISTED_FILES:
@@ -281,6 +283,10 @@ class SkillLibrary:
             parts.append(f"<skill_resources>\n{listed}\n</skill_resources>")
         parts.append("</skill_content>")
         return "\n".join(parts)
+
+    def allowed_tools(self) -> set[str]:
+        """The tools that the activated skills' `allowed-tools` name: run without asking (`ToolApprovals`)."""
+        return {tool for name in self.active for tool in self.skills[name].allowed_tools}
 
     def read(self, name: str, path: str) -> str:
         """One file of a skill, by its path relative to the skill's folder (or under /skills/<name>/)."""

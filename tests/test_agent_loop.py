@@ -256,9 +256,14 @@ def test_sandbox_tools_over_mcp_run_the_models_code(server: ServerProcess, tmp_p
     assert result.messages[2] == {"role": "tool", "tool_call_id": call.id, "content": outcome.content}
 
 
-def ember(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def ember(*args: str, timeout: float = 120, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ember.cli", *args], capture_output=True, text=True, timeout=timeout, check=False
+        [sys.executable, "-m", "ember.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -321,14 +326,7 @@ def test_cli_agent_activates_a_skill_and_preloads_one_with_skill(server: ServerP
 def test_cli_approve_asks_on_stderr_and_a_no_keeps_the_call_from_running(server: ServerProcess) -> None:
     skills = str(Path(__file__).resolve().parents[1] / "examples" / "skills")
     flags = ["--skills", skills, "--tool-choice", "activate_skill", "--approve", "--max-turns", "1", "--json"]
-    done = subprocess.run(
-        [sys.executable, "-m", "ember.cli", "agent", "What is in data.csv?", "--url", f"{server.url}/v1", *flags],
-        input="n\n",
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = ember("agent", "What is in data.csv?", "--url", f"{server.url}/v1", *flags, stdin="n\n")
     assert done.returncode == 0, done.stderr
     assert "?? run activate_skill({" in done.stderr and "[y]es / [a]lways activate_skill / [N]o" in done.stderr
     (call, outcome), *_ = json.loads(done.stdout)["tool_calls"]
@@ -337,14 +335,7 @@ def test_cli_approve_asks_on_stderr_and_a_no_keeps_the_call_from_running(server:
 
 
 def test_cli_without_a_task_holds_a_conversation_of_the_lines_piped_in(server: ServerProcess) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "ember.cli", "agent", "--url", f"{server.url}/v1", "--max-tokens", "12"],
-        input="Say hello.\n\nNow say goodbye.\n",
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = ember("agent", "--url", f"{server.url}/v1", "--max-tokens", "12", stdin="Say hello.\n\nNow say goodbye.\n")
     assert done.returncode == 0, done.stderr
     prompts = [int(n) for n in re.findall(r"\[1 turns, 0 tool calls, (\d+) prompt", done.stderr)]
     assert len(prompts) == 2 and prompts[1] > prompts[0] + 12  # the second turn's prompt holds the first exchange

@@ -282,7 +282,7 @@ def test_responses_fields_ember_lacks_are_refused_when_they_ask_for_something(cl
         ("background", True),
         ("include", ["reasoning.encrypted_content"]),
         ("reasoning", {"effort": "high"}),
-        ("truncation", "auto"),
+        ("conversation", "conv_1"),
     ):
         with pytest.raises(openai.BadRequestError) as info:
             client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, **{field: value})  # type: ignore[call-overload]
@@ -746,11 +746,13 @@ def test_chat_template_allowed_origins_and_the_stats_line(tmp_path: Path, monkey
     assert sum(float(line.split("generation ")[1].split(" ")[0]) > 0 for line in stats) >= 1
 
 
-def test_api_key_queue_limit_and_graceful_shutdown(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_api_key_queue_limit_short_context_and_graceful_shutdown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("EMBER_LOG_STATS_INTERVAL", "0.5")  # but --disable-log-stats: no stats line
     log = (tmp_path / "server.log").open("w")
     args = ("--api-key", "sekret", "--max-num-seqs", "2", "--max-waiting", "1", "--disable-log-stats")
-    with running_server(*args, log=log) as server:
+    with running_server(*args, "--max-model-len", "256", log=log) as server:
         url = f"{server.url}/v1/models"
         assert httpx.get(url).status_code == 401
         assert (
@@ -767,6 +769,19 @@ def test_api_key_queue_limit_and_graceful_shutdown(tmp_path: Path, monkeypatch: 
         assert httpx.post(f"{server.url}/reset_prefix_cache").status_code == 401
         reset = httpx.post(f"{server.url}/reset_prefix_cache", headers={"Authorization": "Bearer sekret"})
         assert reset.status_code == 200
+        # one call of more prompts than the server holds at once is served a batch at a time, not refused
+        words = ["red", "green", "blue", "cyan", "gold", "gray", "pink"]
+        greedy = {"max_tokens": 3, "temperature": 0, "ignore_eos": True}
+        many = httpx.post(
+            f"{server.url}/v1/completions", json={"prompt": words, **greedy}, headers=auth, timeout=120
+        ).json()
+        alone = httpx.post(
+            f"{server.url}/v1/completions", json={"prompt": words[4], **greedy}, headers=auth, timeout=60
+        ).json()
+        assert [c["index"] for c in many["choices"]] == list(range(7))
+        assert many["choices"][4]["text"] == alone["choices"][0]["text"]
+        vectors = httpx.post(f"{server.url}/v1/embeddings", json={"input": words}, headers=auth, timeout=120).json()
+        assert len(vectors["data"]) == 7 and vectors["usage"]["prompt_tokens"] >= 7
 
         async def flood() -> list[int]:
             async with httpx.AsyncClient(timeout=120) as http:
@@ -777,10 +792,44 @@ def test_api_key_queue_limit_and_graceful_shutdown(tmp_path: Path, monkeypatch: 
                 )
                 return [r.status_code for r in responses]
 
+        check_responses_truncation(server, auth, max_model_len=256)
         codes = asyncio.run(flood())
         assert codes.count(200) >= 3 and codes.count(429) >= 1 and set(codes) <= {200, 429}
         assert server.stop() == 0  # SIGTERM: graceful exit with status 0
     assert "generation" not in (tmp_path / "server.log").read_text()
+
+
+def check_responses_truncation(server: ServerProcess, auth: dict[str, str], max_model_len: int) -> None:
+    """Responses' truncation "auto": a conversation over the context loses its fewest oldest turns after the task
+    (a call with its output), and the model answers; "disabled" (the default) refuses it."""
+    story = " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
+    call = {"type": "function_call", "call_id": "c1", "name": "recall", "arguments": "{}"}
+    items = [
+        {"role": "user", "content": "Remember this story: " + story},
+        call,
+        {"type": "function_call_output", "call_id": "c1", "output": story},
+        {"role": "assistant", "content": story},
+        {"role": "user", "content": "And this one: " + story},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "Which animal jumps?"},
+    ]
+    body = {"input": items, "max_output_tokens": 8, "temperature": 0}
+    refused = httpx.post(f"{server.url}/v1/responses", json=body, headers=auth, timeout=60).json()["error"]
+    assert refused["code"] == "context_length_exceeded" and refused["param"] == "input", refused
+    reply = httpx.post(f"{server.url}/v1/responses", json={**body, "truncation": "auto"}, headers=auth, timeout=60)
+    reply = reply.json()
+    assert reply["status"] in ("completed", "incomplete") and reply["truncation"] == "auto", reply
+
+    def tokens(kept: list[dict[str, Any]]) -> int:
+        messages = [{"role": m["role"], "content": m["content"]} for m in kept if "role" in m]
+        return httpx.post(f"{server.url}/tokenize", json={"messages": messages}, headers=auth).json()["count"]
+
+    # turns after the task: the call with its output, the assistant's story, the second story, "Noted.", the question
+    turns = [[1, 2], [3], [4], [5], [6]]
+    kept = [[items[0], *(items[i] for turn in turns[k:] for i in turn)] for k in range(len(turns))]
+    fitting = next(k for k in range(1, len(turns)) if tokens(kept[k]) + 8 <= max_model_len)
+    assert fitting >= 2  # the call with its output went, and at least the assistant's story after it
+    assert reply["usage"]["input_tokens"] == tokens(kept[fitting])
 
 
 def test_multi_turn_conversation_reports_growing_cached_tokens(server: ServerProcess, client: OpenAI) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import math
@@ -61,6 +62,7 @@ from ember.server.responses import (
     StoredResponse,
     input_messages,
     responses_usage,
+    turn_starts,
 )
 from ember.server.tools import ToolCallParser, split_tool_calls, tool_call_constraint
 
@@ -176,16 +178,31 @@ class OpenAIServer:
             )
 
     async def stream_outputs(
-        self, prompt: list[int], params: SamplingParams, request_id: str, model: str, pooling: str | None = None
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        request_id: str,
+        model: str,
+        pooling: str | None = None,
+        window: asyncio.Semaphore | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """The engine's outputs for one prompt; `request_id` (the API's id) names it in the engine and its logs;
-        `model` (from `check_model`) is the base model or a LoRA adapter; `pooling`: an embedding request."""
+        `model` (from `check_model`) is the base model or a LoRA adapter; `pooling`: an embedding request;
+        `window`: held while the prompt is in the engine (see `prompt_window`)."""
         lora = None if model == self.model_name else model
-        try:
-            async for out in self.engine.generate(prompt, params, request_id, lora, pooling):
-                yield out
-        except ValueError as e:
-            raise APIError(400, str(e), param=getattr(e, "param", None)) from e
+        async with window or contextlib.nullcontext():
+            try:
+                async for out in self.engine.generate(prompt, params, request_id, lora, pooling):
+                    yield out
+            except ValueError as e:
+                raise APIError(400, str(e), param=getattr(e, "param", None)) from e
+
+    def prompt_window(self, num_prompts: int) -> asyncio.Semaphore | None:
+        """One call of many prompts (a completion's list, an embeddings batch of up to OpenAI's 2,048 inputs)
+        enters the engine a batch's worth at a time: all at once, it could pass the server's capacity on its own
+        and get a 429 that no retry would ever cure."""
+        max_num_seqs = self.engine.engine.config.scheduler.max_num_seqs
+        return asyncio.Semaphore(max_num_seqs) if num_prompts > max_num_seqs else None
 
     @staticmethod
     def usage(
@@ -452,9 +469,7 @@ class OpenAIServer:
             history = previous.conversation
         try:
             body.check_extra_fields()
-            conversation = history + input_messages(body.input)
-            chat = body.as_chat(conversation)
-            prepared = self.prepare_chat(chat)
+            conversation, prepared = self.prepare_response(body, history + input_messages(body.input))
         except ValueError as e:
             raise APIError(400, str(e), param=getattr(e, "param", None) or "input") from e
         except APIError as e:
@@ -482,6 +497,34 @@ class OpenAIServer:
         response = builder.finish(output.finish_reason, usage)[-1]["response"]
         self.store_response(builder, conversation, response)
         return JSONResponse(response)
+
+    def prepare_response(
+        self, body: ResponsesRequest, conversation: list[ChatMessage]
+    ) -> tuple[list[ChatMessage], PreparedChat]:
+        """The conversation as the model will see it, and its chat request ready for the engine. Over the
+        context with `truncation: "auto"`, the fewest oldest turns after the task are dropped that make it fit
+        (`turn_starts`; found by bisection, a template rendering per try); the latest turn always stays."""
+        try:
+            return conversation, self.prepare_chat(body.as_chat(conversation))
+        except APIError as e:
+            if body.truncation != "auto" or e.code != "context_length_exceeded":
+                raise
+            too_long = e
+        head, starts = turn_starts(conversation)
+        fits: dict[int, PreparedChat] = {}
+        low, high = 1, len(starts) - 1  # turns dropped: the fewest that fit lie in [low, high]
+        while low <= high:
+            middle = (low + high) // 2
+            try:
+                fits[middle] = self.prepare_chat(body.as_chat(conversation[:head] + conversation[starts[middle] :]))
+                high = middle - 1
+            except APIError as e:
+                if e.code != "context_length_exceeded":
+                    raise
+                low = middle + 1
+        if low not in fits:
+            raise too_long  # not even the task and the latest turn fit
+        return conversation[:head] + conversation[starts[low] :], fits[low]
 
     async def response_events(
         self,
@@ -555,7 +598,10 @@ class OpenAIServer:
                 )
             params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
         request_id, created = api_id("cmpl", request), now()
-        streams = [self.stream_outputs(ids, params, f"{request_id}-{i}", model) for i, ids in enumerate(prompts)]
+        window = self.prompt_window(len(prompts))
+        streams = [
+            self.stream_outputs(ids, params, f"{request_id}-{i}", model, window=window) for i, ids in enumerate(prompts)
+        ]
         if body.stream:
             merged = merge_streams(streams)
             first = await anext_or_error(merged)
@@ -706,9 +752,9 @@ class OpenAIServer:
         hidden = self.engine.engine.model_config.hidden_size
         if body.dimensions is not None and body.dimensions > hidden:
             raise APIError(400, f"'dimensions' must be at most {hidden} for this model", param="dimensions")
-        request_id = api_id("embd", request)
+        request_id, window = api_id("embd", request), self.prompt_window(len(prompts))
         streams = [
-            self.stream_outputs(ids, SamplingParams(), f"{request_id}-{i}", model, self.pooling)
+            self.stream_outputs(ids, SamplingParams(), f"{request_id}-{i}", model, self.pooling, window)
             for i, ids in enumerate(prompts)
         ]
         finals = await asyncio.gather(*(collect(s, request) for s in streams))

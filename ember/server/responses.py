@@ -34,7 +34,6 @@ RESPONSES_PARAMS = {
 RESPONSES_FIELDS_NOT_SUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "background": ((False, None), "a response is made while its request waits ('stream' shows progress)"),
     "reasoning": ((None,), "the model does not reason"),
-    "truncation": ((None, "disabled"), "an input longer than the context is refused; shorten it"),
     "conversation": ((None,), "continue a conversation with 'previous_response_id'"),
     "prompt": ((None,), "send 'instructions' and 'input'"),
 }
@@ -84,6 +83,7 @@ class ResponsesRequest(OpenAIModel):
     stream: bool = False
     store: bool = True
     previous_response_id: str | None = None
+    truncation: Literal["auto", "disabled"] = "disabled"  # auto: drop the oldest turns that do not fit
     metadata: dict[str, str] | None = None
     user: str | None = None
 
@@ -178,6 +178,15 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[ChatMessage]:
             raise ValueError(f"input[{i}]: items of type {kind!r} are not supported (message, function_call, "
                              "function_call_output, reasoning)")  # fmt: skip
     return [ChatMessage.model_validate(message) for message in messages]
+
+
+def turn_starts(conversation: list[ChatMessage]) -> tuple[int, list[int]]:
+    """Where `truncation: "auto"` may cut a conversation: (how many leading messages always stay, the leading
+    system messages and the first user message, the task; the indices after them where a turn begins). A turn
+    is a user message, or an assistant message with the tool results after it, which go with their call."""
+    first_user = next((i for i, m in enumerate(conversation) if m.role == "user"), -1)
+    head = first_user + 1
+    return head, [i for i in range(head, len(conversation)) if conversation[i].role != "tool"]
 
 
 def reasoning_text(item: dict[str, Any]) -> str:
@@ -400,7 +409,7 @@ class ResponseBuilder:
             "tools": [tool.model_dump(exclude_none=True) for tool in body.tools or []],
             "top_logprobs": body.top_logprobs,
             "text": (body.text or TextConfig()).model_dump(by_alias=True, exclude_none=True),
-            "truncation": "disabled",
+            "truncation": body.truncation,
             "store": body.store,
             "metadata": body.metadata or {},
             "usage": usage,

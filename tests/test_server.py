@@ -759,6 +759,12 @@ def test_api_key_queue_limit_short_context_and_graceful_shutdown(
             httpx.get(url, headers={"Authorization": "Bearer wrong"}).json()["error"]["type"] == "authentication_error"
         )
         assert httpx.get(url, headers={"Authorization": "Bearer sekret"}).status_code == 200
+        message = {"max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}  # Anthropic's clients: x-api-key
+        assert httpx.post(
+            f"{server.url}/v1/messages", json=message, headers={"x-api-key": "sekret"}, timeout=60
+        ).is_success
+        denied = httpx.post(f"{server.url}/v1/messages", json=message).json()
+        assert denied["type"] == "error" and denied["error"]["type"] == "authentication_error", denied
         body = {"prompt": "Hi", "max_tokens": 4, "ignore_eos": True, "stream": True}
         auth = {"Authorization": "Bearer sekret"}
         with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=auth, timeout=60) as streamed:

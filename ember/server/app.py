@@ -35,6 +35,7 @@ from ember.engine.sampling_params import SamplingParams
 from ember.engine.schema_check import check_enforceable
 from ember.engine.structured_output import StructuredOutputs
 from ember.server.chat import ChatFormatter
+from ember.server.messages import MessageBuilder, MessagesRequest, anthropic_error
 from ember.server.metrics import EngineMetrics
 from ember.server.protocol import (
     ChatCompletionRequest,
@@ -66,6 +67,8 @@ from ember.server.responses import (
 )
 from ember.server.tools import ToolCallParser, split_tool_calls, tool_call_constraint
 
+MESSAGES_PATH = "/v1/messages"  # Anthropic's API: its errors take Anthropic's shape
+
 
 class APIError(Exception):
     def __init__(
@@ -86,7 +89,11 @@ def error_response(
     type_: str = "invalid_request_error",
     param: str | None = None,
     code: str | int | None = None,
+    path: str = "",
 ) -> JSONResponse:
+    """OpenAI's error object; Anthropic's on the Messages API's paths (`path`), where its clients look for it."""
+    if path.startswith(MESSAGES_PATH):
+        return JSONResponse(anthropic_error(status, message), status_code=status)
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return JSONResponse(body, status_code=status)
 
@@ -573,6 +580,58 @@ class OpenAIServer:
         return stored
 
     # ------------------------------------------------------------------------------------------------
+    # Anthropic's Messages API
+
+    async def messages(self, body: MessagesRequest, request: Request) -> Response:
+        if body.max_tokens is None:
+            raise APIError(400, "max_tokens: Field required", param="max_tokens")
+        chat = self.prepare_chat(self.messages_as_chat(body))
+        builder = MessageBuilder(chat.model, len(chat.prompt_ids), bool(chat.tools), chat.opens_thinking)
+        outputs = self.stream_outputs(chat.prompt_ids, chat.params, builder.id, chat.model)
+        if body.stream:
+            first = await anext_or_error(outputs)
+            return StreamingResponse(self.message_events(builder, first, outputs), media_type="text/event-stream")
+        final = await collect(outputs, request)
+        output = final.outputs[0]
+        builder.feed(output.text, True)
+        builder.finish(output.finish_reason, output.stop_reason, len(output.token_ids), final.num_cached_tokens)
+        return JSONResponse(builder.result)
+
+    async def message_events(
+        self, builder: MessageBuilder, first: RequestOutput | None, rest: AsyncIterator[RequestOutput]
+    ) -> AsyncIterator[str]:
+        """The Messages API's stream: named events, from message_start to message_stop."""
+        cached = first.num_cached_tokens if first is not None else 0
+        events, output_tokens = builder.start(cached), 0
+        finish_reason: str | None = None
+        stop: str | int | None = None
+        async for out in prepend(first, rest):
+            cached = max(cached, out.num_cached_tokens)
+            for o in out.outputs:
+                output_tokens += len(o.token_ids)
+                finish_reason, stop = o.finish_reason, o.stop_reason
+                events += builder.feed(o.text, o.finish_reason is not None)
+            for event in events:
+                yield f"event: {event['type']}\n{sse(event)}"
+            events = []
+        for event in builder.finish(finish_reason, stop, output_tokens, cached):
+            yield f"event: {event['type']}\n{sse(event)}"
+
+    def count_message_tokens(self, body: MessagesRequest) -> dict[str, Any]:
+        """/v1/messages/count_tokens: the prompt's tokens, tools included, as /v1/messages would send them."""
+        chat = self.messages_as_chat(body)
+        self.check_model(chat.model)
+        _, prompt_ids = self.chat_prompt(chat, chat.messages, self.active_tools(chat))
+        return {"input_tokens": len(prompt_ids)}
+
+    @staticmethod
+    def messages_as_chat(body: MessagesRequest) -> ChatCompletionRequest:
+        try:
+            return body.as_chat()
+        except ValueError as e:
+            raise APIError(400, str(e), param=getattr(e, "param", None) or "messages") from e
+
+    # ------------------------------------------------------------------------------------------------
     # Text completions
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
@@ -994,19 +1053,24 @@ class APIKeyMiddleware:
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}"
+        self.api_key = api_key
+
+    def authorized(self, headers: Headers) -> bool:
+        """The key as OpenAI's clients send it, or as Anthropic's do (`x-api-key`)."""
+        return headers.get("authorization") == f"Bearer {self.api_key}" or headers.get("x-api-key") == self.api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             scope["type"] == "http"
             and (scope["path"].startswith("/v1/") or scope["path"] == "/reset_prefix_cache")
-            and Headers(scope=scope).get("authorization") != self.expected
+            and not self.authorized(Headers(scope=scope))
         ):
             response = error_response(
                 401,
-                "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                "missing or invalid API key (send 'Authorization: Bearer <key>' or 'x-api-key: <key>')",
                 "authentication_error",
                 code="invalid_api_key",
+                path=scope["path"],
             )
             await response(scope, receive, send)
             return
@@ -1018,32 +1082,32 @@ def build_app(server: OpenAIServer) -> FastAPI:
     app.state.server = server
 
     @app.exception_handler(APIError)
-    async def api_error(_: Request, e: APIError) -> JSONResponse:
-        return error_response(e.status, e.message, e.type, e.param, e.code)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return error_response(e.status, e.message, e.type, e.param, e.code, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         errors = e.errors()
         first = errors[0] if errors else {}
         loc = [str(x) for x in first.get("loc", []) if x != "body"]
+        path = request.url.path
         if first.get("type") == "json_invalid":
-            return error_response(400, "the request body is not valid JSON (UTF-8)", code="invalid_json")
+            return error_response(400, "the request body is not valid JSON (UTF-8)", code="invalid_json", path=path)
         message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid value')}"
-        return error_response(400, message, param=".".join(loc) or None)
+        return error_response(400, message, param=".".join(loc) or None, path=path)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return error_response(
-            e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error"
-        )
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return error_response(e.status_code, str(e.detail), kind, path=request.url.path)
 
     @app.exception_handler(EngineOverloadedError)
-    async def overloaded(_: Request, e: EngineOverloadedError) -> JSONResponse:
-        return error_response(429, str(e), "rate_limit_error", code="server_overloaded")
+    async def overloaded(request: Request, e: EngineOverloadedError) -> JSONResponse:
+        return error_response(429, str(e), "rate_limit_error", code="server_overloaded", path=request.url.path)
 
     @app.exception_handler(EngineDeadError)
-    async def dead(_: Request, e: EngineDeadError) -> JSONResponse:
-        return error_response(503, str(e), "server_error", code="engine_dead")
+    async def dead(request: Request, e: EngineDeadError) -> JSONResponse:
+        return error_response(503, str(e), "server_error", code="engine_dead", path=request.url.path)
 
     app.add_middleware(RequestIdMiddleware)
     if server.api_key:
@@ -1140,6 +1204,14 @@ def build_app(server: OpenAIServer) -> FastAPI:
         server.stored_response(response_id)
         server.response_store.delete(response_id)
         return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+    @app.post(MESSAGES_PATH)
+    async def messages(body: MessagesRequest, request: Request) -> Response:
+        return await server.messages(body, request)
+
+    @app.post(f"{MESSAGES_PATH}/count_tokens")
+    async def count_message_tokens(body: MessagesRequest) -> dict[str, Any]:
+        return server.count_message_tokens(body)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:

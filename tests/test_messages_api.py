@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 
 from ember.server.launch import ServerProcess
+from ember.server.messages import MessageBuilder
 
 MODEL = "SmolLM2-135M-Instruct"
 GREEDY = {"extra_body": {"temperature": 0}}  # the SDK no longer sends temperature; raw requests still may
@@ -151,3 +152,43 @@ def test_bad_requests_get_anthropics_error_object(
     error = reply.json()
     assert reply.status_code == status and error["type"] == "error", error
     assert error["error"]["type"] == kind and message in error["error"]["message"], error
+
+
+def test_a_thinking_models_reply_becomes_thinking_text_and_tool_use_blocks() -> None:
+    """The builder on a reply that thinks, answers and calls a tool, fed in pieces that split the tags: each part
+    becomes its block, announced by start, deltas and stop, and the blank between thinking and text opens none."""
+    builder = MessageBuilder("m", prompt_tokens=10, with_tools=True, opens_thinking=False)
+    pieces = [
+        "<thi",
+        "nk>plan",
+        "</think>\n\n",
+        "Hi",
+        ' <tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>',
+    ]
+    events = [event for i, piece in enumerate(pieces) for event in builder.feed(piece, i == len(pieces) - 1)]
+    events += builder.finish("stop", None, output_tokens=12, cached=4)
+    kinds = [(e["type"], e.get("content_block", e.get("delta", {})).get("type")) for e in events]
+    assert kinds == [
+        ("content_block_start", "thinking"),
+        ("content_block_delta", "thinking_delta"),
+        ("content_block_stop", None),
+        ("content_block_start", "text"),
+        ("content_block_delta", "text_delta"),
+        ("content_block_delta", "text_delta"),
+        ("content_block_stop", None),
+        ("content_block_start", "tool_use"),
+        ("content_block_delta", "input_json_delta"),
+        ("content_block_stop", None),
+        ("message_delta", None),
+        ("message_stop", None),
+    ]
+    assert events[-2]["delta"] == {"stop_reason": "tool_use", "stop_sequence": None}
+    assert builder.result is not None
+    thinking, text, call = builder.result["content"]
+    assert thinking["thinking"] == "plan" and text["text"] == "Hi " and (call["name"], call["input"]) == ("f", {"x": 1})
+    assert builder.result["usage"] == {
+        "input_tokens": 6,
+        "cache_read_input_tokens": 4,
+        "cache_creation_input_tokens": 0,
+        "output_tokens": 12,
+    }

@@ -53,7 +53,8 @@ from ember.server.protocol import (
     new_id,
     now,
 )
-from ember.server.reasoning import ReasoningParser, prompt_opens_thinking, split_reasoning
+from ember.server.reasoning import prompt_opens_thinking, split_reasoning
+from ember.server.reply_parser import ReplyParser
 from ember.server.responses import (
     LOGPROBS,
     RESPONSES_PARAMS,
@@ -65,7 +66,7 @@ from ember.server.responses import (
     responses_usage,
     turn_starts,
 )
-from ember.server.tools import ToolCallParser, split_tool_calls, tool_call_constraint
+from ember.server.tools import split_tool_calls, tool_call_constraint
 
 MESSAGES_PATH = "/v1/messages"  # Anthropic's API: its errors take Anthropic's shape
 
@@ -418,11 +419,8 @@ class OpenAIServer:
             opening = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
             usage = self.chunk_usage(options, prompt_tokens, completion_tokens, cached, drafts)
             yield sse({**base, "choices": [{**opening, "finish_reason": None}], **usage})
-        parsers = [ToolCallParser() for _ in range(params.n)] if chat.tools else None
-        thinking_parsers = None
+        parsers = [ReplyParser(bool(chat.tools), chat.opens_thinking) for _ in range(params.n)]
         thought = [""] * params.n  # each choice's thinking, counted in the final usage
-        if chat.opens_thinking is not None:
-            thinking_parsers = [ReasoningParser(chat.opens_thinking) for _ in range(params.n)]
         async for out in prepend(first, rest):
             cached = max(cached, out.num_cached_tokens)
             drafts = prediction_drafts(params, [out])  # running totals
@@ -431,24 +429,16 @@ class OpenAIServer:
                 logprobs = self.formatter.chat_logprobs(o.logprobs) if o.logprobs else None
                 text, finish_reason = o.text, o.finish_reason
                 delta: dict[str, Any] = {}
-                if thinking_parsers is not None:
-                    thinking, text = thinking_parsers[o.index].feed(text)
-                    if finish_reason is not None:
-                        more_thinking, more_text = thinking_parsers[o.index].finish()
-                        thinking, text = thinking + more_thinking, text + more_text
-                    if thinking:
-                        delta["reasoning"] = delta["reasoning_content"] = thinking
-                        thought[o.index] += thinking
-                if parsers is not None:
-                    parser = parsers[o.index]
-                    first_call = parser.num_calls
-                    text, calls = parser.feed(text)
-                    if finish_reason is not None:
-                        text += parser.finish()
-                        if parser.num_calls:
-                            finish_reason = tool_calls_finish_reason(finish_reason)
-                    if calls:
-                        delta["tool_calls"] = [call.as_openai(first_call + k) for k, call in enumerate(calls)]
+                parser = parsers[o.index]
+                first_call = parser.num_calls
+                thinking, text, calls = parser.feed(text, finish_reason is not None)
+                if thinking:
+                    delta["reasoning"] = delta["reasoning_content"] = thinking
+                    thought[o.index] += thinking
+                if finish_reason is not None and parser.num_calls:
+                    finish_reason = tool_calls_finish_reason(finish_reason)
+                if calls:
+                    delta["tool_calls"] = [call.as_openai(first_call + k) for k, call in enumerate(calls)]
                 if text:
                     delta["content"] = text
                 elif not (delta or finish_reason or logprobs):
@@ -457,7 +447,7 @@ class OpenAIServer:
                 usage = self.chunk_usage(options, prompt_tokens, completion_tokens, cached, drafts)
                 yield sse({**base, "choices": [choice], **usage})
         if options.include_usage:
-            reasoning_tokens = None if thinking_parsers is None else sum(self.count_tokens(t) for t in thought)
+            reasoning_tokens = None if chat.opens_thinking is None else sum(self.count_tokens(t) for t in thought)
             usage = self.usage(prompt_tokens, completion_tokens, cached, drafts, reasoning_tokens)
             yield sse({**base, "choices": [], "usage": usage})
         yield sse("[DONE]")

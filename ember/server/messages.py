@@ -19,8 +19,8 @@ from pydantic import ConfigDict, Field
 
 from ember.engine.sampling_params import InvalidParameter
 from ember.server.protocol import ChatCompletionRequest, OpenAIModel, check_unknown_fields, new_id
-from ember.server.reasoning import ReasoningParser
-from ember.server.tools import ParsedToolCall, ToolCallParser
+from ember.server.reply_parser import ReplyParser
+from ember.server.tools import ParsedToolCall
 
 # the Messages API's fields that Ember does not implement: the values that ask for nothing, and what to do instead
 MESSAGES_FIELDS_NOT_SUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -186,8 +186,7 @@ class MessageBuilder:
     def __init__(self, model: str, prompt_tokens: int, with_tools: bool, opens_thinking: bool | None) -> None:
         self.id = new_id("msg", "_")
         self.model, self.prompt_tokens = model, prompt_tokens
-        self.parser = ToolCallParser() if with_tools else None
-        self.thinking_parser = ReasoningParser(opens_thinking) if opens_thinking is not None else None
+        self.parser = ReplyParser(with_tools, opens_thinking)
         self.content: list[dict[str, Any]] = []
         self.open: dict[str, Any] | None = None  # the thinking or text block being written
         self.held = ""  # leading whitespace, not yet known to be a text block
@@ -198,19 +197,8 @@ class MessageBuilder:
 
     def feed(self, text: str, finished: bool) -> list[dict[str, Any]]:
         """Events for the next piece of generated text (`finished`: it is the last)."""
-        events: list[dict[str, Any]] = []
-        if self.thinking_parser is not None:
-            thinking, text = self.thinking_parser.feed(text)
-            if finished:
-                more_thinking, more_text = self.thinking_parser.finish()
-                thinking, text = thinking + more_thinking, text + more_text
-            if thinking:
-                events += self.write("thinking", thinking)
-        calls: list[ParsedToolCall] = []
-        if self.parser is not None:
-            text, calls = self.parser.feed(text)
-            if finished:
-                text += self.parser.finish()
+        thinking, text, calls = self.parser.feed(text, finished)
+        events = self.write("thinking", thinking) if thinking else []
         if self.open is not None and self.open["type"] == "text":
             events += self.write("text", text) if text else []
         else:  # whitespace before anything visible (between thinking and a call) opens no text block

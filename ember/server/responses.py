@@ -17,8 +17,8 @@ from pydantic import ConfigDict, Field
 
 from ember.engine.sampling_params import MAX_LOGPROBS, InvalidParameter
 from ember.server.protocol import ChatCompletionRequest, ChatMessage, OpenAIModel, check_unknown_fields, new_id
-from ember.server.reasoning import ReasoningParser
-from ember.server.tools import ParsedToolCall, ToolCallParser
+from ember.server.reply_parser import ReplyParser
+from ember.server.tools import ParsedToolCall
 
 MESSAGE_ROLES = ("user", "assistant", "system", "developer")
 
@@ -248,8 +248,7 @@ class ResponseBuilder:
         opened the think block (see `reasoning.py`)."""
         self.body, self.model, self.created = body, model, created
         self.id = new_id("resp", "_")
-        self.parser = ToolCallParser() if with_tools else None
-        self.thinking_parser = ReasoningParser(opens_thinking) if opens_thinking is not None else None
+        self.parser = ReplyParser(with_tools, opens_thinking)
         self.output: list[dict[str, Any]] = []
         self.reasoning: dict[str, Any] | None = None  # the reasoning item being written
         self.message: dict[str, Any] | None = None  # the message item being written
@@ -271,21 +270,10 @@ class ResponseBuilder:
     def feed(self, text: str, finished: bool, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
         """Events for the next piece of generated text (`finished`: it is the last), with its tokens' logprobs
         when asked for (replies without tools or thinking only: their text is the tokens' text)."""
-        events = []
-        if self.thinking_parser is not None:
-            thinking, text = self.thinking_parser.feed(text)
-            if finished:
-                more_thinking, more_text = self.thinking_parser.finish()
-                thinking, text = thinking + more_thinking, text + more_text
-            if thinking:
-                events += self.reasoning_text(thinking)
-            if text.strip() and self.reasoning is not None:  # the answer has begun
-                events += self.close_reasoning()
-        calls: list[ParsedToolCall] = []
-        if self.parser is not None:
-            text, calls = self.parser.feed(text)
-            if finished:
-                text += self.parser.finish()
+        thinking, text, calls = self.parser.feed(text, finished)
+        events = self.reasoning_text(thinking) if thinking else []
+        if text.strip() and self.reasoning is not None:  # the answer has begun
+            events += self.close_reasoning()
         events += self.text(text, logprobs or [])
         for call in calls:
             events += self.function_call(call)

@@ -1,0 +1,40 @@
+"""A reply as it streams in, split into its parts: a reasoning model's thinking, the answer's text, and tool calls.
+
+The chat, Responses and Messages APIs each write these parts their own way (deltas, output items, content
+blocks); this is the one place that finds them.
+"""
+
+from __future__ import annotations
+
+from ember.server.reasoning import ReasoningParser
+from ember.server.tools import ParsedToolCall, ToolCallParser
+
+
+class ReplyParser:
+    """`with_tools`: the reply may hold `<tool_call>` blocks; `opens_thinking`: None when the reply is not split
+    into thinking and answer, else whether the prompt opened the think block (see `reasoning.py`)."""
+
+    def __init__(self, with_tools: bool, opens_thinking: bool | None) -> None:
+        self.tools = ToolCallParser() if with_tools else None
+        self.thinking = ReasoningParser(opens_thinking) if opens_thinking is not None else None
+
+    @property
+    def num_calls(self) -> int:
+        """The tool calls found so far."""
+        return self.tools.num_calls if self.tools is not None else 0
+
+    def feed(self, text: str, finished: bool) -> tuple[str, str, list[ParsedToolCall]]:
+        """(thinking, answer text, completed tool calls) of the next piece of the reply; `finished`: it is the
+        last, and what was held back (a possible tag's start) is let out."""
+        thinking = ""
+        if self.thinking is not None:
+            thinking, text = self.thinking.feed(text)
+            if finished:
+                more_thinking, more_text = self.thinking.finish()
+                thinking, text = thinking + more_thinking, text + more_text
+        calls: list[ParsedToolCall] = []
+        if self.tools is not None:
+            text, calls = self.tools.feed(text)
+            if finished:
+                text += self.tools.finish()
+        return thinking, text, calls

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -58,9 +59,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--kv-cache-memory",
         type=float,
-        default=None,
+        default=os.environ.get("EMBER_KV_CACHE_MEMORY"),  # a string default goes through `type` too
         metavar="GIB",
-        help="KV-cache size in GiB (default: a quarter of free memory, at most 4 GiB)",
+        help="KV-cache size in GiB (default: $EMBER_KV_CACHE_MEMORY, else a quarter of free memory, at most 4 GiB; "
+        "generate and chat keep one context at most)",
     )
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default 16)")
     g.add_argument(
@@ -294,14 +296,16 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     )
 
 
-def load_llm(args: argparse.Namespace) -> Any:
-    """Load the model behind a spinner, so a multi-second load never looks like a hang."""
+def load_llm(args: argparse.Namespace, one_sequence: bool = False) -> Any:
+    """Load the model behind a spinner, so a multi-second load never looks like a hang. `one_sequence`: a
+    command that runs one sequence at a time (generate, chat) gets a KV cache of one context, not the server's."""
     from rich.console import Console
 
     from ember.engine.engine import LLM
 
+    kwargs = engine_kwargs(args) | ({"max_sequences": 1} if one_sequence else {})
     with Console(stderr=True).status(f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'} ..."):
-        return LLM(args.model, **engine_kwargs(args))
+        return LLM(args.model, **kwargs)
 
 
 GENERATE_ADAPTER = "--lora"  # the name `ember generate --lora PATH` loads its adapter under
@@ -313,7 +317,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("the prompt is empty")
     if args.lora is not None:
         args.lora_modules.append((GENERATE_ADAPTER, args.lora))
-    llm = load_llm(args)
+    llm = load_llm(args, one_sequence=True)
     for delta in llm.stream(args.prompt, params, lora=None if args.lora is None else GENERATE_ADAPTER):
         for out in delta.outputs:
             sys.stdout.write(out.text)
@@ -327,7 +331,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     params = sampling_params(args)
     template = load_chat_template(args.chat_template) if args.chat_template else None
-    llm = load_llm(args)
+    llm = load_llm(args, one_sequence=True)
     template = template or getattr(llm.tokenizer, "chat_template", None)
     if llm.tokenizer is None or not template:
         raise ValueError("this model has no chat template: pass --chat-template, or use `ember generate`")

@@ -16,6 +16,9 @@ import torch
 # reads it once.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Every `ember serve` a test starts (and its `ember` commands) takes 1 GiB of KV cache, not the 4 GiB default:
+# zero-filling 4 GiB took seconds per start here, and several such servers at once crowd the machine.
+os.environ.setdefault("EMBER_KV_CACHE_MEMORY", "1")
 
 from ember.engine.engine import LLM
 from ember.models.loader import default_model_path

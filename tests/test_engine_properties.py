@@ -112,3 +112,16 @@ def test_block_pool_frees_tail_first_and_counts_references() -> None:
     pool.free(b)
     with pytest.raises(RuntimeError, match="freed more often"):
         pool.free(b)
+
+
+def test_a_one_sequence_cache_holds_one_whole_context(tiny_models: dict) -> None:
+    """max_sequences=1 (`ember generate`, `ember chat`): a cache of one context and a block to spare, instead of
+    the memory budget's, and a request filling the context runs to the end in it, speculating too."""
+    path = str(tiny_models["llama3"][0])
+    for speculative in (None, "ngram"):
+        llm = LLM(path, dtype="float32", block_size=8, max_model_len=64, max_sequences=1, speculative=speculative)
+        assert llm.engine.kv_cache.num_blocks == 64 // 8 + 1
+        prompt = [5, 6, 7, 8] * 10
+        [out] = llm.generate([prompt], SamplingParams(max_tokens=23, temperature=0, ignore_eos=True))
+        assert len(out.outputs[0].token_ids) == 23 and out.outputs[0].finish_reason == "length"
+        assert llm.engine.kv_cache.pool.num_free_blocks == llm.engine.kv_cache.num_blocks

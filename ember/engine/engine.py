@@ -191,6 +191,8 @@ class Engine:
         num_blocks = budget // per_block
         if num_blocks < 1:
             raise ValueError(f"KV cache budget of {budget} bytes holds no block of {per_block} bytes")
+        if cache.max_sequences is not None:
+            num_blocks = min(num_blocks, cache.max_sequences * (-(-self.max_model_len // cache.block_size) + 1))
         return int(num_blocks)
 
     # ------------------------------------------------------------------------------------------------
@@ -537,7 +539,8 @@ class LLM:
     """Offline inference: `LLM().generate(prompts, SamplingParams(...))`.
 
     With no model, loads the embedded default (SmolLM2-135M-Instruct). Keyword arguments configure the
-    engine: dtype, device, seed, load_format, block_size, num_blocks, kv_cache_memory, enable_prefix_caching,
+    engine: dtype, device, seed, load_format, block_size, num_blocks, kv_cache_memory, max_sequences (a cache of
+    that many whole contexts at most), enable_prefix_caching,
     max_num_seqs, max_num_batched_tokens, max_model_len, speculative ("ngram", "suffix", "draft:<model>"),
     num_speculative_tokens, speculative_max_batch_size, prompt_lookup_min and prompt_lookup_max (ngram),
     enforce_eager (no CUDA graphs), async_scheduling, enable_lora, lora_modules ({name: PEFT directory}),
@@ -551,6 +554,7 @@ class LLM:
             "kv_cache_memory",
             "memory_fraction",
             "gpu_memory_utilization",
+            "max_sequences",
             "enable_prefix_caching",
         }
         sched_keys = {"max_num_seqs", "max_num_batched_tokens", "max_model_len"}

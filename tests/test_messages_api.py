@@ -143,6 +143,16 @@ def test_output_config_format_gives_json_valid_under_the_schema(client: anthropi
             "'mcp_servers' is not supported",
         ),
         ({"max_tokens": 4, "messages": []}, 400, "invalid_request_error", "messages"),
+        (
+            {
+                "max_tokens": 4,
+                "tools": [{"type": "web_search_20250305", "name": "web_search"}],
+                "messages": [{"role": "user", "content": "Hi"}],
+            },
+            400,
+            "invalid_request_error",
+            "server tools such as 'web_search_20250305' are not supported",
+        ),
     ],
 )
 def test_bad_requests_get_anthropics_error_object(

@@ -41,10 +41,10 @@ ERROR_TYPES = {
 
 class AnthropicTool(OpenAIModel):
     model_config = ConfigDict(extra="allow")
-    type: Literal["custom"] | None = None  # Anthropic's server tools (web search, ...) have other types
+    type: str | None = None  # "custom"; Anthropic's server tools (web search, ...) have other types
     name: str
     description: str | None = None
-    input_schema: dict[str, Any]
+    input_schema: dict[str, Any] | None = None  # required of a custom tool; server tools have none
 
 
 class ToolChoiceParam(OpenAIModel):
@@ -103,6 +103,8 @@ class MessagesRequest(OpenAIModel):
         for tool in self.tools or []:
             if tool.type not in (None, "custom"):
                 raise InvalidParameter("tools", f"server tools such as {tool.type!r} are not supported")
+            if tool.input_schema is None:
+                raise InvalidParameter("tools", f"the tool {tool.name!r} needs an 'input_schema'")
         if self.tools:
             fields["tools"] = [
                 {

@@ -623,6 +623,12 @@ def test_prompt_logprobs_in_vllms_format_agree_with_echo(server: ServerProcess) 
     reply = httpx.post(f"{server.url}/v1/chat/completions", json=chat).json()
     assert len(reply["prompt_logprobs"]) == reply["usage"]["prompt_tokens"]
     assert all(len(entry) == 1 for entry in reply["prompt_logprobs"][1:])
+    streamed = httpx.post(
+        f"{server.url}/v1/completions", json={**prompt, "prompt_logprobs": 2, "stream": True, "max_tokens": 3}
+    )
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert chunks[0]["choices"][0]["prompt_logprobs"] == entries  # the first chunk carries them, as in vLLM
+    assert not any("prompt_logprobs" in choice for chunk in chunks[1:] for choice in chunk["choices"])
     for body in ({**chat, "stream": True}, {**prompt, "echo": True, "logprobs": 2, "prompt_logprobs": 1}):
         path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
         error = httpx.post(f"{server.url}{path}", json=body).json()["error"]

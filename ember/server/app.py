@@ -261,6 +261,8 @@ class OpenAIServer:
         model = self.check_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "'top_logprobs' requires 'logprobs': true", param="top_logprobs")
+        if body.prompt_logprobs is not None and body.stream:  # (a streamed completion's first chunk carries them)
+            raise APIError(400, "a chat's prompt_logprobs are served only without 'stream'", param="prompt_logprobs")
         tools = self.active_tools(body)
         structured = self.chat_constraint(body, tools)
         text, prompt_ids = self.chat_prompt(body, body.messages, tools)
@@ -664,6 +666,7 @@ class OpenAIServer:
                 sum(len(p) for p in prompts),
                 body.stream_options or StreamOptions(),
                 body.logprobs is not None,
+                body.prompt_logprobs is not None,
                 echoes,
             )
             return StreamingResponse(chunks, media_type="text/event-stream")
@@ -712,10 +715,11 @@ class OpenAIServer:
         prompt_tokens: int,
         options: StreamOptions,
         want_logprobs: bool,
+        want_prompt_logprobs: bool,
         echoes: list[str] | None,
     ) -> AsyncIterator[str]:
         """Chunks as tokens arrive; with `echoes`, each choice's first chunk starts with its prompt (and, with
-        logprobs, the prompt's tokens)."""
+        logprobs, the prompt's tokens); with `prompt_logprobs` (vLLM's), each choice's first chunk holds them."""
         base = {"id": request_id, "object": "text_completion", "created": created, "model": model}
         completion_tokens = 0
         offsets: dict[int, int] = {}  # per choice: where its next token's text starts (logprobs' text_offset)
@@ -730,7 +734,8 @@ class OpenAIServer:
             for o in out.outputs:
                 index = prompt_index * params.n + o.index
                 completion_tokens += len(o.token_ids)
-                echo = echoes[prompt_index] if echoes is not None and index not in offsets else None
+                first_chunk = index not in offsets
+                echo = echoes[prompt_index] if echoes is not None and first_chunk else None
                 text = o.text if echo is None else echo + o.text
                 logprobs = None
                 if want_logprobs:
@@ -738,6 +743,9 @@ class OpenAIServer:
                     logprobs = self.completion_logprobs(o.logprobs, offsets.get(index, 0), prompt, echo is not None)
                 offsets[index] = offsets.get(index, 0) + len(text)
                 choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": o.finish_reason}
+                if first_chunk and want_prompt_logprobs and prompt_index in prompt_outputs:
+                    prompt_logprobs = prompt_outputs[prompt_index].prompt_logprobs
+                    choice["prompt_logprobs"] = self.formatter.prompt_logprobs(prompt_logprobs)
                 drafts = prediction_drafts(params, list(latest.values()))
                 usage = self.chunk_usage(options, prompt_tokens, completion_tokens, sum(cached.values()), drafts)
                 yield sse({**base, "choices": [choice], **usage})

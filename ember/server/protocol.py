@@ -154,8 +154,6 @@ class SamplingFields(OpenAIModel):
         """The engine's parameters; `structured` (from a chat request's response format or tools) or else the
         `structured_outputs` field constrains the output."""
         self.check_extra_fields()
-        if self.prompt_logprobs is not None and self.stream:
-            raise InvalidParameter("prompt_logprobs", "prompt_logprobs is served only without 'stream'")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         bias = None
         if self.logit_bias:

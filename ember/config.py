@@ -131,7 +131,7 @@ class CacheConfig:
     num_blocks: int | None = None  # overrides the memory budget (tests use tiny caches)
     # at most this many whole contexts (max_model_len tokens each, a block to spare) within the budget: a
     # one-shot command needs one, and `ember generate` took 7.4-23.2 s with the 4 GiB default (zeroing it) against
-    # 5.2-6.1 s with one context, on the 2-core VM (None: the whole budget)
+    # 6.1 s with one context, on the 2-core VM (None: the whole budget)
     max_sequences: int | None = None
     enable_prefix_caching: bool = True
 

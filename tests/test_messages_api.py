@@ -13,6 +13,7 @@ import pytest
 
 from ember.server.launch import ServerProcess
 from ember.server.messages import MessageBuilder
+from ember.server.tools import HERMES
 
 MODEL = "SmolLM2-135M-Instruct"
 GREEDY = {"extra_body": {"temperature": 0}}  # the SDK no longer sends temperature; raw requests still may
@@ -167,7 +168,7 @@ def test_bad_requests_get_anthropics_error_object(
 def test_a_thinking_models_reply_becomes_thinking_text_and_tool_use_blocks() -> None:
     """The builder on a reply that thinks, answers and calls a tool, fed in pieces that split the tags: each part
     becomes its block, announced by start, deltas and stop, and the blank between thinking and text opens none."""
-    builder = MessageBuilder("m", prompt_tokens=10, with_tools=True, opens_thinking=False)
+    builder = MessageBuilder("m", prompt_tokens=10, tool_format=HERMES, opens_thinking=False)
     pieces = [
         "<thi",
         "nk>plan",

@@ -120,7 +120,7 @@ def test_thinking_comes_apart_from_the_answer_and_enable_thinking_reaches_the_te
 def test_responses_get_the_thinking_as_a_reasoning_item_before_the_answer(piece: int) -> None:
     from ember.server.responses import ResponseBuilder, ResponsesRequest
 
-    builder = ResponseBuilder(ResponsesRequest.model_validate({"input": "x"}), MODEL, 0, False, opens_thinking=False)
+    builder = ResponseBuilder(ResponsesRequest.model_validate({"input": "x"}), MODEL, 0, None, opens_thinking=False)
     reply = "<think>\nTwo and two.\n</think>\n\nFour."
     events = builder.start()
     for start in range(0, len(reply), piece):

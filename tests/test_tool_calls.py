@@ -3,12 +3,40 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from typing import Any
 
+import httpx
 import pytest
+from openai import OpenAI
 
 from ember.server.chat import ChatFormatter
+from ember.server.launch import ServerProcess, running_server
 from ember.server.protocol import ChatMessage, Tool
-from ember.server.tools import ToolCallParser, split_tool_calls, template_speaks_tool_calls
+from ember.server.tools import HERMES, LLAMA3_JSON, ToolCallFormat, ToolCallParser, split_tool_calls, tool_call_format
+from tests.test_server import MODEL, QUESTION, streamed_reply
+from tests.test_server import TOOLS as API_TOOLS
+
+# A chat template in the manner of Llama 3.1-3.3's: tools as JSON in the system turn, a call as the assistant's
+# whole turn, one per turn, results in an "ipython" turn
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}<|start_header_id|>system<|end_header_id|>\n\n"
+    "{%- if tools %}Environment: ipython\nAnswer a question a function can answer with a call, as JSON: "
+    '{"name": function name, "parameters": its arguments}.\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}'
+    "{%- endif %}"
+    "{%- if messages[0].role == 'system' %}{{ messages[0].content }}{% set messages = messages[1:] %}{% endif %}"
+    "<|eot_id|>"
+    "{%- for m in messages %}"
+    "{%- if m.tool_calls %}"
+    "{%- if m.tool_calls | length != 1 %}{{ raise_exception('one tool call per turn') }}{% endif %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    '{"name": "{{ m.tool_calls[0].function.name }}", "parameters": {{ m.tool_calls[0].function.arguments | tojson }}}'
+    "<|eot_id|>"
+    "{%- elif m.role == 'tool' %}<|start_header_id|>ipython<|end_header_id|>\n\n{{ m.content }}<|eot_id|>"
+    "{%- else %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>{% endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
 
 REPLY = (
     "Let me check both.\n"
@@ -24,42 +52,69 @@ def calls_of(parsed: list) -> list[tuple[str, dict]]:
 
 
 def test_whole_reply_splits_into_content_and_calls() -> None:
-    content, calls = split_tool_calls(REPLY)
+    content, calls = split_tool_calls(REPLY, HERMES)
     assert calls_of(calls) == [
         ("get_weather", {"city": "Paris"}),
         ("get_time", {"zone": "CET", "note": "<tool_call> inside"}),
     ]
-    assert content == "Let me check both.\n\n<tool_call>not json</tool_call> Done <tool"
+    assert content == "Let me check both.\n<tool_call>not json</tool_call> Done <tool"  # a call's separator is not text
     assert len({c.id for c in calls}) == 2 and all(c.id.startswith("call_") for c in calls)
 
 
 def test_only_calls_give_no_content_and_plain_text_gives_no_calls() -> None:
-    content, calls = split_tool_calls(' \n<tool_call>{"name": "f", "arguments": {}}</tool_call>\n')
+    content, calls = split_tool_calls(' \n<tool_call>{"name": "f", "arguments": {}}</tool_call>\n', HERMES)
     assert content is None and calls_of(calls) == [("f", {})]
-    assert split_tool_calls("just text") == ("just text", [])
+    assert split_tool_calls("just text", HERMES) == ("just text", [])
 
 
+# Llama 3's format: the reply is the calls, joined by "; "; braces and the separator inside strings are no call
+LLAMA_REPLY = (
+    ' {"name": "get_weather", "parameters": {"city": "Paris; {\\"name\\"", "days": [1, {"a": "}}"}]}}; '
+    '{"name": "get_time", "arguments": {}}; {"name": "get_time", "param'
+)
+
+
+@pytest.mark.parametrize(("fmt", "reply"), [(HERMES, REPLY), (LLAMA3_JSON, LLAMA_REPLY)])
 @pytest.mark.parametrize("piece", [1, 2, 3, 7])
-def test_streamed_pieces_give_the_same_split_and_hold_back_only_a_possible_tag(piece: int) -> None:
-    parser = ToolCallParser()
+def test_streamed_pieces_give_the_same_split_and_hold_back_only_a_possible_call(
+    fmt: ToolCallFormat, reply: str, piece: int
+) -> None:
+    parser = ToolCallParser(fmt)
     content, calls = "", []
-    for start in range(0, len(REPLY), piece):
-        text, new_calls = parser.feed(REPLY[start : start + piece])
+    for start in range(0, len(reply), piece):
+        text, new_calls = parser.feed(reply[start : start + piece])
         content += text
         calls += new_calls
-        assert len(parser.pending) < len("<tool_call>") or parser.pending.startswith("<tool_call>")
+        assert len(parser.pending) < len(fmt.trigger) or parser.pending.startswith((fmt.trigger, fmt.separator))
     content += parser.finish()
-    whole_content, whole_calls = split_tool_calls(REPLY)
-    assert content == whole_content and calls_of(calls) == calls_of(whole_calls)
+    whole_content, whole_calls = split_tool_calls(reply, fmt)
+    assert (content if content.strip() else None) == whole_content and calls_of(calls) == calls_of(whole_calls)
     assert parser.num_calls == 2
+
+
+def test_llama3_json_replies_split_into_calls_or_text() -> None:
+    content, calls = split_tool_calls(LLAMA_REPLY, LLAMA3_JSON)
+    assert calls_of(calls) == [
+        ("get_weather", {"city": 'Paris; {"name"', "days": [1, {"a": "}}"}]}),
+        ("get_time", {}),  # "arguments" is read too, as vLLM's parser does
+    ]
+    assert content is None  # only calls (the last, cut off by max_tokens, is dropped)
+    assert split_tool_calls('Use {"x": 1} or {"name', LLAMA3_JSON) == ('Use {"x": 1} or {"name', [])
+    assert split_tool_calls('{"name": 7, "parameters": {}}', LLAMA3_JSON) == ('{"name": 7, "parameters": {}}', [])
+    only_call = '{"name": "f", "parameters": {"a": 1}}'
+    assert LLAMA3_JSON.render("f", {"a": 1}) == only_call
+    assert LLAMA3_JSON.tag("f") == ('{"name": "f", "parameters": ', "}")
 
 
 def test_a_call_cut_off_by_max_tokens_is_not_content() -> None:
     call = '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n'
-    content, calls = split_tool_calls(call + '<tool_call>\n{"name": "f", "argu')
+    content, calls = split_tool_calls(call + '<tool_call>\n{"name": "f", "argu', HERMES)
     assert content is None and calls_of(calls) == [("f", {"a": 1})]
-    assert split_tool_calls('Sure. <tool_call>\n{"name": "f", "argu') == ("Sure. ", [])
-    assert split_tool_calls("Sure. <tool") == ("Sure. <tool", [])  # not (yet) a call: text
+    assert split_tool_calls('Sure. <tool_call>\n{"name": "f", "argu', HERMES) == ("Sure. ", [])
+    assert split_tool_calls("Sure. <tool", HERMES) == ("Sure. <tool", [])  # not (yet) a call: text
+    llama_call = '{"name": "f", "parameters": {"a": 1}}'
+    assert calls_of(split_tool_calls(llama_call + "; ", LLAMA3_JSON)[1]) == [("f", {"a": 1})]
+    assert split_tool_calls(llama_call + ";", LLAMA3_JSON)[0] is None  # the separator's start, cut off
 
 
 TOOLS = [
@@ -108,9 +163,49 @@ def test_prompt_of_a_template_without_tools_carries_them_and_the_history(smollm)
         formatter.prompt([messages[0], bad], TOOLS)
 
 
+def test_prompt_of_a_llama3_template_and_llama3_json_without_one(smollm) -> None:
+    """A template that speaks Llama 3's format renders the tools, the call and its result itself (and refuses two
+    calls in a turn, a 400 upstream); a template that knows no tools gets Ember's instructions in the format named."""
+    formatter = ChatFormatter(smollm.tokenizer, LLAMA3_TEMPLATE)
+    assert formatter.native_tools and formatter.tool_format is LLAMA3_JSON
+    messages = [ChatMessage(role="user", content="Weather in Paris?"), call_message("get_weather"), RESULT]
+    text, _ = formatter.prompt(messages, TOOLS)
+    assert '{"type": "function", "function": {"name": "get_weather"' in text and "<tool_call>" not in text
+    assert '<|start_header_id|>assistant<|end_header_id|>\n\n{"name": "get_weather", "parameters": {"city": ' in text
+    assert "<|start_header_id|>ipython<|end_header_id|>\n\n18 C, sunny<|eot_id|>" in text
+    two_calls = call_message("get_weather", "get_weather")
+    with pytest.raises(ValueError, match="one tool call per turn"):
+        formatter.prompt([messages[0], two_calls, RESULT], TOOLS)
+
+    plain = ChatFormatter(smollm.tokenizer, tool_call_parser="llama3_json")
+    assert not plain.native_tools and plain.tool_format is LLAMA3_JSON
+    text, _ = plain.prompt([messages[0], two_calls, RESULT], TOOLS)
+    assert 'a JSON object like this one for each call:\n{"name": "<function name>", "parameters": {<arg' in text
+    call = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+    assert f"{call}; {call}" in text and "<tool_response>\n18 C, sunny\n</tool_response>" in text
+
+
+def call_message(*names: str) -> ChatMessage:
+    """An assistant turn that calls `names`, each with city Paris."""
+    calls = [
+        {"id": f"c{i}", "type": "function", "function": {"name": name, "arguments": '{"city":"Paris"}'}}
+        for i, name in enumerate(names, start=1)
+    ]
+    return ChatMessage.model_validate({"role": "assistant", "content": None, "tool_calls": calls})
+
+
+RESULT = ChatMessage(role="tool", content="18 C, sunny", tool_call_id="c1")
+
+
 def test_template_detection() -> None:
-    assert template_speaks_tool_calls("{% if tools %}...<tool_call>...{% endif %}")
-    assert not template_speaks_tool_calls("{{ message['content'] }}") and not template_speaks_tool_calls(None)
+    hermes_template = "{% if tools %}...<tool_call>...{% endif %}"
+    assert HERMES.speaks(hermes_template) and not LLAMA3_JSON.speaks(hermes_template)
+    assert LLAMA3_JSON.speaks(LLAMA3_TEMPLATE) and not HERMES.speaks(LLAMA3_TEMPLATE)
+    assert not HERMES.speaks("{{ message['content'] }}") and not HERMES.speaks(None)
+    assert tool_call_format("auto", hermes_template) is HERMES
+    assert tool_call_format("auto", LLAMA3_TEMPLATE) is LLAMA3_JSON
+    assert tool_call_format("auto", "{{ messages }}") is HERMES  # no format spoken: Ember's instructions for Hermes
+    assert tool_call_format("llama3_json", hermes_template) is LLAMA3_JSON
 
 
 CALL_WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -121,22 +216,43 @@ TWO_TOOLS = [
 ]
 
 
+LLAMA_WEATHER = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+LLAMA_TIME = '{"name": "get_time", "parameters": {}}'
+
+
 @pytest.mark.parametrize(
-    ("choice", "parallel", "accepted", "rejected"),
+    ("fmt", "choice", "parallel", "accepted", "rejected"),
     [
         (
+            HERMES,
             "auto",
             True,
             ["Just text.", "Let me look.\n" + CALL_WEATHER, CALL_WEATHER + "\n" + CALL_TIME],
             [CALL_WEATHER + " and more text", CALL_WEATHER.replace("get_weather", "get_wether"), CALL_TIME[:-1]],
         ),
-        ("auto", False, ["Text " + CALL_TIME], [CALL_WEATHER + "\n" + CALL_TIME]),
-        ("required", True, [CALL_TIME, CALL_TIME + "\n" + CALL_WEATHER], ["Just text.", "Sure: " + CALL_TIME, ""]),
-        ({"type": "function", "function": {"name": "get_time"}}, True, [CALL_TIME], [CALL_WEATHER, "text"]),
+        (HERMES, "auto", False, ["Text " + CALL_TIME], [CALL_WEATHER + "\n" + CALL_TIME]),
+        (
+            HERMES,
+            "required",
+            True,
+            [CALL_TIME, CALL_TIME + "\n" + CALL_WEATHER],
+            ["Just text.", "Sure: " + CALL_TIME, ""],
+        ),
+        (HERMES, {"type": "function", "function": {"name": "get_time"}}, True, [CALL_TIME], [CALL_WEATHER, "text"]),
+        (
+            LLAMA3_JSON,
+            "auto",
+            True,
+            ["Just text.", LLAMA_WEATHER, LLAMA_WEATHER + "; " + LLAMA_TIME],
+            [LLAMA_WEATHER + " and more", LLAMA_WEATHER + "\n" + LLAMA_TIME, CALL_TIME, LLAMA_TIME[:-1]],
+        ),
+        (LLAMA3_JSON, "auto", False, [LLAMA_TIME], [LLAMA_WEATHER + "; " + LLAMA_TIME]),
+        (LLAMA3_JSON, "required", True, [LLAMA_TIME, LLAMA_TIME + "; " + LLAMA_TIME], ["Just text.", CALL_TIME]),
+        (LLAMA3_JSON, {"type": "function", "function": {"name": "get_time"}}, True, [LLAMA_TIME], [LLAMA_WEATHER]),
     ],
 )
 def test_tool_grammar_allows_exactly_well_formed_calls(
-    smollm, choice: object, parallel: bool, accepted: list[str], rejected: list[str]
+    smollm, fmt: ToolCallFormat, choice: object, parallel: bool, accepted: list[str], rejected: list[str]
 ) -> None:
     """The constraint of each tool_choice, checked with xgrammar's matcher on whole replies (then EOS)."""
     from ember.server.protocol import ChatCompletionRequest
@@ -149,7 +265,7 @@ def test_tool_grammar_allows_exactly_well_formed_calls(
             "tools": [{"type": "function", "function": {"name": "x"}}],
         }
     )
-    spec = tool_call_constraint(TWO_TOOLS, request.tool_choice, parallel)
+    spec = tool_call_constraint(TWO_TOOLS, request.tool_choice, parallel, fmt)
     compiler = smollm.engine.compile_grammar(spec)
     eos = smollm.tokenizer.eos_token_id
 
@@ -159,3 +275,57 @@ def test_tool_grammar_allows_exactly_well_formed_calls(
 
     assert all(whole_reply_ok(reply) for reply in accepted)
     assert not any(whole_reply_ok(reply) for reply in rejected)
+
+
+@pytest.fixture(scope="module")
+def llama3_server() -> Iterator[ServerProcess]:
+    with running_server("--dtype", "float32", "--chat-template", LLAMA3_TEMPLATE) as server:
+        yield server
+
+
+def test_a_server_on_a_llama3_template_takes_and_gives_calls_in_its_format(llama3_server: ServerProcess) -> None:
+    """`--tool-call-parser auto` on a Llama-3-style template: the template renders the tools (no Ember
+    instructions), the model writes `{"name": ..., "parameters": ...}` (one call unless parallel calls are asked
+    for, then joined by "; "), which come back as OpenAI tool calls, whole and streamed, and through the Responses
+    API; the call sent back is rendered by the template."""
+    client = OpenAI(base_url=f"{llama3_server.url}/v1", api_key="unused")
+    ids = httpx.post(f"{llama3_server.url}/tokenize", json={"messages": QUESTION, "tools": API_TOOLS}).json()["tokens"]
+    prompt = httpx.post(f"{llama3_server.url}/detokenize", json={"tokens": ids}).json()["prompt"]
+    assert "Environment: ipython" in prompt and "<tool_call>" not in prompt
+
+    kwargs: dict[str, Any] = dict(messages=QUESTION, tools=API_TOOLS, max_tokens=60, temperature=0)
+    required = client.chat.completions.create(model=MODEL, tool_choice="required", **kwargs).choices[0]
+    assert required.finish_reason == "tool_calls" and required.message.content is None
+    (call,) = required.message.tool_calls  # one: Llama 3's templates take one call per turn
+    assert call.function.name in ("get_weather", "get_time") and isinstance(json.loads(call.function.arguments), dict)
+    assert streamed_reply(client, tool_choice="required", **kwargs) == (
+        "",
+        [(call.function.name, call.function.arguments)],
+        "tool_calls",
+    )
+    twice = [{"role": "user", "content": "Call get_weather twice: for Paris, then for Rome."}]
+    several = client.chat.completions.create(
+        model=MODEL, tool_choice="required", parallel_tool_calls=True, **{**kwargs, "messages": twice}
+    )
+    calls = several.choices[0].message.tool_calls
+    assert several.choices[0].message.content is None and len(calls) >= 2
+    assert [json.loads(c.function.arguments) for c in calls[:2]] == [{"city": "Paris"}, {"city": "Rome"}]
+
+    conversation = [
+        *QUESTION,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"},
+    ]
+    ids = httpx.post(f"{llama3_server.url}/tokenize", json={"messages": conversation, "tools": API_TOOLS}).json()[
+        "tokens"
+    ]
+    prompt = httpx.post(f"{llama3_server.url}/detokenize", json={"tokens": ids}).json()["prompt"]
+    sent_back = f'{{"name": "{call.function.name}", "parameters": {call.function.arguments}}}'
+    assert f"<|end_header_id|>\n\n{sent_back}<|eot_id|>" in prompt, prompt
+
+    function = {k: v for k, v in API_TOOLS[0]["function"].items()}
+    response = client.responses.create(
+        model=MODEL, input=QUESTION[0]["content"], tools=[{"type": "function", **function}], tool_choice="required"
+    )
+    (item,) = response.output
+    assert item.type == "function_call" and item.name == "get_weather" and "city" in json.loads(item.arguments)

@@ -66,7 +66,7 @@ from ember.server.responses import (
     responses_usage,
     turn_starts,
 )
-from ember.server.tools import split_tool_calls, tool_call_constraint
+from ember.server.tools import ToolCallFormat, split_tool_calls, tool_call_constraint
 
 MESSAGES_PATH = "/v1/messages"  # Anthropic's API: its errors take Anthropic's shape
 
@@ -114,18 +114,20 @@ class OpenAIServer:
         allowed_origins: list[str] | None = None,
         reasoning: bool | None = None,
         runtime_lora: bool = False,
+        tool_call_parser: str = "auto",
         pooling: str = "last",
     ) -> None:
         """`chat_template` replaces the model's; `allowed_origins` are the browser origins that may call the API
         (None: pages served from this machine, `*`: any); `reasoning`: whether replies are split into thinking
         and answer (None: when the chat template writes think blocks); `runtime_lora`: whether clients may load
-        and unload LoRA adapters; `pooling`: how /v1/embeddings pools a prompt's hidden states ("last", "mean")."""
+        and unload LoRA adapters; `tool_call_parser`: the format of tool calls (`--tool-call-parser`);
+        `pooling`: how /v1/embeddings pools a prompt's hidden states ("last", "mean")."""
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
         self.api_key = api_key
         self.allowed_origins = allowed_origins
-        self.formatter = ChatFormatter(engine.engine.tokenizer, chat_template, reasoning)
+        self.formatter = ChatFormatter(engine.engine.tokenizer, chat_template, reasoning, tool_call_parser)
         self.max_model_len = engine.engine.max_model_len
         self.response_store = ResponseStore()
         self.runtime_lora = runtime_lora
@@ -325,7 +327,7 @@ class OpenAIServer:
                     message["reasoning"] = message["reasoning_content"] = thinking
                     message["content"] = message["content"] or None  # all thinking: no answer yet
             if chat.tools and message["content"]:
-                content, calls = split_tool_calls(message["content"])
+                content, calls = split_tool_calls(message["content"], self.formatter.tool_format)
                 message["content"] = content
                 if calls:
                     message["tool_calls"] = [call.as_openai() for call in calls]
@@ -381,10 +383,17 @@ class OpenAIServer:
             raise APIError(400, message, param="tool_choice")
         return body.tools if body.tools and choice != "none" else None
 
+    def tool_format(self, tools: list[Tool] | None) -> ToolCallFormat | None:
+        """The format the reply's tool calls are parsed in; None when it may hold none."""
+        return self.formatter.tool_format if tools else None
+
     def parallel_tool_calls(self, requested: bool | None) -> bool:
         """Whether one reply may hold several calls: as requested, else only when the model's chat template
-        speaks tool calls (a model never taught the format, like SmolLM2, repeats calls until max_tokens)."""
-        return self.formatter.native_tools if requested is None else requested
+        speaks tool calls (a model never taught the format, like SmolLM2, repeats calls until max_tokens) and
+        takes several in one turn."""
+        if requested is not None:
+            return requested
+        return self.formatter.native_tools and self.formatter.tool_format.parallel
 
     def chat_constraint(self, body: ChatCompletionRequest, tools: list[Tool] | None) -> StructuredOutputs | None:
         """The output constraint of tools or `response_format` (`structured_outputs` is read with the sampling
@@ -395,7 +404,8 @@ class OpenAIServer:
         if len(given) > 1:
             raise APIError(400, f"use one of {' and '.join(given)}, not both", param=given[1])
         if tools:
-            return tool_call_constraint(tools, body.tool_choice, self.parallel_tool_calls(body.parallel_tool_calls))
+            parallel = self.parallel_tool_calls(body.parallel_tool_calls)
+            return tool_call_constraint(tools, body.tool_choice, parallel, self.formatter.tool_format)
         try:
             return response_format.spec() if response_format else None
         except ValueError as e:
@@ -411,8 +421,8 @@ class OpenAIServer:
         options: StreamOptions,
     ) -> AsyncIterator[str]:
         """SSE chunks of a chat completion. A reasoning model's thinking goes out in `reasoning` deltas. With
-        tools, text that may open a `<tool_call>` is held back, and each call goes out whole (name and
-        arguments) in one `tool_calls` delta once its block closes."""
+        tools, text that may open a tool call is held back, and each call goes out whole (name and arguments)
+        in one `tool_calls` delta once it is written."""
         base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": chat.model}
         params, prompt_tokens = chat.params, len(chat.prompt_ids)
         completion_tokens = cached = 0
@@ -421,7 +431,7 @@ class OpenAIServer:
             opening = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
             usage = self.chunk_usage(options, prompt_tokens, completion_tokens, cached, drafts)
             yield sse({**base, "choices": [{**opening, "finish_reason": None}], **usage})
-        parsers = [ReplyParser(bool(chat.tools), chat.opens_thinking) for _ in range(params.n)]
+        parsers = [ReplyParser(self.tool_format(chat.tools), chat.opens_thinking) for _ in range(params.n)]
         thought = [""] * params.n  # each choice's thinking, counted in the final usage
         async for out in prepend(first, rest):
             cached = max(cached, out.num_cached_tokens)
@@ -479,7 +489,7 @@ class OpenAIServer:
             message = f"{LOGPROBS!r} is not served for a thinking model's replies: use /v1/chat/completions"
             raise APIError(400, message, param="include")
         body = body.model_copy(update={"parallel_tool_calls": self.parallel_tool_calls(body.parallel_tool_calls)})
-        builder = ResponseBuilder(body, prepared.model, now(), bool(tools), prepared.opens_thinking)
+        builder = ResponseBuilder(body, prepared.model, now(), self.tool_format(tools), prepared.opens_thinking)
         outputs = self.stream_outputs(prompt_ids, params, builder.id, prepared.model)
         if body.stream:
             first = await anext_or_error(outputs)
@@ -578,7 +588,7 @@ class OpenAIServer:
         if body.max_tokens is None:
             raise APIError(400, "max_tokens: Field required", param="max_tokens")
         chat = self.prepare_chat(self.messages_as_chat(body))
-        builder = MessageBuilder(chat.model, len(chat.prompt_ids), bool(chat.tools), chat.opens_thinking)
+        builder = MessageBuilder(chat.model, len(chat.prompt_ids), self.tool_format(chat.tools), chat.opens_thinking)
         outputs = self.stream_outputs(chat.prompt_ids, chat.params, builder.id, chat.model)
         if body.stream:
             first = await anext_or_error(outputs)

@@ -11,7 +11,7 @@ from typing import Any
 from ember.engine.request import TokenLogprob
 from ember.server.protocol import ChatMessage, Tool
 from ember.server.reasoning import template_thinks
-from ember.server.tools import render_tool_call, template_speaks_tool_calls, tool_schemas, tools_instructions
+from ember.server.tools import tool_call_format, tool_schemas, tools_instructions
 
 
 def load_chat_template(value: str) -> str:
@@ -20,7 +20,7 @@ def load_chat_template(value: str) -> str:
     import jinja2
 
     path = Path(value).expanduser()
-    if path.is_file():
+    if _is_file(path):
         template = path.read_text(encoding="utf-8")
     elif "{{" in value or "{%" in value:
         template = value
@@ -33,14 +33,30 @@ def load_chat_template(value: str) -> str:
     return template
 
 
+def _is_file(path: Path) -> bool:
+    """Whether `path` is a file; False for text that cannot be a path (a template longer than a file name)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 class ChatFormatter:
-    def __init__(self, tokenizer: Any, chat_template: str | None = None, thinks: bool | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        chat_template: str | None = None,
+        thinks: bool | None = None,
+        tool_call_parser: str = "auto",
+    ) -> None:
         """`chat_template` replaces the model's own (`--chat-template`); `thinks`: whether replies may hold a
-        think block to split off (None: when the template writes them)."""
+        think block to split off (None: when the template writes them); `tool_call_parser`: the format of tool
+        calls (`--tool-call-parser`; "auto": the template's)."""
         self.tokenizer = tokenizer
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self.token_text = functools.lru_cache(maxsize=65536)(self._token_text)
-        self.native_tools = template_speaks_tool_calls(self.chat_template)
+        self.tool_format = tool_call_format(tool_call_parser, self.chat_template)
+        self.native_tools = self.tool_format.speaks(self.chat_template)
         self.thinks = template_thinks(self.chat_template) if thinks is None else thinks
 
     def prompt(
@@ -53,8 +69,8 @@ class ChatFormatter:
     ) -> tuple[str, list[int]]:
         """Apply the model's chat template and tokenize: (the text, its token ids). The assistant's turn is
         opened (unless not `add_generation_prompt`), or the last message left open (`continue_final_message`).
-        Tools, earlier tool calls and tool results go through the template when it speaks `<tool_call>` blocks,
-        else in Ember's own rendering of the same format (see `tools.py`). `template_kwargs` are more of the
+        Tools, earlier tool calls and tool results go through the template when it speaks the tool-call format,
+        else in Ember's own rendering of that format (see `tools.py`). `template_kwargs` are more of the
         template's variables (vLLM's `chat_template_kwargs`, e.g. Qwen3's `enable_thinking`)."""
         if self.tokenizer is None or not self.chat_template:
             raise ValueError(
@@ -69,7 +85,7 @@ class ChatFormatter:
                 conversation[0] = {**conversation[0], "content": f"{conversation[0]['content']}\n\n"}
             else:
                 conversation.insert(0, {"role": "system", "content": ""})
-            conversation[0]["content"] += tools_instructions(tools)
+            conversation[0]["content"] += tools_instructions(tools, self.tool_format)
         try:
             text = self.tokenizer.apply_chat_template(
                 conversation,
@@ -104,7 +120,7 @@ class ChatFormatter:
         if calls and self.native_tools:
             message["tool_calls"] = [{"type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]
         elif calls:
-            rendered = "\n".join(render_tool_call(name, arguments) for name, arguments in calls)
+            rendered = self.tool_format.separator.join(self.tool_format.render(n, a) for n, a in calls)
             message["content"] = f"{text}\n{rendered}" if text else rendered
         return message
 

@@ -20,7 +20,7 @@ from pydantic import ConfigDict, Field
 from ember.engine.sampling_params import InvalidParameter
 from ember.server.protocol import ChatCompletionRequest, OpenAIModel, check_unknown_fields, new_id
 from ember.server.reply_parser import ReplyParser
-from ember.server.tools import ParsedToolCall
+from ember.server.tools import ParsedToolCall, ToolCallFormat
 
 # the Messages API's fields that Ember does not implement: the values that ask for nothing, and what to do instead
 MESSAGES_FIELDS_NOT_SUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -185,10 +185,12 @@ class MessageBuilder:
     reasoning model's thinking a thinking block, the answer a text block (opened at its first visible text),
     each tool call a tool_use block once its call is complete."""
 
-    def __init__(self, model: str, prompt_tokens: int, with_tools: bool, opens_thinking: bool | None) -> None:
+    def __init__(
+        self, model: str, prompt_tokens: int, tool_format: ToolCallFormat | None, opens_thinking: bool | None
+    ) -> None:
         self.id = new_id("msg", "_")
         self.model, self.prompt_tokens = model, prompt_tokens
-        self.parser = ReplyParser(with_tools, opens_thinking)
+        self.parser = ReplyParser(tool_format, opens_thinking)
         self.content: list[dict[str, Any]] = []
         self.open: dict[str, Any] | None = None  # the thinking or text block being written
         self.held = ""  # leading whitespace, not yet known to be a text block

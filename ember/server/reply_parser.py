@@ -7,15 +7,16 @@ blocks); this is the one place that finds them.
 from __future__ import annotations
 
 from ember.server.reasoning import ReasoningParser
-from ember.server.tools import ParsedToolCall, ToolCallParser
+from ember.server.tools import ParsedToolCall, ToolCallFormat, ToolCallParser
 
 
 class ReplyParser:
-    """`with_tools`: the reply may hold `<tool_call>` blocks; `opens_thinking`: None when the reply is not split
-    into thinking and answer, else whether the prompt opened the think block (see `reasoning.py`)."""
+    """`tool_format`: the format of the reply's tool calls (None: it holds none); `opens_thinking`: None when the
+    reply is not split into thinking and answer, else whether the prompt opened the think block (see
+    `reasoning.py`)."""
 
-    def __init__(self, with_tools: bool, opens_thinking: bool | None) -> None:
-        self.tools = ToolCallParser() if with_tools else None
+    def __init__(self, tool_format: ToolCallFormat | None, opens_thinking: bool | None) -> None:
+        self.tools = ToolCallParser(tool_format) if tool_format is not None else None
         self.thinking = ReasoningParser(opens_thinking) if opens_thinking is not None else None
 
     @property

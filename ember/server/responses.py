@@ -18,7 +18,7 @@ from pydantic import ConfigDict, Field
 from ember.engine.sampling_params import MAX_LOGPROBS, InvalidParameter
 from ember.server.protocol import ChatCompletionRequest, ChatMessage, OpenAIModel, check_unknown_fields, new_id
 from ember.server.reply_parser import ReplyParser
-from ember.server.tools import ParsedToolCall
+from ember.server.tools import ParsedToolCall, ToolCallFormat
 
 MESSAGE_ROLES = ("user", "assistant", "system", "developer")
 
@@ -242,13 +242,18 @@ class ResponseBuilder:
     item when its block closes."""
 
     def __init__(
-        self, body: ResponsesRequest, model: str, created: int, with_tools: bool, opens_thinking: bool | None = None
+        self,
+        body: ResponsesRequest,
+        model: str,
+        created: int,
+        tool_format: ToolCallFormat | None,
+        opens_thinking: bool | None = None,
     ) -> None:
         """`opens_thinking`: None when the reply is not split into thinking and answer, else whether the prompt
         opened the think block (see `reasoning.py`)."""
         self.body, self.model, self.created = body, model, created
         self.id = new_id("resp", "_")
-        self.parser = ReplyParser(with_tools, opens_thinking)
+        self.parser = ReplyParser(tool_format, opens_thinking)
         self.output: list[dict[str, Any]] = []
         self.reasoning: dict[str, Any] | None = None  # the reasoning item being written
         self.message: dict[str, Any] | None = None  # the message item being written

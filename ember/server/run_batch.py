@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ember.server.serve import REASONING_PARSERS, add_pooling_arg, resolve_pooling
+from ember.server.serve import REASONING_PARSERS, add_pooling_arg, add_tool_call_parser_arg, resolve_pooling
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings")
 
@@ -133,7 +133,17 @@ def run_batch(args: argparse.Namespace) -> int:
         async_engine.on_finished, async_engine.on_step = metrics.on_finished, metrics.on_step
         reasoning = REASONING_PARSERS[args.reasoning_parser]
         pooling = resolve_pooling(args.pooling, engine.loaded.source_dir)
-        server = OpenAIServer(async_engine, name, metrics, None, chat_template, None, reasoning, pooling=pooling)
+        server = OpenAIServer(
+            async_engine,
+            name,
+            metrics,
+            None,
+            chat_template,
+            None,
+            reasoning,
+            tool_call_parser=args.tool_call_parser,
+            pooling=pooling,
+        )
         concurrency = 2 * (engine.config.scheduler.max_num_seqs or 1)  # keeps the engine's batch full
         columns = (TextColumn("requests"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         started = time.monotonic()
@@ -180,4 +190,5 @@ def add_run_batch_args(parser: argparse.ArgumentParser) -> None:
         choices=sorted(REASONING_PARSERS),
         help="as `ember serve --reasoning-parser`",
     )
+    add_tool_call_parser_arg(g)
     add_pooling_arg(g)

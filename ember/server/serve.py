@@ -52,6 +52,8 @@ def origin_list(text: str) -> list[str]:
 
 # --reasoning-parser: whether replies are split into thinking and answer (None: when the template thinks)
 REASONING_PARSERS = {"auto": None, "none": False, "deepseek_r1": True, "qwen3": True}
+# --tool-call-parser: the tool-call formats of `ember.server.tools` (kept here: the CLI imports no server code)
+TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json")
 # sentence-transformers' pooling modes (1_Pooling/config.json) that Ember serves, as `--pooling` names them
 SENTENCE_TRANSFORMERS_POOLING = {"pooling_mode_lasttoken": "last", "pooling_mode_mean_tokens": "mean"}
 
@@ -63,6 +65,17 @@ def add_pooling_arg(group: Any) -> None:
         choices=["auto", "last", "mean"],
         help="how /v1/embeddings pools a prompt's final hidden states: the last token's, or their mean; 'auto' "
         "(default) as the model's sentence-transformers config says (Qwen3-Embedding: last), else last",
+    )
+
+
+def add_tool_call_parser_arg(group: Any) -> None:
+    group.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        default="auto",
+        help="how the model writes tool calls: 'hermes' (<tool_call> blocks: Qwen2.5, Qwen3, Hermes), "
+        "'llama3_json' (a JSON object with 'name' and 'parameters': Llama 3.1-3.3); 'auto' (default) the one "
+        "the chat template speaks, else Hermes with Ember's instructions in the system prompt",
     )
 
 
@@ -113,12 +126,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="accepted so that vLLM launch commands run: tool calling is always on",
     )
-    g.add_argument(
-        "--tool-call-parser",
-        choices=["hermes"],
-        default="hermes",
-        help="accepted so that vLLM launch commands run: tool calls are always Hermes-style <tool_call> blocks",
-    )
+    add_tool_call_parser_arg(g)
     g.add_argument(
         "--allowed-origins",
         type=origin_list,
@@ -204,6 +212,7 @@ def serve(args: argparse.Namespace) -> int:
         args.allowed_origins,
         reasoning,
         runtime_lora=args.allow_runtime_lora_updating,
+        tool_call_parser=args.tool_call_parser,
         pooling=resolve_pooling(args.pooling, engine.loaded.source_dir),
     )
     app = build_app(server)

@@ -1,12 +1,16 @@
 """Tool calling: the tools into the prompt, a grammar that keeps every call well formed, the calls out of the text.
 
-The wire format is the `<tool_call>` block of Hermes-style models (Qwen2.5, Qwen3):
-`<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>`. A model whose chat
-template already speaks it gets the tools through its own template; any other (SmolLM2's template knows no
-tools) gets Ember's own system instructions for the same format. Unless `tool_choice` is "none", an xgrammar
-structural tag constrains the output, so that even a small model's calls always parse:
-- "auto": free text, optionally followed by calls (one per line) and nothing after them: the reply ends where
-  the client must run the tools;
+Each model family writes calls its own way, a `ToolCallFormat`:
+- Hermes (Qwen2.5, Qwen3, Hermes; vLLM's `hermes`): a block per call,
+  `<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>`;
+- Llama 3.1-3.3 (vLLM's `llama3_json`): the reply is the call, `{"name": "get_weather", "parameters": {"city":
+  "Paris"}}`, several joined by "; ".
+The server speaks the format its chat template speaks (`--tool-call-parser auto`), or the one named. A model
+whose template speaks the format gets the tools through its own template; any other (SmolLM2's template knows no
+tools) gets Ember's own system instructions for it. Unless `tool_choice` is "none", an xgrammar structural tag
+constrains the output, so that even a small model's calls always parse:
+- "auto": free text, optionally followed by calls and nothing after them: the reply ends where the client must
+  run the tools;
 - "required": only calls, at least one; a named function: exactly one call of it.
 Each call names one of the tools, with arguments valid under its parameters' schema.
 """
@@ -21,15 +25,99 @@ from typing import Any
 from ember.engine.structured_output import StructuredOutputs
 from ember.server.protocol import NamedToolChoice, Tool
 
-TOOL_CALL_OPEN = "<tool_call>"
-TOOL_CALL_CLOSE = "</tool_call>"
-OPEN_PREFIXES = [TOOL_CALL_OPEN[:k] for k in range(len(TOOL_CALL_OPEN))]  # what a streamed reply may end on
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
+HOLE = "\x00"  # where a call's arguments go, in `ToolCallFormat.write`
 
 
-def template_speaks_tool_calls(chat_template: str | None) -> bool:
-    """Whether a chat template renders `tools` and `<tool_call>` blocks itself."""
-    return bool(chat_template and "tools" in chat_template and TOOL_CALL_OPEN in chat_template)
+@dataclass(frozen=True)
+class ToolCallFormat:
+    """How one family of models writes a tool call: `before` + `{"name": ..., "<arguments_key>": ...}` + `after`,
+    several in one reply joined by `separator`. `trigger` starts every call; the free text of a reply never
+    holds it. `marks`: what a chat template that speaks the format contains (besides `tools`). `parallel`:
+    whether a reply holds several calls when the request does not say (Llama 3's template takes one per turn)."""
+
+    name: str
+    before: str
+    after: str
+    arguments_key: str
+    separator: str
+    trigger: str
+    marks: tuple[str, ...]
+    parallel: bool
+
+    def speaks(self, chat_template: str | None) -> bool:
+        """Whether `chat_template` renders `tools` and calls in this format itself."""
+        return bool(chat_template and "tools" in chat_template and all(m in chat_template for m in self.marks))
+
+    def write(self, name_json: str, arguments_json: str) -> str:
+        """A call's text, from its name and arguments as JSON text."""
+        return f'{self.before}{{"name": {name_json}, "{self.arguments_key}": {arguments_json}}}{self.after}'
+
+    def render(self, name: str, arguments: Any) -> str:
+        """An earlier call as the model writes it (for conversations sent back with their tool calls)."""
+        return self.write(json.dumps(name, ensure_ascii=False), json.dumps(arguments, ensure_ascii=False))
+
+    def tag(self, name: str) -> tuple[str, str]:
+        """The text around a call of `name`'s arguments: the grammar's begin and end of its tag."""
+        begin, end = self.write(json.dumps(name, ensure_ascii=False), HOLE).split(HOLE)
+        return begin, end
+
+    def call_end(self, text: str) -> tuple[int, str] | None:
+        """For `text` that starts with `trigger`: where the call ends and its JSON text; None while it is not
+        complete (a block's closing tag, or the JSON object's last brace, has not come)."""
+        if self.after:
+            end = text.find(self.after.strip())
+            return None if end < 0 else (end + len(self.after.strip()), text[len(self.trigger) : end])
+        try:
+            _, end = json.JSONDecoder().raw_decode(text)
+        except json.JSONDecodeError:
+            return None
+        return end, text[:end]
+
+    def parse(self, block: str) -> ParsedToolCall | None:
+        """The call in a call's JSON text, or None when it is not one."""
+        try:
+            call = json.loads(block)
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return None
+        arguments = call.get(self.arguments_key, call.get("arguments", {}))
+        return ParsedToolCall(new_call_id(), call["name"], json.dumps(arguments, ensure_ascii=False))
+
+
+HERMES = ToolCallFormat(
+    name="hermes",
+    before="<tool_call>\n",
+    after="\n</tool_call>",
+    arguments_key="arguments",
+    separator="\n",
+    trigger="<tool_call>",
+    marks=("<tool_call>",),
+    parallel=True,
+)
+LLAMA3_JSON = ToolCallFormat(
+    name="llama3_json",
+    before="",
+    after="",
+    arguments_key="parameters",
+    separator="; ",
+    trigger='{"name"',
+    marks=('"parameters"', "ipython"),  # its instructions' format, and the role its tool results take
+    parallel=False,
+)
+TOOL_CALL_FORMATS = {f.name: f for f in (HERMES, LLAMA3_JSON)}
+
+
+def tool_call_format(name: str, chat_template: str | None) -> ToolCallFormat:
+    """`--tool-call-parser`: the format named, or for "auto" the one `chat_template` speaks (Hermes when none)."""
+    if name != "auto":
+        return TOOL_CALL_FORMATS[name]
+    return next((f for f in TOOL_CALL_FORMATS.values() if f.speaks(chat_template)), HERMES)
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def tool_schemas(tools: list[Tool]) -> list[dict[str, Any]]:
@@ -42,48 +130,39 @@ def tool_schemas(tools: list[Tool]) -> list[dict[str, Any]]:
     return schemas
 
 
-def tools_instructions(tools: list[Tool]) -> str:
-    """Ember's system-prompt section for models whose template knows no tools."""
+def tools_instructions(tools: list[Tool], fmt: ToolCallFormat) -> str:
+    """Ember's system-prompt section for models whose template knows no tools (or not `fmt`)."""
     lines = "\n".join(json.dumps(schema["function"], ensure_ascii=False) for schema in tool_schemas(tools))
+    example = fmt.write('"<function name>"', "{<arguments as a JSON object>}")
     return (
         "You can call functions (tools) to help with the user's request. The available functions, one JSON "
         f"signature per line, are:\n<tools>\n{lines}\n</tools>\n\n"
-        "To call a function, reply with a block like this one for each call:\n"
-        f'{TOOL_CALL_OPEN}\n{{"name": "<function name>", "arguments": {{<arguments as a JSON object>}}}}\n'
-        f"{TOOL_CALL_CLOSE}\n"
+        f"To call a function, reply with {'a block' if fmt.after else 'a JSON object'} like this one for each call:\n"
+        f"{example}\n"
         "The results come back in <tool_response></tool_response> blocks. Answer directly when no function helps."
     )
 
 
-def render_tool_call(name: str, arguments: Any) -> str:
-    """An earlier call as the model writes it (for conversations sent back with their tool calls)."""
-    call = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
-    return f"{TOOL_CALL_OPEN}\n{call}\n{TOOL_CALL_CLOSE}"
-
-
 def tool_call_constraint(
-    tools: list[Tool], tool_choice: str | NamedToolChoice | None, parallel_tool_calls: bool
+    tools: list[Tool], tool_choice: str | NamedToolChoice | None, parallel_tool_calls: bool, fmt: ToolCallFormat
 ) -> StructuredOutputs:
-    """The structural tag that keeps calls to `tools` well formed under `tool_choice` ("auto", "required" or a
-    named function; the caller handles "none")."""
+    """The structural tag that keeps calls to `tools`, written in `fmt`, well formed under `tool_choice` ("auto",
+    "required" or a named function; the caller handles "none")."""
     from xgrammar import structural_tag as st
 
     if isinstance(tool_choice, NamedToolChoice):
         tools = [t for t in tools if t.function.name == tool_choice.function.name]
         parallel_tool_calls = False
-    tags = [
-        st.TagFormat(
-            begin=f'{TOOL_CALL_OPEN}\n{{"name": {json.dumps(schema["function"]["name"])}, "arguments": ',
-            # a small model left free pads JSON with whitespace until max_tokens: at most one blank at a time
-            content=st.JSONSchemaFormat(json_schema=schema["function"]["parameters"], max_whitespace_cnt=1),
-            end=f"}}\n{TOOL_CALL_CLOSE}",
-        )
-        for schema in tool_schemas(tools)
-    ]
+    tags = []
+    for schema in tool_schemas(tools):
+        begin, end = fmt.tag(schema["function"]["name"])
+        # a small model left free pads JSON with whitespace until max_tokens: at most one blank at a time
+        content = st.JSONSchemaFormat(json_schema=schema["function"]["parameters"], max_whitespace_cnt=1)
+        tags.append(st.TagFormat(begin=begin, content=content, end=end))
     calls = st.TagsWithSeparatorFormat(
-        tags=tags, separator="\n", at_least_one=True, stop_after_first=not parallel_tool_calls
+        tags=tags, separator=fmt.separator, at_least_one=True, stop_after_first=not parallel_tool_calls
     )
-    text = st.AnyTextFormat(excludes=[TOOL_CALL_OPEN])
+    text = st.AnyTextFormat(excludes=[fmt.trigger])
     reply = (
         st.OrFormat(elements=[text, st.SequenceFormat(elements=[text, calls])])
         if tool_choice in (None, "auto")
@@ -107,50 +186,51 @@ class ParsedToolCall:
         return call if index is None else {"index": index, **call}
 
 
-def parse_tool_call(block: str) -> ParsedToolCall | None:
-    """The call in the text between `<tool_call>` and `</tool_call>`, or None when it is not one."""
-    try:
-        call = json.loads(block)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-        return None
-    arguments = call.get("arguments", {})
-    return ParsedToolCall(f"call_{uuid.uuid4().hex[:24]}", call["name"], json.dumps(arguments, ensure_ascii=False))
-
-
 class ToolCallParser:
-    """Splits generated text, as it streams in, into content and tool calls. Text that may be the start of a
-    `<tool_call>` is held back until it is known; a block that does not parse stays content."""
+    """Splits generated text, as it streams in, into content and the tool calls written in `fmt`. Text that may
+    be the start of a call is held back until it is known; a call that does not parse stays content; the
+    separator after a call is neither."""
 
-    def __init__(self) -> None:
+    def __init__(self, fmt: ToolCallFormat) -> None:
+        self.fmt = fmt
         self.pending = ""
         self.num_calls = 0
+        self.after_call = False  # the text so far ends with a call: its separator may come next
 
     def feed(self, text: str) -> tuple[str, list[ParsedToolCall]]:
         """New content and newly completed calls, given the next piece of text."""
+        fmt = self.fmt
         self.pending += text
         content: list[str] = []
         calls: list[ParsedToolCall] = []
         while self.pending:
-            if self.pending.startswith(TOOL_CALL_OPEN):
-                end = self.pending.find(TOOL_CALL_CLOSE)
-                if end < 0:
+            if self.after_call:
+                if len(self.pending) < len(fmt.separator) and fmt.separator.startswith(self.pending):
+                    break  # maybe the separator, maybe text
+                if self.pending.startswith(fmt.separator):
+                    self.pending = self.pending[len(fmt.separator) :]
+                self.after_call = False
+                continue
+            if self.pending.startswith(fmt.trigger):
+                found = fmt.call_end(self.pending)
+                if found is None:
                     break  # the call is still being written
-                block = self.pending[len(TOOL_CALL_OPEN) : end]
-                call = parse_tool_call(block)
+                end, block = found
+                call = fmt.parse(block)
                 if call is None:
-                    content.append(self.pending[: end + len(TOOL_CALL_CLOSE)])
+                    content.append(self.pending[:end])
                 else:
                     calls.append(call)
-                self.pending = self.pending[end + len(TOOL_CALL_CLOSE) :]
+                    self.after_call = True
+                self.pending = self.pending[end:]
                 continue
-            start = self.pending.find(TOOL_CALL_OPEN)
+            start = self.pending.find(fmt.trigger)
             if start > 0:
                 content.append(self.pending[:start])
                 self.pending = self.pending[start:]
                 continue
-            held = next((k for k in range(len(OPEN_PREFIXES) - 1, 0, -1) if self.pending.endswith(OPEN_PREFIXES[k])), 0)
+            trigger = fmt.trigger
+            held = next((k for k in range(len(trigger) - 1, 0, -1) if self.pending.endswith(trigger[:k])), 0)
             content.append(self.pending[: len(self.pending) - held])
             self.pending = self.pending[len(self.pending) - held :]
             break
@@ -158,15 +238,17 @@ class ToolCallParser:
         return "".join(content), calls
 
     def finish(self) -> str:
-        """What is left when generation ends, as content; except a call cut off by max_tokens, which is no text
-        of the reply (the grammar allows `<tool_call>` only as a call's start)."""
+        """What is left when generation ends, as content; except a call cut off by max_tokens, or the start of
+        the separator after a call, which are no text of the reply (the grammar allows the trigger only as a
+        call's start)."""
         rest, self.pending = self.pending, ""
-        return "" if rest.startswith(TOOL_CALL_OPEN) else rest
+        cut_off = rest.startswith(self.fmt.trigger) or (self.after_call and self.fmt.separator.startswith(rest))
+        return "" if cut_off else rest
 
 
-def split_tool_calls(text: str) -> tuple[str | None, list[ParsedToolCall]]:
+def split_tool_calls(text: str, fmt: ToolCallFormat) -> tuple[str | None, list[ParsedToolCall]]:
     """A whole reply's content (None when only calls and whitespace) and calls."""
-    parser = ToolCallParser()
+    parser = ToolCallParser(fmt)
     content, calls = parser.feed(text)
     content += parser.finish()
     return (content if content.strip() or not calls else None), calls

@@ -155,6 +155,53 @@ def test_float_and_base64_encodings_carry_the_same_vector(server: Any) -> None:
     assert list(decoded) == pytest.approx(as_float["data"][0]["embedding"], abs=1e-7)
 
 
+def test_score_and_rerank_are_the_cosine_of_the_embeddings(server: Any) -> None:
+    """vLLM's /score (one text against many, two lists item by item) and the Jina/Cohere /rerank: each score is
+    the dot product of the two texts' /v1/embeddings vectors; rerank orders the documents by it."""
+    query, documents = "Where is Paris?", ["Paris is in France.", "Bananas are yellow.", "Rome is in Italy."]
+    vectors = httpx.post(f"{server.url}/v1/embeddings", json={"input": [query, *documents]}, timeout=60).json()
+    query_vector, *document_vectors = [torch.tensor(d["embedding"]) for d in vectors["data"]]
+    expected = [float(query_vector @ v) for v in document_vectors]
+
+    one_to_many = httpx.post(f"{server.url}/v1/score", json={"text_1": query, "text_2": documents}, timeout=60).json()
+    assert [d["index"] for d in one_to_many["data"]] == [0, 1, 2] and one_to_many["object"] == "list"
+    assert [d["score"] for d in one_to_many["data"]] == pytest.approx(expected, abs=1e-5)
+    assert one_to_many["usage"]["prompt_tokens"] == vectors["usage"]["prompt_tokens"]
+    zipped = httpx.post(f"{server.url}/score", json={"text_1": documents[::-1], "text_2": documents}, timeout=60)
+    pairs = [float(a @ b) for a, b in zip(document_vectors[::-1], document_vectors, strict=True)]
+    assert [d["score"] for d in zipped.json()["data"]] == pytest.approx(pairs, abs=1e-5)
+
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        body = {"query": query, "documents": documents, "top_n": 2}
+        reranked = httpx.post(f"{server.url}{path}", json=body, timeout=60).json()
+        order = sorted(range(3), key=lambda i: -expected[i])[:2]
+        assert [r["index"] for r in reranked["results"]] == order, reranked
+        assert [r["document"]["text"] for r in reranked["results"]] == [documents[i] for i in order]
+        assert [r["relevance_score"] for r in reranked["results"]] == pytest.approx([expected[i] for i in order])
+        assert reranked["usage"]["total_tokens"] == vectors["usage"]["prompt_tokens"]
+    everything = httpx.post(f"{server.url}/rerank", json={"query": query, "documents": documents}, timeout=60).json()
+    assert sorted(r["index"] for r in everything["results"]) == [0, 1, 2]  # top_n 0 (the default): all
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "message"),
+    [
+        ("/score", {"text_1": ["a", "b"], "text_2": ["c", "d", "e"]}, "text_2", "text_1 has 2 texts and text_2 3"),
+        ("/score", {"text_1": [], "text_2": "c"}, "text_1", "'text_1' is empty"),
+        ("/score", {"text_1": "a", "text_2": "c", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens", ""),
+        ("/rerank", {"query": "a", "documents": []}, "documents", "'documents' is empty"),
+        ("/rerank", {"query": "", "documents": ["b"]}, "query", "'query' is empty"),
+        ("/rerank", {"query": "a", "documents": ["b"], "top_n": -1}, "top_n", ""),
+    ],
+)
+def test_bad_score_and_rerank_requests_name_their_field(
+    server: Any, path: str, body: dict, param: str, message: str
+) -> None:
+    reply = httpx.post(f"{server.url}{path}", json=body, timeout=30)
+    error = reply.json()["error"]
+    assert reply.status_code == 400 and error["param"] == param and message in error["message"], error
+
+
 def test_auto_pooling_follows_the_sentence_transformers_config(tmp_path: Any) -> None:
     import json
 

@@ -28,15 +28,16 @@ def test_run_batch_answers_each_line_as_the_server_would(tmp_path: Path, smollm:
         "",  # blank lines are skipped
         request("response", "/v1/responses", {"input": "Say hi", "max_output_tokens": 8, "temperature": 0}),
         request("embedding", "/v1/embeddings", {"input": ["Hello", "world"]}),
+        request("rerank", "/v1/rerank", {"query": "Hello", "documents": ["world", "Hello"]}),
     ]
     source, results = tmp_path / "batch.jsonl", tmp_path / "results.jsonl"
     source.write_text("\n".join(lines) + "\n")
     run = ember("run-batch", "-i", str(source), "-o", str(results), "--dtype", "float32")
     assert run.returncode == 1, run.stderr  # some lines failed
-    assert "8 requests: 4 answered, 4 failed" in run.stderr
+    assert "9 requests: 5 answered, 4 failed" in run.stderr
     records = [json.loads(line) for line in results.read_text().splitlines()]
     ids = [r["custom_id"] for r in records]
-    assert ids == ["chat", "completion", None, "speech", "bad-param", "stream", "response", "embedding"]  # in order
+    assert ids == ["chat", "completion", None, "speech", "bad-param", "stream", "response", "embedding", "rerank"]
     by_id = {r["custom_id"]: r for r in records}
     completion = by_id["completion"]["response"]
     assert completion["status_code"] == 200 and completion["request_id"] == completion["body"]["id"]
@@ -51,6 +52,8 @@ def test_run_batch_answers_each_line_as_the_server_would(tmp_path: Path, smollm:
     vectors = by_id["embedding"]["response"]["body"]["data"]
     assert len(vectors) == 2 and abs(sum(x * x for x in vectors[0]["embedding"]) - 1) < 1e-4
     assert "cannot stream" in by_id["stream"]["error"]["message"]
+    ranked = by_id["rerank"]["response"]["body"]["results"]
+    assert ranked[0]["index"] == 1 and abs(ranked[0]["relevance_score"] - 1) < 1e-4  # itself first
 
 
 def test_a_batch_without_errors_exits_0_and_can_write_to_stdout(tmp_path: Path, tiny_models: dict) -> None:

@@ -66,6 +66,7 @@ from ember.server.responses import (
     responses_usage,
     turn_starts,
 )
+from ember.server.scores import RerankRequest, ScoreRequest, cosine, ranked, score_pairs
 from ember.server.tools import ToolCallFormat, split_tool_calls, tool_call_constraint
 
 MESSAGES_PATH = "/v1/messages"  # Anthropic's API: its errors take Anthropic's shape
@@ -812,22 +813,13 @@ class OpenAIServer:
         """OpenAI's embeddings: each input's final hidden states pooled (`self.pooling`), L2-normalized; with
         `dimensions`, the first that many, normalized again (Matryoshka models)."""
         model = self.check_model(body.model)
-        items = prompt_items(body.input, param="input")
-        prompts = [self.truncated(self.prompt_ids(item, param="input"), body.truncate_prompt_tokens) for item in items]
-        for ids in prompts:
-            self.check_prompt_length(ids, None, param="input")
+        prompts = self.pooled_prompts(prompt_items(body.input, param="input"), body.truncate_prompt_tokens, "input")
         hidden = self.engine.engine.model_config.hidden_size
         if body.dimensions is not None and body.dimensions > hidden:
             raise APIError(400, f"'dimensions' must be at most {hidden} for this model", param="dimensions")
-        request_id, window = api_id("embd", request), self.prompt_window(len(prompts))
-        streams = [
-            self.stream_outputs(ids, SamplingParams(), f"{request_id}-{i}", model, self.pooling, window)
-            for i, ids in enumerate(prompts)
-        ]
-        finals = await asyncio.gather(*(collect(s, request) for s in streams))
+        vectors = await self.pool(prompts, model, api_id("embd", request), request)
         data = []
-        for index, final in enumerate(finals):
-            vector = final.embedding or []
+        for index, vector in enumerate(vectors):
             if body.dimensions is not None:
                 vector = vector[: body.dimensions]
                 norm = math.sqrt(sum(x * x for x in vector)) or 1.0
@@ -843,6 +835,62 @@ class OpenAIServer:
             "model": model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
+
+    async def score(self, body: ScoreRequest, request: Request) -> dict[str, Any]:
+        """vLLM's Score API: the cosine similarity of each pair's embeddings (see `scores.py`)."""
+        model = self.check_model(body.model)
+        firsts = self.pooled_prompts(prompt_items(body.text_1, "text_1"), body.truncate_prompt_tokens, "text_1")
+        seconds = self.pooled_prompts(prompt_items(body.text_2, "text_2"), body.truncate_prompt_tokens, "text_2")
+        try:
+            pairs = score_pairs(len(firsts), len(seconds))
+        except ValueError as e:
+            raise APIError(400, str(e), param="text_2") from e
+        request_id = api_id("score", request)
+        vectors = await self.pool(firsts + seconds, model, request_id, request)
+        data = [
+            {"index": index, "object": "score", "score": cosine(vectors[i], vectors[len(firsts) + j])}
+            for index, (i, j) in enumerate(pairs)
+        ]
+        tokens = sum(len(ids) for ids in firsts + seconds)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return {"id": request_id, "object": "list", "created": now(), "model": model, "data": data, "usage": usage}
+
+    async def rerank(self, body: RerankRequest, request: Request) -> dict[str, Any]:
+        """The Rerank API (Jina's and Cohere's shape, as vLLM serves it): the documents by the cosine similarity
+        of their embeddings to the query's, the most similar first, `top_n` of them."""
+        model = self.check_model(body.model)
+        query = self.pooled_prompts([body.query], body.truncate_prompt_tokens, "query")
+        documents = self.pooled_prompts(
+            prompt_items(body.documents, "documents"), body.truncate_prompt_tokens, "documents"
+        )
+        request_id = api_id("rerank", request)
+        vectors = await self.pool(query + documents, model, request_id, request)
+        scores = [cosine(vectors[0], vector) for vector in vectors[1:]]
+        results = [
+            {"index": i, "document": {"text": body.documents[i]}, "relevance_score": scores[i]}
+            for i in ranked(scores, body.top_n)
+        ]
+        tokens = sum(len(ids) for ids in query + documents)
+        return {"id": request_id, "model": model, "usage": {"total_tokens": tokens}, "results": results}
+
+    def pooled_prompts(self, items: list[str | list[int]], keep: int | None, param: str) -> list[list[int]]:
+        """Texts (or token ids) to embed as token ids, truncated to their last `keep` tokens when asked, each
+        checked to fit the context (`param`: the request field they came from)."""
+        prompts = [self.truncated(self.prompt_ids(item, param=param), keep) for item in items]
+        for ids in prompts:
+            self.check_prompt_length(ids, None, param=param)
+        return prompts
+
+    async def pool(self, prompts: list[list[int]], model: str, request_id: str, request: Request) -> list[list[float]]:
+        """The prompts' embeddings: final hidden states pooled (`self.pooling`) and L2-normalized, computed a
+        batch's worth of prompts at a time (`prompt_window`)."""
+        window = self.prompt_window(len(prompts))
+        streams = [
+            self.stream_outputs(ids, SamplingParams(), f"{request_id}-{i}", model, self.pooling, window)
+            for i, ids in enumerate(prompts)
+        ]
+        finals = await asyncio.gather(*(collect(s, request) for s in streams))
+        return [final.embedding or [] for final in finals]
 
     # ------------------------------------------------------------------------------------------------
     # LoRA adapters loaded and unloaded at run time (vLLM's endpoints)
@@ -1228,6 +1276,17 @@ def build_app(server: OpenAIServer) -> FastAPI:
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:
         return await server.embeddings(body, request)
+
+    @app.post("/score")
+    @app.post("/v1/score")
+    async def score(body: ScoreRequest, request: Request) -> dict[str, Any]:
+        return await server.score(body, request)
+
+    @app.post("/rerank")
+    @app.post("/v1/rerank")
+    @app.post("/v2/rerank")
+    async def rerank(body: RerankRequest, request: Request) -> dict[str, Any]:
+        return await server.rerank(body, request)
 
     return app
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from ember.server.serve import REASONING_PARSERS, add_pooling_arg, add_tool_call_parser_arg, resolve_pooling
 
-URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings")
+URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/v1/score", "/v1/rerank")
 
 
 @dataclass
@@ -175,7 +175,7 @@ def add_run_batch_args(parser: argparse.ArgumentParser) -> None:
         "--input-file",
         required=True,
         help="JSONL of OpenAI Batch API requests (custom_id, method POST, url /v1/chat/completions, /v1/completions, "
-        "/v1/responses or /v1/embeddings, body); '-' reads standard input",
+        "/v1/responses, /v1/embeddings, /v1/score or /v1/rerank, body); '-' reads standard input",
     )
     g.add_argument(
         "-o", "--output-file", required=True, help="where the results go, one JSONL line per request ('-': stdout)"

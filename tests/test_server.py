@@ -604,6 +604,26 @@ def test_allowed_token_ids_and_bad_words_through_the_api(client: OpenAI, server:
     assert complete().startswith(" Paris")
 
 
+def test_skip_special_tokens_false_keeps_them_in_the_text(server: ServerProcess) -> None:
+    """vLLM's skip_special_tokens: False decodes the special tokens too (here the chat turn's <|im_end|>, past
+    which ignore_eos goes on); the tokens are the same either way. With include_stop_str_in_output, the stop token
+    that ended the output is its last text."""
+    prompt = "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n"
+    body = {"prompt": prompt, "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    kept = httpx.post(f"{server.url}/v1/completions", json={**body, "skip_special_tokens": False}, timeout=60).json()
+    plain = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+    kept_text, plain_text = kept["choices"][0]["text"], plain["choices"][0]["text"]
+    assert "<|im_end|>" in kept_text and "<|im_end|>" not in plain_text, kept_text
+    assert re.sub(r"<\|im_(start|end)\|>", "", kept_text) == plain_text
+    assert kept["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"] == 40
+
+    ended = {"prompt": prompt, "max_tokens": 40, "temperature": 0, "skip_special_tokens": False}
+    with_stop = httpx.post(f"{server.url}/v1/completions", json={**ended, "include_stop_str_in_output": True}).json()
+    without = httpx.post(f"{server.url}/v1/completions", json=ended).json()
+    assert with_stop["choices"][0]["finish_reason"] == "stop"
+    assert with_stop["choices"][0]["text"] == without["choices"][0]["text"] + "<|im_end|>"
+
+
 def test_prompt_logprobs_in_vllms_format_agree_with_echo(server: ServerProcess) -> None:
     """vLLM's prompt_logprobs: per prompt token (none for the first), its logprob and rank and the top
     alternatives, keyed by token id; the same numbers that `echo` with `logprobs` gives."""
@@ -641,7 +661,7 @@ def test_vllm_fields_ember_lacks_are_refused_when_they_ask_for_something(server:
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     for path, body, param, hint in [
         ("/v1/chat/completions", {**chat, "guided_json": {"type": "object"}}, "guided_json", "structured_outputs"),
-        ("/v1/completions", {"prompt": "hi", "skip_special_tokens": False}, "skip_special_tokens", "special tokens"),
+        ("/v1/completions", {"prompt": "hi", "best_of": 3}, "best_of", "'n'"),
         ("/v1/chat/completions", {**chat, "use_beam_search": True}, "use_beam_search", "'n'"),
     ]:
         error = httpx.post(f"{server.url}{path}", json=body).json()["error"]

@@ -11,8 +11,11 @@ from typing import Any
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Any, stop: list[str], include_stop: bool = False) -> None:
+    def __init__(
+        self, tokenizer: Any, stop: list[str], include_stop: bool = False, skip_special_tokens: bool = True
+    ) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.stop = stop
         self.include_stop = include_stop  # the text ends after the stop string instead of before it
         self.hold_back = max((len(s) for s in stop), default=1) - 1
@@ -23,7 +26,7 @@ class IncrementalDetokenizer:
         self.sent = 0  # characters of `text` already handed out by `take_delta`
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add_token(self, token_id: int, find_stop: bool = True) -> str | None:
         """Append a token; return the stop string it completed, if any (the text is cut before it, or after it

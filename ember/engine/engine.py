@@ -326,7 +326,7 @@ class Engine:
             child = Request(f"{request_id}#{index}", ids, child_params, self.eos_token_ids, max_tokens, text)
             if self.tokenizer is not None and pooling is None:
                 child.detokenizer = IncrementalDetokenizer(
-                    self.tokenizer, params.stop, params.include_stop_str_in_output
+                    self.tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens
                 )
             child.bad_words_token_ids = bad_words
             child.lora_id = lora_id
@@ -491,6 +491,8 @@ class Engine:
             self._finish(request, "abort")
             return
         if token in request.stop_ids:  # masked while below min_tokens
+            if request.detokenizer and request.params.include_stop_str_in_output:  # vLLM's: its text ends the output
+                request.detokenizer.add_token(token, find_stop=False)
             self._finish(request, "stop", token)
             return
         stop_string = None

@@ -36,7 +36,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
-    include_stop_str_in_output: bool = False  # the text ends after the stop string that ended it
+    include_stop_str_in_output: bool = False  # the text ends after the stop string (or stop token) that ended it
+    skip_special_tokens: bool = True  # the text leaves special tokens (<|im_end|>, ...) out
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     n: int = 1

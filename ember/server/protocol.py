@@ -22,7 +22,6 @@ MAX_N = 16
 # vLLM's extra sampling fields that Ember does not implement: the values that ask for nothing (clients written
 # for vLLM send them), and what to do instead. Any other value is refused rather than ignored.
 VLLM_FIELDS_NOT_SUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
-    "skip_special_tokens": ((True, None), "the text always leaves special tokens out"),
     "best_of": ((None, 1), "ask for 'n' samples"),
     "use_beam_search": ((False, None), "ask for 'n' samples"),
     **{
@@ -135,6 +134,7 @@ class SamplingFields(OpenAIModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     include_stop_str_in_output: bool = False  # vLLM's: the text ends after the stop string, not before
+    skip_special_tokens: bool = True  # vLLM's: False keeps special tokens (<|im_end|>, ...) in the text
     stop_token_ids: list[int] | None = None
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's: each prompt token's, + alternatives
     ignore_eos: bool = False
@@ -174,6 +174,7 @@ class SamplingFields(OpenAIModel):
             seed=self.seed,
             stop=stop,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
             stop_token_ids=self.stop_token_ids or [],
             ignore_eos=self.ignore_eos,
             n=self.n,

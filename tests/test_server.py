@@ -624,6 +624,33 @@ def test_skip_special_tokens_false_keeps_them_in_the_text(server: ServerProcess)
     assert with_stop["choices"][0]["text"] == without["choices"][0]["text"] + "<|im_end|>"
 
 
+def test_return_token_ids_gives_the_prompts_and_the_replys_tokens(server: ServerProcess, client: OpenAI) -> None:
+    """vLLM's return_token_ids (for RL trainers that must not re-tokenize): the prompt's ids as /tokenize makes
+    them, and the reply's, which decode to its text; streamed, the chunks' ids add up to the same."""
+    prompt, greedy = "The capital of France is", {"max_tokens": 12, "temperature": 0, "return_token_ids": True}
+    prompt_ids = httpx.post(f"{server.url}/tokenize", json={"prompt": prompt}).json()["tokens"]
+    (choice,) = client.completions.create(model=MODEL, prompt=prompt, extra_body=greedy).choices
+    extra = choice.model_extra or {}
+    assert extra["prompt_token_ids"] == prompt_ids and len(extra["token_ids"]) == 12
+    assert httpx.post(f"{server.url}/detokenize", json={"tokens": extra["token_ids"]}).json()["prompt"] == choice.text
+    streamed_ids: list[int] = []
+    firsts = []
+    for chunk in client.completions.create(model=MODEL, prompt=prompt, stream=True, extra_body=greedy):
+        for c in chunk.choices:
+            streamed_ids += (c.model_extra or {}).get("token_ids", [])
+            firsts.append((c.model_extra or {}).get("prompt_token_ids"))
+    assert streamed_ids == extra["token_ids"] and firsts[0] == prompt_ids and not any(firsts[1:])
+
+    messages = [{"role": "user", "content": "Name a color."}]
+    chat_ids = httpx.post(f"{server.url}/tokenize", json={"messages": messages}).json()["tokens"]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, extra_body=greedy)
+    reply_ids = (reply.choices[0].model_extra or {})["token_ids"]
+    assert (reply.model_extra or {})["prompt_token_ids"] == chat_ids and len(reply_ids) == reply.usage.completion_tokens
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, stream=True, extra_body=greedy))
+    assert (chunks[0].model_extra or {})["prompt_token_ids"] == chat_ids
+    assert [t for ch in chunks for c in ch.choices for t in (c.model_extra or {}).get("token_ids", [])] == reply_ids
+
+
 def test_prompt_logprobs_in_vllms_format_agree_with_echo(server: ServerProcess) -> None:
     """vLLM's prompt_logprobs: per prompt token (none for the first), its logprob and rank and the top
     alternatives, keyed by token id; the same numbers that `echo` with `logprobs` gives."""

@@ -277,7 +277,7 @@ class OpenAIServer:
         # a constraint that holds from the first token (a schema, required tool calls) leaves no room to think
         free_start = params.structured_outputs is None or (bool(tools) and body.tool_choice in (None, "auto"))
         thinking = prompt_opens_thinking(text) if self.formatter.thinks and free_start else None
-        return PreparedChat(model, prompt_ids, params, tools, thinking)
+        return PreparedChat(model, prompt_ids, params, tools, thinking, body.return_token_ids)
 
     def chat_prompt(
         self, body: ChatTemplateFields, messages: list[ChatMessage], tools: list[Tool] | None
@@ -341,6 +341,8 @@ class OpenAIServer:
             }
             if body.logprobs and o.logprobs is not None:
                 choice["logprobs"] = self.formatter.chat_logprobs(o.logprobs)
+            if body.return_token_ids:
+                choice["token_ids"] = list(o.token_ids)
             choices.append(choice)
         completion_tokens = sum(len(o.token_ids) for o in final.outputs)
         response = {
@@ -359,6 +361,8 @@ class OpenAIServer:
         }
         if body.prompt_logprobs is not None and final.prompt_logprobs is not None:
             response["prompt_logprobs"] = self.formatter.prompt_logprobs(final.prompt_logprobs)
+        if body.return_token_ids:
+            response["prompt_token_ids"] = prompt_ids
         return JSONResponse(response)
 
     @staticmethod
@@ -428,10 +432,12 @@ class OpenAIServer:
         params, prompt_tokens = chat.params, len(chat.prompt_ids)
         completion_tokens = cached = 0
         drafts = prediction_drafts(params, [])
+        want_token_ids = chat.return_token_ids
         for index in range(params.n):
             opening = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
             usage = self.chunk_usage(options, prompt_tokens, completion_tokens, cached, drafts)
-            yield sse({**base, "choices": [{**opening, "finish_reason": None}], **usage})
+            prompt_token_ids = {"prompt_token_ids": chat.prompt_ids} if want_token_ids and index == 0 else {}
+            yield sse({**base, "choices": [{**opening, "finish_reason": None}], **prompt_token_ids, **usage})
         parsers = [ReplyParser(self.tool_format(chat.tools), chat.opens_thinking) for _ in range(params.n)]
         thought = [""] * params.n  # each choice's thinking, counted in the final usage
         async for out in prepend(first, rest):
@@ -454,9 +460,11 @@ class OpenAIServer:
                     delta["tool_calls"] = [call.as_openai(first_call + k) for k, call in enumerate(calls)]
                 if text:
                     delta["content"] = text
-                elif not (delta or finish_reason or logprobs):
+                elif not (delta or finish_reason or logprobs or (want_token_ids and o.token_ids)):
                     continue  # nothing to say yet (a held-back tag, half a character)
                 choice = {"index": o.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+                if want_token_ids:
+                    choice["token_ids"] = list(o.token_ids)
                 usage = self.chunk_usage(options, prompt_tokens, completion_tokens, cached, drafts)
                 yield sse({**base, "choices": [choice], **usage})
         if options.include_usage:
@@ -678,6 +686,7 @@ class OpenAIServer:
                 body.stream_options or StreamOptions(),
                 body.logprobs is not None,
                 body.prompt_logprobs is not None,
+                body.return_token_ids,
                 echoes,
             )
             return StreamingResponse(chunks, media_type="text/event-stream")
@@ -688,6 +697,7 @@ class OpenAIServer:
             prompt_logprobs = None
             if body.prompt_logprobs is not None and final.prompt_logprobs is not None:
                 prompt_logprobs = {"prompt_logprobs": self.formatter.prompt_logprobs(final.prompt_logprobs)}
+            token_ids = {"prompt_token_ids": prompts[prompt_index]} if body.return_token_ids else {}
             for o in final.outputs:
                 choices.append(
                     {
@@ -696,6 +706,7 @@ class OpenAIServer:
                         "finish_reason": o.finish_reason,
                         "logprobs": self.completion_logprobs(o.logprobs, 0, final, echo is not None),
                         **(prompt_logprobs or {}),
+                        **({**token_ids, "token_ids": list(o.token_ids)} if token_ids else {}),
                     }
                 )
         completion_tokens = sum(len(o.token_ids) for f in finals for o in f.outputs)
@@ -727,10 +738,12 @@ class OpenAIServer:
         options: StreamOptions,
         want_logprobs: bool,
         want_prompt_logprobs: bool,
+        want_token_ids: bool,
         echoes: list[str] | None,
     ) -> AsyncIterator[str]:
         """Chunks as tokens arrive; with `echoes`, each choice's first chunk starts with its prompt (and, with
-        logprobs, the prompt's tokens); with `prompt_logprobs` (vLLM's), each choice's first chunk holds them."""
+        logprobs, the prompt's tokens); with `prompt_logprobs` (vLLM's), each choice's first chunk holds them; with
+        token ids (vLLM's `return_token_ids`), each chunk its new tokens' and each choice's first its prompt's."""
         base = {"id": request_id, "object": "text_completion", "created": created, "model": model}
         completion_tokens = 0
         offsets: dict[int, int] = {}  # per choice: where its next token's text starts (logprobs' text_offset)
@@ -757,6 +770,10 @@ class OpenAIServer:
                 if first_chunk and want_prompt_logprobs and prompt_index in prompt_outputs:
                     prompt_logprobs = prompt_outputs[prompt_index].prompt_logprobs
                     choice["prompt_logprobs"] = self.formatter.prompt_logprobs(prompt_logprobs)
+                if want_token_ids:
+                    choice["token_ids"] = list(o.token_ids)
+                    if first_chunk:
+                        choice["prompt_token_ids"] = list(out.prompt_token_ids)
                 drafts = prediction_drafts(params, list(latest.values()))
                 usage = self.chunk_usage(options, prompt_tokens, completion_tokens, sum(cached.values()), drafts)
                 yield sse({**base, "choices": [choice], **usage})
@@ -979,6 +996,7 @@ class PreparedChat:
     params: SamplingParams
     tools: list[Tool] | None
     opens_thinking: bool | None
+    return_token_ids: bool = False  # vLLM's: the response carries the prompt's and the reply's token ids
 
 
 def prediction_drafts(params: SamplingParams, outputs: list[RequestOutput]) -> tuple[int, int] | None:

@@ -135,6 +135,7 @@ class SamplingFields(OpenAIModel):
     stop: str | list[str] | None = None
     include_stop_str_in_output: bool = False  # vLLM's: the text ends after the stop string, not before
     skip_special_tokens: bool = True  # vLLM's: False keeps special tokens (<|im_end|>, ...) in the text
+    return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids come back too
     stop_token_ids: list[int] | None = None
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's: each prompt token's, + alternatives
     ignore_eos: bool = False

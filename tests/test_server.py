@@ -683,13 +683,12 @@ def test_prompt_logprobs_in_vllms_format_agree_with_echo(server: ServerProcess) 
 
 
 def test_vllm_fields_ember_lacks_are_refused_when_they_ask_for_something(server: ServerProcess) -> None:
-    """guided_json, use_beam_search and the like would change the output: refused by name, not silently dropped.
+    """guided_json, best_of and the like would change the output: refused by name, not silently dropped.
     Their do-nothing values (as vLLM clients send them) and other unknown fields pass."""
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     for path, body, param, hint in [
         ("/v1/chat/completions", {**chat, "guided_json": {"type": "object"}}, "guided_json", "structured_outputs"),
         ("/v1/completions", {"prompt": "hi", "best_of": 3}, "best_of", "'n'"),
-        ("/v1/chat/completions", {**chat, "use_beam_search": True}, "use_beam_search", "'n'"),
     ]:
         error = httpx.post(f"{server.url}{path}", json=body).json()["error"]
         assert error["param"] == param and "not supported" in error["message"] and hint in error["message"], error

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ember.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
+from ember.engine.beam_search import BeamSearch, BeamSearchParams
 from ember.engine.detokenizer import IncrementalDetokenizer
 from ember.engine.kv_cache_manager import KVCacheManager
 from ember.engine.model_runner import LaunchedStep, ModelRunner, kv_cache_bytes_per_block
@@ -584,20 +585,18 @@ class LLM:
         lora: str | Sequence[str | None] | None = None,
         pooling: str | None = None,
     ) -> list[str]:
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompt_list = list(prompts)  # type: ignore[arg-type]
-        if not prompt_list:
-            raise ValueError("no prompts given")
-        params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompt_list)
-        if len(params_list) != len(prompt_list):
-            raise ValueError(f"{len(params_list)} sampling params for {len(prompt_list)} prompts")
-        loras = [lora] * len(prompt_list) if lora is None or isinstance(lora, str) else list(lora)
-        if len(loras) != len(prompt_list):
-            raise ValueError(f"{len(loras)} LoRA adapter names for {len(prompt_list)} prompts")
+        prompts_given = prompt_list(prompts)
+        params_list = (
+            list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts_given)
+        )
+        if len(params_list) != len(prompts_given):
+            raise ValueError(f"{len(params_list)} sampling params for {len(prompts_given)} prompts")
+        loras = [lora] * len(prompts_given) if lora is None or isinstance(lora, str) else list(lora)
+        if len(loras) != len(prompts_given):
+            raise ValueError(f"{len(loras)} LoRA adapter names for {len(prompts_given)} prompts")
         ids = []
         try:
-            for prompt, p, adapter in zip(prompt_list, params_list, loras, strict=True):
+            for prompt, p, adapter in zip(prompts_given, params_list, loras, strict=True):
                 ids.append(self.engine.add_request(prompt, p, final_only=final_only, lora=adapter, pooling=pooling))
         except ValueError:
             for request_id in ids:
@@ -634,6 +633,29 @@ class LLM:
         or one name (or None: the base model) per prompt."""
         return self._run_to_end(self._submit(prompts, params, final_only=True, lora=lora), use_tqdm)
 
+    def beam_search(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams,
+        lora: str | Sequence[str | None] | None = None,
+    ) -> list[RequestOutput]:
+        """Beam search (see `beam_search.py`): per prompt, in their order, its `beam_width` best continuations as
+        the output's samples, best first, each with its `cumulative_logprob`. The prompts' searches step
+        together: each engine run extends every live beam of every prompt by one token."""
+        engine = self.engine
+        tokenized = [engine.tokenize(p) for p in prompt_list(prompts)]
+        searches = [BeamSearch(ids, params, engine.eos_token_ids, engine.max_model_len) for _, ids in tokenized]
+        while live := [search for search in searches if not search.done]:
+            sequences = [ids for search in live for ids in search.sequences()]
+            outputs = self.generate(sequences, params.step_params(), lora=lora)
+            tops = iter(out.outputs[0].logprobs[0].top for out in outputs)  # type: ignore[index]
+            for search in live:
+                search.advance([next(tops) for _ in search.live])
+        return [
+            search.output(f"beam-{index}", text, self.tokenizer)
+            for index, (search, (text, _)) in enumerate(zip(searches, tokenized, strict=True))
+        ]
+
     def embed(
         self,
         prompts: PromptType | Sequence[PromptType],
@@ -662,6 +684,15 @@ class LLM:
                 if request_id not in results:  # interrupted (Ctrl-C, an error): free what is left
                     self.engine.abort_request(request_id)
         return [results[i] for i in ids]
+
+
+def prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    """One prompt (text or token ids) or several, as a non-empty list."""
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        return [prompts]  # type: ignore[list-item]
+    if not prompts:
+        raise ValueError("no prompts given")
+    return list(prompts)  # type: ignore[arg-type]
 
 
 def _progress(total: int) -> tuple[Any, Any]:

@@ -154,6 +154,7 @@ class CompletionOutput:
     logprobs: list[TokenLogprob] | None
     finish_reason: str | None = None  # "stop", "length", "abort"
     stop_reason: str | int | None = None  # the stop string or token id that ended it
+    cumulative_logprob: float | None = None  # a beam search output's: its tokens' logprobs summed
 
 
 @dataclass

@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import ember
 from ember.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from ember.engine.beam_search import BeamSearch, BeamSearchParams
 from ember.engine.engine import merge_output
 from ember.engine.request import RequestOutput, TokenLogprob
 from ember.engine.sampling_params import SamplingParams
@@ -308,14 +309,17 @@ class OpenAIServer:
         chat = self.prepare_chat(body)
         prompt_ids, params = chat.prompt_ids, chat.params
         request_id, created = api_id("chatcmpl", request), now()
-        outputs = self.stream_outputs(prompt_ids, params, request_id, chat.model)
-        if body.stream:
-            first = await anext_or_error(outputs)
-            options = body.stream_options or StreamOptions()
-            return StreamingResponse(
-                self.chat_chunks(first, outputs, request_id, created, chat, options), media_type="text/event-stream"
-            )
-        final = await collect(outputs, request)
+        beam = self.beam_search_params(body, body.max_completion_tokens or body.max_tokens or self.max_model_len)
+        if beam is not None:
+            final = await self.beam_search(prompt_ids, beam, request_id, chat.model, request)
+        else:
+            outputs = self.stream_outputs(prompt_ids, params, request_id, chat.model)
+            if body.stream:
+                first = await anext_or_error(outputs)
+                options = body.stream_options or StreamOptions()
+                chunks = self.chat_chunks(first, outputs, request_id, created, chat, options)
+                return StreamingResponse(chunks, media_type="text/event-stream")
+            final = await collect(outputs, request)
         choices = []
         reasoning_tokens = None if chat.opens_thinking is None else 0
         for o in final.outputs:
@@ -668,6 +672,15 @@ class OpenAIServer:
                 )
             params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
         request_id, created = api_id("cmpl", request), now()
+        beam = self.beam_search_params(body, max_tokens)
+        if beam is not None:
+            window = self.prompt_window(len(prompts) * beam.beam_width)
+            searches = (
+                self.beam_search(ids, beam, f"{request_id}-{i}", model, request, window)
+                for i, ids in enumerate(prompts)
+            )
+            finals = list(await asyncio.gather(*searches))
+            return self.completion_response(body, finals, prompts, echoes, request_id, created, model, params)
         window = self.prompt_window(len(prompts))
         streams = [
             self.stream_outputs(ids, params, f"{request_id}-{i}", model, window=window) for i, ids in enumerate(prompts)
@@ -691,6 +704,20 @@ class OpenAIServer:
             )
             return StreamingResponse(chunks, media_type="text/event-stream")
         finals = await asyncio.gather(*(collect(s, request) for s in streams))
+        return self.completion_response(body, finals, prompts, echoes, request_id, created, model, params)
+
+    def completion_response(
+        self,
+        body: CompletionRequest,
+        finals: list[RequestOutput],
+        prompts: list[list[int]],
+        echoes: list[str] | None,
+        request_id: str,
+        created: int,
+        model: str,
+        params: SamplingParams,
+    ) -> JSONResponse:
+        """A whole (unstreamed) completion: each prompt's samples as choices, prompt after prompt."""
         choices = []
         for prompt_index, final in enumerate(finals):
             echo = None if echoes is None else echoes[prompt_index]
@@ -814,6 +841,35 @@ class OpenAIServer:
         if echo and output.prompt_logprobs is not None:
             entries = [*zip(output.prompt_token_ids, output.prompt_logprobs, strict=True), *entries]
         return self.formatter.completion_logprobs(entries, text_offset)
+
+    def beam_search_params(self, body: Any, max_tokens: int) -> BeamSearchParams | None:
+        """The request's beam search (vLLM's `use_beam_search`), or None when it samples."""
+        try:
+            return body.beam_search_params(max_tokens)  # type: ignore[no-any-return]
+        except ValueError as e:
+            raise APIError(400, str(e), param=getattr(e, "param", None)) from e
+
+    async def beam_search(
+        self,
+        prompt_ids: list[int],
+        params: BeamSearchParams,
+        request_id: str,
+        model: str,
+        request: Request,
+        window: asyncio.Semaphore | None = None,
+    ) -> RequestOutput:
+        """Beam search over the engine (see `beam_search.py`): each step, one single-token request per live beam;
+        the prefix cache holds what the beams share."""
+        engine = self.engine.engine
+        search = BeamSearch(prompt_ids, params, engine.eos_token_ids, self.max_model_len)
+        while not search.done:
+            streams = [
+                self.stream_outputs(ids, params.step_params(), f"{request_id}-{search.steps}-{i}", model, window=window)
+                for i, ids in enumerate(search.sequences())
+            ]
+            finals = await asyncio.gather(*(collect(stream, request) for stream in streams))
+            search.advance([final.outputs[0].logprobs[0].top for final in finals])  # type: ignore[index]
+        return search.output(request_id, None, engine.tokenizer)
 
     def sampling_params(
         self, body: Any, max_tokens: int | None, logprobs: int | None, structured: StructuredOutputs | None = None

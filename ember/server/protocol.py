@@ -14,16 +14,36 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ember.engine.beam_search import BeamSearchParams
 from ember.engine.sampling_params import MAX_LOGPROBS, InvalidParameter, SamplingParams
 from ember.engine.structured_output import StructuredOutputs
 
 MAX_N = 16
+# request fields that beam search cannot honor: a value other than the field's default is refused with it
+NOT_WITH_BEAM_SEARCH = (
+    "stream",
+    "stop",
+    "stop_token_ids",
+    "min_tokens",
+    "logit_bias",
+    "allowed_token_ids",
+    "bad_words",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "structured_outputs",
+    "prediction",
+    "prompt_logprobs",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "response_format",
+)
 
 # vLLM's extra sampling fields that Ember does not implement: the values that ask for nothing (clients written
 # for vLLM send them), and what to do instead. Any other value is refused rather than ignored.
 VLLM_FIELDS_NOT_SUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "best_of": ((None, 1), "ask for 'n' samples"),
-    "use_beam_search": ((False, None), "ask for 'n' samples"),
     **{
         f"guided_{kind}": ((None,), f"vLLM's newer form is served: 'structured_outputs': {{\"{kind}\": ...}}")
         for kind in ("json", "regex", "choice", "grammar")
@@ -136,6 +156,8 @@ class SamplingFields(OpenAIModel):
     include_stop_str_in_output: bool = False  # vLLM's: the text ends after the stop string, not before
     skip_special_tokens: bool = True  # vLLM's: False keeps special tokens (<|im_end|>, ...) in the text
     return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids come back too
+    use_beam_search: bool = False  # vLLM's: the n most likely replies by beam search (sampling fields unused)
+    length_penalty: float = 1.0  # vLLM's, for beam search: > 1 favors longer replies
     stop_token_ids: list[int] | None = None
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's: each prompt token's, + alternatives
     ignore_eos: bool = False
@@ -186,6 +208,24 @@ class SamplingFields(OpenAIModel):
             bad_words=self.bad_words or [],
             structured_outputs=structured or (self.structured_outputs.spec() if self.structured_outputs else None),
             prediction=(self.prediction.text() or None) if self.prediction else None,
+        )
+
+    def beam_search_params(self, max_tokens: int) -> BeamSearchParams | None:
+        """vLLM's beam search of `n` beams, when asked for; a field it cannot honor is refused by name."""
+        if not self.use_beam_search:
+            return None
+        fields = type(self).model_fields
+        for name in NOT_WITH_BEAM_SEARCH:
+            value = getattr(self, name, None)
+            if name in fields and value not in (None, "", []) and value != fields[name].default:
+                raise InvalidParameter(name, f"'{name}' is not served with beam search (use_beam_search)")
+        return BeamSearchParams(
+            beam_width=self.n,
+            max_tokens=max_tokens,
+            ignore_eos=self.ignore_eos,
+            length_penalty=self.length_penalty,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
         )
 
     def check_extra_fields(self) -> None:

@@ -676,10 +676,13 @@ def test_prompt_logprobs_in_vllms_format_agree_with_echo(server: ServerProcess) 
     chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
     assert chunks[0]["choices"][0]["prompt_logprobs"] == entries  # the first chunk carries them, as in vLLM
     assert not any("prompt_logprobs" in choice for chunk in chunks[1:] for choice in chunk["choices"])
-    for body in ({**chat, "stream": True}, {**prompt, "echo": True, "logprobs": 2, "prompt_logprobs": 1}):
-        path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
-        error = httpx.post(f"{server.url}{path}", json=body).json()["error"]
-        assert error["param"] == "prompt_logprobs", error
+    streamed_chat = httpx.post(f"{server.url}/v1/chat/completions", json={**chat, "stream": True, "max_tokens": 3})
+    chat_chunks = [json.loads(line[6:]) for line in streamed_chat.text.splitlines() if line.startswith("data: {")]
+    carrying = [chunk["prompt_logprobs"] for chunk in chat_chunks if "prompt_logprobs" in chunk]
+    assert carrying == [reply["prompt_logprobs"]]  # once, at the top of a chunk, as in the whole response
+    both = {**prompt, "echo": True, "logprobs": 2, "prompt_logprobs": 1}
+    error = httpx.post(f"{server.url}/v1/completions", json=both).json()["error"]
+    assert error["param"] == "prompt_logprobs", error
 
 
 def test_vllm_fields_ember_lacks_are_refused_when_they_ask_for_something(server: ServerProcess) -> None:

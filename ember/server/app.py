@@ -265,8 +265,6 @@ class OpenAIServer:
         model = self.check_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "'top_logprobs' requires 'logprobs': true", param="top_logprobs")
-        if body.prompt_logprobs is not None and body.stream:  # (a streamed completion's first chunk carries them)
-            raise APIError(400, "a chat's prompt_logprobs are served only without 'stream'", param="prompt_logprobs")
         tools = self.active_tools(body)
         structured = self.chat_constraint(body, tools)
         text, prompt_ids = self.chat_prompt(body, body.messages, tools)
@@ -431,7 +429,8 @@ class OpenAIServer:
     ) -> AsyncIterator[str]:
         """SSE chunks of a chat completion. A reasoning model's thinking goes out in `reasoning` deltas. With
         tools, text that may open a tool call is held back, and each call goes out whole (name and arguments)
-        in one `tool_calls` delta once it is written."""
+        in one `tool_calls` delta once it is written. vLLM's `prompt_logprobs` ride on the first chunk after
+        the prompt's are known, at the top as in a whole response."""
         base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": chat.model}
         params, prompt_tokens = chat.params, len(chat.prompt_ids)
         completion_tokens = cached = 0
@@ -444,9 +443,12 @@ class OpenAIServer:
             yield sse({**base, "choices": [{**opening, "finish_reason": None}], **prompt_token_ids, **usage})
         parsers = [ReplyParser(self.tool_format(chat.tools), chat.opens_thinking) for _ in range(params.n)]
         thought = [""] * params.n  # each choice's thinking, counted in the final usage
+        prompt_logprobs: dict[str, Any] = {}  # until a chunk carries them
         async for out in prepend(first, rest):
             cached = max(cached, out.num_cached_tokens)
             drafts = prediction_drafts(params, [out])  # running totals
+            if out.prompt_logprobs is not None and params.prompt_logprobs is not None:
+                prompt_logprobs = {"prompt_logprobs": self.formatter.prompt_logprobs(out.prompt_logprobs)}
             for o in out.outputs:
                 completion_tokens += len(o.token_ids)
                 logprobs = self.formatter.chat_logprobs(o.logprobs) if o.logprobs else None
@@ -470,7 +472,8 @@ class OpenAIServer:
                 if want_token_ids:
                     choice["token_ids"] = list(o.token_ids)
                 usage = self.chunk_usage(options, prompt_tokens, completion_tokens, cached, drafts)
-                yield sse({**base, "choices": [choice], **usage})
+                yield sse({**base, "choices": [choice], **prompt_logprobs, **usage})
+                prompt_logprobs = {}
         if options.include_usage:
             reasoning_tokens = None if chat.opens_thinking is None else sum(self.count_tokens(t) for t in thought)
             usage = self.usage(prompt_tokens, completion_tokens, cached, drafts, reasoning_tokens)

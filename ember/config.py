@@ -45,6 +45,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
     max_position_embeddings: int = 4096
+    # tokens each attends back over when the model limits attention to a window (Mistral-7B-v0.1's 4,096;
+    # Qwen2's with use_sliding_window); Ember attends to whole contexts, which match up to this length
+    sliding_window: int | None = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     qk_norm: bool = False
@@ -83,6 +86,7 @@ class ModelConfig:
             rope_theta=float(rope_theta or 10000.0),
             rope_scaling=rope_scaling,
             max_position_embeddings=d.get("max_position_embeddings", 4096),
+            sliding_window=d.get("sliding_window") if family == "mistral" or d.get("use_sliding_window") else None,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=bool(d.get("attention_bias", family == "qwen2")),
             qk_norm=family == "qwen3",
@@ -113,6 +117,9 @@ class ModelConfig:
             d["attention_bias"] = self.attention_bias
         if self.rope_scaling:
             d["rope_scaling"] = self.rope_scaling
+        if self.sliding_window is not None:
+            d["sliding_window"] = self.sliding_window
+            d["use_sliding_window"] = True
         if self.bos_token_id is not None:
             d["bos_token_id"] = self.bos_token_id
         if self.eos_token_ids:

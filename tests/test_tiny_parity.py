@@ -84,3 +84,27 @@ def test_cuda_bf16_logprobs_close_to_hf_fp32(tiny_models: dict, family: str, enf
     outputs = llm.generate(prompts, params)
     for prompt, out, (tokens, tops) in zip(prompts, outputs, hf_greedy(hf_model, prompts, 24), strict=True):
         assert_logprobs_close(out, tokens, tops, f"{family} prompt of {len(prompt)} tokens")
+
+
+def test_a_sliding_window_caps_the_context(tmp_path: Any) -> None:
+    """Ember attends to whole contexts, which equal a sliding-window model's attention only within the window:
+    the context stops there (an explicit longer one is refused); a Qwen2 config's unused window changes nothing."""
+    from ember.config import ModelConfig
+    from ember.engine.engine import context_length
+    from tests.conftest import TINY_BASE, make_tiny_hf_model
+
+    def config(family: str, **fields: Any) -> ModelConfig:
+        return ModelConfig.from_hf_dict({**TINY_BASE, **TINY_FAMILIES[family], **fields})
+
+    mistral = config("mistral", sliding_window=64)
+    assert context_length(mistral, None) == 64 and context_length(mistral, 32) == 32
+    with pytest.raises(ValueError, match="beyond this model's sliding attention window of 64 tokens"):
+        context_length(mistral, 100)
+    assert context_length(config("qwen2", sliding_window=64, use_sliding_window=False), None) == 512
+    assert context_length(config("qwen2", sliding_window=64, use_sliding_window=True), None) == 64
+    assert context_length(config("mistral", sliding_window=4096), None) == 512  # a window past the positions
+    make_tiny_hf_model("mistral", tmp_path, sliding_window=64)
+    llm = LLM(str(tmp_path), num_blocks=16, block_size=8, dtype="float32", device="cpu")
+    assert llm.engine.max_model_len == 64
+    with pytest.raises(ValueError, match="the model's context is 64 tokens"):
+        llm.generate([[5] * 70], SamplingParams(max_tokens=1))

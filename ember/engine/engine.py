@@ -37,6 +37,24 @@ CUDA_ACTIVATION_RESERVE = 2 << 30  # bytes of GPU memory left for activations an
 MAX_GRAPH_BATCH = 512  # larger decode batches run eagerly: more graphs cost start-up time and logits memory
 
 
+def context_length(model: ModelConfig, asked: int | None) -> int:
+    """The longest sequence served: as asked (`--max-model-len`), within the model's positions and, for a model
+    that attends within a sliding window, within that window, beyond which whole-context attention (Ember's)
+    would differ from the model's."""
+    limit = model.max_position_embeddings
+    window = model.sliding_window
+    if window is not None and window < limit:
+        if asked is not None and asked > window:
+            raise ValueError(
+                f"max_model_len {asked} is beyond this model's sliding attention window of {window} tokens; Ember "
+                f"attends to whole contexts, which match the model's attention only up to {window} tokens"
+            )
+        if asked is None:
+            logger.warning("the model attends within a sliding window: its context is capped at %d tokens", window)
+        limit = window
+    return min(asked or limit, limit)
+
+
 def available_memory_bytes() -> int:
     try:
         with open("/proc/meminfo") as f:
@@ -123,8 +141,7 @@ class Engine:
         self.loaded = loaded or load_model(config.model, config.load_format, dtype, config.device, config.seed)
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
-        model_max = self.model_config.max_position_embeddings
-        self.max_model_len = min(config.scheduler.max_model_len or model_max, model_max)
+        self.max_model_len = context_length(self.model_config, config.scheduler.max_model_len)
         block_size = config.cache.block_size
         draft = load_draft_model(config.speculative, config.device, dtype)
         num_blocks = self._num_blocks(config.cache, dtype, draft.config if draft else None)

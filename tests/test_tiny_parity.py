@@ -108,3 +108,29 @@ def test_a_sliding_window_caps_the_context(tmp_path: Any) -> None:
     assert llm.engine.max_model_len == 64
     with pytest.raises(ValueError, match="the model's context is 64 tokens"):
         llm.generate([[5] * 70], SamplingParams(max_tokens=1))
+
+
+@pytest.mark.parametrize(
+    "rope_scaling",
+    [
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},  # Qwen's long-context setting
+        {
+            "rope_type": "yarn",
+            "factor": 2.0,
+            "original_max_position_embeddings": 256,
+            "beta_fast": 16,
+            "truncate": False,
+        },
+    ],
+)
+def test_yarn_rope_scaling_matches_hf(tmp_path: Any, rope_scaling: dict[str, Any]) -> None:
+    """YaRN's blended frequencies and its attention sharpening (cos and sin scaled), against HF on a tiny Qwen3."""
+    from tests.conftest import make_tiny_hf_model
+
+    hf_model = make_tiny_hf_model("qwen3", tmp_path, rope_scaling=rope_scaling)
+    llm = LLM(str(tmp_path), num_blocks=64, block_size=8, dtype="float32", device="cpu")
+    prompt = random_prompts()[3]
+    out = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0, logprobs=1, ignore_eos=True))[0]
+    tokens, logprobs = hf_reference(hf_model, prompt, 12)
+    assert out.outputs[0].token_ids == tokens
+    assert [lp.logprob for lp in out.outputs[0].logprobs or []] == pytest.approx(logprobs, abs=1e-4)

@@ -9,6 +9,7 @@ Q/K/V and gate/up projections are fused so each layer runs few, large matmuls.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,18 +35,26 @@ class RMSNorm(nn.Module):
         return add_rms_norm(x, residual, self.weight, self.eps)
 
 
-def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies of the rotary embedding, with Llama-3 frequency scaling when configured."""
+def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies of the rotary embedding, and the factor its cos and sin are scaled by: with the
+    rope scaling a config names (linear, Llama 3's, YaRN's) applied."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     scaling = config.rope_scaling
     if not scaling:
-        return inv_freq
+        return inv_freq, 1.0
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind == "linear":
-        return inv_freq / scaling["factor"]
-    if kind != "llama3":
-        raise ValueError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3)")
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "llama3":
+        return llama3_frequencies(inv_freq, scaling), 1.0
+    if kind == "yarn":
+        return yarn_frequencies(inv_freq, config)
+    raise ValueError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3, yarn)")
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1's: long wavelengths slowed by `factor`, short ones kept, a smooth blend between."""
     factor = scaling["factor"]
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_len = scaling["original_max_position_embeddings"]
@@ -56,6 +65,38 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(medium, smoothed, scaled)
+
+
+def yarn_frequencies(inv_freq: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al. 2023; Qwen's long-context setting): dimensions that turn fewer than `beta_slow` times
+    over the original context are interpolated (slowed by `factor`), those turning more than `beta_fast` times
+    are kept, with a linear ramp between; attention sharpens by 0.1 ln(factor) + 1, applied to cos and sin."""
+    scaling, dim, base = config.rope_scaling or {}, config.head_dim, config.rope_theta
+    original = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
+    factor = scaling.get("factor") or config.max_position_embeddings / original
+
+    def dimension_turning(rotations: float) -> float:  # the dimension whose wave turns `rotations` times
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dimension_turning(scaling.get("beta_fast") or 32), dimension_turning(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    blended = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+
+    def sharpening(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = (
+            sharpening(factor, mscale) / sharpening(factor, mscale_all_dim)
+            if mscale and mscale_all_dim
+            else sharpening(factor)
+        )
+    return blended, float(attention)
 
 
 class RotaryEmbedding(nn.Module):
@@ -73,11 +114,11 @@ class RotaryEmbedding(nn.Module):
         device = self.cos.device
         if device.type == "meta":  # built on the meta device: computed once the model is materialized
             return
-        inv_freq = rope_inv_freq(self.config)
+        inv_freq, attention_factor = rope_frequencies(self.config)
         positions = torch.arange(self.config.max_position_embeddings, dtype=torch.float64)
         freqs = torch.outer(positions, inv_freq)
-        self.cos = freqs.cos().float().to(device)
-        self.sin = freqs.sin().float().to(device)
+        self.cos = (freqs.cos() * attention_factor).float().to(device)
+        self.sin = (freqs.sin() * attention_factor).float().to(device)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin at each position, [T, head_dim / 2]: looked up once per step, used by every layer."""

@@ -44,6 +44,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
+    rope_freq_factors: list[float] | None = None  # a GGUF's divisor of each rotary frequency (llama.cpp's rope_freqs)
     max_position_embeddings: int = 4096
     # tokens each attends back over when the model limits attention to a window (Mistral-7B-v0.1's 4,096;
     # Qwen2's with use_sliding_window); Ember attends to whole contexts, which match up to this length
@@ -85,6 +86,7 @@ class ModelConfig:
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta or 10000.0),
             rope_scaling=rope_scaling,
+            rope_freq_factors=d.get("rope_freq_factors"),
             max_position_embeddings=d.get("max_position_embeddings", 4096),
             sliding_window=d.get("sliding_window") if family == "mistral" or d.get("use_sliding_window") else None,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -117,6 +119,8 @@ class ModelConfig:
             d["attention_bias"] = self.attention_bias
         if self.rope_scaling:
             d["rope_scaling"] = self.rope_scaling
+        if self.rope_freq_factors is not None:
+            d["rope_freq_factors"] = self.rope_freq_factors
         if self.sliding_window is not None:
             d["sliding_window"] = self.sliding_window
             d["use_sliding_window"] = True

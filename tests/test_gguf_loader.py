@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -213,23 +214,42 @@ def test_llama3_rope_scaling_stored_as_llama_cpp_frequency_divisors_matches_hf(t
     ],
 )
 def test_rope_scaling_named_in_the_metadata(tmp_path: Path, kind: str, expected: Any) -> None:
-    path = tmp_path / f"{kind}.gguf"
+    def scaling(writer: GGUFWriter) -> None:
+        writer.add_rope_scaling_type(RopeScalingType(kind))
+        writer.add_rope_scaling_factor(4.0)
+        writer.add_rope_scaling_orig_ctx_len(64)
+
+    if expected == "not supported":
+        with pytest.raises(ModelNotFoundError, match="rope scaling 'longrope' is not supported"):
+            metadata_config(tmp_path, scaling)
+    else:
+        assert metadata_config(tmp_path, scaling).get("rope_scaling") == expected
+
+
+def test_end_of_turn_tokens_end_replies_too(tmp_path: Path) -> None:
+    """As llama.cpp: a GGUF's end-of-turn and end-of-message tokens stop generation, besides its EOS."""
+
+    def ends(writer: GGUFWriter) -> None:
+        writer.add_eos_token_id(2)
+        writer.add_eot_token_id(7)
+        writer.add_eom_token_id(2)
+
+    assert metadata_config(tmp_path, ends)["eos_token_id"] == [2, 7]
+
+
+def metadata_config(tmp_path: Path, describe: Callable[[GGUFWriter], None]) -> dict[str, Any]:
+    """The config Ember reads from a one-layer GGUF header that `describe` adds metadata to."""
+    path = tmp_path / "header.gguf"
     writer = GGUFWriter(str(path), "llama")
     for add, value in (("block_count", 1), ("embedding_length", 64), ("head_count", 4), ("vocab_size", 256)):
         getattr(writer, f"add_{add}")(value)
-    writer.add_rope_scaling_type(RopeScalingType(kind))
-    writer.add_rope_scaling_factor(4.0)
-    writer.add_rope_scaling_orig_ctx_len(64)
+    describe(writer)
     writer.add_tensor("token_embd.weight", np.zeros((256, 64), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    if expected == "not supported":
-        with pytest.raises(ModelNotFoundError, match="rope scaling 'longrope' is not supported"):
-            gguf_hf_config(GGUFReader(str(path)))
-    else:
-        assert gguf_hf_config(GGUFReader(str(path))).get("rope_scaling") == expected
+    return gguf_hf_config(GGUFReader(str(path)))
 
 
 @pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"])

@@ -157,8 +157,19 @@ def gguf_hf_config(reader: Any) -> dict[str, Any]:
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "attention_bias": "blk.0.attn_q.bias" in tensor_names,
         "bos_token_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+        "eos_token_id": gguf_end_tokens(reader),
     }
+
+
+def gguf_end_tokens(reader: Any) -> list[int] | int | None:
+    """The tokens that end a reply, as llama.cpp counts them: EOS, and the end-of-turn and end-of-message tokens
+    a GGUF may name apart from it (Llama 3's <|eot_id|> and <|eom_id|>)."""
+    ids: list[int] = []
+    for kind in ("eos", "eot", "eom"):
+        token = _gguf_field(reader, f"tokenizer.ggml.{kind}_token_id")
+        if token is not None and token not in ids:
+            ids.append(int(token))
+    return ids[0] if len(ids) == 1 else (ids or None)
 
 
 def gguf_rope_scaling(reader: Any, arch: str) -> dict[str, Any]:

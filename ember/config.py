@@ -29,6 +29,24 @@ def cache_dir() -> Path:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# config fields of variants the Llama-family model does not compute, with the values it does compute: a config
+# with another value is refused rather than served wrong
+SERVED_VALUES: dict[str, tuple[Any, ...]] = {
+    "hidden_act": (None, "silu", "swish"),
+    "mlp_bias": (None, False),
+    "partial_rotary_factor": (None, 1, 1.0),
+    "attn_logit_softcapping": (None,),
+    "final_logit_softcapping": (None,),
+}
+
+
+def check_served_features(d: dict[str, Any]) -> None:
+    """Refuse a config whose model computes what Ember's does not (a GELU MLP, MLP biases, partial rotary)."""
+    for name, served in SERVED_VALUES.items():
+        if d.get(name) not in served:
+            raise ValueError(f"this model's {name} is {d[name]!r}, which Ember does not serve")
+
+
 @dataclass
 class ModelConfig:
     """The shape of a Llama-family decoder; every supported family maps onto these fields."""
@@ -62,6 +80,7 @@ class ModelConfig:
         if family is None:
             supported = ", ".join(SUPPORTED_ARCHITECTURES)
             raise ValueError(f"unsupported architecture {archs or d.get('model_type')!r}; Ember supports {supported}")
+        check_served_features(d)
         heads = d["num_attention_heads"]
         eos = d.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))

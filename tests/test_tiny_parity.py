@@ -134,3 +134,16 @@ def test_yarn_rope_scaling_matches_hf(tmp_path: Any, rope_scaling: dict[str, Any
     tokens, logprobs = hf_reference(hf_model, prompt, 12)
     assert out.outputs[0].token_ids == tokens
     assert [lp.logprob for lp in out.outputs[0].logprobs or []] == pytest.approx(logprobs, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("hidden_act", "gelu"), ("mlp_bias", True), ("partial_rotary_factor", 0.5)]
+)
+def test_a_config_of_a_variant_ember_does_not_compute_is_refused(field: str, value: Any) -> None:
+    from ember.config import ModelConfig
+    from tests.conftest import TINY_BASE
+
+    config = {**TINY_BASE, **TINY_FAMILIES["llama3"]}
+    assert ModelConfig.from_hf_dict({**config, "hidden_act": "silu", "mlp_bias": False}).hidden_size == 64
+    with pytest.raises(ValueError, match=f"this model's {field} is {value!r}, which Ember does not serve"):
+        ModelConfig.from_hf_dict({**config, field: value})

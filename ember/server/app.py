@@ -36,6 +36,7 @@ from ember.engine.sampling_params import SamplingParams
 from ember.engine.schema_check import check_enforceable
 from ember.engine.structured_output import StructuredOutputs
 from ember.server.chat import ChatFormatter
+from ember.server.fill_in_middle import fim_prompt, fim_token_ids
 from ember.server.messages import MessageBuilder, MessagesRequest, anthropic_error
 from ember.server.metrics import EngineMetrics
 from ember.server.protocol import (
@@ -654,9 +655,9 @@ class OpenAIServer:
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         model = self.check_model(body.model)
-        if body.suffix:
-            raise APIError(400, "'suffix' is not supported by this server", param="suffix")
         items = prompt_items(body.prompt)
+        if body.suffix:
+            items = self.fill_in_middle(body, items)
         prompts = [self.truncated(self.prompt_ids(item), body.truncate_prompt_tokens) for item in items]
         for ids in prompts:
             self.check_prompt_length(ids, body.max_tokens, param="prompt")
@@ -812,6 +813,24 @@ class OpenAIServer:
             usage = self.usage(prompt_tokens, completion_tokens, sum(cached.values()), drafts)
             yield sse({**base, "choices": [], "usage": usage})
         yield sse("[DONE]")
+
+    def fill_in_middle(self, body: CompletionRequest, items: list[str | list[int]]) -> list[str | list[int]]:
+        """OpenAI's `suffix`: each text prompt laid out with the model's fill-in-the-middle tokens, so that the
+        completion is what goes between it and the suffix (see `fill_in_middle.py`)."""
+        tokenizer = self.engine.engine.tokenizer
+        tokens = fim_token_ids(tokenizer) if tokenizer is not None else None
+        if tokens is None:
+            message = "'suffix' needs a model trained to fill in the middle, with FIM tokens such as <|fim_prefix|>"
+            raise APIError(400, message, param="suffix")
+        for name in ("echo", "truncate_prompt_tokens"):
+            if getattr(body, name):
+                raise APIError(400, f"'{name}' is not served with 'suffix'", param=name)
+        if not all(isinstance(item, str) for item in items):
+            raise APIError(400, "with 'suffix', the prompt must be text", param="prompt")
+        suffix_ids = tokenizer(body.suffix, add_special_tokens=False)["input_ids"]
+        return [
+            fim_prompt(tokenizer(item, add_special_tokens=False)["input_ids"], suffix_ids, tokens) for item in items
+        ]
 
     def prompt_ids(self, item: str | list[int], param: str = "prompt") -> list[int]:
         """One prompt, text or token ids, as token ids (`param`: the request field it came from)."""

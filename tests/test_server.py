@@ -365,7 +365,18 @@ def test_responses_function_calls_and_their_outputs(server: ServerProcess, clien
         {"type": "function_call", "call_id": call.call_id, **function},
         result,
     ]
-    assert client.responses.create(input=items, **kwargs).output_text == answered.output_text  # type: ignore[arg-type]
+    replayed = client.responses.create(input=items, **kwargs)  # type: ignore[arg-type]
+    assert replayed.output_text == answered.output_text
+    listed = client.responses.input_items.list(replayed.id, order="asc")
+    assert [item.type for item in listed.data] == ["message", "function_call", "function_call_output"]
+    assert listed.data[0].content[0].text == question and listed.data[2].call_id == call.call_id  # type: ignore[union-attr]
+    newest = client.responses.input_items.list(replayed.id, limit=2)  # newest first, a page of two
+    assert [i.id for i in newest.data] == [i.id for i in listed.data[::-1][:2]] and newest.has_more
+    rest = client.responses.input_items.list(replayed.id, limit=2, after=newest.data[-1].id)
+    assert [i.id for i in rest.data] == [listed.data[0].id] and not rest.has_more
+    (only,) = client.responses.input_items.list(called.id).data  # a string input is one user message
+    assert only.type == "message" and only.content[0].text == question  # type: ignore[union-attr]
+    assert httpx.get(f"{server.url}/v1/responses/resp_nope/input_items").status_code == 404
     for body, param in [
         ({"input": [{"type": "input_image", "image_url": "x"}]}, "input"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),

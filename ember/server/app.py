@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.datastructures import Headers
@@ -65,7 +65,9 @@ from ember.server.responses import (
     ResponseStore,
     StoredResponse,
     input_messages,
+    item_page,
     responses_usage,
+    stored_input_items,
     turn_starts,
 )
 from ember.server.scores import RerankRequest, ScoreRequest, cosine, ranked, score_pairs
@@ -590,7 +592,8 @@ class OpenAIServer:
     ) -> None:
         """Keep the response (unless `store` is false) with its conversation, for `previous_response_id`."""
         if builder.body.store:
-            self.response_store.add(StoredResponse(response, [*conversation, builder.reply_message()]))
+            conversation = [*conversation, builder.reply_message()]
+            self.response_store.add(StoredResponse(response, conversation, stored_input_items(builder.body.input)))
 
     def stored_response(self, response_id: str) -> StoredResponse:
         stored = self.response_store.get(response_id)
@@ -1350,6 +1353,14 @@ def build_app(server: OpenAIServer) -> FastAPI:
     @app.get("/v1/responses/{response_id}")
     async def get_response(response_id: str) -> dict[str, Any]:
         return server.stored_response(response_id).response
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def response_input_items(
+        response_id: str, limit: int = Query(20, ge=1, le=100), order: str = "desc", after: str | None = None
+    ) -> dict[str, Any]:
+        if order not in ("asc", "desc"):
+            raise APIError(400, f"'order' must be 'asc' or 'desc', got {order!r}", param="order")
+        return item_page(server.stored_response(response_id).input_items, limit, order, after)
 
     @app.delete("/v1/responses/{response_id}")
     async def delete_response(response_id: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ the new input; instructions are not carried over, as in OpenAI's API.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
@@ -214,6 +214,40 @@ def item_text(content: Any, index: int) -> Any:
 class StoredResponse:
     response: dict[str, Any]
     conversation: list[ChatMessage]  # the messages up to and including this response's output, no instructions
+    input_items: list[dict[str, Any]] = field(default_factory=list)  # the request's own input, as items with ids
+
+
+ITEM_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
+def stored_input_items(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A request's input as the items GET /v1/responses/{id}/input_items lists: each with an id (its own, else a
+    new one) and a message's text as content parts."""
+    listed = []
+    for item in [{"role": "user", "content": items}] if isinstance(items, str) else items:
+        kind = item.get("type", "message")
+        entry = {"id": item.get("id") or new_id(ITEM_ID_PREFIXES.get(kind, "item"), "_"), **item, "type": kind}
+        if kind == "message" and isinstance(item.get("content"), str):
+            part = "output_text" if item.get("role") == "assistant" else "input_text"
+            entry["content"] = [{"type": part, "text": item["content"]}]
+        listed.append(entry)
+    return listed
+
+
+def item_page(items: list[dict[str, Any]], limit: int, order: str, after: str | None) -> dict[str, Any]:
+    """One page of a list of items, OpenAI's cursor pagination: `order` "desc" (the default) lists the newest
+    first; `after` is the id of the last item of the page before."""
+    ordered = items[::-1] if order == "desc" else items
+    ids = [item["id"] for item in ordered]
+    start = ids.index(after) + 1 if after in ids else 0
+    page = ordered[start : start + limit]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": start + limit < len(ordered),
+    }
 
 
 class ResponseStore:

@@ -65,3 +65,34 @@ def test_a_batch_without_errors_exits_0_and_can_write_to_stdout(tmp_path: Path, 
     [record] = [json.loads(line) for line in run.stdout.splitlines()]
     assert record["custom_id"] == "one" and record["response"]["status_code"] == 200
     assert len(record["response"]["body"]["data"][0]["embedding"]) == 64  # the tiny model's hidden size
+
+
+def test_the_models_generation_config_sets_the_sampling_defaults(tmp_path: Path) -> None:
+    """As vLLM's `--generation-config auto`: a request that leaves temperature out takes the model's (here 0:
+    greedy), one that sets it keeps its own; with `vllm`, the API's default (1) holds. The config's end tokens
+    end replies too."""
+    from tests.conftest import make_tiny_hf_model
+
+    model = tmp_path / "model"
+    make_tiny_hf_model("llama3", model)
+    (model / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "top_k": 5, "eos_token_id": [2, 7]}))
+    body = {"prompt": [5, 6, 7, 8], "max_tokens": 12, "ignore_eos": True, "return_token_ids": True, "seed": 3}
+    source = tmp_path / "batch.jsonl"
+    lines = [
+        request("default", "/v1/completions", body),
+        request("greedy", "/v1/completions", {**body, "temperature": 0}),
+        request("hot", "/v1/completions", {**body, "temperature": 1.0, "top_k": 0}),
+    ]
+    source.write_text("\n".join(lines) + "\n")
+
+    def tokens(*options: str) -> dict[str, list[int]]:
+        run = ember("run-batch", "--model", str(model), "--dtype", "float32", "-i", str(source), "-o", "-", *options)
+        assert run.returncode == 0, run.stderr
+        records = [json.loads(line) for line in run.stdout.splitlines()]
+        return {r["custom_id"]: r["response"]["body"]["choices"][0]["token_ids"] for r in records}
+
+    model_defaults, api_defaults = tokens(), tokens("--generation-config", "vllm")
+    assert model_defaults["default"] == model_defaults["greedy"] != model_defaults["hot"]
+    assert api_defaults["default"] == api_defaults["hot"] and api_defaults["greedy"] == model_defaults["greedy"]
+    llm = LLM(str(model), num_blocks=16, block_size=8, dtype="float32")
+    assert llm.engine.eos_token_ids == [2, 7]

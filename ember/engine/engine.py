@@ -182,6 +182,8 @@ class Engine:
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
+        generation_eos = self.loaded.generation_config.get("eos_token_id")  # e.g. Qwen2.5's <|endoftext|> too
+        eos.update([generation_eos] if isinstance(generation_eos, int) else generation_eos or [])
         self.eos_token_ids = sorted(eos)
         self.groups: dict[str, RequestGroup] = {}
         self._ids = itertools.count()

@@ -450,6 +450,20 @@ class LoadedModel:
         self.model, self.config, self.tokenizer, self.name = model, config, tokenizer, name
         self.source_dir = source_dir
         self.gguf_blocks = gguf_blocks or {}  # for the CPU's quantized kernels (bf16 models of a GGUF file)
+        self.generation_config = read_generation_config(source_dir)
+
+
+def read_generation_config(model_dir: Path | None) -> dict[str, Any]:
+    """The model's generation_config.json (its sampling defaults and further end tokens); {} when it has none or
+    it does not parse."""
+    file = model_dir / "generation_config.json" if model_dir is not None else None
+    if file is None or not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def load_model(model: str | None, load_format: str, dtype: torch.dtype, device: str, seed: int = 0) -> LoadedModel:

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import struct
 import time
@@ -54,6 +55,7 @@ from ember.server.protocol import (
     UnloadLoRAAdapterRequest,
     new_id,
     now,
+    sampling_defaults,
 )
 from ember.server.reasoning import prompt_opens_thinking, split_reasoning
 from ember.server.reply_parser import ReplyParser
@@ -73,6 +75,7 @@ from ember.server.responses import (
 from ember.server.scores import RerankRequest, ScoreRequest, cosine, ranked, score_pairs
 from ember.server.tools import ToolCallFormat, split_tool_calls, tool_call_constraint
 
+logger = logging.getLogger("ember.server")
 MESSAGES_PATH = "/v1/messages"  # Anthropic's API: its errors take Anthropic's shape
 
 
@@ -121,12 +124,14 @@ class OpenAIServer:
         runtime_lora: bool = False,
         tool_call_parser: str = "auto",
         pooling: str = "last",
+        generation_config: str = "auto",
     ) -> None:
         """`chat_template` replaces the model's; `allowed_origins` are the browser origins that may call the API
         (None: pages served from this machine, `*`: any); `reasoning`: whether replies are split into thinking
         and answer (None: when the chat template writes think blocks); `runtime_lora`: whether clients may load
         and unload LoRA adapters; `tool_call_parser`: the format of tool calls (`--tool-call-parser`);
-        `pooling`: how /v1/embeddings pools a prompt's hidden states ("last", "mean")."""
+        `pooling`: how /v1/embeddings pools a prompt's hidden states ("last", "mean"); `generation_config`:
+        "auto" takes the model's sampling defaults for the fields a request leaves out, "vllm" the API's."""
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
@@ -137,6 +142,11 @@ class OpenAIServer:
         self.response_store = ResponseStore()
         self.runtime_lora = runtime_lora
         self.pooling = pooling
+        model_defaults = engine.engine.loaded.generation_config if generation_config == "auto" else {}
+        self.sampling_defaults = sampling_defaults(model_defaults)
+        if self.sampling_defaults:  # as vLLM says it: requests without these fields sample otherwise than OpenAI's
+            shown = ", ".join(f"{name} {value}" for name, value in self.sampling_defaults.items())
+            logger.warning("the model's generation config sets the default sampling: %s", shown)
 
     # ------------------------------------------------------------------------------------------------
     # Shared pieces
@@ -507,7 +517,11 @@ class OpenAIServer:
         if body.wants_logprobs and prepared.opens_thinking is not None:  # the tokens' text is not the answer's
             message = f"{LOGPROBS!r} is not served for a thinking model's replies: use /v1/chat/completions"
             raise APIError(400, message, param="include")
-        body = body.model_copy(update={"parallel_tool_calls": self.parallel_tool_calls(body.parallel_tool_calls)})
+        # the response shows the values it was made with (the model's defaults for those the request left out)
+        used = {"temperature": params.temperature, "top_p": params.top_p}
+        body = body.model_copy(
+            update={"parallel_tool_calls": self.parallel_tool_calls(body.parallel_tool_calls), **used}
+        )
         builder = ResponseBuilder(body, prepared.model, now(), self.tool_format(tools), prepared.opens_thinking)
         outputs = self.stream_outputs(prompt_ids, params, builder.id, prepared.model)
         if body.stream:
@@ -900,7 +914,7 @@ class OpenAIServer:
         self, body: Any, max_tokens: int | None, logprobs: int | None, structured: StructuredOutputs | None = None
     ) -> SamplingParams:
         try:
-            return body.sampling_params(max_tokens, logprobs, structured)  # type: ignore[no-any-return]
+            return body.sampling_params(max_tokens, logprobs, structured, self.sampling_defaults)  # type: ignore[no-any-return]
         except ValueError as e:
             raise APIError(400, str(e), param=getattr(e, "param", None)) from e
 

@@ -95,10 +95,11 @@ class MessagesRequest(OpenAIModel):
             "model": self.model,
             "messages": messages,
             "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
             "stop": self.stop_sequences,
+            # only those sent: the others take the model's defaults, as on the chat API
+            **{
+                name: getattr(self, name) for name in ("temperature", "top_p", "top_k") if name in self.model_fields_set
+            },
         }
         for tool in self.tools or []:
             if tool.type not in (None, "custom"):

@@ -136,6 +136,16 @@ class StructuredOutputsField(OpenAIModel):
         )
 
 
+# the sampling fields a model's generation_config.json may give defaults for (vLLM's `--generation-config auto`)
+MODEL_SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
+    """The sampling defaults a model's generation config recommends (Qwen3's temperature 0.6, top_p 0.95,
+    top_k 20, ...), for requests that do not set them."""
+    return {name: generation_config[name] for name in MODEL_SAMPLING_DEFAULTS if name in generation_config}
+
+
 class SamplingFields(OpenAIModel):
     """Fields shared by chat and text completions. Unknown fields are kept (`model_extra`) to be checked."""
 
@@ -172,11 +182,18 @@ class SamplingFields(OpenAIModel):
     truncate_prompt_tokens: int | None = None  # vLLM's: keep only the prompt's last k tokens (-1: the model's length)
 
     def sampling_params(
-        self, max_tokens: int | None, logprobs: int | None, structured: StructuredOutputs | None = None
+        self,
+        max_tokens: int | None,
+        logprobs: int | None,
+        structured: StructuredOutputs | None = None,
+        defaults: dict[str, Any] | None = None,
     ) -> SamplingParams:
         """The engine's parameters; `structured` (from a chat request's response format or tools) or else the
-        `structured_outputs` field constrains the output."""
+        `structured_outputs` field constrains the output; `defaults` (the model's, see `sampling_defaults`) stand
+        for the sampling fields the request leaves out."""
         self.check_extra_fields()
+        knobs = {name: getattr(self, name) for name in MODEL_SAMPLING_DEFAULTS}
+        knobs |= {name: value for name, value in (defaults or {}).items() if name not in self.model_fields_set}
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         bias = None
         if self.logit_bias:
@@ -187,13 +204,9 @@ class SamplingFields(OpenAIModel):
         return SamplingParams(
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_p=self.min_p,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
+            **knobs,
             seed=self.seed,
             stop=stop,
             include_stop_str_in_output=self.include_stop_str_in_output,

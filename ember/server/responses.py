@@ -113,8 +113,8 @@ class ResponsesRequest(OpenAIModel):
             "model": self.model,
             "messages": messages,
             "max_completion_tokens": self.max_output_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
+            # only those sent: the others take the model's defaults, as on the chat API
+            **{name: getattr(self, name) for name in ("temperature", "top_p") if name in self.model_fields_set},
             "seed": self.seed,
             "user": self.user,
             "logprobs": self.wants_logprobs,

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ember.server.serve import REASONING_PARSERS, add_pooling_arg, add_tool_call_parser_arg, resolve_pooling
+from ember.server.serve import (
+    REASONING_PARSERS,
+    add_generation_config_arg,
+    add_pooling_arg,
+    add_tool_call_parser_arg,
+    resolve_pooling,
+)
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/v1/score", "/v1/rerank")
 
@@ -143,6 +149,7 @@ def run_batch(args: argparse.Namespace) -> int:
             reasoning,
             tool_call_parser=args.tool_call_parser,
             pooling=pooling,
+            generation_config=args.generation_config,
         )
         concurrency = 2 * (engine.config.scheduler.max_num_seqs or 1)  # keeps the engine's batch full
         columns = (TextColumn("requests"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -191,4 +198,5 @@ def add_run_batch_args(parser: argparse.ArgumentParser) -> None:
         help="as `ember serve --reasoning-parser`",
     )
     add_tool_call_parser_arg(g)
+    add_generation_config_arg(g)
     add_pooling_arg(g)

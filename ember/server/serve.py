@@ -79,6 +79,17 @@ def add_tool_call_parser_arg(group: Any) -> None:
     )
 
 
+def add_generation_config_arg(group: Any) -> None:
+    group.add_argument(
+        "--generation-config",
+        choices=["auto", "vllm"],
+        default="auto",
+        help="'auto' (default, as vLLM): a request that leaves out temperature, top_p, top_k, min_p or "
+        "repetition_penalty gets the value of the model's generation_config.json, if it sets one (Qwen3's "
+        "temperature 0.6, ...); 'vllm': the API's own defaults (temperature 1, ...)",
+    )
+
+
 def resolve_pooling(choice: str, model_dir: Path | None) -> str:
     """`--pooling`, with 'auto' read from a sentence-transformers directory's pooling module (else 'last')."""
     if choice != "auto":
@@ -127,6 +138,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="accepted so that vLLM launch commands run: tool calling is always on",
     )
     add_tool_call_parser_arg(g)
+    add_generation_config_arg(g)
     g.add_argument(
         "--allowed-origins",
         type=origin_list,
@@ -213,6 +225,7 @@ def serve(args: argparse.Namespace) -> int:
         reasoning,
         runtime_lora=args.allow_runtime_lora_updating,
         tool_call_parser=args.tool_call_parser,
+        generation_config=args.generation_config,
         pooling=resolve_pooling(args.pooling, engine.loaded.source_dir),
     )
     app = build_app(server)

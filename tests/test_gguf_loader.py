@@ -237,6 +237,11 @@ def test_end_of_turn_tokens_end_replies_too(tmp_path: Path) -> None:
     assert metadata_config(tmp_path, ends)["eos_token_id"] == [2, 7]
 
 
+def test_a_mixture_of_experts_gguf_is_refused_by_name(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="mixture-of-experts GGUF files \\(8 experts"):
+        metadata_config(tmp_path, lambda writer: writer.add_expert_count(8))
+
+
 def metadata_config(tmp_path: Path, describe: Callable[[GGUFWriter], None]) -> dict[str, Any]:
     """The config Ember reads from a one-layer GGUF header that `describe` adds metadata to."""
     path = tmp_path / "header.gguf"

@@ -133,6 +133,8 @@ def gguf_hf_config(reader: Any) -> dict[str, Any]:
     arch = _gguf_field(reader, "general.architecture")
     if arch not in _GGUF_ARCHITECTURES:
         raise ModelNotFoundError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(_GGUF_ARCHITECTURES)}")
+    if experts := _gguf_field(reader, f"{arch}.expert_count"):
+        raise ModelNotFoundError(f"mixture-of-experts GGUF files ({experts} experts, as Mixtral's) are not supported")
     tensor_names = {t.name for t in reader.tensors}
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = _gguf_field(reader, f"{arch}.vocab_size") or (len(tokens.data) if tokens else None)

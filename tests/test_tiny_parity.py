@@ -103,6 +103,7 @@ def test_a_sliding_window_caps_the_context(tmp_path: Any) -> None:
     assert context_length(config("qwen2", sliding_window=64, use_sliding_window=False), None) == 512
     assert context_length(config("qwen2", sliding_window=64, use_sliding_window=True), None) == 64
     assert context_length(config("mistral", sliding_window=4096), None) == 512  # a window past the positions
+    assert context_length(config("llama3"), 4096) == 512  # past the positions: capped (with a warning)
     make_tiny_hf_model("mistral", tmp_path, sliding_window=64)
     llm = LLM(str(tmp_path), num_blocks=16, block_size=8, dtype="float32", device="cpu")
     assert llm.engine.max_model_len == 64

@@ -52,6 +52,8 @@ def context_length(model: ModelConfig, asked: int | None) -> int:
         if asked is None:
             logger.warning("the model attends within a sliding window: its context is capped at %d tokens", window)
         limit = window
+    if asked is not None and asked > limit:
+        logger.warning("max_model_len %d is beyond the model's %d positions: capped at %d", asked, limit, limit)
     return min(asked or limit, limit)
 
 

@@ -179,8 +179,10 @@ def test_score_and_rerank_are_the_cosine_of_the_embeddings(server: Any) -> None:
         assert [r["document"]["text"] for r in reranked["results"]] == [documents[i] for i in order]
         assert [r["relevance_score"] for r in reranked["results"]] == pytest.approx([expected[i] for i in order])
         assert reranked["usage"]["total_tokens"] == vectors["usage"]["prompt_tokens"]
-    everything = httpx.post(f"{server.url}/rerank", json={"query": query, "documents": documents}, timeout=60).json()
+    as_objects = [{"text": d} for d in documents]  # Jina's and Cohere's document objects are taken too
+    everything = httpx.post(f"{server.url}/rerank", json={"query": query, "documents": as_objects}, timeout=60).json()
     assert sorted(r["index"] for r in everything["results"]) == [0, 1, 2]  # top_n 0 (the default): all
+    assert {r["document"]["text"] for r in everything["results"]} == set(documents)
 
 
 @pytest.mark.parametrize(

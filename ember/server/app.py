@@ -972,14 +972,13 @@ class OpenAIServer:
         of their embeddings to the query's, the most similar first, `top_n` of them."""
         model = self.check_model(body.model)
         query = self.pooled_prompts([body.query], body.truncate_prompt_tokens, "query")
-        documents = self.pooled_prompts(
-            prompt_items(body.documents, "documents"), body.truncate_prompt_tokens, "documents"
-        )
+        texts = body.texts()
+        documents = self.pooled_prompts(prompt_items(texts, "documents"), body.truncate_prompt_tokens, "documents")
         request_id = api_id("rerank", request)
         vectors = await self.pool(query + documents, model, request_id, request)
         scores = [cosine(vectors[0], vector) for vector in vectors[1:]]
         results = [
-            {"index": i, "document": {"text": body.documents[i]}, "relevance_score": scores[i]}
+            {"index": i, "document": {"text": texts[i]}, "relevance_score": scores[i]}
             for i in ranked(scores, body.top_n)
         ]
         tokens = sum(len(ids) for ids in query + documents)

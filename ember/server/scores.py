@@ -20,12 +20,19 @@ class ScoreRequest(OpenAIModel):
     truncate_prompt_tokens: int | None = None  # as SamplingFields'
 
 
+class RerankDocument(OpenAIModel):
+    text: str
+
+
 class RerankRequest(OpenAIModel):
     model: str | None = None
     query: str
-    documents: list[str]
+    documents: list[str | RerankDocument]  # strings, or Jina's and Cohere's {"text": ...} objects
     top_n: int = Field(0, ge=0)  # 0: every document
     truncate_prompt_tokens: int | None = None
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
 
 
 def score_pairs(num_first: int, num_second: int) -> list[tuple[int, int]]:

@@ -103,7 +103,7 @@ def test_generate_with_a_schema_file_prints_valid_json(tmp_path) -> None:
         (["serve", "--chat-template", "{% for m in messages %}"], "--chat-template: line 1: Unexpected end"),
         (["serve", "--allowed-origins", "app.example"], "'app.example' is not an origin"),
         (["chat", "--chat-template", "{{ oops"], "--chat-template: line 1"),
-        (["serve", "--tool-call-parser", "mistral"], "invalid choice: 'mistral' (choose from 'auto', 'hermes'"),
+        (["serve", "--tool-call-parser", "pythonic"], "invalid choice: 'pythonic' (choose from 'auto', 'hermes'"),
         (["serve", "/no/such/model.gguf", "--port", "0"], "not found"),  # vllm serve's positional model
         (["serve", "a.gguf", "--model", "b.gguf"], "two models given"),
         (["serve", "--speculative-config", '{"method": "eagle"}'], "method must be ngram, suffix or draft_model"),

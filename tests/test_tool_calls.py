@@ -13,7 +13,15 @@ from openai import OpenAI
 from ember.server.chat import ChatFormatter
 from ember.server.launch import ServerProcess, running_server
 from ember.server.protocol import ChatMessage, Tool
-from ember.server.tools import HERMES, LLAMA3_JSON, ToolCallFormat, ToolCallParser, split_tool_calls, tool_call_format
+from ember.server.tools import (
+    HERMES,
+    LLAMA3_JSON,
+    MISTRAL,
+    ToolCallFormat,
+    ToolCallParser,
+    split_tool_calls,
+    tool_call_format,
+)
 from tests.test_server import MODEL, QUESTION, streamed_reply
 from tests.test_server import TOOLS as API_TOOLS
 
@@ -36,6 +44,27 @@ LLAMA3_TEMPLATE = (
     "{%- else %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>{% endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+# A chat template in the manner of Mistral-7B-Instruct-v0.3's: tools in [AVAILABLE_TOOLS] before the last user
+# turn, a turn's calls as [TOOL_CALLS] and a JSON array, results in [TOOL_RESULTS]; call ids of 9 characters only
+MISTRAL_TEMPLATE = (
+    "{{- bos_token }}{%- for m in messages %}"
+    "{%- if m.role == 'user' %}"
+    "{%- if loop.last and tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+    "[INST]{{ m.content }}[/INST]"
+    "{%- elif m.tool_calls %}[TOOL_CALLS]["
+    "{%- for c in m.tool_calls %}{% if c.id | length != 9 %}{{ raise_exception('call ids of 9, please') }}{% endif %}"
+    '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}, "id": "{{ c.id }}"}'
+    "{%- if not loop.last %}, {% endif %}{% endfor %}]{{ eos_token }}"
+    "{%- elif m.role == 'tool' %}"
+    "{%- if m.tool_call_id | length != 9 %}{{ raise_exception('call ids of 9, please') }}{% endif %}"
+    '[TOOL_RESULTS]{"content": {{ m.content | tojson }}, "call_id": "{{ m.tool_call_id }}"}[/TOOL_RESULTS]'
+    "{%- elif m.role == 'assistant' %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+MISTRAL_REPLY = (
+    'Checking. [TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris ]\\"}, {"}}, '
+    '{"name": "get_time", "arguments": {}}][TOOL_CALLS][{"name": "get_ti'
 )
 
 REPLY = (
@@ -74,7 +103,7 @@ LLAMA_REPLY = (
 )
 
 
-@pytest.mark.parametrize(("fmt", "reply"), [(HERMES, REPLY), (LLAMA3_JSON, LLAMA_REPLY)])
+@pytest.mark.parametrize(("fmt", "reply"), [(HERMES, REPLY), (LLAMA3_JSON, LLAMA_REPLY), (MISTRAL, MISTRAL_REPLY)])
 @pytest.mark.parametrize("piece", [1, 2, 3, 7])
 def test_streamed_pieces_give_the_same_split_and_hold_back_only_a_possible_call(
     fmt: ToolCallFormat, reply: str, piece: int
@@ -102,8 +131,22 @@ def test_llama3_json_replies_split_into_calls_or_text() -> None:
     assert split_tool_calls('Use {"x": 1} or {"name', LLAMA3_JSON) == ('Use {"x": 1} or {"name', [])
     assert split_tool_calls('{"name": 7, "parameters": {}}', LLAMA3_JSON) == ('{"name": 7, "parameters": {}}', [])
     only_call = '{"name": "f", "parameters": {"a": 1}}'
-    assert LLAMA3_JSON.render("f", {"a": 1}) == only_call
+    assert LLAMA3_JSON.render([("f", {"a": 1})]) == only_call
     assert LLAMA3_JSON.tag("f") == ('{"name": "f", "parameters": ', "}")
+
+
+def test_mistral_calls_are_one_json_array_after_the_trigger_with_short_ids() -> None:
+    content, calls = split_tool_calls(MISTRAL_REPLY, MISTRAL)
+    assert content == "Checking. "  # the second group, cut off by max_tokens, is no text
+    assert calls_of(calls) == [("get_weather", {"city": 'Paris ]"}, {'}), ("get_time", {})]
+    assert all(len(c.id) == 9 and c.id.isalnum() for c in calls)  # Mistral's templates take no other ids
+    assert MISTRAL.template_id("call_0123456789abcdef") == MISTRAL.template_id("call_0123456789abcdef")
+    assert len(MISTRAL.template_id("call_x")) == 9 and MISTRAL.template_id("abcDEF123") == "abcDEF123"
+    assert HERMES.template_id("call_x") == "call_x"
+    assert (
+        MISTRAL.render([("f", {"a": 1}), ("g", {})])
+        == '[TOOL_CALLS][{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {}}]'
+    )
 
 
 def test_a_call_cut_off_by_max_tokens_is_not_content() -> None:
@@ -185,6 +228,19 @@ def test_prompt_of_a_llama3_template_and_llama3_json_without_one(smollm) -> None
     assert f"{call}; {call}" in text and "<tool_response>\n18 C, sunny\n</tool_response>" in text
 
 
+def test_prompt_of_a_mistral_template_gets_call_ids_it_takes(smollm) -> None:
+    """Mistral's templates refuse call ids other than 9 letters and digits: the client's ids (OpenAI's, or
+    another server's) reach the template mapped, a call and its result alike."""
+    formatter = ChatFormatter(smollm.tokenizer, MISTRAL_TEMPLATE)
+    assert formatter.native_tools and formatter.tool_format is MISTRAL
+    messages = [ChatMessage(role="user", content="Weather in Paris?"), call_message("get_weather"), RESULT]
+    text, _ = formatter.prompt(messages, TOOLS)
+    short = MISTRAL.template_id("c1")
+    assert f'[TOOL_CALLS][{{"name": "get_weather", "arguments": {{"city": "Paris"}}, "id": "{short}"}}]' in text
+    assert f'"call_id": "{short}"}}[/TOOL_RESULTS]' in text and "[AVAILABLE_TOOLS]" not in text  # not the last turn
+    assert "[AVAILABLE_TOOLS]" in formatter.prompt(messages[:1], TOOLS)[0]
+
+
 def call_message(*names: str) -> ChatMessage:
     """An assistant turn that calls `names`, each with city Paris."""
     calls = [
@@ -217,6 +273,8 @@ TWO_TOOLS = [
 
 
 LLAMA_WEATHER = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+MISTRAL_WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+MISTRAL_TIME = '{"name": "get_time", "arguments": {}}'
 LLAMA_TIME = '{"name": "get_time", "parameters": {}}'
 
 
@@ -249,6 +307,15 @@ LLAMA_TIME = '{"name": "get_time", "parameters": {}}'
         (LLAMA3_JSON, "auto", False, [LLAMA_TIME], [LLAMA_WEATHER + "; " + LLAMA_TIME]),
         (LLAMA3_JSON, "required", True, [LLAMA_TIME, LLAMA_TIME + "; " + LLAMA_TIME], ["Just text.", CALL_TIME]),
         (LLAMA3_JSON, {"type": "function", "function": {"name": "get_time"}}, True, [LLAMA_TIME], [LLAMA_WEATHER]),
+        (
+            MISTRAL,
+            "auto",
+            True,
+            ["Just text.", f"[TOOL_CALLS][{MISTRAL_TIME}]", f"Sure. [TOOL_CALLS][{MISTRAL_WEATHER}, {MISTRAL_TIME}]"],
+            [f"[TOOL_CALLS]{MISTRAL_TIME}", f"[TOOL_CALLS][{MISTRAL_TIME}] more", f"[TOOL_CALLS][{MISTRAL_TIME}"],
+        ),
+        (MISTRAL, "auto", False, [f"[TOOL_CALLS][{MISTRAL_TIME}]"], [f"[TOOL_CALLS][{MISTRAL_TIME}, {MISTRAL_TIME}]"]),
+        (MISTRAL, "required", True, [f"[TOOL_CALLS][{MISTRAL_WEATHER}]"], ["Just text.", MISTRAL_TIME]),
     ],
 )
 def test_tool_grammar_allows_exactly_well_formed_calls(

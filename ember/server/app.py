@@ -286,6 +286,8 @@ class OpenAIServer:
         self.check_prompt_length(prompt_ids, max_tokens)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self.sampling_params(body, max_tokens, logprobs, structured)
+        if tools and self.formatter.tool_format.special_trigger:  # the calls open with a special token: keep it
+            params = dataclasses.replace(params, skip_special_tokens=False)
         # a constraint that holds from the first token (a schema, required tool calls) leaves no room to think
         free_start = params.structured_outputs is None or (bool(tools) and body.tool_choice in (None, "auto"))
         thinking = prompt_opens_thinking(text) if self.formatter.thinks and free_start else None

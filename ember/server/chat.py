@@ -112,15 +112,19 @@ class ChatFormatter:
         if m.role == "tool" and not self.native_tools:
             return {"role": "user", "content": f"<tool_response>\n{text}\n</tool_response>"}
         message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": text}
+        fmt = self.tool_format
         if m.tool_call_id:
-            message["tool_call_id"] = m.tool_call_id
+            message["tool_call_id"] = fmt.template_id(m.tool_call_id)
         if m.reasoning_content or m.reasoning:  # an earlier turn's thinking, for templates that render it
             message["reasoning_content"] = m.reasoning_content or m.reasoning
         calls = [(c.function.name, _arguments(c.function.arguments)) for c in m.tool_calls or []]
         if calls and self.native_tools:
-            message["tool_calls"] = [{"type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]
+            message["tool_calls"] = [
+                {"id": fmt.template_id(c.id), "type": "function", "function": {"name": name, "arguments": arguments}}
+                for c, (name, arguments) in zip(m.tool_calls or [], calls, strict=True)
+            ]
         elif calls:
-            rendered = self.tool_format.separator.join(self.tool_format.render(n, a) for n, a in calls)
+            rendered = fmt.render(calls)
             message["content"] = f"{text}\n{rendered}" if text else rendered
         return message
 

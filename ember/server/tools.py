@@ -4,7 +4,9 @@ Each model family writes calls its own way, a `ToolCallFormat`:
 - Hermes (Qwen2.5, Qwen3, Hermes; vLLM's `hermes`): a block per call,
   `<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>`;
 - Llama 3.1-3.3 (vLLM's `llama3_json`): the reply is the call, `{"name": "get_weather", "parameters": {"city":
-  "Paris"}}`, several joined by "; ".
+  "Paris"}}`, several joined by "; ";
+- Mistral (7B-v0.3, Nemo, Small; vLLM's `mistral`): the special token `[TOOL_CALLS]`, then the calls as one JSON
+  array, `[{"name": "get_weather", "arguments": {"city": "Paris"}}]`; ids of 9 letters and digits.
 The server speaks the format its chat template speaks (`--tool-call-parser auto`), or the one named. A model
 whose template speaks the format gets the tools through its own template; any other (SmolLM2's template knows no
 tools) gets Ember's own system instructions for it. Unless `tool_choice` is "none", an xgrammar structural tag
@@ -17,7 +19,10 @@ Each call names one of the tools, with arguments valid under its parameters' sch
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
+import string
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -32,9 +37,11 @@ HOLE = "\x00"  # where a call's arguments go, in `ToolCallFormat.write`
 @dataclass(frozen=True)
 class ToolCallFormat:
     """How one family of models writes a tool call: `before` + `{"name": ..., "<arguments_key>": ...}` + `after`,
-    several in one reply joined by `separator`. `trigger` starts every call; the free text of a reply never
-    holds it. `marks`: what a chat template that speaks the format contains (besides `tools`). `parallel`:
-    whether a reply holds several calls when the request does not say (Llama 3's template takes one per turn)."""
+    several in one reply joined by `separator`, all of them between `group`'s two texts (Mistral's JSON array).
+    `trigger` starts the calls; the free text of a reply never holds it. `marks`: what a chat template that speaks
+    the format contains (besides `tools`). `parallel`: whether a reply holds several calls when the request does
+    not say (Llama 3's template takes one per turn). `special_trigger`: the trigger is a special token, which the
+    reply's text must keep. `short_ids`: call ids of 9 letters and digits (Mistral's templates take no others)."""
 
     name: str
     before: str
@@ -44,6 +51,9 @@ class ToolCallFormat:
     trigger: str
     marks: tuple[str, ...]
     parallel: bool
+    group: tuple[str, str] = ("", "")
+    special_trigger: bool = False
+    short_ids: bool = False
 
     def speaks(self, chat_template: str | None) -> bool:
         """Whether `chat_template` renders `tools` and calls in this format itself."""
@@ -53,9 +63,10 @@ class ToolCallFormat:
         """A call's text, from its name and arguments as JSON text."""
         return f'{self.before}{{"name": {name_json}, "{self.arguments_key}": {arguments_json}}}{self.after}'
 
-    def render(self, name: str, arguments: Any) -> str:
-        """An earlier call as the model writes it (for conversations sent back with their tool calls)."""
-        return self.write(json.dumps(name, ensure_ascii=False), json.dumps(arguments, ensure_ascii=False))
+    def render(self, calls: list[tuple[str, Any]]) -> str:
+        """Earlier calls, (name, arguments), as the model writes them (for conversations sent back with them)."""
+        written = [self.write(json.dumps(n, ensure_ascii=False), json.dumps(a, ensure_ascii=False)) for n, a in calls]
+        return self.group[0] + self.separator.join(written) + self.group[1]
 
     def tag(self, name: str) -> tuple[str, str]:
         """The text around a call of `name`'s arguments: the grammar's begin and end of its tag."""
@@ -63,29 +74,52 @@ class ToolCallFormat:
         return begin, end
 
     def call_end(self, text: str) -> tuple[int, str] | None:
-        """For `text` that starts with `trigger`: where the call ends and its JSON text; None while it is not
-        complete (a block's closing tag, or the JSON object's last brace, has not come)."""
+        """For `text` that starts with `trigger`: where the call (or the group of calls) ends, and its JSON text;
+        None while it is not complete (a block's closing tag, or the JSON value's last bracket, has not come)."""
         if self.after:
             end = text.find(self.after.strip())
             return None if end < 0 else (end + len(self.after.strip()), text[len(self.trigger) : end])
+        start = len(self.trigger) if self.group[0] else 0  # a group: the JSON array after the trigger
+        start += len(text[start:]) - len(text[start:].lstrip())
         try:
-            _, end = json.JSONDecoder().raw_decode(text)
+            _, end = json.JSONDecoder().raw_decode(text, start)
         except json.JSONDecodeError:
             return None
-        return end, text[:end]
+        return end, text[start:end]
 
-    def parse(self, block: str) -> ParsedToolCall | None:
-        """The call in a call's JSON text, or None when it is not one."""
+    def parse(self, block: str) -> list[ParsedToolCall] | None:
+        """The calls in a call's (or a group's) JSON text, or None when it is not calls."""
         try:
-            call = json.loads(block)
+            value = json.loads(block)
         except json.JSONDecodeError:
             return None
-        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+        written = value if self.group[0] else [value]
+        if not isinstance(written, list) or not written:
             return None
-        arguments = call.get(self.arguments_key, call.get("arguments", {}))
-        return ParsedToolCall(new_call_id(), call["name"], json.dumps(arguments, ensure_ascii=False))
+        calls = []
+        for call in written:
+            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+                return None
+            arguments = call.get(self.arguments_key, call.get("arguments", {}))
+            calls.append(ParsedToolCall(self.new_id(), call["name"], json.dumps(arguments, ensure_ascii=False)))
+        return calls
+
+    def new_id(self) -> str:
+        if self.short_ids:
+            return "".join(secrets.choice(ID_CHARACTERS) for _ in range(SHORT_ID_LENGTH))
+        return f"call_{uuid.uuid4().hex[:24]}"
+
+    def template_id(self, call_id: str) -> str:
+        """A call id as the chat template takes it: for `short_ids`, any other id mapped to 9 letters and digits
+        (the same each time, so that a call and its result still match)."""
+        if not self.short_ids or (len(call_id) == SHORT_ID_LENGTH and call_id.isalnum()):
+            return call_id
+        digest = hashlib.sha256(call_id.encode()).digest()
+        return "".join(ID_CHARACTERS[b % len(ID_CHARACTERS)] for b in digest[:SHORT_ID_LENGTH])
 
 
+ID_CHARACTERS = string.ascii_letters + string.digits
+SHORT_ID_LENGTH = 9
 HERMES = ToolCallFormat(
     name="hermes",
     before="<tool_call>\n",
@@ -106,7 +140,20 @@ LLAMA3_JSON = ToolCallFormat(
     marks=('"parameters"', "ipython"),  # its instructions' format, and the role its tool results take
     parallel=False,
 )
-TOOL_CALL_FORMATS = {f.name: f for f in (HERMES, LLAMA3_JSON)}
+MISTRAL = ToolCallFormat(  # Mistral-7B-Instruct-v0.3, Mistral-Nemo, Mistral-Small (the JSON-array form)
+    name="mistral",
+    before="",
+    after="",
+    arguments_key="arguments",
+    separator=", ",
+    trigger="[TOOL_CALLS]",
+    marks=("[TOOL_CALLS]", "[AVAILABLE_TOOLS]"),
+    parallel=True,
+    group=("[TOOL_CALLS][", "]"),
+    special_trigger=True,
+    short_ids=True,
+)
+TOOL_CALL_FORMATS = {f.name: f for f in (HERMES, LLAMA3_JSON, MISTRAL)}
 
 
 def tool_call_format(name: str, chat_template: str | None) -> ToolCallFormat:
@@ -114,10 +161,6 @@ def tool_call_format(name: str, chat_template: str | None) -> ToolCallFormat:
     if name != "auto":
         return TOOL_CALL_FORMATS[name]
     return next((f for f in TOOL_CALL_FORMATS.values() if f.speaks(chat_template)), HERMES)
-
-
-def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def tool_schemas(tools: list[Tool]) -> list[dict[str, Any]]:
@@ -133,7 +176,7 @@ def tool_schemas(tools: list[Tool]) -> list[dict[str, Any]]:
 def tools_instructions(tools: list[Tool], fmt: ToolCallFormat) -> str:
     """Ember's system-prompt section for models whose template knows no tools (or not `fmt`)."""
     lines = "\n".join(json.dumps(schema["function"], ensure_ascii=False) for schema in tool_schemas(tools))
-    example = fmt.write('"<function name>"', "{<arguments as a JSON object>}")
+    example = fmt.group[0] + fmt.write('"<function name>"', "{<arguments as a JSON object>}") + fmt.group[1]
     return (
         "You can call functions (tools) to help with the user's request. The available functions, one JSON "
         f"signature per line, are:\n<tools>\n{lines}\n</tools>\n\n"
@@ -159,9 +202,12 @@ def tool_call_constraint(
         # a small model left free pads JSON with whitespace until max_tokens: at most one blank at a time
         content = st.JSONSchemaFormat(json_schema=schema["function"]["parameters"], max_whitespace_cnt=1)
         tags.append(st.TagFormat(begin=begin, content=content, end=end))
-    calls = st.TagsWithSeparatorFormat(
+    calls: Any = st.TagsWithSeparatorFormat(
         tags=tags, separator=fmt.separator, at_least_one=True, stop_after_first=not parallel_tool_calls
     )
+    if fmt.group[0]:
+        opening, closing = (st.ConstStringFormat(value=text) for text in fmt.group)
+        calls = st.SequenceFormat(elements=[opening, calls, closing])
     text = st.AnyTextFormat(excludes=[fmt.trigger])
     reply = (
         st.OrFormat(elements=[text, st.SequenceFormat(elements=[text, calls])])
@@ -216,11 +262,11 @@ class ToolCallParser:
                 if found is None:
                     break  # the call is still being written
                 end, block = found
-                call = fmt.parse(block)
-                if call is None:
+                parsed = fmt.parse(block)
+                if parsed is None:
                     content.append(self.pending[:end])
                 else:
-                    calls.append(call)
+                    calls += parsed
                     self.after_call = True
                 self.pending = self.pending[end:]
                 continue

@@ -1,0 +1,112 @@
+"""Formats built on a model's special tokens, through a real server on a tiny model whose tokenizer has them:
+fill-in-the-middle prompts (OpenAI's `suffix`) and Mistral's `[TOOL_CALLS]` tool calls."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from ember.server.fill_in_middle import fim_token_ids
+from ember.server.launch import ServerProcess, running_server
+from tests.conftest import make_tiny_hf_model
+from tests.test_server import MODEL, streamed_reply
+from tests.test_tool_calls import MISTRAL_TEMPLATE
+
+FIM = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
+MISTRAL_TOKENS = ["[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]"]
+
+
+@pytest.fixture(scope="module")
+def special(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Any]]:
+    """A tiny Qwen2 with SmolLM2's tokenizer plus Qwen2.5-Coder's FIM tokens and Mistral's control tokens (all
+    special), and a Mistral-style chat template; the tokenizer as the server loads it."""
+    from transformers import AutoTokenizer
+
+    from ember.models.loader import default_model_path, gguf_as_hf_dir
+
+    path = tmp_path_factory.mktemp("special")
+    smollm = AutoTokenizer.from_pretrained(str(gguf_as_hf_dir(default_model_path())))
+    smollm.add_special_tokens({"additional_special_tokens": FIM + MISTRAL_TOKENS})
+    smollm.chat_template = MISTRAL_TEMPLATE
+    make_tiny_hf_model("qwen2", path, vocab_size=len(smollm))
+    smollm.save_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    # served under the other server tests' model name, so that their helpers apply
+    with running_server("--model", str(path), "--dtype", "float32", "--served-model-name", MODEL) as server:
+        yield server, tokenizer
+
+
+def test_suffix_lays_the_prompt_out_with_the_models_fim_tokens(special: tuple[ServerProcess, Any]) -> None:
+    """The prompt the model sees is <|fim_prefix|> prefix <|fim_suffix|> suffix <|fim_middle|>, each text
+    tokenized on its own."""
+    server, tokenizer = special
+    assert fim_token_ids(tokenizer) == tuple(tokenizer.convert_tokens_to_ids(FIM))
+    prefix, suffix = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"
+    expected = [
+        tokenizer.convert_tokens_to_ids(FIM[0]),
+        *tokenizer(prefix, add_special_tokens=False)["input_ids"],
+        tokenizer.convert_tokens_to_ids(FIM[1]),
+        *tokenizer(suffix, add_special_tokens=False)["input_ids"],
+        tokenizer.convert_tokens_to_ids(FIM[2]),
+    ]
+    body = {"prompt": prefix, "suffix": suffix, "max_tokens": 4, "temperature": 0, "return_token_ids": True}
+    reply = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+    choice = reply["choices"][0]
+    assert choice["prompt_token_ids"] == expected and reply["usage"]["prompt_tokens"] == len(expected)
+    assert len(choice["token_ids"]) == 4
+    for field, value in (("echo", True), ("truncate_prompt_tokens", 8), ("prompt", [5, 6])):
+        error = httpx.post(f"{server.url}/v1/completions", json={**body, field: value}, timeout=60).json()
+        assert error["error"]["param"] == field, error
+
+
+def test_mistral_tool_calls_open_with_the_special_token_and_carry_short_ids(
+    special: tuple[ServerProcess, Any],
+) -> None:
+    """`--tool-call-parser auto` finds Mistral's format in the template; the grammar opens the calls with the
+    [TOOL_CALLS] special token (kept in the reply's text, which the parser reads), the call ids are 9 letters and
+    digits, and the call sent back renders in the template, which takes no other ids."""
+    server, tokenizer = special
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    tools: list[Any] = [{"type": "function", "function": {"name": "get_time", "description": "The time now"}}]
+    question = [{"role": "user", "content": "What time is it?"}]
+    named = {"type": "function", "function": {"name": "get_time"}}
+    kwargs: dict[str, Any] = dict(messages=question, tools=tools, tool_choice=named, max_tokens=60, temperature=0)
+    extra = {"return_token_ids": True}
+    reply = client.chat.completions.create(model=MODEL, extra_body=extra, **kwargs).choices[0]
+    (call,) = reply.message.tool_calls or []
+    assert reply.finish_reason == "tool_calls" and reply.message.content is None
+    assert call.function.name == "get_time" and json.loads(call.function.arguments) == {}
+    assert len(call.id) == 9 and call.id.isalnum()
+    assert (reply.model_extra or {})["token_ids"][0] == tokenizer.convert_tokens_to_ids("[TOOL_CALLS]")
+    assert streamed_reply(client, **kwargs)[1:] == ([("get_time", "{}")], "tool_calls")
+    conversation = [
+        *question,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "12:00"},
+    ]
+    ids = httpx.post(f"{server.url}/tokenize", json={"messages": conversation, "tools": tools}).json()["tokens"]
+    text = httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()["prompt"]
+    assert f'[TOOL_CALLS][{{"name": "get_time", "arguments": {{}}, "id": "{call.id}"}}]' in text
+    assert f'"call_id": "{call.id}"}}[/TOOL_RESULTS]' in text
+    answer = client.chat.completions.create(model=MODEL, messages=conversation, tools=tools, max_tokens=4)
+    assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_a_model_without_fim_tokens_refuses_a_suffix(server: ServerProcess) -> None:
+    reply = httpx.post(f"{server.url}/v1/completions", json={"prompt": "def f():", "suffix": "\n", "max_tokens": 2})
+    error = reply.json()["error"]
+    assert reply.status_code == 400 and error["param"] == "suffix" and "fill in the middle" in error["message"]
+
+
+@pytest.mark.parametrize("names", [FIM, ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"]])
+def test_fim_tokens_of_either_family_are_found(names: list[str]) -> None:
+    class Vocab:
+        def get_vocab(self) -> dict[str, int]:
+            return {"a": 0, **{name: 10 + i for i, name in enumerate(names)}}
+
+    assert fim_token_ids(Vocab()) == (10, 11, 12)

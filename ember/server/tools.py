@@ -44,13 +44,13 @@ class ToolCallFormat:
     reply's text must keep. `short_ids`: call ids of 9 letters and digits (Mistral's templates take no others)."""
 
     name: str
-    before: str
-    after: str
-    arguments_key: str
-    separator: str
     trigger: str
     marks: tuple[str, ...]
-    parallel: bool
+    separator: str
+    before: str = ""
+    after: str = ""
+    arguments_key: str = "arguments"
+    parallel: bool = True
     group: tuple[str, str] = ("", "")
     special_trigger: bool = False
     short_ids: bool = False
@@ -120,35 +120,17 @@ class ToolCallFormat:
 
 ID_CHARACTERS = string.ascii_letters + string.digits
 SHORT_ID_LENGTH = 9
-HERMES = ToolCallFormat(
-    name="hermes",
-    before="<tool_call>\n",
-    after="\n</tool_call>",
-    arguments_key="arguments",
-    separator="\n",
-    trigger="<tool_call>",
-    marks=("<tool_call>",),
-    parallel=True,
-)
+HERMES = ToolCallFormat("hermes", "<tool_call>", ("<tool_call>",), "\n", before="<tool_call>\n", after="\n</tool_call>")
+# its instructions' format and the role its tool results take mark its templates; they take one call per turn
 LLAMA3_JSON = ToolCallFormat(
-    name="llama3_json",
-    before="",
-    after="",
-    arguments_key="parameters",
-    separator="; ",
-    trigger='{"name"',
-    marks=('"parameters"', "ipython"),  # its instructions' format, and the role its tool results take
-    parallel=False,
+    "llama3_json", '{"name"', ('"parameters"', "ipython"), "; ", arguments_key="parameters", parallel=False
 )
-MISTRAL = ToolCallFormat(  # Mistral-7B-Instruct-v0.3, Mistral-Nemo, Mistral-Small (the JSON-array form)
-    name="mistral",
-    before="",
-    after="",
-    arguments_key="arguments",
-    separator=", ",
-    trigger="[TOOL_CALLS]",
-    marks=("[TOOL_CALLS]", "[AVAILABLE_TOOLS]"),
-    parallel=True,
+# Mistral-7B-Instruct-v0.3, Mistral-Nemo, Mistral-Small: the JSON-array form
+MISTRAL = ToolCallFormat(
+    "mistral",
+    "[TOOL_CALLS]",
+    ("[TOOL_CALLS]", "[AVAILABLE_TOOLS]"),
+    ", ",
     group=("[TOOL_CALLS][", "]"),
     special_trigger=True,
     short_ids=True,

@@ -69,8 +69,7 @@ def test_a_batch_without_errors_exits_0_and_can_write_to_stdout(tmp_path: Path, 
 
 def test_the_models_generation_config_sets_the_sampling_defaults(tmp_path: Path) -> None:
     """As vLLM's `--generation-config auto`: a request that leaves temperature out takes the model's (here 0:
-    greedy), one that sets it keeps its own; with `vllm`, the API's default (1) holds. The config's end tokens
-    end replies too."""
+    greedy), one that sets it keeps its own. The config's end tokens end replies too."""
     from tests.conftest import make_tiny_hf_model
 
     model = tmp_path / "model"
@@ -84,15 +83,24 @@ def test_the_models_generation_config_sets_the_sampling_defaults(tmp_path: Path)
         request("hot", "/v1/completions", {**body, "temperature": 1.0, "top_k": 0}),
     ]
     source.write_text("\n".join(lines) + "\n")
-
-    def tokens(*options: str) -> dict[str, list[int]]:
-        run = ember("run-batch", "--model", str(model), "--dtype", "float32", "-i", str(source), "-o", "-", *options)
-        assert run.returncode == 0, run.stderr
-        records = [json.loads(line) for line in run.stdout.splitlines()]
-        return {r["custom_id"]: r["response"]["body"]["choices"][0]["token_ids"] for r in records}
-
-    model_defaults, api_defaults = tokens(), tokens("--generation-config", "vllm")
-    assert model_defaults["default"] == model_defaults["greedy"] != model_defaults["hot"]
-    assert api_defaults["default"] == api_defaults["hot"] and api_defaults["greedy"] == model_defaults["greedy"]
+    run = ember("run-batch", "--model", str(model), "--dtype", "float32", "-i", str(source), "-o", "-")
+    assert run.returncode == 0, run.stderr
+    assert "the model's generation config sets the default sampling: temperature 0.0, top_k 5" in run.stderr
+    records = [json.loads(line) for line in run.stdout.splitlines()]
+    tokens = {r["custom_id"]: r["response"]["body"]["choices"][0]["token_ids"] for r in records}
+    assert tokens["default"] == tokens["greedy"] != tokens["hot"]
     llm = LLM(str(model), num_blocks=16, block_size=8, dtype="float32")
     assert llm.engine.eos_token_ids == [2, 7]
+
+
+def test_sampling_defaults_stand_only_for_the_fields_a_request_leaves_out() -> None:
+    """`--generation-config vllm` passes no defaults: the API's own hold."""
+    from ember.server.protocol import CompletionRequest, sampling_defaults
+
+    defaults = sampling_defaults({"temperature": 0.6, "top_k": 20, "max_new_tokens": 99, "do_sample": True})
+    assert defaults == {"temperature": 0.6, "top_k": 20}
+    request = CompletionRequest.model_validate({"prompt": "x", "top_k": 3})
+    params = request.sampling_params(16, None, None, defaults)
+    assert (params.temperature, params.top_k, params.top_p) == (0.6, 3, 1.0)
+    api = request.sampling_params(16, None, None, {})
+    assert (api.temperature, api.top_k) == (1.0, 3)

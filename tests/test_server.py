@@ -390,6 +390,18 @@ def test_responses_function_calls_and_their_outputs(server: ServerProcess, clien
         assert bad.status_code == 400 and bad.json()["error"]["param"] == param, (body, bad.text)
 
 
+def test_stored_input_items_keep_their_ids_and_name_the_others() -> None:
+    from ember.server.responses import stored_input_items
+
+    items = [
+        {"role": "user", "content": "hi", "id": None},  # a null id gets one, as an absent id does
+        {"type": "function_call_output", "call_id": "c1", "output": "x", "id": "fco_mine"},
+    ]
+    first, second = stored_input_items(items)
+    assert first["id"].startswith("msg_") and first["content"] == [{"type": "input_text", "text": "hi"}]
+    assert second["id"] == "fco_mine" and second["type"] == "function_call_output"
+
+
 async def _stream_clients(server: ServerProcess, count: int) -> list[str]:
     client = AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
 

@@ -226,7 +226,7 @@ def stored_input_items(items: str | list[dict[str, Any]]) -> list[dict[str, Any]
     listed = []
     for item in [{"role": "user", "content": items}] if isinstance(items, str) else items:
         kind = item.get("type", "message")
-        entry = {"id": item.get("id") or new_id(ITEM_ID_PREFIXES.get(kind, "item"), "_"), **item, "type": kind}
+        entry = {**item, "id": item.get("id") or new_id(ITEM_ID_PREFIXES.get(kind, "item"), "_"), "type": kind}
         if kind == "message" and isinstance(item.get("content"), str):
             part = "output_text" if item.get("role") == "assistant" else "input_text"
             entry["content"] = [{"type": part, "text": item["content"]}]

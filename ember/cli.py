@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ember.config import SCHEDULING_POLICIES
 from ember.engine.sampling_params import SamplingParams
 from ember.engine.structured_output import StructuredOutputs, check_constraint
 
@@ -75,6 +76,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "CPU, 2048 on CUDA)",
     )
     g.add_argument("--max-model-len", type=int, default=None, help="context length limit (default: the model's)")
+    g.add_argument(
+        "--scheduling-policy",
+        default="fcfs",
+        choices=SCHEDULING_POLICIES,
+        help="'fcfs' (default): requests run in their order of arrival; 'priority': by each request's "
+        "'priority' field, lower first, ties by arrival; a waiting request preempts less important running ones "
+        "when it cannot start otherwise",
+    )
     g.add_argument("--seed", type=int, default=0, help="global seed for unseeded sampling (default 0)")
     g.add_argument(
         "--speculative",
@@ -255,6 +264,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "enable_prefix_caching": not args.no_prefix_caching,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "max_model_len": args.max_model_len,
+        "scheduling_policy": args.scheduling_policy,
         "speculative": args.speculative,
         "num_speculative_tokens": args.num_speculative_tokens,
         "speculative_max_batch_size": args.speculative_max_batch_size,

@@ -180,6 +180,9 @@ class CacheConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
 
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
 @dataclass
 class SchedulerConfig:
     """Continuous batching limits: at most `max_num_seqs` running, `max_num_batched_tokens` per step. Left
@@ -188,8 +191,11 @@ class SchedulerConfig:
     max_num_seqs: int | None = None  # None until EngineConfig fills in the device's default
     max_num_batched_tokens: int | None = None  # likewise
     max_model_len: int | None = None  # None: the model's max_position_embeddings
+    policy: str = "fcfs"  # or "priority": requests' priorities order admission and preemption (scheduler.py)
 
     def __post_init__(self) -> None:
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling policy must be one of {', '.join(SCHEDULING_POLICIES)}, got {self.policy!r}")
         if self.max_num_seqs is not None and self.max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens <= 0:

@@ -1,6 +1,6 @@
-"""Property tests of the block pool and scheduler on a real (tiny) engine: random arrivals, lengths,
-aborts and preemption under a tiny KV cache. Afterwards every block is free, every request ended exactly
-once, and greedy outputs equal those of a roomy cache that never preempts or chunks."""
+"""Property tests of the block pool and scheduler on a real (tiny) engine: random arrivals, lengths, priorities,
+aborts and preemption under a tiny KV cache, with either scheduling policy. Afterwards every block is free, every
+request ended exactly once, and greedy outputs equal those of a roomy cache that never preempts or chunks."""
 
 from __future__ import annotations
 
@@ -18,19 +18,29 @@ BLOCK_SIZE = 4
 TINY_BLOCKS = 12  # 48 token slots: a few requests at a time, preemption is frequent
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_models: dict) -> tuple[LLM, LLM]:
-    path: Path = tiny_models["qwen3"][0]
-    tight = LLM(
+def tight_engine(path: Path, policy: str = "fcfs") -> LLM:
+    return LLM(
         str(path),
         num_blocks=TINY_BLOCKS,
         block_size=BLOCK_SIZE,
         max_num_batched_tokens=10,
         max_num_seqs=4,
         dtype="float32",
+        scheduling_policy=policy,
     )
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_models: dict) -> tuple[LLM, LLM]:
+    path: Path = tiny_models["qwen3"][0]
     roomy = LLM(str(path), num_blocks=512, block_size=BLOCK_SIZE, max_num_batched_tokens=4096, dtype="float32")
-    return tight, roomy
+    return tight_engine(path), roomy
+
+
+@pytest.fixture(scope="module")
+def ranked(tiny_models: dict) -> LLM:
+    """The tight engine under the priority policy."""
+    return tight_engine(tiny_models["qwen3"][0], "priority")
 
 
 request_strategy = st.fixed_dictionaries(
@@ -39,15 +49,18 @@ request_strategy = st.fixed_dictionaries(
         "max_tokens": st.integers(1, 16),
         "arrival": st.integers(0, 12),
         "abort_at": st.one_of(st.none(), st.integers(0, 25)),
+        "priority": st.integers(-2, 2),
     }
 )
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(requests=st.lists(request_strategy, min_size=1, max_size=10))
-def test_random_streams_free_every_block(engines: tuple[LLM, LLM], requests: list[dict]) -> None:
+@given(requests=st.lists(request_strategy, min_size=1, max_size=10), by_priority=st.booleans())
+def test_random_streams_free_every_block(
+    engines: tuple[LLM, LLM], ranked: LLM, requests: list[dict], by_priority: bool
+) -> None:
     tight, roomy = engines
-    engine = tight.engine
+    engine = ranked.engine if by_priority else tight.engine
     fitting = [r for r in requests if -(-(len(r["prompt"]) + r["max_tokens"]) // BLOCK_SIZE) <= TINY_BLOCKS]
     finishes: dict[str, list[str]] = {}
     tokens: dict[str, list[int]] = {}
@@ -56,7 +69,7 @@ def test_random_streams_free_every_block(engines: tuple[LLM, LLM], requests: lis
         for i, r in enumerate(fitting):
             if r["arrival"] == step:
                 params = SamplingParams(max_tokens=r["max_tokens"], temperature=0, ignore_eos=True)
-                ids[i] = engine.add_request(r["prompt"], params)
+                ids[i] = engine.add_request(r["prompt"], params, priority=r["priority"] if by_priority else 0)
             if r["abort_at"] == step and i in ids:
                 final = engine.abort_request(ids[i])
                 if final is not None:
@@ -91,6 +104,71 @@ def test_preemption_happens_and_is_recovered(engines: tuple[LLM, LLM]) -> None:
     assert tight.engine.scheduler.num_preemptions > before
     expected = roomy.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in expected]
+
+
+def test_the_priority_policy_runs_requests_in_priority_then_arrival_order(tiny_models: dict) -> None:
+    """One sequence at a time: requests queued together end in the order of their priorities (lower first),
+    ties in their order of arrival."""
+    llm = LLM(str(tiny_models["qwen3"][0]), dtype="float32", max_num_seqs=1, scheduling_policy="priority")
+    prompts = [[5 + i, 9, 11] for i in range(5)]
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    ids = llm._submit(prompts, params, priority=[3, 1, 2, 0, 1])
+    ended = []
+    for _ in range(100):  # bounded
+        ended += [ids.index(out.request_id) for out in llm.engine.step() if out.finished]
+        if len(ended) == len(ids):
+            break
+    assert ended == [3, 1, 4, 2, 0]
+
+
+def test_an_outranking_request_preempts_the_least_important_running_one(
+    engines: tuple[LLM, LLM], ranked: LLM
+) -> None:
+    """Under the priority policy a request that outranks running ones takes a sequence slot (or blocks) from the
+    least important, newest of them at once; one of equal priority waits its turn. Preempted requests recompute
+    to the same greedy outputs. The first-come policy refuses priorities."""
+    tight, roomy = engines
+    engine = ranked.engine
+    tokens: dict[str, list[int]] = {}
+
+    def step() -> None:
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompts = [[20 + i, 21, 22, 23] for i in range(6)]  # 3 blocks each of the 12: only sequence slots run short
+    low = [engine.add_request(p, params, priority=1) for p in prompts[:4]]  # all four sequence slots
+    step()
+    equal = engine.add_request(prompts[4], params, priority=1)
+    step()
+    assert [r.request_id for r in engine.scheduler.running] == [f"{i}#0" for i in low]
+    urgent = engine.add_request(prompts[5], params, priority=0)
+    step()
+    running = [r.request_id for r in engine.scheduler.running]
+    assert running == [f"{urgent}#0", *[f"{i}#0" for i in low[:3]]]
+    assert [r.request_id for r in engine.scheduler.waiting] == [f"{low[3]}#0", f"{equal}#0"]
+    for _ in range(200):  # bounded
+        step()
+        if not engine.has_unfinished_requests():
+            break
+    long = [engine.add_request([30 + i] * 16, params, priority=1) for i in range(2)]
+    for _ in range(7):  # both prompts computed: they hold 11 of the 12 blocks, with two sequence slots free
+        step()
+    pressing = engine.add_request([40] * 12, params, priority=0)  # its first 8 tokens (the budget left) need 2
+    step()
+    assert [r.request_id for r in engine.scheduler.running] == [f"{pressing}#0", f"{long[0]}#0"]
+    for _ in range(200):  # bounded
+        step()
+        if not engine.has_unfinished_requests():
+            break
+    assert engine.kv_cache.pool.num_free_blocks == TINY_BLOCKS
+    prompts += [[30] * 16, [31] * 16, [40] * 12]
+    expected = roomy.generate(prompts, params)
+    order = [*low, equal, urgent, *long, pressing]
+    assert [len(tokens[i]) for i in order] == [8] * 9
+    assert [tokens[i] for i in order] == [e.outputs[0].token_ids for e in expected]
+    with pytest.raises(ValueError, match="--scheduling-policy priority"):
+        tight.engine.add_request(prompts[0], params, priority=-1)
 
 
 def test_request_larger_than_the_whole_cache_is_rejected(engines: tuple[LLM, LLM]) -> None:

@@ -57,14 +57,21 @@ def test_run_batch_answers_each_line_as_the_server_would(tmp_path: Path, smollm:
 
 
 def test_a_batch_without_errors_exits_0_and_can_write_to_stdout(tmp_path: Path, tiny_models: dict) -> None:
+    """Also the priority policy's flag and field: the lines' priorities are taken."""
     source = tmp_path / "batch.jsonl"
-    source.write_text(request("one", "/v1/embeddings", {"input": [5, 6, 7], "encoding_format": "float"}) + "\n")
+    lines = [
+        request("one", "/v1/embeddings", {"input": [5, 6, 7], "encoding_format": "float"}),
+        request("two", "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 3, "priority": -1}),
+    ]
+    source.write_text("\n".join(lines) + "\n")
     model = str(tiny_models["llama3"][0])  # no tokenizer: token ids in, a vector out
-    run = ember("run-batch", "--model", model, "--dtype", "float32", "-i", str(source), "-o", "-")
+    policy = ("--scheduling-policy", "priority")
+    run = ember("run-batch", "--model", model, "--dtype", "float32", *policy, "-i", str(source), "-o", "-")
     assert run.returncode == 0, run.stderr
-    [record] = [json.loads(line) for line in run.stdout.splitlines()]
-    assert record["custom_id"] == "one" and record["response"]["status_code"] == 200
-    assert len(record["response"]["body"]["data"][0]["embedding"]) == 64  # the tiny model's hidden size
+    one, two = [json.loads(line) for line in run.stdout.splitlines()]
+    assert one["custom_id"] == "one" and one["response"]["status_code"] == 200
+    assert len(one["response"]["body"]["data"][0]["embedding"]) == 64  # the tiny model's hidden size
+    assert two["response"]["body"]["usage"]["completion_tokens"] == 3
 
 
 def test_the_models_generation_config_sets_the_sampling_defaults(tmp_path: Path) -> None:

@@ -540,6 +540,26 @@ def test_bad_completion_requests(server: ServerProcess, client: OpenAI) -> None:
     assert client.completions.create(model=MODEL, prompt="ok", max_tokens=2).choices[0].text is not None
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "priority": 1}),
+        ("/v1/completions", {"prompt": "hi", "priority": -2}),
+        ("/v1/completions", {"prompt": "hi", "priority": 3, "use_beam_search": True, "n": 2}),
+        ("/v1/responses", {"input": "hi", "priority": 1}),
+        ("/v1/embeddings", {"input": ["hi", "there"], "priority": 5}),
+    ],
+)
+def test_a_priority_needs_the_priority_policy(server: ServerProcess, path: str, body: dict) -> None:
+    """vLLM's `priority` field reaches the engine from every API that runs the model; the server's first-come
+    policy refuses it by name (the priority policy is tested in test_engine_properties and test_run_batch)."""
+    resp = httpx.post(f"{server.url}{path}", json={**body, "max_tokens": 2}, timeout=60)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["param"] == "priority" and "--scheduling-policy priority" in error["message"]
+    assert httpx.post(f"{server.url}{path}", json={**body, "priority": 0, "max_tokens": 2}).status_code == 200
+
+
 def test_continue_final_message_goes_on_from_the_assistants_text(server: ServerProcess, client: OpenAI) -> None:
     """vLLM's prefill switch: the last (assistant's) message is left open and the reply continues it, exactly
     as a completion of the same tokens would."""

@@ -106,9 +106,11 @@ class AsyncEngine:
         request_id: str | None = None,
         lora: str | None = None,
         pooling: str | None = None,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Stream one request's deltas (with the LoRA adapter named `lora`, if any; an embedding request with
-        `pooling`, see `Engine.add_request`). Raises ValueError for bad input, EngineOverloadedError when full.
+        `pooling`; `priority`: see `Engine.add_request`). Raises ValueError for bad input, EngineOverloadedError
+        when full.
 
         If the consumer stops early (e.g. the client disconnected), the request is aborted at once.
         """
@@ -131,7 +133,17 @@ class AsyncEngine:
         self._in_flight += 1  # counted on the caller's side, so a burst of arrivals is bounded too
         try:
             self._commands.put(
-                ("add", (request_id, prompt, params, {"lora": lora, "pooling": pooling}, stream, accepted))
+                (
+                    "add",
+                    (
+                        request_id,
+                        prompt,
+                        params,
+                        {"lora": lora, "pooling": pooling, "priority": priority},
+                        stream,
+                        accepted,
+                    ),
+                )
             )
             stream.num_prompt_tokens = await accepted  # raises the engine's ValueError for bad input
             while not finished:

@@ -297,13 +297,19 @@ class Engine:
         final_only: bool = False,
         lora: str | None = None,
         pooling: str | None = None,
+        priority: int = 0,
     ) -> str:
         """Validate and queue a request; returns its id. Raises ValueError with a clear message.
 
         With `final_only`, `step` returns the request's whole output once, when it finishes, instead of a
         delta at every step: offline generation skips building (and merging) an output per token. `lora`: the
         name of a loaded LoRA adapter to generate with (None: the base model). `pooling` ("last" or "mean"): an
-        embedding request, which computes the prompt and ends with its `embedding`; `params` are then unused."""
+        embedding request, which computes the prompt and ends with its `embedding`; `params` are then unused.
+        `priority`: under the "priority" scheduling policy, lower values are served first (any int; default 0)."""
+        if priority and not self.scheduler.by_priority:
+            raise InvalidParameter(
+                "priority", f"priority={priority} needs the priority scheduling policy (--scheduling-policy priority)"
+            )
         if pooling is not None:
             if pooling not in POOLING:
                 raise InvalidParameter("pooling", f"pooling must be one of {', '.join(POOLING)}, got {pooling!r}")
@@ -353,6 +359,7 @@ class Engine:
             child.bad_words_token_ids = bad_words
             child.lora_id = lora_id
             child.pooling = pooling
+            child.priority = priority
             if prediction and self.speculator is not None:
                 child.prediction = PredictedOutput(prediction)
             if compiler is not None:
@@ -564,8 +571,8 @@ class LLM:
 
     With no model, loads the embedded default (SmolLM2-135M-Instruct). Keyword arguments configure the
     engine: dtype, device, seed, load_format, block_size, num_blocks, kv_cache_memory, max_sequences (a cache of
-    that many whole contexts at most), enable_prefix_caching,
-    max_num_seqs, max_num_batched_tokens, max_model_len, speculative ("ngram", "suffix", "draft:<model>"),
+    that many whole contexts at most), enable_prefix_caching, max_num_seqs, max_num_batched_tokens, max_model_len,
+    scheduling_policy ("fcfs" or "priority"), speculative ("ngram", "suffix", "draft:<model>"),
     num_speculative_tokens, speculative_max_batch_size, prompt_lookup_min and prompt_lookup_max (ngram),
     enforce_eager (no CUDA graphs), async_scheduling, enable_lora, lora_modules ({name: PEFT directory}),
     max_lora_rank and max_loras. `generate(..., lora="name")` runs prompts with an adapter.
@@ -581,14 +588,16 @@ class LLM:
             "max_sequences",
             "enable_prefix_caching",
         }
-        sched_keys = {"max_num_seqs", "max_num_batched_tokens", "max_model_len"}
+        sched_keys = {"max_num_seqs", "max_num_batched_tokens", "max_model_len", "scheduling_policy"}
         spec_keys = {"speculative": "method", "num_speculative_tokens": "num_speculative_tokens"}
         spec_keys["speculative_max_batch_size"] = "max_batch_size"
         spec_keys |= {"prompt_lookup_min": "prompt_lookup_min", "prompt_lookup_max": "prompt_lookup_max"}
         lora_keys = {"enable_lora": "enable", "lora_modules": "modules", "max_lora_rank": "max_rank"}
         lora_keys["max_loras"] = "max_loras"
         cache = CacheConfig(**{k: v for k, v in kwargs.items() if k in cache_keys})
-        sched = SchedulerConfig(**{k: v for k, v in kwargs.items() if k in sched_keys})
+        sched = SchedulerConfig(
+            **{"policy" if k == "scheduling_policy" else k: v for k, v in kwargs.items() if k in sched_keys}
+        )
         spec = SpeculativeConfig(**{spec_keys[k]: v for k, v in kwargs.items() if k in spec_keys})
         lora = LoRAConfig(**{lora_keys[k]: v for k, v in kwargs.items() if k in lora_keys})
         taken = cache_keys | sched_keys | spec_keys.keys() | lora_keys.keys()
@@ -605,6 +614,7 @@ class LLM:
         final_only: bool = False,
         lora: str | Sequence[str | None] | None = None,
         pooling: str | None = None,
+        priority: Sequence[int] | None = None,
     ) -> list[str]:
         prompts_given = prompt_list(prompts)
         params_list = (
@@ -615,10 +625,14 @@ class LLM:
         loras = [lora] * len(prompts_given) if lora is None or isinstance(lora, str) else list(lora)
         if len(loras) != len(prompts_given):
             raise ValueError(f"{len(loras)} LoRA adapter names for {len(prompts_given)} prompts")
+        priorities = [0] * len(prompts_given) if priority is None else list(priority)
+        if len(priorities) != len(prompts_given):
+            raise ValueError(f"{len(priorities)} priorities for {len(prompts_given)} prompts")
         ids = []
         try:
-            for prompt, p, adapter in zip(prompts_given, params_list, loras, strict=True):
-                ids.append(self.engine.add_request(prompt, p, final_only=final_only, lora=adapter, pooling=pooling))
+            for prompt, p, adapter, rank in zip(prompts_given, params_list, loras, priorities, strict=True):
+                options = dict(final_only=final_only, lora=adapter, pooling=pooling, priority=rank)
+                ids.append(self.engine.add_request(prompt, p, **options))
         except ValueError:
             for request_id in ids:
                 self.engine.abort_request(request_id)
@@ -649,10 +663,13 @@ class LLM:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = False,
         lora: str | Sequence[str | None] | None = None,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate to completion; outputs in the order of `prompts`. `lora`: an adapter's name for every prompt,
-        or one name (or None: the base model) per prompt."""
-        return self._run_to_end(self._submit(prompts, params, final_only=True, lora=lora), use_tqdm)
+        or one name (or None: the base model) per prompt. `priority`: one per prompt, lower first (the engine must
+        run the "priority" scheduling policy)."""
+        ids = self._submit(prompts, params, final_only=True, lora=lora, priority=priority)
+        return self._run_to_end(ids, use_tqdm)
 
     def beam_search(
         self,

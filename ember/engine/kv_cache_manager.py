@@ -69,18 +69,15 @@ class KVCacheManager:
         registered in the prefix cache at once: their KV is written before any attention reads it.
         """
         bs = self.block_size
+        if self.num_blocks_taken(request, num_new_tokens, computed_blocks) > self.pool.num_free_blocks:
+            return False
         total = request.num_computed_tokens + len(computed_blocks) * bs + num_new_tokens
         needed = -(-total // bs) - len(request.block_ids) - len(computed_blocks)
-        if computed_blocks:  # a new request's cached prefix: blocks no one uses are evictable, not free for it
-            evictable_hits = sum(1 for b in computed_blocks if self.pool.ref_counts[b] == 0)
-            if needed > self.pool.num_free_blocks - evictable_hits:
-                return False
+        if computed_blocks:
             self.pool.touch(list(computed_blocks))
             request.block_ids.extend(computed_blocks)
             if request.params.prompt_logprobs is not None:
                 self._restore_prompt_logprobs(request, len(computed_blocks))
-        elif needed > self.pool.num_free_blocks:
-            return False
         if needed > 0:
             request.block_ids.extend(self.pool.allocate(needed))
         if self.enable_prefix_caching:  # only blocks full of committed tokens: drafts may still be rejected
@@ -128,9 +125,12 @@ class KVCacheManager:
             hidden = request.prompt_block_hidden.pop(index)
             self.pool.cache_prompt_logprobs(hashes[index], BlockPromptLogprobs(num_top, entries, hidden))
 
-    def num_new_blocks(self, request: Request, num_new_tokens: int) -> int:
-        """Blocks `allocate_slots` would take for `num_new_tokens` more tokens (no cached prefix)."""
-        return max(0, self.blocks_for(request.num_computed_tokens + num_new_tokens) - len(request.block_ids))
+    def num_blocks_taken(self, request: Request, num_new_tokens: int, computed_blocks: Sequence[int] = ()) -> int:
+        """Free blocks `allocate_slots` would take: the new ones, and the cached prefix's blocks no one holds
+        (evictable, so counted among the free)."""
+        total = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
+        needed = self.blocks_for(total) - len(request.block_ids) - len(computed_blocks)
+        return max(0, needed) + sum(1 for b in computed_blocks if self.pool.ref_counts[b] == 0)
 
     def trim(self, request: Request) -> None:
         """Free the request's blocks beyond its computed tokens (after rejected drafts)."""

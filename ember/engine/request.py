@@ -64,6 +64,8 @@ class Request:
         self.num_cached_blocks = 0  # leading blocks already registered in the prefix cache
         self.num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache at admission
         self.lora_id = 0  # the LoRA adapter it runs with (`LoRAAdapter.adapter_id`); 0: the base model
+        self.priority = 0  # the "priority" scheduling policy serves lower values first
+        self.arrival = 0  # its place in the order requests reached the scheduler
         # an embedding request ("last" or "mean" pooling of the prompt's final hidden states) samples nothing: it
         # ends when its prompt is computed, with `embedding` (L2-normalized, fp32, on the host)
         self.pooling: str | None = None
@@ -92,6 +94,11 @@ class Request:
         self.grammar: Any = None  # structured output: the xgrammar matcher, advanced with every committed token
         self.bad_words_token_ids: list[list[int]] = []  # set by the engine from params.bad_words
         self.prediction: PredictedOutput | None = None  # set by the engine from params.prediction
+
+    @property
+    def rank(self) -> tuple[int, int]:
+        """Its place under the priority policy: by priority, then by arrival."""
+        return self.priority, self.arrival
 
     @property
     def needs_prompt_logprobs(self) -> bool:

@@ -7,10 +7,18 @@ rest. When blocks run out, the newest running request is preempted: its blocks a
 to the front of the waiting queue to be recomputed later (from its cached prefix, if still cached). With
 `max_loras`, a waiting request of a LoRA adapter that would make one adapter too many among the running is
 passed over, keeping its place, for the requests behind it.
+
+The "priority" policy (vLLM's `--scheduling-policy priority`) orders both queues by (priority, arrival),
+lower values first: waiting requests are admitted in that order, running ones are served in it and preempted
+from its end (the least important, then the newest). A waiting request that outranks the least important
+running one and cannot be admitted (no sequence slot, or too few blocks) preempts it, so that important work
+does not wait for long generations of less important work to end.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -52,15 +60,29 @@ class Scheduler:
         self.config = config
         self.kv_cache = kv_cache
         self.max_loras = max_loras  # distinct LoRA adapters running at once (None: any)
+        self.by_priority = config.policy == "priority"
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self._arrivals = itertools.count()
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        request.arrival = next(self._arrivals)
+        if self.by_priority:
+            self._insert(self.waiting, request)
+        else:
+            self.waiting.append(request)
+
+    @staticmethod
+    def _insert(queue: deque[Request] | list[Request], request: Request) -> None:
+        """Put `request` into `queue` (kept in rank order) after every request that ranks before or with it."""
+        queue.insert(bisect.bisect_right(queue, request.rank, key=lambda r: r.rank), request)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        if self.by_priority:
+            self._preempt_for_waiting(out)
+        evicted = False  # running work preempted for running work's blocks: admitting more now would thrash
         budget = self.config.max_num_batched_tokens
         index = 0
         while index < len(self.running) and budget > 0:
@@ -70,16 +92,17 @@ class Scheduler:
                 del request.spec_token_ids[max(0, budget - pending) if pending == 1 else 0 :]
             num_new = min(pending + len(request.spec_token_ids), budget)
             while not self.kv_cache.allocate_slots(request, num_new):
-                victim = self.running.pop()  # the newest; never one already scheduled this step
+                victim = self.running.pop()  # the newest (or least important); never one scheduled this step
                 self._preempt(victim)
                 out.preempted.append(victim)
+                evicted = True
                 if victim is request:
                     break
             else:
                 self._take(out, request, num_new)
                 budget -= num_new
                 index += 1
-        if not out.preempted:  # admitting new work while evicting running work would thrash
+        if not evicted:
             limit = self.max_loras
             adapters = {r.lora_id for r in self.running if r.lora_id} if limit is not None else set()
             index = 0  # waiting requests before it were passed over (their adapter cannot run now)
@@ -101,16 +124,40 @@ class Scheduler:
                     request.num_cached_tokens = num_cached
                 request.num_computed_tokens = num_cached
                 request.status = RequestStatus.RUNNING
-                self.running.append(request)
+                if self.by_priority:
+                    self._insert(self.running, request)
+                else:
+                    self.running.append(request)
                 self._take(out, request, num_new)
                 budget -= num_new
         return out
+
+    def _preempt_for_waiting(self, out: SchedulerOutput) -> None:
+        """Priority policy: while the first waiting request outranks the last running one and cannot be
+        admitted this step for want of a sequence slot or of blocks, preempt the latter. The running requests
+        are counted as taking their whole next step (as they do unless blocks run short)."""
+        while self.waiting and self.running and self.waiting[0].rank < self.running[-1].rank:
+            candidate = self.waiting[0]
+            if len(self.running) < self.config.max_num_seqs:
+                steps = [(r, r.num_tokens - r.num_computed_tokens + len(r.spec_token_ids)) for r in self.running]
+                budget = self.config.max_num_batched_tokens - sum(n for _, n in steps)
+                if budget <= 0:
+                    return  # no admission this step, whatever is preempted
+                growth = sum(self.kv_cache.num_blocks_taken(r, n) for r, n in steps)
+                computed = self.kv_cache.get_computed_blocks(candidate)
+                uncached = candidate.num_tokens - len(computed) * self.kv_cache.block_size
+                needed = self.kv_cache.num_blocks_taken(candidate, min(uncached, budget), computed)
+                if growth + needed <= self.kv_cache.pool.num_free_blocks:
+                    return
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
 
     def schedule_decodes(self, requests: list[Request]) -> list[ScheduledRequest] | None:
         """One more token for each of `requests` (running, decoding), scheduled while the step before is still
         on the device (async scheduling); None, changing nothing, when the free blocks or the token budget
         do not cover all of them (the caller then waits for that step and schedules normally)."""
-        needed = sum(self.kv_cache.num_new_blocks(r, 1) for r in requests)
+        needed = sum(self.kv_cache.num_blocks_taken(r, 1) for r in requests)
         if needed > self.kv_cache.pool.num_free_blocks or len(requests) > self.config.max_num_batched_tokens:
             return None
         out = SchedulerOutput()
@@ -139,7 +186,10 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        if self.by_priority:
+            self._insert(self.waiting, request)
+        else:
+            self.waiting.appendleft(request)
 
     def finish(self, request: Request, reason: str, stop_reason: str | int | None = None) -> None:
         """End a request (stop, length or abort) wherever it is, and free its blocks at once."""

@@ -180,6 +180,7 @@ class SamplingFields(OpenAIModel):
     structured_outputs: StructuredOutputsField | None = None
     prediction: PredictedOutputField | None = None
     truncate_prompt_tokens: int | None = None  # vLLM's: keep only the prompt's last k tokens (-1: the model's length)
+    priority: int = 0  # vLLM's: under --scheduling-policy priority, lower values are served first
 
     def sampling_params(
         self,
@@ -367,6 +368,7 @@ class EmbeddingRequest(OpenAIModel):
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
     truncate_prompt_tokens: int | None = None  # as SamplingFields'
+    priority: int = 0  # as SamplingFields'
 
 
 class LoadLoRAAdapterRequest(OpenAIModel):

@@ -86,6 +86,7 @@ class ResponsesRequest(OpenAIModel):
     truncation: Literal["auto", "disabled"] = "disabled"  # auto: drop the oldest turns that do not fit
     metadata: dict[str, str] | None = None
     user: str | None = None
+    priority: int = 0  # vLLM's, as on the chat API
 
     def check_extra_fields(self) -> None:
         """Refuse the API's fields that Ember lacks when they ask for something, and `include` values other than
@@ -117,6 +118,7 @@ class ResponsesRequest(OpenAIModel):
             **{name: getattr(self, name) for name in ("temperature", "top_p") if name in self.model_fields_set},
             "seed": self.seed,
             "user": self.user,
+            "priority": self.priority,
             "logprobs": self.wants_logprobs,
             "top_logprobs": self.top_logprobs if self.wants_logprobs else None,
             "parallel_tool_calls": self.parallel_tool_calls,

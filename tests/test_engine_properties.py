@@ -121,9 +121,7 @@ def test_the_priority_policy_runs_requests_in_priority_then_arrival_order(tiny_m
     assert ended == [3, 1, 4, 2, 0]
 
 
-def test_an_outranking_request_preempts_the_least_important_running_one(
-    engines: tuple[LLM, LLM], ranked: LLM
-) -> None:
+def test_an_outranking_request_preempts_the_least_important_running_one(engines: tuple[LLM, LLM], ranked: LLM) -> None:
     """Under the priority policy a request that outranks running ones takes a sequence slot (or blocks) from the
     least important, newest of them at once; one of equal priority waits its turn. Preempted requests recompute
     to the same greedy outputs. The first-come policy refuses priorities."""

@@ -123,6 +123,30 @@ def test_repeated_prompt_is_served_from_cache_but_recomputes_its_last_token(engi
     assert uncached.generate(prompt, params)[0].num_cached_tokens == 0
 
 
+def test_a_cache_salt_keeps_its_requests_prefixes_apart(engines: tuple[LLM, LLM]) -> None:
+    """vLLM's `cache_salt`: a prefix is found only by requests of the salt it was computed under (none: by
+    unsalted ones), so a tenant cannot time another's cache hits; the outputs are the same either way."""
+    cached, _ = engines
+    engine = cached.engine
+    engine.reset_prefix_cache()
+    prompt = PREFIXES[3][:24]  # 6 full blocks: a hit reuses 5
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+
+    def run(salt: str | None) -> tuple[int, list[int]]:
+        request_id = engine.add_request(prompt, params, cache_salt=salt)
+        for _ in range(50):  # bounded
+            for out in engine.step():
+                if out.request_id == request_id and out.finished:
+                    return out.num_cached_tokens, out.outputs[0].token_ids
+        raise AssertionError("the request did not finish")
+
+    runs = [run(salt) for salt in ("tenant-a", "tenant-b", "tenant-a", "tenant-b", None, None)]
+    assert [hits for hits, _ in runs] == [0, 0, 20, 20, 0, 20]
+    assert all(tokens == runs[0][1] for _, tokens in runs)
+    with pytest.raises(ValueError, match="cache_salt must be a non-empty string"):
+        engine.add_request(prompt, params, cache_salt="")
+
+
 def test_parallel_samples_share_the_prompt_blocks(tiny_models: dict) -> None:
     llm = LLM(str(tiny_models["qwen3"][0]), num_blocks=64, block_size=8, dtype="float32")
     engine = llm.engine

@@ -953,6 +953,32 @@ def test_multi_turn_conversation_reports_growing_cached_tokens(server: ServerPro
     assert again.usage.prompt_tokens_details.cached_tokens == 0
 
 
+def test_a_cache_salt_keeps_a_tenants_prefixes_its_own(server: ServerProcess, client: OpenAI) -> None:
+    """vLLM's `cache_salt` on chat, completions and the Responses API: the same prompt under another salt (or
+    none) finds nothing cached; under its own salt it does. An empty salt is a 400."""
+    messages = [{"role": "user", "content": "A prompt long enough to fill two KV blocks. " * 5}]
+
+    def cached(salt: str | None, api: str = "chat") -> int:
+        extra = {"cache_salt": salt} if salt is not None else {}
+        if api == "completions":
+            text = "A prompt long enough to fill two KV blocks. " * 5
+            reply = client.completions.create(model=MODEL, prompt=text, max_tokens=1, extra_body=extra)
+        elif api == "responses":
+            response = client.responses.create(model=MODEL, input=messages, max_output_tokens=1, extra_body=extra)
+            return response.usage.input_tokens_details.cached_tokens
+        else:
+            reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, extra_body=extra)
+        return reply.usage.prompt_tokens_details.cached_tokens
+
+    assert cached("a") == 0 and cached("b") == 0 and cached(None) == 0
+    assert cached("a") > 16 and cached("b") > 16 and cached(None) > 16
+    assert cached("c", "responses") == 0 and cached("c") > 16  # the Responses API's prompt is the chat's
+    assert cached("d", "completions") == 0 and cached("d", "completions") > 16
+    for path, body in [("/v1/chat/completions", {"messages": messages}), ("/v1/completions", {"prompt": "x"})]:
+        refused = httpx.post(f"{server.url}{path}", json={**body, "cache_salt": ""})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "cache_salt", refused.text
+
+
 PERSON_SCHEMA = {
     "type": "object",
     "properties": {

@@ -107,10 +107,11 @@ class AsyncEngine:
         lora: str | None = None,
         pooling: str | None = None,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream one request's deltas (with the LoRA adapter named `lora`, if any; an embedding request with
-        `pooling`; `priority`: see `Engine.add_request`). Raises ValueError for bad input, EngineOverloadedError
-        when full.
+        `pooling`; `priority` and `cache_salt`: see `Engine.add_request`). Raises ValueError for bad input,
+        EngineOverloadedError when full.
 
         If the consumer stops early (e.g. the client disconnected), the request is aborted at once.
         """
@@ -139,7 +140,7 @@ class AsyncEngine:
                         request_id,
                         prompt,
                         params,
-                        {"lora": lora, "pooling": pooling, "priority": priority},
+                        {"lora": lora, "pooling": pooling, "priority": priority, "cache_salt": cache_salt},
                         stream,
                         accepted,
                     ),

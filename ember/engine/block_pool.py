@@ -31,10 +31,13 @@ class BlockPromptLogprobs:
     last_hidden: torch.Tensor
 
 
-def hash_block(parent: BlockHash | None, token_ids: tuple[int, ...], lora_id: int = 0) -> BlockHash:
+def hash_block(
+    parent: BlockHash | None, token_ids: tuple[int, ...], lora_id: int = 0, salt: str | None = None
+) -> BlockHash:
     """The hash of a full block: its parent's hash chained with its tokens. A first block (no parent) of a
-    request with a LoRA adapter also hashes the adapter's id: the same tokens make other KV under it."""
-    root = ("lora", lora_id) if parent is None and lora_id else parent
+    request with a LoRA adapter also hashes the adapter's id (the same tokens make other KV under it), and one
+    with a cache salt the salt (its prefixes are found only by requests of that salt)."""
+    root = ("namespace", lora_id, salt) if parent is None and (lora_id or salt is not None) else parent
     return hash((root, token_ids))
 
 

@@ -298,6 +298,7 @@ class Engine:
         lora: str | None = None,
         pooling: str | None = None,
         priority: int = 0,
+        cache_salt: str | None = None,
     ) -> str:
         """Validate and queue a request; returns its id. Raises ValueError with a clear message.
 
@@ -305,11 +306,15 @@ class Engine:
         delta at every step: offline generation skips building (and merging) an output per token. `lora`: the
         name of a loaded LoRA adapter to generate with (None: the base model). `pooling` ("last" or "mean"): an
         embedding request, which computes the prompt and ends with its `embedding`; `params` are then unused.
-        `priority`: under the "priority" scheduling policy, lower values are served first (any int; default 0)."""
+        `priority`: under the "priority" scheduling policy, lower values are served first (any int; default 0).
+        `cache_salt` (vLLM's): the request's prefix cache is its own, shared only with requests of the same salt,
+        so that one tenant cannot learn from cache hits (time to first token) what another's prompts held."""
         if priority and not self.scheduler.by_priority:
             raise InvalidParameter(
                 "priority", f"priority={priority} needs the priority scheduling policy (--scheduling-policy priority)"
             )
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise InvalidParameter("cache_salt", "cache_salt must be a non-empty string")
         if pooling is not None:
             if pooling not in POOLING:
                 raise InvalidParameter("pooling", f"pooling must be one of {', '.join(POOLING)}, got {pooling!r}")
@@ -360,6 +365,7 @@ class Engine:
             child.lora_id = lora_id
             child.pooling = pooling
             child.priority = priority
+            child.cache_salt = cache_salt
             if prediction and self.speculator is not None:
                 child.prediction = PredictedOutput(prediction)
             if compiler is not None:

@@ -35,7 +35,8 @@ class KVCacheManager:
         while len(hashes) < request.num_committed_tokens // bs:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, tuple(tokens[i * bs : (i + 1) * bs]), request.lora_id))
+            block = tuple(tokens[i * bs : (i + 1) * bs])
+            hashes.append(hash_block(parent, block, request.lora_id, request.cache_salt))
         return hashes
 
     def get_computed_blocks(self, request: Request) -> list[int]:

@@ -66,6 +66,7 @@ class Request:
         self.lora_id = 0  # the LoRA adapter it runs with (`LoRAAdapter.adapter_id`); 0: the base model
         self.priority = 0  # the "priority" scheduling policy serves lower values first
         self.arrival = 0  # its place in the order requests reached the scheduler
+        self.cache_salt: str | None = None  # its prefix cache is shared only with requests of the same salt
         # an embedding request ("last" or "mean" pooling of the prompt's final hidden states) samples nothing: it
         # ends when its prompt is computed, with `embedding` (L2-normalized, fp32, on the host)
         self.pooling: str | None = None

@@ -41,6 +41,7 @@ from ember.server.fill_in_middle import fim_prompt, fim_token_ids
 from ember.server.messages import MessageBuilder, MessagesRequest, anthropic_error
 from ember.server.metrics import EngineMetrics
 from ember.server.protocol import (
+    Admission,
     ChatCompletionRequest,
     ChatMessage,
     ChatTemplateFields,
@@ -210,15 +211,17 @@ class OpenAIServer:
         model: str,
         pooling: str | None = None,
         window: asyncio.Semaphore | None = None,
-        priority: int = 0,
+        admission: Admission | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """The engine's outputs for one prompt; `request_id` (the API's id) names it in the engine and its logs;
         `model` (from `check_model`) is the base model or a LoRA adapter; `pooling`: an embedding request;
-        `window`: held while the prompt is in the engine (see `prompt_window`); `priority`: the request's."""
+        `window`: held while the prompt is in the engine (see `prompt_window`); `admission`: the request's
+        priority and cache salt."""
         lora = None if model == self.model_name else model
+        admission = admission or {}
         async with window or contextlib.nullcontext():
             try:
-                async for out in self.engine.generate(prompt, params, request_id, lora, pooling, priority):
+                async for out in self.engine.generate(prompt, params, request_id, lora, pooling, **admission):
                     yield out
             except ValueError as e:
                 raise APIError(400, str(e), param=getattr(e, "param", None)) from e
@@ -292,7 +295,7 @@ class OpenAIServer:
         # a constraint that holds from the first token (a schema, required tool calls) leaves no room to think
         free_start = params.structured_outputs is None or (bool(tools) and body.tool_choice in (None, "auto"))
         thinking = prompt_opens_thinking(text) if self.formatter.thinks and free_start else None
-        return PreparedChat(model, prompt_ids, params, tools, thinking, body.return_token_ids, body.priority)
+        return PreparedChat(model, prompt_ids, params, tools, thinking, body.return_token_ids, body.admission())
 
     def chat_prompt(
         self, body: ChatTemplateFields, messages: list[ChatMessage], tools: list[Tool] | None
@@ -325,9 +328,9 @@ class OpenAIServer:
         request_id, created = api_id("chatcmpl", request), now()
         beam = self.beam_search_params(body, body.max_completion_tokens or body.max_tokens or self.max_model_len)
         if beam is not None:
-            final = await self.beam_search(prompt_ids, beam, request_id, chat.model, request, None, chat.priority)
+            final = await self.beam_search(prompt_ids, beam, request_id, chat.model, request, None, chat.admission)
         else:
-            outputs = self.stream_outputs(prompt_ids, params, request_id, chat.model, priority=chat.priority)
+            outputs = self.stream_outputs(prompt_ids, params, request_id, chat.model, admission=chat.admission)
             if body.stream:
                 first = await anext_or_error(outputs)
                 options = body.stream_options or StreamOptions()
@@ -526,7 +529,7 @@ class OpenAIServer:
             update={"parallel_tool_calls": self.parallel_tool_calls(body.parallel_tool_calls), **used}
         )
         builder = ResponseBuilder(body, prepared.model, now(), self.tool_format(tools), prepared.opens_thinking)
-        outputs = self.stream_outputs(prompt_ids, params, builder.id, prepared.model, priority=prepared.priority)
+        outputs = self.stream_outputs(prompt_ids, params, builder.id, prepared.model, admission=prepared.admission)
         if body.stream:
             first = await anext_or_error(outputs)
             events = self.response_events(builder, conversation, first, outputs, len(prompt_ids))
@@ -700,14 +703,14 @@ class OpenAIServer:
         if beam is not None:
             window = self.prompt_window(len(prompts) * beam.beam_width)
             searches = (
-                self.beam_search(ids, beam, f"{request_id}-{i}", model, request, window, body.priority)
+                self.beam_search(ids, beam, f"{request_id}-{i}", model, request, window, body.admission())
                 for i, ids in enumerate(prompts)
             )
             finals = list(await asyncio.gather(*searches))
             return self.completion_response(body, finals, prompts, echoes, request_id, created, model, params)
         window = self.prompt_window(len(prompts))
         streams = [
-            self.stream_outputs(ids, params, f"{request_id}-{i}", model, window=window, priority=body.priority)
+            self.stream_outputs(ids, params, f"{request_id}-{i}", model, window=window, admission=body.admission())
             for i, ids in enumerate(prompts)
         ]
         if body.stream:
@@ -900,7 +903,7 @@ class OpenAIServer:
         model: str,
         request: Request,
         window: asyncio.Semaphore | None = None,
-        priority: int = 0,
+        admission: Admission | None = None,
     ) -> RequestOutput:
         """Beam search over the engine (see `beam_search.py`): each step, one single-token request per live beam;
         the prefix cache holds what the beams share."""
@@ -914,7 +917,7 @@ class OpenAIServer:
                     f"{request_id}-{search.steps}-{i}",
                     model,
                     window=window,
-                    priority=priority,
+                    admission=admission,
                 )
                 for i, ids in enumerate(search.sequences())
             ]
@@ -941,7 +944,7 @@ class OpenAIServer:
         hidden = self.engine.engine.model_config.hidden_size
         if body.dimensions is not None and body.dimensions > hidden:
             raise APIError(400, f"'dimensions' must be at most {hidden} for this model", param="dimensions")
-        vectors = await self.pool(prompts, model, api_id("embd", request), request, body.priority)
+        vectors = await self.pool(prompts, model, api_id("embd", request), request, {"priority": body.priority})
         data = []
         for index, vector in enumerate(vectors):
             if body.dimensions is not None:
@@ -1005,13 +1008,18 @@ class OpenAIServer:
         return prompts
 
     async def pool(
-        self, prompts: list[list[int]], model: str, request_id: str, request: Request, priority: int = 0
+        self,
+        prompts: list[list[int]],
+        model: str,
+        request_id: str,
+        request: Request,
+        admission: Admission | None = None,
     ) -> list[list[float]]:
         """The prompts' embeddings: final hidden states pooled (`self.pooling`) and L2-normalized, computed a
         batch's worth of prompts at a time (`prompt_window`)."""
         window = self.prompt_window(len(prompts))
         streams = [
-            self.stream_outputs(ids, SamplingParams(), f"{request_id}-{i}", model, self.pooling, window, priority)
+            self.stream_outputs(ids, SamplingParams(), f"{request_id}-{i}", model, self.pooling, window, admission)
             for i, ids in enumerate(prompts)
         ]
         finals = await asyncio.gather(*(collect(s, request) for s in streams))
@@ -1105,7 +1113,7 @@ class PreparedChat:
     tools: list[Tool] | None
     opens_thinking: bool | None
     return_token_ids: bool = False  # vLLM's: the response carries the prompt's and the reply's token ids
-    priority: int = 0  # under the priority scheduling policy
+    admission: Admission | None = None  # its priority and cache salt
 
 
 def prediction_drafts(params: SamplingParams, outputs: list[RequestOutput]) -> tuple[int, int] | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -146,6 +146,13 @@ def sampling_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
     return {name: generation_config[name] for name in MODEL_SAMPLING_DEFAULTS if name in generation_config}
 
 
+class Admission(TypedDict, total=False):
+    """A request's engine options beside sampling: `Engine.add_request`'s `priority` and `cache_salt`."""
+
+    priority: int
+    cache_salt: str | None
+
+
 class SamplingFields(OpenAIModel):
     """Fields shared by chat and text completions. Unknown fields are kept (`model_extra`) to be checked."""
 
@@ -181,6 +188,11 @@ class SamplingFields(OpenAIModel):
     prediction: PredictedOutputField | None = None
     truncate_prompt_tokens: int | None = None  # vLLM's: keep only the prompt's last k tokens (-1: the model's length)
     priority: int = 0  # vLLM's: under --scheduling-policy priority, lower values are served first
+    cache_salt: str | None = Field(None, min_length=1)  # vLLM's: a prefix cache apart (see `Engine.add_request`)
+
+    def admission(self) -> Admission:
+        """How the engine admits the request and caches its prefix, beside what it samples."""
+        return {"priority": self.priority, "cache_salt": self.cache_salt}
 
     def sampling_params(
         self,

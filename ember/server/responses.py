@@ -87,6 +87,7 @@ class ResponsesRequest(OpenAIModel):
     metadata: dict[str, str] | None = None
     user: str | None = None
     priority: int = 0  # vLLM's, as on the chat API
+    cache_salt: str | None = Field(None, min_length=1)  # likewise
 
     def check_extra_fields(self) -> None:
         """Refuse the API's fields that Ember lacks when they ask for something, and `include` values other than
@@ -119,6 +120,7 @@ class ResponsesRequest(OpenAIModel):
             "seed": self.seed,
             "user": self.user,
             "priority": self.priority,
+            "cache_salt": self.cache_salt,
             "logprobs": self.wants_logprobs,
             "top_logprobs": self.top_logprobs if self.wants_logprobs else None,
             "parallel_tool_calls": self.parallel_tool_calls,

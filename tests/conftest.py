@@ -100,8 +100,11 @@ def hf_smollm() -> Any:
 
 @pytest.fixture(scope="session")
 def smollm_server() -> Iterator[ServerProcess]:
-    """One `ember serve` of SmolLM2 (fp32) for the whole session: the server, agent and memory tests share it."""
-    with running_server("--dtype", "float32", "--max-num-batched-tokens", "512") as s:
+    """One `ember serve` of SmolLM2 (fp32) for the whole session: the server, agent and memory tests share it.
+    Requests may bring their own chat templates (a thinking model's, a Llama 3 one); vLLM's launch flag for tool
+    calling is accepted."""
+    flags = ("--trust-request-chat-template", "--enable-auto-tool-choice")
+    with running_server("--dtype", "float32", "--max-num-batched-tokens", "512", *flags) as s:
         yield s
 
 

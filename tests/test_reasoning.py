@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -10,7 +9,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from ember.server.launch import ServerProcess, running_server
+from ember.server.launch import ServerProcess
 from ember.server.reasoning import ReasoningParser, prompt_opens_thinking, split_reasoning, template_thinks
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -57,11 +56,7 @@ def test_which_prompts_open_a_think_block_and_which_templates_think() -> None:
     assert template_thinks(THINKING_TEMPLATE) and not template_thinks("{{ messages }}") and not template_thinks(None)
 
 
-@pytest.fixture(scope="module")
-def thinking_server() -> Iterator[ServerProcess]:
-    vllm_flags = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]  # accepted: its commands run
-    with running_server("--dtype", "float32", "--chat-template", THINKING_TEMPLATE, *vllm_flags) as server:
-        yield server
+THINKING = {"chat_template": THINKING_TEMPLATE}  # each request's own template: the shared server trusts them
 
 
 def streamed(client: OpenAI, **kwargs: Any) -> tuple[str, str]:
@@ -76,12 +71,11 @@ def streamed(client: OpenAI, **kwargs: Any) -> tuple[str, str]:
     return thinking, answer
 
 
-def test_thinking_comes_apart_from_the_answer_and_enable_thinking_reaches_the_template(
-    thinking_server: ServerProcess,
-) -> None:
-    client = OpenAI(base_url=f"{thinking_server.url}/v1", api_key="unused", max_retries=0)
+def test_thinking_comes_apart_from_the_answer_and_enable_thinking_reaches_the_template(server: ServerProcess) -> None:
+    """On a request's own thinking template (vLLM's `chat_template`, the server trusting request templates)."""
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     kwargs: dict[str, Any] = dict(
-        messages=[{"role": "user", "content": "What is 2 + 2?"}], max_tokens=12, temperature=0
+        messages=[{"role": "user", "content": "What is 2 + 2?"}], max_tokens=12, temperature=0, extra_body=THINKING
     )
 
     reply = client.chat.completions.create(model=MODEL, **kwargs)
@@ -96,24 +90,27 @@ def test_thinking_comes_apart_from_the_answer_and_enable_thinking_reaches_the_te
     stream = client.chat.completions.create(model=MODEL, stream=True, stream_options={"include_usage": True}, **kwargs)
     assert list(stream)[-1].usage.completion_tokens_details.reasoning_tokens == reasoning_tokens
 
-    off = {"chat_template_kwargs": {"enable_thinking": False}}
-    plain = client.chat.completions.create(model=MODEL, extra_body=off, **kwargs)
+    off = {**THINKING, "chat_template_kwargs": {"enable_thinking": False}}
+    plain = client.chat.completions.create(model=MODEL, **{**kwargs, "extra_body": off})
     assert plain.usage.completion_tokens_details.reasoning_tokens == 0
     answer = plain.choices[0].message
     assert answer.content and "reasoning" not in (answer.model_extra or {})
-    assert streamed(client, extra_body=off, **kwargs) == ("", answer.content)
+    assert streamed(client, **{**kwargs, "extra_body": off}) == ("", answer.content)
 
     as_json = client.chat.completions.create(model=MODEL, response_format={"type": "json_object"}, **kwargs)
     assert as_json.choices[0].message.content.startswith("{")  # a schema from the first token: no thinking
 
     counts = [
-        httpx.post(f"{thinking_server.url}/tokenize", json={"messages": kwargs["messages"], **extra}).json()["count"]
-        for extra in ({}, off)
+        httpx.post(f"{server.url}/tokenize", json={"messages": kwargs["messages"], **extra}).json()["count"]
+        for extra in (THINKING, off)
     ]
     assert counts[1] > counts[0]  # the empty block closed in the prompt
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=MODEL, extra_body={"chat_template_kwargs": {"tools": []}}, **kwargs)
+        tools = {**THINKING, "chat_template_kwargs": {"tools": []}}
+        client.chat.completions.create(model=MODEL, **{**kwargs, "extra_body": tools})
     assert info.value.body["param"] == "chat_template_kwargs" and "'tools'" in info.value.body["message"]
+    plain = client.chat.completions.create(model=MODEL, **{**kwargs, "extra_body": {}})  # the server's template
+    assert plain.choices[0].message.content and "reasoning" not in (plain.choices[0].message.model_extra or {})
 
 
 @pytest.mark.parametrize("piece", [1, 4, 100])
@@ -138,11 +135,17 @@ def test_responses_get_the_thinking_as_a_reasoning_item_before_the_answer(piece:
     assert builder.reply_message().reasoning_content == "Two and two."
 
 
-def test_responses_of_a_thinking_model(thinking_server: ServerProcess) -> None:
-    client = OpenAI(base_url=f"{thinking_server.url}/v1", api_key="unused", max_retries=0)
-    kwargs: dict[str, Any] = dict(model=MODEL, input="What is 2 + 2?", max_output_tokens=12, temperature=0)
+def test_responses_of_a_thinking_model(server: ServerProcess) -> None:
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    kwargs: dict[str, Any] = dict(
+        model=MODEL, input="What is 2 + 2?", max_output_tokens=12, temperature=0, extra_body=THINKING
+    )
     chat = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": kwargs["input"]}], max_tokens=12, temperature=0
+        model=MODEL,
+        messages=[{"role": "user", "content": kwargs["input"]}],
+        max_tokens=12,
+        temperature=0,
+        extra_body=THINKING,
     )
     thinking = chat.choices[0].message.model_extra["reasoning"]
     response = client.responses.create(**kwargs)

@@ -507,6 +507,7 @@ def test_concurrent_streams_with_disconnects_free_everything(server: ServerProce
             "tools.1.function.name",
         ),
         (b'{"messages": [{"role": "user", "content": [{"type": "text"}]}]}', 400, "messages"),
+        (b'{"messages": [{"role": "user", "content": "hi"}], "chat_template": "{% for m in %}"}', 400, "chat_template"),
     ],
 )
 def test_bad_chat_requests(server: ServerProcess, body: bytes, status: int, param: str | None) -> None:
@@ -818,6 +819,8 @@ def test_chat_template_allowed_origins_and_the_stats_line(tmp_path: Path, monkey
         text = httpx.post(f"{custom.url}/detokenize", json={"tokens": ids}).json()["prompt"]
         assert text == "[system] Be brief.\n[user] Hi\n[assistant]"
         assert httpx.get(f"{custom.url}/tokenizer_info").json()["chat_template"] == template
+        own = httpx.post(f"{custom.url}/tokenize", json={**messages, "chat_template": "{{ messages }}"})
+        assert own.status_code == 400 and "--trust-request-chat-template" in own.json()["error"]["message"]
         reply = httpx.post(f"{custom.url}/v1/chat/completions", json={**messages, "max_tokens": 3}, headers=key).json()
         assert reply["usage"]["prompt_tokens"] == len(ids)
         answer = preflight(custom.url, app)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -11,7 +10,7 @@ import pytest
 from openai import OpenAI
 
 from ember.server.chat import ChatFormatter
-from ember.server.launch import ServerProcess, running_server
+from ember.server.launch import ServerProcess
 from ember.server.protocol import ChatMessage, Tool
 from ember.server.tools import (
     HERMES,
@@ -344,23 +343,22 @@ def test_tool_grammar_allows_exactly_well_formed_calls(
     assert not any(whole_reply_ok(reply) for reply in rejected)
 
 
-@pytest.fixture(scope="module")
-def llama3_server() -> Iterator[ServerProcess]:
-    with running_server("--dtype", "float32", "--chat-template", LLAMA3_TEMPLATE) as server:
-        yield server
-
-
-def test_a_server_on_a_llama3_template_takes_and_gives_calls_in_its_format(llama3_server: ServerProcess) -> None:
-    """`--tool-call-parser auto` on a Llama-3-style template: the template renders the tools (no Ember
-    instructions), the model writes `{"name": ..., "parameters": ...}` (one call unless parallel calls are asked
-    for, then joined by "; "), which come back as OpenAI tool calls, whole and streamed, and through the Responses
-    API; the call sent back is rendered by the template."""
-    client = OpenAI(base_url=f"{llama3_server.url}/v1", api_key="unused")
-    ids = httpx.post(f"{llama3_server.url}/tokenize", json={"messages": QUESTION, "tools": API_TOOLS}).json()["tokens"]
-    prompt = httpx.post(f"{llama3_server.url}/detokenize", json={"tokens": ids}).json()["prompt"]
+def test_a_llama3_template_takes_and_gives_calls_in_its_format(server: ServerProcess) -> None:
+    """`--tool-call-parser auto` on a Llama-3-style template (the request's own, vLLM's `chat_template`, which the
+    shared server trusts): the template renders the tools (no Ember instructions), the model writes `{"name": ...,
+    "parameters": ...}` (one call unless parallel calls are asked for, then joined by "; "), which come back as
+    OpenAI tool calls, whole and streamed, and through the Responses API; the call sent back is rendered by the
+    template."""
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    template = {"chat_template": LLAMA3_TEMPLATE}
+    asked = {"messages": QUESTION, "tools": API_TOOLS}
+    ids = httpx.post(f"{server.url}/tokenize", json={**asked, **template}).json()["tokens"]
+    prompt = httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()["prompt"]
     assert "Environment: ipython" in prompt and "<tool_call>" not in prompt
+    ids = httpx.post(f"{server.url}/tokenize", json=asked).json()["tokens"]  # the server's own template: Hermes
+    assert "<tool_call>" in httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()["prompt"]
 
-    kwargs: dict[str, Any] = dict(messages=QUESTION, tools=API_TOOLS, max_tokens=60, temperature=0)
+    kwargs: dict[str, Any] = dict(messages=QUESTION, tools=API_TOOLS, max_tokens=60, temperature=0, extra_body=template)
     required = client.chat.completions.create(model=MODEL, tool_choice="required", **kwargs).choices[0]
     assert required.finish_reason == "tool_calls" and required.message.content is None
     (call,) = required.message.tool_calls  # one: Llama 3's templates take one call per turn
@@ -383,16 +381,18 @@ def test_a_server_on_a_llama3_template_takes_and_gives_calls_in_its_format(llama
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"},
     ]
-    ids = httpx.post(f"{llama3_server.url}/tokenize", json={"messages": conversation, "tools": API_TOOLS}).json()[
-        "tokens"
-    ]
-    prompt = httpx.post(f"{llama3_server.url}/detokenize", json={"tokens": ids}).json()["prompt"]
+    ids = httpx.post(f"{server.url}/tokenize", json={**asked, **template, "messages": conversation}).json()["tokens"]
+    prompt = httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()["prompt"]
     sent_back = f'{{"name": "{call.function.name}", "parameters": {call.function.arguments}}}'
     assert f"<|end_header_id|>\n\n{sent_back}<|eot_id|>" in prompt, prompt
 
     function = {k: v for k, v in API_TOOLS[0]["function"].items()}
     response = client.responses.create(
-        model=MODEL, input=QUESTION[0]["content"], tools=[{"type": "function", **function}], tool_choice="required"
+        model=MODEL,
+        input=QUESTION[0]["content"],
+        tools=[{"type": "function", **function}],
+        tool_choice="required",
+        extra_body=template,
     )
     (item,) = response.output
     assert item.type == "function_call" and item.name == "get_weather" and "city" in json.loads(item.arguments)

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ from ember.engine.request import RequestOutput, TokenLogprob
 from ember.engine.sampling_params import SamplingParams
 from ember.engine.schema_check import check_enforceable
 from ember.engine.structured_output import StructuredOutputs
-from ember.server.chat import ChatFormatter
+from ember.server.chat import ChatFormatter, check_template_syntax
 from ember.server.fill_in_middle import fim_prompt, fim_token_ids
 from ember.server.messages import MessageBuilder, MessagesRequest, anthropic_error
 from ember.server.metrics import EngineMetrics
@@ -126,19 +127,28 @@ class OpenAIServer:
         tool_call_parser: str = "auto",
         pooling: str = "last",
         generation_config: str = "auto",
+        trust_request_chat_template: bool = False,
     ) -> None:
         """`chat_template` replaces the model's; `allowed_origins` are the browser origins that may call the API
         (None: pages served from this machine, `*`: any); `reasoning`: whether replies are split into thinking
         and answer (None: when the chat template writes think blocks); `runtime_lora`: whether clients may load
         and unload LoRA adapters; `tool_call_parser`: the format of tool calls (`--tool-call-parser`);
         `pooling`: how /v1/embeddings pools a prompt's hidden states ("last", "mean"); `generation_config`:
-        "auto" takes the model's sampling defaults for the fields a request leaves out, "vllm" the API's."""
+        "auto" takes the model's sampling defaults for the fields a request leaves out, "vllm" the API's;
+        `trust_request_chat_template`: whether a request's own `chat_template` is used (else refused)."""
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
         self.api_key = api_key
         self.allowed_origins = allowed_origins
         self.formatter = ChatFormatter(engine.engine.tokenizer, chat_template, reasoning, tool_call_parser)
+        self.trust_request_chat_template = trust_request_chat_template
+        # formatters of the templates requests send, as the server's own is made (a template parses once)
+        self.request_formatter = functools.lru_cache(maxsize=16)(
+            functools.partial(
+                ChatFormatter, engine.engine.tokenizer, thinks=reasoning, tool_call_parser=tool_call_parser
+            )
+        )
         self.max_model_len = engine.engine.max_model_len
         self.response_store = ResponseStore()
         self.runtime_lora = runtime_lora
@@ -277,25 +287,44 @@ class OpenAIServer:
     # ------------------------------------------------------------------------------------------------
     # Chat completions
 
+    def template_of(self, body: ChatTemplateFields) -> ChatFormatter:
+        """The chat template a request is rendered with, its tool-call format and thinking: the server's, or
+        the request's own `chat_template` (vLLM's; only with --trust-request-chat-template, since a template is
+        code the server runs, sandboxed but unbounded in time)."""
+        if body.chat_template is None:
+            return self.formatter
+        if not self.trust_request_chat_template:
+            message = (
+                "this server does not take a request's 'chat_template' (start it with --trust-request-chat-template)"
+            )
+            raise APIError(400, message, param="chat_template")
+        try:
+            check_template_syntax(body.chat_template, "chat_template")
+        except ValueError as e:
+            raise APIError(400, str(e), param="chat_template") from e
+        return self.request_formatter(body.chat_template)  # type: ignore[no-any-return]
+
     def prepare_chat(self, body: ChatCompletionRequest) -> PreparedChat:
         """A chat request ready for the engine (also behind /v1/responses)."""
         model = self.check_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "'top_logprobs' requires 'logprobs': true", param="top_logprobs")
+        template = self.template_of(body)
         tools = self.active_tools(body)
-        structured = self.chat_constraint(body, tools)
+        structured = self.chat_constraint(body, tools, template)
         text, prompt_ids = self.chat_prompt(body, body.messages, tools)
         prompt_ids = self.truncated(prompt_ids, body.truncate_prompt_tokens)
         max_tokens = body.max_completion_tokens or body.max_tokens
         self.check_prompt_length(prompt_ids, max_tokens)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self.sampling_params(body, max_tokens, logprobs, structured)
-        if tools and self.formatter.tool_format.special_trigger:  # the calls open with a special token: keep it
+        if tools and template.tool_format.special_trigger:  # the calls open with a special token: keep it
             params = dataclasses.replace(params, skip_special_tokens=False)
         # a constraint that holds from the first token (a schema, required tool calls) leaves no room to think
         free_start = params.structured_outputs is None or (bool(tools) and body.tool_choice in (None, "auto"))
-        thinking = prompt_opens_thinking(text) if self.formatter.thinks and free_start else None
-        return PreparedChat(model, prompt_ids, params, tools, thinking, body.return_token_ids, body.admission())
+        thinking = prompt_opens_thinking(text) if template.thinks and free_start else None
+        tool_format = template.tool_format if tools else None
+        return PreparedChat(model, prompt_ids, params, tool_format, thinking, body.return_token_ids, body.admission())
 
     def chat_prompt(
         self, body: ChatTemplateFields, messages: list[ChatMessage], tools: list[Tool] | None
@@ -313,12 +342,13 @@ class OpenAIServer:
         if continuing and messages[-1].role != "assistant":
             raise APIError(400, "'continue_final_message' needs an assistant's message last", param="messages")
         add_generation_prompt = not continuing if body.add_generation_prompt is None else body.add_generation_prompt
-        taken = sorted(set(body.chat_template_kwargs or {}) & self.formatter.reserved_template_names)
+        template = self.template_of(body)
+        taken = sorted(set(body.chat_template_kwargs or {}) & template.reserved_template_names)
         if taken:
             message = f"chat_template_kwargs cannot set {', '.join(map(repr, taken))}: the request's own fields do"
             raise APIError(400, message, param="chat_template_kwargs")
         try:
-            return self.formatter.prompt(messages, tools, add_generation_prompt, continuing, body.chat_template_kwargs)
+            return template.prompt(messages, tools, add_generation_prompt, continuing, body.chat_template_kwargs)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from e
 
@@ -348,8 +378,8 @@ class OpenAIServer:
                 if thinking is not None:
                     message["reasoning"] = message["reasoning_content"] = thinking
                     message["content"] = message["content"] or None  # all thinking: no answer yet
-            if chat.tools and message["content"]:
-                content, calls = split_tool_calls(message["content"], self.formatter.tool_format)
+            if chat.tool_format is not None and message["content"]:
+                content, calls = split_tool_calls(message["content"], chat.tool_format)
                 message["content"] = content
                 if calls:
                     message["tool_calls"] = [call.as_openai() for call in calls]
@@ -409,19 +439,18 @@ class OpenAIServer:
             raise APIError(400, message, param="tool_choice")
         return body.tools if body.tools and choice != "none" else None
 
-    def tool_format(self, tools: list[Tool] | None) -> ToolCallFormat | None:
-        """The format the reply's tool calls are parsed in; None when it may hold none."""
-        return self.formatter.tool_format if tools else None
-
-    def parallel_tool_calls(self, requested: bool | None) -> bool:
-        """Whether one reply may hold several calls: as requested, else only when the model's chat template
-        speaks tool calls (a model never taught the format, like SmolLM2, repeats calls until max_tokens) and
-        takes several in one turn."""
+    def parallel_tool_calls(self, requested: bool | None, template: ChatFormatter | None = None) -> bool:
+        """Whether one reply may hold several calls: as requested, else only when the chat template (the
+        server's, or `template`) speaks tool calls (a model never taught the format, like SmolLM2, repeats calls
+        until max_tokens) and takes several in one turn."""
         if requested is not None:
             return requested
-        return self.formatter.native_tools and self.formatter.tool_format.parallel
+        template = template or self.formatter
+        return template.native_tools and template.tool_format.parallel
 
-    def chat_constraint(self, body: ChatCompletionRequest, tools: list[Tool] | None) -> StructuredOutputs | None:
+    def chat_constraint(
+        self, body: ChatCompletionRequest, tools: list[Tool] | None, template: ChatFormatter
+    ) -> StructuredOutputs | None:
         """The output constraint of tools or `response_format` (`structured_outputs` is read with the sampling
         fields); at most one of the three."""
         response_format = body.response_format if body.response_format and body.response_format.type != "text" else None
@@ -430,8 +459,8 @@ class OpenAIServer:
         if len(given) > 1:
             raise APIError(400, f"use one of {' and '.join(given)}, not both", param=given[1])
         if tools:
-            parallel = self.parallel_tool_calls(body.parallel_tool_calls)
-            return tool_call_constraint(tools, body.tool_choice, parallel, self.formatter.tool_format)
+            parallel = self.parallel_tool_calls(body.parallel_tool_calls, template)
+            return tool_call_constraint(tools, body.tool_choice, parallel, template.tool_format)
         try:
             return response_format.spec() if response_format else None
         except ValueError as e:
@@ -460,7 +489,7 @@ class OpenAIServer:
             usage = self.chunk_usage(options, prompt_tokens, completion_tokens, cached, drafts)
             prompt_token_ids = {"prompt_token_ids": chat.prompt_ids} if want_token_ids and index == 0 else {}
             yield sse({**base, "choices": [{**opening, "finish_reason": None}], **prompt_token_ids, **usage})
-        parsers = [ReplyParser(self.tool_format(chat.tools), chat.opens_thinking) for _ in range(params.n)]
+        parsers = [ReplyParser(chat.tool_format, chat.opens_thinking) for _ in range(params.n)]
         thought = [""] * params.n  # each choice's thinking, counted in the final usage
         prompt_logprobs: dict[str, Any] = {}  # until a chunk carries them
         async for out in prepend(first, rest):
@@ -519,7 +548,7 @@ class OpenAIServer:
         except APIError as e:
             e.param = RESPONSES_PARAMS.get(e.param or "", e.param)
             raise
-        prompt_ids, params, tools = prepared.prompt_ids, prepared.params, prepared.tools
+        prompt_ids, params = prepared.prompt_ids, prepared.params
         if body.wants_logprobs and prepared.opens_thinking is not None:  # the tokens' text is not the answer's
             message = f"{LOGPROBS!r} is not served for a thinking model's replies: use /v1/chat/completions"
             raise APIError(400, message, param="include")
@@ -528,7 +557,7 @@ class OpenAIServer:
         body = body.model_copy(
             update={"parallel_tool_calls": self.parallel_tool_calls(body.parallel_tool_calls), **used}
         )
-        builder = ResponseBuilder(body, prepared.model, now(), self.tool_format(tools), prepared.opens_thinking)
+        builder = ResponseBuilder(body, prepared.model, now(), prepared.tool_format, prepared.opens_thinking)
         outputs = self.stream_outputs(prompt_ids, params, builder.id, prepared.model, admission=prepared.admission)
         if body.stream:
             first = await anext_or_error(outputs)
@@ -628,7 +657,7 @@ class OpenAIServer:
         if body.max_tokens is None:
             raise APIError(400, "max_tokens: Field required", param="max_tokens")
         chat = self.prepare_chat(self.messages_as_chat(body))
-        builder = MessageBuilder(chat.model, len(chat.prompt_ids), self.tool_format(chat.tools), chat.opens_thinking)
+        builder = MessageBuilder(chat.model, len(chat.prompt_ids), chat.tool_format, chat.opens_thinking)
         outputs = self.stream_outputs(chat.prompt_ids, chat.params, builder.id, chat.model)
         if body.stream:
             first = await anext_or_error(outputs)
@@ -1103,14 +1132,14 @@ def prompt_items(prompt: str | list[str] | list[int] | list[list[int]], param: s
 
 @dataclass
 class PreparedChat:
-    """A chat request ready for the engine: its prompt, sampling parameters, active tools, and whether its
-    reply is split into thinking and answer (None: not; else whether the prompt opened the think block);
-    `model`, the base model's name or a LoRA adapter's."""
+    """A chat request ready for the engine: its prompt, sampling parameters, the format of its tool calls, and
+    whether its reply is split into thinking and answer (None: not; else whether the prompt opened the think
+    block); `model`, the base model's name or a LoRA adapter's."""
 
     model: str
     prompt_ids: list[int]
     params: SamplingParams
-    tools: list[Tool] | None
+    tool_format: ToolCallFormat | None  # the format of the reply's tool calls (None: it holds none)
     opens_thinking: bool | None
     return_token_ids: bool = False  # vLLM's: the response carries the prompt's and the reply's token ids
     admission: Admission | None = None  # its priority and cache salt

@@ -17,8 +17,6 @@ from ember.server.tools import tool_call_format, tool_schemas, tools_instruction
 def load_chat_template(value: str) -> str:
     """`--chat-template`: a Jinja file's path, or the template itself; checked for syntax at once, so that a
     typo is a start-up error rather than a 400 on every chat request."""
-    import jinja2
-
     path = Path(value).expanduser()
     if _is_file(path):
         template = path.read_text(encoding="utf-8")
@@ -26,11 +24,18 @@ def load_chat_template(value: str) -> str:
         template = value
     else:
         raise ValueError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
+    check_template_syntax(template, "--chat-template")
+    return template
+
+
+def check_template_syntax(template: str, source: str) -> None:
+    """Raise ValueError naming `source` and the line when `template` is not valid Jinja."""
+    import jinja2
+
     try:
         jinja2.Environment().parse(template)
     except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"--chat-template: line {e.lineno}: {e.message}") from e
-    return template
+        raise ValueError(f"{source}: line {e.lineno}: {e.message}") from e
 
 
 def _is_file(path: Path) -> bool:

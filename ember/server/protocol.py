@@ -336,6 +336,7 @@ class ChatTemplateFields(OpenAIModel):
     add_generation_prompt: bool | None = None  # None: true unless continue_final_message
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None  # more template variables, e.g. {"enable_thinking": false}
+    chat_template: str | None = None  # vLLM's: this request's template (the server must trust request templates)
 
 
 class ChatCompletionRequest(SamplingFields, ChatTemplateFields):

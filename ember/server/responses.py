@@ -88,6 +88,7 @@ class ResponsesRequest(OpenAIModel):
     user: str | None = None
     priority: int = 0  # vLLM's, as on the chat API
     cache_salt: str | None = Field(None, min_length=1)  # likewise
+    chat_template: str | None = None  # likewise (with --trust-request-chat-template)
 
     def check_extra_fields(self) -> None:
         """Refuse the API's fields that Ember lacks when they ask for something, and `include` values other than
@@ -121,6 +122,7 @@ class ResponsesRequest(OpenAIModel):
             "user": self.user,
             "priority": self.priority,
             "cache_salt": self.cache_salt,
+            "chat_template": self.chat_template,
             "logprobs": self.wants_logprobs,
             "top_logprobs": self.top_logprobs if self.wants_logprobs else None,
             "parallel_tool_calls": self.parallel_tool_calls,

@@ -24,6 +24,7 @@ from ember.server.serve import (
     add_generation_config_arg,
     add_pooling_arg,
     add_tool_call_parser_arg,
+    add_trust_request_chat_template_arg,
     resolve_pooling,
 )
 
@@ -150,6 +151,7 @@ def run_batch(args: argparse.Namespace) -> int:
             tool_call_parser=args.tool_call_parser,
             pooling=pooling,
             generation_config=args.generation_config,
+            trust_request_chat_template=args.trust_request_chat_template,
         )
         concurrency = 2 * (engine.config.scheduler.max_num_seqs or 1)  # keeps the engine's batch full
         columns = (TextColumn("requests"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -191,6 +193,7 @@ def add_run_batch_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--chat-template", default=None, metavar="FILE_OR_TEMPLATE", help="a Jinja chat template instead of the model's"
     )
+    add_trust_request_chat_template_arg(g)
     g.add_argument(
         "--reasoning-parser",
         default="auto",

@@ -80,6 +80,15 @@ def add_tool_call_parser_arg(group: Any) -> None:
     )
 
 
+def add_trust_request_chat_template_arg(group: Any) -> None:
+    group.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="use the Jinja template a chat request sends in 'chat_template' (vLLM's flag; off: such a request "
+        "gets a 400). Templates run sandboxed, but one can loop for long: trust the clients first",
+    )
+
+
 def add_generation_config_arg(group: Any) -> None:
     group.add_argument(
         "--generation-config",
@@ -125,6 +134,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="a Jinja chat template (a file, or the template itself) used instead of the model's, e.g. for a "
         "model that has none",
     )
+    add_trust_request_chat_template_arg(g)
     g.add_argument(
         "--reasoning-parser",
         default="auto",
@@ -228,6 +238,7 @@ def serve(args: argparse.Namespace) -> int:
         tool_call_parser=args.tool_call_parser,
         generation_config=args.generation_config,
         pooling=resolve_pooling(args.pooling, engine.loaded.source_dir),
+        trust_request_chat_template=args.trust_request_chat_template,
     )
     app = build_app(server)
     stats = None if stats_interval is None else StatsLogger(engine, metrics, stats_interval)

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ember.config import SCHEDULING_POLICIES
 from ember.engine.sampling_params import SamplingParams
 from ember.engine.structured_output import StructuredOutputs, check_constraint
 
@@ -79,7 +78,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--scheduling-policy",
         default="fcfs",
-        choices=SCHEDULING_POLICIES,
+        choices=["fcfs", "priority"],  # config.SCHEDULING_POLICIES (the CLI imports no torch)
         help="'fcfs' (default): requests run in their order of arrival; 'priority': by each request's "
         "'priority' field, lower first, ties by arrival; a waiting request preempts less important running ones "
         "when it cannot start otherwise",

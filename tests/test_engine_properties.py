@@ -109,7 +109,8 @@ def test_preemption_happens_and_is_recovered(engines: tuple[LLM, LLM]) -> None:
 def test_the_priority_policy_runs_requests_in_priority_then_arrival_order(tiny_models: dict) -> None:
     """One sequence at a time: requests queued together end in the order of their priorities (lower first),
     ties in their order of arrival."""
-    llm = LLM(str(tiny_models["qwen3"][0]), dtype="float32", num_blocks=64, max_num_seqs=1, scheduling_policy="priority")
+    path = str(tiny_models["qwen3"][0])
+    llm = LLM(path, dtype="float32", num_blocks=64, max_num_seqs=1, scheduling_policy="priority")
     prompts = [[5 + i, 9, 11] for i in range(5)]
     params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
     ids = llm._submit(prompts, params, priority=[3, 1, 2, 0, 1])

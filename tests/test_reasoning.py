@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -9,8 +10,19 @@ import openai
 import pytest
 from openai import OpenAI
 
+from ember.engine.engine import LLM
+from ember.engine.structured_output import StructuredOutputs
 from ember.server.launch import ServerProcess
-from ember.server.reasoning import ReasoningParser, prompt_opens_thinking, split_reasoning, template_thinks
+from ember.server.protocol import Tool
+from ember.server.reasoning import (
+    ReasoningParser,
+    after_thinking,
+    prompt_closes_thinking,
+    prompt_opens_thinking,
+    split_reasoning,
+    template_thinks,
+)
+from ember.server.tools import HERMES, tool_call_constraint
 
 MODEL = "SmolLM2-135M-Instruct"
 # DeepSeek-R1's way: the prompt opens the think block; with enable_thinking false (Qwen3's switch), it also
@@ -52,8 +64,38 @@ def test_thinking_and_answer_split_alike_whole_and_streamed(
 def test_which_prompts_open_a_think_block_and_which_templates_think() -> None:
     assert prompt_opens_thinking("<|im_start|>assistant\n<think>\n")
     assert not prompt_opens_thinking("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert prompt_closes_thinking("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert not prompt_closes_thinking("<think>a</think> earlier turn<|im_start|>assistant\n")
     assert not prompt_opens_thinking("<think>a</think> earlier turn<|im_start|>assistant\n")
     assert template_thinks(THINKING_TEMPLATE) and not template_thinks("{{ messages }}") and not template_thinks(None)
+
+
+@pytest.mark.parametrize("opened", [True, False])
+def test_a_constraint_after_thinking_holds_for_the_answer_alone(smollm: LLM, opened: bool) -> None:
+    """`after_thinking`: free thinking in a think block (opened by the prompt, or optionally by the model), a few
+    blanks, then the answer under the constraint; the answer alone is what the reply parser returns as content."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    spec = after_thinking(StructuredOutputs(json=schema), opened)
+    compiler, eos = smollm.engine.compile_grammar(spec), smollm.tokenizer.eos_token_id
+
+    def whole_reply_ok(reply: str) -> bool:
+        matcher = compiler.matcher(spec, {eos})
+        return matcher.accept_string(reply) and matcher.accept_token(eos)
+
+    opening = "" if opened else "<think>"
+    thought = f'{opening}Two and two: four. A tag like <b> is text.</think>\n\n{{"n": 4}}'
+    assert whole_reply_ok(thought)
+    assert whole_reply_ok('{"n": 4}') is not opened  # a model that may think may also answer at once
+    rejected = [f"{opening}x</think>\n\nfour", f'{opening}x</think>\n\n{{"m": 4}}', f"{opening}x <think> y</think>{{}}"]
+    assert not any(whole_reply_ok(reply) for reply in rejected)
+    assert split_reasoning(thought, opened) == ("Two and two: four. A tag like <b> is text.", '{"n": 4}')
+    tool = Tool.model_validate({"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}})
+    spec = after_thinking(tool_call_constraint([tool], "required", False, HERMES), opened)  # required calls
+    compiler = smollm.engine.compile_grammar(spec)
+    assert whole_reply_ok(
+        f'{opening}I need the time.</think>\n<tool_call>\n{{"name": "now", "arguments": {{}}}}\n</tool_call>'
+    )
+    assert not whole_reply_ok(f"{opening}I need the time.</think>\nIt is noon.")
 
 
 THINKING = {"chat_template": THINKING_TEMPLATE}  # each request's own template: the shared server trusts them
@@ -97,8 +139,14 @@ def test_thinking_comes_apart_from_the_answer_and_enable_thinking_reaches_the_te
     assert answer.content and "reasoning" not in (answer.model_extra or {})
     assert streamed(client, **{**kwargs, "extra_body": off}) == ("", answer.content)
 
-    as_json = client.chat.completions.create(model=MODEL, response_format={"type": "json_object"}, **kwargs)
-    assert as_json.choices[0].message.content.startswith("{")  # a schema from the first token: no thinking
+    # a schema constrains the answer, after the thinking (which this small model never ends); thinking switched
+    # off, it holds from the first token
+    json_object = {"type": "json_object"}
+    thinks = client.chat.completions.create(model=MODEL, response_format=json_object, **kwargs).choices[0].message
+    assert thinks.content is None and thinks.model_extra["reasoning"].startswith(extra["reasoning"])  # no end yet
+    answers = client.chat.completions.create(model=MODEL, response_format=json_object, **{**kwargs, "extra_body": off})
+    assert isinstance(json.loads(answers.choices[0].message.content), dict)
+    assert "reasoning" not in (answers.choices[0].message.model_extra or {})
 
     counts = [
         httpx.post(f"{server.url}/tokenize", json={"messages": kwargs["messages"], **extra}).json()["count"]

@@ -85,6 +85,18 @@ def build(
     return structural_tag(spec.structural_tag)
 
 
+def structural_format(spec: StructuredOutputs) -> dict[str, Any]:
+    """`spec` as one format of an xgrammar structural tag (its JSON object), to be put in sequence with others,
+    e.g. after a reasoning model's think block. JSON takes single blanks between its tokens, as in tool calls."""
+    return build(  # type: ignore[no-any-return]
+        spec,
+        lambda schema: {"type": "json_schema", "json_schema": json.loads(schema), "max_whitespace_cnt": 1},
+        lambda pattern: {"type": "regex", "pattern": pattern},
+        lambda grammar: {"type": "grammar", "grammar": grammar},
+        lambda tag: json.loads(tag)["format"],
+    )
+
+
 @contextlib.contextmanager
 def clear_errors() -> Iterator[None]:
     """xgrammar's errors (and a schema's JSON errors) as ValueError, without the C++ source location."""

@@ -59,7 +59,7 @@ from ember.server.protocol import (
     now,
     sampling_defaults,
 )
-from ember.server.reasoning import prompt_opens_thinking, split_reasoning
+from ember.server.reasoning import after_thinking, prompt_closes_thinking, prompt_opens_thinking, split_reasoning
 from ember.server.reply_parser import ReplyParser
 from ember.server.responses import (
     LOGPROBS,
@@ -320,9 +320,15 @@ class OpenAIServer:
         params = self.sampling_params(body, max_tokens, logprobs, structured)
         if tools and template.tool_format.special_trigger:  # the calls open with a special token: keep it
             params = dataclasses.replace(params, skip_special_tokens=False)
-        # a constraint that holds from the first token (a schema, required tool calls) leaves no room to think
+        thinking = prompt_opens_thinking(text) if template.thinks else None
         free_start = params.structured_outputs is None or (bool(tools) and body.tool_choice in (None, "auto"))
-        thinking = prompt_opens_thinking(text) if template.thinks and free_start else None
+        if not free_start and thinking is not None:
+            if prompt_closes_thinking(text):  # thinking switched off: the constraint holds from the first token
+                thinking = None
+            else:  # a schema or required calls constrain the answer, after the thinking
+                params = dataclasses.replace(
+                    params, structured_outputs=after_thinking(params.structured_outputs, thinking)
+                )
         tool_format = template.tool_format if tools else None
         return PreparedChat(model, prompt_ids, params, tool_format, thinking, body.return_token_ids, body.admission())
 

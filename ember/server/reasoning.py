@@ -9,8 +9,13 @@ template ends with `<think>\\n`; Qwen3's, with `enable_thinking` false, writes a
 
 from __future__ import annotations
 
+import json
+
+from ember.engine.structured_output import StructuredOutputs, structural_format
+
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
+BLANKS_AFTER_THINKING = r"[ \n]{0,4}"  # Qwen3 and DeepSeek-R1 write "</think>\n\n" before the answer
 
 
 def template_thinks(chat_template: str | None) -> bool:
@@ -21,6 +26,28 @@ def template_thinks(chat_template: str | None) -> bool:
 def prompt_opens_thinking(prompt: str) -> bool:
     """Whether the rendered prompt ends inside a think block: the reply then starts with the thinking."""
     return prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE)
+
+
+def prompt_closes_thinking(prompt: str) -> bool:
+    """Whether the rendered prompt ends with a closed think block (Qwen3's `enable_thinking` false): the reply
+    is the answer alone."""
+    return prompt.rstrip().endswith(THINK_CLOSE)
+
+
+def after_thinking(spec: StructuredOutputs, opened: bool) -> StructuredOutputs:
+    """`spec` for the answer only: the reply thinks first, freely, in a think block (the prompt's, when
+    `opened`; else one the model may open), then matches `spec`. As vLLM constrains a reasoning model's answer
+    and not its thinking: JSON forced from the first token would leave the model no room to think."""
+    think = {
+        "type": "tag",
+        "begin": "" if opened else THINK_OPEN,
+        "content": {"type": "any_text", "excludes": [THINK_OPEN, THINK_CLOSE]},
+        "end": THINK_CLOSE,
+    }
+    thinking = {"type": "sequence", "elements": [think, {"type": "regex", "pattern": BLANKS_AFTER_THINKING}]}
+    reply = [thinking if opened else {"type": "optional", "content": thinking}, structural_format(spec)]
+    tag = {"type": "structural_tag", "format": {"type": "sequence", "elements": reply}}
+    return StructuredOutputs(structural_tag=json.dumps(tag))
 
 
 def held_tag_prefix(text: str, tag: str) -> int:

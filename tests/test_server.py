@@ -450,6 +450,27 @@ def test_concurrent_streams_with_disconnects_free_everything(server: ServerProce
     assert metric(server, "ember:time_to_first_token_seconds_count") >= 21
 
 
+def test_metrics_split_a_requests_time_into_queue_prefill_and_decode(server: ServerProcess, client: OpenAI) -> None:
+    """vLLM's request histograms: the queue and prefill times add up to the time to first token, prefill and
+    decode to the inference time, queue and inference to the end-to-end latency; token counts per request."""
+    names = ["queue", "prefill", "decode", "inference"]
+    sums = [f"ember:request_{n}_time_seconds_sum" for n in names]
+    sums += ["ember:time_to_first_token_seconds_sum", "ember:e2e_request_latency_seconds_sum"]
+    sums += ["ember:request_prompt_tokens_sum", "ember:request_generation_tokens_sum"]
+    before = [metric(server, name) for name in sums]
+    count = metric(server, "ember:request_queue_time_seconds_count")
+    reply = client.completions.create(
+        model=MODEL, prompt="Count: one, two,", max_tokens=6, extra_body={"ignore_eos": True}
+    )
+    queue, prefill, decode, inference, ttft, e2e, prompt, generated = (
+        metric(server, name) - value for name, value in zip(sums, before, strict=True)
+    )
+    assert metric(server, "ember:request_queue_time_seconds_count") == count + 1
+    assert queue + prefill == pytest.approx(ttft, abs=1e-6) and prefill + decode == pytest.approx(inference, abs=1e-6)
+    assert queue + inference == pytest.approx(e2e, abs=1e-6) and min(queue, prefill, decode) >= 0
+    assert (prompt, generated) == (reply.usage.prompt_tokens, 6)
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param"),
     [

@@ -67,6 +67,7 @@ class FinishedStats:
     arrival: float
     first_token: float | None
     end: float
+    first_scheduled: float | None = None  # when the engine first ran it (None: aborted while waiting)
 
 
 class AsyncEngine:
@@ -289,6 +290,7 @@ class AsyncEngine:
                 stream.arrival,
                 stream.first_token,
                 now,
+                out.first_scheduled,
             )
         )
 

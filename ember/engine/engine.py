@@ -127,6 +127,7 @@ class RequestGroup:
             drafted,
             accepted,
             first.embedding.tolist() if finished and first.embedding is not None else None,
+            first.first_scheduled,
         )
 
 
@@ -569,6 +570,7 @@ def merge_output(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutp
     acc.num_draft_tokens = max(acc.num_draft_tokens, delta.num_draft_tokens)  # running totals
     acc.num_accepted_tokens = max(acc.num_accepted_tokens, delta.num_accepted_tokens)
     acc.embedding = delta.embedding or acc.embedding
+    acc.first_scheduled = acc.first_scheduled or delta.first_scheduled
     return acc
 
 

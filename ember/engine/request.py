@@ -67,6 +67,7 @@ class Request:
         self.priority = 0  # the "priority" scheduling policy serves lower values first
         self.arrival = 0  # its place in the order requests reached the scheduler
         self.cache_salt: str | None = None  # its prefix cache is shared only with requests of the same salt
+        self.first_scheduled: float | None = None  # time.monotonic() when the scheduler first admitted it
         # an embedding request ("last" or "mean" pooling of the prompt's final hidden states) samples nothing: it
         # ends when its prompt is computed, with `embedding` (L2-normalized, fp32, on the host)
         self.pooling: str | None = None
@@ -177,3 +178,4 @@ class RequestOutput:
     num_draft_tokens: int = 0  # speculative decoding, over all samples: tokens drafted
     num_accepted_tokens: int = 0  # of which accepted by the target model
     embedding: list[float] | None = None  # an embedding request's, once finished
+    first_scheduled: float | None = None  # time.monotonic() when it first ran (its first sample's): queue time ends

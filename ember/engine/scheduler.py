@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -120,8 +121,9 @@ class Scheduler:
                     break
                 del self.waiting[index]
                 self.kv_cache.record_lookup(request.num_tokens, num_cached)
-                if request.num_cached_tokens is None:
+                if request.num_cached_tokens is None:  # its first admission (not after a preemption)
                     request.num_cached_tokens = num_cached
+                    request.first_scheduled = time.monotonic()
                 request.num_computed_tokens = num_cached
                 request.status = RequestStatus.RUNNING
                 if self.by_priority:

@@ -33,6 +33,17 @@ LATENCY_BUCKETS = (
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 
 
+def token_count_buckets(max_model_len: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to the context length (vLLM's buckets of its token-count histograms)."""
+    buckets, scale = [], 1
+    while True:
+        for mantissa in (1, 2, 5):
+            if mantissa * scale > max_model_len:
+                return buckets
+            buckets.append(mantissa * scale)
+        scale *= 10
+
+
 class EngineMetrics:
     def __init__(self, engine: Engine, model_name: str) -> None:
         self.engine = engine
@@ -114,6 +125,30 @@ class EngineMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         ).labels(**labels)
+        # where a request's time went: waiting for admission, then prefill (to the first token), then decode
+        phases = {
+            "queue": "Time from arrival until the request first ran (waiting for a sequence slot and KV blocks).",
+            "prefill": "Time from the request's first run to its first token.",
+            "decode": "Time from the request's first token to its last.",
+            "inference": "Time from the request's first run to its end (prefill and decode).",
+        }
+        self.phase_times = {
+            phase: Histogram(
+                f"ember:request_{phase}_time_seconds", text, ["model_name"], buckets=LATENCY_BUCKETS, registry=r
+            ).labels(**labels)
+            for phase, text in phases.items()
+        }
+        counts = token_count_buckets(engine.max_model_len)
+        self.request_prompt_tokens = Histogram(
+            "ember:request_prompt_tokens", "Prompt tokens per request.", ["model_name"], buckets=counts, registry=r
+        ).labels(**labels)
+        self.request_generation_tokens = Histogram(
+            "ember:request_generation_tokens",
+            "Generated tokens per request (all its samples).",
+            ["model_name"],
+            buckets=counts,
+            registry=r,
+        ).labels(**labels)
         self.lora_info = Gauge(
             "ember:lora_requests_info",
             "LoRA adapters of the running and waiting requests, as labels (names, comma-separated); the value is "
@@ -150,8 +185,16 @@ class EngineMetrics:
         for reason in stats.finish_reasons:
             self.request_success.labels(model_name=self.model_name, finished_reason=reason).inc()
         self.e2e.observe(stats.end - stats.arrival)
+        self.request_prompt_tokens.observe(stats.num_prompt_tokens)
+        self.request_generation_tokens.observe(stats.num_output_tokens)
+        if stats.first_scheduled is not None:
+            self.phase_times["queue"].observe(max(0.0, stats.first_scheduled - stats.arrival))
+            self.phase_times["inference"].observe(stats.end - stats.first_scheduled)
         if stats.first_token is not None:
             self.ttft.observe(stats.first_token - stats.arrival)
+            self.phase_times["decode"].observe(stats.end - stats.first_token)
+            if stats.first_scheduled is not None:
+                self.phase_times["prefill"].observe(max(0.0, stats.first_token - stats.first_scheduled))
             if stats.num_output_tokens > 1:
                 self.tpot.observe((stats.end - stats.first_token) / (stats.num_output_tokens - 1))
 

@@ -43,6 +43,8 @@ def percentile(values: list[float], p: float) -> float:
 async def one_request(
     client: Any, url: str, model: str | None, req: BenchRequest, headers: dict[str, str]
 ) -> RequestTiming:
+    from httpx import RemoteProtocolError
+
     body: dict[str, Any] = {
         "prompt": req.prompt_ids,
         "max_tokens": req.max_new_tokens,
@@ -53,26 +55,35 @@ async def one_request(
     }
     if model:
         body["model"] = model
-    start = time.perf_counter()
-    first = last = None
-    itls: list[float] = []
-    tokens = 0
-    async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as resp:
-        if resp.status_code != 200:
-            raise RuntimeError(f"server answered {resp.status_code}: {(await resp.aread()).decode()[:200]}")
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            now = time.perf_counter()
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if chunk.get("choices"):
-                if first is None:
-                    first = now
-                elif last is not None:
-                    itls.append(now - last)
-                last = now
+    for attempt in (1, 2):
+        start = time.perf_counter()
+        first = last = None
+        itls: list[float] = []
+        tokens = 0
+        try:
+            async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as resp:
+                if resp.status_code != 200:
+                    raise RuntimeError(f"server answered {resp.status_code}: {(await resp.aread()).decode()[:200]}")
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    now = time.perf_counter()
+                    if chunk.get("usage"):
+                        tokens = chunk["usage"]["completion_tokens"]
+                    if chunk.get("choices"):
+                        if first is None:
+                            first = now
+                        elif last is not None:
+                            itls.append(now - last)
+                        last = now
+        except RemoteProtocolError:
+            # a server that closes idle kept-alive connections (llama.cpp's) may close the one this request
+            # was sent on before reading it: sent again on a new connection, and timed from then
+            if first is not None or attempt == 2:
+                raise
+            continue
+        break
     end = time.perf_counter()
     return RequestTiming((first or end) - start, end - start, tokens, itls)
 

@@ -582,6 +582,34 @@ def test_a_priority_needs_the_priority_policy(server: ServerProcess, path: str, 
     assert httpx.post(f"{server.url}{path}", json={**body, "priority": 0, "max_tokens": 2}).status_code == 200
 
 
+def test_llama_cpp_completion_api_answers_as_llama_server(server: ServerProcess, client: OpenAI) -> None:
+    """llama.cpp's `POST /completion`: its fields and defaults in, its reply out (the text of the same greedy
+    completion, why it stopped, counts, timings), streamed alike; `response_fields` picks (nested) fields."""
+    prompt = "The capital of France is"
+    expected = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0).choices[0].text
+    body = {"prompt": prompt, "n_predict": 8, "temperature": 0, "ignore_eos": True}
+    reply = httpx.post(f"{server.url}/completion", json=body, timeout=60).json()
+    assert reply["content"] == expected and (reply["tokens_predicted"], reply["stop_type"]) == (8, "limit")
+    prompt_ids = httpx.post(f"{server.url}/tokenize", json={"prompt": prompt}).json()["tokens"]
+    assert reply["tokens_evaluated"] == len(prompt_ids)
+    assert reply["timings"]["predicted_n"] == 8 and reply["timings"]["predicted_per_second"] > 0
+    word = expected.split()[1]
+    stopped = httpx.post(f"{server.url}/completion", json={**body, "stop": [word]}, timeout=60).json()
+    assert (stopped["stop_type"], stopped["stopping_word"]) == ("word", word) and word not in stopped["content"]
+    lines = httpx.post(f"{server.url}/completion", json={**body, "stream": True}, timeout=60).text.split("\n\n")
+    pieces = [json.loads(line.removeprefix("data: ")) for line in lines if line]
+    assert "".join(p["content"] for p in pieces) == expected and [p["stop"] for p in pieces][-2:] == [False, True]
+    fields = ["content", "timings/prompt_n", "no/such"]
+    picked = httpx.post(f"{server.url}/completion", json={**body, "response_fields": fields}, timeout=60).json()
+    assert set(picked) == {"content", "timings/prompt_n"} and picked["content"] == expected
+    for path, bad, param in [
+        ("/completion", {"n_predict": 0}, "n_predict"),
+        ("/infill", {"input_prefix": "def f():"}, "input_prefix"),  # SmolLM2 has no FIM tokens
+    ]:
+        refused = httpx.post(f"{server.url}{path}", json={**body, **bad})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
+
+
 def test_continue_final_message_goes_on_from_the_assistants_text(server: ServerProcess, client: OpenAI) -> None:
     """vLLM's prefill switch: the last (assistant's) message is left open and the reply continues it, exactly
     as a completion of the same tokens would."""

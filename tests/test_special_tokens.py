@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 from openai import OpenAI
+from transformers import AutoTokenizer
 
 from ember.server.fill_in_middle import fim_token_ids
 from ember.server.launch import ServerProcess, running_server
@@ -110,3 +111,44 @@ def test_fim_tokens_of_either_family_are_found(names: list[str]) -> None:
             return {"a": 0, **{name: 10 + i for i, name in enumerate(names)}}
 
     assert fim_token_ids(Vocab()) == (10, 11, 12)
+
+
+def test_llama_cpp_infill_lays_out_context_files_prefix_suffix_and_the_typed_line(
+    special: tuple[ServerProcess, Any],
+) -> None:
+    """llama.cpp's `POST /infill` (llama.vscode, llama.vim): the context files as text before <|fim_prefix|>
+    prefix <|fim_suffix|> suffix <|fim_middle|>, then the line typed so far; a repository-level layout when the
+    tokenizer has <|repo_name|> and <|file_sep|>. The reply is llama.cpp's, streamed alike."""
+    from ember.server.llamacpp_api import LlamaCppRequest, infill_prompt
+
+    server, tokenizer = special
+    body = {
+        "input_prefix": "def add(a, b):\n",
+        "input_suffix": "\n\nprint(add(1, 2))\n",
+        "input_extra": [{"filename": "util.py", "text": "import math\n"}],
+        "prompt": "    return",
+        "n_predict": 6,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    fim = tokenizer.convert_tokens_to_ids(FIM)
+    expected = [*ids("import math\n"), fim[0], *ids(body["input_prefix"]), fim[1], *ids(body["input_suffix"]), fim[2]]
+    assert infill_prompt(tokenizer, LlamaCppRequest.model_validate(body)) == expected + ids("    return")
+    reply = httpx.post(f"{server.url}/infill", json=body, timeout=60).json()
+    assert reply["tokens_evaluated"] == len(expected) + len(ids("    return"))
+    assert (reply["tokens_predicted"], reply["stop"], reply["stop_type"]) == (6, True, "limit")
+    assert tokenizer.decode(reply["tokens"]) == reply["content"]
+    lines = httpx.post(f"{server.url}/infill", json={**body, "stream": True}, timeout=60).text.split("\n\n")
+    pieces = [json.loads(line.removeprefix("data: ")) for line in lines if line]
+    assert "".join(p["content"] for p in pieces) == reply["content"] and pieces[-1]["stop"] is True
+
+    repo_level = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    repo_level.add_special_tokens({"additional_special_tokens": [*FIM, "<|repo_name|>", "<|file_sep|>"]})
+    repo, file_sep = repo_level.convert_tokens_to_ids(["<|repo_name|>", "<|file_sep|>"])
+    laid_out = infill_prompt(repo_level, LlamaCppRequest.model_validate(body))
+    context = [repo, *ids("myproject\n"), file_sep, *ids("util.py\nimport math\n"), file_sep, *ids("filename\n")]
+    assert laid_out[: len(context)] == context and laid_out[len(context)] == repo_level.convert_tokens_to_ids(FIM[0])

@@ -39,6 +39,7 @@ from ember.engine.schema_check import check_enforceable
 from ember.engine.structured_output import StructuredOutputs
 from ember.server.chat import ChatFormatter, check_template_syntax
 from ember.server.fill_in_middle import fim_prompt, fim_token_ids
+from ember.server.llamacpp_api import LlamaCppReply, LlamaCppRequest, infill_prompt
 from ember.server.messages import MessageBuilder, MessagesRequest, anthropic_error
 from ember.server.metrics import EngineMetrics
 from ember.server.protocol import (
@@ -873,6 +874,50 @@ class OpenAIServer:
             yield sse({**base, "choices": [], "usage": usage})
         yield sse("[DONE]")
 
+    # ------------------------------------------------------------------------------------------------
+    # llama.cpp's server API (see `llamacpp_api.py`)
+
+    async def llamacpp_completion(self, body: LlamaCppRequest, request: Request, infill: bool) -> Response:
+        """`POST /completion` (a prompt) or `POST /infill` (a prefix, a suffix and context files)."""
+        tokenizer = self.engine.engine.tokenizer
+        if infill:
+            if tokenizer is None:
+                raise APIError(400, "this model has no tokenizer to lay out an infill prompt", param="input_prefix")
+            try:
+                prompt_ids = infill_prompt(tokenizer, body)
+            except ValueError as e:
+                raise APIError(400, str(e), param="input_prefix") from e
+        else:
+            prompt_ids = self.prompt_ids(body.prompt)
+        if body.n_predict == 0 or body.n_predict < -1:
+            raise APIError(400, "'n_predict' must be -1 (until the context ends) or positive", param="n_predict")
+        max_tokens = None if body.n_predict == -1 else body.n_predict
+        self.check_prompt_length(prompt_ids, max_tokens, param="prompt")
+        try:
+            params = body.sampling_params()
+        except ValueError as e:
+            raise APIError(400, str(e), param=getattr(e, "param", None)) from e
+        reply = LlamaCppReply(self.model_name, len(prompt_ids))
+        outputs = self.stream_outputs(prompt_ids, params, api_id("cmpl", request), self.model_name)
+        if body.stream:
+            first = await anext_or_error(outputs)
+
+            async def chunks() -> AsyncIterator[str]:
+                async for out in prepend(first, outputs):
+                    if (piece := reply.feed(out)) is not None:
+                        yield sse(piece)
+                yield sse(reply.final(body.response_fields, content=""))
+
+            return StreamingResponse(chunks(), media_type="text/event-stream")
+
+        async def fed() -> AsyncIterator[RequestOutput]:  # the reply sees each delta: its timings
+            async for out in outputs:
+                reply.feed(out)
+                yield out
+
+        await collect(fed(), request)
+        return JSONResponse(reply.final(body.response_fields))
+
     def fill_in_middle(self, body: CompletionRequest, items: list[str | list[int]]) -> list[str | list[int]]:
         """OpenAI's `suffix`: each text prompt laid out with the model's fill-in-the-middle tokens, so that the
         completion is what goes between it and the suffix (see `fill_in_middle.py`)."""
@@ -1450,6 +1495,15 @@ def build_app(server: OpenAIServer) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await server.completions(body, request)
+
+    @app.post("/completion")
+    @app.post("/completions")
+    async def llamacpp_completion(body: LlamaCppRequest, request: Request) -> Response:
+        return await server.llamacpp_completion(body, request, infill=False)
+
+    @app.post("/infill")
+    async def llamacpp_infill(body: LlamaCppRequest, request: Request) -> Response:
+        return await server.llamacpp_completion(body, request, infill=True)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: Request) -> dict[str, Any]:

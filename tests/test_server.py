@@ -202,7 +202,7 @@ def test_tokenize_detokenize_and_tokenizer_info_agree_with_completions(server: S
     assert tokens["max_model_len"] == 8192
     completion = client.completions.create(model=MODEL, prompt=text, max_tokens=1)
     assert completion.usage.prompt_tokens == tokens["count"]
-    assert httpx.post(f"{server.url}/detokenize", json={"tokens": tokens["tokens"]}).json() == {"prompt": text}
+    assert httpx.post(f"{server.url}/detokenize", json={"tokens": tokens["tokens"]}).json() == {"prompt": text, "content": text}
     messages = [{"role": "user", "content": "Hello there"}]
     chat = httpx.post(f"{server.url}/tokenize", json={"messages": messages}).json()
     reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)  # type: ignore[arg-type]
@@ -599,6 +599,9 @@ def test_llama_cpp_completion_api_answers_as_llama_server(server: ServerProcess,
     lines = httpx.post(f"{server.url}/completion", json={**body, "stream": True}, timeout=60).text.split("\n\n")
     pieces = [json.loads(line.removeprefix("data: ")) for line in lines if line]
     assert "".join(p["content"] for p in pieces) == expected and [p["stop"] for p in pieces][-2:] == [False, True]
+    tokenized = httpx.post(f"{server.url}/tokenize", json={"content": prompt}).json()["tokens"]  # llama.cpp's form
+    assert tokenized == prompt_ids  # SmolLM2 adds no BOS either way
+    assert httpx.post(f"{server.url}/detokenize", json={"tokens": tokenized}).json()["content"] == prompt
     fields = ["content", "timings/prompt_n", "no/such"]
     picked = httpx.post(f"{server.url}/completion", json={**body, "response_fields": fields}, timeout=60).json()
     assert set(picked) == {"content", "timings/prompt_n"} and picked["content"] == expected

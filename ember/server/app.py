@@ -1141,7 +1141,8 @@ class OpenAIServer:
 
     def tokenize(self, body: TokenizeRequest) -> dict[str, Any]:
         self.check_model(body.model)
-        if (body.prompt is None) == (body.messages is None):
+        prompt, add_special_tokens = body.text_and_specials()
+        if (prompt is None) == (body.messages is None):
             raise APIError(400, "give either 'prompt' or 'messages'", param="prompt")
         tokenizer = self.engine.engine.tokenizer
         if tokenizer is None:
@@ -1149,13 +1150,14 @@ class OpenAIServer:
         if body.messages is not None:
             _, ids = self.chat_prompt(body, body.messages, body.tools)
         else:
-            ids = tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+            ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
         strs = [self.formatter.token_text(t) for t in ids] if body.return_token_strs else None
         return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": strs}
 
     def detokenize(self, body: DetokenizeRequest) -> dict[str, Any]:
         self.check_model(body.model)
-        return {"prompt": self.decode(body.tokens, param="tokens")}
+        text = self.decode(body.tokens, param="tokens")
+        return {"prompt": text, "content": text}  # vLLM's name, and llama.cpp's
 
     def tokenizer_info(self) -> dict[str, Any]:
         """The tokenizer's special tokens and chat template, so that a client can render prompts itself."""

@@ -360,13 +360,21 @@ class CompletionRequest(SamplingFields):
 
 class TokenizeRequest(ChatTemplateFields):
     """vLLM's /tokenize: a prompt, or chat messages (and tools) put through the chat template as a chat request
-    would be."""
+    would be. llama.cpp's form, `content` (with `add_special`, default false), is taken too."""
 
     model: str | None = None
     prompt: str | None = None
     tools: list[Tool] | None = None
     add_special_tokens: bool = True  # of a prompt (a chat template writes its own)
     return_token_strs: bool = False
+    content: str | None = None  # llama.cpp's prompt field
+    add_special: bool = False  # llama.cpp's add_special_tokens, for `content`
+
+    def text_and_specials(self) -> tuple[str | None, bool]:
+        """The prompt to tokenize, in either API's field, and whether special tokens (BOS) are added."""
+        if self.content is not None and self.prompt is None:
+            return self.content, self.add_special
+        return self.prompt, self.add_special_tokens
 
 
 class DetokenizeRequest(OpenAIModel):

@@ -131,6 +131,7 @@ class LlamaCppReply:
         predicted, computed = len(self.tokens), self.num_prompt_tokens - self.num_cached
         prompt_ms, predicted_ms = (first - self.started) * 1000, (end - first) * 1000
         body = {
+            "index": 0,
             "content": self.content if content is None else content,
             "tokens": [] if content is not None else self.tokens,
             "id_slot": 0,
@@ -138,6 +139,8 @@ class LlamaCppReply:
             "model": self.model,
             "tokens_predicted": predicted,
             "tokens_evaluated": self.num_prompt_tokens,
+            "tokens_cached": self.num_cached,
+            "has_new_line": "\n" in self.content,
             "stop_type": kind,
             "stopping_word": word,
             "truncated": False,

@@ -202,7 +202,10 @@ def test_tokenize_detokenize_and_tokenizer_info_agree_with_completions(server: S
     assert tokens["max_model_len"] == 8192
     completion = client.completions.create(model=MODEL, prompt=text, max_tokens=1)
     assert completion.usage.prompt_tokens == tokens["count"]
-    assert httpx.post(f"{server.url}/detokenize", json={"tokens": tokens["tokens"]}).json() == {"prompt": text, "content": text}
+    assert httpx.post(f"{server.url}/detokenize", json={"tokens": tokens["tokens"]}).json() == {
+        "prompt": text,
+        "content": text,
+    }
     messages = [{"role": "user", "content": "Hello there"}]
     chat = httpx.post(f"{server.url}/tokenize", json={"messages": messages}).json()
     reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)  # type: ignore[arg-type]
@@ -565,21 +568,21 @@ def test_bad_completion_requests(server: ServerProcess, client: OpenAI) -> None:
 @pytest.mark.parametrize(
     ("path", "body"),
     [
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "priority": 1}),
-        ("/v1/completions", {"prompt": "hi", "priority": -2}),
-        ("/v1/completions", {"prompt": "hi", "priority": 3, "use_beam_search": True, "n": 2}),
-        ("/v1/responses", {"input": "hi", "priority": 1}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "priority": 1, "max_tokens": 2}),
+        ("/v1/completions", {"prompt": "hi", "priority": -2, "max_tokens": 2}),
+        ("/v1/completions", {"prompt": "hi", "priority": 3, "use_beam_search": True, "n": 2, "max_tokens": 2}),
+        ("/v1/responses", {"input": "hi", "priority": 1, "max_output_tokens": 2}),
         ("/v1/embeddings", {"input": ["hi", "there"], "priority": 5}),
     ],
 )
 def test_a_priority_needs_the_priority_policy(server: ServerProcess, path: str, body: dict) -> None:
     """vLLM's `priority` field reaches the engine from every API that runs the model; the server's first-come
     policy refuses it by name (the priority policy is tested in test_engine_properties and test_run_batch)."""
-    resp = httpx.post(f"{server.url}{path}", json={**body, "max_tokens": 2}, timeout=60)
+    resp = httpx.post(f"{server.url}{path}", json=body, timeout=60)
     assert resp.status_code == 400, resp.text
     error = resp.json()["error"]
     assert error["param"] == "priority" and "--scheduling-policy priority" in error["message"]
-    assert httpx.post(f"{server.url}{path}", json={**body, "priority": 0, "max_tokens": 2}).status_code == 200
+    assert httpx.post(f"{server.url}{path}", json={**body, "priority": 0}, timeout=60).status_code == 200
 
 
 def test_llama_cpp_completion_api_answers_as_llama_server(server: ServerProcess, client: OpenAI) -> None:

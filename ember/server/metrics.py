@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ember.engine.async_engine import FinishedStats
@@ -104,27 +107,15 @@ class EngineMetrics:
             ["model_name", "finished_reason"],
             registry=r,
         )
-        self.ttft = Histogram(
-            "ember:time_to_first_token_seconds",
-            "Time to first token.",
-            ["model_name"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        ).labels(**labels)
-        self.tpot = Histogram(
-            "ember:time_per_output_token_seconds",
-            "Mean time per output token after the first.",
-            ["model_name"],
-            buckets=TOKEN_LATENCY_BUCKETS,
-            registry=r,
-        ).labels(**labels)
-        self.e2e = Histogram(
-            "ember:e2e_request_latency_seconds",
-            "End-to-end request latency.",
-            ["model_name"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        ).labels(**labels)
+
+        def histogram(name: str, text: str, buckets: Sequence[float]) -> Any:
+            return Histogram(name, text, ["model_name"], buckets=buckets, registry=r).labels(**labels)
+
+        self.ttft = histogram("ember:time_to_first_token_seconds", "Time to first token.", LATENCY_BUCKETS)
+        self.tpot = histogram(
+            "ember:time_per_output_token_seconds", "Mean time per output token after the first.", TOKEN_LATENCY_BUCKETS
+        )
+        self.e2e = histogram("ember:e2e_request_latency_seconds", "End-to-end request latency.", LATENCY_BUCKETS)
         # where a request's time went: waiting for admission, then prefill (to the first token), then decode
         phases = {
             "queue": "Time from arrival until the request first ran (waiting for a sequence slot and KV blocks).",
@@ -133,22 +124,14 @@ class EngineMetrics:
             "inference": "Time from the request's first run to its end (prefill and decode).",
         }
         self.phase_times = {
-            phase: Histogram(
-                f"ember:request_{phase}_time_seconds", text, ["model_name"], buckets=LATENCY_BUCKETS, registry=r
-            ).labels(**labels)
+            phase: histogram(f"ember:request_{phase}_time_seconds", text, LATENCY_BUCKETS)
             for phase, text in phases.items()
         }
         counts = token_count_buckets(engine.max_model_len)
-        self.request_prompt_tokens = Histogram(
-            "ember:request_prompt_tokens", "Prompt tokens per request.", ["model_name"], buckets=counts, registry=r
-        ).labels(**labels)
-        self.request_generation_tokens = Histogram(
-            "ember:request_generation_tokens",
-            "Generated tokens per request (all its samples).",
-            ["model_name"],
-            buckets=counts,
-            registry=r,
-        ).labels(**labels)
+        self.request_prompt_tokens = histogram("ember:request_prompt_tokens", "Prompt tokens per request.", counts)
+        self.request_generation_tokens = histogram(
+            "ember:request_generation_tokens", "Generated tokens per request (all its samples).", counts
+        )
         self.lora_info = Gauge(
             "ember:lora_requests_info",
             "LoRA adapters of the running and waiting requests, as labels (names, comma-separated); the value is "

@@ -288,11 +288,11 @@ class OpenAIServer:
     # ------------------------------------------------------------------------------------------------
     # Chat completions
 
-    def template_of(self, body: ChatTemplateFields) -> ChatFormatter:
+    def template_of(self, chat_template: str | None) -> ChatFormatter:
         """The chat template a request is rendered with, its tool-call format and thinking: the server's, or
         the request's own `chat_template` (vLLM's; only with --trust-request-chat-template, since a template is
         code the server runs, sandboxed but unbounded in time)."""
-        if body.chat_template is None:
+        if chat_template is None:
             return self.formatter
         if not self.trust_request_chat_template:
             message = (
@@ -300,17 +300,17 @@ class OpenAIServer:
             )
             raise APIError(400, message, param="chat_template")
         try:
-            check_template_syntax(body.chat_template, "chat_template")
+            check_template_syntax(chat_template, "chat_template")
         except ValueError as e:
             raise APIError(400, str(e), param="chat_template") from e
-        return self.request_formatter(body.chat_template)  # type: ignore[no-any-return]
+        return self.request_formatter(chat_template)  # type: ignore[no-any-return]
 
     def prepare_chat(self, body: ChatCompletionRequest) -> PreparedChat:
         """A chat request ready for the engine (also behind /v1/responses)."""
         model = self.check_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "'top_logprobs' requires 'logprobs': true", param="top_logprobs")
-        template = self.template_of(body)
+        template = self.template_of(body.chat_template)
         tools = self.active_tools(body)
         structured = self.chat_constraint(body, tools, template)
         text, prompt_ids = self.chat_prompt(body, body.messages, tools)
@@ -349,7 +349,7 @@ class OpenAIServer:
         if continuing and messages[-1].role != "assistant":
             raise APIError(400, "'continue_final_message' needs an assistant's message last", param="messages")
         add_generation_prompt = not continuing if body.add_generation_prompt is None else body.add_generation_prompt
-        template = self.template_of(body)
+        template = self.template_of(body.chat_template)
         taken = sorted(set(body.chat_template_kwargs or {}) & template.reserved_template_names)
         if taken:
             message = f"chat_template_kwargs cannot set {', '.join(map(repr, taken))}: the request's own fields do"
@@ -562,7 +562,12 @@ class OpenAIServer:
         # the response shows the values it was made with (the model's defaults for those the request left out)
         used = {"temperature": params.temperature, "top_p": params.top_p}
         body = body.model_copy(
-            update={"parallel_tool_calls": self.parallel_tool_calls(body.parallel_tool_calls), **used}
+            update={
+                "parallel_tool_calls": self.parallel_tool_calls(
+                    body.parallel_tool_calls, self.template_of(body.chat_template)
+                ),
+                **used,
+            }
         )
         builder = ResponseBuilder(body, prepared.model, now(), prepared.tool_format, prepared.opens_thinking)
         outputs = self.stream_outputs(prompt_ids, params, builder.id, prepared.model, admission=prepared.admission)

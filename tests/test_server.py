@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import time
 from pathlib import Path
@@ -472,6 +473,32 @@ def test_metrics_split_a_requests_time_into_queue_prefill_and_decode(server: Ser
     assert queue + prefill == pytest.approx(ttft, abs=1e-6) and prefill + decode == pytest.approx(inference, abs=1e-6)
     assert queue + inference == pytest.approx(e2e, abs=1e-6) and min(queue, prefill, decode) >= 0
     assert (prompt, generated) == (reply.usage.prompt_tokens, 6)
+
+
+def test_bench_serve_drives_the_server_closed_and_open_loop(server: ServerProcess, tmp_path: Path) -> None:
+    """`ember bench serve`: client counts (closed loop) or Poisson request rates (open loop, `inf` all at once),
+    each level's requests all answered with every token counted; both kinds of level at once are refused."""
+    from tests.test_cli import ember
+
+    requests = [{"prompt_ids": [100 + i, 200, 300, 400], "max_new_tokens": 3} for i in range(5)]
+    workload = tmp_path / "tiny.json"
+    workload.write_text(json.dumps({"requests": requests}))
+    common = ("bench", "serve", "--url", server.url, "--workload", str(workload), "--num-requests", "5")
+    for load, levels in (
+        (("--concurrency", "1,4"), [(1, None), (4, None)]),
+        (("--request-rate", "20,inf"), [(None, 20.0), (None, "inf")]),
+    ):
+        report = tmp_path / "report.json"
+        run = ember(*common, *load, "--json", str(report), "--plot", str(tmp_path / "chart.png"))
+        assert run.returncode == 0, run.stderr
+        results = json.loads(report.read_text())["levels"]
+        assert [(r["concurrency"], r["request_rate"]) for r in results] == levels
+        assert all(r["requests"] == 5 and r["output_tps"] > 0 and r["ttft_s"]["p50"] > 0 for r in results)
+        assert all(round(r["output_tps"] * r["wall_s"]) == 15 for r in results)  # 5 requests x 3 tokens
+    gaps = random.Random(0)  # the seeded arrivals at 20 req/s: the last request is sent after four gaps
+    assert results[0]["wall_s"] >= sum(gaps.expovariate(20.0) for _ in range(4))
+    both = ember(*common, "--concurrency", "2", "--request-rate", "4")
+    assert both.returncode != 0 and "not both" in both.stderr and "Traceback" not in both.stderr
 
 
 @pytest.mark.parametrize(

@@ -38,17 +38,17 @@ def throughput_chart(report: dict[str, Any], path: str | Path) -> None:
 
 
 def latency_chart(report: dict[str, Any], path: str | Path) -> None:
-    """TTFT and TPOT (p50 and p99) against the number of concurrent clients."""
+    """TTFT, TPOT and ITL (p50 and p99) at each load level: concurrent clients, or request rates."""
     plt = _pyplot()
     levels = report["levels"]
-    clients = [level["concurrency"] for level in levels]
+    by_rate = levels[0].get("concurrency") is None
+    loads = [str(level["request_rate"] if by_rate else level["concurrency"]) for level in levels]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, key, title in zip(axes, ("ttft_s", "tpot_s", "itl_s"), ("TTFT", "TPOT", "ITL"), strict=True):
         for pct, style in (("p50", "-o"), ("p99", "--o")):
-            ax.plot(clients, [level[key][pct] * 1000 for level in levels], style, label=pct)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(clients, [str(c) for c in clients])
-        ax.set_xlabel("concurrent clients")
+            ax.plot(range(len(levels)), [level[key][pct] * 1000 for level in levels], style, label=pct)
+        ax.set_xticks(range(len(levels)), loads)
+        ax.set_xlabel("request rate (req/s)" if by_rate else "concurrent clients")
         ax.set_ylabel("ms")
         ax.set_title(title)
         ax.legend()

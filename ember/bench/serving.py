@@ -1,14 +1,18 @@
-"""`ember bench serve`: drive a running server over HTTP streaming at fixed concurrency levels.
+"""`ember bench serve`: drive a running server over HTTP streaming at fixed load levels.
 
-For each level, `concurrency` clients each send requests back to back (closed loop) until the level's
-requests are done, and per request we record TTFT (first streamed text), ITL (gaps between chunks),
-TPOT ((end - first token) / (tokens - 1)) and end-to-end latency.
+A level is either a number of clients, each sending requests back to back until the level's requests are done
+(closed loop, `--concurrency`), or a request rate, requests arriving as a Poisson process whatever the server's
+pace (open loop, `--request-rate`, as vLLM's `bench serve`; `inf` sends them all at once). Per request we record
+TTFT (first streamed text), ITL (gaps between chunks), TPOT ((end - first token) / (tokens - 1)) and end-to-end
+latency.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
+import random
 import shlex
 import statistics
 import time
@@ -88,25 +92,51 @@ async def one_request(
     return RequestTiming((first or end) - start, end - start, tokens, itls)
 
 
+@dataclass(frozen=True)
+class Load:
+    """One level: `clients` sending back to back, or requests arriving at `rate` per second (inf: all at once)."""
+
+    clients: int | None = None
+    rate: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.clients} clients" if self.clients is not None else f"{self.rate:g} req/s"
+
+
 async def run_level(
-    url: str, model: str | None, requests: list[BenchRequest], concurrency: int, headers: dict[str, str], progress: Any
+    url: str, model: str | None, requests: list[BenchRequest], load: Load, headers: dict[str, str], progress: Any
 ) -> dict[str, Any]:
     import httpx
 
     pending = list(requests)
     timings: list[RequestTiming] = []
-    task = progress.add_task(f"concurrency {concurrency}", total=len(requests))
+    task = progress.add_task(str(load), total=len(requests))
+    limits = httpx.Limits(max_connections=None)  # an open loop's requests may all be in flight at once
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+
+        async def send(req: BenchRequest) -> None:
+            timings.append(await one_request(client, url, model, req, headers))
+            progress.advance(task)
 
         async def worker() -> None:
             while pending:
-                req = pending.pop(0)
-                timings.append(await one_request(client, url, model, req, headers))
-                progress.advance(task)
+                await send(pending.pop(0))
+
+        async def arrivals(rate: float) -> None:
+            gaps = random.Random(0)  # the same arrival times on every run
+            sent = []
+            for req in pending:
+                sent.append(asyncio.create_task(send(req)))
+                if not math.isinf(rate):
+                    await asyncio.sleep(gaps.expovariate(rate))
+            await asyncio.gather(*sent)
 
         start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        if load.rate is not None:
+            await arrivals(load.rate)
+        else:
+            await asyncio.gather(*(worker() for _ in range(load.clients or 1)))
         wall = time.perf_counter() - start
 
     def stats(values: list[float]) -> dict[str, float]:
@@ -118,8 +148,10 @@ async def run_level(
         }
 
     output_tokens = sum(t.output_tokens for t in timings)
+    rate = None if load.rate is None else ("inf" if math.isinf(load.rate) else load.rate)  # JSON has no infinity
     return {
-        "concurrency": concurrency,
+        "concurrency": load.clients,
+        "request_rate": rate,
         "requests": len(timings),
         "wall_s": wall,
         "request_throughput": len(timings) / wall,
@@ -145,18 +177,18 @@ def bench_serve(args: Any) -> dict[str, Any]:
         raise ValueError(f"no Ember/OpenAI server answering at {url}: {e}") from e
     vocab = args.vocab_size
     workload = load_workload(args.workload, vocab, None)
-    levels = [int(c) for c in args.concurrency.split(",")]
+    levels = load_levels(args.concurrency, args.request_rate)
     results = []
     with Progress(transient=True, console=Console(stderr=True)) as progress:
-        for concurrency in levels:
+        for load in levels:
             if not args.keep_prefix_cache:  # levels re-send the same prompts: start each one cold
                 httpx.post(f"{url}/reset_prefix_cache", headers=headers, timeout=30)
-            count = args.num_requests or max(2 * concurrency, 8)
+            count = args.num_requests or default_num_requests(load)
             requests = [workload.requests[i % len(workload.requests)] for i in range(count)]
-            results.append(asyncio.run(run_level(url, models[0]["id"], requests, concurrency, headers, progress)))
+            results.append(asyncio.run(run_level(url, models[0]["id"], requests, load, headers, progress)))
     table = Table(title=f"serving {models[0]['id']} at {url} ({workload.name})")
     for column in (
-        "clients",
+        "load",
         "requests",
         "req/s",
         "out tok/s",
@@ -170,9 +202,9 @@ def bench_serve(args: Any) -> dict[str, Any]:
     ):
         table.add_column(column, justify="right")
     ms = lambda x: f"{x * 1000:.0f} ms"  # noqa: E731
-    for r in results:
+    for load, r in zip(levels, results, strict=True):
         table.add_row(
-            str(r["concurrency"]),
+            str(load),
             str(r["requests"]),
             f"{r['request_throughput']:.2f}",
             f"{r['output_tps']:.1f}",
@@ -200,16 +232,57 @@ def bench_serve(args: Any) -> dict[str, Any]:
     return report
 
 
+def load_levels(concurrency: str | None, request_rate: str | None) -> list[Load]:
+    """The levels asked for: client counts (closed loop; 1, 8 and 32 when neither is given) or request rates."""
+    if concurrency is not None and request_rate is not None:
+        raise ValueError("give --concurrency or --request-rate, not both")
+    if request_rate is None:
+        text = concurrency or "1,8,32"
+        try:
+            counts = [int(c) for c in text.split(",")]
+        except ValueError:
+            counts = [0]
+        if min(counts) < 1:
+            raise ValueError(f"--concurrency takes positive numbers of clients, got {text!r}")
+        return [Load(clients=count) for count in counts]
+    rates = []
+    for text in request_rate.split(","):
+        try:
+            rate = float(text)
+        except ValueError:
+            rate = math.nan
+        if not rate > 0:  # NaN too
+            raise ValueError(f"--request-rate takes positive numbers of requests per second or 'inf', got {text!r}")
+        rates.append(Load(rate=rate))
+    return rates
+
+
+def default_num_requests(load: Load) -> int:
+    """Twice the clients, or ten seconds of arrivals (32 requests for inf); at least 8."""
+    if load.rate is not None:
+        return 32 if math.isinf(load.rate) else max(8, round(10 * load.rate))
+    return max(2 * (load.clients or 1), 8)
+
+
 def add_serve_bench_args(parser: Any) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
     parser.add_argument("--api-key", default=None, help="API key, if the server requires one")
-    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
+    parser.add_argument(
+        "--concurrency", default=None, help="comma-separated client counts, each a closed loop (default 1,8,32)"
+    )
+    parser.add_argument(
+        "--request-rate",
+        default=None,
+        metavar="RATES",
+        help="comma-separated request rates (requests/s; 'inf': all at once), each an open loop of Poisson "
+        "arrivals (seeded), instead of --concurrency",
+    )
     parser.add_argument("--workload", default="random", help="'random' or a workload JSON (token-id prompts)")
     parser.add_argument(
         "--num-requests",
         type=positive_int,
         default=None,
-        help="requests per level (default: twice the concurrency, at least 8)",
+        help="requests per level (default: twice the clients, or ten seconds of arrivals; at least 8)",
     )
     parser.add_argument(
         "--keep-prefix-cache",

@@ -41,7 +41,7 @@ class LlamaCppRequest(OpenAIModel):
     input_extra: list[ExtraChunk] = Field(default_factory=list)
     n_predict: int = -1  # -1: until the context ends
     temperature: float = Field(0.8, ge=0.0)
-    top_k: int = Field(40, ge=0)  # 0: off
+    top_k: int = 40  # 0 or less: off
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     min_p: float = Field(0.05, ge=0.0, le=1.0)
     repeat_penalty: float = Field(1.0, gt=0.0)
@@ -58,7 +58,7 @@ class LlamaCppRequest(OpenAIModel):
         return SamplingParams(
             max_tokens=None if self.n_predict < 0 else self.n_predict,
             temperature=self.temperature,
-            top_k=self.top_k or -1,
+            top_k=max(self.top_k, 0),
             top_p=self.top_p,
             min_p=self.min_p,
             repetition_penalty=self.repeat_penalty,

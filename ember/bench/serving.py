@@ -126,10 +126,10 @@ async def run_level(
         async def arrivals(rate: float) -> None:
             gaps = random.Random(0)  # the same arrival times on every run
             sent = []
-            for req in pending:
-                sent.append(asyncio.create_task(send(req)))
-                if not math.isinf(rate):
+            for index, req in enumerate(pending):
+                if index and not math.isinf(rate):
                     await asyncio.sleep(gaps.expovariate(rate))
+                sent.append(asyncio.create_task(send(req)))
             await asyncio.gather(*sent)
 
         start = time.perf_counter()

@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import pytest
@@ -84,44 +85,50 @@ def test_generate_with_a_schema_file_prints_valid_json(tmp_path) -> None:
     assert choice.returncode == 0 and choice.stdout.rstrip("\n") in (" yes", " no"), choice.stdout
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["generate", "hi", "--model", "/no/such/model.gguf"], "not found"),
-        (["serve", "--model", "/no/such/model.gguf", "--port", "0"], "not found"),
-        (["generate", "hi", "--max-tokens", "0"], "max_tokens must be an integer >= 1"),
-        (["generate", "", "--max-tokens", "4"], "the prompt is empty"),
-        (["generate", "hi", "--speculative", "medusa"], "speculative method must be one of"),
-        (["bench", "latency"], "pass --speculative"),
-        (["bench", "latency", "--prediction", "--speculative", "ngram"], "pass --speculative"),
-        (["bench", "latency", "--prediction", "--workload", "random"], "needs the predicted outputs"),
-        (["bench", "throughput", "--num-requests", "0"], "--num-requests: must be at least 1"),  # 0 ran them all
-        (["generate", "hi", "--regex", "(", "--max-tokens", "4"], "invalid structured output constraint"),
-        (["generate", "hi", "--json-schema", "{oops"], "--json-schema is neither a file nor valid JSON"),
-        (["generate", "hi", "--json-object", "--choice", "a"], "at most one of --json-schema"),
-        (["serve", "--chat-template", "/no/such.jinja"], "is neither a file nor a Jinja template"),
-        (["serve", "--chat-template", "{% for m in messages %}"], "--chat-template: line 1: Unexpected end"),
-        (["serve", "--allowed-origins", "app.example"], "'app.example' is not an origin"),
-        (["chat", "--chat-template", "{{ oops"], "--chat-template: line 1"),
-        (["serve", "--tool-call-parser", "pythonic"], "invalid choice: 'pythonic' (choose from 'auto', 'hermes'"),
-        (["serve", "/no/such/model.gguf", "--port", "0"], "not found"),  # vllm serve's positional model
-        (["serve", "a.gguf", "--model", "b.gguf"], "two models given"),
-        (["serve", "--speculative-config", '{"method": "eagle"}'], "method must be ngram, suffix or draft_model"),
-        (["serve", "--speculative-config", '{"method": "ngram", "k": 1}'], "k: not served"),
-        (["generate", "hi", "--speculative-config", '{"method": "ngram"}', "--speculative", "suffix"], "not both"),
-        (["serve", "--lora-modules", "sql"], "expected NAME=PATH, got 'sql'"),
-        (["serve", "--lora-modules", '{"name": "sql"}'], 'a JSON entry needs "name" and "path" strings'),
-        (["serve", "--lora-modules", "a=/x", "a=/y", "--port", "0"], "--lora-modules names a more than once"),
-        (["serve", "--max-lora-rank", "0", "--port", "0"], "max_lora_rank must be at least 1"),
-        (["generate", "hi", "--lora", "/no/such/adapter"], "must hold adapter_config.json"),
-        (["run-batch", "-i", "/no/such.jsonl", "-o", "-"], "cannot read the input file '/no/such.jsonl'"),
-        (["run-batch", "-i", "/dev/null", "-o", "-"], "the input file '/dev/null' holds no request"),
-    ],
-)
-def test_errors_are_one_clear_line(args: list[str], message: str) -> None:
-    result = ember(*args)
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
+CLEAR_ERRORS: list[tuple[list[str], str]] = [
+    (["generate", "hi", "--model", "/no/such/model.gguf"], "not found"),
+    (["serve", "--model", "/no/such/model.gguf", "--port", "0"], "not found"),
+    (["generate", "hi", "--max-tokens", "0"], "max_tokens must be an integer >= 1"),
+    (["generate", "", "--max-tokens", "4"], "the prompt is empty"),
+    (["generate", "hi", "--speculative", "medusa"], "speculative method must be one of"),
+    (["bench", "latency"], "pass --speculative"),
+    (["bench", "latency", "--prediction", "--speculative", "ngram"], "pass --speculative"),
+    (["bench", "latency", "--prediction", "--workload", "random"], "needs the predicted outputs"),
+    (["bench", "throughput", "--num-requests", "0"], "--num-requests: must be at least 1"),  # 0 ran them all
+    (["generate", "hi", "--regex", "(", "--max-tokens", "4"], "invalid structured output constraint"),
+    (["generate", "hi", "--json-schema", "{oops"], "--json-schema is neither a file nor valid JSON"),
+    (["generate", "hi", "--json-object", "--choice", "a"], "at most one of --json-schema"),
+    (["serve", "--chat-template", "/no/such.jinja"], "is neither a file nor a Jinja template"),
+    (["serve", "--chat-template", "{% for m in messages %}"], "--chat-template: line 1: Unexpected end"),
+    (["serve", "--allowed-origins", "app.example"], "'app.example' is not an origin"),
+    (["chat", "--chat-template", "{{ oops"], "--chat-template: line 1"),
+    (["serve", "--tool-call-parser", "pythonic"], "invalid choice: 'pythonic' (choose from 'auto', 'hermes'"),
+    (["serve", "/no/such/model.gguf", "--port", "0"], "not found"),  # vllm serve's positional model
+    (["serve", "a.gguf", "--model", "b.gguf"], "two models given"),
+    (["serve", "--speculative-config", '{"method": "eagle"}'], "method must be ngram, suffix or draft_model"),
+    (["serve", "--speculative-config", '{"method": "ngram", "k": 1}'], "k: not served"),
+    (["generate", "hi", "--speculative-config", '{"method": "ngram"}', "--speculative", "suffix"], "not both"),
+    (["serve", "--lora-modules", "sql"], "expected NAME=PATH, got 'sql'"),
+    (["serve", "--lora-modules", '{"name": "sql"}'], 'a JSON entry needs "name" and "path" strings'),
+    (["serve", "--lora-modules", "a=/x", "a=/y", "--port", "0"], "--lora-modules names a more than once"),
+    (["serve", "--max-lora-rank", "0", "--port", "0"], "max_lora_rank must be at least 1"),
+    (["generate", "hi", "--lora", "/no/such/adapter"], "must hold adapter_config.json"),
+    (["run-batch", "-i", "/no/such.jsonl", "-o", "-"], "cannot read the input file '/no/such.jsonl'"),
+    (["run-batch", "-i", "/dev/null", "-o", "-"], "the input file '/dev/null' holds no request"),
+]
+
+
+def test_errors_are_one_clear_line() -> None:
+    """Each bad command line exits 2 with its one-line message, no traceback. Two run at a time: each is a
+    Python start, mostly import time."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda case: ember(*case[0]), CLEAR_ERRORS))
+    wrong = [
+        (args, result.returncode, result.stderr[-400:])
+        for (args, message), result in zip(CLEAR_ERRORS, results, strict=True)
+        if result.returncode != 2 or message not in result.stderr or "Traceback" in result.stderr
+    ]
+    assert not wrong, wrong
 
 
 def test_bench_latency_with_predicted_outputs_compares_the_same_replies(tmp_path) -> None:

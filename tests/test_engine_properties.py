@@ -113,7 +113,7 @@ def test_the_priority_policy_runs_requests_in_priority_then_arrival_order(tiny_m
     llm = LLM(path, dtype="float32", num_blocks=64, max_num_seqs=1, scheduling_policy="priority")
     prompts = [[5 + i, 9, 11] for i in range(5)]
     params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
-    ids = llm._submit(prompts, params, priority=[3, 1, 2, 0, 1])
+    ids = [llm.engine.add_request(p, params, priority=rank) for p, rank in zip(prompts, [3, 1, 2, 0, 1], strict=True)]
     ended = []
     for _ in range(100):  # bounded
         ended += [ids.index(out.request_id) for out in llm.engine.step() if out.finished]

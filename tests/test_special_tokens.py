@@ -138,6 +138,8 @@ def test_llama_cpp_infill_lays_out_context_files_prefix_suffix_and_the_typed_lin
     fim = tokenizer.convert_tokens_to_ids(FIM)
     expected = [*ids("import math\n"), fim[0], *ids(body["input_prefix"]), fim[1], *ids(body["input_suffix"]), fim[2]]
     assert infill_prompt(tokenizer, LlamaCppRequest.model_validate(body)) == expected + ids("    return")
+    as_ids = LlamaCppRequest.model_validate({**body, "prompt": ids("    return")})  # the typed line as token ids
+    assert infill_prompt(tokenizer, as_ids) == expected + ids("    return")
     reply = httpx.post(f"{server.url}/infill", json=body, timeout=60).json()
     assert reply["tokens_evaluated"] == len(expected) + len(ids("    return"))
     assert (reply["tokens_predicted"], reply["stop"], reply["stop_type"]) == (6, True, "limit")

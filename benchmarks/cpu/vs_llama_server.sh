@@ -42,6 +42,7 @@ stop_server() {
 }
 trap stop_server EXIT
 
+: > "$out/vs-llama-server.txt"  # this run's tables only
 for engine in ember llama.cpp; do
   for clients in $levels; do
     start_server "$engine" "$clients"

@@ -90,7 +90,8 @@ def infill_prompt(tokenizer: Any, body: LlamaCppRequest) -> list[int]:
     else:
         for chunk in body.input_extra:
             ids += encode(chunk.text)
-    return ids + fim_prompt(encode(body.input_prefix), encode(body.input_suffix), fim) + encode(body.prompt)
+    typed = list(body.prompt) if isinstance(body.prompt, list) else encode(body.prompt)  # text or token ids
+    return ids + fim_prompt(encode(body.input_prefix), encode(body.input_suffix), fim) + typed
 
 
 class LlamaCppReply:

@@ -76,26 +76,43 @@ def test_a_batch_without_errors_exits_0_and_can_write_to_stdout(tmp_path: Path, 
 
 def test_the_models_generation_config_sets_the_sampling_defaults(tmp_path: Path) -> None:
     """As vLLM's `--generation-config auto`: a request that leaves temperature out takes the model's (here 0:
-    greedy), one that sets it keeps its own. The config's end tokens end replies too."""
+    greedy), one that sets it keeps its own; one that leaves max_tokens out gets the model's max_new_tokens.
+    The config's end tokens end replies too."""
+    from transformers import AutoTokenizer
+
+    from ember.models.loader import default_model_path, gguf_as_hf_dir
     from tests.conftest import make_tiny_hf_model
 
     model = tmp_path / "model"
-    make_tiny_hf_model("llama3", model)
-    (model / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "top_k": 5, "eos_token_id": [2, 7]}))
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_as_hf_dir(default_model_path())))  # chat needs one
+    make_tiny_hf_model("llama3", model, vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(str(model))
+    config = {"temperature": 0.0, "top_k": 5, "eos_token_id": [2, 7], "max_new_tokens": 3}
+    (model / "generation_config.json").write_text(json.dumps(config))
     body = {"prompt": [5, 6, 7, 8], "max_tokens": 12, "ignore_eos": True, "return_token_ids": True, "seed": 3}
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "ignore_eos": True}
     source = tmp_path / "batch.jsonl"
     lines = [
         request("default", "/v1/completions", body),
         request("greedy", "/v1/completions", {**body, "temperature": 0}),
         request("hot", "/v1/completions", {**body, "temperature": 1.0, "top_k": 0}),
+        request("completion-default-length", "/v1/completions", {**body, "max_tokens": None}),
+        request("chat-default-length", "/v1/chat/completions", chat),
+        request("chat-own-length", "/v1/chat/completions", {**chat, "max_tokens": 5}),
     ]
     source.write_text("\n".join(lines) + "\n")
     run = ember("run-batch", "--model", str(model), "--dtype", "float32", "-i", str(source), "-o", "-")
     assert run.returncode == 0, run.stderr
     assert "the model's generation config sets the default sampling: temperature 0.0, top_k 5" in run.stderr
-    records = [json.loads(line) for line in run.stdout.splitlines()]
-    tokens = {r["custom_id"]: r["response"]["body"]["choices"][0]["token_ids"] for r in records}
+    assert "the model's generation config sets the default max_tokens: 3" in run.stderr
+    bodies = {r["custom_id"]: r["response"]["body"] for r in map(json.loads, run.stdout.splitlines())}
+    tokens = {name: body["choices"][0].get("token_ids") for name, body in bodies.items()}
     assert tokens["default"] == tokens["greedy"] != tokens["hot"]
+    lengths = {name: body["usage"]["completion_tokens"] for name, body in bodies.items()}
+    assert lengths == {
+        "default": 12, "greedy": 12, "hot": 12,
+        "completion-default-length": 3, "chat-default-length": 3, "chat-own-length": 5,
+    }  # fmt: skip
     llm = LLM(str(model), num_blocks=16, block_size=8, dtype="float32")
     assert llm.engine.eos_token_ids == [2, 7]
 

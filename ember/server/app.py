@@ -56,6 +56,7 @@ from ember.server.protocol import (
     TokenizeRequest,
     Tool,
     UnloadLoRAAdapterRequest,
+    model_max_new_tokens,
     new_id,
     now,
     sampling_defaults,
@@ -156,9 +157,12 @@ class OpenAIServer:
         self.pooling = pooling
         model_defaults = engine.engine.loaded.generation_config if generation_config == "auto" else {}
         self.sampling_defaults = sampling_defaults(model_defaults)
+        self.max_new_tokens = model_max_new_tokens(model_defaults)
         if self.sampling_defaults:  # as vLLM says it: requests without these fields sample otherwise than OpenAI's
             shown = ", ".join(f"{name} {value}" for name, value in self.sampling_defaults.items())
             logger.warning("the model's generation config sets the default sampling: %s", shown)
+        if self.max_new_tokens is not None:
+            logger.warning("the model's generation config sets the default max_tokens: %d", self.max_new_tokens)
 
     # ------------------------------------------------------------------------------------------------
     # Shared pieces
@@ -193,6 +197,13 @@ class OpenAIServer:
                 param="truncate_prompt_tokens",
             )
         return prompt_ids[-keep:]
+
+    def default_max_tokens(self, prompt_ids: list[int], max_tokens: int | None) -> int | None:
+        """A request's own max_tokens, else the model's max_new_tokens (as far as the context has room for it);
+        None: until the context ends."""
+        if max_tokens is not None or self.max_new_tokens is None:
+            return max_tokens
+        return min(self.max_new_tokens, self.max_model_len - len(prompt_ids))
 
     def check_prompt_length(self, prompt_ids: list[int], max_tokens: int | None, param: str = "messages") -> None:
         """A prompt that leaves no room to generate is OpenAI's context_length_exceeded, on `param` (the chat's
@@ -317,6 +328,7 @@ class OpenAIServer:
         prompt_ids = self.truncated(prompt_ids, body.truncate_prompt_tokens)
         max_tokens = body.max_completion_tokens or body.max_tokens
         self.check_prompt_length(prompt_ids, max_tokens)
+        max_tokens = self.default_max_tokens(prompt_ids, max_tokens)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self.sampling_params(body, max_tokens, logprobs, structured)
         if tools and template.tool_format.special_trigger:  # the calls open with a special token: keep it
@@ -363,7 +375,7 @@ class OpenAIServer:
         chat = self.prepare_chat(body)
         prompt_ids, params = chat.prompt_ids, chat.params
         request_id, created = api_id("chatcmpl", request), now()
-        beam = self.beam_search_params(body, body.max_completion_tokens or body.max_tokens or self.max_model_len)
+        beam = self.beam_search_params(body, params.max_tokens or self.max_model_len)
         if beam is not None:
             final = await self.beam_search(prompt_ids, beam, request_id, chat.model, request, None, chat.admission)
         else:
@@ -725,7 +737,9 @@ class OpenAIServer:
         prompts = [self.truncated(self.prompt_ids(item), body.truncate_prompt_tokens) for item in items]
         for ids in prompts:
             self.check_prompt_length(ids, body.max_tokens, param="prompt")
-        max_tokens = body.max_tokens if body.max_tokens is not None else 16  # OpenAI's default for completions
+        max_tokens = body.max_tokens
+        if max_tokens is None:  # OpenAI's default for completions, under the model's own (as vLLM)
+            max_tokens = min(16, self.max_new_tokens or 16)
         params = self.sampling_params(body, max_tokens, body.logprobs)
         echoes = None  # each prompt's text as the model saw it, which its choices start with
         if body.echo:

@@ -146,6 +146,13 @@ def sampling_defaults(generation_config: dict[str, Any]) -> dict[str, Any]:
     return {name: generation_config[name] for name in MODEL_SAMPLING_DEFAULTS if name in generation_config}
 
 
+def model_max_new_tokens(generation_config: dict[str, Any]) -> int | None:
+    """The reply length a model's generation config sets (`max_new_tokens`): the default max_tokens of requests
+    that leave it out, as in vLLM; a request that sets max_tokens keeps it."""
+    value = generation_config.get("max_new_tokens")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 class Admission(TypedDict, total=False):
     """A request's engine options beside sampling: `Engine.add_request`'s `priority` and `cache_salt`."""
 

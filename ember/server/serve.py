@@ -94,9 +94,10 @@ def add_generation_config_arg(group: Any) -> None:
         "--generation-config",
         choices=["auto", "vllm"],
         default="auto",
-        help="'auto' (default, as vLLM): a request that leaves out temperature, top_p, top_k, min_p or "
-        "repetition_penalty gets the value of the model's generation_config.json, if it sets one (Qwen3's "
-        "temperature 0.6, ...); 'vllm': the API's own defaults (temperature 1, ...)",
+        help="'auto' (default, as vLLM): a request that leaves out temperature, top_p, top_k, min_p, "
+        "repetition_penalty or max_tokens gets the value of the model's generation_config.json, if it sets one "
+        "(Qwen3's temperature 0.6, ...; max_new_tokens for max_tokens); 'vllm': the API's own defaults "
+        "(temperature 1, ...; chat replies run until the context ends, completions stop at 16 tokens)",
     )
 
 

@@ -16,6 +16,8 @@ from ember.server.tools import (
     HERMES,
     LLAMA3_JSON,
     MISTRAL,
+    QWEN3_CODER,
+    TOOL_CALL_FORMATS,
     ToolCallFormat,
     ToolCallParser,
     split_tool_calls,
@@ -61,6 +63,26 @@ MISTRAL_TEMPLATE = (
     '[TOOL_RESULTS]{"content": {{ m.content | tojson }}, "call_id": "{{ m.tool_call_id }}"}[/TOOL_RESULTS]'
     "{%- elif m.role == 'assistant' %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}"
 )
+# A chat template in the manner of Qwen3.5's (and Qwen3-Coder's): tools as JSON lines in the system turn, a call as
+# <function=...> with a <parameter=...> element per argument (strings bare, Python's spelling of other scalars,
+# JSON for objects and lists), results in a user turn
+QWEN_XML_TEMPLATE = (  # (apply_chat_template trims the newline after a block tag: newlines there are {{ nl }})
+    "{%- set nl = '\\n' %}"
+    "{%- if tools %}<|im_start|>system\n# Tools\n\nYou have access to the following functions:\n\n<tools>"
+    "{%- for t in tools %}{{ nl }}{{ t | tojson }}{% endfor %}{{ nl }}</tools>\n\nIf you choose to call a function "
+    "ONLY reply in the following format with NO suffix:\n\n<tool_call>\n<function=example_function_name>\n"
+    "<parameter=example_parameter_1>\nvalue_1\n</parameter>\n</function>\n</tool_call><|im_end|>{{ nl }}{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>{{ nl }}"
+    "{%- elif m.tool_calls %}<|im_start|>assistant\n{{ m.content or '' }}"
+    "{%- for c in m.tool_calls %}{{ nl }}<tool_call>\n<function={{ c.function.name }}>{{ nl }}"
+    "{%- for key, value in c.function.arguments | items %}<parameter={{ key }}>{{ nl }}"
+    "{%- if value is mapping or (value is sequence and value is not string) %}{{ value | tojson }}"
+    "{%- else %}{{ value | string }}{% endif %}{{ nl }}</parameter>{{ nl }}{% endfor %}</function>\n</tool_call>"
+    "{%- endfor %}<|im_end|>{{ nl }}"
+    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>{{ nl }}{% endif %}{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant{{ nl }}{% endif %}"
+)
 MISTRAL_REPLY = (
     'Checking. [TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris ]\\"}, {"}}, '
     '{"name": "get_time", "arguments": {}}][TOOL_CALLS][{"name": "get_ti'
@@ -72,6 +94,21 @@ REPLY = (
     "<tool_call>not json</tool_call>"
     '<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET", "note": "<tool_call> inside"}}\n</tool_call>'
     " Done <tool"
+)
+
+
+def xml_call(name: str, **arguments: str) -> str:
+    """A call as Qwen3-Coder and Qwen3.5 write it, each argument's text given as it is written."""
+    elements = "".join(f"<parameter={key}>\n{text}\n</parameter>\n" for key, text in arguments.items())
+    return f"<tool_call>\n<function={name}>\n{elements}</function>\n</tool_call>"
+
+
+XML_REPLY = (
+    "I'll look.\n"
+    + xml_call("get_weather", city="Paris </function> & <b>", days="3")
+    + "\n<tool_call>\n<function=get_time>\nchat</function>\n</tool_call>"  # not a call: text beside elements
+    + xml_call("get_time")
+    + "\n<tool_call>\n<function=get_wea"
 )
 
 
@@ -102,7 +139,10 @@ LLAMA_REPLY = (
 )
 
 
-@pytest.mark.parametrize(("fmt", "reply"), [(HERMES, REPLY), (LLAMA3_JSON, LLAMA_REPLY), (MISTRAL, MISTRAL_REPLY)])
+@pytest.mark.parametrize(
+    ("fmt", "reply"),
+    [(HERMES, REPLY), (LLAMA3_JSON, LLAMA_REPLY), (MISTRAL, MISTRAL_REPLY), (QWEN3_CODER, XML_REPLY)],
+)
 @pytest.mark.parametrize("piece", [1, 2, 3, 7])
 def test_streamed_pieces_give_the_same_split_and_hold_back_only_a_possible_call(
     fmt: ToolCallFormat, reply: str, piece: int
@@ -146,6 +186,66 @@ def test_mistral_calls_are_one_json_array_after_the_trigger_with_short_ids() -> 
         MISTRAL.render([("f", {"a": 1}), ("g", {})])
         == '[TOOL_CALLS][{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {}}]'
     )
+
+
+TYPED = Tool.model_validate(
+    {
+        "type": "function",
+        "function": {
+            "name": "edit",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "path": {"type": "string"},
+                    "line": {"type": "integer"},
+                    "scale": {"type": "number"},
+                    "force": {"type": "boolean"},
+                    "note": {"type": ["string", "null"]},
+                    "options": {"type": "object"},
+                    "tags": {"type": "array", "items": {"type": "string"}},
+                    "anything": {},
+                },
+            },
+        },
+    }
+)
+
+
+def test_qwen_xml_calls_read_each_value_by_its_parameters_schema() -> None:
+    """A value's text says no type: a string parameter keeps the text as written (digits and code too, blank
+    lines and indents kept), the others are read as JSON or as the Python literals Qwen's templates write; a
+    parameter the schema does not know stays text, and text that is no value of its type stays text."""
+    code = "def f():\n\n    return '</para'\n"
+    reply = xml_call(
+        "edit", path="007", line="12", scale="1.5", force="True", note="None", options='{"a": [1]}',
+        tags="['x', 'y']", anything="[1, 2]", extra="42", code=code,
+    )  # fmt: skip
+    content, calls = split_tool_calls(XML_REPLY, QWEN3_CODER.for_tools(TOOLS))
+    assert content == "I'll look.\n<tool_call>\n<function=get_time>\nchat</function>\n</tool_call>"
+    assert calls_of(calls) == [("get_weather", {"city": "Paris </function> & <b>", "days": "3"}), ("get_time", {})]
+    fmt = QWEN3_CODER.for_tools([TYPED])
+    content, calls = split_tool_calls(reply, fmt)
+    assert content is None
+    assert calls_of(calls) == [
+        (
+            "edit",
+            {
+                "path": "007", "line": 12, "scale": 1.5, "force": True, "note": None, "options": {"a": [1]},
+                "tags": ["x", "y"], "anything": [1, 2], "extra": "42", "code": code,
+            },
+        )
+    ]  # fmt: skip
+    assert calls_of(split_tool_calls(xml_call("edit", line="twelve", force="yes"), fmt)[1]) == [
+        ("edit", {"line": "twelve", "force": "yes"})
+    ]
+    unbound = calls_of(split_tool_calls(xml_call("edit", line="12"), QWEN3_CODER)[1])
+    assert unbound == [("edit", {"line": "12"})]  # no schema given: text
+    assert QWEN3_CODER.render([("f", {"a": 1, "s": "x\ny", "o": {"k": None}})]) == (
+        "<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n<parameter=s>\nx\ny\n</parameter>\n"
+        '<parameter=o>\n{"k": null}\n</parameter>\n</function>\n</tool_call>'
+    )
+    with pytest.raises(ValueError, match="must be a JSON object"):
+        QWEN3_CODER.render([("f", [1])])
 
 
 def test_a_call_cut_off_by_max_tokens_is_not_content() -> None:
@@ -252,6 +352,24 @@ def call_message(*names: str) -> ChatMessage:
 RESULT = ChatMessage(role="tool", content="18 C, sunny", tool_call_id="c1")
 
 
+def test_prompt_of_a_qwen_xml_template_and_qwen3_coder_without_one(smollm) -> None:
+    """A Qwen3.5-style template renders the tools and the calls sent back itself (their arguments as objects); a
+    template that knows no tools gets Ember's instructions and history in that format when it is named."""
+    formatter = ChatFormatter(smollm.tokenizer, QWEN_XML_TEMPLATE)
+    assert formatter.native_tools and formatter.tool_format is QWEN3_CODER
+    messages = [ChatMessage(role="user", content="Weather in Paris?"), call_message("get_weather"), RESULT]
+    text, _ = formatter.prompt(messages, TOOLS)
+    assert '\n{"type": "function", "function": {"name": "get_weather"' in text
+    assert "<|im_start|>assistant\n\n" + xml_call("get_weather", city="Paris") + "<|im_end|>" in text
+    assert "<tool_response>\n18 C, sunny\n</tool_response>" in text
+
+    plain = ChatFormatter(smollm.tokenizer, tool_call_parser="qwen3_coder")
+    assert not plain.native_tools and plain.tool_format is QWEN3_CODER
+    text, _ = plain.prompt(messages, TOOLS)
+    assert "<tool_call>\n<function=<function name>>\n<parameter=<parameter name>>\n<its value>\n</parameter>" in text
+    assert xml_call("get_weather", city="Paris") in text
+
+
 def test_template_detection() -> None:
     hermes_template = "{% if tools %}...<tool_call>...{% endif %}"
     assert HERMES.speaks(hermes_template) and not LLAMA3_JSON.speaks(hermes_template)
@@ -261,6 +379,15 @@ def test_template_detection() -> None:
     assert tool_call_format("auto", LLAMA3_TEMPLATE) is LLAMA3_JSON
     assert tool_call_format("auto", "{{ messages }}") is HERMES  # no format spoken: Ember's instructions for Hermes
     assert tool_call_format("llama3_json", hermes_template) is LLAMA3_JSON
+    assert tool_call_format("auto", QWEN_XML_TEMPLATE) is QWEN3_CODER  # it holds <tool_call> too
+    assert not QWEN3_CODER.speaks(hermes_template)
+
+
+def test_the_command_line_offers_every_format() -> None:
+    """serve.py lists the formats by hand (the command line loads no server module before it runs)."""
+    from ember.server.serve import TOOL_CALL_PARSERS
+
+    assert set(TOOL_CALL_PARSERS) == {"auto", *TOOL_CALL_FORMATS}
 
 
 CALL_WEATHER = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -275,6 +402,8 @@ LLAMA_WEATHER = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
 MISTRAL_WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
 MISTRAL_TIME = '{"name": "get_time", "arguments": {}}'
 LLAMA_TIME = '{"name": "get_time", "parameters": {}}'
+XML_WEATHER = xml_call("get_weather", city="Paris")
+XML_TIME = xml_call("get_time")
 
 
 @pytest.mark.parametrize(
@@ -315,6 +444,20 @@ LLAMA_TIME = '{"name": "get_time", "parameters": {}}'
         ),
         (MISTRAL, "auto", False, [f"[TOOL_CALLS][{MISTRAL_TIME}]"], [f"[TOOL_CALLS][{MISTRAL_TIME}, {MISTRAL_TIME}]"]),
         (MISTRAL, "required", True, [f"[TOOL_CALLS][{MISTRAL_WEATHER}]"], ["Just text.", MISTRAL_TIME]),
+        (
+            QWEN3_CODER,
+            "auto",
+            True,
+            [
+                "Just text.",
+                "Sure.\n" + XML_WEATHER,
+                XML_WEATHER + "\n" + XML_TIME,
+                XML_WEATHER.replace("\n</parameter>", "</parameter>"),
+            ],
+            [XML_WEATHER + " more", XML_WEATHER.replace("city", "town"), XML_TIME[:-1], CALL_WEATHER],
+        ),
+        (QWEN3_CODER, "required", False, [XML_TIME], ["Just text.", XML_TIME + "\n" + XML_TIME]),
+        (QWEN3_CODER, {"type": "function", "function": {"name": "get_time"}}, True, [XML_TIME], [XML_WEATHER]),
     ],
 )
 def test_tool_grammar_allows_exactly_well_formed_calls(
@@ -396,3 +539,54 @@ def test_a_llama3_template_takes_and_gives_calls_in_its_format(server: ServerPro
     )
     (item,) = response.output
     assert item.type == "function_call" and item.name == "get_weather" and "city" in json.loads(item.arguments)
+
+
+FORECAST = {
+    "type": "function",
+    "function": {
+        "name": "get_forecast",
+        "description": "Weather forecast for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1, "maximum": 9}},
+            "required": ["city", "days"],
+        },
+    },
+}
+
+
+def test_a_qwen_xml_template_takes_and_gives_calls_in_its_format(server: ServerProcess) -> None:
+    """`--tool-call-parser auto` on a Qwen3.5-style template (the request's own): the model writes
+    `<function=...>` with `<parameter=...>` elements under the grammar, which come back as OpenAI tool calls
+    with each value of its schema's type (the integer as a number), whole and streamed; the call sent back is
+    rendered by the template."""
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    template = {"chat_template": QWEN_XML_TEMPLATE}
+    question = [{"role": "user", "content": "What is the weather in Paris for the next 3 days?"}]
+    # one call: left free to write more, this small model repeats it until max_tokens
+    kwargs: dict[str, Any] = dict(
+        messages=question, tools=[FORECAST], max_tokens=60, temperature=0, parallel_tool_calls=False,
+        extra_body=template,
+    )  # fmt: skip
+    reply = client.chat.completions.create(model=MODEL, tool_choice="required", **kwargs).choices[0]
+    assert reply.finish_reason == "tool_calls" and reply.message.content is None
+    (call,) = reply.message.tool_calls
+    arguments = json.loads(call.function.arguments)
+    assert call.function.name == "get_forecast" and set(arguments) == {"city", "days"}
+    assert isinstance(arguments["city"], str) and type(arguments["days"]) is int and 1 <= arguments["days"] <= 9
+    assert streamed_reply(client, tool_choice="required", **kwargs) == (
+        "",
+        [("get_forecast", call.function.arguments)],
+        "tool_calls",
+    )
+
+    conversation = [
+        *question,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"},
+    ]
+    asked = {"messages": conversation, "tools": [FORECAST], **template}
+    ids = httpx.post(f"{server.url}/tokenize", json=asked).json()["tokens"]
+    prompt = httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()["prompt"]
+    sent_back = xml_call("get_forecast", city=arguments["city"], days=str(arguments["days"]))
+    assert f"<|im_start|>assistant\n\n{sent_back}<|im_end|>" in prompt, prompt

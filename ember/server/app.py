@@ -342,7 +342,7 @@ class OpenAIServer:
                 params = dataclasses.replace(
                     params, structured_outputs=after_thinking(params.structured_outputs, thinking)
                 )
-        tool_format = template.tool_format if tools else None
+        tool_format = template.tool_format.for_tools(tools) if tools else None
         return PreparedChat(model, prompt_ids, params, tool_format, thinking, body.return_token_ids, body.admission())
 
     def chat_prompt(

@@ -6,7 +6,9 @@ Each model family writes calls its own way, a `ToolCallFormat`:
 - Llama 3.1-3.3 (vLLM's `llama3_json`): the reply is the call, `{"name": "get_weather", "parameters": {"city":
   "Paris"}}`, several joined by "; ";
 - Mistral (7B-v0.3, Nemo, Small; vLLM's `mistral`): the special token `[TOOL_CALLS]`, then the calls as one JSON
-  array, `[{"name": "get_weather", "arguments": {"city": "Paris"}}]`; ids of 9 letters and digits.
+  array, `[{"name": "get_weather", "arguments": {"city": "Paris"}}]`; ids of 9 letters and digits;
+- Qwen3-Coder and Qwen3.5 (vLLM's `qwen3_coder`): a block per call, each argument an XML-like element whose text
+  is the value, `<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>`.
 The server speaks the format its chat template speaks (`--tool-call-parser auto`), or the one named. A model
 whose template speaks the format gets the tools through its own template; any other (SmolLM2's template knows no
 tools) gets Ember's own system instructions for it. Unless `tool_choice` is "none", an xgrammar structural tag
@@ -19,11 +21,15 @@ Each call names one of the tools, with arguments valid under its parameters' sch
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import hashlib
 import json
+import re
 import secrets
 import string
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +60,11 @@ class ToolCallFormat:
     group: tuple[str, str] = ("", "")
     special_trigger: bool = False
     short_ids: bool = False
+    argument_style: str = "json"  # how the grammar lays out arguments: xgrammar's JSONSchemaFormat style
+
+    def for_tools(self, tools: list[Tool]) -> ToolCallFormat:
+        """The format for a request offering `tools` (one that reads arguments by their schemas binds them)."""
+        return self
 
     def speaks(self, chat_template: str | None) -> bool:
         """Whether `chat_template` renders `tools` and calls in this format itself."""
@@ -67,6 +78,10 @@ class ToolCallFormat:
         """Earlier calls, (name, arguments), as the model writes them (for conversations sent back with them)."""
         written = [self.write(json.dumps(n, ensure_ascii=False), json.dumps(a, ensure_ascii=False)) for n, a in calls]
         return self.group[0] + self.separator.join(written) + self.group[1]
+
+    def example(self) -> str:
+        """A call with placeholders, for Ember's own instructions."""
+        return self.group[0] + self.write('"<function name>"', "{<arguments as a JSON object>}") + self.group[1]
 
     def tag(self, name: str) -> tuple[str, str]:
         """The text around a call of `name`'s arguments: the grammar's begin and end of its tag."""
@@ -118,6 +133,90 @@ class ToolCallFormat:
         return "".join(ID_CHARACTERS[b % len(ID_CHARACTERS)] for b in digest[:SHORT_ID_LENGTH])
 
 
+@dataclass(frozen=True)
+class XMLToolCallFormat(ToolCallFormat):
+    """Qwen3-Coder's and Qwen3.5's calls: `<function=NAME>` and one `<parameter=KEY>` element per argument in a
+    `<tool_call>` block. A value's text is a string as written or another value as JSON (or, as these models'
+    templates write them, Python's True, False and None): `parameters`, each tool's schema, says which."""
+
+    parameters: Mapping[str, dict[str, Any]] = dataclasses.field(default_factory=dict, compare=False)
+
+    def for_tools(self, tools: list[Tool]) -> XMLToolCallFormat:
+        schemas = {schema["function"]["name"]: schema["function"]["parameters"] for schema in tool_schemas(tools)}
+        return dataclasses.replace(self, parameters=schemas)
+
+    def tag(self, name: str) -> tuple[str, str]:
+        return f"{self.trigger}\n<function={name}>\n", "</function>\n</tool_call>"
+
+    def render(self, calls: list[tuple[str, Any]]) -> str:
+        blocks = []
+        for name, arguments in calls:
+            if not isinstance(arguments, dict):
+                raise ValueError(f"a tool call's arguments must be a JSON object, not {arguments!r}")
+            begin, end = self.tag(name)
+            elements = "".join(
+                f"<parameter={key}>\n{_xml_text(value)}\n</parameter>\n" for key, value in arguments.items()
+            )
+            blocks.append(begin + elements + end)
+        return self.separator.join(blocks)
+
+    def example(self) -> str:
+        begin, end = self.tag("<function name>")
+        return begin + "<parameter=<parameter name>>\n<its value>\n</parameter>\n" + end
+
+    def parse(self, block: str) -> list[ParsedToolCall] | None:
+        """The call in a block's text (between `<tool_call>` and `</tool_call>`), or None when it is none."""
+        function = XML_FUNCTION.fullmatch(block)
+        if function is None:
+            return None
+        name, body = function.group(1).strip(), function.group(2)
+        if XML_PARAMETER.sub("", body).strip():  # text beside the parameters: not a call
+            return None
+        properties = self.parameters.get(name, {}).get("properties", {})
+        arguments = {key: _xml_value(text, properties.get(key)) for key, text in XML_PARAMETER.findall(body)}
+        return [ParsedToolCall(self.new_id(), name, json.dumps(arguments, ensure_ascii=False))]
+
+
+XML_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*)</function>\s*", re.DOTALL)
+XML_PARAMETER = re.compile(r"<parameter=([^>\n]+?)>(.*?)</parameter>", re.DOTALL)
+PYTHON_LITERALS = {"True": True, "False": False, "None": None}
+
+
+def _xml_text(value: Any) -> str:
+    """A value as these models write it: a string bare, anything else as JSON."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _schema_types(schema: dict[str, Any]) -> set[str]:
+    """The JSON types a schema admits (its `type`, or those of its anyOf/oneOf branches); empty: any."""
+    kind = schema.get("type")
+    types = {kind} if isinstance(kind, str) else set(kind or ())
+    for branch in schema.get("anyOf", []) + schema.get("oneOf", []):
+        types |= _schema_types(branch) if isinstance(branch, dict) else set()
+    return types
+
+
+def _xml_value(text: str, schema: dict[str, Any] | None) -> Any:
+    """A parameter's value from its element's text, less the newline the format puts on either side: a string
+    where the schema takes one (or does not know the parameter), else the JSON (or Python literal) it spells,
+    else the text itself."""
+    text = text.removeprefix("\n").removesuffix("\n")
+    types = _schema_types(schema) if isinstance(schema, dict) else {"string"}
+    if "string" in types and not ("null" in types and text.strip() in ("null", "None")):
+        return text
+    literal = text.strip()
+    if literal in PYTHON_LITERALS:
+        return PYTHON_LITERALS[literal]
+    try:
+        return json.loads(literal)
+    except json.JSONDecodeError:
+        pass
+    try:
+        return ast.literal_eval(literal)  # a dict or list in Python's spelling ('single quotes', True)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
 ID_CHARACTERS = string.ascii_letters + string.digits
 SHORT_ID_LENGTH = 9
 HERMES = ToolCallFormat("hermes", "<tool_call>", ("<tool_call>",), "\n", before="<tool_call>\n", after="\n</tool_call>")
@@ -135,7 +234,11 @@ MISTRAL = ToolCallFormat(
     special_trigger=True,
     short_ids=True,
 )
-TOOL_CALL_FORMATS = {f.name: f for f in (HERMES, LLAMA3_JSON, MISTRAL)}
+# its templates hold `<tool_call>` too: it is looked for before Hermes
+QWEN3_CODER = XMLToolCallFormat(
+    "qwen3_coder", "<tool_call>", ("<function=", "<parameter="), "\n", after="\n</tool_call>", argument_style="qwen_xml"
+)
+TOOL_CALL_FORMATS = {f.name: f for f in (QWEN3_CODER, HERMES, LLAMA3_JSON, MISTRAL)}
 
 
 def tool_call_format(name: str, chat_template: str | None) -> ToolCallFormat:
@@ -158,7 +261,7 @@ def tool_schemas(tools: list[Tool]) -> list[dict[str, Any]]:
 def tools_instructions(tools: list[Tool], fmt: ToolCallFormat) -> str:
     """Ember's system-prompt section for models whose template knows no tools (or not `fmt`)."""
     lines = "\n".join(json.dumps(schema["function"], ensure_ascii=False) for schema in tool_schemas(tools))
-    example = fmt.group[0] + fmt.write('"<function name>"', "{<arguments as a JSON object>}") + fmt.group[1]
+    example = fmt.example()
     return (
         "You can call functions (tools) to help with the user's request. The available functions, one JSON "
         f"signature per line, are:\n<tools>\n{lines}\n</tools>\n\n"
@@ -182,7 +285,9 @@ def tool_call_constraint(
     for schema in tool_schemas(tools):
         begin, end = fmt.tag(schema["function"]["name"])
         # a small model left free pads JSON with whitespace until max_tokens: at most one blank at a time
-        content = st.JSONSchemaFormat(json_schema=schema["function"]["parameters"], max_whitespace_cnt=1)
+        content = st.JSONSchemaFormat(
+            json_schema=schema["function"]["parameters"], style=fmt.argument_style, max_whitespace_cnt=1
+        )
         tags.append(st.TagFormat(begin=begin, content=content, end=end))
     calls: Any = st.TagsWithSeparatorFormat(
         tags=tags, separator=fmt.separator, at_least_one=True, stop_after_first=not parallel_tool_calls

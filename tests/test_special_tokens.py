@@ -16,10 +16,13 @@ from ember.server.fill_in_middle import fim_token_ids
 from ember.server.launch import ServerProcess, running_server
 from tests.conftest import make_tiny_hf_model
 from tests.test_server import MODEL, streamed_reply
-from tests.test_tool_calls import MISTRAL_TEMPLATE
+from tests.test_tool_calls import MISTRAL_TEMPLATE, MISTRAL_V11_TEMPLATE
 
 FIM = ["<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"]
-MISTRAL_TOKENS = ["[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]"]
+MISTRAL_TOKENS = [
+    "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]",
+    "[ARGS]",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,8 @@ def special(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerPr
     smollm.save_pretrained(str(path))
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     # served under the other server tests' model name, so that their helpers apply
-    with running_server("--model", str(path), "--dtype", "float32", "--served-model-name", MODEL) as server:
+    served = ("--model", str(path), "--dtype", "float32", "--served-model-name", MODEL, "--trust-request-chat-template")
+    with running_server(*served) as server:
         yield server, tokenizer
 
 
@@ -83,7 +87,8 @@ def test_mistral_tool_calls_open_with_the_special_token_and_carry_short_ids(
     assert reply.finish_reason == "tool_calls" and reply.message.content is None
     assert call.function.name == "get_time" and json.loads(call.function.arguments) == {}
     assert len(call.id) == 9 and call.id.isalnum()
-    assert (reply.model_extra or {})["token_ids"][0] == tokenizer.convert_tokens_to_ids("[TOOL_CALLS]")
+    # the grammar matches text: the model may write the special token or spell it; the reply's text keeps it
+    assert tokenizer.decode((reply.model_extra or {})["token_ids"]).startswith("[TOOL_CALLS][")
     assert streamed_reply(client, **kwargs)[1:] == ([("get_time", "{}")], "tool_calls")
     conversation = [
         *question,
@@ -96,6 +101,40 @@ def test_mistral_tool_calls_open_with_the_special_token_and_carry_short_ids(
     assert f'"call_id": "{call.id}"}}[/TOOL_RESULTS]' in text
     answer = client.chat.completions.create(model=MODEL, messages=conversation, tools=tools, max_tokens=4)
     assert answer.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_mistral_v11_calls_are_the_name_and_arguments_after_each_special_token(
+    special: tuple[ServerProcess, Any],
+) -> None:
+    """On a template of Mistral's v11 form (the request's own): the grammar writes `[TOOL_CALLS]name[ARGS]{...}`,
+    special tokens kept, which comes back as a call, whole and streamed, with an id of 9 letters and digits; the
+    call sent back renders in that form."""
+    server, tokenizer = special
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    tools: list[Any] = [{"type": "function", "function": {"name": "get_time", "description": "The time now"}}]
+    question = [{"role": "user", "content": "What time is it?"}]
+    template = {"chat_template": MISTRAL_V11_TEMPLATE}
+    kwargs: dict[str, Any] = dict(
+        messages=question, tools=tools, tool_choice="required", parallel_tool_calls=False, max_tokens=60,
+        temperature=0,
+    )  # fmt: skip
+    reply = client.chat.completions.create(model=MODEL, extra_body={**template, "return_token_ids": True}, **kwargs)
+    choice = reply.choices[0]
+    (call,) = choice.message.tool_calls or []
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert call.function.name == "get_time" and json.loads(call.function.arguments) == {}
+    assert len(call.id) == 9 and call.id.isalnum()
+    assert tokenizer.decode((choice.model_extra or {})["token_ids"]).startswith("[TOOL_CALLS]get_time[ARGS]{}")
+    assert streamed_reply(client, extra_body=template, **kwargs)[1:] == ([("get_time", "{}")], "tool_calls")
+    conversation = [
+        *question,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "12:00"},
+    ]
+    asked = {"messages": conversation, "tools": tools, **template}
+    ids = httpx.post(f"{server.url}/tokenize", json=asked).json()["tokens"]
+    text = httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()["prompt"]
+    assert f"[/INST][TOOL_CALLS]get_time[ARGS]{{}}{tokenizer.eos_token}[TOOL_RESULTS]12:00[/TOOL_RESULTS]" in text
 
 
 def test_a_model_without_fim_tokens_refuses_a_suffix(server: ServerProcess) -> None:

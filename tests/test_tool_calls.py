@@ -16,6 +16,7 @@ from ember.server.tools import (
     HERMES,
     LLAMA3_JSON,
     MISTRAL,
+    MISTRAL_V11,
     QWEN3_CODER,
     TOOL_CALL_FORMATS,
     ToolCallFormat,
@@ -83,6 +84,23 @@ QWEN_XML_TEMPLATE = (  # (apply_chat_template trims the newline after a block ta
     "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>{{ nl }}{% endif %}{% endfor %}"
     "{%- if add_generation_prompt %}<|im_start|>assistant{{ nl }}{% endif %}"
 )
+# A chat template in the manner of Mistral Small 3.2's (v11 tokenizers): a turn's calls as [TOOL_CALLS], the name,
+# [ARGS] and the arguments, back to back
+MISTRAL_V11_TEMPLATE = (
+    "{{- bos_token }}{%- for m in messages %}"
+    "{%- if m.role == 'user' %}"
+    "{%- if loop.last and tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+    "[INST]{{ m.content }}[/INST]"
+    "{%- elif m.tool_calls %}"
+    "{%- for c in m.tool_calls %}[TOOL_CALLS]{{ c.function.name }}[ARGS]{{ c.function.arguments | tojson }}"
+    "{%- endfor %}{{ eos_token }}"
+    "{%- elif m.role == 'tool' %}[TOOL_RESULTS]{{ m.content }}[/TOOL_RESULTS]"
+    "{%- elif m.role == 'assistant' %}{{ m.content }}{{ eos_token }}{% endif %}{% endfor %}"
+)
+V11_REPLY = (
+    'Sure. [TOOL_CALLS]get_weather[ARGS]{"city": "Paris [ARGS]}[TOOL_CALLS]"}[TOOL_CALLS]get_time[ARGS] {}'
+    "[TOOL_CALLS]get time[ARGS]{}[TOOL_CALLS]get_ti"
+)
 MISTRAL_REPLY = (
     'Checking. [TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris ]\\"}, {"}}, '
     '{"name": "get_time", "arguments": {}}][TOOL_CALLS][{"name": "get_ti'
@@ -141,7 +159,13 @@ LLAMA_REPLY = (
 
 @pytest.mark.parametrize(
     ("fmt", "reply"),
-    [(HERMES, REPLY), (LLAMA3_JSON, LLAMA_REPLY), (MISTRAL, MISTRAL_REPLY), (QWEN3_CODER, XML_REPLY)],
+    [
+        (HERMES, REPLY),
+        (LLAMA3_JSON, LLAMA_REPLY),
+        (MISTRAL, MISTRAL_REPLY),
+        (QWEN3_CODER, XML_REPLY),
+        (MISTRAL_V11, V11_REPLY),
+    ],
 )
 @pytest.mark.parametrize("piece", [1, 2, 3, 7])
 def test_streamed_pieces_give_the_same_split_and_hold_back_only_a_possible_call(
@@ -186,6 +210,15 @@ def test_mistral_calls_are_one_json_array_after_the_trigger_with_short_ids() -> 
         MISTRAL.render([("f", {"a": 1}), ("g", {})])
         == '[TOOL_CALLS][{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {}}]'
     )
+
+
+def test_mistral_v11_calls_are_the_name_then_the_arguments_after_each_trigger() -> None:
+    content, calls = split_tool_calls(V11_REPLY, MISTRAL_V11)
+    assert content == "Sure. [TOOL_CALLS]get time[ARGS]{}"  # a name with a blank is no call; the last is cut off
+    assert calls_of(calls) == [("get_weather", {"city": "Paris [ARGS]}[TOOL_CALLS]"}), ("get_time", {})]
+    assert all(len(c.id) == 9 and c.id.isalnum() for c in calls)
+    assert MISTRAL_V11.render([("f", {"a": 1}), ("g", {})]) == '[TOOL_CALLS]f[ARGS]{"a": 1}[TOOL_CALLS]g[ARGS]{}'
+    assert split_tool_calls("[TOOL_CALLS]f[ARGS][1]", MISTRAL_V11) == ("[TOOL_CALLS]f[ARGS][1]", [])
 
 
 TYPED = Tool.model_validate(
@@ -380,6 +413,11 @@ def test_template_detection() -> None:
     assert tool_call_format("auto", "{{ messages }}") is HERMES  # no format spoken: Ember's instructions for Hermes
     assert tool_call_format("llama3_json", hermes_template) is LLAMA3_JSON
     assert tool_call_format("auto", QWEN_XML_TEMPLATE) is QWEN3_CODER  # it holds <tool_call> too
+    assert tool_call_format("auto", MISTRAL_V11_TEMPLATE) is MISTRAL_V11 and not MISTRAL_V11.speaks(MISTRAL_TEMPLATE)
+    assert tool_call_format("auto", MISTRAL_TEMPLATE) is MISTRAL
+    # vLLM's `mistral` is either form: the one the template speaks, else the JSON array
+    assert tool_call_format("mistral", MISTRAL_V11_TEMPLATE) is MISTRAL_V11
+    assert tool_call_format("mistral", MISTRAL_TEMPLATE) is tool_call_format("mistral", None) is MISTRAL
     assert not QWEN3_CODER.speaks(hermes_template)
 
 
@@ -403,6 +441,8 @@ MISTRAL_WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
 MISTRAL_TIME = '{"name": "get_time", "arguments": {}}'
 LLAMA_TIME = '{"name": "get_time", "parameters": {}}'
 XML_WEATHER = xml_call("get_weather", city="Paris")
+V11_WEATHER = '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'
+V11_TIME = "[TOOL_CALLS]get_time[ARGS]{}"
 XML_TIME = xml_call("get_time")
 
 
@@ -457,6 +497,14 @@ XML_TIME = xml_call("get_time")
             [XML_WEATHER + " more", XML_WEATHER.replace("city", "town"), XML_TIME[:-1], CALL_WEATHER],
         ),
         (QWEN3_CODER, "required", False, [XML_TIME], ["Just text.", XML_TIME + "\n" + XML_TIME]),
+        (
+            MISTRAL_V11,
+            "auto",
+            True,
+            ["Just text.", "Sure. " + V11_WEATHER, V11_WEATHER + V11_TIME],
+            [V11_TIME + " more", V11_TIME.replace("[ARGS]", ""), f"[TOOL_CALLS][{MISTRAL_TIME}]", V11_WEATHER[:-1]],
+        ),
+        (MISTRAL_V11, "required", False, [V11_TIME], ["Just text.", V11_TIME + V11_TIME]),
         (QWEN3_CODER, {"type": "function", "function": {"name": "get_time"}}, True, [XML_TIME], [XML_WEATHER]),
     ],
 )

@@ -7,6 +7,9 @@ Each model family writes calls its own way, a `ToolCallFormat`:
   "Paris"}}`, several joined by "; ";
 - Mistral (7B-v0.3, Nemo, Small; vLLM's `mistral`): the special token `[TOOL_CALLS]`, then the calls as one JSON
   array, `[{"name": "get_weather", "arguments": {"city": "Paris"}}]`; ids of 9 letters and digits;
+- Mistral's v11 tokenizers (Small 3.1+, Devstral, Magistral; vLLM's `mistral` on such a tokenizer): per call the
+  special tokens `[TOOL_CALLS]`, the name, `[ARGS]`, then the arguments' JSON: `[TOOL_CALLS]get_weather[ARGS]{"city":
+  "Paris"}`, several back to back;
 - Qwen3-Coder and Qwen3.5 (vLLM's `qwen3_coder`): a block per call, each argument an XML-like element whose text
   is the value, `<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>`.
 The server speaks the format its chat template speaks (`--tool-call-parser auto`), or the one named. A model
@@ -177,6 +180,48 @@ class XMLToolCallFormat(ToolCallFormat):
         return [ParsedToolCall(self.new_id(), name, json.dumps(arguments, ensure_ascii=False))]
 
 
+@dataclass(frozen=True)
+class NamedArgumentsFormat(ToolCallFormat):
+    """Mistral's v11 calls: `trigger`, the function's name, `name_end`, the arguments as a JSON object."""
+
+    name_end: str = "[ARGS]"
+
+    def tag(self, name: str) -> tuple[str, str]:
+        return f"{self.trigger}{name}{self.name_end}", ""
+
+    def render(self, calls: list[tuple[str, Any]]) -> str:
+        return self.separator.join(
+            self.tag(name)[0] + json.dumps(arguments, ensure_ascii=False) for name, arguments in calls
+        )
+
+    def example(self) -> str:
+        return self.tag("<function name>")[0] + "{<arguments as a JSON object>}"
+
+    def call_end(self, text: str) -> tuple[int, str] | None:
+        """Where the call's JSON object ends (None while it is not complete), and the call's text after the trigger."""
+        name_end = text.find(self.name_end, len(self.trigger))
+        if name_end < 0:
+            return None
+        start = name_end + len(self.name_end)
+        start += len(text[start:]) - len(text[start:].lstrip())
+        try:
+            _, end = json.JSONDecoder().raw_decode(text, start)
+        except json.JSONDecodeError:
+            return None
+        return end, text[len(self.trigger) : end]
+
+    def parse(self, block: str) -> list[ParsedToolCall] | None:
+        name, _, arguments_text = block.partition(self.name_end)
+        try:
+            arguments = json.loads(arguments_text)
+        except json.JSONDecodeError:
+            return None
+        if not FUNCTION_NAME.fullmatch(name) or not isinstance(arguments, dict):
+            return None
+        return [ParsedToolCall(self.new_id(), name, json.dumps(arguments, ensure_ascii=False))]
+
+
+FUNCTION_NAME = re.compile(r"[\w.-]+")  # OpenAI's names are letters, digits, '_' and '-'
 XML_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*)</function>\s*", re.DOTALL)
 XML_PARAMETER = re.compile(r"<parameter=([^>\n]+?)>(.*?)</parameter>", re.DOTALL)
 PYTHON_LITERALS = {"True": True, "False": False, "None": None}
@@ -224,7 +269,7 @@ HERMES = ToolCallFormat("hermes", "<tool_call>", ("<tool_call>",), "\n", before=
 LLAMA3_JSON = ToolCallFormat(
     "llama3_json", '{"name"', ('"parameters"', "ipython"), "; ", arguments_key="parameters", parallel=False
 )
-# Mistral-7B-Instruct-v0.3, Mistral-Nemo, Mistral-Small: the JSON-array form
+# Mistral-7B-Instruct-v0.3, Mistral-Nemo, Mistral-Small 2409/2501 (v3 tokenizers): the JSON-array form
 MISTRAL = ToolCallFormat(
     "mistral",
     "[TOOL_CALLS]",
@@ -234,15 +279,22 @@ MISTRAL = ToolCallFormat(
     special_trigger=True,
     short_ids=True,
 )
+# Mistral Small 3.1+, Devstral, Magistral (v11 tokenizers and later): looked for before the v3 form
+MISTRAL_V11 = NamedArgumentsFormat(
+    "mistral_v11", "[TOOL_CALLS]", ("[TOOL_CALLS]", "[ARGS]"), "", special_trigger=True, short_ids=True
+)
 # its templates hold `<tool_call>` too: it is looked for before Hermes
 QWEN3_CODER = XMLToolCallFormat(
     "qwen3_coder", "<tool_call>", ("<function=", "<parameter="), "\n", after="\n</tool_call>", argument_style="qwen_xml"
 )
-TOOL_CALL_FORMATS = {f.name: f for f in (QWEN3_CODER, HERMES, LLAMA3_JSON, MISTRAL)}
+TOOL_CALL_FORMATS = {f.name: f for f in (QWEN3_CODER, HERMES, LLAMA3_JSON, MISTRAL_V11, MISTRAL)}
 
 
 def tool_call_format(name: str, chat_template: str | None) -> ToolCallFormat:
-    """`--tool-call-parser`: the format named, or for "auto" the one `chat_template` speaks (Hermes when none)."""
+    """`--tool-call-parser`: the format named, or for "auto" the one `chat_template` speaks (Hermes when none);
+    "mistral" is the v11 form where the template speaks it."""
+    if name == "mistral" and MISTRAL_V11.speaks(chat_template):  # as vLLM's `mistral`: the form the model speaks
+        return MISTRAL_V11
     if name != "auto":
         return TOOL_CALL_FORMATS[name]
     return next((f for f in TOOL_CALL_FORMATS.values() if f.speaks(chat_template)), HERMES)

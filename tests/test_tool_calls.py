@@ -12,6 +12,7 @@ from openai import OpenAI
 from ember.server.chat import ChatFormatter
 from ember.server.launch import ServerProcess
 from ember.server.protocol import ChatMessage, Tool
+from ember.server.tool_stream import ToolCallDelta, ToolCallParser, merged_openai_deltas, split_tool_calls
 from ember.server.tools import (
     HERMES,
     LLAMA3_JSON,
@@ -19,9 +20,8 @@ from ember.server.tools import (
     MISTRAL_V11,
     QWEN3_CODER,
     TOOL_CALL_FORMATS,
+    ParsedToolCall,
     ToolCallFormat,
-    ToolCallParser,
-    split_tool_calls,
     tool_call_format,
 )
 from tests.test_server import MODEL, QUESTION, streamed_reply
@@ -124,9 +124,14 @@ def xml_call(name: str, **arguments: str) -> str:
 XML_REPLY = (
     "I'll look.\n"
     + xml_call("get_weather", city="Paris </function> & <b>", days="3")
-    + "\n<tool_call>\n<function=get_time>\nchat</function>\n</tool_call>"  # not a call: text beside elements
+    + "\n<tool_call>\n<function=get_date>\nchat</function>\n</tool_call>"  # not a call: text beside elements
     + xml_call("get_time")
     + "\n<tool_call>\n<function=get_wea"
+)
+
+XML_WITHOUT_NEWLINES = (  # values without the newlines around them, a closing tag's start inside one
+    "<tool_call>\n<function=get_weather>\n<parameter=city>Paris</para</parameter>\n</function>\n</tool_call>\n"
+    "<tool_call>\n<function=get_time>\n<parameter=zone>\nCET</parameter></function>\n</tool_call>"
 )
 
 
@@ -164,24 +169,97 @@ LLAMA_REPLY = (
         (LLAMA3_JSON, LLAMA_REPLY),
         (MISTRAL, MISTRAL_REPLY),
         (QWEN3_CODER, XML_REPLY),
+        (QWEN3_CODER, XML_WITHOUT_NEWLINES),
         (MISTRAL_V11, V11_REPLY),
     ],
 )
 @pytest.mark.parametrize("piece", [1, 2, 3, 7])
+@pytest.mark.parametrize("bound", [False, True])
 def test_streamed_pieces_give_the_same_split_and_hold_back_only_a_possible_call(
-    fmt: ToolCallFormat, reply: str, piece: int
+    fmt: ToolCallFormat, reply: str, piece: int, bound: bool
 ) -> None:
+    """Streamed or whole, the same content and calls. Bound to the request's tools, a call of one streams: its
+    first piece names it, its pieces of arguments join up to the whole call's (a call written otherwise than
+    the grammar writes them is read whole)."""
+    fmt = fmt.for_tools(TWO_TOOLS) if bound else fmt
     parser = ToolCallParser(fmt)
-    content, calls = "", []
+    content, deltas = "", []
     for start in range(0, len(reply), piece):
-        text, new_calls = parser.feed(reply[start : start + piece])
+        text, new_deltas = parser.feed(reply[start : start + piece])
         content += text
-        calls += new_calls
-        assert len(parser.pending) < len(fmt.trigger) or parser.pending.startswith((fmt.trigger, fmt.separator))
-    content += parser.finish()
+        deltas += new_deltas
+        pending = parser.pending
+        if parser.call is not None:
+            # a call's text goes out as it comes, but a tag's start (its closing text, an element's)
+            assert len(pending) < max(len(parser.call.end), len("\n</parameter>")) + 1
+        else:
+            assert (
+                len(pending) < len(fmt.trigger) or pending.startswith((fmt.trigger, fmt.separator)) or parser.in_group
+            )
+    rest, last = parser.finish()
+    content, deltas = content + rest, deltas + last
     whole_content, whole_calls = split_tool_calls(reply, fmt)
+    calls = streamed_calls(deltas)
     assert (content if content.strip() else None) == whole_content and calls_of(calls) == calls_of(whole_calls)
-    assert parser.num_calls == 2
+    assert parser.num_calls == 2 and [c.name for c in calls] == ["get_weather", "get_time"]
+    streamed = [d for d in deltas if d.index == 0]
+    assert len(streamed) > 2 if bound else len(streamed) == 1  # streamed in pieces, or read whole
+
+
+def streamed_calls(deltas: list[ToolCallDelta]) -> list:
+    """The calls of a stream's pieces, each checked against its pieces: first the id and name, then arguments
+    that join up to the whole call's."""
+    calls = []
+    for index in sorted({d.index for d in deltas}):
+        pieces = [d for d in deltas if d.index == index]
+        first, last = pieces[0], pieces[-1]
+        assert first.id is not None and all(d.id is None for d in pieces[1:]) and last.done is not None
+        assert last.done.id == first.id and last.done.name == first.name
+        assert "".join(d.arguments for d in pieces) == last.done.arguments
+        calls.append(last.done)
+    return calls
+
+
+def test_a_bound_call_streams_its_name_then_its_arguments_as_they_are_written() -> None:
+    """A long call's text goes out as it comes: the name once the opening tag is complete, a string parameter's
+    text as written (less a possible closing tag's start), JSON arguments as written; OpenAI deltas of a
+    chunk's pieces are one per call."""
+    write = Tool.model_validate(
+        {"type": "function", "function": {"name": "write", "parameters": {"type": "object", "properties": {
+            "path": {"type": "string"}, "mode": {"type": "integer"}, "content": {"type": "string"}}}}}
+    )  # fmt: skip
+    xml = ToolCallParser(QWEN3_CODER.for_tools([write]))
+    _, deltas = xml.feed("<tool_call>\n<function=wri")
+    assert deltas == []
+    _, deltas = xml.feed("te>\n<parameter=path>\na.py\n</parameter>\n<parameter=mode>\n6")
+    assert [(d.name, d.arguments) for d in deltas] == [("write", ""), (None, '{"path": "a.py", "mode": ')]
+    _, deltas = xml.feed('44\n</parameter>\n<parameter=content>\nprint("hi")\n\nx = 1\n</para')
+    assert "".join(d.arguments for d in deltas) == '644, "content": "print(\\"hi\\")\\n\\nx = 1'
+    _, deltas = xml.feed("meter>\n</function>\n</tool_call>")
+    assert deltas[-1].done is not None and json.loads(deltas[-1].done.arguments) == {
+        "path": "a.py", "mode": 644, "content": 'print("hi")\n\nx = 1'
+    }  # fmt: skip
+
+    hermes = ToolCallParser(HERMES.for_tools([write]))
+    _, deltas = hermes.feed('<tool_call>\n{"name": "write", "arguments": {"content": "a\\nb')
+    assert merged_openai_deltas(deltas) == [
+        {
+            "index": 0,
+            "id": deltas[0].id,
+            "type": "function",
+            "function": {"name": "write", "arguments": '{"content": "a\\nb'},
+        }
+    ]
+    _, deltas = hermes.feed('"}}\n</tool_call>')
+    assert merged_openai_deltas(deltas) == [{"index": 0, "function": {"arguments": '"}'}}]
+    assert deltas[-1].done is not None and json.loads(deltas[-1].done.arguments) == {"content": "a\nb"}
+
+
+def test_a_streamed_call_cut_off_by_max_tokens_ends_with_what_was_written() -> None:
+    parser = ToolCallParser(HERMES.for_tools(TOOLS))
+    _, deltas = parser.feed('Sure.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par')
+    rest, last = parser.finish()
+    assert rest == "" and [d.done for d in last] == [ParsedToolCall(deltas[0].id, "get_weather", '{"city": "Par')]
 
 
 def test_llama3_json_replies_split_into_calls_or_text() -> None:
@@ -254,7 +332,7 @@ def test_qwen_xml_calls_read_each_value_by_its_parameters_schema() -> None:
         tags="['x', 'y']", anything="[1, 2]", extra="42", code=code,
     )  # fmt: skip
     content, calls = split_tool_calls(XML_REPLY, QWEN3_CODER.for_tools(TOOLS))
-    assert content == "I'll look.\n<tool_call>\n<function=get_time>\nchat</function>\n</tool_call>"
+    assert content == "I'll look.\n<tool_call>\n<function=get_date>\nchat</function>\n</tool_call>"
     assert calls_of(calls) == [("get_weather", {"city": "Paris </function> & <b>", "days": "3"}), ("get_time", {})]
     fmt = QWEN3_CODER.for_tools([TYPED])
     content, calls = split_tool_calls(reply, fmt)
@@ -638,3 +716,62 @@ def test_a_qwen_xml_template_takes_and_gives_calls_in_its_format(server: ServerP
     prompt = httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()["prompt"]
     sent_back = xml_call("get_forecast", city=arguments["city"], days=str(arguments["days"]))
     assert f"<|im_start|>assistant\n\n{sent_back}<|im_end|>" in prompt, prompt
+
+
+NOTE = {
+    "type": "function",
+    "function": {
+        "name": "save_note",
+        "description": "Save a note",
+        "parameters": {
+            "type": "object",
+            "properties": {"text": {"type": "string", "maxLength": 60}},
+            "required": ["text"],
+        },
+    },
+}
+
+
+def test_a_call_streams_in_pieces_through_each_api(server: ServerProcess) -> None:
+    """A call's arguments reach a streaming client as they are written, not at the call's end: in the chat
+    API's deltas (the first with the id and name), the Responses API's argument deltas and the Messages API's
+    input_json deltas; joined, they are the call the API's whole reply gives."""
+    import anthropic
+
+    question = "Save a note about the weather in Paris."
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    chat: dict[str, Any] = dict(
+        model=MODEL, messages=[{"role": "user", "content": question}], tools=[NOTE], max_tokens=80, temperature=0,
+        tool_choice={"type": "function", "function": {"name": "save_note"}},
+    )  # fmt: skip
+    whole = client.chat.completions.create(**chat).choices[0].message.tool_calls[0]
+    assert len(json.loads(whole.function.arguments)["text"]) > 10
+    chunks = client.chat.completions.create(stream=True, **chat)
+    pieces = [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(pieces) > 3 and pieces[0].function.name == "save_note" and pieces[0].id is not None
+    assert all(p.id is None and p.function.name is None for p in pieces[1:])
+    assert "".join(p.function.arguments or "" for p in pieces) == whole.function.arguments
+
+    tool = {"type": "function", "name": "save_note", "parameters": NOTE["function"]["parameters"]}
+    asked: dict[str, Any] = dict(
+        model=MODEL, input=question, tools=[tool], tool_choice={"type": "function", "name": "save_note"},
+        temperature=0, max_output_tokens=80,
+    )  # fmt: skip
+    (item,) = client.responses.create(**asked).output
+    events = list(client.responses.create(stream=True, **asked))
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    (done,) = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(deltas) > 3 and "".join(deltas) == done.arguments == item.arguments
+
+    messages = anthropic.Anthropic(base_url=server.url, api_key="unused").messages
+    ask: dict[str, Any] = dict(
+        model=MODEL, max_tokens=80, extra_body={"temperature": 0}, messages=[{"role": "user", "content": question}],
+        tools=[{"name": "save_note", "description": "Save a note", "input_schema": NOTE["function"]["parameters"]}],
+        tool_choice={"type": "tool", "name": "save_note"},
+    )  # fmt: skip
+    (block,) = messages.create(**ask).content
+    with messages.stream(**ask) as stream:
+        deltas = [e.delta for e in stream if e.type == "content_block_delta"]
+        partial = [delta.partial_json for delta in deltas if delta.type == "input_json_delta"]
+        final = stream.get_final_message()
+    assert len(partial) > 3 and json.loads("".join(partial)) == final.content[0].input == block.input

@@ -77,7 +77,8 @@ from ember.server.responses import (
     turn_starts,
 )
 from ember.server.scores import RerankRequest, ScoreRequest, cosine, ranked, score_pairs
-from ember.server.tools import ToolCallFormat, split_tool_calls, tool_call_constraint
+from ember.server.tool_stream import merged_openai_deltas, split_tool_calls
+from ember.server.tools import ToolCallFormat, tool_call_constraint
 
 logger = logging.getLogger("ember.server")
 MESSAGES_PATH = "/v1/messages"  # Anthropic's API: its errors take Anthropic's shape
@@ -522,15 +523,14 @@ class OpenAIServer:
                 text, finish_reason = o.text, o.finish_reason
                 delta: dict[str, Any] = {}
                 parser = parsers[o.index]
-                first_call = parser.num_calls
                 thinking, text, calls = parser.feed(text, finish_reason is not None)
                 if thinking:
                     delta["reasoning"] = delta["reasoning_content"] = thinking
                     thought[o.index] += thinking
                 if finish_reason is not None and parser.num_calls:
                     finish_reason = tool_calls_finish_reason(finish_reason)
-                if calls:
-                    delta["tool_calls"] = [call.as_openai(first_call + k) for k, call in enumerate(calls)]
+                if tool_calls := merged_openai_deltas(calls):
+                    delta["tool_calls"] = tool_calls
                 if text:
                     delta["content"] = text
                 elif not (delta or finish_reason or logprobs or (want_token_ids and o.token_ids)):

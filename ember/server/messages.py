@@ -20,7 +20,8 @@ from pydantic import ConfigDict, Field
 from ember.engine.sampling_params import InvalidParameter
 from ember.server.protocol import ChatCompletionRequest, OpenAIModel, check_unknown_fields, new_id
 from ember.server.reply_parser import ReplyParser
-from ember.server.tools import ParsedToolCall, ToolCallFormat
+from ember.server.tool_stream import ToolCallDelta
+from ember.server.tools import ToolCallFormat
 
 # the Messages API's fields that Ember does not implement: the values that ask for nothing, and what to do instead
 MESSAGES_FIELDS_NOT_SUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
@@ -184,7 +185,7 @@ def chat_messages(message: dict[str, Any], index: int) -> list[dict[str, Any]]:
 class MessageBuilder:
     """Turns generated text, as it arrives, into content blocks and the stream events that announce them: a
     reasoning model's thinking a thinking block, the answer a text block (opened at its first visible text),
-    each tool call a tool_use block once its call is complete."""
+    each tool call a tool_use block once its name is written, its input streaming as it is."""
 
     def __init__(
         self, model: str, prompt_tokens: int, tool_format: ToolCallFormat | None, opens_thinking: bool | None
@@ -196,6 +197,7 @@ class MessageBuilder:
         self.open: dict[str, Any] | None = None  # the thinking or text block being written
         self.held = ""  # leading whitespace, not yet known to be a text block
         self.result: dict[str, Any] | None = None  # the whole message, once finished
+        self.calls: dict[int, tuple[int, list[str]]] = {}  # a call's block index and input pieces, by call index
 
     def start(self, cached: int) -> list[dict[str, Any]]:
         return [{"type": "message_start", "message": self.message(None, None, self.usage(0, cached))}]
@@ -229,21 +231,25 @@ class MessageBuilder:
         events.append({"type": "content_block_delta", "index": len(self.content) - 1, "delta": delta})
         return events
 
-    def tool_use(self, call: ParsedToolCall) -> list[dict[str, Any]]:
-        events = self.close()
-        block = {"type": "tool_use", "id": call.id, "name": call.name, "input": json.loads(call.arguments)}
-        self.content.append(block)
-        index = len(self.content) - 1
-        return [
-            *events,
-            {"type": "content_block_start", "index": index, "content_block": {**block, "input": {}}},
-            {
-                "type": "content_block_delta",
-                "index": index,
-                "delta": {"type": "input_json_delta", "partial_json": call.arguments},
-            },
-            {"type": "content_block_stop", "index": index},
-        ]
+    def tool_use(self, piece: ToolCallDelta) -> list[dict[str, Any]]:
+        """The events of a piece of a call: its block opens with the first, its input grows, it closes with the
+        last."""
+        events = []
+        if piece.id is not None:
+            events += self.close()
+            self.content.append({"type": "tool_use", "id": piece.id, "name": piece.name, "input": {}})
+            self.calls[piece.index] = (len(self.content) - 1, [])
+            events.append({"type": "content_block_start", "index": len(self.content) - 1,
+                           "content_block": dict(self.content[-1])})  # fmt: skip
+        index, pieces = self.calls[piece.index]
+        if piece.arguments:
+            pieces.append(piece.arguments)
+            delta = {"type": "input_json_delta", "partial_json": piece.arguments}
+            events.append({"type": "content_block_delta", "index": index, "delta": delta})
+        if piece.done is not None:
+            self.content[index]["input"] = tool_input(piece.done.arguments)
+            events.append({"type": "content_block_stop", "index": index})
+        return events
 
     def close(self) -> list[dict[str, Any]]:
         if self.open is None:
@@ -290,6 +296,14 @@ class MessageBuilder:
             "stop_sequence": stop_sequence,
             "usage": usage,
         }
+
+
+def tool_input(arguments: str) -> Any:
+    """A call's arguments as a tool_use block's input: {} for a call cut off mid-way (its JSON unfinished)."""
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        return {}
 
 
 def anthropic_error(status: int, message: str) -> dict[str, Any]:

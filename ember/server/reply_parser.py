@@ -7,7 +7,8 @@ blocks); this is the one place that finds them.
 from __future__ import annotations
 
 from ember.server.reasoning import ReasoningParser
-from ember.server.tools import ParsedToolCall, ToolCallFormat, ToolCallParser
+from ember.server.tool_stream import ToolCallDelta, ToolCallParser
+from ember.server.tools import ToolCallFormat
 
 
 class ReplyParser:
@@ -24,8 +25,8 @@ class ReplyParser:
         """The tool calls found so far."""
         return self.tools.num_calls if self.tools is not None else 0
 
-    def feed(self, text: str, finished: bool) -> tuple[str, str, list[ParsedToolCall]]:
-        """(thinking, answer text, completed tool calls) of the next piece of the reply; `finished`: it is the
+    def feed(self, text: str, finished: bool) -> tuple[str, str, list[ToolCallDelta]]:
+        """(thinking, answer text, pieces of tool calls) of the next piece of the reply; `finished`: it is the
         last, and what was held back (a possible tag's start) is let out."""
         thinking = ""
         if self.thinking is not None:
@@ -33,9 +34,10 @@ class ReplyParser:
             if finished:
                 more_thinking, more_text = self.thinking.finish()
                 thinking, text = thinking + more_thinking, text + more_text
-        calls: list[ParsedToolCall] = []
+        calls: list[ToolCallDelta] = []
         if self.tools is not None:
             text, calls = self.tools.feed(text)
             if finished:
-                text += self.tools.finish()
+                rest, last = self.tools.finish()
+                text, calls = text + rest, calls + last
         return thinking, text, calls

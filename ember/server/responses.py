@@ -18,7 +18,8 @@ from pydantic import ConfigDict, Field
 from ember.engine.sampling_params import MAX_LOGPROBS, InvalidParameter
 from ember.server.protocol import ChatCompletionRequest, ChatMessage, OpenAIModel, check_unknown_fields, new_id
 from ember.server.reply_parser import ReplyParser
-from ember.server.tools import ParsedToolCall, ToolCallFormat
+from ember.server.tool_stream import ToolCallDelta
+from ember.server.tools import ToolCallFormat
 
 MESSAGE_ROLES = ("user", "assistant", "system", "developer")
 
@@ -279,7 +280,7 @@ class ResponseBuilder:
     """Turns generated text, as it arrives, into output items and the stream events that announce them: a
     reasoning model's thinking becomes a reasoning item (its text as `reasoning_text`), a message item opens at
     the first text (whitespace alone before a tool call opens none), each tool call becomes a function_call
-    item when its block closes."""
+    item once its name is written, its arguments streaming as they are."""
 
     def __init__(
         self,
@@ -299,6 +300,7 @@ class ResponseBuilder:
         self.message: dict[str, Any] | None = None  # the message item being written
         self.held = ""  # leading whitespace, not yet known to be a message
         self.held_logprobs: list[dict[str, Any]] = []  # its tokens' logprobs
+        self.calls: dict[int, dict[str, Any]] = {}  # function_call items by the call's index
         self.sequence = 0
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
@@ -383,16 +385,24 @@ class ResponseBuilder:
         events.append(self.item_event("response.content_part.added", self.message, content_index=0, part=dict(part)))
         return events
 
-    def function_call(self, call: ParsedToolCall) -> list[dict[str, Any]]:
-        item = {"id": new_id("fc", "_"), "type": "function_call", "status": "in_progress", "call_id": call.id,
-                "name": call.name, "arguments": ""}  # fmt: skip
-        self.output.append(item)
-        events = [self.event("response.output_item.added", output_index=len(self.output) - 1, item=dict(item))]
-        item["arguments"] = call.arguments
-        events.append(self.item_event("response.function_call_arguments.delta", item, delta=call.arguments))
-        events.append(self.item_event("response.function_call_arguments.done", item, arguments=call.arguments))
-        item["status"] = "completed"
-        events.append(self.event("response.output_item.done", output_index=len(self.output) - 1, item=item))
+    def function_call(self, piece: ToolCallDelta) -> list[dict[str, Any]]:
+        """The events of a piece of a call: its item opens with its first, its arguments grow, it closes with its
+        last."""
+        events = []
+        if piece.id is not None:
+            item = {"id": new_id("fc", "_"), "type": "function_call", "status": "in_progress", "call_id": piece.id,
+                    "name": piece.name, "arguments": ""}  # fmt: skip
+            self.output.append(item)
+            self.calls[piece.index] = item
+            events.append(self.event("response.output_item.added", output_index=len(self.output) - 1, item=dict(item)))
+        item = self.calls[piece.index]
+        if piece.arguments:
+            item["arguments"] += piece.arguments
+            events.append(self.item_event("response.function_call_arguments.delta", item, delta=piece.arguments))
+        if piece.done is not None:
+            events.append(self.item_event("response.function_call_arguments.done", item, arguments=item["arguments"]))
+            item["status"] = "completed"
+            events.append(self.event("response.output_item.done", output_index=self.output.index(item), item=item))
         return events
 
     def item_event(self, kind: str, item: dict[str, Any], **fields: Any) -> dict[str, Any]:

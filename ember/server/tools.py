@@ -64,10 +64,14 @@ class ToolCallFormat:
     special_trigger: bool = False
     short_ids: bool = False
     argument_style: str = "json"  # how the grammar lays out arguments: xgrammar's JSONSchemaFormat style
+    # the request's tools, name -> parameters schema (`for_tools`): their calls' opening tags are known, so that
+    # they stream as they are written (tool_stream.py)
+    parameters: Mapping[str, dict[str, Any]] = dataclasses.field(default_factory=dict, compare=False)
 
     def for_tools(self, tools: list[Tool]) -> ToolCallFormat:
-        """The format for a request offering `tools` (one that reads arguments by their schemas binds them)."""
-        return self
+        """The format for a request offering `tools`."""
+        schemas = {schema["function"]["name"]: schema["function"]["parameters"] for schema in tool_schemas(tools)}
+        return dataclasses.replace(self, parameters=schemas)
 
     def speaks(self, chat_template: str | None) -> bool:
         """Whether `chat_template` renders `tools` and calls in this format itself."""
@@ -142,12 +146,6 @@ class XMLToolCallFormat(ToolCallFormat):
     `<tool_call>` block. A value's text is a string as written or another value as JSON (or, as these models'
     templates write them, Python's True, False and None): `parameters`, each tool's schema, says which."""
 
-    parameters: Mapping[str, dict[str, Any]] = dataclasses.field(default_factory=dict, compare=False)
-
-    def for_tools(self, tools: list[Tool]) -> XMLToolCallFormat:
-        schemas = {schema["function"]["name"]: schema["function"]["parameters"] for schema in tool_schemas(tools)}
-        return dataclasses.replace(self, parameters=schemas)
-
     def tag(self, name: str) -> tuple[str, str]:
         return f"{self.trigger}\n<function={name}>\n", "</function>\n</tool_call>"
 
@@ -176,7 +174,7 @@ class XMLToolCallFormat(ToolCallFormat):
         if XML_PARAMETER.sub("", body).strip():  # text beside the parameters: not a call
             return None
         properties = self.parameters.get(name, {}).get("properties", {})
-        arguments = {key: _xml_value(text, properties.get(key)) for key, text in XML_PARAMETER.findall(body)}
+        arguments = {key: xml_value(text, properties.get(key)) for key, text in XML_PARAMETER.findall(body)}
         return [ParsedToolCall(self.new_id(), name, json.dumps(arguments, ensure_ascii=False))]
 
 
@@ -241,13 +239,20 @@ def _schema_types(schema: dict[str, Any]) -> set[str]:
     return types
 
 
-def _xml_value(text: str, schema: dict[str, Any] | None) -> Any:
+def reads_as_text(schema: dict[str, Any] | None) -> bool:
+    """Whether a parameter's value is its element's text whatever it says: a string parameter that cannot be
+    null, or one the schema does not know."""
+    types = _schema_types(schema) if isinstance(schema, dict) else {"string"}
+    return "string" in types and "null" not in types
+
+
+def xml_value(text: str, schema: dict[str, Any] | None) -> Any:
     """A parameter's value from its element's text, less the newline the format puts on either side: a string
     where the schema takes one (or does not know the parameter), else the JSON (or Python literal) it spells,
     else the text itself."""
     text = text.removeprefix("\n").removesuffix("\n")
     types = _schema_types(schema) if isinstance(schema, dict) else {"string"}
-    if "string" in types and not ("null" in types and text.strip() in ("null", "None")):
+    if reads_as_text(schema) or ("string" in types and text.strip() not in ("null", "None")):
         return text
     literal = text.strip()
     if literal in PYTHON_LITERALS:
@@ -369,71 +374,3 @@ class ParsedToolCall:
             "function": {"name": self.name, "arguments": self.arguments},
         }
         return call if index is None else {"index": index, **call}
-
-
-class ToolCallParser:
-    """Splits generated text, as it streams in, into content and the tool calls written in `fmt`. Text that may
-    be the start of a call is held back until it is known; a call that does not parse stays content; the
-    separator after a call is neither."""
-
-    def __init__(self, fmt: ToolCallFormat) -> None:
-        self.fmt = fmt
-        self.pending = ""
-        self.num_calls = 0
-        self.after_call = False  # the text so far ends with a call: its separator may come next
-
-    def feed(self, text: str) -> tuple[str, list[ParsedToolCall]]:
-        """New content and newly completed calls, given the next piece of text."""
-        fmt = self.fmt
-        self.pending += text
-        content: list[str] = []
-        calls: list[ParsedToolCall] = []
-        while self.pending:
-            if self.after_call:
-                if len(self.pending) < len(fmt.separator) and fmt.separator.startswith(self.pending):
-                    break  # maybe the separator, maybe text
-                if self.pending.startswith(fmt.separator):
-                    self.pending = self.pending[len(fmt.separator) :]
-                self.after_call = False
-                continue
-            if self.pending.startswith(fmt.trigger):
-                found = fmt.call_end(self.pending)
-                if found is None:
-                    break  # the call is still being written
-                end, block = found
-                parsed = fmt.parse(block)
-                if parsed is None:
-                    content.append(self.pending[:end])
-                else:
-                    calls += parsed
-                    self.after_call = True
-                self.pending = self.pending[end:]
-                continue
-            start = self.pending.find(fmt.trigger)
-            if start > 0:
-                content.append(self.pending[:start])
-                self.pending = self.pending[start:]
-                continue
-            trigger = fmt.trigger
-            held = next((k for k in range(len(trigger) - 1, 0, -1) if self.pending.endswith(trigger[:k])), 0)
-            content.append(self.pending[: len(self.pending) - held])
-            self.pending = self.pending[len(self.pending) - held :]
-            break
-        self.num_calls += len(calls)
-        return "".join(content), calls
-
-    def finish(self) -> str:
-        """What is left when generation ends, as content; except a call cut off by max_tokens, or the start of
-        the separator after a call, which are no text of the reply (the grammar allows the trigger only as a
-        call's start)."""
-        rest, self.pending = self.pending, ""
-        cut_off = rest.startswith(self.fmt.trigger) or (self.after_call and self.fmt.separator.startswith(rest))
-        return "" if cut_off else rest
-
-
-def split_tool_calls(text: str, fmt: ToolCallFormat) -> tuple[str | None, list[ParsedToolCall]]:
-    """A whole reply's content (None when only calls and whitespace) and calls."""
-    parser = ToolCallParser(fmt)
-    content, calls = parser.feed(text)
-    content += parser.finish()
-    return (content if content.strip() or not calls else None), calls

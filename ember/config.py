@@ -18,7 +18,10 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",  # Phi-3, Phi-3.5 and Phi-4-mini: fused projections, LongRoPE, partial rotary
 }
+# families whose configs' `sliding_window` always applies (Qwen2's only with use_sliding_window)
+SLIDING_WINDOW_FAMILIES = ("mistral", "phi3")
 
 
 def cache_dir() -> Path:
@@ -34,14 +37,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SERVED_VALUES: dict[str, tuple[Any, ...]] = {
     "hidden_act": (None, "silu", "swish"),
     "mlp_bias": (None, False),
-    "partial_rotary_factor": (None, 1, 1.0),
     "attn_logit_softcapping": (None,),
     "final_logit_softcapping": (None,),
 }
 
 
 def check_served_features(d: dict[str, Any]) -> None:
-    """Refuse a config whose model computes what Ember's does not (a GELU MLP, MLP biases, partial rotary)."""
+    """Refuse a config whose model computes what Ember's does not (a GELU MLP, MLP biases, logit soft-capping)."""
     for name, served in SERVED_VALUES.items():
         if d.get(name) not in served:
             raise ValueError(f"this model's {name} is {d[name]!r}, which Ember does not serve")
@@ -63,6 +65,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
     rope_freq_factors: list[float] | None = None  # a GGUF's divisor of each rotary frequency (llama.cpp's rope_freqs)
+    rotary_dim: int | None = None  # the leading dimensions of each head that rotate (partial rotary); None: all
+    # the longest sequence served (the engine's max_model_len): LongRoPE's long factors apply when it is past
+    # the original context; None: the model's positions
+    served_context: int | None = None
     max_position_embeddings: int = 4096
     # tokens each attends back over when the model limits attention to a window (Mistral-7B-v0.1's 4,096;
     # Qwen2's with use_sliding_window); Ember attends to whole contexts, which match up to this length
@@ -93,6 +99,11 @@ class ModelConfig:
                 rope_scaling = rope_params
         if rope_scaling is not None and rope_scaling.get("rope_type", rope_scaling.get("type")) == "default":
             rope_scaling = None
+        if rope_scaling is not None and "original_max_position_embeddings" in d:  # Phi-3 keeps it at the top
+            rope_scaling = {"original_max_position_embeddings": d["original_max_position_embeddings"], **rope_scaling}
+        head_dim = d.get("head_dim") or d["hidden_size"] // heads
+        nested = rope_params if isinstance(rope_params, dict) else {}
+        partial = d.get("partial_rotary_factor") or nested.get("partial_rotary_factor") or 1.0
         return cls(
             architecture=family,
             vocab_size=d["vocab_size"],
@@ -101,13 +112,16 @@ class ModelConfig:
             num_hidden_layers=d["num_hidden_layers"],
             num_attention_heads=heads,
             num_key_value_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            head_dim=head_dim,
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta or 10000.0),
             rope_scaling=rope_scaling,
             rope_freq_factors=d.get("rope_freq_factors"),
+            rotary_dim=int(head_dim * partial) if partial != 1 else None,
             max_position_embeddings=d.get("max_position_embeddings", 4096),
-            sliding_window=d.get("sliding_window") if family == "mistral" or d.get("use_sliding_window") else None,
+            sliding_window=d.get("sliding_window")
+            if family in SLIDING_WINDOW_FAMILIES or d.get("use_sliding_window")
+            else None,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=bool(d.get("attention_bias", family == "qwen2")),
             qk_norm=family == "qwen3",
@@ -140,6 +154,8 @@ class ModelConfig:
             d["rope_scaling"] = self.rope_scaling
         if self.rope_freq_factors is not None:
             d["rope_freq_factors"] = self.rope_freq_factors
+        if self.rotary_dim is not None:
+            d["partial_rotary_factor"] = self.rotary_dim / self.head_dim
         if self.sliding_window is not None:
             d["sliding_window"] = self.sliding_window
             d["use_sliding_window"] = True

@@ -56,6 +56,14 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
         },
     },
     "mistral": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": None},
+    # Phi-4-mini's shape: fused projections in the checkpoint, half of each head rotating
+    "phi3": {
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        "partial_rotary_factor": 0.5,
+        "sliding_window": None,
+        "pad_token_id": 0,
+    },
 }
 
 

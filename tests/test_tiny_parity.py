@@ -1,7 +1,9 @@
-"""Every supported family (Qwen3 q/k norm, Qwen2 QKV bias, Llama-3 rope scaling, Mistral) against HF."""
+"""Every supported family (Qwen3 q/k norm, Qwen2 QKV bias, Llama-3 rope scaling, Mistral, Phi-3 with partial
+rotary and LongRoPE) against HF."""
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
@@ -138,7 +140,7 @@ def test_yarn_rope_scaling_matches_hf(tmp_path: Any, rope_scaling: dict[str, Any
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("hidden_act", "gelu"), ("mlp_bias", True), ("partial_rotary_factor", 0.5)]
+    ("field", "value"), [("hidden_act", "gelu"), ("mlp_bias", True), ("final_logit_softcapping", 30.0)]
 )
 def test_a_config_of_a_variant_ember_does_not_compute_is_refused(field: str, value: Any) -> None:
     from ember.config import ModelConfig
@@ -148,3 +150,31 @@ def test_a_config_of_a_variant_ember_does_not_compute_is_refused(field: str, val
     assert ModelConfig.from_hf_dict({**config, "hidden_act": "silu", "mlp_bias": False}).hidden_size == 64
     with pytest.raises(ValueError, match=f"this model's {field} is {value!r}, which Ember does not serve"):
         ModelConfig.from_hf_dict({**config, field: value})
+
+
+def test_longrope_takes_its_short_or_long_factors_by_the_served_context(tmp_path) -> None:
+    """Phi's LongRoPE: served within the original context, the short factors (as HF's for sequences that
+    short); served past it, the long ones over the whole context (as HF's for a sequence that long). The
+    original context here is a top-level field, as in Phi-3's configs."""
+    from tests.conftest import make_tiny_hf_model
+
+    scaling = {"type": "longrope", "short_factor": [1.0, 1.3, 1.7, 2.1], "long_factor": [1.5, 2.9, 4.4, 8.0]}
+    path = tmp_path / "phi"
+    hf_model = make_tiny_hf_model(
+        "phi3", path, rope_scaling=scaling, original_max_position_embeddings=64, max_position_embeddings=256
+    )
+    config = json.loads((path / "config.json").read_text())
+    config.pop("rope_parameters", None)  # as Phi-3's own config.json: rope_scaling, the original context beside it
+    (path / "config.json").write_text(json.dumps({**config, "rope_scaling": scaling}))
+    params = SamplingParams(max_tokens=12, temperature=0, logprobs=1, ignore_eos=True)
+    short, long = random_prompts()[1], random_prompts()[3]  # 17 + 12 tokens within the original 64; 95 past it
+    served = {}
+    for max_model_len, prompt in ((64, short), (256, long), (256, short)):
+        llm = LLM(str(path), max_model_len=max_model_len, num_blocks=64, block_size=8, dtype="float32")
+        completion = llm.generate(prompt, params)[0].outputs[0]
+        served[max_model_len, len(prompt)] = [lp.logprob for lp in completion.logprobs or []]
+        if (max_model_len, prompt) != (256, short):
+            tokens, logprobs = hf_reference(hf_model, prompt, 12)
+            assert completion.token_ids == tokens
+            assert served[max_model_len, len(prompt)] == pytest.approx(logprobs, abs=1e-4)
+    assert served[64, len(short)] != pytest.approx(served[256, len(short)], abs=1e-3)  # the factors differ

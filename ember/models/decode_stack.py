@@ -4,8 +4,8 @@ being verified, and small prefill chunks where they attend as rows (the bf16 ker
 At one row a SmolLM2 step spent about half its time in Python: ~270 calls from Python per step (norms, linears,
 rotary, attention) at 5-13 us each around kernels of a few microseconds. The C driver runs the same kernels
 in the same order on the same buffers, so its hidden states are bit-identical to `LlamaForCausalLM.forward`;
-it needs every layer's linears on GGUF blocks (`quantized.py`), which bound it to `MAX_ROWS` rows, and no
-per-head q/k norm (Qwen3 stays on the PyTorch model).
+it needs every layer's linears on GGUF blocks (`quantized.py`), which bound it to `MAX_ROWS` rows, no
+per-head q/k norm (Qwen3 stays on the PyTorch model) and whole-head rotary.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class NativeDecodeStack:
         library = native.load()
         cfg = model.config
         dtype = model.embed_tokens.weight.dtype
-        if library is None or dtype not in SUFFIX or cfg.qk_norm:
+        if library is None or dtype not in SUFFIX or cfg.qk_norm or cfg.rotary_dim is not None:
             return None
         layer_norms = (n for layer in model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm))
         norms = [model.norm, *layer_norms]

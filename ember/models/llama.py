@@ -1,7 +1,8 @@
-"""One PyTorch implementation of the Llama family: Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2.
+"""One PyTorch implementation of the Llama family: Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2, Phi-3/Phi-4-mini.
 
 The differences between the families are flags on `ModelConfig`: QKV bias (Qwen2), per-head q/k
-RMSNorm (Qwen3), tied embeddings (SmolLM2, small Qwen), Llama-3 RoPE scaling. The forward pass takes a
+RMSNorm (Qwen3), tied embeddings (SmolLM2, small Qwen), RoPE scaling (Llama 3's, YaRN, Phi's LongRoPE), partial
+rotary (Phi-4-mini). The forward pass takes a
 step's tokens flattened into one sequence; attention reads and writes the paged KV cache.
 Q/K/V and gate/up projections are fused so each layer runs few, large matmuls.
 """
@@ -37,8 +38,8 @@ class RMSNorm(nn.Module):
 
 def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies of the rotary embedding, and the factor its cos and sin are scaled by: with the
-    rope scaling a config names (linear, Llama 3's, YaRN's) or a GGUF's frequency divisors applied."""
-    dim = config.head_dim
+    rope scaling a config names (linear, Llama 3's, YaRN's, LongRoPE) or a GGUF's frequency divisors applied."""
+    dim = config.rotary_dim or config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     if config.rope_freq_factors is not None:  # llama.cpp's form of Llama 3's scaling: a divisor per frequency
         inv_freq = inv_freq / torch.tensor(config.rope_freq_factors, dtype=torch.float64)
@@ -52,7 +53,25 @@ def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
         return llama3_frequencies(inv_freq, scaling), 1.0
     if kind == "yarn":
         return yarn_frequencies(inv_freq, config)
-    raise ValueError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3, yarn)")
+    if kind in ("longrope", "su"):  # "su": the name in Phi-3's first configs
+        return longrope_frequencies(inv_freq, config)
+    raise ValueError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3, yarn, longrope)")
+
+
+def longrope_frequencies(inv_freq: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """LongRoPE (Phi-3's 128K models, Phi-3.5, Phi-4-mini): each frequency divided by its own factor, the long
+    ones when the served context goes past the original one (HF switches per sequence length, llama.cpp per
+    context size; one set for the whole context keeps cached keys and later queries in step), the short ones
+    else; attention sharpens by sqrt(1 + ln(factor) / ln(original))."""
+    scaling = config.rope_scaling or {}
+    original = scaling["original_max_position_embeddings"]
+    served = config.served_context or config.max_position_embeddings
+    factors = scaling["long_factor"] if served > original else scaling["short_factor"]
+    factor = scaling.get("factor") or config.max_position_embeddings / original
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+    return inv_freq / torch.tensor(factors, dtype=torch.float64), float(attention)
 
 
 def llama3_frequencies(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -122,8 +141,19 @@ class RotaryEmbedding(nn.Module):
         self.cos = (freqs.cos() * attention_factor).float().to(device)
         self.sin = (freqs.sin() * attention_factor).float().to(device)
 
+    def serve_context(self, length: int) -> None:
+        """The longest sequence served: LongRoPE's frequencies depend on it (its tables are made again)."""
+        config = self.config
+        if config.served_context != length:
+            config.served_context = length
+            if config.rope_scaling and config.rope_scaling.get("rope_type", config.rope_scaling.get("type")) in (
+                "longrope",
+                "su",
+            ):
+                self.reset_parameters()
+
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin at each position, [T, head_dim / 2]: looked up once per step, used by every layer."""
+        """cos and sin at each position, [T, rotary dims / 2]: looked up once per step, used by every layer."""
         return self.cos[positions], self.sin[positions]
 
 
@@ -136,6 +166,7 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
+        self.rotary_dim = config.rotary_dim or self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
@@ -159,7 +190,8 @@ class Attention(nn.Module):
             rotary_(q, *rope)
             rotary_(k, *rope)
         else:  # q and k heads sit side by side in each QKV row: rotate them in one pass, in place
-            rotary_(qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim), *rope)
+            heads = qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim)
+            rotary_(heads if self.rotary_dim == self.head_dim else heads[..., : self.rotary_dim], *rope)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 

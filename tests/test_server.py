@@ -744,8 +744,9 @@ def test_skip_special_tokens_false_keeps_them_in_the_text(server: ServerProcess)
     assert kept["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"] == 40
 
     ended = {"prompt": prompt, "max_tokens": 40, "temperature": 0, "skip_special_tokens": False}
-    with_stop = httpx.post(f"{server.url}/v1/completions", json={**ended, "include_stop_str_in_output": True}).json()
-    without = httpx.post(f"{server.url}/v1/completions", json=ended).json()
+    stopped = {**ended, "include_stop_str_in_output": True}
+    with_stop = httpx.post(f"{server.url}/v1/completions", json=stopped, timeout=60).json()
+    without = httpx.post(f"{server.url}/v1/completions", json=ended, timeout=60).json()
     assert with_stop["choices"][0]["finish_reason"] == "stop"
     assert with_stop["choices"][0]["text"] == without["choices"][0]["text"] + "<|im_end|>"
 

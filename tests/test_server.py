@@ -643,6 +643,33 @@ def test_llama_cpp_completion_api_answers_as_llama_server(server: ServerProcess,
         assert refused.status_code == 400 and refused.json()["error"]["param"] == param, refused.text
 
 
+def test_llama_cpp_n_probs_and_props(server: ServerProcess, client: OpenAI) -> None:
+    """`n_probs` adds each generated token's logprob and the top tokens' (the OpenAI API's logprobs of the same
+    completion), whole and streamed; `GET /props` gives the context size, the defaults and the template."""
+    prompt = "The capital of France is"
+    openai_logprobs = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=3)
+    expected = openai_logprobs.choices[0].logprobs
+    body = {"prompt": prompt, "n_predict": 4, "temperature": 0, "n_probs": 3}
+    reply = httpx.post(f"{server.url}/completion", json=body, timeout=60).json()
+    probabilities = reply["completion_probabilities"]
+    assert [p["token"] for p in probabilities] == expected.tokens
+    assert [p["logprob"] for p in probabilities] == pytest.approx(expected.token_logprobs, abs=1e-4)
+    for entry, top in zip(probabilities, expected.top_logprobs, strict=True):
+        assert len(entry["top_logprobs"]) == 3 and {t["token"] for t in entry["top_logprobs"]} == set(top)
+        assert entry["bytes"] == list(entry["token"].encode()) and entry["id"] == entry["top_logprobs"][0]["id"]
+    lines = httpx.post(f"{server.url}/completion", json={**body, "stream": True}, timeout=60).text.split("\n\n")
+    pieces = [json.loads(line.removeprefix("data: ")) for line in lines if line]
+    streamed = [p for piece in pieces for p in piece.get("completion_probabilities", [])]
+    assert streamed == probabilities and "completion_probabilities" not in pieces[-1]
+    assert "completion_probabilities" not in httpx.post(f"{server.url}/completion", json={**body, "n_probs": 0}).json()
+
+    props = httpx.get(f"{server.url}/props").json()
+    max_model_len = httpx.get(f"{server.url}/v1/models").json()["data"][0]["max_model_len"]
+    assert props["default_generation_settings"]["n_ctx"] == max_model_len and props["total_slots"] >= 1
+    assert props["default_generation_settings"]["params"]["temperature"] == 0.8  # llama.cpp's default
+    assert "<|im_start|>" in props["chat_template"] and props["eos_token"] == "<|im_end|>"
+
+
 def test_continue_final_message_goes_on_from_the_assistants_text(server: ServerProcess, client: OpenAI) -> None:
     """vLLM's prefill switch: the last (assistant's) message is left open and the reply continues it, exactly
     as a completion of the same tokens would."""

@@ -39,7 +39,7 @@ from ember.engine.schema_check import check_enforceable
 from ember.engine.structured_output import StructuredOutputs
 from ember.server.chat import ChatFormatter, check_template_syntax
 from ember.server.fill_in_middle import fim_prompt, fim_token_ids
-from ember.server.llamacpp_api import LlamaCppReply, LlamaCppRequest, infill_prompt
+from ember.server.llamacpp_api import LlamaCppReply, LlamaCppRequest, infill_prompt, props
 from ember.server.messages import MessageBuilder, MessagesRequest, anthropic_error
 from ember.server.metrics import EngineMetrics
 from ember.server.protocol import (
@@ -916,7 +916,7 @@ class OpenAIServer:
             params = body.sampling_params()
         except ValueError as e:
             raise APIError(400, str(e), param=getattr(e, "param", None)) from e
-        reply = LlamaCppReply(self.model_name, len(prompt_ids))
+        reply = LlamaCppReply(self.model_name, len(prompt_ids), self.formatter.token_text)
         outputs = self.stream_outputs(prompt_ids, params, api_id("cmpl", request), self.model_name)
         if body.stream:
             first = await anext_or_error(outputs)
@@ -1423,6 +1423,13 @@ def build_app(server: OpenAIServer) -> FastAPI:
     @app.get("/version")
     async def version() -> dict[str, str]:
         return {"version": ember.__version__}
+
+    @app.get("/props")
+    async def llamacpp_props() -> dict[str, Any]:
+        """llama.cpp's description of its server (see `llamacpp_api.py`)."""
+        engine = server.engine.engine
+        slots = engine.config.scheduler.max_num_seqs
+        return props(server.model_name, server.max_model_len, slots, server.formatter.chat_template, engine.tokenizer)
 
     def model_card(name: str) -> dict[str, Any]:
         """The base model's card, or a LoRA adapter's (its `parent` the base model, its `root` its directory)."""

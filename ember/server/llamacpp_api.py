@@ -1,5 +1,5 @@
-"""llama.cpp's own server API (`POST /completion`, `POST /infill`), so that clients written for `llama-server`
-(editor plugins such as llama.vscode and llama.vim, scripts) run against Ember unchanged.
+"""llama.cpp's own server API (`POST /completion`, `POST /infill`, `GET /props`), so that clients written for
+`llama-server` (editor plugins such as llama.vscode and llama.vim, scripts) run against Ember unchanged.
 
 A request is a prompt (text or token ids) with llama.cpp's sampling fields and defaults (temperature 0.8, top_k
 40, top_p 0.95, min_p 0.05; `n_predict` -1: until the context ends). `/infill` lays the prompt out for
@@ -9,18 +9,22 @@ else as plain text; then `input_prefix`, `input_suffix` and, after the middle to
 line being typed). The reply is llama.cpp's object: `content`, `stop`, `stop_type` (`eos`, `limit`, `word`),
 `stopping_word`, `tokens_predicted`, `tokens_evaluated`, `timings`; streamed, a `data:` object per piece of text,
 then one with `stop: true` and the totals. `response_fields` keeps only the fields named (`timings/prompt_n`: a
-nested one), as llama.cpp does. llama.cpp's other knobs (samplers order, mirostat, DRY, `cache_prompt`, time
-limits, ...) are ignored: the prefix cache is always on.
+nested one), as llama.cpp does. `n_probs` adds `completion_probabilities`: each generated token's logprob and
+the most likely tokens' at its place, under the model (llama.cpp's `post_sampling_probs`, the probabilities
+after its sampler chain, is not served). llama.cpp's other knobs (samplers order, mirostat, DRY, `cache_prompt`,
+time limits, ...) are ignored: the prefix cache is always on. `GET /props` describes the server as llama.cpp's
+does: the context size, the sampling defaults, the slots (sequences run at once), the chat template.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ConfigDict, Field
 
-from ember.engine.request import RequestOutput
+from ember.engine.request import RequestOutput, TokenLogprob
 from ember.engine.sampling_params import SamplingParams
 from ember.server.fill_in_middle import fim_prompt, fim_token_ids
 from ember.server.protocol import OpenAIModel
@@ -50,6 +54,7 @@ class LlamaCppRequest(OpenAIModel):
     seed: int = -1  # -1: random
     stop: list[str] = Field(default_factory=list)
     ignore_eos: bool = False
+    n_probs: int = Field(0, ge=0, le=20)  # the most likely tokens' logprobs at each generated token's place
     stream: bool = False
     response_fields: list[str] | None = None
 
@@ -67,7 +72,36 @@ class LlamaCppRequest(OpenAIModel):
             seed=None if self.seed == -1 else self.seed,
             stop=self.stop,
             ignore_eos=self.ignore_eos,
+            logprobs=self.n_probs or None,
         )
+
+
+def defaults() -> dict[str, Any]:
+    """llama.cpp's sampling defaults, as `/props` shows them."""
+    request = LlamaCppRequest()
+    names = ("n_predict", "temperature", "top_k", "top_p", "min_p", "repeat_penalty", "presence_penalty",
+             "frequency_penalty", "seed", "n_probs", "ignore_eos", "stop")  # fmt: skip
+    return {name: getattr(request, name) for name in names}
+
+
+def props(model: str, context: int, slots: int, chat_template: str | None, tokenizer: Any) -> dict[str, Any]:
+    """`GET /props`: what llama.cpp's server says of itself that Ember has an answer to."""
+    import ember
+
+    def token(name: str) -> str:
+        return getattr(tokenizer, name, None) or "" if tokenizer is not None else ""
+
+    return {
+        "default_generation_settings": {"n_ctx": context, "model": model, "params": defaults()},
+        "total_slots": slots,
+        "model_alias": model,
+        "model_path": model,
+        "modalities": {"vision": False, "audio": False},
+        "chat_template": chat_template or "",
+        "bos_token": token("bos_token"),
+        "eos_token": token("eos_token"),
+        "build_info": f"ember {ember.__version__}",
+    }
 
 
 def infill_prompt(tokenizer: Any, body: LlamaCppRequest) -> list[int]:
@@ -97,9 +131,11 @@ def infill_prompt(tokenizer: Any, body: LlamaCppRequest) -> list[int]:
 class LlamaCppReply:
     """llama.cpp's reply to one request, built from the engine's outputs as they come (its timings too)."""
 
-    def __init__(self, model: str, num_prompt_tokens: int) -> None:
+    def __init__(self, model: str, num_prompt_tokens: int, token_text: Callable[[int], str]) -> None:
         self.model = model
         self.num_prompt_tokens = num_prompt_tokens
+        self.token_text = token_text
+        self.probabilities: list[dict[str, Any]] = []  # `completion_probabilities`, when n_probs asks
         self.started = time.monotonic()
         self.first_token: float | None = None
         self.content = ""
@@ -119,9 +155,22 @@ class LlamaCppReply:
         self.content += o.text
         self.tokens += o.token_ids
         self.finish_reason, self.stop_reason = o.finish_reason or self.finish_reason, o.stop_reason
+        probabilities = [self.probability(lp) for lp in o.logprobs or []]
+        self.probabilities += probabilities
         if not o.text and not o.token_ids:
             return None
-        return {"content": o.text, "tokens": list(o.token_ids), "stop": False, "id_slot": 0}
+        piece = {"content": o.text, "tokens": list(o.token_ids), "stop": False, "id_slot": 0}
+        return {**piece, "completion_probabilities": probabilities} if probabilities else piece
+
+    def probability(self, logprob: TokenLogprob) -> dict[str, Any]:
+        """llama.cpp's entry for one generated token: its id, text, bytes and logprob, and the top tokens'."""
+
+        def entry(token_id: int, value: float) -> dict[str, Any]:
+            text = self.token_text(token_id)
+            return {"id": token_id, "token": text, "bytes": list(text.encode()), "logprob": value}
+
+        top = [entry(token_id, value) for token_id, value in logprob.top]
+        return {**entry(logprob.token_id, logprob.logprob), "top_logprobs": top}
 
     def final(self, fields: list[str] | None, content: str | None = None) -> dict[str, Any]:
         """The last object: the whole text (or `content`: "" when streamed), why it stopped, and timings;
@@ -157,6 +206,8 @@ class LlamaCppReply:
                 "predicted_per_second": predicted / max(predicted_ms / 1000, 1e-9),
             },
         }
+        if self.probabilities and content is None:
+            body["completion_probabilities"] = self.probabilities
         return body if fields is None else select_fields(body, fields)
 
 

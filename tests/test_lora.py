@@ -129,6 +129,24 @@ def test_adapters_and_the_base_model_in_one_batch_match_peft(tiny_lora: Any, bat
     assert llm.engine.kv_cache.pool.num_free_blocks == 256
 
 
+def test_an_adapter_of_phis_fused_projections_matches_peft(tiny_models: dict, tmp_path: Path) -> None:
+    """Phi-3's checkpoints fuse q/k/v and gate/up themselves, and its adapters adapt those modules whole."""
+    path, _ = tiny_models["phi3"]
+    fused = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    adapter = save_adapter(path, LoraConfig(r=4, lora_alpha=8, target_modules=fused, init_lora_weights=False),
+                           tmp_path / "phi")  # fmt: skip
+    base = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    reference = PeftModel.from_pretrained(base, str(adapter), adapter_name="phi").eval()
+    llm = LLM(str(path), num_blocks=64, block_size=8, dtype="float32", lora_modules={"phi": str(adapter)})
+    prompts = random_prompts()[1:3]
+    for out, prompt in zip(llm.generate(prompts, greedy(), lora="phi"), prompts, strict=True):
+        assert_matches_peft(out, reference, "phi", prompt, "phi3")
+    assert (
+        llm.generate(prompts[0], greedy())[0].outputs[0].token_ids
+        != llm.generate(prompts[0], greedy(), lora="phi")[0].outputs[0].token_ids
+    )
+
+
 def test_prefix_cache_keeps_each_adapters_kv_apart(tiny_lora: Any) -> None:
     family, path, dirs, reference = tiny_lora
     llm = LLM(str(path), num_blocks=128, block_size=8, dtype="float32", device="cpu", enable_lora=True)

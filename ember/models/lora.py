@@ -25,14 +25,17 @@ from ember.config import ModelConfig
 from ember.kernels import native
 from ember.kernels.elementwise import SUFFIX
 
-# PEFT module name -> (Ember's fused module under the decoder layer, index of its part)
-TARGETS = {
+# PEFT module name -> (Ember's fused module under the decoder layer, index of its part; None: the whole module,
+# as Phi-3's checkpoints fuse q/k/v and gate/up themselves and its adapters adapt them so)
+TARGETS: dict[str, tuple[str, int | None]] = {
     "q_proj": ("self_attn.qkv_proj", 0),
     "k_proj": ("self_attn.qkv_proj", 1),
     "v_proj": ("self_attn.qkv_proj", 2),
+    "qkv_proj": ("self_attn.qkv_proj", None),
     "o_proj": ("self_attn.o_proj", 0),
     "gate_proj": ("mlp.gate_up_proj", 0),
     "up_proj": ("mlp.gate_up_proj", 1),
+    "gate_up_proj": ("mlp.gate_up_proj", None),
     "down_proj": ("mlp.down_proj", 0),
 }
 # config keys of PEFT features Ember does not serve; each must be unset, false or empty
@@ -118,7 +121,7 @@ def load_adapter(
     if not pairs:
         raise ValueError(f"LoRA adapter {name!r}: {weights_file} holds no LoRA weights")
     sizes = fused_parts(config)
-    parts: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}  # fused key -> (part, A, scaled B)
+    parts: dict[str, list[tuple[int | None, torch.Tensor, torch.Tensor]]] = {}  # fused key -> (part, A, scaled B)
     for (layer, target), pair in sorted(pairs.items()):
         if set(pair) != {"lora_A", "lora_B"}:
             raise ValueError(f"LoRA adapter {name!r}: layer {layer} {target} lacks one of lora_A, lora_B")
@@ -146,7 +149,8 @@ def target_shape(config: ModelConfig, target: str) -> tuple[int, int]:
         "self_attn.o_proj": config.num_attention_heads * config.head_dim,
         "mlp.down_proj": config.intermediate_size,
     }.get(module, config.hidden_size)
-    return fused_parts(config)[module][part], in_features
+    sizes = fused_parts(config)[module]
+    return (sum(sizes) if part is None else sizes[part]), in_features
 
 
 def _parse_key(name: str, key: str) -> tuple[int, str, str]:
@@ -170,18 +174,23 @@ def _parse_key(name: str, key: str) -> tuple[int, str, str]:
 
 
 def _fuse(
-    parts: list[tuple[int, torch.Tensor, torch.Tensor]], sizes: list[int], dtype: torch.dtype, device: torch.device
+    parts: list[tuple[int | None, torch.Tensor, torch.Tensor]],
+    sizes: list[int],
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> LoRAWeights:
-    """Stack the parts' A matrices and place their B matrices block-diagonally (a missing part adds nothing)."""
+    """Stack the parts' A matrices and place their B matrices block-diagonally (a missing part adds nothing; part
+    None spans the whole module)."""
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     total_rank = sum(a.shape[0] for _, a, _ in parts)
     b_t = torch.zeros(total_rank, sum(sizes))
     columns = torch.empty(total_rank, 2, dtype=torch.int64)
     rank_row = 0
     for part, a, b in parts:
+        start, end = (0, sum(sizes)) if part is None else (offsets[part], offsets[part] + sizes[part])
         rows = slice(rank_row, rank_row + a.shape[0])
-        b_t[rows, offsets[part] : offsets[part] + sizes[part]] = b.t()
-        columns[rows] = torch.tensor([offsets[part], offsets[part] + sizes[part]])
+        b_t[rows, start:end] = b.t()
+        columns[rows] = torch.tensor([start, end])
         rank_row += a.shape[0]
     a_full = torch.cat([a for _, a, _ in parts])
     return LoRAWeights(a_full.to(device, dtype).contiguous(), b_t.to(device, dtype).contiguous(), columns)

@@ -358,3 +358,89 @@ def test_conversion_replaces_older_conversions_of_the_file(tmp_path: Path, hf_ll
     converted = gguf_as_hf_dir(path)
     assert converted.is_dir() and (converted / BLOCKS_FILE).is_file()
     assert not older.exists()
+
+
+PHI3_TO_GGUF = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.qkv_proj.weight": "attn_qkv.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_up_proj.weight": "ffn_up.weight",  # gate and up, fused
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+LONGROPE = {"short_factor": [1.0, 1.3, 1.7, 2.1], "long_factor": [1.5, 2.9, 4.4, 8.0]}
+
+
+def write_phi3_gguf(path: Path, model: Any, qtype: GGMLQuantizationType) -> None:
+    """A Phi-3 model as llama.cpp's converter writes one: fused projections unpermuted, the rotary dimensions
+    and LongRoPE's factors (as tensors) and original context in the metadata."""
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    writer = GGUFWriter(str(path), "phi3")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(int(head_dim * config.partial_rotary_factor))
+    writer.add_rope_scaling_orig_ctx_len(64)
+    writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(256 / 64) / math.log(64)))
+    writer.add_tensor("rope_factors_long.weight", np.array(LONGROPE["long_factor"], dtype=np.float32))
+    writer.add_tensor("rope_factors_short.weight", np.array(LONGROPE["short_factor"], dtype=np.float32))
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}  # fmt: skip
+    for hf_name, tensor in model.state_dict().items():
+        w = tensor.numpy().astype(np.float32)
+        if hf_name in names:
+            name = names[hf_name]
+        else:
+            _, _, layer, rest = hf_name.split(".", 3)
+            name = f"blk.{layer}.{PHI3_TO_GGUF[rest]}"
+        if w.ndim == 1 or qtype == GGMLQuantizationType.F32:
+            writer.add_tensor(name, w)
+        else:
+            writer.add_tensor(name, quantize(w, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_phi3_gguf_matches_hf(tmp_path: Path) -> None:
+    """Phi-3 as llama.cpp stores it: fused q/k/v and gate/up, half of each head rotating, LongRoPE's factors as
+    tensors (long ones here: served past the original 64 positions); greedy tokens and logprobs equal HF's. In
+    Q8_0, the fused projections keep their blocks as they are stored."""
+    from tests.conftest import make_tiny_hf_model
+
+    hf_model = make_tiny_hf_model(
+        "phi3", tmp_path / "hf", rope_scaling={"rope_type": "longrope", **LONGROPE},
+        original_max_position_embeddings=64, max_position_embeddings=256,
+    )  # fmt: skip
+    path = tmp_path / "phi3.gguf"
+    write_phi3_gguf(path, hf_model, GGMLQuantizationType.F32)
+    config = gguf_hf_config(GGUFReader(str(path)))
+    assert (config["partial_rotary_factor"], config["rope_scaling"]["rope_type"]) == (0.5, "longrope")
+    llm = LLM(str(path), num_blocks=64, dtype="float32")
+    prompt = [5, 17, 33, 200, 91, 7, 64] * 12  # 84 tokens: past the original context
+    out = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0, logprobs=1, ignore_eos=True))[0]
+    seq, logprobs = list(prompt), []
+    with torch.inference_mode():
+        for _ in range(8):
+            step = torch.log_softmax(hf_model(torch.tensor([seq])).logits[0, -1], dim=-1)
+            seq.append(int(step.argmax()))
+            logprobs.append(step.max().item())
+    assert out.outputs[0].token_ids == seq[len(prompt) :]
+    assert [lp.logprob for lp in out.outputs[0].logprobs or []] == pytest.approx(logprobs, abs=1e-4)
+
+    quantized_path = tmp_path / "phi3-q8.gguf"
+    write_phi3_gguf(quantized_path, hf_model, GGMLQuantizationType.Q8_0)
+    blocks = load_model(str(quantized_path), "auto", torch.float32, "cpu").gguf_blocks
+    if quantized.kernels_available(torch.float32):
+        assert {"layers.0.self_attn.qkv_proj", "layers.0.mlp.gate_up_proj", "layers.1.mlp.down_proj"} <= set(blocks)
+    quantized_out = LLM(str(quantized_path), num_blocks=64, dtype="float32").generate(prompt, SamplingParams(
+        max_tokens=8, temperature=0, ignore_eos=True))[0]  # fmt: skip
+    assert len(quantized_out.outputs[0].token_ids) == 8

@@ -110,6 +110,7 @@ _GGUF_LAYER_NAMES = {
     "attn_v.bias": "self_attn.v_proj.bias",
     "attn_q_norm.weight": "self_attn.q_norm.weight",
     "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "attn_qkv.weight": "self_attn.qkv_proj.weight",  # Phi-3's, fused
     "attn_output.weight": "self_attn.o_proj.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
@@ -120,7 +121,13 @@ _GGUF_GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_GGUF_ARCH_LAYER_NAMES = {"phi3": {"ffn_up.weight": "mlp.gate_up_proj.weight"}}  # Phi-3's ffn_up holds gate and up
+_GGUF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
 
 
 def _gguf_field(reader: Any, key: str, default: Any = None) -> Any:
@@ -142,6 +149,12 @@ def gguf_hf_config(reader: Any) -> dict[str, Any]:
         raise ModelNotFoundError("the GGUF file names no vocabulary size (no vocab_size and no tokenizer)")
     heads = _gguf_field(reader, f"{arch}.attention.head_count")
     hidden = _gguf_field(reader, f"{arch}.embedding_length")
+    head_dim = _gguf_field(reader, f"{arch}.attention.key_length") or hidden // heads
+    optional: dict[str, Any] = {}
+    if (rotary := _gguf_field(reader, f"{arch}.rope.dimension_count")) and rotary != head_dim:
+        optional["partial_rotary_factor"] = rotary / head_dim  # Phi-4-mini rotates 3/4 of each head
+    if window := _gguf_field(reader, f"{arch}.attention.sliding_window"):
+        optional["sliding_window"] = window
     return {
         "architectures": [_GGUF_ARCHITECTURES[arch]],
         "model_type": arch,
@@ -151,7 +164,7 @@ def gguf_hf_config(reader: Any) -> dict[str, Any]:
         "num_hidden_layers": _gguf_field(reader, f"{arch}.block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": _gguf_field(reader, f"{arch}.attention.head_count_kv", heads),
-        "head_dim": _gguf_field(reader, f"{arch}.attention.key_length") or hidden // heads,
+        "head_dim": head_dim,
         "rms_norm_eps": _gguf_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
         "rope_theta": _gguf_field(reader, f"{arch}.rope.freq_base", 10000.0),
         **gguf_rope_scaling(reader, arch),
@@ -160,6 +173,7 @@ def gguf_hf_config(reader: Any) -> dict[str, Any]:
         "attention_bias": "blk.0.attn_q.bias" in tensor_names,
         "bos_token_id": _gguf_field(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": gguf_end_tokens(reader),
+        **optional,
     }
 
 
@@ -176,11 +190,26 @@ def gguf_end_tokens(reader: Any) -> list[int] | int | None:
 
 def gguf_rope_scaling(reader: Any, arch: str) -> dict[str, Any]:
     """The rotary scaling a GGUF carries, as config fields: llama.cpp's per-frequency divisors (how it stores
-    Llama 3.1-3.3's scaling: a `rope_freqs` tensor), or a linear or YaRN scaling named in the metadata."""
+    Llama 3.1-3.3's scaling: a `rope_freqs` tensor), Phi's LongRoPE (its long and short factors as tensors),
+    or a linear or YaRN scaling named in the metadata."""
     fields: dict[str, Any] = {}
-    factors = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    if factors is not None:
-        fields["rope_freq_factors"] = np.array(factors.data, dtype=np.float32).reshape(-1).tolist()
+    vectors = {
+        t.name: np.array(t.data, dtype=np.float32).reshape(-1).tolist()
+        for t in reader.tensors
+        if t.name in ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+    }
+    if "rope_freqs.weight" in vectors:
+        fields["rope_freq_factors"] = vectors["rope_freqs.weight"]
+    if "rope_factors_long.weight" in vectors and "rope_factors_short.weight" in vectors:
+        scaling = {
+            "rope_type": "longrope",
+            "long_factor": vectors["rope_factors_long.weight"],
+            "short_factor": vectors["rope_factors_short.weight"],
+            "original_max_position_embeddings": _gguf_field(reader, f"{arch}.rope.scaling.original_context_length"),
+        }
+        if attention := _gguf_field(reader, f"{arch}.rope.scaling.attn_factor"):
+            scaling["attention_factor"] = attention
+        return {**fields, "rope_scaling": scaling}
     kind = _gguf_field(reader, f"{arch}.rope.scaling.type")
     if kind in ("linear", "yarn"):
         scaling = {"rope_type": kind, "factor": _gguf_field(reader, f"{arch}.rope.scaling.factor")}
@@ -193,7 +222,9 @@ def gguf_rope_scaling(reader: Any, arch: str) -> dict[str, Any]:
                 scaling[key] = value
         fields["rope_scaling"] = scaling
     elif kind not in (None, "none"):
-        raise ModelNotFoundError(f"the GGUF's rope scaling {kind!r} is not supported (linear and yarn are)")
+        raise ModelNotFoundError(
+            f"the GGUF's rope scaling {kind!r} is not supported (linear and yarn are, and longrope with its factors)"
+        )
     return fields
 
 
@@ -206,14 +237,15 @@ def _unpermute_rotary(w: torch.Tensor, num_heads: int) -> torch.Tensor:
 def _gguf_tensors(reader: Any, hf_config: dict[str, Any]) -> Iterator[tuple[str, Any, int | None]]:
     """(HF name, GGUF tensor, heads to undo llama.cpp's q/k permutation over, or None) of each weight."""
     permuted = hf_config["architectures"][0] == "LlamaForCausalLM"
+    layer_names = {**_GGUF_LAYER_NAMES, **_GGUF_ARCH_LAYER_NAMES.get(hf_config["model_type"], {})}
     for tensor in reader.tensors:
         if tensor.name in _GGUF_GLOBAL_NAMES:
             name = _GGUF_GLOBAL_NAMES[tensor.name]
         elif tensor.name.startswith("blk."):
             _, layer, rest = tensor.name.split(".", 2)
-            if rest not in _GGUF_LAYER_NAMES:
+            if rest not in layer_names:
                 continue
-            name = f"model.layers.{layer}.{_GGUF_LAYER_NAMES[rest]}"
+            name = f"model.layers.{layer}.{layer_names[rest]}"
         else:
             continue
         heads = None
@@ -410,12 +442,12 @@ def load_gguf_blocks(path: Path, cfg: ModelConfig) -> dict[str, QuantizedWeight]
         if projection in fused:
             target, offset, _ = fused[projection]
             parts.setdefault(f"{prefix}.{target}", {})[offset] = weight
-        else:
-            parts[module] = {0: weight}
+        else:  # a module of its own, or one the file stores fused (Phi-3's qkv_proj, gate_up_proj)
+            parts[module] = {-1: weight}
     sources = collections.Counter(target for target, _, _ in fused.values())  # qkv_proj: 3, gate_up_proj: 2
     blocks: dict[str, QuantizedWeight] = {}
     for module, by_offset in parts.items():
-        if len(by_offset) == sources.get(module.rpartition(".")[2], 1):
+        if -1 in by_offset or len(by_offset) == sources.get(module.rpartition(".")[2], 1):
             joined = concat_rows([by_offset[offset] for offset in sorted(by_offset)])
             if joined is not None:
                 blocks[module] = joined

@@ -14,7 +14,7 @@ from ember.engine.sampling_params import SamplingParams
 from ember.models import quantized
 from ember.models.decode_stack import NativeDecodeStack
 from tests.test_gguf_loader import KERNEL_DTYPES as DTYPES
-from tests.test_gguf_loader import hf_llama, write_gguf  # noqa: F401 (a fixture)
+from tests.test_gguf_loader import hf_llama, hf_qwen3, write_gguf  # noqa: F401 (fixtures)
 
 
 class CountingStack:
@@ -69,18 +69,23 @@ def test_smollm_steps_of_one_to_eight_rows_are_bit_identical(dtype: str) -> None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K"])
+@pytest.mark.parametrize(
+    ("arch", "qtype"), [("llama", "Q4_0"), ("llama", "Q8_0"), ("llama", "Q4_K"), ("qwen3", "Q8_0"), ("qwen3", "Q4_K")]
+)
 def test_tiny_gguf_models_are_bit_identical(
     tmp_path: Path,
-    hf_llama: Any,  # noqa: F811
+    request: pytest.FixtureRequest,
+    arch: str,
     qtype: str,
     dtype: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Llama's layers, and Qwen3's, whose q and k heads are RMS-normalized before they rotate."""
     monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path / "cache"))  # the conversion of a throwaway file
     path = tmp_path / f"tiny-{qtype}.gguf"
-    write_gguf(path, hf_llama, GGMLQuantizationType[qtype])
+    write_gguf(path, request.getfixturevalue(f"hf_{arch}"), GGMLQuantizationType[qtype], arch=arch)
     llm = LLM(str(path), num_blocks=64, dtype=dtype)
+    assert llm.engine.model_config.qk_norm == (arch == "qwen3")
     prompts = [[5, 17, 33, 200, 91, 7, 64], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [100, 101]]
     with_stack, plain, rows = generate_both_ways(llm, prompts, [20, 12, 16])
     assert_identical(with_stack, plain)
@@ -133,14 +138,14 @@ def test_small_prefill_chunks_run_as_rows_in_bf16() -> None:
     assert rows[0] == len(prompt) > 1
 
 
-def test_no_stack_without_blocks_or_with_qk_norm(smollm: LLM, tiny_models: dict) -> None:
-    """An HF-directory model has no GGUF blocks; per-head q/k norms (Qwen3) are not in the C layer."""
+def test_no_stack_without_blocks_or_with_partial_rotary(smollm: LLM, tiny_models: dict) -> None:
+    """An HF-directory model has no GGUF blocks; partial rotary (Phi-4-mini) is not in the C layer."""
     assert LLM(str(tiny_models["llama3"][0]), num_blocks=16).engine.runner.decode_stack is None
     runner = smollm.engine.runner
     model = runner.model
     assert NativeDecodeStack.build(model, runner.kv_caches, 2048, runner.block_size) is not None
-    model.config.qk_norm = True
+    model.config.rotary_dim = model.config.head_dim // 2
     try:
         assert NativeDecodeStack.build(model, runner.kv_caches, 2048, runner.block_size) is None
     finally:
-        model.config.qk_norm = False
+        model.config.rotary_dim = None

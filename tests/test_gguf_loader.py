@@ -56,6 +56,8 @@ HF_TO_GGUF = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",  # Qwen3's
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
 }
 BLOCK_BYTES = {GGMLQuantizationType.Q4_K: (256, 144), GGMLQuantizationType.Q6_K: (256, 210)}
 
@@ -71,6 +73,20 @@ def hf_llama() -> Any:
 
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(LlamaConfig(**CONFIG), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_qwen3() -> Any:
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    torch.manual_seed(0)
+    config = Qwen3Config(**{**CONFIG, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"})
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # q's and k's norms set apart (HF starts both at ones, which would hide a swap)
+        for layer in model.model.layers:
+            for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+                norm.weight.normal_(1.0, 0.3)
+    return model
 
 
 def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -98,12 +114,14 @@ def write_gguf(
     seed: int = 0,
     overrides: dict[str, GGMLQuantizationType] | None = None,
     rope_freqs: np.ndarray | None = None,
+    arch: str = "llama",
 ) -> dict[str, np.ndarray]:
     """Write `model` as llama.cpp would; return each HF weight as the file stores it, dequantized. `overrides`
     gives some tensors another type, by GGUF name suffix (as llama.cpp's mixed types, e.g. Q4_K_M, do);
-    `rope_freqs`, llama.cpp's divisor of each rotary frequency (its form of Llama 3's rope scaling)."""
+    `rope_freqs`, llama.cpp's divisor of each rotary frequency (its form of Llama 3's rope scaling); `arch`:
+    "llama" (q/k permuted, as llama.cpp does) or "qwen3" (not)."""
     rng = np.random.default_rng(seed)
-    writer = GGUFWriter(str(path), "llama")
+    writer = GGUFWriter(str(path), arch)
     writer.add_block_count(CONFIG["num_hidden_layers"])
     writer.add_context_length(CONFIG["max_position_embeddings"])
     writer.add_embedding_length(CONFIG["hidden_size"])
@@ -127,7 +145,7 @@ def write_gguf(
         else:
             _, _, layer, rest = hf_name.split(".", 3)
             name = f"blk.{layer}.{HF_TO_GGUF[rest]}"
-        if name.endswith(("attn_q.weight", "attn_k.weight")):
+        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = CONFIG["num_attention_heads" if "attn_q" in name else "num_key_value_heads"]
             w = llama_cpp_permute(w, heads)
         tensor_type = next((t for suffix, t in (overrides or {}).items() if name.endswith(suffix)), qtype)

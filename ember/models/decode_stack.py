@@ -4,8 +4,8 @@ being verified, and small prefill chunks where they attend as rows (the bf16 ker
 At one row a SmolLM2 step spent about half its time in Python: ~270 calls from Python per step (norms, linears,
 rotary, attention) at 5-13 us each around kernels of a few microseconds. The C driver runs the same kernels
 in the same order on the same buffers, so its hidden states are bit-identical to `LlamaForCausalLM.forward`;
-it needs every layer's linears on GGUF blocks (`quantized.py`), which bound it to `MAX_ROWS` rows, no
-per-head q/k norm (Qwen3 stays on the PyTorch model) and whole-head rotary.
+it needs every layer's linears on GGUF blocks (`quantized.py`), which bound it to `MAX_ROWS` rows, and
+whole-head rotary (Phi-4-mini's partial rotary stays on the PyTorch model).
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ class _DecoderLayer(ctypes.Structure):
         ("down", _QuantizedLinear),
         ("k_cache", _ptr),
         ("v_cache", _ptr),
+        ("q_norm", _ptr),
+        ("k_norm", _ptr),
     ]
 
 
@@ -96,10 +98,11 @@ class NativeDecodeStack:
         library = native.load()
         cfg = model.config
         dtype = model.embed_tokens.weight.dtype
-        if library is None or dtype not in SUFFIX or cfg.qk_norm or cfg.rotary_dim is not None:
+        if library is None or dtype not in SUFFIX or cfg.rotary_dim is not None:
             return None
         layer_norms = (n for layer in model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm))
-        norms = [model.norm, *layer_norms]
+        head_norms = (n for layer in model.layers for n in (layer.self_attn.q_norm, layer.self_attn.k_norm) if n)
+        norms = [model.norm, *layer_norms, *head_norms]
         if any(n.weight.dtype != dtype for n in norms):
             return None
         linears = [
@@ -147,7 +150,10 @@ class NativeDecodeStack:
         layers = (_DecoderLayer * cfg.num_hidden_layers)()
         for i, (layer, (k_cache, v_cache), parts) in enumerate(zip(model.layers, kv_caches, linears, strict=True)):
             norms = (layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr())
-            layers[i] = _DecoderLayer(*norms, *map(linear, parts), k_cache.data_ptr(), v_cache.data_ptr())
+            attention = layer.self_attn
+            head_norms = [n.weight.data_ptr() if n is not None else None for n in (attention.q_norm, attention.k_norm)]
+            cache = (k_cache.data_ptr(), v_cache.data_ptr())
+            layers[i] = _DecoderLayer(*norms, *map(linear, parts), *cache, *head_norms)
         self._layers = layers
         self._model = model  # keeps the weights, norms and rotary tables the stack points at alive
         rotary = model.rotary

@@ -1,6 +1,7 @@
 // A whole decode step of a Llama-family model for a few rows, in one call: embedding rows, every layer
-// (RMSNorm, QKV from the GGUF blocks, rotary, paged attention that also stores the new K/V, O, RMSNorm,
-// gate/up, SiLU-and-mul, down), then the final norm. Rows of LoRA adapters add their deltas after each linear.
+// (RMSNorm, QKV from the GGUF blocks, Qwen3's per-head q/k RMSNorm, rotary, paged attention that also stores
+// the new K/V, O, RMSNorm, gate/up, SiLU-and-mul, down), then the final norm. Rows of LoRA adapters add their
+// deltas after each linear.
 //
 // Each stage calls the same kernel the PyTorch model calls (passed in as function pointers, so this file
 // needs no ISA of its own), on the same inputs, in the same order: the hidden states are bit-identical to
@@ -46,6 +47,7 @@ typedef struct {
     const void *input_norm, *post_attention_norm;
     QuantizedLinear qkv, o, gate_up, down;
     void *k_cache, *v_cache;
+    const void *q_norm, *k_norm;  // Qwen3's per-head RMSNorm weights [head_dim]; NULL: none
 } DecoderLayer;
 
 typedef struct {
@@ -102,12 +104,23 @@ void decode_stack(const DecodeStack* s, const int64_t* token_ids, const int64_t*
             s->rms_norm(s->x, s->residual, L->input_norm, s->h, rows, H, H, s->eps);
         }
         linear(s, &L->qkv, s->h, s->qkv, rows, lora_slots);
-        s->rotary(s->qkv, s->cos_rows, s->sin_rows, rows, s->heads + s->kv_heads, d, QKV);
-        for (int64_t r = 0; r < rows; r++) {  // the kernel takes q, k and v each contiguous
-            const char* src = row(s->qkv, r, QKV, E);
-            memcpy(row(s->q, r, Q, E), src, Q * E);
-            memcpy(row(s->k, r, KV, E), src + Q * E, KV * E);
-            memcpy(row(s->v, r, KV, E), src + (Q + KV) * E, KV * E);
+        if (L->q_norm) {  // each head of q and k normalized into q and k, which rotate apart (the model's order)
+            for (int64_t r = 0; r < rows; r++) {
+                const char* src = row(s->qkv, r, QKV, E);
+                s->rms_norm(src, NULL, L->q_norm, row(s->q, r, Q, E), s->heads, d, d, s->eps);
+                s->rms_norm(src + Q * E, NULL, L->k_norm, row(s->k, r, KV, E), s->kv_heads, d, d, s->eps);
+                memcpy(row(s->v, r, KV, E), src + (Q + KV) * E, KV * E);
+            }
+            s->rotary(s->q, s->cos_rows, s->sin_rows, rows, s->heads, d, Q);
+            s->rotary(s->k, s->cos_rows, s->sin_rows, rows, s->kv_heads, d, KV);
+        } else {
+            s->rotary(s->qkv, s->cos_rows, s->sin_rows, rows, s->heads + s->kv_heads, d, QKV);
+            for (int64_t r = 0; r < rows; r++) {  // the kernel takes q, k and v each contiguous
+                const char* src = row(s->qkv, r, QKV, E);
+                memcpy(row(s->q, r, Q, E), src, Q * E);
+                memcpy(row(s->k, r, KV, E), src + Q * E, KV * E);
+                memcpy(row(s->v, r, KV, E), src + (Q + KV) * E, KV * E);
+            }
         }
         if (row_tables) {
             s->write_kv(s->k, s->v, L->k_cache, L->v_cache, slots, rows, s->kv_heads, s->num_blocks, s->block_size, d,

@@ -1,12 +1,13 @@
-"""Decode steps of a few requests on SmolLM2 (bf16 or fp32): milliseconds per step and the linears' share,
-at batch 1 to 16. At these sizes a step reads every weight once, so the linears' time is their bytes over
-memory bandwidth; from the GGUF's Q4_1 blocks (the default up to `quantized.MAX_ROWS` rows) they read about
+"""Decode steps of a few requests on SmolLM2 (or `--model`; bf16 or fp32): milliseconds per step and the
+linears' share, at batch 1 to 16. At these sizes a step reads every weight once, so the linears' time is their
+bytes over memory bandwidth; from the GGUF's Q4_1 blocks (the default up to `quantized.MAX_ROWS` rows) they read about
 a third of bf16's bytes and a sixth of fp32's.
 
 Steps of up to `MAX_ROWS` single-token rows run as one C call (`models/decode_stack.py`), whose linears Python
 does not see: the linears column then holds the LM head alone; `--no-decode-stack` runs the PyTorch model.
 An A/B of the quantized kernels in one checkout: run it as is, then with EMBER_DISABLE_QUANTIZED_KERNELS=1.
-`.venv/bin/python benchmarks/cpu/small_batch.py [--batch-sizes 1,4,8,16] [--dtype float32] [--no-decode-stack]`
+`.venv/bin/python benchmarks/cpu/small_batch.py [--batch-sizes 1,4,8,16] [--dtype float32] [--no-decode-stack]
+[--model FILE.gguf]` (random_gguf.py writes one in another architecture's shape, e.g. Qwen3-0.6B's)
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,2,4,8,16", help="comma-separated (default 1,2,4,8,16)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--no-decode-stack", action="store_true", help="run every step on the PyTorch model")
+    parser.add_argument("--model", help="a model path (default: the embedded SmolLM2)")
     args = parser.parse_args()
     packed_linear.PackedLinear.forward = timed_linear  # type: ignore[method-assign]
-    llm = LLM(dtype=args.dtype, enable_prefix_caching=False)
+    llm = LLM(args.model, dtype=args.dtype, enable_prefix_caching=False, max_model_len=4096)
     if args.no_decode_stack:
         llm.engine.runner.decode_stack = None
     print(f"decode steps of few rows in one C call: {llm.engine.runner.decode_stack is not None}")

@@ -349,6 +349,8 @@ def test_qwen_xml_calls_read_each_value_by_its_parameters_schema() -> None:
     assert calls_of(split_tool_calls(xml_call("edit", line="twelve", force="yes"), fmt)[1]) == [
         ("edit", {"line": "twelve", "force": "yes"})
     ]
+    sets = calls_of(split_tool_calls(xml_call("edit", tags="{'x', 'y'}", options="b'x'"), fmt)[1])
+    assert sets == [("edit", {"tags": "{'x', 'y'}", "options": "b'x'"})]  # Python values that JSON has not: text
     unbound = calls_of(split_tool_calls(xml_call("edit", line="12"), QWEN3_CODER)[1])
     assert unbound == [("edit", {"line": "12"})]  # no schema given: text
     assert QWEN3_CODER.render([("f", {"a": 1, "s": "x\ny", "o": {"k": None}})]) == (

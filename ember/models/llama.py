@@ -1,9 +1,9 @@
 """One PyTorch implementation of the Llama family: Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2, Phi-3/Phi-4-mini.
 
-The differences between the families are flags on `ModelConfig`: QKV bias (Qwen2), per-head q/k
-RMSNorm (Qwen3), tied embeddings (SmolLM2, small Qwen), RoPE scaling (Llama 3's, YaRN, Phi's LongRoPE), partial
-rotary (Phi-4-mini). The forward pass takes a
-step's tokens flattened into one sequence; attention reads and writes the paged KV cache.
+The differences between the families are flags on `ModelConfig`: QKV bias (Qwen2), per-head q/k RMSNorm (Qwen3),
+tied embeddings (SmolLM2, small Qwen), RoPE scaling (Llama 3's, YaRN, Phi's LongRoPE), partial rotary
+(Phi-4-mini). The forward pass takes a step's tokens flattened into one sequence; attention reads and writes
+the paged KV cache.
 Q/K/V and gate/up projections are fused so each layer runs few, large matmuls.
 """
 
@@ -46,16 +46,25 @@ def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     scaling = config.rope_scaling
     if not scaling:
         return inv_freq, 1.0
-    kind = scaling.get("rope_type", scaling.get("type"))
+    kind = rope_kind(config)
     if kind == "linear":
         return inv_freq / scaling["factor"], 1.0
     if kind == "llama3":
         return llama3_frequencies(inv_freq, scaling), 1.0
     if kind == "yarn":
         return yarn_frequencies(inv_freq, config)
-    if kind in ("longrope", "su"):  # "su": the name in Phi-3's first configs
+    if kind in LONGROPE:
         return longrope_frequencies(inv_freq, config)
     raise ValueError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3, yarn, longrope)")
+
+
+LONGROPE = ("longrope", "su")  # "su": its name in Phi-3's first configs
+
+
+def rope_kind(config: ModelConfig) -> str | None:
+    """The rope scaling a config names (None: none)."""
+    scaling = config.rope_scaling or {}
+    return scaling.get("rope_type", scaling.get("type"))
 
 
 def longrope_frequencies(inv_freq: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -143,13 +152,9 @@ class RotaryEmbedding(nn.Module):
 
     def serve_context(self, length: int) -> None:
         """The longest sequence served: LongRoPE's frequencies depend on it (its tables are made again)."""
-        config = self.config
-        if config.served_context != length:
-            config.served_context = length
-            if config.rope_scaling and config.rope_scaling.get("rope_type", config.rope_scaling.get("type")) in (
-                "longrope",
-                "su",
-            ):
+        if self.config.served_context != length:
+            self.config.served_context = length
+            if rope_kind(self.config) in LONGROPE:
                 self.reset_parameters()
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -234,8 +234,10 @@ def _schema_types(schema: dict[str, Any]) -> set[str]:
     """The JSON types a schema admits (its `type`, or those of its anyOf/oneOf branches); empty: any."""
     kind = schema.get("type")
     types = {kind} if isinstance(kind, str) else set(kind or ())
-    for branch in schema.get("anyOf", []) + schema.get("oneOf", []):
-        types |= _schema_types(branch) if isinstance(branch, dict) else set()
+    for key in ("anyOf", "oneOf"):
+        branches = schema.get(key)
+        for branch in branches if isinstance(branches, list) else []:
+            types |= _schema_types(branch) if isinstance(branch, dict) else set()
     return types
 
 
@@ -262,8 +264,10 @@ def xml_value(text: str, schema: dict[str, Any] | None) -> Any:
     except json.JSONDecodeError:
         pass
     try:
-        return ast.literal_eval(literal)  # a dict or list in Python's spelling ('single quotes', True)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        value = ast.literal_eval(literal)  # a dict or list in Python's spelling ('single quotes', True)
+        json.dumps(value)  # a set, bytes or a complex number is no JSON value: the text stays
+        return value
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return text
 
 

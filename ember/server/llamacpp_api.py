@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import ConfigDict, Field
 
+import ember
 from ember.engine.request import RequestOutput, TokenLogprob
 from ember.engine.sampling_params import SamplingParams
 from ember.server.fill_in_middle import fim_prompt, fim_token_ids
@@ -86,7 +87,6 @@ def defaults() -> dict[str, Any]:
 
 def props(model: str, context: int, slots: int, chat_template: str | None, tokenizer: Any) -> dict[str, Any]:
     """`GET /props`: what llama.cpp's server says of itself that Ember has an answer to."""
-    import ember
 
     def token(name: str) -> str:
         return getattr(tokenizer, name, None) or "" if tokenizer is not None else ""

@@ -197,7 +197,7 @@ class MessageBuilder:
         self.open: dict[str, Any] | None = None  # the thinking or text block being written
         self.held = ""  # leading whitespace, not yet known to be a text block
         self.result: dict[str, Any] | None = None  # the whole message, once finished
-        self.calls: dict[int, tuple[int, list[str]]] = {}  # a call's block index and input pieces, by call index
+        self.calls: dict[int, int] = {}  # each call's block index, by the call's index
 
     def start(self, cached: int) -> list[dict[str, Any]]:
         return [{"type": "message_start", "message": self.message(None, None, self.usage(0, cached))}]
@@ -238,12 +238,11 @@ class MessageBuilder:
         if piece.id is not None:
             events += self.close()
             self.content.append({"type": "tool_use", "id": piece.id, "name": piece.name, "input": {}})
-            self.calls[piece.index] = (len(self.content) - 1, [])
+            self.calls[piece.index] = len(self.content) - 1
             events.append({"type": "content_block_start", "index": len(self.content) - 1,
                            "content_block": dict(self.content[-1])})  # fmt: skip
-        index, pieces = self.calls[piece.index]
+        index = self.calls[piece.index]
         if piece.arguments:
-            pieces.append(piece.arguments)
             delta = {"type": "input_json_delta", "partial_json": piece.arguments}
             events.append({"type": "content_block_delta", "index": index, "delta": delta})
         if piece.done is not None:

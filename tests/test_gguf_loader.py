@@ -27,6 +27,7 @@ from ember.models.loader import (
     load_model,
 )
 from ember.models.packed_linear import PackedLinear
+from tests.test_tiny_parity import hf_reference
 
 CONFIG = {
     "vocab_size": 256,
@@ -212,13 +213,8 @@ def test_llama3_rope_scaling_stored_as_llama_cpp_frequency_divisors_matches_hf(t
     llm = LLM(str(path), num_blocks=64, dtype="float32")
     prompt = [5, 17, 33, 200, 91, 7, 64] * 6
     out = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0, logprobs=1, ignore_eos=True))[0]
-    seq, logprobs = list(prompt), []
-    with torch.inference_mode():
-        for _ in range(8):
-            step = torch.log_softmax(hf_model(torch.tensor([seq])).logits[0, -1], dim=-1)
-            seq.append(int(step.argmax()))
-            logprobs.append(step.max().item())
-    assert out.outputs[0].token_ids == seq[len(prompt) :]
+    tokens, logprobs = hf_reference(hf_model, prompt, 8)
+    assert out.outputs[0].token_ids == tokens
     assert [lp.logprob for lp in out.outputs[0].logprobs or []] == pytest.approx(logprobs, abs=1e-4)
 
 
@@ -445,13 +441,8 @@ def test_a_phi3_gguf_matches_hf(tmp_path: Path) -> None:
     llm = LLM(str(path), num_blocks=64, dtype="float32")
     prompt = [5, 17, 33, 200, 91, 7, 64] * 12  # 84 tokens: past the original context
     out = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0, logprobs=1, ignore_eos=True))[0]
-    seq, logprobs = list(prompt), []
-    with torch.inference_mode():
-        for _ in range(8):
-            step = torch.log_softmax(hf_model(torch.tensor([seq])).logits[0, -1], dim=-1)
-            seq.append(int(step.argmax()))
-            logprobs.append(step.max().item())
-    assert out.outputs[0].token_ids == seq[len(prompt) :]
+    tokens, logprobs = hf_reference(hf_model, prompt, 8)
+    assert out.outputs[0].token_ids == tokens
     assert [lp.logprob for lp in out.outputs[0].logprobs or []] == pytest.approx(logprobs, abs=1e-4)
 
     quantized_path = tmp_path / "phi3-q8.gguf"

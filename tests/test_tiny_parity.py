@@ -178,3 +178,19 @@ def test_longrope_takes_its_short_or_long_factors_by_the_served_context(tmp_path
             assert completion.token_ids == tokens
             assert served[max_model_len, len(prompt)] == pytest.approx(logprobs, abs=1e-4)
     assert served[64, len(short)] != pytest.approx(served[256, len(short)], abs=1e-3)  # the factors differ
+
+
+@pytest.mark.parametrize(
+    ("scaling", "message"),
+    [
+        ({"type": "longrope", "long_factor": [1.0] * 4}, "lacks short_factor, original_max_position_embeddings"),
+        ({"type": "longrope", "long_factor": [1.0] * 3, "short_factor": [1.0] * 3,
+          "original_max_position_embeddings": 64}, "factors number 3, not one per frequency [(]4[)]"),
+    ],
+)  # fmt: skip
+def test_a_malformed_longrope_config_is_a_clear_error(tmp_path, scaling: dict, message: str) -> None:
+    from tests.conftest import TINY_BASE
+
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_BASE, **TINY_FAMILIES["phi3"], "rope_scaling": scaling}))
+    with pytest.raises(ValueError, match=message):
+        LLM(str(tmp_path), load_format="dummy", num_blocks=8)

@@ -73,9 +73,18 @@ def longrope_frequencies(inv_freq: torch.Tensor, config: ModelConfig) -> tuple[t
     context size; one set for the whole context keeps cached keys and later queries in step), the short ones
     else; attention sharpens by sqrt(1 + ln(factor) / ln(original))."""
     scaling = config.rope_scaling or {}
+    missing = [
+        key for key in ("long_factor", "short_factor", "original_max_position_embeddings") if not scaling.get(key)
+    ]
+    if missing:
+        raise ValueError(f"the config's LongRoPE scaling lacks {', '.join(missing)}")
     original = scaling["original_max_position_embeddings"]
     served = config.served_context or config.max_position_embeddings
     factors = scaling["long_factor"] if served > original else scaling["short_factor"]
+    if len(factors) != len(inv_freq):
+        raise ValueError(
+            f"the config's LongRoPE factors number {len(factors)}, not one per frequency ({len(inv_freq)})"
+        )
     factor = scaling.get("factor") or config.max_position_embeddings / original
     attention = scaling.get("attention_factor")
     if attention is None:

@@ -19,6 +19,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Phi3ForCausalLM": "phi3",  # Phi-3, Phi-3.5 and Phi-4-mini: fused projections, LongRoPE, partial rotary
+    "GraniteForCausalLM": "granite",  # IBM Granite 3.x (dense): Llama with four scalar multipliers
 }
 # families whose configs' `sliding_window` always applies (Qwen2's only with use_sliding_window)
 SLIDING_WINDOW_FAMILIES = ("mistral", "phi3")
@@ -76,6 +77,12 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     qk_norm: bool = False
+    # Granite's multipliers: of the embeddings, of each sublayer's output before the residual add, the
+    # attention's scale (None: 1 / sqrt(head_dim)), and the divisor of the logits
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -125,6 +132,10 @@ class ModelConfig:
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=bool(d.get("attention_bias", family == "qwen2")),
             qk_norm=family == "qwen3",
+            embedding_multiplier=float(d.get("embedding_multiplier") or 1.0),
+            residual_multiplier=float(d.get("residual_multiplier") or 1.0),
+            attention_multiplier=d.get("attention_multiplier"),
+            logits_scaling=float(d.get("logits_scaling") or 1.0),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
@@ -156,6 +167,10 @@ class ModelConfig:
             d["rope_freq_factors"] = self.rope_freq_factors
         if self.rotary_dim is not None:
             d["partial_rotary_factor"] = self.rotary_dim / self.head_dim
+        if self.architecture == "granite":
+            d |= {"embedding_multiplier": self.embedding_multiplier, "residual_multiplier": self.residual_multiplier,
+                  "attention_multiplier": self.attention_multiplier or self.head_dim**-0.5,
+                  "logits_scaling": self.logits_scaling}  # fmt: skip
         if self.sliding_window is not None:
             d["sliding_window"] = self.sliding_window
             d["use_sliding_window"] = True

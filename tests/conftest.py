@@ -56,6 +56,15 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
         },
     },
     "mistral": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": None},
+    # Granite 3's multipliers (of its 8B model, less the attention's, which fits head_dim 16)
+    "granite": {
+        "architectures": ["GraniteForCausalLM"],
+        "model_type": "granite",
+        "embedding_multiplier": 12.0,
+        "residual_multiplier": 0.22,
+        "attention_multiplier": 0.2,
+        "logits_scaling": 8.0,
+    },
     # Phi-4-mini's shape: fused projections in the checkpoint, half of each head rotating
     "phi3": {
         "architectures": ["Phi3ForCausalLM"],

@@ -116,11 +116,12 @@ def write_gguf(
     overrides: dict[str, GGMLQuantizationType] | None = None,
     rope_freqs: np.ndarray | None = None,
     arch: str = "llama",
+    describe: Callable[[GGUFWriter], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Write `model` as llama.cpp would; return each HF weight as the file stores it, dequantized. `overrides`
     gives some tensors another type, by GGUF name suffix (as llama.cpp's mixed types, e.g. Q4_K_M, do);
     `rope_freqs`, llama.cpp's divisor of each rotary frequency (its form of Llama 3's rope scaling); `arch`:
-    "llama" (q/k permuted, as llama.cpp does) or "qwen3" (not)."""
+    "llama" or "granite" (q/k permuted, as llama.cpp does) or "qwen3" (not); `describe` adds metadata."""
     rng = np.random.default_rng(seed)
     writer = GGUFWriter(str(path), arch)
     writer.add_block_count(CONFIG["num_hidden_layers"])
@@ -133,6 +134,8 @@ def write_gguf(
     writer.add_layer_norm_rms_eps(CONFIG["rms_norm_eps"])
     writer.add_vocab_size(CONFIG["vocab_size"])
     stored: dict[str, np.ndarray] = {}
+    if describe is not None:
+        describe(writer)
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     for hf_name, tensor in model.state_dict().items():
@@ -146,7 +149,7 @@ def write_gguf(
         else:
             _, _, layer, rest = hf_name.split(".", 3)
             name = f"blk.{layer}.{HF_TO_GGUF[rest]}"
-        if arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
+        if arch in ("llama", "granite") and name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = CONFIG["num_attention_heads" if "attn_q" in name else "num_key_value_heads"]
             w = llama_cpp_permute(w, heads)
         tensor_type = next((t for suffix, t in (overrides or {}).items() if name.endswith(suffix)), qtype)
@@ -453,3 +456,30 @@ def test_a_phi3_gguf_matches_hf(tmp_path: Path) -> None:
     quantized_out = LLM(str(quantized_path), num_blocks=64, dtype="float32").generate(prompt, SamplingParams(
         max_tokens=8, temperature=0, ignore_eos=True))[0]  # fmt: skip
     assert len(quantized_out.outputs[0].token_ids) == 8
+
+
+def test_a_granite_gguf_matches_hf(tmp_path: Path) -> None:
+    """Granite as llama.cpp stores it: Llama's layout (q/k permuted) and its four multipliers in the metadata."""
+    from transformers import AutoModelForCausalLM, GraniteConfig
+
+    scales = {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.05,
+              "logits_scaling": 8.0}  # fmt: skip
+    torch.manual_seed(2)
+    config = GraniteConfig(**{**CONFIG, "architectures": ["GraniteForCausalLM"], "model_type": "granite"}, **scales)
+    hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+    def multipliers(writer: GGUFWriter) -> None:
+        writer.add_float32("granite.embedding_scale", scales["embedding_multiplier"])
+        writer.add_float32("granite.residual_scale", scales["residual_multiplier"])
+        writer.add_float32("granite.attention.scale", scales["attention_multiplier"])
+        writer.add_float32("granite.logit_scale", scales["logits_scaling"])
+
+    path = tmp_path / "granite.gguf"
+    write_gguf(path, hf_model, GGMLQuantizationType.F32, arch="granite", describe=multipliers)
+    assert gguf_hf_config(GGUFReader(str(path)))["logits_scaling"] == 8.0
+    llm = LLM(str(path), num_blocks=64, dtype="float32")
+    prompt = [5, 17, 33, 200, 91, 7, 64]
+    out = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0, logprobs=1, ignore_eos=True))[0]
+    tokens, logprobs = hf_reference(hf_model, prompt, 8)
+    assert out.outputs[0].token_ids == tokens
+    assert [lp.logprob for lp in out.outputs[0].logprobs or []] == pytest.approx(logprobs, abs=1e-4)

@@ -5,7 +5,7 @@ At one row a SmolLM2 step spent about half its time in Python: ~270 calls from P
 rotary, attention) at 5-13 us each around kernels of a few microseconds. The C driver runs the same kernels
 in the same order on the same buffers, so its hidden states are bit-identical to `LlamaForCausalLM.forward`;
 it needs every layer's linears on GGUF blocks (`quantized.py`), which bound it to `MAX_ROWS` rows, and
-whole-head rotary (Phi-4-mini's partial rotary stays on the PyTorch model).
+whole-head rotary and no multipliers (Phi-4-mini and Granite stay on the PyTorch model).
 """
 
 from __future__ import annotations
@@ -98,8 +98,8 @@ class NativeDecodeStack:
         library = native.load()
         cfg = model.config
         dtype = model.embed_tokens.weight.dtype
-        if library is None or dtype not in SUFFIX or cfg.rotary_dim is not None:
-            return None
+        if library is None or dtype not in SUFFIX or cfg.rotary_dim is not None or cfg.architecture == "granite":
+            return None  # partial rotary and Granite's multipliers are not in the C layer
         layer_norms = (n for layer in model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm))
         head_norms = (n for layer in model.layers for n in (layer.self_attn.q_norm, layer.self_attn.k_norm) if n)
         norms = [model.norm, *layer_norms, *head_norms]

@@ -1,9 +1,10 @@
-"""One PyTorch implementation of the Llama family: Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2, Phi-3/Phi-4-mini.
+"""One PyTorch implementation of the Llama family: Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2, Phi-3/Phi-4-mini,
+Granite 3.
 
 The differences between the families are flags on `ModelConfig`: QKV bias (Qwen2), per-head q/k RMSNorm (Qwen3),
 tied embeddings (SmolLM2, small Qwen), RoPE scaling (Llama 3's, YaRN, Phi's LongRoPE), partial rotary
-(Phi-4-mini). The forward pass takes a step's tokens flattened into one sequence; attention reads and writes
-the paged KV cache.
+(Phi-4-mini), scalar multipliers of the embeddings, sublayer outputs, attention and logits (Granite). The
+forward pass takes a step's tokens flattened into one sequence; attention reads and writes the paged KV cache.
 Q/K/V and gate/up projections are fused so each layer runs few, large matmuls.
 """
 
@@ -179,7 +180,7 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim**-0.5
+        self.scale = config.attention_multiplier or self.head_dim**-0.5
         self.rotary_dim = config.rotary_dim or self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
@@ -228,6 +229,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
+        self.residual_multiplier = config.residual_multiplier
 
     def forward(
         self,
@@ -244,8 +246,11 @@ class DecoderLayer(nn.Module):
         else:
             h, residual = self.input_layernorm.add_and_norm(x, residual)
         h = self.self_attn(h, rope, kv_cache, meta)
+        if self.residual_multiplier != 1.0:  # Granite scales each sublayer's output before it joins the stream
+            h = h * self.residual_multiplier
         h, residual = self.post_attention_layernorm.add_and_norm(h, residual)
-        return self.mlp(h), residual
+        out = self.mlp(h)
+        return (out if self.residual_multiplier == 1.0 else out * self.residual_multiplier), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -269,10 +274,13 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] of a flattened step."""
         x, residual = self.embed_tokens(input_ids), None
+        if self.config.embedding_multiplier != 1.0:
+            x = x * self.config.embedding_multiplier
         rope = self.rotary(positions)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, rope, kv_cache, meta)
         return self.norm(x) if residual is None else self.norm.add_and_norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden).float()
+        return logits if self.config.logits_scaling == 1.0 else logits / self.config.logits_scaling

@@ -127,6 +127,14 @@ _GGUF_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "granite": "GraniteForCausalLM",
+}
+# Granite's multipliers as llama.cpp's metadata names them
+_GGUF_GRANITE_SCALES = {
+    "embedding_scale": "embedding_multiplier",
+    "residual_scale": "residual_multiplier",
+    "attention.scale": "attention_multiplier",
+    "logit_scale": "logits_scaling",
 }
 
 
@@ -155,6 +163,9 @@ def gguf_hf_config(reader: Any) -> dict[str, Any]:
         optional["partial_rotary_factor"] = rotary / head_dim  # Phi-4-mini rotates 3/4 of each head
     if window := _gguf_field(reader, f"{arch}.attention.sliding_window"):
         optional["sliding_window"] = window
+    for key, name in _GGUF_GRANITE_SCALES.items():
+        if (value := _gguf_field(reader, f"{arch}.{key}")) is not None:
+            optional[name] = value
     return {
         "architectures": [_GGUF_ARCHITECTURES[arch]],
         "model_type": arch,
@@ -236,7 +247,7 @@ def _unpermute_rotary(w: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def _gguf_tensors(reader: Any, hf_config: dict[str, Any]) -> Iterator[tuple[str, Any, int | None]]:
     """(HF name, GGUF tensor, heads to undo llama.cpp's q/k permutation over, or None) of each weight."""
-    permuted = hf_config["architectures"][0] == "LlamaForCausalLM"
+    permuted = hf_config["architectures"][0] in ("LlamaForCausalLM", "GraniteForCausalLM")  # llama.cpp's permutation
     layer_names = {**_GGUF_LAYER_NAMES, **_GGUF_ARCH_LAYER_NAMES.get(hf_config["model_type"], {})}
     for tensor in reader.tensors:
         if tensor.name in _GGUF_GLOBAL_NAMES:

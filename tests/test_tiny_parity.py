@@ -170,7 +170,7 @@ def test_longrope_takes_its_short_or_long_factors_by_the_served_context(tmp_path
     short, long = random_prompts()[1], random_prompts()[3]  # 17 + 12 tokens within the original 64; 95 past it
     served = {}
     for max_model_len, prompt in ((64, short), (256, long), (256, short)):
-        llm = LLM(str(path), max_model_len=max_model_len, num_blocks=64, block_size=8, dtype="float32")
+        llm = LLM(str(path), max_model_len=max_model_len, num_blocks=64, block_size=8, dtype="float32", device="cpu")
         completion = llm.generate(prompt, params)[0].outputs[0]
         served[max_model_len, len(prompt)] = [lp.logprob for lp in completion.logprobs or []]
         if (max_model_len, prompt) != (256, short):

@@ -168,7 +168,7 @@ class NativeDecodeStack:
             block_size,
             torch.empty(0, dtype=dtype).element_size(),
             cfg.rms_norm_eps,
-            cfg.head_dim**-0.5,
+            model.layers[0].self_attn.scale,  # the attention scale as the model computes it
             layers,
             model.embed_tokens.weight.data_ptr(),
             model.norm.weight.data_ptr(),

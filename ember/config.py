@@ -71,9 +71,11 @@ class ModelConfig:
     # the original context; None: the model's positions
     served_context: int | None = None
     max_position_embeddings: int = 4096
-    # tokens each attends back over when the model limits attention to a window (Mistral-7B-v0.1's 4,096;
-    # Qwen2's with use_sliding_window); Ember attends to whole contexts, which match up to this length
+    # tokens each query attends back over (itself included) where the model limits attention to a window
+    # (Mistral-7B-v0.1's 4,096; Phi-3's; Qwen2's with use_sliding_window); None: whole contexts
     sliding_window: int | None = None
+    # each layer's "sliding_attention" or "full_attention" (HF's `layer_types`); None: every layer the same
+    layer_types: list[str] | None = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     qk_norm: bool = False
@@ -85,6 +87,12 @@ class ModelConfig:
     logits_scaling: float = 1.0
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+
+    def layer_window(self, layer: int) -> int:
+        """Tokens layer `layer` attends back over; 0: the whole context."""
+        if self.sliding_window is None or (self.layer_types and self.layer_types[layer] != "sliding_attention"):
+            return 0
+        return self.sliding_window
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -111,6 +119,7 @@ class ModelConfig:
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
         nested = rope_params if isinstance(rope_params, dict) else {}
         partial = d.get("partial_rotary_factor") or nested.get("partial_rotary_factor") or 1.0
+        windowed = family in SLIDING_WINDOW_FAMILIES or d.get("use_sliding_window")
         return cls(
             architecture=family,
             vocab_size=d["vocab_size"],
@@ -126,9 +135,8 @@ class ModelConfig:
             rope_freq_factors=d.get("rope_freq_factors"),
             rotary_dim=int(head_dim * partial) if partial != 1 else None,
             max_position_embeddings=d.get("max_position_embeddings", 4096),
-            sliding_window=d.get("sliding_window")
-            if family in SLIDING_WINDOW_FAMILIES or d.get("use_sliding_window")
-            else None,
+            sliding_window=d.get("sliding_window") if windowed else None,
+            layer_types=layer_types(d) if windowed and d.get("sliding_window") else None,
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=bool(d.get("attention_bias", family == "qwen2")),
             qk_norm=family == "qwen3",
@@ -174,11 +182,24 @@ class ModelConfig:
         if self.sliding_window is not None:
             d["sliding_window"] = self.sliding_window
             d["use_sliding_window"] = True
+            if self.layer_types is not None:
+                d["layer_types"] = self.layer_types
         if self.bos_token_id is not None:
             d["bos_token_id"] = self.bos_token_id
         if self.eos_token_ids:
             d["eos_token_id"] = self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else self.eos_token_ids
         return d
+
+
+def layer_types(d: dict[str, Any]) -> list[str] | None:
+    """Which layers of a windowed config attend within the window: as listed, or Qwen2's from
+    `max_window_layers` (the layers from that one on); None: all."""
+    if d.get("layer_types"):
+        return list(d["layer_types"])
+    first = d.get("max_window_layers")
+    if not d.get("use_sliding_window") or first is None:
+        return None
+    return ["full_attention" if i < first else "sliding_attention" for i in range(d["num_hidden_layers"])]
 
 
 @dataclass

@@ -55,7 +55,8 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
             "original_max_position_embeddings": 64,
         },
     },
-    "mistral": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": None},
+    # a sliding window shorter than the longer prompts (every layer attends within it)
+    "mistral": {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 16},
     # Granite 3's multipliers (of its 8B model, less the attention's, which fits head_dim 16)
     "granite": {
         "architectures": ["GraniteForCausalLM"],

@@ -30,10 +30,10 @@ QWEN3 = {"G": 2, "BS": 16, "D": 128, "P": 8}  # 16 heads over 8 KV heads, head_d
 ATTENTION_INTS = {"H": "i32", "KVH": "i32", "NB": "i32", "MAXB": "i32"}
 DECODE_SIGNATURE = {"q": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "tables": "*i64", "lens": "*i64",
                     "out": "*bf16", "mid_out": "*fp32", "mid_lse": "*fp32", "scale": "fp32", **ATTENTION_INTS,
-                    "SPLITS": "i32"}  # fmt: skip
+                    "SPLITS": "i32", "WINDOW": "i32"}  # fmt: skip
 PREFILL_SIGNATURE = {"q": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "out": "*bf16", "tables": "*i64",
                      "tile_seq": "*i64", "tile_first": "*i64", "q_starts": "*i64", "q_lens": "*i64",
-                     "ctx_lens": "*i64", "scale": "fp32", **ATTENTION_INTS}  # fmt: skip
+                     "ctx_lens": "*i64", "scale": "fp32", **ATTENTION_INTS, "WINDOW": "i32"}  # fmt: skip
 
 # name -> (kernel, signature, constants, launch options)
 KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] = {

@@ -14,7 +14,7 @@ from ember.attention.torch_paged import decode_attention, write_kv
 from ember.engine.engine import LLM
 from ember.engine.sampling_params import SamplingParams
 from ember.kernels import elementwise, native
-from tests.attention_cases import decode_case
+from tests.attention_cases import context_bias, decode_case
 from tests.conftest import make_tiny_hf_model
 
 pytestmark = pytest.mark.skipif(native.load() is None, reason="no C compiler to build Ember's CPU kernels")
@@ -126,6 +126,54 @@ def test_rows_sharing_a_table_match_reference(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "lengths"),
+    [
+        (8, 2, 64, [1, 20, 37, 38, 64, 65, 100, 129, 200, 333]),  # one (row, KV head) pair per thread and more
+        (4, 1, 64, [1500, 2300]),  # few long contexts: cut into parts that threads share
+        (6, 2, 32, [900, 40]),  # the generic kernels
+    ],
+)
+@pytest.mark.parametrize("window", [37, 64, 512])
+def test_sliding_window_decode_matches_reference(
+    dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, lengths: list[int], window: int
+) -> None:
+    """Under a sliding window each row sees its last `window` tokens: windows within a block and on block
+    edges, contexts shorter and longer than the window, on every path of the kernel."""
+    generator = torch.Generator().manual_seed(window + len(lengths))
+    block_size, num_blocks = 16, 400
+    key_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
+    value_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
+    caches = to_cache_layout(key_blocks, value_blocks)
+    q = torch.randn(len(lengths), heads, head_dim, generator=generator).to(dtype)
+    tables, lens, ref = decode_case(q, *caches, lengths, generator, window)
+    out = cpu_kernels.paged_decode_attention(q, *caches, tables, lens, head_dim**-0.5, window=window)
+    assert max(relative_error(out[b], ref[b]) for b in range(len(lengths))) < TOLERANCE[dtype]
+    whole = decode_case(q, *caches, lengths, torch.Generator().manual_seed(0), 0)[2]  # a window that matters
+    assert any(relative_error(whole[b], ref[b]) > 0.05 for b in range(len(lengths)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sliding_window_rows_sharing_a_table_match_reference(dtype: torch.dtype) -> None:
+    """Prefill chunks as kernel rows under a sliding window: each row of a chunk starts its window elsewhere."""
+    generator = torch.Generator().manual_seed(11)
+    heads, kv_heads, head_dim, block_size, num_blocks, window = 9, 3, 64, 16, 64, 29
+    key_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
+    value_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
+    caches = to_cache_layout(key_blocks, value_blocks)
+    tables = torch.randperm(num_blocks, generator=generator)[:24].view(2, 12)
+    row_tables = torch.tensor([0] * 13 + [1] * 30)
+    lens = torch.tensor([*range(20, 33), *range(100, 130)])
+    q = torch.randn(len(lens), heads, head_dim, generator=generator).to(dtype)
+    out = cpu_kernels.paged_decode_attention(
+        q, *caches, tables, lens, head_dim**-0.5, row_tables=row_tables, window=window
+    )
+    bias = context_bias(lens, 12 * block_size, window)
+    reference = decode_attention(q.float(), *(c.float() for c in caches), tables[row_tables], bias, head_dim**-0.5)
+    assert max(relative_error(out[i], reference[i]) for i in range(len(lens))) < 3 * TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_size", [4, 16])
 def test_native_and_pytorch_cache_writes_agree(dtype: torch.dtype, block_size: int) -> None:
     """The C scatter, the decode kernel's own store of each token, and PyTorch's indexing write the same cache."""
@@ -148,8 +196,9 @@ def test_native_and_pytorch_cache_writes_agree(dtype: torch.dtype, block_size: i
     assert caches[0][0].abs().sum() > 0
 
 
-def test_engine_outputs_equal_on_kernel_and_pytorch_paths(tiny_models: dict) -> None:
-    path = tiny_models["qwen2"][0]
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])  # Mistral's: a sliding window shorter than the prompts
+def test_engine_outputs_equal_on_kernel_and_pytorch_paths(tiny_models: dict, family: str) -> None:
+    path = tiny_models[family][0]
     llm = LLM(str(path), num_blocks=64, block_size=8, dtype="float32")
     prompts = [[5, 6, 7], [9] * 30, list(range(3, 60))]
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)

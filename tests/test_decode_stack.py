@@ -93,6 +93,30 @@ def test_tiny_gguf_models_are_bit_identical(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_sliding_window_layers_are_bit_identical(
+    tmp_path: Path,
+    hf_llama: Any,  # noqa: F811
+    dtype: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Layers with their own sliding windows (one of 5 tokens, one whole): each layer's window reaches its
+    attention in the stack as in the PyTorch model, and changes the tokens."""
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "tiny-Q8_0.gguf"
+    write_gguf(path, hf_llama, GGMLQuantizationType.Q8_0)
+    llm = LLM(str(path), num_blocks=64, dtype=dtype)
+    prompts = [[5, 17, 33, 200, 91, 7, 64], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]]
+    whole = llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    runner = llm.engine.runner
+    runner.model.layers[0].self_attn.window = 5
+    runner.decode_stack = NativeDecodeStack.build(runner.model, runner.kv_caches, 64, runner.block_size)
+    llm.engine.reset_prefix_cache()
+    with_stack, plain, rows = generate_both_ways(llm, prompts, [20, 20])
+    assert_identical(with_stack, plain)
+    assert rows and [o.outputs[0].token_ids for o in with_stack] != [o.outputs[0].token_ids for o in whole]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rows_of_lora_adapters_are_bit_identical(
     tmp_path: Path,
     hf_llama: Any,  # noqa: F811

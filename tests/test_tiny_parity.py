@@ -1,5 +1,5 @@
-"""Every supported family (Qwen3 q/k norm, Qwen2 QKV bias, Llama-3 rope scaling, Mistral, Phi-3 with partial
-rotary and LongRoPE) against HF."""
+"""Every supported family (Qwen3 q/k norm, Qwen2 QKV bias, Llama-3 rope scaling, Mistral with a sliding window,
+Phi-3 with partial rotary and LongRoPE) against HF."""
 
 from __future__ import annotations
 
@@ -88,29 +88,26 @@ def test_cuda_bf16_logprobs_close_to_hf_fp32(tiny_models: dict, family: str, enf
         assert_logprobs_close(out, tokens, tops, f"{family} prompt of {len(prompt)} tokens")
 
 
-def test_a_sliding_window_caps_the_context(tmp_path: Any) -> None:
-    """Ember attends to whole contexts, which equal a sliding-window model's attention only within the window:
-    the context stops there (an explicit longer one is refused); a Qwen2 config's unused window changes nothing."""
+def test_sliding_windows_apply_to_the_layers_the_config_names(tmp_path: Any) -> None:
+    """Mistral's and Phi-3's windows apply to every layer, Qwen2's only with use_sliding_window and from
+    max_window_layers on (or as `layer_types` lists); the context is no longer capped at the window."""
     from ember.config import ModelConfig
     from ember.engine.engine import context_length
-    from tests.conftest import TINY_BASE, make_tiny_hf_model
+    from tests.conftest import TINY_BASE
 
-    def config(family: str, **fields: Any) -> ModelConfig:
-        return ModelConfig.from_hf_dict({**TINY_BASE, **TINY_FAMILIES[family], **fields})
+    def windows(family: str, **fields: Any) -> list[int]:
+        config = ModelConfig.from_hf_dict({**TINY_BASE, **TINY_FAMILIES[family], **fields})
+        return [config.layer_window(i) for i in range(config.num_hidden_layers)]
 
-    mistral = config("mistral", sliding_window=64)
-    assert context_length(mistral, None) == 64 and context_length(mistral, 32) == 32
-    with pytest.raises(ValueError, match="beyond this model's sliding attention window of 64 tokens"):
-        context_length(mistral, 100)
-    assert context_length(config("qwen2", sliding_window=64, use_sliding_window=False), None) == 512
-    assert context_length(config("qwen2", sliding_window=64, use_sliding_window=True), None) == 64
-    assert context_length(config("mistral", sliding_window=4096), None) == 512  # a window past the positions
-    assert context_length(config("llama3"), 4096) == 512  # past the positions: capped (with a warning)
-    make_tiny_hf_model("mistral", tmp_path, sliding_window=64)
-    llm = LLM(str(tmp_path), num_blocks=16, block_size=8, dtype="float32", device="cpu")
-    assert llm.engine.max_model_len == 64
-    with pytest.raises(ValueError, match="the model's context is 64 tokens"):
-        llm.generate([[5] * 70], SamplingParams(max_tokens=1))
+    assert windows("mistral", sliding_window=64) == [64, 64]
+    assert windows("phi3", sliding_window=64) == [64, 64]
+    assert windows("qwen2", sliding_window=64) == [0, 0]
+    assert windows("qwen2", sliding_window=64, use_sliding_window=True, max_window_layers=1) == [0, 64]
+    listed = {"layer_types": ["sliding_attention", "full_attention"]}
+    assert windows("qwen2", sliding_window=64, use_sliding_window=True, **listed) == [64, 0]
+    assert windows("llama3") == [0, 0]
+    mistral = ModelConfig.from_hf_dict({**TINY_BASE, **TINY_FAMILIES["mistral"], "sliding_window": 64})
+    assert context_length(mistral, None) == 512 and context_length(mistral, 100) == 100
 
 
 @pytest.mark.parametrize(

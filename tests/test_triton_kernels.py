@@ -58,8 +58,13 @@ def test_write_kv_matches_pytorch(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("heads", "kv_heads", "head_dim", "block_size", "num_splits", "layout"),
-    [(4, 2, 32, 16, 2, "cpu"), (6, 1, 64, 16, 4, "cuda"), (8, 8, 32, 32, 1, "cpu"), (9, 3, 64, 16, 16, "cuda")],
+    ("heads", "kv_heads", "head_dim", "block_size", "num_splits", "layout", "window"),
+    [
+        (4, 2, 32, 16, 2, "cpu", 0),
+        (6, 1, 64, 16, 4, "cuda", 37),
+        (8, 8, 32, 32, 1, "cpu", 64),
+        (9, 3, 64, 16, 16, "cuda", 0),
+    ],
 )
 def test_paged_decode_matches_reference(
     dtype: torch.dtype,
@@ -69,17 +74,19 @@ def test_paged_decode_matches_reference(
     block_size: int,
     num_splits: int,
     layout: str,
+    window: int,
 ) -> None:
     """Ragged contexts spanning many blocks, several GQA ratios, contexts split across programs (more splits
-    than blocks too), both cache layouts; a context of length 0 (a padding row) gives zeros."""
+    than blocks too), both cache layouts, sliding windows within a block and on block edges (shorter and
+    longer than contexts); a context of length 0 (a padding row) gives zeros."""
     num_blocks = 64
     lengths = [1, block_size, block_size + 3, 5 * block_size - 1, 9 * block_size + 2, 0]
     k_cache, v_cache = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, heads, layout)
     generator = torch.Generator().manual_seed(heads)
     q = torch.randn(len(lengths), heads, head_dim, generator=generator).to(dtype).to(DEVICE)
-    tables, lens, ref = decode_case(q, k_cache, v_cache, lengths, generator)
+    tables, lens, ref = decode_case(q, k_cache, v_cache, lengths, generator, window)
     out = triton_attention.paged_decode_attention(
-        q, k_cache, v_cache, tables.to(DEVICE), lens.to(DEVICE), head_dim**-0.5, num_splits
+        q, k_cache, v_cache, tables.to(DEVICE), lens.to(DEVICE), head_dim**-0.5, num_splits, window=window
     )
     assert out.dtype == dtype and relative_error(out[:-1].cpu(), ref[:-1]) < TOLERANCE[dtype]
     assert torch.equal(out[-1].cpu(), torch.zeros_like(out[-1].cpu()))
@@ -87,14 +94,21 @@ def test_paged_decode_matches_reference(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("heads", "kv_heads", "head_dim", "block_size", "layout", "block_m"),
-    [(4, 2, 32, 16, "cpu", 16), (6, 3, 64, 32, "cuda", 64)],
+    ("heads", "kv_heads", "head_dim", "block_size", "layout", "block_m", "window"),
+    [(4, 2, 32, 16, "cpu", 16, 0), (6, 3, 64, 32, "cuda", 64, 0), (4, 1, 32, 16, "cpu", 16, 13)],
 )
 def test_paged_prefill_matches_reference(
-    dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int, layout: str, block_m: int
+    dtype: torch.dtype,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    layout: str,
+    block_m: int,
+    window: int,
 ) -> None:
     """Ragged chunks in one launch: whole prompts, and chunks after a cached prefix; query tiles of 16 rows
-    and of 64 (CUDA's default), each longer than some chunks."""
+    and of 64 (CUDA's default), each longer than some chunks; a sliding window shorter than most chunks."""
     num_blocks = 64
     k_cache, v_cache = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, heads + 7, layout)
     chunks = [(0, 21), (block_size * 2 + 5, 9), (0, 1), (40, 40)]  # (cached prefix length, chunk length)
@@ -110,6 +124,8 @@ def test_paged_prefill_matches_reference(
         values = block_values(v_cache.cpu().float(), table)[:, :context]
         positions = torch.arange(prefix, context).unsqueeze(1)
         mask = torch.arange(context).unsqueeze(0) <= positions
+        if window:
+            mask &= torch.arange(context).unsqueeze(0) > positions - window
         expected[row : row + length] = prefill_attention(
             q[row : row + length].float(), keys, values, mask, head_dim**-0.5
         )
@@ -118,7 +134,9 @@ def test_paged_prefill_matches_reference(
     lengths, contexts = [length for _, length in chunks], [prefix + length for prefix, length in chunks]
     launch = triton_attention.prefill_launch(starts, lengths, contexts, torch.device(DEVICE), block_m)
     tables = torch.stack(tables_list).to(DEVICE)
-    out = triton_attention.paged_prefill_attention(q.to(DEVICE), k_cache, v_cache, tables, launch, head_dim**-0.5)
+    out = triton_attention.paged_prefill_attention(
+        q.to(DEVICE), k_cache, v_cache, tables, launch, head_dim**-0.5, window
+    )
     assert out.dtype == dtype and relative_error(out.cpu(), expected) < TOLERANCE[dtype]
 
 
@@ -240,7 +258,7 @@ def test_seeded_top_k_top_p_sampling_on_the_triton_path_equals_the_default_path(
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])  # Mistral's: a sliding window
 def test_engine_on_triton_kernels_equals_the_default_path(
     tiny_models: dict, monkeypatch: pytest.MonkeyPatch, family: str
 ) -> None:

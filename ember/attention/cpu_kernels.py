@@ -47,8 +47,10 @@ def paged_decode_attention(
     k_new: torch.Tensor | None = None,
     v_new: torch.Tensor | None = None,
     row_tables: torch.Tensor | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
-    """Query rows [D, heads, head_dim], row b attending to the first context_lens[b] cached tokens.
+    """Query rows [D, heads, head_dim], row b attending to the first context_lens[b] cached tokens (their last
+    `window` under a sliding window; 0: all).
 
     Row b reads block table `row_tables[b]` (default: table b). With `k_new`/`v_new` ([D, kv_heads,
     head_dim]) each row's new K/V are first stored at its last position (context_len - 1); rows that
@@ -85,5 +87,6 @@ def paged_decode_attention(
         head_dim,
         block_tables.shape[1],
         scale,
+        window,
     )
     return out

@@ -6,6 +6,8 @@ Decode attention is bound by memory traffic: the C kernel reads each cached row 
 fallback here must gather (copy) the context first.
 A step's tokens arrive flattened; decodes (one query token each) come first and are attended in one
 batched matmul over their gathered blocks, prefill chunks follow, one SDPA call each.
+A layer with a sliding window (`window` > 0) lets a query at position p see the keys after p - window only (as
+HF's masks do); the KV cache keeps whole contexts either way, since other layers of the model may need them.
 """
 
 from __future__ import annotations
@@ -79,13 +81,36 @@ class AttentionMetadata:
         return self.decode_block_tables.index_select(0, self.decode_row_tables)
 
     @functools.cached_property
-    def decode_bias(self) -> torch.Tensor:
-        """[1, num_decodes, 1, max_blocks * block_size]: 0 inside each context, -inf past it (built once a step)."""
+    def decode_biases(self) -> dict[int, torch.Tensor]:
+        """`decode_bias` by window, each built once a step."""
+        return {}
+
+    def decode_bias(self, window: int = 0) -> torch.Tensor:
+        """[1, num_decodes, 1, max_blocks * block_size]: 0 inside each context (its last `window` tokens under a
+        sliding window), -inf elsewhere."""
+        if window in self.decode_biases:
+            return self.decode_biases[window]
         assert self.decode_block_tables is not None and self.decode_context_lens is not None
         keys = torch.arange(self.decode_block_tables.shape[1] * self.block_size, device=self.slot_mapping.device)
+        lens = self.decode_context_lens.unsqueeze(1)
+        hidden = keys.unsqueeze(0) >= lens
+        if window:
+            hidden |= keys.unsqueeze(0) < lens - window
         bias = torch.zeros(len(self.decode_context_lens), len(keys), device=keys.device)
-        bias.masked_fill_(keys.unsqueeze(0) >= self.decode_context_lens.unsqueeze(1), float("-inf"))
-        return bias.view(1, len(self.decode_context_lens), 1, -1)
+        bias.masked_fill_(hidden, float("-inf"))
+        self.decode_biases[window] = bias = bias.view(1, len(self.decode_context_lens), 1, -1)
+        return bias
+
+    def prefill_mask(self, span: PrefillSpan, window: int) -> torch.Tensor | None:
+        """The chunk's [length, context_len] mask (True: attends) with a sliding window applied (0: none); None
+        when plain causal attention over the chunk itself is the mask."""
+        if not window or span.context_len <= window:
+            return span.causal_mask
+        positions = torch.arange(span.context_len - span.length, span.context_len, device=self.slot_mapping.device)
+        keys = torch.arange(span.context_len, device=positions.device)
+        in_window = keys.unsqueeze(0) > positions.unsqueeze(1) - window
+        causal = keys.unsqueeze(0) <= positions.unsqueeze(1)
+        return causal & in_window
 
 
 def block_keys(k_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
@@ -164,6 +189,7 @@ def attend_decodes(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    window: int = 0,
 ) -> torch.Tensor:
     """Store the decode tokens' new K/V ([D, kv_heads, head_dim]) and attend their queries to their contexts."""
     assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
@@ -174,9 +200,9 @@ def attend_decodes(
             write_kv(k_cache, v_cache, k, v, slots, meta.block_size, use_native=True)
             new_kv = (None, None)
         tables, lens, rows = meta.decode_block_tables, meta.decode_context_lens, meta.decode_row_tables
-        return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, *new_kv, rows)
+        return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, *new_kv, rows, window)
     write_kv(k_cache, v_cache, k, v, slots, meta.block_size, use_native=False)
-    return decode_attention(q, k_cache, v_cache, meta.decode_row_block_tables, meta.decode_bias, scale)
+    return decode_attention(q, k_cache, v_cache, meta.decode_row_block_tables, meta.decode_bias(window), scale)
 
 
 def paged_attention(
@@ -187,18 +213,20 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    window: int = 0,
 ) -> torch.Tensor:
-    """Write this step's K/V into the cache, then attend every query token to its request's context.
+    """Write this step's K/V into the cache, then attend every query token to its request's context (to the
+    keys after position - `window` under a sliding window; 0: all).
 
     q: [num_tokens, heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim]. Returns q's shape.
     """
     if meta.use_triton:
         from ember.attention.triton_paged import triton_paged_attention
 
-        return triton_paged_attention(q, k, v, k_cache, v_cache, meta, scale)
+        return triton_paged_attention(q, k, v, k_cache, v_cache, meta, scale, window)
     num_decodes = meta.num_decode_tokens
     if not meta.prefills:
-        return attend_decodes(q, k, v, k_cache, v_cache, meta, scale)
+        return attend_decodes(q, k, v, k_cache, v_cache, meta, scale, window)
     write_kv(
         k_cache,
         v_cache,
@@ -211,13 +239,13 @@ def paged_attention(
     out = torch.empty_like(q)
     if num_decodes:
         d = slice(0, num_decodes)
-        out[d] = attend_decodes(q[d], k[d], v[d], k_cache, v_cache, meta, scale)
+        out[d] = attend_decodes(q[d], k[d], v[d], k_cache, v_cache, meta, scale, window)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.length)
-        if span.causal_mask is None:  # the whole context is this chunk: use the fresh K/V directly
+        if span.length == span.context_len:  # the whole context is this chunk: use the fresh K/V directly
             keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
         else:
             keys = block_keys(k_cache, span.block_table)[:, : span.context_len]
             values = block_values(v_cache, span.block_table)[:, : span.context_len]
-        out[rows] = prefill_attention(q[rows], keys, values, span.causal_mask, scale)
+        out[rows] = prefill_attention(q[rows], keys, values, meta.prefill_mask(span, window), scale)
     return out

@@ -38,20 +38,8 @@ MAX_GRAPH_BATCH = 512  # larger decode batches run eagerly: more graphs cost sta
 
 
 def context_length(model: ModelConfig, asked: int | None) -> int:
-    """The longest sequence served: as asked (`--max-model-len`), within the model's positions and, for a model
-    that attends within a sliding window, within that window, beyond which whole-context attention (Ember's)
-    would differ from the model's."""
+    """The longest sequence served: as asked (`--max-model-len`), within the model's positions."""
     limit = model.max_position_embeddings
-    window = model.sliding_window
-    if window is not None and window < limit:
-        if asked is not None and asked > window:
-            raise ValueError(
-                f"max_model_len {asked} is beyond this model's sliding attention window of {window} tokens; Ember "
-                f"attends to whole contexts, which match the model's attention only up to {window} tokens"
-            )
-        if asked is None:
-            logger.warning("the model attends within a sliding window: its context is capped at %d tokens", window)
-        limit = window
     if asked is not None and asked > limit:
         logger.warning("max_model_len %d is beyond the model's %d positions: capped at %d", asked, limit, limit)
     return min(asked or limit, limit)

@@ -10,6 +10,7 @@ which are contiguous, so the permutation inside a block costs no coalescing.
   each K/V block of its part of the context once for all the query heads of its GQA group and keeps an
   online softmax; a second kernel merges the splits by their log-sum-exp. The split count depends on the
   batch only (each context is cut into that many parts), so one CUDA graph serves every context length.
+  Under a sliding window only the blocks of the window are read and cut into parts.
 - `paged_prefill_attention`: causal attention of ragged query chunks over their paged context (cached
   prefix plus the chunk itself), all chunks of a step in one launch. Grid (query tile, head).
 """
@@ -114,10 +115,10 @@ def _attend_block(
 # Integer arguments that change from step to step (a table's width, the split count) are not specialized:
 # Triton compiles a variant per value class (1, a multiple of 16, other), and a new class showing up mid-run
 # would compile inside a step; none of them feeds a vectorized address.
-@triton.jit(do_not_specialize=["MAXB", "SPLITS"])
+@triton.jit(do_not_specialize=["MAXB", "SPLITS", "WINDOW"])
 def _decode_split_kernel(
     q, k_cache, v_cache, tables, lens, out, mid_out, mid_lse, scale,
-    H, KVH, NB, MAXB, SPLITS,
+    H, KVH, NB, MAXB, SPLITS, WINDOW,
     G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     DIRECT: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
@@ -127,9 +128,11 @@ def _decode_split_kernel(
     kh = tl.program_id(1)
     split = tl.program_id(2)
     length = tl.load(lens + b)
+    start = tl.maximum(length - WINDOW, 0)  # the first key the query sees
     num_pages = tl.cdiv(length, BS)
-    split_pages = tl.cdiv(num_pages, SPLITS)  # each sequence's own context is cut into SPLITS parts
-    first = split * split_pages
+    start_page = start // BS
+    split_pages = tl.cdiv(num_pages - start_page, SPLITS)  # each sequence's own context is cut into SPLITS parts
+    first = start_page + split * split_pages
     last = tl.minimum(first + split_pages, num_pages)
     heads = tl.arange(0, G_PAD)
     head_ok = heads < G
@@ -146,7 +149,8 @@ def _decode_split_kernel(
         # one block per trip, its base a scalar: the loads below are 16-byte vectors in the CUDA layout
         # (a per-token base defeats Triton's contiguity analysis: 2-byte loads, checked in the PTX)
         block = tl.load(tables + b * MAXB + page)
-        visible = (page * BS + tok)[None, :] < length
+        key_pos = page * BS + tok
+        visible = ((key_pos < length) & (key_pos >= start))[None, :]
         m_i, l_i, acc = _attend_block(
             qv, k_cache, v_cache, (kh * NB + block) * D * BS, visible, m_i, l_i, acc, scale, tok, dims,
             BS, D, P, DOT_FP32, IEEE,
@@ -178,6 +182,7 @@ def _decode_merge_kernel(mid_out, mid_lse, out, SPLITS, S_PAD: tl.constexpr, D: 
 
 
 MAX_DECODE_SPLITS = 32
+NO_WINDOW = 1 << 30  # "no sliding window" as a window past any context: the kernels need no branch for it
 
 
 @functools.cache
@@ -205,10 +210,12 @@ def paged_decode_attention(
     num_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    window: int = 0,
 ) -> torch.Tensor:
-    """Single-token queries [D, heads, head_dim] over their paged contexts, each context cut into
-    `num_splits` parts (default: `decode_splits`) merged by log-sum-exp. A context length of 0 gives zeros.
-    `num_warps` and `num_stages` (loads in flight ahead of the math) are Triton's launch options."""
+    """Single-token queries [D, heads, head_dim] over their paged contexts (their last `window` tokens under a
+    sliding window; 0: all), each context cut into `num_splits` parts (default: `decode_splits`) merged by
+    log-sum-exp. A context length of 0 gives zeros. `num_warps` and `num_stages` (loads in flight ahead of the
+    math) are Triton's launch options."""
     num_seqs, num_heads, head_dim = q.shape
     kv_heads, num_blocks, block_size, _, pack = cache_geometry(v_cache)
     group = num_heads // kv_heads
@@ -221,7 +228,7 @@ def paged_decode_attention(
         mid_lse = torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(num_seqs, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, mid_out, mid_lse, scale,
-        num_heads, kv_heads, num_blocks, block_tables.shape[1], splits,
+        num_heads, kv_heads, num_blocks, block_tables.shape[1], splits, window or NO_WINDOW,
         G=group, G_PAD=max(16, triton.next_power_of_2(group)), BS=block_size, D=head_dim, P=pack,
         DIRECT=splits == 1, DOT_FP32=DOT_IN_FP32, IEEE=q.dtype == torch.float32,
         num_warps=num_warps, num_stages=num_stages,
@@ -233,10 +240,10 @@ def paged_decode_attention(
     return out
 
 
-@triton.jit(do_not_specialize=["MAXB"])
+@triton.jit(do_not_specialize=["MAXB", "WINDOW"])
 def _prefill_kernel(
     q, k_cache, v_cache, out, tables, tile_seq, tile_first, q_starts, q_lens, ctx_lens, scale,
-    H, KVH, NB, MAXB,
+    H, KVH, NB, MAXB, WINDOW,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
@@ -261,10 +268,12 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     last_position = tl.minimum(ctx - q_len + first + BLOCK_M, ctx)  # keys past the tile's last query are masked
-    for blk in range(0, tl.cdiv(last_position, BS)):
+    first_key = tl.maximum(ctx - q_len + first - WINDOW + 1, 0)  # keys before the tile's first window are too
+    for blk in range(first_key // BS, tl.cdiv(last_position, BS)):
         block = tl.load(tables + seq * MAXB + blk)
         key_pos = blk * BS + tok
-        visible = (key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] < ctx) & row_ok[:, None]
+        in_window = key_pos[None, :] > positions[:, None] - WINDOW
+        visible = (key_pos[None, :] <= positions[:, None]) & in_window & (key_pos[None, :] < ctx) & row_ok[:, None]
         m_i, l_i, acc = _attend_block(
             qv, k_cache, v_cache, (kh * NB + block) * D * BS, visible, m_i, l_i, acc, scale, tok, dims,
             BS, D, P, DOT_FP32, IEEE,
@@ -314,16 +323,18 @@ def paged_prefill_attention(
     block_tables: torch.Tensor,
     launch: PrefillLaunch,
     scale: float,
+    window: int = 0,
 ) -> torch.Tensor:
     """Causal attention of ragged chunks. q: [T, heads, head_dim] (chunk i at rows q_starts[i] ...
-    + q_lens[i], its last query at position context_lens[i] - 1); K/V of every chunk already in the cache."""
+    + q_lens[i], its last query at position context_lens[i] - 1); K/V of every chunk already in the cache.
+    Under a sliding window (0: none) a query at position p sees the keys after p - window."""
     _, num_heads, head_dim = q.shape
     kv_heads, num_blocks, block_size, _, pack = cache_geometry(v_cache)
     out = torch.empty_like(q)
     _prefill_kernel[(len(launch.tile_seq), num_heads)](
         q.contiguous(), k_cache, v_cache, out, block_tables, launch.tile_seq, launch.tile_first,
         launch.q_starts, launch.q_lens, launch.context_lens, scale,
-        num_heads, kv_heads, num_blocks, block_tables.shape[1],
+        num_heads, kv_heads, num_blocks, block_tables.shape[1], window or NO_WINDOW,
         G=num_heads // kv_heads, BLOCK_M=launch.block_m, BS=block_size, D=head_dim, P=pack, DOT_FP32=DOT_IN_FP32,
         IEEE=q.dtype == torch.float32,
         num_warps=PREFILL_WARPS_FP32 if q.dtype == torch.float32 else 4,

@@ -52,6 +52,7 @@ class _DecoderLayer(ctypes.Structure):
         ("v_cache", _ptr),
         ("q_norm", _ptr),
         ("k_norm", _ptr),
+        ("window", _i64),
     ]
 
 
@@ -153,7 +154,7 @@ class NativeDecodeStack:
             attention = layer.self_attn
             head_norms = [n.weight.data_ptr() if n is not None else None for n in (attention.q_norm, attention.k_norm)]
             cache = (k_cache.data_ptr(), v_cache.data_ptr())
-            layers[i] = _DecoderLayer(*norms, *map(linear, parts), *cache, *head_norms)
+            layers[i] = _DecoderLayer(*norms, *map(linear, parts), *cache, *head_norms, attention.window)
         self._layers = layers
         self._model = model  # keeps the weights, norms and rotary tables the stack points at alive
         rotary = model.rotary

@@ -105,6 +105,16 @@ static void store_decode_token(const char* k_new, const char* v_new, char* k_cac
     store_token(k_new + row, v_new + row, k_cache + block, v_cache + block, (L - 1) % BS, BS, d, elem);
 }
 
+// A sliding window: a query at position L - 1 sees the keys of positions (L - 1 - window, L - 1], so its first
+// visible token is L - window (window 0: the whole context). Ranges start at that token's block; the tokens of
+// that block before it are masked.
+static inline int64_t first_visible(int64_t L, int64_t window) { return window > 0 && L > window ? L - window : 0; }
+
+// scores[0, n) of a range's first block fall before the window (a score of -inf weighs exp(-87) ~ 1e-38, nil)
+static inline void mask_before(float* scores, int64_t n, int64_t L) {
+    for (int64_t t = 0; t < n && t < L; t++) scores[t] = -INFINITY;
+}
+
 #define DEFINE_PAGED_DECODE(NAME, T, LOAD, STORE)                                                          \
     /* scores[t - begin] = q . k_t for tokens [begin, L) of one (sequence, KV head, query head) */         \
     static void NAME##_scores(const float* qf, const T* k_cache, const int64_t* table, int64_t kh,        \
@@ -140,10 +150,11 @@ static void store_decode_token(const char* k_new, const char* v_new, char* k_cac
         }                                                                                                  \
     }                                                                                                      \
                                                                                                            \
-    /* tokens [begin, end) (begin a multiple of BS): outputs (fp32 [G, d]) and softmax stats ([G, 2]) */  \
+    /* tokens [begin, end) (begin a multiple of BS), those before `from` masked: outputs (fp32 [G, d]) and  \
+       softmax stats ([G, 2]) */                                                                           \
     static void NAME##_range(const T* q, const T* k_cache, const T* v_cache, const int64_t* table,         \
-                             int64_t begin, int64_t end, float* acc, float* max_sum, int64_t G, int64_t kh,  \
-                             int64_t NB, int64_t BS, int64_t d, float scale) {                           \
+                             int64_t begin, int64_t end, int64_t from, float* acc, float* max_sum, int64_t G, \
+                             int64_t kh, int64_t NB, int64_t BS, int64_t d, float scale) {               \
         const int64_t P = 4 / (int64_t)sizeof(T);                                                          \
         const int64_t L = end - begin;                                                                     \
         float* qf = malloc(sizeof(float) * (size_t)(G * d));                                              \
@@ -152,6 +163,7 @@ static void store_decode_token(const char* k_new, const char* v_new, char* k_cac
         for (int64_t g = 0; g < G; g++) {                                                                 \
             for (int64_t i = 0; i < d; i++) qf[g * d + i] = LOAD(q[g * d + i]) * scale;                   \
             NAME##_scores(qf + g * d, k_cache, table, kh, NB, BS, d, begin, end, scores + g * L);         \
+            mask_before(scores + g * L, from - begin, L);                                                 \
             softmax_inplace(scores + g * L, L, max_sum ? max_sum + 2 * g : NULL);                         \
         }                                                                                                  \
         for (int64_t t0 = begin; t0 < end; t0 += BS) {                                                    \
@@ -185,9 +197,11 @@ static void store_decode_token(const char* k_new, const char* v_new, char* k_cac
     }                                                                                                      \
                                                                                                            \
     static void NAME##_head(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t L, \
-                            T* out, int64_t G, int64_t kh, int64_t NB, int64_t BS, int64_t d, float scale) {  \
+                            int64_t window, T* out, int64_t G, int64_t kh, int64_t NB, int64_t BS, int64_t d, \
+                            float scale) {                                                                 \
         float* acc = malloc(sizeof(float) * (size_t)(G * d));                                             \
-        NAME##_range(q, k_cache, v_cache, table, 0, L, acc, NULL, G, kh, NB, BS, d, scale);               \
+        const int64_t from = first_visible(L, window);                                                    \
+        NAME##_range(q, k_cache, v_cache, table, from / BS * BS, L, from, acc, NULL, G, kh, NB, BS, d, scale); \
         for (int64_t i = 0; i < G * d; i++) out[i] = STORE(acc[i]);                                       \
         free(acc);                                                                                         \
     }
@@ -208,11 +222,14 @@ DEFINE_PAGED_DECODE(generic_bf16, uint16_t, bf16_to_float, float_to_bf16)
     static int NAME(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_cache,                   \
                     const int64_t* block_tables, const int64_t* row_tables, const int64_t* context_lens, T* out, \
                     int64_t D, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t d, int64_t MAXB,    \
-                    float scale) {                                                                         \
+                    float scale, int64_t window) {                                                         \
         const int64_t threads = omp_get_max_threads();                                                    \
         if (D == 0 || D * KVH >= 2 * threads) return 0; /* enough pairs (or none): no split */            \
         int64_t longest = 0;                                                                               \
-        for (int64_t b = 0; b < D; b++) longest = context_lens[b] > longest ? context_lens[b] : longest;  \
+        for (int64_t b = 0; b < D; b++) {                                                                 \
+            const int64_t L = context_lens[b], seen = L - first_visible(L, window) / BS * BS;             \
+            longest = seen > longest ? seen : longest;                                                    \
+        }                                                                                                  \
         const int64_t wanted = (2 * threads + D * KVH - 1) / (D * KVH); /* parts to fill the threads */   \
         const int64_t parts = wanted < longest / MIN_PART_TOKENS ? wanted : longest / MIN_PART_TOKENS;    \
         if (parts < 2) return 0;                                                                          \
@@ -230,16 +247,17 @@ DEFINE_PAGED_DECODE(generic_bf16, uint16_t, bf16_to_float, float_to_bf16)
         for (int64_t b = 0; b < D; b++) {                                                                 \
             for (int64_t kh = 0; kh < KVH; kh++) {                                                        \
                 for (int64_t s = 0; s < parts; s++) {                                                     \
-                    const int64_t L = context_lens[b];                                                    \
-                    const int64_t span = ((L + parts - 1) / parts + BS - 1) / BS * BS; /* whole blocks */ \
-                    const int64_t begin = s * span, end = begin + span < L ? begin + span : L;            \
+                    const int64_t L = context_lens[b], from = first_visible(L, window);                   \
+                    const int64_t first = from / BS * BS;                                                 \
+                    const int64_t span = ((L - first + parts - 1) / parts + BS - 1) / BS * BS; /* blocks */ \
+                    const int64_t begin = first + s * span, end = begin + span < L ? begin + span : L;    \
                     const int64_t slot = (b * KVH + kh) * parts + s;                                      \
                     if (begin >= end) { /* a short context has fewer parts: this one weighs nothing */    \
                         for (int64_t g = 0; g < G; g++) part_stats[(slot * G + g) * 2 + 1] = 0.0f;        \
                         continue;                                                                         \
                     }                                                                                      \
                     RANGE(q + (b * H + kh * G) * d, k_cache, v_cache,                                     \
-                          block_tables + (row_tables ? row_tables[b] : b) * MAXB, begin, end,             \
+                          block_tables + (row_tables ? row_tables[b] : b) * MAXB, begin, end, from,       \
                           part_out + slot * G * d, part_stats + slot * G * 2, G, kh, NB, BS, d, scale);   \
                 }                                                                                          \
             }                                                                                              \
@@ -387,8 +405,8 @@ ALWAYS_INLINE void weigh_values(const int R, const uint32_t* const* pairs, const
 // apart could accept a draft where plain greedy decoding picks another token. Sharing each key load over the
 // heads also made one row's attention 15-25% faster at 1,000-4,000 tokens.
 static void avx512bf16_range(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
-                             const int64_t* table, int64_t begin, int64_t end, float* out, float* max_sum, int64_t G,
-                             int64_t kh, int64_t NB, int64_t BS, int64_t d, float scale) {
+                             const int64_t* table, int64_t begin, int64_t end, int64_t from, float* out,
+                             float* max_sum, int64_t G, int64_t kh, int64_t NB, int64_t BS, int64_t d, float scale) {
     const int64_t L = end - begin;
     const int64_t Lp = (L + 1) & ~(int64_t)1;  // probabilities come in token pairs
     const int64_t step = QK_TILES * AVX_TILE;
@@ -437,8 +455,10 @@ static void avx512bf16_range(const uint16_t* q, const uint16_t* k_cache, const u
             }
         }
     }
-    for (int64_t g = 0; g < G; g++)
+    for (int64_t g = 0; g < G; g++) {
+        mask_before(scores + g * stride, from - begin, L);
         softmax_to_pairs(scores + g * stride, L, Lp / 2, pairs + g * pair_stride, max_sum ? max_sum + 2 * g : NULL);
+    }
     for (int64_t g = 0; g < G; g++) {
         const uint32_t* pp = pairs + g * pair_stride;
         for (int64_t i0 = 0; i0 < d; i0 += 4 * AVX_TILE) {
@@ -468,12 +488,13 @@ static void avx512bf16_range(const uint16_t* q, const uint16_t* k_cache, const u
     free(pairs);
 }
 
-// The whole context [0, L) of one (sequence, KV head), out in bf16.
+// The context [0, L) of one (sequence, KV head), or its last `window` tokens, out in bf16.
 static void avx512bf16_head(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
-                            const int64_t* table, int64_t L, uint16_t* out, int64_t G, int64_t kh, int64_t NB,
-                            int64_t BS, int64_t d, float scale) {
+                            const int64_t* table, int64_t L, int64_t window, uint16_t* out, int64_t G, int64_t kh,
+                            int64_t NB, int64_t BS, int64_t d, float scale) {
     float* acc = malloc(sizeof(float) * (size_t)(G * d));
-    avx512bf16_range(q, k_cache, v_cache, table, 0, L, acc, NULL, G, kh, NB, BS, d, scale);
+    const int64_t from = first_visible(L, window);
+    avx512bf16_range(q, k_cache, v_cache, table, from / BS * BS, L, from, acc, NULL, G, kh, NB, BS, d, scale);
     for (int64_t i = 0; i < G * d; i++) out[i] = float_to_bf16(acc[i]);
     free(acc);
 }
@@ -530,13 +551,15 @@ static void avx512bf16_tile(const uint16_t* q, const uint16_t* k_cache, const ui
 }
 
 // Rows that share a table at consecutive context lengths (k_new NULL: their K/V are stored), cut into tiles
-// of at most MAX_VECTORS / G rows. Returns 0 when the call is not of that kind (decodes: rows one by one).
+// of at most MAX_VECTORS / G rows. Returns 0 when the call is not of that kind (decodes, or a sliding window,
+// whose rows each start elsewhere: rows one by one).
 static int avx512bf16_tiled(const uint16_t* q, const uint16_t* k_new, uint16_t* k_cache, uint16_t* v_cache,
                             const int64_t* block_tables, const int64_t* row_tables, const int64_t* context_lens,
                             uint16_t* out, int64_t D, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t d,
-                            int64_t MAXB, float scale) {
+                            int64_t MAXB, float scale, int64_t window) {
     const int64_t G = H / KVH;
-    if (row_tables == NULL || k_new != NULL || G > MAX_VECTORS || BS % 16 != 0 || d % 64 != 0) return 0;
+    if (row_tables == NULL || k_new != NULL || window > 0 || G > MAX_VECTORS || BS % 16 != 0 || d % 64 != 0)
+        return 0;
     const int64_t per_tile = MAX_VECTORS / G;
     int64_t* tile_start = malloc(sizeof(int64_t) * (size_t)(D + 1));
     int64_t num_tiles = 0;
@@ -562,14 +585,15 @@ static int avx512bf16_tiled(const uint16_t* q, const uint16_t* k_new, uint16_t* 
 }
 #endif
 
-// Entry points: D query rows, each attending to the first context_lens[b] tokens of its sequence. Row b
+// Entry points: D query rows, each attending to the first context_lens[b] tokens of its sequence (their last
+// `window` with a sliding window; 0: all). Row b
 // reads the block table row_tables[b] (or b when row_tables is NULL): the rows of a prefill chunk or of a
 // speculating request share their sequence's table. k_new/v_new may be NULL (the new tokens were already
 // stored); they must be, when rows of one sequence read each other's new K/V.
 #define DEFINE_ENTRY(NAME, T, HEAD, FAST_HEAD, WHOLE_CALL)                                                \
     void NAME(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_cache, const int64_t* block_tables, \
               const int64_t* row_tables, const int64_t* context_lens, T* out, int64_t D, int64_t H,        \
-              int64_t KVH, int64_t NB, int64_t BS, int64_t d, int64_t MAXB, float scale) {                \
+              int64_t KVH, int64_t NB, int64_t BS, int64_t d, int64_t MAXB, float scale, int64_t window) { \
         WHOLE_CALL                                                                                         \
         const int64_t G = H / KVH;                                                                         \
         _Pragma("omp parallel for collapse(2) schedule(dynamic)")                                         \
@@ -582,34 +606,34 @@ static int avx512bf16_tiled(const uint16_t* q, const uint16_t* k_new, uint16_t* 
                 const T* qh = q + (b * H + kh * G) * d;                                                   \
                 T* oh = out + (b * H + kh * G) * d;                                                       \
                 FAST_HEAD                                                                                 \
-                HEAD(qh, k_cache, v_cache, table, L, oh, G, kh, NB, BS, d, scale);                        \
+                HEAD(qh, k_cache, v_cache, table, L, window, oh, G, kh, NB, BS, d, scale);                \
             }                                                                                              \
         }                                                                                                  \
     }
 
 #define F32_WHOLE_CALL                                                                                    \
     if (generic_f32_split(q, k_new, v_new, k_cache, v_cache, block_tables, row_tables, context_lens, out, D, H, \
-                          KVH, NB, BS, d, MAXB, scale))                                                   \
+                          KVH, NB, BS, d, MAXB, scale, window))                                           \
         return;
 DEFINE_ENTRY(paged_decode_f32, float, generic_f32_head, , F32_WHOLE_CALL)
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define BF16_FAST_PATH                                                                                    \
     if (BS % 16 == 0 && d % 64 == 0) {                                                                    \
-        avx512bf16_head(qh, k_cache, v_cache, table, L, oh, G, kh, NB, BS, d, scale);                     \
+        avx512bf16_head(qh, k_cache, v_cache, table, L, window, oh, G, kh, NB, BS, d, scale);             \
         continue;                                                                                         \
     }
 #define BF16_WHOLE_CALL                                                                                   \
     if (avx512bf16_tiled(q, k_new, k_cache, v_cache, block_tables, row_tables, context_lens, out, D, H, KVH, \
-                         NB, BS, d, MAXB, scale) ||                                                       \
+                         NB, BS, d, MAXB, scale, window) ||                                               \
         (BS % 16 == 0 && d % 64 == 0 ? avx512bf16_split : generic_bf16_split)(                           \
             q, k_new, v_new, k_cache, v_cache, block_tables, row_tables, context_lens, out, D, H, KVH, NB, BS, d, \
-            MAXB, scale))                                                                                 \
+            MAXB, scale, window))                                                                         \
         return;
 #else
 #define BF16_FAST_PATH
 #define BF16_WHOLE_CALL                                                                                   \
     if (generic_bf16_split(q, k_new, v_new, k_cache, v_cache, block_tables, row_tables, context_lens, out, D, H, \
-                           KVH, NB, BS, d, MAXB, scale))                                                  \
+                           KVH, NB, BS, d, MAXB, scale, window))                                          \
         return;
 #endif
 DEFINE_ENTRY(paged_decode_bf16, uint16_t, generic_bf16_head, BF16_FAST_PATH, BF16_WHOLE_CALL)

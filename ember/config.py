@@ -20,9 +20,11 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Phi3ForCausalLM": "phi3",  # Phi-3, Phi-3.5 and Phi-4-mini: fused projections, LongRoPE, partial rotary
     "GraniteForCausalLM": "granite",  # IBM Granite 3.x (dense): Llama with four scalar multipliers
+    "Gemma3ForCausalLM": "gemma3",  # Gemma 3 (text: 270M, 1B): four norms a layer, GELU, local and global layers
 }
 # families whose configs' `sliding_window` always applies (Qwen2's only with use_sliding_window)
-SLIDING_WINDOW_FAMILIES = ("mistral", "phi3")
+SLIDING_WINDOW_FAMILIES = ("mistral", "phi3", "gemma3")
+GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")  # both mean GELU's tanh approximation in Gemma's configs
 
 
 def cache_dir() -> Path:
@@ -40,12 +42,18 @@ SERVED_VALUES: dict[str, tuple[Any, ...]] = {
     "mlp_bias": (None, False),
     "attn_logit_softcapping": (None,),
     "final_logit_softcapping": (None,),
+    "use_bidirectional_attention": (None, False),  # EmbeddingGemma's encoder
 }
 
 
-def check_served_features(d: dict[str, Any]) -> None:
-    """Refuse a config whose model computes what Ember's does not (a GELU MLP, MLP biases, logit soft-capping)."""
-    for name, served in SERVED_VALUES.items():
+def check_served_features(d: dict[str, Any], family: str) -> None:
+    """Refuse a config whose model computes what Ember's does not (another MLP activation, MLP biases, logit
+    soft-capping, bidirectional attention)."""
+    served_values = dict(SERVED_VALUES)
+    if family == "gemma3":
+        del served_values["hidden_act"]
+        served_values["hidden_activation"] = (None, *GEMMA_ACTIVATIONS)
+    for name, served in served_values.items():
         if d.get(name) not in served:
             raise ValueError(f"this model's {name} is {d[name]!r}, which Ember does not serve")
 
@@ -65,6 +73,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
+    local_rope_theta: float | None = None  # the rotary base of sliding-window layers where it differs (Gemma 3)
     rope_freq_factors: list[float] | None = None  # a GGUF's divisor of each rotary frequency (llama.cpp's rope_freqs)
     rotary_dim: int | None = None  # the leading dimensions of each head that rotate (partial rotary); None: all
     # the longest sequence served (the engine's max_model_len): LongRoPE's long factors apply when it is past
@@ -79,6 +88,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     qk_norm: bool = False
+    hidden_act: str = "silu"  # the MLP's gate activation: "silu", or "gelu_tanh" (Gemma)
     # Granite's multipliers: of the embeddings, of each sublayer's output before the residual add, the
     # attention's scale (None: 1 / sqrt(head_dim)), and the divisor of the logits
     embedding_multiplier: float = 1.0
@@ -101,13 +111,18 @@ class ModelConfig:
         if family is None:
             supported = ", ".join(SUPPORTED_ARCHITECTURES)
             raise ValueError(f"unsupported architecture {archs or d.get('model_type')!r}; Ember supports {supported}")
-        check_served_features(d)
+        check_served_features(d, family)
+        gemma = family == "gemma3"
         heads = d["num_attention_heads"]
         eos = d.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         rope_scaling = d.get("rope_scaling") or None
         rope_theta = d.get("rope_theta")
         rope_params = d.get("rope_parameters")  # transformers >= 5 nests rope settings here
+        local_rope_theta = d.get("rope_local_base_freq") or (10000.0 if gemma else None)
+        if isinstance(rope_params, dict) and "full_attention" in rope_params:  # by layer type (Gemma 3)
+            local_rope_theta = (rope_params.get("sliding_attention") or {}).get("rope_theta", local_rope_theta)
+            rope_params = rope_params["full_attention"]
         if isinstance(rope_params, dict):
             rope_theta = rope_theta or rope_params.get("rope_theta")
             if rope_params.get("rope_type", "default") != "default":
@@ -132,70 +147,38 @@ class ModelConfig:
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta or 10000.0),
             rope_scaling=rope_scaling,
+            local_rope_theta=float(local_rope_theta) if local_rope_theta else None,
             rope_freq_factors=d.get("rope_freq_factors"),
             rotary_dim=int(head_dim * partial) if partial != 1 else None,
             max_position_embeddings=d.get("max_position_embeddings", 4096),
             sliding_window=d.get("sliding_window") if windowed else None,
             layer_types=layer_types(d) if windowed and d.get("sliding_window") else None,
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma)),
             attention_bias=bool(d.get("attention_bias", family == "qwen2")),
-            qk_norm=family == "qwen3",
-            embedding_multiplier=float(d.get("embedding_multiplier") or 1.0),
+            qk_norm=family in ("qwen3", "gemma3"),
+            hidden_act="gelu_tanh" if gemma else "silu",
+            # Gemma scales its embeddings by sqrt(hidden) and its scores by query_pre_attn_scalar^-0.5
+            embedding_multiplier=float(d.get("embedding_multiplier") or (d["hidden_size"] ** 0.5 if gemma else 1.0)),
             residual_multiplier=float(d.get("residual_multiplier") or 1.0),
-            attention_multiplier=d.get("attention_multiplier"),
+            attention_multiplier=d.get("query_pre_attn_scalar", 256) ** -0.5
+            if gemma
+            else d.get("attention_multiplier"),
             logits_scaling=float(d.get("logits_scaling") or 1.0),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
 
-    def to_hf_dict(self) -> dict[str, Any]:
-        """The equivalent transformers config.json, so a reference HF model can be built from it."""
-        arch = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}[self.architecture]
-        d: dict[str, Any] = {
-            "architectures": [arch],
-            "model_type": self.architecture,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "hidden_act": "silu",
-        }
-        if self.architecture in ("llama", "qwen3"):
-            d["attention_bias"] = self.attention_bias
-        if self.rope_scaling:
-            d["rope_scaling"] = self.rope_scaling
-        if self.rope_freq_factors is not None:
-            d["rope_freq_factors"] = self.rope_freq_factors
-        if self.rotary_dim is not None:
-            d["partial_rotary_factor"] = self.rotary_dim / self.head_dim
-        if self.architecture == "granite":
-            d |= {"embedding_multiplier": self.embedding_multiplier, "residual_multiplier": self.residual_multiplier,
-                  "attention_multiplier": self.attention_multiplier or self.head_dim**-0.5,
-                  "logits_scaling": self.logits_scaling}  # fmt: skip
-        if self.sliding_window is not None:
-            d["sliding_window"] = self.sliding_window
-            d["use_sliding_window"] = True
-            if self.layer_types is not None:
-                d["layer_types"] = self.layer_types
-        if self.bos_token_id is not None:
-            d["bos_token_id"] = self.bos_token_id
-        if self.eos_token_ids:
-            d["eos_token_id"] = self.eos_token_ids[0] if len(self.eos_token_ids) == 1 else self.eos_token_ids
-        return d
-
 
 def layer_types(d: dict[str, Any]) -> list[str] | None:
-    """Which layers of a windowed config attend within the window: as listed, or Qwen2's from
-    `max_window_layers` (the layers from that one on); None: all."""
+    """Which layers of a windowed config attend within the window: as listed, Gemma 3's pattern (each
+    `sliding_window_pattern`-th layer global, the others local), or Qwen2's from `max_window_layers` (the layers
+    from that one on); None: all."""
     if d.get("layer_types"):
         return list(d["layer_types"])
+    pattern = d.get("sliding_window_pattern") or d.get("_sliding_window_pattern")
+    if pattern or "Gemma3ForCausalLM" in (d.get("architectures") or []):  # every sixth layer global by default
+        return ["full_attention" if (i + 1) % (pattern or 6) == 0 else "sliding_attention"
+                for i in range(d["num_hidden_layers"])]  # fmt: skip
     first = d.get("max_window_layers")
     if not d.get("use_sliding_window") or first is None:
         return None

@@ -66,6 +66,21 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
         "attention_multiplier": 0.2,
         "logits_scaling": 8.0,
     },
+    # Gemma 3's layers (a local one with its own rotary base and a short window, a global one with linear
+    # scaling as the 4B+ models have); a score scale other than head_dim's
+    "gemma3": {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "sliding_window": 16,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "query_pre_attn_scalar": 24,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+        },
+        "tie_word_embeddings": True,
+    },
     # Phi-4-mini's shape: fused projections in the checkpoint, half of each head rotating
     "phi3": {
         "architectures": ["Phi3ForCausalLM"],
@@ -87,6 +102,10 @@ def make_tiny_hf_model(family: str, directory: Path, seed: int = 0, **overrides:
     (directory / "config.json").write_text(json.dumps(cfg))
     config = AutoConfig.from_pretrained(str(directory))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if family == "gemma3":  # Gemma's norms scale by 1 + weight, their weights start at 0: make them count
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                torch.nn.init.normal_(param, std=0.3)
     if family == "qwen2":  # non-zero q/k/v biases, so that loading them is checked
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):

@@ -388,35 +388,44 @@ PHI3_TO_GGUF = {
 LONGROPE = {"short_factor": [1.0, 1.3, 1.7, 2.1], "long_factor": [1.5, 2.9, 4.4, 8.0]}
 
 
-def write_phi3_gguf(path: Path, model: Any, qtype: GGMLQuantizationType) -> None:
-    """A Phi-3 model as llama.cpp's converter writes one: fused projections unpermuted, the rotary dimensions
-    and LongRoPE's factors (as tensors) and original context in the metadata."""
+def write_converted_gguf(
+    path: Path,
+    model: Any,
+    arch: str,
+    layer_names: dict[str, str],
+    qtype: GGMLQuantizationType,
+    rope_base: float,
+    describe: Callable[[GGUFWriter], None] = lambda writer: None,
+    norm_shift: float = 0.0,
+) -> None:
+    """An HF model as llama.cpp's converter writes one of an architecture it does not permute: shape metadata
+    from the model's config, layer tensors renamed by `layer_names`, norms shifted by `norm_shift` (Gemma's 1),
+    matrices in `qtype`; `describe` adds the architecture's own metadata."""
     config = model.config
-    head_dim = config.hidden_size // config.num_attention_heads
-    writer = GGUFWriter(str(path), "phi3")
+    writer = GGUFWriter(str(path), arch)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_freq_base(rope_base)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    writer.add_rope_dimension_count(int(head_dim * config.partial_rotary_factor))
-    writer.add_rope_scaling_orig_ctx_len(64)
-    writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(256 / 64) / math.log(64)))
-    writer.add_tensor("rope_factors_long.weight", np.array(LONGROPE["long_factor"], dtype=np.float32))
-    writer.add_tensor("rope_factors_short.weight", np.array(LONGROPE["short_factor"], dtype=np.float32))
+    describe(writer)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}  # fmt: skip
     for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
         w = tensor.numpy().astype(np.float32)
         if hf_name in names:
             name = names[hf_name]
         else:
             _, _, layer, rest = hf_name.split(".", 3)
-            name = f"blk.{layer}.{PHI3_TO_GGUF[rest]}"
+            name = f"blk.{layer}.{layer_names[rest]}"
+        if name.endswith("norm.weight"):
+            w = w + norm_shift
         if w.ndim == 1 or qtype == GGMLQuantizationType.F32:
             writer.add_tensor(name, w)
         else:
@@ -425,6 +434,22 @@ def write_phi3_gguf(path: Path, model: Any, qtype: GGMLQuantizationType) -> None
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def write_phi3_gguf(path: Path, model: Any, qtype: GGMLQuantizationType) -> None:
+    """A Phi-3 model as llama.cpp's converter writes one: fused projections unpermuted, the rotary dimensions
+    and LongRoPE's factors (as tensors) and original context in the metadata."""
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+
+    def longrope(writer: GGUFWriter) -> None:
+        writer.add_rope_dimension_count(int(head_dim * config.partial_rotary_factor))
+        writer.add_rope_scaling_orig_ctx_len(64)
+        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(256 / 64) / math.log(64)))
+        writer.add_tensor("rope_factors_long.weight", np.array(LONGROPE["long_factor"], dtype=np.float32))
+        writer.add_tensor("rope_factors_short.weight", np.array(LONGROPE["short_factor"], dtype=np.float32))
+
+    write_converted_gguf(path, model, "phi3", PHI3_TO_GGUF, qtype, 10000.0, longrope)
 
 
 def test_a_phi3_gguf_matches_hf(tmp_path: Path) -> None:
@@ -479,6 +504,43 @@ def test_a_granite_gguf_matches_hf(tmp_path: Path) -> None:
     assert gguf_hf_config(GGUFReader(str(path)))["logits_scaling"] == 8.0
     llm = LLM(str(path), num_blocks=64, dtype="float32")
     prompt = [5, 17, 33, 200, 91, 7, 64]
+    out = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0, logprobs=1, ignore_eos=True))[0]
+    tokens, logprobs = hf_reference(hf_model, prompt, 8)
+    assert out.outputs[0].token_ids == tokens
+    assert [lp.logprob for lp in out.outputs[0].logprobs or []] == pytest.approx(logprobs, abs=1e-4)
+
+
+GEMMA3_TO_GGUF = {
+    **{hf: gguf for hf, gguf in HF_TO_GGUF.items() if hf != "post_attention_layernorm.weight"},
+    "post_attention_layernorm.weight": "post_attention_norm.weight",
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+}
+
+
+def test_a_gemma3_gguf_matches_hf(tmp_path: Path) -> None:
+    """Gemma 3 as llama.cpp stores it: norms as 1 + weight, every sixth layer global (the others within the
+    window, at rotary base 10,000), the global layers' linear rope scaling and the window in the metadata, scores
+    scaled by head_dim; greedy tokens and logprobs equal HF's over a prompt longer than the window."""
+    from tests.conftest import make_tiny_hf_model
+
+    pattern = ["sliding_attention"] * 5 + ["full_attention"]
+    hf_model = make_tiny_hf_model("gemma3", tmp_path / "hf", num_hidden_layers=6, layer_types=pattern,
+                                  query_pre_attn_scalar=16)  # fmt: skip
+
+    def gemma(writer: GGUFWriter) -> None:
+        writer.add_key_length(16)
+        writer.add_value_length(16)
+        writer.add_sliding_window(16)
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(8.0)
+
+    path = tmp_path / "gemma3.gguf"
+    write_converted_gguf(path, hf_model, "gemma3", GEMMA3_TO_GGUF, GGMLQuantizationType.F32, 1e6, gemma, 1.0)
+    llm = LLM(str(path), num_blocks=64, dtype="float32")
+    config = llm.engine.model_config
+    assert [config.layer_window(i) for i in range(6)] == [16] * 5 + [0] and config.local_rope_theta == 10000.0
+    prompt = [5, 17, 33, 200, 91, 7, 64] * 4  # 28 tokens: past the window
     out = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0, logprobs=1, ignore_eos=True))[0]
     tokens, logprobs = hf_reference(hf_model, prompt, 8)
     assert out.outputs[0].token_ids == tokens

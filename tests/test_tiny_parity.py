@@ -71,7 +71,7 @@ def test_prompt_logprobs_match_hf(tiny_models: dict) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("family", ["qwen3", "llama3"])
+@pytest.mark.parametrize("family", ["qwen3", "llama3", "gemma3"])
 @pytest.mark.parametrize("enforce_eager", [False, True])
 def test_cuda_bf16_logprobs_close_to_hf_fp32(tiny_models: dict, family: str, enforce_eager: bool) -> None:
     """The CUDA path (Triton kernels, decode steps from CUDA graphs or eager) in bf16 against HF in fp32:

@@ -258,7 +258,7 @@ def test_seeded_top_k_top_p_sampling_on_the_triton_path_equals_the_default_path(
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])  # Mistral's: a sliding window
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma3"])  # Gemma 3: local and global layers
 def test_engine_on_triton_kernels_equals_the_default_path(
     tiny_models: dict, monkeypatch: pytest.MonkeyPatch, family: str
 ) -> None:

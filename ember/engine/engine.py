@@ -133,7 +133,8 @@ class Engine:
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.max_model_len = context_length(self.model_config, config.scheduler.max_model_len)
-        self.loaded.model.rotary.serve_context(self.max_model_len)
+        for rotary in self.loaded.model.rotaries():
+            rotary.serve_context(self.max_model_len)
         block_size = config.cache.block_size
         draft = load_draft_model(config.speculative, config.device, dtype)
         num_blocks = self._num_blocks(config.cache, dtype, draft.config if draft else None)

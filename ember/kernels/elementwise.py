@@ -1,4 +1,4 @@
-"""Fused RMSNorm (+ residual add), rotary embedding and SiLU-and-mul.
+"""Fused RMSNorm (+ residual add), rotary embedding and SiLU-and-mul (GELU-and-mul for Gemma, in PyTorch).
 
 On the CPU (fp32/bf16) each is one C pass over the activations (`csrc/elementwise.c`); elsewhere, or
 without a C compiler, the PyTorch formulation below, which is also the reference the C code follows
@@ -106,3 +106,12 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(tokens, width // 2, dtype=gate_up.dtype)
     getattr(library, f"silu_and_mul_{SUFFIX[gate_up.dtype]}")(gate_up.data_ptr(), out.data_ptr(), tokens, width // 2)
     return out
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gelu(gate) * up (GELU's tanh approximation, Gemma's) for rows [gate | up] of a fused gate/up projection."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+GATED_ACTIVATIONS = {"silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul}  # by `ModelConfig.hidden_act`

@@ -99,8 +99,13 @@ class NativeDecodeStack:
         library = native.load()
         cfg = model.config
         dtype = model.embed_tokens.weight.dtype
-        if library is None or dtype not in SUFFIX or cfg.rotary_dim is not None or cfg.architecture == "granite":
-            return None  # partial rotary and Granite's multipliers are not in the C layer
+        if (
+            library is None
+            or dtype not in SUFFIX
+            or cfg.rotary_dim is not None
+            or cfg.architecture in ("granite", "gemma3")
+        ):
+            return None  # partial rotary, Granite's multipliers and Gemma's layers are not in the C layer
         layer_norms = (n for layer in model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm))
         head_norms = (n for layer in model.layers for n in (layer.self_attn.q_norm, layer.self_attn.k_norm) if n)
         norms = [model.norm, *layer_norms, *head_norms]

@@ -11,6 +11,7 @@ Q/K/V and gate/up projections are fused so each layer runs few, large matmuls.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -18,11 +19,13 @@ from torch import nn
 
 from ember.attention.torch_paged import AttentionMetadata, paged_attention
 from ember.config import ModelConfig
-from ember.kernels.elementwise import add_rms_norm, rms_norm, rotary_, silu_and_mul
+from ember.kernels.elementwise import GATED_ACTIVATIONS, add_rms_norm, rms_norm, rotary_
 
 
 class RMSNorm(nn.Module):
     """HF's formulation (normalize in fp32, cast, then scale); with a residual, adds it first (one pass)."""
+
+    unit_weight = 1.0  # the weight that leaves the normalized input as it is
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -173,7 +176,7 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, norm: type[RMSNorm] = RMSNorm) -> None:
         super().__init__()
         self.window = config.layer_window(layer)
         self.num_heads = config.num_attention_heads
@@ -185,8 +188,8 @@ class Attention(nn.Module):
         self.rotary_dim = config.rotary_dim or self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.q_norm = norm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = norm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def forward(
         self,
@@ -218,9 +221,10 @@ class MLP(nn.Module):
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_and_mul = GATED_ACTIVATIONS[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -255,13 +259,22 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    norm_class: type[RMSNorm] = RMSNorm
+    decoder_layer_class: type[nn.Module] = DecoderLayer
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layers = nn.ModuleList(self.decoder_layer_class(config, i) for i in range(config.num_hidden_layers))
+        self.norm = self.norm_class(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
+        # sliding-window layers with a rotary base of their own (Gemma 3's local layers: 10,000, no scaling)
+        self.local_rotary = (
+            RotaryEmbedding(replace(config, rope_theta=config.local_rope_theta, rope_scaling=None))
+            if config.local_rope_theta is not None
+            else None
+        )
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -274,13 +287,19 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] of a flattened step."""
-        x, residual = self.embed_tokens(input_ids), None
-        if self.config.embedding_multiplier != 1.0:
-            x = x * self.config.embedding_multiplier
+        x, residual = self.embed(input_ids), None
         rope = self.rotary(positions)
+        local_rope = rope if self.local_rotary is None else self.local_rotary(positions)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, rope, kv_cache, meta)
+            x, residual = layer(x, residual, local_rope if layer.self_attn.window else rope, kv_cache, meta)
         return self.norm(x) if residual is None else self.norm.add_and_norm(x, residual)[0]
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        return x if self.config.embedding_multiplier == 1.0 else x * self.config.embedding_multiplier
+
+    def rotaries(self) -> list[RotaryEmbedding]:
+        return [self.rotary] if self.local_rotary is None else [self.rotary, self.local_rotary]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden).float()

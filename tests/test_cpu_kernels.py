@@ -226,6 +226,12 @@ def test_elementwise_kernels_match_pytorch(dtype: torch.dtype, tolerance: float)
     normed, total = elementwise.add_rms_norm(x, residual.clone(), weight, eps)
     assert torch.equal(total, expected_sum)
     assert relative_error(normed, elementwise.rms_norm_reference(expected_sum, weight, eps)) < tolerance
+    gemma = elementwise.rms_norm_reference(x, weight, eps, unit_offset=True)  # Gemma's: scaled by 1 + weight
+    assert relative_error(elementwise.rms_norm(x, weight, eps, unit_offset=True), gemma) < tolerance
+    assert relative_error(gemma, elementwise.rms_norm_reference(x, weight, eps)) > 0.1
+    normed, total = elementwise.add_rms_norm(x, residual.clone(), weight, eps, unit_offset=True)
+    expected = elementwise.rms_norm_reference(expected_sum, weight, eps, unit_offset=True)
+    assert torch.equal(total, expected_sum) and relative_error(normed, expected) < tolerance
 
     qkv = randn(tokens, 5 * 16)  # 3 query heads and 1 key head of 16 rotated in place, 1 value head untouched
     angles = torch.randn(tokens, 8, generator=generator)

@@ -34,39 +34,46 @@ def _triton(x: torch.Tensor) -> Any:
     return triton_elementwise
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
+    """Llama's RMSNorm (normalize in fp32, round, scale), or with `unit_offset` Gemma's (scale by 1 + weight in
+    fp32, then round once)."""
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if unit_offset:
+        return (xf * (1.0 + weight.float())).to(x.dtype)
     return weight * xf.to(x.dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim."""
-    if (kernels := _triton(x)) is not None:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
+    """RMSNorm over the last dim (`unit_offset`: Gemma's)."""
+    if not unit_offset and (kernels := _triton(x)) is not None:
         return kernels.rms_norm(x, weight, eps)
     library = _native(x)
     if library is None or weight.dtype != x.dtype:
-        return rms_norm_reference(x, weight, eps)
+        return rms_norm_reference(x, weight, eps, unit_offset)
     rows = x.reshape(-1, x.shape[-1])
     out = torch.empty(rows.shape, dtype=x.dtype)
-    getattr(library, f"rms_norm_{SUFFIX[x.dtype]}")(
+    getattr(library, f"{NORM_KERNELS[unit_offset]}_{SUFFIX[x.dtype]}")(
         rows.data_ptr(), None, weight.data_ptr(), out.data_ptr(), rows.shape[0], rows.shape[1], rows.stride(0), eps
     )
     return out.view(x.shape)
 
 
+NORM_KERNELS = {False: "rms_norm", True: "gemma_rms_norm"}  # by unit_offset
+
+
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(x + residual), x + residual) for [tokens, hidden]; the native path updates `residual` in place."""
-    if (kernels := _triton(x)) is not None and residual.is_contiguous():
+    if not unit_offset and (kernels := _triton(x)) is not None and residual.is_contiguous():
         return kernels.add_rms_norm(x, residual, weight, eps)
     library = _native(x)
     if library is None or weight.dtype != x.dtype or not residual.is_contiguous() or x.stride(-1) != 1:
         total = x + residual
-        return rms_norm_reference(total, weight, eps), total
+        return rms_norm_reference(total, weight, eps, unit_offset), total
     out = torch.empty_like(residual)
-    getattr(library, f"rms_norm_{SUFFIX[x.dtype]}")(
+    getattr(library, f"{NORM_KERNELS[unit_offset]}_{SUFFIX[x.dtype]}")(
         x.data_ptr(), residual.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0), eps
     )
     return out, residual

@@ -31,7 +31,11 @@ SIGNATURES: dict[str, list[type]] = {
     "write_kv": [_ptr] * 5 + [_i64] * 6,
     "paged_decode_f32": [_ptr] * 9 + [_i64] * 7 + [_f32, _i64],
     "paged_decode_bf16": [_ptr] * 9 + [_i64] * 7 + [_f32, _i64],
-    **{f"rms_norm_{t}": [_ptr] * 4 + [_i64] * 3 + [_f32] for t in ("f32", "bf16")},
+    **{
+        f"{kind}_{t}": [_ptr] * 4 + [_i64] * 3 + [_f32]
+        for kind in ("rms_norm", "gemma_rms_norm")
+        for t in ("f32", "bf16")
+    },
     **{f"rotary_{t}": [_ptr] * 3 + [_i64] * 4 for t in ("f32", "bf16")},
     **{f"silu_and_mul_{t}": [_ptr] * 2 + [_i64] * 2 for t in ("f32", "bf16")},
     "decode_stack": [_ptr] * 8 + [_i64] * 2 + [_ptr],

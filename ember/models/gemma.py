@@ -20,15 +20,7 @@ class GemmaRMSNorm(RMSNorm):
     """Gemma's: the weight is an offset from 1, applied in fp32 before the one rounding to the model's dtype."""
 
     unit_weight = 0.0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (h * (1.0 + self.weight.float())).to(x.dtype)
-
-    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        total = x + residual
-        return self(total), total
+    unit_offset = True
 
 
 class GemmaDecoderLayer(nn.Module):

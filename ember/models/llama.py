@@ -26,6 +26,7 @@ class RMSNorm(nn.Module):
     """HF's formulation (normalize in fp32, cast, then scale); with a residual, adds it first (one pass)."""
 
     unit_weight = 1.0  # the weight that leaves the normalized input as it is
+    unit_offset = False  # Gemma's: the weight is an offset from 1 (see `elementwise.rms_norm_reference`)
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -33,11 +34,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.unit_offset)
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual); `residual` may be updated in place."""
-        return add_rms_norm(x, residual, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps, self.unit_offset)
 
 
 def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:

@@ -21,9 +21,10 @@ static inline float f32_store(float x) { return x; }
 
 #define DEFINE_ELEMENTWISE(SUFFIX, T, LOAD, STORE)                                                         \
     /* out = weight * round(s * rsqrt(mean(s^2) + eps)), s = round(x + residual) stored back into          \
-       residual when residual is given, else s = x. Rows of H elements, x rows `x_stride` apart. */        \
-    void rms_norm_##SUFFIX(const T* x, T* residual, const T* weight, T* out, int64_t rows, int64_t H,       \
-                           int64_t x_stride, float eps) {                                                  \
+       residual when residual is given, else s = x. Rows of H elements, x rows `x_stride` apart. With        \
+       `unit_offset` (Gemma's norm) out = round((1 + weight) * s * rsqrt(...)) instead, in fp32 throughout. */ \
+    static void rms_norm_rows_##SUFFIX(const T* x, T* residual, const T* weight, T* out, int64_t rows,     \
+                                       int64_t H, int64_t x_stride, float eps, int unit_offset) {          \
         PARALLEL_IF_LARGE(rows * H)                                                                        \
         for (int64_t r = 0; r < rows; r++) {                                                               \
             const T* xr = x + r * x_stride;                                                                \
@@ -38,9 +39,24 @@ static inline float f32_store(float x) { return x; }
             _Pragma("omp simd reduction(+ : sum)")                                                         \
             for (int64_t i = 0; i < H; i++) sum += LOAD(src[i]) * LOAD(src[i]);                            \
             const float inv = 1.0f / sqrtf(sum / (float)H + eps);                                          \
-            _Pragma("omp simd")                                                                            \
-            for (int64_t i = 0; i < H; i++) o[i] = STORE(LOAD(weight[i]) * LOAD(STORE(LOAD(src[i]) * inv))); \
+            if (unit_offset) {                                                                             \
+                _Pragma("omp simd")                                                                        \
+                for (int64_t i = 0; i < H; i++) o[i] = STORE(LOAD(src[i]) * inv * (1.0f + LOAD(weight[i]))); \
+            } else {                                                                                       \
+                _Pragma("omp simd")                                                                        \
+                for (int64_t i = 0; i < H; i++) o[i] = STORE(LOAD(weight[i]) * LOAD(STORE(LOAD(src[i]) * inv))); \
+            }                                                                                              \
         }                                                                                                  \
+    }                                                                                                      \
+                                                                                                           \
+    void rms_norm_##SUFFIX(const T* x, T* residual, const T* weight, T* out, int64_t rows, int64_t H,       \
+                           int64_t x_stride, float eps) {                                                  \
+        rms_norm_rows_##SUFFIX(x, residual, weight, out, rows, H, x_stride, eps, 0);                       \
+    }                                                                                                      \
+                                                                                                           \
+    void gemma_rms_norm_##SUFFIX(const T* x, T* residual, const T* weight, T* out, int64_t rows, int64_t H, \
+                                 int64_t x_stride, float eps) {                                            \
+        rms_norm_rows_##SUFFIX(x, residual, weight, out, rows, H, x_stride, eps, 1);                       \
     }                                                                                                      \
                                                                                                            \
     /* Rotate, in place, `heads` vectors of d per row ("rotate half" layout) by cos/sin [rows, d/2]. */   \

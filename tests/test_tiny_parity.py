@@ -191,3 +191,61 @@ def test_a_malformed_longrope_config_is_a_clear_error(tmp_path, scaling: dict, m
     (tmp_path / "config.json").write_text(json.dumps({**TINY_BASE, **TINY_FAMILIES["phi3"], "rope_scaling": scaling}))
     with pytest.raises(ValueError, match=message):
         LLM(str(tmp_path), load_format="dummy", num_blocks=8)
+
+
+def test_the_language_model_of_a_gemma3_image_and_text_checkpoint_matches_hf(tmp_path: Any) -> None:
+    """Gemma 3 4B-27B ship as image-and-text checkpoints: Ember serves their language model (its weights under
+    `language_model.`, its config nested with only what differs from the defaults), the image encoder unused."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from tests.conftest import TINY_BASE
+
+    text = {key: value for key, value in {**TINY_BASE, **TINY_FAMILIES["gemma3"]}.items()
+            if key not in ("architectures", "model_type", "initializer_range")}  # fmt: skip
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 28, "patch_size": 14}  # fmt: skip
+    torch.manual_seed(0)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=255,
+                          boi_token_index=253, eoi_token_index=254, initializer_range=0.3)  # fmt: skip
+    hf_model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, param in hf_model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(0.0, 0.3)
+    hf_model.save_pretrained(str(tmp_path))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["architectures"] == ["Gemma3ForConditionalGeneration"] and "text_config" in saved
+    llm = LLM(str(tmp_path), num_blocks=64, block_size=8, dtype="float32", device="cpu")
+    prompt = random_prompts()[2]  # 40 tokens: past the window
+    out = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0, logprobs=1, ignore_eos=True))[0]
+    tokens, logprobs = hf_reference(hf_model, prompt, 12)
+    assert out.outputs[0].token_ids == tokens
+    assert [lp.logprob for lp in out.outputs[0].logprobs or []] == pytest.approx(logprobs, abs=1e-4)
+
+
+def test_a_gemma3_4b_config_reads_with_transformers_defaults() -> None:
+    """Gemma 3 4B's config.json names only what differs from Gemma3TextConfig's defaults (heads, vocabulary,
+    rotary bases come from them); its global layers scale their rotary linearly, the local ones do not."""
+    from ember.config import ModelConfig
+    from ember.models.loader import text_model_config
+
+    saved = {
+        "architectures": ["Gemma3ForConditionalGeneration"],
+        "eos_token_id": [1, 106],
+        "text_config": {
+            "hidden_size": 2560,
+            "intermediate_size": 10240,
+            "model_type": "gemma3_text",
+            "num_hidden_layers": 34,
+            "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+            "sliding_window": 1024,
+        },
+        "vision_config": {"model_type": "siglip_vision_model"},
+    }
+    config = ModelConfig.from_hf_dict(text_model_config(saved))
+    assert (config.architecture, config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (
+        "gemma3", 8, 4, 256)  # fmt: skip
+    assert config.vocab_size == 262208 and config.eos_token_ids == [1, 106] and config.tie_word_embeddings
+    assert (config.rope_theta, config.local_rope_theta, config.rope_scaling["factor"]) == (1e6, 10000.0, 8.0)
+    assert [config.layer_window(i) for i in range(6)] == [1024] * 5 + [0]
+    assert config.attention_multiplier == 256**-0.5

@@ -11,6 +11,7 @@ import collections
 import hashlib
 import importlib.util
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -80,9 +81,29 @@ def resolve_model_path(model: str | None) -> Path:
 
 def read_hf_config(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((path / "config.json").read_text())
+        config = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ModelNotFoundError(f"cannot read {path / 'config.json'}: {e}") from e
+    return text_model_config(config)
+
+
+# image-and-text checkpoints whose language model Ember serves alone: architecture -> the text model's
+TEXT_MODELS_OF = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM"}  # Gemma 3 4B, 12B, 27B
+
+
+def text_model_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config of an image-and-text checkpoint's language model, with transformers' defaults filled in (such
+    checkpoints save only the fields that differ); any other config as it is."""
+    text_arch = next((TEXT_MODELS_OF[a] for a in config.get("architectures") or [] if a in TEXT_MODELS_OF), None)
+    if text_arch is None:
+        return config
+    from transformers import AutoConfig
+
+    text = dict(config.get("text_config") or {})
+    text_type = text.pop("model_type", "gemma3_text")
+    full = AutoConfig.for_model(text_type, **text).to_dict()
+    eos = config.get("eos_token_id", full.get("eos_token_id"))
+    return {**full, "architectures": [text_arch], "eos_token_id": eos}
 
 
 def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -438,7 +459,7 @@ def load_weights(model: LlamaForCausalLM, weights: Iterator[tuple[str, torch.Ten
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     for hf_name, tensor in weights:
-        name = hf_name.removeprefix("model.")
+        name = module_name(hf_name)
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         parts = name.split(".")
@@ -455,10 +476,16 @@ def load_weights(model: LlamaForCausalLM, weights: Iterator[tuple[str, torch.Ten
         dest.copy_(tensor)
         loaded.add(hf_name)
     expected = {n for n in params if not (cfg.tie_word_embeddings and n == "lm_head.weight")}
-    loaded_targets = {n.removeprefix("model.") for n in loaded}
+    loaded_targets = {module_name(n) for n in loaded}
     missing = [n for n in expected if not _covered(n, loaded_targets, fused)]
     if missing:
         raise ModelNotFoundError(f"checkpoint is missing weights: {', '.join(sorted(missing)[:5])}")
+
+
+def module_name(hf_name: str) -> str:
+    """A checkpoint tensor's name in Ember's module: without the text model's prefixes (`model.`, and an
+    image-and-text checkpoint's `language_model.`); its image encoder's tensors keep theirs, which match nothing."""
+    return re.sub(r"^(?:model\.|language_model\.)+", "", hf_name)
 
 
 def _covered(param: str, loaded: set[str], fused: dict[str, tuple[str, int, int]]) -> bool:

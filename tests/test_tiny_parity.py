@@ -249,3 +249,17 @@ def test_a_gemma3_4b_config_reads_with_transformers_defaults() -> None:
     assert (config.rope_theta, config.local_rope_theta, config.rope_scaling["factor"]) == (1e6, 10000.0, 8.0)
     assert [config.layer_window(i) for i in range(6)] == [1024] * 5 + [0]
     assert config.attention_multiplier == 256**-0.5
+
+
+def test_bf16_logits_are_fp32_copies_in_one_buffer_kept_across_steps(tiny_models: dict) -> None:
+    """On the CPU a bf16 model's fp32 logits fill one buffer (no fresh tens of MB a step): each call's values are
+    the LM head's, whatever the row count, and a later call reuses the storage."""
+    llm = LLM(str(tiny_models["llama3"][0]), num_blocks=16, dtype="bfloat16", device="cpu")
+    model = llm.engine.runner.model
+    hidden = torch.randn(7, model.config.hidden_size, generator=torch.Generator().manual_seed(0)).bfloat16()
+    first = model.compute_logits(hidden[:3])
+    assert first.dtype == torch.float32 and torch.equal(first, model.lm_head(hidden[:3]).float())
+    second = model.compute_logits(hidden)
+    assert torch.equal(second, model.lm_head(hidden).float())
+    third = model.compute_logits(hidden[3:5])
+    assert third.data_ptr() == second.data_ptr() and torch.equal(third, model.lm_head(hidden[3:5]).float())

@@ -277,6 +277,7 @@ class LlamaForCausalLM(nn.Module):
             else None
         )
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.logits_buffer = torch.empty(0)  # `_as_float32`'s
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -303,5 +304,16 @@ class LlamaForCausalLM(nn.Module):
         return [self.rotary] if self.local_rotary is None else [self.rotary, self.local_rotary]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
+        """fp32 logits [rows, vocab], valid until the next call (on the CPU they share one buffer)."""
+        logits = self._as_float32(self.lm_head(hidden))
         return logits if self.config.logits_scaling == 1.0 else logits / self.config.logits_scaling
+
+    def _as_float32(self, logits: torch.Tensor) -> torch.Tensor:
+        """On the CPU, copied into a buffer kept across steps: a fresh one past glibc's 32 MB mmap threshold is
+        mapped anew each step, and its page faults cost 7 ms for 32 rows of Gemma's 262K vocabulary against 1 ms
+        for the copy itself."""
+        if logits.dtype == torch.float32 or logits.device.type != "cpu":
+            return logits.float()
+        if self.logits_buffer.numel() < logits.numel():
+            self.logits_buffer = torch.empty(logits.numel())
+        return self.logits_buffer[: logits.numel()].view(logits.shape).copy_(logits)

@@ -20,10 +20,14 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Phi3ForCausalLM": "phi3",  # Phi-3, Phi-3.5 and Phi-4-mini: fused projections, LongRoPE, partial rotary
     "GraniteForCausalLM": "granite",  # IBM Granite 3.x (dense): Llama with four scalar multipliers
+    "Gemma2ForCausalLM": "gemma2",  # Gemma 2: Gemma 3's layers without q/k norms, scores and logits soft-capped
     "Gemma3ForCausalLM": "gemma3",  # Gemma 3 (text: 270M, 1B): four norms a layer, GELU, local and global layers
 }
+GEMMA_FAMILIES = ("gemma2", "gemma3")
 # families whose configs' `sliding_window` always applies (Qwen2's only with use_sliding_window)
-SLIDING_WINDOW_FAMILIES = ("mistral", "phi3", "gemma3")
+SLIDING_WINDOW_FAMILIES = ("mistral", "phi3", *GEMMA_FAMILIES)
+# every how many layers a global one comes, where a config does not list its layers' types
+GLOBAL_LAYER_PERIOD = {"Gemma2ForCausalLM": 2, "Gemma3ForCausalLM": 6}
 GEMMA_ACTIVATIONS = ("gelu_pytorch_tanh", "gelu")  # both mean GELU's tanh approximation in Gemma's configs
 
 
@@ -40,19 +44,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SERVED_VALUES: dict[str, tuple[Any, ...]] = {
     "hidden_act": (None, "silu", "swish"),
     "mlp_bias": (None, False),
-    "attn_logit_softcapping": (None,),
-    "final_logit_softcapping": (None,),
     "use_bidirectional_attention": (None, False),  # EmbeddingGemma's encoder
 }
 
 
 def check_served_features(d: dict[str, Any], family: str) -> None:
-    """Refuse a config whose model computes what Ember's does not (another MLP activation, MLP biases, logit
-    soft-capping, bidirectional attention)."""
+    """Refuse a config whose model computes what Ember's does not (another MLP activation, MLP biases,
+    bidirectional attention)."""
     served_values = dict(SERVED_VALUES)
-    if family == "gemma3":
-        del served_values["hidden_act"]
-        served_values["hidden_activation"] = (None, *GEMMA_ACTIVATIONS)
+    if family in GEMMA_FAMILIES:
+        served_values["hidden_act"] = served_values["hidden_activation"] = (None, *GEMMA_ACTIVATIONS)
     for name, served in served_values.items():
         if d.get(name) not in served:
             raise ValueError(f"this model's {name} is {d[name]!r}, which Ember does not serve")
@@ -95,6 +96,9 @@ class ModelConfig:
     residual_multiplier: float = 1.0
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
+    # Gemma 2's soft-capping of attention scores and of the logits: x -> cap * tanh(x / cap); 0: none
+    attn_logit_softcapping: float = 0.0
+    final_logit_softcapping: float = 0.0
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -112,14 +116,14 @@ class ModelConfig:
             supported = ", ".join(SUPPORTED_ARCHITECTURES)
             raise ValueError(f"unsupported architecture {archs or d.get('model_type')!r}; Ember supports {supported}")
         check_served_features(d, family)
-        gemma = family == "gemma3"
+        gemma = family in GEMMA_FAMILIES
         heads = d["num_attention_heads"]
         eos = d.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         rope_scaling = d.get("rope_scaling") or None
         rope_theta = d.get("rope_theta")
         rope_params = d.get("rope_parameters")  # transformers >= 5 nests rope settings here
-        local_rope_theta = d.get("rope_local_base_freq") or (10000.0 if gemma else None)
+        local_rope_theta = d.get("rope_local_base_freq") or (10000.0 if family == "gemma3" else None)
         if isinstance(rope_params, dict) and "full_attention" in rope_params:  # by layer type (Gemma 3)
             local_rope_theta = (rope_params.get("sliding_attention") or {}).get("rope_theta", local_rope_theta)
             rope_params = rope_params["full_attention"]
@@ -164,20 +168,22 @@ class ModelConfig:
             if gemma
             else d.get("attention_multiplier"),
             logits_scaling=float(d.get("logits_scaling") or 1.0),
+            attn_logit_softcapping=float(d.get("attn_logit_softcapping") or 0.0),
+            final_logit_softcapping=float(d.get("final_logit_softcapping") or 0.0),
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
 
 
 def layer_types(d: dict[str, Any]) -> list[str] | None:
-    """Which layers of a windowed config attend within the window: as listed, Gemma 3's pattern (each
+    """Which layers of a windowed config attend within the window: as listed, Gemma's pattern (each
     `sliding_window_pattern`-th layer global, the others local), or Qwen2's from `max_window_layers` (the layers
     from that one on); None: all."""
     if d.get("layer_types"):
         return list(d["layer_types"])
-    pattern = d.get("sliding_window_pattern") or d.get("_sliding_window_pattern")
-    if pattern or "Gemma3ForCausalLM" in (d.get("architectures") or []):  # every sixth layer global by default
-        return ["full_attention" if (i + 1) % (pattern or 6) == 0 else "sliding_attention"
+    default = next((GLOBAL_LAYER_PERIOD[a] for a in d.get("architectures") or [] if a in GLOBAL_LAYER_PERIOD), None)
+    if period := d.get("sliding_window_pattern") or d.get("_sliding_window_pattern") or default:
+        return ["full_attention" if (i + 1) % period == 0 else "sliding_attention"
                 for i in range(d["num_hidden_layers"])]  # fmt: skip
     first = d.get("max_window_layers")
     if not d.get("use_sliding_window") or first is None:

@@ -25,9 +25,10 @@ def decode_case(
     lengths: list[int],
     generator: torch.Generator,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(block tables [len(lengths), max_blocks], context lengths, reference output in fp32 on the CPU), each row
-    seeing its last `window` tokens under a sliding window (0: all)."""
+    seeing its last `window` tokens under a sliding window (0: all), scores capped at `softcap` (0: not)."""
     num_blocks, block_size = k_cache.shape[1], k_cache.shape[3]
     max_blocks = -(-max(lengths) // block_size)
     tables = torch.randperm(num_blocks, generator=generator)[: len(lengths) * max_blocks].view(len(lengths), -1)
@@ -35,5 +36,5 @@ def decode_case(
     bias = context_bias(lens, max_blocks * block_size, window)
     caches = (k_cache.float().cpu(), v_cache.float().cpu())
     scale = q.shape[-1] ** -0.5
-    reference = decode_attention(q.float().cpu(), *caches, tables, bias, scale)
+    reference = decode_attention(q.float().cpu(), *caches, tables, bias, scale, softcap)
     return tables, lens, reference

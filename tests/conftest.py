@@ -66,6 +66,17 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
         "attention_multiplier": 0.2,
         "logits_scaling": 8.0,
     },
+    # Gemma 2's: local and global layers, scores and logits soft-capped (caps low enough to bend them)
+    "gemma2": {
+        "architectures": ["Gemma2ForCausalLM"],
+        "model_type": "gemma2",
+        "sliding_window": 16,
+        "query_pre_attn_scalar": 24,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attn_logit_softcapping": 2.0,
+        "final_logit_softcapping": 3.0,
+        "tie_word_embeddings": True,
+    },
     # Gemma 3's layers (a local one with its own rotary base and a short window, a global one with linear
     # scaling as the 4B+ models have); a score scale other than head_dim's
     "gemma3": {
@@ -102,7 +113,7 @@ def make_tiny_hf_model(family: str, directory: Path, seed: int = 0, **overrides:
     (directory / "config.json").write_text(json.dumps(cfg))
     config = AutoConfig.from_pretrained(str(directory))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    if family == "gemma3":  # Gemma's norms scale by 1 + weight, their weights start at 0: make them count
+    if family in ("gemma2", "gemma3"):  # Gemma's norms scale by 1 + weight, their weights start at 0: make them count
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 torch.nn.init.normal_(param, std=0.3)

@@ -26,7 +26,7 @@ HOPPER = GPUTarget("cuda", 90, 32)
 # compiles at run time, which is what lets it vectorize loads at `row * stride + cols`, so the compile here marks
 # them too.
 ALIGNED_INTS = {"H", "x_stride", "width", "row_stride", "vocab"}
-QWEN3 = {"G": 2, "BS": 16, "D": 128, "P": 8}  # 16 heads over 8 KV heads, head_dim 128, bf16 CUDA layout
+QWEN3 = {"G": 2, "BS": 16, "D": 128, "P": 8, "SOFTCAP": 0.0}  # 16 heads over 8 KV heads, head_dim 128, bf16 layout
 ATTENTION_INTS = {"H": "i32", "KVH": "i32", "NB": "i32", "MAXB": "i32"}
 DECODE_SIGNATURE = {"q": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "tables": "*i64", "lens": "*i64",
                     "out": "*bf16", "mid_out": "*fp32", "mid_lse": "*fp32", "scale": "fp32", **ATTENTION_INTS,
@@ -60,6 +60,15 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
         triton_attention._prefill_kernel, {k: v.replace("bf16", "fp32") for k, v in PREFILL_SIGNATURE.items()},
         {**QWEN3, "P": 4, "BLOCK_M": 64, "DOT_FP32": True, "IEEE": True},
         {"num_warps": triton_attention.PREFILL_WARPS_FP32},
+    ),
+    # Gemma 2's soft-capped scores (its 2B's shape: 8 heads over 4 KV heads, head_dim 256)
+    "decode-softcap": (
+        triton_attention._decode_split_kernel, DECODE_SIGNATURE,
+        {**QWEN3, "D": 256, "SOFTCAP": 50.0, "G_PAD": 16, "DIRECT": False, "DOT_FP32": False, "IEEE": False}, {},
+    ),
+    "prefill-softcap": (
+        triton_attention._prefill_kernel, PREFILL_SIGNATURE,
+        {**QWEN3, "D": 256, "SOFTCAP": 50.0, "BLOCK_M": 64, "DOT_FP32": False, "IEEE": False}, {},
     ),
     "decode-merge": (
         triton_attention._decode_merge_kernel,

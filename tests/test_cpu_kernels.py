@@ -154,6 +154,41 @@ def test_sliding_window_decode_matches_reference(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "lengths", "rows_share"),
+    [
+        (8, 4, 64, [1, 20, 37, 100, 129, 200, 333, 64], False),  # rows one by one
+        (8, 2, 64, [1500, 2300], False),  # few long contexts: parts merged
+        (9, 3, 64, list(range(40, 52)), True),  # a prefill chunk as rows (tiles on AVX512-BF16)
+        (6, 2, 32, [900, 40], False),  # the generic kernels
+    ],
+)
+def test_soft_capped_scores_match_reference(
+    dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, lengths: list[int], rows_share: bool
+) -> None:
+    """Gemma 2's soft-capping (score -> cap * tanh(score / cap)) on every path of the kernel, with scores large
+    enough that the cap changes the output."""
+    generator = torch.Generator().manual_seed(len(lengths) + head_dim)
+    block_size, num_blocks, softcap = 16, 400, 1.5
+    key_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
+    value_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
+    caches = to_cache_layout(key_blocks, value_blocks)
+    q = (3 * torch.randn(len(lengths), heads, head_dim, generator=generator)).to(dtype)
+    tables, lens, ref = decode_case(q, *caches, lengths, generator, softcap=softcap)
+    row_tables = None
+    if rows_share:  # every row reads the first row's table
+        row_tables = torch.zeros(len(lengths), dtype=torch.int64)
+        ref = decode_attention(q.float(), *(c.float() for c in caches), tables[row_tables],
+                               context_bias(lens, tables.shape[1] * block_size), head_dim**-0.5, softcap)  # fmt: skip
+    out = cpu_kernels.paged_decode_attention(
+        q, *caches, tables, lens, head_dim**-0.5, row_tables=row_tables, softcap=softcap
+    )
+    assert max(relative_error(out[b], ref[b]) for b in range(len(lengths))) < 3 * TOLERANCE[dtype]
+    uncapped = cpu_kernels.paged_decode_attention(q, *caches, tables, lens, head_dim**-0.5, row_tables=row_tables)
+    assert relative_error(uncapped, ref) > 0.05
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sliding_window_rows_sharing_a_table_match_reference(dtype: torch.dtype) -> None:
     """Prefill chunks as kernel rows under a sliding window: each row of a chunk starts its window elsewhere."""
     generator = torch.Generator().manual_seed(11)
@@ -196,7 +231,8 @@ def test_native_and_pytorch_cache_writes_agree(dtype: torch.dtype, block_size: i
     assert caches[0][0].abs().sum() > 0
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral"])  # Mistral's: a sliding window shorter than the prompts
+# Mistral's: a sliding window shorter than the prompts; Gemma 2's: soft-capped scores too
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma2"])
 def test_engine_outputs_equal_on_kernel_and_pytorch_paths(tiny_models: dict, family: str) -> None:
     path = tiny_models[family][0]
     llm = LLM(str(path), num_blocks=64, block_size=8, dtype="float32")

@@ -510,7 +510,7 @@ def test_a_granite_gguf_matches_hf(tmp_path: Path) -> None:
     assert [lp.logprob for lp in out.outputs[0].logprobs or []] == pytest.approx(logprobs, abs=1e-4)
 
 
-GEMMA3_TO_GGUF = {
+GEMMA_TO_GGUF = {
     **{hf: gguf for hf, gguf in HF_TO_GGUF.items() if hf != "post_attention_layernorm.weight"},
     "post_attention_layernorm.weight": "post_attention_norm.weight",
     "pre_feedforward_layernorm.weight": "ffn_norm.weight",
@@ -536,10 +536,37 @@ def test_a_gemma3_gguf_matches_hf(tmp_path: Path) -> None:
         writer.add_rope_scaling_factor(8.0)
 
     path = tmp_path / "gemma3.gguf"
-    write_converted_gguf(path, hf_model, "gemma3", GEMMA3_TO_GGUF, GGMLQuantizationType.F32, 1e6, gemma, 1.0)
+    write_converted_gguf(path, hf_model, "gemma3", GEMMA_TO_GGUF, GGMLQuantizationType.F32, 1e6, gemma, 1.0)
     llm = LLM(str(path), num_blocks=64, dtype="float32")
     config = llm.engine.model_config
     assert [config.layer_window(i) for i in range(6)] == [16] * 5 + [0] and config.local_rope_theta == 10000.0
+    prompt = [5, 17, 33, 200, 91, 7, 64] * 4  # 28 tokens: past the window
+    out = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0, logprobs=1, ignore_eos=True))[0]
+    tokens, logprobs = hf_reference(hf_model, prompt, 8)
+    assert out.outputs[0].token_ids == tokens
+    assert [lp.logprob for lp in out.outputs[0].logprobs or []] == pytest.approx(logprobs, abs=1e-4)
+
+
+def test_a_gemma2_gguf_matches_hf(tmp_path: Path) -> None:
+    """Gemma 2 as llama.cpp stores it: norms as 1 + weight, every other layer local, the soft-capping of scores
+    and logits in the metadata; greedy tokens and logprobs equal HF's over a prompt longer than the window."""
+    from tests.conftest import make_tiny_hf_model
+
+    hf_model = make_tiny_hf_model("gemma2", tmp_path / "hf", num_hidden_layers=4, query_pre_attn_scalar=16)
+
+    def gemma(writer: GGUFWriter) -> None:
+        writer.add_key_length(16)
+        writer.add_value_length(16)
+        writer.add_sliding_window(16)
+        writer.add_float32("gemma2.attn_logit_softcapping", 2.0)
+        writer.add_float32("gemma2.final_logit_softcapping", 3.0)
+
+    path = tmp_path / "gemma2.gguf"
+    write_converted_gguf(path, hf_model, "gemma2", GEMMA_TO_GGUF, GGMLQuantizationType.F32, 10000.0, gemma, 1.0)
+    llm = LLM(str(path), num_blocks=64, dtype="float32")
+    config = llm.engine.model_config
+    assert [config.layer_window(i) for i in range(4)] == [16, 0, 16, 0]
+    assert (config.attn_logit_softcapping, config.final_logit_softcapping) == (2.0, 3.0)
     prompt = [5, 17, 33, 200, 91, 7, 64] * 4  # 28 tokens: past the window
     out = llm.generate(prompt, SamplingParams(max_tokens=8, temperature=0, logprobs=1, ignore_eos=True))[0]
     tokens, logprobs = hf_reference(hf_model, prompt, 8)

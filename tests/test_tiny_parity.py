@@ -1,5 +1,6 @@
 """Every supported family (Qwen3 q/k norm, Qwen2 QKV bias, Llama-3 rope scaling, Mistral with a sliding window,
-Phi-3 with partial rotary and LongRoPE) against HF."""
+Phi-3 with partial rotary and LongRoPE, Granite's multipliers, Gemma 2's soft-capping, Gemma 3's local and global
+layers) against HF."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def test_prompt_logprobs_match_hf(tiny_models: dict) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("family", ["qwen3", "llama3", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen3", "llama3", "gemma2", "gemma3"])
 @pytest.mark.parametrize("enforce_eager", [False, True])
 def test_cuda_bf16_logprobs_close_to_hf_fp32(tiny_models: dict, family: str, enforce_eager: bool) -> None:
     """The CUDA path (Triton kernels, decode steps from CUDA graphs or eager) in bf16 against HF in fp32:
@@ -137,7 +138,7 @@ def test_yarn_rope_scaling_matches_hf(tmp_path: Any, rope_scaling: dict[str, Any
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("hidden_act", "gelu"), ("mlp_bias", True), ("final_logit_softcapping", 30.0)]
+    ("field", "value"), [("hidden_act", "gelu"), ("mlp_bias", True), ("use_bidirectional_attention", True)]
 )
 def test_a_config_of_a_variant_ember_does_not_compute_is_refused(field: str, value: Any) -> None:
     from ember.config import ModelConfig

@@ -58,12 +58,13 @@ def test_write_kv_matches_pytorch(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("heads", "kv_heads", "head_dim", "block_size", "num_splits", "layout", "window"),
+    ("heads", "kv_heads", "head_dim", "block_size", "num_splits", "layout", "window", "softcap"),
     [
-        (4, 2, 32, 16, 2, "cpu", 0),
-        (6, 1, 64, 16, 4, "cuda", 37),
-        (8, 8, 32, 32, 1, "cpu", 64),
-        (9, 3, 64, 16, 16, "cuda", 0),
+        (4, 2, 32, 16, 2, "cpu", 0, 0.0),
+        (6, 1, 64, 16, 4, "cuda", 37, 0.0),
+        (8, 8, 32, 32, 1, "cpu", 64, 0.0),
+        (9, 3, 64, 16, 16, "cuda", 0, 0.0),
+        (8, 4, 32, 16, 2, "cuda", 0, 0.8),  # Gemma 2's soft-capped scores
     ],
 )
 def test_paged_decode_matches_reference(
@@ -75,27 +76,34 @@ def test_paged_decode_matches_reference(
     num_splits: int,
     layout: str,
     window: int,
+    softcap: float,
 ) -> None:
     """Ragged contexts spanning many blocks, several GQA ratios, contexts split across programs (more splits
     than blocks too), both cache layouts, sliding windows within a block and on block edges (shorter and
-    longer than contexts); a context of length 0 (a padding row) gives zeros."""
+    longer than contexts), soft-capped scores; a context of length 0 (a padding row) gives zeros."""
     num_blocks = 64
     lengths = [1, block_size, block_size + 3, 5 * block_size - 1, 9 * block_size + 2, 0]
     k_cache, v_cache = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, heads, layout)
     generator = torch.Generator().manual_seed(heads)
     q = torch.randn(len(lengths), heads, head_dim, generator=generator).to(dtype).to(DEVICE)
-    tables, lens, ref = decode_case(q, k_cache, v_cache, lengths, generator, window)
+    tables, lens, ref = decode_case(q, k_cache, v_cache, lengths, generator, window, softcap)
     out = triton_attention.paged_decode_attention(
-        q, k_cache, v_cache, tables.to(DEVICE), lens.to(DEVICE), head_dim**-0.5, num_splits, window=window
-    )
+        q, k_cache, v_cache, tables.to(DEVICE), lens.to(DEVICE), head_dim**-0.5, num_splits, window=window,
+        softcap=softcap,
+    )  # fmt: skip
     assert out.dtype == dtype and relative_error(out[:-1].cpu(), ref[:-1]) < TOLERANCE[dtype]
     assert torch.equal(out[-1].cpu(), torch.zeros_like(out[-1].cpu()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("heads", "kv_heads", "head_dim", "block_size", "layout", "block_m", "window"),
-    [(4, 2, 32, 16, "cpu", 16, 0), (6, 3, 64, 32, "cuda", 64, 0), (4, 1, 32, 16, "cpu", 16, 13)],
+    ("heads", "kv_heads", "head_dim", "block_size", "layout", "block_m", "window", "softcap"),
+    [
+        (4, 2, 32, 16, "cpu", 16, 0, 0.0),
+        (6, 3, 64, 32, "cuda", 64, 0, 0.0),
+        (4, 1, 32, 16, "cpu", 16, 13, 0.0),
+        (4, 2, 32, 16, "cuda", 16, 7, 0.8),  # Gemma 2's: a window and soft-capped scores
+    ],
 )
 def test_paged_prefill_matches_reference(
     dtype: torch.dtype,
@@ -106,9 +114,11 @@ def test_paged_prefill_matches_reference(
     layout: str,
     block_m: int,
     window: int,
+    softcap: float,
 ) -> None:
     """Ragged chunks in one launch: whole prompts, and chunks after a cached prefix; query tiles of 16 rows
-    and of 64 (CUDA's default), each longer than some chunks; a sliding window shorter than most chunks."""
+    and of 64 (CUDA's default), each longer than some chunks; a sliding window shorter than most chunks;
+    soft-capped scores."""
     num_blocks = 64
     k_cache, v_cache = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, heads + 7, layout)
     chunks = [(0, 21), (block_size * 2 + 5, 9), (0, 1), (40, 40)]  # (cached prefix length, chunk length)
@@ -127,7 +137,7 @@ def test_paged_prefill_matches_reference(
         if window:
             mask &= torch.arange(context).unsqueeze(0) > positions - window
         expected[row : row + length] = prefill_attention(
-            q[row : row + length].float(), keys, values, mask, head_dim**-0.5
+            q[row : row + length].float(), keys, values, mask, head_dim**-0.5, softcap
         )
         starts.append(row)
         row += length
@@ -135,7 +145,7 @@ def test_paged_prefill_matches_reference(
     launch = triton_attention.prefill_launch(starts, lengths, contexts, torch.device(DEVICE), block_m)
     tables = torch.stack(tables_list).to(DEVICE)
     out = triton_attention.paged_prefill_attention(
-        q.to(DEVICE), k_cache, v_cache, tables, launch, head_dim**-0.5, window
+        q.to(DEVICE), k_cache, v_cache, tables, launch, head_dim**-0.5, window, softcap
     )
     assert out.dtype == dtype and relative_error(out.cpu(), expected) < TOLERANCE[dtype]
 
@@ -258,7 +268,7 @@ def test_seeded_top_k_top_p_sampling_on_the_triton_path_equals_the_default_path(
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma3"])  # Gemma 3: local and global layers
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma2", "gemma3"])  # Gemma: local and global layers
 def test_engine_on_triton_kernels_equals_the_default_path(
     tiny_models: dict, monkeypatch: pytest.MonkeyPatch, family: str
 ) -> None:

@@ -36,7 +36,7 @@ PREFILL_VARIANTS = [f"prefill-m{block_m}" for block_m in (16, 32, 64)]
 DECODE_VARIANTS = [f"decode-direct{direct}-stages{stages}" for direct in (True, False) for stages in (1, 2, 3)]
 
 
-@pytest.mark.parametrize("kernel", PREFILL_VARIANTS + DECODE_VARIANTS)
+@pytest.mark.parametrize("kernel", [*PREFILL_VARIANTS, *DECODE_VARIANTS, "decode-softcap", "prefill-softcap"])
 def test_attention_loads_the_cache_in_16_byte_vectors(ptx: dict, kernel: str) -> None:
     ops = ptx[kernel]["memory_ops"]
     assert not [op for op in ops if op.startswith("ld.global") and op.endswith(".b16")], ops  # one bf16 per load

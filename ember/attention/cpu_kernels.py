@@ -48,9 +48,10 @@ def paged_decode_attention(
     v_new: torch.Tensor | None = None,
     row_tables: torch.Tensor | None = None,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Query rows [D, heads, head_dim], row b attending to the first context_lens[b] cached tokens (their last
-    `window` under a sliding window; 0: all).
+    `window` under a sliding window; 0: all), scores soft-capped at `softcap` (Gemma 2's; 0: not).
 
     Row b reads block table `row_tables[b]` (default: table b). With `k_new`/`v_new` ([D, kv_heads,
     head_dim]) each row's new K/V are first stored at its last position (context_len - 1); rows that
@@ -88,5 +89,6 @@ def paged_decode_attention(
         block_tables.shape[1],
         scale,
         window,
+        softcap,
     )
     return out

@@ -8,6 +8,7 @@ A step's tokens arrive flattened; decodes (one query token each) come first and 
 batched matmul over their gathered blocks, prefill chunks follow, one SDPA call each.
 A layer with a sliding window (`window` > 0) lets a query at position p see the keys after p - window only (as
 HF's masks do); the KV cache keeps whole contexts either way, since other layers of the model may need them.
+With `softcap` > 0 (Gemma 2) each scaled score s becomes softcap * tanh(s / softcap) before the softmax.
 """
 
 from __future__ import annotations
@@ -151,6 +152,7 @@ def decode_attention(
     block_tables: torch.Tensor,
     bias: torch.Tensor,
     scale: float,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Single-token queries [D, heads, head_dim] over their paged contexts, GQA without repeating K/V."""
     num_decodes, num_heads, head_dim = q.shape
@@ -159,16 +161,28 @@ def decode_attention(
     k = block_keys(k_cache, block_tables.flatten()).view(kv_heads, num_decodes, -1, head_dim)  # [kv_heads, D, L, d]
     v = block_values(v_cache, block_tables.flatten()).view(kv_heads, num_decodes, -1, head_dim)
     qg = q.view(num_decodes, kv_heads, group, head_dim).transpose(0, 1)  # [kv_heads, D, group, head_dim]
-    scores = torch.matmul(qg, k.transpose(2, 3)).float() * scale  # [kv_heads, D, group, L]
+    scores = soft_cap(torch.matmul(qg, k.transpose(2, 3)).float() * scale, softcap)  # [kv_heads, D, group, L]
     probs = torch.softmax(scores + bias, dim=-1).to(v.dtype)
     out = torch.matmul(probs, v)  # [kv_heads, D, group, head_dim]
     return out.transpose(0, 1).reshape(num_decodes, num_heads, head_dim)
 
 
+def soft_cap(scores: torch.Tensor, softcap: float) -> torch.Tensor:
+    return scores if not softcap else softcap * torch.tanh(scores / softcap)
+
+
 def prefill_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, softcap: float = 0.0
 ) -> torch.Tensor:
     """Causal attention of one chunk ([Lq, heads, d]) over its keys ([kv_heads, Lk, d])."""
+    if softcap:  # SDPA cannot cap scores: spelled out, in fp32
+        group = q.shape[1] // k.shape[0]
+        keys, values = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)  # [heads, Lk, d]
+        scores = soft_cap(torch.matmul(q.transpose(0, 1), keys.transpose(1, 2)).float() * scale, softcap)
+        if mask is None:
+            mask = torch.ones(q.shape[0], k.shape[1], dtype=torch.bool, device=q.device).tril(k.shape[1] - q.shape[0])
+        probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(v.dtype)
+        return torch.matmul(probs, values).transpose(0, 1)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0),
         k.unsqueeze(0),
@@ -190,6 +204,7 @@ def attend_decodes(
     meta: AttentionMetadata,
     scale: float,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Store the decode tokens' new K/V ([D, kv_heads, head_dim]) and attend their queries to their contexts."""
     assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
@@ -200,9 +215,12 @@ def attend_decodes(
             write_kv(k_cache, v_cache, k, v, slots, meta.block_size, use_native=True)
             new_kv = (None, None)
         tables, lens, rows = meta.decode_block_tables, meta.decode_context_lens, meta.decode_row_tables
-        return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, *new_kv, rows, window)
+        return cpu_kernels.paged_decode_attention(
+            q, k_cache, v_cache, tables, lens, scale, *new_kv, rows, window, softcap
+        )
     write_kv(k_cache, v_cache, k, v, slots, meta.block_size, use_native=False)
-    return decode_attention(q, k_cache, v_cache, meta.decode_row_block_tables, meta.decode_bias(window), scale)
+    tables = meta.decode_row_block_tables
+    return decode_attention(q, k_cache, v_cache, tables, meta.decode_bias(window), scale, softcap)
 
 
 def paged_attention(
@@ -214,19 +232,20 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Write this step's K/V into the cache, then attend every query token to its request's context (to the
-    keys after position - `window` under a sliding window; 0: all).
+    keys after position - `window` under a sliding window; 0: all), scores capped at `softcap` (0: not).
 
     q: [num_tokens, heads, head_dim]; k, v: [num_tokens, kv_heads, head_dim]. Returns q's shape.
     """
     if meta.use_triton:
         from ember.attention.triton_paged import triton_paged_attention
 
-        return triton_paged_attention(q, k, v, k_cache, v_cache, meta, scale, window)
+        return triton_paged_attention(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
     num_decodes = meta.num_decode_tokens
     if not meta.prefills:
-        return attend_decodes(q, k, v, k_cache, v_cache, meta, scale, window)
+        return attend_decodes(q, k, v, k_cache, v_cache, meta, scale, window, softcap)
     write_kv(
         k_cache,
         v_cache,
@@ -239,7 +258,7 @@ def paged_attention(
     out = torch.empty_like(q)
     if num_decodes:
         d = slice(0, num_decodes)
-        out[d] = attend_decodes(q[d], k[d], v[d], k_cache, v_cache, meta, scale, window)
+        out[d] = attend_decodes(q[d], k[d], v[d], k_cache, v_cache, meta, scale, window, softcap)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.length)
         if span.length == span.context_len:  # the whole context is this chunk: use the fresh K/V directly
@@ -247,5 +266,5 @@ def paged_attention(
         else:
             keys = block_keys(k_cache, span.block_table)[:, : span.context_len]
             values = block_values(v_cache, span.block_table)[:, : span.context_len]
-        out[rows] = prefill_attention(q[rows], keys, values, meta.prefill_mask(span, window), scale)
+        out[rows] = prefill_attention(q[rows], keys, values, meta.prefill_mask(span, window), scale, softcap)
     return out

@@ -20,6 +20,7 @@ def triton_paged_attention(
     meta: AttentionMetadata,
     scale: float,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     from ember.kernels import triton_attention as kernels
 
@@ -29,11 +30,18 @@ def triton_paged_attention(
     if decodes:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
         out[:decodes] = kernels.paged_decode_attention(
-            q[:decodes], k_cache, v_cache, meta.decode_row_block_tables, meta.decode_context_lens, scale, window=window
+            q[:decodes],
+            k_cache,
+            v_cache,
+            meta.decode_row_block_tables,
+            meta.decode_context_lens,
+            scale,
+            window=window,
+            softcap=softcap,
         )
     if meta.prefills:
         launch = meta.prefill_launch
         out[decodes:] = kernels.paged_prefill_attention(
-            q[decodes:], k_cache, v_cache, meta.prefill_block_tables, launch, scale, window
+            q[decodes:], k_cache, v_cache, meta.prefill_block_tables, launch, scale, window, softcap
         )
     return out

@@ -29,8 +29,8 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-m
 _ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES: dict[str, list[type]] = {
     "write_kv": [_ptr] * 5 + [_i64] * 6,
-    "paged_decode_f32": [_ptr] * 9 + [_i64] * 7 + [_f32, _i64],
-    "paged_decode_bf16": [_ptr] * 9 + [_i64] * 7 + [_f32, _i64],
+    "paged_decode_f32": [_ptr] * 9 + [_i64] * 7 + [_f32, _i64, _f32],
+    "paged_decode_bf16": [_ptr] * 9 + [_i64] * 7 + [_f32, _i64, _f32],
     **{
         f"{kind}_{t}": [_ptr] * 4 + [_i64] * 3 + [_f32]
         for kind in ("rms_norm", "gemma_rms_norm")

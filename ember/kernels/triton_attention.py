@@ -93,6 +93,7 @@ def _dot(a, b, IEEE: tl.constexpr):
 def _attend_block(
     qv, k_cache, v_cache, base, visible, m_i, l_i, acc, scale, tok, dims,
     BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     """One K/V block (at `base`) of an online softmax: the scores of the query rows `qv` [M, D] against its
     keys where `visible` ([M or 1, BS]), and the running max `m_i`, normalizer `l_i` and output `acc` updated
@@ -100,7 +101,10 @@ def _attend_block(
     keys = tl.load(k_cache + base + _key_offsets(tok, dims, BS, P))  # [BS, D]
     if DOT_FP32:
         keys = keys.to(tl.float32)
-    scores = tl.where(visible, _dot(qv, tl.trans(keys), IEEE) * scale, float("-inf"))  # [M, BS]
+    scores = _dot(qv, tl.trans(keys), IEEE) * scale  # [M, BS]
+    if SOFTCAP > 0:  # Gemma 2's: SOFTCAP * tanh(scores / SOFTCAP), tanh from a sigmoid (Triton has no tanh)
+        scores = SOFTCAP * (2.0 * tl.sigmoid(2.0 * scores / SOFTCAP) - 1.0)
+    scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     probs = tl.exp(scores - m_safe[:, None])
@@ -120,7 +124,7 @@ def _decode_split_kernel(
     q, k_cache, v_cache, tables, lens, out, mid_out, mid_lse, scale,
     H, KVH, NB, MAXB, SPLITS, WINDOW,
     G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-    DIRECT: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    DIRECT: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     """The query heads of one KV head are the rows of matrix products (padded to G_PAD >= 16, the least
     `tl.dot` takes): the tensor cores do the work, and each K/V tile is loaded once for all of them."""
@@ -153,7 +157,7 @@ def _decode_split_kernel(
         visible = ((key_pos < length) & (key_pos >= start))[None, :]
         m_i, l_i, acc = _attend_block(
             qv, k_cache, v_cache, (kh * NB + block) * D * BS, visible, m_i, l_i, acc, scale, tok, dims,
-            BS, D, P, DOT_FP32, IEEE,
+            BS, D, P, DOT_FP32, IEEE, SOFTCAP,
         )  # fmt: skip
     has_keys = l_i > 0
     result = acc / tl.where(has_keys, l_i, 1.0)[:, None]  # a context of length 0 (a padding row) gives zeros
@@ -211,11 +215,12 @@ def paged_decode_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Single-token queries [D, heads, head_dim] over their paged contexts (their last `window` tokens under a
-    sliding window; 0: all), each context cut into `num_splits` parts (default: `decode_splits`) merged by
-    log-sum-exp. A context length of 0 gives zeros. `num_warps` and `num_stages` (loads in flight ahead of the
-    math) are Triton's launch options."""
+    sliding window; 0: all; scores capped at `softcap`, 0: not), each context cut into `num_splits` parts
+    (default: `decode_splits`) merged by log-sum-exp. A context length of 0 gives zeros. `num_warps` and
+    `num_stages` (loads in flight ahead of the math) are Triton's launch options."""
     num_seqs, num_heads, head_dim = q.shape
     kv_heads, num_blocks, block_size, _, pack = cache_geometry(v_cache)
     group = num_heads // kv_heads
@@ -230,7 +235,7 @@ def paged_decode_attention(
         q, k_cache, v_cache, block_tables, context_lens, out, mid_out, mid_lse, scale,
         num_heads, kv_heads, num_blocks, block_tables.shape[1], splits, window or NO_WINDOW,
         G=group, G_PAD=max(16, triton.next_power_of_2(group)), BS=block_size, D=head_dim, P=pack,
-        DIRECT=splits == 1, DOT_FP32=DOT_IN_FP32, IEEE=q.dtype == torch.float32,
+        DIRECT=splits == 1, DOT_FP32=DOT_IN_FP32, IEEE=q.dtype == torch.float32, SOFTCAP=float(softcap),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if splits > 1:
@@ -245,7 +250,7 @@ def _prefill_kernel(
     q, k_cache, v_cache, out, tables, tile_seq, tile_first, q_starts, q_lens, ctx_lens, scale,
     H, KVH, NB, MAXB, WINDOW,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-    DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -276,7 +281,7 @@ def _prefill_kernel(
         visible = (key_pos[None, :] <= positions[:, None]) & in_window & (key_pos[None, :] < ctx) & row_ok[:, None]
         m_i, l_i, acc = _attend_block(
             qv, k_cache, v_cache, (kh * NB + block) * D * BS, visible, m_i, l_i, acc, scale, tok, dims,
-            BS, D, P, DOT_FP32, IEEE,
+            BS, D, P, DOT_FP32, IEEE, SOFTCAP,
         )  # fmt: skip
     result = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out + q_off[:, None] + dims[None, :], result.to(out.dtype.element_ty), mask=row_ok[:, None])
@@ -324,10 +329,12 @@ def paged_prefill_attention(
     launch: PrefillLaunch,
     scale: float,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Causal attention of ragged chunks. q: [T, heads, head_dim] (chunk i at rows q_starts[i] ...
     + q_lens[i], its last query at position context_lens[i] - 1); K/V of every chunk already in the cache.
-    Under a sliding window (0: none) a query at position p sees the keys after p - window."""
+    Under a sliding window (0: none) a query at position p sees the keys after p - window; scores are capped at
+    `softcap` (0: not)."""
     _, num_heads, head_dim = q.shape
     kv_heads, num_blocks, block_size, _, pack = cache_geometry(v_cache)
     out = torch.empty_like(q)
@@ -336,7 +343,7 @@ def paged_prefill_attention(
         launch.q_starts, launch.q_lens, launch.context_lens, scale,
         num_heads, kv_heads, num_blocks, block_tables.shape[1], window or NO_WINDOW,
         G=num_heads // kv_heads, BLOCK_M=launch.block_m, BS=block_size, D=head_dim, P=pack, DOT_FP32=DOT_IN_FP32,
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, SOFTCAP=float(softcap),
         num_warps=PREFILL_WARPS_FP32 if q.dtype == torch.float32 else 4,
     )  # fmt: skip
     return out

@@ -15,6 +15,7 @@ import ctypes
 import torch
 
 from ember.attention.torch_paged import AttentionMetadata
+from ember.config import GEMMA_FAMILIES
 from ember.kernels import native
 from ember.kernels.elementwise import SUFFIX
 from ember.models.llama import LlamaForCausalLM
@@ -103,7 +104,7 @@ class NativeDecodeStack:
             library is None
             or dtype not in SUFFIX
             or cfg.rotary_dim is not None
-            or cfg.architecture in ("granite", "gemma3")
+            or cfg.architecture in ("granite", *GEMMA_FAMILIES)
         ):
             return None  # partial rotary, Granite's multipliers and Gemma's layers are not in the C layer
         layer_norms = (n for layer in model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm))

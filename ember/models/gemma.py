@@ -1,9 +1,10 @@
-"""Gemma 3 (text: Gemma3ForCausalLM, the 270M and 1B models) on the Llama family's attention, MLP and paged KV cache.
+"""Gemma 2 and Gemma 3 (text models) on the Llama family's attention, MLP and paged KV cache.
 
 What differs from Llama: each sublayer's output is normalized before it joins the residual stream (four norms a
 layer), norms scale by (1 + weight) in fp32, the MLP's gate is GELU (tanh approximation), embeddings are scaled
-by sqrt(hidden) rounded to the model's dtype, and five of every six layers attend within a sliding window with a
-rotary base of their own (`ModelConfig.local_rope_theta`); q/k are RMS-normalized per head as in Qwen3.
+by sqrt(hidden) rounded to the model's dtype, and local layers attend within a sliding window (every other layer
+in Gemma 2; five in six in Gemma 3, at a rotary base of their own, `ModelConfig.local_rope_theta`). Gemma 3
+RMS-normalizes q/k per head as Qwen3; Gemma 2 soft-caps attention scores and logits instead (config flags).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class GemmaDecoderLayer(nn.Module):
         return self.post_feedforward_layernorm(self.mlp(h)), residual
 
 
-class Gemma3ForCausalLM(LlamaForCausalLM):
+class GemmaForCausalLM(LlamaForCausalLM):
     norm_class = GemmaRMSNorm
     decoder_layer_class = GemmaDecoderLayer
 

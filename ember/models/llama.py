@@ -180,6 +180,7 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, norm: type[RMSNorm] = RMSNorm) -> None:
         super().__init__()
         self.window = config.layer_window(layer)
+        self.softcap = config.attn_logit_softcapping
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -212,7 +213,7 @@ class Attention(nn.Module):
         else:  # q and k heads sit side by side in each QKV row: rotate them in one pass, in place
             heads = qkv[:, : self.q_size + self.kv_size].view(num_tokens, -1, self.head_dim)
             rotary_(heads if self.rotary_dim == self.head_dim else heads[..., : self.rotary_dim], *rope)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window, self.softcap)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
@@ -306,6 +307,8 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits [rows, vocab], valid until the next call (on the CPU they share one buffer)."""
         logits = self._as_float32(self.lm_head(hidden))
+        if cap := self.config.final_logit_softcapping:
+            logits = torch.tanh(logits / cap) * cap
         return logits if self.config.logits_scaling == 1.0 else logits / self.config.logits_scaling
 
     def _as_float32(self, logits: torch.Tensor) -> torch.Tensor:

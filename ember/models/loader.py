@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ember.config import ModelConfig, cache_dir
-from ember.models.gemma import Gemma3ForCausalLM
+from ember.config import GEMMA_FAMILIES, ModelConfig, cache_dir
+from ember.models.gemma import GemmaForCausalLM
 from ember.models.llama import LlamaForCausalLM, RMSNorm
 from ember.models.quantized import GGUF_BLOCKS, QuantizedWeight, concat_rows, from_gguf_blocks, kernels_available
 
@@ -143,13 +143,14 @@ _GGUF_GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+_GGUF_GEMMA_NORMS = {  # Gemma's four norms a layer
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
 _GGUF_ARCH_LAYER_NAMES = {
     "phi3": {"ffn_up.weight": "mlp.gate_up_proj.weight"},  # Phi-3's ffn_up holds gate and up
-    "gemma3": {  # Gemma's four norms a layer
-        "post_attention_norm.weight": "post_attention_layernorm.weight",
-        "ffn_norm.weight": "pre_feedforward_layernorm.weight",
-        "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
-    },
+    **{family: _GGUF_GEMMA_NORMS for family in GEMMA_FAMILIES},
 }
 _GGUF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -157,8 +158,11 @@ _GGUF_ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
     "granite": "GraniteForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
 }
+# what llama.cpp assumes of Gemma: the layer count of the 27B models, whose scores scale by hidden / heads
+_GGUF_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 # Granite's multipliers as llama.cpp's metadata names them
 _GGUF_GRANITE_SCALES = {
     "embedding_scale": "embedding_multiplier",
@@ -196,10 +200,14 @@ def gguf_hf_config(reader: Any) -> dict[str, Any]:
     for key, name in _GGUF_GRANITE_SCALES.items():
         if (value := _gguf_field(reader, f"{arch}.{key}")) is not None:
             optional[name] = value
-    if arch == "gemma3":  # what llama.cpp assumes of Gemma 3: local layers' rotary base, the score scale
-        layers = _gguf_field(reader, f"{arch}.block_count")
-        optional["rope_local_base_freq"] = 10000.0
-        optional["query_pre_attn_scalar"] = hidden // heads if layers == 62 else head_dim  # 27B: hidden / heads
+    if arch in GEMMA_FAMILIES:  # what llama.cpp assumes of Gemma: the score scale, Gemma 3's local rotary base
+        big = _gguf_field(reader, f"{arch}.block_count") == _GGUF_GEMMA_27B_LAYERS[arch]
+        optional["query_pre_attn_scalar"] = hidden // heads if big else head_dim
+        if arch == "gemma3":
+            optional["rope_local_base_freq"] = 10000.0
+        for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if (value := _gguf_field(reader, f"{arch}.{cap}")) is not None:
+                optional[cap] = value
     return {
         "architectures": [_GGUF_ARCHITECTURES[arch]],
         "model_type": arch,
@@ -303,7 +311,7 @@ def iter_gguf(reader: Any, hf_config: dict[str, Any]) -> Iterator[tuple[str, tor
     """Dequantized GGUF tensors under HF names (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...)."""
     from gguf.quants import dequantize
 
-    norm_offset = hf_config["model_type"] == "gemma3"  # llama.cpp stores Gemma's norms as 1 + weight
+    norm_offset = hf_config["model_type"] in GEMMA_FAMILIES  # llama.cpp stores Gemma's norms as 1 + weight
     for name, tensor, heads in _gguf_tensors(reader, hf_config):
         shape = tuple(reversed([int(d) for d in tensor.shape]))
         w = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).reshape(shape).copy())
@@ -576,7 +584,7 @@ def read_generation_config(model_dir: Path | None) -> dict[str, Any]:
 
 def model_class(config: ModelConfig) -> type[LlamaForCausalLM]:
     """The module that computes `config`'s family."""
-    return Gemma3ForCausalLM if config.architecture == "gemma3" else LlamaForCausalLM
+    return GemmaForCausalLM if config.architecture in GEMMA_FAMILIES else LlamaForCausalLM
 
 
 def load_model(model: str | None, load_format: str, dtype: torch.dtype, device: str, seed: int = 0) -> LoadedModel:

@@ -23,7 +23,7 @@ typedef void (*write_kv_fn)(const void* k, const void* v, void* k_cache, void* v
 typedef void (*paged_decode_fn)(const void* q, const void* k_new, const void* v_new, void* k_cache, void* v_cache,
                                 const int64_t* block_tables, const int64_t* row_tables, const int64_t* context_lens,
                                 void* out, int64_t D, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t d,
-                                int64_t MAXB, float scale, int64_t window);
+                                int64_t MAXB, float scale, int64_t window, float softcap);
 
 typedef void (*lora_add_fn)(const void* x, void* y, const void* const* a, const void* const* b,
                             const int64_t* const* cols, const int64_t* ranks, const int64_t* slots, int64_t M,
@@ -129,7 +129,7 @@ void decode_stack(const DecodeStack* s, const int64_t* token_ids, const int64_t*
         }
         s->paged_decode(s->q, row_tables ? NULL : s->k, row_tables ? NULL : s->v, L->k_cache, L->v_cache, block_tables,
                         row_tables, context_lens, s->attn, rows, s->heads, s->kv_heads, s->num_blocks, s->block_size, d,
-                        max_blocks, s->scale, L->window);
+                        max_blocks, s->scale, L->window, 0.0f);  // no soft-capping model runs here
         linear(s, &L->o, s->attn, s->x, rows, lora_slots);
         s->rms_norm(s->x, s->residual, L->post_attention_norm, s->h, rows, H, H, s->eps);
         linear(s, &L->gate_up, s->h, s->gate_up, rows, lora_slots);

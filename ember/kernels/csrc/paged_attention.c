@@ -115,6 +115,12 @@ static inline void mask_before(float* scores, int64_t n, int64_t L) {
     for (int64_t t = 0; t < n && t < L; t++) scores[t] = -INFINITY;
 }
 
+// Gemma 2's attention logit soft-capping, applied to scaled scores: s -> cap * tanh(s / cap) (cap 0: none).
+static inline void soft_cap(float* scores, int64_t n, float cap) {
+    if (cap <= 0.0f) return;
+    for (int64_t t = 0; t < n; t++) scores[t] = cap * tanhf(scores[t] / cap);
+}
+
 #define DEFINE_PAGED_DECODE(NAME, T, LOAD, STORE)                                                          \
     /* scores[t - begin] = q . k_t for tokens [begin, L) of one (sequence, KV head, query head) */         \
     static void NAME##_scores(const float* qf, const T* k_cache, const int64_t* table, int64_t kh,        \
@@ -154,7 +160,7 @@ static inline void mask_before(float* scores, int64_t n, int64_t L) {
        softmax stats ([G, 2]) */                                                                           \
     static void NAME##_range(const T* q, const T* k_cache, const T* v_cache, const int64_t* table,         \
                              int64_t begin, int64_t end, int64_t from, float* acc, float* max_sum, int64_t G, \
-                             int64_t kh, int64_t NB, int64_t BS, int64_t d, float scale) {               \
+                             int64_t kh, int64_t NB, int64_t BS, int64_t d, float scale, float softcap) { \
         const int64_t P = 4 / (int64_t)sizeof(T);                                                          \
         const int64_t L = end - begin;                                                                     \
         float* qf = malloc(sizeof(float) * (size_t)(G * d));                                              \
@@ -163,6 +169,7 @@ static inline void mask_before(float* scores, int64_t n, int64_t L) {
         for (int64_t g = 0; g < G; g++) {                                                                 \
             for (int64_t i = 0; i < d; i++) qf[g * d + i] = LOAD(q[g * d + i]) * scale;                   \
             NAME##_scores(qf + g * d, k_cache, table, kh, NB, BS, d, begin, end, scores + g * L);         \
+            soft_cap(scores + g * L, L, softcap);                                                         \
             mask_before(scores + g * L, from - begin, L);                                                 \
             softmax_inplace(scores + g * L, L, max_sum ? max_sum + 2 * g : NULL);                         \
         }                                                                                                  \
@@ -198,10 +205,11 @@ static inline void mask_before(float* scores, int64_t n, int64_t L) {
                                                                                                            \
     static void NAME##_head(const T* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t L, \
                             int64_t window, T* out, int64_t G, int64_t kh, int64_t NB, int64_t BS, int64_t d, \
-                            float scale) {                                                                 \
+                            float scale, float softcap) {                                                  \
         float* acc = malloc(sizeof(float) * (size_t)(G * d));                                             \
         const int64_t from = first_visible(L, window);                                                    \
-        NAME##_range(q, k_cache, v_cache, table, from / BS * BS, L, from, acc, NULL, G, kh, NB, BS, d, scale); \
+        NAME##_range(q, k_cache, v_cache, table, from / BS * BS, L, from, acc, NULL, G, kh, NB, BS, d, scale, \
+                     softcap);                                                                             \
         for (int64_t i = 0; i < G * d; i++) out[i] = STORE(acc[i]);                                       \
         free(acc);                                                                                         \
     }
@@ -222,7 +230,7 @@ DEFINE_PAGED_DECODE(generic_bf16, uint16_t, bf16_to_float, float_to_bf16)
     static int NAME(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_cache,                   \
                     const int64_t* block_tables, const int64_t* row_tables, const int64_t* context_lens, T* out, \
                     int64_t D, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t d, int64_t MAXB,    \
-                    float scale, int64_t window) {                                                         \
+                    float scale, int64_t window, float softcap) {                                          \
         const int64_t threads = omp_get_max_threads();                                                    \
         if (D == 0 || D * KVH >= 2 * threads) return 0; /* enough pairs (or none): no split */            \
         int64_t longest = 0;                                                                               \
@@ -258,7 +266,8 @@ DEFINE_PAGED_DECODE(generic_bf16, uint16_t, bf16_to_float, float_to_bf16)
                     }                                                                                      \
                     RANGE(q + (b * H + kh * G) * d, k_cache, v_cache,                                     \
                           block_tables + (row_tables ? row_tables[b] : b) * MAXB, begin, end, from,       \
-                          part_out + slot * G * d, part_stats + slot * G * 2, G, kh, NB, BS, d, scale);   \
+                          part_out + slot * G * d, part_stats + slot * G * 2, G, kh, NB, BS, d, scale,    \
+                          softcap);                                                                       \
                 }                                                                                          \
             }                                                                                              \
         }                                                                                                  \
@@ -406,7 +415,8 @@ ALWAYS_INLINE void weigh_values(const int R, const uint32_t* const* pairs, const
 // heads also made one row's attention 15-25% faster at 1,000-4,000 tokens.
 static void avx512bf16_range(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
                              const int64_t* table, int64_t begin, int64_t end, int64_t from, float* out,
-                             float* max_sum, int64_t G, int64_t kh, int64_t NB, int64_t BS, int64_t d, float scale) {
+                             float* max_sum, int64_t G, int64_t kh, int64_t NB, int64_t BS, int64_t d, float scale,
+                             float softcap) {
     const int64_t L = end - begin;
     const int64_t Lp = (L + 1) & ~(int64_t)1;  // probabilities come in token pairs
     const int64_t step = QK_TILES * AVX_TILE;
@@ -456,6 +466,7 @@ static void avx512bf16_range(const uint16_t* q, const uint16_t* k_cache, const u
         }
     }
     for (int64_t g = 0; g < G; g++) {
+        soft_cap(scores + g * stride, L, softcap);
         mask_before(scores + g * stride, from - begin, L);
         softmax_to_pairs(scores + g * stride, L, Lp / 2, pairs + g * pair_stride, max_sum ? max_sum + 2 * g : NULL);
     }
@@ -491,10 +502,10 @@ static void avx512bf16_range(const uint16_t* q, const uint16_t* k_cache, const u
 // The context [0, L) of one (sequence, KV head), or its last `window` tokens, out in bf16.
 static void avx512bf16_head(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
                             const int64_t* table, int64_t L, int64_t window, uint16_t* out, int64_t G, int64_t kh,
-                            int64_t NB, int64_t BS, int64_t d, float scale) {
+                            int64_t NB, int64_t BS, int64_t d, float scale, float softcap) {
     float* acc = malloc(sizeof(float) * (size_t)(G * d));
     const int64_t from = first_visible(L, window);
-    avx512bf16_range(q, k_cache, v_cache, table, from / BS * BS, L, from, acc, NULL, G, kh, NB, BS, d, scale);
+    avx512bf16_range(q, k_cache, v_cache, table, from / BS * BS, L, from, acc, NULL, G, kh, NB, BS, d, scale, softcap);
     for (int64_t i = 0; i < G * d; i++) out[i] = float_to_bf16(acc[i]);
     free(acc);
 }
@@ -508,7 +519,7 @@ DEFINE_SPLIT(avx512bf16_split, uint16_t, avx512bf16_range, float_to_bf16)
 // q, out: the first row's [H, d]; rows are H * d apart.
 static void avx512bf16_tile(const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache,
                             const int64_t* table, int64_t L0, int64_t rows, uint16_t* out, int64_t H, int64_t G,
-                            int64_t kh, int64_t NB, int64_t BS, int64_t d, float scale) {
+                            int64_t kh, int64_t NB, int64_t BS, int64_t d, float scale, float softcap) {
     const int R = (int)(rows * G);
     const int64_t L = L0 + rows - 1;  // the last row's context
     const int64_t step = QK_TILES * AVX_TILE;
@@ -535,8 +546,10 @@ static void avx512bf16_tile(const uint16_t* q, const uint16_t* k_cache, const ui
         FOR_EACH_R(R, SCORE)
 #undef SCORE
     }
-    for (int r = 0; r < R; r++)
+    for (int r = 0; r < R; r++) {
+        soft_cap(scores + r * stride, L0 + r / G, softcap);
         softmax_to_pairs(scores + r * stride, L0 + r / G, num_pairs, pairs + r * pair_stride, NULL);
+    }
     for (int64_t i0 = 0; i0 < d; i0 += 64) {
 #define WEIGH(R_) weigh_values(R_, pv, v_cache, table, L, kh, NB, BS, d, i0, acc)
         FOR_EACH_R(R, WEIGH)
@@ -556,7 +569,7 @@ static void avx512bf16_tile(const uint16_t* q, const uint16_t* k_cache, const ui
 static int avx512bf16_tiled(const uint16_t* q, const uint16_t* k_new, uint16_t* k_cache, uint16_t* v_cache,
                             const int64_t* block_tables, const int64_t* row_tables, const int64_t* context_lens,
                             uint16_t* out, int64_t D, int64_t H, int64_t KVH, int64_t NB, int64_t BS, int64_t d,
-                            int64_t MAXB, float scale, int64_t window) {
+                            int64_t MAXB, float scale, int64_t window, float softcap) {
     const int64_t G = H / KVH;
     if (row_tables == NULL || k_new != NULL || window > 0 || G > MAX_VECTORS || BS % 16 != 0 || d % 64 != 0)
         return 0;
@@ -577,7 +590,7 @@ static int avx512bf16_tiled(const uint16_t* q, const uint16_t* k_new, uint16_t* 
         for (int64_t kh = 0; kh < KVH; kh++) {
             const int64_t b = tile_start[i];
             avx512bf16_tile(q + b * H * d, k_cache, v_cache, block_tables + row_tables[b] * MAXB, context_lens[b],
-                            tile_start[i + 1] - b, out + b * H * d, H, G, kh, NB, BS, d, scale);
+                            tile_start[i + 1] - b, out + b * H * d, H, G, kh, NB, BS, d, scale, softcap);
         }
     }
     free(tile_start);
@@ -593,7 +606,8 @@ static int avx512bf16_tiled(const uint16_t* q, const uint16_t* k_new, uint16_t* 
 #define DEFINE_ENTRY(NAME, T, HEAD, FAST_HEAD, WHOLE_CALL)                                                \
     void NAME(const T* q, const T* k_new, const T* v_new, T* k_cache, T* v_cache, const int64_t* block_tables, \
               const int64_t* row_tables, const int64_t* context_lens, T* out, int64_t D, int64_t H,        \
-              int64_t KVH, int64_t NB, int64_t BS, int64_t d, int64_t MAXB, float scale, int64_t window) { \
+              int64_t KVH, int64_t NB, int64_t BS, int64_t d, int64_t MAXB, float scale, int64_t window,   \
+              float softcap) {                                                                             \
         WHOLE_CALL                                                                                         \
         const int64_t G = H / KVH;                                                                         \
         _Pragma("omp parallel for collapse(2) schedule(dynamic)")                                         \
@@ -606,34 +620,34 @@ static int avx512bf16_tiled(const uint16_t* q, const uint16_t* k_new, uint16_t* 
                 const T* qh = q + (b * H + kh * G) * d;                                                   \
                 T* oh = out + (b * H + kh * G) * d;                                                       \
                 FAST_HEAD                                                                                 \
-                HEAD(qh, k_cache, v_cache, table, L, window, oh, G, kh, NB, BS, d, scale);                \
+                HEAD(qh, k_cache, v_cache, table, L, window, oh, G, kh, NB, BS, d, scale, softcap);       \
             }                                                                                              \
         }                                                                                                  \
     }
 
 #define F32_WHOLE_CALL                                                                                    \
     if (generic_f32_split(q, k_new, v_new, k_cache, v_cache, block_tables, row_tables, context_lens, out, D, H, \
-                          KVH, NB, BS, d, MAXB, scale, window))                                           \
+                          KVH, NB, BS, d, MAXB, scale, window, softcap))                                           \
         return;
 DEFINE_ENTRY(paged_decode_f32, float, generic_f32_head, , F32_WHOLE_CALL)
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define BF16_FAST_PATH                                                                                    \
     if (BS % 16 == 0 && d % 64 == 0) {                                                                    \
-        avx512bf16_head(qh, k_cache, v_cache, table, L, window, oh, G, kh, NB, BS, d, scale);             \
+        avx512bf16_head(qh, k_cache, v_cache, table, L, window, oh, G, kh, NB, BS, d, scale, softcap);    \
         continue;                                                                                         \
     }
 #define BF16_WHOLE_CALL                                                                                   \
     if (avx512bf16_tiled(q, k_new, k_cache, v_cache, block_tables, row_tables, context_lens, out, D, H, KVH, \
-                         NB, BS, d, MAXB, scale, window) ||                                               \
+                         NB, BS, d, MAXB, scale, window, softcap) ||                                               \
         (BS % 16 == 0 && d % 64 == 0 ? avx512bf16_split : generic_bf16_split)(                           \
             q, k_new, v_new, k_cache, v_cache, block_tables, row_tables, context_lens, out, D, H, KVH, NB, BS, d, \
-            MAXB, scale, window))                                                                         \
+            MAXB, scale, window, softcap))                                                                         \
         return;
 #else
 #define BF16_FAST_PATH
 #define BF16_WHOLE_CALL                                                                                   \
     if (generic_bf16_split(q, k_new, v_new, k_cache, v_cache, block_tables, row_tables, context_lens, out, D, H, \
-                           KVH, NB, BS, d, MAXB, scale, window))                                          \
+                           KVH, NB, BS, d, MAXB, scale, window, softcap))                                          \
         return;
 #endif
 DEFINE_ENTRY(paged_decode_bf16, uint16_t, generic_bf16_head, BF16_FAST_PATH, BF16_WHOLE_CALL)

@@ -777,3 +777,27 @@ def test_a_call_streams_in_pieces_through_each_api(server: ServerProcess) -> Non
         partial = [delta.partial_json for delta in deltas if delta.type == "input_json_delta"]
         final = stream.get_final_message()
     assert len(partial) > 3 and json.loads("".join(partial)) == final.content[0].input == block.input
+
+
+GEMMA2_TEMPLATE = (  # Gemma 2's own, which refuses a system role
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
+)
+
+
+def test_a_template_without_a_system_role_takes_it_in_the_first_user_turn(smollm) -> None:
+    """Gemma 2's template refuses system messages: a system prompt, and Ember's tool instructions, go before the
+    first user message's text; what the template refuses for another reason is still a clear error."""
+    formatter = ChatFormatter(smollm.tokenizer, GEMMA2_TEMPLATE)
+    messages = [ChatMessage(role="system", content="Answer in French."), ChatMessage(role="user", content="Hi!")]
+    text, _ = formatter.prompt(messages)
+    assert "<start_of_turn>user\nAnswer in French.\n\nHi!<end_of_turn>\n<start_of_turn>model\n" in text
+    text, _ = formatter.prompt(messages[1:], TOOLS)
+    user_turn = text[text.index("<start_of_turn>user\n") :]
+    assert user_turn.index('"name": "get_weather"') < user_turn.index("Hi!<end_of_turn>")
+    with pytest.raises(ValueError, match="roles must alternate"):
+        formatter.prompt([*messages, ChatMessage(role="user", content="Again?")])

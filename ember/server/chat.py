@@ -38,6 +38,17 @@ def check_template_syntax(template: str, source: str) -> None:
         raise ValueError(f"{source}: line {e.lineno}: {e.message}") from e
 
 
+def system_in_first_user_turn(conversation: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The conversation with its system message's text put before the first user message's (as Gemma 3's own
+    template does), for templates that refuse a system role; None when there is no system message."""
+    if not conversation or conversation[0]["role"] != "system":
+        return None
+    system, rest = conversation[0]["content"], conversation[1:]
+    if rest and rest[0]["role"] == "user" and isinstance(rest[0]["content"], str):
+        return [{**rest[0], "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
+    return [{"role": "user", "content": system}, *rest]
+
+
 def _is_file(path: Path) -> bool:
     """Whether `path` is a file; False for text that cannot be a path (a template longer than a file name)."""
     try:
@@ -91,17 +102,27 @@ class ChatFormatter:
             else:
                 conversation.insert(0, {"role": "system", "content": ""})
             conversation[0]["content"] += tools_instructions(tools, self.tool_format)
-        try:
-            text = self.tokenizer.apply_chat_template(
-                conversation,
+
+        def render(turns: list[dict[str, Any]]) -> str:
+            return self.tokenizer.apply_chat_template(
+                turns,
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message,
                 chat_template=self.chat_template,
                 **kwargs,
             )
+
+        try:
+            text = render(conversation)
         except Exception as e:  # jinja raises for conversations the template rejects
-            raise ValueError(f"the chat template rejected these messages: {e}") from e
+            folded = system_in_first_user_turn(conversation)
+            if folded is None:
+                raise ValueError(f"the chat template rejected these messages: {e}") from e
+            try:  # a template without a system role (Gemma 2's, older Mistral ones) may take it in the user's turn
+                text = render(folded)
+            except Exception as again:  # what it refuses once the system text is in the user's turn
+                raise ValueError(f"the chat template rejected these messages: {again}") from again
         return text, self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @functools.cached_property

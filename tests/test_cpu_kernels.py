@@ -27,6 +27,15 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
+def random_caches(
+    kv_heads: int, num_blocks: int, block_size: int, head_dim: int, dtype: torch.dtype, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random keys and values in the CPU cache layout."""
+    keys = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
+    values = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
+    return to_cache_layout(keys, values)
+
+
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "head_dim", "block_size"),
@@ -43,10 +52,8 @@ def test_decode_kernel_matches_reference(
 ) -> None:
     generator = torch.Generator().manual_seed(heads * 1000 + head_dim)
     num_blocks, lengths = 96, [1, 2, block_size, block_size + 1, 5 * block_size - 3, 7 * block_size]
-    key_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
-    value_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
+    caches = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, generator)
     q = torch.randn(len(lengths), heads, head_dim, generator=generator).to(dtype)
-    caches = to_cache_layout(key_blocks, value_blocks)
     tables, lens, ref = decode_case(q, *caches, lengths, generator)
     out = cpu_kernels.paged_decode_attention(q, *caches, tables, lens, head_dim**-0.5)
     assert out.dtype == dtype and out.shape == q.shape
@@ -72,9 +79,7 @@ def test_few_long_contexts_split_across_threads_match_reference(
     The decode tokens' own K/V are stored by the call, as in a decode step."""
     generator = torch.Generator().manual_seed(heads + len(lengths))
     block_size, num_blocks = 16, 400
-    key_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
-    value_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
-    caches = to_cache_layout(key_blocks, value_blocks)
+    caches = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, generator)
     q = torch.randn(len(lengths), heads, head_dim, generator=generator).to(dtype)
     k_new, v_new = (torch.randn(len(lengths), kv_heads, head_dim, generator=generator).to(dtype) for _ in range(2))
     tables, lens, _ = decode_case(q, *caches, lengths, generator)
@@ -105,9 +110,7 @@ def test_rows_sharing_a_table_match_reference(
     the chunk's end, rows of one table that do not continue each other, a decode row, a single-row chunk."""
     generator = torch.Generator().manual_seed(head_dim + heads)
     num_blocks = 64
-    key_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
-    value_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
-    caches = to_cache_layout(key_blocks, value_blocks)
+    caches = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, generator)
     tables = torch.randperm(num_blocks, generator=generator)[: 4 * 12].view(4, 12)  # 4 sequences, 12 blocks each
     # (sequence, first context length, rows); the second chunk reads the first's table but does not continue it
     chunks = [(0, 1, 13), (0, 100, 41), (2, 140, 1), (1, 30, 20), (3, 7, 1)]
@@ -142,9 +145,7 @@ def test_sliding_window_decode_matches_reference(
     edges, contexts shorter and longer than the window, on every path of the kernel."""
     generator = torch.Generator().manual_seed(window + len(lengths))
     block_size, num_blocks = 16, 400
-    key_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
-    value_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
-    caches = to_cache_layout(key_blocks, value_blocks)
+    caches = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, generator)
     q = torch.randn(len(lengths), heads, head_dim, generator=generator).to(dtype)
     tables, lens, ref = decode_case(q, *caches, lengths, generator, window)
     out = cpu_kernels.paged_decode_attention(q, *caches, tables, lens, head_dim**-0.5, window=window)
@@ -170,9 +171,7 @@ def test_soft_capped_scores_match_reference(
     enough that the cap changes the output."""
     generator = torch.Generator().manual_seed(len(lengths) + head_dim)
     block_size, num_blocks, softcap = 16, 400, 1.5
-    key_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
-    value_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
-    caches = to_cache_layout(key_blocks, value_blocks)
+    caches = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, generator)
     q = (3 * torch.randn(len(lengths), heads, head_dim, generator=generator)).to(dtype)
     tables, lens, ref = decode_case(q, *caches, lengths, generator, softcap=softcap)
     row_tables = None
@@ -193,9 +192,7 @@ def test_sliding_window_rows_sharing_a_table_match_reference(dtype: torch.dtype)
     """Prefill chunks as kernel rows under a sliding window: each row of a chunk starts its window elsewhere."""
     generator = torch.Generator().manual_seed(11)
     heads, kv_heads, head_dim, block_size, num_blocks, window = 9, 3, 64, 16, 64, 29
-    key_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
-    value_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(dtype)
-    caches = to_cache_layout(key_blocks, value_blocks)
+    caches = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, generator)
     tables = torch.randperm(num_blocks, generator=generator)[:24].view(2, 12)
     row_tables = torch.tensor([0] * 13 + [1] * 30)
     lens = torch.tensor([*range(20, 33), *range(100, 130)])
@@ -306,9 +303,7 @@ def test_a_row_attends_bit_identically_alone_and_in_a_tile() -> None:
     to the bit, or a draft could be accepted where plain greedy decoding picks another token (bf16 ties)."""
     generator = torch.Generator().manual_seed(7)
     heads, kv_heads, head_dim, block_size, num_blocks = 9, 3, 64, 16, 128
-    key_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(torch.bfloat16)
-    value_blocks = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=generator).to(torch.bfloat16)
-    caches = to_cache_layout(key_blocks, value_blocks)
+    caches = random_caches(kv_heads, num_blocks, block_size, head_dim, torch.bfloat16, generator)
     table = torch.randperm(num_blocks, generator=generator)[:64].view(1, 64)
     for first in range(5, 1000, 37):
         rows = 2 + first % 7

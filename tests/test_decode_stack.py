@@ -92,19 +92,20 @@ def test_tiny_gguf_models_are_bit_identical(
     assert rows and max(rows) == 3
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_sliding_window_layers_are_bit_identical(
-    tmp_path: Path,
-    hf_llama: Any,  # noqa: F811
-    dtype: str,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Layers with their own sliding windows (one of 5 tokens, one whole): each layer's window reaches its
-    attention in the stack as in the PyTorch model, and changes the tokens."""
+@pytest.fixture
+def llama_q8_gguf(tmp_path: Path, hf_llama: Any, monkeypatch: pytest.MonkeyPatch) -> Path:  # noqa: F811
+    """The tiny Llama as a Q8_0 GGUF, converted into a throwaway cache."""
     monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path / "cache"))
     path = tmp_path / "tiny-Q8_0.gguf"
     write_gguf(path, hf_llama, GGMLQuantizationType.Q8_0)
-    llm = LLM(str(path), num_blocks=64, dtype=dtype)
+    return path
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sliding_window_layers_are_bit_identical(llama_q8_gguf: Path, dtype: str) -> None:
+    """Layers with their own sliding windows (one of 5 tokens, one whole): each layer's window reaches its
+    attention in the stack as in the PyTorch model, and changes the tokens."""
+    llm = LLM(str(llama_q8_gguf), num_blocks=64, dtype=dtype)
     prompts = [[5, 17, 33, 200, 91, 7, 64], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]]
     whole = llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
     runner = llm.engine.runner

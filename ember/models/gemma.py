@@ -10,11 +10,9 @@ RMS-normalizes q/k per head as Qwen3; Gemma 2 soft-caps attention scores and log
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from ember.attention.torch_paged import AttentionMetadata
 from ember.config import ModelConfig
-from ember.models.llama import MLP, Attention, LlamaForCausalLM, RMSNorm
+from ember.models.llama import DecoderLayer, LlamaForCausalLM, RMSNorm
 
 
 class GemmaRMSNorm(RMSNorm):
@@ -24,32 +22,24 @@ class GemmaRMSNorm(RMSNorm):
     unit_offset = True
 
 
-class GemmaDecoderLayer(nn.Module):
+class GemmaDecoderLayer(DecoderLayer):
+    """Llama's layer with each sublayer's output normalized before it joins the residual stream, and the norm
+    before the MLP a fourth one."""
+
     def __init__(self, config: ModelConfig, layer: int) -> None:
-        super().__init__()
-        self.input_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer, GemmaRMSNorm)
-        self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        super().__init__(config, layer, GemmaRMSNorm)
         self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
         self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(this layer's normalized MLP output, the residual stream before it), as Llama's layer returns them."""
-        if residual is None:
-            residual, h = x, self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm.add_and_norm(x, residual)
-        h = self.post_attention_layernorm(self.self_attn(h, rope, kv_cache, meta))
-        h, residual = self.pre_feedforward_layernorm.add_and_norm(h, residual)
-        return self.post_feedforward_layernorm(self.mlp(h)), residual
+    @property
+    def pre_mlp_norm(self) -> RMSNorm:
+        return self.pre_feedforward_layernorm
+
+    def attention_output(self, h: torch.Tensor) -> torch.Tensor:
+        return self.post_attention_layernorm(h)
+
+    def mlp_output(self, h: torch.Tensor) -> torch.Tensor:
+        return self.post_feedforward_layernorm(h)
 
 
 class GemmaForCausalLM(LlamaForCausalLM):

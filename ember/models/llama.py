@@ -230,11 +230,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, norm: type[RMSNorm] = RMSNorm) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = norm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer, norm)
+        self.post_attention_layernorm = norm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
         self.residual_multiplier = config.residual_multiplier
 
@@ -252,12 +252,21 @@ class DecoderLayer(nn.Module):
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm.add_and_norm(x, residual)
-        h = self.self_attn(h, rope, kv_cache, meta)
-        if self.residual_multiplier != 1.0:  # Granite scales each sublayer's output before it joins the stream
-            h = h * self.residual_multiplier
-        h, residual = self.post_attention_layernorm.add_and_norm(h, residual)
-        out = self.mlp(h)
-        return (out if self.residual_multiplier == 1.0 else out * self.residual_multiplier), residual
+        h = self.attention_output(self.self_attn(h, rope, kv_cache, meta))
+        h, residual = self.pre_mlp_norm.add_and_norm(h, residual)
+        return self.mlp_output(self.mlp(h)), residual
+
+    @property
+    def pre_mlp_norm(self) -> RMSNorm:
+        return self.post_attention_layernorm
+
+    def attention_output(self, h: torch.Tensor) -> torch.Tensor:
+        """The attention's output as it joins the residual stream: Granite scales it (Gemma normalizes it)."""
+        return h if self.residual_multiplier == 1.0 else h * self.residual_multiplier
+
+    def mlp_output(self, h: torch.Tensor) -> torch.Tensor:
+        """The MLP's output as it joins the residual stream (Granite's scaled as the attention's)."""
+        return self.attention_output(h)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -277,6 +277,9 @@ def test_elementwise_kernels_match_pytorch(dtype: torch.dtype, tolerance: float)
     gate_up = randn(tokens, 2 * 48)
     gate, up = gate_up.chunk(2, dim=-1)
     assert relative_error(elementwise.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up) < tolerance
+    gelu = torch.nn.functional.gelu(gate, approximate="tanh") * up  # Gemma's
+    assert relative_error(elementwise.gelu_tanh_and_mul(gate_up), gelu) < tolerance
+    assert relative_error(gelu, torch.nn.functional.silu(gate) * up) > 0.05
 
 
 @pytest.mark.skipif(not cpu_kernels.fast_bf16_attention(16, 64), reason="needs AVX512-BF16")

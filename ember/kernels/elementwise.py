@@ -1,4 +1,4 @@
-"""Fused RMSNorm (+ residual add), rotary embedding and SiLU-and-mul (GELU-and-mul for Gemma, in PyTorch).
+"""Fused RMSNorm (+ residual add), rotary embedding and SiLU-and-mul (GELU-and-mul for Gemma).
 
 On the CPU (fp32/bf16) each is one C pass over the activations (`csrc/elementwise.c`); elsewhere, or
 without a C compiler, the PyTorch formulation below, which is also the reference the C code follows
@@ -8,6 +8,8 @@ without a C compiler, the PyTorch formulation below, which is also the reference
 from __future__ import annotations
 
 import ctypes
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -105,20 +107,30 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for rows [gate | up] of a fused gate/up projection."""
     if (kernels := _triton(gate_up)) is not None:
         return kernels.silu_and_mul(gate_up)
-    library = _native(gate_up)
-    if library is None or not gate_up.is_contiguous():
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    tokens, width = gate_up.shape
-    out = torch.empty(tokens, width // 2, dtype=gate_up.dtype)
-    getattr(library, f"silu_and_mul_{SUFFIX[gate_up.dtype]}")(gate_up.data_ptr(), out.data_ptr(), tokens, width // 2)
-    return out
+    out = _gated_native(gate_up, "silu_and_mul")
+    return _gated_reference(gate_up, F.silu) if out is None else out
 
 
 def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gelu(gate) * up (GELU's tanh approximation, Gemma's) for rows [gate | up] of a fused gate/up projection."""
+    out = _gated_native(gate_up, "gelu_tanh_and_mul")
+    return _gated_reference(gate_up, functools.partial(F.gelu, approximate="tanh")) if out is None else out
+
+
+def _gated_reference(gate_up: torch.Tensor, activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.gelu(gate, approximate="tanh") * up
+    return activation(gate) * up
+
+
+def _gated_native(gate_up: torch.Tensor, kernel: str) -> torch.Tensor | None:
+    """The C kernel's activation(gate) * up; None where it does not run (no compiler, not the CPU, a view)."""
+    library = _native(gate_up)
+    if library is None or not gate_up.is_contiguous():
+        return None
+    tokens, width = gate_up.shape
+    out = torch.empty(tokens, width // 2, dtype=gate_up.dtype)
+    getattr(library, f"{kernel}_{SUFFIX[gate_up.dtype]}")(gate_up.data_ptr(), out.data_ptr(), tokens, width // 2)
+    return out
 
 
 GATED_ACTIVATIONS = {"silu": silu_and_mul, "gelu_tanh": gelu_tanh_and_mul}  # by `ModelConfig.hidden_act`

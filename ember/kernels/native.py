@@ -37,7 +37,11 @@ SIGNATURES: dict[str, list[type]] = {
         for t in ("f32", "bf16")
     },
     **{f"rotary_{t}": [_ptr] * 3 + [_i64] * 4 for t in ("f32", "bf16")},
-    **{f"silu_and_mul_{t}": [_ptr] * 2 + [_i64] * 2 for t in ("f32", "bf16")},
+    **{
+        f"{kind}_{t}": [_ptr] * 2 + [_i64] * 2
+        for kind in ("silu_and_mul", "gelu_tanh_and_mul")
+        for t in ("f32", "bf16")
+    },
     "decode_stack": [_ptr] * 8 + [_i64] * 2 + [_ptr],
     **{f"lora_add_{t}": [_ptr] * 7 + [_i64] * 3 for t in ("f32", "bf16")},
 }

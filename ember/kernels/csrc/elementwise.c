@@ -19,6 +19,24 @@ static inline float f32_store(float x) { return x; }
     const int64_t work = (count); \
     _Pragma("omp parallel for if (work > 65536)")
 
+// out[r, i] = round(round(x * sigmoid(A)) * up) for gate_up rows [gate (I) | up (I)], x the gate: A = x is SiLU,
+// A = 2 sqrt(2 / pi) (x + 0.044715 x^3) GELU's tanh approximation (0.5 (1 + tanh(z)) = sigmoid(2 z)).
+#define DEFINE_GATED(NAME, SUFFIX, T, LOAD, STORE, A)                                                      \
+    void NAME##_##SUFFIX(const T* gate_up, T* out, int64_t rows, int64_t I) {                              \
+        PARALLEL_IF_LARGE(rows * I)                                                                        \
+        for (int64_t r = 0; r < rows; r++) {                                                               \
+            const T* g = gate_up + r * 2 * I;                                                              \
+            const T* u = g + I;                                                                            \
+            T* o = out + r * I;                                                                            \
+            _Pragma("omp simd")                                                                            \
+            for (int64_t i = 0; i < I; i++) {                                                              \
+                const float x = LOAD(g[i]), a = (A), e = exp_nonpositive(-fabsf(a));                       \
+                const float act = (a >= 0.0f ? x : x * e) / (1.0f + e);                                    \
+                o[i] = STORE(LOAD(STORE(act)) * LOAD(u[i]));                                               \
+            }                                                                                              \
+        }                                                                                                  \
+    }
+
 #define DEFINE_ELEMENTWISE(SUFFIX, T, LOAD, STORE)                                                         \
     /* out = weight * round(s * rsqrt(mean(s^2) + eps)), s = round(x + residual) stored back into          \
        residual when residual is given, else s = x. Rows of H elements, x rows `x_stride` apart. With        \
@@ -79,21 +97,8 @@ static inline float f32_store(float x) { return x; }
         }                                                                                                  \
     }                                                                                                      \
                                                                                                            \
-    /* out[r, i] = round(round(silu(gate)) * up) for gate_up rows [gate (I) | up (I)]. */                  \
-    void silu_and_mul_##SUFFIX(const T* gate_up, T* out, int64_t rows, int64_t I) {                        \
-        PARALLEL_IF_LARGE(rows * I)                                                                        \
-        for (int64_t r = 0; r < rows; r++) {                                                               \
-            const T* g = gate_up + r * 2 * I;                                                              \
-            const T* u = g + I;                                                                            \
-            T* o = out + r * I;                                                                            \
-            _Pragma("omp simd")                                                                            \
-            for (int64_t i = 0; i < I; i++) {                                                              \
-                const float x = LOAD(g[i]), e = exp_nonpositive(-fabsf(x)); /* silu = x * sigmoid(x) */   \
-                const float silu = (x >= 0.0f ? x : x * e) / (1.0f + e);                                   \
-                o[i] = STORE(LOAD(STORE(silu)) * LOAD(u[i]));                                              \
-            }                                                                                              \
-        }                                                                                                  \
-    }
+    DEFINE_GATED(silu_and_mul, SUFFIX, T, LOAD, STORE, x)                                                  \
+    DEFINE_GATED(gelu_tanh_and_mul, SUFFIX, T, LOAD, STORE, 1.5957691216057308f * (x + 0.044715f * x * x * x))
 
 DEFINE_ELEMENTWISE(f32, float, f32_load, f32_store)
 DEFINE_ELEMENTWISE(bf16, uint16_t, bf16_to_float, float_to_bf16)

@@ -18,6 +18,7 @@ from ember.server.tools import (
     LLAMA3_JSON,
     MISTRAL,
     MISTRAL_V11,
+    PYTHONIC,
     QWEN3_CODER,
     TOOL_CALL_FORMATS,
     ParsedToolCall,
@@ -155,6 +156,8 @@ def test_only_calls_give_no_content_and_plain_text_gives_no_calls() -> None:
     assert split_tool_calls("just text", HERMES) == ("just text", [])
 
 
+# the pythonic format: a Python list of calls; brackets, quotes and separators inside strings are no call's
+PY_REPLY = """[get_weather(city="Paris; [x](\\"y", days=[1, 2]), get_time(zone='CET', note="), ]")]"""
 # Llama 3's format: the reply is the calls, joined by "; "; braces and the separator inside strings are no call
 LLAMA_REPLY = (
     ' {"name": "get_weather", "parameters": {"city": "Paris; {\\"name\\"", "days": [1, {"a": "}}"}]}}; '
@@ -171,6 +174,7 @@ LLAMA_REPLY = (
         (QWEN3_CODER, XML_REPLY),
         (QWEN3_CODER, XML_WITHOUT_NEWLINES),
         (MISTRAL_V11, V11_REPLY),
+        (PYTHONIC, PY_REPLY),
     ],
 )
 @pytest.mark.parametrize("piece", [1, 2, 3, 7])
@@ -524,6 +528,8 @@ XML_WEATHER = xml_call("get_weather", city="Paris")
 V11_WEATHER = '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'
 V11_TIME = "[TOOL_CALLS]get_time[ARGS]{}"
 XML_TIME = xml_call("get_time")
+PY_WEATHER = 'get_weather(city="Paris")'
+PY_TIME = "get_time()"
 
 
 @pytest.mark.parametrize(
@@ -586,6 +592,22 @@ XML_TIME = xml_call("get_time")
         ),
         (MISTRAL_V11, "required", False, [V11_TIME], ["Just text.", V11_TIME + V11_TIME]),
         (QWEN3_CODER, {"type": "function", "function": {"name": "get_time"}}, True, [XML_TIME], [XML_WEATHER]),
+        (
+            PYTHONIC,
+            "auto",
+            True,
+            ["Just text.", "Text [with] brackets", f"[{PY_WEATHER}]", f"[{PY_WEATHER}, {PY_TIME}]", "[get_weather()]"],
+            [
+                f"[{PY_WEATHER}] more",
+                "[1, 2]",
+                f"[{PY_WEATHER.replace('weather', 'wether')}]",
+                "[get_weather(city=Paris)]",
+                "[get_weather(town='Paris')]",
+                f"[{PY_WEATHER}",
+            ],
+        ),
+        (PYTHONIC, "auto", False, [f"[{PY_TIME}]"], [f"[{PY_WEATHER}, {PY_TIME}]"]),
+        (PYTHONIC, "required", True, [f"[{PY_TIME}, {PY_WEATHER}]"], ["Just text.", ""]),
     ],
 )
 def test_tool_grammar_allows_exactly_well_formed_calls(
@@ -801,3 +823,71 @@ def test_a_template_without_a_system_role_takes_it_in_the_first_user_turn(smollm
     assert user_turn.index('"name": "get_weather"') < user_turn.index("Hi!<end_of_turn>")
     with pytest.raises(ValueError, match="roles must alternate"):
         formatter.prompt([*messages, ChatMessage(role="user", content="Again?")])
+
+
+def test_pythonic_calls_are_the_whole_reply_or_none() -> None:
+    """A pythonic reply is a Python list of calls or text: brackets in text are text, a list that is no calls
+    is text (and so is all after it), calls render back as the model writes them."""
+    content, calls = split_tool_calls(PY_REPLY, PYTHONIC)
+    assert content is None and calls_of(calls) == [
+        ("get_weather", {"city": 'Paris; [x]("y', "days": [1, 2]}),
+        ("get_time", {"zone": "CET", "note": "), ]"}),
+    ]
+    for text in ("See [1] and [get_time()]", "[1, 2] is a list; [get_time()]", "Sure.\n[get_time()]"):
+        assert split_tool_calls(text, PYTHONIC.for_tools(TWO_TOOLS)) == (text, [])
+    nested = "[get_time(x=" + "[" * 500 + "]" * 500 + ")]"  # deeper than Python's parser goes
+    for text in (nested, "[get_time(zone=__import__('os').getcwd())]"):  # no literal: text (nothing is run)
+        assert split_tool_calls(text, PYTHONIC) == (text, [])
+    assert split_tool_calls(" \n[get_time()]", PYTHONIC)[1][0].name == "get_time"  # blanks before the calls
+    rendered = PYTHONIC.render([("get_weather", {"city": "Paris", "days": [1, None, True]}), ("get_time", {})])
+    assert rendered == '[get_weather(city="Paris", days=[1, None, True]), get_time()]'
+    assert calls_of(split_tool_calls(rendered, PYTHONIC)[1])[0] == ("get_weather", {"city": "Paris",
+                                                                   "days": [1, None, True]})  # fmt: skip
+
+
+# A chat template in the manner of vLLM's pythonic ones (Llama 3.2, Llama 4, Gemma 3): the tools as JSON, calls
+# as a Python list
+PYTHONIC_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nHere is a list of functions in JSON format that you can invoke.\n"
+    "{{ tools | tojson }}\nIf you decide to invoke any of the function(s), you MUST put it in the format of "
+    "[func_name1(params_name1=params_value1, params_name2=params_value2...), func_name2(params)]\n"
+    "You SHOULD NOT include any other text in the response if you call a function.<|im_end|>\n{% endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'tool' %}<|im_start|>user\n<tool_response>{{ m.content }}</tool_response><|im_end|>\n"
+    "{%- elif m.tool_calls %}<|im_start|>assistant\n[{% for c in m.tool_calls %}{{ c.function.name }}("
+    "{%- for k, v in c.function.arguments | items %}{{ k }}={{ v | tojson }}{{ ', ' if not loop.last }}{% endfor %})"
+    "{{ ', ' if not loop.last }}{% endfor %}]<|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_pythonic_template_takes_and_gives_calls_in_its_format(server: ServerProcess) -> None:
+    """`--tool-call-parser auto` on a template of vLLM's pythonic kind (the request's own): the model writes a
+    Python list of calls under the grammar, which come back as OpenAI tool calls (the integer a number), whole
+    and streamed; the call sent back is rendered by the template."""
+    assert tool_call_format("auto", PYTHONIC_TEMPLATE) is PYTHONIC
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    template = {"chat_template": PYTHONIC_TEMPLATE}
+    question = [{"role": "user", "content": "What is the weather in Paris for the next 3 days?"}]
+    kwargs: dict[str, Any] = dict(
+        messages=question, tools=[FORECAST], max_tokens=60, temperature=0, parallel_tool_calls=False,
+        extra_body=template,
+    )  # fmt: skip
+    reply = client.chat.completions.create(model=MODEL, tool_choice="required", **kwargs).choices[0]
+    assert reply.finish_reason == "tool_calls" and reply.message.content is None
+    (call,) = reply.message.tool_calls
+    arguments = json.loads(call.function.arguments)
+    assert call.function.name == "get_forecast" and set(arguments) == {"city", "days"}
+    assert isinstance(arguments["city"], str) and type(arguments["days"]) is int
+    assert streamed_reply(client, tool_choice="required", **kwargs) == (
+        "",
+        [("get_forecast", call.function.arguments)],
+        "tool_calls",
+    )
+    conversation = [*question, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]}]
+    asked = {"messages": conversation, "tools": [FORECAST], **template}
+    ids = httpx.post(f"{server.url}/tokenize", json=asked).json()["tokens"]
+    prompt = httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()["prompt"]
+    sent_back = f"get_forecast(city={json.dumps(arguments['city'])}, days={arguments['days']})"
+    assert f"<|im_start|>assistant\n[{sent_back}]<|im_end|>" in prompt, prompt

@@ -53,7 +53,7 @@ def origin_list(text: str) -> list[str]:
 # --reasoning-parser: whether replies are split into thinking and answer (None: when the template thinks)
 REASONING_PARSERS = {"auto": None, "none": False, "deepseek_r1": True, "qwen3": True}
 # --tool-call-parser: the tool-call formats of `ember.server.tools` (kept here: the CLI imports no server code)
-TOOL_CALL_PARSERS = ("auto", "hermes", "qwen3_coder", "llama3_json", "mistral", "mistral_v11")
+TOOL_CALL_PARSERS = ("auto", "hermes", "qwen3_coder", "llama3_json", "mistral", "mistral_v11", "pythonic")
 # sentence-transformers' pooling modes (1_Pooling/config.json) that Ember serves, as `--pooling` names them
 SENTENCE_TRANSFORMERS_POOLING = {"pooling_mode_lasttoken": "last", "pooling_mode_mean_tokens": "mean"}
 
@@ -77,7 +77,9 @@ def add_tool_call_parser_arg(group: Any) -> None:
         "'qwen3_coder' (<tool_call> blocks of <function=...> and <parameter=...>: Qwen3-Coder, Qwen3.5), "
         "'llama3_json' (a JSON object with 'name' and 'parameters': Llama 3.1-3.3), 'mistral' ([TOOL_CALLS] and a "
         "JSON array: Mistral-7B-v0.3, Nemo, Small 2409/2501; or, where the template speaks it, 'mistral_v11': "
-        "[TOOL_CALLS]name[ARGS]{...} per call: Small 3.1+, Devstral, Magistral); 'auto' (default) the one "
+        "[TOOL_CALLS]name[ARGS]{...} per call: Small 3.1+, Devstral, Magistral); 'pythonic' (a Python list of "
+        'calls, [get_weather(city="Paris")]: Llama 3.2 and 4 with vLLM\'s pythonic templates, Gemma 3); '
+        "'auto' (default) the one "
         "the chat template speaks, else Hermes with Ember's instructions in the system prompt",
     )
 

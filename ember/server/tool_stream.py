@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ember.server import python_calls
 from ember.server.tools import ParsedToolCall, ToolCallFormat, reads_as_text, xml_value
 
 
@@ -33,6 +34,24 @@ class ArgumentsReader(Protocol):
         """For the call's text not read yet: how much of it was read, the arguments' JSON text it made, and
         whether the arguments are complete. Text kept back (a possible closing tag) comes again next time."""
         ...
+
+
+class PythonArgumentsReader:
+    """Keyword arguments written as Python (the pythonic format): read as they come, given out whole as JSON once
+    the call's parenthesis closes (a Python literal is no JSON text to pass on piece by piece)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def feed(self, text: str) -> tuple[int, str, bool]:
+        self.text += text
+        end = python_calls.closing_bracket("(" + self.text)
+        if end is None:
+            return len(text), "", False
+        written = self.text[: end - 2]  # up to the closing parenthesis, which the call's end reads
+        arguments = python_calls.parse_arguments(written)
+        unread = len(self.text) - len(written)
+        return len(text) - unread, json.dumps(arguments or {}, ensure_ascii=False), True
 
 
 class JSONArgumentsReader:
@@ -173,6 +192,7 @@ class ToolCallParser:
         self.after_call = False  # the text so far ends with a call: its separator may come next
         self.in_group = False  # inside Mistral's array of calls, after a call's separator
         self.call: _OpenCall | None = None
+        self.text_written = False  # for a format whose calls come alone: text came, so no call will
         begins = {name: fmt.tag(name)[0] for name in fmt.parameters}
         self.openings = {fmt.group[0] + begin: name for name, begin in begins.items()}  # a reply's first call
         self.group_openings = {begin: name for name, begin in begins.items()}  # the group's later calls
@@ -183,7 +203,10 @@ class ToolCallParser:
         content: list[str] = []
         deltas: list[ToolCallDelta] = []
         while self.pending:
-            if self.call is not None:
+            if self.text_written:
+                content.append(self.pending)
+                self.pending = ""
+            elif self.call is not None:
                 if not self._continue_call(deltas):
                     break
             elif self.after_call:
@@ -229,6 +252,8 @@ class ToolCallParser:
         reader: ArgumentsReader = JSONArgumentsReader()
         if fmt.argument_style == "qwen_xml":
             reader = XMLArgumentsReader(fmt.parameters[name].get("properties", {}))
+        elif fmt.argument_style == "python":
+            reader = PythonArgumentsReader()
         self.call = _OpenCall(self.num_calls, fmt.new_id(), name, fmt.tag(name)[1], reader)
         self.num_calls += 1
         deltas.append(ToolCallDelta(self.call.index, id=self.call.id, name=name))
@@ -286,6 +311,7 @@ class ToolCallParser:
         parsed = self.fmt.parse(block)
         if parsed is None:
             content.append(self.pending[:end])
+            self.text_written = self.fmt.calls_alone
         else:
             for call in parsed:
                 deltas.append(ToolCallDelta(self.num_calls, call.id, call.name, call.arguments, done=call))
@@ -298,6 +324,9 @@ class ToolCallParser:
         """Pending text up to the next trigger is content; the end of it that may start one is held back.
         False when all that is left is held back."""
         start = self.pending.find(self.fmt.trigger)
+        if self.fmt.calls_alone and self.pending[: max(start, 0) or len(self.pending)].strip():
+            self.text_written = True  # the reply opened with text: what follows is text too
+            return True
         if start > 0:
             content.append(self.pending[:start])
             self.pending = self.pending[start:]

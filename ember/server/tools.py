@@ -11,7 +11,9 @@ Each model family writes calls its own way, a `ToolCallFormat`:
   special tokens `[TOOL_CALLS]`, the name, `[ARGS]`, then the arguments' JSON: `[TOOL_CALLS]get_weather[ARGS]{"city":
   "Paris"}`, several back to back;
 - Qwen3-Coder and Qwen3.5 (vLLM's `qwen3_coder`): a block per call, each argument an XML-like element whose text
-  is the value, `<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>`.
+  is the value, `<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>`;
+- pythonic (Llama 3.2 and 4 with vLLM's pythonic templates, which vLLM also offers for Gemma 3; vLLM's
+  `pythonic`): the reply is a Python list of calls and nothing else, `[get_weather(city="Paris")]`.
 The server speaks the format its chat template speaks (`--tool-call-parser auto`), or the one named. A model
 whose template speaks the format gets the tools through its own template; any other (SmolLM2's template knows no
 tools) gets Ember's own system instructions for it. Unless `tool_choice` is "none", an xgrammar structural tag
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ember.engine.structured_output import StructuredOutputs
+from ember.server import python_calls
 from ember.server.protocol import NamedToolChoice, Tool
 
 NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
@@ -63,7 +66,9 @@ class ToolCallFormat:
     group: tuple[str, str] = ("", "")
     special_trigger: bool = False
     short_ids: bool = False
-    argument_style: str = "json"  # how the grammar lays out arguments: xgrammar's JSONSchemaFormat style
+    argument_style: str = "json"  # how the grammar lays out arguments: xgrammar's JSONSchemaFormat style, or "python"
+    # a reply is either text or calls (the trigger, "[", is too common in text to keep out of it)
+    calls_alone: bool = False
     # the request's tools, name -> parameters schema (`for_tools`): their calls' opening tags are known, so that
     # they stream as they are written (tool_stream.py)
     parameters: Mapping[str, dict[str, Any]] = dataclasses.field(default_factory=dict, compare=False)
@@ -219,6 +224,33 @@ class NamedArgumentsFormat(ToolCallFormat):
         return [ParsedToolCall(self.new_id(), name, json.dumps(arguments, ensure_ascii=False))]
 
 
+@dataclass(frozen=True)
+class PythonicFormat(ToolCallFormat):
+    """Calls as Python: `[name(key=value, ...), ...]`, arguments Python literals (python_calls.py)."""
+
+    def tag(self, name: str) -> tuple[str, str]:
+        return f"{name}(", ")"
+
+    def render(self, calls: list[tuple[str, Any]]) -> str:
+        for _, arguments in calls:
+            if not isinstance(arguments, dict):
+                raise ValueError(f"a tool call's arguments must be a JSON object, not {arguments!r}")
+        return "[" + self.separator.join(python_calls.write_call(name, arguments) for name, arguments in calls) + "]"
+
+    def example(self) -> str:
+        return '[function_name(parameter="a string", other_parameter=1), other_function()]'
+
+    def call_end(self, text: str) -> tuple[int, str] | None:
+        end = python_calls.closing_bracket(text)
+        return None if end is None else (end, text[:end])
+
+    def parse(self, block: str) -> list[ParsedToolCall] | None:
+        calls = python_calls.parse_calls(block)
+        if calls is None:
+            return None
+        return [ParsedToolCall(self.new_id(), name, json.dumps(args, ensure_ascii=False)) for name, args in calls]
+
+
 FUNCTION_NAME = re.compile(r"[\w.-]+")  # OpenAI's names are letters, digits, '_' and '-'
 XML_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*)</function>\s*", re.DOTALL)
 XML_PARAMETER = re.compile(r"<parameter=([^>\n]+?)>(.*?)</parameter>", re.DOTALL)
@@ -296,7 +328,11 @@ MISTRAL_V11 = NamedArgumentsFormat(
 QWEN3_CODER = XMLToolCallFormat(
     "qwen3_coder", "<tool_call>", ("<function=", "<parameter="), "\n", after="\n</tool_call>", argument_style="qwen_xml"
 )
-TOOL_CALL_FORMATS = {f.name: f for f in (QWEN3_CODER, HERMES, LLAMA3_JSON, MISTRAL_V11, MISTRAL)}
+# the instructions of vLLM's pythonic templates (Llama 3.2, Llama 4, Gemma 3) name their parameters so
+PYTHONIC = PythonicFormat(
+    "pythonic", "[", ("[func_name1(",), ", ", group=("[", "]"), argument_style="python", calls_alone=True
+)
+TOOL_CALL_FORMATS = {f.name: f for f in (QWEN3_CODER, HERMES, LLAMA3_JSON, MISTRAL_V11, MISTRAL, PYTHONIC)}
 
 
 def tool_call_format(name: str, chat_template: str | None) -> ToolCallFormat:
@@ -319,6 +355,13 @@ def tool_schemas(tools: list[Tool]) -> list[dict[str, Any]]:
     return schemas
 
 
+CALL_INSTRUCTIONS = {
+    "block": "To call a function, reply with a block like this one for each call:",
+    "json": "To call a function, reply with a JSON object like this one for each call:",
+    "pythonic": "To call functions, reply with nothing but a Python list of the calls, like this one:",
+}
+
+
 def tools_instructions(tools: list[Tool], fmt: ToolCallFormat) -> str:
     """Ember's system-prompt section for models whose template knows no tools (or not `fmt`)."""
     lines = "\n".join(json.dumps(schema["function"], ensure_ascii=False) for schema in tool_schemas(tools))
@@ -326,8 +369,7 @@ def tools_instructions(tools: list[Tool], fmt: ToolCallFormat) -> str:
     return (
         "You can call functions (tools) to help with the user's request. The available functions, one JSON "
         f"signature per line, are:\n<tools>\n{lines}\n</tools>\n\n"
-        f"To call a function, reply with {'a block' if fmt.after else 'a JSON object'} like this one for each call:\n"
-        f"{example}\n"
+        f"{CALL_INSTRUCTIONS.get(fmt.name, CALL_INSTRUCTIONS['block' if fmt.after else 'json'])}\n{example}\n"
         "The results come back in <tool_response></tool_response> blocks. Answer directly when no function helps."
     )
 
@@ -345,9 +387,12 @@ def tool_call_constraint(
     tags = []
     for schema in tool_schemas(tools):
         begin, end = fmt.tag(schema["function"]["name"])
+        parameters = schema["function"]["parameters"]
         # a small model left free pads JSON with whitespace until max_tokens: at most one blank at a time
-        content = st.JSONSchemaFormat(
-            json_schema=schema["function"]["parameters"], style=fmt.argument_style, max_whitespace_cnt=1
+        content: Any = (
+            st.GrammarFormat(grammar=python_calls.arguments_grammar(parameters))
+            if fmt.argument_style == "python"
+            else st.JSONSchemaFormat(json_schema=parameters, style=fmt.argument_style, max_whitespace_cnt=1)
         )
         tags.append(st.TagFormat(begin=begin, content=content, end=end))
     calls: Any = st.TagsWithSeparatorFormat(
@@ -356,12 +401,14 @@ def tool_call_constraint(
     if fmt.group[0]:
         opening, closing = (st.ConstStringFormat(value=text) for text in fmt.group)
         calls = st.SequenceFormat(elements=[opening, calls, closing])
-    text = st.AnyTextFormat(excludes=[fmt.trigger])
-    reply = (
-        st.OrFormat(elements=[text, st.SequenceFormat(elements=[text, calls])])
-        if tool_choice in (None, "auto")
-        else calls
-    )
+    if tool_choice not in (None, "auto"):
+        reply = calls
+    elif fmt.calls_alone:  # text that does not open with the trigger, or calls
+        text = st.SequenceFormat(elements=[st.RegexFormat(pattern=f"[^{re.escape(fmt.trigger)}]"), st.AnyTextFormat()])
+        reply = st.OrFormat(elements=[text, calls])
+    else:
+        text = st.AnyTextFormat(excludes=[fmt.trigger])
+        reply = st.OrFormat(elements=[text, st.SequenceFormat(elements=[text, calls])])
     return StructuredOutputs(structural_tag=st.StructuralTag(format=reply).model_dump_json())
 
 

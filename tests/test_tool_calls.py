@@ -705,13 +705,11 @@ FORECAST = {
 }
 
 
-def test_a_qwen_xml_template_takes_and_gives_calls_in_its_format(server: ServerProcess) -> None:
-    """`--tool-call-parser auto` on a Qwen3.5-style template (the request's own): the model writes
-    `<function=...>` with `<parameter=...>` elements under the grammar, which come back as OpenAI tool calls
-    with each value of its schema's type (the integer as a number), whole and streamed; the call sent back is
-    rendered by the template."""
+def forecast_call_and_its_prompt(server: ServerProcess, template: dict[str, str]) -> tuple[dict[str, Any], str]:
+    """A forecast asked for with tool_choice "required" under `template` (the request's own): its arguments (checked:
+    one call of get_forecast, the city a string, the days an integer, streamed the same), and the prompt of the
+    conversation sent back with that call and its result."""
     client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
-    template = {"chat_template": QWEN_XML_TEMPLATE}
     question = [{"role": "user", "content": "What is the weather in Paris for the next 3 days?"}]
     # one call: left free to write more, this small model repeats it until max_tokens
     kwargs: dict[str, Any] = dict(
@@ -723,13 +721,12 @@ def test_a_qwen_xml_template_takes_and_gives_calls_in_its_format(server: ServerP
     (call,) = reply.message.tool_calls
     arguments = json.loads(call.function.arguments)
     assert call.function.name == "get_forecast" and set(arguments) == {"city", "days"}
-    assert isinstance(arguments["city"], str) and type(arguments["days"]) is int and 1 <= arguments["days"] <= 9
+    assert isinstance(arguments["city"], str) and type(arguments["days"]) is int
     assert streamed_reply(client, tool_choice="required", **kwargs) == (
         "",
         [("get_forecast", call.function.arguments)],
         "tool_calls",
     )
-
     conversation = [
         *question,
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
@@ -737,7 +734,16 @@ def test_a_qwen_xml_template_takes_and_gives_calls_in_its_format(server: ServerP
     ]
     asked = {"messages": conversation, "tools": [FORECAST], **template}
     ids = httpx.post(f"{server.url}/tokenize", json=asked).json()["tokens"]
-    prompt = httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()["prompt"]
+    return arguments, httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()["prompt"]
+
+
+def test_a_qwen_xml_template_takes_and_gives_calls_in_its_format(server: ServerProcess) -> None:
+    """`--tool-call-parser auto` on a Qwen3.5-style template (the request's own): the model writes
+    `<function=...>` with `<parameter=...>` elements under the grammar, which come back as OpenAI tool calls
+    with each value of its schema's type (the integer as a number, within the schema's bounds), whole and
+    streamed; the call sent back is rendered by the template."""
+    arguments, prompt = forecast_call_and_its_prompt(server, {"chat_template": QWEN_XML_TEMPLATE})
+    assert 1 <= arguments["days"] <= 9
     sent_back = xml_call("get_forecast", city=arguments["city"], days=str(arguments["days"]))
     assert f"<|im_start|>assistant\n\n{sent_back}<|im_end|>" in prompt, prompt
 
@@ -867,27 +873,6 @@ def test_a_pythonic_template_takes_and_gives_calls_in_its_format(server: ServerP
     Python list of calls under the grammar, which come back as OpenAI tool calls (the integer a number), whole
     and streamed; the call sent back is rendered by the template."""
     assert tool_call_format("auto", PYTHONIC_TEMPLATE) is PYTHONIC
-    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused")
-    template = {"chat_template": PYTHONIC_TEMPLATE}
-    question = [{"role": "user", "content": "What is the weather in Paris for the next 3 days?"}]
-    kwargs: dict[str, Any] = dict(
-        messages=question, tools=[FORECAST], max_tokens=60, temperature=0, parallel_tool_calls=False,
-        extra_body=template,
-    )  # fmt: skip
-    reply = client.chat.completions.create(model=MODEL, tool_choice="required", **kwargs).choices[0]
-    assert reply.finish_reason == "tool_calls" and reply.message.content is None
-    (call,) = reply.message.tool_calls
-    arguments = json.loads(call.function.arguments)
-    assert call.function.name == "get_forecast" and set(arguments) == {"city", "days"}
-    assert isinstance(arguments["city"], str) and type(arguments["days"]) is int
-    assert streamed_reply(client, tool_choice="required", **kwargs) == (
-        "",
-        [("get_forecast", call.function.arguments)],
-        "tool_calls",
-    )
-    conversation = [*question, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]}]
-    asked = {"messages": conversation, "tools": [FORECAST], **template}
-    ids = httpx.post(f"{server.url}/tokenize", json=asked).json()["tokens"]
-    prompt = httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()["prompt"]
+    arguments, prompt = forecast_call_and_its_prompt(server, {"chat_template": PYTHONIC_TEMPLATE})
     sent_back = f"get_forecast(city={json.dumps(arguments['city'])}, days={arguments['days']})"
     assert f"<|im_start|>assistant\n[{sent_back}]<|im_end|>" in prompt, prompt

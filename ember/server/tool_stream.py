@@ -324,7 +324,8 @@ class ToolCallParser:
         """Pending text up to the next trigger is content; the end of it that may start one is held back.
         False when all that is left is held back."""
         start = self.pending.find(self.fmt.trigger)
-        if self.fmt.calls_alone and self.pending[: max(start, 0) or len(self.pending)].strip():
+        before = self.pending if start < 0 else self.pending[:start]
+        if self.fmt.calls_alone and before.strip():
             self.text_written = True  # the reply opened with text: what follows is text too
             return True
         if start > 0:

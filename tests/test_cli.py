@@ -102,7 +102,7 @@ CLEAR_ERRORS: list[tuple[list[str], str]] = [
     (["serve", "--chat-template", "{% for m in messages %}"], "--chat-template: line 1: Unexpected end"),
     (["serve", "--allowed-origins", "app.example"], "'app.example' is not an origin"),
     (["chat", "--chat-template", "{{ oops"], "--chat-template: line 1"),
-    (["serve", "--tool-call-parser", "pythonic"], "invalid choice: 'pythonic' (choose from 'auto', 'hermes'"),
+    (["serve", "--tool-call-parser", "phi4"], "invalid choice: 'phi4' (choose from 'auto', 'hermes'"),
     (["serve", "/no/such/model.gguf", "--port", "0"], "not found"),  # vllm serve's positional model
     (["serve", "a.gguf", "--model", "b.gguf"], "two models given"),
     (["serve", "--speculative-config", '{"method": "eagle"}'], "method must be ngram, suffix or draft_model"),

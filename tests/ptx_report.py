@@ -80,21 +80,27 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
          "KVH": "i32"},
         {"BS": 16, "D": 128, "P": 8, "HEADS": 8}, {},
     ),
-    "rms-norm": (
-        triton_elementwise._rms_norm_kernel,
-        {"x": "*bf16", "residual": "*bf16", "weight": "*bf16", "out": "*bf16", "x_stride": "i32", "H": "i32",
-         "eps": "fp32"},
-        {"HAS_RESIDUAL": True, "BLOCK": 1024}, {},
-    ),
+    **{
+        name: (
+            triton_elementwise._rms_norm_kernel,
+            {"x": "*bf16", "residual": "*bf16", "weight": "*bf16", "out": "*bf16", "x_stride": "i32", "H": "i32",
+             "eps": "fp32"},
+            {"HAS_RESIDUAL": True, "BLOCK": 1024, "UNIT_OFFSET": gemma}, {},
+        )
+        for name, gemma in (("rms-norm", False), ("rms-norm-gemma", True))  # Llama's norm, Gemma's
+    },
     "rotary": (
         triton_elementwise._rotary_kernel,
         {"x": "*bf16", "cos": "*fp32", "sin": "*fp32", "row_stride": "i32", "heads": "i32"},
         {"HALF": 64, "HEADS": 16}, {},
     ),
-    "silu-and-mul": (
-        triton_elementwise._silu_and_mul_kernel, {"gate_up": "*bf16", "out": "*bf16", "width": "i32"},
-        {"BLOCK": 1024}, {},
-    ),
+    **{
+        name: (
+            triton_elementwise._silu_and_mul_kernel, {"gate_up": "*bf16", "out": "*bf16", "width": "i32"},
+            {"BLOCK": 1024, "GELU": gelu}, {},
+        )
+        for name, gelu in (("silu-and-mul", False), ("gelu-and-mul", True))
+    },
     "top-k-top-p": (
         triton_sampling._threshold_kernel,
         {"logits": "*fp32", "row_stride": "i32", "vocab": "i32", "top_k": "*i32", "top_p": "*fp32", "out": "*fp32"},

@@ -165,6 +165,11 @@ def test_elementwise_kernels_match_pytorch(dtype: torch.dtype) -> None:
     normed, total = triton_elementwise.add_rms_norm(x, residual.clone(), weight, eps)
     assert relative_error(total.cpu(), expected_total) < TOLERANCE[dtype]
     assert relative_error(normed.cpu(), rms_norm_reference(expected_total, weight.cpu(), eps)) < TOLERANCE[dtype]
+    gemma = rms_norm_reference(x.cpu(), weight.cpu(), eps, unit_offset=True)  # Gemma's: scaled by 1 + weight
+    assert relative_error(triton_elementwise.rms_norm(x, weight, eps, unit_offset=True).cpu(), gemma) < TOLERANCE[dtype]
+    normed, _ = triton_elementwise.add_rms_norm(x, residual.clone(), weight, eps, unit_offset=True)
+    expected = rms_norm_reference(expected_total, weight.cpu(), eps, unit_offset=True)
+    assert relative_error(normed.cpu(), expected) < TOLERANCE[dtype]
 
     qkv = randn(tokens, 5 * 32)
     angles = torch.randn(tokens, 16, generator=generator).to(DEVICE)
@@ -177,6 +182,8 @@ def test_elementwise_kernels_match_pytorch(dtype: torch.dtype) -> None:
     gate, up = gate_up.chunk(2, dim=-1)
     expected = torch.nn.functional.silu(gate.cpu()) * up.cpu()
     assert relative_error(triton_elementwise.silu_and_mul(gate_up).cpu(), expected) < TOLERANCE[dtype]
+    expected = torch.nn.functional.gelu(gate.cpu(), approximate="tanh") * up.cpu()  # Gemma's
+    assert relative_error(triton_elementwise.silu_and_mul(gate_up, gelu=True).cpu(), expected) < TOLERANCE[dtype]
 
 
 def kept_by_sorting(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:

@@ -48,8 +48,8 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_o
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
     """RMSNorm over the last dim (`unit_offset`: Gemma's)."""
-    if not unit_offset and (kernels := _triton(x)) is not None:
-        return kernels.rms_norm(x, weight, eps)
+    if (kernels := _triton(x)) is not None:
+        return kernels.rms_norm(x, weight, eps, unit_offset)
     library = _native(x)
     if library is None or weight.dtype != x.dtype:
         return rms_norm_reference(x, weight, eps, unit_offset)
@@ -68,8 +68,8 @@ def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(x + residual), x + residual) for [tokens, hidden]; the native path updates `residual` in place."""
-    if not unit_offset and (kernels := _triton(x)) is not None and residual.is_contiguous():
-        return kernels.add_rms_norm(x, residual, weight, eps)
+    if (kernels := _triton(x)) is not None and residual.is_contiguous():
+        return kernels.add_rms_norm(x, residual, weight, eps, unit_offset)
     library = _native(x)
     if library is None or weight.dtype != x.dtype or not residual.is_contiguous() or x.stride(-1) != 1:
         total = x + residual
@@ -113,6 +113,8 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gelu(gate) * up (GELU's tanh approximation, Gemma's) for rows [gate | up] of a fused gate/up projection."""
+    if (kernels := _triton(gate_up)) is not None:
+        return kernels.silu_and_mul(gate_up, gelu=True)
     out = _gated_native(gate_up, "gelu_tanh_and_mul")
     return _gated_reference(gate_up, functools.partial(F.gelu, approximate="tanh")) if out is None else out
 

@@ -1,6 +1,6 @@
 """Triton versions of the fused elementwise ops of `ember.kernels.elementwise` (the CUDA path): RMSNorm with
-an optional residual add, rotary embedding in place, SiLU-and-mul. Same fp32 math and rounding points as
-the PyTorch references there."""
+an optional residual add (Llama's, or Gemma's scaling by 1 + weight), rotary embedding in place, SiLU-and-mul and
+GELU-and-mul. Same fp32 math and rounding points as the PyTorch references there."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import triton.language as tl
 
 @triton.jit
 def _rms_norm_kernel(
-    x, residual, weight, out, x_stride, H, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr
+    x, residual, weight, out, x_stride, H, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    UNIT_OFFSET: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -22,31 +23,34 @@ def _rms_norm_kernel(
         tl.store(residual + row * H + cols, s, mask=ok)
         s = s.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / H + eps)
-    normed = (s * inv).to(out.dtype.element_ty).to(tl.float32)
     w = tl.load(weight + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out + row * H + cols, (w * normed).to(out.dtype.element_ty), mask=ok)
+    # Gemma's (UNIT_OFFSET) is scaled by 1 + weight in fp32 and rounded once; Llama's rounds before the scaling
+    normed = s * inv * (1.0 + w) if UNIT_OFFSET else w * (s * inv).to(out.dtype.element_ty).to(tl.float32)
+    tl.store(out + row * H + cols, normed.to(out.dtype.element_ty), mask=ok)
 
 
-def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _launch_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, unit_offset: bool
+) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     hidden = rows.shape[1]
     _rms_norm_kernel[(rows.shape[0],)](
         rows, residual if residual is not None else rows, weight, out, rows.stride(0), hidden, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden),
+        HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden), UNIT_OFFSET=unit_offset,
     )  # fmt: skip
     return out.view(x.shape)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _launch_rms_norm(x, None, weight, eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
+    return _launch_rms_norm(x, None, weight, eps, unit_offset)
 
 
 def add_rms_norm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(x + residual), x + residual); `residual` (contiguous [tokens, hidden]) is updated in place."""
-    return _launch_rms_norm(x, residual, weight, eps), residual
+    return _launch_rms_norm(x, residual, weight, eps, unit_offset), residual
 
 
 @triton.jit
@@ -77,19 +81,23 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 
 
 @triton.jit
-def _silu_and_mul_kernel(gate_up, out, width, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(gate_up, out, width, BLOCK: tl.constexpr, GELU: tl.constexpr):
+    """act(gate) * up, act = x * sigmoid(a): SiLU with a = x, GELU's tanh form with a = 2 sqrt(2/pi) (x + 0.044715
+    x^3) (0.5 (1 + tanh z) = sigmoid(2 z))."""
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < width
     gate = tl.load(gate_up + row * 2 * width + cols, mask=ok, other=0.0).to(tl.float32)
     up = tl.load(gate_up + row * 2 * width + width + cols, mask=ok, other=0.0).to(tl.float32)
-    silu = (gate / (1.0 + tl.exp(-gate))).to(out.dtype.element_ty).to(tl.float32)
-    tl.store(out + row * width + cols, (silu * up).to(out.dtype.element_ty), mask=ok)
+    a = 1.5957691216057308 * (gate + 0.044715 * gate * gate * gate) if GELU else gate
+    act = (gate / (1.0 + tl.exp(-a))).to(out.dtype.element_ty).to(tl.float32)
+    tl.store(out + row * width + cols, (act * up).to(out.dtype.element_ty), mask=ok)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(gate_up: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """silu(gate) * up, or (`gelu`) GELU's tanh form of it."""
     tokens, width = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(tokens, width, dtype=gate_up.dtype, device=gate_up.device)
     block = min(1024, triton.next_power_of_2(width))
-    _silu_and_mul_kernel[(tokens, triton.cdiv(width, block))](gate_up.contiguous(), out, width, BLOCK=block)
+    _silu_and_mul_kernel[(tokens, triton.cdiv(width, block))](gate_up.contiguous(), out, width, BLOCK=block, GELU=gelu)
     return out

@@ -228,7 +228,7 @@ def test_a_gemma3_4b_config_reads_with_transformers_defaults() -> None:
     """Gemma 3 4B's config.json names only what differs from Gemma3TextConfig's defaults (heads, vocabulary,
     rotary bases come from them); its global layers scale their rotary linearly, the local ones do not."""
     from ember.config import ModelConfig
-    from ember.models.loader import text_model_config
+    from ember.models.loader import ModelNotFoundError, text_model_config
 
     saved = {
         "architectures": ["Gemma3ForConditionalGeneration"],
@@ -250,6 +250,9 @@ def test_a_gemma3_4b_config_reads_with_transformers_defaults() -> None:
     assert (config.rope_theta, config.local_rope_theta, config.rope_scaling["factor"]) == (1e6, 10000.0, 8.0)
     assert [config.layer_window(i) for i in range(6)] == [1024] * 5 + [0]
     assert config.attention_multiplier == 256**-0.5
+    broken = {**saved, "text_config": {"model_type": "no_such_model"}}
+    with pytest.raises(ModelNotFoundError, match="cannot read the text model's config"):
+        text_model_config(broken)
 
 
 def test_bf16_logits_are_fp32_copies_in_one_buffer_kept_across_steps(tiny_models: dict) -> None:

@@ -101,7 +101,10 @@ def text_model_config(config: dict[str, Any]) -> dict[str, Any]:
 
     text = dict(config.get("text_config") or {})
     text_type = text.pop("model_type", "gemma3_text")
-    full = AutoConfig.for_model(text_type, **text).to_dict()
+    try:
+        full = AutoConfig.for_model(text_type, **text).to_dict()
+    except (ValueError, TypeError) as e:  # an unknown model type, a field of the wrong kind
+        raise ModelNotFoundError(f"cannot read the text model's config of this {text_arch} checkpoint: {e}") from e
     eos = config.get("eos_token_id", full.get("eos_token_id"))
     return {**full, "architectures": [text_arch], "eos_token_id": eos}
 

@@ -627,7 +627,7 @@ static int avx512bf16_tiled(const uint16_t* q, const uint16_t* k_new, uint16_t* 
 
 #define F32_WHOLE_CALL                                                                                    \
     if (generic_f32_split(q, k_new, v_new, k_cache, v_cache, block_tables, row_tables, context_lens, out, D, H, \
-                          KVH, NB, BS, d, MAXB, scale, window, softcap))                                           \
+                          KVH, NB, BS, d, MAXB, scale, window, softcap))                                  \
         return;
 DEFINE_ENTRY(paged_decode_f32, float, generic_f32_head, , F32_WHOLE_CALL)
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
@@ -638,16 +638,16 @@ DEFINE_ENTRY(paged_decode_f32, float, generic_f32_head, , F32_WHOLE_CALL)
     }
 #define BF16_WHOLE_CALL                                                                                   \
     if (avx512bf16_tiled(q, k_new, k_cache, v_cache, block_tables, row_tables, context_lens, out, D, H, KVH, \
-                         NB, BS, d, MAXB, scale, window, softcap) ||                                               \
+                         NB, BS, d, MAXB, scale, window, softcap) ||                                      \
         (BS % 16 == 0 && d % 64 == 0 ? avx512bf16_split : generic_bf16_split)(                           \
             q, k_new, v_new, k_cache, v_cache, block_tables, row_tables, context_lens, out, D, H, KVH, NB, BS, d, \
-            MAXB, scale, window, softcap))                                                                         \
+            MAXB, scale, window, softcap))                                                                \
         return;
 #else
 #define BF16_FAST_PATH
 #define BF16_WHOLE_CALL                                                                                   \
     if (generic_bf16_split(q, k_new, v_new, k_cache, v_cache, block_tables, row_tables, context_lens, out, D, H, \
-                           KVH, NB, BS, d, MAXB, scale, window, softcap))                                          \
+                           KVH, NB, BS, d, MAXB, scale, window, softcap))                                 \
         return;
 #endif
 DEFINE_ENTRY(paged_decode_bf16, uint16_t, generic_bf16_head, BF16_FAST_PATH, BF16_WHOLE_CALL)

@@ -14,7 +14,7 @@ from ember.engine.sampling_params import SamplingParams
 from ember.models import quantized
 from ember.models.decode_stack import NativeDecodeStack
 from tests.test_gguf_loader import KERNEL_DTYPES as DTYPES
-from tests.test_gguf_loader import hf_llama, hf_qwen3, write_gguf  # noqa: F401 (fixtures)
+from tests.test_gguf_loader import Q4_K_M, hf_llama, hf_qwen3, write_gguf  # noqa: F401 (fixtures)
 
 
 class CountingStack:
@@ -70,7 +70,15 @@ def test_smollm_steps_of_one_to_eight_rows_are_bit_identical(dtype: str) -> None
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    ("arch", "qtype"), [("llama", "Q4_0"), ("llama", "Q8_0"), ("llama", "Q4_K"), ("qwen3", "Q8_0"), ("qwen3", "Q4_K")]
+    ("arch", "qtype"),
+    [
+        ("llama", "Q4_0"),
+        ("llama", "Q8_0"),
+        ("llama", "Q4_K"),
+        ("llama", "Q4_K_M"),
+        ("qwen3", "Q8_0"),
+        ("qwen3", "Q6_K"),
+    ],
 )
 def test_tiny_gguf_models_are_bit_identical(
     tmp_path: Path,
@@ -83,7 +91,8 @@ def test_tiny_gguf_models_are_bit_identical(
     """Llama's layers, and Qwen3's, whose q and k heads are RMS-normalized before they rotate."""
     monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path / "cache"))  # the conversion of a throwaway file
     path = tmp_path / f"tiny-{qtype}.gguf"
-    write_gguf(path, request.getfixturevalue(f"hf_{arch}"), GGMLQuantizationType[qtype], arch=arch)
+    types = Q4_K_M if qtype == "Q4_K_M" else (GGMLQuantizationType[qtype], None)
+    write_gguf(path, request.getfixturevalue(f"hf_{arch}"), types[0], overrides=types[1], arch=arch)
     llm = LLM(str(path), num_blocks=64, dtype=dtype)
     assert llm.engine.model_config.qk_norm == (arch == "qwen3")
     prompts = [[5, 17, 33, 200, 91, 7, 64], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [100, 101]]

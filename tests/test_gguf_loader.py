@@ -61,6 +61,11 @@ HF_TO_GGUF = {
     "self_attn.k_norm.weight": "attn_k_norm.weight",
 }
 BLOCK_BYTES = {GGMLQuantizationType.Q4_K: (256, 144), GGMLQuantizationType.Q6_K: (256, 210)}
+# llama.cpp's Q4_K_M as `write_gguf` takes it: Q4_K, with v, the MLP's down projection and the LM head in Q6_K
+Q4_K_M = (
+    GGMLQuantizationType.Q4_K,
+    dict.fromkeys(("attn_v.weight", "ffn_down.weight", "output.weight"), GGMLQuantizationType.Q6_K),
+)
 
 
 @pytest.fixture(autouse=True)
@@ -119,8 +124,8 @@ def write_gguf(
     describe: Callable[[GGUFWriter], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Write `model` as llama.cpp would; return each HF weight as the file stores it, dequantized. `overrides`
-    gives some tensors another type, by GGUF name suffix (as llama.cpp's mixed types, e.g. Q4_K_M, do);
-    `rope_freqs`, llama.cpp's divisor of each rotary frequency (its form of Llama 3's rope scaling); `arch`:
+    gives some tensors another type, by GGUF name less its `blk.N.` (as llama.cpp's mixed types, e.g. Q4_K_M,
+    do); `rope_freqs`, llama.cpp's divisor of each rotary frequency (its form of Llama 3's rope scaling); `arch`:
     "llama" or "granite" (q/k permuted, as llama.cpp does) or "qwen3" (not); `describe` adds metadata."""
     rng = np.random.default_rng(seed)
     writer = GGUFWriter(str(path), arch)
@@ -152,7 +157,9 @@ def write_gguf(
         if arch in ("llama", "granite") and name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = CONFIG["num_attention_heads" if "attn_q" in name else "num_key_value_heads"]
             w = llama_cpp_permute(w, heads)
-        tensor_type = next((t for suffix, t in (overrides or {}).items() if name.endswith(suffix)), qtype)
+        tensor_type = next(
+            (t for key, t in (overrides or {}).items() if name == key or name.endswith(f".{key}")), qtype
+        )
         if w.ndim == 1 or tensor_type == GGMLQuantizationType.F32:
             data = w
             writer.add_tensor(name, data)
@@ -315,14 +322,15 @@ KERNEL_DTYPES = [  # activation dtypes, each where its quantized kernel runs
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "Q4_K_M"])
 def test_decode_steps_multiply_from_the_gguf_blocks(
     tmp_path: Path, hf_llama: Any, qtype: str, dtype: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every linear keeps the file's blocks for steps of few rows; the outputs are those of the plain weights
     (equal tokens up to a near-tie, where each run's token is in the other's top-5, and close logprobs)."""
     path = tmp_path / f"tiny-{qtype}.gguf"
-    write_gguf(path, hf_llama, GGMLQuantizationType[qtype])
+    types = Q4_K_M if qtype == "Q4_K_M" else (GGMLQuantizationType[qtype], None)
+    write_gguf(path, hf_llama, types[0], overrides=types[1])
     prompts = [[5, 17, 33, 200, 91, 7, 64], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [100, 101]]
     params = SamplingParams(max_tokens=16, temperature=0, logprobs=5, ignore_eos=True)
     llm = LLM(str(path), num_blocks=64, dtype=dtype)
@@ -347,23 +355,27 @@ def test_decode_steps_multiply_from_the_gguf_blocks(
 
 
 @pytest.mark.skipif(not quantized.kernels_available(torch.float32), reason="needs AVX2 or AVX-512")
-def test_mixed_types_keep_blocks_only_where_every_fused_part_has_them(tmp_path: Path, hf_llama: Any) -> None:
-    """As in a Q4_K_M file: attn_v and ffn_down in Q6_K (no kernel), the rest Q4_K. QKV mixes formats: the
-    loader keeps no blocks for it (not even q's and k's) and it stays on its plain weights."""
-    path = tmp_path / "tiny-mixed.gguf"
-    q6 = GGMLQuantizationType.Q6_K
-    write_gguf(path, hf_llama, GGMLQuantizationType.Q4_K, overrides={"attn_v.weight": q6, "ffn_down.weight": q6})
+def test_a_q4_k_m_file_keeps_every_linear_in_its_blocks(tmp_path: Path, hf_llama: Any) -> None:
+    """Q4_K_M mixes formats: QKV is q and k in Q4_K and v in Q6_K (two kernels, each writing its columns); the
+    down projection and the LM head are Q6_K."""
+    path = tmp_path / "tiny-Q4_K_M.gguf"
+    write_gguf(path, hf_llama, Q4_K_M[0], overrides=Q4_K_M[1])
     llm = LLM(str(path), num_blocks=64, dtype="float32")
-    with_blocks = {
-        name
+    kernels = {
+        name: module.small_steps.weight.kernels
         for name, module in llm.engine.runner.model.named_modules()
         if isinstance(module, PackedLinear) and module.small_steps is not None
     }
-    layers = range(CONFIG["num_hidden_layers"])
-    assert with_blocks == {f"layers.{i}.{p}" for i in layers for p in ("self_attn.o_proj", "mlp.gate_up_proj")} | {
-        "lm_head"
+    expected = {
+        "self_attn.qkv_proj": "q4+q6",
+        "self_attn.o_proj": "q4",
+        "mlp.gate_up_proj": "q4",
+        "mlp.down_proj": "q6",
     }
-    assert set(llm.engine.loaded.gguf_blocks) == with_blocks
+    layers = range(CONFIG["num_hidden_layers"])
+    assert kernels == {f"layers.{i}.{p}": k for i in layers for p, k in expected.items()} | {"lm_head": "q6"}
+    assert set(llm.engine.loaded.gguf_blocks) == set(kernels)
+    assert llm.engine.runner.decode_stack is not None
 
 
 def test_conversion_replaces_older_conversions_of_the_file(tmp_path: Path, hf_llama: Any) -> None:

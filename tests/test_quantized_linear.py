@@ -1,4 +1,4 @@
-"""The CPU's quantized linear kernels (GGUF Q4_0, Q4_1, Q8_0 and Q4_K blocks; fp32 activations on x86 with AVX2 or
+"""The CPU's quantized linear kernels (GGUF Q4_0, Q4_1, Q8_0, Q4_K and Q6_K blocks; fp32 activations on x86 with AVX2 or
 AVX-512, bf16 on AVX512-BF16) against gguf-py's own dequantization (a GGUF model served through them:
 `test_gguf_loader.py`)."""
 
@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(
     not quantized.kernels_available(torch.float32), reason="needs a C compiler and an x86 CPU with AVX2 or AVX-512"
 )
 
-FORMATS = ["Q4_0", "Q4_1", "Q8_0", "Q4_K"]
+FORMATS = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"]
+K_QUANTS = ("Q4_K", "Q6_K")  # super-blocks of 256 weights
 DTYPES = [
     torch.float32,
     pytest.param(
@@ -39,7 +40,7 @@ def gguf_weight(gguf_type: str, n: int, k: int, seed: int) -> tuple[quantized.Qu
     kernel's split blocks, gguf-py's dequantization in fp32)."""
     rng = np.random.default_rng(seed)
     qtype = GGMLQuantizationType[gguf_type]
-    if gguf_type == "Q4_K":
+    if gguf_type in K_QUANTS:
         raw = random_k_quant((n, k), qtype, rng)
     else:
         w = (rng.standard_normal((n, k)) * 0.05 + rng.standard_normal((n, 1)) * 0.02).astype(np.float32)
@@ -50,16 +51,22 @@ def gguf_weight(gguf_type: str, n: int, k: int, seed: int) -> tuple[quantized.Qu
 
 def kernel_matmul(weight: quantized.QuantizedWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The kernel called directly, for any row count (the model calls it up to `MAX_ROWS`)."""
-    return quantized.QuantizedMatmul(weight, bias, x.dtype)(x)
+    return quantized.QuantizedMatmul(quantized.QuantizedMatrix((weight,)), bias, x.dtype)(x)
 
 
 def check_exact_weights(gguf_type: str, dtype: torch.dtype) -> None:
     """Multiplying by identity rows reads each weight back alone: bit for bit gguf-py's value (in bf16, rounded)."""
-    n, k = 40, 256 if gguf_type == "Q4_K" else 96  # Q4_K: one super-block; else a pair of blocks and a single one
+    n, k = 40, 256 if gguf_type in K_QUANTS else 96  # K-quants: one super-block; else a pair of blocks and one
     weight, reference = gguf_weight(gguf_type, n, k, seed=1)
     identity = torch.eye(k, dtype=dtype)
     columns = torch.cat([kernel_matmul(weight, identity[r : r + 8], None) for r in range(0, k, 8)])
     assert torch.equal(columns.T, reference.to(dtype))
+
+
+def multiplied(gguf_type: str, reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weights a kernel multiplies by: the loader's in the activations' dtype, but Q6_K's exact fp32 values on
+    bf16 (its kernel scales the sums of each 16 weights, not the weights)."""
+    return reference if (gguf_type, dtype) == ("Q6_K", torch.bfloat16) else reference.to(dtype)
 
 
 def check_matmul(gguf_type: str, rows: int, n: int, k: int, dtype: torch.dtype) -> None:
@@ -69,7 +76,7 @@ def check_matmul(gguf_type: str, rows: int, n: int, k: int, dtype: torch.dtype) 
     x = torch.randn(rows, k, generator=generator).to(dtype)
     bias = torch.randn(n, generator=generator).to(dtype)
     for b in (None, bias):
-        expected = x.double() @ reference.to(dtype).double().T
+        expected = x.double() @ multiplied(gguf_type, reference, dtype).double().T
         if b is not None:
             expected += b.double()
         out = kernel_matmul(weight, x, b)
@@ -77,8 +84,8 @@ def check_matmul(gguf_type: str, rows: int, n: int, k: int, dtype: torch.dtype) 
         torch.testing.assert_close(out.double(), expected, **TOLERANCE[dtype])
 
 
-SHAPES = [(64, 224), (96, 576), (48, 768)]  # (N, K): odd and even block counts; Q4_K needs whole 256s
-CASES = [(t, n, k) for t in FORMATS for n, k in SHAPES if t != "Q4_K" or k % 256 == 0]
+SHAPES = [(64, 224), (96, 576), (48, 768)]  # (N, K): odd and even block counts; K-quants need whole 256s
+CASES = [(t, n, k) for t in FORMATS for n, k in SHAPES if t not in K_QUANTS or k % 256 == 0]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -129,12 +136,28 @@ def test_packed_linear_uses_the_blocks_for_few_rows_only(dtype: torch.dtype) -> 
     weight, reference = gguf_weight("Q4_1", 128, 256, seed=3)
     linear = torch.nn.Linear(256, 128, bias=False).to(dtype)
     linear.weight.data.copy_(reference)
-    packed = PackedLinear(linear, batch_hint=64, blocks=weight)
+    packed = PackedLinear(linear, batch_hint=64, blocks=quantized.QuantizedMatrix((weight,)))
     calls = []
     assert packed.small_steps is not None
-    kernel, max_rows = packed.small_steps.function, quantized.MAX_ROWS[dtype]
-    packed.small_steps.function = lambda *args: calls.append(args[6]) or kernel(*args)  # the row count, then the call
+    call, max_rows = packed.small_steps.calls[0], quantized.MAX_ROWS[dtype]
+    kernel = call.function
+    call.function = lambda *args: calls.append(args[6]) or kernel(*args)  # the row count, then the call
     x = torch.randn(max_rows + 1, 256).to(dtype)
     few, many = packed(x[:max_rows]), packed(x)
     assert calls == [max_rows]
     torch.testing.assert_close(few.float(), many[:max_rows].float(), rtol=2**-7, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_fused_projection_of_mixed_formats_fills_one_output(dtype: torch.dtype) -> None:
+    """As Q4_K_M stores QKV: q and k in Q4_K (joined into one segment), v in Q6_K; each segment's kernel writes
+    its own columns of every row, with its part of the bias."""
+    types = ["Q4_K", "Q4_K", "Q6_K"]
+    parts = [gguf_weight(t, n, 512, seed) for seed, (t, n) in enumerate(zip(types, [64, 32, 48], strict=True))]
+    matrix = quantized.stack_rows([w for w, _ in parts])
+    assert matrix is not None and matrix.kernels == "q4+q6" and matrix.shape == (144, 512)
+    reference = torch.cat([multiplied(t, r, dtype) for t, (_, r) in zip(types, parts, strict=True)]).double()
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(0)).to(dtype)
+    bias = torch.randn(144).to(dtype)
+    out = quantized.QuantizedMatmul(matrix, bias, dtype)(x)
+    torch.testing.assert_close(out.double(), x.double() @ reference.T + bias.double(), **TOLERANCE[dtype])

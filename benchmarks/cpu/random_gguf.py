@@ -2,6 +2,10 @@
 block type the quantized kernels read: benchmarks of the GGUF path (the C decode stack, the quantized linears)
 on architectures whose real GGUF is not on this machine. No tokenizer: prompts are token ids.
 
+`--type Q4_K_M` mixes types as llama.cpp's Q4_K_M does: Q4_K, with the LM head (or the tied embedding) in Q6_K,
+and v and the MLP's down projection in Q6_K in the first and last eighth of the layers and every third between.
+K-quant blocks are random bytes under small scales (gguf-py cannot quantize to K types).
+
 `.venv/bin/python benchmarks/cpu/random_gguf.py /tmp/qwen3-0.6b-q8.gguf [--preset qwen3-0.6b] [--type Q8_0]`
 """
 
@@ -12,7 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -42,15 +46,49 @@ def layer_tensors(config: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+K_QUANT_SCALES = {  # byte offsets of each block's fp16 scales, and a scale that gives weights of ~0.02
+    GGMLQuantizationType.Q4_K: ((0, 2), 1e-4),  # d, dmin
+    GGMLQuantizationType.Q6_K: ((208,), 2e-5),  # d
+}
+
+
+def random_k_quant(shape: tuple[int, int], qtype: GGMLQuantizationType, rng: np.random.Generator) -> np.ndarray:
+    """Rows of random K-quant super-blocks (256 weights each) with small, finite scales."""
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(shape[0], shape[1] // block_size, type_size), dtype=np.uint8)
+    offsets, scale = K_QUANT_SCALES[qtype]
+    for offset in offsets:
+        raw[..., offset : offset + 2] = np.frombuffer(np.float16(scale).tobytes(), dtype=np.uint8)
+    return raw.reshape(shape[0], -1)
+
+
+def more_bits(layer: int, layers: int) -> bool:
+    """llama.cpp's `use_more_bits`: the layers whose v and down projections Q4_K_M keeps in Q6_K."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def q4_k_m_type(name: str, layers: int, tied: bool) -> GGMLQuantizationType:
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        return GGMLQuantizationType.Q6_K
+    if name.endswith(("attn_v.weight", "ffn_down.weight")) and more_bits(int(name.split(".")[1]), layers):
+        return GGMLQuantizationType.Q6_K
+    return GGMLQuantizationType.Q4_K
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
     parser.add_argument("--preset", default="qwen3-0.6b", choices=sorted(DUMMY_PRESETS))
-    parser.add_argument("--type", default="Q8_0", choices=["Q8_0", "Q4_0", "Q4_1"], help="the matrices' block type")
+    parser.add_argument(
+        "--type",
+        default="Q8_0",
+        choices=["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q4_K_M"],
+        help="the matrices' block type, or llama.cpp's Q4_K_M mix",
+    )
     args = parser.parse_args()
     config = DUMMY_PRESETS[args.preset]
     arch = ARCHITECTURES[config["architectures"][0]]
-    qtype = GGMLQuantizationType[args.type]
+    layers, tied = config["num_hidden_layers"], config["tie_word_embeddings"]
     rng = np.random.default_rng(0)
     writer = GGUFWriter(str(args.out), arch)
     writer.add_block_count(config["num_hidden_layers"])
@@ -68,6 +106,10 @@ def main() -> None:
     def add(name: str, shape: tuple[int, ...]) -> None:
         if len(shape) == 1:  # norms near one
             writer.add_tensor(name, (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32))
+            return
+        qtype = q4_k_m_type(name, layers, tied) if args.type == "Q4_K_M" else GGMLQuantizationType[args.type]
+        if qtype in K_QUANT_SCALES:
+            writer.add_tensor(name, random_k_quant(shape, qtype, rng), raw_dtype=qtype)
         else:
             weights = (0.02 * rng.standard_normal(shape)).astype(np.float32)
             writer.add_tensor(name, quantize(weights, qtype), raw_dtype=qtype)

@@ -26,7 +26,7 @@ from ember.models.decode_stack import NativeDecodeStack
 from ember.models.llama import LlamaForCausalLM
 from ember.models.lora import LoRAModel
 from ember.models.packed_linear import pack_linears
-from ember.models.quantized import QuantizedWeight
+from ember.models.quantized import QuantizedMatrix
 from ember.spec.verify import verify_drafts
 
 
@@ -94,7 +94,7 @@ class ModelRunner:
         dtype: torch.dtype,
         graph_max_batch: int = 0,
         max_model_len: int | None = None,
-        gguf_blocks: dict[str, QuantizedWeight] | None = None,
+        gguf_blocks: dict[str, QuantizedMatrix] | None = None,
         enable_lora: bool = False,
         max_lora_rank: int | None = None,
     ) -> None:

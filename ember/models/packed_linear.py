@@ -25,7 +25,7 @@ class PackedLinear(nn.Module):
     """Drop-in for an `nn.Linear` at inference; keeps only the packed weight, so no memory is doubled, and
     multiplies steps of few rows (`quantized.MAX_ROWS`) from the GGUF blocks when given them."""
 
-    def __init__(self, linear: nn.Linear, batch_hint: int, blocks: quantized.QuantizedWeight | None = None) -> None:
+    def __init__(self, linear: nn.Linear, batch_hint: int, blocks: quantized.QuantizedMatrix | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach()
@@ -39,12 +39,12 @@ class PackedLinear(nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        blocks = f", blocks={self.small_steps.weight.kernel}" if self.small_steps is not None else ""
+        blocks = f", blocks={self.small_steps.weight.kernels}" if self.small_steps is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{blocks}"
 
 
 def pack_linears(
-    model: nn.Module, batch_hint: int = 64, blocks: dict[str, quantized.QuantizedWeight] | None = None
+    model: nn.Module, batch_hint: int = 64, blocks: dict[str, quantized.QuantizedMatrix] | None = None
 ) -> int:
     """Replace every CPU fp32/bf16 `nn.Linear` in `model` by a `PackedLinear`; returns how many were packed.
 

@@ -9,6 +9,8 @@ stay on oneDNN, so the model keeps both copies (the blocks add about a third of 
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -17,8 +19,8 @@ import torch
 
 from ember.kernels import native
 
-# GGUF type -> (weights, bytes) per block; Q4_K blocks are split into sub-blocks of 32 weights at load
-GGUF_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q4_K": (256, 144)}
+# GGUF type -> (weights, bytes) per block; K-quant super-blocks are split into blocks of 32 weights at load
+GGUF_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q4_K": (256, 144), "Q6_K": (256, 210)}
 BLOCK = 32
 # Above this many rows a step's matmul is compute bound and oneDNN's kernel is about as fast or faster
 # (measured on an AVX512-BF16 EPYC, and fp32 also as an AVX2 build: `benchmarks/NOTES.md`, steps 20 and 21).
@@ -30,9 +32,9 @@ SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 class QuantizedWeight:
     """A linear weight [N, K] as the kernel reads it: per output feature, K / 32 blocks."""
 
-    kernel: str  # "q4" (4-bit: Q4_0, Q4_1, Q4_K) or "q8" (Q8_0)
-    quants: torch.Tensor  # uint8 [N, K / 32, 16 or 32]
-    scales: torch.Tensor  # fp32 [N, K / 32]
+    kernel: str  # "q4" (4-bit: Q4_0, Q4_1, Q4_K), "q8" (Q8_0) or "q6" (Q6_K); `quantized_linear.c` lays them out
+    quants: torch.Tensor  # uint8 [N, K / 32, 16, 32 or 24]
+    scales: torch.Tensor  # fp32 [N, K / 32] (q6: [N, K / 16])
     mins: torch.Tensor | None  # fp32 [N, K / 32], or None (Q8_0)
 
     @property
@@ -55,6 +57,8 @@ def from_gguf_blocks(raw: torch.Tensor, gguf_type: str) -> QuantizedWeight:
     blocks = raw.numpy().reshape(raw.shape[0], -1, block_bytes)
     if gguf_type == "Q4_K":
         return _from_q4_k(blocks)
+    if gguf_type == "Q6_K":
+        return _from_q6_k(blocks)
     scales = _half(blocks, 0)
     mins = {"Q4_0": -8.0 * scales, "Q4_1": _half(blocks, 2), "Q8_0": None}[gguf_type]
     first_quant = 4 if gguf_type == "Q4_1" else 2
@@ -86,10 +90,50 @@ def _from_q4_k(blocks: np.ndarray) -> QuantizedWeight:
     )
 
 
-def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight | None:
-    """The weights of a fused projection (q/k/v, gate/up) stacked by rows; None if their formats differ."""
-    if len({(p.kernel, p.mins is None, p.shape[1]) for p in parts}) != 1:
+def _from_q6_k(blocks: np.ndarray) -> QuantizedWeight:
+    """Q6_K: super-blocks of 256 weights, 16 sub-blocks of 16 with int8 scales under the super-block's fp16 `d`,
+    each weight 6 bits (a nibble in `ql`, two high bits in `qh`) less 32. Each 32 weights become a q6 block (their
+    nibbles as q4's, their high bit pairs in 8 bytes) with two scales `d * sc`, exact in fp32."""
+    rows, supers, _ = blocks.shape
+    nibbles = blocks[..., :128].reshape(rows, supers, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)
+    high = blocks[..., 128:192].reshape(rows, supers, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
+    values = ((nibbles & 0x0F).reshape(rows, -1, 32) | ((high & 0x03).reshape(rows, -1, 32) << 4)).astype(np.uint8)
+    low = (values[..., :16] & 0x0F) | (values[..., 16:] << 4)
+    pairs = (values >> 4).reshape(rows, -1, 4, 8) << np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
+    high_bytes = np.bitwise_or.reduce(pairs, axis=2)
+    scales = _half(blocks, 208)[..., None] * blocks[..., 192:208].view(np.int8).astype(np.float32)
+    quants = np.concatenate([low, high_bytes], axis=-1)
+    return QuantizedWeight("q6", torch.from_numpy(quants), torch.from_numpy(scales.reshape(rows, -1)), None)
+
+
+@dataclass
+class QuantizedMatrix:
+    """A linear's weight [N, K] as row segments of blocks, each in one format: a fused projection's parts may
+    differ (Q4_K_M files store q and k in Q4_K, v in Q6_K); each segment's kernel writes its own columns."""
+
+    segments: tuple[QuantizedWeight, ...]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(s.shape[0] for s in self.segments), self.segments[0].shape[1]
+
+    @property
+    def kernels(self) -> str:
+        return "+".join(s.kernel for s in self.segments)
+
+
+def stack_rows(parts: list[QuantizedWeight]) -> QuantizedMatrix | None:
+    """The weights of a fused projection (q/k/v, gate/up) stacked by rows, consecutive parts of one format
+    joined; None if their widths differ."""
+    if len({p.shape[1] for p in parts}) != 1:
         return None
+    runs = [list(group) for _, group in itertools.groupby(parts, key=lambda p: (p.kernel, p.mins is None))]
+    return QuantizedMatrix(tuple(_concat(run) for run in runs))
+
+
+def _concat(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    if len(parts) == 1:
+        return parts[0]
     mins = None if parts[0].mins is None else torch.cat([p.mins for p in parts])  # type: ignore[misc]
     return QuantizedWeight(
         parts[0].kernel, torch.cat([p.quants for p in parts]), torch.cat([p.scales for p in parts]), mins
@@ -108,29 +152,55 @@ def kernels_available(dtype: torch.dtype) -> bool:
     )
 
 
+@dataclass
+class KernelCall:
+    """One segment's kernel and its bound pointers: it writes `out_features` columns of each output row,
+    `out_offset` bytes into the row."""
+
+    function: ctypes._CFuncPtr
+    weight_args: tuple[int | None, ...]  # quants, scales, mins, bias
+    out_features: int
+    out_offset: int
+
+
 class QuantizedMatmul:
     """`x @ weight.T (+ bias)` for x of at most `max_rows` rows, from the blocks (pointers bound once)."""
 
-    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+    def __init__(self, weight: QuantizedMatrix, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         library = native.load()
         assert library is not None
-        self.weight, self.bias, self.dtype = weight, bias, dtype  # kept alive: the kernel holds their pointers
+        self.weight, self.bias, self.dtype = weight, bias, dtype  # kept alive: the kernels hold their pointers
         self.out_features, self.in_features = weight.shape
         self.max_rows = MAX_ROWS[dtype]
-        self.function = getattr(library, f"quantized_linear_{weight.kernel}_{SUFFIX[dtype]}")
-        mins = None if weight.mins is None else weight.mins.data_ptr()
-        bias_ptr = None if bias is None else bias.data_ptr()
-        self.weight_args = (weight.quants.data_ptr(), weight.scales.data_ptr(), mins, bias_ptr)
+        self.calls: list[KernelCall] = []
+        column, element_size = 0, torch.empty(0, dtype=dtype).element_size()
+        for segment in weight.segments:
+            mins = None if segment.mins is None else segment.mins.data_ptr()
+            bias_ptr = None if bias is None else bias[column:].data_ptr()
+            function = getattr(library, f"quantized_linear_{segment.kernel}_{SUFFIX[dtype]}")
+            args = (segment.quants.data_ptr(), segment.scales.data_ptr(), mins, bias_ptr)
+            self.calls.append(KernelCall(function, args, segment.shape[0], column * element_size))
+            column += segment.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         rows = x.shape[0]
         out = torch.empty((rows, self.out_features), dtype=self.dtype)
-        self.function(*self.weight_args, x.data_ptr(), out.data_ptr(), rows, self.out_features, self.in_features)
+        x_ptr, out_ptr = x.data_ptr(), out.data_ptr()
+        for call in self.calls:
+            call.function(
+                *call.weight_args,
+                x_ptr,
+                out_ptr + call.out_offset,
+                rows,
+                call.out_features,
+                self.in_features,
+                self.out_features,
+            )
         return out
 
 
-def usable(weight: QuantizedWeight | None, linear: torch.nn.Linear) -> bool:
+def usable(weight: QuantizedMatrix | None, linear: torch.nn.Linear) -> bool:
     """Whether `weight` can stand in for `linear`'s weight in a kernel that runs here."""
     dtype = linear.weight.dtype
     return (

@@ -12,7 +12,7 @@
 #include <string.h>
 
 typedef void (*quantized_linear_fn)(const void* quants, const void* scales, const void* mins, const void* bias,
-                                    const void* x, void* out, int64_t M, int64_t N, int64_t K);
+                                    const void* x, void* out, int64_t M, int64_t N, int64_t K, int64_t ldo);
 typedef void (*rms_norm_fn)(const void* x, void* residual, const void* weight, void* out, int64_t rows, int64_t H,
                             int64_t x_stride, float eps);
 typedef void (*rotary_fn)(void* x, const float* cos, const float* sin, int64_t rows, int64_t heads, int64_t d,
@@ -38,8 +38,15 @@ typedef struct {
 
 typedef struct {
     const void *quants, *scales, *mins, *bias;  // mins and bias may be NULL
-    quantized_linear_fn fn;                     // the kernel of its format (q4/q8) and activation dtype
-    int64_t out_features, in_features;
+    quantized_linear_fn fn;                     // the kernel of its format (q4/q8/q6) and activation dtype
+    int64_t out_features;
+} QuantizedSegment;
+
+#define MAX_SEGMENTS 3  // a fused projection's parts (q, k, v), each in a format of its own in Q4_K_M files
+
+typedef struct {
+    QuantizedSegment segments[MAX_SEGMENTS];  // consecutive output columns, the first num_segments used
+    int64_t num_segments, out_features, in_features;
     LoRATable lora;
 } QuantizedLinear;
 
@@ -74,7 +81,13 @@ static inline char* row(void* base, int64_t r, int64_t width, int64_t elem) { re
 // out = p(x), plus each row's LoRA delta when the step has adapter rows (`lora_slots`, -1: none)
 static inline void linear(const DecodeStack* s, const QuantizedLinear* p, const void* x, void* out, int64_t rows,
                           const int64_t* lora_slots) {
-    p->fn(p->quants, p->scales, p->mins, p->bias, x, out, rows, p->out_features, p->in_features);
+    char* columns = out;
+    for (int64_t i = 0; i < p->num_segments; i++) {
+        const QuantizedSegment* g = &p->segments[i];
+        g->fn(g->quants, g->scales, g->mins, g->bias, x, columns, rows, g->out_features, p->in_features,
+              p->out_features);
+        columns += g->out_features * s->elem_size;
+    }
     if (lora_slots && p->lora.a) {
         s->lora_add(x, out, p->lora.a, p->lora.b, p->lora.cols, p->lora.ranks, lora_slots, rows, p->out_features,
                     p->in_features);

@@ -6,11 +6,21 @@
 // blocks and dequantizing in registers beats a bf16 matmul about 3x in bytes. Each block of 32 weights is
 // dequantized exactly as the loader does it (fp32 `d * q + m`, and for bf16 rounded), so the weights the
 // dot products see are bit for bit those of the model; only the summation order differs, as it does
-// between oneDNN's kernels for different row counts.
+// between oneDNN's kernels for different row counts. (One exception: q6 on bf16 multiplies by the exact fp32
+// weights, not their bf16 roundings; see there.)
 //
-// Weights are stored split, per output feature n and block b: quants [N][K/32][BYTES], scales [N][K/32]
-// and mins [N][K/32] as fp32 (mins NULL: none). x is [M, K], out [M, N], bias [N] or NULL, all of the
-// activations' type.
+// Weights are stored split, per output feature n and block b: quants [N][K/32][BYTES], scales
+// [N][K/32][SCALES] and mins [N][K/32] as fp32 (mins NULL: none). x is [M, K]; out [M, ldo], of which
+// columns 0..N-1 are written (so that the parts of a fused projection in different formats fill one output);
+// bias [N] or NULL; all of the activations' type.
+//
+// Formats (`quantized.py` repacks GGUF's blocks into them at load):
+//   q4  16 bytes: weight j < 16 in the low nibble of byte j, weight j + 16 in its high nibble; `d * q + m`
+//       (Q4_0, Q4_1, Q4_K's sub-blocks);
+//   q8  32 signed bytes; `d * q` (Q8_0);
+//   q6  24 bytes: q4's nibbles, then 8 bytes of high bit pairs (byte i: weights i, i + 8, i + 16, i + 24 in
+//       bits 0-1, 2-3, 4-5, 6-7); two scales, one per 16 weights; `d * (q - 32)` (Q6_K: its `d * sc` has at
+//       most 18 significant bits, so the products are exact in fp32, as in gguf-py).
 
 #include "common.h"
 
@@ -19,30 +29,44 @@
 #define AS_FLOAT_BF16(v) bf16_to_float(v)
 #define UP_TO(GROUP, c) ((c) < (GROUP) ? (c) : (GROUP))
 
+// Each thread walks its features' blocks in order, yet from memory they arrived at about a third of the
+// bandwidth a plain sum reads (10 of 31 GB/s, Qwen3-0.6B's Q4_0 linears at one row): the hardware prefetchers
+// stop at page boundaries and see little of the stream between the kernel's arithmetic. Asking for a feature's
+// blocks PREFETCH_FEATURES features ahead doubled it (4 measured best of 1, 2, 4 and 8).
+#define PREFETCH_FEATURES 4
+static inline void prefetch_span(const void* p, int64_t bytes) {
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char*)p + i, 0, 3);
+}
+
 // The entry point of a kernel: output features split across threads; rows taken in groups of up to GROUP,
 // each group size a FEATURE loop compiled for it (its accumulators then stay in registers).
-#define DEFINE_QUANTIZED_LINEAR(NAME, T, AS_FLOAT, GROUP, BYTES, FEATURE)                                  \
+#define DEFINE_QUANTIZED_LINEAR(NAME, T, AS_FLOAT, GROUP, BYTES, SCALES, FEATURE)                          \
     void NAME(const uint8_t* quants, const float* scales, const float* mins, const T* bias, const T* x,    \
-              T* out, int64_t M, int64_t N, int64_t K) {                                                   \
+              T* out, int64_t M, int64_t N, int64_t K, int64_t ldo) {                                      \
         const int64_t nb = K / QBLOCK;                                                                     \
-        _Pragma("omp parallel for schedule(static)")                                                      \
+        _Pragma("omp parallel for schedule(static)")                                                       \
         for (int64_t n = 0; n < N; n++) {                                                                  \
             const uint8_t* q = quants + n * nb * (BYTES);                                                  \
-            const float* d = scales + n * nb;                                                              \
+            const float* d = scales + n * nb * (SCALES);                                                   \
             const float* m = mins ? mins + n * nb : NULL;                                                  \
             const float b = bias ? AS_FLOAT(bias[n]) : 0.0f;                                               \
+            if (n + PREFETCH_FEATURES < N) {                                                               \
+                prefetch_span(q + PREFETCH_FEATURES * nb * (BYTES), nb * (BYTES));                         \
+                prefetch_span(d + PREFETCH_FEATURES * nb * (SCALES), nb * (SCALES) * sizeof(float));       \
+                if (m) prefetch_span(m + PREFETCH_FEATURES * nb, nb * sizeof(float));                      \
+            }                                                                                              \
             for (int64_t r0 = 0; r0 < M; r0 += GROUP) {                                                    \
                 const T* xr = x + r0 * K;                                                                  \
-                T* o = out + r0 * N + n;                                                                   \
+                T* o = out + r0 * ldo + n;                                                                 \
                 switch (M - r0 < GROUP ? M - r0 : GROUP) {                                                 \
-                    case 1: FEATURE(q, d, m, b, xr, o, nb, K, N, 1); break;                                \
-                    case 2: FEATURE(q, d, m, b, xr, o, nb, K, N, UP_TO(GROUP, 2)); break;                  \
-                    case 3: FEATURE(q, d, m, b, xr, o, nb, K, N, UP_TO(GROUP, 3)); break;                  \
-                    case 4: FEATURE(q, d, m, b, xr, o, nb, K, N, UP_TO(GROUP, 4)); break;                  \
-                    case 5: FEATURE(q, d, m, b, xr, o, nb, K, N, UP_TO(GROUP, 5)); break;                  \
-                    case 6: FEATURE(q, d, m, b, xr, o, nb, K, N, UP_TO(GROUP, 6)); break;                  \
-                    case 7: FEATURE(q, d, m, b, xr, o, nb, K, N, UP_TO(GROUP, 7)); break;                  \
-                    default: FEATURE(q, d, m, b, xr, o, nb, K, N, GROUP); break;                           \
+                    case 1: FEATURE(q, d, m, b, xr, o, nb, K, ldo, 1); break;                              \
+                    case 2: FEATURE(q, d, m, b, xr, o, nb, K, ldo, UP_TO(GROUP, 2)); break;                \
+                    case 3: FEATURE(q, d, m, b, xr, o, nb, K, ldo, UP_TO(GROUP, 3)); break;                \
+                    case 4: FEATURE(q, d, m, b, xr, o, nb, K, ldo, UP_TO(GROUP, 4)); break;                \
+                    case 5: FEATURE(q, d, m, b, xr, o, nb, K, ldo, UP_TO(GROUP, 5)); break;                \
+                    case 6: FEATURE(q, d, m, b, xr, o, nb, K, ldo, UP_TO(GROUP, 6)); break;                \
+                    case 7: FEATURE(q, d, m, b, xr, o, nb, K, ldo, UP_TO(GROUP, 7)); break;                \
+                    default: FEATURE(q, d, m, b, xr, o, nb, K, ldo, GROUP); break;                         \
                 }                                                                                          \
             }                                                                                              \
         }                                                                                                  \
@@ -96,26 +120,50 @@ static inline __m128i byte_group(__m128i v, int c) {
 
 // Weights c * LANES onwards of a 4-bit block (weight j < 16: low nibble of byte j; j >= 16: high nibble of
 // byte j - 16), as `d * q + m`.
-static inline void unpack_q4_f32(const uint8_t* q, float d, float m, fvec* w) {
+static inline void unpack_q4_f32(const uint8_t* q, const float* d, const float* m, fvec* w) {
     const __m128i bytes = _mm_loadu_si128((const __m128i*)q);
     const __m128i nibble = _mm_set1_epi8(0x0F);
     const __m128i halves[2] = {_mm_and_si128(bytes, nibble), _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble)};
     for (int c = 0; c < CHUNKS; c++) {
         const __m128i group = byte_group(halves[c * LANES / 16], c);
-        w[c] = VFMA(VBYTES_TO_F32(group), VSET1(d), VSET1(m));
+        w[c] = VFMA(VBYTES_TO_F32(group), VSET1(*d), VSET1(m ? *m : 0.0f));
     }
 }
 
-static inline void unpack_q8_f32(const uint8_t* q, float d, float m, fvec* w) {
+static inline void unpack_q8_f32(const uint8_t* q, const float* d, const float* m, fvec* w) {
     (void)m;
     for (int c = 0; c < CHUNKS; c++) {
         const __m128i* p = (const __m128i*)(q + c * LANES);
         const __m128i group = LANES == 16 ? _mm_loadu_si128(p) : _mm_loadl_epi64(p);  // no byte past the block
-        w[c] = VMUL(VSBYTES_TO_F32(group), VSET1(d));
+        w[c] = VMUL(VSBYTES_TO_F32(group), VSET1(*d));
     }
 }
 
-#define DEFINE_FEATURE_F32(NAME, BYTES, UNPACK)                                                            \
+// A q6 block's 32 weights as signed bytes q - 32 (in weight order; 0-15 in the low 128 bits): nibbles as q4's,
+// then each 64-bit lane c of the broadcast high-bit bytes shifted by 2c, so byte i of lane c holds weight
+// i + 8c's two high bits in its lowest bits.
+static inline __m256i q6_values(const uint8_t* q) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i*)q);
+    const __m128i nibble = _mm_set1_epi8(0x0F);
+    const __m256i low = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble), _mm_and_si128(bytes, nibble));
+    int64_t packed;
+    memcpy(&packed, q + 16, sizeof packed);
+    const __m256i pairs = _mm256_srlv_epi64(_mm256_set1_epi64x(packed), _mm256_set_epi64x(6, 4, 2, 0));
+    const __m256i high = _mm256_slli_epi16(_mm256_and_si256(pairs, _mm256_set1_epi8(0x03)), 4);  // stays in its byte
+    return _mm256_sub_epi8(_mm256_or_si256(low, high), _mm256_set1_epi8(32));
+}
+
+static inline void unpack_q6_f32(const uint8_t* q, const float* d, const float* m, fvec* w) {
+    (void)m;
+    const __m256i values = q6_values(q);
+    const __m128i halves[2] = {_mm256_castsi256_si128(values), _mm256_extracti128_si256(values, 1)};
+    for (int c = 0; c < CHUNKS; c++) {
+        const int h = c * LANES / 16;
+        w[c] = VMUL(VSBYTES_TO_F32(byte_group(halves[h], c)), VSET1(d[h]));
+    }
+}
+
+#define DEFINE_FEATURE_F32(NAME, BYTES, SCALES, UNPACK)                                                    \
     static inline __attribute__((always_inline)) void NAME(                                                \
         const uint8_t* q, const float* d, const float* m, float bias, const float* x, float* out,          \
         int64_t nb, int64_t K, int64_t N, const int rows) {                                                \
@@ -123,23 +171,30 @@ static inline void unpack_q8_f32(const uint8_t* q, float d, float m, fvec* w) {
         for (int r = 0; r < rows; r++) acc[r][0] = acc[r][1] = VZERO();                                    \
         for (int64_t b = 0; b < nb; b++) {                                                                 \
             fvec w[CHUNKS];                                                                                \
-            UNPACK(q + b * (BYTES), d[b], m ? m[b] : 0.0f, w);                                             \
+            UNPACK(q + b * (BYTES), d + b * (SCALES), m ? m + b : NULL, w);                                \
             for (int c = 0; c < CHUNKS; c++)                                                               \
                 for (int r = 0; r < rows; r++)                                                             \
                     acc[r][c % 2] = VFMA(w[c], VLOAD(x + r * K + b * QBLOCK + c * LANES), acc[r][c % 2]);  \
         }                                                                                                  \
-        for (int r = 0; r < rows; r++) out[r * N] = vsum(VADD(acc[r][0], acc[r][1])) + bias;              \
+        for (int r = 0; r < rows; r++) out[r * N] = vsum(VADD(acc[r][0], acc[r][1])) + bias;               \
     }
 
-DEFINE_FEATURE_F32(q4_feature_f32, 16, unpack_q4_f32)
-DEFINE_FEATURE_F32(q8_feature_f32, 32, unpack_q8_f32)
-DEFINE_QUANTIZED_LINEAR(quantized_linear_q4_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 16, q4_feature_f32)
-DEFINE_QUANTIZED_LINEAR(quantized_linear_q8_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 32, q8_feature_f32)
+DEFINE_FEATURE_F32(q4_feature_f32, 16, 1, unpack_q4_f32)
+DEFINE_FEATURE_F32(q8_feature_f32, 32, 1, unpack_q8_f32)
+DEFINE_FEATURE_F32(q6_feature_f32, 24, 2, unpack_q6_f32)
+DEFINE_QUANTIZED_LINEAR(quantized_linear_q4_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 16, 1, q4_feature_f32)
+DEFINE_QUANTIZED_LINEAR(quantized_linear_q8_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 32, 1, q8_feature_f32)
+DEFINE_QUANTIZED_LINEAR(quantized_linear_q6_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 24, 2, q6_feature_f32)
 #endif
 
 // ---- bf16 activations on AVX512-BF16
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
+
+// vpshufb indices: in each 128-bit lane, words 0-3 (4-7) take bytes 0-3 (4-7) as their upper byte, zero lower
+#define UPPER_BYTES_0_3 0x0380028001800080LL
+#define UPPER_BYTES_4_7 0x0780068005800480LL
+#define WORDS_OF(v) ((int64_t)(v) * 0x0001000100010001LL)  // four 16-bit lanes of v
 
 #define GROUP_ROWS 8  // rows whose accumulators stay in registers while a block is dequantized once
 
@@ -186,6 +241,76 @@ static inline void q8_pair(const uint8_t* q, const float* d, const float* m, __m
     *w1 = q8_single(q + 32, d + 1, m);
 }
 
+// q6 blocks: a block's 32 weights as the exact bf16 integers q - 32 (q in 16-bit lanes, looked up in a
+// 64-entry table), its products with each row summed in fp32 (vdpbf16ps pairs weights 2i and 2i + 1, so lanes
+// 0-7 hold the first 16 weights' sums), then scaled per 16 weights: the exact fp32 weights `d * (q - 32)`
+// times x. The weights are not rounded to bf16 first, as the other formats' are (converting each weight to
+// float, scaling and rounding it took three times as long): sums differ from the PyTorch model's by that
+// rounding (at most 2^-9 of each weight), not only by their order.
+static inline __m512i q6_words(const uint8_t* q) {
+    const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)q));
+    const __m256i low = _mm256_and_si256(bytes, _mm256_set1_epi16(0x0F));
+    const __m512i nibbles = _mm512_inserti64x4(_mm512_castsi256_si512(low), _mm256_srli_epi16(bytes, 4), 1);
+    int64_t packed;
+    memcpy(&packed, q + 16, sizeof packed);
+    // word j (in 128-bit lane j / 8) takes high byte j % 8 as its upper byte, then shifts right by 4 + 2 (j / 8)
+    // so that weight j's pair lands in bits 4-5
+    const __m512i upper = _mm512_set_epi64(UPPER_BYTES_4_7, UPPER_BYTES_0_3, UPPER_BYTES_4_7, UPPER_BYTES_0_3,
+                                           UPPER_BYTES_4_7, UPPER_BYTES_0_3, UPPER_BYTES_4_7, UPPER_BYTES_0_3);
+    const __m512i shifts = _mm512_set_epi64(WORDS_OF(10), WORDS_OF(10), WORDS_OF(8), WORDS_OF(8), WORDS_OF(6),
+                                            WORDS_OF(6), WORDS_OF(4), WORDS_OF(4));
+    const __m512i words = _mm512_shuffle_epi8(_mm512_set1_epi64(packed), upper);
+    return _mm512_or_si512(nibbles, _mm512_and_si512(_mm512_srlv_epi16(words, shifts), _mm512_set1_epi16(0x30)));
+}
+
+// bf16 of q - 32 for q = 0..31 (low) and 32..63 (high), the table q6_words' values index
+static inline void q6_tables(__m512i* low, __m512i* high) {
+    const __m512 step = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 from[4] = {_mm512_sub_ps(step, _mm512_set1_ps(32)), _mm512_sub_ps(step, _mm512_set1_ps(16)), step,
+                            _mm512_add_ps(step, _mm512_set1_ps(16))};
+    *low = (__m512i)_mm512_cvtne2ps_pbh(from[1], from[0]);
+    *high = (__m512i)_mm512_cvtne2ps_pbh(from[3], from[2]);
+}
+
+// Block b's two scales spread over the 16 lanes of its dot products: lanes 0-7 the first 16 weights'.
+static inline __m512 q6_lane_scales(const float* d) {
+    const __m512i spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(_mm_castpd_ps(_mm_load_sd((const double*)d))));
+}
+
+static inline __attribute__((always_inline)) void q6_feature_bf16(const uint8_t* q, const float* d, const float* m,
+                                                                  float bias, const uint16_t* x, uint16_t* out,
+                                                                  int64_t nb, int64_t K, int64_t N, const int rows) {
+    (void)m;
+    __m512i table_low, table_high;
+    q6_tables(&table_low, &table_high);
+    __m512 acc0[GROUP_ROWS], acc1[GROUP_ROWS];
+    for (int r = 0; r < rows; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 1 < nb; b += 2) {
+        const __m512bh w0 = (__m512bh)_mm512_permutex2var_epi16(table_low, q6_words(q + b * 24), table_high);
+        const __m512bh w1 = (__m512bh)_mm512_permutex2var_epi16(table_low, q6_words(q + b * 24 + 24), table_high);
+        const __m512 scales0 = q6_lane_scales(d + 2 * b), scales1 = q6_lane_scales(d + 2 * b + 2);
+        for (int r = 0; r < rows; r++) {
+            const uint16_t* xb = x + r * K + b * QBLOCK;
+            const __m512 sums0 = _mm512_dpbf16_ps(_mm512_setzero_ps(), w0, (__m512bh)_mm512_loadu_si512(xb));
+            const __m512 sums1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), w1, (__m512bh)_mm512_loadu_si512(xb + QBLOCK));
+            acc0[r] = _mm512_fmadd_ps(sums0, scales0, acc0[r]);
+            acc1[r] = _mm512_fmadd_ps(sums1, scales1, acc1[r]);
+        }
+    }
+    if (b < nb) {
+        const __m512bh w = (__m512bh)_mm512_permutex2var_epi16(table_low, q6_words(q + b * 24), table_high);
+        const __m512 scales = q6_lane_scales(d + 2 * b);
+        for (int r = 0; r < rows; r++) {
+            const __m512bh xb = (__m512bh)_mm512_loadu_si512(x + r * K + b * QBLOCK);
+            acc0[r] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), w, xb), scales, acc0[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        out[r * N] = float_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])) + bias);
+}
+
 // One output feature for `rows` (a compile-time constant after inlining) rows of x: the accumulators
 // live in registers (two per row, so consecutive blocks do not wait on each other), and each block is
 // dequantized once for all rows.
@@ -194,7 +319,7 @@ static inline void q8_pair(const uint8_t* q, const float* d, const float* m, __m
         const uint8_t* q, const float* d, const float* m, float bias, const uint16_t* x, uint16_t* out,    \
         int64_t nb, int64_t K, int64_t N, const int rows) {                                                \
         __m512 acc0[GROUP_ROWS], acc1[GROUP_ROWS];                                                         \
-        for (int r = 0; r < rows; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();                           \
+        for (int r = 0; r < rows; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();                            \
         int64_t b = 0;                                                                                     \
         for (; b + 1 < nb; b += 2) {                                                                       \
             __m512bh w0, w1;                                                                               \
@@ -211,12 +336,13 @@ static inline void q8_pair(const uint8_t* q, const float* d, const float* m, __m
                 acc0[r] = _mm512_dpbf16_ps(acc0[r], w, (__m512bh)_mm512_loadu_si512(x + r * K + b * QBLOCK)); \
         }                                                                                                  \
         for (int r = 0; r < rows; r++)                                                                     \
-            out[r * N] = float_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])) + bias);     \
+            out[r * N] = float_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])) + bias);      \
     }
 
 DEFINE_FEATURE(q4_feature_bf16, 16, q4_pair, q4_single)
 DEFINE_FEATURE(q8_feature_bf16, 32, q8_pair, q8_single)
-DEFINE_QUANTIZED_LINEAR(quantized_linear_q4_bf16, uint16_t, AS_FLOAT_BF16, GROUP_ROWS, 16, q4_feature_bf16)
-DEFINE_QUANTIZED_LINEAR(quantized_linear_q8_bf16, uint16_t, AS_FLOAT_BF16, GROUP_ROWS, 32, q8_feature_bf16)
+DEFINE_QUANTIZED_LINEAR(quantized_linear_q4_bf16, uint16_t, AS_FLOAT_BF16, GROUP_ROWS, 16, 1, q4_feature_bf16)
+DEFINE_QUANTIZED_LINEAR(quantized_linear_q8_bf16, uint16_t, AS_FLOAT_BF16, GROUP_ROWS, 32, 1, q8_feature_bf16)
+DEFINE_QUANTIZED_LINEAR(quantized_linear_q6_bf16, uint16_t, AS_FLOAT_BF16, GROUP_ROWS, 24, 2, q6_feature_bf16)
 
 #endif

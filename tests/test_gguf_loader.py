@@ -60,7 +60,11 @@ HF_TO_GGUF = {
     "self_attn.q_norm.weight": "attn_q_norm.weight",  # Qwen3's
     "self_attn.k_norm.weight": "attn_k_norm.weight",
 }
-BLOCK_BYTES = {GGMLQuantizationType.Q4_K: (256, 144), GGMLQuantizationType.Q6_K: (256, 210)}
+BLOCK_BYTES = {
+    GGMLQuantizationType.Q4_K: (256, 144),
+    GGMLQuantizationType.Q5_K: (256, 176),
+    GGMLQuantizationType.Q6_K: (256, 210),
+}
 # llama.cpp's Q4_K_M as `write_gguf` takes it: Q4_K, with v, the MLP's down projection and the LM head in Q6_K
 Q4_K_M = (
     GGMLQuantizationType.Q4_K,
@@ -105,7 +109,7 @@ def random_k_quant(shape: tuple[int, int], qtype: GGMLQuantizationType, rng: np.
     per_block, nbytes = BLOCK_BYTES[qtype]
     raw = rng.integers(0, 256, size=(shape[0], shape[1] // per_block, nbytes), dtype=np.uint8)
     scale = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)
-    if qtype == GGMLQuantizationType.Q4_K:
+    if qtype != GGMLQuantizationType.Q6_K:  # Q4_K, Q5_K
         raw[..., 0:2] = scale  # d
         raw[..., 2:4] = scale  # dmin
     else:
@@ -281,7 +285,7 @@ def metadata_config(tmp_path: Path, describe: Callable[[GGUFWriter], None]) -> d
     return gguf_hf_config(GGUFReader(str(path)))
 
 
-@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
 def test_quantized_weights_dequantize_exactly(tmp_path: Path, hf_llama: Any, qtype: str) -> None:
     path = tmp_path / f"tiny-{qtype}.gguf"
     stored = write_gguf(path, hf_llama, GGMLQuantizationType[qtype])
@@ -322,7 +326,7 @@ KERNEL_DTYPES = [  # activation dtypes, each where its quantized kernel runs
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "Q4_K_M"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M"])
 def test_decode_steps_multiply_from_the_gguf_blocks(
     tmp_path: Path, hf_llama: Any, qtype: str, dtype: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,6 +1,6 @@
-"""The CPU's quantized linear kernels (GGUF Q4_0, Q4_1, Q8_0, Q4_K and Q6_K blocks; fp32 activations on x86 with AVX2 or
-AVX-512, bf16 on AVX512-BF16) against gguf-py's own dequantization (a GGUF model served through them:
-`test_gguf_loader.py`)."""
+"""The CPU's quantized linear kernels (GGUF Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K blocks; fp32
+activations on x86 with AVX2 or AVX-512, bf16 on AVX512-BF16) against gguf-py's own dequantization (a GGUF model
+served through them: `test_gguf_loader.py`)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ pytestmark = pytest.mark.skipif(
     not quantized.kernels_available(torch.float32), reason="needs a C compiler and an x86 CPU with AVX2 or AVX-512"
 )
 
-FORMATS = ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"]
-K_QUANTS = ("Q4_K", "Q6_K")  # super-blocks of 256 weights
+FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")  # super-blocks of 256 weights
 DTYPES = [
     torch.float32,
     pytest.param(

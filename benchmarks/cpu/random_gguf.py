@@ -2,8 +2,9 @@
 block type the quantized kernels read: benchmarks of the GGUF path (the C decode stack, the quantized linears)
 on architectures whose real GGUF is not on this machine. No tokenizer: prompts are token ids.
 
-`--type Q4_K_M` mixes types as llama.cpp's Q4_K_M does: Q4_K, with the LM head (or the tied embedding) in Q6_K,
-and v and the MLP's down projection in Q6_K in the first and last eighth of the layers and every third between.
+`--type Q4_K_M` (`Q5_K_M`) mixes types as llama.cpp's Q4_K_M (Q5_K_M) does: Q4_K (Q5_K), with the LM head (or the
+tied embedding) in Q6_K, and v and the MLP's down projection in Q6_K in the first and last eighth of the layers
+and every third between.
 K-quant blocks are random bytes under small scales (gguf-py cannot quantize to K types).
 
 `.venv/bin/python benchmarks/cpu/random_gguf.py /tmp/qwen3-0.6b-q8.gguf [--preset qwen3-0.6b] [--type Q8_0]`
@@ -48,6 +49,7 @@ def layer_tensors(config: dict) -> dict[str, tuple[int, ...]]:
 
 K_QUANT_SCALES = {  # byte offsets of each block's fp16 scales, and a scale that gives weights of ~0.02
     GGMLQuantizationType.Q4_K: ((0, 2), 1e-4),  # d, dmin
+    GGMLQuantizationType.Q5_K: ((0, 2), 5e-5),
     GGMLQuantizationType.Q6_K: ((208,), 2e-5),  # d
 }
 
@@ -67,12 +69,13 @@ def more_bits(layer: int, layers: int) -> bool:
     return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
 
 
-def q4_k_m_type(name: str, layers: int, tied: bool) -> GGMLQuantizationType:
+def k_m_type(base: GGMLQuantizationType, name: str, layers: int, tied: bool) -> GGMLQuantizationType:
+    """A tensor's type in llama.cpp's Q4_K_M or Q5_K_M mix (`base`: Q4_K or Q5_K)."""
     if name == "output.weight" or (tied and name == "token_embd.weight"):
         return GGMLQuantizationType.Q6_K
     if name.endswith(("attn_v.weight", "ffn_down.weight")) and more_bits(int(name.split(".")[1]), layers):
         return GGMLQuantizationType.Q6_K
-    return GGMLQuantizationType.Q4_K
+    return base
 
 
 def main() -> None:
@@ -82,8 +85,8 @@ def main() -> None:
     parser.add_argument(
         "--type",
         default="Q8_0",
-        choices=["Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q4_K_M"],
-        help="the matrices' block type, or llama.cpp's Q4_K_M mix",
+        choices=["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M", "Q5_K_M"],
+        help="the matrices' block type, or one of llama.cpp's mixes",
     )
     args = parser.parse_args()
     config = DUMMY_PRESETS[args.preset]
@@ -107,7 +110,10 @@ def main() -> None:
         if len(shape) == 1:  # norms near one
             writer.add_tensor(name, (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32))
             return
-        qtype = q4_k_m_type(name, layers, tied) if args.type == "Q4_K_M" else GGMLQuantizationType[args.type]
+        if args.type.endswith("_M"):
+            qtype = k_m_type(GGMLQuantizationType[args.type.removesuffix("_M")], name, layers, tied)
+        else:
+            qtype = GGMLQuantizationType[args.type]
         if qtype in K_QUANT_SCALES:
             writer.add_tensor(name, random_k_quant(shape, qtype, rng), raw_dtype=qtype)
         else:

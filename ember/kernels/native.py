@@ -47,7 +47,7 @@ SIGNATURES: dict[str, list[type]] = {
 }
 # built only where the compiler targets the instructions they need (fp32: AVX-512 or AVX2; bf16: AVX512-BF16)
 OPTIONAL_SIGNATURES: dict[str, list[type]] = {
-    f"quantized_linear_{f}_{t}": [_ptr] * 6 + [_i64] * 4 for f in ("q4", "q8", "q6") for t in ("f32", "bf16")
+    f"quantized_linear_{f}_{t}": [_ptr] * 6 + [_i64] * 4 for f in ("q4", "q5", "q6", "q8") for t in ("f32", "bf16")
 }
 
 

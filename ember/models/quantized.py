@@ -20,7 +20,16 @@ import torch
 from ember.kernels import native
 
 # GGUF type -> (weights, bytes) per block; K-quant super-blocks are split into blocks of 32 weights at load
-GGUF_BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34), "Q4_K": (256, 144), "Q6_K": (256, 210)}
+GGUF_BLOCKS = {
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q5_0": (32, 22),
+    "Q5_1": (32, 24),
+    "Q8_0": (32, 34),
+    "Q4_K": (256, 144),
+    "Q5_K": (256, 176),
+    "Q6_K": (256, 210),
+}
 BLOCK = 32
 # Above this many rows a step's matmul is compute bound and oneDNN's kernel is about as fast or faster
 # (measured on an AVX512-BF16 EPYC, and fp32 also as an AVX2 build: `benchmarks/NOTES.md`, steps 20 and 21).
@@ -32,10 +41,10 @@ SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 class QuantizedWeight:
     """A linear weight [N, K] as the kernel reads it: per output feature, K / 32 blocks."""
 
-    kernel: str  # "q4" (4-bit: Q4_0, Q4_1, Q4_K), "q8" (Q8_0) or "q6" (Q6_K); `quantized_linear.c` lays them out
-    quants: torch.Tensor  # uint8 [N, K / 32, 16, 32 or 24]
+    kernel: str  # "q4" (Q4_0, Q4_1, Q4_K), "q5" (Q5_0, Q5_1, Q5_K), "q6" (Q6_K) or "q8" (Q8_0): quantized_linear.c's
+    quants: torch.Tensor  # uint8 [N, K / 32, 16, 20, 24 or 32]
     scales: torch.Tensor  # fp32 [N, K / 32] (q6: [N, K / 16])
-    mins: torch.Tensor | None  # fp32 [N, K / 32], or None (Q8_0)
+    mins: torch.Tensor | None  # fp32 [N, K / 32], or None (q6, q8)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -47,47 +56,65 @@ def _half(blocks: np.ndarray, offset: int) -> np.ndarray:
     return blocks[..., offset : offset + 2].copy().view(np.float16)[..., 0].astype(np.float32)
 
 
+def _weight(kernel: str, quants: np.ndarray, scales: np.ndarray, mins: np.ndarray | None) -> QuantizedWeight:
+    rows = quants.shape[0]
+    return QuantizedWeight(
+        kernel,
+        torch.from_numpy(np.ascontiguousarray(quants)),
+        torch.from_numpy(np.ascontiguousarray(scales.reshape(rows, -1))),
+        None if mins is None else torch.from_numpy(np.ascontiguousarray(mins.reshape(rows, -1))),
+    )
+
+
 def from_gguf_blocks(raw: torch.Tensor, gguf_type: str) -> QuantizedWeight:
     """Split a GGUF tensor's rows of blocks (uint8 [N, K / per_block * block bytes]) into quants, scales and
     mins, with every weight's `scale * q + min` exactly the fp32 value of gguf-py's dequantization.
 
-    Q4_0's weights are `d * (q - 8)`: stored as min `-8 d`, which keeps `d * q + min` exact in fp32.
+    Q4_0's weights are `d * (q - 8)`, Q5_0's `d * (q - 16)`: stored as min `-8 d` (`-16 d`), which keeps
+    `d * q + min` exact in fp32.
     """
     _, block_bytes = GGUF_BLOCKS[gguf_type]
     blocks = raw.numpy().reshape(raw.shape[0], -1, block_bytes)
-    if gguf_type == "Q4_K":
-        return _from_q4_k(blocks)
+    if gguf_type in ("Q4_K", "Q5_K"):
+        return _from_k_quant(blocks, bits=int(gguf_type[1]))
     if gguf_type == "Q6_K":
         return _from_q6_k(blocks)
-    scales = _half(blocks, 0)
-    mins = {"Q4_0": -8.0 * scales, "Q4_1": _half(blocks, 2), "Q8_0": None}[gguf_type]
-    first_quant = 4 if gguf_type == "Q4_1" else 2
-    quants = np.ascontiguousarray(blocks[:, :, first_quant:])
-    kernel = "q8" if gguf_type == "Q8_0" else "q4"
-    return QuantizedWeight(
-        kernel, torch.from_numpy(quants), torch.from_numpy(scales), None if mins is None else torch.from_numpy(mins)
-    )
+    d = _half(blocks, 0)
+    if gguf_type == "Q8_0":
+        return _weight("q8", blocks[..., 2:], d, None)
+    mins = {"Q4_0": -8.0 * d, "Q5_0": -16.0 * d}.get(gguf_type)
+    first = 2 if mins is not None else 4  # Q4_1 and Q5_1 store their min after d
+    mins = _half(blocks, 2) if mins is None else mins
+    if gguf_type.startswith("Q4"):
+        return _weight("q4", blocks[..., first:], d, mins)
+    nibbles, high_bits = blocks[..., first + 4 :], blocks[..., first : first + 4]  # Q5: 32 fifth bits, then nibbles
+    return _weight("q5", np.concatenate([nibbles, high_bits], axis=-1), d, mins)
 
 
-def _from_q4_k(blocks: np.ndarray) -> QuantizedWeight:
-    """Q4_K: super-blocks of 256 weights, 8 sub-blocks of 32 with 6-bit scales and mins under the super-block's
-    fp16 `d` and `dmin`. Each sub-block becomes a Q4_1-style block: scale `d * sc` and min `-dmin * m` are exact
-    in fp32 (11 times 6 bits), and its nibbles (the low or high halves of 32 bytes) are repacked into 16 bytes."""
+def _nibbles(values: np.ndarray) -> np.ndarray:
+    """Weights [..., 32] (their low 4 bits) as q4's 16 bytes: weight j < 16 in byte j's low nibble, j + 16 high."""
+    return (values[..., :16] & 0x0F) | ((values[..., 16:] & 0x0F) << 4)
+
+
+def _from_k_quant(blocks: np.ndarray, bits: int) -> QuantizedWeight:
+    """Q4_K and Q5_K: super-blocks of 256 weights, 8 sub-blocks of 32 with 6-bit scales and mins under the
+    super-block's fp16 `d` and `dmin`. Each sub-block becomes a q4 (q5) block: scale `d * sc` and min `-dmin * m`
+    are exact in fp32 (11 times 6 bits); its nibbles are the low or high halves of 32 bytes, and Q5_K's fifth
+    bits bit i of 32 bytes for sub-block i."""
     from gguf.quants import Q4_K
 
     rows, supers, _ = blocks.shape
     sc, m = Q4_K.get_scale_min(np.ascontiguousarray(blocks[:, :, 4:16]).reshape(-1, 12))
     scales = _half(blocks, 0)[..., None] * sc.reshape(rows, supers, 8).astype(np.float32)
     mins = -(_half(blocks, 2)[..., None] * m.reshape(rows, supers, 8).astype(np.float32))
-    chunks = blocks[:, :, 16:].reshape(rows, supers, 4, 1, 32)  # sub-block 2c: low nibbles of chunk c, 2c+1 high
-    weights = ((chunks >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 1, 2, 1)) & 0x0F).reshape(rows, -1, 32)
-    quants = weights[..., :16] | (weights[..., 16:] << 4)
-    return QuantizedWeight(
-        "q4",
-        torch.from_numpy(np.ascontiguousarray(quants)),
-        torch.from_numpy(scales.reshape(rows, -1)),
-        torch.from_numpy(np.ascontiguousarray(mins.reshape(rows, -1))),
-    )
+    first = 16 if bits == 4 else 48  # Q5_K: 32 bytes of fifth bits before the nibbles
+    chunks = blocks[:, :, first:].reshape(rows, supers, 4, 1, 32)  # sub-block 2c: low nibbles of chunk c, 2c+1 high
+    values = ((chunks >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)) & 0x0F).reshape(rows, -1, 32)
+    if bits == 4:
+        return _weight("q4", _nibbles(values), scales, mins)
+    fifth = (blocks[:, :, 16:48].reshape(rows, supers, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1
+    high_bits = np.packbits(fifth.reshape(rows, -1, 32), axis=-1, bitorder="little")  # bit j: weight j's
+    return _weight("q5", np.concatenate([_nibbles(values), high_bits], axis=-1), scales, mins)
 
 
 def _from_q6_k(blocks: np.ndarray) -> QuantizedWeight:
@@ -98,12 +125,10 @@ def _from_q6_k(blocks: np.ndarray) -> QuantizedWeight:
     nibbles = blocks[..., :128].reshape(rows, supers, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)
     high = blocks[..., 128:192].reshape(rows, supers, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
     values = ((nibbles & 0x0F).reshape(rows, -1, 32) | ((high & 0x03).reshape(rows, -1, 32) << 4)).astype(np.uint8)
-    low = (values[..., :16] & 0x0F) | (values[..., 16:] << 4)
     pairs = (values >> 4).reshape(rows, -1, 4, 8) << np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1)
     high_bytes = np.bitwise_or.reduce(pairs, axis=2)
     scales = _half(blocks, 208)[..., None] * blocks[..., 192:208].view(np.int8).astype(np.float32)
-    quants = np.concatenate([low, high_bytes], axis=-1)
-    return QuantizedWeight("q6", torch.from_numpy(quants), torch.from_numpy(scales.reshape(rows, -1)), None)
+    return _weight("q6", np.concatenate([_nibbles(values), high_bytes], axis=-1), scales, None)
 
 
 @dataclass

@@ -18,6 +18,8 @@
 //   q4  16 bytes: weight j < 16 in the low nibble of byte j, weight j + 16 in its high nibble; `d * q + m`
 //       (Q4_0, Q4_1, Q4_K's sub-blocks);
 //   q8  32 signed bytes; `d * q` (Q8_0);
+//   q5  20 bytes: q4's nibbles, then a 32-bit word whose bit j is weight j's fifth bit; `d * q + m` (Q5_0, Q5_1,
+//       Q5_K's sub-blocks);
 //   q6  24 bytes: q4's nibbles, then 8 bytes of high bit pairs (byte i: weights i, i + 8, i + 16, i + 24 in
 //       bits 0-1, 2-3, 4-5, 6-7); two scales, one per 16 weights; `d * (q - 32)` (Q6_K: its `d * sc` has at
 //       most 18 significant bits, so the products are exact in fp32, as in gguf-py).
@@ -153,6 +155,28 @@ static inline __m256i q6_values(const uint8_t* q) {
     return _mm256_sub_epi8(_mm256_or_si256(low, high), _mm256_set1_epi8(32));
 }
 
+// A q5 block's 32 weights as bytes (in weight order; 0-15 in the low 128 bits): nibbles as q4's, and 16 where
+// the weight's bit in the word is set (each byte j gets byte j / 8 of the word and tests bit j % 8).
+static inline __m256i q5_values(const uint8_t* q) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i*)q);
+    const __m128i nibble = _mm_set1_epi8(0x0F);
+    const __m256i low = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble), _mm_and_si128(bytes, nibble));
+    int32_t bits;
+    memcpy(&bits, q + 16, sizeof bits);
+    const __m256i spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits), _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0));
+    const __m256i select = _mm256_set1_epi64x((int64_t)0x8040201008040201ULL);
+    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
+    return _mm256_or_si256(low, _mm256_and_si256(set, _mm256_set1_epi8(16)));
+}
+
+static inline void unpack_q5_f32(const uint8_t* q, const float* d, const float* m, fvec* w) {
+    const __m256i values = q5_values(q);
+    const __m128i halves[2] = {_mm256_castsi256_si128(values), _mm256_extracti128_si256(values, 1)};
+    for (int c = 0; c < CHUNKS; c++)
+        w[c] = VFMA(VBYTES_TO_F32(byte_group(halves[c * LANES / 16], c)), VSET1(*d), VSET1(*m));
+}
+
 static inline void unpack_q6_f32(const uint8_t* q, const float* d, const float* m, fvec* w) {
     (void)m;
     const __m256i values = q6_values(q);
@@ -182,9 +206,11 @@ static inline void unpack_q6_f32(const uint8_t* q, const float* d, const float* 
 DEFINE_FEATURE_F32(q4_feature_f32, 16, 1, unpack_q4_f32)
 DEFINE_FEATURE_F32(q8_feature_f32, 32, 1, unpack_q8_f32)
 DEFINE_FEATURE_F32(q6_feature_f32, 24, 2, unpack_q6_f32)
+DEFINE_FEATURE_F32(q5_feature_f32, 20, 1, unpack_q5_f32)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q4_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 16, 1, q4_feature_f32)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q8_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 32, 1, q8_feature_f32)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q6_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 24, 2, q6_feature_f32)
+DEFINE_QUANTIZED_LINEAR(quantized_linear_q5_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 20, 1, q5_feature_f32)
 #endif
 
 // ---- bf16 activations on AVX512-BF16
@@ -239,6 +265,28 @@ static inline __m512bh q8_single(const uint8_t* q, const float* d, const float* 
 static inline void q8_pair(const uint8_t* q, const float* d, const float* m, __m512bh* w0, __m512bh* w1) {
     *w0 = q8_single(q, d, m);
     *w1 = q8_single(q + 32, d + 1, m);
+}
+
+// 5-bit blocks (Q5_0, Q5_1, Q5_K): as 4-bit ones, with 32 table entries (`d * q + m` for q = 0..31) and each
+// word's fifth bit set from the block's bit word (a masked broadcast of 16).
+static inline __m512bh q5_single(const uint8_t* q, const float* d, const float* m) {
+    const __m256i words = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)q));
+    const __m256i low = _mm256_and_si256(words, _mm256_set1_epi16(0x0F));
+    const __m512i nibbles = _mm512_inserti64x4(_mm512_castsi256_si512(low), _mm256_srli_epi16(words, 4), 1);
+    uint32_t bits;
+    memcpy(&bits, q + 16, sizeof bits);
+    const __m512i values = _mm512_or_si512(nibbles, _mm512_maskz_set1_epi16((__mmask32)bits, 16));
+    const __m512 step = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512 low_values = _mm512_fmadd_ps(step, _mm512_set1_ps(*d), _mm512_set1_ps(*m));
+    const __m512 high_values = _mm512_fmadd_ps(_mm512_add_ps(step, _mm512_set1_ps(16)), _mm512_set1_ps(*d),
+                                               _mm512_set1_ps(*m));
+    const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(high_values, low_values);
+    return (__m512bh)_mm512_permutexvar_epi16(values, table);
+}
+
+static inline void q5_pair(const uint8_t* q, const float* d, const float* m, __m512bh* w0, __m512bh* w1) {
+    *w0 = q5_single(q, d, m);
+    *w1 = q5_single(q + 20, d + 1, m + 1);
 }
 
 // q6 blocks: a block's 32 weights as the exact bf16 integers q - 32 (q in 16-bit lanes, looked up in a
@@ -341,8 +389,10 @@ static inline __attribute__((always_inline)) void q6_feature_bf16(const uint8_t*
 
 DEFINE_FEATURE(q4_feature_bf16, 16, q4_pair, q4_single)
 DEFINE_FEATURE(q8_feature_bf16, 32, q8_pair, q8_single)
+DEFINE_FEATURE(q5_feature_bf16, 20, q5_pair, q5_single)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q4_bf16, uint16_t, AS_FLOAT_BF16, GROUP_ROWS, 16, 1, q4_feature_bf16)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q8_bf16, uint16_t, AS_FLOAT_BF16, GROUP_ROWS, 32, 1, q8_feature_bf16)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q6_bf16, uint16_t, AS_FLOAT_BF16, GROUP_ROWS, 24, 2, q6_feature_bf16)
+DEFINE_QUANTIZED_LINEAR(quantized_linear_q5_bf16, uint16_t, AS_FLOAT_BF16, GROUP_ROWS, 20, 1, q5_feature_bf16)
 
 #endif

@@ -4,7 +4,8 @@ on architectures whose real GGUF is not on this machine. No tokenizer: prompts a
 
 `--type Q4_K_M` (`Q5_K_M`) mixes types as llama.cpp's Q4_K_M (Q5_K_M) does: Q4_K (Q5_K), with the LM head (or the
 tied embedding) in Q6_K, and v and the MLP's down projection in Q6_K in the first and last eighth of the layers
-and every third between.
+and every third between. Matrices whose rows are not whole 256-weight super-blocks take llama.cpp's fallback
+types (Q4_K: Q5_0, Q5_K: Q5_1, Q6_K: Q8_0), as SmolLM2's width of 576 makes them do.
 K-quant blocks are random bytes under small scales (gguf-py cannot quantize to K types).
 
 `.venv/bin/python benchmarks/cpu/random_gguf.py /tmp/qwen3-0.6b-q8.gguf [--preset qwen3-0.6b] [--type Q8_0]`
@@ -64,6 +65,14 @@ def random_k_quant(shape: tuple[int, int], qtype: GGMLQuantizationType, rng: np.
     return raw.reshape(shape[0], -1)
 
 
+# llama.cpp's types for matrices whose rows are not whole K-quant super-blocks
+K_QUANT_FALLBACK = {
+    GGMLQuantizationType.Q4_K: GGMLQuantizationType.Q5_0,
+    GGMLQuantizationType.Q5_K: GGMLQuantizationType.Q5_1,
+    GGMLQuantizationType.Q6_K: GGMLQuantizationType.Q8_0,
+}
+
+
 def more_bits(layer: int, layers: int) -> bool:
     """llama.cpp's `use_more_bits`: the layers whose v and down projections Q4_K_M keeps in Q6_K."""
     return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
@@ -114,6 +123,8 @@ def main() -> None:
             qtype = k_m_type(GGMLQuantizationType[args.type.removesuffix("_M")], name, layers, tied)
         else:
             qtype = GGMLQuantizationType[args.type]
+        if qtype in K_QUANT_FALLBACK and shape[1] % 256:
+            qtype = K_QUANT_FALLBACK[qtype]
         if qtype in K_QUANT_SCALES:
             writer.add_tensor(name, random_k_quant(shape, qtype, rng), raw_dtype=qtype)
         else:

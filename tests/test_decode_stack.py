@@ -101,6 +101,26 @@ def test_tiny_gguf_models_are_bit_identical(
     assert rows and max(rows) == 3
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_layers_are_bit_identical(
+    tmp_path: Path, family: str, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gemma's layers in the one-call step: embeddings scaled by a rounded sqrt(hidden), four norms a layer
+    scaling by 1 + weight, GELU, local layers within their window (Gemma 3's at a rotary base of their own, q/k
+    normalized), Gemma 2's soft-capped scores; over prompts longer than the window."""
+    from tests.test_gguf_loader import write_gemma2_gguf, write_gemma3_gguf
+
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path / "cache"))
+    write = write_gemma3_gguf if family == "gemma3" else write_gemma2_gguf
+    path, _ = write(tmp_path, GGMLQuantizationType.Q8_0)
+    llm = LLM(str(path), num_blocks=64, dtype=dtype)
+    prompts = [[5, 17, 33, 200, 91, 7, 64] * 3, [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [100, 101]]
+    with_stack, plain, rows = generate_both_ways(llm, prompts, [20, 12, 16])
+    assert_identical(with_stack, plain)
+    assert rows and max(rows) == 3
+
+
 @pytest.fixture
 def llama_q8_gguf(tmp_path: Path, hf_llama: Any, monkeypatch: pytest.MonkeyPatch) -> Path:  # noqa: F811
     """The tiny Llama as a Q8_0 GGUF, converted into a throwaway cache."""

@@ -556,14 +556,13 @@ GEMMA_TO_GGUF = {
 }
 
 
-def test_a_gemma3_gguf_matches_hf(tmp_path: Path) -> None:
-    """Gemma 3 as llama.cpp stores it: norms as 1 + weight, every sixth layer global (the others within the
-    window, at rotary base 10,000), the global layers' linear rope scaling and the window in the metadata, scores
-    scaled by head_dim; greedy tokens and logprobs equal HF's over a prompt longer than the window."""
+def write_gemma3_gguf(tmp_path: Path, qtype: GGMLQuantizationType) -> tuple[Path, Any]:
+    """(a tiny Gemma 3 as llama.cpp stores it: norms as 1 + weight, every sixth layer global, the others within a
+    16-token window at rotary base 10,000, the global layers' linear rope scaling in the metadata; its HF model)."""
     from tests.conftest import make_tiny_hf_model
 
     pattern = ["sliding_attention"] * 5 + ["full_attention"]
-    hf_model = make_tiny_hf_model("gemma3", tmp_path / "hf", num_hidden_layers=6, layer_types=pattern,
+    hf_model = make_tiny_hf_model("gemma3", tmp_path / "hf3", num_hidden_layers=6, layer_types=pattern,
                                   query_pre_attn_scalar=16)  # fmt: skip
 
     def gemma(writer: GGUFWriter) -> None:
@@ -573,8 +572,34 @@ def test_a_gemma3_gguf_matches_hf(tmp_path: Path) -> None:
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(8.0)
 
-    path = tmp_path / "gemma3.gguf"
-    write_converted_gguf(path, hf_model, "gemma3", GEMMA_TO_GGUF, GGMLQuantizationType.F32, 1e6, gemma, 1.0)
+    path = tmp_path / f"gemma3-{qtype.name}.gguf"
+    write_converted_gguf(path, hf_model, "gemma3", GEMMA_TO_GGUF, qtype, 1e6, gemma, 1.0)
+    return path, hf_model
+
+
+def write_gemma2_gguf(tmp_path: Path, qtype: GGMLQuantizationType) -> tuple[Path, Any]:
+    """(a tiny Gemma 2 as llama.cpp stores it: norms as 1 + weight, every other layer local, the soft-capping of
+    scores and logits in the metadata; its HF model)."""
+    from tests.conftest import make_tiny_hf_model
+
+    hf_model = make_tiny_hf_model("gemma2", tmp_path / "hf2", num_hidden_layers=4, query_pre_attn_scalar=16)
+
+    def gemma(writer: GGUFWriter) -> None:
+        writer.add_key_length(16)
+        writer.add_value_length(16)
+        writer.add_sliding_window(16)
+        writer.add_float32("gemma2.attn_logit_softcapping", 2.0)
+        writer.add_float32("gemma2.final_logit_softcapping", 3.0)
+
+    path = tmp_path / f"gemma2-{qtype.name}.gguf"
+    write_converted_gguf(path, hf_model, "gemma2", GEMMA_TO_GGUF, qtype, 10000.0, gemma, 1.0)
+    return path, hf_model
+
+
+def test_a_gemma3_gguf_matches_hf(tmp_path: Path) -> None:
+    """Gemma 3 from a GGUF (`write_gemma3_gguf`): its windows and rotary bases read right; greedy tokens and
+    logprobs equal HF's over a prompt longer than the window."""
+    path, hf_model = write_gemma3_gguf(tmp_path, GGMLQuantizationType.F32)
     llm = LLM(str(path), num_blocks=64, dtype="float32")
     config = llm.engine.model_config
     assert [config.layer_window(i) for i in range(6)] == [16] * 5 + [0] and config.local_rope_theta == 10000.0
@@ -586,21 +611,9 @@ def test_a_gemma3_gguf_matches_hf(tmp_path: Path) -> None:
 
 
 def test_a_gemma2_gguf_matches_hf(tmp_path: Path) -> None:
-    """Gemma 2 as llama.cpp stores it: norms as 1 + weight, every other layer local, the soft-capping of scores
-    and logits in the metadata; greedy tokens and logprobs equal HF's over a prompt longer than the window."""
-    from tests.conftest import make_tiny_hf_model
-
-    hf_model = make_tiny_hf_model("gemma2", tmp_path / "hf", num_hidden_layers=4, query_pre_attn_scalar=16)
-
-    def gemma(writer: GGUFWriter) -> None:
-        writer.add_key_length(16)
-        writer.add_value_length(16)
-        writer.add_sliding_window(16)
-        writer.add_float32("gemma2.attn_logit_softcapping", 2.0)
-        writer.add_float32("gemma2.final_logit_softcapping", 3.0)
-
-    path = tmp_path / "gemma2.gguf"
-    write_converted_gguf(path, hf_model, "gemma2", GEMMA_TO_GGUF, GGMLQuantizationType.F32, 10000.0, gemma, 1.0)
+    """Gemma 2 from a GGUF (`write_gemma2_gguf`): windows and soft caps read right; greedy tokens and logprobs
+    equal HF's over a prompt longer than the window."""
+    path, hf_model = write_gemma2_gguf(tmp_path, GGMLQuantizationType.F32)
     llm = LLM(str(path), num_blocks=64, dtype="float32")
     config = llm.engine.model_config
     assert [config.layer_window(i) for i in range(4)] == [16, 0, 16, 0]

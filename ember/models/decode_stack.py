@@ -5,7 +5,7 @@ At one row a SmolLM2 step spent about half its time in Python: ~270 calls from P
 rotary, attention) at 5-13 us each around kernels of a few microseconds. The C driver runs the same kernels
 in the same order on the same buffers, so its hidden states are bit-identical to `LlamaForCausalLM.forward`;
 it needs every layer's linears on GGUF blocks (`quantized.py`), which bound it to `MAX_ROWS` rows, and
-whole-head rotary and no multipliers (Phi-4-mini and Granite stay on the PyTorch model).
+whole-head rotary and no multipliers (Phi-4-mini and Granite stay on the PyTorch model). Gemma 2 and 3 run in it.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import ctypes
 import torch
 
 from ember.attention.torch_paged import AttentionMetadata
-from ember.config import GEMMA_FAMILIES
 from ember.kernels import native
-from ember.kernels.elementwise import SUFFIX
+from ember.kernels.elementwise import NORM_KERNELS, SUFFIX
 from ember.models.llama import LlamaForCausalLM
 from ember.models.packed_linear import PackedLinear
 from ember.models.quantized import QuantizedMatmul
@@ -55,7 +54,9 @@ class _QuantizedLinear(ctypes.Structure):
 class _DecoderLayer(ctypes.Structure):
     _fields_ = [
         ("input_norm", _ptr),
-        ("post_attention_norm", _ptr),
+        ("pre_mlp_norm", _ptr),
+        ("attention_out_norm", _ptr),
+        ("mlp_out_norm", _ptr),
         ("qkv", _QuantizedLinear),
         ("o", _QuantizedLinear),
         ("gate_up", _QuantizedLinear),
@@ -65,6 +66,8 @@ class _DecoderLayer(ctypes.Structure):
         ("q_norm", _ptr),
         ("k_norm", _ptr),
         ("window", _i64),
+        ("cos", _ptr),
+        ("sin", _ptr),
     ]
 
 
@@ -75,15 +78,21 @@ class _DecodeStack(ctypes.Structure):
     _fields_ = [
         *((name, _i64) for name in ("num_layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate")),
         *((name, _i64) for name in ("num_blocks", "block_size", "elem_size")),
-        ("eps", _f32),
-        ("scale", _f32),
+        *((name, _f32) for name in ("eps", "scale", "embedding_scale", "softcap")),
         ("layers", ctypes.POINTER(_DecoderLayer)),
-        *((name, _ptr) for name in ("embedding", "final_norm", "cos", "sin")),
-        *((name, _ptr) for name in ("rms_norm", "rotary", "silu_and_mul", "paged_decode", "write_kv", "lora_add")),
+        *((name, _ptr) for name in ("embedding", "final_norm")),
+        *((name, _ptr) for name in ("rms_norm", "rotary", "act_and_mul", "scale_elements")),
+        *((name, _ptr) for name in ("paged_decode", "write_kv", "lora_add")),
         *((name, _ptr) for name in SCRATCH),
         ("cos_rows", _ptr),
         ("sin_rows", _ptr),
     ]
+
+
+def _layer_norms(layer: torch.nn.Module) -> tuple[torch.nn.Module | None, ...]:
+    """A layer's norms in the stack's order: input, before the MLP, then (Gemma) of the attention's and the
+    MLP's outputs, or None."""
+    return layer.input_layernorm, layer.pre_mlp_norm, layer.attention_output_norm, layer.mlp_output_norm
 
 
 def _small_steps(module: torch.nn.Module) -> QuantizedMatmul | None:
@@ -111,14 +120,9 @@ class NativeDecodeStack:
         library = native.load()
         cfg = model.config
         dtype = model.embed_tokens.weight.dtype
-        if (
-            library is None
-            or dtype not in SUFFIX
-            or cfg.rotary_dim is not None
-            or cfg.architecture in ("granite", *GEMMA_FAMILIES)
-        ):
-            return None  # partial rotary, Granite's multipliers and Gemma's layers are not in the C layer
-        layer_norms = (n for layer in model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm))
+        if library is None or dtype not in SUFFIX or cfg.rotary_dim is not None or cfg.architecture == "granite":
+            return None  # partial rotary and Granite's multipliers are not in the C layer
+        layer_norms = (n for layer in model.layers for n in _layer_norms(layer) if n is not None)
         head_norms = (n for layer in model.layers for n in (layer.self_attn.q_norm, layer.self_attn.k_norm) if n)
         norms = [model.norm, *layer_norms, *head_norms]
         if any(n.weight.dtype != dtype for n in norms):
@@ -167,16 +171,28 @@ class NativeDecodeStack:
             array = (_QuantizedSegment * MAX_SEGMENTS)(*segments)
             return _QuantizedLinear(array, len(segments), q.out_features, q.in_features)
 
+        def weight(norm: torch.nn.Module | None) -> int | None:
+            return None if norm is None else norm.weight.data_ptr()
+
         layers = (_DecoderLayer * cfg.num_hidden_layers)()
         for i, (layer, (k_cache, v_cache), parts) in enumerate(zip(model.layers, kv_caches, linears, strict=True)):
-            norms = (layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr())
             attention = layer.self_attn
-            head_norms = [n.weight.data_ptr() if n is not None else None for n in (attention.q_norm, attention.k_norm)]
             cache = (k_cache.data_ptr(), v_cache.data_ptr())
-            layers[i] = _DecoderLayer(*norms, *map(linear, parts), *cache, *head_norms, attention.window)
+            rotary = model.rotary if not attention.window or model.local_rotary is None else model.local_rotary
+            layers[i] = _DecoderLayer(
+                *map(weight, _layer_norms(layer)),
+                *map(linear, parts),
+                *cache,
+                weight(attention.q_norm),
+                weight(attention.k_norm),
+                attention.window,
+                rotary.cos.data_ptr(),
+                rotary.sin.data_ptr(),
+            )
         self._layers = layers
         self._model = model  # keeps the weights, norms and rotary tables the stack points at alive
-        rotary = model.rotary
+        norm = NORM_KERNELS[model.norm.unit_offset]
+        activation = {"silu": "silu_and_mul", "gelu_tanh": "gelu_tanh_and_mul"}[cfg.hidden_act]
         self._stack = _DecodeStack(
             cfg.num_hidden_layers,
             cfg.hidden_size,
@@ -189,14 +205,15 @@ class NativeDecodeStack:
             torch.empty(0, dtype=dtype).element_size(),
             cfg.rms_norm_eps,
             model.layers[0].self_attn.scale,  # the attention scale as the model computes it
+            model.embedding_scale(),
+            cfg.attn_logit_softcapping or 0.0,
             layers,
             model.embed_tokens.weight.data_ptr(),
             model.norm.weight.data_ptr(),
-            rotary.cos.data_ptr(),
-            rotary.sin.data_ptr(),
-            _address(getattr(library, f"rms_norm_{suffix}")),
+            _address(getattr(library, f"{norm}_{suffix}")),
             _address(getattr(library, f"rotary_{suffix}")),
-            _address(getattr(library, f"silu_and_mul_{suffix}")),
+            _address(getattr(library, f"{activation}_{suffix}")),
+            _address(getattr(library, f"scale_{suffix}")),
             _address(getattr(library, f"paged_decode_{suffix}")),
             _address(library.write_kv),
             _address(getattr(library, f"lora_add_{suffix}")),

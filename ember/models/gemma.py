@@ -35,18 +35,25 @@ class GemmaDecoderLayer(DecoderLayer):
     def pre_mlp_norm(self) -> RMSNorm:
         return self.pre_feedforward_layernorm
 
+    @property
+    def attention_output_norm(self) -> RMSNorm:
+        return self.post_attention_layernorm
+
+    @property
+    def mlp_output_norm(self) -> RMSNorm:
+        return self.post_feedforward_layernorm
+
     def attention_output(self, h: torch.Tensor) -> torch.Tensor:
-        return self.post_attention_layernorm(h)
+        return self.attention_output_norm(h)
 
     def mlp_output(self, h: torch.Tensor) -> torch.Tensor:
-        return self.post_feedforward_layernorm(h)
+        return self.mlp_output_norm(h)
 
 
 class GemmaForCausalLM(LlamaForCausalLM):
     norm_class = GemmaRMSNorm
     decoder_layer_class = GemmaDecoderLayer
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Embeddings times sqrt(hidden), the factor first rounded to the embeddings' dtype (as Gemma does)."""
-        x = self.embed_tokens(input_ids)
-        return x * torch.tensor(self.config.embedding_multiplier, dtype=x.dtype).item()
+    def embedding_scale(self) -> float:
+        """sqrt(hidden), first rounded to the embeddings' dtype (as Gemma does)."""
+        return torch.tensor(self.config.embedding_multiplier, dtype=self.embed_tokens.weight.dtype).item()

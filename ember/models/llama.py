@@ -260,6 +260,15 @@ class DecoderLayer(nn.Module):
     def pre_mlp_norm(self) -> RMSNorm:
         return self.post_attention_layernorm
 
+    @property
+    def attention_output_norm(self) -> RMSNorm | None:
+        """The norm of the attention's output before it joins the residual stream (Gemma's), or None."""
+        return None
+
+    @property
+    def mlp_output_norm(self) -> RMSNorm | None:
+        return None
+
     def attention_output(self, h: torch.Tensor) -> torch.Tensor:
         """The attention's output as it joins the residual stream: Granite scales it (Gemma normalizes it)."""
         return h if self.residual_multiplier == 1.0 else h * self.residual_multiplier
@@ -308,7 +317,12 @@ class LlamaForCausalLM(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        return x if self.config.embedding_multiplier == 1.0 else x * self.config.embedding_multiplier
+        scale = self.embedding_scale()
+        return x if scale == 1.0 else x * scale
+
+    def embedding_scale(self) -> float:
+        """What embeddings are multiplied by (Granite's multiplier; 1: nothing)."""
+        return self.config.embedding_multiplier
 
     def rotaries(self) -> list[RotaryEmbedding]:
         return [self.rotary] if self.local_rotary is None else [self.rotary, self.local_rotary]

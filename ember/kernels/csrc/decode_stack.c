@@ -1,7 +1,8 @@
 // A whole decode step of a Llama-family model for a few rows, in one call: embedding rows, every layer
 // (RMSNorm, QKV from the GGUF blocks, Qwen3's per-head q/k RMSNorm, rotary, paged attention that also stores
 // the new K/V, O, RMSNorm, gate/up, SiLU-and-mul, down), then the final norm. Rows of LoRA adapters add their
-// deltas after each linear.
+// deltas after each linear. Gemma's layers too: scaled embeddings, each sublayer's output normalized before
+// it joins the residual stream, GELU, a rotary table of their own in local layers, soft-capped scores.
 //
 // Each stage calls the same kernel the PyTorch model calls (passed in as function pointers, so this file
 // needs no ISA of its own), on the same inputs, in the same order: the hidden states are bit-identical to
@@ -17,7 +18,8 @@ typedef void (*rms_norm_fn)(const void* x, void* residual, const void* weight, v
                             int64_t x_stride, float eps);
 typedef void (*rotary_fn)(void* x, const float* cos, const float* sin, int64_t rows, int64_t heads, int64_t d,
                           int64_t stride);
-typedef void (*silu_and_mul_fn)(const void* gate_up, void* out, int64_t rows, int64_t I);
+typedef void (*act_and_mul_fn)(const void* gate_up, void* out, int64_t rows, int64_t I);
+typedef void (*scale_fn)(void* x, int64_t n, float scale);
 typedef void (*write_kv_fn)(const void* k, const void* v, void* k_cache, void* v_cache, const int64_t* slots,
                             int64_t T, int64_t KVH, int64_t NB, int64_t BS, int64_t d, int64_t elem_size);
 typedef void (*paged_decode_fn)(const void* q, const void* k_new, const void* v_new, void* k_cache, void* v_cache,
@@ -51,23 +53,27 @@ typedef struct {
 } QuantizedLinear;
 
 typedef struct {
-    const void *input_norm, *post_attention_norm;
+    const void *input_norm, *pre_mlp_norm;              // pre_mlp_norm: Llama's post-attention norm
+    const void *attention_out_norm, *mlp_out_norm;      // Gemma's norms of each sublayer's output; NULL: none
     QuantizedLinear qkv, o, gate_up, down;
     void *k_cache, *v_cache;
-    const void *q_norm, *k_norm;  // Qwen3's per-head RMSNorm weights [head_dim]; NULL: none
+    const void *q_norm, *k_norm;  // Qwen3's and Gemma 3's per-head RMSNorm weights [head_dim]; NULL: none
     int64_t window;               // its sliding attention window; 0: whole contexts
+    const float *cos, *sin;       // its rotary tables [max_positions, head_dim / 2] (Gemma 3's local layers: own)
 } DecoderLayer;
 
 typedef struct {
     int64_t num_layers, hidden, heads, kv_heads, head_dim, intermediate, num_blocks, block_size, elem_size;
     float eps, scale;
+    float embedding_scale;  // embeddings are multiplied by it (Gemma: sqrt(hidden) rounded to the dtype); 1: not
+    float softcap;          // attention scores' soft cap (Gemma 2); 0: none
     const DecoderLayer* layers;
     const void* embedding;   // [vocab, hidden]
     const void* final_norm;  // [hidden]
-    const float *cos, *sin;  // [max_positions, head_dim / 2]
-    rms_norm_fn rms_norm;
+    rms_norm_fn rms_norm;    // the model's: Llama's, or Gemma's (scaling by 1 + weight)
     rotary_fn rotary;
-    silu_and_mul_fn silu_and_mul;
+    act_and_mul_fn act_and_mul;  // SiLU's or GELU's
+    scale_fn scale_elements;
     paged_decode_fn paged_decode;
     write_kv_fn write_kv;
     lora_add_fn lora_add;
@@ -105,13 +111,19 @@ void decode_stack(const DecodeStack* s, const int64_t* token_ids, const int64_t*
                   const int64_t* slots, const int64_t* lora_slots, int64_t rows, int64_t max_blocks, void* out) {
     const int64_t E = s->elem_size, H = s->hidden, d = s->head_dim, half = d / 2;
     const int64_t Q = s->heads * d, KV = s->kv_heads * d, QKV = Q + 2 * KV;
-    for (int64_t r = 0; r < rows; r++) {
+    for (int64_t r = 0; r < rows; r++)
         memcpy(row(s->residual, r, H, E), (const char*)s->embedding + token_ids[r] * H * E, H * E);
-        memcpy(s->cos_rows + r * half, s->cos + positions[r] * half, half * sizeof(float));
-        memcpy(s->sin_rows + r * half, s->sin + positions[r] * half, half * sizeof(float));
-    }
+    if (s->embedding_scale != 1.0f) s->scale_elements(s->residual, rows * H, s->embedding_scale);
+    const float* rows_of = NULL;  // the table cos_rows and sin_rows hold this step's positions of
     for (int64_t i = 0; i < s->num_layers; i++) {
         const DecoderLayer* L = &s->layers[i];
+        if (L->cos != rows_of) {
+            for (int64_t r = 0; r < rows; r++) {
+                memcpy(s->cos_rows + r * half, L->cos + positions[r] * half, half * sizeof(float));
+                memcpy(s->sin_rows + r * half, L->sin + positions[r] * half, half * sizeof(float));
+            }
+            rows_of = L->cos;
+        }
         if (i == 0) {  // the residual stream starts as the embeddings
             s->rms_norm(s->residual, NULL, L->input_norm, s->h, rows, H, H, s->eps);
         } else {  // residual += x, h = norm(residual)
@@ -142,12 +154,14 @@ void decode_stack(const DecodeStack* s, const int64_t* token_ids, const int64_t*
         }
         s->paged_decode(s->q, row_tables ? NULL : s->k, row_tables ? NULL : s->v, L->k_cache, L->v_cache, block_tables,
                         row_tables, context_lens, s->attn, rows, s->heads, s->kv_heads, s->num_blocks, s->block_size, d,
-                        max_blocks, s->scale, L->window, 0.0f);  // no soft-capping model runs here
+                        max_blocks, s->scale, L->window, s->softcap);
         linear(s, &L->o, s->attn, s->x, rows, lora_slots);
-        s->rms_norm(s->x, s->residual, L->post_attention_norm, s->h, rows, H, H, s->eps);
+        if (L->attention_out_norm) s->rms_norm(s->x, NULL, L->attention_out_norm, s->x, rows, H, H, s->eps);
+        s->rms_norm(s->x, s->residual, L->pre_mlp_norm, s->h, rows, H, H, s->eps);
         linear(s, &L->gate_up, s->h, s->gate_up, rows, lora_slots);
-        s->silu_and_mul(s->gate_up, s->act, rows, s->intermediate);
+        s->act_and_mul(s->gate_up, s->act, rows, s->intermediate);
         linear(s, &L->down, s->act, s->x, rows, lora_slots);
+        if (L->mlp_out_norm) s->rms_norm(s->x, NULL, L->mlp_out_norm, s->x, rows, H, H, s->eps);
     }
     s->rms_norm(s->x, s->residual, s->final_norm, out, rows, H, H, s->eps);
 }

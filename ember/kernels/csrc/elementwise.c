@@ -97,6 +97,12 @@ static inline float f32_store(float x) { return x; }
         }                                                                                                  \
     }                                                                                                      \
                                                                                                            \
+    /* x *= scale in place, each product rounded once (Gemma's embeddings times sqrt(hidden)) */        \
+    void scale_##SUFFIX(T* x, int64_t n, float scale) {                                                    \
+        _Pragma("omp simd")                                                                                \
+        for (int64_t i = 0; i < n; i++) x[i] = STORE(LOAD(x[i]) * scale);                                  \
+    }                                                                                                      \
+                                                                                                           \
     DEFINE_GATED(silu_and_mul, SUFFIX, T, LOAD, STORE, x)                                                  \
     DEFINE_GATED(gelu_tanh_and_mul, SUFFIX, T, LOAD, STORE, 1.5957691216057308f * (x + 0.044715f * x * x * x))
 

@@ -25,7 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ember.models.loader import DUMMY_PRESETS
 
-ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+ARCHITECTURES = {
+    "Qwen3ForCausalLM": "qwen3",
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Gemma3ForCausalLM": "gemma3",
+}
 
 
 def layer_tensors(config: dict) -> dict[str, tuple[int, ...]]:
@@ -43,8 +48,10 @@ def layer_tensors(config: dict) -> dict[str, tuple[int, ...]]:
         "ffn_up.weight": (inter, hidden),
         "ffn_down.weight": (hidden, inter),
     }
-    if config["architectures"][0] == "Qwen3ForCausalLM":
+    if config["architectures"][0] in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"):
         shapes |= {"attn_q_norm.weight": (head_dim,), "attn_k_norm.weight": (head_dim,)}
+    if config["architectures"][0] == "Gemma3ForCausalLM":  # each sublayer's output normalized too
+        shapes |= {"post_attention_norm.weight": (hidden,), "post_ffw_norm.weight": (hidden,)}
     return shapes
 
 
@@ -114,6 +121,8 @@ def main() -> None:
     writer.add_rope_freq_base(config["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
+    if window := config.get("sliding_window"):
+        writer.add_sliding_window(window)
 
     def add(name: str, shape: tuple[int, ...]) -> None:
         if len(shape) == 1:  # norms near one

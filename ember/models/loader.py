@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import importlib.util
-import itertools
 import json
 import re
 import shutil
@@ -362,16 +361,21 @@ def save_shards(tensors: Iterator[tuple[str, torch.Tensor]], directory: Path) ->
     weight_map: dict[str, str] = {}
     shard: dict[str, torch.Tensor] = {}
     shard_bytes = total = 0
-    for name, tensor in itertools.chain(tensors, [("", None)]):  # the sentinel writes the last shard
-        if shard and (tensor is None or shard_bytes >= SHARD_BYTES):
-            file = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
-            save_file(shard, str(directory / file), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, file))
+
+    def write_shard() -> None:
+        file = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        save_file(shard, str(directory / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+
+    for name, tensor in tensors:
+        if shard_bytes >= SHARD_BYTES:
+            write_shard()
             shard, shard_bytes = {}, 0
-        if tensor is not None:
-            shard[name] = tensor.contiguous()
-            shard_bytes += tensor.numel() * tensor.element_size()
-            total += tensor.numel() * tensor.element_size()
+        shard[name] = tensor.contiguous()
+        shard_bytes += tensor.numel() * tensor.element_size()
+        total += tensor.numel() * tensor.element_size()
+    if shard:
+        write_shard()
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / SHARD_INDEX).write_text(json.dumps(index, indent=2))
 

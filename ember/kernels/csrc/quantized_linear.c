@@ -141,13 +141,18 @@ static inline void unpack_q8_f32(const uint8_t* q, const float* d, const float* 
     }
 }
 
+// The low 4 bits of a block's 32 weights from q4's 16 bytes, one weight a byte in weight order (0-15 low 128 bits).
+static inline __m256i nibble_bytes(const uint8_t* q) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i*)q);
+    const __m128i nibble = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble), _mm_and_si128(bytes, nibble));
+}
+
 // A q6 block's 32 weights as signed bytes q - 32 (in weight order; 0-15 in the low 128 bits): nibbles as q4's,
 // then each 64-bit lane c of the broadcast high-bit bytes shifted by 2c, so byte i of lane c holds weight
 // i + 8c's two high bits in its lowest bits.
 static inline __m256i q6_values(const uint8_t* q) {
-    const __m128i bytes = _mm_loadu_si128((const __m128i*)q);
-    const __m128i nibble = _mm_set1_epi8(0x0F);
-    const __m256i low = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble), _mm_and_si128(bytes, nibble));
+    const __m256i low = nibble_bytes(q);
     int64_t packed;
     memcpy(&packed, q + 16, sizeof packed);
     const __m256i pairs = _mm256_srlv_epi64(_mm256_set1_epi64x(packed), _mm256_set_epi64x(6, 4, 2, 0));
@@ -158,9 +163,7 @@ static inline __m256i q6_values(const uint8_t* q) {
 // A q5 block's 32 weights as bytes (in weight order; 0-15 in the low 128 bits): nibbles as q4's, and 16 where
 // the weight's bit in the word is set (each byte j gets byte j / 8 of the word and tests bit j % 8).
 static inline __m256i q5_values(const uint8_t* q) {
-    const __m128i bytes = _mm_loadu_si128((const __m128i*)q);
-    const __m128i nibble = _mm_set1_epi8(0x0F);
-    const __m256i low = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble), _mm_and_si128(bytes, nibble));
+    const __m256i low = nibble_bytes(q);
     int32_t bits;
     memcpy(&bits, q + 16, sizeof bits);
     const __m256i spread = _mm256_shuffle_epi8(

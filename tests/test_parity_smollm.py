@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,6 +10,8 @@ import torch
 
 from ember.engine.engine import LLM
 from ember.engine.sampling_params import SamplingParams
+from ember.models import quantized
+from ember.models.loader import default_model_path
 from tests.parity import assert_logprobs_close, hf_greedy
 
 STORY = (
@@ -63,4 +66,62 @@ def test_cuda_bf16_logprobs_close_to_hf_fp32(hf_references: list) -> None:
     params = SamplingParams(max_tokens=128, temperature=0, logprobs=5, ignore_eos=True)
     outputs = llm.generate([ids for ids, _, _ in hf_references], params)
     for prompt, (_, hf_tokens, hf_tops), out in zip(PROMPTS, hf_references, outputs, strict=True):
+        assert_logprobs_close(out, hf_tokens, hf_tops, prompt[:30])
+
+
+def requantize(source: Path, target: Path) -> None:
+    """The shipped Q4_1 SmolLM2 re-quantized as llama.cpp's Q4_K_M is for a width of 576, which is no whole number
+    of K-quant super-blocks: Q5_0 matrices, Q8_0 for the embedding and the v of llama.cpp's "more bits" layers;
+    and the down projections in Q5_1 (K-quants gguf-py cannot write). QKV then mixes Q5_0 and Q8_0 parts."""
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    reader = gguf.GGUFReader(str(source))
+    writer = gguf.GGUFWriter(str(target), reader.fields["general.architecture"].contents())
+    for field in reader.fields.values():
+        if field.name != gguf.Keys.General.ARCHITECTURE and not field.name.startswith("GGUF."):
+            kind = field.types[0]
+            writer.add_key_value(
+                field.name, field.contents(), kind, sub_type=field.types[-1] if len(field.types) > 1 else None
+            )
+    layers = reader.fields["llama.block_count"].contents()
+    more_bits = {i for i in range(layers) if i < layers // 8 or i >= 7 * layers // 8 or (i - layers // 8) % 3 == 2}
+    types = gguf.GGMLQuantizationType
+    for tensor in reader.tensors:
+        w = dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed([int(d) for d in tensor.shape])))
+        if w.ndim == 1:
+            writer.add_tensor(tensor.name, w)
+            continue
+        layer = int(tensor.name.split(".")[1]) if tensor.name.startswith("blk.") else -1
+        if tensor.name == "token_embd.weight" or (tensor.name.endswith("attn_v.weight") and layer in more_bits):
+            qtype = types.Q8_0
+        else:
+            qtype = types.Q5_1 if tensor.name.endswith("ffn_down.weight") else types.Q5_0
+        writer.add_tensor(tensor.name, quantize(w, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.skipif(not quantized.kernels_available(torch.float32), reason="needs the CPU's quantized kernels")
+def test_a_llama_cpp_mix_of_formats_matches_hf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real model in llama.cpp's fallback types (`requantize`): every linear from its blocks in the one-call
+    step, QKV in two kernels; greedy tokens equal those of transformers loading the same file (fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "smollm2-mixed.gguf"
+    requantize(default_model_path(), path)
+    llm = LLM(str(path), num_blocks=256, dtype="float32")
+    kernels = {
+        m.small_steps.weight.kernels for m in llm.engine.runner.model.modules() if getattr(m, "small_steps", None)
+    }
+    assert llm.engine.runner.decode_stack is not None and {"q5", "q5+q8", "q8"} <= kernels
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    prompts = PROMPTS[:4]
+    prompt_ids = [llm.tokenizer(prompt)["input_ids"] for prompt in prompts]
+    outputs = llm.generate(prompt_ids, SamplingParams(max_tokens=32, temperature=0, logprobs=5, ignore_eos=True))
+    for prompt, (hf_tokens, hf_tops), out in zip(prompts, hf_greedy(hf, prompt_ids, 32), outputs, strict=True):
+        assert out.outputs[0].token_ids == hf_tokens, prompt
         assert_logprobs_close(out, hf_tokens, hf_tops, prompt[:30])

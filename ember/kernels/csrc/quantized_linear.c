@@ -337,8 +337,7 @@ static inline __attribute__((always_inline)) void q6_feature_bf16(const uint8_t*
     q6_tables(&table_low, &table_high);
     __m512 acc0[GROUP_ROWS], acc1[GROUP_ROWS];
     for (int r = 0; r < rows; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
-    int64_t b = 0;
-    for (; b + 1 < nb; b += 2) {
+    for (int64_t b = 0; b < nb; b += 2) {  // whole Q6_K super-blocks of 8 blocks: always pairs
         const __m512bh w0 = (__m512bh)_mm512_permutex2var_epi16(table_low, q6_words(q + b * 24), table_high);
         const __m512bh w1 = (__m512bh)_mm512_permutex2var_epi16(table_low, q6_words(q + b * 24 + 24), table_high);
         const __m512 scales0 = q6_lane_scales(d + 2 * b), scales1 = q6_lane_scales(d + 2 * b + 2);
@@ -348,14 +347,6 @@ static inline __attribute__((always_inline)) void q6_feature_bf16(const uint8_t*
             const __m512 sums1 = _mm512_dpbf16_ps(_mm512_setzero_ps(), w1, (__m512bh)_mm512_loadu_si512(xb + QBLOCK));
             acc0[r] = _mm512_fmadd_ps(sums0, scales0, acc0[r]);
             acc1[r] = _mm512_fmadd_ps(sums1, scales1, acc1[r]);
-        }
-    }
-    if (b < nb) {
-        const __m512bh w = (__m512bh)_mm512_permutex2var_epi16(table_low, q6_words(q + b * 24), table_high);
-        const __m512 scales = q6_lane_scales(d + 2 * b);
-        for (int r = 0; r < rows; r++) {
-            const __m512bh xb = (__m512bh)_mm512_loadu_si512(x + r * K + b * QBLOCK);
-            acc0[r] = _mm512_fmadd_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), w, xb), scales, acc0[r]);
         }
     }
     for (int r = 0; r < rows; r++)

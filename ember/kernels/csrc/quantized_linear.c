@@ -296,8 +296,8 @@ static inline void q5_pair(const uint8_t* q, const float* d, const float* m, __m
 // 64-entry table), its products with each row summed in fp32 (vdpbf16ps pairs weights 2i and 2i + 1, so lanes
 // 0-7 hold the first 16 weights' sums), then scaled per 16 weights: the exact fp32 weights `d * (q - 32)`
 // times x. The weights are not rounded to bf16 first, as the other formats' are (converting each weight to
-// float, scaling and rounding it took three times as long): sums differ from the PyTorch model's by that
-// rounding (at most 2^-9 of each weight), not only by their order.
+// float, scaling and rounding it took three times as long): sums differ from oneDNN's on the bf16 weights
+// (prefill, steps past MAX_ROWS rows) by that rounding (at most 2^-9 of each weight), not only by their order.
 static inline __m512i q6_words(const uint8_t* q) {
     const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)q));
     const __m256i low = _mm256_and_si256(bytes, _mm256_set1_epi16(0x0F));

@@ -26,8 +26,10 @@ from ember.models.loader import (
     gguf_as_hf_dir,
     gguf_hf_config,
     load_model,
+    wanted_tensors,
 )
 from ember.models.packed_linear import PackedLinear
+from ember.models.quantized import QuantizedLinear
 from tests.test_tiny_parity import hf_reference
 
 CONFIG = {
@@ -326,6 +328,18 @@ KERNEL_DTYPES = [  # activation dtypes, each where its quantized kernel runs
 ]
 
 
+def block_kernels(llm: LLM) -> dict[str, str]:
+    """The served model's linears that multiply from GGUF blocks, with their kernels: `QuantizedLinear`s (blocks
+    only, where AMX runs) and packed linears that keep blocks for steps of few rows."""
+    found = {}
+    for name, module in llm.engine.runner.model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            found[name] = module.blocks.kernels
+        elif isinstance(module, PackedLinear) and module.small_steps is not None:
+            found[name] = module.small_steps.weight.kernels
+    return found
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M"])
 def test_decode_steps_multiply_from_the_gguf_blocks(
@@ -339,18 +353,13 @@ def test_decode_steps_multiply_from_the_gguf_blocks(
     prompts = [[5, 17, 33, 200, 91, 7, 64], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [100, 101]]
     params = SamplingParams(max_tokens=16, temperature=0, logprobs=5, ignore_eos=True)
     llm = LLM(str(path), num_blocks=64, dtype=dtype)
-    with_blocks = {
-        name
-        for name, module in llm.engine.runner.model.named_modules()
-        if isinstance(module, PackedLinear) and module.small_steps is not None
-    }
     projections = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
     layers = range(CONFIG["num_hidden_layers"])
-    assert with_blocks == {f"layers.{i}.{p}" for i in layers for p in projections} | {"lm_head"}
-    from_blocks = llm.generate(prompts, params)
+    assert set(block_kernels(llm)) == {f"layers.{i}.{p}" for i in layers for p in projections} | {"lm_head"}
+    from_blocks = llm.generate(prompts, params)  # prefill of 19 rows: on AMX, its kernel for many rows
     monkeypatch.setenv("EMBER_DISABLE_QUANTIZED_KERNELS", "1")
     plain = LLM(str(path), num_blocks=64, dtype=dtype)
-    assert not any(getattr(m, "small_steps", None) for m in plain.engine.runner.model.modules())
+    assert not block_kernels(plain)
     for a, b in zip(from_blocks, plain.generate(prompts, params), strict=True):
         for mine, theirs in zip(a.outputs[0].logprobs, b.outputs[0].logprobs, strict=True):
             if mine.token_id != theirs.token_id:
@@ -366,11 +375,7 @@ def test_a_q4_k_m_file_keeps_every_linear_in_its_blocks(tmp_path: Path, hf_llama
     path = tmp_path / "tiny-Q4_K_M.gguf"
     write_gguf(path, hf_llama, Q4_K_M[0], overrides=Q4_K_M[1])
     llm = LLM(str(path), num_blocks=64, dtype="float32")
-    kernels = {
-        name: module.small_steps.weight.kernels
-        for name, module in llm.engine.runner.model.named_modules()
-        if isinstance(module, PackedLinear) and module.small_steps is not None
-    }
+    kernels = block_kernels(llm)
     expected = {
         "self_attn.qkv_proj": "q4+q6",
         "self_attn.o_proj": "q4",
@@ -381,6 +386,25 @@ def test_a_q4_k_m_file_keeps_every_linear_in_its_blocks(tmp_path: Path, hf_llama
     assert kernels == {f"layers.{i}.{p}": k for i in layers for p, k in expected.items()} | {"lm_head": "q6"}
     assert set(llm.engine.loaded.gguf_blocks) == set(kernels)
     assert llm.engine.runner.decode_stack is not None
+
+
+@pytest.mark.skipif(not quantized.amx_available(), reason="needs a CPU with AMX-BF16")
+def test_with_amx_a_gguf_model_keeps_its_linears_in_blocks_only(
+    tmp_path: Path, hf_llama: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where AMX multiplies steps of many rows from the blocks, the linears hold no dequantized weight, and the
+    loader does not read the converted copy; EMBER_KEEP_DEQUANTIZED_WEIGHTS=1 keeps both copies."""
+    path = tmp_path / "tiny-Q4_K_M.gguf"
+    write_gguf(path, hf_llama, Q4_K_M[0], overrides=Q4_K_M[1])
+    model = load_model(str(path), "auto", torch.bfloat16, "cpu").model
+    assert isinstance(model.lm_head, QuantizedLinear) and isinstance(model.layers[0].mlp.down_proj, QuantizedLinear)
+    weights = {name for name, _ in model.named_parameters()}
+    assert weights and not any(name.endswith("proj.weight") or name.startswith("lm_head") for name in weights)
+    wanted = wanted_tensors(model)
+    assert wanted("model.embed_tokens.weight") and not wanted("model.layers.0.self_attn.q_proj.weight")
+    monkeypatch.setenv("EMBER_KEEP_DEQUANTIZED_WEIGHTS", "1")
+    both = load_model(str(path), "auto", torch.bfloat16, "cpu").model
+    assert isinstance(both.layers[0].mlp.down_proj, torch.nn.Linear) and isinstance(both.lm_head, torch.nn.Linear)
 
 
 def test_conversion_writes_shards_that_transformers_loads(

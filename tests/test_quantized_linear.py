@@ -54,19 +54,23 @@ def kernel_matmul(weight: quantized.QuantizedWeight, x: torch.Tensor, bias: torc
     return quantized.QuantizedMatmul(quantized.QuantizedMatrix((weight,)), bias, x.dtype)(x)
 
 
-def check_exact_weights(gguf_type: str, dtype: torch.dtype) -> None:
-    """Multiplying by identity rows reads each weight back alone: bit for bit gguf-py's value (in bf16, rounded)."""
+def check_exact_weights(gguf_type: str, dtype: torch.dtype, rows: int = 8) -> None:
+    """Multiplying by identity rows reads each weight back alone: bit for bit gguf-py's value (in bf16, rounded).
+    `rows` at a time: up to `MAX_ROWS` the kernels for few rows, past it AMX's (where it runs)."""
     n, k = 40, 256 if gguf_type in K_QUANTS else 96  # K-quants: one super-block; else a pair of blocks and one
     weight, reference = gguf_weight(gguf_type, n, k, seed=1)
     identity = torch.eye(k, dtype=dtype)
-    columns = torch.cat([kernel_matmul(weight, identity[r : r + 8], None) for r in range(0, k, 8)])
+    columns = torch.cat([kernel_matmul(weight, identity[r : r + rows], None) for r in range(0, k, rows)])
     assert torch.equal(columns.T, reference.to(dtype))
 
 
-def multiplied(gguf_type: str, reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The weights a kernel multiplies by: the loader's in the activations' dtype, but Q6_K's exact fp32 values on
-    bf16 (its kernel scales the sums of each 16 weights, not the weights)."""
-    return reference if (gguf_type, dtype) == ("Q6_K", torch.bfloat16) else reference.to(dtype)
+def multiplied(gguf_type: str, reference: torch.Tensor, dtype: torch.dtype, rows: int) -> torch.Tensor:
+    """The weights a kernel multiplies by: the loader's in the activations' dtype, but Q6_K's exact fp32 values in
+    the bf16 kernel for few rows (it scales the sums of each 16 weights, not the weights)."""
+    exact = (gguf_type, dtype) == ("Q6_K", torch.bfloat16) and (
+        rows <= quantized.MAX_ROWS[dtype] or not quantized.amx_available()
+    )
+    return reference if exact else reference.to(dtype)
 
 
 def check_matmul(gguf_type: str, rows: int, n: int, k: int, dtype: torch.dtype) -> None:
@@ -76,7 +80,7 @@ def check_matmul(gguf_type: str, rows: int, n: int, k: int, dtype: torch.dtype) 
     x = torch.randn(rows, k, generator=generator).to(dtype)
     bias = torch.randn(n, generator=generator).to(dtype)
     for b in (None, bias):
-        expected = x.double() @ multiplied(gguf_type, reference, dtype).double().T
+        expected = x.double() @ multiplied(gguf_type, reference, dtype, rows).double().T
         if b is not None:
             expected += b.double()
         out = kernel_matmul(weight, x, b)
@@ -101,6 +105,40 @@ def test_quantized_matmul_matches_dequantized_weights(
     gguf_type: str, rows: int, n: int, k: int, dtype: torch.dtype
 ) -> None:
     check_matmul(gguf_type, rows, n, k, dtype)
+
+
+needs_amx = pytest.mark.skipif(not quantized.amx_available(), reason="needs a CPU with AMX-BF16")
+
+
+@needs_amx
+@pytest.mark.parametrize("gguf_type", FORMATS)
+def test_many_row_kernel_dequantizes_to_the_loaders_weights_exactly(gguf_type: str) -> None:
+    """AMX's kernel (past MAX_ROWS rows) multiplies by the loader's bf16 weights, Q6_K's included."""
+    check_exact_weights(gguf_type, torch.bfloat16, rows=16)
+
+
+# rows: one group of 16 and a part of one, whole pairs of groups and an odd group over; 520 takes the wide tiles.
+# N: 40 leaves a tile of 8 features over its 32, 200 a part-filled group of 16 past 3 whole tiles of 64 (or 128).
+@needs_amx
+@pytest.mark.parametrize(("rows", "n"), [(9, 40), (16, 200), (33, 40), (64, 200), (520, 200)])
+@pytest.mark.parametrize("gguf_type", ["Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"])
+def test_many_row_kernel_matches_dequantized_weights(gguf_type: str, rows: int, n: int) -> None:
+    check_matmul(gguf_type, rows, n, 256, torch.bfloat16)
+
+
+@needs_amx
+def test_the_many_row_kernel_fills_each_segments_columns() -> None:
+    """A fused projection of Q4_K and Q6_K parts past MAX_ROWS rows: each part's columns and bias, with a tile
+    of the Q4_K part's features cut short by the segment's end."""
+    types = ["Q4_K", "Q6_K"]
+    parts = [gguf_weight(t, n, 512, seed) for seed, (t, n) in enumerate(zip(types, [72, 48], strict=True))]
+    matrix = quantized.stack_rows([w for w, _ in parts])
+    assert matrix is not None and matrix.kernels == "q4+q6"
+    reference = torch.cat([r.to(torch.bfloat16) for _, r in parts]).double()
+    x = torch.randn(21, 512, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    bias = torch.randn(120).to(torch.bfloat16)
+    out = quantized.QuantizedMatmul(matrix, bias, torch.bfloat16)(x)
+    torch.testing.assert_close(out.double(), x.double() @ reference.T + bias.double(), **TOLERANCE[torch.bfloat16])
 
 
 def cpu_has_avx2_and_fma() -> bool:
@@ -156,7 +194,7 @@ def test_a_fused_projection_of_mixed_formats_fills_one_output(dtype: torch.dtype
     parts = [gguf_weight(t, n, 512, seed) for seed, (t, n) in enumerate(zip(types, [64, 32, 48], strict=True))]
     matrix = quantized.stack_rows([w for w, _ in parts])
     assert matrix is not None and matrix.kernels == "q4+q6" and matrix.shape == (144, 512)
-    reference = torch.cat([multiplied(t, r, dtype) for t, (_, r) in zip(types, parts, strict=True)]).double()
+    reference = torch.cat([multiplied(t, r, dtype, 5) for t, (_, r) in zip(types, parts, strict=True)]).double()
     x = torch.randn(5, 512, generator=torch.Generator().manual_seed(0)).to(dtype)
     bias = torch.randn(144).to(dtype)
     out = quantized.QuantizedMatmul(matrix, bias, dtype)(x)

@@ -5,7 +5,8 @@ a third of bf16's bytes and a sixth of fp32's.
 
 Steps of up to `MAX_ROWS` single-token rows run as one C call (`models/decode_stack.py`), whose linears Python
 does not see: the linears column then holds the LM head alone; `--no-decode-stack` runs the PyTorch model.
-An A/B of the quantized kernels in one checkout: run it as is, then with EMBER_DISABLE_QUANTIZED_KERNELS=1.
+An A/B of the quantized kernels in one checkout: run it as is, then with EMBER_DISABLE_QUANTIZED_KERNELS=1 (or, on a
+CPU with AMX, EMBER_KEEP_DEQUANTIZED_WEIGHTS=1: oneDNN on the dequantized weights past `MAX_ROWS` rows).
 `.venv/bin/python benchmarks/cpu/small_batch.py [--batch-sizes 1,4,8,16] [--dtype float32] [--no-decode-stack]
 [--model FILE.gguf]` (random_gguf.py writes one in another architecture's shape, e.g. Qwen3-0.6B's)
 """
@@ -19,20 +20,24 @@ from typing import Any
 
 from ember.engine.engine import LLM
 from ember.engine.sampling_params import SamplingParams
-from ember.models import packed_linear
+from ember.models.packed_linear import PackedLinear
+from ember.models.quantized import QuantizedLinear
 
 DECODED = 128  # steps timed after the first token
+LINEARS = (PackedLinear, QuantizedLinear)  # QuantizedLinear: GGUF blocks only (CPUs with AMX)
 linear_seconds = 0.0
-linear_forward = packed_linear.PackedLinear.forward
 
 
-def timed_linear(self: packed_linear.PackedLinear, x: Any) -> Any:
-    global linear_seconds
-    start = time.perf_counter()
-    try:
-        return linear_forward(self, x)
-    finally:
-        linear_seconds += time.perf_counter() - start
+def timed(forward: Any) -> Any:
+    def timed_linear(self: Any, x: Any) -> Any:
+        global linear_seconds
+        start = time.perf_counter()
+        try:
+            return forward(self, x)
+        finally:
+            linear_seconds += time.perf_counter() - start
+
+    return timed_linear
 
 
 def timed_generate(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple[float, float]:
@@ -51,13 +56,16 @@ def main() -> None:
     parser.add_argument("--no-decode-stack", action="store_true", help="run every step on the PyTorch model")
     parser.add_argument("--model", help="a model path (default: the embedded SmolLM2)")
     args = parser.parse_args()
-    packed_linear.PackedLinear.forward = timed_linear  # type: ignore[method-assign]
+    for linear in LINEARS:
+        linear.forward = timed(linear.forward)  # type: ignore[method-assign]
     llm = LLM(args.model, dtype=args.dtype, enable_prefix_caching=False, max_model_len=4096)
     if args.no_decode_stack:
         llm.engine.runner.decode_stack = None
     print(f"decode steps of few rows in one C call: {llm.engine.runner.decode_stack is not None}")
-    blocks = sum(getattr(m, "small_steps", None) is not None for m in llm.engine.runner.model.modules())
+    modules = list(llm.engine.runner.model.modules())
+    blocks = sum(getattr(m, "small_steps", None) is not None for m in modules)
     print(f"linears multiplied from GGUF blocks at few rows: {blocks}")
+    print(f"linears multiplied from GGUF blocks only (AMX): {sum(isinstance(m, QuantizedLinear) for m in modules)}")
     prompt = [1000 + i for i in range(64)]
     timed_generate(llm, [prompt], 2)  # warm-up
     print(f"{'batch':>5s} {'ms/step':>8s} {'linears':>8s} {'tok/s':>7s}")

@@ -19,7 +19,7 @@ from ember.kernels import native
 from ember.kernels.elementwise import NORM_KERNELS, SUFFIX
 from ember.models.llama import LlamaForCausalLM
 from ember.models.packed_linear import PackedLinear
-from ember.models.quantized import QuantizedMatmul
+from ember.models.quantized import QuantizedLinear, QuantizedMatmul
 
 _ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -96,6 +96,8 @@ def _layer_norms(layer: torch.nn.Module) -> tuple[torch.nn.Module | None, ...]:
 
 
 def _small_steps(module: torch.nn.Module) -> QuantizedMatmul | None:
+    if isinstance(module, QuantizedLinear):
+        return module.matmul
     return module.small_steps if isinstance(module, PackedLinear) else None
 
 

@@ -14,7 +14,7 @@ import json
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from ember.models.quantized import (
     QuantizedWeight,
     from_gguf_blocks,
     kernels_available,
+    quantize_linears,
     stack_rows,
 )
 
@@ -116,7 +117,8 @@ def text_model_config(config: dict[str, Any]) -> dict[str, Any]:
     return {**full, "architectures": [text_arch], "eos_token_id": eos}
 
 
-def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(path: Path, wanted: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a directory's safetensors files (those `wanted` takes, by name: the rest are not read)."""
     from safetensors import safe_open
 
     files = sorted(path.glob("*.safetensors"))
@@ -125,7 +127,8 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                yield name, f.get_tensor(name)
+                if wanted is None or wanted(name):
+                    yield name, f.get_tensor(name)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -513,6 +516,22 @@ def fused_projections(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
     }
 
 
+def _destination(hf_name: str, cfg: ModelConfig, params: dict[str, torch.Tensor]) -> tuple[str, int, int | None] | None:
+    """The parameter a checkpoint tensor is copied into and where (first row, rows; None: all of it), or None
+    where the model takes none (a tied LM head, rotary buffers of old checkpoints, the weights of linears that
+    multiply from GGUF blocks)."""
+    name = module_name(hf_name)
+    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        return None
+    parts = name.split(".")
+    fused = fused_projections(cfg)
+    offset, size = 0, None
+    if len(parts) >= 2 and parts[-2] in fused:
+        target, offset, size = fused[parts[-2]]
+        name = ".".join([*parts[:-2], target, parts[-1]])
+    return (name, offset, size) if name in params else None
+
+
 def load_weights(model: LlamaForCausalLM, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
     """Copy HF-named tensors into the model, packing q/k/v and gate/up into their fused projections."""
     cfg = model.config
@@ -520,16 +539,10 @@ def load_weights(model: LlamaForCausalLM, weights: Iterator[tuple[str, torch.Ten
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     for hf_name, tensor in weights:
-        name = module_name(hf_name)
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        destination = _destination(hf_name, cfg, params)
+        if destination is None:
             continue
-        parts = name.split(".")
-        offset, size = 0, None
-        if len(parts) >= 2 and parts[-2] in fused:
-            target, offset, size = fused[parts[-2]]
-            name = ".".join([*parts[:-2], target, parts[-1]])
-        if name not in params:
-            continue  # e.g. rotary inv_freq buffers saved by old checkpoints
+        name, offset, size = destination
         param = params[name]
         dest = param.data if size is None else param.data.narrow(0, offset, size)
         if dest.shape != tensor.shape:
@@ -541,6 +554,13 @@ def load_weights(model: LlamaForCausalLM, weights: Iterator[tuple[str, torch.Ten
     missing = [n for n in expected if not _covered(n, loaded_targets, fused)]
     if missing:
         raise ModelNotFoundError(f"checkpoint is missing weights: {', '.join(sorted(missing)[:5])}")
+
+
+def wanted_tensors(model: LlamaForCausalLM) -> Callable[[str], bool]:
+    """Whether `load_weights` copies a checkpoint tensor into `model`: the others are not read from disk (a GGUF
+    model's dequantized linears, where it multiplies from the blocks)."""
+    params = dict(model.named_parameters())
+    return lambda hf_name: _destination(hf_name, model.config, params) is not None
 
 
 def module_name(hf_name: str) -> str:
@@ -642,7 +662,8 @@ def model_class(config: ModelConfig) -> type[LlamaForCausalLM]:
 
 
 def load_model(model: str | None, load_format: str, dtype: torch.dtype, device: str, seed: int = 0) -> LoadedModel:
-    """Build the model for `model` (None: the default) and load its weights and tokenizer."""
+    """Build the model for `model` (None: the default) and load its weights and tokenizer. A GGUF file's linears
+    whose blocks the CPU's kernels multiply at every step size keep only their blocks (`quantize_linears`)."""
     tokenizer = None
     path: Path | None = None
     if load_format == "dummy":
@@ -654,14 +675,17 @@ def load_model(model: str | None, load_format: str, dtype: torch.dtype, device: 
         if path.suffix == ".gguf":
             path = gguf_as_hf_dir(path)
         hf_config = read_hf_config(path)
-        weights = iter_safetensors(path)
         if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(path))
     config = ModelConfig.from_hf_dict(hf_config)
+    blocks = {}
+    if path is not None and (path / BLOCKS_FILE).is_file() and device == "cpu" and kernels_available(dtype):
+        blocks = load_gguf_blocks(path, config)
     with torch.device("meta"):
         module = model_class(config)(config).to(dtype)
+    quantized = quantize_linears(module, blocks)
     # Materialized in the served dtype, each weight cast as it is copied in: built in fp32 and cast afterwards,
     # a bf16 model passed through twice its size plus its own (a 7B GGUF: 28 GB, then 42 GB while casting).
     # Dummy weights are drawn on the GPU itself: 0.6B random numbers take seconds on the CPU.
@@ -669,14 +693,12 @@ def load_model(model: str | None, load_format: str, dtype: torch.dtype, device: 
     if load_format == "dummy":
         init_dummy_weights(module, seed)
     else:
-        load_weights(module, weights)
-    if config.tie_word_embeddings:
+        assert path is not None
+        load_weights(module, iter_safetensors(path, wanted_tensors(module)))
+    if config.tie_word_embeddings and "lm_head" not in quantized:
         module.lm_head.weight = module.embed_tokens.weight
     module = module.to(device=device)
     for rotary in module.rotaries():
         rotary.reset_parameters()  # computed, not loaded, and kept in fp32
     module.eval()
-    blocks = {}
-    if path is not None and (path / BLOCKS_FILE).is_file() and device == "cpu" and kernels_available(dtype):
-        blocks = load_gguf_blocks(path, config)
     return LoadedModel(module, config, tokenizer, name, path, blocks)

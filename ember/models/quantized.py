@@ -3,19 +3,23 @@
 At batch 1 a decode step's linears read every weight once, so their time is the weights' bytes over memory
 bandwidth. A GGUF file's Q4 blocks are 5/8 of a byte per weight against bf16's 2: the native kernel reads
 the blocks and dequantizes them in registers to the very values the loader produces (fp32, or those rounded
-to bf16), so results differ from oneDNN's matmul only in summation order. Larger steps are compute bound and
-stay on oneDNN, so the model keeps both copies (the blocks add about a third of bf16 weights' memory).
+to bf16), so results differ from oneDNN's matmul only in summation order. Larger steps are compute bound: on
+CPUs with AMX a second kernel dequantizes a tile of weights at a time into cache and multiplies it there with
+AMX, so the model keeps no other copy of those weights (`QuantizedLinear`: a GGUF model's memory is about its
+file's size). Elsewhere larger steps stay on oneDNN, and the model keeps both copies.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from ember.kernels import native
 
@@ -177,6 +181,13 @@ def kernels_available(dtype: torch.dtype) -> bool:
     )
 
 
+@functools.cache
+def amx_available() -> bool:
+    """Whether the kernel for bf16 steps of many rows runs here: a CPU with AMX-BF16, and Linux lends its tiles."""
+    library = native.load()
+    return kernels_available(torch.bfloat16) and hasattr(library, "amx_linear_q4_bf16") and bool(library.amx_enable())
+
+
 @dataclass
 class KernelCall:
     """One segment's kernel and its bound pointers: it writes `out_features` columns of each output row,
@@ -189,30 +200,37 @@ class KernelCall:
 
 
 class QuantizedMatmul:
-    """`x @ weight.T (+ bias)` for x of at most `max_rows` rows, from the blocks (pointers bound once)."""
+    """`x @ weight.T (+ bias)` from the blocks (pointers bound once): steps of at most `max_rows` rows on the
+    kernels for a few rows, larger ones on AMX's where it runs here (`many_rows`), else on the former too."""
 
     def __init__(self, weight: QuantizedMatrix, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
-        library = native.load()
-        assert library is not None
+        assert native.load() is not None
         self.weight, self.bias, self.dtype = weight, bias, dtype  # kept alive: the kernels hold their pointers
         self.out_features, self.in_features = weight.shape
         self.max_rows = MAX_ROWS[dtype]
-        self.calls: list[KernelCall] = []
-        column, element_size = 0, torch.empty(0, dtype=dtype).element_size()
-        for segment in weight.segments:
+        self.calls = self._bind(f"quantized_linear_{{kernel}}_{SUFFIX[dtype]}")
+        self.many_rows = dtype == torch.bfloat16 and amx_available()
+        self.many_row_calls = self._bind("amx_linear_{kernel}_bf16") if self.many_rows else self.calls
+
+    def _bind(self, name: str) -> list[KernelCall]:
+        library = native.load()
+        calls, column = [], 0
+        element_size = torch.empty(0, dtype=self.dtype).element_size()
+        for segment in self.weight.segments:
             mins = None if segment.mins is None else segment.mins.data_ptr()
-            bias_ptr = None if bias is None else bias[column:].data_ptr()
-            function = getattr(library, f"quantized_linear_{segment.kernel}_{SUFFIX[dtype]}")
+            bias_ptr = None if self.bias is None else self.bias[column:].data_ptr()
+            function = getattr(library, name.format(kernel=segment.kernel))
             args = (segment.quants.data_ptr(), segment.scales.data_ptr(), mins, bias_ptr)
-            self.calls.append(KernelCall(function, args, segment.shape[0], column * element_size))
+            calls.append(KernelCall(function, args, segment.shape[0], column * element_size))
             column += segment.shape[0]
+        return calls
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         rows = x.shape[0]
         out = torch.empty((rows, self.out_features), dtype=self.dtype)
         x_ptr, out_ptr = x.data_ptr(), out.data_ptr()
-        for call in self.calls:
+        for call in self.calls if rows <= self.max_rows else self.many_row_calls:
             call.function(
                 *call.weight_args,
                 x_ptr,
@@ -223,6 +241,50 @@ class QuantizedMatmul:
                 self.out_features,
             )
         return out
+
+
+class QuantizedLinear(nn.Module):
+    """An `nn.Linear` whose weight is only its GGUF blocks: where `amx_available()`, every step multiplies from
+    them. Made on the meta device in place of the model's linear, so its weight is never materialized; the
+    kernels are bound at the first call, once the bias (if any) has been loaded."""
+
+    def __init__(self, weight: QuantizedMatrix, linear: nn.Linear) -> None:
+        super().__init__()
+        self.blocks = weight
+        self.out_features, self.in_features = weight.shape
+        self.dtype = linear.weight.dtype
+        self.bias = None if linear.bias is None else nn.Parameter(torch.empty_like(linear.bias), requires_grad=False)
+        self._matmul: QuantizedMatmul | None = None
+
+    @property
+    def matmul(self) -> QuantizedMatmul:
+        if self._matmul is None:
+            self._matmul = QuantizedMatmul(self.blocks, None if self.bias is None else self.bias.detach(), self.dtype)
+        return self._matmul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, blocks={self.blocks.kernels}"
+
+
+def quantize_linears(model: nn.Module, blocks: dict[str, QuantizedMatrix]) -> set[str]:
+    """Replace each linear of `model` (on the meta device, before its weights are loaded) that has blocks the
+    kernels multiply at every step size here by a `QuantizedLinear`; returns their names. None where AMX does
+    not run (there larger steps need the dequantized weights), nor with EMBER_KEEP_DEQUANTIZED_WEIGHTS=1 (both
+    copies, as there: oneDNN's bf16 matmul from the dequantized weights for steps past `MAX_ROWS` rows, for
+    A/B comparisons or where memory is plenty and mid-size batches matter most)."""
+    if not amx_available() or os.environ.get("EMBER_KEEP_DEQUANTIZED_WEIGHTS"):
+        return set()
+    replaced = set()
+    for name, module in list(model.named_modules()):
+        weight = blocks.get(name)
+        if isinstance(module, nn.Linear) and module.weight.dtype == torch.bfloat16 and usable(weight, module):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, QuantizedLinear(weight, module))  # type: ignore[arg-type]
+            replaced.add(name)
+    return replaced
 
 
 def usable(weight: QuantizedMatrix | None, linear: torch.nn.Linear) -> bool:

@@ -9,36 +9,20 @@
 // between oneDNN's kernels for different row counts. (One exception: q6 on bf16 multiplies by the exact fp32
 // weights, not their bf16 roundings; see there.)
 //
-// Weights are stored split, per output feature n and block b: quants [N][K/32][BYTES], scales
-// [N][K/32][SCALES] and mins [N][K/32] as fp32 (mins NULL: none). x is [M, K]; out [M, ldo], of which
-// columns 0..N-1 are written (so that the parts of a fused projection in different formats fill one output);
-// bias [N] or NULL; all of the activations' type.
-//
-// Formats (`quantized.py` repacks GGUF's blocks into them at load):
-//   q4  16 bytes: weight j < 16 in the low nibble of byte j, weight j + 16 in its high nibble; `d * q + m`
-//       (Q4_0, Q4_1, Q4_K's sub-blocks);
-//   q8  32 signed bytes; `d * q` (Q8_0);
-//   q5  20 bytes: q4's nibbles, then a 32-bit word whose bit j is weight j's fifth bit; `d * q + m` (Q5_0, Q5_1,
-//       Q5_K's sub-blocks);
-//   q6  24 bytes: q4's nibbles, then 8 bytes of high bit pairs (byte i: weights i, i + 8, i + 16, i + 24 in
-//       bits 0-1, 2-3, 4-5, 6-7); two scales, one per 16 weights; `d * (q - 32)` (Q6_K: its `d * sc` has at
-//       most 18 significant bits, so the products are exact in fp32, as in gguf-py).
+// x is [M, K]; out [M, ldo], of which columns 0..N-1 are written (so that the parts of a fused projection in
+// different formats fill one output); bias [N] or NULL; all of the activations' type. The weights' formats are
+// `quantized_blocks.h`'s.
 
-#include "common.h"
+#include "quantized_blocks.h"
 
-#define QBLOCK 32
 #define AS_FLOAT_F32(v) (v)
 #define AS_FLOAT_BF16(v) bf16_to_float(v)
-#define UP_TO(GROUP, c) ((c) < (GROUP) ? (c) : (GROUP))
 
 // Each thread walks its features' blocks in order, yet from memory they arrived at about a third of the
 // bandwidth a plain sum reads (10 of 31 GB/s, Qwen3-0.6B's Q4_0 linears at one row): the hardware prefetchers
 // stop at page boundaries and see little of the stream between the kernel's arithmetic. Asking for a feature's
 // blocks PREFETCH_FEATURES features ahead doubled it (4 measured best of 1, 2, 4 and 8).
 #define PREFETCH_FEATURES 4
-static inline void prefetch_span(const void* p, int64_t bytes) {
-    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char*)p + i, 0, 3);
-}
 
 // The entry point of a kernel: output features split across threads; rows taken in groups of up to GROUP,
 // each group size a FEATURE loop compiled for it (its accumulators then stay in registers).
@@ -74,121 +58,10 @@ static inline void prefetch_span(const void* p, int64_t bytes) {
         }                                                                                                  \
     }
 
-// ---- fp32 activations, on x86 with AVX-512 (16 lanes) or AVX2 and FMA (8 lanes): each block unpacked into 32
-// exact fp32 weights, then one FMA per vector and row. Other CPUs (no such kernel built) keep oneDNN. GCC's
-// generic vector types were tried first: it lowered their byte-to-float conversions to scalar code, which
-// under AVX2 made the kernel 6x slower than no kernel at all.
+// ---- fp32 activations: one FMA per vector of unpacked weights and row. Other CPUs (no such kernel built) keep
+// oneDNN.
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
-
-#ifdef __AVX512F__
-#define LANES 16
-#define F32_GROUP_ROWS 8  // rows whose two accumulators stay in registers: 16 of AVX-512's 32
-typedef __m512 fvec;
-#define VLOAD _mm512_loadu_ps
-#define VSET1 _mm512_set1_ps
-#define VFMA _mm512_fmadd_ps
-#define VMUL _mm512_mul_ps
-#define VADD _mm512_add_ps
-#define VZERO _mm512_setzero_ps
-#define VBYTES_TO_F32(bytes16) _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes16))
-#define VSBYTES_TO_F32(bytes16) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes16))
-static inline float vsum(fvec v) { return _mm512_reduce_add_ps(v); }
-#else
-#define LANES 8
-#define F32_GROUP_ROWS 4  // 8 of AVX2's 16 registers
-typedef __m256 fvec;
-#define VLOAD _mm256_loadu_ps
-#define VSET1 _mm256_set1_ps
-#define VFMA _mm256_fmadd_ps
-#define VMUL _mm256_mul_ps
-#define VADD _mm256_add_ps
-#define VZERO _mm256_setzero_ps
-#define VBYTES_TO_F32(bytes8) _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes8))
-#define VSBYTES_TO_F32(bytes8) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes8))
-static inline float vsum(fvec v) {
-    const __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
-}
-#endif
-#define CHUNKS (QBLOCK / LANES)
-
-// The bytes of lane group c (lanes c * LANES onwards) of a 16-byte vector, in its low lanes.
-static inline __m128i byte_group(__m128i v, int c) {
-    return LANES == 16 ? v : (c % 2 ? _mm_srli_si128(v, 8) : v);
-}
-
-// Weights c * LANES onwards of a 4-bit block (weight j < 16: low nibble of byte j; j >= 16: high nibble of
-// byte j - 16), as `d * q + m`.
-static inline void unpack_q4_f32(const uint8_t* q, const float* d, const float* m, fvec* w) {
-    const __m128i bytes = _mm_loadu_si128((const __m128i*)q);
-    const __m128i nibble = _mm_set1_epi8(0x0F);
-    const __m128i halves[2] = {_mm_and_si128(bytes, nibble), _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble)};
-    for (int c = 0; c < CHUNKS; c++) {
-        const __m128i group = byte_group(halves[c * LANES / 16], c);
-        w[c] = VFMA(VBYTES_TO_F32(group), VSET1(*d), VSET1(m ? *m : 0.0f));
-    }
-}
-
-static inline void unpack_q8_f32(const uint8_t* q, const float* d, const float* m, fvec* w) {
-    (void)m;
-    for (int c = 0; c < CHUNKS; c++) {
-        const __m128i* p = (const __m128i*)(q + c * LANES);
-        const __m128i group = LANES == 16 ? _mm_loadu_si128(p) : _mm_loadl_epi64(p);  // no byte past the block
-        w[c] = VMUL(VSBYTES_TO_F32(group), VSET1(*d));
-    }
-}
-
-// The low 4 bits of a block's 32 weights from q4's 16 bytes, one weight a byte in weight order (0-15 low 128 bits).
-static inline __m256i nibble_bytes(const uint8_t* q) {
-    const __m128i bytes = _mm_loadu_si128((const __m128i*)q);
-    const __m128i nibble = _mm_set1_epi8(0x0F);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble), _mm_and_si128(bytes, nibble));
-}
-
-// A q6 block's 32 weights as signed bytes q - 32 (in weight order; 0-15 in the low 128 bits): nibbles as q4's,
-// then each 64-bit lane c of the broadcast high-bit bytes shifted by 2c, so byte i of lane c holds weight
-// i + 8c's two high bits in its lowest bits.
-static inline __m256i q6_values(const uint8_t* q) {
-    const __m256i low = nibble_bytes(q);
-    int64_t packed;
-    memcpy(&packed, q + 16, sizeof packed);
-    const __m256i pairs = _mm256_srlv_epi64(_mm256_set1_epi64x(packed), _mm256_set_epi64x(6, 4, 2, 0));
-    const __m256i high = _mm256_slli_epi16(_mm256_and_si256(pairs, _mm256_set1_epi8(0x03)), 4);  // stays in its byte
-    return _mm256_sub_epi8(_mm256_or_si256(low, high), _mm256_set1_epi8(32));
-}
-
-// A q5 block's 32 weights as bytes (in weight order; 0-15 in the low 128 bits): nibbles as q4's, and 16 where
-// the weight's bit in the word is set (each byte j gets byte j / 8 of the word and tests bit j % 8).
-static inline __m256i q5_values(const uint8_t* q) {
-    const __m256i low = nibble_bytes(q);
-    int32_t bits;
-    memcpy(&bits, q + 16, sizeof bits);
-    const __m256i spread = _mm256_shuffle_epi8(
-        _mm256_set1_epi32(bits), _mm256_set_epi64x(0x0303030303030303LL, 0x0202020202020202LL, 0x0101010101010101LL, 0));
-    const __m256i select = _mm256_set1_epi64x((int64_t)0x8040201008040201ULL);
-    const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
-    return _mm256_or_si256(low, _mm256_and_si256(set, _mm256_set1_epi8(16)));
-}
-
-static inline void unpack_q5_f32(const uint8_t* q, const float* d, const float* m, fvec* w) {
-    const __m256i values = q5_values(q);
-    const __m128i halves[2] = {_mm256_castsi256_si128(values), _mm256_extracti128_si256(values, 1)};
-    for (int c = 0; c < CHUNKS; c++)
-        w[c] = VFMA(VBYTES_TO_F32(byte_group(halves[c * LANES / 16], c)), VSET1(*d), VSET1(*m));
-}
-
-static inline void unpack_q6_f32(const uint8_t* q, const float* d, const float* m, fvec* w) {
-    (void)m;
-    const __m256i values = q6_values(q);
-    const __m128i halves[2] = {_mm256_castsi256_si128(values), _mm256_extracti128_si256(values, 1)};
-    for (int c = 0; c < CHUNKS; c++) {
-        const int h = c * LANES / 16;
-        w[c] = VMUL(VSBYTES_TO_F32(byte_group(halves[h], c)), VSET1(d[h]));
-    }
-}
 
 #define DEFINE_FEATURE_F32(NAME, BYTES, SCALES, UNPACK)                                                    \
     static inline __attribute__((always_inline)) void NAME(                                                \
@@ -226,71 +99,6 @@ DEFINE_QUANTIZED_LINEAR(quantized_linear_q5_f32, float, AS_FLOAT_F32, F32_GROUP_
 #define WORDS_OF(v) ((int64_t)(v) * 0x0001000100010001LL)  // four 16-bit lanes of v
 
 #define GROUP_ROWS 8  // rows whose accumulators stay in registers while a block is dequantized once
-
-// 4-bit blocks (Q4_0, Q4_1): weight j in the low nibble of byte j, weight j + 16 in its high nibble. The
-// 16 values a block can take are computed once (`d * q + m` for q = 0..15, rounded to bf16) and its 32
-// weights looked up by nibble (vpermw): fewer instructions than converting every weight.
-static inline __m512i q4_table(const float* d, const float* m) {
-    const __m512 q = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const __m512 values = _mm512_fmadd_ps(q, _mm512_set1_ps(*d), _mm512_set1_ps(*m));
-    return _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(values));
-}
-
-static inline __m512bh q4_lookup(__m512i nibbles, const float* d, const float* m) {
-    return (__m512bh)_mm512_permutexvar_epi16(nibbles, q4_table(d, m));
-}
-
-// Two consecutive blocks: their 32 bytes widened to 16-bit lanes once, split into nibbles, regrouped per block.
-static inline void q4_pair(const uint8_t* q, const float* d, const float* m, __m512bh* w0, __m512bh* w1) {
-    const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)q));
-    const __m512i lo = _mm512_and_si512(words, _mm512_set1_epi16(0x0F));
-    const __m512i hi = _mm512_srli_epi16(words, 4);
-    *w0 = q4_lookup(_mm512_shuffle_i64x2(lo, hi, 0x44), d, m);          // 128-bit lanes lo0 lo1 hi0 hi1
-    *w1 = q4_lookup(_mm512_shuffle_i64x2(lo, hi, 0xEE), d + 1, m + 1);  // lo2 lo3 hi2 hi3
-}
-
-static inline __m512bh q4_single(const uint8_t* q, const float* d, const float* m) {
-    const __m256i words = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)q));
-    const __m256i lo = _mm256_and_si256(words, _mm256_set1_epi16(0x0F));
-    const __m256i hi = _mm256_srli_epi16(words, 4);
-    return q4_lookup(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), d, m);
-}
-
-// 8-bit blocks (Q8_0): 32 signed bytes times the scale, no min.
-static inline __m512bh q8_single(const uint8_t* q, const float* d, const float* m) {
-    (void)m;
-    const __m512 scale = _mm512_set1_ps(*d);
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)q)));
-    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + 16))));
-    return _mm512_cvtne2ps_pbh(_mm512_mul_ps(hi, scale), _mm512_mul_ps(lo, scale));
-}
-
-static inline void q8_pair(const uint8_t* q, const float* d, const float* m, __m512bh* w0, __m512bh* w1) {
-    *w0 = q8_single(q, d, m);
-    *w1 = q8_single(q + 32, d + 1, m);
-}
-
-// 5-bit blocks (Q5_0, Q5_1, Q5_K): as 4-bit ones, with 32 table entries (`d * q + m` for q = 0..31) and each
-// word's fifth bit set from the block's bit word (a masked broadcast of 16).
-static inline __m512bh q5_single(const uint8_t* q, const float* d, const float* m) {
-    const __m256i words = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)q));
-    const __m256i low = _mm256_and_si256(words, _mm256_set1_epi16(0x0F));
-    const __m512i nibbles = _mm512_inserti64x4(_mm512_castsi256_si512(low), _mm256_srli_epi16(words, 4), 1);
-    uint32_t bits;
-    memcpy(&bits, q + 16, sizeof bits);
-    const __m512i values = _mm512_or_si512(nibbles, _mm512_maskz_set1_epi16((__mmask32)bits, 16));
-    const __m512 step = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const __m512 low_values = _mm512_fmadd_ps(step, _mm512_set1_ps(*d), _mm512_set1_ps(*m));
-    const __m512 high_values = _mm512_fmadd_ps(_mm512_add_ps(step, _mm512_set1_ps(16)), _mm512_set1_ps(*d),
-                                               _mm512_set1_ps(*m));
-    const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(high_values, low_values);
-    return (__m512bh)_mm512_permutexvar_epi16(values, table);
-}
-
-static inline void q5_pair(const uint8_t* q, const float* d, const float* m, __m512bh* w0, __m512bh* w1) {
-    *w0 = q5_single(q, d, m);
-    *w1 = q5_single(q + 20, d + 1, m + 1);
-}
 
 // q6 blocks: a block's 32 weights as the exact bf16 integers q - 32 (q in 16-bit lanes, looked up in a
 // 64-entry table), its products with each row summed in fp32 (vdpbf16ps pairs weights 2i and 2i + 1, so lanes

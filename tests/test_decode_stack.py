@@ -50,6 +50,14 @@ def generate_both_ways(
     return with_stack, plain, counting.rows
 
 
+def widest_stack_step(llm: LLM, prompts: list[list[int]]) -> int:
+    """The most rows a step of these prompts hands the stack: all their prompt tokens where prefill runs as rows
+    (bf16's attention) and they fit its rows (64 with AMX), else one decode row per request."""
+    runner, tokens = llm.engine.runner, sum(len(p) for p in prompts)
+    assert runner.decode_stack is not None
+    return tokens if runner.native_prefill and tokens <= runner.decode_stack.max_rows else len(prompts)
+
+
 def assert_identical(with_stack: list, plain: list) -> None:
     for a, b in zip(with_stack, plain, strict=True):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
@@ -58,13 +66,16 @@ def assert_identical(with_stack: list, plain: list) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_smollm_steps_of_one_to_eight_rows_are_bit_identical(dtype: str) -> None:
-    """Eleven requests ending one after another: steps of 11 to 9 rows run the PyTorch model, 8 to 1 the stack."""
-    llm = LLM(dtype=dtype, num_blocks=512)
-    prompts = [f"Story number {i}: once upon a time" for i in range(11)]
-    with_stack, plain, rows = generate_both_ways(llm, prompts, [3 + 3 * i for i in range(11)])
+def test_smollm_steps_of_one_to_max_rows_are_bit_identical(dtype: str) -> None:
+    """Requests ending one after another, three more than the stack's rows (8; with AMX, whose kernel takes each
+    linear's steps past 6 rows, 64): larger steps run the PyTorch model, every smaller one the stack."""
+    llm = LLM(dtype=dtype, num_blocks=1024)
+    max_rows = llm.engine.runner.decode_stack.max_rows
+    assert max_rows == (64 if dtype == "bfloat16" and quantized.amx_available() else 8)
+    prompts = [f"Story number {i}: once upon a time" for i in range(max_rows + 3)]
+    with_stack, plain, rows = generate_both_ways(llm, prompts, [3 + i for i in range(len(prompts))])
     assert_identical(with_stack, plain)
-    assert set(rows) == set(range(1, 9))
+    assert set(rows) == set(range(1, max_rows + 1))
     assert llm.engine.kv_cache.usage() == 0
 
 
@@ -98,7 +109,7 @@ def test_tiny_gguf_models_are_bit_identical(
     prompts = [[5, 17, 33, 200, 91, 7, 64], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [100, 101]]
     with_stack, plain, rows = generate_both_ways(llm, prompts, [20, 12, 16])
     assert_identical(with_stack, plain)
-    assert rows and max(rows) == 3
+    assert rows and max(rows) == widest_stack_step(llm, prompts)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -118,7 +129,7 @@ def test_gemma_layers_are_bit_identical(
     prompts = [[5, 17, 33, 200, 91, 7, 64] * 3, [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [100, 101]]
     with_stack, plain, rows = generate_both_ways(llm, prompts, [20, 12, 16])
     assert_identical(with_stack, plain)
-    assert rows and max(rows) == 3
+    assert rows and max(rows) == widest_stack_step(llm, prompts)
 
 
 @pytest.fixture
@@ -166,7 +177,7 @@ def test_rows_of_lora_adapters_are_bit_identical(
     lora = ["attn", "all", None, None]
     with_stack, plain, rows = generate_both_ways(llm, prompts, [20, 12, 16, 20], lora=lora)
     assert_identical(with_stack, plain)
-    assert rows and max(rows) == 4
+    assert rows and max(rows) == widest_stack_step(llm, prompts)
     assert with_stack[0].outputs[0].token_ids != with_stack[3].outputs[0].token_ids  # the adapter changed it
 
 

@@ -50,13 +50,13 @@ def gguf_weight(gguf_type: str, n: int, k: int, seed: int) -> tuple[quantized.Qu
 
 
 def kernel_matmul(weight: quantized.QuantizedWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The kernel called directly, for any row count (the model calls it up to `MAX_ROWS`)."""
+    """The blocks' matmul called directly, for any row count (past its `max_rows`: AMX's kernel where it runs)."""
     return quantized.QuantizedMatmul(quantized.QuantizedMatrix((weight,)), bias, x.dtype)(x)
 
 
 def check_exact_weights(gguf_type: str, dtype: torch.dtype, rows: int = 8) -> None:
     """Multiplying by identity rows reads each weight back alone: bit for bit gguf-py's value (in bf16, rounded).
-    `rows` at a time: up to `MAX_ROWS` the kernels for few rows, past it AMX's (where it runs)."""
+    `rows` at a time: up to `AMX_FEW_ROWS` the kernels for few rows, past it AMX's (where it runs)."""
     n, k = 40, 256 if gguf_type in K_QUANTS else 96  # K-quants: one super-block; else a pair of blocks and one
     weight, reference = gguf_weight(gguf_type, n, k, seed=1)
     identity = torch.eye(k, dtype=dtype)
@@ -68,7 +68,7 @@ def multiplied(gguf_type: str, reference: torch.Tensor, dtype: torch.dtype, rows
     """The weights a kernel multiplies by: the loader's in the activations' dtype, but Q6_K's exact fp32 values in
     the bf16 kernel for few rows (it scales the sums of each 16 weights, not the weights)."""
     exact = (gguf_type, dtype) == ("Q6_K", torch.bfloat16) and (
-        rows <= quantized.MAX_ROWS[dtype] or not quantized.amx_available()
+        rows <= quantized.AMX_FEW_ROWS or not quantized.amx_available()
     )
     return reference if exact else reference.to(dtype)
 
@@ -113,7 +113,7 @@ needs_amx = pytest.mark.skipif(not quantized.amx_available(), reason="needs a CP
 @needs_amx
 @pytest.mark.parametrize("gguf_type", FORMATS)
 def test_many_row_kernel_dequantizes_to_the_loaders_weights_exactly(gguf_type: str) -> None:
-    """AMX's kernel (past MAX_ROWS rows) multiplies by the loader's bf16 weights, Q6_K's included."""
+    """AMX's kernel (past AMX_FEW_ROWS rows) multiplies by the loader's bf16 weights, Q6_K's included."""
     check_exact_weights(gguf_type, torch.bfloat16, rows=16)
 
 
@@ -128,7 +128,7 @@ def test_many_row_kernel_matches_dequantized_weights(gguf_type: str, rows: int, 
 
 @needs_amx
 def test_the_many_row_kernel_fills_each_segments_columns() -> None:
-    """A fused projection of Q4_K and Q6_K parts past MAX_ROWS rows: each part's columns and bias, with a tile
+    """A fused projection of Q4_K and Q6_K parts past AMX_FEW_ROWS rows: each part's columns and bias, with a tile
     of the Q4_K part's features cut short by the segment's end."""
     types = ["Q4_K", "Q6_K"]
     parts = [gguf_weight(t, n, 512, seed) for seed, (t, n) in enumerate(zip(types, [72, 48], strict=True))]
@@ -170,14 +170,15 @@ def test_avx2_build_of_the_fp32_kernels(tmp_path: Path, monkeypatch: pytest.Monk
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_packed_linear_uses_the_blocks_for_few_rows_only(dtype: torch.dtype) -> None:
-    """Up to MAX_ROWS rows go through the blocks; more through oneDNN's matmul; both compute one linear."""
+    """Up to the blocks' `max_rows` (MAX_ROWS; with AMX, AMX_FEW_ROWS) rows go through the blocks, more through
+    oneDNN's matmul; both compute one linear."""
     weight, reference = gguf_weight("Q4_1", 128, 256, seed=3)
     linear = torch.nn.Linear(256, 128, bias=False).to(dtype)
     linear.weight.data.copy_(reference)
     packed = PackedLinear(linear, batch_hint=64, blocks=quantized.QuantizedMatrix((weight,)))
     calls = []
     assert packed.small_steps is not None
-    call, max_rows = packed.small_steps.calls[0], quantized.MAX_ROWS[dtype]
+    call, max_rows = packed.small_steps.calls[0], packed.small_steps.max_rows
     kernel = call.function
     call.function = lambda *args: calls.append(args[6]) or kernel(*args)  # the row count, then the call
     x = torch.randn(max_rows + 1, 256).to(dtype)

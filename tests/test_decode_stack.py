@@ -67,16 +67,30 @@ def assert_identical(with_stack: list, plain: list) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_smollm_steps_of_one_to_max_rows_are_bit_identical(dtype: str) -> None:
-    """Requests ending one after another, three more than the stack's rows (8; with AMX, whose kernel takes each
-    linear's steps past 6 rows, 64): larger steps run the PyTorch model, every smaller one the stack."""
+    """Requests ending one after another, three more than the stack's rows (8; with AMX's kernel, which takes each
+    linear's steps past its few-row kernels', 64; AVX512-BF16's does so only without the dequantized copy, which
+    SmolLM2 keeps): larger steps run the PyTorch model, every smaller one the stack."""
     llm = LLM(dtype=dtype, num_blocks=1024)
     max_rows = llm.engine.runner.decode_stack.max_rows
-    assert max_rows == (64 if dtype == "bfloat16" and quantized.amx_available() else 8)
+    assert max_rows == (64 if dtype == "bfloat16" and quantized.many_row_kernel() == "amx" else 8)
     prompts = [f"Story number {i}: once upon a time" for i in range(max_rows + 3)]
     with_stack, plain, rows = generate_both_ways(llm, prompts, [3 + i for i in range(len(prompts))])
     assert_identical(with_stack, plain)
     assert set(rows) == set(range(1, max_rows + 1))
     assert llm.engine.kv_cache.usage() == 0
+
+
+@pytest.mark.usefixtures("many_row_kernel")
+def test_without_the_copy_each_many_row_kernel_takes_steps_of_64_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SmolLM2 in its blocks only: AMX's or AVX512-BF16's kernel runs each linear's steps past the few-row kernels,
+    so the stack takes up to 64 rows, bit-identical to the PyTorch model on the same kernels."""
+    monkeypatch.setenv("EMBER_KEEP_DEQUANTIZED_WEIGHTS", "0")
+    llm = LLM(dtype="bfloat16", num_blocks=1024)
+    assert llm.engine.runner.decode_stack.max_rows == 64
+    prompts = [f"Story number {i}: once upon a time" for i in range(67)]
+    with_stack, plain, rows = generate_both_ways(llm, prompts, [3 + i for i in range(len(prompts))])
+    assert_identical(with_stack, plain)
+    assert set(rows) == set(range(1, 65))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -388,12 +388,14 @@ def test_a_q4_k_m_file_keeps_every_linear_in_its_blocks(tmp_path: Path, hf_llama
     assert llm.engine.runner.decode_stack is not None
 
 
-@pytest.mark.skipif(not quantized.amx_available(), reason="needs a CPU with AMX-BF16")
-def test_with_amx_a_gguf_model_keeps_its_linears_in_blocks_only(
+@pytest.mark.skipif(not quantized.many_row_kernel(), reason="needs a CPU with AVX512-BF16")
+def test_a_bf16_gguf_model_keeps_its_linears_in_blocks_only(
     tmp_path: Path, hf_llama: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Where AMX multiplies steps of many rows from the blocks, the linears hold no dequantized weight, and the
-    loader does not read the converted copy; EMBER_KEEP_DEQUANTIZED_WEIGHTS=1 keeps both copies."""
+    """Where a kernel multiplies steps of many rows from the blocks, the linears can hold no dequantized weight
+    (EMBER_KEEP_DEQUANTIZED_WEIGHTS=0; on AMX the default), and the loader does not read the converted copy;
+    EMBER_KEEP_DEQUANTIZED_WEIGHTS=1 keeps both copies."""
+    monkeypatch.setenv("EMBER_KEEP_DEQUANTIZED_WEIGHTS", "0")
     path = tmp_path / "tiny-Q4_K_M.gguf"
     write_gguf(path, hf_llama, Q4_K_M[0], overrides=Q4_K_M[1])
     model = load_model(str(path), "auto", torch.bfloat16, "cpu").model

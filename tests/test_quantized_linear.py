@@ -50,13 +50,14 @@ def gguf_weight(gguf_type: str, n: int, k: int, seed: int) -> tuple[quantized.Qu
 
 
 def kernel_matmul(weight: quantized.QuantizedWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The blocks' matmul called directly, for any row count (past its `max_rows`: AMX's kernel where it runs)."""
-    return quantized.QuantizedMatmul(quantized.QuantizedMatrix((weight,)), bias, x.dtype)(x)
+    """The blocks' matmul called directly, for any row count (past its `max_rows`: the kernel for many rows where
+    one runs)."""
+    return quantized.QuantizedMatmul(quantized.QuantizedMatrix((weight,)), bias, x.dtype, many_rows=True)(x)
 
 
 def check_exact_weights(gguf_type: str, dtype: torch.dtype, rows: int = 8) -> None:
     """Multiplying by identity rows reads each weight back alone: bit for bit gguf-py's value (in bf16, rounded).
-    `rows` at a time: up to `AMX_FEW_ROWS` the kernels for few rows, past it AMX's (where it runs)."""
+    `rows` at a time: up to their `max_rows` the kernels for few rows, past it the kernel for many (where one runs)."""
     n, k = 40, 256 if gguf_type in K_QUANTS else 96  # K-quants: one super-block; else a pair of blocks and one
     weight, reference = gguf_weight(gguf_type, n, k, seed=1)
     identity = torch.eye(k, dtype=dtype)
@@ -68,7 +69,7 @@ def multiplied(gguf_type: str, reference: torch.Tensor, dtype: torch.dtype, rows
     """The weights a kernel multiplies by: the loader's in the activations' dtype, but Q6_K's exact fp32 values in
     the bf16 kernel for few rows (it scales the sums of each 16 weights, not the weights)."""
     exact = (gguf_type, dtype) == ("Q6_K", torch.bfloat16) and (
-        rows <= quantized.AMX_FEW_ROWS or not quantized.amx_available()
+        not quantized.many_row_kernel() or rows <= quantized.FEW_ROWS[quantized.many_row_kernel()]
     )
     return reference if exact else reference.to(dtype)
 
@@ -107,28 +108,25 @@ def test_quantized_matmul_matches_dequantized_weights(
     check_matmul(gguf_type, rows, n, k, dtype)
 
 
-needs_amx = pytest.mark.skipif(not quantized.amx_available(), reason="needs a CPU with AMX-BF16")
-
-
-@needs_amx
+@pytest.mark.usefixtures("many_row_kernel")
 @pytest.mark.parametrize("gguf_type", FORMATS)
 def test_many_row_kernel_dequantizes_to_the_loaders_weights_exactly(gguf_type: str) -> None:
-    """AMX's kernel (past AMX_FEW_ROWS rows) multiplies by the loader's bf16 weights, Q6_K's included."""
+    """The kernel for many rows (past FEW_ROWS rows) multiplies by the loader's bf16 weights, Q6_K's included."""
     check_exact_weights(gguf_type, torch.bfloat16, rows=16)
 
 
 # rows: one group of 16 and a part of one, whole pairs of groups and an odd group over; 520 takes the wide tiles.
 # N: 40 leaves a tile of 8 features over its 32, 200 a part-filled group of 16 past 3 whole tiles of 64 (or 128).
-@needs_amx
+@pytest.mark.usefixtures("many_row_kernel")
 @pytest.mark.parametrize(("rows", "n"), [(9, 40), (16, 200), (33, 40), (64, 200), (520, 200)])
 @pytest.mark.parametrize("gguf_type", ["Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"])
 def test_many_row_kernel_matches_dequantized_weights(gguf_type: str, rows: int, n: int) -> None:
     check_matmul(gguf_type, rows, n, 256, torch.bfloat16)
 
 
-@needs_amx
+@pytest.mark.usefixtures("many_row_kernel")
 def test_the_many_row_kernel_fills_each_segments_columns() -> None:
-    """A fused projection of Q4_K and Q6_K parts past AMX_FEW_ROWS rows: each part's columns and bias, with a tile
+    """A fused projection of Q4_K and Q6_K parts past FEW_ROWS rows: each part's columns and bias, with a tile
     of the Q4_K part's features cut short by the segment's end."""
     types = ["Q4_K", "Q6_K"]
     parts = [gguf_weight(t, n, 512, seed) for seed, (t, n) in enumerate(zip(types, [72, 48], strict=True))]
@@ -137,7 +135,7 @@ def test_the_many_row_kernel_fills_each_segments_columns() -> None:
     reference = torch.cat([r.to(torch.bfloat16) for _, r in parts]).double()
     x = torch.randn(21, 512, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     bias = torch.randn(120).to(torch.bfloat16)
-    out = quantized.QuantizedMatmul(matrix, bias, torch.bfloat16)(x)
+    out = quantized.QuantizedMatmul(matrix, bias, torch.bfloat16, many_rows=True)(x)
     torch.testing.assert_close(out.double(), x.double() @ reference.T + bias.double(), **TOLERANCE[torch.bfloat16])
 
 
@@ -170,8 +168,8 @@ def test_avx2_build_of_the_fp32_kernels(tmp_path: Path, monkeypatch: pytest.Monk
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_packed_linear_uses_the_blocks_for_few_rows_only(dtype: torch.dtype) -> None:
-    """Up to the blocks' `max_rows` (MAX_ROWS; with AMX, AMX_FEW_ROWS) rows go through the blocks, more through
-    oneDNN's matmul; both compute one linear."""
+    """Up to the blocks' `max_rows` (MAX_ROWS; with a kernel for many rows, its FEW_ROWS) rows go through the
+    blocks, more through oneDNN's matmul; both compute one linear."""
     weight, reference = gguf_weight("Q4_1", 128, 256, seed=3)
     linear = torch.nn.Linear(256, 128, bias=False).to(dtype)
     linear.weight.data.copy_(reference)
@@ -198,5 +196,18 @@ def test_a_fused_projection_of_mixed_formats_fills_one_output(dtype: torch.dtype
     reference = torch.cat([multiplied(t, r, dtype, 5) for t, (_, r) in zip(types, parts, strict=True)]).double()
     x = torch.randn(5, 512, generator=torch.Generator().manual_seed(0)).to(dtype)
     bias = torch.randn(144).to(dtype)
-    out = quantized.QuantizedMatmul(matrix, bias, dtype)(x)
+    out = quantized.QuantizedMatmul(matrix, bias, dtype, many_rows=True)(x)
     torch.testing.assert_close(out.double(), x.double() @ reference.T + bias.double(), **TOLERANCE[dtype])
+
+
+def test_a_dequantized_copy_is_kept_only_where_it_pays_and_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a kernel for many rows the copy serves larger steps; AMX's never needs it; AVX512-BF16's keeps it
+    while it takes at most a quarter of the memory available; EMBER_KEEP_DEQUANTIZED_WEIGHTS overrides."""
+    monkeypatch.delenv("EMBER_KEEP_DEQUANTIZED_WEIGHTS", raising=False)
+    keep, gib = quantized.keep_dequantized_copy, 1 << 30
+    assert keep(None, 10 * gib, 16 * gib) and not keep("amx", gib, 16 * gib)
+    assert keep("dpbf16", 4 * gib, 16 * gib) and not keep("dpbf16", 14 * gib, 16 * gib)
+    monkeypatch.setenv("EMBER_KEEP_DEQUANTIZED_WEIGHTS", "1")
+    assert keep("amx", gib, 16 * gib) and keep("dpbf16", 14 * gib, 16 * gib)
+    monkeypatch.setenv("EMBER_KEEP_DEQUANTIZED_WEIGHTS", "0")
+    assert not keep("dpbf16", gib, 16 * gib) and keep(None, gib, 16 * gib)

@@ -6,7 +6,8 @@ a third of bf16's bytes and a sixth of fp32's.
 Steps of up to `MAX_ROWS` single-token rows run as one C call (`models/decode_stack.py`), whose linears Python
 does not see: the linears column then holds the LM head alone; `--no-decode-stack` runs the PyTorch model.
 An A/B of the quantized kernels in one checkout: run it as is, then with EMBER_DISABLE_QUANTIZED_KERNELS=1 (or, on a
-CPU with AMX, EMBER_KEEP_DEQUANTIZED_WEIGHTS=1: oneDNN on the dequantized weights past `MAX_ROWS` rows).
+bf16 CPU, EMBER_KEEP_DEQUANTIZED_WEIGHTS=1: oneDNN on the dequantized weights past `MAX_ROWS` rows; on an AMX CPU,
+EMBER_DISABLE_AMX=1 ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 runs Ember and oneDNN as on a CPU without AMX, e.g. Zen 4).
 `.venv/bin/python benchmarks/cpu/small_batch.py [--batch-sizes 1,4,8,16] [--dtype float32] [--no-decode-stack]
 [--model FILE.gguf]` (random_gguf.py writes one in another architecture's shape, e.g. Qwen3-0.6B's)
 """
@@ -24,7 +25,7 @@ from ember.models.packed_linear import PackedLinear
 from ember.models.quantized import QuantizedLinear
 
 DECODED = 128  # steps timed after the first token
-LINEARS = (PackedLinear, QuantizedLinear)  # QuantizedLinear: GGUF blocks only (CPUs with AMX)
+LINEARS = (PackedLinear, QuantizedLinear)  # QuantizedLinear: GGUF blocks only (bf16 CPUs)
 linear_seconds = 0.0
 
 
@@ -65,7 +66,7 @@ def main() -> None:
     modules = list(llm.engine.runner.model.modules())
     blocks = sum(getattr(m, "small_steps", None) is not None for m in modules)
     print(f"linears multiplied from GGUF blocks at few rows: {blocks}")
-    print(f"linears multiplied from GGUF blocks only (AMX): {sum(isinstance(m, QuantizedLinear) for m in modules)}")
+    print(f"linears multiplied from GGUF blocks only: {sum(isinstance(m, QuantizedLinear) for m in modules)}")
     prompt = [1000 + i for i in range(64)]
     timed_generate(llm, [prompt], 2)  # warm-up
     print(f"{'batch':>5s} {'ms/step':>8s} {'linears':>8s} {'tok/s':>7s}")

@@ -15,7 +15,15 @@ from typing import Any
 
 import torch
 
-from ember.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
+from ember.config import (
+    CacheConfig,
+    EngineConfig,
+    LoRAConfig,
+    ModelConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+    available_memory_bytes,
+)
 from ember.engine.beam_search import BeamSearch, BeamSearchParams
 from ember.engine.detokenizer import IncrementalDetokenizer
 from ember.engine.kv_cache_manager import KVCacheManager
@@ -43,17 +51,6 @@ def context_length(model: ModelConfig, asked: int | None) -> int:
     if asked is not None and asked > limit:
         logger.warning("max_model_len %d is beyond the model's %d positions: capped at %d", asked, limit, limit)
     return min(asked or limit, limit)
-
-
-def available_memory_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
 
 
 @dataclass

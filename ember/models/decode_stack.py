@@ -4,9 +4,9 @@ being verified, and small prefill chunks where they attend as rows (the bf16 ker
 At one row a SmolLM2 step spent about half its time in Python: ~270 calls from Python per step (norms, linears,
 rotary, attention) at 5-13 us each around kernels of a few microseconds. The C driver runs the same kernels
 in the same order on the same buffers, so its hidden states are bit-identical to `LlamaForCausalLM.forward`;
-it needs every layer's linears on GGUF blocks (`quantized.py`), which bound it to `MAX_ROWS` rows (with AMX, whose
-kernel takes their larger steps, to `AMX_MAX_ROWS`), and whole-head rotary and no multipliers (Phi-4-mini and
-Granite stay on the PyTorch model). Gemma 2 and 3 run in it.
+it needs every layer's linears on GGUF blocks (`quantized.py`), which bound it to `MAX_ROWS` rows (with a kernel
+that takes their larger steps, AMX's or AVX512-BF16's, to `MANY_ROW_STEP_ROWS`), and whole-head rotary and no
+multipliers (Phi-4-mini and Granite stay on the PyTorch model). Gemma 2 and 3 run in it.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ class _QuantizedSegment(ctypes.Structure):
 
 
 MAX_SEGMENTS = 3  # decode_stack.c's
-AMX_MAX_ROWS = 64  # rows of a one-call step whose linears run AMX's kernel past their few-row kernels' `max_rows`
+# rows of a one-call step whose linears run a kernel for many rows past their few-row kernels' `max_rows`
+MANY_ROW_STEP_ROWS = 64
 
 
 class _QuantizedLinear(ctypes.Structure):
@@ -154,7 +155,7 @@ class NativeDecodeStack:
         dtype = model.embed_tokens.weight.dtype
         suffix = SUFFIX[dtype]
         every = [q for layer in linears for q in layer]
-        self.max_rows = AMX_MAX_ROWS if all(q.many_rows for q in every) else min(q.max_rows for q in every)
+        self.max_rows = MANY_ROW_STEP_ROWS if all(q.many_rows for q in every) else min(q.max_rows for q in every)
         self.hidden = cfg.hidden_size
         self.dtype = dtype
         self._fn = library.decode_stack

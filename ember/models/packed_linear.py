@@ -31,7 +31,11 @@ class PackedLinear(nn.Module):
         weight = linear.weight.detach()
         self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
         self.bias = None if linear.bias is None else linear.bias.detach()
-        self.small_steps = None if blocks is None else quantized.QuantizedMatmul(blocks, self.bias, weight.dtype)
+        # beside a dequantized copy only AMX's kernel for many rows beats oneDNN's (NOTES steps 29, 32)
+        many_rows = quantized.many_row_kernel() == "amx"
+        self.small_steps = (
+            None if blocks is None else quantized.QuantizedMatmul(blocks, self.bias, weight.dtype, many_rows)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.small_steps is not None and x.shape[0] <= self.small_steps.max_rows:

@@ -3,10 +3,11 @@
 At batch 1 a decode step's linears read every weight once, so their time is the weights' bytes over memory
 bandwidth. A GGUF file's Q4 blocks are 5/8 of a byte per weight against bf16's 2: the native kernel reads
 the blocks and dequantizes them in registers to the very values the loader produces (fp32, or those rounded
-to bf16), so results differ from oneDNN's matmul only in summation order. Larger steps are compute bound: on
-CPUs with AMX a second kernel dequantizes a tile of weights at a time into cache and multiplies it there with
-AMX, so the model keeps no other copy of those weights (`QuantizedLinear`: a GGUF model's memory is about its
-file's size). Elsewhere larger steps stay on oneDNN, and the model keeps both copies.
+to bf16), so results differ from oneDNN's matmul only in summation order. Larger steps are compute bound: in
+bf16 a second kernel dequantizes a tile of weights at a time into cache and multiplies it there (with AMX, or
+AVX512-BF16's vdpbf16ps), as fast as oneDNN on a dequantized copy, so the model keeps no other copy of those
+weights (`QuantizedLinear`: a GGUF model's memory is about its file's size). In fp32 larger steps stay on oneDNN,
+and the model keeps both copies.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ember.config import available_memory_bytes
 from ember.kernels import native
 
 # GGUF type -> (weights, bytes) per block; K-quant super-blocks are split into blocks of 32 weights at load
@@ -38,10 +40,10 @@ BLOCK = 32
 # Above this many rows a step's matmul is compute bound and oneDNN's kernel is about as fast or faster
 # (measured on an AVX512-BF16 EPYC, and fp32 also as an AVX2 build: `benchmarks/NOTES.md`, steps 20 and 21).
 MAX_ROWS = {torch.bfloat16: 8, torch.float32: 8}
-# Where AMX's kernel runs, it takes over from the few-row kernels past this many rows: Qwen3-0.6B's 28 layers
-# (Q4_K_M, bf16) at 6 rows 38.6 ms against AMX's 41.9, at 8 rows 47.6 against 41.1; whole steps of SmolLM2 at
-# batch 8 15.2 ms against 17.7 (`benchmarks/NOTES.md` step 30).
-AMX_FEW_ROWS = 6
+# Where a kernel for many rows runs (`many_row_kernel()`), it takes over from the few-row kernels past this many
+# rows. AMX: Qwen3-0.6B's 28 layers (Q4_K_M, bf16) at 6 rows 38.6 ms against AMX's 41.9, at 8 rows 47.6 against
+# 41.1; whole steps of SmolLM2 at batch 8 15.2 ms against 17.7 (`benchmarks/NOTES.md` step 30).
+FEW_ROWS = {"amx": 6, "dpbf16": 8}
 SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 
@@ -187,10 +189,16 @@ def kernels_available(dtype: torch.dtype) -> bool:
 
 
 @functools.cache
-def amx_available() -> bool:
-    """Whether the kernel for bf16 steps of many rows runs here: a CPU with AMX-BF16, and Linux lends its tiles."""
+def many_row_kernel() -> str | None:
+    """The kernel for bf16 steps of many rows here (weights dequantized a tile at a time, in cache): "amx" on CPUs
+    with AMX-BF16 (where Linux lends its tiles), else "dpbf16" on AVX512-BF16 (AMD Zen 4 and 5); None where the
+    bf16 kernels do not run. EMBER_DISABLE_AMX=1 picks "dpbf16" on an AMX CPU (what a Zen 4 runs, for A/B)."""
+    if not kernels_available(torch.bfloat16):
+        return None
     library = native.load()
-    return kernels_available(torch.bfloat16) and hasattr(library, "amx_linear_q4_bf16") and bool(library.amx_enable())
+    if hasattr(library, "amx_linear_q4_bf16") and not os.environ.get("EMBER_DISABLE_AMX") and library.amx_enable():
+        return "amx"
+    return "dpbf16" if hasattr(library, "dpbf16_linear_q4_bf16") else None
 
 
 @dataclass
@@ -206,17 +214,18 @@ class KernelCall:
 
 class QuantizedMatmul:
     """`x @ weight.T (+ bias)` from the blocks (pointers bound once): steps of at most `max_rows` rows on the
-    kernels for a few rows, larger ones on AMX's where it runs here (`many_rows`; `max_rows` is then
-    `AMX_FEW_ROWS`), else on the former too."""
+    kernels for a few rows, larger ones, if asked for `many_rows`, on the kernel for many rows where one runs here
+    (`max_rows` is then its `FEW_ROWS`), else on the former too."""
 
-    def __init__(self, weight: QuantizedMatrix, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+    def __init__(self, weight: QuantizedMatrix, bias: torch.Tensor | None, dtype: torch.dtype, many_rows: bool) -> None:
         assert native.load() is not None
         self.weight, self.bias, self.dtype = weight, bias, dtype  # kept alive: the kernels hold their pointers
         self.out_features, self.in_features = weight.shape
-        self.many_rows = dtype == torch.bfloat16 and amx_available()
-        self.max_rows = AMX_FEW_ROWS if self.many_rows else MAX_ROWS[dtype]
+        many = many_row_kernel() if dtype == torch.bfloat16 and many_rows else None
+        self.many_rows = many is not None
+        self.max_rows = FEW_ROWS[many] if many else MAX_ROWS[dtype]
         self.calls = self._bind(f"quantized_linear_{{kernel}}_{SUFFIX[dtype]}")
-        self.many_row_calls = self._bind("amx_linear_{kernel}_bf16") if self.many_rows else self.calls
+        self.many_row_calls = self._bind(f"{many}_linear_{{kernel}}_bf16") if many else self.calls
 
     def _bind(self, name: str) -> list[KernelCall]:
         library = native.load()
@@ -250,7 +259,7 @@ class QuantizedMatmul:
 
 
 class QuantizedLinear(nn.Module):
-    """An `nn.Linear` whose weight is only its GGUF blocks: where `amx_available()`, every step multiplies from
+    """An `nn.Linear` whose weight is only its GGUF blocks: where `many_row_kernel()`, every step multiplies from
     them. Made on the meta device in place of the model's linear, so its weight is never materialized; the
     kernels are bound at the first call, once the bias (if any) has been loaded."""
 
@@ -265,7 +274,8 @@ class QuantizedLinear(nn.Module):
     @property
     def matmul(self) -> QuantizedMatmul:
         if self._matmul is None:
-            self._matmul = QuantizedMatmul(self.blocks, None if self.bias is None else self.bias.detach(), self.dtype)
+            bias = None if self.bias is None else self.bias.detach()
+            self._matmul = QuantizedMatmul(self.blocks, bias, self.dtype, many_rows=True)
         return self._matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -277,20 +287,37 @@ class QuantizedLinear(nn.Module):
 
 def quantize_linears(model: nn.Module, blocks: dict[str, QuantizedMatrix]) -> set[str]:
     """Replace each linear of `model` (on the meta device, before its weights are loaded) that has blocks the
-    kernels multiply at every step size here by a `QuantizedLinear`; returns their names. None where AMX does
-    not run (there larger steps need the dequantized weights), nor with EMBER_KEEP_DEQUANTIZED_WEIGHTS=1: both
-    copies, the PyTorch model's larger steps (prefill, batches past the one-call step's rows) on oneDNN's bf16
-    matmul, for A/B comparisons or where memory is plenty."""
-    if not amx_available() or os.environ.get("EMBER_KEEP_DEQUANTIZED_WEIGHTS"):
+    kernels multiply at every step size here by a `QuantizedLinear`; returns their names. None where the model
+    keeps the dequantized weights beside the blocks (`keep_dequantized_copy`): its larger steps (prefill, batches
+    past the few-row kernels) then run on oneDNN's bf16 matmul."""
+    linears = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module.weight.dtype == torch.bfloat16 and usable(blocks.get(name), module)
+    }
+    copy_bytes = sum(module.weight.numel() * module.weight.element_size() for module in linears.values())
+    if not linears or keep_dequantized_copy(many_row_kernel(), copy_bytes, available_memory_bytes()):
         return set()
-    replaced = set()
-    for name, module in list(model.named_modules()):
-        weight = blocks.get(name)
-        if isinstance(module, nn.Linear) and module.weight.dtype == torch.bfloat16 and usable(weight, module):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, QuantizedLinear(weight, module))  # type: ignore[arg-type]
-            replaced.add(name)
-    return replaced
+    for name, module in linears.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, QuantizedLinear(blocks[name], module))
+    return set(linears)
+
+
+# A GGUF model on AVX512-BF16 without AMX keeps its dequantized weights while they take at most this share of the
+# memory available: they make steps of 16-32 rows 5-14% faster there (`benchmarks/NOTES.md` step 32).
+KEEP_COPY_MEMORY_SHARE = 0.25
+
+
+def keep_dequantized_copy(kernel: str | None, copy_bytes: int, available_bytes: int) -> bool:
+    """Whether a GGUF model keeps bf16 copies of its linears beside the blocks. Always where no kernel for many
+    rows runs here; never with AMX's (within 3-8% of oneDNN, NOTES step 29); with AVX512-BF16's (dequantizing
+    costs it more) while the copy is small next to the memory available, so a model that fits only as its
+    blocks still runs. EMBER_KEEP_DEQUANTIZED_WEIGHTS=1 or 0 decides instead (A/B comparisons)."""
+    asked = os.environ.get("EMBER_KEEP_DEQUANTIZED_WEIGHTS")
+    if kernel is None or asked in ("0", "1"):
+        return kernel is None or asked == "1"
+    return kernel == "dpbf16" and copy_bytes <= KEEP_COPY_MEMORY_SHARE * available_bytes
 
 
 def usable(weight: QuantizedMatrix | None, linear: torch.nn.Linear) -> bool:

@@ -1,0 +1,93 @@
+// Tiles of dequantized weights for the kernels of many rows (`quantized_amx.c`, `quantized_dpbf16.c`): each thread
+// dequantizes a tile of output features into a buffer that stays in its L2 while every row passes over it, so a
+// GGUF model needs no dequantized copy of its weights beside the blocks.
+//
+// A tile's layout is the one both AMX's tdpbf16ps and AVX512-BF16's vdpbf16ps multiply by: per group h of 16
+// features and block b of 32 weights, 16 rows of weight pairs (k, k + 1) x 16 features, at w + (h * nb + b) * 512;
+// so group h's pairs run through all of K from w + h * nb * 512, 32 bf16 (64 bytes) per pair of K.
+#pragma once
+
+#include "quantized_blocks.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <stdio.h>
+#include <stdlib.h>
+
+// A kernel cannot report an error to its caller; failing loudly beats writing through NULL.
+static inline void* aligned_buffer(size_t bytes) {
+    void* p = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (p == NULL) {
+        fprintf(stderr, "ember: out of memory for a %zu-byte kernel buffer\n", bytes);
+        abort();
+    }
+    return p;
+}
+
+// 16 rows of 16 32-bit lanes, transposed in registers (rows[i] lane j <- rows[j] lane i)
+static inline void transpose_16x16(__m512i* rows) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4)
+        for (int k = 0; k < 2; k++) {
+            rows[i + 2 * k] = _mm512_unpacklo_epi64(t[i + k], t[i + k + 2]);
+            rows[i + 2 * k + 1] = _mm512_unpackhi_epi64(t[i + k], t[i + k + 2]);
+        }
+    for (int i = 0; i < 16; i += 8)
+        for (int k = 0; k < 4; k++) {
+            t[i + k] = _mm512_shuffle_i32x4(rows[i + k], rows[i + k + 4], 0x88);
+            t[i + k + 4] = _mm512_shuffle_i32x4(rows[i + k], rows[i + k + 4], 0xDD);
+        }
+    for (int k = 0; k < 8; k++) {
+        rows[k] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0x88);
+        rows[k + 8] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0xDD);
+    }
+}
+
+// Features dequantized at a time. Qwen3-0.6B's linears (K 1,024-3,072) on AMX, ms for all 28 layers by tile width
+// 32 / 64 / 128 / 256: 16 rows 44.0 / 43.8 / 47.2 / 54.9, 1,024 rows 576 / 539 / 489 / 474: wider tiles pay from
+// about 512 rows on.
+static inline int64_t tile_width(int64_t M) { return M >= 512 ? 128 : 64; }
+
+// Group h (16 features) of block b of the features n0.. into the tile w: each feature's 32 weights (16 pairs)
+// dequantized into a register, the 16 registers transposed into the group's 16 rows of pairs. Features past
+// `features` are zeros.
+#define DEFINE_DEQUANTIZE_TILE(NAME, BYTES, SCALES, DEQUANTIZE)                                            \
+    static inline void NAME(const uint8_t* quants, const float* scales, const float* mins, uint16_t* w,    \
+                            int64_t n0, int64_t features, int64_t nb, int64_t h, int64_t b) {              \
+        __m512i rows[16];                                                                                  \
+        for (int64_t f = 0; f < 16; f++) {                                                                 \
+            const int64_t block = (n0 + h * 16 + f) * nb + b;                                              \
+            rows[f] = h * 16 + f < features ? (__m512i)DEQUANTIZE(quants + block * (BYTES),                \
+                                                                  scales + block * (SCALES),               \
+                                                                  mins ? mins + block : NULL)              \
+                                            : _mm512_setzero_si512();                                      \
+        }                                                                                                  \
+        transpose_16x16(rows);                                                                             \
+        for (int p = 0; p < 16; p++) _mm512_store_si512(w + ((h * nb + b) * 16 + p) * 32, rows[p]);        \
+    }
+
+DEFINE_DEQUANTIZE_TILE(dequantize_tile_q4, 16, 1, q4_single)
+DEFINE_DEQUANTIZE_TILE(dequantize_tile_q8, 32, 1, q8_single)
+DEFINE_DEQUANTIZE_TILE(dequantize_tile_q6, 24, 2, q6_rounded)
+DEFINE_DEQUANTIZE_TILE(dequantize_tile_q5, 20, 1, q5_single)
+
+// The tile of `features` features from n0 (of N, width wide) dequantized into w, in groups of 16 up to a whole
+// pair of groups (the multiplies take 32 features at a time; the padding is zeros), having first asked for the
+// next tile's blocks so they arrive while this one is multiplied. A statement, not a function: the same requests
+// made by a helper function measured slower (Qwen3-0.6B's layers at 16 rows on AMX: 49.5 against 41.1 ms).
+#define DEQUANTIZE_TILE_AHEAD(DEQUANTIZE_TILE, BYTES, SCALES, w, n0, features, width, N, nb)            \
+    do {                                                                                                 \
+        if ((n0) + (width) < (N)) {                                                                      \
+            const int64_t next = ((n0) + (width)) * (nb), count = UP_TO(width, (N) - (n0) - (width)) * (nb); \
+            prefetch_span(quants + next * (BYTES), count * (BYTES));                                     \
+            prefetch_span(scales + next * (SCALES), count * (SCALES) * sizeof(float));                   \
+            if (mins) prefetch_span(mins + next, count * sizeof(float));                                 \
+        }                                                                                                \
+        for (int64_t h = 0; h * 16 < ((features) + 31) / 32 * 32; h++)                                   \
+            for (int64_t b = 0; b < (nb); b++) DEQUANTIZE_TILE(quants, scales, mins, w, n0, features, nb, h, b); \
+    } while (0)
+
+#endif

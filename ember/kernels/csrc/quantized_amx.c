@@ -68,44 +68,34 @@ static inline void multiply_tiles(const uint16_t* x0, const uint16_t* x1, const 
     _tile_stored(3, sums[3], 64);
 }
 
-// Threads take tiles of features: each dequantizes its tile, then multiplies every pair of row groups by it, 32
-// features at a time. Tiles are configured for whole groups, and for the last pair's rows while it runs.
-#define DEFINE_AMX_LINEAR(NAME, BYTES, SCALES, DEQUANTIZE_TILE)                                            \
-    void NAME(const uint8_t* quants, const float* scales, const float* mins, const uint16_t* bias,          \
-              const uint16_t* x, uint16_t* out, int64_t M, int64_t N, int64_t K, int64_t ldo) {            \
-        const int64_t nb = K / QBLOCK, groups = (M + 15) / 16, width = tile_width(M);                      \
-        _Pragma("omp parallel")                                                                            \
-        {                                                                                                  \
-            uint16_t* w = aligned_buffer(width * K * sizeof(uint16_t));                                    \
-            float sums[4][16][16];                                                                         \
-            amx_configure(16, 16);                                                                         \
-            _Pragma("omp for schedule(static)")                                                            \
-            for (int64_t n0 = 0; n0 < N; n0 += width) {                                                    \
-                const int64_t features = UP_TO(width, N - n0);                                             \
-                DEQUANTIZE_TILE_AHEAD(DEQUANTIZE_TILE, BYTES, SCALES, w, n0, features, width, N, nb);      \
-                for (int64_t g = 0; g < groups; g += 2) {                                                  \
-                    const int last = g + 2 >= groups, rows0 = (int)UP_TO(16, M - g * 16);                  \
-                    if (last && M % 16) amx_configure(rows0, g + 1 < groups ? (int)(M - g * 16 - 16) : 16); \
-                    for (int64_t p0 = 0; p0 < features; p0 += 32) {                                       \
-                        const uint16_t* x1 = g + 1 < groups ? x + (g + 1) * 16 * K : NULL;                 \
-                        const uint16_t* w0 = w + p0 / 16 * nb * 512;                                       \
-                        const uint16_t* w1 = features - p0 > 16 ? w0 + nb * 512 : NULL;                    \
-                        multiply_tiles(x + g * 16 * K, x1, w0, w1, nb, K, sums);                           \
-                        for (int r = 0; r < (x1 ? 2 : 1); r++)                                             \
-                            for (int t = 0; t < (w1 ? 2 : 1); t++)                                         \
-                                write_sums(sums[r * 2 + t], bias, out, (g + r) * 16, M, n0 + p0 + t * 16,  \
-                                           features - p0 - t * 16, ldo);                                   \
-                    }                                                                                      \
-                    if (last && M % 16) amx_configure(16, 16);                                             \
-                }                                                                                          \
-            }                                                                                              \
-            _tile_release();                                                                               \
-            free(w);                                                                                       \
-        }                                                                                                  \
+// Every pair of row groups times the tile of `features` features from n0, 32 features at a time. Tiles are
+// configured for whole groups (by the thread, `amx_configure(16, 16)`), and for the last pair's rows while it runs.
+static void amx_multiply_tile(const uint16_t* w, int64_t features, int64_t n0, const uint16_t* x, int64_t M,
+                              int64_t K, const uint16_t* bias, uint16_t* out, int64_t ldo) {
+    const int64_t nb = K / QBLOCK, groups = (M + 15) / 16;
+    float sums[4][16][16];
+    for (int64_t g = 0; g < groups; g += 2) {
+        const int partial = g + 2 >= groups && M % 16;
+        if (partial) amx_configure((int)UP_TO(16, M - g * 16), g + 1 < groups ? (int)(M - g * 16 - 16) : 16);
+        for (int64_t p0 = 0; p0 < features; p0 += 32) {
+            const uint16_t* x1 = g + 1 < groups ? x + (g + 1) * 16 * K : NULL;
+            const uint16_t* w0 = w + p0 / 16 * nb * 512;
+            const uint16_t* w1 = features - p0 > 16 ? w0 + nb * 512 : NULL;
+            multiply_tiles(x + g * 16 * K, x1, w0, w1, nb, K, sums);
+            for (int r = 0; r < (x1 ? 2 : 1); r++)
+                for (int t = 0; t < (w1 ? 2 : 1); t++)
+                    write_sums(sums[r * 2 + t], bias, out, (g + r) * 16, M, n0 + p0 + t * 16, features - p0 - t * 16,
+                               ldo);
+        }
+        if (partial) amx_configure(16, 16);
     }
+}
 
-DEFINE_AMX_LINEAR(amx_linear_q4_bf16, 16, 1, dequantize_tile_q4)
-DEFINE_AMX_LINEAR(amx_linear_q8_bf16, 32, 1, dequantize_tile_q8)
-DEFINE_AMX_LINEAR(amx_linear_q6_bf16, 24, 2, dequantize_tile_q6)
-DEFINE_AMX_LINEAR(amx_linear_q5_bf16, 20, 1, dequantize_tile_q5)
+#define AMX_LINEAR(NAME, BYTES, SCALES, DEQUANTIZE_TILE) \
+    DEFINE_TILED_LINEAR(NAME, BYTES, SCALES, DEQUANTIZE_TILE, amx_multiply_tile, amx_configure(16, 16), _tile_release())
+
+AMX_LINEAR(amx_linear_q4_bf16, 16, 1, dequantize_tile_q4)
+AMX_LINEAR(amx_linear_q8_bf16, 32, 1, dequantize_tile_q8)
+AMX_LINEAR(amx_linear_q6_bf16, 24, 2, dequantize_tile_q6)
+AMX_LINEAR(amx_linear_q5_bf16, 20, 1, dequantize_tile_q5)
 #endif

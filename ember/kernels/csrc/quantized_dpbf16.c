@@ -38,14 +38,14 @@ static inline __attribute__((always_inline)) void multiply_rows(const int R, con
     }
 }
 
-#define ROWS_CASE(R)                                                                        \
-    case R:                                                                                 \
+#define ROWS_CASE(R)                                                                                 \
+    case R:                                                                                          \
         multiply_rows(R, x + r0 * K, K, w0, nb, bias ? bias + n : NULL, out + r0 * ldo + n, ldo, left); \
         break;
 
 // Every row times the tile of `features` features from n0, in passes of up to ROWS rows.
-static void multiply_tile(const uint16_t* w, int64_t features, int64_t n0, const uint16_t* x, int64_t M, int64_t K,
-                          const uint16_t* bias, uint16_t* out, int64_t ldo) {
+static void dpbf16_multiply_tile(const uint16_t* w, int64_t features, int64_t n0, const uint16_t* x, int64_t M,
+                                 int64_t K, const uint16_t* bias, uint16_t* out, int64_t ldo) {
     const int64_t nb = K / QBLOCK;
     for (int64_t r0 = 0; r0 < M; r0 += ROWS)
         for (int64_t p0 = 0; p0 < features; p0 += 32) {
@@ -58,26 +58,8 @@ static void multiply_tile(const uint16_t* w, int64_t features, int64_t n0, const
         }
 }
 
-// Threads take tiles of features: each dequantizes its tile, then multiplies every row by it.
-#define DEFINE_DPBF16_LINEAR(NAME, BYTES, SCALES, DEQUANTIZE_TILE)                                         \
-    void NAME(const uint8_t* quants, const float* scales, const float* mins, const uint16_t* bias,          \
-              const uint16_t* x, uint16_t* out, int64_t M, int64_t N, int64_t K, int64_t ldo) {            \
-        const int64_t nb = K / QBLOCK, width = tile_width(M);                                              \
-        _Pragma("omp parallel")                                                                            \
-        {                                                                                                  \
-            uint16_t* w = aligned_buffer(width * K * sizeof(uint16_t));                                    \
-            _Pragma("omp for schedule(static)")                                                            \
-            for (int64_t n0 = 0; n0 < N; n0 += width) {                                                    \
-                const int64_t features = UP_TO(width, N - n0);                                             \
-                DEQUANTIZE_TILE_AHEAD(DEQUANTIZE_TILE, BYTES, SCALES, w, n0, features, width, N, nb);      \
-                multiply_tile(w, features, n0, x, M, K, bias, out, ldo);                                   \
-            }                                                                                              \
-            free(w);                                                                                       \
-        }                                                                                                  \
-    }
-
-DEFINE_DPBF16_LINEAR(dpbf16_linear_q4_bf16, 16, 1, dequantize_tile_q4)
-DEFINE_DPBF16_LINEAR(dpbf16_linear_q8_bf16, 32, 1, dequantize_tile_q8)
-DEFINE_DPBF16_LINEAR(dpbf16_linear_q6_bf16, 24, 2, dequantize_tile_q6)
-DEFINE_DPBF16_LINEAR(dpbf16_linear_q5_bf16, 20, 1, dequantize_tile_q5)
+DEFINE_TILED_LINEAR(dpbf16_linear_q4_bf16, 16, 1, dequantize_tile_q4, dpbf16_multiply_tile, (void)0, (void)0)
+DEFINE_TILED_LINEAR(dpbf16_linear_q8_bf16, 32, 1, dequantize_tile_q8, dpbf16_multiply_tile, (void)0, (void)0)
+DEFINE_TILED_LINEAR(dpbf16_linear_q6_bf16, 24, 2, dequantize_tile_q6, dpbf16_multiply_tile, (void)0, (void)0)
+DEFINE_TILED_LINEAR(dpbf16_linear_q5_bf16, 20, 1, dequantize_tile_q5, dpbf16_multiply_tile, (void)0, (void)0)
 #endif

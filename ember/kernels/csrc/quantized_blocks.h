@@ -1,5 +1,6 @@
 // GGUF blocks as Ember's quantized kernels read them, and their dequantization in registers: shared by the kernels
-// for a few rows (`quantized_linear.c`) and for many (`quantized_amx.c`).
+// for a few rows (`quantized_linear.c`) and, through `quantized_tiles.h`, for many (`quantized_amx.c`,
+// `quantized_dpbf16.c`).
 //
 // Weights are stored split, per output feature n and block b: quants [N][K/32][BYTES], scales [N][K/32][SCALES]
 // and mins [N][K/32] as fp32 (mins NULL: none).

@@ -27,6 +27,7 @@ from ember.models.loader import (
     gguf_hf_config,
     load_model,
     wanted_tensors,
+    with_dense_weights,
 )
 from ember.models.packed_linear import PackedLinear
 from ember.models.quantized import QuantizedLinear
@@ -300,6 +301,7 @@ def test_quantized_weights_dequantize_exactly(tmp_path: Path, hf_llama: Any, qty
         assert torch.equal(model.layers[layer].self_attn.qkv_proj.weight[:q_rows], unpermuted)
         down = torch.from_numpy(stored[f"model.layers.{layer}.mlp.down_proj.weight"])
         assert torch.equal(model.layers[layer].mlp.down_proj.weight, down)
+    assert torch.equal(model.embed_tokens.weight, torch.from_numpy(stored["model.embed_tokens.weight"]))
     llm = LLM(str(path), num_blocks=64, dtype="float32")
     out = llm.generate([1, 2, 3], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))[0]
     assert len(out.outputs[0].token_ids) == 4
@@ -409,11 +411,12 @@ def test_a_bf16_gguf_model_keeps_its_linears_in_blocks_only(
     assert isinstance(both.layers[0].mlp.down_proj, torch.nn.Linear) and isinstance(both.lm_head, torch.nn.Linear)
 
 
-def test_conversion_writes_shards_that_transformers_loads(
+def test_conversion_keeps_block_matrices_as_blocks_only_and_dequantizes_them_for_transformers(
     tmp_path: Path, hf_llama: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The dequantized weights go out in shards as they are made (a conversion never holds them all), with HF's
-    index: transformers loads the directory, the HF baseline of `ember bench`, with the weights Ember loads."""
+    """The conversion stores the matrices the kernels read as blocks alone (the cache takes about the file's size);
+    `with_dense_weights` adds their fp32 dequantization in shards, as they are made (it never holds them all), to
+    HF's index: transformers loads the directory, the HF baseline of `ember bench`, with the weights Ember loads."""
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setattr(loader, "SHARD_BYTES", 300_000)  # the tiny model's 1.5 MB of fp32 in several shards
@@ -421,13 +424,21 @@ def test_conversion_writes_shards_that_transformers_loads(
     stored = write_gguf(path, hf_llama, GGMLQuantizationType.Q8_0)
     converted = gguf_as_hf_dir(path)
     index = json.loads((converted / loader.SHARD_INDEX).read_text())
-    shards = sorted(converted.glob("model-*.safetensors"))
+    assert set(index["weight_map"]) == {name for name, weight in stored.items() if weight.ndim == 1}  # the norms
+    assert with_dense_weights(converted) == converted
+    index = json.loads((converted / loader.SHARD_INDEX).read_text())
+    shards = sorted(converted.glob("*.safetensors"))
     assert len(shards) > 2 and set(index["weight_map"].values()) == {s.name for s in shards}
     hf = AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch.float32).state_dict()
     assert set(index["weight_map"]) == set(stored) == set(hf)
     for name, weight in stored.items():
         if "q_proj" not in name and "k_proj" not in name:  # (the file keeps those permuted)
             assert torch.equal(hf[name], torch.from_numpy(weight)), name
+    ember = load_model(str(path), "auto", torch.float32, "cpu").model  # the same weights, from the blocks
+    assert torch.equal(ember.embed_tokens.weight, hf["model.embed_tokens.weight"])
+    q_rows = CONFIG["num_attention_heads"] * CONFIG["head_dim"]
+    assert torch.equal(ember.layers[1].self_attn.qkv_proj.weight[:q_rows], hf["model.layers.1.self_attn.q_proj.weight"])
+    assert with_dense_weights(converted) == converted and sorted(converted.glob("*.safetensors")) == shards  # once
 
 
 def test_conversion_replaces_older_conversions_of_the_file(tmp_path: Path, hf_llama: Any) -> None:

@@ -275,9 +275,9 @@ def test_an_adapter_of_another_model_or_no_adapter_is_a_clear_error(tiny_llama: 
 def smollm_lora(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, PeftModel, Any]]:
     """A PEFT adapter of SmolLM2 (random, strong enough to change its greedy text), PEFT's model running it, and
     the tokenizer."""
-    from ember.models.loader import default_model_path, gguf_as_hf_dir
+    from ember.models.loader import default_model_path, gguf_as_hf_dir, with_dense_weights
 
-    hf_dir = gguf_as_hf_dir(default_model_path())
+    hf_dir = with_dense_weights(gguf_as_hf_dir(default_model_path()))
     directory = tmp_path_factory.mktemp("smollm-lora") / "adapter"
     torch.manual_seed(0)
     config = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "up_proj"])

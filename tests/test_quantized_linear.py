@@ -99,6 +99,16 @@ def test_blocks_dequantize_to_the_loaders_weights_exactly(gguf_type: str, dtype:
     check_exact_weights(gguf_type, dtype)
 
 
+@pytest.mark.parametrize("gguf_type", FORMATS)
+def test_dense_weights_from_the_blocks_are_gguf_pys_bit_for_bit(gguf_type: str) -> None:
+    """A GGUF model's dense weights (GPU, fp32, a kept copy) come from its blocks, natively and where that is not
+    built in PyTorch: both are gguf-py's dequantization, every bit (several rows of several blocks, a row's
+    blocks in order)."""
+    weight, reference = gguf_weight(gguf_type, 40, 512, seed=3)
+    assert torch.equal(quantized.dequantize(weight), reference)
+    assert torch.equal(quantized.dequantize_in_torch(weight), reference)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 11])  # 5, 8 and 11 span register groups of 4 and 8 rows
 @pytest.mark.parametrize(("gguf_type", "n", "k"), CASES)

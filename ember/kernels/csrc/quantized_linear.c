@@ -87,6 +87,25 @@ DEFINE_QUANTIZED_LINEAR(quantized_linear_q4_f32, float, AS_FLOAT_F32, F32_GROUP_
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q8_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 32, 1, q8_feature_f32)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q6_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 24, 2, q6_feature_f32)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q5_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 20, 1, q5_feature_f32)
+
+// Dense fp32 weights out [N][K] from the blocks (`quantized.dequantize`: a GPU's or a kept copy's weights, at
+// load): the same unpacking, so the same bits as gguf-py's; Qwen3-0.6B's blocks in 0.2 s against 0.4-1.4 in PyTorch.
+#define DEFINE_DEQUANTIZE(NAME, BYTES, SCALES, UNPACK)                                                     \
+    void NAME(const uint8_t* quants, const float* scales, const float* mins, float* out, int64_t N,        \
+              int64_t K) {                                                                                 \
+        const int64_t blocks = N * (K / QBLOCK);                                                           \
+        _Pragma("omp parallel for schedule(static)")                                                       \
+        for (int64_t b = 0; b < blocks; b++) {                                                             \
+            fvec w[CHUNKS];                                                                                \
+            UNPACK(quants + b * (BYTES), scales + b * (SCALES), mins ? mins + b : NULL, w);                \
+            for (int c = 0; c < CHUNKS; c++) VSTORE(out + b * QBLOCK + c * LANES, w[c]);                   \
+        }                                                                                                  \
+    }
+
+DEFINE_DEQUANTIZE(dequantize_q4_f32, 16, 1, unpack_q4_f32)
+DEFINE_DEQUANTIZE(dequantize_q8_f32, 32, 1, unpack_q8_f32)
+DEFINE_DEQUANTIZE(dequantize_q6_f32, 24, 2, unpack_q6_f32)
+DEFINE_DEQUANTIZE(dequantize_q5_f32, 20, 1, unpack_q5_f32)
 #endif
 
 // ---- bf16 activations on AVX512-BF16

@@ -16,14 +16,14 @@ from gguf.quants import dequantize, quantize
 from ember.kernels import native
 from ember.models import quantized
 from ember.models.packed_linear import PackedLinear
-from tests.test_gguf_loader import random_k_quant
+from tests.test_gguf_loader import RANDOM_BLOCKS, random_blocks
 
 pytestmark = pytest.mark.skipif(
     not quantized.kernels_available(torch.float32), reason="needs a C compiler and an x86 CPU with AVX2 or AVX-512"
 )
 
-FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
-K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")  # super-blocks of 256 weights
+FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "IQ4_NL", "IQ4_XS"]
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K", "Q3_K", "IQ4_XS")  # super-blocks of 256 weights
 DTYPES = [
     torch.float32,
     pytest.param(
@@ -36,12 +36,12 @@ TOLERANCE = {torch.bfloat16: {"rtol": 2**-8, "atol": 1e-3}, torch.float32: {"rto
 
 
 def gguf_weight(gguf_type: str, n: int, k: int, seed: int) -> tuple[quantized.QuantizedWeight, torch.Tensor]:
-    """Random weights quantized by gguf-py (K-quants: random blocks, which gguf-py cannot quantize to): (the
-    kernel's split blocks, gguf-py's dequantization in fp32)."""
+    """Random weights quantized by gguf-py (K-quants and IQ4: random blocks, which gguf-py cannot quantize to):
+    (the kernel's split blocks, gguf-py's dequantization in fp32)."""
     rng = np.random.default_rng(seed)
     qtype = GGMLQuantizationType[gguf_type]
-    if gguf_type in K_QUANTS:
-        raw = random_k_quant((n, k), qtype, rng)
+    if qtype in RANDOM_BLOCKS:
+        raw = random_blocks((n, k), qtype, rng)
     else:
         w = (rng.standard_normal((n, k)) * 0.05 + rng.standard_normal((n, 1)) * 0.02).astype(np.float32)
         raw = quantize(w, qtype)
@@ -66,10 +66,12 @@ def check_exact_weights(gguf_type: str, dtype: torch.dtype, rows: int = 8) -> No
 
 
 def multiplied(gguf_type: str, reference: torch.Tensor, dtype: torch.dtype, rows: int) -> torch.Tensor:
-    """The weights a kernel multiplies by: the loader's in the activations' dtype, but Q6_K's exact fp32 values in
-    the bf16 kernel for few rows (it scales the sums of each 16 weights, not the weights)."""
-    exact = (gguf_type, dtype) == ("Q6_K", torch.bfloat16) and (
-        not quantized.many_row_kernel() or rows <= quantized.FEW_ROWS[quantized.many_row_kernel()]
+    """The weights a kernel multiplies by: the loader's in the activations' dtype, but q6 blocks' (Q6_K's, Q3_K's)
+    exact fp32 values in the bf16 kernel for few rows (it scales the sums of each 16 weights, not the weights)."""
+    exact = (
+        gguf_type in ("Q6_K", "Q3_K")
+        and dtype == torch.bfloat16
+        and (not quantized.many_row_kernel() or rows <= quantized.FEW_ROWS[quantized.many_row_kernel()])
     )
     return reference if exact else reference.to(dtype)
 

@@ -5,8 +5,8 @@ on architectures whose real GGUF is not on this machine. No tokenizer: prompts a
 `--type Q4_K_M` (`Q5_K_M`) mixes types as llama.cpp's Q4_K_M (Q5_K_M) does: Q4_K (Q5_K), with the LM head (or the
 tied embedding) in Q6_K, and v and the MLP's down projection in Q6_K in the first and last eighth of the layers
 and every third between. Matrices whose rows are not whole 256-weight super-blocks take llama.cpp's fallback
-types (Q4_K: Q5_0, Q5_K: Q5_1, Q6_K: Q8_0), as SmolLM2's width of 576 makes them do.
-K-quant blocks are random bytes under small scales (gguf-py cannot quantize to K types).
+types (Q4_K: Q5_0, Q5_K: Q5_1, Q6_K: Q8_0, Q3_K and IQ4_XS: IQ4_NL), as SmolLM2's width of 576 makes them do.
+K-quant and IQ4 blocks are random bytes under small scales (gguf-py cannot quantize to those types).
 
 `.venv/bin/python benchmarks/cpu/random_gguf.py /tmp/qwen3-0.6b-q8.gguf [--preset qwen3-0.6b] [--type Q8_0]`
 """
@@ -59,11 +59,14 @@ K_QUANT_SCALES = {  # byte offsets of each block's fp16 scales, and a scale that
     GGMLQuantizationType.Q4_K: ((0, 2), 1e-4),  # d, dmin
     GGMLQuantizationType.Q5_K: ((0, 2), 5e-5),
     GGMLQuantizationType.Q6_K: ((208,), 2e-5),  # d
+    GGMLQuantizationType.Q3_K: ((108,), 6e-4),
+    GGMLQuantizationType.IQ4_XS: ((0,), 2e-5),
+    GGMLQuantizationType.IQ4_NL: ((0,), 3e-4),
 }
 
 
 def random_k_quant(shape: tuple[int, int], qtype: GGMLQuantizationType, rng: np.random.Generator) -> np.ndarray:
-    """Rows of random K-quant super-blocks (256 weights each) with small, finite scales."""
+    """Rows of random blocks of a type gguf-py cannot quantize to (K-quants, IQ4) with small, finite scales."""
     block_size, type_size = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(shape[0], shape[1] // block_size, type_size), dtype=np.uint8)
     offsets, scale = K_QUANT_SCALES[qtype]
@@ -77,6 +80,8 @@ K_QUANT_FALLBACK = {
     GGMLQuantizationType.Q4_K: GGMLQuantizationType.Q5_0,
     GGMLQuantizationType.Q5_K: GGMLQuantizationType.Q5_1,
     GGMLQuantizationType.Q6_K: GGMLQuantizationType.Q8_0,
+    GGMLQuantizationType.Q3_K: GGMLQuantizationType.IQ4_NL,
+    GGMLQuantizationType.IQ4_XS: GGMLQuantizationType.IQ4_NL,
 }
 
 
@@ -101,7 +106,21 @@ def main() -> None:
     parser.add_argument(
         "--type",
         default="Q8_0",
-        choices=["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M", "Q5_K_M"],
+        choices=[
+            "Q8_0",
+            "Q4_0",
+            "Q4_1",
+            "Q5_0",
+            "Q5_1",
+            "Q4_K",
+            "Q5_K",
+            "Q6_K",
+            "Q3_K",
+            "IQ4_NL",
+            "IQ4_XS",
+            "Q4_K_M",
+            "Q5_K_M",
+        ],
         help="the matrices' block type, or one of llama.cpp's mixes",
     )
     args = parser.parse_args()

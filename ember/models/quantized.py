@@ -35,6 +35,9 @@ GGUF_BLOCKS = {
     "Q4_K": (256, 144),
     "Q5_K": (256, 176),
     "Q6_K": (256, 210),
+    "Q3_K": (256, 110),  # as q6 blocks (exact, 8 bits a weight instead of 3.4)
+    "IQ4_NL": (32, 18),  # as q8 blocks (exact, 9 bits a weight instead of 4.5)
+    "IQ4_XS": (256, 136),  # as q8 blocks (9 bits instead of 4.25)
 }
 BLOCK = 32
 # Above this many rows a step's matmul is compute bound and oneDNN's kernel is about as fast or faster
@@ -51,7 +54,7 @@ SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 class QuantizedWeight:
     """A linear weight [N, K] as the kernel reads it: per output feature, K / 32 blocks."""
 
-    kernel: str  # "q4" (Q4_0, Q4_1, Q4_K), "q5" (Q5_0, Q5_1, Q5_K), "q6" (Q6_K) or "q8" (Q8_0): quantized_linear.c's
+    kernel: str  # "q4" (Q4_0, Q4_1, Q4_K), "q5" (Q5_0, Q5_1, Q5_K), "q6" (Q6_K, Q3_K) or "q8" (Q8_0, IQ4): the C's
     quants: torch.Tensor  # uint8 [N, K / 32, 16, 20, 24 or 32]
     scales: torch.Tensor  # fp32 [N, K / 32] (q6: [N, K / 16])
     mins: torch.Tensor | None  # fp32 [N, K / 32], or None (q6, q8)
@@ -92,7 +95,13 @@ def from_gguf_blocks(raw: torch.Tensor, gguf_type: str) -> QuantizedWeight:
         return _from_k_quant(blocks, bits=int(gguf_type[1]))
     if gguf_type == "Q6_K":
         return _from_q6_k(blocks)
+    if gguf_type == "Q3_K":
+        return _from_q3_k(blocks)
+    if gguf_type == "IQ4_XS":
+        return _from_iq4_xs(blocks)
     d = _half(blocks, 0)
+    if gguf_type == "IQ4_NL":
+        return _weight("q8", _iq4_values(blocks[..., 2:]), d, None)
     if gguf_type == "Q8_0":
         return _weight("q8", blocks[..., 2:], d, None)
     mins = {"Q4_0": -8.0 * d, "Q5_0": -16.0 * d}.get(gguf_type)
@@ -132,14 +141,58 @@ def _from_k_quant(blocks: torch.Tensor, bits: int) -> QuantizedWeight:
 
 def _from_q6_k(blocks: torch.Tensor) -> QuantizedWeight:
     """Q6_K: super-blocks of 256 weights, 16 sub-blocks of 16 with int8 scales under the super-block's fp16 `d`,
-    each weight 6 bits (a nibble in `ql`, two high bits in `qh`) less 32. Each 32 weights become a q6 block (their
-    nibbles as q4's, their high bit pairs in 8 bytes) with two scales `d * sc`, exact in fp32."""
+    each weight 6 bits (a nibble in `ql`, two high bits in `qh`) less 32. Each 32 weights become a q6 block with
+    two scales `d * sc`, exact in fp32."""
     rows, supers, _ = blocks.shape
     nibbles = (_shifted(blocks[..., :128].reshape(rows, supers, 2, 64), [0, 4]) & 0x0F).reshape(rows, -1, 32)
-    high = (_shifted(blocks[..., 128:192].reshape(rows, supers, 2, 32), [0, 2, 4, 6]) & 0x03).reshape(rows, -1, 4, 8)
-    high_bytes = high[:, :, 0] | high[:, :, 1] << 2 | high[:, :, 2] << 4 | high[:, :, 3] << 6  # weights i + 8c
+    high = (_shifted(blocks[..., 128:192].reshape(rows, supers, 2, 32), [0, 2, 4, 6]) & 0x03).reshape(rows, -1, 32)
     scales = _half(blocks, 208)[..., None] * blocks[..., 192:208].contiguous().view(torch.int8).float()
-    return _weight("q6", torch.cat([_nibbles(nibbles), high_bytes], dim=-1), scales, None)
+    return _weight("q6", _q6_quants(nibbles | high << 4), scales, None)
+
+
+def _q6_quants(values: torch.Tensor) -> torch.Tensor:
+    """6-bit weights [..., 32] as q6's 24 bytes: their nibbles as q4's, then their high bit pairs (byte i: weights
+    i, i + 8, i + 16, i + 24)."""
+    high = (values >> 4).unflatten(-1, (4, 8))
+    high_bytes = high[..., 0, :] | high[..., 1, :] << 2 | high[..., 2, :] << 4 | high[..., 3, :] << 6
+    return torch.cat([_nibbles(values), high_bytes], dim=-1)
+
+
+def _from_q3_k(blocks: torch.Tensor) -> QuantizedWeight:
+    """Q3_K: super-blocks of 256 weights, 16 sub-blocks of 16 with 6-bit scales (less 32) under the super-block's
+    fp16 `d`, each weight 2 bits in `qs` and a bit in `hmask` whose absence subtracts 4 (-4..3). Each 32 weights
+    become a q6 block of values q + 32 (28..35) with two scales `d * sc`: exact in fp32, as gguf-py's products."""
+    rows, supers, _ = blocks.shape
+    low = _shifted(blocks[..., 32:96].reshape(rows, supers, 2, 32), [0, 2, 4, 6]) & 0x03  # weight 128h + 32s + l
+    high = _shifted(blocks[..., :32], list(range(8))) & 1  # weight 32b + l
+    values = (low.reshape(rows, -1, 32) | high.reshape(rows, -1, 32) << 2) + 28
+    packed = blocks[..., 96:108]
+    low_scales = (_shifted(packed[..., :8], [0, 4]) & 0x0F).reshape(rows, supers, 16)  # scale 8h + i: byte i
+    high_scales = (_shifted(packed[..., 8:12], [0, 2, 4, 6]) & 0x03).reshape(rows, supers, 16)  # 4s + i: byte 8 + i
+    scales = _half(blocks, 108)[..., None] * ((low_scales | high_scales << 4).float() - 32)
+    return _weight("q6", _q6_quants(values), scales, None)
+
+
+IQ4_VALUES = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=torch.int8)
+
+
+def _iq4_values(nibble_bytes: torch.Tensor) -> torch.Tensor:
+    """IQ4's 16 bytes of a block [..., 16] (weight j < 16 in byte j's low nibble, j + 16 high) as its 32 weights'
+    values on llama.cpp's non-linear grid, int8 bytes [..., 32]."""
+    indices = _shifted(nibble_bytes, [0, 4]).flatten(-2) & 0x0F
+    return IQ4_VALUES[indices.long()].view(torch.uint8)
+
+
+def _from_iq4_xs(blocks: torch.Tensor) -> QuantizedWeight:
+    """IQ4_XS: super-blocks of 256 weights, 8 sub-blocks of 32 with 6-bit scales (less 32; low nibbles in 4 bytes,
+    high bit pairs in a 16-bit word) under the super-block's fp16 `d`, weights as IQ4_NL's. Each sub-block becomes
+    a q8 block with scale `d * sc`: its products with the grid's values stay exact in fp32, as in gguf-py."""
+    rows, supers, _ = blocks.shape
+    low = (_shifted(blocks[..., 4:8], [0, 4]).transpose(-1, -2) & 0x0F).reshape(rows, supers, 8)  # 2i + h: byte i
+    word = blocks[..., 2:4].contiguous().view(torch.int16).to(torch.int32)
+    high = (word >> torch.arange(0, 16, 2, dtype=torch.int32)) & 0x03  # sub-block i: bits 2i, 2i + 1
+    scales = _half(blocks, 0)[..., None] * ((low.to(torch.int32) | high << 4).float() - 32)
+    return _weight("q8", _iq4_values(blocks[..., 8:].reshape(rows, supers, 8, 16)).reshape(rows, -1, 32), scales, None)
 
 
 def dequantize(weight: QuantizedWeight) -> torch.Tensor:

@@ -8,12 +8,12 @@
 // Formats (`quantized.py` repacks GGUF's blocks into them at load):
 //   q4  16 bytes: weight j < 16 in the low nibble of byte j, weight j + 16 in its high nibble; `d * q + m`
 //       (Q4_0, Q4_1, Q4_K's sub-blocks);
-//   q8  32 signed bytes; `d * q` (Q8_0);
+//   q8  32 signed bytes; `d * q` (Q8_0; IQ4_NL and IQ4_XS: their 4-bit indices as the grid's int8 values);
 //   q5  20 bytes: q4's nibbles, then a 32-bit word whose bit j is weight j's fifth bit; `d * q + m` (Q5_0, Q5_1,
 //       Q5_K's sub-blocks);
 //   q6  24 bytes: q4's nibbles, then 8 bytes of high bit pairs (byte i: weights i, i + 8, i + 16, i + 24 in
 //       bits 0-1, 2-3, 4-5, 6-7); two scales, one per 16 weights; `d * (q - 32)` (Q6_K: its `d * sc` has at
-//       most 18 significant bits, so the products are exact in fp32, as in gguf-py).
+//       most 18 significant bits, so the products are exact in fp32, as in gguf-py; Q3_K: q + 32 of its -4..3).
 #pragma once
 
 #include "common.h"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -449,6 +451,21 @@ def test_conversion_keeps_block_matrices_as_blocks_only_and_dequantizes_them_for
     q_rows = CONFIG["num_attention_heads"] * CONFIG["head_dim"]
     assert torch.equal(ember.layers[1].self_attn.qkv_proj.weight[:q_rows], hf["model.layers.1.self_attn.q_proj.weight"])
     assert with_dense_weights(converted) == converted and sorted(converted.glob("*.safetensors")) == shards  # once
+
+
+def test_a_files_digest_is_remembered_until_its_size_or_time_changes(tmp_path: Path) -> None:
+    """A start does not hash the GGUF again (seconds for a 7B): its digest, which keys the conversion, is
+    remembered by path, size and modification time; a file rewritten at another time is hashed anew."""
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"a" * 1000)
+    first = _file_digest(path)
+    assert first == hashlib.sha256(b"a" * 1000).hexdigest()[:24]
+    stamp = path.stat()
+    path.write_bytes(b"b" * 1000)
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # same size and time: not read again
+    assert _file_digest(path) == first
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
+    assert _file_digest(path) == hashlib.sha256(b"b" * 1000).hexdigest()[:24]
 
 
 def test_conversion_replaces_older_conversions_of_the_file(tmp_path: Path, hf_llama: Any) -> None:

@@ -11,6 +11,7 @@ import collections
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -346,11 +347,36 @@ def converted_gguf_tensors(
         yield name, w if heads is None else _unpermute_rotary(w, heads)
 
 
+def partial(file: Path) -> Path:
+    """Where this process writes `file` before renaming it into place: a reader never sees half of it, and two
+    processes writing the same file do not write into each other's."""
+    return file.with_name(f"{file.name}.{os.getpid()}.partial")
+
+
 def _file_digest(path: Path) -> str:
+    """The start of the file's SHA-256, which keys its conversion. Remembered by path, size and modification time
+    (as make and rsync tell a file changed): hashing a 7B file took seconds at every start."""
+    stat = path.stat()
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    known_file = cache_dir() / "models" / "digests.json"
+    try:
+        known = json.loads(known_file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(str(path.resolve()))
+    if isinstance(entry, dict) and {k: entry.get(k) for k in stamp} == stamp and "digest" in entry:
+        return str(entry["digest"])
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 22):
             digest.update(chunk)
+    known[str(path.resolve())] = {**stamp, "digest": digest.hexdigest()[:24]}
+    try:
+        known_file.parent.mkdir(parents=True, exist_ok=True)
+        partial(known_file).write_text(json.dumps(known, indent=1))
+        partial(known_file).replace(known_file)
+    except OSError:
+        pass  # a read-only cache: hashed again next time
     return digest.hexdigest()[:24]
 
 
@@ -360,8 +386,8 @@ SHARD_BYTES = 1 << 30  # a conversion holds about one shard of dequantized weigh
 
 def save_shards(tensors: Iterator[tuple[str, torch.Tensor]], directory: Path, stem: str = "model") -> None:
     """Save weights as they come in shards of about SHARD_BYTES (`stem`-00001.safetensors, ...), adding them to
-    the directory's index of which file holds each (HF's). Shards and index are written under temporary names and
-    renamed, so a reader never sees half a file. A 7B in fp32 is 28 GB: more than a machine may hold at once."""
+    the directory's index of which file holds each (HF's); each file written whole (`partial`). A 7B in fp32 is
+    28 GB: more than a machine may hold at once."""
     from safetensors.torch import save_file
 
     index_file = directory / SHARD_INDEX
@@ -374,8 +400,8 @@ def save_shards(tensors: Iterator[tuple[str, torch.Tensor]], directory: Path, st
         nonlocal shards
         shards += 1
         file = directory / f"{stem}-{shards:05d}.safetensors"
-        save_file(shard, str(file.with_suffix(".partial")), metadata={"format": "pt"})
-        file.with_suffix(".partial").replace(file)
+        save_file(shard, str(partial(file)), metadata={"format": "pt"})
+        partial(file).replace(file)
         index["weight_map"].update(dict.fromkeys(shard, file.name))
 
     for name, tensor in tensors:
@@ -388,8 +414,8 @@ def save_shards(tensors: Iterator[tuple[str, torch.Tensor]], directory: Path, st
     if shard:
         write_shard()
     index["metadata"]["total_size"] = total
-    index_file.with_suffix(".partial").write_text(json.dumps(index, indent=2))
-    index_file.with_suffix(".partial").replace(index_file)
+    partial(index_file).write_text(json.dumps(index, indent=2))
+    partial(index_file).replace(index_file)
 
 
 def _progress(label: str) -> Any:
@@ -410,14 +436,14 @@ def gguf_as_hf_dir(path: Path) -> Path:
     about the file's size: where a model needs dense weights, its loader dequantizes the blocks as it reads them
     (`iter_weights`), and transformers gets its own fp32 copy on demand (`with_dense_weights`).
     """
-    from gguf import GGUFReader
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer
-
     prefix = f"{path.stem}-{_file_digest(path)}-v"
     target = cache_dir() / "models" / f"{prefix}{GGUF_CACHE_VERSION}"
     if (target / SHARD_INDEX).is_file():
         return target
+    from gguf import GGUFReader
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent))
     blocks: dict[str, QuantizedWeight] = {}

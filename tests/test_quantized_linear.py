@@ -132,7 +132,7 @@ def test_many_row_kernel_dequantizes_to_the_loaders_weights_exactly(gguf_type: s
 # N: 40 leaves a tile of 8 features over its 32, 200 a part-filled group of 16 past 3 whole tiles of 64 (or 128).
 @pytest.mark.usefixtures("many_row_kernel")
 @pytest.mark.parametrize(("rows", "n"), [(9, 40), (16, 200), (33, 40), (64, 200), (520, 200)])
-@pytest.mark.parametrize("gguf_type", ["Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("gguf_type", ["Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "IQ4_XS"])
 def test_many_row_kernel_matches_dequantized_weights(gguf_type: str, rows: int, n: int) -> None:
     check_matmul(gguf_type, rows, n, 256, torch.bfloat16)
 

@@ -46,16 +46,13 @@ SIGNATURES: dict[str, list[type]] = {
     "decode_stack": [_ptr] * 8 + [_i64] * 2 + [_ptr],
     **{f"lora_add_{t}": [_ptr] * 7 + [_i64] * 3 for t in ("f32", "bf16")},
 }
+QUANTIZED_FORMATS = ("q4", "q5", "q6", "q8", "iq4")  # `quantized_blocks.h`'s
 # built only where the compiler targets the instructions they need (fp32 and dequantize: AVX-512 or AVX2; bf16:
 # AVX512-BF16; dpbf16: AVX512-BF16; amx: AMX-BF16, and `amx_enable`)
 OPTIONAL_SIGNATURES: dict[str, list[type]] = {
-    **{f"quantized_linear_{f}_{t}": [_ptr] * 6 + [_i64] * 4 for f in ("q4", "q5", "q6", "q8") for t in ("f32", "bf16")},
-    **{f"dequantize_{f}_f32": [_ptr] * 4 + [_i64] * 2 for f in ("q4", "q5", "q6", "q8")},
-    **{
-        f"{many}_linear_{f}_bf16": [_ptr] * 6 + [_i64] * 4
-        for many in ("amx", "dpbf16")
-        for f in ("q4", "q5", "q6", "q8")
-    },
+    **{f"quantized_linear_{f}_{t}": [_ptr] * 6 + [_i64] * 4 for f in QUANTIZED_FORMATS for t in ("f32", "bf16")},
+    **{f"dequantize_{f}_f32": [_ptr] * 4 + [_i64] * 2 for f in QUANTIZED_FORMATS},
+    **{f"{many}_linear_{f}_bf16": [_ptr] * 6 + [_i64] * 4 for many in ("amx", "dpbf16") for f in QUANTIZED_FORMATS},
 }
 
 

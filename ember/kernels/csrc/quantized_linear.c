@@ -83,10 +83,12 @@ DEFINE_FEATURE_F32(q4_feature_f32, 16, 1, unpack_q4_f32)
 DEFINE_FEATURE_F32(q8_feature_f32, 32, 1, unpack_q8_f32)
 DEFINE_FEATURE_F32(q6_feature_f32, 24, 2, unpack_q6_f32)
 DEFINE_FEATURE_F32(q5_feature_f32, 20, 1, unpack_q5_f32)
+DEFINE_FEATURE_F32(iq4_feature_f32, 16, 1, unpack_iq4_f32)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q4_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 16, 1, q4_feature_f32)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q8_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 32, 1, q8_feature_f32)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q6_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 24, 2, q6_feature_f32)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q5_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 20, 1, q5_feature_f32)
+DEFINE_QUANTIZED_LINEAR(quantized_linear_iq4_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 16, 1, iq4_feature_f32)
 
 // Dense fp32 weights out [N][K] from the blocks (`quantized.dequantize`: a GPU's or a kept copy's weights, at
 // load): the same unpacking, so the same bits as gguf-py's; Qwen3-0.6B's blocks in 0.2 s against 0.4-1.4 in PyTorch.
@@ -106,6 +108,7 @@ DEFINE_DEQUANTIZE(dequantize_q4_f32, 16, 1, unpack_q4_f32)
 DEFINE_DEQUANTIZE(dequantize_q8_f32, 32, 1, unpack_q8_f32)
 DEFINE_DEQUANTIZE(dequantize_q6_f32, 24, 2, unpack_q6_f32)
 DEFINE_DEQUANTIZE(dequantize_q5_f32, 20, 1, unpack_q5_f32)
+DEFINE_DEQUANTIZE(dequantize_iq4_f32, 16, 1, unpack_iq4_f32)
 #endif
 
 // ---- bf16 activations on AVX512-BF16
@@ -211,9 +214,11 @@ static inline __attribute__((always_inline)) void q6_feature_bf16(const uint8_t*
 DEFINE_FEATURE(q4_feature_bf16, 16, q4_pair, q4_single)
 DEFINE_FEATURE(q8_feature_bf16, 32, q8_pair, q8_single)
 DEFINE_FEATURE(q5_feature_bf16, 20, q5_pair, q5_single)
+DEFINE_FEATURE(iq4_feature_bf16, 16, iq4_pair, iq4_single)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q4_bf16, uint16_t, AS_FLOAT_BF16, GROUP_ROWS, 16, 1, q4_feature_bf16)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q8_bf16, uint16_t, AS_FLOAT_BF16, GROUP_ROWS, 32, 1, q8_feature_bf16)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q6_bf16, uint16_t, AS_FLOAT_BF16, GROUP_ROWS, 24, 2, q6_feature_bf16)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q5_bf16, uint16_t, AS_FLOAT_BF16, GROUP_ROWS, 20, 1, q5_feature_bf16)
+DEFINE_QUANTIZED_LINEAR(quantized_linear_iq4_bf16, uint16_t, AS_FLOAT_BF16, GROUP_ROWS, 16, 1, iq4_feature_bf16)
 
 #endif

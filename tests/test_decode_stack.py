@@ -83,9 +83,11 @@ def test_smollm_steps_of_one_to_max_rows_are_bit_identical(dtype: str) -> None:
 @pytest.mark.usefixtures("many_row_kernel")
 def test_without_the_copy_each_many_row_kernel_takes_steps_of_64_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     """SmolLM2 in its blocks only: AMX's or AVX512-BF16's kernel runs each linear's steps past the few-row kernels,
-    so the stack takes up to 64 rows, bit-identical to the PyTorch model on the same kernels."""
+    so the stack takes up to 64 rows, bit-identical to the PyTorch model on the same kernels; its embedding rows
+    dequantized from the tied table's blocks, in C and in the model alike."""
     monkeypatch.setenv("EMBER_KEEP_DEQUANTIZED_WEIGHTS", "0")
     llm = LLM(dtype="bfloat16", num_blocks=1024)
+    assert isinstance(llm.engine.loaded.model.embed_tokens, quantized.QuantizedEmbedding)
     assert llm.engine.runner.decode_stack.max_rows == 64
     prompts = [f"Story number {i}: once upon a time" for i in range(67)]
     with_stack, plain, rows = generate_both_ways(llm, prompts, [3 + i for i in range(len(prompts))])

@@ -32,7 +32,7 @@ from ember.models.loader import (
     with_dense_weights,
 )
 from ember.models.packed_linear import PackedLinear
-from ember.models.quantized import QuantizedLinear
+from ember.models.quantized import QuantizedEmbedding, QuantizedLinear
 from tests.test_tiny_parity import hf_reference
 
 CONFIG = {
@@ -398,7 +398,7 @@ def test_a_q4_k_m_file_keeps_every_linear_in_its_blocks(tmp_path: Path, hf_llama
     }
     layers = range(CONFIG["num_hidden_layers"])
     assert kernels == {f"layers.{i}.{p}": k for i in layers for p, k in expected.items()} | {"lm_head": "q6"}
-    assert set(llm.engine.loaded.gguf_blocks) == set(kernels)
+    assert set(llm.engine.loaded.gguf_blocks) == {*kernels, "embed_tokens"}
     assert llm.engine.runner.decode_stack is not None
 
 
@@ -406,8 +406,8 @@ def test_a_q4_k_m_file_keeps_every_linear_in_its_blocks(tmp_path: Path, hf_llama
 def test_a_bf16_gguf_model_keeps_its_linears_in_blocks_only(
     tmp_path: Path, hf_llama: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Where a kernel multiplies steps of many rows from the blocks, the linears can hold no dequantized weight
-    (EMBER_KEEP_DEQUANTIZED_WEIGHTS=0; on AMX the default), and the loader does not read the converted copy;
+    """Where a kernel multiplies steps of many rows from the blocks, the linears and the embedding table can hold
+    no dequantized weight (EMBER_KEEP_DEQUANTIZED_WEIGHTS=0; on AMX the default), and the loader dequantizes none;
     EMBER_KEEP_DEQUANTIZED_WEIGHTS=1 keeps both copies."""
     monkeypatch.setenv("EMBER_KEEP_DEQUANTIZED_WEIGHTS", "0")
     path = tmp_path / "tiny-Q4_K_M.gguf"
@@ -415,12 +415,15 @@ def test_a_bf16_gguf_model_keeps_its_linears_in_blocks_only(
     model = load_model(str(path), "auto", torch.bfloat16, "cpu").model
     assert isinstance(model.lm_head, QuantizedLinear) and isinstance(model.layers[0].mlp.down_proj, QuantizedLinear)
     weights = {name for name, _ in model.named_parameters()}
-    assert weights and not any(name.endswith("proj.weight") or name.startswith("lm_head") for name in weights)
+    assert isinstance(model.embed_tokens, QuantizedEmbedding)
+    assert weights and not any(name.endswith(("proj.weight", "embed_tokens.weight")) for name in weights)
     wanted = wanted_tensors(model)
-    assert wanted("model.embed_tokens.weight") and not wanted("model.layers.0.self_attn.q_proj.weight")
+    assert not wanted("model.embed_tokens.weight") and not wanted("model.layers.0.self_attn.q_proj.weight")
+    assert wanted("model.layers.0.input_layernorm.weight")
     monkeypatch.setenv("EMBER_KEEP_DEQUANTIZED_WEIGHTS", "1")
     both = load_model(str(path), "auto", torch.bfloat16, "cpu").model
     assert isinstance(both.layers[0].mlp.down_proj, torch.nn.Linear) and isinstance(both.lm_head, torch.nn.Linear)
+    assert isinstance(both.embed_tokens, torch.nn.Embedding)
 
 
 def test_conversion_keeps_block_matrices_as_blocks_only_and_dequantizes_them_for_transformers(

@@ -101,6 +101,14 @@ def test_blocks_dequantize_to_the_loaders_weights_exactly(gguf_type: str, dtype:
     check_exact_weights(gguf_type, dtype)
 
 
+@pytest.mark.parametrize("gguf_type", ["Q4_K", "Q5_0", "Q6_K", "Q8_0", "IQ4_XS"])
+def test_an_embedding_held_as_blocks_looks_up_the_loaders_rows(gguf_type: str) -> None:
+    weight, reference = gguf_weight(gguf_type, 64, 512, seed=5)
+    ids = torch.tensor([[3, 0, 63], [17, 17, 5]])
+    looked_up = quantized.QuantizedEmbedding(weight, torch.bfloat16)(ids)
+    assert looked_up.shape == (2, 3, 512) and torch.equal(looked_up, reference.to(torch.bfloat16)[ids])
+
+
 @pytest.mark.parametrize("gguf_type", FORMATS)
 def test_dense_weights_from_the_blocks_are_gguf_pys_bit_for_bit(gguf_type: str) -> None:
     """A GGUF model's dense weights (GPU, fp32, a kept copy) come from its blocks, natively and where that is not

@@ -20,7 +20,7 @@ from ember.kernels import native
 from ember.kernels.elementwise import NORM_KERNELS, SUFFIX
 from ember.models.llama import LlamaForCausalLM
 from ember.models.packed_linear import PackedLinear
-from ember.models.quantized import QuantizedLinear, QuantizedMatmul
+from ember.models.quantized import QuantizedEmbedding, QuantizedLinear, QuantizedMatmul
 
 _ptr, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -79,6 +79,14 @@ class _DecoderLayer(ctypes.Structure):
 SCRATCH = ("x", "h", "residual", "qkv", "q", "k", "v", "attn", "gate_up", "act")
 
 
+class _EmbeddingBlocks(ctypes.Structure):
+    _fields_ = [
+        *((name, _ptr) for name in ("quants", "scales", "mins", "dequantize")),
+        *((name, _i64) for name in ("row_bytes", "row_scales_bytes", "row_mins_bytes")),
+        ("row", _ptr),
+    ]
+
+
 class _DecodeStack(ctypes.Structure):
     _fields_ = [
         *((name, _i64) for name in ("num_layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate")),
@@ -91,6 +99,7 @@ class _DecodeStack(ctypes.Structure):
         *((name, _ptr) for name in SCRATCH),
         ("cos_rows", _ptr),
         ("sin_rows", _ptr),
+        ("embedding_blocks", _EmbeddingBlocks),
     ]
 
 
@@ -126,7 +135,7 @@ class NativeDecodeStack:
         """The stack of `model` (its linears packed with GGUF blocks), or None where it cannot run it."""
         library = native.load()
         cfg = model.config
-        dtype = model.embed_tokens.weight.dtype
+        dtype = model.norm.weight.dtype
         if library is None or dtype not in SUFFIX or cfg.rotary_dim is not None or cfg.architecture == "granite":
             return None  # partial rotary and Granite's multipliers are not in the C layer
         layer_norms = (n for layer in model.layers for n in _layer_norms(layer) if n is not None)
@@ -152,7 +161,7 @@ class NativeDecodeStack:
         library: ctypes.CDLL,
     ) -> None:
         cfg = model.config
-        dtype = model.embed_tokens.weight.dtype
+        dtype = model.norm.weight.dtype
         suffix = SUFFIX[dtype]
         every = [q for layer in linears for q in layer]
         self.max_rows = MANY_ROW_STEP_ROWS if all(q.many_rows for q in every) else min(q.max_rows for q in every)
@@ -219,7 +228,7 @@ class NativeDecodeStack:
             model.embedding_scale(),
             cfg.attn_logit_softcapping or 0.0,
             layers,
-            model.embed_tokens.weight.data_ptr(),
+            None if isinstance(model.embed_tokens, QuantizedEmbedding) else model.embed_tokens.weight.data_ptr(),
             model.norm.weight.data_ptr(),
             _address(getattr(library, f"{norm}_{suffix}")),
             _address(getattr(library, f"rotary_{suffix}")),
@@ -230,7 +239,20 @@ class NativeDecodeStack:
             _address(getattr(library, f"lora_add_{suffix}")),
             *(self._scratch[name].data_ptr() for name in SCRATCH),
             *(t.data_ptr() for t in self._rope_rows),
+            self._embedding_blocks(model.embed_tokens, library),
         )
+
+    def _embedding_blocks(self, embedding: torch.nn.Module, library: ctypes.CDLL) -> _EmbeddingBlocks:
+        """The stack's view of a GGUF embedding held as blocks; all NULL for a dense table."""
+        if not isinstance(embedding, QuantizedEmbedding):
+            return _EmbeddingBlocks()
+        blocks = embedding.blocks
+        self._embedding_row = torch.empty(embedding.embedding_dim)
+        tensors = (blocks.quants, blocks.scales, blocks.mins)
+        row_bytes = [0 if t is None else t[0].numel() * t.element_size() for t in tensors]
+        pointers = [None if t is None else t.data_ptr() for t in tensors]
+        dequantize = _address(getattr(library, f"dequantize_{blocks.kernel}_f32"))
+        return _EmbeddingBlocks(*pointers, dequantize, *row_bytes, self._embedding_row.data_ptr())
 
     def attach_lora(self, tables: list[list[tuple[ctypes.Array, ...]]]) -> None:
         """Point each layer's linears (qkv, o, gate_up, down) at their LoRA tables, after adapters are loaded or

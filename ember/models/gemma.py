@@ -56,4 +56,4 @@ class GemmaForCausalLM(LlamaForCausalLM):
 
     def embedding_scale(self) -> float:
         """sqrt(hidden), first rounded to the embeddings' dtype (as Gemma does)."""
-        return torch.tensor(self.config.embedding_multiplier, dtype=self.embed_tokens.weight.dtype).item()
+        return torch.tensor(self.config.embedding_multiplier, dtype=self.norm.weight.dtype).item()

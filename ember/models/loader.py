@@ -706,9 +706,8 @@ def load_gguf_blocks(path: Path, cfg: ModelConfig) -> dict[str, QuantizedMatrix]
             joined = stack_rows([by_offset[offset] for offset in sorted(by_offset)])
             if joined is not None:
                 blocks[module] = joined
-    embedding = blocks.pop("embed_tokens", None)
-    if cfg.tie_word_embeddings and embedding is not None:
-        blocks["lm_head"] = embedding
+    if cfg.tie_word_embeddings and "embed_tokens" in blocks:
+        blocks["lm_head"] = blocks["embed_tokens"]
     return blocks
 
 

@@ -370,11 +370,32 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, blocks={self.blocks.kernels}"
 
 
+class QuantizedEmbedding(nn.Module):
+    """An embedding table held as its GGUF blocks, the rows a step looks up dequantized (in C, bit for bit the
+    loader's weights): beside linears that keep only their blocks, no dense table either (Qwen3-0.6B's: 297 MiB of
+    bf16, a tied LM head's blocks already holding it)."""
+
+    def __init__(self, blocks: QuantizedWeight, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.blocks, self.dtype = blocks, dtype
+        self.num_embeddings, self.embedding_dim = blocks.shape
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = input_ids.reshape(-1)
+        mins = None if self.blocks.mins is None else self.blocks.mins[rows]
+        picked = QuantizedWeight(self.blocks.kernel, self.blocks.quants[rows], self.blocks.scales[rows], mins)
+        return dequantize(picked).to(self.dtype).reshape(*input_ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, blocks={self.blocks.kernel}"
+
+
 def quantize_linears(model: nn.Module, blocks: dict[str, QuantizedMatrix]) -> set[str]:
     """Replace each linear of `model` (on the meta device, before its weights are loaded) that has blocks the
-    kernels multiply at every step size here by a `QuantizedLinear`; returns their names. None where the model
-    keeps the dequantized weights beside the blocks (`keep_dequantized_copy`): its larger steps (prefill, batches
-    past the few-row kernels) then run on oneDNN's bf16 matmul."""
+    kernels multiply at every step size here by a `QuantizedLinear`, and then its embedding table by a
+    `QuantizedEmbedding`; returns their names. None where the model keeps the dequantized weights beside the blocks
+    (`keep_dequantized_copy`): its larger steps (prefill, batches past the few-row kernels) then run on oneDNN's
+    bf16 matmul."""
     linears = {
         name: module
         for name, module in model.named_modules()
@@ -386,7 +407,14 @@ def quantize_linears(model: nn.Module, blocks: dict[str, QuantizedMatrix]) -> se
     for name, module in linears.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, QuantizedLinear(blocks[name], module))
-    return set(linears)
+    table, embedding = blocks.get("embed_tokens"), getattr(model, "embed_tokens", None)
+    tied_to_a_dense_head = model.config.tie_word_embeddings and "lm_head" not in linears
+    if table is None or embedding is None or len(table.segments) != 1 or tied_to_a_dense_head:
+        return set(linears)
+    if table.shape != tuple(embedding.weight.shape) or not kernels_available(embedding.weight.dtype):
+        return set(linears)
+    model.embed_tokens = QuantizedEmbedding(table.segments[0], embedding.weight.dtype)
+    return {*linears, "embed_tokens"}
 
 
 # A GGUF model on AVX512-BF16 without AMX keeps its dequantized weights while they take at most this share of the

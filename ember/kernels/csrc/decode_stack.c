@@ -9,6 +9,7 @@
 // the model's forward. What it removes is Python: at one row a SmolLM2 step made ~270 calls from Python,
 // which cost about half the step.
 
+#include "common.h"
 #include <stdint.h>
 #include <string.h>
 
@@ -18,6 +19,8 @@ typedef void (*rms_norm_fn)(const void* x, void* residual, const void* weight, v
                             int64_t x_stride, float eps);
 typedef void (*rotary_fn)(void* x, const float* cos, const float* sin, int64_t rows, int64_t heads, int64_t d,
                           int64_t stride);
+typedef void (*dequantize_fn)(const void* quants, const void* scales, const void* mins, float* out, int64_t N,
+                              int64_t K);
 typedef void (*act_and_mul_fn)(const void* gate_up, void* out, int64_t rows, int64_t I);
 typedef void (*scale_fn)(void* x, int64_t n, float scale);
 typedef void (*write_kv_fn)(const void* k, const void* v, void* k_cache, void* v_cache, const int64_t* slots,
@@ -64,13 +67,22 @@ typedef struct {
     const float *cos, *sin;       // its rotary tables [max_positions, head_dim / 2] (Gemma 3's local layers: own)
 } DecoderLayer;
 
+// A GGUF embedding table held as its blocks (`quantized.QuantizedEmbedding`): a row looked up is dequantized.
+typedef struct {
+    const char* quants;  // NULL: the table is dense (`embedding`)
+    const char *scales, *mins;
+    dequantize_fn dequantize;  // its format's, to fp32
+    int64_t row_bytes, row_scales_bytes, row_mins_bytes;
+    float* row;  // scratch [hidden]
+} EmbeddingBlocks;
+
 typedef struct {
     int64_t num_layers, hidden, heads, kv_heads, head_dim, intermediate, num_blocks, block_size, elem_size;
     float eps, scale;
     float embedding_scale;  // embeddings are multiplied by it (Gemma: sqrt(hidden) rounded to the dtype); 1: not
     float softcap;          // attention scores' soft cap (Gemma 2); 0: none
     const DecoderLayer* layers;
-    const void* embedding;   // [vocab, hidden]
+    const void* embedding;   // [vocab, hidden], unless held as blocks (`embedding_blocks`)
     const void* final_norm;  // [hidden]
     rms_norm_fn rms_norm;    // the model's: Llama's, or Gemma's (scaling by 1 + weight)
     rotary_fn rotary;
@@ -82,7 +94,25 @@ typedef struct {
     // scratch for `max_rows` rows
     void *x, *h, *residual, *qkv, *q, *k, *v, *attn, *gate_up, *act;
     float *cos_rows, *sin_rows;
+    EmbeddingBlocks embedding_blocks;
 } DecodeStack;
+
+// The embedding of token t into out (a row of the stack's dtype).
+static void embed(const DecodeStack* s, int64_t t, void* out) {
+    const EmbeddingBlocks* e = &s->embedding_blocks;
+    const int64_t H = s->hidden;
+    if (!e->quants) {
+        memcpy(out, (const char*)s->embedding + t * H * s->elem_size, H * s->elem_size);
+        return;
+    }
+    e->dequantize(e->quants + t * e->row_bytes, e->scales + t * e->row_scales_bytes,
+                  e->mins ? e->mins + t * e->row_mins_bytes : NULL, e->row, 1, H);
+    if (s->elem_size == sizeof(float)) {
+        memcpy(out, e->row, H * sizeof(float));
+    } else {
+        for (int64_t i = 0; i < H; i++) ((uint16_t*)out)[i] = float_to_bf16(e->row[i]);
+    }
+}
 
 static inline char* row(void* base, int64_t r, int64_t width, int64_t elem) { return (char*)base + r * width * elem; }
 
@@ -113,8 +143,7 @@ void decode_stack(const DecodeStack* s, const int64_t* token_ids, const int64_t*
                   const int64_t* slots, const int64_t* lora_slots, int64_t rows, int64_t max_blocks, void* out) {
     const int64_t E = s->elem_size, H = s->hidden, d = s->head_dim, half = d / 2;
     const int64_t Q = s->heads * d, KV = s->kv_heads * d, QKV = Q + 2 * KV;
-    for (int64_t r = 0; r < rows; r++)
-        memcpy(row(s->residual, r, H, E), (const char*)s->embedding + token_ids[r] * H * E, H * E);
+    for (int64_t r = 0; r < rows; r++) embed(s, token_ids[r], row(s->residual, r, H, E));
     if (s->embedding_scale != 1.0f) s->scale_elements(s->residual, rows * H, s->embedding_scale);
     const float* rows_of = NULL;  // the table cos_rows and sin_rows hold this step's positions of
     for (int64_t i = 0; i < s->num_layers; i++) {

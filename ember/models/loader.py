@@ -366,18 +366,19 @@ def _file_digest(path: Path) -> str:
     entry = known.get(str(path.resolve()))
     if isinstance(entry, dict) and {k: entry.get(k) for k in stamp} == stamp and "digest" in entry:
         return str(entry["digest"])
-    digest = hashlib.sha256()
+    sha = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    known[str(path.resolve())] = {**stamp, "digest": digest.hexdigest()[:24]}
+            sha.update(chunk)
+    digest = sha.hexdigest()[:24]
+    known[str(path.resolve())] = {**stamp, "digest": digest}
     try:
         known_file.parent.mkdir(parents=True, exist_ok=True)
         partial(known_file).write_text(json.dumps(known, indent=1))
         partial(known_file).replace(known_file)
     except OSError:
         pass  # a read-only cache: hashed again next time
-    return digest.hexdigest()[:24]
+    return digest
 
 
 SHARD_INDEX = "model.safetensors.index.json"  # HF's layout of weights in several files

@@ -57,7 +57,7 @@ class QuantizedWeight:
     kernel: str  # "q4" (Q4_0, Q4_1, Q4_K), "q5" (Q5_0, Q5_1, Q5_K), "q6" (Q6_K, Q3_K), "q8" (Q8_0), "iq4" (IQ4_*)
     quants: torch.Tensor  # uint8 [N, K / 32, 16, 20, 24 or 32]
     scales: torch.Tensor  # fp32 [N, K / 32] (q6: [N, K / 16])
-    mins: torch.Tensor | None  # fp32 [N, K / 32], or None (q6, q8)
+    mins: torch.Tensor | None  # fp32 [N, K / 32], or None (q6, q8, iq4)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -75,6 +75,7 @@ RANDOM_BLOCKS = {
     GGMLQuantizationType.Q3_K: (256, 110, (108,), 3e-3),
     GGMLQuantizationType.IQ4_XS: (256, 136, (0,), 1e-4),
     GGMLQuantizationType.IQ4_NL: (32, 18, (0,), 1.5e-3),
+    GGMLQuantizationType.Q2_K: (256, 84, (80, 82), 1e-2),  # d, dmin
 }
 # llama.cpp's Q4_K_M as `write_gguf` takes it: Q4_K, with v, the MLP's down projection and the LM head in Q6_K
 Q4_K_M = (
@@ -293,7 +294,8 @@ def metadata_config(tmp_path: Path, describe: Callable[[GGUFWriter], None]) -> d
 
 
 @pytest.mark.parametrize(
-    "qtype", ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "IQ4_NL", "IQ4_XS"]
+    "qtype",
+    ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS"],
 )
 def test_quantized_weights_dequantize_exactly(tmp_path: Path, hf_llama: Any, qtype: str) -> None:
     path = tmp_path / f"tiny-{qtype}.gguf"
@@ -354,7 +356,7 @@ LOGPROB_TOLERANCE = {"float32": 0.05, "bfloat16": 0.15}
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize(
-    "qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M", "Q3_K", "IQ4_XS"]
+    "qtype", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q4_K_M", "Q3_K", "Q2_K", "IQ4_XS"]
 )
 def test_decode_steps_multiply_from_the_gguf_blocks(
     tmp_path: Path, hf_llama: Any, qtype: str, dtype: str, monkeypatch: pytest.MonkeyPatch

@@ -22,8 +22,8 @@ pytestmark = pytest.mark.skipif(
     not quantized.kernels_available(torch.float32), reason="needs a C compiler and an x86 CPU with AVX2 or AVX-512"
 )
 
-FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "IQ4_NL", "IQ4_XS"]
-K_QUANTS = ("Q4_K", "Q5_K", "Q6_K", "Q3_K", "IQ4_XS")  # super-blocks of 256 weights
+FORMATS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS"]
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K", "IQ4_XS")  # super-blocks of 256 weights
 DTYPES = [
     torch.float32,
     pytest.param(
@@ -140,7 +140,7 @@ def test_many_row_kernel_dequantizes_to_the_loaders_weights_exactly(gguf_type: s
 # N: 40 leaves a tile of 8 features over its 32, 200 a part-filled group of 16 past 3 whole tiles of 64 (or 128).
 @pytest.mark.usefixtures("many_row_kernel")
 @pytest.mark.parametrize(("rows", "n"), [(9, 40), (16, 200), (33, 40), (64, 200), (520, 200)])
-@pytest.mark.parametrize("gguf_type", ["Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "IQ4_XS"])
+@pytest.mark.parametrize("gguf_type", ["Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K", "Q2_K", "IQ4_XS"])
 def test_many_row_kernel_matches_dequantized_weights(gguf_type: str, rows: int, n: int) -> None:
     check_matmul(gguf_type, rows, n, 256, torch.bfloat16)
 

@@ -5,7 +5,7 @@ on architectures whose real GGUF is not on this machine. No tokenizer: prompts a
 `--type Q4_K_M` (`Q5_K_M`) mixes types as llama.cpp's Q4_K_M (Q5_K_M) does: Q4_K (Q5_K), with the LM head (or the
 tied embedding) in Q6_K, and v and the MLP's down projection in Q6_K in the first and last eighth of the layers
 and every third between. Matrices whose rows are not whole 256-weight super-blocks take llama.cpp's fallback
-types (Q4_K: Q5_0, Q5_K: Q5_1, Q6_K: Q8_0, Q3_K and IQ4_XS: IQ4_NL), as SmolLM2's width of 576 makes them do.
+types (Q4_K: Q5_0, Q5_K: Q5_1, Q6_K: Q8_0, Q2_K, Q3_K and IQ4_XS: IQ4_NL), as SmolLM2's width of 576 makes them do.
 K-quant and IQ4 blocks are random bytes under small scales (gguf-py cannot quantize to those types).
 
 `.venv/bin/python benchmarks/cpu/random_gguf.py /tmp/qwen3-0.6b-q8.gguf [--preset qwen3-0.6b] [--type Q8_0]`
@@ -62,6 +62,7 @@ K_QUANT_SCALES = {  # byte offsets of each block's fp16 scales, and a scale that
     GGMLQuantizationType.Q3_K: ((108,), 6e-4),
     GGMLQuantizationType.IQ4_XS: ((0,), 2e-5),
     GGMLQuantizationType.IQ4_NL: ((0,), 3e-4),
+    GGMLQuantizationType.Q2_K: ((80, 82), 2e-3),  # d, dmin
 }
 
 
@@ -82,6 +83,7 @@ K_QUANT_FALLBACK = {
     GGMLQuantizationType.Q6_K: GGMLQuantizationType.Q8_0,
     GGMLQuantizationType.Q3_K: GGMLQuantizationType.IQ4_NL,
     GGMLQuantizationType.IQ4_XS: GGMLQuantizationType.IQ4_NL,
+    GGMLQuantizationType.Q2_K: GGMLQuantizationType.IQ4_NL,
 }
 
 
@@ -116,6 +118,7 @@ def main() -> None:
             "Q5_K",
             "Q6_K",
             "Q3_K",
+            "Q2_K",
             "IQ4_NL",
             "IQ4_XS",
             "Q4_K_M",

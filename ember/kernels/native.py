@@ -46,7 +46,7 @@ SIGNATURES: dict[str, list[type]] = {
     "decode_stack": [_ptr] * 8 + [_i64] * 2 + [_ptr],
     **{f"lora_add_{t}": [_ptr] * 7 + [_i64] * 3 for t in ("f32", "bf16")},
 }
-QUANTIZED_FORMATS = ("q4", "q5", "q6", "q8", "iq4")  # `quantized_blocks.h`'s
+QUANTIZED_FORMATS = ("q4", "q5", "q6", "q8", "iq4", "q2")  # `quantized_blocks.h`'s
 # built only where the compiler targets the instructions they need (fp32 and dequantize: AVX-512 or AVX2; bf16:
 # AVX512-BF16; dpbf16: AVX512-BF16; amx: AMX-BF16, and `amx_enable`)
 OPTIONAL_SIGNATURES: dict[str, list[type]] = {

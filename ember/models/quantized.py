@@ -38,6 +38,7 @@ GGUF_BLOCKS = {
     "Q3_K": (256, 110),  # as q6 blocks (exact, 8 bits a weight instead of 3.4)
     "IQ4_NL": (32, 18),
     "IQ4_XS": (256, 136),
+    "Q2_K": (256, 84),
 }
 BLOCK = 32
 # Above this many rows a step's matmul is compute bound and oneDNN's kernel is about as fast or faster
@@ -54,10 +55,10 @@ SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 class QuantizedWeight:
     """A linear weight [N, K] as the kernel reads it: per output feature, K / 32 blocks."""
 
-    kernel: str  # "q4" (Q4_0, Q4_1, Q4_K), "q5" (Q5_0, Q5_1, Q5_K), "q6" (Q6_K, Q3_K), "q8" (Q8_0), "iq4" (IQ4_*)
-    quants: torch.Tensor  # uint8 [N, K / 32, 16, 20, 24 or 32]
-    scales: torch.Tensor  # fp32 [N, K / 32] (q6: [N, K / 16])
-    mins: torch.Tensor | None  # fp32 [N, K / 32], or None (q6, q8, iq4)
+    kernel: str  # "q4" (Q4_0, Q4_1, Q4_K), "q5" (Q5_0, Q5_1, Q5_K), "q6" (Q6_K, Q3_K), "q8" (Q8_0), "iq4" (IQ4_*), "q2"
+    quants: torch.Tensor  # uint8 [N, K / 32, 8, 16, 20, 24 or 32]
+    scales: torch.Tensor  # fp32 [N, K / 32] (q6: [N, K / 16]; q2: [N, K / 8], each block's scales then mins)
+    mins: torch.Tensor | None  # fp32 [N, K / 32], or None (q6, q8, iq4, q2)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -99,6 +100,8 @@ def from_gguf_blocks(raw: torch.Tensor, gguf_type: str) -> QuantizedWeight:
         return _from_q3_k(blocks)
     if gguf_type == "IQ4_XS":
         return _from_iq4_xs(blocks)
+    if gguf_type == "Q2_K":
+        return _from_q2_k(blocks)
     d = _half(blocks, 0)
     if gguf_type == "IQ4_NL":
         return _weight("iq4", blocks[..., 2:], d, None)
@@ -151,11 +154,25 @@ def _from_q6_k(blocks: torch.Tensor) -> QuantizedWeight:
 
 
 def _q6_quants(values: torch.Tensor) -> torch.Tensor:
-    """6-bit weights [..., 32] as q6's 24 bytes: their nibbles as q4's, then their high bit pairs (byte i: weights
-    i, i + 8, i + 16, i + 24)."""
-    high = (values >> 4).unflatten(-1, (4, 8))
-    high_bytes = high[..., 0, :] | high[..., 1, :] << 2 | high[..., 2, :] << 4 | high[..., 3, :] << 6
-    return torch.cat([_nibbles(values), high_bytes], dim=-1)
+    """6-bit weights [..., 32] as q6's 24 bytes: their nibbles as q4's, then their high bit pairs."""
+    return torch.cat([_nibbles(values), _bit_pairs(values >> 4)], dim=-1)
+
+
+def _bit_pairs(values: torch.Tensor) -> torch.Tensor:
+    """2-bit values [..., 32] as 8 bytes: byte i holds values i, i + 8, i + 16, i + 24 in bits 0-1, 2-3, 4-5, 6-7."""
+    pairs = values.unflatten(-1, (4, 8))
+    return pairs[..., 0, :] | pairs[..., 1, :] << 2 | pairs[..., 2, :] << 4 | pairs[..., 3, :] << 6
+
+
+def _from_q2_k(blocks: torch.Tensor) -> QuantizedWeight:
+    """Q2_K: super-blocks of 256 weights, 16 sub-blocks of 16 with 4-bit scales and mins under the super-block's
+    fp16 `d` and `dmin`, each weight 2 bits. Each 32 weights become a q2 block: its bit pairs, and its halves'
+    scales `d * sc` then mins `-dmin * m`, exact in fp32 (11 times 4 bits)."""
+    rows, supers, _ = blocks.shape
+    values = (_shifted(blocks[..., 16:80].reshape(rows, supers, 2, 32), [0, 2, 4, 6]) & 0x03).reshape(rows, -1, 32)
+    scales = (_half(blocks, 80)[..., None] * (blocks[..., :16] & 0x0F).float()).reshape(rows, -1, 2)
+    mins = -(_half(blocks, 82)[..., None] * (blocks[..., :16] >> 4).float()).reshape(rows, -1, 2)
+    return _weight("q2", _bit_pairs(values), torch.cat([scales, mins], dim=-1), None)
 
 
 def _from_q3_k(blocks: torch.Tensor) -> QuantizedWeight:
@@ -210,6 +227,12 @@ def dequantize_in_torch(weight: QuantizedWeight) -> torch.Tensor:
     out = torch.empty((rows, blocks, BLOCK), dtype=torch.float32)
     if weight.kernel == "q8":
         return torch.mul(quants.view(torch.int8), scales, out=out).reshape(rows, -1)
+    if weight.kernel == "q2":  # each half of 16 weights: its scale, then its min
+        values = (_shifted(quants, [0, 2, 4, 6]) & 0x03).view(rows, blocks, 2, 16)
+        halves = weight.scales.view(rows, blocks, 4, 1)
+        return torch.addcmul(halves[:, :, 2:], values, halves[:, :, :2], out=out.view(rows, blocks, 2, 16)).view(
+            rows, -1
+        )
     nibbles = quants[..., :16]
     values = torch.cat((nibbles & 0x0F, nibbles >> 4), dim=-1)  # weight j < 16: byte j's low nibble, j + 16 high
     if weight.kernel == "iq4":

@@ -99,4 +99,5 @@ AMX_LINEAR(amx_linear_q8_bf16, 32, 1, dequantize_tile_q8)
 AMX_LINEAR(amx_linear_q6_bf16, 24, 2, dequantize_tile_q6)
 AMX_LINEAR(amx_linear_q5_bf16, 20, 1, dequantize_tile_q5)
 AMX_LINEAR(amx_linear_iq4_bf16, 16, 1, dequantize_tile_iq4)
+AMX_LINEAR(amx_linear_q2_bf16, 8, 4, dequantize_tile_q2)
 #endif

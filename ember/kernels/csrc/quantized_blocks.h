@@ -9,6 +9,8 @@
 //   q4  16 bytes: weight j < 16 in the low nibble of byte j, weight j + 16 in its high nibble; `d * q + m`
 //       (Q4_0, Q4_1, Q4_K's sub-blocks);
 //   q8  32 signed bytes; `d * q` (Q8_0);
+//   q2  8 bytes: 2-bit weights as q6's high bit pairs; four scales: each half's `d` then each half's `m`, as
+//       `d * q + m` (Q2_K's sub-blocks of 16, with their own scales and mins);
 //   iq4 16 bytes: q4's nibbles, each an index into llama.cpp's 16 int8 grid values; `d * grid[q]` (IQ4_NL,
 //       IQ4_XS's sub-blocks);
 //   q5  20 bytes: q4's nibbles, then a 32-bit word whose bit j is weight j's fifth bit; `d * q + m` (Q5_0, Q5_1,
@@ -117,16 +119,32 @@ static inline __m256i nibble_bytes(const uint8_t* q) {
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), nibble), _mm_and_si128(bytes, nibble));
 }
 
-// A q6 block's 32 weights as signed bytes q - 32 (in weight order; 0-15 in the low 128 bits): nibbles as q4's,
-// then each 64-bit lane c of the broadcast high-bit bytes shifted by 2c, so byte i of lane c holds weight
-// i + 8c's two high bits in its lowest bits.
-static inline __m256i q6_values(const uint8_t* q) {
-    const __m256i low = nibble_bytes(q);
+// 32 two-bit values from 8 bytes of bit pairs (byte i: values i, i + 8, i + 16, i + 24 in bits 0-1, 2-3, 4-5, 6-7),
+// one a byte in order (0-15 in the low 128 bits): each 64-bit lane c of the broadcast bytes shifted by 2c.
+static inline __m256i bit_pairs(const uint8_t* q) {
     int64_t packed;
-    memcpy(&packed, q + 16, sizeof packed);
+    memcpy(&packed, q, sizeof packed);
     const __m256i pairs = _mm256_srlv_epi64(_mm256_set1_epi64x(packed), _mm256_set_epi64x(6, 4, 2, 0));
-    const __m256i high = _mm256_slli_epi16(_mm256_and_si256(pairs, _mm256_set1_epi8(0x03)), 4);  // stays in its byte
-    return _mm256_sub_epi8(_mm256_or_si256(low, high), _mm256_set1_epi8(32));
+    return _mm256_and_si256(pairs, _mm256_set1_epi8(0x03));
+}
+
+// A q6 block's 32 weights as signed bytes q - 32 (in weight order; 0-15 in the low 128 bits): nibbles as q4's,
+// high bits from the bit pairs after them.
+static inline __m256i q6_values(const uint8_t* q) {
+    const __m256i high = _mm256_slli_epi16(bit_pairs(q + 16), 4);  // stays in its byte
+    return _mm256_sub_epi8(_mm256_or_si256(nibble_bytes(q), high), _mm256_set1_epi8(32));
+}
+
+// q2 blocks (Q2_K): 32 two-bit weights as bit pairs, then each half's `d * q + m` from the block's four fp32
+// values (the halves' scales, then their mins).
+static inline void unpack_q2_f32(const uint8_t* q, const float* d, const float* m, fvec* w) {
+    (void)m;
+    const __m256i values = bit_pairs(q);
+    const __m128i halves[2] = {_mm256_castsi256_si128(values), _mm256_extracti128_si256(values, 1)};
+    for (int c = 0; c < CHUNKS; c++) {
+        const int h = c * LANES / 16;
+        w[c] = VFMA(VBYTES_TO_F32(byte_group(halves[h], c)), VSET1(d[h]), VSET1(d[2 + h]));
+    }
 }
 
 // A q5 block's 32 weights as bytes (in weight order; 0-15 in the low 128 bits): nibbles as q4's, and 16 where
@@ -255,6 +273,17 @@ static inline __m512bh q6_rounded(const uint8_t* q, const float* d, const float*
     fvec v[CHUNKS];
     unpack_q6_f32(q, d, m, v);
     return _mm512_cvtne2ps_pbh(v[1], v[0]);
+}
+
+static inline __m512bh q2_single(const uint8_t* q, const float* d, const float* m) {
+    fvec v[CHUNKS];
+    unpack_q2_f32(q, d, m, v);
+    return _mm512_cvtne2ps_pbh(v[1], v[0]);
+}
+
+static inline void q2_pair(const uint8_t* q, const float* d, const float* m, __m512bh* w0, __m512bh* w1) {
+    *w0 = q2_single(q, d, m);
+    *w1 = q2_single(q + 8, d + 4, m);
 }
 
 #endif

@@ -63,4 +63,5 @@ DEFINE_TILED_LINEAR(dpbf16_linear_q8_bf16, 32, 1, dequantize_tile_q8, dpbf16_mul
 DEFINE_TILED_LINEAR(dpbf16_linear_q6_bf16, 24, 2, dequantize_tile_q6, dpbf16_multiply_tile, (void)0, (void)0)
 DEFINE_TILED_LINEAR(dpbf16_linear_q5_bf16, 20, 1, dequantize_tile_q5, dpbf16_multiply_tile, (void)0, (void)0)
 DEFINE_TILED_LINEAR(dpbf16_linear_iq4_bf16, 16, 1, dequantize_tile_iq4, dpbf16_multiply_tile, (void)0, (void)0)
+DEFINE_TILED_LINEAR(dpbf16_linear_q2_bf16, 8, 4, dequantize_tile_q2, dpbf16_multiply_tile, (void)0, (void)0)
 #endif

@@ -84,11 +84,13 @@ DEFINE_FEATURE_F32(q8_feature_f32, 32, 1, unpack_q8_f32)
 DEFINE_FEATURE_F32(q6_feature_f32, 24, 2, unpack_q6_f32)
 DEFINE_FEATURE_F32(q5_feature_f32, 20, 1, unpack_q5_f32)
 DEFINE_FEATURE_F32(iq4_feature_f32, 16, 1, unpack_iq4_f32)
+DEFINE_FEATURE_F32(q2_feature_f32, 8, 4, unpack_q2_f32)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q4_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 16, 1, q4_feature_f32)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q8_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 32, 1, q8_feature_f32)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q6_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 24, 2, q6_feature_f32)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q5_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 20, 1, q5_feature_f32)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_iq4_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 16, 1, iq4_feature_f32)
+DEFINE_QUANTIZED_LINEAR(quantized_linear_q2_f32, float, AS_FLOAT_F32, F32_GROUP_ROWS, 8, 4, q2_feature_f32)
 
 // Dense fp32 weights out [N][K] from the blocks (`quantized.dequantize`: a GPU's or a kept copy's weights, at
 // load): the same unpacking, so the same bits as gguf-py's; Qwen3-0.6B's blocks in 0.2 s against 0.4-1.4 in PyTorch.
@@ -109,6 +111,7 @@ DEFINE_DEQUANTIZE(dequantize_q8_f32, 32, 1, unpack_q8_f32)
 DEFINE_DEQUANTIZE(dequantize_q6_f32, 24, 2, unpack_q6_f32)
 DEFINE_DEQUANTIZE(dequantize_q5_f32, 20, 1, unpack_q5_f32)
 DEFINE_DEQUANTIZE(dequantize_iq4_f32, 16, 1, unpack_iq4_f32)
+DEFINE_DEQUANTIZE(dequantize_q2_f32, 8, 4, unpack_q2_f32)
 #endif
 
 // ---- bf16 activations on AVX512-BF16
@@ -186,7 +189,7 @@ static inline __attribute__((always_inline)) void q6_feature_bf16(const uint8_t*
 // One output feature for `rows` (a compile-time constant after inlining) rows of x: the accumulators
 // live in registers (two per row, so consecutive blocks do not wait on each other), and each block is
 // dequantized once for all rows.
-#define DEFINE_FEATURE(NAME, BYTES, PAIR, SINGLE)                                                          \
+#define DEFINE_FEATURE(NAME, BYTES, SCALES, PAIR, SINGLE)                                                          \
     static inline __attribute__((always_inline)) void NAME(                                                \
         const uint8_t* q, const float* d, const float* m, float bias, const uint16_t* x, uint16_t* out,    \
         int64_t nb, int64_t K, int64_t N, const int rows) {                                                \
@@ -195,7 +198,7 @@ static inline __attribute__((always_inline)) void q6_feature_bf16(const uint8_t*
         int64_t b = 0;                                                                                     \
         for (; b + 1 < nb; b += 2) {                                                                       \
             __m512bh w0, w1;                                                                               \
-            PAIR(q + b * (BYTES), d + b, m ? m + b : NULL, &w0, &w1);                                      \
+            PAIR(q + b * (BYTES), d + b * (SCALES), m ? m + b : NULL, &w0, &w1);                                      \
             for (int r = 0; r < rows; r++) {                                                               \
                 const uint16_t* xb = x + r * K + b * QBLOCK;                                               \
                 acc0[r] = _mm512_dpbf16_ps(acc0[r], w0, (__m512bh)_mm512_loadu_si512(xb));                 \
@@ -203,7 +206,7 @@ static inline __attribute__((always_inline)) void q6_feature_bf16(const uint8_t*
             }                                                                                              \
         }                                                                                                  \
         if (b < nb) {                                                                                      \
-            const __m512bh w = SINGLE(q + b * (BYTES), d + b, m ? m + b : NULL);                           \
+            const __m512bh w = SINGLE(q + b * (BYTES), d + b * (SCALES), m ? m + b : NULL);                           \
             for (int r = 0; r < rows; r++)                                                                 \
                 acc0[r] = _mm512_dpbf16_ps(acc0[r], w, (__m512bh)_mm512_loadu_si512(x + r * K + b * QBLOCK)); \
         }                                                                                                  \
@@ -211,14 +214,16 @@ static inline __attribute__((always_inline)) void q6_feature_bf16(const uint8_t*
             out[r * N] = float_to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])) + bias);      \
     }
 
-DEFINE_FEATURE(q4_feature_bf16, 16, q4_pair, q4_single)
-DEFINE_FEATURE(q8_feature_bf16, 32, q8_pair, q8_single)
-DEFINE_FEATURE(q5_feature_bf16, 20, q5_pair, q5_single)
-DEFINE_FEATURE(iq4_feature_bf16, 16, iq4_pair, iq4_single)
+DEFINE_FEATURE(q4_feature_bf16, 16, 1, q4_pair, q4_single)
+DEFINE_FEATURE(q8_feature_bf16, 32, 1, q8_pair, q8_single)
+DEFINE_FEATURE(q5_feature_bf16, 20, 1, q5_pair, q5_single)
+DEFINE_FEATURE(iq4_feature_bf16, 16, 1, iq4_pair, iq4_single)
+DEFINE_FEATURE(q2_feature_bf16, 8, 4, q2_pair, q2_single)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q4_bf16, uint16_t, AS_FLOAT_BF16, GROUP_ROWS, 16, 1, q4_feature_bf16)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q8_bf16, uint16_t, AS_FLOAT_BF16, GROUP_ROWS, 32, 1, q8_feature_bf16)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q6_bf16, uint16_t, AS_FLOAT_BF16, GROUP_ROWS, 24, 2, q6_feature_bf16)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_q5_bf16, uint16_t, AS_FLOAT_BF16, GROUP_ROWS, 20, 1, q5_feature_bf16)
 DEFINE_QUANTIZED_LINEAR(quantized_linear_iq4_bf16, uint16_t, AS_FLOAT_BF16, GROUP_ROWS, 16, 1, iq4_feature_bf16)
+DEFINE_QUANTIZED_LINEAR(quantized_linear_q2_bf16, uint16_t, AS_FLOAT_BF16, GROUP_ROWS, 8, 4, q2_feature_bf16)
 
 #endif

@@ -74,6 +74,7 @@ DEFINE_DEQUANTIZE_TILE(dequantize_tile_q8, 32, 1, q8_single)
 DEFINE_DEQUANTIZE_TILE(dequantize_tile_q6, 24, 2, q6_rounded)
 DEFINE_DEQUANTIZE_TILE(dequantize_tile_q5, 20, 1, q5_single)
 DEFINE_DEQUANTIZE_TILE(dequantize_tile_iq4, 16, 1, iq4_single)
+DEFINE_DEQUANTIZE_TILE(dequantize_tile_q2, 8, 4, q2_single)
 
 // A linear of `quantized_linear.c`'s arguments: threads take tiles of features; each dequantizes its tile into w
 // in groups of 16, up to a whole pair of groups (the multiplies take 32 features at a time; the padding is zeros),

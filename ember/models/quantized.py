@@ -45,9 +45,10 @@ BLOCK = 32
 # (measured on an AVX512-BF16 EPYC, and fp32 also as an AVX2 build: `benchmarks/NOTES.md`, steps 20 and 21).
 MAX_ROWS = {torch.bfloat16: 8, torch.float32: 8}
 # Where a kernel for many rows runs (`many_row_kernel()`), it takes over from the few-row kernels past this many
-# rows. AMX: Qwen3-0.6B's 28 layers (Q4_K_M, bf16) at 6 rows 38.6 ms against AMX's 41.9, at 8 rows 47.6 against
-# 41.1; whole steps of SmolLM2 at batch 8 15.2 ms against 17.7 (`benchmarks/NOTES.md` step 30).
-FEW_ROWS = {"amx": 6, "dpbf16": 8}
+# rows. AMX (since its tiles' blocks arrive while it computes, `benchmarks/NOTES.md` step 36): Qwen3-0.6B's 28 layers
+# of Q4 blocks at 4 / 5 / 6 rows 32.2 / 35.3 / 41.9 ms against AMX's 34.5 / 34.0 / 32.3 (Q6: 39.5 / 45.2 / 51.0
+# against 49.0 / 49.5 / 51.3); whole steps of a Qwen3-0.6B Q4_K_M at batch 6: AMX 61.0, 64.3 ms, few-row 65.7, 71.6.
+FEW_ROWS = {"amx": 5, "dpbf16": 8}
 SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 
 

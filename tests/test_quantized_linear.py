@@ -136,7 +136,7 @@ def test_many_row_kernel_dequantizes_to_the_loaders_weights_exactly(gguf_type: s
 
 
 # rows, AMX: one group of 16 and a part of one, whole pairs of groups and an odd group over; AVX512-BF16: passes
-# of 12 rows and the rest (9, 4, ...); 520 takes the wide tiles.
+# of 12 rows and the rest (9, 4, ...); 520 takes the wide tiles (and AMX its weights in pairs, not in rows).
 # N: 40 leaves a tile of 8 features over its 32, 200 a part-filled group of 16 past 3 whole tiles of 64 (or 128).
 @pytest.mark.usefixtures("many_row_kernel")
 @pytest.mark.parametrize(("rows", "n"), [(9, 40), (16, 200), (33, 40), (64, 200), (520, 200)])

@@ -43,9 +43,10 @@ static inline __attribute__((always_inline)) void multiply_rows(const int R, con
         multiply_rows(R, x + r0 * K, K, w0, nb, bias ? bias + n : NULL, out + r0 * ldo + n, ldo, left); \
         break;
 
-// Every row times the tile of `features` features from n0, in passes of up to ROWS rows.
-static void dpbf16_multiply_tile(const uint16_t* w, int64_t features, int64_t n0, const uint16_t* x, int64_t M,
-                                 int64_t K, const uint16_t* bias, uint16_t* out, int64_t ldo) {
+// Every row times the tile (in pairs) of `features` features from n0, in passes of up to ROWS rows.
+static void dpbf16_multiply_tile(const uint16_t* w, void* prepared, int64_t features, int64_t n0, const uint16_t* x,
+                                 int64_t M, int64_t K, const uint16_t* bias, uint16_t* out, int64_t ldo) {
+    (void)prepared;
     const int64_t nb = K / QBLOCK;
     for (int64_t r0 = 0; r0 < M; r0 += ROWS)
         for (int64_t p0 = 0; p0 < features; p0 += 32) {
@@ -58,10 +59,21 @@ static void dpbf16_multiply_tile(const uint16_t* w, int64_t features, int64_t n0
         }
 }
 
-DEFINE_TILED_LINEAR(dpbf16_linear_q4_bf16, 16, 1, dequantize_tile_q4, dpbf16_multiply_tile, (void)0, (void)0)
-DEFINE_TILED_LINEAR(dpbf16_linear_q8_bf16, 32, 1, dequantize_tile_q8, dpbf16_multiply_tile, (void)0, (void)0)
-DEFINE_TILED_LINEAR(dpbf16_linear_q6_bf16, 24, 2, dequantize_tile_q6, dpbf16_multiply_tile, (void)0, (void)0)
-DEFINE_TILED_LINEAR(dpbf16_linear_q5_bf16, 20, 1, dequantize_tile_q5, dpbf16_multiply_tile, (void)0, (void)0)
-DEFINE_TILED_LINEAR(dpbf16_linear_iq4_bf16, 16, 1, dequantize_tile_iq4, dpbf16_multiply_tile, (void)0, (void)0)
-DEFINE_TILED_LINEAR(dpbf16_linear_q2_bf16, 8, 4, dequantize_tile_q2, dpbf16_multiply_tile, (void)0, (void)0)
+// Nothing to prepare per thread: x is read as it is.
+static inline void* dpbf16_begin(const uint16_t* x, int64_t M, int64_t K, int rows) {
+    (void)x, (void)M, (void)K, (void)rows;
+    return NULL;
+}
+
+static inline void dpbf16_end(void* prepared) { (void)prepared; }
+
+#define DPBF16_LINEAR(NAME, BYTES, SCALES, DEQUANTIZE_TILE) \
+    DEFINE_TILED_LINEAR(NAME, BYTES, SCALES, DEQUANTIZE_TILE, 0, dpbf16_begin, dpbf16_multiply_tile, dpbf16_end)
+
+DPBF16_LINEAR(dpbf16_linear_q4_bf16, 16, 1, dequantize_tile_q4)
+DPBF16_LINEAR(dpbf16_linear_q8_bf16, 32, 1, dequantize_tile_q8)
+DPBF16_LINEAR(dpbf16_linear_q6_bf16, 24, 2, dequantize_tile_q6)
+DPBF16_LINEAR(dpbf16_linear_q5_bf16, 20, 1, dequantize_tile_q5)
+DPBF16_LINEAR(dpbf16_linear_iq4_bf16, 16, 1, dequantize_tile_iq4)
+DPBF16_LINEAR(dpbf16_linear_q2_bf16, 8, 4, dequantize_tile_q2)
 #endif

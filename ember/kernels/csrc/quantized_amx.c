@@ -25,10 +25,10 @@ typedef struct {
 // 512 258.5 / 248.7, 1,024 534.8 / 494.7 (its Q6_K LM head: 8 rows 13.5 / 16.0).
 #define AMX_ROWS_LAYOUT_ROWS 256
 
-// Tiles 0-3: fp32 sums, two groups of rows by two of features; in pairs [rows][16 features] (0-1: rows0, 2-3:
-// rows1), in rows [16 features][16 rows] (0-1: x0, 2-3: x1); 4-5: x [rows0 or rows1][32 of K] in pairs, weights [16
-// features][32 of K] in rows; 6-7: weights [16 pairs of K][16 features x 2] in pairs, x [16 pairs of K][16 rows x 2]
-// in rows. In pairs the last group of x, of fewer than 16 rows, loads as just those rows: x needs no padded copy.
+// Tiles 0-3: fp32 sums, tile 4's first operand by tiles 6 and 7 (0, 1), tile 5's by them (2, 3); 4 and 5 have
+// rows0 and rows1 rows. In pairs, the first operands are x [rows][32 of K] (the last group, of fewer than 16 rows,
+// loads as just those rows: x needs no padded copy) and the second weights [16 pairs of K][16 features x 2]; in rows,
+// the first are weights [16 features][32 of K], the second x [16 pairs of K][16 rows x 2].
 static void amx_configure(int rows0, int rows1) {
     tile_config config = {.palette = 1};
     for (int t = 0; t < 8; t++) config.bytes_per_row[t] = 64, config.rows[t] = 16;
@@ -49,25 +49,28 @@ static inline void write_sums(const float (*sums)[16], const uint16_t* bias, uin
     }
 }
 
-// Two groups of 16 rows (x0, x1; x1 NULL: one) times 32 features (w0, w1: their B tiles, w1 NULL: 16), all of K.
-static inline void multiply_tiles(const uint16_t* x0, const uint16_t* x1, const uint16_t* w0, const uint16_t* w1,
-                                  int64_t nb, int64_t K, float (*sums)[16][16]) {
+// Two first operands (a0, a1; a1 NULL: one) by two second ones (b0, b1; b1 NULL: one) through the nb blocks of K,
+// into sums: a0 b0, a0 b1, a1 b0, a1 b1. A block's first operands start `a_step` elements on, their 16 rows
+// `a_stride` bytes apart; the second's `b_step` on, in 16 rows of 64 bytes.
+static inline void multiply_tiles(const uint16_t* a0, const uint16_t* a1, int64_t a_step, int64_t a_stride,
+                                  const uint16_t* b0, const uint16_t* b1, int64_t b_step, int64_t nb,
+                                  float (*sums)[16][16]) {
     _tile_zero(0);
     _tile_zero(1);
     _tile_zero(2);
     _tile_zero(3);
     for (int64_t b = 0; b < nb; b++) {
-        _tile_loadd(4, x0 + b * QBLOCK, K * 2);
-        _tile_loadd(6, w0 + b * 512, 64);
+        _tile_loadd(4, a0 + b * a_step, a_stride);
+        _tile_loadd(6, b0 + b * b_step, 64);
         _tile_dpbf16ps(0, 4, 6);
-        if (w1) {
-            _tile_loadd(7, w1 + b * 512, 64);
+        if (b1) {
+            _tile_loadd(7, b1 + b * b_step, 64);
             _tile_dpbf16ps(1, 4, 7);
         }
-        if (x1) {
-            _tile_loadd(5, x1 + b * QBLOCK, K * 2);
+        if (a1) {
+            _tile_loadd(5, a1 + b * a_step, a_stride);
             _tile_dpbf16ps(2, 5, 6);
-            if (w1) _tile_dpbf16ps(3, 5, 7);
+            if (b1) _tile_dpbf16ps(3, 5, 7);
         }
     }
     _tile_stored(0, sums[0], 64);
@@ -89,7 +92,7 @@ static void amx_multiply_pairs(const uint16_t* w, int64_t features, int64_t n0, 
             const uint16_t* x1 = g + 1 < groups ? x + (g + 1) * 16 * K : NULL;
             const uint16_t* w0 = w + p0 / 16 * nb * 512;
             const uint16_t* w1 = features - p0 > 16 ? w0 + nb * 512 : NULL;
-            multiply_tiles(x + g * 16 * K, x1, w0, w1, nb, K, sums);
+            multiply_tiles(x + g * 16 * K, x1, QBLOCK, K * 2, w0, w1, 512, nb, sums);
             for (int r = 0; r < (x1 ? 2 : 1); r++)
                 for (int t = 0; t < (w1 ? 2 : 1); t++)
                     write_sums(sums[r * 2 + t], bias, out, (g + r) * 16, M, n0 + p0 + t * 16, features - p0 - t * 16,
@@ -138,32 +141,11 @@ static void amx_multiply_rows(const uint16_t* w, const uint32_t* xp, int64_t fea
         const uint32_t* x1 = g + 1 < groups ? x0 + K / 2 * 16 : NULL;
         for (int64_t p0 = 0; p0 < features; p0 += 32) {
             const uint16_t* w0 = w + p0 * stride;
-            const int two = features - p0 > 16;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
-            for (int64_t b = 0; b < nb; b++) {
-                _tile_loadd(6, x0 + b * 256, 64);
-                _tile_loadd(4, w0 + b * QBLOCK, stride * 2);
-                _tile_dpbf16ps(0, 4, 6);
-                if (two) {
-                    _tile_loadd(5, w0 + 16 * stride + b * QBLOCK, stride * 2);
-                    _tile_dpbf16ps(1, 5, 6);
-                }
-                if (x1) {
-                    _tile_loadd(7, x1 + b * 256, 64);
-                    _tile_dpbf16ps(2, 4, 7);
-                    if (two) _tile_dpbf16ps(3, 5, 7);
-                }
-            }
-            _tile_stored(0, sums[0], 64);
-            _tile_stored(1, sums[1], 64);
-            _tile_stored(2, sums[2], 64);
-            _tile_stored(3, sums[3], 64);
+            const uint16_t* w1 = features - p0 > 16 ? w0 + 16 * stride : NULL;
+            multiply_tiles(w0, w1, QBLOCK, stride * 2, (const uint16_t*)x0, (const uint16_t*)x1, 512, nb, sums);
             for (int r = 0; r < (x1 ? 2 : 1); r++)
-                for (int t = 0; t < (two ? 2 : 1); t++)
-                    write_sums_transposed(sums[r * 2 + t], bias, out, (g + r) * 16, M, n0 + p0 + t * 16,
+                for (int t = 0; t < (w1 ? 2 : 1); t++)
+                    write_sums_transposed(sums[t * 2 + r], bias, out, (g + r) * 16, M, n0 + p0 + t * 16,
                                           features - p0 - t * 16, ldo);
         }
     }

@@ -21,8 +21,9 @@ typedef struct {
 // Up to this many rows of x, a tile's weights are dequantized in rows (`quantized_tiles.h`) and taken as tdpbf16ps's
 // first operand, x packed in pairs as its second, the sums transposed on the way out; past it, in pairs with x as
 // the first. Transposing each block of weights costs the same at any number of rows, transposing x and the sums
-// grows with them. Qwen3-0.6B's 28 layers of Q4 blocks, ms in rows / in pairs: 8 rows 30.8 / 35.3, 64 47.5 / 59.8,
-// 512 258.5 / 248.7, 1,024 534.8 / 494.7 (its Q6_K LM head: 8 rows 13.5 / 16.0).
+// grows with them. Qwen3-0.6B's 28 layers of Q4 blocks, ms in rows / in pairs: 8 rows 31.2 / 35.0, 64 52.0 / 57.9,
+// 256 134.9 / 137.4, and in another run 512 258.5 / 248.7, 1,024 534.8 / 494.7 (its Q6_K LM head at 8 rows: 14.2 /
+// 16.1; `benchmarks/NOTES.md` step 37).
 #define AMX_ROWS_LAYOUT_ROWS 256
 
 // Tiles 0-3: fp32 sums, tile 4's first operand by tiles 6 and 7 (0, 1), tile 5's by them (2, 3); 4 and 5 have
@@ -151,7 +152,8 @@ static void amx_multiply_rows(const uint16_t* w, const uint32_t* xp, int64_t fea
     }
 }
 
-// Each thread's tiles configured, and in rows its own copy of x in pairs (a few microseconds against the tiles').
+// Each thread's tiles configured, and in rows its own copy of x in pairs: M * K / 512 transposes of 16 x 16 pairs,
+// at most a quarter of the N * K / 512 that the pairs layout spends on the weights where M <= 256 and N >= 1,024.
 static void* amx_begin(const uint16_t* x, int64_t M, int64_t K, int rows) {
     amx_configure(16, 16);
     return rows ? x_in_pairs(x, M, K) : NULL;

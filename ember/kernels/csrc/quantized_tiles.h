@@ -100,10 +100,10 @@ static inline void prefetch_slice(const void* p, int64_t bytes, int64_t slice, i
 // in groups of 16, up to a whole pair of groups (the multiplies take 32 features at a time; the padding is zeros),
 // in rows where ROWS (an expression of M and K) says so, else in pairs, then multiplies every row of x by it
 // (MULTIPLY_TILE(w, prepared, features, n0, x, M, K, bias, out, ldo)). Each thread first calls
-// `prepared = BEGIN(x, M, K, rows)` and last `END(prepared)` (the multiply's own setup). Each of the tile's dequantization steps (a group's block) first asks for its share of the next
-// tile's blocks, so memory works while the dequantization computes: asking for the whole next tile at once, before
-// dequantizing this one, left them to wait on each other (Qwen3-0.6B's 28 layers of Q4 blocks at 8 rows on AMX: 44.1
-// ms that way, 32.3 this way).
+// `prepared = BEGIN(x, M, K, rows)` and last `END(prepared)` (the multiply's own setup). Each of the tile's
+// dequantization steps (a group's block) first asks for its share of the next tile's blocks, so memory works while
+// the dequantization computes: asking for the whole next tile at once, before dequantizing this one, left them to
+// wait on each other (Qwen3-0.6B's 28 layers of Q4 blocks at 8 rows on AMX: 44.1 ms that way, 32.3 this way).
 #define DEFINE_TILED_LINEAR(NAME, BYTES, SCALES, DEQUANTIZE_TILE, ROWS, BEGIN, MULTIPLY_TILE, END)            \
     void NAME(const uint8_t* quants, const float* scales, const float* mins, const uint16_t* bias,          \
               const uint16_t* x, uint16_t* out, int64_t M, int64_t N, int64_t K, int64_t ldo) {            \

@@ -113,7 +113,8 @@ def make_tiny_hf_model(family: str, directory: Path, seed: int = 0, **overrides:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(cfg))
     config = AutoConfig.from_pretrained(str(directory))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # eager: the reference on every transformers version (5.17's sdpa path skipped Gemma 2's score softcapping)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     if family in ("gemma2", "gemma3"):  # Gemma's norms scale by 1 + weight, their weights start at 0: make them count
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):

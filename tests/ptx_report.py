@@ -40,7 +40,8 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
     **{
         f"decode-direct{direct}-stages{stages}": (
             triton_attention._decode_split_kernel, DECODE_SIGNATURE,
-            {**QWEN3, "G_PAD": 16, "DIRECT": direct, "DOT_FP32": False, "IEEE": False}, {"num_stages": stages},
+            {**QWEN3, "G_PAD": 16, "DIRECT": direct, "DOT_FP32": False, "IEEE": False},
+            {"num_stages": stages, "num_warps": triton_attention.DECODE_WARPS},
         )
         for direct in (True, False) for stages in (1, 2, 3)
     },
@@ -54,7 +55,8 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
     # fp32 (the dtype of the engine-level GPU tests): P = 4, products in full precision ("ieee")
     "decode-fp32": (
         triton_attention._decode_split_kernel, {k: v.replace("bf16", "fp32") for k, v in DECODE_SIGNATURE.items()},
-        {**QWEN3, "P": 4, "G_PAD": 16, "DIRECT": True, "DOT_FP32": True, "IEEE": True}, {},
+        {**QWEN3, "P": 4, "G_PAD": 16, "DIRECT": True, "DOT_FP32": True, "IEEE": True},
+        {"num_warps": triton_attention.DECODE_WARPS, "num_stages": triton_attention.DECODE_STAGES},
     ),
     "prefill-fp32": (
         triton_attention._prefill_kernel, {k: v.replace("bf16", "fp32") for k, v in PREFILL_SIGNATURE.items()},

@@ -4,7 +4,8 @@ A kernel's floor is the larger of (bytes it must move) / (memory bandwidth) and 
 rate); both rates are measured in the same run (a device copy, an 8192^3 matmul). Shapes are those of
 Qwen3-0.6B (16 heads, 8 KV heads, head_dim 128, hidden 1024, intermediate 3072, 28 layers, vocab 151936),
 block size 16. The decode kernel is swept over split counts, warps and pipeline stages (defaults: splits
-from `decode_splits`, 4 warps, 2 stages), the prefill kernel over query-tile heights. Decode steps are
+from `decode_splits`, 2 warps, 1 stage) and, last, over block sizes; the prefill kernel over query-tile
+heights. Decode steps are
 whole-model CUDA-graph replays plus the logits, at the batch/context points of the speed-of-light probe in
 issue #7 (H100: 9.2 ms at 256 x 800, 15.8 ms at 256 x 1,500, 3.3 ms at 64 x 800, 1.07 ms at batch 1). Kernel
 times come from `triton.testing.do_bench_cudagraph` (no launch overhead).
@@ -83,13 +84,18 @@ def wall_seconds(fn: Callable[[], Any]) -> float:
 
 
 def device_rates() -> tuple[float, float]:
-    """(bytes/s moved by a device copy, read plus written; bf16 matmul FLOP/s), measured now."""
+    """(bytes/s moved by a device copy, read plus written; bf16 matmul FLOP/s), measured now, after a second of
+    matrix products: an idle GPU's clocks are low (345 MHz seen on an idle H200), which understates both."""
     n, size = (8192, 1 << 30) if CUDA else (256, 1 << 24)
     src = torch.empty(size, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
-    bandwidth = 2 * size / seconds(lambda: dst.copy_(src))
     a = torch.randn(n, n, dtype=DTYPE, device=DEVICE)
     b = torch.randn(n, n, dtype=DTYPE, device=DEVICE)
+    warm_until = time.perf_counter() + (1.0 if CUDA else 0.0)
+    while time.perf_counter() < warm_until:
+        a @ b
+        torch.cuda.synchronize()
+    bandwidth = 2 * size / seconds(lambda: dst.copy_(src))
     return bandwidth, 2 * n**3 / seconds(lambda: a @ b)
 
 
@@ -125,27 +131,35 @@ def decode_case(s: dict[str, Any], batch: int, context: int, block_size: int = B
     return q, k_cache, v_cache, tables, lens
 
 
+def kv_row_bytes(s: dict[str, Any]) -> int:
+    """One token's keys and values in one layer."""
+    return 2 * s["kv_heads"] * s["head_dim"] * torch.tensor([], dtype=DTYPE).element_size()
+
+
+def decode_bytes(s: dict[str, Any], batch: int, context: int) -> float:
+    """Decode attention's floor traffic: each context's keys and values read once, the queries read and the
+    outputs written."""
+    query_bytes = s["heads"] * s["head_dim"] * torch.tensor([], dtype=DTYPE).element_size()
+    return batch * context * kv_row_bytes(s) + 2 * batch * query_bytes
+
+
 def attention_kernels(s: dict[str, Any], report: Report) -> None:
     elem = torch.tensor([], dtype=DTYPE).element_size()
-    kv_row = 2 * s["kv_heads"] * s["head_dim"] * elem  # one token's keys and values, one layer
+    kv_row = kv_row_bytes(s)
     scale = s["head_dim"] ** -0.5
+    call = triton_attention.paged_decode_attention
     for batch, context in s["decode_points"]:
         q, k_cache, v_cache, tables, lens = decode_case(s, batch, context)
-        moved = batch * context * kv_row + 2 * q.numel() * elem
         default = triton_attention.decode_splits(batch, s["kv_heads"], DEVICE)
-        call = triton_attention.paged_decode_attention
-        variants = [(splits, 4, 2) for splits in sorted({default, 1, 4 * default})]  # (splits, warps, stages)
-        tuned = [(w, st) for w in (2, 4, 8) for st in (1, 2, 3) if (w, st) != (4, 2)] if CUDA else []
+        warps, stages = triton_attention.DECODE_WARPS, triton_attention.DECODE_STAGES
+        variants = [(splits, warps, stages) for splits in sorted({default, 1, 4 * default})]  # (splits, warps, stages)
+        # what the sweep of warps 2, 4, 8 x stages 1, 2, 3 on an H200 (2026-12-04) left in contention
+        tuned = [(4, 2), (2, 2), (4, 1), (1, 1)] if CUDA else []
         variants += [(default, warps, stages) for warps, stages in tuned]
         for splits, warps, stages in variants:
             shape = f"b{batch} ctx{context} s{splits} w{warps} st{stages}"
-            report.add("decode attention", shape, lambda: call(q, k_cache, v_cache, tables, lens, scale, splits, warps, stages), moved)  # noqa: E501,B023  # fmt: skip
+            report.add("decode attention", shape, lambda: call(q, k_cache, v_cache, tables, lens, scale, splits, warps, stages), decode_bytes(s, batch, context))  # noqa: E501,B023  # fmt: skip
         del k_cache, v_cache
-        for block_size in DECODE_BLOCK_SIZES if CUDA else DECODE_BLOCK_SIZES[:1]:
-            q, k_cache, v_cache, tables, lens = decode_case(s, batch, context, block_size)
-            shape = f"b{batch} ctx{context} s{default} block {block_size}"
-            report.add("decode attention", shape, lambda: call(q, k_cache, v_cache, tables, lens, scale), moved)  # noqa: B023
-            del k_cache, v_cache
     chunks = s["prefill_chunks"]
     total_rows = sum(length for _, length in chunks)
     blocks = [-(-(prefix + length) // BLOCK_SIZE) for prefix, length in chunks]
@@ -172,6 +186,18 @@ def attention_kernels(s: dict[str, Any], report: Report) -> None:
         "write kv", f"{total_rows} rows", lambda: triton_attention.write_kv(k, k, k_cache, v_cache, slots),
         2 * total_rows * kv_row,
     )  # fmt: skip
+
+
+def decode_block_sizes(s: dict[str, Any], report: Report) -> None:
+    """Decode attention with larger blocks (more bytes per loop trip). Run last: on an H200 (Triton 3.6) the
+    block-32 case at batch 256 x 1,500 once ended in an illegal memory access, which ends the CUDA context."""
+    scale = s["head_dim"] ** -0.5
+    call = triton_attention.paged_decode_attention
+    for batch, context in s["decode_points"]:
+        for block_size in DECODE_BLOCK_SIZES if CUDA else DECODE_BLOCK_SIZES[:1]:
+            q, k_cache, v_cache, tables, lens = decode_case(s, batch, context, block_size)
+            shape = f"b{batch} ctx{context} block {block_size}"
+            report.add("decode attention", shape, lambda: call(q, k_cache, v_cache, tables, lens, scale), decode_bytes(s, batch, context))  # noqa: E501,B023  # fmt: skip
 
 
 def elementwise_kernels(s: dict[str, Any], report: Report) -> None:
@@ -260,19 +286,20 @@ def decode_steps(s: dict[str, Any], report: Report) -> None:
     assert graphs is not None
     per_token = kv_cache_bytes_per_block(runner.config, BLOCK_SIZE, DTYPE) / BLOCK_SIZE
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    for batch, context in s["decode_points"]:
-        blocks = -(-(context + 1) // BLOCK_SIZE)
-        scheduled = []
-        for i in range(batch):
-            request = Request(str(i), [1] * (context + 1), SamplingParams(temperature=0), [], 1)
-            request.block_ids = list(range(i * blocks, (i + 1) * blocks))
-            scheduled.append(ScheduledRequest(request, context, 1))
-        bucket = next(size for size in graphs.buckets if size >= batch)
-        graphs.run(scheduled)
-        moved = weights + batch * (context + 1) * per_token
-        replay = graphs.graphs[bucket]
-        report.add("decode step (graph + logits)", f"b{batch} ctx{context}", lambda: model.compute_logits(replay()[:batch]), moved, wall=True)  # noqa: E501,B023  # fmt: skip
-        report.add("decode step (+ inputs, argmax)", f"b{batch} ctx{context}", lambda: runner.execute(scheduled), moved, wall=True)  # noqa: E501,B023  # fmt: skip
+    with torch.inference_mode():  # as the engine steps: the graphs' outputs are inference tensors
+        for batch, context in s["decode_points"]:
+            blocks = -(-(context + 1) // BLOCK_SIZE)
+            scheduled = []
+            for i in range(batch):
+                request = Request(str(i), [1] * (context + 1), SamplingParams(temperature=0), [], 1)
+                request.block_ids = list(range(i * blocks, (i + 1) * blocks))
+                scheduled.append(ScheduledRequest(request, context, 1))
+            bucket = next(size for size in graphs.buckets if size >= batch)
+            graphs.run(scheduled)
+            moved = weights + batch * (context + 1) * per_token
+            replay = graphs.graphs[bucket]
+            report.add("decode step (graph + logits)", f"b{batch} ctx{context}", lambda: model.compute_logits(replay()[:batch]), moved, wall=True)  # noqa: E501,B023  # fmt: skip
+            report.add("decode step (+ inputs, argmax)", f"b{batch} ctx{context}", lambda: runner.execute(scheduled), moved, wall=True)  # noqa: E501,B023  # fmt: skip
 
 
 def main() -> None:
@@ -298,6 +325,9 @@ def main() -> None:
            "matmul_flop_per_s": flops, "rows": report.rows}  # fmt: skip
     (results_dir / "kernels.json").write_text(json.dumps(out, indent=2))
     print(f"wrote {results_dir / 'kernels.json'}")
+    with torch.inference_mode():
+        decode_block_sizes(shape, report)  # may end the CUDA context (see there): after the JSON, which it extends
+    (results_dir / "kernels.json").write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

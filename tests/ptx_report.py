@@ -27,6 +27,7 @@ HOPPER = GPUTarget("cuda", 90, 32)
 # them too.
 ALIGNED_INTS = {"H", "x_stride", "width", "row_stride", "vocab"}
 QWEN3 = {"G": 2, "BS": 16, "D": 128, "P": 8, "SOFTCAP": 0.0}  # 16 heads over 8 KV heads, head_dim 128, bf16 layout
+DECODE = {**QWEN3, "G_PAD": 16, "PAGES": triton_attention.DECODE_PAGES}
 ATTENTION_INTS = {"H": "i32", "KVH": "i32", "NB": "i32", "MAXB": "i32"}
 DECODE_SIGNATURE = {"q": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "tables": "*i64", "lens": "*i64",
                     "out": "*bf16", "mid_out": "*fp32", "mid_lse": "*fp32", "scale": "fp32", **ATTENTION_INTS,
@@ -40,10 +41,18 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
     **{
         f"decode-direct{direct}-stages{stages}": (
             triton_attention._decode_split_kernel, DECODE_SIGNATURE,
-            {**QWEN3, "G_PAD": 16, "DIRECT": direct, "DOT_FP32": False, "IEEE": False},
+            {**DECODE, "DIRECT": direct, "DOT_FP32": False, "IEEE": False},
             {"num_stages": stages, "num_warps": triton_attention.DECODE_WARPS},
         )
         for direct in (True, False) for stages in (1, 2, 3)
+    },
+    **{  # several blocks per loop trip: [pages, block, dim] tiles
+        f"decode-pages{pages}-warps{warps}": (
+            triton_attention._decode_split_kernel, DECODE_SIGNATURE,
+            {**DECODE, "PAGES": pages, "DIRECT": True, "DOT_FP32": False, "IEEE": False},
+            {"num_stages": 1, "num_warps": warps},
+        )
+        for pages in (2, 4) for warps in (2, 4)
     },
     **{
         f"prefill-m{block_m}": (
@@ -55,7 +64,7 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
     # fp32 (the dtype of the engine-level GPU tests): P = 4, products in full precision ("ieee")
     "decode-fp32": (
         triton_attention._decode_split_kernel, {k: v.replace("bf16", "fp32") for k, v in DECODE_SIGNATURE.items()},
-        {**QWEN3, "P": 4, "G_PAD": 16, "DIRECT": True, "DOT_FP32": True, "IEEE": True},
+        {**DECODE, "P": 4, "DIRECT": True, "DOT_FP32": True, "IEEE": True},
         {"num_warps": triton_attention.DECODE_WARPS, "num_stages": triton_attention.DECODE_STAGES},
     ),
     "prefill-fp32": (
@@ -66,7 +75,8 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
     # Gemma 2's soft-capped scores (its 2B's shape: 8 heads over 4 KV heads, head_dim 256)
     "decode-softcap": (
         triton_attention._decode_split_kernel, DECODE_SIGNATURE,
-        {**QWEN3, "D": 256, "SOFTCAP": 50.0, "G_PAD": 16, "DIRECT": False, "DOT_FP32": False, "IEEE": False}, {},
+        {**DECODE, "D": 256, "SOFTCAP": 50.0, "DIRECT": False, "DOT_FP32": False, "IEEE": False},
+        {"num_warps": triton_attention.DECODE_WARPS, "num_stages": triton_attention.DECODE_STAGES},
     ),
     "prefill-softcap": (
         triton_attention._prefill_kernel, PREFILL_SIGNATURE,

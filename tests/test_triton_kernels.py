@@ -58,13 +58,15 @@ def test_write_kv_matches_pytorch(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("heads", "kv_heads", "head_dim", "block_size", "num_splits", "layout", "window", "softcap"),
+    ("heads", "kv_heads", "head_dim", "block_size", "num_splits", "layout", "window", "softcap", "pages"),
     [
-        (4, 2, 32, 16, 2, "cpu", 0, 0.0),
-        (6, 1, 64, 16, 4, "cuda", 37, 0.0),
-        (8, 8, 32, 32, 1, "cpu", 64, 0.0),
-        (9, 3, 64, 16, 16, "cuda", 0, 0.0),
-        (8, 4, 32, 16, 2, "cuda", 0, 0.8),  # Gemma 2's soft-capped scores
+        (4, 2, 32, 16, 2, "cpu", 0, 0.0, 1),
+        (6, 1, 64, 16, 4, "cuda", 37, 0.0, 1),
+        (8, 8, 32, 32, 1, "cpu", 64, 0.0, 1),
+        (9, 3, 64, 16, 16, "cuda", 0, 0.0, 1),
+        (8, 4, 32, 16, 2, "cuda", 0, 0.8, 1),  # Gemma 2's soft-capped scores
+        (6, 1, 64, 16, 4, "cuda", 37, 0.0, 4),  # several blocks per loop trip: splits end inside a trip
+        (9, 3, 64, 16, 1, "cuda", 0, 0.0, 2),
     ],
 )
 def test_paged_decode_matches_reference(
@@ -77,10 +79,12 @@ def test_paged_decode_matches_reference(
     layout: str,
     window: int,
     softcap: float,
+    pages: int,
 ) -> None:
     """Ragged contexts spanning many blocks, several GQA ratios, contexts split across programs (more splits
     than blocks too), both cache layouts, sliding windows within a block and on block edges (shorter and
-    longer than contexts), soft-capped scores; a context of length 0 (a padding row) gives zeros."""
+    longer than contexts), soft-capped scores, one block or several per loop trip; a context of length 0 (a
+    padding row) gives zeros."""
     num_blocks = 64
     lengths = [1, block_size, block_size + 3, 5 * block_size - 1, 9 * block_size + 2, 0]
     k_cache, v_cache = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, heads, layout)
@@ -89,7 +93,7 @@ def test_paged_decode_matches_reference(
     tables, lens, ref = decode_case(q, k_cache, v_cache, lengths, generator, window, softcap)
     out = triton_attention.paged_decode_attention(
         q, k_cache, v_cache, tables.to(DEVICE), lens.to(DEVICE), head_dim**-0.5, num_splits, window=window,
-        softcap=softcap,
+        softcap=softcap, pages_per_trip=pages,
     )  # fmt: skip
     assert out.dtype == dtype and relative_error(out[:-1].cpu(), ref[:-1]) < TOLERANCE[dtype]
     assert torch.equal(out[-1].cpu(), torch.zeros_like(out[-1].cpu()))

@@ -33,7 +33,9 @@ H100_SHARED_BYTES = 227 * 1024  # the most one block may use (opted in)
 
 
 PREFILL_VARIANTS = [f"prefill-m{block_m}" for block_m in (16, 32, 64)]
-DECODE_VARIANTS = [f"decode-direct{direct}-stages{stages}" for direct in (True, False) for stages in (1, 2, 3)]
+DECODE_VARIANTS = [f"decode-direct{direct}-stages{stages}" for direct in (True, False) for stages in (1, 2, 3)] + [
+    f"decode-pages{pages}-warps{warps}" for pages in (2, 4) for warps in (2, 4)
+]
 
 
 @pytest.mark.parametrize("kernel", [*PREFILL_VARIANTS, *DECODE_VARIANTS, "decode-softcap", "prefill-softcap"])

@@ -1,14 +1,14 @@
 """Each of Ember's GPU kernels, and whole decode steps, against their floors on this GPU.
 
-A kernel's floor is the larger of (bytes it must move) / (memory bandwidth) and (FLOPs) / (bf16 matmul
-rate); both rates are measured in the same run (a device copy, an 8192^3 matmul). Shapes are those of
-Qwen3-0.6B (16 heads, 8 KV heads, head_dim 128, hidden 1024, intermediate 3072, 28 layers, vocab 151936),
-block size 16. The decode kernel is swept over split counts, warps and pipeline stages (defaults: splits
-from `decode_splits`, 2 warps, 1 stage) and, last, over block sizes; the prefill kernel over query-tile
-heights. Decode steps are
-whole-model CUDA-graph replays plus the logits, at the batch/context points of the speed-of-light probe in
-issue #7 (H100: 9.2 ms at 256 x 800, 15.8 ms at 256 x 1,500, 3.3 ms at 64 x 800, 1.07 ms at batch 1). Kernel
-times come from `triton.testing.do_bench_cudagraph` (no launch overhead).
+A kernel's floor is the larger of (bytes it must move) / (memory bandwidth) and (FLOPs) / (bf16 matmul rate);
+the rates are measured in the same run (memory: the faster of a device copy and a sum of 1 GiB; an 8192^3
+matmul). Shapes are those of Qwen3-0.6B (16 heads, 8 KV heads, head_dim 128, hidden 1024, intermediate 3072,
+28 layers, vocab 151936), block size 16. The decode kernel is swept over split counts, warps, pipeline stages
+and blocks per loop trip (defaults: splits from `decode_splits`, 2 warps, 1 stage, 1 block) and, last, over
+block sizes; the prefill kernel over query-tile heights. Decode steps are whole-model CUDA-graph replays plus
+the logits, at the batch/context points of the speed-of-light probe in issue #7 (H100: 9.2 ms at 256 x 800,
+15.8 ms at 256 x 1,500, 3.3 ms at 64 x 800, 1.07 ms at batch 1). Kernel times come from
+`triton.testing.do_bench_cudagraph` (no launch overhead).
 
 Imports only torch, triton and this checkout. Without a GPU it runs tiny shapes in Triton's interpreter, to
 check the script end to end. Usage: python benchmarks/gpu/kernel_times.py [--results DIR]
@@ -83,9 +83,10 @@ def wall_seconds(fn: Callable[[], Any]) -> float:
     return (time.perf_counter() - start) / repeat
 
 
-def device_rates() -> tuple[float, float]:
-    """(bytes/s moved by a device copy, read plus written; bf16 matmul FLOP/s), measured now, after a second of
-    matrix products: an idle GPU's clocks are low (345 MHz seen on an idle H200), which understates both."""
+def device_rates() -> tuple[float, float, float]:
+    """(bytes/s of a device copy, read plus written; bytes/s of a sum, read only; bf16 matmul FLOP/s), measured
+    now, after a second of matrix products: an idle GPU's clocks are low (345 MHz seen on an idle H200), which
+    understates all three."""
     n, size = (8192, 1 << 30) if CUDA else (256, 1 << 24)
     src = torch.empty(size, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
@@ -95,8 +96,10 @@ def device_rates() -> tuple[float, float]:
     while time.perf_counter() < warm_until:
         a @ b
         torch.cuda.synchronize()
-    bandwidth = 2 * size / seconds(lambda: dst.copy_(src))
-    return bandwidth, 2 * n**3 / seconds(lambda: a @ b)
+    copy = 2 * size / seconds(lambda: dst.copy_(src))
+    words = src.view(torch.float32).normal_()
+    read = size / seconds(lambda: words.sum())
+    return copy, read, 2 * n**3 / seconds(lambda: a @ b)
 
 
 class Report:
@@ -152,13 +155,17 @@ def attention_kernels(s: dict[str, Any], report: Report) -> None:
         q, k_cache, v_cache, tables, lens = decode_case(s, batch, context)
         default = triton_attention.decode_splits(batch, s["kv_heads"], DEVICE)
         warps, stages = triton_attention.DECODE_WARPS, triton_attention.DECODE_STAGES
-        variants = [(splits, warps, stages) for splits in sorted({default, 1, 4 * default})]  # (splits, warps, stages)
-        # what the sweep of warps 2, 4, 8 x stages 1, 2, 3 on an H200 (2026-12-04) left in contention
-        tuned = [(4, 2), (2, 2), (4, 1), (1, 1)] if CUDA else []
-        variants += [(default, warps, stages) for warps, stages in tuned]
-        for splits, warps, stages in variants:
-            shape = f"b{batch} ctx{context} s{splits} w{warps} st{stages}"
-            report.add("decode attention", shape, lambda: call(q, k_cache, v_cache, tables, lens, scale, splits, warps, stages), decode_bytes(s, batch, context))  # noqa: E501,B023  # fmt: skip
+        pages = triton_attention.DECODE_PAGES
+        # (splits, warps, stages, blocks per loop trip)
+        variants = [(splits, warps, stages, pages) for splits in sorted({default, 1, 4 * default})]
+        # what the sweep of warps 2, 4, 8 x stages 1, 2, 3 on an H200 (2026-12-04) left in contention, then
+        # several blocks per trip (interpreted on the CPU too: that path's only run there)
+        tuned = [(4, 2, 1), (1, 1, 1)] if CUDA else []
+        tuned += [(w, 1, p) for p in (2, 4) for w in ((2, 4) if CUDA else (2,))]
+        variants += [(default, *variant) for variant in tuned]
+        for splits, warps, stages, pages in variants:
+            shape = f"b{batch} ctx{context} s{splits} w{warps} st{stages} p{pages}"
+            report.add("decode attention", shape, lambda: call(q, k_cache, v_cache, tables, lens, scale, splits, warps, stages, pages_per_trip=pages), decode_bytes(s, batch, context))  # noqa: E501,B023  # fmt: skip
         del k_cache, v_cache
     chunks = s["prefill_chunks"]
     total_rows = sum(length for _, length in chunks)
@@ -310,8 +317,10 @@ def main() -> None:
     results_dir.mkdir(parents=True, exist_ok=True)
     shape = FULL if CUDA else TINY
     card = torch.cuda.get_device_name() if CUDA else "CPU fallback (Triton interpreter), tiny shapes"
-    bandwidth, flops = device_rates()
-    print(f"device: {card}; copy {bandwidth / 1e12:.2f} TB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s\n")
+    copy, read, flops = device_rates()
+    bandwidth = max(copy, read)  # the floor: the fastest rate memory was seen to give
+    print(f"device: {card}; copy {copy / 1e12:.2f} TB/s (read plus written), sum {read / 1e12:.2f} TB/s (read), "
+          f"bf16 matmul {flops / 1e12:.0f} TFLOP/s\n")  # fmt: skip
     print(f"{'kernel':31s} {'shape':34s} {'us':>10s} {'floor us':>10s} {'floor/t':>9s}")
     report = Report(bandwidth, flops)
     with torch.inference_mode():
@@ -321,8 +330,8 @@ def main() -> None:
     decode_steps(shape, report)
     with torch.inference_mode():
         top_k_top_p_filters(shape, report)
-    out = {"device": card, "torch": torch.__version__, "triton": triton.__version__, "copy_bytes_per_s": bandwidth,
-           "matmul_flop_per_s": flops, "rows": report.rows}  # fmt: skip
+    out = {"device": card, "torch": torch.__version__, "triton": triton.__version__, "copy_bytes_per_s": copy,
+           "read_bytes_per_s": read, "matmul_flop_per_s": flops, "rows": report.rows}  # fmt: skip
     (results_dir / "kernels.json").write_text(json.dumps(out, indent=2))
     print(f"wrote {results_dir / 'kernels.json'}")
     with torch.inference_mode():

@@ -90,18 +90,16 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _attend_block(
-    qv, k_cache, v_cache, base, visible, m_i, l_i, acc, scale, tok, dims,
-    BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+def _attend_tile(
+    qv, keys, values, visible, m_i, l_i, acc, scale, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     SOFTCAP: tl.constexpr,
 ):  # fmt: skip
-    """One K/V block (at `base`) of an online softmax: the scores of the query rows `qv` [M, D] against its
-    keys where `visible` ([M or 1, BS]), and the running max `m_i`, normalizer `l_i` and output `acc` updated
-    with its values. A row with no visible key yet keeps -inf, 0, 0."""
-    keys = tl.load(k_cache + base + _key_offsets(tok, dims, BS, P))  # [BS, D]
+    """One tile of keys and values ([N, D] each) in an online softmax: the scores of the query rows `qv` [M, D]
+    against the keys where `visible` ([M or 1, N]), and the running max `m_i`, normalizer `l_i` and output
+    `acc` updated with the values. A row with no visible key yet keeps -inf, 0, 0."""
     if DOT_FP32:
         keys = keys.to(tl.float32)
-    scores = _dot(qv, tl.trans(keys), IEEE) * scale  # [M, BS]
+    scores = _dot(qv, tl.trans(keys), IEEE) * scale  # [M, N]
     if SOFTCAP > 0:  # Gemma 2's: SOFTCAP * tanh(scores / SOFTCAP), tanh from a sigmoid (Triton has no tanh)
         scores = SOFTCAP * (2.0 * tl.sigmoid(2.0 * scores / SOFTCAP) - 1.0)
     scores = tl.where(visible, scores, float("-inf"))
@@ -109,11 +107,47 @@ def _attend_block(
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     probs = tl.exp(scores - m_safe[:, None])
     alpha = tl.exp(m_i - m_safe)
-    values = tl.load(v_cache + base + _value_offsets(tok, dims, D, P))  # [BS, D]
     if DOT_FP32:
         values = values.to(tl.float32)
     acc = acc * alpha[:, None] + _dot(probs.to(values.dtype), values, IEEE)
     return m_new, l_i * alpha + tl.sum(probs, axis=1), acc
+
+
+@triton.jit
+def _attend_block(
+    qv, k_cache, v_cache, base, visible, m_i, l_i, acc, scale, tok, dims,
+    BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+):  # fmt: skip
+    """`_attend_tile` over the K/V block at `base` ([BS, D] each)."""
+    keys = tl.load(k_cache + base + _key_offsets(tok, dims, BS, P))
+    values = tl.load(v_cache + base + _value_offsets(tok, dims, D, P))
+    return _attend_tile(qv, keys, values, visible, m_i, l_i, acc, scale, DOT_FP32, IEEE, SOFTCAP)
+
+
+@triton.jit
+def _attend_pages(
+    qv, k_cache, v_cache, tables, row, page, last, start, length, kv_base, m_i, l_i, acc, scale, tok, dims,
+    PAGES: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, DOT_FP32: tl.constexpr,
+    IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
+):  # fmt: skip
+    """`_attend_tile` over the PAGES blocks from logical page `page` (pages from `last` on masked): their
+    table entries in one load, then all their keys and values, so a program has PAGES blocks in flight. The
+    loads are [PAGES, BS, D] tiles: each block's base is constant along the vectorized axes, so they stay
+    16-byte vectors (a [PAGES * BS] per-token base would not), and are flattened for the products."""
+    pages = page + tl.arange(0, PAGES)
+    page_ok = pages < last
+    blocks = tl.load(tables + row + pages, mask=page_ok, other=0)
+    base = (kv_base + blocks) * D * BS
+    ok = page_ok[:, None, None]
+    keys = tl.load(k_cache + base[:, None, None] + _key_offsets(tok, dims, BS, P)[None, :, :], mask=ok, other=0.0)
+    values = tl.load(v_cache + base[:, None, None] + _value_offsets(tok, dims, D, P)[None, :, :], mask=ok, other=0.0)
+    key_pos = page * BS + tl.arange(0, PAGES * BS)
+    visible = ((key_pos < length) & (key_pos >= start) & (key_pos < last * BS))[None, :]
+    return _attend_tile(
+        qv, tl.reshape(keys, (PAGES * BS, D)), tl.reshape(values, (PAGES * BS, D)), visible, m_i, l_i, acc, scale,
+        DOT_FP32, IEEE, SOFTCAP,
+    )  # fmt: skip
 
 
 # Integer arguments that change from step to step (a table's width, the split count) are not specialized:
@@ -124,10 +158,11 @@ def _decode_split_kernel(
     q, k_cache, v_cache, tables, lens, out, mid_out, mid_lse, scale,
     H, KVH, NB, MAXB, SPLITS, WINDOW,
     G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-    DIRECT: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
+    PAGES: tl.constexpr, DIRECT: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     """The query heads of one KV head are the rows of matrix products (padded to G_PAD >= 16, the least
-    `tl.dot` takes): the tensor cores do the work, and each K/V tile is loaded once for all of them."""
+    `tl.dot` takes): the tensor cores do the work, and each K/V tile is loaded once for all of them. PAGES
+    blocks per loop trip (`_attend_pages`), or one."""
     b = tl.program_id(0)
     kh = tl.program_id(1)
     split = tl.program_id(2)
@@ -149,16 +184,23 @@ def _decode_split_kernel(
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    for page in range(first, last):
-        # one block per trip, its base a scalar: the loads below are 16-byte vectors in the CUDA layout
-        # (a per-token base defeats Triton's contiguity analysis: 2-byte loads, checked in the PTX)
-        block = tl.load(tables + b * MAXB + page)
-        key_pos = page * BS + tok
-        visible = ((key_pos < length) & (key_pos >= start))[None, :]
-        m_i, l_i, acc = _attend_block(
-            qv, k_cache, v_cache, (kh * NB + block) * D * BS, visible, m_i, l_i, acc, scale, tok, dims,
-            BS, D, P, DOT_FP32, IEEE, SOFTCAP,
-        )  # fmt: skip
+    if PAGES == 1:
+        for page in range(first, last):
+            # one block per trip, its base a scalar: the loads below are 16-byte vectors in the CUDA layout
+            # (a per-token base defeats Triton's contiguity analysis: 2-byte loads, checked in the PTX)
+            block = tl.load(tables + b * MAXB + page)
+            key_pos = page * BS + tok
+            visible = ((key_pos < length) & (key_pos >= start))[None, :]
+            m_i, l_i, acc = _attend_block(
+                qv, k_cache, v_cache, (kh * NB + block) * D * BS, visible, m_i, l_i, acc, scale, tok, dims,
+                BS, D, P, DOT_FP32, IEEE, SOFTCAP,
+            )  # fmt: skip
+    else:
+        for page in range(first, last, PAGES):
+            m_i, l_i, acc = _attend_pages(
+                qv, k_cache, v_cache, tables, b * MAXB, page, last, start, length, kh * NB, m_i, l_i, acc, scale,
+                tok, dims, PAGES, BS, D, P, DOT_FP32, IEEE, SOFTCAP,
+            )  # fmt: skip
     has_keys = l_i > 0
     result = acc / tl.where(has_keys, l_i, 1.0)[:, None]  # a context of length 0 (a padding row) gives zeros
     if DIRECT:  # one split: this program's result is the output
@@ -192,6 +234,9 @@ MAX_DECODE_SPLITS = 32
 # (benchmarks/gpu/kernel_times.py; 92% of the copy floor).
 DECODE_WARPS = 2
 DECODE_STAGES = 1
+# Blocks per loop trip of the decode kernel: more bytes in flight per program. Not yet timed on a GPU (the
+# sweep in kernel_times.py tries 2 and 4), so one, as measured above.
+DECODE_PAGES = 1
 NO_WINDOW = 1 << 30  # "no sliding window" as a window past any context: the kernels need no branch for it
 
 
@@ -222,11 +267,13 @@ def paged_decode_attention(
     num_stages: int = DECODE_STAGES,
     window: int = 0,
     softcap: float = 0.0,
+    pages_per_trip: int = DECODE_PAGES,
 ) -> torch.Tensor:
     """Single-token queries [D, heads, head_dim] over their paged contexts (their last `window` tokens under a
     sliding window; 0: all; scores capped at `softcap`, 0: not), each context cut into `num_splits` parts
     (default: `decode_splits`) merged by log-sum-exp. A context length of 0 gives zeros. `num_warps` and
-    `num_stages` (loads in flight ahead of the math) are Triton's launch options."""
+    `num_stages` (loads in flight ahead of the math) are Triton's launch options; `pages_per_trip` (a power of
+    two) is how many blocks each program loads at once."""
     num_seqs, num_heads, head_dim = q.shape
     kv_heads, num_blocks, block_size, _, pack = cache_geometry(v_cache)
     group = num_heads // kv_heads
@@ -240,7 +287,7 @@ def paged_decode_attention(
     _decode_split_kernel[(num_seqs, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, context_lens, out, mid_out, mid_lse, scale,
         num_heads, kv_heads, num_blocks, block_tables.shape[1], splits, window or NO_WINDOW,
-        G=group, G_PAD=max(16, triton.next_power_of_2(group)), BS=block_size, D=head_dim, P=pack,
+        G=group, G_PAD=max(16, triton.next_power_of_2(group)), BS=block_size, D=head_dim, P=pack, PAGES=pages_per_trip,
         DIRECT=splits == 1, DOT_FP32=DOT_IN_FP32, IEEE=q.dtype == torch.float32, SOFTCAP=float(softcap),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip

@@ -51,10 +51,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--async-scheduling",
-        action="store_true",
-        help="CUDA: schedule and launch each decode step while the one before still runs on the GPU (the "
-        "host's work overlaps the GPU's; a request ending on a stop token costs one wasted row; predicted "
-        "outputs are not drafted from)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CUDA: schedule and launch each decode step while the one before still runs on the GPU, so the "
+        "host's work overlaps the GPU's (a request ending on a stop token costs one wasted row; requests with a "
+        "predicted output run plain steps). Default: on wherever decode steps replay CUDA graphs and no "
+        "--speculative method is set (+12-18%% output tok/s on an H200); --no-async-scheduling turns it off",
     )
     g.add_argument(
         "--kv-cache-memory",

@@ -325,7 +325,9 @@ class EngineConfig:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     enforce_eager: bool = False  # Triton path: run decode steps eagerly instead of replaying CUDA graphs
-    async_scheduling: bool = False  # CUDA graphs: schedule decode step N+1 while step N runs on the device
+    # CUDA graphs: schedule decode step N+1 while step N runs on the device. None: wherever it applies (graph
+    # decode steps, no speculative method); True: asked for (a warning where it cannot apply); False: off
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:

@@ -427,7 +427,7 @@ def test_async_scheduling_gives_the_tokens_of_plain_steps(tiny_models: dict, mon
     stop = run_to_end(plain, prompts, params())[3].output_token_ids[6]  # request 3 stops at its 7th token or before
     monkeypatch.setenv("EMBER_KERNELS", "triton")
     results = {}
-    for async_scheduling in (False, True):
+    for async_scheduling in (False, None):  # None, the default: on, since decode steps replay graphs here
         engine = LLM(path, num_blocks=40, dtype="float32", max_num_seqs=8, async_scheduling=async_scheduling).engine
         requests = run_to_end(engine, prompts, params(stop), abort_at=8)
         results[async_scheduling] = [(r.output_token_ids, r.finish_reason) for r in requests]
@@ -439,8 +439,8 @@ def test_async_scheduling_gives_the_tokens_of_plain_steps(tiny_models: dict, mon
                 hashes.append(parent)
             assert r.block_hashes == hashes[: len(r.block_hashes)] and r.num_pending_tokens == 0
     assert engine.async_scheduling and engine.num_overlapped_steps > 10
-    assert results[True] == results[False]
-    assert results[True][3][1] == "stop" and results[True][1][1] == "abort"
+    assert results[None] == results[False]
+    assert results[None][3][1] == "stop" and results[None][1][1] == "abort"
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="stream order: a GPU only")
@@ -457,11 +457,38 @@ def test_launched_step_reads_back_without_waiting_for_the_work_queued_behind_it(
     torch.cuda.synchronize()
 
 
-def test_async_scheduling_without_graphs_warns_and_runs_plain_steps(
+def test_async_scheduling_without_graphs_warns_when_asked_for_and_runs_plain_steps(
     tiny_models: dict, caplog: pytest.LogCaptureFixture
 ) -> None:
     from ember.engine.engine import LLM
 
+    path = str(tiny_models["qwen3"][0])
     with caplog.at_level("WARNING"):
-        llm = LLM(str(tiny_models["qwen3"][0]), num_blocks=16, dtype="float32", device="cpu", async_scheduling=True)
+        llm = LLM(path, num_blocks=16, dtype="float32", device="cpu")  # by default: off here, silently
+    assert not llm.engine.async_scheduling and "async scheduling" not in caplog.text
+    with caplog.at_level("WARNING"):
+        llm = LLM(path, num_blocks=16, dtype="float32", device="cpu", async_scheduling=True)
     assert not llm.engine.async_scheduling and "async scheduling needs CUDA-graph decode steps" in caplog.text
+
+
+def test_predicted_outputs_still_draft_under_async_scheduling(
+    tiny_models: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request with a predicted output steps plainly (its drafts need its tokens); the rest of the batch and
+    later requests overlap as before, and every output is the one of plain steps."""
+    from ember.engine.engine import LLM
+    from ember.engine.sampling_params import SamplingParams
+
+    path = str(tiny_models["qwen3"][0])
+    prompts = [list(range(3, 3 + n)) for n in (9, 14)]
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in LLM(path, num_blocks=40, dtype="float32").generate(prompts, greedy)]
+    monkeypatch.setenv("EMBER_KERNELS", "triton")
+    llm = LLM(path, num_blocks=40, dtype="float32", max_num_seqs=8)
+    predicted = SamplingParams(**{**greedy.__dict__, "prediction": expected[0]})
+    right, plain = llm.generate(prompts, [predicted, greedy])
+    assert [right.outputs[0].token_ids, plain.outputs[0].token_ids] == expected
+    assert right.num_draft_tokens == right.num_accepted_tokens > 0
+    overlapped = llm.engine.num_overlapped_steps
+    alone = llm.generate(prompts[1:], greedy)[0]  # no prediction in the batch: steps overlap
+    assert alone.outputs[0].token_ids == expected[1] and llm.engine.num_overlapped_steps - overlapped > 10

@@ -6,7 +6,7 @@ Imports only torch, triton, transformers and Ember itself (from this checkout): 
 install nothing. Without a GPU it runs a tiny Qwen3 shape on the CPU, to check the script end to end.
 
 Usage: python benchmarks/gpu/bench.py [--results DIR] [--hf-cb-seconds 150] [--naive-requests 4]
-       [--variants graphs,async,eager]
+       [--variants default,sync,eager]
 """
 
 from __future__ import annotations
@@ -50,15 +50,15 @@ def gpu_workload(vocab: int, num_requests: int, prompt_len: tuple[int, int], out
 
 # Ember configurations: label -> engine keyword arguments
 VARIANTS = {
-    "graphs": ("ember", {}),
-    "async": ("ember (async scheduling)", {"async_scheduling": True}),
+    "default": ("ember", {}),  # CUDA graphs, async scheduling
+    "sync": ("ember (no async scheduling)", {"async_scheduling": False}),
     "eager": ("ember (eager)", {"enforce_eager": True}),
     "block32": ("ember (block size 32)", {"block_size": 32}),  # kernel_times.py times decode at these block sizes
     "block64": ("ember (block size 64)", {"block_size": 64}),
 }
 
 
-def run_ember(config_dir: Path, requests: list, device: str, variant: str = "graphs") -> dict[str, Any]:
+def run_ember(config_dir: Path, requests: list, device: str, variant: str = "default") -> dict[str, Any]:
     from ember.engine.engine import LLM
     from ember.engine.sampling_params import SamplingParams
 
@@ -201,9 +201,10 @@ def main() -> None:
     parser.add_argument("--naive-seconds", type=float, default=200.0, help="time budget of HF naive")
     parser.add_argument(
         "--variants",
-        default="graphs",
-        help="Ember configurations to run, in order: graphs (the default engine), async (async scheduling), "
-        "eager (no CUDA graphs); ratios are against the first (default: graphs)",
+        default="default",
+        help="Ember configurations to run, in order: default (CUDA graphs and async scheduling), sync (no async "
+        "scheduling), eager (no CUDA graphs), block32, block64 (KV block sizes); ratios are against the first "
+        "(default: default)",
     )
     parser.add_argument("--skip-hf", action="store_true", help="run Ember only")
     args = parser.parse_args()
@@ -245,14 +246,14 @@ def main() -> None:
     done = [run for run in runs if "error" not in run]
     base = runs[0] if "error" not in runs[0] else None  # the first Ember configuration: the ratios' numerator
     ember_tps = base["output_tokens"] / base["wall_s"] if base else None
-    print(f"\n{'engine':24s} {'requests':>9s} {'output tok':>11s} {'wall s':>8s} {'output tok/s':>13s} {'ember x':>8s}")
+    print(f"\n{'engine':28s} {'requests':>9s} {'output tok':>11s} {'wall s':>8s} {'output tok/s':>13s} {'ember x':>8s}")
     for run in runs:
         if "error" in run:
-            print(f"{run['engine']:24s} failed: {run['error']}")
+            print(f"{run['engine']:28s} failed: {run['error']}")
             continue
         run["output_tps"] = run["output_tokens"] / run["wall_s"]
         ratio = "" if run is base or ember_tps is None else f"{ember_tps / run['output_tps']:.1f}x"
-        print(f"{run['engine']:24s} {run['requests']:9d} {run['output_tokens']:11d} {run['wall_s']:8.1f} "
+        print(f"{run['engine']:28s} {run['requests']:9d} {run['output_tokens']:11d} {run['wall_s']:8.1f} "
               f"{run['output_tps']:13.1f} {ratio:>8s}")  # fmt: skip
     for run in done:
         if "note" in run:

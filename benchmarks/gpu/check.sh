@@ -2,7 +2,7 @@
 # Everything a GPU session checks, in one call of at most 10 minutes (the device's limit per call), the
 # issue's figure first; each part has its own time limit, so a slow or hung part cannot take the later
 # ones' time:
-#   bench    the throughput table: Ember (CUDA graphs; with async scheduling), HF naive and HF continuous
+#   bench    the throughput table: Ember (its default; without async scheduling), HF naive and HF continuous
 #            batching (bench.py, 270 s; about 200 s on an H200, HF's batching thread hanging 30 s at its stop);
 #   kernels  each kernel and whole decode steps against their floors, with the decode kernel's sweep over
 #            splits, warps, stages and block sizes (kernel_times.py, 170 s);
@@ -34,7 +34,7 @@ part() {  # part NAME SECONDS LOG COMMAND...: if NAME is selected, COMMAND under
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt" || status=1
-part bench 270 "$out/bench.log" "$python" benchmarks/gpu/bench.py --results "$out" --variants graphs,async \
+part bench 270 "$out/bench.log" "$python" benchmarks/gpu/bench.py --results "$out" --variants default,sync \
     --hf-cb-seconds 45 --naive-seconds 40
 part kernels 170 "$out/kernels.log" "$python" benchmarks/gpu/kernel_times.py --results "$out"
 part tests 100 "$out/tests.log" "$python" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \

@@ -105,8 +105,6 @@ def bench_latency(args: Any) -> dict[str, Any]:
     llm = load_llm(args)
     engine = llm.engine
     speculator = engine.speculator
-    if speculator is None:
-        raise ValueError("with --async-scheduling nothing is drafted: leave it out")
     workload, ignore_eos = bench_workload(args, llm)
     method = "prediction" if args.prediction else speculative
     console = Console(stderr=True)

@@ -157,18 +157,19 @@ class Engine:
             proposer = build_proposer(
                 config.speculative, self.model_config.vocab_size, num_blocks, block_size, config.device, dtype, draft
             )
-        # async scheduling: decode steps on CUDA graphs, without speculation (drafts need the tokens first)
-        self.async_scheduling = config.async_scheduling and self.runner.decode_graphs is not None and proposer is None
-        if config.async_scheduling and not self.async_scheduling:
+        # async scheduling (on by default where it applies): decode steps on CUDA graphs, without a speculative
+        # method (its drafts need the tokens first; predicted outputs draft in plain steps, see _schedule_behind)
+        applies = self.runner.decode_graphs is not None and proposer is None
+        self.async_scheduling = applies and config.async_scheduling is not False
+        if config.async_scheduling and not applies:
             logger.warning(
                 "async scheduling needs CUDA-graph decode steps (CUDA, no --enforce-eager) and no speculative "
                 "decoding; steps run one after the other"
             )
-        self.speculator: Speculator | None = None  # without a proposer, it drafts from predicted outputs only
-        if not self.async_scheduling:
-            stack = self.runner.decode_stack
-            max_rows = stack.max_rows if stack is not None else None
-            self.speculator = Speculator(config.speculative, proposer, self.max_model_len, max_rows)
+        stack = self.runner.decode_stack
+        max_rows = stack.max_rows if stack is not None else None
+        # without a proposer, it drafts from predicted outputs only
+        self.speculator = Speculator(config.speculative, proposer, self.max_model_len, max_rows)
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -354,7 +355,7 @@ class Engine:
             child.pooling = pooling
             child.priority = priority
             child.cache_salt = cache_salt
-            if prediction and self.speculator is not None:
+            if prediction:
                 child.prediction = PredictedOutput(prediction)
             if compiler is not None:
                 assert params.structured_outputs is not None
@@ -421,8 +422,7 @@ class Engine:
         """
         if self._in_flight is not None:
             return self._read_back_in_flight()
-        if self.speculator is not None:
-            self.speculator.propose(self.scheduler.running)
+        self.speculator.propose(self.scheduler.running)
         scheduled = self.scheduler.schedule().scheduled
         if not scheduled:
             return []
@@ -451,13 +451,14 @@ class Engine:
     def _schedule_behind(self, in_flight: LaunchedStep) -> list[ScheduledRequest] | None:
         """The next step, scheduled before `in_flight`'s tokens are known: its requests one token further, when
         they are all that runs (nothing waits to be admitted) and the pool has the blocks. Requests that end
-        on length with the token in flight are left out; one that stops on a stop token wastes its row."""
+        on length with the token in flight are left out; one that stops on a stop token wastes its row. A
+        request with a predicted output stops the chain: its drafts come from its tokens, in a plain step."""
         if self.scheduler.waiting or len(self.scheduler.running) != len(in_flight.scheduled):
             return None
         requests = []
         for s in in_flight.scheduled:
             request = s.request
-            if request.is_finished:
+            if request.is_finished or request.prediction is not None:
                 return None
             if request.num_output_tokens + 1 < request.max_tokens and request.num_tokens < self.max_model_len:
                 requests.append(request)
@@ -492,7 +493,6 @@ class Engine:
                     break
             if s.spec_token_ids:
                 num_accepted = len(tokens) - 1
-                assert self.speculator is not None
                 self.speculator.record(request, len(s.spec_token_ids), num_accepted)
                 if not request.is_finished and num_accepted < len(s.spec_token_ids):
                     self.scheduler.rollback(request, len(s.spec_token_ids) - num_accepted)
@@ -531,8 +531,7 @@ class Engine:
     def _finish(self, request: Request, reason: str, stop_reason: str | int | None = None) -> None:
         request.drop_pending_tokens()
         self.scheduler.finish(request, reason, stop_reason)
-        if self.speculator is not None:
-            self.speculator.finish(request)
+        self.speculator.finish(request)
 
 
 def merge_output(acc: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
@@ -569,8 +568,9 @@ class LLM:
     that many whole contexts at most), enable_prefix_caching, max_num_seqs, max_num_batched_tokens, max_model_len,
     scheduling_policy ("fcfs" or "priority"), speculative ("ngram", "suffix", "draft:<model>"),
     num_speculative_tokens, speculative_max_batch_size, prompt_lookup_min and prompt_lookup_max (ngram),
-    enforce_eager (no CUDA graphs), async_scheduling, enable_lora, lora_modules ({name: PEFT directory}),
-    max_lora_rank and max_loras. `generate(..., lora="name")` runs prompts with an adapter.
+    enforce_eager (no CUDA graphs), async_scheduling (None, the default: where it applies), enable_lora,
+    lora_modules ({name: PEFT directory}), max_lora_rank and max_loras. `generate(..., lora="name")` runs
+    prompts with an adapter.
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:

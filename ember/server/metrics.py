@@ -157,11 +157,10 @@ class EngineMetrics:
         self._advance(self.preemptions, engine.scheduler.num_preemptions)
         self._advance(self.prefix_queries, engine.kv_cache.prefix_queries)
         self._advance(self.prefix_hits, engine.kv_cache.prefix_hits)
-        if engine.speculator is not None:
-            stats = engine.speculator.stats
-            self._advance(self.spec_drafts, stats.num_steps)
-            self._advance(self.spec_draft_tokens, stats.num_draft_tokens)
-            self._advance(self.spec_accepted_tokens, stats.num_accepted_tokens)
+        stats = engine.speculator.stats
+        self._advance(self.spec_drafts, stats.num_steps)
+        self._advance(self.spec_draft_tokens, stats.num_draft_tokens)
+        self._advance(self.spec_accepted_tokens, stats.num_accepted_tokens)
 
     def on_finished(self, stats: FinishedStats) -> None:
         self.prompt_tokens.inc(stats.num_prompt_tokens)
@@ -187,9 +186,8 @@ class EngineMetrics:
         self.running.set(len(scheduler.running))
         self.waiting.set(len(scheduler.waiting))
         self.kv_usage.set(self.engine.kv_cache.usage())
-        if self.engine.speculator is not None:
-            self.spec_acceptance_rate.set(self.engine.speculator.stats.acceptance_rate)
-            self.spec_mean_accepted_length.set(self.engine.speculator.stats.mean_accepted_length)
+        self.spec_acceptance_rate.set(self.engine.speculator.stats.acceptance_rate)
+        self.spec_mean_accepted_length.set(self.engine.speculator.stats.mean_accepted_length)
         if self.engine.runner.lora is not None:
             self.set_lora_info(self.engine.runner.lora)
         return generate_latest(self.registry)

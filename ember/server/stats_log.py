@@ -53,11 +53,9 @@ class StatsLogger:
     def totals(self) -> tuple[int, ...]:
         """Running totals: prompt tokens looked up in the prefix cache, found there, tokens generated, drafted and
         accepted by speculative decoding."""
-        kv_cache, speculator = self.engine.kv_cache, self.engine.speculator
-        drafted, accepted = (
-            (speculator.stats.num_draft_tokens, speculator.stats.num_accepted_tokens) if speculator else (0, 0)
-        )
-        return kv_cache.prefix_queries, kv_cache.prefix_hits, self.metrics.num_generated, drafted, accepted
+        kv_cache, spec = self.engine.kv_cache, self.engine.speculator.stats
+        return (kv_cache.prefix_queries, kv_cache.prefix_hits, self.metrics.num_generated, spec.num_draft_tokens,
+                spec.num_accepted_tokens)  # fmt: skip
 
     def _run(self) -> None:
         last, before = time.monotonic(), self.totals()

@@ -47,7 +47,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16
 FULL = {"heads": 16, "kv_heads": 8, "head_dim": 128, "hidden": 1024, "intermediate": 3072, "layers": 28,
-        "vocab": 151936, "decode_points": [(256, 800), (256, 1500), (64, 800), (1, 800)],
+        "vocab": 151936, "decode_points": [(256, 800), (256, 1500), (64, 800), (8, 800), (1, 800)],
         "prefill_chunks": [(0, 1024)] * 8 + [(1024, 512)] * 8, "rows": [256, 8192]}  # fmt: skip
 TINY = {"heads": 4, "kv_heads": 2, "head_dim": 16, "hidden": 64, "intermediate": 128, "layers": 2, "vocab": 512,
         "decode_points": [(4, 40), (1, 8)], "prefill_chunks": [(0, 24), (16, 8)], "rows": [8]}  # fmt: skip

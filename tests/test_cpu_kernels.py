@@ -276,6 +276,11 @@ def test_elementwise_kernels_match_pytorch(dtype: torch.dtype, tolerance: float)
     values = qkv[:, 4 * 16 :].clone()
     elementwise.rotary_(heads, angles.cos(), angles.sin())
     assert relative_error(heads, expected) < tolerance and torch.equal(qkv[:, 4 * 16 :], values)
+    # partial rotary (Phi-4-mini's): the leading 12 of each head's 16 dims rotate, the other 4 stay
+    leading, tails = heads[..., :12], heads[..., 12:].clone()
+    expected = elementwise.rotate_reference(leading, angles[:, :6].cos(), angles[:, :6].sin())
+    elementwise.rotary_(leading, angles[:, :6].cos(), angles[:, :6].sin())
+    assert relative_error(leading, expected) < tolerance and torch.equal(heads[..., 12:], tails)
 
     gate_up = randn(tokens, 2 * 48)
     gate, up = gate_up.chunk(2, dim=-1)

@@ -219,14 +219,35 @@ def test_small_prefill_chunks_run_as_rows_in_bf16() -> None:
     assert rows[0] == len(prompt) > 1
 
 
-def test_no_stack_without_blocks_or_with_partial_rotary(smollm: LLM, tiny_models: dict) -> None:
-    """An HF-directory model has no GGUF blocks; partial rotary (Phi-4-mini) is not in the C layer."""
+def test_no_stack_without_blocks_or_with_multipliers(smollm: LLM, tiny_models: dict) -> None:
+    """An HF-directory model has no GGUF blocks; Granite's multipliers are not in the C layer."""
     assert LLM(str(tiny_models["llama3"][0]), num_blocks=16).engine.runner.decode_stack is None
     runner = smollm.engine.runner
     model = runner.model
     assert NativeDecodeStack.build(model, runner.kv_caches, 2048, runner.block_size) is not None
-    model.config.rotary_dim = model.config.head_dim // 2
+    model.config.architecture = "granite"
     try:
         assert NativeDecodeStack.build(model, runner.kv_caches, 2048, runner.block_size) is None
     finally:
-        model.config.rotary_dim = None
+        model.config.architecture = "llama"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_partial_rotary_layers_are_bit_identical(tmp_path: Path, dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Phi-3's layers (Phi-4-mini's shape): fused projections, half of each head rotating by LongRoPE's tables."""
+    from tests.conftest import make_tiny_hf_model
+    from tests.test_gguf_loader import LONGROPE, write_phi3_gguf
+
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path / "cache"))
+    hf_model = make_tiny_hf_model(
+        "phi3", tmp_path / "hf", rope_scaling={"rope_type": "longrope", **LONGROPE},
+        original_max_position_embeddings=64, max_position_embeddings=256,
+    )  # fmt: skip
+    path = tmp_path / "phi3-q8.gguf"
+    write_phi3_gguf(path, hf_model, GGMLQuantizationType.Q8_0)
+    llm = LLM(str(path), num_blocks=64, dtype=dtype)
+    assert llm.engine.model_config.rotary_dim == llm.engine.model_config.head_dim // 2
+    prompts = [[5, 17, 33, 200, 91, 7, 64] * 3, [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [100, 101]]
+    with_stack, plain, rows = generate_both_ways(llm, prompts, [20, 12, 16])
+    assert_identical(with_stack, plain)
+    assert rows and max(rows) == widest_stack_step(llm, prompts)

@@ -8,7 +8,8 @@ and every third between. Matrices whose rows are not whole 256-weight super-bloc
 types (Q4_K: Q5_0, Q5_K: Q5_1, Q6_K: Q8_0, Q2_K, Q3_K and IQ4_XS: IQ4_NL), as SmolLM2's width of 576 makes them do.
 K-quant and IQ4 blocks are random bytes under small scales (gguf-py cannot quantize to those types).
 
-`.venv/bin/python benchmarks/cpu/random_gguf.py /tmp/qwen3-0.6b-q8.gguf [--preset qwen3-0.6b] [--type Q8_0]`
+`.venv/bin/python benchmarks/cpu/random_gguf.py /tmp/qwen3-0.6b-q8.gguf [--preset qwen3-0.6b] [--type Q8_0]
+[--rotary-dim N]`
 """
 
 from __future__ import annotations
@@ -126,6 +127,9 @@ def main() -> None:
         ],
         help="the matrices' block type, or one of llama.cpp's mixes",
     )
+    parser.add_argument(
+        "--rotary-dim", type=int, help="the leading dims of each head that rotate (partial rotary, as Phi-4-mini's 3/4)"
+    )
     args = parser.parse_args()
     config = DUMMY_PRESETS[args.preset]
     arch = ARCHITECTURES[config["architectures"][0]]
@@ -141,6 +145,8 @@ def main() -> None:
     writer.add_key_length(config["head_dim"])
     writer.add_value_length(config["head_dim"])
     writer.add_rope_freq_base(config["rope_theta"])
+    if args.rotary_dim:
+        writer.add_rope_dimension_count(args.rotary_dim)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
     if window := config.get("sliding_window"):

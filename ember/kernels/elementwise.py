@@ -89,17 +89,18 @@ def rotate_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Rotate x [tokens, heads, head_dim] in place; heads of a token must be contiguous (a view of a QKV row is)."""
-    tokens, heads, head_dim = x.shape
-    if (kernels := _triton(x)) is not None and x.stride(2) == 1 and x.stride(1) == head_dim:
+    """Rotate x [tokens, heads, dims] in place; each head's dims contiguous (a view of a QKV row's heads is, and
+    of their leading dims under partial rotary)."""
+    tokens, heads, dims = x.shape
+    if (kernels := _triton(x)) is not None and x.stride(2) == 1 and x.stride(1) == dims:
         kernels.rotary_(x, cos, sin)
         return
     library = _native(x)
-    if library is None or x.stride(2) != 1 or x.stride(1) != head_dim:
+    if library is None or x.stride(2) != 1:
         x.copy_(rotate_reference(x, cos, sin))
         return
     getattr(library, f"rotary_{SUFFIX[x.dtype]}")(
-        x.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, heads, head_dim, x.stride(0)
+        x.data_ptr(), cos.data_ptr(), sin.data_ptr(), tokens, heads, dims, x.stride(1), x.stride(0)
     )
 
 

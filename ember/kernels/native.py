@@ -36,7 +36,7 @@ SIGNATURES: dict[str, list[type]] = {
         for kind in ("rms_norm", "gemma_rms_norm")
         for t in ("f32", "bf16")
     },
-    **{f"rotary_{t}": [_ptr] * 3 + [_i64] * 4 for t in ("f32", "bf16")},
+    **{f"rotary_{t}": [_ptr] * 3 + [_i64] * 5 for t in ("f32", "bf16")},
     **{f"scale_{t}": [_ptr, _i64, _f32] for t in ("f32", "bf16")},
     **{
         f"{kind}_{t}": [_ptr] * 2 + [_i64] * 2

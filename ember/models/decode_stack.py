@@ -5,8 +5,8 @@ At one row a SmolLM2 step spent about half its time in Python: ~270 calls from P
 rotary, attention) at 5-13 us each around kernels of a few microseconds. The C driver runs the same kernels
 in the same order on the same buffers, so its hidden states are bit-identical to `LlamaForCausalLM.forward`;
 it needs every layer's linears on GGUF blocks (`quantized.py`), which bound it to `MAX_ROWS` rows (with a kernel
-that takes their larger steps, AMX's or AVX512-BF16's, to `MANY_ROW_STEP_ROWS`), and whole-head rotary and no
-multipliers (Phi-4-mini and Granite stay on the PyTorch model). Gemma 2 and 3 run in it.
+that takes their larger steps, AMX's or AVX512-BF16's, to `MANY_ROW_STEP_ROWS`), and no multipliers (Granite
+stays on the PyTorch model). Gemma 2 and 3 and Phi-4-mini (partial rotary) run in it.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class _EmbeddingBlocks(ctypes.Structure):
 class _DecodeStack(ctypes.Structure):
     _fields_ = [
         *((name, _i64) for name in ("num_layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate")),
-        *((name, _i64) for name in ("num_blocks", "block_size", "elem_size")),
+        *((name, _i64) for name in ("num_blocks", "block_size", "elem_size", "rotary_dim")),
         *((name, _f32) for name in ("eps", "scale", "embedding_scale", "softcap")),
         ("layers", ctypes.POINTER(_DecoderLayer)),
         *((name, _ptr) for name in ("embedding", "final_norm")),
@@ -136,8 +136,8 @@ class NativeDecodeStack:
         library = native.load()
         cfg = model.config
         dtype = model.norm.weight.dtype
-        if library is None or dtype not in SUFFIX or cfg.rotary_dim is not None or cfg.architecture == "granite":
-            return None  # partial rotary and Granite's multipliers are not in the C layer
+        if library is None or dtype not in SUFFIX or cfg.architecture == "granite":
+            return None  # Granite's multipliers are not in the C layer
         layer_norms = (n for layer in model.layers for n in _layer_norms(layer) if n is not None)
         head_norms = (n for layer in model.layers for n in (layer.self_attn.q_norm, layer.self_attn.k_norm) if n)
         norms = [model.norm, *layer_norms, *head_norms]
@@ -181,7 +181,8 @@ class NativeDecodeStack:
             "act": cfg.intermediate_size,
         }
         self._scratch = {name: torch.empty(self.max_rows, widths[name], dtype=dtype) for name in SCRATCH}
-        self._rope_rows = [torch.empty(self.max_rows, cfg.head_dim // 2) for _ in range(2)]
+        rotary_dim = cfg.rotary_dim or cfg.head_dim
+        self._rope_rows = [torch.empty(self.max_rows, rotary_dim // 2) for _ in range(2)]
 
         def linear(q: QuantizedMatmul) -> _QuantizedLinear:
             segments = [
@@ -223,6 +224,7 @@ class NativeDecodeStack:
             num_blocks,
             block_size,
             torch.empty(0, dtype=dtype).element_size(),
+            rotary_dim,
             cfg.rms_norm_eps,
             model.layers[0].self_attn.scale,  # the attention scale as the model computes it
             model.embedding_scale(),

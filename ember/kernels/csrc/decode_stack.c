@@ -18,7 +18,7 @@ typedef void (*quantized_linear_fn)(const void* quants, const void* scales, cons
 typedef void (*rms_norm_fn)(const void* x, void* residual, const void* weight, void* out, int64_t rows, int64_t H,
                             int64_t x_stride, float eps);
 typedef void (*rotary_fn)(void* x, const float* cos, const float* sin, int64_t rows, int64_t heads, int64_t d,
-                          int64_t stride);
+                          int64_t head_stride, int64_t row_stride);
 typedef void (*dequantize_fn)(const void* quants, const void* scales, const void* mins, float* out, int64_t N,
                               int64_t K);
 typedef void (*act_and_mul_fn)(const void* gate_up, void* out, int64_t rows, int64_t I);
@@ -64,7 +64,7 @@ typedef struct {
     void *k_cache, *v_cache;
     const void *q_norm, *k_norm;  // Qwen3's and Gemma 3's per-head RMSNorm weights [head_dim]; NULL: none
     int64_t window;               // its sliding attention window; 0: whole contexts
-    const float *cos, *sin;       // its rotary tables [max_positions, head_dim / 2] (Gemma 3's local layers: own)
+    const float *cos, *sin;       // its rotary tables [max_positions, rotary_dim / 2] (Gemma 3's local layers: own)
 } DecoderLayer;
 
 // A GGUF embedding table held as its blocks (`quantized.QuantizedEmbedding`): a row looked up is dequantized.
@@ -78,6 +78,7 @@ typedef struct {
 
 typedef struct {
     int64_t num_layers, hidden, heads, kv_heads, head_dim, intermediate, num_blocks, block_size, elem_size;
+    int64_t rotary_dim;  // the leading dims of each head that rotate: head_dim, or fewer (Phi-4-mini: 3/4)
     float eps, scale;
     float embedding_scale;  // embeddings are multiplied by it (Gemma: sqrt(hidden) rounded to the dtype); 1: not
     float softcap;          // attention scores' soft cap (Gemma 2); 0: none
@@ -141,7 +142,7 @@ static inline void linear(const DecodeStack* s, const QuantizedLinear* p, const 
 void decode_stack(const DecodeStack* s, const int64_t* token_ids, const int64_t* positions,
                   const int64_t* block_tables, const int64_t* row_tables, const int64_t* context_lens,
                   const int64_t* slots, const int64_t* lora_slots, int64_t rows, int64_t max_blocks, void* out) {
-    const int64_t E = s->elem_size, H = s->hidden, d = s->head_dim, half = d / 2;
+    const int64_t E = s->elem_size, H = s->hidden, d = s->head_dim, rd = s->rotary_dim, half = rd / 2;
     const int64_t Q = s->heads * d, KV = s->kv_heads * d, QKV = Q + 2 * KV;
     for (int64_t r = 0; r < rows; r++) embed(s, token_ids[r], row(s->residual, r, H, E));
     if (s->embedding_scale != 1.0f) s->scale_elements(s->residual, rows * H, s->embedding_scale);
@@ -168,10 +169,10 @@ void decode_stack(const DecodeStack* s, const int64_t* token_ids, const int64_t*
                 s->rms_norm(src + Q * E, NULL, L->k_norm, row(s->k, r, KV, E), s->kv_heads, d, d, s->eps);
                 memcpy(row(s->v, r, KV, E), src + (Q + KV) * E, KV * E);
             }
-            s->rotary(s->q, s->cos_rows, s->sin_rows, rows, s->heads, d, Q);
-            s->rotary(s->k, s->cos_rows, s->sin_rows, rows, s->kv_heads, d, KV);
+            s->rotary(s->q, s->cos_rows, s->sin_rows, rows, s->heads, rd, d, Q);
+            s->rotary(s->k, s->cos_rows, s->sin_rows, rows, s->kv_heads, rd, d, KV);
         } else {
-            s->rotary(s->qkv, s->cos_rows, s->sin_rows, rows, s->heads + s->kv_heads, d, QKV);
+            s->rotary(s->qkv, s->cos_rows, s->sin_rows, rows, s->heads + s->kv_heads, rd, d, QKV);
             for (int64_t r = 0; r < rows; r++) {  // the kernel takes q, k and v each contiguous
                 const char* src = row(s->qkv, r, QKV, E);
                 memcpy(row(s->q, r, Q, E), src, Q * E);

@@ -77,16 +77,17 @@ static inline float f32_store(float x) { return x; }
         rms_norm_rows_##SUFFIX(x, residual, weight, out, rows, H, x_stride, eps, 1);                       \
     }                                                                                                      \
                                                                                                            \
-    /* Rotate, in place, `heads` vectors of d per row ("rotate half" layout) by cos/sin [rows, d/2]. */   \
+    /* Rotate, in place, the first d dims of `heads` heads per row, head_stride apart ("rotate half"      \
+       layout; d < head_stride: partial rotary), by cos/sin [rows, d/2]. */                                \
     void rotary_##SUFFIX(T* x, const float* cos, const float* sin, int64_t rows, int64_t heads, int64_t d,  \
-                         int64_t row_stride) {                                                             \
+                         int64_t head_stride, int64_t row_stride) {                                        \
         const int64_t half = d / 2;                                                                        \
         PARALLEL_IF_LARGE(rows * heads * d)                                                                \
         for (int64_t r = 0; r < rows; r++) {                                                               \
             const float* c = cos + r * half;                                                               \
             const float* s = sin + r * half;                                                               \
             for (int64_t h = 0; h < heads; h++) {                                                          \
-                T* v = x + r * row_stride + h * d;                                                         \
+                T* v = x + r * row_stride + h * head_stride;                                               \
                 _Pragma("omp simd")                                                                        \
                 for (int64_t i = 0; i < half; i++) {                                                       \
                     const float x1 = LOAD(v[i]), x2 = LOAD(v[i + half]);                                   \

@@ -219,17 +219,40 @@ def test_small_prefill_chunks_run_as_rows_in_bf16() -> None:
     assert rows[0] == len(prompt) > 1
 
 
-def test_no_stack_without_blocks_or_with_multipliers(smollm: LLM, tiny_models: dict) -> None:
-    """An HF-directory model has no GGUF blocks; Granite's multipliers are not in the C layer."""
+def test_no_stack_without_blocks(tiny_models: dict) -> None:
+    """An HF-directory model has no GGUF blocks for the C layer's linears."""
     assert LLM(str(tiny_models["llama3"][0]), num_blocks=16).engine.runner.decode_stack is None
-    runner = smollm.engine.runner
-    model = runner.model
-    assert NativeDecodeStack.build(model, runner.kv_caches, 2048, runner.block_size) is not None
-    model.config.architecture = "granite"
-    try:
-        assert NativeDecodeStack.build(model, runner.kv_caches, 2048, runner.block_size) is None
-    finally:
-        model.config.architecture = "llama"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_granite_layers_are_bit_identical(tmp_path: Path, dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Granite's multipliers: embeddings scaled, each sublayer's output scaled as it joins the residual stream,
+    its own attention scale (the logits' scale is applied outside the stack)."""
+    from transformers import AutoModelForCausalLM, GraniteConfig
+
+    from tests.test_gguf_loader import CONFIG, write_gguf
+
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path / "cache"))
+    scales = {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.05,
+              "logits_scaling": 8.0}  # fmt: skip
+    torch.manual_seed(2)
+    config = GraniteConfig(**{**CONFIG, "architectures": ["GraniteForCausalLM"], "model_type": "granite"}, **scales)
+    hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+    def multipliers(writer: Any) -> None:
+        writer.add_float32("granite.embedding_scale", scales["embedding_multiplier"])
+        writer.add_float32("granite.residual_scale", scales["residual_multiplier"])
+        writer.add_float32("granite.attention.scale", scales["attention_multiplier"])
+        writer.add_float32("granite.logit_scale", scales["logits_scaling"])
+
+    path = tmp_path / "granite-q8.gguf"
+    write_gguf(path, hf_model, GGMLQuantizationType.Q8_0, arch="granite", describe=multipliers)
+    llm = LLM(str(path), num_blocks=64, dtype=dtype)
+    assert llm.engine.model_config.residual_multiplier == pytest.approx(scales["residual_multiplier"])
+    prompts = [[5, 17, 33, 200, 91, 7, 64] * 3, [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [100, 101]]
+    with_stack, plain, rows = generate_both_ways(llm, prompts, [20, 12, 16])
+    assert_identical(with_stack, plain)
+    assert rows and max(rows) == widest_stack_step(llm, prompts)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -9,7 +9,7 @@ types (Q4_K: Q5_0, Q5_K: Q5_1, Q6_K: Q8_0, Q2_K, Q3_K and IQ4_XS: IQ4_NL), as Sm
 K-quant and IQ4 blocks are random bytes under small scales (gguf-py cannot quantize to those types).
 
 `.venv/bin/python benchmarks/cpu/random_gguf.py /tmp/qwen3-0.6b-q8.gguf [--preset qwen3-0.6b] [--type Q8_0]
-[--rotary-dim N]`
+[--rotary-dim N] [--granite]`
 """
 
 from __future__ import annotations
@@ -130,9 +130,16 @@ def main() -> None:
     parser.add_argument(
         "--rotary-dim", type=int, help="the leading dims of each head that rotate (partial rotary, as Phi-4-mini's 3/4)"
     )
+    parser.add_argument(
+        "--granite", action="store_true", help="a Llama-shaped preset as IBM Granite 3: its four scalar multipliers"
+    )
     args = parser.parse_args()
     config = DUMMY_PRESETS[args.preset]
     arch = ARCHITECTURES[config["architectures"][0]]
+    if args.granite:
+        if arch != "llama":
+            parser.error("--granite takes a Llama-shaped preset (Granite's layout is Llama's)")
+        arch = "granite"
     layers, tied = config["num_hidden_layers"], config["tie_word_embeddings"]
     rng = np.random.default_rng(0)
     writer = GGUFWriter(str(args.out), arch)
@@ -147,6 +154,11 @@ def main() -> None:
     writer.add_rope_freq_base(config["rope_theta"])
     if args.rotary_dim:
         writer.add_rope_dimension_count(args.rotary_dim)
+    if args.granite:  # Granite 3.1 8B's values, but the attention's (head_dim ** -0.5, as Granite 3's smaller ones)
+        writer.add_float32("granite.embedding_scale", 12.0)
+        writer.add_float32("granite.residual_scale", 0.22)
+        writer.add_float32("granite.attention.scale", config["head_dim"] ** -0.5)
+        writer.add_float32("granite.logit_scale", 8.0)
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
     if window := config.get("sliding_window"):

@@ -5,8 +5,8 @@ At one row a SmolLM2 step spent about half its time in Python: ~270 calls from P
 rotary, attention) at 5-13 us each around kernels of a few microseconds. The C driver runs the same kernels
 in the same order on the same buffers, so its hidden states are bit-identical to `LlamaForCausalLM.forward`;
 it needs every layer's linears on GGUF blocks (`quantized.py`), which bound it to `MAX_ROWS` rows (with a kernel
-that takes their larger steps, AMX's or AVX512-BF16's, to `MANY_ROW_STEP_ROWS`), and no multipliers (Granite
-stays on the PyTorch model). Gemma 2 and 3 and Phi-4-mini (partial rotary) run in it.
+that takes their larger steps, AMX's or AVX512-BF16's, to `MANY_ROW_STEP_ROWS`). Gemma 2 and 3, Phi-4-mini
+(partial rotary) and Granite (scalar multipliers) run in it too.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class _DecodeStack(ctypes.Structure):
     _fields_ = [
         *((name, _i64) for name in ("num_layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate")),
         *((name, _i64) for name in ("num_blocks", "block_size", "elem_size", "rotary_dim")),
-        *((name, _f32) for name in ("eps", "scale", "embedding_scale", "softcap")),
+        *((name, _f32) for name in ("eps", "scale", "embedding_scale", "softcap", "residual_scale")),
         ("layers", ctypes.POINTER(_DecoderLayer)),
         *((name, _ptr) for name in ("embedding", "final_norm")),
         *((name, _ptr) for name in ("rms_norm", "rotary", "act_and_mul", "scale_elements")),
@@ -134,10 +134,9 @@ class NativeDecodeStack:
     ) -> NativeDecodeStack | None:
         """The stack of `model` (its linears packed with GGUF blocks), or None where it cannot run it."""
         library = native.load()
-        cfg = model.config
         dtype = model.norm.weight.dtype
-        if library is None or dtype not in SUFFIX or cfg.architecture == "granite":
-            return None  # Granite's multipliers are not in the C layer
+        if library is None or dtype not in SUFFIX:
+            return None
         layer_norms = (n for layer in model.layers for n in _layer_norms(layer) if n is not None)
         head_norms = (n for layer in model.layers for n in (layer.self_attn.q_norm, layer.self_attn.k_norm) if n)
         norms = [model.norm, *layer_norms, *head_norms]
@@ -229,6 +228,7 @@ class NativeDecodeStack:
             model.layers[0].self_attn.scale,  # the attention scale as the model computes it
             model.embedding_scale(),
             cfg.attn_logit_softcapping or 0.0,
+            cfg.residual_multiplier,
             layers,
             None if isinstance(model.embed_tokens, QuantizedEmbedding) else model.embed_tokens.weight.data_ptr(),
             model.norm.weight.data_ptr(),

@@ -82,6 +82,7 @@ typedef struct {
     float eps, scale;
     float embedding_scale;  // embeddings are multiplied by it (Gemma: sqrt(hidden) rounded to the dtype); 1: not
     float softcap;          // attention scores' soft cap (Gemma 2); 0: none
+    float residual_scale;   // each sublayer's output is multiplied by it as it joins the residual stream (Granite)
     const DecoderLayer* layers;
     const void* embedding;   // [vocab, hidden], unless held as blocks (`embedding_blocks`)
     const void* final_norm;  // [hidden]
@@ -189,11 +190,13 @@ void decode_stack(const DecodeStack* s, const int64_t* token_ids, const int64_t*
                         max_blocks, s->scale, L->window, s->softcap);
         linear(s, &L->o, s->attn, s->x, rows, lora_slots);
         if (L->attention_out_norm) s->rms_norm(s->x, NULL, L->attention_out_norm, s->x, rows, H, H, s->eps);
+        if (s->residual_scale != 1.0f) s->scale_elements(s->x, rows * H, s->residual_scale);
         s->rms_norm(s->x, s->residual, L->pre_mlp_norm, s->h, rows, H, H, s->eps);
         linear(s, &L->gate_up, s->h, s->gate_up, rows, lora_slots);
         s->act_and_mul(s->gate_up, s->act, rows, s->intermediate);
         linear(s, &L->down, s->act, s->x, rows, lora_slots);
         if (L->mlp_out_norm) s->rms_norm(s->x, NULL, L->mlp_out_norm, s->x, rows, H, H, s->eps);
+        if (s->residual_scale != 1.0f) s->scale_elements(s->x, rows * H, s->residual_scale);
     }
     s->rms_norm(s->x, s->residual, s->final_norm, out, rows, H, H, s->eps);
 }

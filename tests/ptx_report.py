@@ -118,6 +118,11 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
         {"logits": "*fp32", "row_stride": "i32", "vocab": "i32", "top_k": "*i32", "top_p": "*fp32", "out": "*fp32"},
         {"BLOCK": triton_sampling.BLOCK}, {"num_warps": triton_sampling.NUM_WARPS},
     ),
+    "gumbel-race": (
+        triton_sampling._gumbel_race_kernel,
+        {"logits": "*fp32", "row_stride": "i32", "vocab": "i32", "seed": "i32", "out": "*i64"},
+        {"BLOCK": triton_sampling.RACE_BLOCK}, {"num_warps": triton_sampling.RACE_WARPS},
+    ),
 }  # fmt: skip
 
 

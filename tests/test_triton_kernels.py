@@ -262,6 +262,51 @@ def test_sampler_filters_through_the_triton_kernel(monkeypatch: pytest.MonkeyPat
     assert torch.equal(filter_logits(logits, requests).cpu(), expected)
 
 
+def test_gumbel_race_draws_from_the_softmax() -> None:
+    """600 rows of the same logits in one call: each token's share within 5 standard errors of its softmax
+    probability, a -inf token never drawn; the same seed gives the same tokens, another seed others."""
+    from ember.kernels import triton_sampling
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, generator=generator) * 1.5
+    logits[[4, 17]] = float("-inf")
+    rows = 600
+    batch = logits.expand(rows, -1).to(DEVICE)
+    tokens = triton_sampling.gumbel_race(batch, seed=11).cpu()
+    share = torch.bincount(tokens, minlength=40).float() / rows
+    p = torch.softmax(logits, dim=0)
+    assert share[4] == share[17] == 0
+    assert bool(((share - p).abs() <= 5 * (p * (1 - p) / rows).sqrt() + 1e-9).all())
+    assert torch.equal(triton_sampling.gumbel_race(batch[:50], seed=11).cpu(), tokens[:50])
+    assert not torch.equal(triton_sampling.gumbel_race(batch[:50], seed=12).cpu(), tokens[:50])
+
+
+def test_raced_rows_keep_to_their_filters_and_seeded_rows_to_their_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the Gumbel race on (CUDA path), unseeded rows draw only tokens their top-k/top-p keep, and seeded
+    rows draw what the default path draws."""
+    from ember.engine import sampler
+    from ember.engine.request import Request
+    from ember.engine.sampling_params import SamplingParams
+
+    generator = torch.Generator().manual_seed(5)
+    logits = (torch.randn(6, 300, generator=generator) * 3).to(DEVICE)
+    params = [SamplingParams(temperature=t, top_k=k, top_p=p, seed=s)
+              for t, k, p, s in ((1.0, 3, 1.0, None), (0.7, 0, 0.5, None), (1.3, 0, 1.0, None),
+                                 (0.9, 20, 0.9, 7), (1.5, 0, 0.7, 8), (1.0, 2, 1.0, None))]  # fmt: skip
+
+    def requests() -> list[Request]:
+        return [Request(str(i), [1], p, [], 1) for i, p in enumerate(params)]
+
+    expected = sampler.sample_tokens(logits.cpu(), requests())
+    monkeypatch.setenv("EMBER_KERNELS", "triton")
+    monkeypatch.setattr(sampler, "RACE_UNSEEDED_ROWS", True)
+    kept = sampler.sampling_logits(logits, requests()) > float("-inf")
+    for _ in range(5):
+        tokens = sampler.sample_tokens(logits, requests())
+        assert bool(kept[torch.arange(6), tokens.to(DEVICE)].all())
+        assert torch.equal(tokens[3:5].cpu(), expected[3:5])
+
+
 def test_seeded_top_k_top_p_sampling_on_the_triton_path_equals_the_default_path(
     tiny_models: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:

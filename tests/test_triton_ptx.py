@@ -68,6 +68,11 @@ def test_top_k_top_p_reads_logits_in_vectors(ptx: dict) -> None:
     assert ops.get("ld.global.v2.b32", 0) == 17, ops
 
 
+def test_gumbel_race_reads_logits_in_16_byte_vectors(ptx: dict) -> None:
+    ops = ptx["gumbel-race"]["memory_ops"]
+    assert ops.get("ld.global.v4.b32", 0) >= 1 and not ops.get("ld.global.b32"), ops
+
+
 def test_no_kernel_spills_registers_or_overflows_shared_memory(ptx: dict) -> None:
     """Spills are ptxas's doing, after the PTX: what the PTX's own local loads cannot show (fp32 prefill spilled
     40 bytes at 4 warps)."""

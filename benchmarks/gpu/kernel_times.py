@@ -225,13 +225,16 @@ def elementwise_kernels(s: dict[str, Any], report: Report) -> None:
 
 def sampler(s: dict[str, Any], report: Report) -> None:
     """The sampler on the logits of a full decode batch: greedy, temperature alone, with top-k and top-p, and
-    with top-p alone (top-k/top-p through `triton_sampling` on CUDA)."""
+    with top-p alone (top-k/top-p through `triton_sampling` on CUDA), each random one also with its unseeded
+    rows drawn by the Gumbel race (`sampler.RACE_UNSEEDED_ROWS`), and the race alone."""
+    from ember.engine import sampler as sampling
     from ember.engine.request import Request
-    from ember.engine.sampler import sample
     from ember.engine.sampling_params import SamplingParams
+    from ember.kernels import triton_sampling
 
     batch = s["decode_points"][0][0]
     logits = torch.randn(batch, s["vocab"], device=DEVICE)
+    shape, moved = f"{batch} x {s['vocab']} fp32", logits.numel() * 4
     for label, params in (
         ("greedy", SamplingParams(temperature=0)),
         ("temperature 1", SamplingParams(temperature=1.0)),
@@ -239,7 +242,12 @@ def sampler(s: dict[str, Any], report: Report) -> None:
         ("top-p 0.9", SamplingParams(temperature=0.8, top_p=0.9)),
     ):
         requests = [Request(str(i), [1], params, [], 1) for i in range(batch)]
-        report.add(f"sampler {label}", f"{batch} x {s['vocab']} fp32", lambda: sample(logits, requests), logits.numel() * 4, wall=True)  # noqa: E501,B023  # fmt: skip
+        for race in (False, True) if not params.greedy else (False,):
+            sampling.RACE_UNSEEDED_ROWS = race
+            name = f"sampler {label}" + (" (race)" if race else "")
+            report.add(name, shape, lambda: sampling.sample(logits, requests), moved, wall=True)  # noqa: B023
+    sampling.RACE_UNSEEDED_ROWS = False
+    report.add("gumbel race alone", shape, lambda: triton_sampling.gumbel_race(logits, 1), moved)
 
 
 def top_k_top_p_filters(s: dict[str, Any], report: Report) -> None:

@@ -275,11 +275,34 @@ def restore_rows_left_empty(logits: torch.Tensor, rows: list[int], before_masks:
     return logits
 
 
-def sampling_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    """The distribution a random sample is drawn from: temperature, then top-k/top-p/min-p, then softmax."""
+def sampling_logits(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """The logits a random sample is drawn from (by their softmax): temperature, then top-k/top-p/min-p."""
     temperatures = [1.0 if r.params.greedy else r.params.temperature for r in requests]  # greedy rows: unused
     temperatures = device_tensor(temperatures, logits.device, torch.float32)
-    return torch.softmax(filter_logits(logits / temperatures.unsqueeze(1), requests), dim=-1)
+    return filter_logits(logits / temperatures.unsqueeze(1), requests)
+
+
+# CUDA: draw the rows without a seed by a Gumbel race (`triton_sampling.gumbel_race`: one pass over the logits)
+# instead of inverting their CDF (softmax, a float64 copy and its cumulative sum: about 2.5x the bytes). Off until
+# timed on a GPU: kernel_times.py's sampler rows take both.
+RACE_UNSEEDED_ROWS = False
+
+
+def random_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """One token per row, drawn from its sampling distribution (`sampling_logits`). A seeded row always inverts
+    its CDF at its generator's number, so it draws the same tokens on every device and path."""
+    generators = [r.generator for r in requests]
+    scaled = sampling_logits(logits, requests)
+    if not (RACE_UNSEEDED_ROWS and use_triton(logits.device)):
+        return draw(torch.softmax(scaled, dim=-1), generators)
+    from ember.kernels.triton_sampling import gumbel_race
+
+    token_ids = gumbel_race(scaled, int(torch.randint(2**31 - 1, ())))  # the host's generator: no device sync
+    seeded = [i for i, generator in enumerate(generators) if generator is not None]
+    if seeded:
+        rows = device_tensor(seeded, logits.device)
+        token_ids[rows] = draw(torch.softmax(scaled[rows], dim=-1), [generators[i] for i in seeded])
+    return token_ids
 
 
 def samples_without_sync(request: Request) -> bool:
@@ -308,7 +331,7 @@ def sample_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor
     greedy = [r.params.greedy for r in requests]
     if all(greedy):
         return logits.argmax(dim=-1)
-    token_ids = draw(sampling_probs(logits, requests), [r.generator for r in requests])
+    token_ids = random_tokens(logits, requests)
     if any(greedy):
         token_ids = torch.where(device_tensor(greedy, logits.device, torch.bool), logits.argmax(dim=-1), token_ids)
     return token_ids

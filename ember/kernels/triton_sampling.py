@@ -113,3 +113,38 @@ def top_k_top_p_filter(logits: torch.Tensor, top_ks: list[int], top_ps: list[flo
     """`logits` with every token below its row's threshold set to -inf."""
     thresholds = top_k_top_p_thresholds(logits, top_ks, top_ps)
     return logits.masked_fill(logits < thresholds.unsqueeze(1), float("-inf"))
+
+
+# Logits per tile and warps of the Gumbel race: one program per row, a row of 151,936 logits in 75 tiles.
+RACE_BLOCK = 2048
+RACE_WARPS = 8
+
+
+@triton.jit
+def _gumbel_race_kernel(logits, row_stride, vocab, seed, out, BLOCK: tl.constexpr):
+    """One program per row: the index of the largest logit plus Gumbel noise, which is a draw from the row's
+    softmax (a -inf logit is never drawn). One pass over the logits, the noise made in registers (Philox)."""
+    r = tl.program_id(0)
+    row = logits + r.to(tl.int64) * row_stride
+    best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    best_col = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(row + cols, mask=cols < vocab, other=float("-inf"))
+        uniform = tl.rand(seed, r * vocab + cols)  # [0, 1): 0 gives -inf noise, never drawn
+        score = x - tl.log(-tl.log(uniform))
+        better = score > best
+        best = tl.where(better, score, best)
+        best_col = tl.where(better, cols, best_col)
+    top = tl.max(best, axis=0)
+    tl.store(out + r, tl.min(tl.where(best == top, best_col, vocab), axis=0))
+
+
+def gumbel_race(logits: torch.Tensor, seed: int) -> torch.Tensor:
+    """[rows] int64: one token per row drawn from softmax(logits), by the Gumbel-max race, with Philox noise
+    from `seed` (the same seed and logits give the same tokens). Rows of -inf only give token 0."""
+    logits = logits.float().contiguous()
+    rows, vocab = logits.shape
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    _gumbel_race_kernel[(rows,)](logits, logits.stride(0), vocab, seed, out, BLOCK=RACE_BLOCK, num_warps=RACE_WARPS)
+    return out

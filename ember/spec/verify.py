@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ember.engine.request import Request, TokenLogprob
-from ember.engine.sampler import adjust_logits, draw, sampling_probs, top_logprobs
+from ember.engine.sampler import adjust_logits, draw, sampling_logits, top_logprobs
 from ember.kernels import device_tensor
 
 
@@ -72,7 +72,9 @@ def verify_drafts(
     if request.params.greedy:
         tokens = accept_greedy(adjusted.argmax(dim=-1).tolist(), drafts)
     else:
-        tokens = rejection_sample(sampling_probs(adjusted, rows), drafts, generator=request.generator)
+        tokens = rejection_sample(
+            torch.softmax(sampling_logits(adjusted, rows), dim=-1), drafts, generator=request.generator
+        )
     logprobs: list[TokenLogprob | None] = [None] * len(tokens)
     if raw is not None:
         chosen = device_tensor(tokens, raw.device)

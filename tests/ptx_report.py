@@ -28,6 +28,7 @@ HOPPER = GPUTarget("cuda", 90, 32)
 ALIGNED_INTS = {"H", "x_stride", "width", "row_stride", "vocab"}
 QWEN3 = {"G": 2, "BS": 16, "D": 128, "P": 8, "SOFTCAP": 0.0}  # 16 heads over 8 KV heads, head_dim 128, bf16 layout
 DECODE = {**QWEN3, "G_PAD": 16, "PAGES": triton_attention.DECODE_PAGES}
+PREFILL = {**QWEN3, "PAGES": triton_attention.PREFILL_PAGES}
 ATTENTION_INTS = {"H": "i32", "KVH": "i32", "NB": "i32", "MAXB": "i32"}
 DECODE_SIGNATURE = {"q": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "tables": "*i64", "lens": "*i64",
                     "out": "*bf16", "mid_out": "*fp32", "mid_lse": "*fp32", "scale": "fp32", **ATTENTION_INTS,
@@ -57,9 +58,16 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
     **{
         f"prefill-m{block_m}": (
             triton_attention._prefill_kernel, PREFILL_SIGNATURE,
-            {**QWEN3, "BLOCK_M": block_m, "DOT_FP32": False, "IEEE": False}, {},
+            {**PREFILL, "BLOCK_M": block_m, "DOT_FP32": False, "IEEE": False}, {},
         )
         for block_m in (16, 32, 64)  # the CPU's, the CUDA default (64), and the one between
+    },
+    **{  # several blocks of keys per loop trip: [64, 16 * pages] score tiles
+        f"prefill-m64-pages{pages}": (
+            triton_attention._prefill_kernel, PREFILL_SIGNATURE,
+            {**PREFILL, "BLOCK_M": 64, "PAGES": pages, "DOT_FP32": False, "IEEE": False}, {},
+        )
+        for pages in (2, 4)
     },
     # fp32 (the dtype of the engine-level GPU tests): P = 4, products in full precision ("ieee")
     "decode-fp32": (
@@ -69,7 +77,7 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
     ),
     "prefill-fp32": (
         triton_attention._prefill_kernel, {k: v.replace("bf16", "fp32") for k, v in PREFILL_SIGNATURE.items()},
-        {**QWEN3, "P": 4, "BLOCK_M": 64, "DOT_FP32": True, "IEEE": True},
+        {**PREFILL, "P": 4, "BLOCK_M": 64, "DOT_FP32": True, "IEEE": True},
         {"num_warps": triton_attention.PREFILL_WARPS_FP32},
     ),
     # Gemma 2's soft-capped scores (its 2B's shape: 8 heads over 4 KV heads, head_dim 256)
@@ -80,7 +88,7 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
     ),
     "prefill-softcap": (
         triton_attention._prefill_kernel, PREFILL_SIGNATURE,
-        {**QWEN3, "D": 256, "SOFTCAP": 50.0, "BLOCK_M": 64, "DOT_FP32": False, "IEEE": False}, {},
+        {**PREFILL, "D": 256, "SOFTCAP": 50.0, "BLOCK_M": 64, "DOT_FP32": False, "IEEE": False}, {},
     ),
     "decode-merge": (
         triton_attention._decode_merge_kernel,

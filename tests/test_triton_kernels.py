@@ -101,12 +101,14 @@ def test_paged_decode_matches_reference(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("heads", "kv_heads", "head_dim", "block_size", "layout", "block_m", "window", "softcap"),
+    ("heads", "kv_heads", "head_dim", "block_size", "layout", "block_m", "window", "softcap", "pages"),
     [
-        (4, 2, 32, 16, "cpu", 16, 0, 0.0),
-        (6, 3, 64, 32, "cuda", 64, 0, 0.0),
-        (4, 1, 32, 16, "cpu", 16, 13, 0.0),
-        (4, 2, 32, 16, "cuda", 16, 7, 0.8),  # Gemma 2's: a window and soft-capped scores
+        (4, 2, 32, 16, "cpu", 16, 0, 0.0, 1),
+        (6, 3, 64, 32, "cuda", 64, 0, 0.0, 1),
+        (4, 1, 32, 16, "cpu", 16, 13, 0.0, 1),
+        (4, 2, 32, 16, "cuda", 16, 7, 0.8, 1),  # Gemma 2's: a window and soft-capped scores
+        (6, 3, 64, 32, "cuda", 64, 0, 0.0, 2),  # several blocks of keys per loop trip
+        (4, 2, 32, 16, "cuda", 16, 7, 0.8, 4),
     ],
 )
 def test_paged_prefill_matches_reference(
@@ -119,10 +121,11 @@ def test_paged_prefill_matches_reference(
     block_m: int,
     window: int,
     softcap: float,
+    pages: int,
 ) -> None:
     """Ragged chunks in one launch: whole prompts, and chunks after a cached prefix; query tiles of 16 rows
     and of 64 (CUDA's default), each longer than some chunks; a sliding window shorter than most chunks;
-    soft-capped scores."""
+    soft-capped scores; one block of keys per loop trip or several."""
     num_blocks = 64
     k_cache, v_cache = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, heads + 7, layout)
     chunks = [(0, 21), (block_size * 2 + 5, 9), (0, 1), (40, 40)]  # (cached prefix length, chunk length)
@@ -149,7 +152,7 @@ def test_paged_prefill_matches_reference(
     launch = triton_attention.prefill_launch(starts, lengths, contexts, torch.device(DEVICE), block_m)
     tables = torch.stack(tables_list).to(DEVICE)
     out = triton_attention.paged_prefill_attention(
-        q.to(DEVICE), k_cache, v_cache, tables, launch, head_dim**-0.5, window, softcap
+        q.to(DEVICE), k_cache, v_cache, tables, launch, head_dim**-0.5, window, softcap, pages
     )
     assert out.dtype == dtype and relative_error(out.cpu(), expected) < TOLERANCE[dtype]
 

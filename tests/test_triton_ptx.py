@@ -32,7 +32,7 @@ def ptx() -> dict[str, dict[str, Any]]:
 H100_SHARED_BYTES = 227 * 1024  # the most one block may use (opted in)
 
 
-PREFILL_VARIANTS = [f"prefill-m{block_m}" for block_m in (16, 32, 64)]
+PREFILL_VARIANTS = [*(f"prefill-m{block_m}" for block_m in (16, 32, 64)), "prefill-m64-pages2", "prefill-m64-pages4"]
 DECODE_VARIANTS = [f"decode-direct{direct}-stages{stages}" for direct in (True, False) for stages in (1, 2, 3)] + [
     f"decode-pages{pages}-warps{warps}" for pages in (2, 4) for warps in (2, 4)
 ]

@@ -182,11 +182,12 @@ def attention_kernels(s: dict[str, Any], report: Report) -> None:
     flop = 4 * pairs * s["heads"] * s["head_dim"]
     moved = sum(prefix + length for prefix, length in chunks) * kv_row + 2 * q.numel() * elem
     call = triton_attention.paged_prefill_attention
-    for block_m in (16, 32, 64) if CUDA else (16,):  # query rows per program (the engine: 64 on CUDA)
-        lengths, contexts = [length for _, length in chunks], [p + n for p, n in chunks]
+    lengths, contexts = [length for _, length in chunks], [p + n for p, n in chunks]
+    # query rows per program (the engine: 64 on CUDA), then blocks of keys per loop trip at 64 rows
+    for block_m, pages in ((16, 1), (32, 1), (64, 1), (64, 2), (64, 4)) if CUDA else ((16, 1), (16, 2)):
         launch = triton_attention.prefill_launch(starts, lengths, contexts, DEVICE, block_m)
-        shape = f"{len(chunks)} chunks, {total_rows} rows, m{block_m}"
-        report.add("prefill attention", shape, lambda: call(q, k_cache, v_cache, tables, launch, scale), moved, flop)  # noqa: B023  # fmt: skip
+        shape = f"{len(chunks)} chunks, {total_rows} rows, m{block_m} p{pages}"
+        report.add("prefill attention", shape, lambda: call(q, k_cache, v_cache, tables, launch, scale, pages_per_trip=pages), moved, flop)  # noqa: E501,B023  # fmt: skip
     k = torch.randn(total_rows, s["kv_heads"], s["head_dim"], dtype=DTYPE, device=DEVICE)
     slots = torch.randperm(k_cache.shape[1] * BLOCK_SIZE, device=DEVICE)[:total_rows]
     report.add(

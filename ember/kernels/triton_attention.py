@@ -126,15 +126,15 @@ def _attend_block(
 
 
 @triton.jit
-def _attend_pages(
-    qv, k_cache, v_cache, tables, row, page, last, start, length, kv_base, m_i, l_i, acc, scale, tok, dims,
-    PAGES: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, DOT_FP32: tl.constexpr,
-    IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
+def _load_pages(
+    k_cache, v_cache, tables, row, page, last, kv_base, tok, dims,
+    PAGES: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
 ):  # fmt: skip
-    """`_attend_tile` over the PAGES blocks from logical page `page` (pages from `last` on masked): their
-    table entries in one load, then all their keys and values, so a program has PAGES blocks in flight. The
-    loads are [PAGES, BS, D] tiles: each block's base is constant along the vectorized axes, so they stay
-    16-byte vectors (a [PAGES * BS] per-token base would not), and are flattened for the products."""
+    """The keys and values ([PAGES * BS, D] each) of the PAGES blocks from logical page `page` (pages from
+    `last` on give zeros, for the caller to mask): their table entries in one load, then all their keys and
+    values, so a program has PAGES blocks in flight. The loads are [PAGES, BS, D] tiles: each block's base is
+    constant along the vectorized axes, so they stay 16-byte vectors (a [PAGES * BS] per-token base would
+    not), and are flattened for the products."""
     pages = page + tl.arange(0, PAGES)
     page_ok = pages < last
     blocks = tl.load(tables + row + pages, mask=page_ok, other=0)
@@ -142,12 +142,7 @@ def _attend_pages(
     ok = page_ok[:, None, None]
     keys = tl.load(k_cache + base[:, None, None] + _key_offsets(tok, dims, BS, P)[None, :, :], mask=ok, other=0.0)
     values = tl.load(v_cache + base[:, None, None] + _value_offsets(tok, dims, D, P)[None, :, :], mask=ok, other=0.0)
-    key_pos = page * BS + tl.arange(0, PAGES * BS)
-    visible = ((key_pos < length) & (key_pos >= start) & (key_pos < last * BS))[None, :]
-    return _attend_tile(
-        qv, tl.reshape(keys, (PAGES * BS, D)), tl.reshape(values, (PAGES * BS, D)), visible, m_i, l_i, acc, scale,
-        DOT_FP32, IEEE, SOFTCAP,
-    )  # fmt: skip
+    return tl.reshape(keys, (PAGES * BS, D)), tl.reshape(values, (PAGES * BS, D))
 
 
 # Integer arguments that change from step to step (a table's width, the split count) are not specialized:
@@ -162,7 +157,7 @@ def _decode_split_kernel(
 ):  # fmt: skip
     """The query heads of one KV head are the rows of matrix products (padded to G_PAD >= 16, the least
     `tl.dot` takes): the tensor cores do the work, and each K/V tile is loaded once for all of them. PAGES
-    blocks per loop trip (`_attend_pages`), or one."""
+    blocks per loop trip (`_load_pages`), or one."""
     b = tl.program_id(0)
     kh = tl.program_id(1)
     split = tl.program_id(2)
@@ -197,10 +192,12 @@ def _decode_split_kernel(
             )  # fmt: skip
     else:
         for page in range(first, last, PAGES):
-            m_i, l_i, acc = _attend_pages(
-                qv, k_cache, v_cache, tables, b * MAXB, page, last, start, length, kh * NB, m_i, l_i, acc, scale,
-                tok, dims, PAGES, BS, D, P, DOT_FP32, IEEE, SOFTCAP,
-            )  # fmt: skip
+            keys, values = _load_pages(
+                k_cache, v_cache, tables, b * MAXB, page, last, kh * NB, tok, dims, PAGES, BS, D, P
+            )
+            key_pos = page * BS + tl.arange(0, PAGES * BS)
+            visible = ((key_pos < length) & (key_pos >= start) & (key_pos < last * BS))[None, :]
+            m_i, l_i, acc = _attend_tile(qv, keys, values, visible, m_i, l_i, acc, scale, DOT_FP32, IEEE, SOFTCAP)
     has_keys = l_i > 0
     result = acc / tl.where(has_keys, l_i, 1.0)[:, None]  # a context of length 0 (a padding row) gives zeros
     if DIRECT:  # one split: this program's result is the output
@@ -304,13 +301,21 @@ def paged_decode_attention(
     return out
 
 
+@triton.jit
+def _prefill_visible(key_pos, positions, ctx, row_ok, WINDOW):
+    """[rows, keys]: causal, within the sliding window, inside the context, for the tile's real rows."""
+    in_window = key_pos[None, :] > positions[:, None] - WINDOW
+    return (key_pos[None, :] <= positions[:, None]) & in_window & (key_pos[None, :] < ctx) & row_ok[:, None]
+
+
 @triton.jit(do_not_specialize=["MAXB", "WINDOW"])
 def _prefill_kernel(
     q, k_cache, v_cache, out, tables, tile_seq, tile_first, q_starts, q_lens, ctx_lens, scale,
     H, KVH, NB, MAXB, WINDOW,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-    DOT_FP32: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
+    PAGES: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
+    """A BLOCK_M-row query tile of one chunk and head against its keys, one block (PAGES blocks) per trip."""
     tile = tl.program_id(0)
     h = tl.program_id(1)
     kh = h // G
@@ -333,15 +338,22 @@ def _prefill_kernel(
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     last_position = tl.minimum(ctx - q_len + first + BLOCK_M, ctx)  # keys past the tile's last query are masked
     first_key = tl.maximum(ctx - q_len + first - WINDOW + 1, 0)  # keys before the tile's first window are too
-    for blk in range(first_key // BS, tl.cdiv(last_position, BS)):
-        block = tl.load(tables + seq * MAXB + blk)
-        key_pos = blk * BS + tok
-        in_window = key_pos[None, :] > positions[:, None] - WINDOW
-        visible = (key_pos[None, :] <= positions[:, None]) & in_window & (key_pos[None, :] < ctx) & row_ok[:, None]
-        m_i, l_i, acc = _attend_block(
-            qv, k_cache, v_cache, (kh * NB + block) * D * BS, visible, m_i, l_i, acc, scale, tok, dims,
-            BS, D, P, DOT_FP32, IEEE, SOFTCAP,
-        )  # fmt: skip
+    last_page = tl.cdiv(last_position, BS)
+    if PAGES == 1:
+        for blk in range(first_key // BS, last_page):
+            block = tl.load(tables + seq * MAXB + blk)
+            visible = _prefill_visible(blk * BS + tok, positions, ctx, row_ok, WINDOW)
+            m_i, l_i, acc = _attend_block(
+                qv, k_cache, v_cache, (kh * NB + block) * D * BS, visible, m_i, l_i, acc, scale, tok, dims,
+                BS, D, P, DOT_FP32, IEEE, SOFTCAP,
+            )  # fmt: skip
+    else:
+        for blk in range(first_key // BS, last_page, PAGES):
+            keys, values = _load_pages(
+                k_cache, v_cache, tables, seq * MAXB, blk, last_page, kh * NB, tok, dims, PAGES, BS, D, P
+            )
+            visible = _prefill_visible(blk * BS + tl.arange(0, PAGES * BS), positions, ctx, row_ok, WINDOW)
+            m_i, l_i, acc = _attend_tile(qv, keys, values, visible, m_i, l_i, acc, scale, DOT_FP32, IEEE, SOFTCAP)
     result = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out + q_off[:, None] + dims[None, :], result.to(out.dtype.element_ty), mask=row_ok[:, None])
 
@@ -378,6 +390,9 @@ def prefill_launch(
 
 # fp32 tiles hold twice the bytes of bf16 ones: at 4 warps ptxas spills registers on sm_90 (tests/test_triton_ptx.py)
 PREFILL_WARPS_FP32 = 8
+# Blocks of keys per loop trip of the prefill kernel. One block gives [64, 16] score tiles, small for the tensor
+# cores (16% of the matmul rate on an H200); 4 give [64, 64]. Not yet timed (kernel_times.py sweeps 1, 2, 4).
+PREFILL_PAGES = 1
 
 
 def paged_prefill_attention(
@@ -389,11 +404,12 @@ def paged_prefill_attention(
     scale: float,
     window: int = 0,
     softcap: float = 0.0,
+    pages_per_trip: int = PREFILL_PAGES,
 ) -> torch.Tensor:
     """Causal attention of ragged chunks. q: [T, heads, head_dim] (chunk i at rows q_starts[i] ...
     + q_lens[i], its last query at position context_lens[i] - 1); K/V of every chunk already in the cache.
     Under a sliding window (0: none) a query at position p sees the keys after p - window; scores are capped at
-    `softcap` (0: not)."""
+    `softcap` (0: not). Each program takes `pages_per_trip` blocks of keys per loop trip (a power of two)."""
     _, num_heads, head_dim = q.shape
     kv_heads, num_blocks, block_size, _, pack = cache_geometry(v_cache)
     out = torch.empty_like(q)
@@ -401,8 +417,8 @@ def paged_prefill_attention(
         q.contiguous(), k_cache, v_cache, out, block_tables, launch.tile_seq, launch.tile_first,
         launch.q_starts, launch.q_lens, launch.context_lens, scale,
         num_heads, kv_heads, num_blocks, block_tables.shape[1], window or NO_WINDOW,
-        G=num_heads // kv_heads, BLOCK_M=launch.block_m, BS=block_size, D=head_dim, P=pack, DOT_FP32=DOT_IN_FP32,
-        IEEE=q.dtype == torch.float32, SOFTCAP=float(softcap),
+        G=num_heads // kv_heads, BLOCK_M=launch.block_m, BS=block_size, D=head_dim, P=pack, PAGES=pages_per_trip,
+        DOT_FP32=DOT_IN_FP32, IEEE=q.dtype == torch.float32, SOFTCAP=float(softcap),
         num_warps=PREFILL_WARPS_FP32 if q.dtype == torch.float32 else 4,
     )  # fmt: skip
     return out

@@ -228,27 +228,13 @@ def test_no_stack_without_blocks(tiny_models: dict) -> None:
 def test_granite_layers_are_bit_identical(tmp_path: Path, dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Granite's multipliers: embeddings scaled, each sublayer's output scaled as it joins the residual stream,
     its own attention scale (the logits' scale is applied outside the stack)."""
-    from transformers import AutoModelForCausalLM, GraniteConfig
-
-    from tests.test_gguf_loader import CONFIG, write_gguf
+    from tests.test_gguf_loader import GRANITE_SCALES, write_granite_gguf
 
     monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path / "cache"))
-    scales = {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.05,
-              "logits_scaling": 8.0}  # fmt: skip
-    torch.manual_seed(2)
-    config = GraniteConfig(**{**CONFIG, "architectures": ["GraniteForCausalLM"], "model_type": "granite"}, **scales)
-    hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-
-    def multipliers(writer: Any) -> None:
-        writer.add_float32("granite.embedding_scale", scales["embedding_multiplier"])
-        writer.add_float32("granite.residual_scale", scales["residual_multiplier"])
-        writer.add_float32("granite.attention.scale", scales["attention_multiplier"])
-        writer.add_float32("granite.logit_scale", scales["logits_scaling"])
-
     path = tmp_path / "granite-q8.gguf"
-    write_gguf(path, hf_model, GGMLQuantizationType.Q8_0, arch="granite", describe=multipliers)
+    write_granite_gguf(path, GGMLQuantizationType.Q8_0)
     llm = LLM(str(path), num_blocks=64, dtype=dtype)
-    assert llm.engine.model_config.residual_multiplier == pytest.approx(scales["residual_multiplier"])
+    assert llm.engine.model_config.residual_multiplier == pytest.approx(GRANITE_SCALES["residual_multiplier"])
     prompts = [[5, 17, 33, 200, 91, 7, 64] * 3, [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [100, 101]]
     with_stack, plain, rows = generate_both_ways(llm, prompts, [20, 12, 16])
     assert_identical(with_stack, plain)
@@ -258,16 +244,11 @@ def test_granite_layers_are_bit_identical(tmp_path: Path, dtype: str, monkeypatc
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_partial_rotary_layers_are_bit_identical(tmp_path: Path, dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Phi-3's layers (Phi-4-mini's shape): fused projections, half of each head rotating by LongRoPE's tables."""
-    from tests.conftest import make_tiny_hf_model
-    from tests.test_gguf_loader import LONGROPE, write_phi3_gguf
+    from tests.test_gguf_loader import longrope_phi3, write_phi3_gguf
 
     monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path / "cache"))
-    hf_model = make_tiny_hf_model(
-        "phi3", tmp_path / "hf", rope_scaling={"rope_type": "longrope", **LONGROPE},
-        original_max_position_embeddings=64, max_position_embeddings=256,
-    )  # fmt: skip
     path = tmp_path / "phi3-q8.gguf"
-    write_phi3_gguf(path, hf_model, GGMLQuantizationType.Q8_0)
+    write_phi3_gguf(path, longrope_phi3(tmp_path / "hf"), GGMLQuantizationType.Q8_0)
     llm = LLM(str(path), num_blocks=64, dtype=dtype)
     assert llm.engine.model_config.rotary_dim == llm.engine.model_config.head_dim // 2
     prompts = [[5, 17, 33, 200, 91, 7, 64] * 3, [3, 1, 4, 1, 5, 9, 2, 6, 5, 3], [100, 101]]

@@ -559,16 +559,21 @@ def write_phi3_gguf(path: Path, model: Any, qtype: GGMLQuantizationType) -> None
     write_converted_gguf(path, model, "phi3", PHI3_TO_GGUF, qtype, 10000.0, longrope)
 
 
+def longrope_phi3(directory: Path) -> Any:
+    """A tiny random Phi-3 with LongRoPE (an original context of 64 positions, served up to 256)."""
+    from tests.conftest import make_tiny_hf_model
+
+    return make_tiny_hf_model(
+        "phi3", directory, rope_scaling={"rope_type": "longrope", **LONGROPE}, original_max_position_embeddings=64,
+        max_position_embeddings=256,
+    )  # fmt: skip
+
+
 def test_a_phi3_gguf_matches_hf(tmp_path: Path) -> None:
     """Phi-3 as llama.cpp stores it: fused q/k/v and gate/up, half of each head rotating, LongRoPE's factors as
     tensors (long ones here: served past the original 64 positions); greedy tokens and logprobs equal HF's. In
     Q8_0, the fused projections keep their blocks as they are stored."""
-    from tests.conftest import make_tiny_hf_model
-
-    hf_model = make_tiny_hf_model(
-        "phi3", tmp_path / "hf", rope_scaling={"rope_type": "longrope", **LONGROPE},
-        original_max_position_embeddings=64, max_position_embeddings=256,
-    )  # fmt: skip
+    hf_model = longrope_phi3(tmp_path / "hf")
     path = tmp_path / "phi3.gguf"
     write_phi3_gguf(path, hf_model, GGMLQuantizationType.F32)
     config = gguf_hf_config(GGUFReader(str(path)))
@@ -590,24 +595,35 @@ def test_a_phi3_gguf_matches_hf(tmp_path: Path) -> None:
     assert len(quantized_out.outputs[0].token_ids) == 8
 
 
-def test_a_granite_gguf_matches_hf(tmp_path: Path) -> None:
-    """Granite as llama.cpp stores it: Llama's layout (q/k permuted) and its four multipliers in the metadata."""
+GRANITE_SCALES = {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.05,
+                  "logits_scaling": 8.0}  # fmt: skip
+
+
+def write_granite_gguf(path: Path, qtype: GGMLQuantizationType) -> Any:
+    """A random Granite as llama.cpp stores it (Llama's layout, q/k permuted; its four multipliers in the
+    metadata) at `path`; its HF model."""
     from transformers import AutoModelForCausalLM, GraniteConfig
 
-    scales = {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.05,
-              "logits_scaling": 8.0}  # fmt: skip
     torch.manual_seed(2)
-    config = GraniteConfig(**{**CONFIG, "architectures": ["GraniteForCausalLM"], "model_type": "granite"}, **scales)
+    config = GraniteConfig(
+        **{**CONFIG, "architectures": ["GraniteForCausalLM"], "model_type": "granite"}, **GRANITE_SCALES
+    )
     hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
     def multipliers(writer: GGUFWriter) -> None:
-        writer.add_float32("granite.embedding_scale", scales["embedding_multiplier"])
-        writer.add_float32("granite.residual_scale", scales["residual_multiplier"])
-        writer.add_float32("granite.attention.scale", scales["attention_multiplier"])
-        writer.add_float32("granite.logit_scale", scales["logits_scaling"])
+        writer.add_float32("granite.embedding_scale", GRANITE_SCALES["embedding_multiplier"])
+        writer.add_float32("granite.residual_scale", GRANITE_SCALES["residual_multiplier"])
+        writer.add_float32("granite.attention.scale", GRANITE_SCALES["attention_multiplier"])
+        writer.add_float32("granite.logit_scale", GRANITE_SCALES["logits_scaling"])
 
+    write_gguf(path, hf_model, qtype, arch="granite", describe=multipliers)
+    return hf_model
+
+
+def test_a_granite_gguf_matches_hf(tmp_path: Path) -> None:
+    """Granite as llama.cpp stores it: Llama's layout (q/k permuted) and its four multipliers in the metadata."""
     path = tmp_path / "granite.gguf"
-    write_gguf(path, hf_model, GGMLQuantizationType.F32, arch="granite", describe=multipliers)
+    hf_model = write_granite_gguf(path, GGMLQuantizationType.F32)
     assert gguf_hf_config(GGUFReader(str(path)))["logits_scaling"] == 8.0
     llm = LLM(str(path), num_blocks=64, dtype="float32")
     prompt = [5, 17, 33, 200, 91, 7, 64]

@@ -90,13 +90,10 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(
-    qv, keys, values, visible, m_i, l_i, acc, scale, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-    SOFTCAP: tl.constexpr,
-):  # fmt: skip
-    """One tile of keys and values ([N, D] each) in an online softmax: the scores of the query rows `qv` [M, D]
-    against the keys where `visible` ([M or 1, N]), and the running max `m_i`, normalizer `l_i` and output
-    `acc` updated with the values. A row with no visible key yet keeps -inf, 0, 0."""
+def _softmax_step(qv, keys, visible, m_i, scale, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr):
+    """An online softmax's step over a tile of keys [N, D]: the scores of the query rows `qv` [M, D] where
+    `visible` ([M or 1, N]); (the new running max, the tile's probabilities, the factor that rescales what
+    came before). A row with no visible key yet keeps a max of -inf."""
     if DOT_FP32:
         keys = keys.to(tl.float32)
     scores = _dot(qv, tl.trans(keys), IEEE) * scale  # [M, N]
@@ -105,12 +102,27 @@ def _attend_tile(
     scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    probs = tl.exp(scores - m_safe[:, None])
-    alpha = tl.exp(m_i - m_safe)
+    return m_new, tl.exp(scores - m_safe[:, None]), tl.exp(m_i - m_safe)
+
+
+@triton.jit
+def _accumulate(values, probs, alpha, l_i, acc, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """The normalizer and output after a tile: the earlier ones rescaled by `alpha`, plus its `probs` and
+    `probs @ values`."""
     if DOT_FP32:
         values = values.to(tl.float32)
-    acc = acc * alpha[:, None] + _dot(probs.to(values.dtype), values, IEEE)
-    return m_new, l_i * alpha + tl.sum(probs, axis=1), acc
+    return l_i * alpha + tl.sum(probs, axis=1), acc * alpha[:, None] + _dot(probs.to(values.dtype), values, IEEE)
+
+
+@triton.jit
+def _attend_tile(
+    qv, keys, values, visible, m_i, l_i, acc, scale, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+):  # fmt: skip
+    """One tile of keys and values ([N, D] each, loaded) in the online softmax: (max, normalizer, output)."""
+    m_new, probs, alpha = _softmax_step(qv, keys, visible, m_i, scale, DOT_FP32, IEEE, SOFTCAP)
+    l_i, acc = _accumulate(values, probs, alpha, l_i, acc, DOT_FP32, IEEE)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -119,10 +131,13 @@ def _attend_block(
     BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     SOFTCAP: tl.constexpr,
 ):  # fmt: skip
-    """`_attend_tile` over the K/V block at `base` ([BS, D] each)."""
+    """The K/V block at `base` ([BS, D] each) in the online softmax: (max, normalizer, output). Its values are
+    loaded after the scores, the order the decode kernel's launch options were tuned with."""
     keys = tl.load(k_cache + base + _key_offsets(tok, dims, BS, P))
+    m_new, probs, alpha = _softmax_step(qv, keys, visible, m_i, scale, DOT_FP32, IEEE, SOFTCAP)
     values = tl.load(v_cache + base + _value_offsets(tok, dims, D, P))
-    return _attend_tile(qv, keys, values, visible, m_i, l_i, acc, scale, DOT_FP32, IEEE, SOFTCAP)
+    l_i, acc = _accumulate(values, probs, alpha, l_i, acc, DOT_FP32, IEEE)
+    return m_new, l_i, acc
 
 
 @triton.jit

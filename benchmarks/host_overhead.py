@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 os.environ["EMBER_KERNELS"] = "triton"  # the CUDA path's host code; the stubbed model runs no kernel
+os.environ.setdefault("TRITON_INTERPRET", "1")  # what that mode asks for on the CPU (no kernel runs here)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch

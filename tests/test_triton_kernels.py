@@ -519,6 +519,18 @@ def test_async_scheduling_without_graphs_warns_when_asked_for_and_runs_plain_ste
     assert not llm.engine.async_scheduling and "async scheduling needs CUDA-graph decode steps" in caplog.text
 
 
+def test_triton_kernels_on_the_cpu_without_the_interpreter_are_a_clear_error(
+    tiny_models: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not Triton's "0 active drivers" at the first step: a message at start-up saying what to set."""
+    from ember.engine.engine import LLM
+
+    monkeypatch.setenv("EMBER_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        LLM(str(tiny_models["qwen3"][0]), num_blocks=16, dtype="float32", device="cpu")
+
+
 def test_predicted_outputs_still_draft_under_async_scheduling(
     tiny_models: dict, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,6 +9,7 @@ CPU, steps of few rows run through `NativeDecodeStack` (the whole model in one C
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +111,11 @@ class ModelRunner:
         self.device = torch.device(device)
         cfg = self.config
         self.use_triton = use_triton(self.device)
+        if self.use_triton and self.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(  # else Triton fails at the first step, looking for a GPU driver
+                "EMBER_KERNELS=triton on the CPU runs Ember's Triton kernels in Triton's interpreter: set "
+                "TRITON_INTERPRET=1 too (a test mode, slow), or unset EMBER_KERNELS"
+            )
         if self.use_triton and (cfg.head_dim & (cfg.head_dim - 1) or cfg.head_dim < 16 or block_size < 16):
             raise ValueError(
                 "Ember's Triton kernels need a power-of-two head_dim >= 16 and --block-size >= 16; "

@@ -18,7 +18,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
-from ember.kernels import triton_attention, triton_elementwise, triton_sampling
+from ember.kernels import triton_attention, triton_elementwise, triton_qkv, triton_sampling
 
 HOPPER = GPUTarget("cuda", 90, 32)
 # Integer arguments that are multiples of 16 at Qwen3-0.6B's shapes (16 heads, hidden 1024, intermediate 3072,
@@ -100,6 +100,16 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
          "KVH": "i32"},
         {"BS": 16, "D": 128, "P": 8, "HEADS": 8}, {},
     ),
+    **{  # Qwen3's q/k norms, rotary and the cache store; Llama's: rotary and the store
+        name: (
+            triton_qkv._qkv_to_cache_kernel,
+            {"qkv": "*bf16", "q_out": "*bf16", "q_weight": "*bf16", "k_weight": "*bf16", "cos": "*fp32",
+             "sin": "*fp32", "k_cache": "*bf16", "v_cache": "*bf16", "slots": "*i64", "row_stride": "i32",
+             "eps": "fp32", "H": "i32", "KVH": "i32", "NB": "i32"},
+            {"HALF": 64, "QK_PAD": 32, "KV_PAD": 8, "BS": 16, "P": 8, "NORM": norm, "UNIT_OFFSET": False}, {},
+        )
+        for name, norm in (("qkv-to-cache-norms", True), ("qkv-to-cache", False))
+    },
     **{
         name: (
             triton_elementwise._rms_norm_kernel,

@@ -193,6 +193,57 @@ def test_elementwise_kernels_match_pytorch(dtype: torch.dtype) -> None:
     assert relative_error(triton_elementwise.silu_and_mul(gate_up, gelu=True).cpu(), expected) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "block_size", "layout", "norm"),
+    [
+        (4, 2, 32, 16, "cpu", None),  # Llama's: rotary only
+        (6, 3, 64, 32, "cuda", "llama"),  # Qwen3's q/k norms; 9 q and k heads and 3 v heads: masked tiles
+        (4, 1, 32, 16, "cuda", "gemma"),  # Gemma 3's norms: scaled by 1 + weight
+    ],
+)
+def test_qkv_to_cache_matches_the_separate_ops(
+    dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int, layout: str, norm: str | None
+) -> None:
+    """One kernel for q/k norms, rotary and the cache write equals the ops it replaces, from QKV rows with a
+    stride past their width (a view); a padding row's slot -1 stores nothing."""
+    from ember.kernels.triton_qkv import qkv_to_cache
+
+    tokens, num_blocks, eps = 13, 12, 1e-6
+    generator = torch.Generator().manual_seed(head_dim + kv_heads)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = randn(tokens, width + 8)[:, :width]
+    angles = torch.randn(tokens, head_dim // 2, generator=generator)
+    cos, sin = angles.cos(), angles.sin()
+    weights = (randn(head_dim), randn(head_dim)) if norm else (None, None)
+    slots = torch.randperm(num_blocks * block_size, generator=generator)[:tokens]
+    slots[4] = -1
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = q.unflatten(1, (heads, head_dim)), k.unflatten(1, (kv_heads, head_dim)), v.unflatten(1, (kv_heads, -1))
+    if norm:
+        q, k = (rms_norm_reference(x, w, eps, norm == "gemma") for x, w in zip((q, k), weights, strict=True))
+    q, k = rotate_reference(q, cos, sin), rotate_reference(k, cos, sin)
+    expected = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, 1, layout)
+    actual = tuple(c.clone() for c in expected)
+    stored = slots >= 0
+    torch_write_kv(*expected, k[stored].to(DEVICE), v[stored].to(DEVICE), slots[stored].to(DEVICE), block_size, False)
+    out = qkv_to_cache(
+        qkv.to(DEVICE), heads, cos.to(DEVICE), sin.to(DEVICE), *actual, slots.to(DEVICE),
+        *(w.to(DEVICE) if w is not None else None for w in weights), eps, norm == "gemma",
+    )  # fmt: skip
+    assert out.shape == q.shape and out.is_contiguous()
+    assert relative_error(out.cpu(), q) < TOLERANCE[dtype]
+    for cache, reference in zip(actual, expected, strict=True):
+        assert relative_error(cache.cpu(), reference.cpu()) < TOLERANCE[dtype]
+    untouched = random_caches(kv_heads, num_blocks, block_size, head_dim, dtype, 1, layout)[0]
+    changed = (actual[0] != untouched).flatten(2, -1).any(dim=2).cpu()  # [kv_heads, blocks]: a padding row's
+    assert changed.sum() == kv_heads * len(set((slots[stored] // block_size).tolist()))  # block stays untouched
+
+
 def kept_by_sorting(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
     """Tokens at or above the smallest logit the sorted-vocabulary filter keeps (a sort keeps an arbitrary k of
     the tokens tied at the threshold; the threshold filter keeps them all)."""

@@ -51,7 +51,11 @@ def test_cuda_prefill_tiles_use_hopper_warpgroup_mma(ptx: dict) -> None:
     assert ptx["prefill-m64"]["wgmma"] and not ptx["prefill-m16"]["wgmma"]
 
 
-@pytest.mark.parametrize("kernel", ["write-kv", "rms-norm", "rms-norm-gemma", "rotary", "silu-and-mul", "gelu-and-mul"])
+@pytest.mark.parametrize(
+    "kernel",
+    ["write-kv", "qkv-to-cache", "qkv-to-cache-norms", "rms-norm", "rms-norm-gemma", "rotary", "silu-and-mul",
+     "gelu-and-mul"],
+)  # fmt: skip
 def test_per_token_kernels_move_16_byte_vectors(ptx: dict, kernel: str) -> None:
     """Each thread loads 16 bytes of a token's row. (A token's values land in 2-byte steps in the CUDA layout,
     P tokens interleaved per dim: the price of 16-byte loads when decode reads them, the side that moves

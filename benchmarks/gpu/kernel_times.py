@@ -220,8 +220,41 @@ def elementwise_kernels(s: dict[str, Any], report: Report) -> None:
         angles = torch.randn(rows, s["head_dim"] // 2, device=DEVICE)
         cos, sin = angles.cos(), angles.sin()
         report.add("rotary (q and k)", f"{rows} x {heads} x {s['head_dim']}", lambda: triton_elementwise.rotary_(qk, cos, sin), 2 * qk.numel() * elem + 2 * cos.numel() * 4)  # noqa: E501,B023  # fmt: skip
+        qkv_kernels(s, rows, report)
         gate_up = torch.randn(rows, 2 * inter, dtype=DTYPE, device=DEVICE)
         report.add("silu and mul", f"{rows} x {inter}", lambda: triton_elementwise.silu_and_mul(gate_up), 3 * rows * inter * elem)  # noqa: E501,B023  # fmt: skip
+
+
+def qkv_kernels(s: dict[str, Any], rows: int, report: Report) -> None:
+    """Qwen3's attention inputs from its QKV rows: q/k norms, rotary and the K/V store as one kernel
+    (`triton_qkv`), against the separate kernels it replaced (norms of copies of q and k, two rotations, the
+    value copy and the cache write). Floor: the QKV rows read, the queries and the new K/V written."""
+    from ember.kernels.triton_qkv import qkv_to_cache
+
+    elem = torch.tensor([], dtype=DTYPE).element_size()
+    heads, kv_heads, head_dim = s["heads"], s["kv_heads"], s["head_dim"]
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, dtype=DTYPE, device=DEVICE)
+    angles = torch.randn(rows, head_dim // 2, device=DEVICE)
+    cos, sin = angles.cos(), angles.sin()
+    q_weight, k_weight = torch.randn(2, head_dim, dtype=DTYPE, device=DEVICE)
+    k_cache, v_cache = random_caches(s, -(-rows // BLOCK_SIZE))
+    slots = torch.randperm(rows, device=DEVICE)
+
+    def separate() -> None:
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        q = triton_elementwise.rms_norm(q.unflatten(1, (heads, head_dim)), q_weight, 1e-6)
+        k = triton_elementwise.rms_norm(k.unflatten(1, (kv_heads, head_dim)), k_weight, 1e-6)
+        triton_elementwise.rotary_(q, cos, sin)
+        triton_elementwise.rotary_(k, cos, sin)
+        triton_attention.write_kv(k, v.unflatten(1, (kv_heads, head_dim)), k_cache, v_cache, slots)
+
+    def fused() -> None:
+        qkv_to_cache(qkv, heads, cos, sin, k_cache, v_cache, slots, q_weight, k_weight, 1e-6)
+
+    moved = qkv.numel() * elem + rows * (heads + 2 * kv_heads) * head_dim * elem + 2 * cos.numel() * 4
+    shape = f"{rows} x {heads}+{kv_heads}+{kv_heads} x {head_dim}"
+    report.add("qkv norms+rotary+store, fused", shape, fused, moved)
+    report.add("qkv norms+rotary+store, apart", shape, separate, moved)
 
 
 def sampler(s: dict[str, Any], report: Report) -> None:

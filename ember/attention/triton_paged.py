@@ -1,7 +1,8 @@
 """Paged attention on Ember's Triton kernels: the CUDA backend of `torch_paged.paged_attention`.
 
-One step is three launches whatever the batch: the KV write, flash-decoding over all decode rows, and
-one ragged causal prefill over all prefill chunks (their cached prefixes read through the block tables).
+One step is three launches whatever the batch: the KV write (or none: `triton_qkv` stores them with the
+rotary embedding), flash-decoding over all decode rows, and one ragged causal prefill over all prefill chunks
+(their cached prefixes read through the block tables).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from ember.attention.torch_paged import AttentionMetadata
 
 def triton_paged_attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
@@ -22,14 +23,17 @@ def triton_paged_attention(
     window: int = 0,
     softcap: float = 0.0,
 ) -> torch.Tensor:
+    """k, v None: this step's keys and values are in the cache already (`triton_qkv.qkv_to_cache`)."""
     from ember.kernels import triton_attention as kernels
 
-    kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    out = torch.empty_like(q)
+    if k is not None and v is not None:
+        kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     decodes = meta.num_decode_tokens
+    # each kernel writes its rows of `out` (decodes first, then the prefill chunks): no copies
+    out = q.new_empty(q.shape)
     if decodes:
         assert meta.decode_block_tables is not None and meta.decode_context_lens is not None
-        out[:decodes] = kernels.paged_decode_attention(
+        kernels.paged_decode_attention(
             q[:decodes],
             k_cache,
             v_cache,
@@ -38,10 +42,11 @@ def triton_paged_attention(
             scale,
             window=window,
             softcap=softcap,
+            out=out[:decodes],
         )
     if meta.prefills:
         launch = meta.prefill_launch
-        out[decodes:] = kernels.paged_prefill_attention(
-            q[decodes:], k_cache, v_cache, meta.prefill_block_tables, launch, scale, window, softcap
+        kernels.paged_prefill_attention(
+            q[decodes:], k_cache, v_cache, meta.prefill_block_tables, launch, scale, window, softcap, out=out[decodes:]
         )
     return out

@@ -36,13 +36,13 @@ DOT_IN_FP32 = os.environ.get("TRITON_INTERPRET") == "1"
 @triton.jit
 def _key_offsets(tok, dims, BS: tl.constexpr, P: tl.constexpr):
     """Offsets inside a key block of (token, dim) pairs: [kv_heads, blocks, dim / P, BS, P] layout."""
-    return ((dims[None, :] // P) * BS + tok[:, None]) * P + dims[None, :] % P
+    return slot_key_offsets(tok[:, None], dims[None, :], BS, P)
 
 
 @triton.jit
 def _value_offsets(tok, dims, D: tl.constexpr, P: tl.constexpr):
     """Offsets inside a value block of (token, dim) pairs: [kv_heads, blocks, BS / P, dim, P] layout."""
-    return ((tok[:, None] // P) * D + dims[None, :]) * P + tok[:, None] % P
+    return slot_value_offsets(tok[:, None], dims[None, :], D, P)
 
 
 @triton.jit
@@ -62,10 +62,19 @@ def _write_kv_kernel(
     store = (heads < KVH) & (dims * 0 + slot >= 0)
     row = (t * KVH + heads) * D + dims
     base = (heads * NB + block) * D * BS
-    key_off = ((dims // P) * BS + offset) * P + dims % P
-    value_off = ((offset // P) * D + dims) * P + offset % P
-    tl.store(k_cache + base + key_off, tl.load(k + row, mask=store), mask=store)
-    tl.store(v_cache + base + value_off, tl.load(v + row, mask=store), mask=store)
+    tl.store(k_cache + base + slot_key_offsets(offset, dims, BS, P), tl.load(k + row, mask=store), mask=store)
+    tl.store(v_cache + base + slot_value_offsets(offset, dims, D, P), tl.load(v + row, mask=store), mask=store)
+
+
+@triton.jit
+def slot_key_offsets(offset, dims, BS: tl.constexpr, P: tl.constexpr):
+    """Offsets inside a key block of the dims `dims` of the tokens at `offset` in the block (broadcast)."""
+    return ((dims // P) * BS + offset) * P + dims % P
+
+
+@triton.jit
+def slot_value_offsets(offset, dims, D: tl.constexpr, P: tl.constexpr):
+    return ((offset // P) * D + dims) * P + offset % P
 
 
 def write_kv(
@@ -286,18 +295,19 @@ def paged_decode_attention(
     window: int = 0,
     softcap: float = 0.0,
     pages_per_trip: int = DECODE_PAGES,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Single-token queries [D, heads, head_dim] over their paged contexts (their last `window` tokens under a
     sliding window; 0: all; scores capped at `softcap`, 0: not), each context cut into `num_splits` parts
     (default: `decode_splits`) merged by log-sum-exp. A context length of 0 gives zeros. `num_warps` and
     `num_stages` (loads in flight ahead of the math) are Triton's launch options; `pages_per_trip` (a power of
-    two) is how many blocks each program loads at once."""
+    two) is how many blocks each program loads at once. The result goes to `out` (contiguous) when given."""
     num_seqs, num_heads, head_dim = q.shape
     kv_heads, num_blocks, block_size, _, pack = cache_geometry(v_cache)
     group = num_heads // kv_heads
     splits = num_splits or decode_splits(num_seqs, kv_heads, q.device)
     q = q.contiguous()
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     mid_out = mid_lse = out  # unused when there is one split
     if splits > 1:
         mid_out = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
@@ -420,16 +430,19 @@ def paged_prefill_attention(
     window: int = 0,
     softcap: float = 0.0,
     pages_per_trip: int = PREFILL_PAGES,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of ragged chunks. q: [T, heads, head_dim] (chunk i at rows q_starts[i] ...
-    + q_lens[i], its last query at position context_lens[i] - 1); K/V of every chunk already in the cache.
-    Under a sliding window (0: none) a query at position p sees the keys after p - window; scores are capped at
-    `softcap` (0: not). Each program takes `pages_per_trip` blocks of keys per loop trip (a power of two)."""
+        + q_lens[i], its last query at position context_lens[i] - 1); K/V of every chunk already in the cache.
+        Under a sliding window (0: none) a query at position p sees the keys after p - window; scores are capped at
+        `softcap` (0: not). Each program takes `pages_per_trip` blocks of keys per loop trip (a power of two). The
+    result goes to `out` (contiguous) when given."""
     _, num_heads, head_dim = q.shape
     kv_heads, num_blocks, block_size, _, pack = cache_geometry(v_cache)
-    out = torch.empty_like(q)
+    q = q.contiguous()
+    out = torch.empty_like(q) if out is None else out
     _prefill_kernel[(len(launch.tile_seq), num_heads)](
-        q.contiguous(), k_cache, v_cache, out, block_tables, launch.tile_seq, launch.tile_first,
+        q, k_cache, v_cache, out, block_tables, launch.tile_seq, launch.tile_first,
         launch.q_starts, launch.q_lens, launch.context_lens, scale,
         num_heads, kv_heads, num_blocks, block_tables.shape[1], window or NO_WINDOW,
         G=num_heads // kv_heads, BLOCK_M=launch.block_m, BS=block_size, D=head_dim, P=pack, PAGES=pages_per_trip,

@@ -23,10 +23,18 @@ def _rms_norm_kernel(
         tl.store(residual + row * H + cols, s, mask=ok)
         s = s.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(s * s, axis=0) / H + eps)
-    w = tl.load(weight + cols, mask=ok, other=0.0).to(tl.float32)
-    # Gemma's (UNIT_OFFSET) is scaled by 1 + weight in fp32 and rounded once; Llama's rounds before the scaling
-    normed = s * inv * (1.0 + w) if UNIT_OFFSET else w * (s * inv).to(out.dtype.element_ty).to(tl.float32)
-    tl.store(out + row * H + cols, normed.to(out.dtype.element_ty), mask=ok)
+    w = tl.load(weight + cols, mask=ok, other=0.0)
+    tl.store(out + row * H + cols, scale_normalized(s * inv, w, UNIT_OFFSET, out.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def scale_normalized(normalized, weight, UNIT_OFFSET: tl.constexpr, dtype: tl.constexpr):
+    """RMSNorm's last step, in `dtype`: Gemma's (UNIT_OFFSET) scales by 1 + weight in fp32 and rounds once,
+    Llama's rounds the normalized value before the scaling."""
+    w = weight.to(tl.float32)
+    if UNIT_OFFSET:
+        return (normalized * (1.0 + w)).to(dtype)
+    return (w * normalized.to(dtype).to(tl.float32)).to(dtype)
 
 
 def _launch_rms_norm(
@@ -66,8 +74,19 @@ def _rotary_kernel(x, cos, sin, row_stride, heads, HALF: tl.constexpr, HEADS: tl
     x2 = tl.load(first + HALF, mask=ok).to(tl.float32)
     c = tl.load(cos + row * HALF + i)
     s = tl.load(sin + row * HALF + i)
-    tl.store(first, (x1 * c - x2 * s).to(x.dtype.element_ty), mask=ok)
-    tl.store(first + HALF, (x2 * c + x1 * s).to(x.dtype.element_ty), mask=ok)
+    tl.store(first, rotate_first(x1, x2, c, s).to(x.dtype.element_ty), mask=ok)
+    tl.store(first + HALF, rotate_second(x1, x2, c, s).to(x.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def rotate_first(x1, x2, cos, sin):
+    """The first half of a head rotated ("rotate half" layout), in fp32."""
+    return x1 * cos - x2 * sin
+
+
+@triton.jit
+def rotate_second(x1, x2, cos, sin):
+    return x2 * cos + x1 * sin
 
 
 def rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:

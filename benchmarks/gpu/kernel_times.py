@@ -106,6 +106,7 @@ class Report:
     def __init__(self, bandwidth: float, flops: float) -> None:
         self.bandwidth, self.flops = bandwidth, flops
         self.rows: list[dict[str, Any]] = []
+        self.profiles: dict[str, list[dict[str, Any]]] = {}  # kernels by time within a whole step (`step_profile`)
 
     def add(
         self, kernel: str, shape: str, fn: Callable[[], Any], bytes_moved: float, flop: float = 0.0, wall: bool = False
@@ -349,6 +350,43 @@ def decode_steps(s: dict[str, Any], report: Report) -> None:
             replay = graphs.graphs[bucket]
             report.add("decode step (graph + logits)", f"b{batch} ctx{context}", lambda: model.compute_logits(replay()[:batch]), moved, wall=True)  # noqa: E501,B023  # fmt: skip
             report.add("decode step (+ inputs, argmax)", f"b{batch} ctx{context}", lambda: runner.execute(scheduled), moved, wall=True)  # noqa: E501,B023  # fmt: skip
+            if (batch, context) == s["decode_points"][0]:
+                report.profiles[f"decode step b{batch} ctx{context}"] = step_profile(runner, scheduled)
+
+
+def step_profile(runner: Any, scheduled: list[Any]) -> list[dict[str, Any]]:
+    """Where one decode step's time goes: each kernel's time per step (summed over its launches) from the
+    PyTorch profiler over a few eager steps (graphs off: a replay's kernels need not show in the profiler, and an
+    eager step runs the same kernels). On the CPU fallback, the ops' own CPU times."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    steps, graphs = 3, runner.decode_graphs
+    runner.decode_graphs = None
+    try:
+        runner.execute(scheduled)
+        with profile(activities=[ProfilerActivity.CUDA if CUDA else ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                runner.execute(scheduled)
+            if CUDA:
+                torch.cuda.synchronize()
+    finally:
+        runner.decode_graphs = graphs
+    device = DeviceType.CUDA if CUDA else DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == device]
+    rows = [
+        {"kernel": e.key, "calls": e.count / steps,
+         "us": (e.self_device_time_total if CUDA else e.self_cpu_time_total) / steps}
+        for e in events
+    ]  # fmt: skip
+    rows.sort(key=lambda row: -row["us"])
+    total = sum(row["us"] for row in rows) or 1.0
+    print(f"\nkernels of one eager decode step ({total:.0f} us of {'GPU' if CUDA else 'CPU'} time a step):")
+    for row in rows[:20]:
+        share = 100 * row["us"] / total
+        print(f"  {row['us']:9.1f} us {share:5.1f}% {row['calls']:6.0f} calls  {row['kernel'][:90]}")
+    print(flush=True)
+    return rows[:40]
 
 
 def main() -> None:
@@ -373,7 +411,7 @@ def main() -> None:
     with torch.inference_mode():
         top_k_top_p_filters(shape, report)
     out = {"device": card, "torch": torch.__version__, "triton": triton.__version__, "copy_bytes_per_s": copy,
-           "read_bytes_per_s": read, "matmul_flop_per_s": flops, "rows": report.rows}  # fmt: skip
+           "read_bytes_per_s": read, "matmul_flop_per_s": flops, "rows": report.rows, "step_profiles": report.profiles}  # fmt: skip
     (results_dir / "kernels.json").write_text(json.dumps(out, indent=2))
     print(f"wrote {results_dir / 'kernels.json'}")
     with torch.inference_mode():

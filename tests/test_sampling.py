@@ -311,24 +311,27 @@ def test_a_draw_stays_inside_the_vocabulary_whatever_the_weights() -> None:
     assert draw(weights, [None, None]).tolist() == [9, 9]
 
 
-def test_windowed_top_k_top_p_equals_the_sorted_vocabulary() -> None:
-    """The top-k/top-p filter ranks a window of the likeliest tokens instead of sorting the vocabulary; its
-    drop mask equals the sorted one for a mixed batch: peaked rows (the nucleus inside the window), flat rows
-    (wider: the sorted fallback), top-k wider than the window, and a row with no filter (keeps everything)."""
-    from ember.engine.sampler import NUCLEUS_WINDOW, top_k_top_p_drop, top_k_top_p_drop_sorted
+def test_windowed_top_k_top_p_keeps_what_sorting_the_vocabulary_keeps() -> None:
+    """The top-k/top-p thresholds come from a window of the likeliest tokens instead of a sorted vocabulary; they
+    keep what the sort keeps for a mixed batch: peaked rows (the nucleus inside the window), flat rows (wider: the
+    sorted fallback), top-k wider than the window, ties at the top-k threshold (all kept), and a row with no
+    filter (keeps everything)."""
+    from ember.engine.sampler import NUCLEUS_WINDOW, top_k_top_p_thresholds
+    from tests.sampling_reference import kept_by_sorting
 
     vocab = 3 * NUCLEUS_WINDOW
     generator = torch.Generator().manual_seed(0)
-    scales = torch.tensor([[8.0], [8.0], [0.5], [8.0], [1.0], [8.0]])
-    logits = torch.randn(6, vocab, generator=generator) * scales
-    top_ks = [0, 40, 0, 0, 7, 2 * NUCLEUS_WINDOW]
-    top_ps = [0.9, 0.8, 0.9, 1.0, 0.5, 0.95]
-    expected = top_k_top_p_drop_sorted(logits, [k or vocab for k in top_ks], top_ps)
-    expected[3] = False  # no filter
-    assert (~expected[0]).sum() < NUCLEUS_WINDOW < (~expected[2]).sum()  # peaked and flat nuclei, as meant
-    for rows in ([0, 1, 2, 3, 4, 5], [0, 1, 3, 4, 5]):  # with the flat row (the sorted fallback), without it
-        assert torch.equal(top_k_top_p_drop(logits[rows], [top_ks[i] for i in rows], [top_ps[i] for i in rows]),
-                           expected[rows])  # fmt: skip
+    scales = torch.tensor([[8.0], [8.0], [0.5], [8.0], [1.0], [8.0], [3.0]])
+    logits = torch.randn(7, vocab, generator=generator) * scales
+    logits[6] = logits[6].round()  # about 20 distinct values
+    top_ks = [0, 40, 0, 0, 7, 2 * NUCLEUS_WINDOW, 25]
+    top_ps = [0.9, 0.8, 0.9, 1.0, 0.5, 0.95, 1.0]
+    expected = kept_by_sorting(logits, top_ks, top_ps)
+    assert expected[0].sum() < NUCLEUS_WINDOW < expected[2].sum()  # peaked and flat nuclei, as meant
+    assert expected[3].all() and expected[6].sum() > 25
+    for rows in ([0, 1, 2, 3, 4, 5, 6], [0, 1, 3, 4, 5, 6]):  # with the flat row (the sorted fallback), without it
+        thresholds = top_k_top_p_thresholds(logits[rows], [top_ks[i] for i in rows], [top_ps[i] for i in rows])
+        assert torch.equal(logits[rows] >= thresholds.unsqueeze(1), expected[rows])
 
 
 def test_draws_follow_the_distribution() -> None:

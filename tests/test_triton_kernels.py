@@ -244,22 +244,12 @@ def test_qkv_to_cache_matches_the_separate_ops(
     assert changed.sum() == kv_heads * len(set((slots[stored] // block_size).tolist()))  # block stays untouched
 
 
-def kept_by_sorting(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
-    """Tokens at or above the smallest logit the sorted-vocabulary filter keeps (a sort keeps an arbitrary k of
-    the tokens tied at the threshold; the threshold filter keeps them all)."""
-    from ember.engine.sampler import top_k_top_p_drop_sorted
-
-    vocab = logits.shape[1]
-    drop = top_k_top_p_drop_sorted(logits, [k if 0 < k < vocab else vocab for k in top_ks], top_ps)
-    smallest = logits.masked_fill(drop, float("inf")).min(dim=1, keepdim=True).values
-    return logits >= smallest
-
-
-def test_top_k_top_p_thresholds_match_sorting() -> None:
+def test_radix_thresholds_match_sorting() -> None:
     """The radix search keeps what sorting the vocabulary keeps: peaked and flat rows, each filter alone and
     both, k = 1 and k beyond the vocabulary, rows of both signs, -inf tokens (a banned token), tied logits,
     a vocabulary over several tiles with a partial last one, and a row with no filter (keeps everything)."""
     from ember.kernels import triton_sampling
+    from tests.sampling_reference import kept_by_sorting
 
     vocab = 2 * triton_sampling.BLOCK + 451
     generator = torch.Generator().manual_seed(0)
@@ -273,12 +263,28 @@ def test_top_k_top_p_thresholds_match_sorting() -> None:
     top_ps = [0.9, 0.8, 0.9, 1.0, 0.5, 1.0, 1.0, 1.0, 0.37, 0.95]
     logits = logits.to(DEVICE)
     expected = kept_by_sorting(logits, top_ks, top_ps)
-    expected[3] = True  # no filter
-    assert expected[7].sum() > 25 and expected[2].sum() > 100  # ties at the top-k threshold; a flat nucleus
-    filtered = triton_sampling.top_k_top_p_filter(logits, top_ks, top_ps)
-    assert triton_sampling.top_k_top_p_thresholds(logits, top_ks, top_ps)[3] == float("-inf")
-    assert torch.equal(filtered > float("-inf"), expected & (logits > float("-inf")))
-    assert torch.equal(filtered[expected], logits[expected])
+    assert expected[3].all() and expected[7].sum() > 25 and expected[2].sum() > 100  # ties; a flat nucleus
+    ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks], device=DEVICE)
+    thresholds = triton_sampling.radix_thresholds(logits, ks, torch.tensor(top_ps, device=DEVICE))
+    assert thresholds[3] == float("-inf")
+    assert torch.equal(logits >= thresholds.unsqueeze(1), expected)
+
+
+def test_window_and_radix_thresholds_together_match_sorting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CUDA path the sampler's thresholds come from the window of likeliest tokens where it holds a row's
+    kept set, else from the radix search: a peaked top-p row, a flat one (the search), top-k with top-p, a row
+    with no filter."""
+    from ember.engine.sampler import NUCLEUS_WINDOW, top_k_top_p_thresholds
+    from tests.sampling_reference import kept_by_sorting
+
+    generator = torch.Generator().manual_seed(4)
+    scales = torch.tensor([8.0, 0.5, 2.0, 1.0]).unsqueeze(1)
+    logits = (torch.randn(4, 2 * NUCLEUS_WINDOW + 77, generator=generator) * scales).to(DEVICE)
+    top_ks, top_ps = [0, 0, 30, 0], [0.9, 0.9, 0.6, 1.0]
+    expected = kept_by_sorting(logits, top_ks, top_ps)
+    assert expected[0].sum() < NUCLEUS_WINDOW < expected[1].sum()
+    monkeypatch.setenv("EMBER_KERNELS", "triton")
+    assert torch.equal(logits >= top_k_top_p_thresholds(logits, top_ks, top_ps).unsqueeze(1), expected)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="real shapes run compiled on a GPU only")
@@ -291,9 +297,10 @@ def test_top_k_top_p_at_qwen3_vocabulary_on_gpu() -> None:
     rows, vocab = 256, 151936
     generator = torch.Generator().manual_seed(0)
     logits = (torch.randn(rows, vocab, generator=generator) * torch.linspace(0.5, 8.0, rows).unsqueeze(1)).to(DEVICE)
-    kept = triton_sampling.top_k_top_p_filter(logits, [50] * rows, [1.0] * rows) > float("-inf")
-    assert torch.equal(kept, logits >= logits.topk(50, dim=1).values[:, -1:])
-    thresholds = triton_sampling.top_k_top_p_thresholds(logits, [0] * rows, [0.9] * rows).unsqueeze(1)
+    no_top_k, no_top_p = torch.full((rows,), vocab, device=DEVICE), torch.ones(rows, device=DEVICE)
+    thresholds = triton_sampling.radix_thresholds(logits, torch.full_like(no_top_k, 50), no_top_p).unsqueeze(1)
+    assert torch.equal(logits >= thresholds, logits >= logits.topk(50, dim=1).values[:, -1:])
+    thresholds = triton_sampling.radix_thresholds(logits, no_top_k, torch.full_like(no_top_p, 0.9)).unsqueeze(1)
     probs = torch.softmax(logits, dim=1)
     at_or_above = (probs * (logits >= thresholds)).sum(dim=1)
     above = (probs * (logits > thresholds)).sum(dim=1)

@@ -17,6 +17,7 @@ check the script end to end. Usage: python benchmarks/gpu/kernel_times.py [--res
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -286,28 +287,29 @@ def sampler(s: dict[str, Any], report: Report) -> None:
 
 
 def top_k_top_p_filters(s: dict[str, Any], report: Report) -> None:
-    """Top-k/top-p filtering alone: a sort of the vocabulary (what the CUDA path did before the kernel) against
-    the radix-search kernel, swept over its tile size and warps (default 1,024 x 16). Floor: one read and one
-    write of the logits. Run last: it decides one default, the decode steps before it the issue's figures."""
-    from ember.engine.sampler import top_k_top_p_drop_sorted
+    """Top-k/top-p thresholds alone, by the sampler's way (`sampler.top_k_top_p_thresholds`: a window of the
+    likeliest tokens, the radix search for the rows it does not cover), by the radix search for every row, and
+    by a sort of the vocabulary, on flat logits (standard normal: a top-p nucleus of most of the vocabulary,
+    beyond the window) and peaked ones (x 8: a nucleus of a few tokens); then the radix kernel over its tile size
+    and warps (default 1,024 x 16). Floor: one read of the logits. Run last: it decides defaults, the decode
+    steps before it the issue's figures."""
+    from ember.engine.sampler import top_k_top_p_thresholds, window_thresholds
     from ember.kernels import triton_sampling
 
     batch, vocab = s["decode_points"][0][0], s["vocab"]
-    logits = torch.randn(batch, vocab, device=DEVICE)
-    shape, moved = f"{batch} x {vocab} fp32", 2 * logits.numel() * 4
+    flat = torch.randn(batch, vocab, device=DEVICE)
+    shape, moved = f"{batch} x {vocab} fp32", flat.numel() * 4
     cases = (("top-k 50, top-p 0.9", 50, 0.9), ("top-p 0.9", 0, 0.9), ("top-k 50", 50, 1.0))
-    for label, ks, ps in ((label, [k] * batch, [p] * batch) for label, k, p in cases):
-        sorted_ks = [k or vocab for k in ks]
-        report.add(f"{label}: sort", shape, lambda: logits.masked_fill(top_k_top_p_drop_sorted(logits, sorted_ks, ps), float("-inf")), moved, wall=True)  # noqa: E501,B023  # fmt: skip
-        report.add(f"{label}: radix", shape, lambda: triton_sampling.top_k_top_p_filter(logits, ks, ps), moved, wall=True)  # noqa: E501,B023  # fmt: skip
-    ks, ps = [50] * batch, [0.9] * batch
+    for (label, k, p), (kind, logits) in itertools.product(cases, (("flat", flat), ("peaked", 8 * flat))):
+        ks, ps = [k or vocab] * batch, [p] * batch
+        k_rows, p_rows = torch.full((batch,), k or vocab, device=DEVICE), torch.full((batch,), p, device=DEVICE)
+        name = f"{label}, {kind}"
+        report.add(f"{name}: sampler's", shape, lambda: top_k_top_p_thresholds(logits, ks, ps), moved, wall=True)  # noqa: B023  # fmt: skip
+        report.add(f"{name}: radix", shape, lambda: triton_sampling.radix_thresholds(logits, k_rows, p_rows), moved, wall=True)  # noqa: E501,B023  # fmt: skip
+        report.add(f"{name}: sort", shape, lambda: window_thresholds(logits, ks, ps, vocab), moved, wall=True)  # noqa: B023  # fmt: skip
+    k_rows, p_rows = torch.full((batch,), 50, device=DEVICE), torch.full((batch,), 0.9, device=DEVICE)
     for block, warps in ((1024, 8), (512, 4)):
-
-        def filtered(block: int = block, warps: int = warps) -> torch.Tensor:
-            thresholds = triton_sampling.top_k_top_p_thresholds(logits, ks, ps, block=block, num_warps=warps)
-            return logits.masked_fill(logits < thresholds.unsqueeze(1), float("-inf"))
-
-        report.add(f"top-k + top-p: radix {block}x{warps}w", shape, filtered, moved, wall=True)
+        report.add(f"top-k + top-p: radix {block}x{warps}w", shape, lambda: triton_sampling.radix_thresholds(flat, k_rows, p_rows, block, warps), moved, wall=True)  # noqa: E501,B023  # fmt: skip
 
 
 def decode_steps(s: dict[str, Any], report: Report) -> None:
@@ -411,7 +413,8 @@ def main() -> None:
     with torch.inference_mode():
         top_k_top_p_filters(shape, report)
     out = {"device": card, "torch": torch.__version__, "triton": triton.__version__, "copy_bytes_per_s": copy,
-           "read_bytes_per_s": read, "matmul_flop_per_s": flops, "rows": report.rows, "step_profiles": report.profiles}  # fmt: skip
+           "read_bytes_per_s": read, "matmul_flop_per_s": flops, "rows": report.rows,
+           "step_profiles": report.profiles}  # fmt: skip
     (results_dir / "kernels.json").write_text(json.dumps(out, indent=2))
     print(f"wrote {results_dir / 'kernels.json'}")
     with torch.inference_mode():

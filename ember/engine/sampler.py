@@ -146,12 +146,8 @@ def filter_logits(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor
     top_ps = [r.params.top_p for r in requests]
     min_ps = [r.params.min_p for r in requests]
     if any(k > 0 for k in top_ks) or any(p < 1.0 for p in top_ps):
-        if use_triton(device):  # no sort, no sync: thresholds found by a radix search on the device
-            from ember.kernels.triton_sampling import top_k_top_p_filter
-
-            logits = top_k_top_p_filter(logits, top_ks, top_ps)
-        else:
-            logits = logits.masked_fill(top_k_top_p_drop(logits, top_ks, top_ps), float("-inf"))
+        thresholds = top_k_top_p_thresholds(logits, top_ks, top_ps)
+        logits = logits.masked_fill(logits < thresholds.unsqueeze(1), float("-inf"))
     if any(p > 0.0 for p in min_ps):
         probs = torch.softmax(logits, dim=-1)
         floor = device_tensor(min_ps, device, torch.float32).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
@@ -159,49 +155,66 @@ def filter_logits(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor
     return logits
 
 
-def top_k_top_p_drop(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
-    """True for every token outside its row's top-k, or outside the top-p nucleus of the top-k distribution
-    (renormalized; the most likely token always stays). Rows with neither filter keep everything.
+def top_k_top_p_thresholds(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
+    """[rows] float32: each row's smallest kept logit (-inf: no filter) under its top-k (0: none) and the top-p
+    nucleus of its renormalized top-k distribution (1.0: none): a token is kept when the mass ranked above it is
+    below p, so the likeliest token always stays. Logits tied with the threshold are all kept, as HF's top-k
+    keeps them.
 
-    The CPU's way (CUDA uses `triton_sampling`): the ranking is a `topk` over a window of the most likely tokens,
-    not a sort of the vocabulary (on the CPU a sort of 64 x 49K logits takes ~100 ms, a top-1024 ~12). The window
-    is the largest top-k when every row has one, else NUCLEUS_WINDOW tokens, with a full sort only when some
-    top-p-only row's nucleus is wider.
+    The thresholds come from a window of each row's likeliest tokens (`window_thresholds`: a `topk`, not a sort of
+    the vocabulary: on the CPU a sort of 64 x 49K logits takes ~100 ms, a top-1024 ~12). The window is the largest
+    top-k when every filtered row has one, else at least NUCLEUS_WINDOW tokens. A top-p-only row whose nucleus is
+    wider than the window is searched again over its whole row: on CUDA by the radix search of `triton_sampling`
+    (which runs for those rows only, decided on the device, with no sync), on the CPU by a sort.
     """
     device, vocab = logits.device, logits.shape[1]
     ks = [k if 0 < k < vocab else vocab for k in top_ks]
-    top_p_only = any(k == vocab and p < 1.0 for k, p in zip(ks, top_ps, strict=True))
-    width = max(k for k in ks if k < vocab) if any(k < vocab for k in ks) else 1
-    if top_p_only:
+    width = max((k for k in ks if k < vocab), default=1)
+    if any(k == vocab and p < 1.0 for k, p in zip(ks, top_ps, strict=True)):
         width = max(width, NUCLEUS_WINDOW)
-    width = min(width, vocab)
-    values, ids = logits.topk(width, dim=-1) if width < vocab else logits.sort(dim=-1, descending=True)
-    k = device_tensor(ks, device).unsqueeze(1)
-    drop_ranked = torch.arange(width, device=device).unsqueeze(0) >= k
+    thresholds, covered = window_thresholds(logits, ks, top_ps, min(width, vocab))
+    if use_triton(device):
+        from ember.kernels.triton_sampling import radix_thresholds
+
+        # the covered rows get no filter there (top-k of the vocabulary, top-p 1): their programs stop at once
+        k_rows, p_rows = device_tensor(ks, device), device_tensor(top_ps, device, torch.float32)
+        searched = radix_thresholds(logits, k_rows.masked_fill(covered, vocab), p_rows.masked_fill(covered, 1.0))
+        return torch.where(covered, thresholds, searched)
+    if not bool(covered.all()):
+        rows = (~covered).nonzero().squeeze(1).tolist()
+        sub = [ks[i] for i in rows], [top_ps[i] for i in rows]
+        thresholds[rows] = window_thresholds(logits[rows], *sub, vocab)[0]
+    return thresholds
+
+
+def window_thresholds(
+    logits: torch.Tensor, ks: list[int], top_ps: list[float], width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`top_k_top_p_thresholds` found among each row's `width` likeliest tokens (all of them sorted when `width`
+    is the vocabulary), [rows] bool: whether the window holds the row's kept set: its top-k fits in it, or its
+    nucleus's mass does, or it has no filter). `ks`: the vocabulary's size for none."""
+    device, vocab = logits.device, logits.shape[1]
+    values = logits.topk(width, dim=-1).values if width < vocab else logits.sort(dim=-1, descending=True).values
+    k_rows = device_tensor(ks, device).unsqueeze(1)
+    keep = torch.arange(width, device=device).unsqueeze(0) < k_rows
+    covered = k_rows <= width
     if any(p < 1.0 for p in top_ps):
-        # probabilities of the ranked tokens under each row's top-k distribution
-        kept = values.masked_fill(drop_ranked, float("-inf"))
-        normalizer = torch.where(k <= width, kept.logsumexp(dim=-1, keepdim=True), logits.logsumexp(-1, keepdim=True))
+        # probabilities of the ranked tokens under each row's top-k distribution: normalized over the top-k when it
+        # fits in the window, else over the whole row
+        kept = values.masked_fill(~keep, float("-inf"))
+        normalizer = kept.logsumexp(dim=-1, keepdim=True)
+        if any(k > width for k in ks):
+            normalizer = torch.where(k_rows <= width, normalizer, logits.logsumexp(-1, keepdim=True))
         probs = torch.exp(kept - normalizer)
         cumulative = probs.cumsum(dim=-1)
-        p = nucleus_masses(top_ps, device)
-        drop_ranked |= cumulative - probs >= p
-        covered = (k <= width) | (cumulative[:, -1:] >= p) | p.isinf()  # each row's kept set is in the window
-        if width < vocab and top_p_only and not bool(covered.all()):
-            return top_k_top_p_drop_sorted(logits, ks, top_ps)  # a nucleus wider than the window
-    filtered = device_tensor([k < vocab or p < 1.0 for k, p in zip(ks, top_ps, strict=True)], device, torch.bool)
-    drop = filtered.unsqueeze(1).expand_as(logits).clone()  # unfiltered rows keep every token
-    return drop.scatter_(1, ids, drop_ranked & filtered.unsqueeze(1))
-
-
-def top_k_top_p_drop_sorted(logits: torch.Tensor, ks: list[int], top_ps: list[float]) -> torch.Tensor:
-    """`top_k_top_p_drop` over the whole sorted vocabulary."""
-    device = logits.device
-    sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)
-    drop_sorted = torch.arange(logits.shape[1], device=device).unsqueeze(0) >= device_tensor(ks, device).unsqueeze(1)
-    probs = torch.softmax(sorted_logits.masked_fill(drop_sorted, float("-inf")), dim=-1)
-    drop_sorted |= probs.cumsum(dim=-1) - probs >= nucleus_masses(top_ps, device)
-    return torch.zeros_like(drop_sorted).scatter_(1, sorted_ids, drop_sorted)
+        p_rows = nucleus_masses(top_ps, device)
+        keep &= cumulative - probs < p_rows
+        covered = (k_rows <= width) | (cumulative[:, -1:] >= p_rows)
+    unfiltered = device_tensor([k >= vocab and p >= 1.0 for k, p in zip(ks, top_ps, strict=True)], device, torch.bool)
+    covered |= unfiltered.unsqueeze(1)
+    last_kept = keep.sum(dim=-1, keepdim=True).clamp_(min=1) - 1  # the kept ranks are a prefix
+    thresholds = values.gather(1, last_kept).squeeze(1).masked_fill_(unfiltered, float("-inf"))
+    return thresholds, covered.squeeze(1)
 
 
 def nucleus_masses(top_ps: list[float], device: torch.device) -> torch.Tensor:

@@ -7,9 +7,10 @@ the tokens still in range, their next 4 key bits by count (top-k) or by probabil
 highest bin where the kept count or mass reaches its target. Eight passes fix a key; a row with both filters
 makes a pass for its maximum and eight for each filter. Nothing waits for the host.
 
-Semantics are those of `ember.engine.sampler.top_k_top_p_drop`: top-p applies to the renormalized top-k
-distribution and keeps each token whose higher-ranked mass is below p, so the most likely token always stays.
-Logits tied with the threshold are all kept (a sort would keep an arbitrary k of them).
+Semantics are those of `ember.engine.sampler.top_k_top_p_thresholds`, which runs this search for the rows whose
+kept set its window of likeliest tokens does not hold: top-p applies to the renormalized top-k distribution and
+keeps each token whose higher-ranked mass is below p, so the most likely token always stays; logits tied with the
+threshold are all kept.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from ember.kernels import device_tensor
 
 # Logits per tile of a pass, and warps per row. Each thread keeps 16 bins for each of its logits of a tile: at
 # 1,024 x 16 warps that is 2 logits (8-byte loads), 120 registers, no spills for sm_90. 8 warps (16-byte loads)
@@ -96,23 +95,18 @@ def _threshold_kernel(logits, row_stride, vocab, top_k, top_p, out, BLOCK: tl.co
     tl.store(out + r, _from_sort_key(tl.maximum(threshold, 0x007FFFFF)))
 
 
-def top_k_top_p_thresholds(
-    logits: torch.Tensor, top_ks: list[int], top_ps: list[float], block: int = BLOCK, num_warps: int = NUM_WARPS
+def radix_thresholds(
+    logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor, block: int = BLOCK, num_warps: int = NUM_WARPS
 ) -> torch.Tensor:
-    """[rows] float32: each row's smallest kept logit under its top-k (0: none) and top-p (1.0: none)."""
+    """[rows] float32: each row's smallest kept logit under its top-k (`top_ks` [rows] on the device: the
+    vocabulary's size for none) and top-p (`top_ps` [rows]: 1.0 or more for none); -inf where neither applies."""
     logits = logits.float().contiguous()  # no copy for the sampler's own logits
     rows, vocab = logits.shape
-    ks = device_tensor([k if 0 < k < vocab else vocab for k in top_ks], logits.device, torch.int32)
-    ps = device_tensor(top_ps, logits.device, torch.float32)
+    ks = top_ks.to(torch.int32).clamp(max=vocab)
+    ps = top_ps.to(torch.float32)
     out = torch.empty(rows, dtype=torch.float32, device=logits.device)
     _threshold_kernel[(rows,)](logits, logits.stride(0), vocab, ks, ps, out, BLOCK=block, num_warps=num_warps)
     return out
-
-
-def top_k_top_p_filter(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
-    """`logits` with every token below its row's threshold set to -inf."""
-    thresholds = top_k_top_p_thresholds(logits, top_ks, top_ps)
-    return logits.masked_fill(logits < thresholds.unsqueeze(1), float("-inf"))
 
 
 # Logits per tile and warps of the Gumbel race: one program per row, a row of 151,936 logits in 75 tiles.

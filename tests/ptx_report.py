@@ -134,7 +134,7 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
     "top-k-top-p": (
         triton_sampling._threshold_kernel,
         {"logits": "*fp32", "row_stride": "i32", "vocab": "i32", "top_k": "*i32", "top_p": "*fp32", "out": "*fp32"},
-        {"BLOCK": triton_sampling.BLOCK}, {"num_warps": triton_sampling.NUM_WARPS},
+        {"BLOCK": triton_sampling.BLOCK, "UNROLL": triton_sampling.UNROLL}, {"num_warps": triton_sampling.NUM_WARPS},
     ),
     "gumbel-race": (
         triton_sampling._gumbel_race_kernel,

@@ -251,7 +251,7 @@ def test_radix_thresholds_match_sorting() -> None:
     from ember.kernels import triton_sampling
     from tests.sampling_reference import kept_by_sorting
 
-    vocab = 2 * triton_sampling.BLOCK + 451
+    vocab = triton_sampling.UNROLL * triton_sampling.BLOCK + 451  # a second loop trip, its tiles partly past the row
     generator = torch.Generator().manual_seed(0)
     scales = torch.tensor([8.0, 8.0, 0.5, 8.0, 1.0, 3.0, 3.0, 3.0, 1.0, 3.0])
     logits = torch.randn(len(scales), vocab, generator=generator) * scales.unsqueeze(1)
@@ -259,11 +259,11 @@ def test_radix_thresholds_match_sorting() -> None:
     logits[6, 3:] = float("-inf")  # three tokens left; top-k 10 keeps the -inf ones too, at probability 0
     logits[7] = logits[7].round()  # ties: about 20 distinct values
     logits[8] = logits[8].round()
-    top_ks = [0, 40, 0, 0, 7, 1, 10, 25, 0, 3 * vocab]
+    top_ks = [0, 40, 0, 0, 7, 1, 10, 20, 0, 3 * vocab]
     top_ps = [0.9, 0.8, 0.9, 1.0, 0.5, 1.0, 1.0, 1.0, 0.37, 0.95]
     logits = logits.to(DEVICE)
     expected = kept_by_sorting(logits, top_ks, top_ps)
-    assert expected[3].all() and expected[7].sum() > 25 and expected[2].sum() > 100  # ties; a flat nucleus
+    assert expected[3].all() and expected[7].sum() > 20 and expected[2].sum() > 100  # ties; a flat nucleus
     ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks], device=DEVICE)
     thresholds = triton_sampling.radix_thresholds(logits, ks, torch.tensor(top_ps, device=DEVICE))
     assert thresholds[3] == float("-inf")

@@ -66,10 +66,12 @@ def test_per_token_kernels_move_16_byte_vectors(ptx: dict, kernel: str) -> None:
 
 
 def test_top_k_top_p_reads_logits_in_vectors(ptx: dict) -> None:
-    """Each of its passes over the vocabulary (a row max, 8 per filter) is one vectorized load (two fp32 per
-    thread: `triton_sampling.NUM_WARPS` says why not four)."""
+    """Each of its passes over the vocabulary (a row max, 8 per filter) loads in vectors (two fp32 per thread:
+    `triton_sampling.NUM_WARPS` says why not four), `UNROLL` tiles a loop trip in the 16 search passes."""
+    from ember.kernels.triton_sampling import UNROLL
+
     ops = ptx["top-k-top-p"]["memory_ops"]
-    assert ops.get("ld.global.v2.b32", 0) == 17, ops
+    assert ops.get("ld.global.v2.b32", 0) == 1 + 16 * UNROLL, ops
 
 
 def test_gumbel_race_reads_logits_in_16_byte_vectors(ptx: dict) -> None:

@@ -24,6 +24,12 @@ import triton.language as tl
 # take 229 registers, 4 warps spill.
 BLOCK = 1024
 NUM_WARPS = 16
+# Tiles per loop trip, loaded before any is binned. On an H200 a pass took ~0.5 ms at 256 x 151,936 (2026-12-04,
+# one tile a trip): latency bound, one program of 16 warps per SM with one 8-byte load in flight per thread, while
+# its ~220 instructions per tile account for ~0.13 ms. At 4 the sm_90 build issues the trip's four loads back to
+# back (checked in the SASS) with the same 120 registers and no spills. Not yet timed: kernel_times.py sweeps 1, 2
+# and 4.
+UNROLL = 4
 
 
 @triton.jit
@@ -41,7 +47,21 @@ def _from_sort_key(key):
 
 
 @triton.jit
-def _radix_search(row, vocab, floor, row_max, target, BY_MASS: tl.constexpr, BLOCK: tl.constexpr):
+def _bin(partial, x, in_row, fixed, prefix, floor, row_max, shift, BY_MASS: tl.constexpr):
+    """`partial` [tile, 16] plus the tile's logits `x` in range (in the row, matching the key bits fixed so far,
+    at or above the floor), each in the bin of its key's 4 bits at `shift`: a count, or `exp(x - row_max)`."""
+    key = _sort_key(x)
+    selected = in_row & ((key & fixed) == prefix) & (key >= floor)
+    onehot = (((key >> shift) & 15)[:, None] == tl.arange(0, 16)[None, :]) & selected[:, None]
+    if BY_MASS:
+        return partial + tl.where(onehot, tl.exp(x - row_max)[:, None], 0.0)
+    return partial + onehot.to(tl.float32)
+
+
+@triton.jit
+def _radix_search(
+    row, vocab, floor, row_max, target, BY_MASS: tl.constexpr, BLOCK: tl.constexpr, UNROLL: tl.constexpr
+):  # fmt: skip
     """The largest key K such that the tokens with keys >= K (and >= floor) weigh at least `target` (a count, or
     a fraction of the in-floor probability mass when BY_MASS). Where rounding leaves every bin short (a mass
     target at the total), it takes the lowest bin, keeping everything in range."""
@@ -53,16 +73,21 @@ def _radix_search(row, vocab, floor, row_max, target, BY_MASS: tl.constexpr, BLO
     for level in tl.static_range(8):
         shift = 28 - 4 * level
         partial = tl.zeros([BLOCK, 16], dtype=tl.float32)  # per lane: summed across lanes once per pass
-        for start in range(0, vocab, BLOCK):
+        # UNROLL tiles a trip, all loaded before any is binned: UNROLL loads in flight per thread
+        for start in range(0, vocab, BLOCK * UNROLL):
             cols = start + tl.arange(0, BLOCK)
             x = tl.load(row + cols, mask=cols < vocab, other=float("-inf"))
-            key = _sort_key(x)
-            selected = (cols < vocab) & ((key & fixed) == prefix) & (key >= floor)
-            onehot = (((key >> shift) & 15)[:, None] == bins[None, :]) & selected[:, None]
-            if BY_MASS:
-                partial += tl.where(onehot, tl.exp(x - row_max)[:, None], 0.0)
-            else:
-                partial += onehot.to(tl.float32)
+            if UNROLL >= 2:
+                x2 = tl.load(row + cols + BLOCK, mask=cols + BLOCK < vocab, other=float("-inf"))
+            if UNROLL >= 4:
+                x3 = tl.load(row + cols + 2 * BLOCK, mask=cols + 2 * BLOCK < vocab, other=float("-inf"))
+                x4 = tl.load(row + cols + 3 * BLOCK, mask=cols + 3 * BLOCK < vocab, other=float("-inf"))
+            partial = _bin(partial, x, cols < vocab, fixed, prefix, floor, row_max, shift, BY_MASS)
+            if UNROLL >= 2:
+                partial = _bin(partial, x2, cols + BLOCK < vocab, fixed, prefix, floor, row_max, shift, BY_MASS)
+            if UNROLL >= 4:
+                partial = _bin(partial, x3, cols + 2 * BLOCK < vocab, fixed, prefix, floor, row_max, shift, BY_MASS)
+                partial = _bin(partial, x4, cols + 3 * BLOCK < vocab, fixed, prefix, floor, row_max, shift, BY_MASS)
         weights = tl.sum(partial, axis=0)
         if BY_MASS and level == 0:
             goal = target * tl.sum(weights, axis=0)  # p of the mass at or above the floor
@@ -75,7 +100,7 @@ def _radix_search(row, vocab, floor, row_max, target, BY_MASS: tl.constexpr, BLO
 
 
 @triton.jit
-def _threshold_kernel(logits, row_stride, vocab, top_k, top_p, out, BLOCK: tl.constexpr):
+def _threshold_kernel(logits, row_stride, vocab, top_k, top_p, out, BLOCK: tl.constexpr, UNROLL: tl.constexpr):
     """One program per row: its smallest kept logit (-inf where the row has no filter)."""
     r = tl.program_id(0)
     row = logits + r.to(tl.int64) * row_stride
@@ -83,29 +108,37 @@ def _threshold_kernel(logits, row_stride, vocab, top_k, top_p, out, BLOCK: tl.co
     p = tl.load(top_p + r)
     threshold = tl.full([], 0, dtype=tl.uint32)
     if k < vocab:
-        threshold = _radix_search(row, vocab, threshold, 0.0, k.to(tl.float32), BY_MASS=False, BLOCK=BLOCK)
+        threshold = _radix_search(row, vocab, threshold, 0.0, k.to(tl.float32), False, BLOCK, UNROLL)
     if p < 1.0:
         row_max = tl.full([], float("-inf"), dtype=tl.float32)
         for start in range(0, vocab, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             row_max = tl.maximum(row_max, tl.max(tl.load(row + cols, mask=cols < vocab, other=float("-inf"))))
         row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-        threshold = _radix_search(row, vocab, threshold, row_max, p, BY_MASS=True, BLOCK=BLOCK)
+        threshold = _radix_search(row, vocab, threshold, row_max, p, True, BLOCK, UNROLL)
     # 0x007FFFFF is the key of -inf, the smallest threshold that is a number (key 0 would be a NaN)
     tl.store(out + r, _from_sort_key(tl.maximum(threshold, 0x007FFFFF)))
 
 
 def radix_thresholds(
-    logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor, block: int = BLOCK, num_warps: int = NUM_WARPS
+    logits: torch.Tensor,
+    top_ks: torch.Tensor,
+    top_ps: torch.Tensor,
+    block: int = BLOCK,
+    num_warps: int = NUM_WARPS,
+    unroll: int = UNROLL,
 ) -> torch.Tensor:
     """[rows] float32: each row's smallest kept logit under its top-k (`top_ks` [rows] on the device: the
-    vocabulary's size for none) and top-p (`top_ps` [rows]: 1.0 or more for none); -inf where neither applies."""
+    vocabulary's size for none) and top-p (`top_ps` [rows]: 1.0 or more for none); -inf where neither applies.
+    `block`, `num_warps`, `unroll` (1, 2 or 4): the kernel's tile, warps and tiles per loop trip."""
     logits = logits.float().contiguous()  # no copy for the sampler's own logits
     rows, vocab = logits.shape
     ks = top_ks.to(torch.int32).clamp(max=vocab)
     ps = top_ps.to(torch.float32)
     out = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    _threshold_kernel[(rows,)](logits, logits.stride(0), vocab, ks, ps, out, BLOCK=block, num_warps=num_warps)
+    _threshold_kernel[(rows,)](
+        logits, logits.stride(0), vocab, ks, ps, out, BLOCK=block, UNROLL=unroll, num_warps=num_warps
+    )
     return out
 
 

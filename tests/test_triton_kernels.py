@@ -385,6 +385,29 @@ def test_seeded_top_k_top_p_sampling_on_the_triton_path_equals_the_default_path(
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == expected
 
 
+def test_unseeded_rows_draw_by_the_gumbel_race_in_the_engine(
+    tiny_models: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CUDA path an unseeded sampled request draws by the Gumbel race (the default), its steps overlapped
+    by async scheduling: under top-k 1 every draw is the greedy token."""
+    from ember.engine.engine import LLM
+    from ember.engine.sampling_params import SamplingParams
+    from ember.kernels import triton_sampling
+
+    path = str(tiny_models["qwen3"][0])
+    prompts = [[5, 6, 7], list(range(3, 30))]
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in LLM(path, num_blocks=64, dtype="float32").generate(prompts, greedy)]
+    races = []
+    race = triton_sampling.gumbel_race
+    monkeypatch.setattr(triton_sampling, "gumbel_race", lambda *args: races.append(1) or race(*args))
+    monkeypatch.setenv("EMBER_KERNELS", "triton")
+    llm = LLM(path, num_blocks=64, dtype="float32")
+    sampled = SamplingParams(max_tokens=10, temperature=1.0, top_k=1, ignore_eos=True)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, sampled)] == expected
+    assert len(races) >= 9 and llm.engine.num_overlapped_steps > 0
+
+
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma2", "gemma3"])  # Gemma: local and global layers
 def test_engine_on_triton_kernels_equals_the_default_path(
     tiny_models: dict, monkeypatch: pytest.MonkeyPatch, family: str

@@ -282,8 +282,9 @@ def sampler(s: dict[str, Any], report: Report) -> None:
             sampling.RACE_UNSEEDED_ROWS = race
             name = f"sampler {label}" + (" (race)" if race else "")
             report.add(name, shape, lambda: sampling.sample(logits, requests), moved, wall=True)  # noqa: B023
-    sampling.RACE_UNSEEDED_ROWS = False
-    report.add("gumbel race alone", shape, lambda: triton_sampling.gumbel_race(logits, 1), moved)
+    sampling.RACE_UNSEEDED_ROWS = True  # the default
+    for block in (triton_sampling.RACE_BLOCK, 2048):
+        report.add(f"gumbel race alone, {block}", shape, lambda: triton_sampling.gumbel_race(logits, 1, block), moved)  # noqa: B023
 
 
 def top_k_top_p_filters(s: dict[str, Any], report: Report) -> None:

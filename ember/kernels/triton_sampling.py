@@ -142,8 +142,9 @@ def radix_thresholds(
     return out
 
 
-# Logits per tile and warps of the Gumbel race: one program per row, a row of 151,936 logits in 75 tiles.
-RACE_BLOCK = 2048
+# Logits per tile and warps of the Gumbel race: one program per row, a row of 151,936 logits in 38 tiles. At 4,096
+# x 8 warps each thread has four 16-byte loads in flight a trip, at 79 registers (2,048: two, at 48), no spills.
+RACE_BLOCK = 4096
 RACE_WARPS = 8
 
 
@@ -167,11 +168,11 @@ def _gumbel_race_kernel(logits, row_stride, vocab, seed, out, BLOCK: tl.constexp
     tl.store(out + r, tl.min(tl.where(best == top, best_col, vocab), axis=0))
 
 
-def gumbel_race(logits: torch.Tensor, seed: int) -> torch.Tensor:
+def gumbel_race(logits: torch.Tensor, seed: int, block: int = RACE_BLOCK) -> torch.Tensor:
     """[rows] int64: one token per row drawn from softmax(logits), by the Gumbel-max race, with Philox noise
     from `seed` (the same seed and logits give the same tokens). Rows of -inf only give token 0."""
     logits = logits.float().contiguous()
     rows, vocab = logits.shape
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    _gumbel_race_kernel[(rows,)](logits, logits.stride(0), vocab, seed, out, BLOCK=RACE_BLOCK, num_warps=RACE_WARPS)
+    _gumbel_race_kernel[(rows,)](logits, logits.stride(0), vocab, seed, out, BLOCK=block, num_warps=RACE_WARPS)
     return out

@@ -98,8 +98,10 @@ def test_kernel_benchmark_script_runs_on_its_cpu_fallback(gpu_image_env: dict[st
     report = json.loads((tmp_path / "kernels.json").read_text())
     kernels = {row["kernel"] for row in report["rows"]}
     assert {"decode attention", "prefill attention", "write kv", "rms norm", "silu and mul"} <= kernels
-    assert {"decode step (graph + logits)", "sampler greedy"} <= kernels
+    assert {"decode step (graph + logits)", "sampler greedy", "qkv norms+rotary+store, fused"} <= kernels
     assert all(row["us"] > 0 and row["floor_us"] > 0 for row in report["rows"])
+    (profile,) = report["step_profiles"].values()  # one decode step's time by kernel (here: by CPU op)
+    assert profile and all(row["us"] >= 0 and row["calls"] > 0 for row in profile)
 
 
 def test_host_overhead_script_runs_with_the_gpu_image(gpu_image_env: dict[str, str]) -> None:

@@ -90,6 +90,9 @@ def test_gpu_benchmark_script_runs_on_its_cpu_fallback(gpu_image_env: dict[str, 
     assert continuous["in_flight_tokens"] in (0, None)  # all finished within the budget
     assert naive["requests"] == 4 and naive["output_tokens"] > 0
     assert "ember x" in result.stdout
+    # the run's steps by group: every prompt token computed once (no prefix caching), decode groups by rows
+    assert sum(group["prompt_tokens"] for group in ember["steps"]) == 674
+    assert ember["steps"][0]["steps"] == "with prompt tokens" and len(ember["steps"]) >= 2
 
 
 def test_kernel_benchmark_script_runs_on_its_cpu_fallback(gpu_image_env: dict[str, str], tmp_path: Path) -> None:

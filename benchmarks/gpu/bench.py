@@ -74,10 +74,12 @@ def run_ember(config_dir: Path, requests: list, device: str, variant: str = "def
     prompts = [p for p, _ in requests]
     llm.generate(prompts[:2], params[:2])  # warm-up: Triton compiles its kernels here
     sync(device)
+    timeline = StepTimeline(llm.engine)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
     sync(device)
     wall = time.perf_counter() - start
+    timeline.stop()
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     engine = llm.engine  # what the run used: cache size, steps replayed from graphs or overlapped, memory
     stats: dict[str, Any] = {"kv_blocks": engine.kv_cache.num_blocks, "overlapped_steps": engine.num_overlapped_steps}
@@ -86,7 +88,77 @@ def run_ember(config_dir: Path, requests: list, device: str, variant: str = "def
     if device == "cuda":
         stats["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return {"engine": VARIANTS[variant][0], "requests": len(requests), "output_tokens": tokens, "wall_s": wall,
-            "startup_s": startup, **stats}  # fmt: skip
+            "startup_s": startup, "steps": timeline.summary(), **stats}  # fmt: skip
+
+
+# decode steps grouped by rows: upper bounds of the groups
+DECODE_ROWS = (8, 32, 64, 128, 192, 256)
+
+
+class StepTimeline:
+    """Where an Ember run's time goes, step by step: the wall time of each `engine.step` call and what the step
+    it ran (or launched, under async scheduling: the step behind the one it read back, the same requests one token
+    further in steady state) held: rows and prompt tokens. Steps with prompt tokens are one group, decode-only
+    steps are grouped by rows. Wraps the engine's `step` and its runner's `execute` and `launch` for one run."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine, self.runner = engine, engine.runner
+        self.steps: list[tuple[float, int, int]] = []  # (seconds, rows, prompt tokens)
+        self.rows = self.prompt_tokens = 0
+        for name in ("execute", "launch"):
+            setattr(self.runner, name, self._noting(getattr(self.runner, name)))
+        step = engine.step
+
+        def timed_step() -> Any:
+            begin = time.perf_counter()
+            outputs = step()
+            self.steps.append((time.perf_counter() - begin, self.rows, self.prompt_tokens))
+            self.prompt_tokens = 0  # a call that runs nothing new counts none again
+            return outputs
+
+        engine.step = timed_step
+
+    def _noting(self, run: Callable[..., Any]) -> Callable[..., Any]:
+        def noted(scheduled: list[Any], *args: Any) -> Any:
+            self.rows = len(scheduled)
+            self.prompt_tokens = sum(s.num_tokens for s in scheduled if not s.is_decode)
+            return run(scheduled, *args)
+
+        return noted
+
+    def stop(self) -> None:
+        """Unwrap: the engine's and runner's own methods again."""
+        vars(self.engine).pop("step", None)
+        for name in ("execute", "launch"):
+            vars(self.runner).pop(name, None)
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per group: steps, seconds, ms per step, mean rows, prompt tokens."""
+        groups: dict[int, list[tuple[float, int, int]]] = {}  # by the group's row bound (0: steps with prompts)
+        for seconds, rows, prompt in self.steps:
+            bound = 0 if prompt else next((b for b in DECODE_ROWS if rows <= b), rows)
+            groups.setdefault(bound, []).append((seconds, rows, prompt))
+        summary = []
+        for bound, group in sorted(groups.items()):
+            seconds = sum(g[0] for g in group)
+            summary.append({
+                "steps": f"decode, up to {bound} rows" if bound else "with prompt tokens", "count": len(group),
+                "seconds": seconds, "ms_per_step": 1e3 * seconds / len(group),
+                "mean_rows": sum(g[1] for g in group) / len(group), "prompt_tokens": sum(g[2] for g in group),
+            })  # fmt: skip
+        return summary
+
+
+def print_steps(run: dict[str, Any]) -> None:
+    """The run's steps by group (`StepTimeline`)."""
+    total = sum(group["seconds"] for group in run["steps"]) or 1.0
+    print(f"\n{run['engine']}: {sum(g['count'] for g in run['steps'])} steps")
+    print(
+        f"  {'steps':28s} {'count':>6s} {'seconds':>8s} {'share':>6s} {'ms/step':>8s} {'rows':>6s} {'prompt tok':>11s}"
+    )
+    for g in run["steps"]:
+        print(f"  {g['steps']:28s} {g['count']:6d} {g['seconds']:8.2f} {100 * g['seconds'] / total:5.0f}% "
+              f"{g['ms_per_step']:8.2f} {g['mean_rows']:6.0f} {g['prompt_tokens']:11d}")  # fmt: skip
 
 
 def hf_model(config: dict[str, Any], device: str) -> Any:
@@ -258,6 +330,9 @@ def main() -> None:
     for run in done:
         if "note" in run:
             print(f"{run['engine']}: {run['note']}")
+    for run in done:
+        if "steps" in run:
+            print_steps(run)
     report = {"device": card, "torch": torch.__version__, "shape": config, "runs": runs}
     (results_dir / "results.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {results_dir / 'results.json'}")

@@ -80,6 +80,17 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
         {**PREFILL, "P": 4, "BLOCK_M": 64, "DOT_FP32": True, "IEEE": True},
         {"num_warps": triton_attention.PREFILL_WARPS_FP32},
     ),
+    # a float8 cache (--kv-cache-dtype fp8): 16 elements a 16-byte group
+    "decode-fp8": (
+        triton_attention._decode_split_kernel,
+        {**DECODE_SIGNATURE, "k_cache": "*fp8e4nv", "v_cache": "*fp8e4nv"},
+        {**DECODE, "P": 16, "DIRECT": True, "DOT_FP32": False, "IEEE": False},
+        {"num_warps": triton_attention.DECODE_WARPS, "num_stages": triton_attention.DECODE_STAGES},
+    ),
+    "prefill-fp8": (
+        triton_attention._prefill_kernel, {**PREFILL_SIGNATURE, "k_cache": "*fp8e4nv", "v_cache": "*fp8e4nv"},
+        {**PREFILL, "P": 16, "BLOCK_M": 64, "DOT_FP32": False, "IEEE": False}, {},
+    ),
     # Gemma 2's soft-capped scores (its 2B's shape: 8 heads over 4 KV heads, head_dim 256)
     "decode-softcap": (
         triton_attention._decode_split_kernel, DECODE_SIGNATURE,
@@ -94,21 +105,26 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
         triton_attention._decode_merge_kernel,
         {"mid_out": "*fp32", "mid_lse": "*fp32", "out": "*bf16", "SPLITS": "i32"}, {"S_PAD": 8, "D": 128}, {},
     ),
-    "write-kv": (
-        triton_attention._write_kv_kernel,
-        {"k": "*bf16", "v": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "slots": "*i64", "NB": "i32",
-         "KVH": "i32"},
-        {"BS": 16, "D": 128, "P": 8, "HEADS": 8}, {},
-    ),
+    **{
+        name: (
+            triton_attention._write_kv_kernel,
+            {"k": "*bf16", "v": "*bf16", "k_cache": cache, "v_cache": cache, "slots": "*i64", "NB": "i32",
+             "KVH": "i32"},
+            {"BS": 16, "D": 128, "P": 16 if cache == "*fp8e4nv" else 8, "HEADS": 8}, {},
+        )
+        for name, cache in (("write-kv", "*bf16"), ("write-kv-fp8", "*fp8e4nv"))
+    },
     **{  # Qwen3's q/k norms, rotary and the cache store; Llama's: rotary and the store
         name: (
             triton_qkv._qkv_to_cache_kernel,
             {"qkv": "*bf16", "q_out": "*bf16", "q_weight": "*bf16", "k_weight": "*bf16", "cos": "*fp32",
-             "sin": "*fp32", "k_cache": "*bf16", "v_cache": "*bf16", "slots": "*i64", "row_stride": "i32",
+             "sin": "*fp32", "k_cache": cache, "v_cache": cache, "slots": "*i64", "row_stride": "i32",
              "eps": "fp32", "H": "i32", "KVH": "i32", "NB": "i32"},
-            {"HALF": 64, "QK_PAD": 32, "KV_PAD": 8, "BS": 16, "P": 8, "NORM": norm, "UNIT_OFFSET": False}, {},
+            {"HALF": 64, "QK_PAD": 32, "KV_PAD": 8, "BS": 16, "P": 16 if cache == "*fp8e4nv" else 8, "NORM": norm,
+             "UNIT_OFFSET": False}, {},
         )
-        for name, norm in (("qkv-to-cache-norms", True), ("qkv-to-cache", False))
+        for name, norm, cache in (("qkv-to-cache-norms", True, "*bf16"), ("qkv-to-cache", False, "*bf16"),
+                                  ("qkv-to-cache-fp8", True, "*fp8e4nv"))
     },
     **{
         name: (

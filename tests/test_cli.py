@@ -115,6 +115,7 @@ CLEAR_ERRORS: list[tuple[list[str], str]] = [
     (["generate", "hi", "--lora", "/no/such/adapter"], "must hold adapter_config.json"),
     (["run-batch", "-i", "/no/such.jsonl", "-o", "-"], "cannot read the input file '/no/such.jsonl'"),
     (["run-batch", "-i", "/dev/null", "-o", "-"], "the input file '/dev/null' holds no request"),
+    (["generate", "hi", "--device", "cpu", "--kv-cache-dtype", "fp8"], "runs on Ember's Triton kernels only"),
 ]
 
 

@@ -38,7 +38,9 @@ DECODE_VARIANTS = [f"decode-direct{direct}-stages{stages}" for direct in (True, 
 ]
 
 
-@pytest.mark.parametrize("kernel", [*PREFILL_VARIANTS, *DECODE_VARIANTS, "decode-softcap", "prefill-softcap"])
+@pytest.mark.parametrize(
+    "kernel", [*PREFILL_VARIANTS, *DECODE_VARIANTS, "decode-softcap", "prefill-softcap", "decode-fp8", "prefill-fp8"]
+)
 def test_attention_loads_the_cache_in_16_byte_vectors(ptx: dict, kernel: str) -> None:
     ops = ptx[kernel]["memory_ops"]
     assert not [op for op in ops if op.startswith("ld.global") and op.endswith(".b16")], ops  # one bf16 per load
@@ -53,8 +55,8 @@ def test_cuda_prefill_tiles_use_hopper_warpgroup_mma(ptx: dict) -> None:
 
 @pytest.mark.parametrize(
     "kernel",
-    ["write-kv", "qkv-to-cache", "qkv-to-cache-norms", "rms-norm", "rms-norm-gemma", "rotary", "silu-and-mul",
-     "gelu-and-mul"],
+    ["write-kv", "write-kv-fp8", "qkv-to-cache", "qkv-to-cache-norms", "qkv-to-cache-fp8", "rms-norm",
+     "rms-norm-gemma", "rotary", "silu-and-mul", "gelu-and-mul"],
 )  # fmt: skip
 def test_per_token_kernels_move_16_byte_vectors(ptx: dict, kernel: str) -> None:
     """Each thread loads 16 bytes of a token's row. (A token's values land in 2-byte steps in the CUDA layout,

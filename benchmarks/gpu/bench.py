@@ -6,7 +6,7 @@ Imports only torch, triton, transformers and Ember itself (from this checkout): 
 install nothing. Without a GPU it runs a tiny Qwen3 shape on the CPU, to check the script end to end.
 
 Usage: python benchmarks/gpu/bench.py [--results DIR] [--hf-cb-seconds 150] [--naive-requests 4]
-       [--variants default,sync,eager]
+       [--variants default,sync,eager,fp8kv]
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ VARIANTS = {
     "eager": ("ember (eager)", {"enforce_eager": True}),
     "block32": ("ember (block size 32)", {"block_size": 32}),  # kernel_times.py times decode at these block sizes
     "block64": ("ember (block size 64)", {"block_size": 64}),
+    "fp8kv": ("ember (fp8 KV cache)", {"kv_cache_dtype": "fp8"}),  # half the KV bytes to read
 }
 
 
@@ -275,8 +276,8 @@ def main() -> None:
         "--variants",
         default="default",
         help="Ember configurations to run, in order: default (CUDA graphs and async scheduling), sync (no async "
-        "scheduling), eager (no CUDA graphs), block32, block64 (KV block sizes); ratios are against the first "
-        "(default: default)",
+        "scheduling), eager (no CUDA graphs), block32, block64 (KV block sizes), fp8kv (a float8 KV cache); "
+        "ratios are against the first (default: default)",
     )
     parser.add_argument("--skip-hf", action="store_true", help="run Ember only")
     args = parser.parse_args()

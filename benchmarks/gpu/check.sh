@@ -2,10 +2,10 @@
 # Everything a GPU session checks, in one call of at most 10 minutes (the device's limit per call), the
 # issue's figure first; each part has its own time limit, so a slow or hung part cannot take the later
 # ones' time:
-#   bench    the throughput table: Ember (its default; without async scheduling), HF naive and HF continuous
+#   bench    the throughput table: Ember (its default; with a float8 KV cache), HF naive and HF continuous
 #            batching (bench.py, 240 s; about 200 s on an H200, HF's batching thread hanging 30 s at its stop);
 #   kernels  each kernel and whole decode steps against their floors, with the decode kernel's sweep over
-#            splits, warps, stages, blocks per trip and block sizes (kernel_times.py, 200 s);
+#            splits, warps, stages, blocks per trip, a float8 cache and block sizes (kernel_times.py, 200 s);
 #   tests    the Triton kernel tests and the bf16 parity tests, compiled on the GPU (100 s; 50 s on an H200);
 #   host     the host's Python time per decode step at batch 256 on this machine's CPU (host_overhead.py).
 # CHECK_PARTS="bench kernels" runs only those parts (e.g. to rerun what a first call cut short).
@@ -34,7 +34,7 @@ part() {  # part NAME SECONDS LOG COMMAND...: if NAME is selected, COMMAND under
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt" || status=1
-part bench 240 "$out/bench.log" "$python" benchmarks/gpu/bench.py --results "$out" --variants default,sync \
+part bench 240 "$out/bench.log" "$python" benchmarks/gpu/bench.py --results "$out" --variants default,fp8kv \
     --hf-cb-seconds 45 --naive-seconds 40
 part kernels 200 "$out/kernels.log" "$python" benchmarks/gpu/kernel_times.py --results "$out"
 part tests 100 "$out/tests.log" "$python" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \

@@ -4,11 +4,11 @@ A kernel's floor is the larger of (bytes it must move) / (memory bandwidth) and 
 the rates are measured in the same run (memory: the faster of a device copy and a sum of 1 GiB; an 8192^3
 matmul). Shapes are those of Qwen3-0.6B (16 heads, 8 KV heads, head_dim 128, hidden 1024, intermediate 3072,
 28 layers, vocab 151936), block size 16. The decode kernel is swept over split counts, warps, pipeline stages
-and blocks per loop trip (defaults: splits from `decode_splits`, 2 warps, 1 stage, 1 block) and, last, over
-block sizes; the prefill kernel over query-tile heights. Decode steps are whole-model CUDA-graph replays plus
-the logits, at the batch/context points of the speed-of-light probe in issue #7 (H100: 9.2 ms at 256 x 800,
-15.8 ms at 256 x 1,500, 3.3 ms at 64 x 800, 1.07 ms at batch 1). Kernel times come from
-`triton.testing.do_bench_cudagraph` (no launch overhead).
+and blocks per loop trip (defaults: splits from `decode_splits`, 2 warps, 1 stage, 1 block) and, last, over a
+float8 cache and block sizes; the prefill kernel over query-tile heights. Decode steps are whole-model CUDA-graph
+replays plus the logits, at the batch/context points of the speed-of-light probe in issue #7 (H100: 9.2 ms at
+256 x 800, 15.8 ms at 256 x 1,500, 3.3 ms at 64 x 800, 1.07 ms at batch 1), and one eager step by kernel. Kernel
+times come from `triton.testing.do_bench_cudagraph` (no launch overhead).
 
 Imports only torch, triton and this checkout. Without a GPU it runs tiny shapes in Triton's interpreter, to
 check the script end to end. Usage: python benchmarks/gpu/kernel_times.py [--results DIR]
@@ -120,32 +120,34 @@ class Report:
 
 
 def random_caches(
-    s: dict[str, Any], num_blocks: int, block_size: int = BLOCK_SIZE
+    s: dict[str, Any], num_blocks: int, block_size: int = BLOCK_SIZE, dtype: torch.dtype = DTYPE
 ) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (s["kv_heads"], num_blocks, block_size, s["head_dim"])
-    keys = torch.randn(shape, dtype=DTYPE, device=DEVICE)
-    return to_cache_layout(keys, torch.randn_like(keys))
+    keys = torch.randn(shape, device=DEVICE).to(dtype)
+    return to_cache_layout(keys, torch.randn(shape, device=DEVICE).to(dtype))
 
 
-def decode_case(s: dict[str, Any], batch: int, context: int, block_size: int = BLOCK_SIZE) -> tuple[torch.Tensor, ...]:
+def decode_case(
+    s: dict[str, Any], batch: int, context: int, block_size: int = BLOCK_SIZE, cache_dtype: torch.dtype = DTYPE
+) -> tuple[torch.Tensor, ...]:
     blocks = -(-context // block_size)
-    k_cache, v_cache = random_caches(s, batch * blocks, block_size)
+    k_cache, v_cache = random_caches(s, batch * blocks, block_size, cache_dtype)
     tables = torch.randperm(batch * blocks, device=DEVICE).view(batch, blocks)
     lens = torch.full((batch,), context, dtype=torch.int64, device=DEVICE)
     q = torch.randn(batch, s["heads"], s["head_dim"], dtype=DTYPE, device=DEVICE)
     return q, k_cache, v_cache, tables, lens
 
 
-def kv_row_bytes(s: dict[str, Any]) -> int:
+def kv_row_bytes(s: dict[str, Any], cache_dtype: torch.dtype = DTYPE) -> int:
     """One token's keys and values in one layer."""
-    return 2 * s["kv_heads"] * s["head_dim"] * torch.tensor([], dtype=DTYPE).element_size()
+    return 2 * s["kv_heads"] * s["head_dim"] * torch.tensor([], dtype=cache_dtype).element_size()
 
 
-def decode_bytes(s: dict[str, Any], batch: int, context: int) -> float:
+def decode_bytes(s: dict[str, Any], batch: int, context: int, cache_dtype: torch.dtype = DTYPE) -> float:
     """Decode attention's floor traffic: each context's keys and values read once, the queries read and the
     outputs written."""
     query_bytes = s["heads"] * s["head_dim"] * torch.tensor([], dtype=DTYPE).element_size()
-    return batch * context * kv_row_bytes(s) + 2 * batch * query_bytes
+    return batch * context * kv_row_bytes(s, cache_dtype) + 2 * batch * query_bytes
 
 
 def attention_kernels(s: dict[str, Any], report: Report) -> None:
@@ -198,11 +200,17 @@ def attention_kernels(s: dict[str, Any], report: Report) -> None:
     )  # fmt: skip
 
 
-def decode_block_sizes(s: dict[str, Any], report: Report) -> None:
-    """Decode attention with larger blocks (more bytes per loop trip). Run last: on an H200 (Triton 3.6) the
-    block-32 case at batch 256 x 1,500 once ended in an illegal memory access, which ends the CUDA context."""
+def decode_cache_variants(s: dict[str, Any], report: Report) -> None:
+    """Decode attention over a float8 cache (`--kv-cache-dtype fp8`: half the bytes, its floor too) and with
+    larger blocks (more bytes per loop trip). Run last: on an H200 (Triton 3.6) the block-32 case at batch 256 x
+    1,500 once ended in an illegal memory access, which ends the CUDA context."""
     scale = s["head_dim"] ** -0.5
     call = triton_attention.paged_decode_attention
+    fp8 = torch.float8_e4m3fn
+    for batch, context in s["decode_points"]:
+        q, k_cache, v_cache, tables, lens = decode_case(s, batch, context, cache_dtype=fp8)
+        shape = f"b{batch} ctx{context} fp8 cache"
+        report.add("decode attention", shape, lambda: call(q, k_cache, v_cache, tables, lens, scale), decode_bytes(s, batch, context, fp8))  # noqa: E501,B023  # fmt: skip
     for batch, context in s["decode_points"]:
         for block_size in DECODE_BLOCK_SIZES if CUDA else DECODE_BLOCK_SIZES[:1]:
             q, k_cache, v_cache, tables, lens = decode_case(s, batch, context, block_size)
@@ -419,7 +427,7 @@ def main() -> None:
     (results_dir / "kernels.json").write_text(json.dumps(out, indent=2))
     print(f"wrote {results_dir / 'kernels.json'}")
     with torch.inference_mode():
-        decode_block_sizes(shape, report)  # may end the CUDA context (see there): after the JSON, which it extends
+        decode_cache_variants(shape, report)  # may end the CUDA context (see there): after the JSON, which it extends
     (results_dir / "kernels.json").write_text(json.dumps(out, indent=2))
 
 

@@ -32,6 +32,7 @@ from ember.engine.request import CompletionOutput, Request, RequestOutput, Reque
 from ember.engine.sampling_params import InvalidParameter, SamplingParams
 from ember.engine.scheduler import ScheduledRequest, Scheduler
 from ember.engine.structured_output import GrammarCompiler, StructuredOutputs
+from ember.kernels import use_triton
 from ember.models.loader import LoadedModel, load_model
 from ember.models.lora import LoRAAdapter, adapter_files
 from ember.spec.prediction import PredictedOutput
@@ -126,6 +127,12 @@ class Engine:
         dtype = config.torch_dtype()
         for name, path in config.lora.modules.items():  # a wrong path is reported before the model loads
             adapter_files(name, path)
+        kv_dtype = config.cache.kv_torch_dtype(dtype)
+        if kv_dtype != dtype and not use_triton(torch.device(config.device)):  # before the model loads too
+            raise ValueError(
+                f"--kv-cache-dtype {config.cache.kv_cache_dtype} runs on Ember's Triton kernels only: use --device "
+                "cuda (the CPU's kernels keep the model's dtype in the cache)"
+            )
         self.loaded = loaded or load_model(config.model, config.load_format, dtype, config.device, config.seed)
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
@@ -134,7 +141,7 @@ class Engine:
             rotary.serve_context(self.max_model_len)
         block_size = config.cache.block_size
         draft = load_draft_model(config.speculative, config.device, dtype)
-        num_blocks = self._num_blocks(config.cache, dtype, draft.config if draft else None)
+        num_blocks = self._num_blocks(config.cache, dtype, kv_dtype, draft.config if draft else None)
         self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache, config.lora.max_loras)
         graph_max_batch = 0 if config.enforce_eager else min(config.scheduler.max_num_seqs, MAX_GRAPH_BATCH)
@@ -149,6 +156,7 @@ class Engine:
             self.loaded.gguf_blocks,
             config.lora.enable,
             config.lora.max_rank,
+            kv_dtype,
         )
         for name, path in config.lora.modules.items():
             self.load_lora(name, path)
@@ -183,9 +191,11 @@ class Engine:
         self._grammar_compiler: GrammarCompiler | None = None  # built on the first structured-output request
         self._grammar_compiler_lock = threading.Lock()
 
-    def _num_blocks(self, cache: CacheConfig, dtype: torch.dtype, draft: ModelConfig | None) -> int:
-        """KV-cache blocks from the memory budget; a draft model keeps as many blocks of its own, out of the
-        same budget."""
+    def _num_blocks(
+        self, cache: CacheConfig, dtype: torch.dtype, kv_dtype: torch.dtype, draft: ModelConfig | None
+    ) -> int:
+        """KV-cache blocks (of `kv_dtype` elements) from the memory budget; a draft model keeps as many blocks of
+        its own (of its `dtype`), out of the same budget."""
         if cache.num_blocks is not None:
             return cache.num_blocks
         budget = cache.kv_cache_memory
@@ -196,7 +206,7 @@ class Engine:
             budget = int(total * cache.gpu_memory_utilization) - (total - free) - CUDA_ACTIVATION_RESERVE
         elif budget is None:
             budget = min(int(available_memory_bytes() * cache.memory_fraction), DEFAULT_KV_CACHE_CAP)
-        per_block = kv_cache_bytes_per_block(self.model_config, cache.block_size, dtype)
+        per_block = kv_cache_bytes_per_block(self.model_config, cache.block_size, kv_dtype)
         if draft is not None:
             per_block += kv_cache_bytes_per_block(draft, cache.block_size, dtype)
         num_blocks = budget // per_block
@@ -564,8 +574,9 @@ class LLM:
     """Offline inference: `LLM().generate(prompts, SamplingParams(...))`.
 
     With no model, loads the embedded default (SmolLM2-135M-Instruct). Keyword arguments configure the
-    engine: dtype, device, seed, load_format, block_size, num_blocks, kv_cache_memory, max_sequences (a cache of
-    that many whole contexts at most), enable_prefix_caching, max_num_seqs, max_num_batched_tokens, max_model_len,
+    engine: dtype, device, seed, load_format, block_size, kv_cache_dtype ("auto" or "fp8"), num_blocks,
+    kv_cache_memory, max_sequences (a cache of that many whole contexts at most), enable_prefix_caching,
+    max_num_seqs, max_num_batched_tokens, max_model_len,
     scheduling_policy ("fcfs" or "priority"), speculative ("ngram", "suffix", "draft:<model>"),
     num_speculative_tokens, speculative_max_batch_size, prompt_lookup_min and prompt_lookup_max (ngram),
     enforce_eager (no CUDA graphs), async_scheduling (None, the default: where it applies), enable_lora,
@@ -576,6 +587,7 @@ class LLM:
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         cache_keys = {
             "block_size",
+            "kv_cache_dtype",
             "num_blocks",
             "kv_cache_memory",
             "memory_fraction",

@@ -98,11 +98,13 @@ class ModelRunner:
         gguf_blocks: dict[str, QuantizedMatrix] | None = None,
         enable_lora: bool = False,
         max_lora_rank: int | None = None,
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> None:
         """`graph_max_batch` > 0: decode steps of up to that many requests run on `DecodeGraphs` (Triton path
         only), whose block tables are as wide as `max_model_len` (default: the model's). `gguf_blocks`: the
         quantized weights of a GGUF file, for the CPU's steps of few rows. `enable_lora`: the linears take LoRA
-        adapters (`self.lora`); steps with adapter rows replay no CUDA graph."""
+        adapters (`self.lora`); steps with adapter rows replay no CUDA graph. `kv_cache_dtype`: the cache's
+        elements (default `dtype`; float8 e4m3 on the Triton path only)."""
         self.model = model
         self.config = model.config
         if torch.device(device).type == "cpu":
@@ -121,11 +123,13 @@ class ModelRunner:
                 "Ember's Triton kernels need a power-of-two head_dim >= 16 and --block-size >= 16; "
                 f"got head_dim {cfg.head_dim}, block size {block_size}"
             )
+        cache_dtype = kv_cache_dtype or dtype
+        assert cache_dtype == dtype or self.use_triton, "only the Triton kernels store another dtype (Engine checks)"
         shape = (cfg.num_hidden_layers, 2, cfg.num_key_value_heads, num_blocks, block_size, cfg.head_dim)
         # Zeroed (masked slots still meet 0 * value in attention) and touched now: a lazily zeroed cache moves
         # its page faults into the steps, which on the CPU measured 1-2 s of kernel time per cpu-64 run
         # (huge-page faults compact memory), against about 0.2 s per GiB once at start-up.
-        self.kv_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.kv_cache = torch.zeros(shape, dtype=cache_dtype, device=self.device)
         self.kv_caches = [cache_views(layer) for layer in self.kv_cache]
         self.use_native_decode = (
             not self.use_triton

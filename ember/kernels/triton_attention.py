@@ -62,8 +62,26 @@ def _write_kv_kernel(
     store = (heads < KVH) & (dims * 0 + slot >= 0)
     row = (t * KVH + heads) * D + dims
     base = (heads * NB + block) * D * BS
-    tl.store(k_cache + base + slot_key_offsets(offset, dims, BS, P), tl.load(k + row, mask=store), mask=store)
-    tl.store(v_cache + base + slot_value_offsets(offset, dims, D, P), tl.load(v + row, mask=store), mask=store)
+    keys = to_cache_dtype(tl.load(k + row, mask=store), k_cache.dtype.element_ty)
+    values = to_cache_dtype(tl.load(v + row, mask=store), v_cache.dtype.element_ty)
+    tl.store(k_cache + base + slot_key_offsets(offset, dims, BS, P), keys, mask=store)
+    tl.store(v_cache + base + slot_value_offsets(offset, dims, D, P), values, mask=store)
+
+
+@triton.jit
+def to_cache_dtype(x, dtype: tl.constexpr):
+    """x as the cache's elements. Into float8 e4m3: rounded to the nearest (ties to even) in fp32 first, and
+    saturated at +-448 (no infinity), as PyTorch's cast and the GPU's `satfinite` conversion do; the cast is then
+    exact everywhere (Triton's interpreter rounds ties up and drops the carry: 1.9375 became 1.0, and 1,000 256)."""
+    if dtype == tl.float8e4nv:
+        x = tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0)
+        bits = x.to(tl.uint32, bitcast=True)
+        # a float8's step is 2^(e - 3) at binary exponent e >= -6, and 2^-9 below (its subnormals): adding and
+        # taking away 2^(e + 20) (x's sign) rounds x to that step, ties to even
+        exponent = tl.maximum((bits >> 23) & 0xFF, 127 - 6)
+        magic = ((bits & 0x80000000) | ((exponent + 20) << 23)).to(tl.float32, bitcast=True)
+        x = (x + magic) - magic
+    return x.to(dtype)
 
 
 @triton.jit
@@ -142,9 +160,9 @@ def _attend_block(
 ):  # fmt: skip
     """The K/V block at `base` ([BS, D] each) in the online softmax: (max, normalizer, output). Its values are
     loaded after the scores, the order the decode kernel's launch options were tuned with."""
-    keys = tl.load(k_cache + base + _key_offsets(tok, dims, BS, P))
+    keys = tl.load(k_cache + base + _key_offsets(tok, dims, BS, P)).to(qv.dtype)  # (from a float8 cache)
     m_new, probs, alpha = _softmax_step(qv, keys, visible, m_i, scale, DOT_FP32, IEEE, SOFTCAP)
-    values = tl.load(v_cache + base + _value_offsets(tok, dims, D, P))
+    values = tl.load(v_cache + base + _value_offsets(tok, dims, D, P)).to(qv.dtype)
     l_i, acc = _accumulate(values, probs, alpha, l_i, acc, DOT_FP32, IEEE)
     return m_new, l_i, acc
 
@@ -152,10 +170,10 @@ def _attend_block(
 @triton.jit
 def _load_pages(
     k_cache, v_cache, tables, row, page, last, kv_base, tok, dims,
-    PAGES: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
+    PAGES: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, dtype: tl.constexpr,
 ):  # fmt: skip
-    """The keys and values ([PAGES * BS, D] each) of the PAGES blocks from logical page `page` (pages from
-    `last` on give zeros, for the caller to mask): their table entries in one load, then all their keys and
+    """The keys and values ([PAGES * BS, D] each, as `dtype`) of the PAGES blocks from logical page `page` (pages
+    from `last` on give zeros, for the caller to mask): their table entries in one load, then all their keys and
     values, so a program has PAGES blocks in flight. The loads are [PAGES, BS, D] tiles: each block's base is
     constant along the vectorized axes, so they stay 16-byte vectors (a [PAGES * BS] per-token base would
     not), and are flattened for the products."""
@@ -166,7 +184,7 @@ def _load_pages(
     ok = page_ok[:, None, None]
     keys = tl.load(k_cache + base[:, None, None] + _key_offsets(tok, dims, BS, P)[None, :, :], mask=ok, other=0.0)
     values = tl.load(v_cache + base[:, None, None] + _value_offsets(tok, dims, D, P)[None, :, :], mask=ok, other=0.0)
-    return tl.reshape(keys, (PAGES * BS, D)), tl.reshape(values, (PAGES * BS, D))
+    return tl.reshape(keys, (PAGES * BS, D)).to(dtype), tl.reshape(values, (PAGES * BS, D)).to(dtype)
 
 
 # Integer arguments that change from step to step (a table's width, the split count) are not specialized:
@@ -217,7 +235,7 @@ def _decode_split_kernel(
     else:
         for page in range(first, last, PAGES):
             keys, values = _load_pages(
-                k_cache, v_cache, tables, b * MAXB, page, last, kh * NB, tok, dims, PAGES, BS, D, P
+                k_cache, v_cache, tables, b * MAXB, page, last, kh * NB, tok, dims, PAGES, BS, D, P, qv.dtype
             )
             key_pos = page * BS + tl.arange(0, PAGES * BS)
             visible = ((key_pos < length) & (key_pos >= start) & (key_pos < last * BS))[None, :]
@@ -375,7 +393,7 @@ def _prefill_kernel(
     else:
         for blk in range(first_key // BS, last_page, PAGES):
             keys, values = _load_pages(
-                k_cache, v_cache, tables, seq * MAXB, blk, last_page, kh * NB, tok, dims, PAGES, BS, D, P
+                k_cache, v_cache, tables, seq * MAXB, blk, last_page, kh * NB, tok, dims, PAGES, BS, D, P, qv.dtype
             )
             visible = _prefill_visible(blk * BS + tl.arange(0, PAGES * BS), positions, ctx, row_ok, WINDOW)
             m_i, l_i, acc = _attend_tile(qv, keys, values, visible, m_i, l_i, acc, scale, DOT_FP32, IEEE, SOFTCAP)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ember.attention.layout import cache_geometry
-from ember.kernels.triton_attention import slot_key_offsets, slot_value_offsets
+from ember.kernels.triton_attention import slot_key_offsets, slot_value_offsets, to_cache_dtype
 from ember.kernels.triton_elementwise import rotate_first, rotate_second, scale_normalized
 
 
@@ -57,12 +57,13 @@ def _qkv_to_cache_kernel(
     offset = slot % BS
     is_key = qk_ok & (head >= H) & (i * 0 + slot >= 0)
     key_block = k_cache + ((head - H) * NB + block) * D * BS
-    tl.store(key_block + slot_key_offsets(offset, i, BS, P), r1, mask=is_key)
-    tl.store(key_block + slot_key_offsets(offset, i + HALF, BS, P), r2, mask=is_key)
+    cache_dtype = k_cache.dtype.element_ty
+    tl.store(key_block + slot_key_offsets(offset, i, BS, P), to_cache_dtype(r1, cache_dtype), mask=is_key)
+    tl.store(key_block + slot_key_offsets(offset, i + HALF, BS, P), to_cache_dtype(r2, cache_dtype), mask=is_key)
     kv_head = tl.arange(0, KV_PAD)[:, None]
     dims = tl.arange(0, D)[None, :]
     is_value = (kv_head < KVH) & (dims * 0 + slot >= 0)
-    values = tl.load(qkv + t * row_stride + (H + KVH + kv_head) * D + dims, mask=is_value)
+    values = to_cache_dtype(tl.load(qkv + t * row_stride + (H + KVH + kv_head) * D + dims, mask=is_value), cache_dtype)
     value_block = v_cache + (kv_head * NB + block) * D * BS
     tl.store(value_block + slot_value_offsets(offset, dims, D, P), values, mask=is_value)
 

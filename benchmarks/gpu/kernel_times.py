@@ -209,8 +209,9 @@ def decode_cache_variants(s: dict[str, Any], report: Report) -> None:
     fp8 = torch.float8_e4m3fn
     for batch, context in s["decode_points"]:
         q, k_cache, v_cache, tables, lens = decode_case(s, batch, context, cache_dtype=fp8)
-        shape = f"b{batch} ctx{context} fp8 cache"
-        report.add("decode attention", shape, lambda: call(q, k_cache, v_cache, tables, lens, scale), decode_bytes(s, batch, context, fp8))  # noqa: E501,B023  # fmt: skip
+        for pages in (1, 2, 4):  # a float8 block is half the bytes: more blocks a trip may pay more
+            shape = f"b{batch} ctx{context} fp8 cache p{pages}"
+            report.add("decode attention", shape, lambda: call(q, k_cache, v_cache, tables, lens, scale, pages_per_trip=pages), decode_bytes(s, batch, context, fp8))  # noqa: E501,B023  # fmt: skip
     for batch, context in s["decode_points"]:
         for block_size in DECODE_BLOCK_SIZES if CUDA else DECODE_BLOCK_SIZES[:1]:
             q, k_cache, v_cache, tables, lens = decode_case(s, batch, context, block_size)

@@ -143,6 +143,13 @@ class Engine:
         draft = load_draft_model(config.speculative, config.device, dtype)
         num_blocks = self._num_blocks(config.cache, dtype, kv_dtype, draft.config if draft else None)
         self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        tokens = num_blocks * block_size
+        gib = num_blocks * kv_cache_bytes_per_block(self.model_config, block_size, kv_dtype) / 2**30
+        logger.info(
+            "KV cache: %s blocks of %d tokens, %s tokens (%s, %.2f GiB): %.1f requests of %s tokens at once",
+            f"{num_blocks:,}", block_size, f"{tokens:,}", str(kv_dtype).removeprefix("torch."), gib,
+            tokens / self.max_model_len, f"{self.max_model_len:,}",
+        )  # fmt: skip
         self.scheduler = Scheduler(config.scheduler, self.kv_cache, config.lora.max_loras)
         graph_max_batch = 0 if config.enforce_eager else min(config.scheduler.max_num_seqs, MAX_GRAPH_BATCH)
         self.runner = ModelRunner(

@@ -143,7 +143,7 @@ def kv_row_bytes(s: dict[str, Any], cache_dtype: torch.dtype = DTYPE) -> int:
     return 2 * s["kv_heads"] * s["head_dim"] * torch.tensor([], dtype=cache_dtype).element_size()
 
 
-def decode_bytes(s: dict[str, Any], batch: int, context: int, cache_dtype: torch.dtype = DTYPE) -> float:
+def decode_bytes(s: dict[str, Any], batch: int, context: float, cache_dtype: torch.dtype = DTYPE) -> float:
     """Decode attention's floor traffic: each context's keys and values read once, the queries read and the
     outputs written."""
     query_bytes = s["heads"] * s["head_dim"] * torch.tensor([], dtype=DTYPE).element_size()
@@ -171,6 +171,7 @@ def attention_kernels(s: dict[str, Any], report: Report) -> None:
             shape = f"b{batch} ctx{context} s{splits} w{warps} st{stages} p{pages}"
             report.add("decode attention", shape, lambda: call(q, k_cache, v_cache, tables, lens, scale, splits, warps, stages, pages_per_trip=pages), decode_bytes(s, batch, context))  # noqa: E501,B023  # fmt: skip
         del k_cache, v_cache
+    ragged_decode(s, report)
     chunks = s["prefill_chunks"]
     total_rows = sum(length for _, length in chunks)
     blocks = [-(-(prefix + length) // BLOCK_SIZE) for prefix, length in chunks]
@@ -198,6 +199,21 @@ def attention_kernels(s: dict[str, Any], report: Report) -> None:
         "write kv", f"{total_rows} rows", lambda: triton_attention.write_kv(k, k, k_cache, v_cache, slots),
         2 * total_rows * kv_row,
     )  # fmt: skip
+
+
+def ragged_decode(s: dict[str, Any], report: Report) -> None:
+    """Decode attention over contexts as ragged as a serving batch's (uniform from 1/8 to 15/8 of the first
+    decode point's context, the same mean): a long context's program takes longer, and the kernel waits for the
+    last of them; more splits per context even that out."""
+    batch, context = s["decode_points"][0]
+    q, k_cache, v_cache, tables, _ = decode_case(s, batch, 2 * context)
+    generator = torch.Generator().manual_seed(0)
+    lens = torch.randint(context // 8, 2 * context - context // 8, (batch,), generator=generator).to(DEVICE)
+    mean = lens.sum().item() / batch
+    default = triton_attention.decode_splits(batch, s["kv_heads"], DEVICE)
+    for splits in sorted({default, 2 * default, 4 * default}):
+        shape = f"b{batch} ragged, mean ctx {mean:.0f} s{splits}"
+        report.add("decode attention", shape, lambda: triton_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, s["head_dim"] ** -0.5, splits), decode_bytes(s, batch, mean))  # noqa: E501,B023  # fmt: skip
 
 
 def decode_cache_variants(s: dict[str, Any], report: Report) -> None:

@@ -202,8 +202,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
-        if meta.use_triton and self.rotary_dim == self.head_dim:
-            return self.o_proj(self.triton_attention(qkv, rope, kv_cache, meta).reshape(num_tokens, self.q_size))
+        if meta.use_triton and self.rotary_dim == self.head_dim:  # the CUDA path: q/k norms, rotary, K/V store
+            from ember.attention.triton_paged import triton_paged_attention  # in one kernel, then attention's
+            from ember.kernels.triton_qkv import qkv_to_cache
+
+            q = qkv_to_cache(qkv, self.num_heads, *rope, *kv_cache, meta.slot_mapping, *self.qk_norms())
+            out = triton_paged_attention(q, None, None, *kv_cache, meta, self.scale, self.window, self.softcap)
+            return self.o_proj(out.reshape(num_tokens, self.q_size))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -218,23 +223,11 @@ class Attention(nn.Module):
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, self.window, self.softcap)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
-    def triton_attention(
-        self,
-        qkv: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        """The CUDA path: q/k norms, rotary and the K/V store in one kernel, then the attention kernels."""
-        from ember.attention.triton_paged import triton_paged_attention
-        from ember.kernels.triton_qkv import qkv_to_cache
-
-        norms = (self.q_norm, self.k_norm) if self.q_norm is not None and self.k_norm is not None else None
-        q = qkv_to_cache(
-            qkv, self.num_heads, *rope, *kv_cache, meta.slot_mapping,
-            *((norms[0].weight, norms[1].weight, norms[0].eps, norms[0].unit_offset) if norms else ()),
-        )  # fmt: skip
-        return triton_paged_attention(q, None, None, *kv_cache, meta, self.scale, self.window, self.softcap)
+    def qk_norms(self) -> tuple[torch.Tensor, torch.Tensor, float, bool] | tuple[()]:
+        """`qkv_to_cache`'s norm arguments: q's and k's weights, epsilon, Gemma's unit offset (none: no norms)."""
+        if self.q_norm is None or self.k_norm is None:
+            return ()
+        return self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.q_norm.unit_offset
 
 
 class MLP(nn.Module):

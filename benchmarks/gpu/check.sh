@@ -25,8 +25,10 @@ part() {  # part NAME SECONDS LOG COMMAND...: if NAME is selected, COMMAND under
     local name=$1 limit=$2 log=$3
     shift 3
     [[ "$parts" == *" $name "* ]] || return 0
+    local began=$SECONDS
     timeout --kill-after=5 "$limit" "$@" 2>&1 | tee -a "$log"
     local code=${PIPESTATUS[0]}
+    echo "check.sh: part $name took $((SECONDS - began)) s of its $limit" | tee -a "$log"
     if [ "$code" -ne 0 ]; then
         echo "check.sh: '$*' ended with status $code (124: over its ${limit} s limit)" | tee -a "$log"
         status=1

@@ -56,11 +56,16 @@ BLOCK_SIZE = 16  # the engine's default; decode attention is also timed with the
 DECODE_BLOCK_SIZES = (32, 64)  # a block per loop trip: larger blocks, more bytes in flight per trip
 
 
+# Milliseconds of replays per measurement (`do_bench_cudagraph` takes 10, each a graph of as many calls as fit):
+# ~100 rows must fit check.sh's 200 s, and a graph of a 2 µs kernel's calls takes its launches' time to capture.
+BENCH_MS = 40
+
+
 def seconds(fn: Callable[[], Any]) -> float:
     """Kernel time of one call: CUDA-graph replays on a GPU (no launch overhead), the median of three calls on
     the CPU."""
     if CUDA:
-        return triton.testing.do_bench_cudagraph(fn, rep=100) / 1e3
+        return triton.testing.do_bench_cudagraph(fn, rep=BENCH_MS) / 1e3
     fn()
     times = []
     for _ in range(3):

@@ -3,7 +3,7 @@
 # issue's figure first; each part has its own time limit, so a slow or hung part cannot take the later
 # ones' time:
 #   bench    the throughput table: Ember (its default; with a float8 KV cache), HF naive and HF continuous
-#            batching (bench.py, 240 s; about 200 s on an H200, HF's batching thread hanging 30 s at its stop);
+#            batching (bench.py, 240 s; about 200 s on an H200 when HF's batching thread hung 30 s at its stop, now 10);
 #   kernels  each kernel and whole decode steps against their floors, with the decode kernel's sweep over
 #            splits, warps, stages, blocks per trip, a float8 cache and block sizes (kernel_times.py, 200 s);
 #   tests    the Triton kernel tests and the bf16 parity tests, compiled on the GPU (100 s; 50 s on an H200);

@@ -19,16 +19,15 @@ import torch
 import triton
 import triton.language as tl
 
-# Logits per tile of a pass, and warps per row. Each thread keeps 16 bins for each of its logits of a tile: at
-# 1,024 x 16 warps that is 2 logits (8-byte loads), 120 registers, no spills for sm_90. 8 warps (16-byte loads)
-# take 229 registers, 4 warps spill.
-BLOCK = 1024
-NUM_WARPS = 16
-# Tiles per loop trip, loaded before any is binned. On an H200 a pass took ~0.5 ms at 256 x 151,936 (2026-12-04,
-# one tile a trip): latency bound, one program of 16 warps per SM with one 8-byte load in flight per thread, while
-# its ~220 instructions per tile account for ~0.13 ms. At 4 the sm_90 build issues the trip's four loads back to
-# back (checked in the SASS) with the same 120 registers and no spills. Not yet timed: kernel_times.py sweeps 1, 2
-# and 4.
+# Logits per tile of a pass, warps per row, and tiles per loop trip (loaded before any is binned). Each thread keeps
+# 16 bins for each of its logits of a tile. On an H200 (2026-12-04) 1,024 x 16 warps, one tile a trip, took ~0.5 ms
+# a pass at 256 x 151,936: latency bound, one 16-warp program per SM (120 registers a thread), one 8-byte load in
+# flight per thread, against ~0.13 ms of its own instructions. 512 x 8 warps with 4 tiles a trip keeps 2 logits a
+# thread and puts 4 loads in flight (the sm_90 SASS issues them back to back): 201 registers, no spills with the
+# device's Triton 3.6 (at 16 warps a thread may have 128 registers: 2 or 4 tiles a trip spill there). Not yet
+# timed: kernel_times.py sweeps these against the measured 1,024 x 16 x 1.
+BLOCK = 512
+NUM_WARPS = 8
 UNROLL = 4
 
 

@@ -27,12 +27,12 @@ HOPPER = GPUTarget("cuda", 90, 32)
 # them too.
 ALIGNED_INTS = {"H", "x_stride", "width", "row_stride", "vocab"}
 QWEN3 = {"G": 2, "BS": 16, "D": 128, "P": 8, "SOFTCAP": 0.0}  # 16 heads over 8 KV heads, head_dim 128, bf16 layout
-DECODE = {**QWEN3, "G_PAD": 16, "PAGES": triton_attention.DECODE_PAGES}
+DECODE = {**QWEN3, "G_PAD": 16, "PAGES": triton_attention.DECODE_PAGES, "ORDERED": True}
 PREFILL = {**QWEN3, "PAGES": triton_attention.PREFILL_PAGES}
 ATTENTION_INTS = {"H": "i32", "KVH": "i32", "NB": "i32", "MAXB": "i32"}
 DECODE_SIGNATURE = {"q": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "tables": "*i64", "lens": "*i64",
-                    "out": "*bf16", "mid_out": "*fp32", "mid_lse": "*fp32", "scale": "fp32", **ATTENTION_INTS,
-                    "SPLITS": "i32", "WINDOW": "i32"}  # fmt: skip
+                    "order": "*i64", "out": "*bf16", "mid_out": "*fp32", "mid_lse": "*fp32", "scale": "fp32",
+                    **ATTENTION_INTS, "SPLITS": "i32", "WINDOW": "i32"}  # fmt: skip
 PREFILL_SIGNATURE = {"q": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "out": "*bf16", "tables": "*i64",
                      "tile_seq": "*i64", "tile_first": "*i64", "q_starts": "*i64", "q_lens": "*i64",
                      "ctx_lens": "*i64", "scale": "fp32", **ATTENTION_INTS, "WINDOW": "i32"}  # fmt: skip

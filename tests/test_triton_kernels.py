@@ -85,24 +85,28 @@ def test_paged_decode_matches_reference(
     """Ragged contexts spanning many blocks, several GQA ratios, contexts split across programs (more splits
     than blocks too), both cache layouts, sliding windows within a block and on block edges (shorter and
     longer than contexts), soft-capped scores, one block or several per loop trip; a context of length 0 (a
-    padding row) gives zeros."""
+    padding row) gives zeros. The rows' programs start in the engine's order, longest context first."""
     check_decode(dtype, dtype, heads, kv_heads, head_dim, block_size, num_splits, layout, window, softcap, pages)
 
 
 def check_decode(
     dtype: torch.dtype, cache_dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int,
-    num_splits: int, layout: str, window: int, softcap: float, pages: int,
+    num_splits: int, layout: str, window: int, softcap: float, pages: int, ordered: bool = True,
 ) -> None:  # fmt: skip
-    """Decode attention of `dtype` queries over a `cache_dtype` cache against the fp32 reference."""
+    """Decode attention of `dtype` queries over a `cache_dtype` cache against the fp32 reference; `ordered`: the
+    rows' programs in order of decreasing context length, else in row order."""
+    from ember.engine.decode_graphs import longest_first
+
     num_blocks = 64
     lengths = [1, block_size, block_size + 3, 5 * block_size - 1, 9 * block_size + 2, 0]
     k_cache, v_cache = random_caches(kv_heads, num_blocks, block_size, head_dim, cache_dtype, heads, layout)
     generator = torch.Generator().manual_seed(heads)
     q = torch.randn(len(lengths), heads, head_dim, generator=generator).to(dtype).to(DEVICE)
     tables, lens, ref = decode_case(q, k_cache, v_cache, lengths, generator, window, softcap)
+    order = torch.from_numpy(longest_first(lens.numpy())).to(DEVICE) if ordered else None
     out = triton_attention.paged_decode_attention(
         q, k_cache, v_cache, tables.to(DEVICE), lens.to(DEVICE), head_dim**-0.5, num_splits, window=window,
-        softcap=softcap, pages_per_trip=pages,
+        softcap=softcap, pages_per_trip=pages, order=order,
     )  # fmt: skip
     assert out.dtype == dtype and relative_error(out[:-1].cpu(), ref[:-1]) < TOLERANCE[dtype]
     assert torch.equal(out[-1].cpu(), torch.zeros_like(out[-1].cpu()))
@@ -181,7 +185,7 @@ FP8 = torch.float8_e4m3fn
 def test_fp8_cache_attention_matches_reference(dtype: torch.dtype, layout: str, pages: int) -> None:
     """Over a float8 cache (`--kv-cache-dtype fp8`: 16 elements a 16-byte group on CUDA) decode and prefill
     attention equal the reference on the same float8 keys and values, for bf16 and fp32 queries."""
-    check_decode(dtype, FP8, 6, 2, 64, 16, 2, layout, 0, 0.0, pages)
+    check_decode(dtype, FP8, 6, 2, 64, 16, 2, layout, 0, 0.0, pages, ordered=False)  # (rows in row order)
     check_prefill(dtype, FP8, 4, 2, 32, 16, layout, 16, 0, 0.0, pages)
 
 

@@ -47,6 +47,9 @@ class AttentionMetadata:
     # reads table i
     decode_row_tables: torch.Tensor | None = None
     use_triton: bool = False  # Ember's Triton kernels (CUDA; the CPU under EMBER_KERNELS=triton)
+    # [num_decodes] decode rows by decreasing context length (Triton path): the decode kernel starts the longest
+    # rows' programs first, so that short ones fill the end (None: in row order)
+    decode_order: torch.Tensor | None = None
 
     @functools.cached_property
     def prefill_launch(self) -> Any:

@@ -43,6 +43,7 @@ def triton_paged_attention(
             window=window,
             softcap=softcap,
             out=out[:decodes],
+            order=meta.decode_order,
         )
     if meta.prefills:
         launch = meta.prefill_launch

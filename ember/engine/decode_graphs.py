@@ -30,8 +30,15 @@ from ember.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
-NUM_FIELDS = 4  # input ids, positions, slots, context lengths: `bucket` values each
+# input ids, positions, slots, context lengths, and the rows by decreasing context length (the decode kernel
+# starts the longest first): `bucket` values each
+NUM_FIELDS = 5
 PADDING_ROW = np.array([[0], [0], [-1], [0]])  # token 0 at position 0, stored nowhere, attending to nothing
+
+
+def longest_first(context_lens: np.ndarray) -> np.ndarray:
+    """Row indices by decreasing context length (ties in row order)."""
+    return np.argsort(-context_lens, kind="stable")
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -86,13 +93,16 @@ class DecodeGraphs:
             )
 
     def _fields(self, bucket: int) -> list[torch.Tensor]:
-        """Input ids, positions, slots and context lengths of a `bucket`-row step (views of the staging buffer)."""
+        """Input ids, positions, slots, context lengths and the rows' order of a `bucket`-row step (views of the
+        staging buffer)."""
         return list(self.staging[: NUM_FIELDS * bucket].view(NUM_FIELDS, bucket))
 
     def _pad(self, bucket: int) -> None:
         """Make every row of `bucket` a padding row (the state warm-up and capture run in). The buckets' fields
         overlap in the staging buffer, so this is done right before each capture."""
-        self.host_staging[: NUM_FIELDS * bucket].numpy().reshape(NUM_FIELDS, bucket)[:] = PADDING_ROW
+        fields = self.host_staging[: NUM_FIELDS * bucket].numpy().reshape(NUM_FIELDS, bucket)
+        fields[:-1] = PADDING_ROW
+        fields[-1] = np.arange(bucket)
         self.staging[: NUM_FIELDS * bucket].copy_(self.host_staging[: NUM_FIELDS * bucket])
 
     def _forward(self, bucket: int) -> Callable[[], torch.Tensor]:
@@ -100,7 +110,7 @@ class DecodeGraphs:
         logits are computed outside the graph, for the real rows only: a graph's output stays allocated for
         as long as the graph, and fp32 logits for every bucket up to 256 would hold 2.6 GB at Qwen3's
         vocabulary."""
-        input_ids, positions, slots, context_lens = self._fields(bucket)
+        input_ids, positions, slots, context_lens, order = self._fields(bucket)
         meta = AttentionMetadata(
             slot_mapping=slots,
             num_decode_tokens=bucket,
@@ -110,6 +120,7 @@ class DecodeGraphs:
             block_size=self.block_size,
             use_native_decode=False,
             use_triton=True,
+            decode_order=order,
         )
 
         def forward() -> torch.Tensor:
@@ -154,11 +165,12 @@ class DecodeGraphs:
         width = max(len(table) for table in tables)
         host = self.host_staging.numpy()
         fields = host[: NUM_FIELDS * bucket].reshape(NUM_FIELDS, bucket)
-        fields[:, n:] = PADDING_ROW
+        fields[:-1, n:] = PADDING_ROW
         fields[0, :n] = [s.request.all_token_ids[s.start] for s in scheduled]
         fields[1, :n] = [s.start for s in scheduled]
         fields[2, :n] = [table[-1] * bs + s.start % bs for s, table in zip(scheduled, tables, strict=True)]
         fields[3, :n] = [s.start + 1 for s in scheduled]
+        fields[4] = longest_first(fields[3])
         end = NUM_FIELDS * bucket + n * width
         compact = host[NUM_FIELDS * bucket : end].reshape(n, width)
         compact[:] = 0

@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ember.attention import cpu_kernels
 from ember.attention.layout import cache_views
 from ember.attention.torch_paged import AttentionMetadata, PrefillSpan
 from ember.config import ModelConfig
-from ember.engine.decode_graphs import DecodeGraphs
+from ember.engine.decode_graphs import DecodeGraphs, longest_first
 from ember.engine.request import TokenLogprob
 from ember.engine.sampler import sample, sample_tokens, samples_without_sync, top_logprobs
 from ember.engine.scheduler import ScheduledRequest
@@ -293,7 +294,7 @@ class ModelRunner:
         runs on the native kernel) attend through their request's block table up to their own position;
         other prefill chunks are spans over their context."""
         device, bs = self.device, self.block_size
-        decode_tables = decode_lens = row_tables = None
+        decode_tables = decode_lens = row_tables = order = None
         num_decode_rows = sum(s.num_tokens for s in decodes)
         if decodes:
             max_blocks = -(-max(s.start + s.num_tokens for s in decodes) // bs)
@@ -305,6 +306,8 @@ class ModelRunner:
                 table_of_row.extend([i] * s.num_tokens)
             decode_tables = device_tensor(tables, device)
             decode_lens = device_tensor(context_lens, device)
+            if self.use_triton:
+                order = device_tensor(longest_first(np.array(context_lens)), device)
             if num_decode_rows > len(decodes):
                 row_tables = device_tensor(table_of_row, device)
         spans = []
@@ -329,6 +332,7 @@ class ModelRunner:
             use_native_decode=self.use_native_decode,
             use_triton=self.use_triton,
             decode_row_tables=row_tables,
+            decode_order=order,
         )
 
     def _record_prompt_logprobs(self, s: ScheduledRequest, hidden: torch.Tensor, row: int, first: int) -> None:

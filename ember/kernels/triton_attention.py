@@ -6,10 +6,11 @@ The cache layout is the one of `torch_paged` (keys [kv_heads, blocks, dim / P, b
 which are contiguous, so the permutation inside a block costs no coalescing.
 
 - `write_kv`: scatter a step's new K/V to their slots.
-- `paged_decode_attention`: flash-decoding. Grid (sequence, KV head, context split): each program reads
-  each K/V block of its part of the context once for all the query heads of its GQA group and keeps an
-  online softmax; a second kernel merges the splits by their log-sum-exp. The split count depends on the
-  batch only (each context is cut into that many parts), so one CUDA graph serves every context length.
+- `paged_decode_attention`: flash-decoding. A program per (sequence, KV head, context split), the longest
+  contexts' first: each reads each K/V block of its part of the context once for all the query heads of its
+  GQA group and keeps an online softmax; a second kernel merges the splits by their log-sum-exp. The split
+  count depends on the batch only (each context is cut into that many parts), so one CUDA graph serves every
+  context length.
   Under a sliding window only the blocks of the window are read and cut into parts.
 - `paged_prefill_attention`: causal attention of ragged query chunks over their paged context (cached
   prefix plus the chunk itself), all chunks of a step in one launch. Grid (query tile, head).
@@ -192,17 +193,21 @@ def _load_pages(
 # would compile inside a step; none of them feeds a vectorized address.
 @triton.jit(do_not_specialize=["MAXB", "SPLITS", "WINDOW"])
 def _decode_split_kernel(
-    q, k_cache, v_cache, tables, lens, out, mid_out, mid_lse, scale,
+    q, k_cache, v_cache, tables, lens, order, out, mid_out, mid_lse, scale,
     H, KVH, NB, MAXB, SPLITS, WINDOW,
     G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-    PAGES: tl.constexpr, DIRECT: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
+    PAGES: tl.constexpr, DIRECT: tl.constexpr, ORDERED: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     """The query heads of one KV head are the rows of matrix products (padded to G_PAD >= 16, the least
     `tl.dot` takes): the tensor cores do the work, and each K/V tile is loaded once for all of them. PAGES
-    blocks per loop trip (`_load_pages`), or one."""
-    b = tl.program_id(0)
+    blocks per loop trip (`_load_pages`), or one. Grid (split, KV head, row rank), launched in that order (the
+    first axis fastest): all the programs of a rank start together, its row read from `order` when ORDERED, so
+    the longest contexts' programs start first and the short ones fill the end, instead of a long one last."""
+    split = tl.program_id(0)
     kh = tl.program_id(1)
-    split = tl.program_id(2)
+    rank = tl.program_id(2)
+    b = tl.load(order + rank) if ORDERED else rank
     length = tl.load(lens + b)
     start = tl.maximum(length - WINDOW, 0)  # the first key the query sees
     num_pages = tl.cdiv(length, BS)
@@ -314,12 +319,15 @@ def paged_decode_attention(
     softcap: float = 0.0,
     pages_per_trip: int = DECODE_PAGES,
     out: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Single-token queries [D, heads, head_dim] over their paged contexts (their last `window` tokens under a
-    sliding window; 0: all; scores capped at `softcap`, 0: not), each context cut into `num_splits` parts
-    (default: `decode_splits`) merged by log-sum-exp. A context length of 0 gives zeros. `num_warps` and
-    `num_stages` (loads in flight ahead of the math) are Triton's launch options; `pages_per_trip` (a power of
-    two) is how many blocks each program loads at once. The result goes to `out` (contiguous) when given."""
+        sliding window; 0: all; scores capped at `softcap`, 0: not), each context cut into `num_splits` parts
+        (default: `decode_splits`) merged by log-sum-exp. A context length of 0 gives zeros. `num_warps` and
+        `num_stages` (loads in flight ahead of the math) are Triton's launch options; `pages_per_trip` (a power of
+        two) is how many blocks each program loads at once. The result goes to `out` (contiguous) when given. `order`
+    ([D] row indices, e.g. by decreasing context length): the order the rows' programs start in (default: rows'
+    order)."""
     num_seqs, num_heads, head_dim = q.shape
     kv_heads, num_blocks, block_size, _, pack = cache_geometry(v_cache)
     group = num_heads // kv_heads
@@ -330,11 +338,13 @@ def paged_decode_attention(
     if splits > 1:
         mid_out = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
         mid_lse = torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(num_seqs, kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, mid_out, mid_lse, scale,
+    _decode_split_kernel[(splits, kv_heads, num_seqs)](
+        q, k_cache, v_cache, block_tables, context_lens, context_lens if order is None else order, out, mid_out,
+        mid_lse, scale,
         num_heads, kv_heads, num_blocks, block_tables.shape[1], splits, window or NO_WINDOW,
         G=group, G_PAD=max(16, triton.next_power_of_2(group)), BS=block_size, D=head_dim, P=pack, PAGES=pages_per_trip,
-        DIRECT=splits == 1, DOT_FP32=DOT_IN_FP32, IEEE=q.dtype == torch.float32, SOFTCAP=float(softcap),
+        DIRECT=splits == 1, ORDERED=order is not None, DOT_FP32=DOT_IN_FP32, IEEE=q.dtype == torch.float32,
+        SOFTCAP=float(softcap),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if splits > 1:

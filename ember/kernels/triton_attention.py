@@ -368,9 +368,11 @@ def _prefill_kernel(
     G: tl.constexpr, BLOCK_M: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
     PAGES: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
-    """A BLOCK_M-row query tile of one chunk and head against its keys, one block (PAGES blocks) per trip."""
-    tile = tl.program_id(0)
-    h = tl.program_id(1)
+    """A BLOCK_M-row query tile of one chunk and head against its keys, one block (PAGES blocks) per trip. Grid
+    (head, tile), the first axis launched fastest: a tile's heads start together (a KV head's query heads read
+    its blocks close in time), tiles in `prefill_launch`'s order, the most keys first."""
+    h = tl.program_id(0)
+    tile = tl.program_id(1)
     kh = h // G
     seq = tl.load(tile_seq + tile)
     first = tl.load(tile_first + tile)
@@ -430,12 +432,12 @@ def prefill_launch(
     products as Hopper's asynchronous warpgroup MMA, `wgmma`, and 16-row tiles get the older `mma.sync`, as
     tests/test_triton_ptx.py checks; 16 elsewhere, which keeps the CPU interpreter quick)."""
     block_m = block_m or (64 if device.type == "cuda" else 16)
-    seqs, firsts = [], []
-    for seq, length in enumerate(q_lens):
-        for first in range(0, length, block_m):
-            seqs.append(seq)
-            firsts.append(first)
-
+    tiles = [(seq, first) for seq, length in enumerate(q_lens) for first in range(0, length, block_m)]
+    # the tiles that see the most keys (a long cached prefix, the end of a long chunk) first: a long one started
+    # last would set the kernel's end while the short ones had left the GPU idle
+    keys = [context_lens[seq] - q_lens[seq] + min(first + block_m, q_lens[seq]) for seq, first in tiles]
+    tiles = [tiles[i] for i in sorted(range(len(tiles)), key=keys.__getitem__, reverse=True)]
+    seqs, firsts = [seq for seq, _ in tiles], [first for _, first in tiles]
     return PrefillLaunch(
         *(device_tensor(values, device) for values in (seqs, firsts, q_starts, q_lens, context_lens)), block_m
     )
@@ -469,7 +471,7 @@ def paged_prefill_attention(
     kv_heads, num_blocks, block_size, _, pack = cache_geometry(v_cache)
     q = q.contiguous()
     out = torch.empty_like(q) if out is None else out
-    _prefill_kernel[(len(launch.tile_seq), num_heads)](
+    _prefill_kernel[(num_heads, len(launch.tile_seq))](
         q, k_cache, v_cache, out, block_tables, launch.tile_seq, launch.tile_first,
         launch.q_starts, launch.q_lens, launch.context_lens, scale,
         num_heads, kv_heads, num_blocks, block_tables.shape[1], window or NO_WINDOW,

@@ -150,6 +150,23 @@ class StepTimeline:
         return summary
 
 
+def defaults() -> dict[str, Any]:
+    """The tunables the run used (kernel launch options, sampler paths): what a later run's figures compare with."""
+    from ember.engine import sampler
+    from ember.kernels import triton_attention, triton_sampling
+
+    names = {
+        triton_attention: ("DECODE_WARPS", "DECODE_STAGES", "DECODE_PAGES", "PROGRAMS_PER_SM", "PREFILL_PAGES"),
+        triton_sampling: ("BLOCK", "NUM_WARPS", "UNROLL", "RACE_BLOCK"),
+        sampler: ("RACE_UNSEEDED_ROWS",),
+    }
+    return {
+        f"{module.__name__.rpartition('.')[2]}.{name}": getattr(module, name)
+        for module, group in names.items()
+        for name in group
+    }
+
+
 def print_steps(run: dict[str, Any]) -> None:
     """The run's steps by group (`StepTimeline`)."""
     total = sum(group["seconds"] for group in run["steps"]) or 1.0
@@ -334,7 +351,7 @@ def main() -> None:
     for run in done:
         if "steps" in run:
             print_steps(run)
-    report = {"device": card, "torch": torch.__version__, "shape": config, "runs": runs}
+    report = {"device": card, "torch": torch.__version__, "shape": config, "runs": runs, "defaults": defaults()}
     (results_dir / "results.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {results_dir / 'results.json'}")
     if len(done) < len(runs):

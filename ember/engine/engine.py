@@ -583,12 +583,11 @@ class LLM:
     With no model, loads the embedded default (SmolLM2-135M-Instruct). Keyword arguments configure the
     engine: dtype, device, seed, load_format, block_size, kv_cache_dtype ("auto" or "fp8"), num_blocks,
     kv_cache_memory, max_sequences (a cache of that many whole contexts at most), enable_prefix_caching,
-    max_num_seqs, max_num_batched_tokens, max_model_len,
-    scheduling_policy ("fcfs" or "priority"), speculative ("ngram", "suffix", "draft:<model>"),
-    num_speculative_tokens, speculative_max_batch_size, prompt_lookup_min and prompt_lookup_max (ngram),
-    enforce_eager (no CUDA graphs), async_scheduling (None, the default: where it applies), enable_lora,
-    lora_modules ({name: PEFT directory}), max_lora_rank and max_loras. `generate(..., lora="name")` runs
-    prompts with an adapter.
+    max_num_seqs, max_num_batched_tokens, max_model_len, scheduling_policy ("fcfs" or "priority"), speculative
+    ("ngram", "suffix", "draft:<model>"), num_speculative_tokens, speculative_max_batch_size, prompt_lookup_min
+    and prompt_lookup_max (ngram), enforce_eager (no CUDA graphs), async_scheduling (None, the default: where it
+    applies), enable_lora, lora_modules ({name: PEFT directory}), max_lora_rank and max_loras.
+    `generate(..., lora="name")` runs prompts with an adapter.
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:

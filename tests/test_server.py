@@ -444,6 +444,15 @@ def assert_idle(server: ServerProcess) -> None:
     assert metric(server, "ember:kv_cache_usage_perc") == 0
 
 
+def test_metrics_describe_the_kv_cache(server: ServerProcess) -> None:
+    """vLLM's `cache_config_info`: the cache's configuration in labels, its value 1."""
+    lines = [line for line in httpx.get(f"{server.url}/metrics").text.splitlines()
+             if line.startswith("ember:cache_config_info{")]  # fmt: skip
+    assert len(lines) == 1 and lines[0].endswith(" 1.0")
+    assert 'block_size="16"' in lines[0] and 'cache_dtype="auto"' in lines[0]
+    assert 'enable_prefix_caching="True"' in lines[0] and int(lines[0].split('num_gpu_blocks="')[1].split('"')[0]) > 0
+
+
 def test_concurrent_streams_with_disconnects_free_everything(server: ServerProcess) -> None:
     results = asyncio.run(_stream_clients(server, 32))
     assert results.count("disconnected") == 11

@@ -62,6 +62,16 @@ class EngineMetrics:
         self.kv_usage = Gauge(
             "ember:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1).", ["model_name"], registry=r
         ).labels(**labels)
+        cache = engine.config.cache
+        cache_info = {"block_size": str(cache.block_size), "cache_dtype": cache.kv_cache_dtype,
+                      "num_gpu_blocks": str(engine.kv_cache.num_blocks),
+                      "enable_prefix_caching": str(cache.enable_prefix_caching)}  # fmt: skip
+        Gauge(  # vLLM's cache_config_info (its label names, so its dashboards read it; the blocks on any device)
+            "ember:cache_config_info",
+            "The KV cache's configuration, in labels.",
+            ["model_name", *cache_info],
+            registry=r,
+        ).labels(**labels, **cache_info).set(1)
         self.prompt_tokens = Counter(
             "ember:prompt_tokens", "Prompt tokens of admitted requests.", ["model_name"], registry=r
         ).labels(**labels)

@@ -13,7 +13,8 @@ which are contiguous, so the permutation inside a block costs no coalescing.
   context length.
   Under a sliding window only the blocks of the window are read and cut into parts.
 - `paged_prefill_attention`: causal attention of ragged query chunks over their paged context (cached
-  prefix plus the chunk itself), all chunks of a step in one launch. Grid (query tile, head).
+  prefix plus the chunk itself), all chunks of a step in one launch. Grid (head, query tile), the tiles that
+  see the most keys first.
 """
 
 from __future__ import annotations
@@ -322,12 +323,12 @@ def paged_decode_attention(
     order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Single-token queries [D, heads, head_dim] over their paged contexts (their last `window` tokens under a
-        sliding window; 0: all; scores capped at `softcap`, 0: not), each context cut into `num_splits` parts
-        (default: `decode_splits`) merged by log-sum-exp. A context length of 0 gives zeros. `num_warps` and
-        `num_stages` (loads in flight ahead of the math) are Triton's launch options; `pages_per_trip` (a power of
-        two) is how many blocks each program loads at once. The result goes to `out` (contiguous) when given. `order`
-    ([D] row indices, e.g. by decreasing context length): the order the rows' programs start in (default: rows'
-    order)."""
+    sliding window; 0: all; scores capped at `softcap`, 0: not), each context cut into `num_splits` parts
+    (default: `decode_splits`) merged by log-sum-exp. A context length of 0 gives zeros. `num_warps` and
+    `num_stages` (loads in flight ahead of the math) are Triton's launch options; `pages_per_trip` (a power of
+    two) is how many blocks each program loads at once. The result goes to `out` (contiguous) when given.
+    `order` ([D] row indices, e.g. by decreasing context length): the order the rows' programs start in
+    (default: the rows' own)."""
     num_seqs, num_heads, head_dim = q.shape
     kv_heads, num_blocks, block_size, _, pack = cache_geometry(v_cache)
     group = num_heads // kv_heads

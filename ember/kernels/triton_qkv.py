@@ -33,21 +33,20 @@ def _qkv_to_cache_kernel(
     head = tl.arange(0, QK_PAD)[:, None]  # q heads, then k heads
     i = tl.arange(0, HALF)[None, :]
     qk_ok = head < H + KVH
+    is_query = head < H
     first = qkv + t * row_stride + head * D + i
     x1 = tl.load(first, mask=qk_ok, other=0.0).to(tl.float32)
     x2 = tl.load(first + HALF, mask=qk_ok, other=0.0).to(tl.float32)
     if NORM:  # each head normalized over its dims, scaled by the q or the k weight
         inv = (1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps))[:, None]
-        is_q = head < H
-        w1 = tl.where(is_q, tl.load(q_weight + i), tl.load(k_weight + i))
-        w2 = tl.where(is_q, tl.load(q_weight + HALF + i), tl.load(k_weight + HALF + i))
+        w1 = tl.where(is_query, tl.load(q_weight + i), tl.load(k_weight + i))
+        w2 = tl.where(is_query, tl.load(q_weight + HALF + i), tl.load(k_weight + HALF + i))
         x1 = scale_normalized(x1 * inv, w1, UNIT_OFFSET, dtype).to(tl.float32)
         x2 = scale_normalized(x2 * inv, w2, UNIT_OFFSET, dtype).to(tl.float32)
     c = tl.load(cos + t * HALF + i)
     s = tl.load(sin + t * HALF + i)
     r1 = rotate_first(x1, x2, c, s).to(dtype)
     r2 = rotate_second(x1, x2, c, s).to(dtype)
-    is_query = head < H
     q_rows = q_out + (t * H + head) * D + i
     tl.store(q_rows, r1, mask=is_query)
     tl.store(q_rows + HALF, r2, mask=is_query)

@@ -27,7 +27,8 @@ HOPPER = GPUTarget("cuda", 90, 32)
 # them too.
 ALIGNED_INTS = {"H", "x_stride", "width", "row_stride", "vocab"}
 QWEN3 = {"G": 2, "BS": 16, "D": 128, "P": 8, "SOFTCAP": 0.0}  # 16 heads over 8 KV heads, head_dim 128, bf16 layout
-DECODE = {**QWEN3, "G_PAD": 16, "PAGES": triton_attention.DECODE_PAGES, "ORDERED": True}
+DECODE = {**QWEN3, "G_PAD": 16, "PAGES": triton_attention.DECODE_PAGES, "PREFETCH": triton_attention.DECODE_PREFETCH,
+          "ORDERED": True}  # fmt: skip
 PREFILL = {**QWEN3, "PAGES": triton_attention.PREFILL_PAGES}
 ATTENTION_INTS = {"H": "i32", "KVH": "i32", "NB": "i32", "MAXB": "i32"}
 DECODE_SIGNATURE = {"q": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "tables": "*i64", "lens": "*i64",
@@ -55,6 +56,11 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
         )
         for pages in (2, 4) for warps in (2, 4)
     },
+    "decode-no-prefetch": (  # one block a trip, its table entry, keys and values loaded one after another
+        triton_attention._decode_split_kernel, DECODE_SIGNATURE,
+        {**DECODE, "PREFETCH": False, "DIRECT": True, "DOT_FP32": False, "IEEE": False},
+        {"num_stages": 1, "num_warps": triton_attention.DECODE_WARPS},
+    ),
     **{
         f"prefill-m{block_m}": (
             triton_attention._prefill_kernel, PREFILL_SIGNATURE,
@@ -72,7 +78,7 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
     # fp32 (the dtype of the engine-level GPU tests): P = 4, products in full precision ("ieee")
     "decode-fp32": (
         triton_attention._decode_split_kernel, {k: v.replace("bf16", "fp32") for k, v in DECODE_SIGNATURE.items()},
-        {**DECODE, "P": 4, "DIRECT": True, "DOT_FP32": True, "IEEE": True},
+        {**DECODE, "P": 4, "PREFETCH": False, "DIRECT": True, "DOT_FP32": True, "IEEE": True},
         {"num_warps": triton_attention.DECODE_WARPS, "num_stages": triton_attention.DECODE_STAGES},
     ),
     "prefill-fp32": (

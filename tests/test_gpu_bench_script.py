@@ -87,7 +87,8 @@ def test_gpu_benchmark_script_runs_on_its_cpu_fallback(gpu_image_env: dict[str, 
     assert engines == ["ember", "hf-naive", "hf-continuous-batching"]  # naive before HF's batching thread
     ember, naive, continuous = report["runs"]
     assert ember["output_tokens"] == continuous["output_tokens"] == 345  # every request, exactly its length
-    assert continuous["in_flight_tokens"] in (0, None)  # all finished within the budget
+    assert continuous["finished_requests"] == continuous["requests"] == 16  # all finished within the budget
+    assert continuous["finished_tokens"] == 345
     assert naive["requests"] == 4 and naive["output_tokens"] > 0
     assert "ember x" in result.stdout
     # the run's steps by group: every prompt token computed once (no prefix caching), decode groups by rows

@@ -89,6 +89,15 @@ def test_paged_decode_matches_reference(
     check_decode(dtype, dtype, heads, kv_heads, head_dim, block_size, num_splits, layout, window, softcap, pages)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_without_prefetch_matches_reference(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One block a trip loading its table entry, keys, then values in turn (`DECODE_PREFETCH` off: kept until a GPU
+    times it against the software-pipelined trip; compiled fp32 takes it)."""
+    monkeypatch.setattr(triton_attention, "DECODE_PREFETCH", False)
+    check_decode(dtype, dtype, 6, 1, 64, 16, 4, "cuda", 37, 0.0, 1)
+    check_decode(dtype, dtype, 4, 2, 32, 16, 2, "cpu", 0, 0.0, 1)
+
+
 def check_decode(
     dtype: torch.dtype, cache_dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int,
     num_splits: int, layout: str, window: int, softcap: float, pages: int, ordered: bool = True,
@@ -676,6 +685,40 @@ def test_launched_step_reads_back_without_waiting_for_the_work_queued_behind_it(
     assert launched.token_ids() == list(range(8))
     assert not behind.query()  # read back while the work behind it still runs
     torch.cuda.synchronize()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="device synchronization: a GPU only")
+@pytest.mark.parametrize(
+    "sampling",
+    [{"temperature": 0}, {"temperature": 1.0}, {"temperature": 0.7, "top_k": 20, "top_p": 0.9}, {"top_p": 0.5}],
+)
+def test_async_decode_steps_do_not_synchronize_the_device(tiny_models: dict, sampling: dict[str, Any]) -> None:
+    """Issue #7's rule: no host-device synchronization inside a decode step but the read-back of its sampled tokens
+    (an event the step recorded, which PyTorch's sync debug mode does not count). Under that mode set to "error",
+    steady-state steps schedule, launch, sample (greedy, the Gumbel race, top-k/top-p thresholds; one row seeded)
+    and read back with no stream or device synchronize and no blocking copy."""
+    from ember.engine.engine import LLM
+    from ember.engine.sampling_params import SamplingParams
+
+    engine = LLM(str(tiny_models["qwen3"][0]), num_blocks=128, dtype="bfloat16", device="cuda").engine
+    assert engine.async_scheduling
+    for i, n in enumerate((5, 17, 30, 9)):
+        params = SamplingParams(max_tokens=40, ignore_eos=True, seed=7 if i == 1 else None, **sampling)
+        engine.add_request(list(range(3, 3 + n)), params)
+    for _ in range(8):  # prompts, then the first overlapped steps (bounded: 40 tokens each)
+        engine.step()
+    assert engine._in_flight is not None
+    overlapped = engine.num_overlapped_steps
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(10):
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert engine.num_overlapped_steps == overlapped + 10
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.kv_cache.pool.num_free_blocks == 128
 
 
 def test_async_scheduling_without_graphs_warns_when_asked_for_and_runs_plain_steps(

@@ -1,14 +1,14 @@
 """Each of Ember's GPU kernels, and whole decode steps, against their floors on this GPU.
 
-A kernel's floor is the larger of (bytes it must move) / (memory bandwidth) and (FLOPs) / (bf16 matmul rate);
-the rates are measured in the same run (memory: the faster of a device copy and a sum of 1 GiB; an 8192^3
-matmul). Shapes are those of Qwen3-0.6B (16 heads, 8 KV heads, head_dim 128, hidden 1024, intermediate 3072,
-28 layers, vocab 151936), block size 16. The decode kernel is swept over split counts, warps, pipeline stages
-and blocks per loop trip (defaults: splits from `decode_splits`, 2 warps, 1 stage, 1 block) and, last, over a
-float8 cache and block sizes; the prefill kernel over query-tile heights. Decode steps are whole-model CUDA-graph
-replays plus the logits, at the batch/context points of the speed-of-light probe in issue #7 (H100: 9.2 ms at
-256 x 800, 15.8 ms at 256 x 1,500, 3.3 ms at 64 x 800, 1.07 ms at batch 1), and one eager step by kernel. Kernel
-times come from `triton.testing.do_bench_cudagraph` (no launch overhead).
+A kernel's floor is the larger of (bytes it must move) / (memory bandwidth) and (FLOPs) / (bf16 matmul rate); the
+rates are measured in the same run (memory: the faster of a device copy and a sum of 1 GiB; an 8192^3 matmul).
+Shapes are those of Qwen3-0.6B (16 heads, 8 KV heads, head_dim 128, hidden 1024, intermediate 3072, 28 layers,
+vocab 151936), block size 16. The decode kernel is swept over split counts, warps, pipeline stages, blocks per loop
+trip and the one-block trip's own pipelining (defaults: splits from `decode_splits`, 2 warps, 1 stage, 1 block,
+pipelined) and, last, over a float8 cache and block sizes; the prefill kernel over query-tile heights. Decode steps
+are whole-model CUDA-graph replays plus the logits, at the batch/context points of the speed-of-light probe in
+issue #7 (H100: 9.2 ms at 256 x 800, 15.8 ms at 256 x 1,500, 3.3 ms at 64 x 800, 1.07 ms at batch 1), and one eager
+step by kernel. Kernel times come from `triton.testing.do_bench_cudagraph` (no launch overhead).
 
 Imports only torch, triton and this checkout. Without a GPU it runs tiny shapes in Triton's interpreter, to
 check the script end to end. Usage: python benchmarks/gpu/kernel_times.py [--results DIR]
@@ -165,16 +165,19 @@ def attention_kernels(s: dict[str, Any], report: Report) -> None:
         default = triton_attention.decode_splits(batch, s["kv_heads"], DEVICE)
         warps, stages = triton_attention.DECODE_WARPS, triton_attention.DECODE_STAGES
         pages = triton_attention.DECODE_PAGES
-        # (splits, warps, stages, blocks per loop trip)
-        variants = [(splits, warps, stages, pages) for splits in sorted({default, 1, 4 * default})]
-        # what the sweep of warps 2, 4, 8 x stages 1, 2, 3 on an H200 (2026-12-04) left in contention, then
-        # several blocks per trip (the CPU fallback runs those too, so the script's test covers them)
-        tuned = [(4, 2, 1), (1, 1, 1)] if CUDA else []
-        tuned += [(w, 1, p) for p in (2, 4) for w in ((2, 4) if CUDA else (2,))]
+        # (splits, warps, stages, blocks per loop trip, software-pipelined one-block trips)
+        variants = [(splits, warps, stages, pages, True) for splits in sorted({default, 1, 4 * default})]
+        # the one-block trip without its pipelining (`DECODE_PREFETCH`), what the sweep of warps 2, 4, 8 x stages
+        # 1, 2, 3 on an H200 (2026-12-04) left in contention, then several blocks per trip (the CPU fallback runs
+        # those too, so the script's test covers them)
+        tuned = [(2, 1, 1, False)] + ([(4, 2, 1, True), (1, 1, 1, True)] if CUDA else [])
+        tuned += [(w, 1, p, True) for p in (2, 4) for w in ((2, 4) if CUDA else (2,))]
         variants += [(default, *variant) for variant in tuned]
-        for splits, warps, stages, pages in variants:
-            shape = f"b{batch} ctx{context} s{splits} w{warps} st{stages} p{pages}"
-            report.add("decode attention", shape, lambda: call(q, k_cache, v_cache, tables, lens, scale, splits, warps, stages, pages_per_trip=pages), decode_bytes(s, batch, context))  # noqa: E501,B023  # fmt: skip
+        for splits, warps, stages, pages, prefetch in variants:
+            shape = f"b{batch} ctx{context} s{splits} w{warps} st{stages} p{pages}" + (
+                "" if prefetch else " no prefetch"
+            )
+            report.add("decode attention", shape, prefetching(prefetch, lambda: call(q, k_cache, v_cache, tables, lens, scale, splits, warps, stages, pages_per_trip=pages)), decode_bytes(s, batch, context))  # noqa: E501,B023  # fmt: skip
         del k_cache, v_cache
     ragged_decode(s, report)
     chunks = s["prefill_chunks"]
@@ -206,6 +209,19 @@ def attention_kernels(s: dict[str, Any], report: Report) -> None:
     )  # fmt: skip
 
 
+def prefetching(prefetch: bool, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """`fn` with the decode kernel's one-block trips software-pipelined or not (`DECODE_PREFETCH`, read at launch)."""
+
+    def run() -> Any:
+        triton_attention.DECODE_PREFETCH = prefetch
+        try:
+            return fn()
+        finally:
+            triton_attention.DECODE_PREFETCH = True
+
+    return run
+
+
 def ragged_decode(s: dict[str, Any], report: Report) -> None:
     """Decode attention over contexts as ragged as a serving batch's (uniform from 1/8 to 15/8 of the first
     decode point's context, the same mean, in random row order): a long context's program takes longer, and the
@@ -223,9 +239,11 @@ def ragged_decode(s: dict[str, Any], report: Report) -> None:
     lens = lens.to(DEVICE)
     mean = lens.sum().item() / batch
     default = triton_attention.decode_splits(batch, s["kv_heads"], DEVICE)
-    for splits, (label, rows) in itertools.product(sorted({default, 2 * default, 4 * default}), (("longest first", order), ("row order", None))):  # noqa: E501  # fmt: skip
+    cases = [(splits, label, rows, True) for splits in sorted({default, 2 * default, 4 * default}) for label, rows in (("longest first", order), ("row order", None))]  # noqa: E501  # fmt: skip
+    cases.append((default, "longest first, no prefetch", order, False))
+    for splits, label, rows, prefetch in cases:
         shape = f"b{batch} ragged, mean ctx {mean:.0f} s{splits}, {label}"
-        report.add("decode attention", shape, lambda: triton_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, s["head_dim"] ** -0.5, splits, order=rows), decode_bytes(s, batch, mean))  # noqa: E501,B023  # fmt: skip
+        report.add("decode attention", shape, prefetching(prefetch, lambda: triton_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, s["head_dim"] ** -0.5, splits, order=rows)), decode_bytes(s, batch, mean))  # noqa: E501,B023  # fmt: skip
 
 
 def decode_cache_variants(s: dict[str, Any], report: Report) -> None:

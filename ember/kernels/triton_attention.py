@@ -197,8 +197,8 @@ def _decode_split_kernel(
     q, k_cache, v_cache, tables, lens, order, out, mid_out, mid_lse, scale,
     H, KVH, NB, MAXB, SPLITS, WINDOW,
     G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-    PAGES: tl.constexpr, DIRECT: tl.constexpr, ORDERED: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    PAGES: tl.constexpr, PREFETCH: tl.constexpr, DIRECT: tl.constexpr, ORDERED: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     """The query heads of one KV head are the rows of matrix products (padded to G_PAD >= 16, the least
     `tl.dot` takes): the tensor cores do the work, and each K/V tile is loaded once for all of them. PAGES
@@ -227,10 +227,35 @@ def _decode_split_kernel(
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    if PAGES == 1:
+    if PAGES == 1 and PREFETCH:
+        # Software-pipelined by hand: a trip loads its block's keys together with the next block's values (and
+        # the table entry of the block after), so it waits on one memory latency; without it, a trip waited on
+        # three in a row (its table entry, its keys, then its values after the scores; sm_90 SASS). One block
+        # per trip, its base a scalar: 16-byte vector loads in the CUDA layout (a per-token base defeats
+        # Triton's contiguity analysis: 2-byte loads, checked in the PTX).
+        row_table = tables + b * MAXB
+        block = tl.load(row_table + first, mask=first < last, other=0)
+        block_next = tl.load(row_table + first + 1, mask=first + 1 < last, other=0)
+        value_offsets = _value_offsets(tok, dims, D, P)
+        # masks along dims, constant along the tokens a value load vectorizes (a tensor: Triton's interpreter turns
+        # a tensor & a scalar bool into int32)
+        values = tl.load(v_cache + (kh * NB + block) * D * BS + value_offsets, mask=(dims * 0 + first < last)[None, :])
         for page in range(first, last):
-            # one block per trip, its base a scalar: the loads below are 16-byte vectors in the CUDA layout
-            # (a per-token base defeats Triton's contiguity analysis: 2-byte loads, checked in the PTX)
+            # issued before the keys' load: Triton stages the keys for the product through shared memory right
+            # behind their load, a wait the loads after it would queue behind
+            values_next = tl.load(
+                v_cache + (kh * NB + block_next) * D * BS + value_offsets, mask=(dims * 0 + page + 1 < last)[None, :]
+            )
+            block_after = tl.load(row_table + page + 2, mask=page + 2 < last, other=0)
+            keys = tl.load(k_cache + (kh * NB + block) * D * BS + _key_offsets(tok, dims, BS, P))
+            key_pos = page * BS + tok
+            visible = ((key_pos < length) & (key_pos >= start))[None, :]
+            m_i, l_i, acc = _attend_tile(
+                qv, keys.to(qv.dtype), values.to(qv.dtype), visible, m_i, l_i, acc, scale, DOT_FP32, IEEE, SOFTCAP
+            )  # (from a float8 cache)
+            values, block, block_next = values_next, block_next, block_after
+    elif PAGES == 1:
+        for page in range(first, last):
             block = tl.load(tables + b * MAXB + page)
             key_pos = page * BS + tok
             visible = ((key_pos < length) & (key_pos >= start))[None, :]
@@ -282,6 +307,11 @@ DECODE_STAGES = 1
 # Blocks per loop trip of the decode kernel: more bytes in flight per program. Not yet timed on a GPU (the
 # sweep in kernel_times.py tries 2 and 4), so one, as measured above.
 DECODE_PAGES = 1
+# One block a trip, software-pipelined (`_decode_split_kernel`): a trip waits on one memory latency instead of three
+# in a row, at 154 registers a thread with Triton 3.6 instead of 106 (6 programs an SM instead of 9). Not yet timed
+# on a GPU (kernel_times.py times both). Compiled fp32 tiles (the GPU tests' dtype) go without: 255 registers and a
+# spill with Triton 3.6.
+DECODE_PREFETCH = True
 NO_WINDOW = 1 << 30  # "no sliding window" as a window past any context: the kernels need no branch for it
 
 
@@ -339,13 +369,14 @@ def paged_decode_attention(
     if splits > 1:
         mid_out = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
         mid_lse = torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=q.device)
+    prefetch = DECODE_PREFETCH and (DOT_IN_FP32 or q.dtype != torch.float32)
     _decode_split_kernel[(splits, kv_heads, num_seqs)](
         q, k_cache, v_cache, block_tables, context_lens, context_lens if order is None else order, out, mid_out,
         mid_lse, scale,
         num_heads, kv_heads, num_blocks, block_tables.shape[1], splits, window or NO_WINDOW,
         G=group, G_PAD=max(16, triton.next_power_of_2(group)), BS=block_size, D=head_dim, P=pack, PAGES=pages_per_trip,
-        DIRECT=splits == 1, ORDERED=order is not None, DOT_FP32=DOT_IN_FP32, IEEE=q.dtype == torch.float32,
-        SOFTCAP=float(softcap),
+        PREFETCH=prefetch, DIRECT=splits == 1, ORDERED=order is not None, DOT_FP32=DOT_IN_FP32,
+        IEEE=q.dtype == torch.float32, SOFTCAP=float(softcap),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if splits > 1:

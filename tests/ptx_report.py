@@ -29,7 +29,7 @@ ALIGNED_INTS = {"H", "x_stride", "width", "row_stride", "vocab"}
 QWEN3 = {"G": 2, "BS": 16, "D": 128, "P": 8, "SOFTCAP": 0.0}  # 16 heads over 8 KV heads, head_dim 128, bf16 layout
 DECODE = {**QWEN3, "G_PAD": 16, "PAGES": triton_attention.DECODE_PAGES, "PREFETCH": triton_attention.DECODE_PREFETCH,
           "ORDERED": True}  # fmt: skip
-PREFILL = {**QWEN3, "PAGES": triton_attention.PREFILL_PAGES}
+PREFILL = {**QWEN3, "PAGES": triton_attention.PREFILL_PAGES, "PREFETCH": triton_attention.PREFILL_PREFETCH}
 ATTENTION_INTS = {"H": "i32", "KVH": "i32", "NB": "i32", "MAXB": "i32"}
 DECODE_SIGNATURE = {"q": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "tables": "*i64", "lens": "*i64",
                     "order": "*i64", "out": "*bf16", "mid_out": "*fp32", "mid_lse": "*fp32", "scale": "fp32",
@@ -75,6 +75,10 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
         )
         for pages in (2, 4)
     },
+    "prefill-m64-no-prefetch": (  # one block a trip, its table entry, keys and values loaded one after another
+        triton_attention._prefill_kernel, PREFILL_SIGNATURE,
+        {**PREFILL, "BLOCK_M": 64, "PREFETCH": False, "DOT_FP32": False, "IEEE": False}, {},
+    ),
     # fp32 (the dtype of the engine-level GPU tests): P = 4, products in full precision ("ieee")
     "decode-fp32": (
         triton_attention._decode_split_kernel, {k: v.replace("bf16", "fp32") for k, v in DECODE_SIGNATURE.items()},
@@ -83,7 +87,7 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
     ),
     "prefill-fp32": (
         triton_attention._prefill_kernel, {k: v.replace("bf16", "fp32") for k, v in PREFILL_SIGNATURE.items()},
-        {**PREFILL, "P": 4, "BLOCK_M": 64, "DOT_FP32": True, "IEEE": True},
+        {**PREFILL, "P": 4, "BLOCK_M": 64, "PREFETCH": False, "DOT_FP32": True, "IEEE": True},
         {"num_warps": triton_attention.PREFILL_WARPS_FP32},
     ),
     # a float8 cache (--kv-cache-dtype fp8): 16 elements a 16-byte group
@@ -100,12 +104,13 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
     # Gemma 2's soft-capped scores (its 2B's shape: 8 heads over 4 KV heads, head_dim 256)
     "decode-softcap": (
         triton_attention._decode_split_kernel, DECODE_SIGNATURE,
-        {**DECODE, "D": 256, "SOFTCAP": 50.0, "DIRECT": False, "DOT_FP32": False, "IEEE": False},
+        {**DECODE, "D": 256, "SOFTCAP": 50.0, "PREFETCH": False, "DIRECT": False, "DOT_FP32": False, "IEEE": False},
         {"num_warps": triton_attention.DECODE_WARPS, "num_stages": triton_attention.DECODE_STAGES},
     ),
     "prefill-softcap": (
         triton_attention._prefill_kernel, PREFILL_SIGNATURE,
-        {**PREFILL, "D": 256, "SOFTCAP": 50.0, "BLOCK_M": 64, "DOT_FP32": False, "IEEE": False}, {},
+        {**PREFILL, "D": 256, "SOFTCAP": 50.0, "BLOCK_M": 64, "PREFETCH": False, "DOT_FP32": False, "IEEE": False},
+        {},
     ),
     "decode-merge": (
         triton_attention._decode_merge_kernel,

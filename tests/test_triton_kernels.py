@@ -151,6 +151,15 @@ def test_paged_prefill_matches_reference(
     check_prefill(dtype, dtype, heads, kv_heads, head_dim, block_size, layout, block_m, window, softcap, pages)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_prefill_without_prefetch_matches_reference(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One block a trip loading its table entry, keys, then values in turn (`PREFILL_PREFETCH` off: kept until a GPU
+    times it against the software-pipelined trip; compiled fp32 takes it)."""
+    monkeypatch.setattr(triton_attention, "PREFILL_PREFETCH", False)
+    check_prefill(dtype, dtype, 4, 2, 32, 16, "cuda", 16, 7, 0.8, 1)
+    check_prefill(dtype, dtype, 6, 3, 64, 32, "cuda", 64, 0, 0.0, 1)
+
+
 def check_prefill(
     dtype: torch.dtype, cache_dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int,
     layout: str, block_m: int, window: int, softcap: float, pages: int,

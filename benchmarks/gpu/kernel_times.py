@@ -196,11 +196,13 @@ def attention_kernels(s: dict[str, Any], report: Report) -> None:
     moved = sum(prefix + length for prefix, length in chunks) * kv_row + 2 * q.numel() * elem
     call = triton_attention.paged_prefill_attention
     lengths, contexts = [length for _, length in chunks], [p + n for p, n in chunks]
-    # query rows per program (the engine: 64 on CUDA), then blocks of keys per loop trip at 64 rows
-    for block_m, pages in ((16, 1), (32, 1), (64, 1), (64, 2), (64, 4)) if CUDA else ((16, 1), (16, 2)):
+    # query rows per program (the engine: 64 on CUDA), then blocks of keys per loop trip at 64 rows, and one block a
+    # trip without its software pipelining (`PREFILL_PREFETCH`)
+    sweep = [(16, 1, True), (32, 1, True), (64, 1, True), (64, 1, False), (64, 2, True), (64, 4, True)]
+    for block_m, pages, prefetch in sweep if CUDA else [(16, 1, True), (16, 1, False), (16, 2, True)]:
         launch = triton_attention.prefill_launch(starts, lengths, contexts, DEVICE, block_m)
-        shape = f"{len(chunks)} chunks, {total_rows} rows, m{block_m} p{pages}"
-        report.add("prefill attention", shape, lambda: call(q, k_cache, v_cache, tables, launch, scale, pages_per_trip=pages), moved, flop)  # noqa: E501,B023  # fmt: skip
+        shape = f"{len(chunks)} chunks, {total_rows} rows, m{block_m} p{pages}" + ("" if prefetch else " no prefetch")
+        report.add("prefill attention", shape, prefetching(prefetch, lambda: call(q, k_cache, v_cache, tables, launch, scale, pages_per_trip=pages), "PREFILL_PREFETCH"), moved, flop)  # noqa: E501,B023  # fmt: skip
     k = torch.randn(total_rows, s["kv_heads"], s["head_dim"], dtype=DTYPE, device=DEVICE)
     slots = torch.randperm(k_cache.shape[1] * BLOCK_SIZE, device=DEVICE)[:total_rows]
     report.add(
@@ -209,15 +211,17 @@ def attention_kernels(s: dict[str, Any], report: Report) -> None:
     )  # fmt: skip
 
 
-def prefetching(prefetch: bool, fn: Callable[[], Any]) -> Callable[[], Any]:
-    """`fn` with the decode kernel's one-block trips software-pipelined or not (`DECODE_PREFETCH`, read at launch)."""
+def prefetching(prefetch: bool, fn: Callable[[], Any], name: str = "DECODE_PREFETCH") -> Callable[[], Any]:
+    """`fn` with an attention kernel's one-block trips software-pipelined or not (`triton_attention.<name>`, read
+    at launch)."""
 
     def run() -> Any:
-        triton_attention.DECODE_PREFETCH = prefetch
+        default = getattr(triton_attention, name)
+        setattr(triton_attention, name, prefetch)
         try:
             return fn()
         finally:
-            triton_attention.DECODE_PREFETCH = True
+            setattr(triton_attention, name, default)
 
     return run
 

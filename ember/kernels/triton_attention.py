@@ -170,6 +170,46 @@ def _attend_block(
 
 
 @triton.jit
+def _pipelined_trips(
+    qv, m_i, l_i, acc, k_cache, v_cache, row_table, kv_base, first, last, scale, tok, dims,
+    length, start, positions, row_ok, WINDOW, CAUSAL: tl.constexpr,
+    BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+):  # fmt: skip
+    """The online softmax (max, normalizer, output) carried over the blocks [first, last) of a block-table row, one
+    block a trip, software-pipelined by hand: a trip loads its keys together with the next block's values and the
+    table entry of the block after, so it waits on one memory latency. One block at a time, a trip waited on
+    three in a row: its table entry, its keys, then its values after the scores (sm_90 SASS). Visible keys: below
+    `length` and from `start` on (decode), or causal to the query `positions` (CAUSAL: prefill; `length` the
+    context, under its sliding WINDOW). Each block's base is a scalar: 16-byte vector loads in the CUDA layout
+    (a per-token base defeats Triton's contiguity analysis: 2-byte loads, checked in the PTX)."""
+    block = tl.load(row_table + first, mask=first < last, other=0)
+    block_next = tl.load(row_table + first + 1, mask=first + 1 < last, other=0)
+    value_offsets = _value_offsets(tok, dims, D, P)
+    # masks along dims, constant along the tokens a value load vectorizes (a tensor: Triton's interpreter turns a
+    # tensor & a scalar bool into int32)
+    values = tl.load(v_cache + (kv_base + block) * D * BS + value_offsets, mask=(dims * 0 + first < last)[None, :])
+    for page in range(first, last):
+        # issued before the keys' load: Triton stages the keys for the product through shared memory right behind
+        # their load, a wait that loads issued after it would queue behind
+        values_next = tl.load(
+            v_cache + (kv_base + block_next) * D * BS + value_offsets, mask=(dims * 0 + page + 1 < last)[None, :]
+        )
+        block_after = tl.load(row_table + page + 2, mask=page + 2 < last, other=0)
+        keys = tl.load(k_cache + (kv_base + block) * D * BS + _key_offsets(tok, dims, BS, P))
+        key_pos = page * BS + tok
+        if CAUSAL:
+            visible = _prefill_visible(key_pos, positions, length, row_ok, WINDOW)
+        else:
+            visible = ((key_pos < length) & (key_pos >= start))[None, :]
+        m_i, l_i, acc = _attend_tile(
+            qv, keys.to(qv.dtype), values.to(qv.dtype), visible, m_i, l_i, acc, scale, DOT_FP32, IEEE, SOFTCAP
+        )  # (from a float8 cache)
+        values, block, block_next = values_next, block_next, block_after
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _load_pages(
     k_cache, v_cache, tables, row, page, last, kv_base, tok, dims,
     PAGES: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, dtype: tl.constexpr,
@@ -228,32 +268,10 @@ def _decode_split_kernel(
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
     if PAGES == 1 and PREFETCH:
-        # Software-pipelined by hand: a trip loads its block's keys together with the next block's values (and
-        # the table entry of the block after), so it waits on one memory latency; without it, a trip waited on
-        # three in a row (its table entry, its keys, then its values after the scores; sm_90 SASS). One block
-        # per trip, its base a scalar: 16-byte vector loads in the CUDA layout (a per-token base defeats
-        # Triton's contiguity analysis: 2-byte loads, checked in the PTX).
-        row_table = tables + b * MAXB
-        block = tl.load(row_table + first, mask=first < last, other=0)
-        block_next = tl.load(row_table + first + 1, mask=first + 1 < last, other=0)
-        value_offsets = _value_offsets(tok, dims, D, P)
-        # masks along dims, constant along the tokens a value load vectorizes (a tensor: Triton's interpreter turns
-        # a tensor & a scalar bool into int32)
-        values = tl.load(v_cache + (kh * NB + block) * D * BS + value_offsets, mask=(dims * 0 + first < last)[None, :])
-        for page in range(first, last):
-            # issued before the keys' load: Triton stages the keys for the product through shared memory right
-            # behind their load, a wait the loads after it would queue behind
-            values_next = tl.load(
-                v_cache + (kh * NB + block_next) * D * BS + value_offsets, mask=(dims * 0 + page + 1 < last)[None, :]
-            )
-            block_after = tl.load(row_table + page + 2, mask=page + 2 < last, other=0)
-            keys = tl.load(k_cache + (kh * NB + block) * D * BS + _key_offsets(tok, dims, BS, P))
-            key_pos = page * BS + tok
-            visible = ((key_pos < length) & (key_pos >= start))[None, :]
-            m_i, l_i, acc = _attend_tile(
-                qv, keys.to(qv.dtype), values.to(qv.dtype), visible, m_i, l_i, acc, scale, DOT_FP32, IEEE, SOFTCAP
-            )  # (from a float8 cache)
-            values, block, block_next = values_next, block_next, block_after
+        m_i, l_i, acc = _pipelined_trips(
+            qv, m_i, l_i, acc, k_cache, v_cache, tables + b * MAXB, kh * NB, first, last, scale, tok, dims,
+            length, start, 0, 0, 0, False, BS, D, P, DOT_FP32, IEEE, SOFTCAP,
+        )  # fmt: skip
     elif PAGES == 1:
         for page in range(first, last):
             block = tl.load(tables + b * MAXB + page)
@@ -307,11 +325,20 @@ DECODE_STAGES = 1
 # Blocks per loop trip of the decode kernel: more bytes in flight per program. Not yet timed on a GPU (the
 # sweep in kernel_times.py tries 2 and 4), so one, as measured above.
 DECODE_PAGES = 1
-# One block a trip, software-pipelined (`_decode_split_kernel`): a trip waits on one memory latency instead of three
-# in a row, at 154 registers a thread with Triton 3.6 instead of 106 (6 programs an SM instead of 9). Not yet timed
-# on a GPU (kernel_times.py times both). Compiled fp32 tiles (the GPU tests' dtype) go without: 255 registers and a
-# spill with Triton 3.6.
+# One block a trip, software-pipelined (`_pipelined_trips`): a trip waits on one memory latency instead of three in a
+# row, at 154 registers a thread with Triton 3.6 instead of 106 (6 programs an SM instead of 9). Not yet timed on a
+# GPU (kernel_times.py times both).
 DECODE_PREFETCH = True
+
+
+def pipelined(q: torch.Tensor, enabled: bool) -> bool:
+    """Whether an attention kernel's one-block trips are software-pipelined (`_pipelined_trips`): as `enabled`
+    (DECODE_PREFETCH, PREFILL_PREFETCH), up to head_dim 128 and not for compiled fp32 (the GPU tests' dtype), whose
+    larger tiles spill registers with it on sm_90 (fp32 prefill: 255 registers and a spill; Gemma's head_dim 256
+    prefill: 132 bytes spilled with Triton 3.6)."""
+    return enabled and q.shape[-1] <= 128 and (DOT_IN_FP32 or q.dtype != torch.float32)
+
+
 NO_WINDOW = 1 << 30  # "no sliding window" as a window past any context: the kernels need no branch for it
 
 
@@ -369,13 +396,12 @@ def paged_decode_attention(
     if splits > 1:
         mid_out = torch.empty(num_seqs, num_heads, splits, head_dim, dtype=torch.float32, device=q.device)
         mid_lse = torch.empty(num_seqs, num_heads, splits, dtype=torch.float32, device=q.device)
-    prefetch = DECODE_PREFETCH and (DOT_IN_FP32 or q.dtype != torch.float32)
     _decode_split_kernel[(splits, kv_heads, num_seqs)](
         q, k_cache, v_cache, block_tables, context_lens, context_lens if order is None else order, out, mid_out,
         mid_lse, scale,
         num_heads, kv_heads, num_blocks, block_tables.shape[1], splits, window or NO_WINDOW,
         G=group, G_PAD=max(16, triton.next_power_of_2(group)), BS=block_size, D=head_dim, P=pack, PAGES=pages_per_trip,
-        PREFETCH=prefetch, DIRECT=splits == 1, ORDERED=order is not None, DOT_FP32=DOT_IN_FP32,
+        PREFETCH=pipelined(q, DECODE_PREFETCH), DIRECT=splits == 1, ORDERED=order is not None, DOT_FP32=DOT_IN_FP32,
         IEEE=q.dtype == torch.float32, SOFTCAP=float(softcap),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
@@ -398,7 +424,7 @@ def _prefill_kernel(
     q, k_cache, v_cache, out, tables, tile_seq, tile_first, q_starts, q_lens, ctx_lens, scale,
     H, KVH, NB, MAXB, WINDOW,
     G: tl.constexpr, BLOCK_M: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr,
-    PAGES: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
+    PAGES: tl.constexpr, PREFETCH: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     """A BLOCK_M-row query tile of one chunk and head against its keys, one block (PAGES blocks) per trip. Grid
     (head, tile), the first axis launched fastest: a tile's heads start together (a KV head's query heads read
@@ -426,7 +452,12 @@ def _prefill_kernel(
     last_position = tl.minimum(ctx - q_len + first + BLOCK_M, ctx)  # keys past the tile's last query are masked
     first_key = tl.maximum(ctx - q_len + first - WINDOW + 1, 0)  # keys before the tile's first window are too
     last_page = tl.cdiv(last_position, BS)
-    if PAGES == 1:
+    if PAGES == 1 and PREFETCH:
+        m_i, l_i, acc = _pipelined_trips(
+            qv, m_i, l_i, acc, k_cache, v_cache, tables + seq * MAXB, kh * NB, first_key // BS, last_page, scale,
+            tok, dims, ctx, 0, positions, row_ok, WINDOW, True, BS, D, P, DOT_FP32, IEEE, SOFTCAP,
+        )  # fmt: skip
+    elif PAGES == 1:
         for blk in range(first_key // BS, last_page):
             block = tl.load(tables + seq * MAXB + blk)
             visible = _prefill_visible(blk * BS + tok, positions, ctx, row_ok, WINDOW)
@@ -480,6 +511,9 @@ PREFILL_WARPS_FP32 = 8
 # Blocks of keys per loop trip of the prefill kernel. One block gives [64, 16] score tiles, small for the tensor
 # cores (16% of the matmul rate on an H200); 4 give [64, 64]. Not yet timed (kernel_times.py sweeps 1, 2, 4).
 PREFILL_PAGES = 1
+# One block a trip, software-pipelined as decode's (`_pipelined_trips`): a [64, 16] tile's products take ~70 ns of
+# an SM's tensor cores, the three memory latencies in a row of a plain trip microseconds. Not yet timed on a GPU.
+PREFILL_PREFETCH = True
 
 
 def paged_prefill_attention(
@@ -508,7 +542,8 @@ def paged_prefill_attention(
         launch.q_starts, launch.q_lens, launch.context_lens, scale,
         num_heads, kv_heads, num_blocks, block_tables.shape[1], window or NO_WINDOW,
         G=num_heads // kv_heads, BLOCK_M=launch.block_m, BS=block_size, D=head_dim, P=pack, PAGES=pages_per_trip,
-        DOT_FP32=DOT_IN_FP32, IEEE=q.dtype == torch.float32, SOFTCAP=float(softcap),
+        PREFETCH=pipelined(q, PREFILL_PREFETCH), DOT_FP32=DOT_IN_FP32, IEEE=q.dtype == torch.float32,
+        SOFTCAP=float(softcap),
         num_warps=PREFILL_WARPS_FP32 if q.dtype == torch.float32 else 4,
     )  # fmt: skip
     return out

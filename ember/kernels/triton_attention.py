@@ -210,18 +210,24 @@ def _pipelined_trips(
 
 
 @triton.jit
-def _load_pages(
-    k_cache, v_cache, tables, row, page, last, kv_base, tok, dims,
-    PAGES: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, dtype: tl.constexpr,
-):  # fmt: skip
-    """The keys and values ([PAGES * BS, D] each, as `dtype`) of the PAGES blocks from logical page `page` (pages
-    from `last` on give zeros, for the caller to mask): their table entries in one load, then all their keys and
-    values, so a program has PAGES blocks in flight. The loads are [PAGES, BS, D] tiles: each block's base is
-    constant along the vectorized axes, so they stay 16-byte vectors (a [PAGES * BS] per-token base would
-    not), and are flattened for the products."""
+def _page_entries(row_table, page, last, PAGES: tl.constexpr):
+    """The block-table entries of the PAGES logical pages from `page` (block 0 from `last` on), and which are real."""
     pages = page + tl.arange(0, PAGES)
     page_ok = pages < last
-    blocks = tl.load(tables + row + pages, mask=page_ok, other=0)
+    return tl.load(row_table + pages, mask=page_ok, other=0), page_ok
+
+
+@triton.jit
+def _load_pages(
+    k_cache, v_cache, blocks, page_ok, kv_base, tok, dims,
+    PAGES: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, P: tl.constexpr, dtype: tl.constexpr,
+):  # fmt: skip
+    """The keys and values ([PAGES * BS, D] each, as `dtype`) of the PAGES `blocks` (zeros where not `page_ok`, for
+    the caller to mask): a program has PAGES blocks in flight. Triton stages each for its product through shared
+    memory right behind its load, so the values' load waits for the keys' (sm_90 SASS: two latencies a trip, the
+    table entries loaded a trip ahead by the caller). The loads are [PAGES, BS, D] tiles: each block's base is
+    constant along the vectorized axes, so they stay 16-byte vectors (a [PAGES * BS] per-token base would not),
+    and are flattened for the products."""
     base = (kv_base + blocks) * D * BS
     ok = page_ok[:, None, None]
     keys = tl.load(k_cache + base[:, None, None] + _key_offsets(tok, dims, BS, P)[None, :, :], mask=ok, other=0.0)
@@ -282,13 +288,14 @@ def _decode_split_kernel(
                 BS, D, P, DOT_FP32, IEEE, SOFTCAP,
             )  # fmt: skip
     else:
+        blocks, page_ok = _page_entries(tables + b * MAXB, first, last, PAGES)
         for page in range(first, last, PAGES):
-            keys, values = _load_pages(
-                k_cache, v_cache, tables, b * MAXB, page, last, kh * NB, tok, dims, PAGES, BS, D, P, qv.dtype
-            )
+            next_blocks, next_ok = _page_entries(tables + b * MAXB, page + PAGES, last, PAGES)  # the next trip's
+            keys, values = _load_pages(k_cache, v_cache, blocks, page_ok, kh * NB, tok, dims, PAGES, BS, D, P, qv.dtype)
             key_pos = page * BS + tl.arange(0, PAGES * BS)
             visible = ((key_pos < length) & (key_pos >= start) & (key_pos < last * BS))[None, :]
             m_i, l_i, acc = _attend_tile(qv, keys, values, visible, m_i, l_i, acc, scale, DOT_FP32, IEEE, SOFTCAP)
+            blocks, page_ok = next_blocks, next_ok
     has_keys = l_i > 0
     result = acc / tl.where(has_keys, l_i, 1.0)[:, None]  # a context of length 0 (a padding row) gives zeros
     if DIRECT:  # one split: this program's result is the output
@@ -466,12 +473,13 @@ def _prefill_kernel(
                 BS, D, P, DOT_FP32, IEEE, SOFTCAP,
             )  # fmt: skip
     else:
+        blocks, page_ok = _page_entries(tables + seq * MAXB, first_key // BS, last_page, PAGES)
         for blk in range(first_key // BS, last_page, PAGES):
-            keys, values = _load_pages(
-                k_cache, v_cache, tables, seq * MAXB, blk, last_page, kh * NB, tok, dims, PAGES, BS, D, P, qv.dtype
-            )
+            next_blocks, next_ok = _page_entries(tables + seq * MAXB, blk + PAGES, last_page, PAGES)  # the next trip's
+            keys, values = _load_pages(k_cache, v_cache, blocks, page_ok, kh * NB, tok, dims, PAGES, BS, D, P, qv.dtype)
             visible = _prefill_visible(blk * BS + tl.arange(0, PAGES * BS), positions, ctx, row_ok, WINDOW)
             m_i, l_i, acc = _attend_tile(qv, keys, values, visible, m_i, l_i, acc, scale, DOT_FP32, IEEE, SOFTCAP)
+            blocks, page_ok = next_blocks, next_ok
     result = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out + q_off[:, None] + dims[None, :], result.to(out.dtype.element_ty), mask=row_ok[:, None])
 

@@ -577,6 +577,54 @@ def test_decode_graph_steps_equal_eager_steps(tiny_models: dict, monkeypatch: py
         assert graph_logprobs == pytest.approx([lp.logprob for lp in eager_out.logprobs], abs=1e-5)
 
 
+def test_graph_steps_copy_a_table_again_once_its_block_list_is_replaced(
+    tiny_models: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`DecodeGraphs` keeps each request's block table on the device and sends only the entries it gained; a request
+    whose block list was replaced (blocks freed and taken again: preemption, rejected drafts) has its table copied
+    again. Over random K/V (every block different), each graph step's logprobs are an eager step's over the same
+    blocks, and differ once the blocks do."""
+    from ember.engine.engine import LLM
+    from ember.engine.request import Request
+    from ember.engine.sampling_params import SamplingParams
+    from ember.engine.scheduler import ScheduledRequest
+
+    monkeypatch.setenv("EMBER_KERNELS", "triton")
+    runner = LLM(str(tiny_models["qwen3"][0]), num_blocks=16, dtype="float32", max_num_seqs=2).engine.runner
+    graphs = runner.decode_graphs
+    assert graphs is not None
+    generator = torch.Generator().manual_seed(0)
+    for k_cache, v_cache in runner.kv_caches:
+        k_cache.copy_(torch.randn(k_cache.shape, generator=generator))
+        v_cache.copy_(torch.randn(v_cache.shape, generator=generator))
+    tokens = list(range(3, 43))
+    request = Request("r#0", tokens, SamplingParams(temperature=0, logprobs=1), [], 64)
+
+    def step(start: int) -> tuple[float, float]:
+        """The top logprob of the token after `start` (the request's last), by a graph step and by an eager one."""
+        request.all_token_ids = tokens[: start + 1]
+        scheduled = [ScheduledRequest(request, start, 1)]
+        graph = runner.execute(scheduled).sampled["r#0"][1][0]
+        runner.decode_graphs = None
+        try:
+            eager = runner.execute(scheduled).sampled["r#0"][1][0]
+        finally:
+            runner.decode_graphs = graphs
+        assert graph is not None and eager is not None
+        return graph.logprob, eager.logprob
+
+    request.block_ids = [3, 5]
+    first = step(20)
+    request.block_ids.append(8)  # appended in place: only the new entry is sent
+    appended = step(33)
+    request.block_ids = [9, 2, 8]  # replaced: copied again
+    replaced = step(33)
+    for graph, eager in (first, appended, replaced):
+        assert graph == pytest.approx(eager, abs=1e-5)
+    assert replaced[1] != pytest.approx(appended[1], abs=1e-3)  # other blocks, another answer
+    assert graphs.replays[1] == 3
+
+
 def test_seeded_speculative_sampling_with_logprobs_runs_on_the_device(tiny_models: dict) -> None:
     """Sampling with a seed (a CPU generator) verifies drafts on the device's logits, and logprobs of the
     accepted tokens are gathered there: reproducible, one logprob per token, each consistent with its top-2."""

@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 PromptType = str | list[int]
 DEFAULT_KV_CACHE_CAP = 4 << 30  # bytes; a larger CPU budget is asked for explicitly
 CUDA_ACTIVATION_RESERVE = 2 << 30  # bytes of GPU memory left for activations and logits
+NO_LOGPROBS: list[TokenLogprob | None] = [None]  # a sampled token's, read back without logprobs (shared, not mutated)
 MAX_GRAPH_BATCH = 512  # larger decode batches run eagerly: more graphs cost start-up time and logits memory
 
 
@@ -462,7 +463,7 @@ class Engine:
         self._in_flight = self._launch(ahead, in_flight) if ahead else None
         self.num_overlapped_steps += ahead is not None
         tokens = in_flight.token_ids()
-        sampled = {s.request.request_id: ([t], [None]) for s, t in zip(in_flight.scheduled, tokens, strict=True)}
+        sampled = {s.request.request_id: ([t], NO_LOGPROBS) for s, t in zip(in_flight.scheduled, tokens, strict=True)}
         return self._apply(in_flight.scheduled, sampled)
 
     def _schedule_behind(self, in_flight: LaunchedStep) -> list[ScheduledRequest] | None:
@@ -494,8 +495,7 @@ class Engine:
                 self.kv_cache.cache_prompt_logprobs(request)
             if request.embedding is not None and not request.is_finished:  # an embedding request, done
                 self._finish(request, "stop")
-                group_id = request.request_id.rpartition("#")[0]
-                touched[group_id] = self.groups[group_id]
+                touched[request.group_id] = self.groups[request.group_id]
                 continue
             sampled = sampled_by_id.get(request.request_id)
             if sampled is None or request.is_finished:  # finished while its step was in flight
@@ -513,8 +513,9 @@ class Engine:
                 self.speculator.record(request, len(s.spec_token_ids), num_accepted)
                 if not request.is_finished and num_accepted < len(s.spec_token_ids):
                     self.scheduler.rollback(request, len(s.spec_token_ids) - num_accepted)
-            group_id = request.request_id.rpartition("#")[0]
-            touched[group_id] = self.groups[group_id]
+            group = self.groups[request.group_id]
+            if request.is_finished or not group.final_only:  # a final-only group has nothing new until one ends
+                touched[request.group_id] = group
         outputs = []
         for group_id, group in touched.items():
             if group.final_only and not group.finished:

@@ -87,6 +87,24 @@ class KVCacheManager:
                 self._cache_full_blocks(request, full)
         return True
 
+    def allocate_decode_slots(self, requests: Sequence[Request]) -> bool:
+        """`allocate_slots(request, 1)` for each of `requests` (decoding: no cached prefix to take), all or none:
+        False, changing nothing, when the pool is short. One pass and one allocation for a step of decodes, where
+        per request calls cost more than a decode's usual case (no new block, nothing to cache) does."""
+        bs = self.block_size
+        growing = [r for r in requests if r.num_computed_tokens >= len(r.block_ids) * bs]
+        if len(growing) > self.pool.num_free_blocks:
+            return False
+        if growing:
+            for request, block in zip(growing, self.pool.allocate(len(growing)), strict=True):
+                request.block_ids.append(block)
+        if self.enable_prefix_caching:  # only blocks full of committed tokens: drafts may still be rejected
+            for request in requests:
+                full = min(request.num_computed_tokens + 1, request.num_committed_tokens) // bs
+                if full > request.num_cached_blocks:
+                    self._cache_full_blocks(request, full)
+        return True
+
     def _cache_full_blocks(self, request: Request, full: int) -> None:
         """Register the request's blocks up to `full` (counted from the start) in the prefix cache."""
         hashes = self.block_hashes(request)
@@ -138,7 +156,7 @@ class KVCacheManager:
         keep = self.blocks_for(request.num_computed_tokens)
         if len(request.block_ids) > keep:
             self.pool.free(request.block_ids[keep:])
-            del request.block_ids[keep:]
+            request.block_ids = request.block_ids[:keep]  # a new list: see Request.block_ids
 
     def free(self, request: Request) -> None:
         self.pool.free(request.block_ids)

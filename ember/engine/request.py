@@ -46,6 +46,7 @@ class Request:
         prompt: str | None = None,
     ) -> None:
         self.request_id = request_id
+        self.group_id = request_id.rpartition("#")[0]  # the user request it samples for ("<group id>#<index>")
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params
@@ -59,6 +60,8 @@ class Request:
         self.num_pending_tokens = 0
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
+        # only ever appended to in place; shrinking it (freeing, trimming) puts a new list in its place, which is how
+        # `DecodeGraphs` knows the table it holds on the device for this request is stale
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []  # prefix-cache hashes of the full blocks of all_token_ids
         self.num_cached_blocks = 0  # leading blocks already registered in the prefix cache

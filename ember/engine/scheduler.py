@@ -159,13 +159,10 @@ class Scheduler:
         """One more token for each of `requests` (running, decoding), scheduled while the step before is still
         on the device (async scheduling); None, changing nothing, when the free blocks or the token budget
         do not cover all of them (the caller then waits for that step and schedules normally)."""
-        needed = sum(self.kv_cache.num_blocks_taken(r, 1) for r in requests)
-        if needed > self.kv_cache.pool.num_free_blocks or len(requests) > self.config.max_num_batched_tokens:
+        if len(requests) > self.config.max_num_batched_tokens or not self.kv_cache.allocate_decode_slots(requests):
             return None
         out = SchedulerOutput()
         for request in requests:
-            allocated = self.kv_cache.allocate_slots(request, 1)
-            assert allocated
             self._take(out, request, 1)
         return out.scheduled
 

@@ -570,6 +570,8 @@ def test_decode_graph_steps_equal_eager_steps(tiny_models: dict, monkeypatch: py
     graphs = llm.engine.runner.decode_graphs
     assert graphs is not None and graphs.buckets == [1, 2, 4, 6]
     assert set(graphs.replays) == {1, 2, 4, 6} and llm.engine.scheduler.num_preemptions > 0
+    # table rows: none lost, and only the last step's request still holds one
+    assert len(graphs.slots) == 1 and len(graphs.free_slots) == graphs.max_batch - 1
     assert llm.engine.kv_cache.pool.num_free_blocks == eager.engine.kv_cache.pool.num_free_blocks == 9
     for graph_out, eager_out in zip(outputs, expected, strict=True):
         assert graph_out.token_ids == eager_out.token_ids

@@ -170,10 +170,10 @@ class DecodeGraphs:
         )
 
     def _take_slots(self, scheduled: list[ScheduledRequest]) -> None:
-        """A `slot_tables` row for each request of the step. Rows of requests absent from it (finished, or in eager
-        steps for a while) go back when a new request needs one: it then has its table copied in full."""
+        """A `slot_tables` row for each request of the step; the rows of requests absent from it (finished, or in an
+        eager step) go back, so no finished request is held on to. A new row has its table copied in full."""
         new = [s.request for s in scheduled if s.request not in self.slots]
-        if not new:
+        if not new and len(self.slots) == len(scheduled):  # the same requests as the rows held
             return
         present = {s.request for s in scheduled}
         for request in [r for r in self.slots if r not in present]:

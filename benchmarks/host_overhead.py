@@ -7,8 +7,8 @@ returns fixed logits at once, and the engine takes the CUDA path's code (`EMBER_
 decode-graph input buffers, graph buckets, Triton-path metadata), run eagerly on the CPU. It prints the
 milliseconds per decode step and a cProfile of the top functions.
 
-Usage: .venv/bin/python benchmarks/host_overhead.py [--batch 256] [--steps 300] [--api generate|stream]
-       [--async-scheduling] [--profile 25]
+Usage: .venv/bin/python benchmarks/host_overhead.py [--batch 256] [--steps 300] [--prompt-tokens 32]
+       [--api generate|stream] [--async-scheduling] [--profile 25]
 """
 
 from __future__ import annotations
@@ -63,6 +63,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=256, help="requests decoding together")
     parser.add_argument("--steps", type=int, default=300, help="tokens generated per request")
+    parser.add_argument(
+        "--prompt-tokens", type=int, default=32, help="tokens per prompt (a serving batch's: several hundred)"
+    )
     parser.add_argument("--api", choices=["generate", "stream"], default="generate")
     parser.add_argument("--async-scheduling", action="store_true")
     parser.add_argument("--profile", type=int, default=25, metavar="N", help="print the top N functions (0: none)")
@@ -70,15 +73,16 @@ def main() -> None:
     torch.set_num_threads(1)
     config_dir = Path(tempfile.mkdtemp())
     (config_dir / "config.json").write_text(json.dumps(TINY_QWEN3))
+    blocks_per_request = -(-(args.prompt_tokens + args.steps) // 16)  # the default block size
     llm = LLM(
         str(config_dir), load_format="dummy", dtype="float32", device="cpu", max_num_seqs=args.batch,
         max_num_batched_tokens=8192, enable_prefix_caching=False, max_model_len=2048,
-        async_scheduling=args.async_scheduling,
+        async_scheduling=args.async_scheduling, num_blocks=args.batch * blocks_per_request + 64,
     )  # fmt: skip
     shutil.rmtree(config_dir)
     stub_model(llm, max(args.batch, 8192))
     random.seed(0)
-    prompts = [[random.randint(0, VOCAB - 1) for _ in range(32)] for _ in range(args.batch)]
+    prompts = [[random.randint(0, VOCAB - 1) for _ in range(args.prompt_tokens)] for _ in range(args.batch)]
     params = SamplingParams(max_tokens=args.steps, temperature=0, ignore_eos=True)
     run(llm, prompts[:2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), args.api)
     timings: list[Any] = []
@@ -96,7 +100,8 @@ def main() -> None:
             timings.append(time.perf_counter() - start)
             overlapped += llm.engine.num_overlapped_steps
     per_step = 1000 * timings[0] / args.steps
-    print(f"batch {args.batch}, {args.steps} steps, api {args.api}, async {args.async_scheduling}: "
+    print(f"batch {args.batch}, {args.prompt_tokens}-token prompts, {args.steps} steps, api {args.api}, "
+          f"async {args.async_scheduling}: "
           f"{per_step:.2f} ms of host time per step (prefill step included)"
           + (f", {overlapped} of them launched behind another" if args.async_scheduling else ""))  # fmt: skip
 

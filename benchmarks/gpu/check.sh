@@ -7,7 +7,8 @@
 #   kernels  each kernel and whole decode steps against their floors, with the decode kernel's sweep over
 #            splits, warps, stages, blocks per trip, a float8 cache and block sizes (kernel_times.py, 200 s);
 #   tests    the Triton kernel tests and the bf16 parity tests, compiled on the GPU (100 s; 50 s on an H200);
-#   host     the host's Python time per decode step at batch 256 on this machine's CPU (host_overhead.py).
+#   host     the host's Python time per decode step at batch 256 on this machine's CPU, async scheduling as the
+#            engine runs here, prompts of 32 and 700 tokens (host_overhead.py).
 # CHECK_PARTS="bench kernels" runs only those parts (e.g. to rerun what a first call cut short).
 # Logs and JSON go to $1 (default: $EMBER_RESULTS_DIR, else benchmarks/gpu/results), at most 6 files.
 # A failing or timed-out part does not stop the later ones; the exit status says whether any failed.
@@ -41,5 +42,6 @@ part bench 240 "$out/bench.log" "$python" benchmarks/gpu/bench.py --results "$ou
 part kernels 200 "$out/kernels.log" "$python" benchmarks/gpu/kernel_times.py --results "$out"
 part tests 100 "$out/tests.log" "$python" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
     tests/test_tiny_parity.py
-part host 25 "$out/bench.log" "$python" benchmarks/host_overhead.py --profile 0
+part host 25 "$out/bench.log" bash -c "for prompt in 32 700; do $python benchmarks/host_overhead.py --profile 0 \
+    --async-scheduling --prompt-tokens \$prompt || exit 1; done"
 exit $status

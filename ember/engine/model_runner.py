@@ -67,6 +67,17 @@ class StepResult:
     sampled: dict[str, tuple[list[int], list[TokenLogprob | None]]]
 
 
+def cache_slots(table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """The KV-cache slots of positions [start, end) of a sequence with block table `table`: a block's run of
+    slots at a time (a prompt chunk of 8,192 tokens took ~1.2 ms of Python a token at a time)."""
+    slots: list[int] = []
+    for index in range(start // block_size, (end - 1) // block_size + 1):
+        first = index * block_size
+        base = table[index] * block_size - first
+        slots.extend(range(base + max(start, first), base + min(end, first + block_size)))
+    return slots
+
+
 def pool(s: ScheduledRequest, hidden: torch.Tensor) -> None:
     """An embedding request's share of a step (`hidden`: its chunk's final hidden states): summed for a mean
     (positions summed before a preemption are skipped when recomputed); the embedding once the prompt is done."""
@@ -180,8 +191,7 @@ class ModelRunner:
             tokens = request.all_token_ids + s.spec_token_ids if s.spec_token_ids else request.all_token_ids
             input_ids.extend(tokens[s.start : end])
             positions.extend(range(s.start, end))
-            table = request.block_ids
-            slots.extend(table[p // bs] * bs + p % bs for p in range(s.start, end))
+            slots.extend(cache_slots(request.block_ids, s.start, end, bs))
             if request.pooling is not None:
                 pooling_rows.append((s, row))
             elif s.completes_sequence:

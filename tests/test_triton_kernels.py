@@ -759,7 +759,7 @@ def test_async_decode_steps_do_not_synchronize_the_device(tiny_models: dict, sam
     from ember.engine.engine import LLM
     from ember.engine.sampling_params import SamplingParams
 
-    engine = LLM(str(tiny_models["qwen3"][0]), num_blocks=128, dtype="bfloat16", device="cuda").engine
+    engine = LLM(str(tiny_models["qwen3"][0]), num_blocks=128, dtype="bfloat16", device="cuda", max_num_seqs=8).engine
     assert engine.async_scheduling
     for i, n in enumerate((5, 17, 30, 9)):
         params = SamplingParams(max_tokens=40, ignore_eos=True, seed=7 if i == 1 else None, **sampling)

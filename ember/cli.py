@@ -584,6 +584,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_lora_bench_args,
         cmd_bench_lora,
     )
+    tune = sub.add_parser(
+        "tune-kernels",
+        help="time the attention kernels' launch options on this GPU and save the fastest, used from then on "
+        "(`ember tune-kernels --help`)",
+        add_help=False,  # its own parser's (ember/kernels/tune_attention.py): it imports torch and Triton
+    )
+    tune.set_defaults(func=cmd_tune_kernels)  # its arguments: what `main` leaves unparsed
     from ember.agents.cli import add_agent_args, add_mcp_transport_args, add_sandbox_args
 
     agent = sub.add_parser(
@@ -627,6 +634,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_tune_kernels(args: argparse.Namespace) -> int:
+    from ember.kernels.tune_attention import main as tune_main
+
+    return tune_main(args.args)
+
+
 def show_engine_log() -> None:
     """Ember's own log lines (start-up steps such as CUDA-graph capture, fallbacks) on stderr."""
     log = logging.getLogger("ember")
@@ -641,7 +654,12 @@ def show_engine_log() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unparsed = parser.parse_known_args(argv)
+    if args.command == "tune-kernels":
+        args.args = unparsed
+    elif unparsed:
+        parser.error(f"unrecognized arguments: {' '.join(unparsed)}")
     show_engine_log()
     args.argv = argv
     func: Callable[[argparse.Namespace], int] = args.func

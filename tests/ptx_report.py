@@ -19,6 +19,7 @@ from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from ember.kernels import triton_attention, triton_elementwise, triton_qkv, triton_sampling
+from ember.kernels.attention_tuning import DEFAULT as TUNING  # the launch options without a tuning file
 
 HOPPER = GPUTarget("cuda", 90, 32)
 # Integer arguments that are multiples of 16 at Qwen3-0.6B's shapes (16 heads, hidden 1024, intermediate 3072,
@@ -27,9 +28,9 @@ HOPPER = GPUTarget("cuda", 90, 32)
 # them too.
 ALIGNED_INTS = {"H", "x_stride", "width", "row_stride", "vocab"}
 QWEN3 = {"G": 2, "BS": 16, "D": 128, "P": 8, "SOFTCAP": 0.0}  # 16 heads over 8 KV heads, head_dim 128, bf16 layout
-DECODE = {**QWEN3, "G_PAD": 16, "PAGES": triton_attention.DECODE_PAGES, "PREFETCH": triton_attention.DECODE_PREFETCH,
+DECODE = {**QWEN3, "G_PAD": 16, "PAGES": TUNING.decode_pages, "PREFETCH": TUNING.decode_prefetch,
           "ORDERED": True}  # fmt: skip
-PREFILL = {**QWEN3, "PAGES": triton_attention.PREFILL_PAGES, "PREFETCH": triton_attention.PREFILL_PREFETCH}
+PREFILL = {**QWEN3, "PAGES": TUNING.prefill_pages, "PREFETCH": TUNING.prefill_prefetch}
 ATTENTION_INTS = {"H": "i32", "KVH": "i32", "NB": "i32", "MAXB": "i32"}
 DECODE_SIGNATURE = {"q": "*bf16", "k_cache": "*bf16", "v_cache": "*bf16", "tables": "*i64", "lens": "*i64",
                     "order": "*i64", "out": "*bf16", "mid_out": "*fp32", "mid_lse": "*fp32", "scale": "fp32",
@@ -44,7 +45,7 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
         f"decode-direct{direct}-stages{stages}": (
             triton_attention._decode_split_kernel, DECODE_SIGNATURE,
             {**DECODE, "DIRECT": direct, "DOT_FP32": False, "IEEE": False},
-            {"num_stages": stages, "num_warps": triton_attention.DECODE_WARPS},
+            {"num_stages": stages, "num_warps": TUNING.decode_warps},
         )
         for direct in (True, False) for stages in (1, 2, 3)
     },
@@ -59,7 +60,7 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
     "decode-no-prefetch": (  # one block a trip, its table entry, keys and values loaded one after another
         triton_attention._decode_split_kernel, DECODE_SIGNATURE,
         {**DECODE, "PREFETCH": False, "DIRECT": True, "DOT_FP32": False, "IEEE": False},
-        {"num_stages": 1, "num_warps": triton_attention.DECODE_WARPS},
+        {"num_stages": 1, "num_warps": TUNING.decode_warps},
     ),
     **{
         f"prefill-m{block_m}": (
@@ -83,7 +84,7 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
     "decode-fp32": (
         triton_attention._decode_split_kernel, {k: v.replace("bf16", "fp32") for k, v in DECODE_SIGNATURE.items()},
         {**DECODE, "P": 4, "PREFETCH": False, "DIRECT": True, "DOT_FP32": True, "IEEE": True},
-        {"num_warps": triton_attention.DECODE_WARPS, "num_stages": triton_attention.DECODE_STAGES},
+        {"num_warps": TUNING.decode_warps, "num_stages": TUNING.decode_stages},
     ),
     "prefill-fp32": (
         triton_attention._prefill_kernel, {k: v.replace("bf16", "fp32") for k, v in PREFILL_SIGNATURE.items()},
@@ -95,7 +96,7 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
         triton_attention._decode_split_kernel,
         {**DECODE_SIGNATURE, "k_cache": "*fp8e4nv", "v_cache": "*fp8e4nv"},
         {**DECODE, "P": 16, "DIRECT": True, "DOT_FP32": False, "IEEE": False},
-        {"num_warps": triton_attention.DECODE_WARPS, "num_stages": triton_attention.DECODE_STAGES},
+        {"num_warps": TUNING.decode_warps, "num_stages": TUNING.decode_stages},
     ),
     "prefill-fp8": (
         triton_attention._prefill_kernel, {**PREFILL_SIGNATURE, "k_cache": "*fp8e4nv", "v_cache": "*fp8e4nv"},
@@ -105,7 +106,7 @@ KERNELS: dict[str, tuple[Any, dict[str, str], dict[str, Any], dict[str, int]]] =
     "decode-softcap": (
         triton_attention._decode_split_kernel, DECODE_SIGNATURE,
         {**DECODE, "D": 256, "SOFTCAP": 50.0, "PREFETCH": False, "DIRECT": False, "DOT_FP32": False, "IEEE": False},
-        {"num_warps": triton_attention.DECODE_WARPS, "num_stages": triton_attention.DECODE_STAGES},
+        {"num_warps": TUNING.decode_warps, "num_stages": TUNING.decode_stages},
     ),
     "prefill-softcap": (
         triton_attention._prefill_kernel, PREFILL_SIGNATURE,

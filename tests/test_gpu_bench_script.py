@@ -123,3 +123,24 @@ def test_the_gpu_tests_are_collected_with_the_gpu_image(gpu_image_env: dict[str,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:]
     assert "tests collected" in result.stdout
+
+
+def test_the_tuner_runs_with_the_gpu_image(gpu_image_env: dict[str, str], tmp_path: Path) -> None:
+    """check.sh tunes first and the benchmark then runs on the file it writes (EMBER_ATTENTION_TUNING)."""
+    output = tmp_path / "attention.json"
+    result = subprocess.run(
+        [sys.executable, "-S", "-m", "ember.kernels.tune_attention", "--output", str(output)],
+        capture_output=True, text=True, timeout=300, env={**gpu_image_env, "TRITON_INTERPRET": "1"}, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "tuned options:" in result.stdout
+    probe = (
+        f"from ember.kernels.attention_tuning import load; from pathlib import Path; print(load(Path({str(output)!r})))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-S", "-c", probe], capture_output=True, text=True, timeout=120, env=gpu_image_env, cwd=ROOT
+    )
+    assert loaded.returncode == 0 and loaded.stdout.startswith("AttentionTuning("), loaded.stderr[-2000:]
+    notes = json.loads(output.read_text())
+    assert notes["decode"]["tuned_us"] <= notes["decode"]["start_us"]
+    assert notes["prefill"]["tuned_us"] <= notes["prefill"]["start_us"]

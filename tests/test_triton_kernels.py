@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from ember.attention.layout import pack_factor, to_cache_layout  # noqa: E402
 from ember.attention.torch_paged import block_keys, block_values, prefill_attention  # noqa: E402
 from ember.attention.torch_paged import write_kv as torch_write_kv  # noqa: E402
 from ember.kernels import triton_attention, triton_elementwise  # noqa: E402
+from ember.kernels.attention_tuning import DEFAULT  # noqa: E402
 from ember.kernels.elementwise import rms_norm_reference, rotate_reference  # noqa: E402
 from tests.attention_cases import decode_case  # noqa: E402
 
@@ -90,20 +92,20 @@ def test_paged_decode_matches_reference(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_decode_without_prefetch_matches_reference(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One block a trip loading its table entry, keys, then values in turn (`DECODE_PREFETCH` off: kept until a GPU
-    times it against the software-pipelined trip; compiled fp32 takes it)."""
-    monkeypatch.setattr(triton_attention, "DECODE_PREFETCH", False)
-    check_decode(dtype, dtype, 6, 1, 64, 16, 4, "cuda", 37, 0.0, 1)
-    check_decode(dtype, dtype, 4, 2, 32, 16, 2, "cpu", 0, 0.0, 1)
+def test_paged_decode_without_prefetch_matches_reference(dtype: torch.dtype) -> None:
+    """One block a trip loading its table entry, keys, then values in turn (`decode_prefetch` off: a tuning option,
+    and what compiled fp32 takes)."""
+    check_decode(dtype, dtype, 6, 1, 64, 16, 4, "cuda", 37, 0.0, 1, prefetch=False)
+    check_decode(dtype, dtype, 4, 2, 32, 16, 2, "cpu", 0, 0.0, 1, prefetch=False)
 
 
 def check_decode(
     dtype: torch.dtype, cache_dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int,
-    num_splits: int, layout: str, window: int, softcap: float, pages: int, ordered: bool = True,
+    num_splits: int, layout: str, window: int, softcap: float, pages: int, ordered: bool = True, prefetch: bool = True,
 ) -> None:  # fmt: skip
-    """Decode attention of `dtype` queries over a `cache_dtype` cache against the fp32 reference; `ordered`: the
-    rows' programs in order of decreasing context length, else in row order."""
+    """Decode attention of `dtype` queries over a `cache_dtype` cache against the fp32 reference, `pages` blocks a
+    loop trip, one-block trips software-pipelined when `prefetch`; `ordered`: the rows' programs in order of
+    decreasing context length, else in row order."""
     from ember.engine.decode_graphs import longest_first
 
     num_blocks = 64
@@ -115,7 +117,7 @@ def check_decode(
     order = torch.from_numpy(longest_first(lens.numpy())).to(DEVICE) if ordered else None
     out = triton_attention.paged_decode_attention(
         q, k_cache, v_cache, tables.to(DEVICE), lens.to(DEVICE), head_dim**-0.5, num_splits, window=window,
-        softcap=softcap, pages_per_trip=pages, order=order,
+        softcap=softcap, order=order, tuning=replace(DEFAULT, decode_pages=pages, decode_prefetch=prefetch),
     )  # fmt: skip
     assert out.dtype == dtype and relative_error(out[:-1].cpu(), ref[:-1]) < TOLERANCE[dtype]
     assert torch.equal(out[-1].cpu(), torch.zeros_like(out[-1].cpu()))
@@ -152,19 +154,19 @@ def test_paged_prefill_matches_reference(
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_prefill_without_prefetch_matches_reference(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One block a trip loading its table entry, keys, then values in turn (`PREFILL_PREFETCH` off: kept until a GPU
-    times it against the software-pipelined trip; compiled fp32 takes it)."""
-    monkeypatch.setattr(triton_attention, "PREFILL_PREFETCH", False)
-    check_prefill(dtype, dtype, 4, 2, 32, 16, "cuda", 16, 7, 0.8, 1)
-    check_prefill(dtype, dtype, 6, 3, 64, 32, "cuda", 64, 0, 0.0, 1)
+def test_paged_prefill_without_prefetch_matches_reference(dtype: torch.dtype) -> None:
+    """One block a trip loading its table entry, keys, then values in turn (`prefill_prefetch` off: a tuning
+    option, and what compiled fp32 takes)."""
+    check_prefill(dtype, dtype, 4, 2, 32, 16, "cuda", 16, 7, 0.8, 1, prefetch=False)
+    check_prefill(dtype, dtype, 6, 3, 64, 32, "cuda", 64, 0, 0.0, 1, prefetch=False)
 
 
 def check_prefill(
     dtype: torch.dtype, cache_dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, block_size: int,
-    layout: str, block_m: int, window: int, softcap: float, pages: int,
+    layout: str, block_m: int, window: int, softcap: float, pages: int, prefetch: bool = True,
 ) -> None:  # fmt: skip
-    """Prefill attention of `dtype` queries over a `cache_dtype` cache against the fp32 reference."""
+    """Prefill attention of `dtype` queries over a `cache_dtype` cache against the fp32 reference, `block_m` query
+    rows a program, `pages` blocks of keys a loop trip, one-block trips software-pipelined when `prefetch`."""
     num_blocks = 64
     k_cache, v_cache = random_caches(kv_heads, num_blocks, block_size, head_dim, cache_dtype, heads + 7, layout)
     chunks = [(0, 21), (block_size * 2 + 5, 9), (0, 1), (40, 40)]  # (cached prefix length, chunk length)
@@ -190,8 +192,9 @@ def check_prefill(
     lengths, contexts = [length for _, length in chunks], [prefix + length for prefix, length in chunks]
     launch = triton_attention.prefill_launch(starts, lengths, contexts, torch.device(DEVICE), block_m)
     tables = torch.stack(tables_list).to(DEVICE)
+    tuning = replace(DEFAULT, prefill_pages=pages, prefill_prefetch=prefetch)
     out = triton_attention.paged_prefill_attention(
-        q.to(DEVICE), k_cache, v_cache, tables, launch, head_dim**-0.5, window, softcap, pages
+        q.to(DEVICE), k_cache, v_cache, tables, launch, head_dim**-0.5, window, softcap, tuning=tuning
     )
     assert out.dtype == dtype and relative_error(out.cpu(), expected) < TOLERANCE[dtype]
 

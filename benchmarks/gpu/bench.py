@@ -12,6 +12,7 @@ Usage: python benchmarks/gpu/bench.py [--results DIR] [--hf-cb-seconds 150] [--n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -150,21 +151,18 @@ class StepTimeline:
         return summary
 
 
-def defaults() -> dict[str, Any]:
-    """The tunables the run used (kernel launch options, sampler paths): what a later run's figures compare with."""
+def defaults(device: str) -> dict[str, Any]:
+    """The tunables the run used (the attention kernels' launch options, sampler paths): what a later run's figures
+    compare with. The attention options come from a tuning file where one applies (`attention_tuning`)."""
     from ember.engine import sampler
-    from ember.kernels import triton_attention, triton_sampling
+    from ember.kernels import triton_sampling
+    from ember.kernels.attention_tuning import tuning_for
 
-    names = {
-        triton_attention: ("DECODE_WARPS", "DECODE_STAGES", "DECODE_PAGES", "PROGRAMS_PER_SM", "PREFILL_PAGES"),
-        triton_sampling: ("BLOCK", "NUM_WARPS", "UNROLL", "RACE_BLOCK"),
-        sampler: ("RACE_UNSEEDED_ROWS",),
-    }
-    return {
-        f"{module.__name__.rpartition('.')[2]}.{name}": getattr(module, name)
-        for module, group in names.items()
-        for name in group
-    }
+    names = {triton_sampling: ("BLOCK", "NUM_WARPS", "UNROLL", "RACE_BLOCK"), sampler: ("RACE_UNSEEDED_ROWS",)}
+    tunables = {f"attention.{k}": v for k, v in dataclasses.asdict(tuning_for(torch.device(device))).items()}
+    for module, group in names.items():
+        tunables.update({f"{module.__name__.rpartition('.')[2]}.{name}": getattr(module, name) for name in group})
+    return tunables
 
 
 def print_steps(run: dict[str, Any]) -> None:
@@ -320,6 +318,10 @@ def main() -> None:
     (config_dir / "config.json").write_text(json.dumps(config))
     print(f"device: {card}; {len(requests)} requests, {sum(len(p) for p, _ in requests)} prompt tokens, "
           f"{sum(n for _, n in requests)} output tokens", flush=True)  # fmt: skip
+    if device == "cuda":
+        from ember.kernels.attention_tuning import tuning_file
+
+        print(f"attention kernels' launch options: {tuning_file(torch.device(device)) or 'the defaults'}")
     variants = args.variants.split(",")
     if unknown := set(variants) - set(VARIANTS):
         parser.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
@@ -359,7 +361,7 @@ def main() -> None:
     for run in done:
         if "steps" in run:
             print_steps(run)
-    report = {"device": card, "torch": torch.__version__, "shape": config, "runs": runs, "defaults": defaults()}
+    report = {"device": card, "torch": torch.__version__, "shape": config, "runs": runs, "defaults": defaults(device)}
     (results_dir / "results.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {results_dir / 'results.json'}")
     if len(done) < len(runs):

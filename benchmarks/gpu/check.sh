@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Everything a GPU session checks, in one call of at most 10 minutes (the device's limit per call), the
-# issue's figure first; each part has its own time limit, so a slow or hung part cannot take the later
-# ones' time:
+# Everything a GPU session checks, in one call of at most 10 minutes (the device's limit per call); each part has
+# its own time limit, so a slow or hung part cannot take the later ones' time:
+#   tune     the attention kernels' launch options timed on this card (`ember tune-kernels`, 120 s), written to
+#            $out/attention-tuning.json: every later part runs on them (EMBER_ATTENTION_TUNING), and the file is
+#            what ember/kernels/tuned/<card>.json ships; without it (the part failed) they run on the defaults;
 #   bench    the throughput table: Ember (its default; with a float8 KV cache), HF naive and HF continuous
-#            batching (bench.py, 240 s; about 200 s on an H200 when HF's batching thread hung 30 s at its stop, now 10);
-#   kernels  each kernel and whole decode steps against their floors, with the decode kernel's sweep over
-#            splits, warps, stages, blocks per trip, a float8 cache and block sizes (kernel_times.py, 200 s);
-#   tests    the Triton kernel tests and the bf16 parity tests, compiled on the GPU (100 s; 50 s on an H200);
+#            batching (bench.py, 200 s; about 200 s on an H200 when HF's batching thread hung 30 s at its stop, now 10);
+#   kernels  each kernel and whole decode steps against their floors, decode over ragged contexts at several
+#            split counts, a float8 cache and larger blocks (kernel_times.py, 140 s);
+#   tests    the Triton kernel tests and the bf16 parity tests, compiled on the GPU (90 s; 50 s on an H200);
 #   host     the host's Python time per decode step at batch 256 on this machine's CPU, async scheduling as the
 #            engine runs here, prompts of 32 and 700 tokens (host_overhead.py).
 # CHECK_PARTS="bench kernels" runs only those parts (e.g. to rerun what a first call cut short).
-# Logs and JSON go to $1 (default: $EMBER_RESULTS_DIR, else benchmarks/gpu/results), at most 6 files.
+# Logs and JSON go to $1 (default: $EMBER_RESULTS_DIR, else benchmarks/gpu/results), at most 8 files.
 # A failing or timed-out part does not stop the later ones; the exit status says whether any failed.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,7 +22,7 @@ python="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 status=0
 
-parts=" ${CHECK_PARTS:-bench kernels tests host} "
+parts=" ${CHECK_PARTS:-tune bench kernels tests host} "
 
 part() {  # part NAME SECONDS LOG COMMAND...: if NAME is selected, COMMAND under a time limit, output into LOG
     local name=$1 limit=$2 log=$3
@@ -37,11 +39,14 @@ part() {  # part NAME SECONDS LOG COMMAND...: if NAME is selected, COMMAND under
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt" || status=1
-part bench 240 "$out/bench.log" "$python" benchmarks/gpu/bench.py --results "$out" --variants default,fp8kv \
+tuning="$out/attention-tuning.json"
+part tune 120 "$out/tune.log" "$python" -m ember.kernels.tune_attention --output "$tuning"
+[ -f "$tuning" ] && export EMBER_ATTENTION_TUNING="$(realpath "$tuning")"
+part bench 200 "$out/bench.log" "$python" benchmarks/gpu/bench.py --results "$out" --variants default,fp8kv \
     --hf-cb-seconds 45 --naive-seconds 40
-part kernels 200 "$out/kernels.log" "$python" benchmarks/gpu/kernel_times.py --results "$out"
-part tests 100 "$out/tests.log" "$python" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
-    tests/test_tiny_parity.py
+part kernels 140 "$out/kernels.log" "$python" benchmarks/gpu/kernel_times.py --results "$out"
+part tests 90 "$out/tests.log" "$python" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+    tests/test_tiny_parity.py tests/test_attention_tuning.py
 part host 25 "$out/bench.log" bash -c "for prompt in 32 700; do $python benchmarks/host_overhead.py --profile 0 \
     --async-scheduling --prompt-tokens \$prompt || exit 1; done"
 exit $status

@@ -3,9 +3,9 @@
 A kernel's floor is the larger of (bytes it must move) / (memory bandwidth) and (FLOPs) / (bf16 matmul rate); the
 rates are measured in the same run (memory: the faster of a device copy and a sum of 1 GiB; an 8192^3 matmul).
 Shapes are those of Qwen3-0.6B (16 heads, 8 KV heads, head_dim 128, hidden 1024, intermediate 3072, 28 layers,
-vocab 151936), block size 16. The decode kernel is swept over split counts, warps, pipeline stages, blocks per loop
-trip and the one-block trip's own pipelining (defaults: splits from `decode_splits`, 2 warps, 1 stage, 1 block,
-pipelined) and, last, over a float8 cache and block sizes; the prefill kernel over query-tile heights. Decode steps
+vocab 151936), block size 16. The attention kernels run with the launch options in force (a tuning file's where
+one applies, e.g. from `ember tune-kernels`, which sweeps them; else the defaults), decode also over ragged contexts
+at several split counts and in both program orders, and last over a float8 cache and larger blocks. Decode steps
 are whole-model CUDA-graph replays plus the logits, at the batch/context points of the speed-of-light probe in
 issue #7 (H100: 9.2 ms at 256 x 800, 15.8 ms at 256 x 1,500, 3.3 ms at 64 x 800, 1.07 ms at batch 1), and one eager
 step by kernel. Kernel times come from `triton.testing.do_bench_cudagraph` (no launch overhead).
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -41,8 +42,9 @@ sys.path.insert(0, str(ROOT))
 
 import triton  # noqa: E402
 
-from ember.attention.layout import to_cache_layout  # noqa: E402
 from ember.kernels import triton_attention, triton_elementwise  # noqa: E402
+from ember.kernels.attention_tuning import AttentionTuning, tuning_for  # noqa: E402
+from ember.kernels.tune_attention import AttentionShape, DecodeInputs, PrefillInputs, prefill_chunks, random_caches  # noqa: E402
 from ember.models.loader import DUMMY_PRESETS  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -125,23 +127,12 @@ class Report:
         print(f"{kernel:31s} {shape:34s} {t * 1e6:10.1f} {floor * 1e6:10.1f} {100 * floor / t:8.0f}%", flush=True)
 
 
-def random_caches(
-    s: dict[str, Any], num_blocks: int, block_size: int = BLOCK_SIZE, dtype: torch.dtype = DTYPE
-) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (s["kv_heads"], num_blocks, block_size, s["head_dim"])
-    keys = torch.randn(shape, device=DEVICE).to(dtype)
-    return to_cache_layout(keys, torch.randn(shape, device=DEVICE).to(dtype))
+def attention_shape(s: dict[str, Any], block_size: int = BLOCK_SIZE) -> AttentionShape:
+    return AttentionShape(s["heads"], s["kv_heads"], s["head_dim"], block_size)
 
 
-def decode_case(
-    s: dict[str, Any], batch: int, context: int, block_size: int = BLOCK_SIZE, cache_dtype: torch.dtype = DTYPE
-) -> tuple[torch.Tensor, ...]:
-    blocks = -(-context // block_size)
-    k_cache, v_cache = random_caches(s, batch * blocks, block_size, cache_dtype)
-    tables = torch.randperm(batch * blocks, device=DEVICE).view(batch, blocks)
-    lens = torch.full((batch,), context, dtype=torch.int64, device=DEVICE)
-    q = torch.randn(batch, s["heads"], s["head_dim"], dtype=DTYPE, device=DEVICE)
-    return q, k_cache, v_cache, tables, lens
+def uniform(batch: int, context: int) -> torch.Tensor:
+    return torch.full((batch,), context)
 
 
 def kv_row_bytes(s: dict[str, Any], cache_dtype: torch.dtype = DTYPE) -> int:
@@ -157,118 +148,68 @@ def decode_bytes(s: dict[str, Any], batch: int, context: float, cache_dtype: tor
 
 
 def attention_kernels(s: dict[str, Any], report: Report) -> None:
-    elem = torch.tensor([], dtype=DTYPE).element_size()
-    kv_row = kv_row_bytes(s)
-    scale = s["head_dim"] ** -0.5
-    call = triton_attention.paged_decode_attention
+    """Decode attention at each batch/context point and prefill attention on 16 chunks, with the launch options in
+    force (a tuning file's when one applies: `attention_tuning`; `ember tune-kernels` sweeps them); then the K/V
+    write."""
+    tuning = tuning_for(DEVICE)
+    shape = attention_shape(s)
     for batch, context in s["decode_points"]:
-        q, k_cache, v_cache, tables, lens = decode_case(s, batch, context)
-        default = triton_attention.decode_splits(batch, s["kv_heads"], DEVICE)
-        warps, stages = triton_attention.DECODE_WARPS, triton_attention.DECODE_STAGES
-        pages = triton_attention.DECODE_PAGES
-        # (splits, warps, stages, blocks per loop trip, software-pipelined one-block trips)
-        variants = [(splits, warps, stages, pages, True) for splits in sorted({default, 1, 4 * default})]
-        # the one-block trip without its pipelining (`DECODE_PREFETCH`), 1 warp (what the sweep of warps 2, 4, 8 x
-        # stages 1, 2, 3 on an H200 left in contention beside the default; 4 warps and 2 stages, 23% slower, went:
-        # the one illegal memory access seen was in that configuration), then several blocks per trip (the CPU
-        # fallback runs those too, so the script's test covers them)
-        tuned = [(2, 1, 1, False)] + ([(1, 1, 1, True)] if CUDA else [])
-        tuned += [(w, 1, p, True) for p in (2, 4) for w in ((2, 4) if CUDA else (2,))]
-        variants += [(default, *variant) for variant in tuned]
-        for splits, warps, stages, pages, prefetch in variants:
-            shape = f"b{batch} ctx{context} s{splits} w{warps} st{stages} p{pages}" + (
-                "" if prefetch else " no prefetch"
-            )
-            report.add("decode attention", shape, prefetching(prefetch, lambda: call(q, k_cache, v_cache, tables, lens, scale, splits, warps, stages, pages_per_trip=pages)), decode_bytes(s, batch, context))  # noqa: E501,B023  # fmt: skip
-        del k_cache, v_cache
-    ragged_decode(s, report)
-    chunks = s["prefill_chunks"]
-    total_rows = sum(length for _, length in chunks)
-    blocks = [-(-(prefix + length) // BLOCK_SIZE) for prefix, length in chunks]
-    k_cache, v_cache = random_caches(s, sum(blocks))
-    tables = torch.zeros(len(chunks), max(blocks), dtype=torch.int64, device=DEVICE)
-    first = 0
-    for i, n in enumerate(blocks):
-        tables[i, :n] = torch.arange(first, first + n, device=DEVICE)
-        first += n
-    starts = [sum(length for _, length in chunks[:i]) for i in range(len(chunks))]
-    q = torch.randn(total_rows, s["heads"], s["head_dim"], dtype=DTYPE, device=DEVICE)
+        inputs = DecodeInputs(shape, uniform(batch, context), DEVICE, DTYPE)
+        splits = triton_attention.decode_splits(batch, s["kv_heads"], DEVICE, tuning)
+        report.add("decode attention", f"b{batch} ctx{context} s{splits}", lambda: inputs.run(tuning), decode_bytes(s, batch, context))  # noqa: E501,B023  # fmt: skip
+    ragged_decode(s, report, tuning)
+    chunks = prefill_chunks(tiny=not CUDA)
+    prefill = PrefillInputs(shape, chunks, DEVICE, DTYPE)
+    elem = torch.tensor([], dtype=DTYPE).element_size()
     pairs = sum(length * prefix + length * (length + 1) / 2 for prefix, length in chunks)  # visible (query, key)
     flop = 4 * pairs * s["heads"] * s["head_dim"]
-    moved = sum(prefix + length for prefix, length in chunks) * kv_row + 2 * q.numel() * elem
-    call = triton_attention.paged_prefill_attention
-    lengths, contexts = [length for _, length in chunks], [p + n for p, n in chunks]
-    # query rows per program (the engine: 64 on CUDA), then blocks of keys per loop trip at 64 rows, and one block a
-    # trip without its software pipelining (`PREFILL_PREFETCH`)
-    sweep = [(16, 1, True), (32, 1, True), (64, 1, True), (64, 1, False), (64, 2, True), (64, 4, True)]
-    for block_m, pages, prefetch in sweep if CUDA else [(16, 1, True), (16, 1, False), (16, 2, True)]:
-        launch = triton_attention.prefill_launch(starts, lengths, contexts, DEVICE, block_m)
-        shape = f"{len(chunks)} chunks, {total_rows} rows, m{block_m} p{pages}" + ("" if prefetch else " no prefetch")
-        report.add("prefill attention", shape, prefetching(prefetch, lambda: call(q, k_cache, v_cache, tables, launch, scale, pages_per_trip=pages), "PREFILL_PREFETCH"), moved, flop)  # noqa: E501,B023  # fmt: skip
-    k = torch.randn(total_rows, s["kv_heads"], s["head_dim"], dtype=DTYPE, device=DEVICE)
-    slots = torch.randperm(k_cache.shape[1] * BLOCK_SIZE, device=DEVICE)[:total_rows]
+    moved = sum(prefix + length for prefix, length in chunks) * kv_row_bytes(s) + 2 * prefill.q.numel() * elem
+    label = f"{len(chunks)} chunks, {prefill.q.shape[0]} rows, m{tuning.prefill_block_m} p{tuning.prefill_pages}"
+    report.add("prefill attention", label, lambda: prefill.run(tuning), moved, flop)
+    rows = prefill.q.shape[0]
+    k = torch.randn(rows, s["kv_heads"], s["head_dim"], dtype=DTYPE, device=DEVICE)
+    slots = torch.randperm(prefill.k_cache.shape[1] * BLOCK_SIZE, device=DEVICE)[:rows]
     report.add(
-        "write kv", f"{total_rows} rows", lambda: triton_attention.write_kv(k, k, k_cache, v_cache, slots),
-        2 * total_rows * kv_row,
+        "write kv", f"{rows} rows", lambda: triton_attention.write_kv(k, k, prefill.k_cache, prefill.v_cache, slots),
+        2 * rows * kv_row_bytes(s),
     )  # fmt: skip
 
 
-def prefetching(prefetch: bool, fn: Callable[[], Any], name: str = "DECODE_PREFETCH") -> Callable[[], Any]:
-    """`fn` with an attention kernel's one-block trips software-pipelined or not (`triton_attention.<name>`, read
-    at launch)."""
-
-    def run() -> Any:
-        default = getattr(triton_attention, name)
-        setattr(triton_attention, name, prefetch)
-        try:
-            return fn()
-        finally:
-            setattr(triton_attention, name, default)
-
-    return run
-
-
-def ragged_decode(s: dict[str, Any], report: Report) -> None:
+def ragged_decode(s: dict[str, Any], report: Report, tuning: AttentionTuning) -> None:
     """Decode attention over contexts as ragged as a serving batch's (uniform from 1/8 to 15/8 of the first
     decode point's context, the same mean, in random row order): a long context's program takes longer, and the
     kernel waits for the last of them. Its programs started longest first (the engine's order) and in row order,
-    at 1x, 2x and 4x the default splits (more splits per context even the programs out too). A simulation of
-    1,320 program slots with 2,048 programs of uniform lengths (b256, one split) gave 1.74x the ideal time in
+    at 1x, 2x and 4x the split count in force (more splits per context even the programs out too). A simulation
+    of 1,320 program slots with 2,048 programs of uniform lengths (b256, one split) gave 1.74x the ideal time in
     row order and 1.19x longest first."""
-    from ember.engine.decode_graphs import longest_first
-
     batch, context = s["decode_points"][0]
-    q, k_cache, v_cache, tables, _ = decode_case(s, batch, 2 * context)
     generator = torch.Generator().manual_seed(0)
     lens = torch.randint(context // 8, 2 * context - context // 8, (batch,), generator=generator)
-    order = torch.from_numpy(longest_first(lens.numpy())).to(DEVICE)
-    lens = lens.to(DEVICE)
+    inputs = DecodeInputs(attention_shape(s), lens, DEVICE, DTYPE)
     mean = lens.sum().item() / batch
-    default = triton_attention.decode_splits(batch, s["kv_heads"], DEVICE)
-    cases = [(splits, label, rows, True) for splits in sorted({default, 2 * default, 4 * default}) for label, rows in (("longest first", order), ("row order", None))]  # noqa: E501  # fmt: skip
-    cases.append((default, "longest first, no prefetch", order, False))
-    for splits, label, rows, prefetch in cases:
-        shape = f"b{batch} ragged, mean ctx {mean:.0f} s{splits}, {label}"
-        report.add("decode attention", shape, prefetching(prefetch, lambda: triton_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, s["head_dim"] ** -0.5, splits, order=rows)), decode_bytes(s, batch, mean))  # noqa: E501,B023  # fmt: skip
+    default = triton_attention.decode_splits(batch, s["kv_heads"], DEVICE, tuning)
+    for splits in sorted({default, 2 * default, 4 * default}):
+        for label, ordered in (("longest first", True), ("row order", False)):
+            shape = f"b{batch} ragged, mean ctx {mean:.0f} s{splits}, {label}"
+            report.add("decode attention", shape, lambda: inputs.run(tuning, splits, ordered), decode_bytes(s, batch, mean))  # noqa: E501,B023  # fmt: skip
 
 
 def decode_cache_variants(s: dict[str, Any], report: Report) -> None:
-    """Decode attention over a float8 cache (`--kv-cache-dtype fp8`: half the bytes, its floor too) and with
-    larger blocks (more bytes per loop trip). Run last: on an H200 (Triton 3.6) the block-32 case at batch 256 x
-    1,500 once ended in an illegal memory access, which ends the CUDA context."""
-    scale = s["head_dim"] ** -0.5
-    call = triton_attention.paged_decode_attention
+    """Decode attention over a float8 cache (`--kv-cache-dtype fp8`: half the bytes, its floor too) at 1, 2 and 4
+    blocks a loop trip (a float8 block is half the bytes: more a trip may pay more; the tuning file is bf16's), and
+    with larger blocks (more bytes per loop trip). Run last: on an H200 (Triton 3.6) the block-32 case at batch 256
+    x 1,500 once ended in an illegal memory access (an older kernel), which ends the CUDA context."""
+    tuning = tuning_for(DEVICE)
     fp8 = torch.float8_e4m3fn
     for batch, context in s["decode_points"]:
-        q, k_cache, v_cache, tables, lens = decode_case(s, batch, context, cache_dtype=fp8)
-        for pages in (1, 2, 4):  # a float8 block is half the bytes: more blocks a trip may pay more
-            shape = f"b{batch} ctx{context} fp8 cache p{pages}"
-            report.add("decode attention", shape, lambda: call(q, k_cache, v_cache, tables, lens, scale, pages_per_trip=pages), decode_bytes(s, batch, context, fp8))  # noqa: E501,B023  # fmt: skip
+        inputs = DecodeInputs(attention_shape(s), uniform(batch, context), DEVICE, DTYPE, fp8)
+        for pages in (1, 2, 4):
+            paged = dataclasses.replace(tuning, decode_pages=pages)
+            report.add("decode attention", f"b{batch} ctx{context} fp8 cache p{pages}", lambda: inputs.run(paged), decode_bytes(s, batch, context, fp8))  # noqa: E501,B023  # fmt: skip
     for batch, context in s["decode_points"]:
         for block_size in DECODE_BLOCK_SIZES if CUDA else DECODE_BLOCK_SIZES[:1]:
-            q, k_cache, v_cache, tables, lens = decode_case(s, batch, context, block_size)
-            shape = f"b{batch} ctx{context} block {block_size}"
-            report.add("decode attention", shape, lambda: call(q, k_cache, v_cache, tables, lens, scale), decode_bytes(s, batch, context))  # noqa: E501,B023  # fmt: skip
+            inputs = DecodeInputs(attention_shape(s, block_size), uniform(batch, context), DEVICE, DTYPE)
+            report.add("decode attention", f"b{batch} ctx{context} block {block_size}", lambda: inputs.run(tuning), decode_bytes(s, batch, context))  # noqa: E501,B023  # fmt: skip
 
 
 def elementwise_kernels(s: dict[str, Any], report: Report) -> None:
@@ -300,7 +241,7 @@ def qkv_kernels(s: dict[str, Any], rows: int, report: Report) -> None:
     angles = torch.randn(rows, head_dim // 2, device=DEVICE)
     cos, sin = angles.cos(), angles.sin()
     q_weight, k_weight = torch.randn(2, head_dim, dtype=DTYPE, device=DEVICE)
-    k_cache, v_cache = random_caches(s, -(-rows // BLOCK_SIZE))
+    k_cache, v_cache = random_caches(attention_shape(s), -(-rows // BLOCK_SIZE), DEVICE, DTYPE)
     slots = torch.randperm(rows, device=DEVICE)
 
     def separate() -> None:

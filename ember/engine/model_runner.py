@@ -24,6 +24,7 @@ from ember.engine.request import TokenLogprob
 from ember.engine.sampler import sample, sample_tokens, samples_without_sync, top_logprobs
 from ember.engine.scheduler import ScheduledRequest
 from ember.kernels import device_tensor, native, use_triton
+from ember.kernels.attention_tuning import tuning_for
 from ember.models.decode_stack import NativeDecodeStack
 from ember.models.llama import LlamaForCausalLM
 from ember.models.lora import LoRAModel
@@ -135,6 +136,10 @@ class ModelRunner:
                 "Ember's Triton kernels need a power-of-two head_dim >= 16 and --block-size >= 16; "
                 f"got head_dim {cfg.head_dim}, block size {block_size}"
             )
+        if self.use_triton:
+            tuning_for(
+                self.device
+            )  # the attention kernels' launch options: a bad tuning file fails here, not in a step
         cache_dtype = kv_cache_dtype or dtype
         assert cache_dtype == dtype or self.use_triton, "only the Triton kernels store another dtype (Engine checks)"
         shape = (cfg.num_hidden_layers, 2, cfg.num_key_value_heads, num_blocks, block_size, cfg.head_dim)

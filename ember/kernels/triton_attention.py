@@ -29,6 +29,7 @@ import triton.language as tl
 
 from ember.attention.layout import cache_geometry
 from ember.kernels import device_tensor
+from ember.kernels.attention_tuning import AttentionTuning, tuning_for
 
 # Triton's interpreter (TRITON_INTERPRET=1, the CPU test mode) multiplies bf16 dot operands as raw bits:
 # there, dots take fp32 operands. Compiled kernels keep bf16 operands for the tensor cores.
@@ -323,26 +324,13 @@ def _decode_merge_kernel(mid_out, mid_lse, out, SPLITS, S_PAD: tl.constexpr, D: 
 
 
 MAX_DECODE_SPLITS = 32
-# Launch options of the decode kernel. Its tiles are small (a GQA group padded to 16 rows against one block of
-# keys), so two warps with no software pipelining keep the most bytes in flight: on an H200 at batch 256,
-# contexts of 800 and 1,500, 331 and 615 us a layer against 411 and 766 with 4 warps and 2 stages
-# (benchmarks/gpu/kernel_times.py; 92% of the copy floor).
-DECODE_WARPS = 2
-DECODE_STAGES = 1
-# Blocks per loop trip of the decode kernel: more bytes in flight per program. Not yet timed on a GPU (the
-# sweep in kernel_times.py tries 2 and 4), so one, as measured above.
-DECODE_PAGES = 1
-# One block a trip, software-pipelined (`_pipelined_trips`): a trip waits on one memory latency instead of three in a
-# row, at 154 registers a thread with Triton 3.6 instead of 106 (6 programs an SM instead of 9). Not yet timed on a
-# GPU (kernel_times.py times both).
-DECODE_PREFETCH = True
 
 
 def pipelined(q: torch.Tensor, enabled: bool) -> bool:
     """Whether an attention kernel's one-block trips are software-pipelined (`_pipelined_trips`): as `enabled`
-    (DECODE_PREFETCH, PREFILL_PREFETCH), up to head_dim 128 and not for compiled fp32 (the GPU tests' dtype), whose
-    larger tiles spill registers with it on sm_90 (fp32 prefill: 255 registers and a spill; Gemma's head_dim 256
-    prefill: 132 bytes spilled with Triton 3.6)."""
+    (`AttentionTuning.decode_prefetch`, `.prefill_prefetch`), up to head_dim 128 and not for compiled fp32 (the GPU
+    tests' dtype), whose larger tiles spill registers with it on sm_90 (fp32 prefill: 255 registers and a spill;
+    Gemma's head_dim 256 prefill: 132 bytes spilled with Triton 3.6)."""
     return enabled and q.shape[-1] <= 128 and (DOT_IN_FP32 or q.dtype != torch.float32)
 
 
@@ -356,18 +344,14 @@ def _parallel_units(device: torch.device) -> int:
     return os.cpu_count() or 1
 
 
-# Decode programs per SM that `decode_splits` aims at. On an H200 at context 800: batch 64 in 101.9 us with 4
-# splits (16 programs per SM) against 110.0 with one (4 per SM, the earlier aim); batch 256 runs 16 per SM
-# with one split already (333.5 us; 4 splits 336.4), and batch 1 is best at 32 splits (6.6 us; 128: 7.2).
-PROGRAMS_PER_SM = 16
-
-
-def decode_splits(num_seqs: int, kv_heads: int, device: torch.device) -> int:
-    """Context splits per sequence: enough programs for about PROGRAMS_PER_SM per SM, at most MAX_DECODE_SPLITS.
+def decode_splits(num_seqs: int, kv_heads: int, device: torch.device, tuning: AttentionTuning | None = None) -> int:
+    """Context splits per sequence: enough programs for about `programs_per_sm` per SM (of `tuning`, default the
+    device's), at most MAX_DECODE_SPLITS.
 
     A function of the batch alone, so a CUDA graph captured for a batch size fits every later context.
     """
-    return max(1, min(MAX_DECODE_SPLITS, PROGRAMS_PER_SM * _parallel_units(device) // (num_seqs * kv_heads)))
+    per_sm = (tuning or tuning_for(device)).programs_per_sm
+    return max(1, min(MAX_DECODE_SPLITS, per_sm * _parallel_units(device) // (num_seqs * kv_heads)))
 
 
 def paged_decode_attention(
@@ -378,25 +362,23 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
-    num_warps: int = DECODE_WARPS,
-    num_stages: int = DECODE_STAGES,
     window: int = 0,
     softcap: float = 0.0,
-    pages_per_trip: int = DECODE_PAGES,
     out: torch.Tensor | None = None,
     order: torch.Tensor | None = None,
+    tuning: AttentionTuning | None = None,
 ) -> torch.Tensor:
     """Single-token queries [D, heads, head_dim] over their paged contexts (their last `window` tokens under a
     sliding window; 0: all; scores capped at `softcap`, 0: not), each context cut into `num_splits` parts
-    (default: `decode_splits`) merged by log-sum-exp. A context length of 0 gives zeros. `num_warps` and
-    `num_stages` (loads in flight ahead of the math) are Triton's launch options; `pages_per_trip` (a power of
-    two) is how many blocks each program loads at once. The result goes to `out` (contiguous) when given.
-    `order` ([D] row indices, e.g. by decreasing context length): the order the rows' programs start in
-    (default: the rows' own)."""
+    (default: `decode_splits`) merged by log-sum-exp. A context length of 0 gives zeros. The result goes to `out`
+    (contiguous) when given. `order` ([D] row indices, e.g. by decreasing context length): the order the rows'
+    programs start in (default: the rows' own). `tuning`: the launch options (default: the device's,
+    `attention_tuning.tuning_for`)."""
     num_seqs, num_heads, head_dim = q.shape
     kv_heads, num_blocks, block_size, _, pack = cache_geometry(v_cache)
     group = num_heads // kv_heads
-    splits = num_splits or decode_splits(num_seqs, kv_heads, q.device)
+    tuning = tuning or tuning_for(q.device)
+    splits = num_splits or decode_splits(num_seqs, kv_heads, q.device, tuning)
     q = q.contiguous()
     out = torch.empty_like(q) if out is None else out
     mid_out = mid_lse = out  # unused when there is one split
@@ -407,10 +389,10 @@ def paged_decode_attention(
         q, k_cache, v_cache, block_tables, context_lens, context_lens if order is None else order, out, mid_out,
         mid_lse, scale,
         num_heads, kv_heads, num_blocks, block_tables.shape[1], splits, window or NO_WINDOW,
-        G=group, G_PAD=max(16, triton.next_power_of_2(group)), BS=block_size, D=head_dim, P=pack, PAGES=pages_per_trip,
-        PREFETCH=pipelined(q, DECODE_PREFETCH), DIRECT=splits == 1, ORDERED=order is not None, DOT_FP32=DOT_IN_FP32,
-        IEEE=q.dtype == torch.float32, SOFTCAP=float(softcap),
-        num_warps=num_warps, num_stages=num_stages,
+        G=group, G_PAD=max(16, triton.next_power_of_2(group)), BS=block_size, D=head_dim, P=pack,
+        PAGES=tuning.decode_pages, PREFETCH=pipelined(q, tuning.decode_prefetch), DIRECT=splits == 1,
+        ORDERED=order is not None, DOT_FP32=DOT_IN_FP32, IEEE=q.dtype == torch.float32, SOFTCAP=float(softcap),
+        num_warps=tuning.decode_warps, num_stages=tuning.decode_stages,
     )  # fmt: skip
     if splits > 1:
         _decode_merge_kernel[(num_seqs * num_heads,)](
@@ -499,10 +481,8 @@ class PrefillLaunch:
 def prefill_launch(
     q_starts: list[int], q_lens: list[int], context_lens: list[int], device: torch.device, block_m: int | None = None
 ) -> PrefillLaunch:
-    """Query tiles of `block_m` rows (default 64 on CUDA: with 64-row tiles the sm_90 build runs its matrix
-    products as Hopper's asynchronous warpgroup MMA, `wgmma`, and 16-row tiles get the older `mma.sync`, as
-    tests/test_triton_ptx.py checks; 16 elsewhere, which keeps the CPU interpreter quick)."""
-    block_m = block_m or (64 if device.type == "cuda" else 16)
+    """Query tiles of `block_m` rows (default: the device's `AttentionTuning.prefill_block_m`)."""
+    block_m = block_m or tuning_for(device).prefill_block_m
     tiles = [(seq, first) for seq, length in enumerate(q_lens) for first in range(0, length, block_m)]
     # the tiles that see the most keys (a long cached prefix, the end of a long chunk) first: a long one started
     # last would set the kernel's end while the short ones had left the GPU idle
@@ -516,12 +496,6 @@ def prefill_launch(
 
 # fp32 tiles hold twice the bytes of bf16 ones: at 4 warps ptxas spills registers on sm_90 (tests/test_triton_ptx.py)
 PREFILL_WARPS_FP32 = 8
-# Blocks of keys per loop trip of the prefill kernel. One block gives [64, 16] score tiles, small for the tensor
-# cores (16% of the matmul rate on an H200); 4 give [64, 64]. Not yet timed (kernel_times.py sweeps 1, 2, 4).
-PREFILL_PAGES = 1
-# One block a trip, software-pipelined as decode's (`_pipelined_trips`): a [64, 16] tile's products take ~70 ns of
-# an SM's tensor cores, the three memory latencies in a row of a plain trip microseconds. Not yet timed on a GPU.
-PREFILL_PREFETCH = True
 
 
 def paged_prefill_attention(
@@ -533,25 +507,26 @@ def paged_prefill_attention(
     scale: float,
     window: int = 0,
     softcap: float = 0.0,
-    pages_per_trip: int = PREFILL_PAGES,
     out: torch.Tensor | None = None,
+    tuning: AttentionTuning | None = None,
 ) -> torch.Tensor:
-    """Causal attention of ragged chunks. q: [T, heads, head_dim] (chunk i at rows q_starts[i] ...
-        + q_lens[i], its last query at position context_lens[i] - 1); K/V of every chunk already in the cache.
-        Under a sliding window (0: none) a query at position p sees the keys after p - window; scores are capped at
-        `softcap` (0: not). Each program takes `pages_per_trip` blocks of keys per loop trip (a power of two). The
-    result goes to `out` (contiguous) when given."""
+    """Causal attention of ragged chunks. q: [T, heads, head_dim] (chunk i at rows q_starts[i] ... + q_lens[i], its
+    last query at position context_lens[i] - 1); K/V of every chunk already in the cache. Under a sliding window (0:
+    none) a query at position p sees the keys after p - window; scores are capped at `softcap` (0: not). The result
+    goes to `out` (contiguous) when given. `tuning`: the launch options (default: the device's,
+    `attention_tuning.tuning_for`; the query-tile height is `launch`'s)."""
     _, num_heads, head_dim = q.shape
     kv_heads, num_blocks, block_size, _, pack = cache_geometry(v_cache)
+    tuning = tuning or tuning_for(q.device)
     q = q.contiguous()
     out = torch.empty_like(q) if out is None else out
     _prefill_kernel[(num_heads, len(launch.tile_seq))](
         q, k_cache, v_cache, out, block_tables, launch.tile_seq, launch.tile_first,
         launch.q_starts, launch.q_lens, launch.context_lens, scale,
         num_heads, kv_heads, num_blocks, block_tables.shape[1], window or NO_WINDOW,
-        G=num_heads // kv_heads, BLOCK_M=launch.block_m, BS=block_size, D=head_dim, P=pack, PAGES=pages_per_trip,
-        PREFETCH=pipelined(q, PREFILL_PREFETCH), DOT_FP32=DOT_IN_FP32, IEEE=q.dtype == torch.float32,
-        SOFTCAP=float(softcap),
-        num_warps=PREFILL_WARPS_FP32 if q.dtype == torch.float32 else 4,
+        G=num_heads // kv_heads, BLOCK_M=launch.block_m, BS=block_size, D=head_dim, P=pack,
+        PAGES=tuning.prefill_pages, PREFETCH=pipelined(q, tuning.prefill_prefetch), DOT_FP32=DOT_IN_FP32,
+        IEEE=q.dtype == torch.float32, SOFTCAP=float(softcap),
+        num_warps=PREFILL_WARPS_FP32 if q.dtype == torch.float32 else tuning.prefill_warps,
     )  # fmt: skip
     return out

@@ -241,22 +241,6 @@ def tune(shape: AttentionShape, device: torch.device, dtype: torch.dtype) -> tup
     return prefill.run(PREFILL_STEPS), {"decode": decode.notes(), "prefill": prefill.notes()}
 
 
-def add_tune_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default="qwen3-0.6b",
-        help="the attention shape to tune for: a dummy-weights preset or a directory with config.json "
-        "(default: qwen3-0.6b)",
-    )
-    parser.add_argument("--block-size", type=int, default=16, help="KV-cache block size (default: 16, the engine's)")
-    parser.add_argument(
-        "--output",
-        type=Path,
-        default=None,
-        help="the tuning file to write (default: <cache dir>/kernels/attention-<card>.json, where the kernels look)",
-    )
-
-
 def attention_shape(model: str, block_size: int) -> AttentionShape:
     from ember.config import ModelConfig
     from ember.models.loader import dummy_hf_config
@@ -305,7 +289,25 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_tune_args(parser)
+    parser.add_argument(
+        "--model",
+        default="qwen3-0.6b",
+        help="the attention shape to tune for: a dummy-weights preset or a directory with config.json "
+        "(default: qwen3-0.6b)",
+    )
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=16,
+        choices=(16, 32, 64),
+        help="KV-cache block size (default: 16, the engine's)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="the tuning file to write (default: <cache dir>/kernels/attention-<card>.json, where the kernels look)",
+    )
     return tune_command(parser.parse_args(argv))
 
 

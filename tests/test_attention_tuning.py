@@ -171,8 +171,13 @@ def test_a_second_pass_finds_what_pays_only_with_a_later_choice() -> None:
         no_prefetch = changed.get("decode_prefetch") is False
         return (0.9 if warps4 else 1.0) * ((0.5 if warps4 else 1.1) if no_prefetch else 1.0)
 
-    best = fake_search(cost, wrong=set(), failing=set()).run(DECODE_STEPS)
+    saved: list[AttentionTuning] = []
+    search = fake_search(cost, wrong=set(), failing=set())
+    best = search.run(DECODE_STEPS, after_step=lambda: saved.append(search.best))
     assert best == dataclasses.replace(DEFAULT, decode_warps=4, decode_prefetch=False)
+    # the best so far after each step of both passes: what a search cut short would have left in its file
+    assert len(saved) == 2 * len(DECODE_STEPS) and saved[-1] == best
+    assert saved[len(DECODE_STEPS) - 1] == dataclasses.replace(DEFAULT, decode_warps=4)
     assert fake_search(cost, wrong=set(), failing=set()).run(DECODE_STEPS, passes=1) == dataclasses.replace(
         DEFAULT, decode_warps=4
     )

@@ -142,5 +142,6 @@ def test_the_tuner_runs_with_the_gpu_image(gpu_image_env: dict[str, str], tmp_pa
     )
     assert loaded.returncode == 0 and loaded.stdout.startswith("AttentionTuning("), loaded.stderr[-2000:]
     notes = json.loads(output.read_text())
+    assert notes["complete"] is True  # (saved after each step of the search with false, at its end with true)
     assert notes["decode"]["tuned_us"] <= notes["decode"]["start_us"]
     assert notes["prefill"]["tuned_us"] <= notes["prefill"]["start_us"]

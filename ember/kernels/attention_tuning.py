@@ -115,9 +115,12 @@ def load(path: Path) -> AttentionTuning:
 
 
 def save(path: Path, tuning: AttentionTuning, notes: dict[str, Any]) -> None:
-    """Write `tuning` with `notes` (where and how it was measured) beside it."""
+    """Write `tuning` with `notes` (where and how it was measured) beside it, whole or not at all (a process killed
+    while writing leaves the file as it was)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"attention": dataclasses.asdict(tuning), **notes}, indent=2) + "\n")
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({"attention": dataclasses.asdict(tuning), **notes}, indent=2) + "\n")
+    partial.replace(path)
 
 
 def tuning_file(device: torch.device) -> Path | None:

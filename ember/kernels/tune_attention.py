@@ -52,7 +52,7 @@ PREFILL_STEPS: tuple[list[dict[str, Any]], ...] = (
     [{"prefill_block_m": m, "prefill_warps": w} for m, w in ((64, 4), (32, 4), (64, 8), (128, 4), (128, 8))],
 )
 MARGIN = 0.02  # a setting replaces the best so far when it is this much faster: timing noise decides nothing
-BENCH_MS = 40  # replays per timing (`do_bench_cudagraph`)
+BENCH_MS = 25  # milliseconds of replays per timing, ten times (`do_bench_cudagraph`)
 MAX_RELATIVE_ERROR = 2e-2  # bf16 against the defaults' output
 
 
@@ -209,10 +209,14 @@ class Search:
         print(f"  {self.kind:8s} {label:40s} {case.label:18s} left out: {why}", flush=True)
         return float("inf")
 
-    def run(self, steps: tuple[list[dict[str, Any]], ...], passes: int = 2) -> AttentionTuning:
+    def run(
+        self, steps: tuple[list[dict[str, Any]], ...], passes: int = 2,
+        after_step: Callable[[], None] = lambda: None,
+    ) -> AttentionTuning:  # fmt: skip
         """The fastest options found: at each step the candidate settings timed with the other options at their
         best so far, one kept when it beats the best so far by MARGIN; the steps again (up to `passes` times)
-        while a pass changes the best. Settings already timed with the same other options are not timed again."""
+        while a pass changes the best. Settings already timed with the same other options are not timed again.
+        `after_step` is called after each step (to save the best so far)."""
         if self.total(self.start) == float("inf"):
             raise RuntimeError(f"{self.kind} attention failed with the starting options {self.start}")
         for _ in range(passes):
@@ -223,6 +227,7 @@ class Search:
                     label = ", ".join(f"{name}={value}" for name, value in setting.items())
                     if self.total(candidate, label) < (1 - MARGIN) * self.total(self.best):
                         self.best = candidate
+                after_step()
             if self.best == before:
                 break
         return self.best
@@ -232,13 +237,19 @@ class Search:
                 "tuned_us": 1e6 * self.total(self.best)}  # fmt: skip
 
 
-def tune(shape: AttentionShape, device: torch.device, dtype: torch.dtype) -> tuple[AttentionTuning, dict[str, Any]]:
-    """The fastest options found for `shape` on `device` from the defaults, and notes on the search (times in
-    microseconds)."""
+def tune(
+    shape: AttentionShape, device: torch.device, dtype: torch.dtype,
+    save: Callable[[AttentionTuning, dict[str, Any]], None],
+) -> AttentionTuning:  # fmt: skip
+    """The fastest options found for `shape` on `device` from the defaults. `save` gets the best so far and notes on
+    the search (times in microseconds) after each step of it, so a search cut short leaves what it found."""
     tiny = device.type != "cuda"
     decode = Search("decode", decode_cases(shape, device, dtype, tiny), device, DEFAULT)
-    prefill = Search("prefill", [prefill_case(shape, device, dtype, tiny)], device, decode.run(DECODE_STEPS))
-    return prefill.run(PREFILL_STEPS), {"decode": decode.notes(), "prefill": prefill.notes()}
+    decode.run(DECODE_STEPS, after_step=lambda: save(decode.best, {"decode": decode.notes()}))
+    prefill = Search("prefill", [prefill_case(shape, device, dtype, tiny)], device, decode.best)
+    notes = lambda: {"decode": decode.notes(), "prefill": prefill.notes()}  # noqa: E731
+    prefill.run(PREFILL_STEPS, after_step=lambda: save(prefill.best, notes()))
+    return prefill.best
 
 
 def attention_shape(model: str, block_size: int) -> AttentionShape:
@@ -266,19 +277,25 @@ def tune_command(args: argparse.Namespace) -> int:
     )
     print(f"tuning the attention kernels on {card} for {shape} (bf16)", flush=True)
     started = time.perf_counter()
+    header = {"card": card, "shape": dataclasses.asdict(shape), "dtype": "bfloat16", "torch": torch.__version__,
+              "triton": triton.__version__,
+              "tuned_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}  # fmt: skip
+    notes: dict[str, Any] = {}
+
+    def save(best: AttentionTuning, search_notes: dict[str, Any], complete: bool = False) -> None:
+        notes.update(search_notes)
+        seconds = round(time.perf_counter() - started, 1)
+        attention_tuning.save(output, best, {**header, "complete": complete, "seconds": seconds, **notes})
+
     with torch.inference_mode():
-        tuned, notes = tune(shape, device, torch.bfloat16)
+        tuned = tune(shape, device, torch.bfloat16, save)
+    save(tuned, {}, complete=True)
     for kind in ("decode", "prefill"):
         note = notes[kind]
         print(f"{kind}: {note['start_us']:.1f} us with the defaults, {note['tuned_us']:.1f} us tuned "
               f"({note['start_us'] / note['tuned_us']:.2f}x) over {', '.join(note['cases'])}")  # fmt: skip
     changed = {k: v for k, v in dataclasses.asdict(tuned).items() if getattr(DEFAULT, k) != v}
     print(f"tuned options: {changed or 'the defaults'}")
-    attention_tuning.save(output, tuned, {
-        "card": card, "shape": dataclasses.asdict(shape), "dtype": "bfloat16", "torch": torch.__version__,
-        "triton": triton.__version__, "tuned_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "seconds": round(time.perf_counter() - started, 1), **notes,
-    })  # fmt: skip
     print(f"wrote {output}")
     return 0
 

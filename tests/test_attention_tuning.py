@@ -31,17 +31,17 @@ def tuning_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cal
     """Write a tuning file and point EMBER_ATTENTION_TUNING at it; until then, no file (as check.sh may have set
     one); the cached options are dropped before and after, so no other test sees them."""
     monkeypatch.delenv("EMBER_ATTENTION_TUNING", raising=False)
-    tuning_for.cache_clear()
+    attention_tuning._device_tuning.cache_clear()
 
     def write(options: dict[str, Any]) -> Path:
         path = tmp_path / "tuning.json"
         path.write_text(json.dumps({"attention": options, "card": "test"}))
         monkeypatch.setenv("EMBER_ATTENTION_TUNING", str(path))
-        tuning_for.cache_clear()
+        attention_tuning._device_tuning.cache_clear()
         return path
 
     yield write
-    tuning_for.cache_clear()
+    attention_tuning._device_tuning.cache_clear()
 
 
 def test_a_tuning_file_sets_the_kernels_options(tuning_file: Callable[[dict[str, Any]], Path]) -> None:
@@ -53,6 +53,14 @@ def test_a_tuning_file_sets_the_kernels_options(tuning_file: Callable[[dict[str,
     assert tuning_for(CPU) == tuned
     assert triton_attention.decode_splits(units, 1, CPU) == 4
     assert triton_attention.prefill_launch([0], [40], [40], CPU).block_m == 32
+
+
+def test_launching_with_overrides_the_file_for_a_block(tuning_file: Callable[[dict[str, Any]], Path]) -> None:
+    tuned = AttentionTuning(programs_per_sm=4)
+    tuning_file(dataclasses.asdict(tuned))
+    with attention_tuning.launching_with(DEFAULT):
+        assert tuning_for(CPU) == DEFAULT
+    assert tuning_for(CPU) == tuned
 
 
 def test_saved_tuning_loads_back(tmp_path: Path) -> None:

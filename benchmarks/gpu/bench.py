@@ -12,6 +12,7 @@ Usage: python benchmarks/gpu/bench.py [--results DIR] [--hf-cb-seconds 150] [--n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -57,10 +58,19 @@ VARIANTS = {
     "block32": ("ember (block size 32)", {"block_size": 32}),  # kernel_times.py times decode at these block sizes
     "block64": ("ember (block size 64)", {"block_size": 64}),
     "fp8kv": ("ember (fp8 KV cache)", {"kv_cache_dtype": "fp8"}),  # half the KV bytes to read
+    # the attention kernels on `AttentionTuning`'s defaults, not a tuning file's options: what the tuning gave
+    "untuned": ("ember (default launch options)", {}),
 }
 
 
 def run_ember(config_dir: Path, requests: list, device: str, variant: str = "default") -> dict[str, Any]:
+    from ember.kernels.attention_tuning import DEFAULT, launching_with
+
+    with launching_with(DEFAULT) if variant == "untuned" else contextlib.nullcontext():
+        return run_ember_engine(config_dir, requests, device, variant)
+
+
+def run_ember_engine(config_dir: Path, requests: list, device: str, variant: str) -> dict[str, Any]:
     from ember.engine.engine import LLM
     from ember.engine.sampling_params import SamplingParams
 
@@ -88,7 +98,10 @@ def run_ember(config_dir: Path, requests: list, device: str, variant: str = "def
     if engine.runner.decode_graphs is not None:
         stats["graph_replays"] = sum(engine.runner.decode_graphs.replays.values())
     if device == "cuda":
+        from ember.kernels.attention_tuning import tuning_for
+
         stats["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        stats["attention_options"] = dataclasses.asdict(tuning_for(torch.device(device)))
     return {"engine": VARIANTS[variant][0], "requests": len(requests), "output_tokens": tokens, "wall_s": wall,
             "startup_s": startup, "steps": timeline.summary(), **stats}  # fmt: skip
 
@@ -299,8 +312,9 @@ def main() -> None:
         "--variants",
         default="default",
         help="Ember configurations to run, in order: default (CUDA graphs and async scheduling), sync (no async "
-        "scheduling), eager (no CUDA graphs), block32, block64 (KV block sizes), fp8kv (a float8 KV cache); "
-        "ratios are against the first (default: default)",
+        "scheduling), eager (no CUDA graphs), block32, block64 (KV block sizes), fp8kv (a float8 KV cache), "
+        "untuned (the attention kernels on their default launch options, not a tuning file's); ratios are against "
+        "the first (default: default)",
     )
     parser.add_argument("--skip-hf", action="store_true", help="run Ember only")
     args = parser.parse_args()

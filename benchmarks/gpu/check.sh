@@ -4,8 +4,8 @@
 #   tune     the attention kernels' launch options timed on this card (`ember tune-kernels`, 120 s), written to
 #            $out/attention-tuning.json: every later part runs on them (EMBER_ATTENTION_TUNING), and the file is
 #            what ember/kernels/tuned/<card>.json ships; without it (the part failed) they run on the defaults;
-#   bench    the throughput table: Ember (its default; with a float8 KV cache), HF naive and HF continuous
-#            batching (bench.py, 200 s; about 200 s on an H200 when HF's batching thread hung 30 s at its stop, now 10);
+#   bench    the throughput table: Ember (its default, on the tuned options; on the default options; with a float8
+#            KV cache), HF naive and HF continuous batching (bench.py, 200 s; HF's parts take ~100 s of it);
 #   kernels  each kernel and whole decode steps against their floors, decode over ragged contexts at several
 #            split counts, a float8 cache and larger blocks (kernel_times.py, 140 s);
 #   tests    the Triton kernel tests and the bf16 parity tests, compiled on the GPU (90 s; 50 s on an H200);
@@ -42,7 +42,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 tuning="$out/attention-tuning.json"
 part tune 120 "$out/tune.log" "$python" -m ember.kernels.tune_attention --output "$tuning"
 [ -f "$tuning" ] && export EMBER_ATTENTION_TUNING="$(realpath "$tuning")"
-part bench 200 "$out/bench.log" "$python" benchmarks/gpu/bench.py --results "$out" --variants default,fp8kv \
+part bench 200 "$out/bench.log" "$python" benchmarks/gpu/bench.py --results "$out" --variants default,untuned,fp8kv \
     --hf-cb-seconds 45 --naive-seconds 40
 part kernels 140 "$out/kernels.log" "$python" benchmarks/gpu/kernel_times.py --results "$out"
 part tests 90 "$out/tests.log" "$python" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \

@@ -16,12 +16,14 @@ shape is slower at worst, never wrong.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,9 +136,30 @@ def tuning_file(device: torch.device) -> Path | None:
     return next((path for path in (user_tuning_path(card), SHIPPED / f"{card}.json") if path.is_file()), None)
 
 
-@functools.cache
+_override: AttentionTuning | None = None  # set by `launching_with`
+
+
 def tuning_for(device: torch.device) -> AttentionTuning:
-    """The launch options for `device`: its tuning file's, else the defaults. Cached: read once a process."""
+    """The launch options for `device`: those of a `launching_with` block, else its tuning file's, else the
+    defaults."""
+    return _override or _device_tuning(device)
+
+
+@contextlib.contextmanager
+def launching_with(tuning: AttentionTuning) -> Iterator[None]:
+    """Within the block, every kernel launch (and CUDA-graph capture) takes `tuning`, whatever the files say: to
+    compare option sets in one process (`bench.py`'s variants)."""
+    global _override
+    before, _override = _override, tuning
+    try:
+        yield
+    finally:
+        _override = before
+
+
+@functools.cache
+def _device_tuning(device: torch.device) -> AttentionTuning:
+    """A device's tuning file's options, else the defaults. Cached: read once a process."""
     path = tuning_file(device)
     if path is None:
         return DEFAULT if device.type == "cuda" else INTERPRETER

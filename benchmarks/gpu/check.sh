@@ -43,7 +43,7 @@ tuning="$out/attention-tuning.json"
 part tune 120 "$out/tune.log" "$python" -m ember.kernels.tune_attention --output "$tuning"
 [ -f "$tuning" ] && export EMBER_ATTENTION_TUNING="$(realpath "$tuning")"
 part bench 200 "$out/bench.log" "$python" benchmarks/gpu/bench.py --results "$out" --variants default,untuned,fp8kv \
-    --hf-cb-seconds 45 --naive-seconds 40
+    --hf-cb-seconds 45 --naive-seconds 30
 part kernels 140 "$out/kernels.log" "$python" benchmarks/gpu/kernel_times.py --results "$out"
 part tests 90 "$out/tests.log" "$python" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
     tests/test_tiny_parity.py tests/test_attention_tuning.py

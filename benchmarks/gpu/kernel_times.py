@@ -23,7 +23,6 @@ import itertools
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -44,7 +43,14 @@ import triton  # noqa: E402
 
 from ember.kernels import triton_attention, triton_elementwise  # noqa: E402
 from ember.kernels.attention_tuning import AttentionTuning, tuning_for  # noqa: E402
-from ember.kernels.tune_attention import AttentionShape, DecodeInputs, PrefillInputs, prefill_chunks, random_caches  # noqa: E402
+from ember.kernels.tune_attention import (  # noqa: E402
+    AttentionShape,
+    DecodeInputs,
+    PrefillInputs,
+    kernel_seconds,
+    prefill_chunks,
+    random_caches,
+)
 from ember.models.loader import DUMMY_PRESETS  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -65,22 +71,14 @@ BENCH_MS = 40
 
 
 def seconds(fn: Callable[[], Any]) -> float:
-    """Kernel time of one call: CUDA-graph replays on a GPU (no launch overhead), the median of three calls on
-    the CPU."""
-    if CUDA:
-        return triton.testing.do_bench_cudagraph(fn, rep=BENCH_MS) / 1e3
-    fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Kernel time of one call: CUDA-graph replays on a GPU (no launch overhead), one call's wall time on the CPU
+    (the fallback checks the script, its times mean nothing)."""
+    return kernel_seconds(fn, DEVICE, BENCH_MS)
 
 
 def wall_seconds(fn: Callable[[], Any]) -> float:
     """Wall time of one call, host work included (for what cannot be captured: syncs, graph replays)."""
-    repeat = 50 if CUDA else 2
+    repeat = 50 if CUDA else 1
     fn()
     if CUDA:
         torch.cuda.synchronize()

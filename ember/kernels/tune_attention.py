@@ -157,11 +157,11 @@ def prefill_case(shape: AttentionShape, device: torch.device, dtype: torch.dtype
     return Case(label, PrefillInputs(shape, chunks, device, dtype).run)
 
 
-def kernel_seconds(fn: Callable[[], Any], device: torch.device) -> float:
-    """One call's kernel time: CUDA-graph replays on a GPU (no launch overhead, as the engine's decode steps), one
-    call's wall time in the interpreter."""
+def kernel_seconds(fn: Callable[[], Any], device: torch.device, replay_ms: float = BENCH_MS) -> float:
+    """One call's kernel time: CUDA-graph replays on a GPU (no launch overhead, as the engine's decode steps; ten
+    timings of `replay_ms`), one call's wall time in the interpreter."""
     if device.type == "cuda":
-        return triton.testing.do_bench_cudagraph(fn, rep=BENCH_MS) / 1e3
+        return triton.testing.do_bench_cudagraph(fn, rep=replay_ms) / 1e3
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start

@@ -161,6 +161,8 @@ def launching_with(tuning: AttentionTuning) -> Iterator[None]:
 def _device_tuning(device: torch.device) -> AttentionTuning:
     """A device's tuning file's options, else the defaults. Cached: read once a process."""
     path = tuning_file(device)
+    if path is None and device.type == "cuda":
+        logger.info("attention kernels: default launch options (`ember tune-kernels` tunes them for this GPU)")
     if path is None:
         return DEFAULT if device.type == "cuda" else INTERPRETER
     logger.info("attention kernels: launch options from %s", path)

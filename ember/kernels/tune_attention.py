@@ -296,7 +296,8 @@ def tune_command(args: argparse.Namespace) -> int:
               f"({note['start_us'] / note['tuned_us']:.2f}x) over {', '.join(note['cases'])}")  # fmt: skip
     changed = {k: v for k, v in dataclasses.asdict(tuned).items() if getattr(DEFAULT, k) != v}
     print(f"tuned options: {changed or 'the defaults'}")
-    print(f"wrote {output}")
+    note = " (the CPU reads a tuning file only through EMBER_ATTENTION_TUNING)" if interpreted else ""
+    print(f"wrote {output}{note}")
     return 0
 
 

@@ -116,7 +116,7 @@ def test_host_overhead_script_runs_with_the_gpu_image(gpu_image_env: dict[str, s
 
 def test_the_gpu_tests_are_collected_with_the_gpu_image(gpu_image_env: dict[str, str]) -> None:
     """check.sh runs these test modules there: their imports (conftest's too) must resolve."""
-    tests = ["tests/test_triton_kernels.py", "tests/test_tiny_parity.py"]
+    tests = ["tests/test_triton_kernels.py", "tests/test_tiny_parity.py", "tests/test_attention_tuning.py"]
     result = subprocess.run(
         [sys.executable, "-S", "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *tests],
         capture_output=True, text=True, timeout=300, env=gpu_image_env, cwd=ROOT,

@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("triton")
 
 from ember.kernels import attention_tuning, triton_attention
-from ember.kernels.attention_tuning import DEFAULT, AttentionTuning, card_slug, tuning_for
+from ember.kernels.attention_tuning import DEFAULT, AttentionTuning, CardTuning, card_slug, tuning_for
 from ember.kernels.tune_attention import DECODE_STEPS, MARGIN, Case, Search
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,17 +31,17 @@ def tuning_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cal
     """Write a tuning file and point EMBER_ATTENTION_TUNING at it; until then, no file (as check.sh may have set
     one); the cached options are dropped before and after, so no other test sees them."""
     monkeypatch.delenv("EMBER_ATTENTION_TUNING", raising=False)
-    attention_tuning._device_tuning.cache_clear()
+    attention_tuning._card_tuning.cache_clear()
 
     def write(options: dict[str, Any]) -> Path:
         path = tmp_path / "tuning.json"
         path.write_text(json.dumps({"attention": options, "card": "test"}))
         monkeypatch.setenv("EMBER_ATTENTION_TUNING", str(path))
-        attention_tuning._device_tuning.cache_clear()
+        attention_tuning._card_tuning.cache_clear()
         return path
 
     yield write
-    attention_tuning._device_tuning.cache_clear()
+    attention_tuning._card_tuning.cache_clear()
 
 
 def test_a_tuning_file_sets_the_kernels_options(tuning_file: Callable[[dict[str, Any]], Path]) -> None:
@@ -64,11 +64,25 @@ def test_launching_with_overrides_the_file_for_a_block(tuning_file: Callable[[di
 
 
 def test_saved_tuning_loads_back(tmp_path: Path) -> None:
-    tuned = AttentionTuning(decode_warps=4, decode_stages=2, prefill_pages=4, prefill_prefetch=False)
+    wide = AttentionTuning(decode_warps=4, decode_stages=2, prefill_pages=4, prefill_prefetch=False)
+    tuned = CardTuning(wide, dataclasses.replace(wide, decode_pages=2, programs_per_sm=32))
     path = tmp_path / "deep" / "attention-nvidia_h100.json"
     attention_tuning.save(path, tuned, {"card": "NVIDIA H100", "decode": {"tuned_us": 1.0}})
     assert attention_tuning.load(path) == tuned
     assert json.loads(path.read_text())["card"] == "NVIDIA H100"
+
+
+def test_a_float8_cache_takes_its_own_decode_options(tuning_file: Callable[[dict[str, Any]], Path]) -> None:
+    """A file's "attention_fp8" sets decode's options over float8 caches; prefill over them keeps the 16-bit
+    cache's (its query tiles are cut before the cache is seen); without it, float8 takes the 16-bit options."""
+    path = tuning_file({"decode_pages": 1, "prefill_block_m": 32})
+    assert tuning_for(CPU, torch.float8_e4m3fn) == tuning_for(CPU, torch.bfloat16)
+    content = json.loads(path.read_text())
+    path.write_text(json.dumps({**content, "attention_fp8": {"decode_pages": 4, "programs_per_sm": 8}}))
+    attention_tuning._card_tuning.cache_clear()
+    float8 = tuning_for(CPU, torch.float8_e4m3fn)
+    assert (float8.decode_pages, float8.programs_per_sm, float8.prefill_block_m) == (4, 8, 32)
+    assert tuning_for(CPU, torch.bfloat16).decode_pages == tuning_for(CPU).decode_pages == 1
 
 
 @pytest.mark.parametrize(
@@ -80,6 +94,8 @@ def test_saved_tuning_loads_back(tmp_path: Path) -> None:
         (json.dumps({"attention": {"programs_per_sm": 0}}), "programs_per_sm must be a positive integer"),
         (json.dumps({"attention": {"decode_prefetch": "yes"}}), "decode_prefetch must be true or false"),
         (json.dumps({"attention": {"decode_splits": 4}}), "decode_splits"),  # not an option
+        (json.dumps({"attention": {}, "attention_fp8": {"prefill_pages": 2}}), "attention_fp8 sets only"),
+        (json.dumps({"attention": {}, "attention_fp8": {"decode_pages": 3}}), "decode_pages must be one of"),
     ],
 )
 def test_a_bad_tuning_file_is_a_clear_error(tmp_path: Path, content: str, message: str) -> None:

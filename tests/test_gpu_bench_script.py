@@ -133,15 +133,16 @@ def test_the_tuner_runs_with_the_gpu_image(gpu_image_env: dict[str, str], tmp_pa
         capture_output=True, text=True, timeout=300, env={**gpu_image_env, "TRITON_INTERPRET": "1"}, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "tuned options:" in result.stdout
+    assert "tuned options, 16-bit caches:" in result.stdout and "tuned options, float8 caches:" in result.stdout
     probe = (
         f"from ember.kernels.attention_tuning import load; from pathlib import Path; print(load(Path({str(output)!r})))"
     )
     loaded = subprocess.run(
         [sys.executable, "-S", "-c", probe], capture_output=True, text=True, timeout=120, env=gpu_image_env, cwd=ROOT
     )
-    assert loaded.returncode == 0 and loaded.stdout.startswith("AttentionTuning("), loaded.stderr[-2000:]
+    assert loaded.returncode == 0 and loaded.stdout.startswith("CardTuning("), loaded.stderr[-2000:]
     notes = json.loads(output.read_text())
     assert notes["complete"] is True  # (saved after each step of the search with false, at its end with true)
     assert notes["decode"]["tuned_us"] <= notes["decode"]["start_us"]
     assert notes["prefill"]["tuned_us"] <= notes["prefill"]["start_us"]
+    assert notes["decode_fp8"]["tuned_us"] <= notes["decode_fp8"]["start_us"]

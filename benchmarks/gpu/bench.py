@@ -101,7 +101,8 @@ def run_ember_engine(config_dir: Path, requests: list, device: str, variant: str
         from ember.kernels.attention_tuning import tuning_for
 
         stats["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        stats["attention_options"] = dataclasses.asdict(tuning_for(torch.device(device)))
+        cache_dtype = engine.runner.kv_cache.dtype
+        stats["attention_options"] = dataclasses.asdict(tuning_for(torch.device(device), cache_dtype))
     return {"engine": VARIANTS[variant][0], "requests": len(requests), "output_tokens": tokens, "wall_s": wall,
             "startup_s": startup, "steps": timeline.summary(), **stats}  # fmt: skip
 
@@ -169,10 +170,12 @@ def defaults(device: str) -> dict[str, Any]:
     compare with. The attention options come from a tuning file where one applies (`attention_tuning`)."""
     from ember.engine import sampler
     from ember.kernels import triton_sampling
-    from ember.kernels.attention_tuning import tuning_for
+    from ember.kernels.attention_tuning import FLOAT8_OPTIONS, tuning_for
 
     names = {triton_sampling: ("BLOCK", "NUM_WARPS", "UNROLL", "RACE_BLOCK"), sampler: ("RACE_UNSEEDED_ROWS",)}
+    float8 = tuning_for(torch.device(device), torch.float8_e4m3fn)
     tunables = {f"attention.{k}": v for k, v in dataclasses.asdict(tuning_for(torch.device(device))).items()}
+    tunables.update({f"attention_fp8.{name}": getattr(float8, name) for name in FLOAT8_OPTIONS})
     for module, group in names.items():
         tunables.update({f"{module.__name__.rpartition('.')[2]}.{name}": getattr(module, name) for name in group})
     return tunables

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Everything a GPU session checks, in one call of at most 10 minutes (the device's limit per call); each part has
 # its own time limit, so a slow or hung part cannot take the later ones' time:
-#   tune     the attention kernels' launch options timed on this card (`ember tune-kernels`, 120 s), written to
+#   tune     the attention kernels' launch options timed on this card (`ember tune-kernels`, 150 s; 16-bit and float8 caches), written to
 #            $out/attention-tuning.json: every later part runs on them (EMBER_ATTENTION_TUNING), and the file is
 #            what ember/kernels/tuned/<card>.json ships; without it (the part failed) they run on the defaults;
 #   bench    the throughput table: Ember (its default, on the tuned options; on the default options; with a float8
 #            KV cache), HF naive and HF continuous batching (bench.py, 200 s; HF's parts take ~100 s of it);
 #   kernels  each kernel and whole decode steps against their floors, decode over ragged contexts at several
-#            split counts, a float8 cache and larger blocks (kernel_times.py, 140 s);
+#            split counts, a float8 cache and larger blocks (kernel_times.py, 120 s);
 #   tests    the Triton kernel tests and the bf16 parity tests, compiled on the GPU (90 s; 50 s on an H200);
 #   host     the host's Python time per decode step at batch 256 on this machine's CPU, async scheduling as the
 #            engine runs here, prompts of 32 and 700 tokens (host_overhead.py).
@@ -40,11 +40,11 @@ part() {  # part NAME SECONDS LOG COMMAND...: if NAME is selected, COMMAND under
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt" || status=1
 tuning="$out/attention-tuning.json"
-part tune 120 "$out/tune.log" "$python" -m ember.kernels.tune_attention --output "$tuning"
+part tune 150 "$out/tune.log" "$python" -m ember.kernels.tune_attention --output "$tuning"
 [ -f "$tuning" ] && export EMBER_ATTENTION_TUNING="$(realpath "$tuning")"
 part bench 200 "$out/bench.log" "$python" benchmarks/gpu/bench.py --results "$out" --variants default,untuned,fp8kv \
     --hf-cb-seconds 45 --naive-seconds 30
-part kernels 140 "$out/kernels.log" "$python" benchmarks/gpu/kernel_times.py --results "$out"
+part kernels 120 "$out/kernels.log" "$python" benchmarks/gpu/kernel_times.py --results "$out"
 part tests 90 "$out/tests.log" "$python" -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
     tests/test_tiny_parity.py tests/test_attention_tuning.py
 part host 25 "$out/bench.log" bash -c "for prompt in 32 700; do $python benchmarks/host_overhead.py --profile 0 \

@@ -193,17 +193,21 @@ def ragged_decode(s: dict[str, Any], report: Report, tuning: AttentionTuning) ->
 
 
 def decode_cache_variants(s: dict[str, Any], report: Report) -> None:
-    """Decode attention over a float8 cache (`--kv-cache-dtype fp8`: half the bytes, its floor too) at 1, 2 and 4
-    blocks a loop trip (a float8 block is half the bytes: more a trip may pay more; the tuning file is bf16's), and
-    with larger blocks (more bytes per loop trip). Run last: on an H200 (Triton 3.6) the block-32 case at batch 256
-    x 1,500 once ended in an illegal memory access (an older kernel), which ends the CUDA context."""
-    tuning = tuning_for(DEVICE)
+    """Decode attention over a float8 cache (`--kv-cache-dtype fp8`: half the bytes, its floor too) with its launch
+    options in force, and at 1, 2 and 4 blocks a loop trip; then with larger blocks (more bytes per loop trip).
+    Run last: on an H200 (Triton 3.6) the block-32 case at batch 256 x 1,500 once ended in an illegal memory
+    access (an older kernel), which ends the CUDA context."""
     fp8 = torch.float8_e4m3fn
+    tuning = tuning_for(DEVICE, fp8)
     for batch, context in s["decode_points"]:
         inputs = DecodeInputs(attention_shape(s), uniform(batch, context), DEVICE, DTYPE, fp8)
-        for pages in (1, 2, 4):
+        for pages in sorted({tuning.decode_pages, 1, 2, 4}):
             paged = dataclasses.replace(tuning, decode_pages=pages)
-            report.add("decode attention", f"b{batch} ctx{context} fp8 cache p{pages}", lambda: inputs.run(paged), decode_bytes(s, batch, context, fp8))  # noqa: E501,B023  # fmt: skip
+            label = f"b{batch} ctx{context} fp8 cache p{pages}" + (
+                " (in force)" if pages == tuning.decode_pages else ""
+            )
+            report.add("decode attention", label, lambda: inputs.run(paged), decode_bytes(s, batch, context, fp8))  # noqa: B023
+    tuning = tuning_for(DEVICE)
     for batch, context in s["decode_points"]:
         for block_size in DECODE_BLOCK_SIZES if CUDA else DECODE_BLOCK_SIZES[:1]:
             inputs = DecodeInputs(attention_shape(s, block_size), uniform(batch, context), DEVICE, DTYPE)

@@ -89,6 +89,26 @@ class AttentionTuning:
 
 DEFAULT = AttentionTuning()
 INTERPRETER = AttentionTuning(prefill_block_m=16)  # the CPU (Triton's interpreter): small tiles run quicker
+# What a float8 cache (`--kv-cache-dtype fp8`) may set apart: its blocks are half the bytes, so decode's best
+# blocks a trip and splits may differ. Its prefill takes the 16-bit cache's options (the query-tile height is
+# chosen before the cache is seen).
+FLOAT8_OPTIONS = ("decode_warps", "decode_stages", "decode_pages", "decode_prefetch", "programs_per_sm")
+
+
+@dataclass(frozen=True)
+class CardTuning:
+    """A card's launch options: for 16-bit KV caches (`wide`) and for float8 ones (`float8`: `wide` with
+    FLOAT8_OPTIONS of its own)."""
+
+    wide: AttentionTuning
+    float8: AttentionTuning
+
+    @classmethod
+    def same(cls, tuning: AttentionTuning) -> CardTuning:
+        return cls(tuning, tuning)
+
+    def for_cache(self, dtype: torch.dtype | None) -> AttentionTuning:
+        return self.float8 if dtype is not None and dtype.itemsize == 1 else self.wide
 
 
 def card_name(device: torch.device) -> str:
@@ -106,22 +126,29 @@ def user_tuning_path(card: str) -> Path:
     return cache_dir() / "kernels" / f"attention-{card}.json"
 
 
-def load(path: Path) -> AttentionTuning:
-    """The options in a tuning file (its "attention" object; other keys are notes: the card, the shape, the
-    times). Raises ValueError naming the file when it is not one."""
+def load(path: Path) -> CardTuning:
+    """The options in a tuning file: its "attention" object, and its optional "attention_fp8" (FLOAT8_OPTIONS for
+    float8 caches); other keys are notes (the card, the shape, the times). Raises ValueError naming the file when
+    it is not one."""
     try:
-        options = json.loads(path.read_text())["attention"]
-        return AttentionTuning(**options)
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        content = json.loads(path.read_text())
+        wide = AttentionTuning(**content["attention"])
+        float8 = content.get("attention_fp8", {})
+        if not set(float8) <= set(FLOAT8_OPTIONS):
+            raise ValueError(f"attention_fp8 sets only {', '.join(FLOAT8_OPTIONS)}, not {sorted(set(float8))}")
+        return CardTuning(wide, dataclasses.replace(wide, **float8))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path}: not an attention tuning file ({error})") from error
 
 
-def save(path: Path, tuning: AttentionTuning, notes: dict[str, Any]) -> None:
+def save(path: Path, tuning: CardTuning, notes: dict[str, Any]) -> None:
     """Write `tuning` with `notes` (where and how it was measured) beside it, whole or not at all (a process killed
     while writing leaves the file as it was)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    float8 = {name: getattr(tuning.float8, name) for name in FLOAT8_OPTIONS}
+    content = {"attention": dataclasses.asdict(tuning.wide), "attention_fp8": float8, **notes}
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps({"attention": dataclasses.asdict(tuning), **notes}, indent=2) + "\n")
+    partial.write_text(json.dumps(content, indent=2) + "\n")
     partial.replace(path)
 
 
@@ -139,10 +166,10 @@ def tuning_file(device: torch.device) -> Path | None:
 _override: AttentionTuning | None = None  # set by `launching_with`
 
 
-def tuning_for(device: torch.device) -> AttentionTuning:
-    """The launch options for `device`: those of a `launching_with` block, else its tuning file's, else the
-    defaults."""
-    return _override or _device_tuning(device)
+def tuning_for(device: torch.device, cache_dtype: torch.dtype | None = None) -> AttentionTuning:
+    """The launch options for `device` over a cache of `cache_dtype` (None: 16-bit): those of a `launching_with`
+    block, else its tuning file's, else the defaults."""
+    return _override or _card_tuning(device).for_cache(cache_dtype)
 
 
 @contextlib.contextmanager
@@ -158,12 +185,12 @@ def launching_with(tuning: AttentionTuning) -> Iterator[None]:
 
 
 @functools.cache
-def _device_tuning(device: torch.device) -> AttentionTuning:
+def _card_tuning(device: torch.device) -> CardTuning:
     """A device's tuning file's options, else the defaults. Cached: read once a process."""
     path = tuning_file(device)
     if path is None and device.type == "cuda":
         logger.info("attention kernels: default launch options (`ember tune-kernels` tunes them for this GPU)")
     if path is None:
-        return DEFAULT if device.type == "cuda" else INTERPRETER
+        return CardTuning.same(DEFAULT if device.type == "cuda" else INTERPRETER)
     logger.info("attention kernels: launch options from %s", path)
     return load(path)

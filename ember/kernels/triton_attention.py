@@ -377,7 +377,7 @@ def paged_decode_attention(
     num_seqs, num_heads, head_dim = q.shape
     kv_heads, num_blocks, block_size, _, pack = cache_geometry(v_cache)
     group = num_heads // kv_heads
-    tuning = tuning or tuning_for(q.device)
+    tuning = tuning or tuning_for(q.device, k_cache.dtype)
     splits = num_splits or decode_splits(num_seqs, kv_heads, q.device, tuning)
     q = q.contiguous()
     out = torch.empty_like(q) if out is None else out
@@ -517,7 +517,7 @@ def paged_prefill_attention(
     `attention_tuning.tuning_for`; the query-tile height is `launch`'s)."""
     _, num_heads, head_dim = q.shape
     kv_heads, num_blocks, block_size, _, pack = cache_geometry(v_cache)
-    tuning = tuning or tuning_for(q.device)
+    tuning = tuning or tuning_for(q.device, k_cache.dtype)
     q = q.contiguous()
     out = torch.empty_like(q) if out is None else out
     _prefill_kernel[(num_heads, len(launch.tile_seq))](

@@ -8,7 +8,9 @@ searched a step at a time from the defaults (coordinate descent): each setting o
 interact) is timed with the others at their best so far, and kept when it is 2% faster than the best so far (less
 is timing noise); the decode objective is the sum of the four batches' times (the large batches weigh most, as in a
 throughput run). A second pass over the steps follows when the first changed anything (options interact: more
-blocks a trip take registers that fewer warps would have held); about 60-90 timings in all.
+blocks a trip take registers that fewer warps would have held). Last, decode over float8 caches
+(`--kv-cache-dtype fp8`: blocks of half the bytes), one pass from the 16-bit result, for the options a float8 cache
+takes apart (`attention_tuning.FLOAT8_OPTIONS`). About 100-140 timings in all.
 
 A candidate's output is checked against the defaults' on the same inputs first: one that computes something else
 (a compiler bug at some launch option) is left out, and said so.
@@ -36,7 +38,7 @@ import triton
 
 from ember.attention.layout import to_cache_layout
 from ember.kernels import attention_tuning, triton_attention
-from ember.kernels.attention_tuning import DEFAULT, AttentionTuning
+from ember.kernels.attention_tuning import DEFAULT, AttentionTuning, CardTuning
 
 # The search's steps, in order (what moved decode's time most first): each a list of candidate settings, one or
 # two options at a time where they interact (larger query tiles need more warps)
@@ -54,6 +56,7 @@ PREFILL_STEPS: tuple[list[dict[str, Any]], ...] = (
 MARGIN = 0.02  # a setting replaces the best so far when it is this much faster: timing noise decides nothing
 BENCH_MS = 25  # milliseconds of replays per timing, ten times (`do_bench_cudagraph`)
 MAX_RELATIVE_ERROR = 2e-2  # bf16 against the defaults' output
+FLOAT8 = torch.float8_e4m3fn  # the cache of `--kv-cache-dtype fp8`
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,9 @@ class DecodeInputs:
         return decode(self.q, self.k_cache, self.v_cache, self.tables, self.lens, self.scale, splits, order=order, tuning=tuning)  # noqa: E501  # fmt: skip
 
 
-def decode_cases(shape: AttentionShape, device: torch.device, dtype: torch.dtype, tiny: bool) -> list[Case]:
+def decode_cases(
+    shape: AttentionShape, device: torch.device, dtype: torch.dtype, tiny: bool, cache_dtype: torch.dtype | None = None
+) -> list[Case]:
     """A serving run's decode batches: 256 ragged contexts (uniform from 100 to 1,500), then 64, 8 and 1 at 800."""
     generator = torch.Generator().manual_seed(0)
     if tiny:
@@ -113,7 +118,7 @@ def decode_cases(shape: AttentionShape, device: torch.device, dtype: torch.dtype
     else:
         batches = [("b256 ragged", torch.randint(100, 1501, (256,), generator=generator))]
         batches += [(f"b{batch} ctx800", torch.full((batch,), 800)) for batch in (64, 8, 1)]
-    return [Case(label, DecodeInputs(shape, lengths, device, dtype).run) for label, lengths in batches]
+    return [Case(label, DecodeInputs(shape, lengths, device, dtype, cache_dtype).run) for label, lengths in batches]
 
 
 def prefill_chunks(tiny: bool) -> list[tuple[int, int]]:
@@ -239,17 +244,20 @@ class Search:
 
 def tune(
     shape: AttentionShape, device: torch.device, dtype: torch.dtype,
-    save: Callable[[AttentionTuning, dict[str, Any]], None],
-) -> AttentionTuning:  # fmt: skip
-    """The fastest options found for `shape` on `device` from the defaults. `save` gets the best so far and notes on
-    the search (times in microseconds) after each step of it, so a search cut short leaves what it found."""
+    save: Callable[[CardTuning, dict[str, Any]], None],
+) -> CardTuning:  # fmt: skip
+    """The fastest options found for `shape` on `device`: decode, then prefill, from the defaults; then decode over
+    float8 caches (`--kv-cache-dtype fp8`), one pass from the 16-bit cache's options. `save` gets the best so far
+    and notes on the search (times in microseconds) after each step, so a search cut short leaves what it found."""
     tiny = device.type != "cuda"
     decode = Search("decode", decode_cases(shape, device, dtype, tiny), device, DEFAULT)
-    decode.run(DECODE_STEPS, after_step=lambda: save(decode.best, {"decode": decode.notes()}))
+    decode.run(DECODE_STEPS, after_step=lambda: save(CardTuning.same(decode.best), {"decode": decode.notes()}))
     prefill = Search("prefill", [prefill_case(shape, device, dtype, tiny)], device, decode.best)
-    notes = lambda: {"decode": decode.notes(), "prefill": prefill.notes()}  # noqa: E731
-    prefill.run(PREFILL_STEPS, after_step=lambda: save(prefill.best, notes()))
-    return prefill.best
+    prefill.run(PREFILL_STEPS, after_step=lambda: save(CardTuning.same(prefill.best), {"prefill": prefill.notes()}))
+    float8_cases = decode_cases(shape, device, dtype, tiny, FLOAT8)
+    float8 = Search("fp8", float8_cases, device, prefill.best)
+    float8.run(DECODE_STEPS, passes=1, after_step=lambda: save(CardTuning(prefill.best, float8.best), {"decode_fp8": float8.notes()}))  # noqa: E501  # fmt: skip
+    return CardTuning(prefill.best, float8.best)
 
 
 def attention_shape(model: str, block_size: int) -> AttentionShape:
@@ -282,7 +290,7 @@ def tune_command(args: argparse.Namespace) -> int:
               "tuned_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}  # fmt: skip
     notes: dict[str, Any] = {}
 
-    def save(best: AttentionTuning, search_notes: dict[str, Any], complete: bool = False) -> None:
+    def save(best: CardTuning, search_notes: dict[str, Any], complete: bool = False) -> None:
         notes.update(search_notes)
         seconds = round(time.perf_counter() - started, 1)
         attention_tuning.save(output, best, {**header, "complete": complete, "seconds": seconds, **notes})
@@ -290,12 +298,13 @@ def tune_command(args: argparse.Namespace) -> int:
     with torch.inference_mode():
         tuned = tune(shape, device, torch.bfloat16, save)
     save(tuned, {}, complete=True)
-    for kind in ("decode", "prefill"):
+    for kind, start in (("decode", "the defaults"), ("prefill", "the defaults"), ("decode_fp8", "the 16-bit options")):
         note = notes[kind]
-        print(f"{kind}: {note['start_us']:.1f} us with the defaults, {note['tuned_us']:.1f} us tuned "
+        print(f"{kind}: {note['start_us']:.1f} us with {start}, {note['tuned_us']:.1f} us tuned "
               f"({note['start_us'] / note['tuned_us']:.2f}x) over {', '.join(note['cases'])}")  # fmt: skip
-    changed = {k: v for k, v in dataclasses.asdict(tuned).items() if getattr(DEFAULT, k) != v}
-    print(f"tuned options: {changed or 'the defaults'}")
+    for cache, options in (("16-bit", tuned.wide), ("float8", tuned.float8)):
+        changed = {k: v for k, v in dataclasses.asdict(options).items() if getattr(DEFAULT, k) != v}
+        print(f"tuned options, {cache} caches: {changed or 'the defaults'}")
     note = " (the CPU reads a tuning file only through EMBER_ATTENTION_TUNING)" if interpreted else ""
     print(f"wrote {output}{note}")
     return 0

@@ -9,9 +9,9 @@ looked for, first found wins:
    `$EMBER_CACHE_DIR`, else ~/.cache/ember);
 3. `ember/kernels/tuned/<card>.json`, shipped with Ember for the cards it was tuned on.
 `<card>` is the CUDA device name in lower case, runs of other characters than letters and digits as one "_"
-("NVIDIA H200" -> "nvidia_h200"). A file holds one set of options for the card, timed at one attention shape (heads,
-KV heads, head_dim; recorded in the file): any option set computes the same attention, so a file tuned at another
-shape is slower at worst, never wrong.
+("NVIDIA H200" -> "nvidia_h200"). A file holds the card's options for 16-bit KV caches and, apart, decode's for
+float8 caches (`CardTuning`), timed at one attention shape (heads, KV heads, head_dim; recorded in the file): any
+option set computes the same attention, so a file tuned at another shape is slower at worst, never wrong.
 """
 
 from __future__ import annotations

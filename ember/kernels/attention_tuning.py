@@ -93,6 +93,7 @@ INTERPRETER = AttentionTuning(prefill_block_m=16)  # the CPU (Triton's interpret
 # blocks a trip and splits may differ. Its prefill takes the 16-bit cache's options (the query-tile height is
 # chosen before the cache is seen).
 FLOAT8_OPTIONS = ("decode_warps", "decode_stages", "decode_pages", "decode_prefetch", "programs_per_sm")
+OPTIONS = tuple(field.name for field in dataclasses.fields(AttentionTuning))
 
 
 @dataclass(frozen=True)
@@ -128,17 +129,23 @@ def user_tuning_path(card: str) -> Path:
 
 def load(path: Path) -> CardTuning:
     """The options in a tuning file: its "attention" object, and its optional "attention_fp8" (FLOAT8_OPTIONS for
-    float8 caches); other keys are notes (the card, the shape, the times). Raises ValueError naming the file when
-    it is not one."""
+    float8 caches); other keys are notes (the card, the shape, the times). Options this version does not know (a
+    file from another version) are left out with a warning; options it lacks take their defaults. Raises ValueError
+    naming the file when it is not a tuning file or a value is invalid."""
     try:
         content = json.loads(path.read_text())
-        wide = AttentionTuning(**content["attention"])
-        float8 = content.get("attention_fp8", {})
-        if not set(float8) <= set(FLOAT8_OPTIONS):
-            raise ValueError(f"attention_fp8 sets only {', '.join(FLOAT8_OPTIONS)}, not {sorted(set(float8))}")
+        wide = AttentionTuning(**_known(path, content["attention"], OPTIONS))
+        float8 = _known(path, content.get("attention_fp8", {}), FLOAT8_OPTIONS)
         return CardTuning(wide, dataclasses.replace(wide, **float8))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path}: not an attention tuning file ({error})") from error
+
+
+def _known(path: Path, options: dict[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        logger.warning("%s: options %s left out (this version sets only %s)", path, unknown, ", ".join(known))
+    return {name: value for name, value in options.items() if name in known}
 
 
 def save(path: Path, tuning: CardTuning, notes: dict[str, Any]) -> None:

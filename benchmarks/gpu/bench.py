@@ -84,7 +84,9 @@ def run_ember_engine(config_dir: Path, requests: list, device: str, variant: str
     startup = time.perf_counter() - start
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, n in requests]
     prompts = [p for p, _ in requests]
-    llm.generate(prompts[:2], params[:2])  # warm-up: Triton compiles its kernels here
+    # warm-up: Triton compiles the prefill and sampling kernels here (graph capture compiled decode's); a few tokens
+    # do, not the requests' hundreds (~1,000 steps at ~1.5 ms before each run)
+    llm.generate(prompts[:2], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
     sync(device)
     timeline = StepTimeline(llm.engine)
     start = time.perf_counter()

@@ -160,22 +160,26 @@ def test_card_names_become_file_names() -> None:
 
 
 def fake_search(
-    cost: Callable[[dict[str, Any]], float], wrong: set[tuple[str, Any]], failing: set[tuple[str, Any]]
-) -> Search:
+    cost: Callable[[dict[str, Any]], float], wrong: set[tuple[str, Any]], failing: set[tuple[str, Any]],
+    failing_late: frozenset[tuple[str, Any]] = frozenset(),
+) -> Search:  # fmt: skip
     """A search over one case whose "time" under a tuning is `cost` of the options that differ from the defaults
     (the timer reads what the last run left); settings in `wrong` give another output, in `failing` raise as a
-    launch that does not fit the GPU would."""
-    last = {"cost": 0.0}
+    launch that does not fit the GPU would, in `failing_late` raise only when timed (a failure seen at a later
+    sync)."""
+    last: dict[str, Any] = {"cost": 0.0, "changed": set()}
 
     def run(tuning: AttentionTuning) -> torch.Tensor:
         changed = {k: v for k, v in dataclasses.asdict(tuning).items() if getattr(DEFAULT, k) != v}
         if set(changed.items()) & failing:
             raise RuntimeError("out of shared memory")
-        last["cost"] = cost(changed)
+        last["cost"], last["changed"] = cost(changed), set(changed.items())
         return torch.ones(4) * (2.0 if set(changed.items()) & wrong else 1.0)
 
     def timer(fn: Callable[[], Any]) -> float:
         fn()
+        if last["changed"] & failing_late:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
         return last["cost"]
 
     return Search("decode", [Case("fake", run)], CPU, DEFAULT, timer)
@@ -193,8 +197,10 @@ def test_the_search_keeps_what_is_faster_by_its_margin() -> None:
         ("decode_warps", 4): 1 - MARGIN / 2,  # within the noise margin: the default stays
         ("programs_per_sm", 32): 0.5,  # fastest, but fails: left out
         ("programs_per_sm", 8): 0.9,
+        ("programs_per_sm", 64): 0.4,  # faster still, but fails when timed: left out
     }
-    search = fake_search(product_of(costs), wrong={("decode_pages", 4)}, failing={("programs_per_sm", 32)})
+    failing, late = {("programs_per_sm", 32)}, frozenset({("programs_per_sm", 64)})
+    search = fake_search(product_of(costs), wrong={("decode_pages", 4)}, failing=failing, failing_late=late)
     best = search.run(DECODE_STEPS)
     assert best == dataclasses.replace(DEFAULT, decode_pages=2, programs_per_sm=8)
     assert search.notes()["tuned_us"] == pytest.approx(1e6 * 0.8 * 0.9)

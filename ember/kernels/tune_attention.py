@@ -196,16 +196,14 @@ class Search:
     def _measure(self, tuning: AttentionTuning, label: str) -> float:
         total = 0.0
         for case, expected in zip(self.cases, self.expected, strict=True):
-            try:
-                out = case.run(tuning).float()
-            except (RuntimeError, triton.runtime.errors.OutOfResources) as error:  # e.g. too much shared memory
-                return self._left_out(label, case, f"{type(error).__name__}: {error}")
-            error = ((out - expected).norm() / expected.norm()).item()
-            if not error < MAX_RELATIVE_ERROR:  # (NaN too)
-                return self._left_out(
-                    label, case, f"its output differs from the defaults' (relative error {error:.3g})"
-                )
-            seconds = self.timer(lambda: case.run(tuning))  # noqa: B023
+            try:  # (a kernel's failure may surface at the next sync: the error's `item`, or the timing)
+                error = ((case.run(tuning).float() - expected).norm() / expected.norm()).item()
+                if not error < MAX_RELATIVE_ERROR:  # (NaN too)
+                    why = f"its output differs from the defaults' (relative error {error:.3g})"
+                    return self._left_out(label, case, why)
+                seconds = self.timer(lambda: case.run(tuning))  # noqa: B023
+            except (RuntimeError, triton.runtime.errors.OutOfResources) as failure:  # e.g. too much shared memory
+                return self._left_out(label, case, f"{type(failure).__name__}: {failure}")
             print(f"  {self.kind:8s} {label:40s} {case.label:18s} {seconds * 1e6:10.1f} us", flush=True)
             total += seconds
         return total

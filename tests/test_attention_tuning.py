@@ -91,6 +91,7 @@ def test_a_float8_cache_takes_its_own_decode_options(tuning_file: Callable[[dict
         ("{not json", "not an attention tuning file"),
         (json.dumps({"card": "x"}), "'attention'"),
         (json.dumps({"attention": {"decode_warps": 3}}), "decode_warps must be one of"),
+        (json.dumps({"attention": {"decode_pages": True}}), "decode_pages must be one of"),
         (json.dumps({"attention": {"programs_per_sm": 0}}), "programs_per_sm must be a positive integer"),
         (json.dumps({"attention": {"decode_prefetch": "yes"}}), "decode_prefetch must be true or false"),
         (json.dumps({"attention": []}), "not an attention tuning file"),

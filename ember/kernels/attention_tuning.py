@@ -76,7 +76,7 @@ class AttentionTuning:
             "prefill_pages": (1, 2, 4, 8),
         }
         for name, allowed in powers.items():
-            if getattr(self, name) not in allowed:
+            if type(getattr(self, name)) is not int or getattr(self, name) not in allowed:  # (true == 1 in JSON)
                 raise ValueError(f"attention tuning: {name} must be one of {allowed}, not {getattr(self, name)!r}")
         for name in ("decode_stages", "programs_per_sm"):
             value = getattr(self, name)

@@ -298,7 +298,7 @@ def top_k_top_p_filters(s: dict[str, Any], report: Report) -> None:
     beyond the window) and peaked ones (x 8: a nucleus of a few tokens); then the radix kernel over its tile size,
     warps and tiles per loop trip (default 512 x 8, 4 a trip). Floor: one read of the logits. Run last: it
     decides defaults, the decode steps before it the issue's figures."""
-    from ember.engine.sampler import top_k_top_p_thresholds, window_thresholds
+    from ember.engine.sampler import RowFilters, top_k_top_p_thresholds, window_thresholds
     from ember.kernels import triton_sampling
 
     batch, vocab = s["decode_points"][0][0], s["vocab"]
@@ -308,10 +308,11 @@ def top_k_top_p_filters(s: dict[str, Any], report: Report) -> None:
     for (label, k, p), (kind, logits) in itertools.product(cases, (("flat", flat), ("peaked", 8 * flat))):
         ks, ps = [k or vocab] * batch, [p] * batch
         k_rows, p_rows = torch.full((batch,), k or vocab, device=DEVICE), torch.full((batch,), p, device=DEVICE)
+        filters = RowFilters.of(ks, ps, vocab, DEVICE)
         name = f"{label}, {kind}"
         report.add(f"{name}: sampler's", shape, lambda: top_k_top_p_thresholds(logits, ks, ps), moved, wall=True)  # noqa: B023  # fmt: skip
         report.add(f"{name}: radix", shape, lambda: triton_sampling.radix_thresholds(logits, k_rows, p_rows), moved, wall=True)  # noqa: E501,B023  # fmt: skip
-        report.add(f"{name}: sort", shape, lambda: window_thresholds(logits, ks, ps, vocab), moved, wall=True)  # noqa: B023  # fmt: skip
+        report.add(f"{name}: sort", shape, lambda: window_thresholds(logits, filters, vocab), moved, wall=True)  # noqa: B023  # fmt: skip
     k_rows, p_rows = torch.full((batch,), 50, device=DEVICE), torch.full((batch,), 0.9, device=DEVICE)
     # no spills with Triton 3.6 (the device's): 1,024 x 16 spills at 2 and 4 a trip, 512 x 8 at 1
     for block, warps, unroll in ((1024, 16, 1), (1024, 8, 1), (1024, 8, 2), (512, 8, 2), (512, 8, 4)):

@@ -167,60 +167,80 @@ def top_k_top_p_thresholds(logits: torch.Tensor, top_ks: list[int], top_ps: list
     wider than the window is searched again over its whole row: on CUDA by the radix search of `triton_sampling`
     (which runs for those rows only, decided on the device, with no sync), on the CPU by a sort.
     """
-    device, vocab = logits.device, logits.shape[1]
-    ks = [k if 0 < k < vocab else vocab for k in top_ks]
-    width = max((k for k in ks if k < vocab), default=1)
-    if any(k == vocab and p < 1.0 for k, p in zip(ks, top_ps, strict=True)):
+    vocab = logits.shape[1]
+    filters = RowFilters.of(top_ks, top_ps, vocab, logits.device)
+    width = max((k for k in filters.ks if k < vocab), default=1)
+    if any(k == vocab and p < 1.0 for k, p in zip(filters.ks, top_ps, strict=True)):
         width = max(width, NUCLEUS_WINDOW)
-    thresholds, covered = window_thresholds(logits, ks, top_ps, min(width, vocab))
-    if use_triton(device):
+    thresholds, covered = window_thresholds(logits, filters, min(width, vocab))
+    if use_triton(logits.device):
         from ember.kernels.triton_sampling import radix_thresholds
 
         # the covered rows get no filter there (top-k of the vocabulary, top-p 1): their programs stop at once
-        k_rows, p_rows = device_tensor(ks, device), device_tensor(top_ps, device, torch.float32)
+        k_rows, p_rows = filters.k_rows.squeeze(1), filters.p_rows.squeeze(1)
         searched = radix_thresholds(logits, k_rows.masked_fill(covered, vocab), p_rows.masked_fill(covered, 1.0))
         return torch.where(covered, thresholds, searched)
     if not bool(covered.all()):
         rows = (~covered).nonzero().squeeze(1).tolist()
-        sub = [ks[i] for i in rows], [top_ps[i] for i in rows]
-        thresholds[rows] = window_thresholds(logits[rows], *sub, vocab)[0]
+        thresholds[rows] = window_thresholds(logits[rows], filters.take(rows), vocab)[0]
     return thresholds
 
 
-def window_thresholds(
-    logits: torch.Tensor, ks: list[int], top_ps: list[float], width: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class RowFilters:
+    """Each row's top-k and top-p: lists for what the host decides, and [rows, 1] columns on the logits' device,
+    sent there once a step (on CUDA each is a copy from pinned memory)."""
+
+    ks: list[int]  # the vocabulary's size for no top-k
+    top_ps: list[float]
+    k_rows: torch.Tensor  # int64
+    # float32; infinity for no top-p: float rounding can bring the mass before a tail token to 1.0, and such a row
+    # must keep its tail
+    p_rows: torch.Tensor
+
+    @classmethod
+    def of(cls, top_ks: list[int], top_ps: list[float], vocab: int, device: torch.device) -> RowFilters:
+        ks = [k if 0 < k < vocab else vocab for k in top_ks]
+        masses = [p if p < 1.0 else float("inf") for p in top_ps]
+        return cls(
+            ks,
+            top_ps,
+            device_tensor(ks, device).unsqueeze(1),
+            device_tensor(masses, device, torch.float32).unsqueeze(1),
+        )
+
+    def take(self, rows: list[int]) -> RowFilters:
+        index = torch.tensor(rows, device=self.k_rows.device)
+        return RowFilters(
+            [self.ks[i] for i in rows], [self.top_ps[i] for i in rows], self.k_rows[index], self.p_rows[index]
+        )
+
+
+def window_thresholds(logits: torch.Tensor, filters: RowFilters, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(`top_k_top_p_thresholds` found among each row's `width` likeliest tokens (all of them sorted when `width`
     is the vocabulary), [rows] bool: whether the window holds the row's kept set: its top-k fits in it, or its
-    nucleus's mass does, or it has no filter). `ks`: the vocabulary's size for none."""
+    nucleus's mass does, or it has no filter)."""
     device, vocab = logits.device, logits.shape[1]
     values = logits.topk(width, dim=-1).values if width < vocab else logits.sort(dim=-1, descending=True).values
-    k_rows = device_tensor(ks, device).unsqueeze(1)
+    k_rows, p_rows = filters.k_rows, filters.p_rows
     keep = torch.arange(width, device=device).unsqueeze(0) < k_rows
     covered = k_rows <= width
-    if any(p < 1.0 for p in top_ps):
+    if any(p < 1.0 for p in filters.top_ps):
         # probabilities of the ranked tokens under each row's top-k distribution: normalized over the top-k when it
         # fits in the window, else over the whole row
         kept = values.masked_fill(~keep, float("-inf"))
         normalizer = kept.logsumexp(dim=-1, keepdim=True)
-        if any(k > width for k in ks):
+        if any(k > width for k in filters.ks):
             normalizer = torch.where(k_rows <= width, normalizer, logits.logsumexp(-1, keepdim=True))
         probs = torch.exp(kept - normalizer)
         cumulative = probs.cumsum(dim=-1)
-        p_rows = nucleus_masses(top_ps, device)
         keep &= cumulative - probs < p_rows
         covered = (k_rows <= width) | (cumulative[:, -1:] >= p_rows)
-    unfiltered = device_tensor([k >= vocab and p >= 1.0 for k, p in zip(ks, top_ps, strict=True)], device, torch.bool)
-    covered |= unfiltered.unsqueeze(1)
+    unfiltered = (k_rows >= vocab) & p_rows.isinf()
+    covered |= unfiltered
     last_kept = keep.sum(dim=-1, keepdim=True).clamp_(min=1) - 1  # the kept ranks are a prefix
-    thresholds = values.gather(1, last_kept).squeeze(1).masked_fill_(unfiltered, float("-inf"))
+    thresholds = values.gather(1, last_kept).squeeze(1).masked_fill_(unfiltered.squeeze(1), float("-inf"))
     return thresholds, covered.squeeze(1)
-
-
-def nucleus_masses(top_ps: list[float], device: torch.device) -> torch.Tensor:
-    """[rows, 1] top-p masses; rows without top-p get infinity: float rounding can bring the mass before a
-    tail token to 1.0, and such a row must keep its tail."""
-    return device_tensor([p if p < 1.0 else float("inf") for p in top_ps], device, torch.float32).unsqueeze(1)
 
 
 def draw(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:

@@ -47,7 +47,7 @@ def tuning_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cal
 def test_a_tuning_file_sets_the_kernels_options(tuning_file: Callable[[dict[str, Any]], Path]) -> None:
     """The file's options are what the kernels launch with: here its programs per SM set decode's split count."""
     units = triton_attention._parallel_units(CPU)
-    assert triton_attention.decode_splits(units, 1, CPU) == min(16, triton_attention.MAX_DECODE_SPLITS)
+    assert triton_attention.decode_splits(units, 1, CPU) == attention_tuning.INTERPRETER.programs_per_sm == 2
     tuned = AttentionTuning(decode_pages=2, decode_prefetch=False, programs_per_sm=4, prefill_block_m=32)
     tuning_file(dataclasses.asdict(tuned))
     assert tuning_for(CPU) == tuned

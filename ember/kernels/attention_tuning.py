@@ -88,7 +88,10 @@ class AttentionTuning:
 
 
 DEFAULT = AttentionTuning()
-INTERPRETER = AttentionTuning(prefill_block_m=16)  # the CPU (Triton's interpreter): small tiles run quicker
+# The CPU (Triton's interpreter), where each program costs its Python: small query tiles, and few decode splits (at
+# 16 programs a core a tiny test's lone sequence took 16 splits, mostly empty; the engine tests on Triton's path ran
+# 2 minutes longer in all). The split path still runs there at batch 1, and the kernel tests set the split count.
+INTERPRETER = AttentionTuning(prefill_block_m=16, programs_per_sm=2)
 # What a float8 cache (`--kv-cache-dtype fp8`) may set apart: its blocks are half the bytes, so decode's best
 # blocks a trip and splits may differ. Its prefill takes the 16-bit cache's options (the query-tile height is
 # chosen before the cache is seen).

@@ -47,7 +47,7 @@ def percentile(values: list[float], p: float) -> float:
 async def one_request(
     client: Any, url: str, model: str | None, req: BenchRequest, headers: dict[str, str]
 ) -> RequestTiming:
-    from httpx import RemoteProtocolError
+    from httpx import ReadError, RemoteProtocolError
 
     body: dict[str, Any] = {
         "prompt": req.prompt_ids,
@@ -81,9 +81,10 @@ async def one_request(
                         elif last is not None:
                             itls.append(now - last)
                         last = now
-        except RemoteProtocolError:
-            # a server that closes idle kept-alive connections (llama.cpp's) may close the one this request
-            # was sent on before reading it: sent again on a new connection, and timed from then
+        except (RemoteProtocolError, ReadError):
+            # a server that closes idle kept-alive connections (llama.cpp's; uvicorn's after 5 s, httpx's own
+            # expiry) may close the one this request was sent on before reading it (a reset, or a close without
+            # an answer): sent again on a new connection, and timed from then
             if first is not None or attempt == 2:
                 raise
             continue

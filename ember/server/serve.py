@@ -201,6 +201,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from ember.cli import load_llm
     from ember.engine.async_engine import AsyncEngine, FinishedStats
+    from ember.engine.heap import startup_objects_frozen
     from ember.server.app import OpenAIServer, build_app
     from ember.server.chat import load_chat_template
     from ember.server.metrics import EngineMetrics
@@ -278,7 +279,8 @@ def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     try:
-        server.run(sockets=[sock])
+        with startup_objects_frozen():
+            server.run(sockets=[sock])
     finally:
         if stats is not None:
             stats.stop()

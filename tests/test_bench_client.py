@@ -1,11 +1,16 @@
-"""`ember bench serve`'s client against a server that drops kept-alive connections (a real socket server here)."""
+"""Serving benchmarks' clients: `ember bench serve` against a server that drops kept-alive connections (a real socket
+server here), and benchmarks/serve_overhead.py against `ember serve`."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -88,3 +93,26 @@ def test_a_stream_that_breaks_after_its_first_token_is_an_error() -> None:
     """Once tokens came, sending again would time another request: the error is raised."""
     error, connections = asyncio.run(serve_then_time(answer_then_reset))
     assert isinstance(error, httpx.ReadError) and connections == 1
+
+
+def test_serve_overhead_streams_every_token_from_a_stub_model_server() -> None:
+    """benchmarks/serve_overhead.py: `ember serve` on a stub model, its lean client counting every streamed token
+    (the random workload's lengths, no stop), the server stopped at the end."""
+    from ember.bench.workloads import load_workload
+
+    root = Path(__file__).resolve().parents[1]
+    command = [
+        sys.executable,
+        "benchmarks/serve_overhead.py",
+        "--clients",
+        "4",
+        "--requests",
+        "12",
+        "--max-num-seqs",
+        "4",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = sum(r.max_new_tokens for r in load_workload("random", 1024).requests[:12])
+    line = result.stdout.strip().splitlines()[-1]
+    assert re.match(rf"4 clients, 12 requests, {expected:,} tokens .*streamed tok/s; the server's core", line), line

@@ -20,8 +20,6 @@ import asyncio
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,12 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]  # this checkout's Ember, and host_overhead.py
 
 from ember.bench.workloads import BenchRequest, load_workload  # noqa: E402
+from ember.server.launch import ServerProcess, free_port, wait_until_healthy  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 USAGE = re.compile(rb'"completion_tokens":\s*(\d+)')
@@ -61,26 +58,6 @@ def cpu_seconds(pid: int) -> float:
     """User plus system time of a process, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until_ready(url: str, server: subprocess.Popen, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited ({server.returncode}) before it was ready")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the server was not ready within {seconds:g} s")
 
 
 async def stream_completion(port: int, request: BenchRequest) -> int:
@@ -149,26 +126,22 @@ def main() -> None:
             "--max-num-seqs", str(args.max_num_seqs), "--max-num-batched-tokens", "8192", "--max-model-len", "2048",
             "--kv-cache-memory", "1", "--async-scheduling", "--disable-log-stats", "--port", str(port),
         ]  # fmt: skip
-        server = subprocess.Popen(
+        process = subprocess.Popen(
             [sys.executable, __file__, "--serve", *serve_args],
             env={**os.environ, "OMP_NUM_THREADS": "1"},
             preexec_fn=None if server_core is None else lambda: os.sched_setaffinity(0, {server_core}),
         )
+        server = ServerProcess(process, port)
         try:
-            wait_until_ready(f"http://127.0.0.1:{port}", server)
+            wait_until_healthy(process, server.url, 120)
             if client_core is not None:
                 os.sched_setaffinity(0, {client_core})
             asyncio.run(closed_loop(port, requests[:8], 8))  # warm-up
-            before = cpu_seconds(server.pid)
+            before = cpu_seconds(process.pid)
             tokens, wall = asyncio.run(closed_loop(port, requests, args.clients))
-            server_cpu = cpu_seconds(server.pid) - before
+            server_cpu = cpu_seconds(process.pid) - before
         finally:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            server.stop()
     where = f"server on core {server_core}, client on core {client_core}" if server_core is not None else "one core"
     print(
         f"{args.clients} clients, {len(requests)} requests, {tokens:,} tokens ({where}): {tokens / wall:,.0f} "

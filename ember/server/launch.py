@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
@@ -52,20 +52,31 @@ def running_server(*args: str, startup_timeout: float = 120, log: TextIO | None 
         env={**os.environ, "EMBER_API_KEY": ""},
     )
     server = ServerProcess(process, port)
+
+    def output() -> str:
+        return process.stdout.read() if process.stdout else Path(log.name).read_text()[-2000:] if log else ""
+
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:  # bounded wait for health 200
-            if process.poll() is not None:
-                output = process.stdout.read() if process.stdout else Path(log.name).read_text()[-2000:] if log else ""
-                raise RuntimeError(f"server exited early: {output}")
-            try:
-                if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not become healthy in time")
-            time.sleep(0.2)
+        wait_until_healthy(process, server.url, startup_timeout, output)
         yield server
     finally:
         server.stop()
+
+
+def wait_until_healthy(
+    process: subprocess.Popen, url: str, timeout: float, output: Callable[[], str] = lambda: ""
+) -> None:
+    """Poll `url`/health until it answers 200, at most `timeout` seconds; RuntimeError (with the server's
+    `output`) if the process exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited early: {output()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("server did not become healthy in time")
+        time.sleep(0.2)

@@ -39,7 +39,7 @@ USAGE = re.compile(rb'"completion_tokens":\s*(\d+)')
 
 def serve_stubbed(serve_args: list[str]) -> None:
     """`ember serve serve_args`, its model's forward and logits replaced by constants once loaded."""
-    import host_overhead  # sets the CUDA path's host code (EMBER_KERNELS=triton) before Ember is imported
+    import host_overhead  # selects the CUDA path's host code (EMBER_KERNELS=triton) before the engine and Triton load
 
     from ember import cli
 

@@ -114,7 +114,7 @@ def decode_cases(
     """A serving run's decode batches: 256 ragged contexts (uniform from 100 to 1,500), then 64, 8 and 1 at 800."""
     generator = torch.Generator().manual_seed(0)
     if tiny:
-        batches = [("b6 ragged", torch.randint(1, 60, (6,), generator=generator))]
+        batches = [("b3 ragged", torch.randint(1, 60, (3,), generator=generator))]  # each program is Python there
     else:
         batches = [("b256 ragged", torch.randint(100, 1501, (256,), generator=generator))]
         batches += [(f"b{batch} ctx800", torch.full((batch,), 800)) for batch in (64, 8, 1)]
